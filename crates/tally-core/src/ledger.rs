@@ -1,0 +1,1031 @@
+//! One customer's ledger: the state machine every operation goes through.
+//!
+//! [`CustomerLedger`] holds a customer's grants (all of them, live and dead) and
+//! its active holds. Each operation checks its preconditions, changes the state
+//! and returns the journal entry that explains the change; a refused operation
+//! changes nothing. Every operation first applies what fell due (holds that
+//! timed out, grants that expired) at `now`, in time order, so a charge never
+//! sees credits that have already expired.
+//!
+//! Invariants kept here and checked by [`CustomerLedger::check_invariants`]:
+//! every grant's `remaining` stays within `[0, amount]`; an expired or voided
+//! grant has nothing remaining; every active hold's reservations add up to its
+//! amount; the credits outstanding (every lot's remaining plus what active holds
+//! reserve) stay within the maximum amount, so that returning held credits can
+//! never overflow, and a refund or reinstatement that would exceed it is refused.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::amount::checked_sum;
+use crate::{
+    Account, Amount, CostBasis, Draw, EntryDraft, EntryKind, Grant, GrantStatus, Hold, HoldStatus,
+    Id, LedgerError, Posting, Source, Timestamp,
+};
+
+/// How long after expiring a grant may still be reinstated.
+pub const REINSTATE_WINDOW_MICROS: i64 = 90 * 24 * 3600 * Timestamp::MICROS_PER_SECOND;
+
+/// A request to spend credits, by charge or by hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spend {
+    /// The charge or hold id.
+    pub reference: Id,
+    pub amount: Amount,
+    /// The feature paid for; decides which scoped grants may pay.
+    pub feature: Option<String>,
+    pub member_id: Option<Id>,
+    pub reason: Option<String>,
+}
+
+/// A charge (or captured hold) as a refund sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChargeRecord {
+    pub reference: Id,
+    pub customer_id: Id,
+    pub amount: Amount,
+    pub drawn: Vec<Draw>,
+    pub refunded: Amount,
+    pub feature: Option<String>,
+}
+
+/// What a capture did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Captured {
+    pub captured: Amount,
+    pub drawn: Vec<Draw>,
+    pub released: Amount,
+}
+
+/// What a refund did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refunded {
+    pub amount: Amount,
+    /// Credits returned to the grants the charge drew on, or to new refund grants.
+    pub returned: Vec<Draw>,
+    /// Grants created because the original lot was no longer live.
+    pub new_grants: Vec<Id>,
+}
+
+/// What a void did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Voided {
+    pub voided: Amount,
+    /// The money value of the voided credits at the grant's cost basis.
+    pub refundable_money: Option<(Amount, String)>,
+}
+
+/// A customer's balance at an instant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Balance {
+    /// Spendable now: the remaining of every grant in effect.
+    pub available: Amount,
+    /// Reserved by active holds.
+    pub held: Amount,
+    /// Granted but not yet in effect.
+    pub pending: Amount,
+    /// Owed beyond zero (overage); zero until overage policies exist.
+    pub debt: Amount,
+    /// The next instant some remaining credits expire, and how many.
+    pub next_expiry: Option<(Timestamp, Amount)>,
+}
+
+/// What changed since the store last asked: rows to write.
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    pub grants: Vec<Grant>,
+    pub holds: Vec<Hold>,
+}
+
+/// One customer's grants and active holds.
+#[derive(Clone, Debug)]
+pub struct CustomerLedger {
+    customer_id: Id,
+    /// Every grant of the customer, sorted by burn order.
+    grants: Vec<Grant>,
+    active_holds: HashMap<Id, Hold>,
+    /// No grant or hold falls due before this instant (a lower bound).
+    next_due: Option<Timestamp>,
+    dirty_grants: BTreeSet<Id>,
+    changed_holds: Vec<Hold>,
+}
+
+impl CustomerLedger {
+    pub fn new(customer_id: Id) -> CustomerLedger {
+        CustomerLedger::from_parts(customer_id, Vec::new(), Vec::new())
+    }
+
+    /// Rebuild from stored rows: all grants and the active holds.
+    pub fn from_parts(customer_id: Id, mut grants: Vec<Grant>, holds: Vec<Hold>) -> CustomerLedger {
+        grants.sort_by_key(Grant::burn_key);
+        let active_holds = holds
+            .into_iter()
+            .filter(|h| h.status == HoldStatus::Active)
+            .map(|h| (h.id.clone(), h))
+            .collect();
+        let mut ledger = CustomerLedger {
+            customer_id,
+            grants,
+            active_holds,
+            next_due: None,
+            dirty_grants: BTreeSet::new(),
+            changed_holds: Vec::new(),
+        };
+        ledger.next_due = ledger.compute_next_due();
+        ledger
+    }
+
+    pub fn customer_id(&self) -> &Id {
+        &self.customer_id
+    }
+
+    pub fn grants(&self) -> &[Grant] {
+        &self.grants
+    }
+
+    pub fn grant(&self, grant_id: &Id) -> Option<&Grant> {
+        self.grants.iter().find(|g| &g.id == grant_id)
+    }
+
+    pub fn active_hold(&self, hold_id: &Id) -> Option<&Hold> {
+        self.active_holds.get(hold_id)
+    }
+
+    pub fn active_holds(&self) -> impl Iterator<Item = &Hold> {
+        self.active_holds.values()
+    }
+
+    /// The rows changed since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        let dirty = std::mem::take(&mut self.dirty_grants);
+        let grants = self
+            .grants
+            .iter()
+            .filter(|g| dirty.contains(&g.id))
+            .cloned()
+            .collect();
+        Changes {
+            grants,
+            holds: std::mem::take(&mut self.changed_holds),
+        }
+    }
+
+    /// The balance at `now`; call [`CustomerLedger::expire_due`] first.
+    pub fn balance(&self, now: Timestamp) -> Balance {
+        let mut available = Amount::ZERO;
+        let mut pending = Amount::ZERO;
+        let mut next_expiry: Option<(Timestamp, Amount)> = None;
+        for grant in self
+            .grants
+            .iter()
+            .filter(|g| g.status == GrantStatus::Active)
+        {
+            if grant.in_effect(now) {
+                available = add(available, grant.remaining);
+            } else if now < grant.effective_at {
+                pending = add(pending, grant.remaining);
+            }
+            if let (Some(expiry), true) = (grant.expires_at, grant.remaining.is_positive()) {
+                next_expiry = match next_expiry {
+                    Some((at, total)) if at == expiry => Some((at, add(total, grant.remaining))),
+                    Some((at, _)) if at < expiry => next_expiry,
+                    _ => Some((expiry, grant.remaining)),
+                };
+            }
+        }
+        let held =
+            checked_sum(self.active_holds.values().map(|h| h.amount)).expect("held within range");
+        Balance {
+            available,
+            held,
+            pending,
+            debt: Amount::ZERO,
+            next_expiry,
+        }
+    }
+
+    fn available(&self, now: Timestamp) -> Amount {
+        checked_sum(
+            self.grants
+                .iter()
+                .filter(|g| g.in_effect(now))
+                .map(|g| g.remaining),
+        )
+        .expect("balance within range")
+    }
+
+    /// Every lot's remaining plus what active holds reserve: what the balance
+    /// can grow back to without new credits. `None` beyond the maximum amount.
+    fn outstanding(&self) -> Option<Amount> {
+        checked_sum(self.grants.iter().map(|g| g.remaining))?
+            .checked_add(checked_sum(self.active_holds.values().map(|h| h.amount))?)
+    }
+
+    /// Refuse adding `amount` new credits when the outstanding total would pass the maximum.
+    fn room_for(&self, amount: Amount) -> Result<(), LedgerError> {
+        match self
+            .outstanding()
+            .and_then(|total| total.checked_add(amount))
+        {
+            Some(_) => Ok(()),
+            None => Err(LedgerError::AmountOverflow),
+        }
+    }
+
+    fn compute_next_due(&self) -> Option<Timestamp> {
+        let grant_due = self
+            .grants
+            .iter()
+            .filter(|g| g.status == GrantStatus::Active)
+            .filter_map(|g| g.expires_at);
+        let hold_due = self.active_holds.values().map(|h| h.expires_at);
+        grant_due.chain(hold_due).min()
+    }
+
+    fn lower_next_due(&mut self, at: Option<Timestamp>) {
+        if let Some(at) = at {
+            self.next_due = Some(self.next_due.map_or(at, |due| due.min(at)));
+        }
+    }
+
+    fn grant_index(&self, grant_id: &Id) -> Option<usize> {
+        self.grants.iter().position(|g| &g.id == grant_id)
+    }
+
+    /// Apply every hold timeout and grant expiry due at or before `now`, in time
+    /// order (a hold before a grant at the same instant).
+    pub fn expire_due(&mut self, now: Timestamp) -> Vec<EntryDraft> {
+        if self.next_due.is_none_or(|due| due > now) {
+            return Vec::new();
+        }
+        // (instant, 0 = hold / 1 = grant, id)
+        let mut due: Vec<(Timestamp, u8, Id)> = self
+            .active_holds
+            .values()
+            .filter(|h| h.expires_at <= now)
+            .map(|h| (h.expires_at, 0, h.id.clone()))
+            .collect();
+        due.extend(
+            self.grants
+                .iter()
+                .filter(|g| g.status == GrantStatus::Active)
+                .filter_map(|g| {
+                    g.expires_at
+                        .filter(|at| *at <= now)
+                        .map(|at| (at, 1, g.id.clone()))
+                }),
+        );
+        due.sort();
+        let mut entries = Vec::with_capacity(due.len());
+        for (at, what, id) in due {
+            let entry = if what == 0 {
+                self.expire_hold(&id, at, now)
+            } else {
+                self.expire_grant(&id, at, now)
+            };
+            entries.push(entry);
+        }
+        self.next_due = self.compute_next_due();
+        entries
+    }
+
+    fn expire_hold(&mut self, hold_id: &Id, at: Timestamp, now: Timestamp) -> EntryDraft {
+        let mut hold = self
+            .active_holds
+            .remove(hold_id)
+            .expect("due hold is active");
+        let mut postings = Vec::with_capacity(hold.reservations.len());
+        for draw in &hold.reservations {
+            self.return_credits(
+                Account::Hold(hold.id.clone()),
+                &draw.grant_id,
+                draw.amount,
+                &mut postings,
+            );
+        }
+        hold.status = HoldStatus::Expired;
+        let entry = EntryDraft {
+            kind: EntryKind::HoldExpired,
+            customer_id: self.customer_id.clone(),
+            amount: hold.amount,
+            postings,
+            reference: Some(hold.id.clone()),
+            member_id: hold.member_id.clone(),
+            feature: hold.feature.clone(),
+            reason: Some("hold timed out".into()),
+            effective_at: at,
+            balance_after: self.available(now),
+        };
+        self.changed_holds.push(hold);
+        entry
+    }
+
+    fn expire_grant(&mut self, grant_id: &Id, at: Timestamp, now: Timestamp) -> EntryDraft {
+        let index = self.grant_index(grant_id).expect("due grant exists");
+        let grant = &mut self.grants[index];
+        let expired = grant.remaining;
+        grant.status = GrantStatus::Expired;
+        grant.expired_amount = expired;
+        grant.expired_at = Some(at);
+        grant.remaining = Amount::ZERO;
+        let postings = if expired.is_positive() {
+            vec![Posting {
+                from: Account::Grant(grant.id.clone()),
+                to: Account::Expired,
+                amount: expired,
+            }]
+        } else {
+            Vec::new()
+        };
+        self.dirty_grants.insert(grant_id.clone());
+        EntryDraft {
+            kind: EntryKind::Expire,
+            customer_id: self.customer_id.clone(),
+            amount: expired,
+            postings,
+            reference: Some(grant_id.clone()),
+            member_id: None,
+            feature: None,
+            reason: Some("grant reached expires_at".into()),
+            effective_at: at,
+            balance_after: self.available(now),
+        }
+    }
+
+    /// Give credits back to a grant; a grant that is no longer active passes them
+    /// on to where its own remaining went (expired or voided).
+    fn return_credits(
+        &mut self,
+        from: Account,
+        grant_id: &Id,
+        amount: Amount,
+        postings: &mut Vec<Posting>,
+    ) {
+        let index = self.grant_index(grant_id).expect("reserved grant exists");
+        let grant = &mut self.grants[index];
+        let to = Account::Grant(grant.id.clone());
+        postings.push(Posting {
+            from,
+            to: to.clone(),
+            amount,
+        });
+        match grant.status {
+            GrantStatus::Active => grant.remaining = add(grant.remaining, amount),
+            GrantStatus::Expired => {
+                grant.expired_amount = add(grant.expired_amount, amount);
+                postings.push(Posting {
+                    from: to,
+                    to: Account::Expired,
+                    amount,
+                });
+            }
+            GrantStatus::Voided => postings.push(Posting {
+                from: to,
+                to: Account::Voided,
+                amount,
+            }),
+        }
+        assert!(
+            grant.remaining <= grant.amount,
+            "grant {} over its amount",
+            grant.id
+        );
+        self.dirty_grants.insert(grant_id.clone());
+    }
+
+    /// Add a grant. The caller sets `sequence`; `remaining` starts at `amount`.
+    pub fn add_grant(
+        &mut self,
+        mut grant: Grant,
+        reason: Option<String>,
+        now: Timestamp,
+    ) -> Result<EntryDraft, LedgerError> {
+        assert_eq!(grant.customer_id, self.customer_id);
+        assert!(self.grant_index(&grant.id).is_none(), "grant id reused");
+        if !grant.amount.is_positive() {
+            return Err(LedgerError::AmountNotPositive);
+        }
+        // The money value of the whole lot must be representable, so a void
+        // (which values at most this much) can always report it.
+        if let Some(basis) = &grant.cost_basis {
+            if basis.value_of(grant.amount).is_none() {
+                return Err(LedgerError::AmountOverflow);
+            }
+        }
+        if let Some(expiry) = grant.expires_at {
+            if expiry <= grant.effective_at {
+                return Err(LedgerError::InvalidExpiry(
+                    "expires_at must be after effective_at",
+                ));
+            }
+            if expiry <= now {
+                return Err(LedgerError::InvalidExpiry(
+                    "expires_at must be in the future",
+                ));
+            }
+        }
+        self.room_for(grant.amount)?;
+        grant.remaining = grant.amount;
+        grant.status = GrantStatus::Active;
+        grant.expired_amount = Amount::ZERO;
+        grant.expired_at = None;
+        let postings = vec![Posting {
+            from: Account::Issued(grant.source),
+            to: Account::Grant(grant.id.clone()),
+            amount: grant.amount,
+        }];
+        let entry_amount = grant.amount;
+        let grant_id = grant.id.clone();
+        self.lower_next_due(grant.expires_at);
+        self.insert_sorted(grant);
+        self.dirty_grants.insert(grant_id.clone());
+        Ok(EntryDraft {
+            kind: EntryKind::Grant,
+            customer_id: self.customer_id.clone(),
+            amount: entry_amount,
+            postings,
+            reference: Some(grant_id),
+            member_id: None,
+            feature: None,
+            reason,
+            effective_at: now,
+            balance_after: self.available(now),
+        })
+    }
+
+    fn insert_sorted(&mut self, grant: Grant) {
+        let key = grant.burn_key();
+        let at = self.grants.partition_point(|g| g.burn_key() <= key);
+        self.grants.insert(at, grant);
+    }
+
+    /// Choose the grants that pay `amount` for `feature`, in burn order.
+    fn plan_draws(
+        &self,
+        amount: Amount,
+        feature: Option<&str>,
+        now: Timestamp,
+    ) -> Result<Vec<(usize, Amount)>, LedgerError> {
+        if !amount.is_positive() {
+            return Err(LedgerError::AmountNotPositive);
+        }
+        let mut left = amount;
+        let mut draws = Vec::new();
+        for (index, grant) in self.grants.iter().enumerate() {
+            if left.is_zero() {
+                break;
+            }
+            if !grant.in_effect(now) || !grant.covers(feature) || !grant.remaining.is_positive() {
+                continue;
+            }
+            let take = grant.remaining.min(left);
+            left = left.checked_sub(take).expect("take is at most left");
+            draws.push((index, take));
+        }
+        if left.is_positive() {
+            let eligible = checked_sum(
+                self.grants
+                    .iter()
+                    .filter(|g| g.in_effect(now) && g.covers(feature))
+                    .map(|g| g.remaining),
+            )
+            .expect("balance within range");
+            return Err(LedgerError::InsufficientCredits {
+                available: eligible,
+                required: amount,
+            });
+        }
+        Ok(draws)
+    }
+
+    /// Take the planned draws out of their grants into `to`.
+    fn take_draws(&mut self, draws: &[(usize, Amount)], to: &Account) -> (Vec<Draw>, Vec<Posting>) {
+        let mut drawn = Vec::with_capacity(draws.len());
+        let mut postings = Vec::with_capacity(draws.len());
+        for &(index, take) in draws {
+            let grant = &mut self.grants[index];
+            grant.remaining = grant
+                .remaining
+                .checked_sub(take)
+                .expect("planned draw fits");
+            assert!(!grant.remaining.is_negative());
+            drawn.push(Draw {
+                grant_id: grant.id.clone(),
+                amount: take,
+            });
+            postings.push(Posting {
+                from: Account::Grant(grant.id.clone()),
+                to: to.clone(),
+                amount: take,
+            });
+            self.dirty_grants.insert(grant.id.clone());
+        }
+        (drawn, postings)
+    }
+
+    /// Spend credits now.
+    pub fn charge(
+        &mut self,
+        spend: &Spend,
+        now: Timestamp,
+    ) -> Result<(Vec<Draw>, EntryDraft), LedgerError> {
+        let draws = self.plan_draws(spend.amount, spend.feature.as_deref(), now)?;
+        let consumed = Account::Consumed(spend.feature.clone());
+        let (drawn, postings) = self.take_draws(&draws, &consumed);
+        let entry = self.spend_entry(EntryKind::Charge, spend, postings, now);
+        Ok((drawn, entry))
+    }
+
+    fn spend_entry(
+        &self,
+        kind: EntryKind,
+        spend: &Spend,
+        postings: Vec<Posting>,
+        now: Timestamp,
+    ) -> EntryDraft {
+        EntryDraft {
+            kind,
+            customer_id: self.customer_id.clone(),
+            amount: spend.amount,
+            postings,
+            reference: Some(spend.reference.clone()),
+            member_id: spend.member_id.clone(),
+            feature: spend.feature.clone(),
+            reason: spend.reason.clone(),
+            effective_at: now,
+            balance_after: self.available(now),
+        }
+    }
+
+    /// Reserve credits until `expires_at`.
+    pub fn place_hold(
+        &mut self,
+        spend: &Spend,
+        expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<(Hold, EntryDraft), LedgerError> {
+        if expires_at <= now {
+            return Err(LedgerError::InvalidExpiry(
+                "a hold's timeout must be in the future",
+            ));
+        }
+        assert!(
+            !self.active_holds.contains_key(&spend.reference),
+            "hold id reused"
+        );
+        let draws = self.plan_draws(spend.amount, spend.feature.as_deref(), now)?;
+        let (reservations, postings) =
+            self.take_draws(&draws, &Account::Hold(spend.reference.clone()));
+        let hold = Hold {
+            id: spend.reference.clone(),
+            customer_id: self.customer_id.clone(),
+            amount: spend.amount,
+            reservations,
+            status: HoldStatus::Active,
+            created_at: now,
+            expires_at,
+            captured: Amount::ZERO,
+            feature: spend.feature.clone(),
+            member_id: spend.member_id.clone(),
+        };
+        self.active_holds.insert(hold.id.clone(), hold.clone());
+        self.changed_holds.push(hold.clone());
+        self.lower_next_due(Some(expires_at));
+        let entry = self.spend_entry(EntryKind::Hold, spend, postings, now);
+        Ok((hold, entry))
+    }
+
+    fn take_active_hold(&mut self, hold_id: &Id) -> Result<Hold, LedgerError> {
+        self.active_holds
+            .remove(hold_id)
+            .ok_or_else(|| LedgerError::HoldNotFound(hold_id.clone()))
+    }
+
+    /// Capture `amount` (default: all) of a hold; the rest goes back to its grants.
+    pub fn capture(
+        &mut self,
+        hold_id: &Id,
+        amount: Option<Amount>,
+        reason: Option<String>,
+        now: Timestamp,
+    ) -> Result<(Captured, EntryDraft), LedgerError> {
+        let held = self
+            .active_hold(hold_id)
+            .ok_or_else(|| LedgerError::HoldNotFound(hold_id.clone()))?
+            .amount;
+        let capture = amount.unwrap_or(held);
+        if !capture.is_positive() {
+            return Err(LedgerError::AmountNotPositive);
+        }
+        if capture > held {
+            return Err(LedgerError::CaptureExceedsHold {
+                requested: capture,
+                held,
+            });
+        }
+        let mut hold = self.take_active_hold(hold_id)?;
+        let hold_account = Account::Hold(hold.id.clone());
+        let consumed = Account::Consumed(hold.feature.clone());
+        let mut left = capture;
+        let mut drawn = Vec::new();
+        let mut postings = Vec::new();
+        let mut releases = Vec::new();
+        for draw in &hold.reservations {
+            let take = draw.amount.min(left);
+            left = left.checked_sub(take).expect("take is at most left");
+            if take.is_positive() {
+                drawn.push(Draw {
+                    grant_id: draw.grant_id.clone(),
+                    amount: take,
+                });
+                postings.push(Posting {
+                    from: hold_account.clone(),
+                    to: consumed.clone(),
+                    amount: take,
+                });
+            }
+            let rest = draw
+                .amount
+                .checked_sub(take)
+                .expect("take is at most the draw");
+            if rest.is_positive() {
+                releases.push((draw.grant_id.clone(), rest));
+            }
+        }
+        for (grant_id, rest) in &releases {
+            self.return_credits(hold_account.clone(), grant_id, *rest, &mut postings);
+        }
+        let released = held.checked_sub(capture).expect("capture is at most held");
+        hold.status = HoldStatus::Captured;
+        hold.captured = capture;
+        let entry = EntryDraft {
+            kind: EntryKind::Capture,
+            customer_id: self.customer_id.clone(),
+            amount: capture,
+            postings,
+            reference: Some(hold.id.clone()),
+            member_id: hold.member_id.clone(),
+            feature: hold.feature.clone(),
+            reason,
+            effective_at: now,
+            balance_after: self.available(now),
+        };
+        self.changed_holds.push(hold);
+        Ok((
+            Captured {
+                captured: capture,
+                drawn,
+                released,
+            },
+            entry,
+        ))
+    }
+
+    /// Release a hold: every reserved credit goes back to its grant.
+    pub fn release(
+        &mut self,
+        hold_id: &Id,
+        reason: Option<String>,
+        now: Timestamp,
+    ) -> Result<(Amount, EntryDraft), LedgerError> {
+        let mut hold = self.take_active_hold(hold_id)?;
+        let mut postings = Vec::with_capacity(hold.reservations.len());
+        for draw in &hold.reservations {
+            self.return_credits(
+                Account::Hold(hold.id.clone()),
+                &draw.grant_id,
+                draw.amount,
+                &mut postings,
+            );
+        }
+        hold.status = HoldStatus::Released;
+        let entry = EntryDraft {
+            kind: EntryKind::Release,
+            customer_id: self.customer_id.clone(),
+            amount: hold.amount,
+            postings,
+            reference: Some(hold.id.clone()),
+            member_id: hold.member_id.clone(),
+            feature: hold.feature.clone(),
+            reason,
+            effective_at: now,
+            balance_after: self.available(now),
+        };
+        let amount = hold.amount;
+        self.changed_holds.push(hold);
+        Ok((amount, entry))
+    }
+
+    /// Give back `amount` (default: all that is left) of a charge.
+    ///
+    /// Policy: credits return to the grants the charge drew on, the last drawn
+    /// first, while those grants are active. The part whose grant has since
+    /// expired or been voided becomes a new grant (source `refund`, never
+    /// expiring) that keeps the original lot's paid flag, cost basis, priority
+    /// and scope, so finance can still reconcile it with the payment.
+    /// `next_sequence` numbers the grants this creates.
+    pub fn refund(
+        &mut self,
+        charge: &ChargeRecord,
+        refund_id: &Id,
+        amount: Option<Amount>,
+        reason: Option<String>,
+        next_sequence: &mut i64,
+        now: Timestamp,
+    ) -> Result<(Refunded, EntryDraft), LedgerError> {
+        assert_eq!(charge.customer_id, self.customer_id);
+        let refundable = charge
+            .amount
+            .checked_sub(charge.refunded)
+            .expect("refunded is at most charged");
+        let requested = amount.unwrap_or(refundable);
+        if !requested.is_positive() && amount.is_some() {
+            return Err(LedgerError::AmountNotPositive);
+        }
+        if requested > refundable || !requested.is_positive() {
+            return Err(LedgerError::RefundExceedsCharge {
+                requested,
+                refundable,
+            });
+        }
+        self.room_for(requested)?;
+        let consumed = Account::Consumed(charge.feature.clone());
+        let mut already = charge.refunded;
+        let mut left = requested;
+        let mut returned = Vec::new();
+        let mut postings = Vec::new();
+        let mut new_grants = Vec::new();
+        for draw in charge.drawn.iter().rev() {
+            if left.is_zero() {
+                break;
+            }
+            let skip = already.min(draw.amount);
+            already = already.checked_sub(skip).expect("skip is at most already");
+            let open = draw
+                .amount
+                .checked_sub(skip)
+                .expect("skip is at most the draw");
+            let give = open.min(left);
+            if give.is_zero() {
+                continue;
+            }
+            left = left.checked_sub(give).expect("give is at most left");
+            let index = self
+                .grant_index(&draw.grant_id)
+                .expect("drawn grant exists");
+            if self.grants[index].status == GrantStatus::Active {
+                let grant = &mut self.grants[index];
+                grant.remaining = add(grant.remaining, give);
+                assert!(grant.remaining <= grant.amount, "refund over grant amount");
+                postings.push(Posting {
+                    from: consumed.clone(),
+                    to: Account::Grant(grant.id.clone()),
+                    amount: give,
+                });
+                returned.push(Draw {
+                    grant_id: grant.id.clone(),
+                    amount: give,
+                });
+                self.dirty_grants.insert(draw.grant_id.clone());
+            } else {
+                let original = self.grants[index].clone();
+                let id = Id::derived(&format!("refund:{refund_id}:{}", new_grants.len() + 1));
+                let grant = Grant {
+                    id: id.clone(),
+                    customer_id: self.customer_id.clone(),
+                    amount: give,
+                    remaining: give,
+                    source: Source::Refund,
+                    paid: original.paid,
+                    cost_basis: original.cost_basis.clone(),
+                    priority: original.priority,
+                    effective_at: now,
+                    expires_at: None,
+                    scope: original.scope.clone(),
+                    status: GrantStatus::Active,
+                    expired_amount: Amount::ZERO,
+                    expired_at: None,
+                    sequence: *next_sequence,
+                };
+                *next_sequence += 1;
+                self.insert_sorted(grant);
+                self.dirty_grants.insert(id.clone());
+                postings.push(Posting {
+                    from: consumed.clone(),
+                    to: Account::Grant(id.clone()),
+                    amount: give,
+                });
+                returned.push(Draw {
+                    grant_id: id.clone(),
+                    amount: give,
+                });
+                new_grants.push(id);
+            }
+        }
+        assert!(
+            left.is_zero(),
+            "refund within the charge always finds its draws"
+        );
+        let entry = EntryDraft {
+            kind: EntryKind::Refund,
+            customer_id: self.customer_id.clone(),
+            amount: requested,
+            postings,
+            reference: Some(refund_id.clone()),
+            member_id: None,
+            feature: charge.feature.clone(),
+            reason,
+            effective_at: now,
+            balance_after: self.available(now),
+        };
+        Ok((
+            Refunded {
+                amount: requested,
+                returned,
+                new_grants,
+            },
+            entry,
+        ))
+    }
+
+    /// Take back what remains of a grant.
+    pub fn void(
+        &mut self,
+        grant_id: &Id,
+        reference: &Id,
+        reason: Option<String>,
+        now: Timestamp,
+    ) -> Result<(Voided, EntryDraft), LedgerError> {
+        let index = self
+            .grant_index(grant_id)
+            .ok_or_else(|| LedgerError::GrantNotFound(grant_id.clone()))?;
+        let grant = &mut self.grants[index];
+        if grant.status != GrantStatus::Active {
+            return Err(LedgerError::GrantNotActive {
+                grant_id: grant_id.clone(),
+                status: grant.status.as_str(),
+            });
+        }
+        let voided = grant.remaining;
+        grant.remaining = Amount::ZERO;
+        grant.status = GrantStatus::Voided;
+        let refundable_money = grant.cost_basis.as_ref().map(|basis: &CostBasis| {
+            (
+                basis.value_of(voided).expect("money value within range"),
+                basis.currency.clone(),
+            )
+        });
+        let postings = if voided.is_positive() {
+            vec![Posting {
+                from: Account::Grant(grant_id.clone()),
+                to: Account::Voided,
+                amount: voided,
+            }]
+        } else {
+            Vec::new()
+        };
+        self.dirty_grants.insert(grant_id.clone());
+        self.next_due = self.compute_next_due();
+        let entry = EntryDraft {
+            kind: EntryKind::Void,
+            customer_id: self.customer_id.clone(),
+            amount: voided,
+            postings,
+            reference: Some(reference.clone()),
+            member_id: None,
+            feature: None,
+            reason,
+            effective_at: now,
+            balance_after: self.available(now),
+        };
+        Ok((
+            Voided {
+                voided,
+                refundable_money,
+            },
+            entry,
+        ))
+    }
+
+    /// Extend an active grant's expiry, or reinstate an expired one (within
+    /// [`REINSTATE_WINDOW_MICROS`] of its expiry) with what expired.
+    /// `expires_at: None` means never.
+    pub fn change_expiry(
+        &mut self,
+        grant_id: &Id,
+        expires_at: Option<Timestamp>,
+        reference: &Id,
+        reason: Option<String>,
+        now: Timestamp,
+    ) -> Result<(Amount, EntryDraft), LedgerError> {
+        let index = self
+            .grant_index(grant_id)
+            .ok_or_else(|| LedgerError::GrantNotFound(grant_id.clone()))?;
+        if expires_at.is_some_and(|at| at <= now) {
+            return Err(LedgerError::InvalidExpiry(
+                "the new expires_at must be in the future",
+            ));
+        }
+        let mut grant = self.grants.remove(index);
+        let outcome = match grant.status {
+            GrantStatus::Voided => Err(LedgerError::GrantNotActive {
+                grant_id: grant_id.clone(),
+                status: grant.status.as_str(),
+            }),
+            GrantStatus::Active => {
+                let later = match (grant.expires_at, expires_at) {
+                    (None, _) => false,
+                    (Some(_), None) => true,
+                    (Some(old), Some(new)) => new > old,
+                };
+                if later {
+                    grant.expires_at = expires_at;
+                    Ok((EntryKind::ExpiryExtended, Amount::ZERO, Vec::new()))
+                } else {
+                    Err(LedgerError::InvalidExpiry(
+                        "the new expires_at must be later than the current one",
+                    ))
+                }
+            }
+            GrantStatus::Expired => {
+                let expired_at = grant.expired_at.expect("expired grant has expired_at");
+                if now.micros() - expired_at.micros() > REINSTATE_WINDOW_MICROS {
+                    Err(LedgerError::ReinstateWindowPassed(grant_id.clone()))
+                } else if let Err(error) = self.room_for(grant.expired_amount) {
+                    Err(error)
+                } else {
+                    let restored = grant.expired_amount;
+                    grant.remaining = restored;
+                    grant.expired_amount = Amount::ZERO;
+                    grant.expired_at = None;
+                    grant.status = GrantStatus::Active;
+                    grant.expires_at = expires_at;
+                    let postings = if restored.is_positive() {
+                        vec![Posting {
+                            from: Account::Expired,
+                            to: Account::Grant(grant_id.clone()),
+                            amount: restored,
+                        }]
+                    } else {
+                        Vec::new()
+                    };
+                    Ok((EntryKind::Reinstate, restored, postings))
+                }
+            }
+        };
+        let new_expiry = grant.expires_at;
+        self.insert_sorted(grant);
+        let (kind, amount, postings) = outcome?;
+        self.lower_next_due(new_expiry);
+        self.dirty_grants.insert(grant_id.clone());
+        let entry = EntryDraft {
+            kind,
+            customer_id: self.customer_id.clone(),
+            amount,
+            postings,
+            reference: Some(reference.clone()),
+            member_id: None,
+            feature: None,
+            reason,
+            effective_at: now,
+            balance_after: self.available(now),
+        };
+        Ok((amount, entry))
+    }
+
+    /// Assert the per-customer invariants; for tests and debug builds.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for grant in &self.grants {
+            if grant.remaining.is_negative() || grant.remaining > grant.amount {
+                return Err(format!(
+                    "grant {} remaining {} outside [0, {}]",
+                    grant.id, grant.remaining, grant.amount
+                ));
+            }
+            if grant.status != GrantStatus::Active && !grant.remaining.is_zero() {
+                return Err(format!(
+                    "{} grant {} still has {}",
+                    grant.status.as_str(),
+                    grant.id,
+                    grant.remaining
+                ));
+            }
+        }
+        if self.outstanding().is_none() {
+            return Err("remaining plus held credits exceed the maximum amount".to_string());
+        }
+        for hold in self.active_holds.values() {
+            let reserved = checked_sum(hold.reservations.iter().map(|d| d.amount));
+            if reserved != Some(hold.amount) {
+                return Err(format!(
+                    "hold {} reserves {:?} for {}",
+                    hold.id, reserved, hold.amount
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn add(a: Amount, b: Amount) -> Amount {
+    a.checked_add(b).expect("amounts within range")
+}

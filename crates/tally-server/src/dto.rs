@@ -1,0 +1,230 @@
+//! Response bodies and their rendering from store outcomes.
+//!
+//! Request bodies live next to their handlers; responses are shared because
+//! several routes render the same resource.
+
+use serde::Serialize;
+use tally_core::{Amount, Draw, Grant, Hold};
+use tally_store::{CustomerRecord, EntryRecord, GrantRecord};
+use utoipa::ToSchema;
+
+use crate::edge::{metadata_value, rfc3339};
+
+pub fn amount(a: Amount) -> String {
+    a.to_string()
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CustomerBody {
+    pub id: String,
+    pub name: Option<String>,
+    pub plan: Option<String>,
+    pub region: Option<String>,
+    pub currency: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+    pub created_at: String,
+}
+
+impl From<&CustomerRecord> for CustomerBody {
+    fn from(c: &CustomerRecord) -> Self {
+        CustomerBody {
+            id: c.id.to_string(),
+            name: c.name.clone(),
+            plan: c.plan.clone(),
+            region: c.region.clone(),
+            currency: c.currency.clone(),
+            metadata: metadata_value(&c.metadata),
+            created_at: rfc3339(c.created_at),
+        }
+    }
+}
+
+/// Money: a decimal amount in a currency.
+#[derive(Serialize, ToSchema)]
+pub struct MoneyBody {
+    pub amount: String,
+    pub currency: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GrantBody {
+    pub id: String,
+    pub customer_id: String,
+    pub amount: String,
+    pub remaining: String,
+    /// `purchase`, `plan_allocation`, `promotion`, `refund`, `adjustment` or `transfer`.
+    pub source: String,
+    pub paid: bool,
+    /// Money paid per credit.
+    pub cost_basis: Option<MoneyBody>,
+    pub priority: i32,
+    pub effective_at: String,
+    pub expires_at: Option<String>,
+    pub scope: Option<Vec<String>>,
+    /// `pending`, `active`, `expired` or `voided`.
+    pub status: String,
+    /// What expired when the grant expired (what a reinstatement restores).
+    pub expired_amount: String,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+    pub external_reference: Option<String>,
+    pub created_at: String,
+}
+
+impl GrantBody {
+    pub fn render(record: &GrantRecord, now: tally_core::Timestamp) -> GrantBody {
+        let g: &Grant = &record.grant;
+        GrantBody {
+            id: g.id.to_string(),
+            customer_id: g.customer_id.to_string(),
+            amount: amount(g.amount),
+            remaining: amount(g.remaining),
+            source: g.source.as_str().to_string(),
+            paid: g.paid,
+            cost_basis: g.cost_basis.as_ref().map(|c| MoneyBody {
+                amount: amount(c.per_credit),
+                currency: c.currency.clone(),
+            }),
+            priority: g.priority,
+            effective_at: rfc3339(g.effective_at),
+            expires_at: g.expires_at.map(rfc3339),
+            scope: g.scope.clone(),
+            status: g.display_status(now).to_string(),
+            expired_amount: amount(g.expired_amount),
+            metadata: metadata_value(&record.metadata),
+            external_reference: record.external_reference.clone(),
+            created_at: rfc3339(record.created_at),
+        }
+    }
+}
+
+/// Credits taken from or returned to one grant.
+#[derive(Serialize, ToSchema)]
+pub struct DrawBody {
+    pub grant_id: String,
+    pub amount: String,
+}
+
+pub fn draws(list: &[Draw]) -> Vec<DrawBody> {
+    list.iter()
+        .map(|d| DrawBody {
+            grant_id: d.grant_id.to_string(),
+            amount: amount(d.amount),
+        })
+        .collect()
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct HoldBody {
+    pub id: String,
+    pub customer_id: String,
+    pub amount: String,
+    /// `active`, `captured`, `released` or `expired`.
+    pub status: String,
+    pub captured: String,
+    /// The grants the held credits were reserved from.
+    pub drawn: Vec<DrawBody>,
+    pub feature: Option<String>,
+    pub member_id: Option<String>,
+    pub created_at: String,
+    pub expires_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance_after: Option<String>,
+}
+
+impl HoldBody {
+    pub fn render(hold: &Hold, balance_after: Option<Amount>) -> HoldBody {
+        HoldBody {
+            id: hold.id.to_string(),
+            customer_id: hold.customer_id.to_string(),
+            amount: amount(hold.amount),
+            status: hold.status.as_str().to_string(),
+            captured: amount(hold.captured),
+            drawn: draws(&hold.reservations),
+            feature: hold.feature.clone(),
+            member_id: hold.member_id.as_ref().map(ToString::to_string),
+            created_at: rfc3339(hold.created_at),
+            expires_at: rfc3339(hold.expires_at),
+            balance_after: balance_after.map(amount),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PostingBody {
+    pub from: String,
+    pub to: String,
+    pub amount: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct EntryBody {
+    /// `ent_<sequence>`.
+    pub id: String,
+    /// `grant`, `charge`, `hold`, `capture`, `release`, `hold_expired`, `refund`, `void`,
+    /// `expire`, `expiry_extended` or `reinstate`.
+    pub kind: String,
+    pub customer_id: String,
+    pub amount: String,
+    /// The charge, hold, refund, grant, void or expiry change this entry belongs to.
+    pub reference: Option<String>,
+    pub grant_ids: Vec<String>,
+    pub member_id: Option<String>,
+    pub feature: Option<String>,
+    pub reason: Option<String>,
+    /// Who caused it: `key:<id>`, or null for the engine itself (expiries).
+    pub actor: Option<String>,
+    pub effective_at: String,
+    pub recorded_at: String,
+    /// The customer's available balance after this entry.
+    pub balance_after: String,
+    pub postings: Vec<PostingBody>,
+    /// The price book version and rule that priced it (charges by feature).
+    pub pricebook: Option<String>,
+    pub rule: Option<String>,
+}
+
+pub fn entry_id(sequence: i64) -> String {
+    format!("ent_{sequence}")
+}
+
+impl From<&EntryRecord> for EntryBody {
+    fn from(record: &EntryRecord) -> Self {
+        let d = &record.draft;
+        EntryBody {
+            id: entry_id(record.sequence),
+            kind: d.kind.as_str().to_string(),
+            customer_id: d.customer_id.to_string(),
+            amount: amount(d.amount),
+            reference: d.reference.as_ref().map(ToString::to_string),
+            grant_ids: d.grant_ids().iter().map(ToString::to_string).collect(),
+            member_id: d.member_id.as_ref().map(ToString::to_string),
+            feature: d.feature.clone(),
+            reason: d.reason.clone(),
+            actor: record.actor.clone(),
+            effective_at: rfc3339(d.effective_at),
+            recorded_at: rfc3339(record.recorded_at),
+            balance_after: amount(d.balance_after),
+            postings: d
+                .postings
+                .iter()
+                .map(|p| PostingBody {
+                    from: p.from.to_string(),
+                    to: p.to.to_string(),
+                    amount: amount(p.amount),
+                })
+                .collect(),
+            pricebook: None,
+            rule: None,
+        }
+    }
+}
+
+/// A page of a list.
+#[derive(Serialize, ToSchema)]
+pub struct Page<T: ToSchema> {
+    pub data: Vec<T>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}

@@ -1,0 +1,219 @@
+//! Parsing at the edge: JSON bodies, amounts, ids, instants, query strings.
+//!
+//! Everything a client sends is checked here and turned into domain values;
+//! a bad value becomes a 400 naming the parameter, before anything is changed.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use tally_core::{Amount, Id, Timestamp};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::error::ApiError;
+
+/// The largest request body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// A JSON body whose rejections are API errors.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(request, state).await {
+            Ok(axum::Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(json_error(rejection)),
+        }
+    }
+}
+
+fn json_error(rejection: JsonRejection) -> ApiError {
+    let message = match &rejection {
+        JsonRejection::MissingJsonContentType(_) => {
+            "send the body as JSON with Content-Type: application/json".into()
+        }
+        JsonRejection::JsonSyntaxError(_) => {
+            format!("the body is not valid JSON: {}", rejection.body_text())
+        }
+        JsonRejection::JsonDataError(_) => {
+            let text = rejection.body_text();
+            text.strip_prefix("Failed to deserialize the JSON body into the target type: ")
+                .unwrap_or(&text)
+                .to_string()
+        }
+        _ => rejection.body_text(),
+    };
+    ApiError::new("invalid_request", message)
+}
+
+/// A query string whose rejections are API errors.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(query_error(rejection)),
+        }
+    }
+}
+
+fn query_error(rejection: QueryRejection) -> ApiError {
+    ApiError::new(
+        "invalid_request",
+        format!("bad query string: {}", rejection.body_text()),
+    )
+}
+
+/// An amount as sent: a decimal string or a JSON number, never rounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AmountInput(pub Amount);
+
+impl<'de> Deserialize<'de> for AmountInput {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        // serde_json's arbitrary_precision keeps a number's exact text.
+        let text = match serde_json::Value::deserialize(deserializer)? {
+            serde_json::Value::String(text) => text,
+            serde_json::Value::Number(number) => number.to_string(),
+            _ => {
+                return Err(D::Error::custom(
+                    "amount must be a decimal string such as \"1.5\" or a number",
+                ))
+            }
+        };
+        Amount::parse(&text)
+            .map(AmountInput)
+            .map_err(|e| D::Error::custom(format!("amount {text:?}: {e}")))
+    }
+}
+
+/// A positive amount, or a 400 naming `param`.
+pub fn positive(amount: AmountInput, param: &str) -> Result<Amount, ApiError> {
+    if amount.0.is_positive() {
+        Ok(amount.0)
+    } else {
+        Err(ApiError::invalid(
+            param,
+            format!("{param} must be greater than zero"),
+        ))
+    }
+}
+
+/// Parse a client-chosen id, or a 400 naming `param`.
+pub fn id(text: &str, param: &str) -> Result<Id, ApiError> {
+    Id::parse(text).map_err(|e| ApiError::invalid(param, format!("{param}: {e}")))
+}
+
+/// Parse an RFC 3339 instant, or a 400 naming `param`.
+pub fn instant(text: &str, param: &str) -> Result<Timestamp, ApiError> {
+    let parsed = OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
+        ApiError::invalid(
+            param,
+            format!("{param} must be an RFC 3339 time such as 2026-01-31T00:00:00Z"),
+        )
+    })?;
+    let micros = parsed.unix_timestamp_nanos() / 1000;
+    i64::try_from(micros)
+        .map(Timestamp)
+        .map_err(|_| ApiError::invalid(param, format!("{param} is out of range")))
+}
+
+/// An instant as RFC 3339 UTC text with microseconds when they are not zero.
+pub fn rfc3339(at: Timestamp) -> String {
+    let nanos = i128::from(at.micros()) * 1000;
+    let time =
+        OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let mut text = time.format(&Rfc3339).expect("formats");
+    if text.ends_with("+00:00") {
+        text.truncate(text.len() - 6);
+        text.push('Z');
+    }
+    text
+}
+
+/// A free-text field with a bounded length.
+pub fn text(
+    value: Option<String>,
+    param: &str,
+    max_chars: usize,
+) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(v) if v.chars().count() > max_chars => Err(ApiError::invalid(
+            param,
+            format!("{param} must be at most {max_chars} characters"),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// A metadata object, stored as its JSON text.
+pub fn metadata(value: Option<serde_json::Value>) -> Result<Option<String>, ApiError> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Object(map)) => {
+            let text = serde_json::to_string(&map).expect("json serializes");
+            if text.len() > 16 * 1024 {
+                return Err(ApiError::invalid(
+                    "metadata",
+                    "metadata must be at most 16 KiB of JSON",
+                ));
+            }
+            Ok(Some(text))
+        }
+        Some(_) => Err(ApiError::invalid(
+            "metadata",
+            "metadata must be a JSON object",
+        )),
+    }
+}
+
+/// Stored metadata text back to JSON.
+pub fn metadata_value(text: &Option<String>) -> Option<serde_json::Value> {
+    text.as_ref().and_then(|t| serde_json::from_str(t).ok())
+}
+
+/// The `limit` of a list: default 50, at most 1000.
+pub fn limit(value: Option<usize>) -> Result<usize, ApiError> {
+    match value.unwrap_or(50) {
+        0 => Err(ApiError::invalid(
+            "limit",
+            "limit must be between 1 and 1000",
+        )),
+        n if n > 1000 => Err(ApiError::invalid(
+            "limit",
+            "limit must be between 1 and 1000",
+        )),
+        n => Ok(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_from_strings_and_numbers_are_exact() {
+        let parse = |json: &str| serde_json::from_str::<AmountInput>(json).map(|a| a.0.micros());
+        assert_eq!(parse("\"1.5\"").unwrap(), 1_500_000);
+        assert_eq!(parse("1.5").unwrap(), 1_500_000);
+        assert_eq!(parse("0.1").unwrap(), 100_000);
+        assert_eq!(parse("12").unwrap(), 12_000_000);
+        assert!(parse("1.0000001").is_err());
+        assert!(parse("1e3").is_err());
+        assert!(parse("true").is_err());
+    }
+
+    #[test]
+    fn instants_round_trip() {
+        let at = instant("2026-11-25T10:00:00.5Z", "t").unwrap();
+        assert_eq!(rfc3339(at), "2026-11-25T10:00:00.5Z");
+        assert!(instant("yesterday", "t").is_err());
+    }
+}

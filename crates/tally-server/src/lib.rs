@@ -1,0 +1,153 @@
+//! Tally's HTTP API: routes, authentication, OpenAPI and metrics.
+//!
+//! Architecture invariant: handlers only parse and check input, call the
+//! store, and render the answer; no business rule lives here (those are in
+//! `tally-core`), and no SQL (that is in `tally-store`). Every error leaves
+//! through the one table in [`error`].
+
+pub mod auth;
+pub mod dto;
+pub mod edge;
+pub mod error;
+pub mod metrics;
+pub mod openapi;
+pub mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use tally_store::{Command, Executed, ManualClock, Outcome, Store};
+
+use crate::auth::{hash_key, Caller, KeyCache};
+use crate::error::ApiError;
+
+/// How often the engine applies hold timeouts and grant expiries on its own.
+pub const TICK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Everything a handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub admin_key_hash: Option<String>,
+    pub manual_clock: Option<Arc<ManualClock>>,
+    pub key_cache: Arc<KeyCache>,
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+impl AppState {
+    pub fn new(
+        store: Store,
+        admin_key: Option<&str>,
+        manual_clock: Option<Arc<ManualClock>>,
+    ) -> AppState {
+        AppState {
+            store,
+            admin_key_hash: admin_key.filter(|k| !k.is_empty()).map(hash_key),
+            manual_clock,
+            key_cache: Arc::default(),
+            metrics: Arc::default(),
+        }
+    }
+
+    /// Send a command to the store on behalf of `caller`.
+    pub async fn execute(&self, command: Command, caller: &Caller) -> Result<Executed, ApiError> {
+        self.store
+            .execute(command, caller.actor())
+            .await
+            .map_err(ApiError::from)
+    }
+
+    /// Apply every hold timeout and grant expiry due at the engine's now.
+    pub async fn run_due(&self) -> Result<(), ApiError> {
+        // Each tick handles a bounded number of customers; repeat until quiet.
+        for _ in 0..10_000 {
+            let executed = self.store.execute(Command::Tick, None).await?;
+            match executed.result {
+                Ok(Outcome::Tick { entries: 0 }) => return Ok(()),
+                Ok(_) => continue,
+                Err(refusal) => return Err(ApiError::from(&refusal)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Render a store answer: the outcome, or the stored refusal, with
+/// `Idempotent-Replayed: true` when it is the answer of an earlier attempt.
+pub fn reply<T: Serialize>(
+    executed: Executed,
+    render: impl FnOnce(&Outcome) -> Result<T, ApiError>,
+) -> Response {
+    let mut response = match &executed.result {
+        Ok(outcome) => match render(outcome) {
+            Ok(body) => Json(body).into_response(),
+            Err(error) => error.into_response(),
+        },
+        Err(refusal) => ApiError::from(refusal).into_response(),
+    };
+    if executed.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// The whole HTTP API.
+pub fn router(state: AppState) -> Router {
+    use routes::{customers, ledger, spend, system};
+    let api = Router::new()
+        .route("/healthz", get(system::healthz))
+        .route("/metrics", get(system::metrics))
+        .route("/v1/customers", post(customers::create_customer))
+        .route("/v1/customers/{id}", get(customers::get_customer))
+        .route("/v1/customers/{id}/balance", get(customers::balance))
+        .route(
+            "/v1/customers/{id}/grants",
+            post(customers::create_grant).get(customers::list_grants),
+        )
+        .route("/v1/customers/{id}/ledger", get(ledger::customer_ledger))
+        .route("/v1/grants/{grant_id}/void", post(customers::void_grant))
+        .route(
+            "/v1/grants/{grant_id}/expiry",
+            post(customers::change_expiry),
+        )
+        .route("/v1/charges", post(spend::create_charge))
+        .route("/v1/holds", post(spend::create_hold))
+        .route("/v1/holds/{id}", get(spend::get_hold))
+        .route("/v1/holds/{id}/capture", post(spend::capture_hold))
+        .route("/v1/holds/{id}/release", post(spend::release_hold))
+        .route("/v1/refunds", post(spend::create_refund))
+        .route("/v1/ledger/{entry_id}", get(ledger::get_entry))
+        .route("/v1/clock", get(system::clock))
+        .route("/v1/clock/advance", post(system::advance_clock))
+        .route("/v1/api-keys", post(system::create_api_key))
+        .fallback(|| async { ApiError::new("not_found", "no such route; see /docs") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .layer(DefaultBodyLimit::max(edge::MAX_BODY_BYTES))
+        .with_state(state);
+    api.merge(openapi::docs())
+}
+
+/// Apply what falls due on the engine's clock, forever (the system-clock server).
+pub fn spawn_ticker(state: AppState) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(TICK_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(error) = state.run_due().await {
+                tracing::warn!(code = %error.code, message = %error.message, "tick failed");
+            }
+        }
+    })
+}

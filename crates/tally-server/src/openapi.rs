@@ -1,0 +1,52 @@
+//! The OpenAPI document, generated from the handlers, and the browsable docs
+//! (Swagger UI, vendored into the binary: no CDN).
+
+use axum::Router;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::routes::{customers, ledger, spend, system};
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("API key")
+                    .build(),
+            ),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Tally", description = "The credits engine: grants, charges, holds, refunds, expiry and the ledger. \
+        Amounts are decimal strings with at most 6 fractional digits. Every create or state change carries a \
+        client-chosen id that is its idempotency key forever: a retry returns the original result with \
+        `Idempotent-Replayed: true`; the same id with other content is 409 `idempotency_conflict`."),
+    paths(
+        system::healthz, system::metrics, system::clock, system::advance_clock, system::create_api_key,
+        customers::create_customer, customers::get_customer, customers::balance, customers::create_grant,
+        customers::list_grants, customers::void_grant, customers::change_expiry,
+        spend::create_charge, spend::create_hold, spend::get_hold, spend::capture_hold, spend::release_hold,
+        spend::create_refund, ledger::customer_ledger, ledger::get_entry,
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "customers"), (name = "grants"), (name = "charges"), (name = "holds"), (name = "refunds"),
+        (name = "ledger"), (name = "system"),
+    )
+)]
+pub struct ApiDoc;
+
+/// `/openapi.json` and `/docs`.
+pub fn docs() -> Router {
+    Router::new().merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+}

@@ -1,0 +1,409 @@
+//! Customers, their balance and their grants.
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::Json;
+use serde::Deserialize;
+use tally_core::{CostBasis, Source};
+use tally_store::{Command, NewCustomer, NewGrant, Outcome};
+use utoipa::ToSchema;
+
+use crate::auth::{Caller, Scope};
+use crate::dto::{amount, CustomerBody, GrantBody, MoneyBody};
+use crate::edge::{self, AmountInput, ApiJson};
+use crate::error::{ApiError, ErrorBody};
+use crate::{reply, AppState};
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCustomer {
+    /// The customer's id in your system; also the idempotency key.
+    pub id: String,
+    pub name: Option<String>,
+    pub plan: Option<String>,
+    pub region: Option<String>,
+    /// ISO 4217 code of the money the customer pays in.
+    pub currency: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// Create a customer.
+#[utoipa::path(post, path = "/v1/customers", tag = "customers", request_body = CreateCustomer,
+    responses((status = 200, body = CustomerBody), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_customer(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateCustomer>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let command = Command::CreateCustomer(NewCustomer {
+        id: edge::id(&body.id, "id")?,
+        name: edge::text(body.name, "name", 256)?,
+        plan: edge::text(body.plan, "plan", 128)?,
+        region: edge::text(body.region, "region", 128)?,
+        currency: currency(body.currency, "currency")?,
+        metadata: edge::metadata(body.metadata)?,
+    });
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Customer(customer) => Ok(CustomerBody::from(customer)),
+        _ => Err(unexpected()),
+    }))
+}
+
+fn currency(value: Option<String>, param: &str) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(code) if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) => {
+            Err(ApiError::invalid(
+                param,
+                format!("{param} must be a 3-letter ISO 4217 code such as USD"),
+            ))
+        }
+        other => Ok(other),
+    }
+}
+
+pub fn unexpected() -> ApiError {
+    ApiError::new("internal", "unexpected outcome for this request")
+}
+
+/// Get a customer.
+#[utoipa::path(get, path = "/v1/customers/{id}", tag = "customers",
+    responses((status = 200, body = CustomerBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn get_customer(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+) -> Result<Json<CustomerBody>, ApiError> {
+    caller.require(Scope::Read)?;
+    let id = edge::id(&customer_id, "id")?;
+    let customer = state
+        .store
+        .customer(id.clone())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("customer {id}")))?;
+    Ok(Json(CustomerBody::from(&customer)))
+}
+
+#[derive(serde::Serialize, ToSchema)]
+pub struct NextExpiry {
+    pub at: String,
+    pub amount: String,
+}
+
+#[derive(serde::Serialize, ToSchema)]
+pub struct BalanceBody {
+    pub customer_id: String,
+    /// Spendable now.
+    pub available: String,
+    /// Reserved by active holds.
+    pub held: String,
+    /// Granted but not yet in effect.
+    pub pending: String,
+    /// Owed below zero under an overage policy.
+    pub debt: String,
+    /// The active and pending grants with something remaining.
+    pub grants: Vec<GrantBody>,
+    pub next_expiry: Option<NextExpiry>,
+    /// The engine instant this balance is computed at.
+    pub as_of: String,
+}
+
+/// A customer's balance.
+#[utoipa::path(get, path = "/v1/customers/{id}/balance", tag = "customers",
+    responses((status = 200, body = BalanceBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn balance(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+) -> Result<Json<BalanceBody>, ApiError> {
+    caller.require(Scope::Read)?;
+    let id = edge::id(&customer_id, "id")?;
+    let view = state
+        .store
+        .balance(id.clone())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("customer {id}")))?;
+    let grants = view
+        .grants
+        .iter()
+        .filter(|r| {
+            r.grant.status == tally_core::GrantStatus::Active && r.grant.remaining.is_positive()
+        })
+        .map(|r| GrantBody::render(r, view.now))
+        .collect();
+    let b = &view.balance;
+    Ok(Json(BalanceBody {
+        customer_id: id.to_string(),
+        available: amount(b.available),
+        held: amount(b.held),
+        pending: amount(b.pending),
+        debt: amount(b.debt),
+        grants,
+        next_expiry: b.next_expiry.map(|(at, total)| NextExpiry {
+            at: edge::rfc3339(at),
+            amount: amount(total),
+        }),
+        as_of: edge::rfc3339(view.now),
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CostBasisInput {
+    /// Money paid per credit.
+    #[schema(value_type = String)]
+    pub amount: AmountInput,
+    pub currency: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGrant {
+    pub id: String,
+    #[schema(value_type = String, example = "10000")]
+    pub amount: AmountInput,
+    /// `purchase`, `plan_allocation`, `promotion`, `refund`, `adjustment` or `transfer`.
+    pub source: String,
+    pub paid: bool,
+    pub cost_basis: Option<CostBasisInput>,
+    /// Higher is spent first. Default 0.
+    pub priority: Option<i32>,
+    /// Default: now.
+    pub effective_at: Option<String>,
+    /// Default: never.
+    pub expires_at: Option<String>,
+    /// Feature keys this grant may pay for; default: anything.
+    pub scope: Option<Vec<String>>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+    /// E.g. the payment id.
+    pub external_reference: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Grant credits to a customer.
+#[utoipa::path(post, path = "/v1/customers/{id}/grants", tag = "grants", request_body = CreateGrant,
+    responses((status = 200, body = GrantBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn create_grant(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+    ApiJson(body): ApiJson<CreateGrant>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let source = Source::parse(&body.source).ok_or_else(|| {
+        ApiError::invalid(
+            "source",
+            "source must be one of purchase, plan_allocation, promotion, refund, adjustment, transfer",
+        )
+    })?;
+    let cost_basis = match body.cost_basis {
+        Some(basis) => {
+            if basis.amount.0.is_negative() {
+                return Err(ApiError::invalid(
+                    "cost_basis.amount",
+                    "cost_basis.amount must not be negative",
+                ));
+            }
+            let currency = currency(Some(basis.currency), "cost_basis.currency")?.expect("given");
+            Some(CostBasis {
+                per_credit: basis.amount.0,
+                currency,
+            })
+        }
+        None => None,
+    };
+    if let Some(scope) = &body.scope {
+        if scope.is_empty()
+            || scope.len() > 100
+            || scope.iter().any(|f| edge::id(f, "scope").is_err())
+        {
+            return Err(ApiError::invalid(
+                "scope",
+                "scope must be a non-empty list of up to 100 feature keys",
+            ));
+        }
+    }
+    let command = Command::Grant(NewGrant {
+        id: edge::id(&body.id, "id")?,
+        customer_id: edge::id(&customer_id, "customer_id")?,
+        amount: edge::positive(body.amount, "amount")?,
+        source,
+        paid: body.paid,
+        cost_basis,
+        priority: body.priority.unwrap_or(0),
+        effective_at: body
+            .effective_at
+            .as_deref()
+            .map(|t| edge::instant(t, "effective_at"))
+            .transpose()?,
+        expires_at: body
+            .expires_at
+            .as_deref()
+            .map(|t| edge::instant(t, "expires_at"))
+            .transpose()?,
+        scope: body.scope,
+        metadata: edge::metadata(body.metadata)?,
+        external_reference: edge::text(body.external_reference, "external_reference", 256)?,
+        reason: edge::text(body.reason, "reason", 1024)?,
+    });
+    let executed = state.execute(command, &caller).await?;
+    let now = state.store.now();
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Grant { grant, .. } => Ok(GrantBody::render(grant, now)),
+        _ => Err(unexpected()),
+    }))
+}
+
+/// A customer's grants, oldest first, with remaining and status.
+#[utoipa::path(get, path = "/v1/customers/{id}/grants", tag = "grants",
+    responses((status = 200, body = Vec<GrantBody>), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn list_grants(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+) -> Result<Json<crate::dto::Page<GrantBody>>, ApiError> {
+    caller.require(Scope::Read)?;
+    let id = edge::id(&customer_id, "id")?;
+    let view = state
+        .store
+        .balance(id.clone())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("customer {id}")))?;
+    let data = view
+        .grants
+        .iter()
+        .map(|r| GrantBody::render(r, view.now))
+        .collect();
+    Ok(Json(crate::dto::Page {
+        data,
+        next_cursor: None,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VoidGrant {
+    /// The id of this void (idempotency key).
+    pub id: String,
+    pub reason: String,
+}
+
+#[derive(serde::Serialize, ToSchema)]
+pub struct VoidBody {
+    pub id: String,
+    pub grant_id: String,
+    pub customer_id: String,
+    /// Credits taken back.
+    pub voided: String,
+    /// Their value at the grant's cost basis: what to refund to the payer.
+    pub refundable_money: Option<MoneyBody>,
+    pub balance_after: String,
+    pub entry_id: String,
+}
+
+/// Take back what remains of a grant (e.g. refund the unused part of a purchase).
+#[utoipa::path(post, path = "/v1/grants/{grant_id}/void", tag = "grants", request_body = VoidGrant,
+    responses((status = 200, body = VoidBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn void_grant(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(grant_id): Path<String>,
+    ApiJson(body): ApiJson<VoidGrant>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let command = Command::Void {
+        id: edge::id(&body.id, "id")?,
+        grant_id: edge::id(&grant_id, "grant_id")?,
+        reason: required_reason(body.reason)?,
+    };
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Void(v) => Ok(VoidBody {
+            id: v.id.to_string(),
+            grant_id: v.grant_id.to_string(),
+            customer_id: v.customer_id.to_string(),
+            voided: amount(v.voided),
+            refundable_money: v
+                .refundable_money
+                .as_ref()
+                .map(|(money, currency)| MoneyBody {
+                    amount: amount(*money),
+                    currency: currency.clone(),
+                }),
+            balance_after: amount(v.balance_after),
+            entry_id: crate::dto::entry_id(v.entry_id),
+        }),
+        _ => Err(unexpected()),
+    }))
+}
+
+pub fn required_reason(reason: String) -> Result<String, ApiError> {
+    if reason.trim().is_empty() {
+        return Err(ApiError::invalid("reason", "reason must not be empty"));
+    }
+    Ok(edge::text(Some(reason), "reason", 1024)?.expect("given"))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeExpiry {
+    /// The id of this change (idempotency key).
+    pub id: String,
+    /// The new expiry; null for never. Must be in the future and later than the current one.
+    pub expires_at: Option<String>,
+    pub reason: String,
+}
+
+#[derive(serde::Serialize, ToSchema)]
+pub struct ExpiryBody {
+    pub id: String,
+    pub grant_id: String,
+    pub customer_id: String,
+    pub expires_at: Option<String>,
+    /// Credits restored when an expired grant was reinstated; 0 for an extension.
+    pub reinstated: String,
+    pub balance_after: String,
+    pub entry_id: String,
+}
+
+/// Extend a grant's expiry, or reinstate an expired grant (within 90 days of its expiry).
+#[utoipa::path(post, path = "/v1/grants/{grant_id}/expiry", tag = "grants", request_body = ChangeExpiry,
+    responses((status = 200, body = ExpiryBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn change_expiry(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(grant_id): Path<String>,
+    ApiJson(body): ApiJson<ChangeExpiry>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let command = Command::ChangeExpiry {
+        id: edge::id(&body.id, "id")?,
+        grant_id: edge::id(&grant_id, "grant_id")?,
+        expires_at: body
+            .expires_at
+            .as_deref()
+            .map(|t| edge::instant(t, "expires_at"))
+            .transpose()?,
+        reason: required_reason(body.reason)?,
+    };
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Expiry(e) => Ok(ExpiryBody {
+            id: e.id.to_string(),
+            grant_id: e.grant_id.to_string(),
+            customer_id: e.customer_id.to_string(),
+            expires_at: e.expires_at.map(edge::rfc3339),
+            reinstated: amount(e.reinstated),
+            balance_after: amount(e.balance_after),
+            entry_id: crate::dto::entry_id(e.entry_id),
+        }),
+        _ => Err(unexpected()),
+    }))
+}

@@ -1,0 +1,6 @@
+//! The HTTP handlers, one module per resource family.
+
+pub mod customers;
+pub mod ledger;
+pub mod spend;
+pub mod system;

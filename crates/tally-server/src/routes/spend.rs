@@ -1,0 +1,409 @@
+//! Charges, holds (place, capture, release) and refunds.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tally_core::{Amount, Id};
+use tally_store::{Command, NewCharge, NewHold, NewRefund, Outcome};
+use utoipa::ToSchema;
+
+use super::customers::{required_reason, unexpected};
+use crate::auth::{Caller, Scope};
+use crate::dto::{amount, draws, entry_id, DrawBody, HoldBody};
+use crate::edge::{self, AmountInput, ApiJson};
+use crate::error::{ApiError, ErrorBody};
+use crate::{reply, AppState};
+
+/// The longest a hold may last: 30 days.
+pub const MAX_HOLD_SECONDS: i64 = 30 * 24 * 3600;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCharge {
+    /// The charge id: also its idempotency key, forever.
+    pub id: String,
+    pub customer_id: String,
+    /// Credits to charge. Or give `feature` and `quantity` to have the price book price it.
+    #[schema(value_type = Option<String>, example = "1.5")]
+    pub amount: Option<AmountInput>,
+    /// The feature paid for: decides which scoped grants may pay, and the price with `quantity`.
+    pub feature: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub quantity: Option<AmountInput>,
+    #[schema(value_type = Option<Object>)]
+    pub properties: Option<serde_json::Value>,
+    /// The teammate who spent it.
+    pub member_id: Option<String>,
+    pub reason: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ChargeBody {
+    pub id: String,
+    pub customer_id: String,
+    pub amount: String,
+    /// Which grants paid, in burn order.
+    pub drawn: Vec<DrawBody>,
+    /// Available credits right after this charge.
+    pub balance_after: String,
+    pub feature: Option<String>,
+    pub member_id: Option<String>,
+    /// The price book version that priced it (charges by feature and quantity).
+    pub pricebook: Option<String>,
+    pub rule: Option<String>,
+    pub entry_id: String,
+}
+
+/// The amount to spend: given directly, or priced from feature and quantity.
+fn spend_amount(
+    amount: Option<AmountInput>,
+    feature: &Option<String>,
+    quantity: Option<AmountInput>,
+) -> Result<Amount, ApiError> {
+    match (amount, quantity) {
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "quantity",
+            "give either amount, or feature and quantity, not both",
+        )),
+        (Some(amount), None) => edge::positive(amount, "amount"),
+        (None, Some(quantity)) => {
+            edge::positive(quantity, "quantity")?;
+            let feature = feature
+                .as_deref()
+                .ok_or_else(|| ApiError::invalid("feature", "quantity needs a feature"))?;
+            Err(ApiError::new(
+                "no_price",
+                format!(
+                    "no published price book prices feature {feature}; charge an amount instead"
+                ),
+            ))
+        }
+        (None, None) => Err(ApiError::invalid(
+            "amount",
+            "give amount, or feature and quantity",
+        )),
+    }
+}
+
+fn feature(value: Option<String>) -> Result<Option<String>, ApiError> {
+    value
+        .map(|f| edge::id(&f, "feature").map(|_| f))
+        .transpose()
+}
+
+fn member(value: Option<String>) -> Result<Option<Id>, ApiError> {
+    value.map(|m| edge::id(&m, "member_id")).transpose()
+}
+
+/// Spend credits now.
+#[utoipa::path(post, path = "/v1/charges", tag = "charges", request_body = CreateCharge,
+    responses((status = 200, body = ChargeBody), (status = 400, body = ErrorBody), (status = 402, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn create_charge(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateCharge>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let id = edge::id(&body.id, "id")?;
+    let customer_id = edge::id(&body.customer_id, "customer_id")?;
+    let feature = feature(body.feature)?;
+    let amount = spend_amount(body.amount, &feature, body.quantity)?;
+    let command = Command::Charge(NewCharge {
+        id,
+        customer_id,
+        amount,
+        feature,
+        member_id: member(body.member_id)?,
+        reason: edge::text(body.reason, "reason", 1024)?,
+        metadata: edge::metadata(body.metadata)?,
+    });
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Charge(c) => Ok(ChargeBody {
+            id: c.id.to_string(),
+            customer_id: c.customer_id.to_string(),
+            amount: amount_text(c.amount),
+            drawn: draws(&c.drawn),
+            balance_after: amount_text(c.balance_after),
+            feature: c.feature.clone(),
+            member_id: c.member_id.as_ref().map(ToString::to_string),
+            pricebook: None,
+            rule: None,
+            entry_id: entry_id(c.entry_id),
+        }),
+        _ => Err(unexpected()),
+    }))
+}
+
+fn amount_text(a: Amount) -> String {
+    amount(a)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateHold {
+    pub id: String,
+    pub customer_id: String,
+    #[schema(value_type = Option<String>)]
+    pub amount: Option<AmountInput>,
+    pub feature: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub quantity: Option<AmountInput>,
+    #[schema(value_type = Option<Object>)]
+    pub properties: Option<serde_json::Value>,
+    /// After this many seconds the hold releases itself (1 to 2592000).
+    pub timeout_seconds: i64,
+    pub member_id: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Reserve credits; they count against the available balance at once.
+#[utoipa::path(post, path = "/v1/holds", tag = "holds", request_body = CreateHold,
+    responses((status = 200, body = HoldBody), (status = 400, body = ErrorBody), (status = 402, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn create_hold(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateHold>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let id = edge::id(&body.id, "id")?;
+    let customer_id = edge::id(&body.customer_id, "customer_id")?;
+    if !(1..=MAX_HOLD_SECONDS).contains(&body.timeout_seconds) {
+        return Err(ApiError::invalid(
+            "timeout_seconds",
+            format!("timeout_seconds must be between 1 and {MAX_HOLD_SECONDS}"),
+        ));
+    }
+    let feature = feature(body.feature)?;
+    let amount = spend_amount(body.amount, &feature, body.quantity)?;
+    let command = Command::Hold(NewHold {
+        id,
+        customer_id,
+        amount,
+        feature,
+        timeout_seconds: body.timeout_seconds,
+        member_id: member(body.member_id)?,
+        reason: edge::text(body.reason, "reason", 1024)?,
+    });
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Hold(h) => Ok(HoldBody::render(&h.hold, Some(h.balance_after))),
+        _ => Err(unexpected()),
+    }))
+}
+
+/// Get a hold.
+#[utoipa::path(get, path = "/v1/holds/{id}", tag = "holds",
+    responses((status = 200, body = HoldBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn get_hold(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(hold_id): Path<String>,
+) -> Result<Json<HoldBody>, ApiError> {
+    caller.require(Scope::Read)?;
+    let id = edge::id(&hold_id, "id")?;
+    let mut hold = state
+        .store
+        .hold(id.clone())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("hold {id}")))?;
+    if hold.status == tally_core::HoldStatus::Active && hold.expires_at <= state.store.now() {
+        hold.status = tally_core::HoldStatus::Expired;
+    }
+    Ok(Json(HoldBody::render(&hold, None)))
+}
+
+/// Parse an optional JSON body: empty means the default.
+fn optional_body<T: DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new("invalid_request", format!("the body is not valid: {e}")))
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureHold {
+    /// What to capture; default all. The rest is released.
+    #[schema(value_type = Option<String>)]
+    pub amount: Option<AmountInput>,
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CaptureBody {
+    pub id: String,
+    pub customer_id: String,
+    /// `captured`.
+    pub status: String,
+    pub captured: String,
+    pub released: String,
+    pub drawn: Vec<DrawBody>,
+    pub balance_after: String,
+    pub entry_id: String,
+}
+
+/// Capture a hold (all, or part: the rest is released).
+#[utoipa::path(post, path = "/v1/holds/{id}/capture", tag = "holds", request_body = CaptureHold,
+    responses((status = 200, body = CaptureBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn capture_hold(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(hold_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let body: CaptureHold = optional_body(&body)?;
+    let command = Command::Capture {
+        hold_id: edge::id(&hold_id, "id")?,
+        amount: body
+            .amount
+            .map(|a| edge::positive(a, "amount"))
+            .transpose()?,
+        reason: edge::text(body.reason, "reason", 1024)?,
+    };
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Capture(c) => Ok(CaptureBody {
+            id: c.hold_id.to_string(),
+            customer_id: c.customer_id.to_string(),
+            status: "captured".into(),
+            captured: amount(c.captured),
+            released: amount(c.released),
+            drawn: draws(&c.drawn),
+            balance_after: amount(c.balance_after),
+            entry_id: entry_id(c.entry_id),
+        }),
+        _ => Err(unexpected()),
+    }))
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseHold {
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ReleaseBody {
+    pub id: String,
+    pub customer_id: String,
+    /// `released`.
+    pub status: String,
+    pub released: String,
+    pub balance_after: String,
+    pub entry_id: String,
+}
+
+/// Release a hold: every reserved credit goes back.
+#[utoipa::path(post, path = "/v1/holds/{id}/release", tag = "holds", request_body = ReleaseHold,
+    responses((status = 200, body = ReleaseBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn release_hold(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(hold_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let body: ReleaseHold = optional_body(&body)?;
+    let command = Command::Release {
+        hold_id: edge::id(&hold_id, "id")?,
+        reason: edge::text(body.reason, "reason", 1024)?,
+    };
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Release(r) => Ok(ReleaseBody {
+            id: r.hold_id.to_string(),
+            customer_id: r.customer_id.to_string(),
+            status: "released".into(),
+            released: amount(r.released),
+            balance_after: amount(r.balance_after),
+            entry_id: entry_id(r.entry_id),
+        }),
+        _ => Err(unexpected()),
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRefund {
+    pub id: String,
+    /// The charge to refund. Give `hold_id` instead to refund a captured hold.
+    pub charge_id: Option<String>,
+    pub hold_id: Option<String>,
+    /// Default: all that is still refundable.
+    #[schema(value_type = Option<String>)]
+    pub amount: Option<AmountInput>,
+    pub reason: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RefundBody {
+    pub id: String,
+    /// The refunded charge (or captured hold) id.
+    pub charge_id: String,
+    pub customer_id: String,
+    pub amount: String,
+    /// Where the credits went back: the original grants while they are active,
+    /// otherwise new `refund:` grants.
+    pub returned: Vec<DrawBody>,
+    pub new_grants: Vec<String>,
+    pub balance_after: String,
+    pub entry_id: String,
+}
+
+/// Give back all or part of a charge, at most what was charged.
+#[utoipa::path(post, path = "/v1/refunds", tag = "refunds", request_body = CreateRefund,
+    responses((status = 200, body = RefundBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn create_refund(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateRefund>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let (charge_id, hold_id) = match (body.charge_id, body.hold_id) {
+        (Some(charge), None) => (Some(edge::id(&charge, "charge_id")?), None),
+        (None, Some(hold)) => (None, Some(edge::id(&hold, "hold_id")?)),
+        _ => {
+            return Err(ApiError::invalid(
+                "charge_id",
+                "give exactly one of charge_id and hold_id",
+            ))
+        }
+    };
+    let command = Command::Refund(NewRefund {
+        id: edge::id(&body.id, "id")?,
+        charge_id,
+        hold_id,
+        amount: body
+            .amount
+            .map(|a| edge::positive(a, "amount"))
+            .transpose()?,
+        reason: required_reason(body.reason)?,
+    });
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Refund(r) => Ok(RefundBody {
+            id: r.id.to_string(),
+            charge_id: r.charge_id.to_string(),
+            customer_id: r.customer_id.to_string(),
+            amount: amount(r.amount),
+            returned: draws(&r.returned),
+            new_grants: r.new_grants.iter().map(ToString::to_string).collect(),
+            balance_after: amount(r.balance_after),
+            entry_id: entry_id(r.entry_id),
+        }),
+        _ => Err(unexpected()),
+    }))
+}

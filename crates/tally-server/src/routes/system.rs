@@ -1,0 +1,164 @@
+//! Health, metrics, the engine clock and API keys.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use tally_core::{Id, Timestamp};
+use tally_store::{Command, Outcome};
+use utoipa::ToSchema;
+
+use crate::auth::{generate_key, hash_key, Caller, Scope};
+use crate::edge::{self, ApiJson};
+use crate::error::{ApiError, ErrorBody};
+use crate::{reply, AppState};
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "system", responses((status = 200, description = "Prometheus text format")))]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ClockBody {
+    pub now: String,
+    /// Whether the clock only moves through `POST /v1/clock/advance`.
+    pub manual: bool,
+}
+
+/// The engine's time.
+#[utoipa::path(get, path = "/v1/clock", tag = "system", responses((status = 200, body = ClockBody)), security(("bearer" = [])))]
+pub async fn clock(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<ClockBody>, ApiError> {
+    caller.require(Scope::Read)?;
+    Ok(Json(ClockBody {
+        now: edge::rfc3339(state.store.now()),
+        manual: state.manual_clock.is_some(),
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdvanceClock {
+    /// Move forward this many seconds.
+    pub seconds: Option<i64>,
+    /// Or move to this instant (RFC 3339); never backwards.
+    pub to: Option<String>,
+}
+
+/// Move the manual clock forward and apply everything that fell due.
+#[utoipa::path(post, path = "/v1/clock/advance", tag = "system", request_body = AdvanceClock,
+    responses((status = 200, body = ClockBody), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn advance_clock(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<AdvanceClock>,
+) -> Result<Json<ClockBody>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let Some(clock) = state.manual_clock.clone() else {
+        return Err(ApiError::new(
+            "manual_clock_disabled",
+            "the clock can only be advanced when tally serve runs with --manual-clock",
+        ));
+    };
+    let now = state.store.now();
+    let target = match (body.seconds, body.to) {
+        (Some(seconds), None) if seconds >= 0 => now
+            .plus_seconds(seconds)
+            .ok_or_else(|| ApiError::invalid("seconds", "seconds is too large"))?,
+        (Some(_), None) => {
+            return Err(ApiError::invalid("seconds", "seconds must not be negative"))
+        }
+        (None, Some(to)) => {
+            let to = edge::instant(&to, "to")?;
+            if to < now {
+                return Err(ApiError::invalid("to", "the clock never moves backwards"));
+            }
+            to
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "seconds",
+                "give exactly one of seconds and to",
+            ))
+        }
+    };
+    let now: Timestamp = clock.advance_to(target);
+    state.run_due().await?;
+    Ok(Json(ClockBody {
+        now: edge::rfc3339(now),
+        manual: true,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKey {
+    /// The key's id (idempotency key).
+    pub id: String,
+    /// `admin`, `write`, `ingest` or `read`.
+    pub scope: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ApiKeyBody {
+    pub id: String,
+    pub scope: String,
+    /// The key itself: shown only in this response, stored only as a hash.
+    pub key: String,
+}
+
+/// Create an API key (admin).
+#[utoipa::path(post, path = "/v1/api-keys", tag = "system", request_body = CreateApiKey,
+    responses((status = 200, body = ApiKeyBody), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_api_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateApiKey>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    let id: Id = edge::id(&body.id, "id")?;
+    let scope = Scope::parse(&body.scope)
+        .ok_or_else(|| ApiError::invalid("scope", "scope must be admin, write, ingest or read"))?;
+    let key = generate_key();
+    let command = Command::CreateApiKey {
+        id,
+        key_hash: hash_key(&key),
+        scope: scope.as_str().to_string(),
+    };
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::ApiKey { id, scope } => Ok(ApiKeyBody {
+            id: id.to_string(),
+            scope: scope.clone(),
+            key: key.clone(),
+        }),
+        _ => Err(super::customers::unexpected()),
+    }))
+}

@@ -1,0 +1,354 @@
+//! Durable storage for Tally: the embedded SQLite store.
+//!
+//! Architecture invariant: only the writer thread ([`writer`]) changes the
+//! database, and it answers a caller only after the caller's change is
+//! committed with `synchronous=FULL` (fsynced). Reads use their own
+//! connections in WAL mode, so they never wait for the writer and only ever
+//! see committed data.
+//!
+//! API boundary: [`Store`] takes [`Command`]s and answers [`Executed`]
+//! outcomes or [`StoreError`]s; no rusqlite type crosses it.
+
+pub mod clock;
+pub mod model;
+mod rows;
+pub mod schema;
+mod writer;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use fs2::FileExt;
+use rusqlite::{params, Connection, OptionalExtension};
+use tally_core::{Clock, EntryKind, Hold, Id, Timestamp};
+use tokio::sync::{mpsc, oneshot};
+
+pub use clock::{ManualClock, SystemClock};
+pub use model::*;
+pub use writer::MAX_BATCH;
+
+/// Commands waiting for the writer before callers are made to wait.
+const QUEUE_CAPACITY: usize = 65_536;
+/// Read connections kept open.
+const READERS: usize = 8;
+
+/// The database file inside a data directory.
+pub fn database_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("tally.db")
+}
+
+/// Open a connection with Tally's settings: WAL, fsync on every commit.
+pub fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let connection = Connection::open(path)?;
+    connection.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+         PRAGMA busy_timeout = 10000; PRAGMA cache_size = -65536;",
+    )?;
+    Ok(connection)
+}
+
+/// Create the data directory if needed and apply migrations; returns how many ran.
+pub fn migrate(data_dir: &Path) -> Result<usize, StoreError> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| StoreError::Unavailable(format!("create {data_dir:?}: {e}")))?;
+    let mut connection = connect(&database_path(data_dir)).map_err(unavailable)?;
+    schema::migrate(&mut connection).map_err(unavailable)
+}
+
+/// Insert an API key directly (the CLI, with or without a server running).
+pub fn insert_api_key(
+    data_dir: &Path,
+    id: &str,
+    key_hash: &str,
+    scope: &str,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    migrate(data_dir)?;
+    let connection = connect(&database_path(data_dir)).map_err(unavailable)?;
+    connection
+        .execute(
+            "INSERT INTO api_keys (id, key_hash, scope, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, key_hash, scope, now.micros()],
+        )
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+fn unavailable(error: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+struct Inner {
+    sender: mpsc::Sender<writer::Job>,
+    readers: Mutex<Vec<Connection>>,
+    path: PathBuf,
+    clock: Arc<dyn Clock>,
+    _lock: File,
+}
+
+/// Copy the write-ahead log into the database file in the background, every
+/// [`CHECKPOINT_INTERVAL`], until the store is dropped. PASSIVE never blocks
+/// the writer or readers.
+fn spawn_checkpointer(store: std::sync::Weak<Inner>, path: PathBuf) -> Result<(), StoreError> {
+    let connection = connect(&path).map_err(unavailable)?;
+    std::thread::Builder::new()
+        .name("tally-checkpoint".into())
+        .spawn(move || {
+            while store.upgrade().is_some() {
+                std::thread::sleep(CHECKPOINT_INTERVAL);
+                if let Err(error) =
+                    connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
+                    tracing::warn!(%error, "checkpoint failed");
+                }
+            }
+        })
+        .map_err(|e| StoreError::Unavailable(format!("spawn checkpointer: {e}")))?;
+    Ok(())
+}
+
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The handle to an open store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl Store {
+    /// Open (creating and migrating) the store in `data_dir`. Only one process
+    /// may open a data directory at a time.
+    pub fn open(data_dir: &Path, clock: Arc<dyn Clock>) -> Result<Store, StoreError> {
+        migrate(data_dir)?;
+        let lock_path = data_dir.join("tally.lock");
+        let lock = File::create(&lock_path)
+            .map_err(|e| StoreError::Unavailable(format!("{lock_path:?}: {e}")))?;
+        lock.try_lock_exclusive().map_err(|_| {
+            StoreError::Unavailable(format!(
+                "another tally process is using the data directory {data_dir:?}"
+            ))
+        })?;
+        let path = database_path(data_dir);
+        let connection = connect(&path).map_err(unavailable)?;
+        // Checkpoints run on their own thread so the writer never pays for them.
+        connection
+            .execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .map_err(unavailable)?;
+        let writer = writer::Writer::new(connection, clock.clone()).map_err(unavailable)?;
+        let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        std::thread::Builder::new()
+            .name("tally-writer".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| StoreError::Unavailable(format!("spawn writer: {e}")))?;
+        let inner = Arc::new(Inner {
+            sender,
+            readers: Mutex::new(Vec::new()),
+            path: path.clone(),
+            clock,
+            _lock: lock,
+        });
+        spawn_checkpointer(Arc::downgrade(&inner), path)?;
+        Ok(Store { inner })
+    }
+
+    /// The engine's clock.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// Apply one command; answers once it is durable (or refused).
+    pub async fn execute(
+        &self,
+        command: Command,
+        actor: Option<String>,
+    ) -> Result<Executed, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .sender
+            .send(writer::Job {
+                command,
+                actor,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
+    }
+
+    /// Like [`Store::execute`], but fails with [`StoreError::Overloaded`]
+    /// instead of waiting when the writer's queue is full.
+    pub async fn try_execute(
+        &self,
+        command: Command,
+        actor: Option<String>,
+    ) -> Result<Executed, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .sender
+            .try_send(writer::Job {
+                command,
+                actor,
+                reply,
+            })
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => {
+                    StoreError::Unavailable("the writer has stopped".into())
+                }
+            })?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
+    }
+
+    /// Run a read on a pooled read connection, off the async threads.
+    async fn read<T, F>(&self, read: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.readers.lock().expect("reader pool").pop();
+            let connection = match pooled {
+                Some(connection) => connection,
+                None => {
+                    let connection = connect(&inner.path).map_err(unavailable)?;
+                    connection
+                        .execute_batch("PRAGMA query_only = ON")
+                        .map_err(unavailable)?;
+                    connection
+                }
+            };
+            let result = read(&connection).map_err(unavailable);
+            let mut pool = inner.readers.lock().expect("reader pool");
+            if pool.len() < READERS {
+                pool.push(connection);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task: {e}")))?
+    }
+
+    pub async fn customer(&self, customer_id: Id) -> Result<Option<CustomerRecord>, StoreError> {
+        self.read(move |c| rows::customer(c, customer_id.as_str()))
+            .await
+    }
+
+    /// The balance at the engine's now, with what is due already applied.
+    pub async fn balance(&self, customer_id: Id) -> Result<Option<BalanceView>, StoreError> {
+        let now = self.now();
+        self.read(move |connection| {
+            let Some((mut ledger, records)) = rows::load_ledger(connection, &customer_id)? else {
+                return Ok(None);
+            };
+            ledger.expire_due(now);
+            let grants = records
+                .into_iter()
+                .map(|mut record| {
+                    if let Some(current) = ledger.grant(&record.grant.id) {
+                        record.grant = current.clone();
+                    }
+                    record
+                })
+                .collect();
+            Ok(Some(BalanceView {
+                balance: ledger.balance(now),
+                grants,
+                now,
+            }))
+        })
+        .await
+    }
+
+    /// A customer's journal entries, newest first.
+    pub async fn ledger(
+        &self,
+        customer_id: Id,
+        query: LedgerQuery,
+    ) -> Result<Option<Vec<EntryRecord>>, StoreError> {
+        self.read(move |connection| {
+            if rows::customer(connection, customer_id.as_str())?.is_none() {
+                return Ok(None);
+            }
+            let sql = format!(
+                "SELECT {} FROM entries WHERE customer_id = ?1 AND sequence < ?2 \
+                 AND effective_at >= ?3 AND effective_at < ?4 AND (?5 IS NULL OR kind = ?5) \
+                 ORDER BY sequence DESC LIMIT ?6",
+                rows::ENTRY_COLUMNS
+            );
+            let mut statement = connection.prepare_cached(&sql)?;
+            let entries = statement.query_map(
+                params![
+                    customer_id.as_str(),
+                    query.before_sequence.unwrap_or(i64::MAX),
+                    query.from.map_or(i64::MIN, Timestamp::micros),
+                    query.to.map_or(i64::MAX, Timestamp::micros),
+                    query.kind.map(EntryKind::as_str),
+                    i64::try_from(query.limit).unwrap_or(i64::MAX),
+                ],
+                rows::entry,
+            )?;
+            entries.collect::<rusqlite::Result<Vec<_>>>().map(Some)
+        })
+        .await
+    }
+
+    pub async fn entry(&self, sequence: i64) -> Result<Option<EntryRecord>, StoreError> {
+        self.read(move |connection| {
+            let sql = format!(
+                "SELECT {} FROM entries WHERE sequence = ?1",
+                rows::ENTRY_COLUMNS
+            );
+            connection
+                .prepare_cached(&sql)?
+                .query_row([sequence], rows::entry)
+                .optional()
+        })
+        .await
+    }
+
+    pub async fn hold(&self, hold_id: Id) -> Result<Option<Hold>, StoreError> {
+        self.read(move |connection| rows::hold_by_id(connection, hold_id.as_str()))
+            .await
+    }
+
+    pub async fn api_key(&self, key_hash: String) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.read(move |connection| {
+            connection
+                .prepare_cached("SELECT id, scope FROM api_keys WHERE key_hash = ?1")?
+                .query_row([key_hash], |row| {
+                    Ok(ApiKeyRecord {
+                        id: row.get(0)?,
+                        scope: row.get(1)?,
+                    })
+                })
+                .optional()
+        })
+        .await
+    }
+
+    /// Every grant and every journal entry of a customer, oldest first (audits, tests).
+    pub async fn audit(
+        &self,
+        customer_id: Id,
+    ) -> Result<(Vec<GrantRecord>, Vec<EntryRecord>), StoreError> {
+        self.read(move |connection| {
+            let grants = rows::customer_grants(connection, customer_id.as_str())?;
+            let sql = format!(
+                "SELECT {} FROM entries WHERE customer_id = ?1 ORDER BY sequence",
+                rows::ENTRY_COLUMNS
+            );
+            let mut statement = connection.prepare_cached(&sql)?;
+            let entries = statement
+                .query_map([customer_id.as_str()], rows::entry)?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok((grants, entries))
+        })
+        .await
+    }
+}

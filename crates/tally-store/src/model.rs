@@ -1,0 +1,345 @@
+//! What the store accepts (commands) and answers (outcomes and refusals).
+//!
+//! Outcomes are serialized into the operations table so that a retry of the
+//! same id returns exactly what the first attempt returned.
+
+use serde::{Deserialize, Serialize};
+use tally_core::{
+    Amount, Balance, CostBasis, Draw, Grant, Hold, Id, LedgerError, Source, Timestamp,
+};
+
+/// A change to the ledger; each carries the id that makes it idempotent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Command {
+    CreateCustomer(NewCustomer),
+    Grant(NewGrant),
+    Charge(NewCharge),
+    Hold(NewHold),
+    Capture {
+        hold_id: Id,
+        amount: Option<Amount>,
+        reason: Option<String>,
+    },
+    Release {
+        hold_id: Id,
+        reason: Option<String>,
+    },
+    Refund(NewRefund),
+    Void {
+        id: Id,
+        grant_id: Id,
+        reason: String,
+    },
+    ChangeExpiry {
+        id: Id,
+        grant_id: Id,
+        expires_at: Option<Timestamp>,
+        reason: String,
+    },
+    CreateApiKey {
+        id: Id,
+        key_hash: String,
+        scope: String,
+    },
+    /// Apply hold timeouts and grant expiries that are due.
+    Tick,
+}
+
+impl Command {
+    /// The idempotency namespace and id of this command, if it has one.
+    pub fn operation_key(&self) -> Option<(&'static str, &Id)> {
+        Some(match self {
+            Command::CreateCustomer(c) => ("customer", &c.id),
+            Command::Grant(g) => ("grant", &g.id),
+            Command::Charge(c) => ("charge", &c.id),
+            Command::Hold(h) => ("hold", &h.id),
+            Command::Capture { hold_id, .. } | Command::Release { hold_id, .. } => {
+                ("hold_resolution", hold_id)
+            }
+            Command::Refund(r) => ("refund", &r.id),
+            Command::Void { id, .. } => ("void", id),
+            Command::ChangeExpiry { id, .. } => ("expiry", id),
+            Command::CreateApiKey { id, .. } => ("api_key", id),
+            Command::Tick => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewCustomer {
+    pub id: Id,
+    pub name: Option<String>,
+    pub plan: Option<String>,
+    pub region: Option<String>,
+    pub currency: Option<String>,
+    /// JSON object text, stored as given.
+    pub metadata: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewGrant {
+    pub id: Id,
+    pub customer_id: Id,
+    pub amount: Amount,
+    pub source: Source,
+    pub paid: bool,
+    pub cost_basis: Option<CostBasis>,
+    pub priority: i32,
+    pub effective_at: Option<Timestamp>,
+    pub expires_at: Option<Timestamp>,
+    pub scope: Option<Vec<String>>,
+    pub metadata: Option<String>,
+    pub external_reference: Option<String>,
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewCharge {
+    pub id: Id,
+    pub customer_id: Id,
+    pub amount: Amount,
+    pub feature: Option<String>,
+    pub member_id: Option<Id>,
+    pub reason: Option<String>,
+    pub metadata: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewHold {
+    pub id: Id,
+    pub customer_id: Id,
+    pub amount: Amount,
+    pub feature: Option<String>,
+    pub timeout_seconds: i64,
+    pub member_id: Option<Id>,
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewRefund {
+    pub id: Id,
+    /// The charge to refund, or the captured hold (`hold_id`).
+    pub charge_id: Option<Id>,
+    pub hold_id: Option<Id>,
+    pub amount: Option<Amount>,
+    pub reason: String,
+}
+
+/// A customer as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerRecord {
+    pub id: Id,
+    pub name: Option<String>,
+    pub plan: Option<String>,
+    pub region: Option<String>,
+    pub currency: Option<String>,
+    pub metadata: Option<String>,
+    pub created_at: Timestamp,
+}
+
+/// A grant with the fields the core does not need.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    pub grant: Grant,
+    pub metadata: Option<String>,
+    pub external_reference: Option<String>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargeOutcome {
+    pub id: Id,
+    pub customer_id: Id,
+    pub amount: Amount,
+    pub drawn: Vec<Draw>,
+    pub balance_after: Amount,
+    pub entry_id: i64,
+    pub feature: Option<String>,
+    pub member_id: Option<Id>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldOutcome {
+    pub hold: Hold,
+    pub balance_after: Amount,
+    pub entry_id: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureOutcome {
+    pub hold_id: Id,
+    pub customer_id: Id,
+    pub captured: Amount,
+    pub released: Amount,
+    pub drawn: Vec<Draw>,
+    pub balance_after: Amount,
+    pub entry_id: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseOutcome {
+    pub hold_id: Id,
+    pub customer_id: Id,
+    pub released: Amount,
+    pub balance_after: Amount,
+    pub entry_id: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundOutcome {
+    pub id: Id,
+    pub charge_id: Id,
+    pub customer_id: Id,
+    pub amount: Amount,
+    pub returned: Vec<Draw>,
+    pub new_grants: Vec<Id>,
+    pub balance_after: Amount,
+    pub entry_id: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoidOutcome {
+    pub id: Id,
+    pub grant_id: Id,
+    pub customer_id: Id,
+    pub voided: Amount,
+    pub refundable_money: Option<(Amount, String)>,
+    pub balance_after: Amount,
+    pub entry_id: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiryOutcome {
+    pub id: Id,
+    pub grant_id: Id,
+    pub customer_id: Id,
+    pub expires_at: Option<Timestamp>,
+    pub reinstated: Amount,
+    pub balance_after: Amount,
+    pub entry_id: i64,
+}
+
+/// The result of a command that took effect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Customer(CustomerRecord),
+    Grant {
+        grant: GrantRecord,
+        balance_after: Amount,
+        entry_id: i64,
+    },
+    Charge(ChargeOutcome),
+    Hold(HoldOutcome),
+    Capture(CaptureOutcome),
+    Release(ReleaseOutcome),
+    Refund(RefundOutcome),
+    Void(VoidOutcome),
+    Expiry(ExpiryOutcome),
+    ApiKey {
+        id: Id,
+        scope: String,
+    },
+    Tick {
+        entries: usize,
+    },
+}
+
+/// A refusal that is part of an id's permanent history (a retry gets it again).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// The stable error code (`insufficient_credits`, ...).
+    pub code: String,
+    pub message: String,
+    pub available: Option<Amount>,
+}
+
+impl From<&LedgerError> for Refusal {
+    fn from(error: &LedgerError) -> Refusal {
+        let code = match error {
+            LedgerError::InsufficientCredits { .. } => "insufficient_credits",
+            LedgerError::GrantNotFound(_) | LedgerError::HoldNotFound(_) => "not_found",
+            LedgerError::GrantNotActive { .. } => "grant_not_active",
+            LedgerError::HoldExpired(_) => "hold_expired",
+            LedgerError::HoldAlreadyResolved(_) => "hold_already_resolved",
+            LedgerError::CaptureExceedsHold { .. } => "capture_exceeds_hold",
+            LedgerError::RefundExceedsCharge { .. } => "refund_exceeds_charge",
+            LedgerError::InvalidExpiry(_) => "invalid_expiry",
+            LedgerError::ReinstateWindowPassed(_) => "reinstate_window_passed",
+            LedgerError::AmountNotPositive => "invalid_amount",
+            LedgerError::AmountOverflow => "amount_too_large",
+        };
+        let available = match error {
+            LedgerError::InsufficientCredits { available, .. } => Some(*available),
+            _ => None,
+        };
+        Refusal {
+            code: code.to_string(),
+            message: error.to_string(),
+            available,
+        }
+    }
+}
+
+/// What the store answers for a command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Executed {
+    pub result: Result<Outcome, Refusal>,
+    /// True when this answer is the stored result of an earlier attempt.
+    pub replayed: bool,
+}
+
+/// Why the store could not answer with an outcome or a refusal.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("id {0} was already used with different content")]
+    IdempotencyConflict(String),
+    #[error("hold {0} is already resolved")]
+    HoldAlreadyResolved(String),
+    /// A refusal that is not kept as the id's outcome (the id may succeed later).
+    #[error("{0}")]
+    Rejected(Refusal),
+    #[error("the store is overloaded, retry shortly")]
+    Overloaded,
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A customer's balance with its grants, as reads see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalanceView {
+    pub balance: Balance,
+    pub grants: Vec<GrantRecord>,
+    pub now: Timestamp,
+}
+
+/// A stored journal entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryRecord {
+    pub sequence: i64,
+    pub draft: tally_core::EntryDraft,
+    pub actor: Option<String>,
+    pub recorded_at: Timestamp,
+}
+
+/// Filters for a customer's ledger.
+#[derive(Clone, Debug, Default)]
+pub struct LedgerQuery {
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+    pub kind: Option<tally_core::EntryKind>,
+    /// Entries with a sequence below this one (the cursor).
+    pub before_sequence: Option<i64>,
+    pub limit: usize,
+}
+
+/// An API key as stored (the key itself is never stored, only its hash).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub scope: String,
+}

@@ -1,0 +1,289 @@
+//! Conversions between SQLite rows and domain values.
+//!
+//! Every read of stored data goes through here, and each conversion checks
+//! what it reads (a bad enum string or amount is a corrupt database, reported
+//! as an error rather than trusted).
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use tally_core::{
+    Amount, CostBasis, CustomerLedger, EntryDraft, EntryKind, Grant, GrantStatus, Hold, HoldStatus,
+    Id, Source, Timestamp,
+};
+
+use crate::model::{CustomerRecord, EntryRecord, GrantRecord};
+
+pub const GRANT_COLUMNS: &str = "id, customer_id, amount, remaining, source, paid, cost_per_credit, cost_currency, \
+     priority, effective_at, expires_at, scope, status, expired_amount, expired_at, sequence, metadata, \
+     external_reference, created_at";
+
+pub const HOLD_COLUMNS: &str =
+    "id, customer_id, amount, reservations, status, created_at, expires_at, captured, feature, member_id";
+
+pub const ENTRY_COLUMNS: &str =
+    "sequence, customer_id, kind, amount, reference, member_id, feature, reason, actor, \
+     postings, effective_at, recorded_at, balance_after";
+
+fn corrupt(what: &str) -> rusqlite::Error {
+    rusqlite::Error::InvalidColumnType(0, what.to_string(), rusqlite::types::Type::Text)
+}
+
+fn amount(row: &Row, index: usize) -> rusqlite::Result<Amount> {
+    Amount::from_micros(row.get(index)?).ok_or_else(|| corrupt("amount out of range"))
+}
+
+fn id(row: &Row, index: usize) -> rusqlite::Result<Id> {
+    Ok(Id::derived(&row.get::<_, String>(index)?))
+}
+
+fn optional_id(row: &Row, index: usize) -> rusqlite::Result<Option<Id>> {
+    Ok(row
+        .get::<_, Option<String>>(index)?
+        .map(|s| Id::derived(&s)))
+}
+
+fn json<T: serde::de::DeserializeOwned>(text: &str) -> rusqlite::Result<T> {
+    serde_json::from_str(text).map_err(|_| corrupt("bad json"))
+}
+
+pub fn grant_record(row: &Row) -> rusqlite::Result<GrantRecord> {
+    let cost_basis = match (
+        row.get::<_, Option<i64>>(6)?,
+        row.get::<_, Option<String>>(7)?,
+    ) {
+        (Some(per_credit), Some(currency)) => Some(CostBasis {
+            per_credit: Amount::from_micros(per_credit).ok_or_else(|| corrupt("cost basis"))?,
+            currency,
+        }),
+        _ => None,
+    };
+    let scope = row
+        .get::<_, Option<String>>(11)?
+        .map(|s| json(&s))
+        .transpose()?;
+    let grant = Grant {
+        id: id(row, 0)?,
+        customer_id: id(row, 1)?,
+        amount: amount(row, 2)?,
+        remaining: amount(row, 3)?,
+        source: Source::parse(&row.get::<_, String>(4)?).ok_or_else(|| corrupt("source"))?,
+        paid: row.get(5)?,
+        cost_basis,
+        priority: row.get(8)?,
+        effective_at: Timestamp(row.get(9)?),
+        expires_at: row.get::<_, Option<i64>>(10)?.map(Timestamp),
+        scope,
+        status: GrantStatus::parse(&row.get::<_, String>(12)?)
+            .ok_or_else(|| corrupt("grant status"))?,
+        expired_amount: amount(row, 13)?,
+        expired_at: row.get::<_, Option<i64>>(14)?.map(Timestamp),
+        sequence: row.get(15)?,
+    };
+    Ok(GrantRecord {
+        grant,
+        metadata: row.get(16)?,
+        external_reference: row.get(17)?,
+        created_at: Timestamp(row.get(18)?),
+    })
+}
+
+pub fn hold(row: &Row) -> rusqlite::Result<Hold> {
+    Ok(Hold {
+        id: id(row, 0)?,
+        customer_id: id(row, 1)?,
+        amount: amount(row, 2)?,
+        reservations: json(&row.get::<_, String>(3)?)?,
+        status: HoldStatus::parse(&row.get::<_, String>(4)?)
+            .ok_or_else(|| corrupt("hold status"))?,
+        created_at: Timestamp(row.get(5)?),
+        expires_at: Timestamp(row.get(6)?),
+        captured: amount(row, 7)?,
+        feature: row.get(8)?,
+        member_id: optional_id(row, 9)?,
+    })
+}
+
+pub fn entry(row: &Row) -> rusqlite::Result<EntryRecord> {
+    let draft = EntryDraft {
+        customer_id: id(row, 1)?,
+        kind: EntryKind::parse(&row.get::<_, String>(2)?).ok_or_else(|| corrupt("entry kind"))?,
+        amount: amount(row, 3)?,
+        reference: optional_id(row, 4)?,
+        member_id: optional_id(row, 5)?,
+        feature: row.get(6)?,
+        reason: row.get(7)?,
+        postings: json(&row.get::<_, String>(9)?)?,
+        effective_at: Timestamp(row.get(10)?),
+        balance_after: amount(row, 12)?,
+    };
+    Ok(EntryRecord {
+        sequence: row.get(0)?,
+        draft,
+        actor: row.get(8)?,
+        recorded_at: Timestamp(row.get(11)?),
+    })
+}
+
+pub fn customer(
+    connection: &Connection,
+    customer_id: &str,
+) -> rusqlite::Result<Option<CustomerRecord>> {
+    connection
+        .prepare_cached("SELECT id, name, plan, region, currency, metadata, created_at FROM customers WHERE id = ?1")?
+        .query_row([customer_id], |row| {
+            Ok(CustomerRecord {
+                id: id(row, 0)?,
+                name: row.get(1)?,
+                plan: row.get(2)?,
+                region: row.get(3)?,
+                currency: row.get(4)?,
+                metadata: row.get(5)?,
+                created_at: Timestamp(row.get(6)?),
+            })
+        })
+        .optional()
+}
+
+pub fn customer_grants(
+    connection: &Connection,
+    customer_id: &str,
+) -> rusqlite::Result<Vec<GrantRecord>> {
+    let sql =
+        format!("SELECT {GRANT_COLUMNS} FROM grants WHERE customer_id = ?1 ORDER BY sequence");
+    let mut statement = connection.prepare_cached(&sql)?;
+    let rows = statement.query_map([customer_id], grant_record)?;
+    rows.collect()
+}
+
+pub fn active_holds(connection: &Connection, customer_id: &str) -> rusqlite::Result<Vec<Hold>> {
+    let sql =
+        format!("SELECT {HOLD_COLUMNS} FROM holds WHERE customer_id = ?1 AND status = 'active'");
+    let mut statement = connection.prepare_cached(&sql)?;
+    let rows = statement.query_map([customer_id], hold)?;
+    rows.collect()
+}
+
+pub fn hold_by_id(connection: &Connection, hold_id: &str) -> rusqlite::Result<Option<Hold>> {
+    let sql = format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = ?1");
+    connection
+        .prepare_cached(&sql)?
+        .query_row([hold_id], hold)
+        .optional()
+}
+
+/// Load a customer's ledger; `None` when the customer does not exist.
+pub fn load_ledger(
+    connection: &Connection,
+    customer_id: &Id,
+) -> rusqlite::Result<Option<(CustomerLedger, Vec<GrantRecord>)>> {
+    if customer(connection, customer_id.as_str())?.is_none() {
+        return Ok(None);
+    }
+    let records = customer_grants(connection, customer_id.as_str())?;
+    let grants = records.iter().map(|r| r.grant.clone()).collect();
+    let holds = active_holds(connection, customer_id.as_str())?;
+    Ok(Some((
+        CustomerLedger::from_parts(customer_id.clone(), grants, holds),
+        records,
+    )))
+}
+
+/// Write a grant's full row (insert, or update of the fields that change).
+pub fn upsert_grant(
+    connection: &Connection,
+    grant: &Grant,
+    record: Option<&GrantRecord>,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    let scope = grant
+        .scope
+        .as_ref()
+        .map(|s| serde_json::to_string(s).expect("scope serializes"));
+    let mut statement = connection.prepare_cached(&format!(
+        "INSERT INTO grants ({GRANT_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)
+         ON CONFLICT(id) DO UPDATE SET remaining = excluded.remaining, status = excluded.status,
+         expires_at = excluded.expires_at, expired_amount = excluded.expired_amount, expired_at = excluded.expired_at"
+    ))?;
+    statement.execute(params![
+        grant.id.as_str(),
+        grant.customer_id.as_str(),
+        grant.amount.micros(),
+        grant.remaining.micros(),
+        grant.source.as_str(),
+        grant.paid,
+        grant.cost_basis.as_ref().map(|c| c.per_credit.micros()),
+        grant.cost_basis.as_ref().map(|c| c.currency.as_str()),
+        grant.priority,
+        grant.effective_at.micros(),
+        grant.expires_at.map(Timestamp::micros),
+        scope,
+        grant.status.as_str(),
+        grant.expired_amount.micros(),
+        grant.expired_at.map(Timestamp::micros),
+        grant.sequence,
+        record.and_then(|r| r.metadata.as_deref()),
+        record.and_then(|r| r.external_reference.as_deref()),
+        record.map_or(now, |r| r.created_at).micros(),
+    ])?;
+    Ok(())
+}
+
+/// Write the fields of a grant that change; false when the grant has no row yet.
+pub fn update_grant(connection: &Connection, grant: &Grant) -> rusqlite::Result<bool> {
+    let changed = connection
+        .prepare_cached(
+            "UPDATE grants SET remaining = ?2, status = ?3, expires_at = ?4, expired_amount = ?5, expired_at = ?6 \
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            grant.id.as_str(),
+            grant.remaining.micros(),
+            grant.status.as_str(),
+            grant.expires_at.map(Timestamp::micros),
+            grant.expired_amount.micros(),
+            grant.expired_at.map(Timestamp::micros),
+        ])?;
+    Ok(changed == 1)
+}
+
+pub fn upsert_hold(connection: &Connection, hold: &Hold) -> rusqlite::Result<()> {
+    let mut statement = connection.prepare_cached(&format!(
+        "INSERT INTO holds ({HOLD_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)
+         ON CONFLICT(id) DO UPDATE SET status = excluded.status, captured = excluded.captured"
+    ))?;
+    statement.execute(params![
+        hold.id.as_str(),
+        hold.customer_id.as_str(),
+        hold.amount.micros(),
+        serde_json::to_string(&hold.reservations).expect("reservations serialize"),
+        hold.status.as_str(),
+        hold.created_at.micros(),
+        hold.expires_at.micros(),
+        hold.captured.micros(),
+        hold.feature.as_deref(),
+        hold.member_id.as_ref().map(Id::as_str),
+    ])?;
+    Ok(())
+}
+
+pub fn insert_entry(connection: &Connection, record: &EntryRecord) -> rusqlite::Result<()> {
+    let draft = &record.draft;
+    let mut statement = connection.prepare_cached(&format!(
+        "INSERT INTO entries ({ENTRY_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
+    ))?;
+    statement.execute(params![
+        record.sequence,
+        draft.customer_id.as_str(),
+        draft.kind.as_str(),
+        draft.amount.micros(),
+        draft.reference.as_ref().map(Id::as_str),
+        draft.member_id.as_ref().map(Id::as_str),
+        draft.feature.as_deref(),
+        draft.reason.as_deref(),
+        record.actor.as_deref(),
+        serde_json::to_string(&draft.postings).expect("postings serialize"),
+        draft.effective_at.micros(),
+        record.recorded_at.micros(),
+        draft.balance_after.micros(),
+    ])?;
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! Numbered migrations of the SQLite schema.
+//!
+//! Amounts are integer micro-credits, instants integer microseconds since the
+//! epoch. A migration is applied once, in order, inside one transaction.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE customers (
+    id TEXT PRIMARY KEY,
+    name TEXT, plan TEXT, region TEXT, currency TEXT, metadata TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE grants (
+    id TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL REFERENCES customers(id),
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    remaining INTEGER NOT NULL CHECK (remaining >= 0 AND remaining <= amount),
+    source TEXT NOT NULL,
+    paid INTEGER NOT NULL,
+    cost_per_credit INTEGER, cost_currency TEXT,
+    priority INTEGER NOT NULL,
+    effective_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    scope TEXT,
+    status TEXT NOT NULL,
+    expired_amount INTEGER NOT NULL,
+    expired_at INTEGER,
+    sequence INTEGER NOT NULL,
+    metadata TEXT, external_reference TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX grants_by_customer ON grants(customer_id, sequence);
+CREATE INDEX grants_due ON grants(status, expires_at);
+CREATE TABLE holds (
+    id TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL REFERENCES customers(id),
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    reservations TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    captured INTEGER NOT NULL,
+    feature TEXT, member_id TEXT
+);
+CREATE INDEX holds_due ON holds(status, expires_at);
+CREATE INDEX holds_by_customer ON holds(customer_id, status);
+CREATE TABLE operations (
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    request_hash BLOB NOT NULL,
+    ok INTEGER NOT NULL,
+    response TEXT NOT NULL,
+    customer_id TEXT,
+    amount INTEGER,
+    drawn TEXT,
+    refunded INTEGER,
+    feature TEXT,
+    recorded_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, id)
+) WITHOUT ROWID;
+CREATE TABLE entries (
+    sequence INTEGER PRIMARY KEY,
+    customer_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    reference TEXT, member_id TEXT, feature TEXT, reason TEXT, actor TEXT,
+    postings TEXT NOT NULL,
+    effective_at INTEGER NOT NULL,
+    recorded_at INTEGER NOT NULL UNIQUE,
+    balance_after INTEGER NOT NULL
+);
+CREATE INDEX entries_by_customer ON entries(customer_id, sequence);
+CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    scope TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+"#,
+)];
+
+/// Apply the migrations not yet applied; returns how many ran.
+pub fn migrate(connection: &mut Connection) -> rusqlite::Result<usize> {
+    connection.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )?;
+    let mut applied = 0;
+    for (version, sql) in MIGRATIONS {
+        let transaction =
+            connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let done: bool = transaction.query_row(
+            "SELECT EXISTS(SELECT 1 FROM schema_migrations WHERE version = ?1)",
+            [version],
+            |row| row.get(0),
+        )?;
+        if !done {
+            transaction.execute_batch(sql)?;
+            transaction.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, strftime('%s','now'))",
+                [version],
+            )?;
+            applied += 1;
+        }
+        transaction.commit()?;
+    }
+    Ok(applied)
+}
+
+/// The highest migration this build knows.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.last().map_or(0, |(version, _)| *version)
+}

@@ -1,0 +1,782 @@
+//! The single writer: applies commands in order and commits them in groups.
+//!
+//! One OS thread owns the only write connection. It takes every command
+//! waiting in its queue (up to a batch limit), applies each through the pure
+//! core against an in-memory cache of customer ledgers, writes the resulting
+//! rows inside one transaction, commits (one fsync for the whole group) and
+//! only then answers every caller. Throughput therefore grows with load
+//! instead of being capped by the fsync rate.
+//!
+//! If any write fails the whole group is rolled back, the cache is dropped
+//! (it may hold changes that never reached the disk) and every caller in the
+//! group is told the store is unavailable; nothing was acknowledged, so
+//! nothing is lost, and a retry with the same id starts afresh.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+use tally_core::{
+    ChargeRecord, Clock, CustomerLedger, Draw, EntryDraft, Grant, GrantStatus, HoldStatus, Id,
+    LedgerError, Spend, Timestamp,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::model::*;
+use crate::rows;
+
+/// The most commands committed in one transaction.
+pub const MAX_BATCH: usize = 4096;
+/// The most customer ledgers kept in memory before the cache is emptied.
+const MAX_CACHED_CUSTOMERS: usize = 200_000;
+/// The most customers one tick expires (the next tick continues).
+const MAX_TICK_CUSTOMERS: i64 = 1000;
+
+pub struct Job {
+    pub command: Command,
+    pub actor: Option<String>,
+    pub reply: oneshot::Sender<Result<Executed, StoreError>>,
+}
+
+/// Why one command did not produce an outcome.
+enum Failure {
+    /// A business refusal from the core.
+    Refused(LedgerError),
+    /// Not found, conflict: answered, never stored.
+    Store(StoreError),
+    /// The database failed: the whole group is abandoned.
+    Fatal(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for Failure {
+    fn from(error: rusqlite::Error) -> Failure {
+        Failure::Fatal(error)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(error: StoreError) -> Failure {
+        Failure::Store(error)
+    }
+}
+
+/// What one command writes to the operations table.
+struct ChargeColumns {
+    customer_id: Id,
+    amount: i64,
+    drawn: Vec<Draw>,
+    feature: Option<String>,
+}
+
+pub struct Writer {
+    connection: Connection,
+    clock: Arc<dyn Clock>,
+    cache: HashMap<Id, CustomerLedger>,
+    touched: HashSet<Id>,
+    now: Timestamp,
+    last_recorded_micros: i64,
+    next_entry_sequence: i64,
+    next_grant_sequence: i64,
+}
+
+impl Writer {
+    pub fn new(connection: Connection, clock: Arc<dyn Clock>) -> rusqlite::Result<Writer> {
+        let (last_entry, last_recorded): (i64, i64) = connection.query_row(
+            "SELECT COALESCE(MAX(sequence), 0), COALESCE(MAX(recorded_at), 0) FROM entries",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        let last_grant: i64 =
+            connection.query_row("SELECT COALESCE(MAX(sequence), 0) FROM grants", [], |row| {
+                row.get(0)
+            })?;
+        Ok(Writer {
+            connection,
+            clock,
+            cache: HashMap::new(),
+            touched: HashSet::new(),
+            now: Timestamp(0),
+            last_recorded_micros: last_recorded,
+            next_entry_sequence: last_entry + 1,
+            next_grant_sequence: last_grant + 1,
+        })
+    }
+
+    /// Serve until every sender is dropped.
+    pub fn run(mut self, mut receiver: mpsc::Receiver<Job>) {
+        let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = receiver.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(&mut batch);
+        }
+    }
+
+    fn commit_group(&mut self, batch: &mut Vec<Job>) {
+        self.now = self.clock.now();
+        let mut results = Vec::with_capacity(batch.len());
+        let outcome = (|| -> rusqlite::Result<()> {
+            self.connection.execute_batch("BEGIN IMMEDIATE")?;
+            for job in batch.iter() {
+                match self.apply(&job.command, job.actor.as_deref()) {
+                    Ok(executed) => results.push(Ok(executed)),
+                    Err(Failure::Store(error)) => results.push(Err(error)),
+                    Err(Failure::Refused(error)) => unreachable!("refusal escaped apply: {error}"),
+                    Err(Failure::Fatal(error)) => return Err(error),
+                }
+            }
+            self.flush()?;
+            self.connection.execute_batch("COMMIT")
+        })();
+        match outcome {
+            Ok(()) => {
+                for (job, result) in batch.drain(..).zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, group = batch.len(), "write group failed; rolled back");
+                let _ = self.connection.execute_batch("ROLLBACK");
+                self.cache.clear();
+                self.touched.clear();
+                self.reload_sequences();
+                for job in batch.drain(..) {
+                    let _ = job
+                        .reply
+                        .send(Err(StoreError::Unavailable(error.to_string())));
+                }
+            }
+        }
+        if self.cache.len() > MAX_CACHED_CUSTOMERS {
+            self.cache.clear();
+        }
+    }
+
+    fn reload_sequences(&mut self) {
+        let read = |sql: &str| -> i64 {
+            self.connection
+                .query_row(sql, [], |row| row.get(0))
+                .unwrap_or(0)
+        };
+        self.next_entry_sequence = read("SELECT COALESCE(MAX(sequence), 0) FROM entries") + 1;
+        self.last_recorded_micros = read("SELECT COALESCE(MAX(recorded_at), 0) FROM entries");
+        self.next_grant_sequence = read("SELECT COALESCE(MAX(sequence), 0) FROM grants") + 1;
+    }
+
+    /// Write every grant and hold the group changed.
+    fn flush(&mut self) -> rusqlite::Result<()> {
+        for customer_id in std::mem::take(&mut self.touched) {
+            let Some(ledger) = self.cache.get_mut(&customer_id) else {
+                continue;
+            };
+            let changes = ledger.take_changes();
+            for grant in &changes.grants {
+                if !rows::update_grant(&self.connection, grant)? {
+                    rows::upsert_grant(&self.connection, grant, None, self.now)?;
+                }
+            }
+            for hold in &changes.holds {
+                rows::upsert_hold(&self.connection, hold)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, command: &Command, actor: Option<&str>) -> Result<Executed, Failure> {
+        let Some((kind, id)) = command.operation_key() else {
+            let result = self.tick().map_err(Failure::Fatal)?;
+            return Ok(Executed {
+                result: Ok(result),
+                replayed: false,
+            });
+        };
+        let hash = request_hash(command);
+        if let Some((stored_hash, response)) = self.find_operation(kind, id)? {
+            if stored_hash != hash {
+                let error = if kind == "hold_resolution" {
+                    StoreError::HoldAlreadyResolved(id.to_string())
+                } else {
+                    StoreError::IdempotencyConflict(id.to_string())
+                };
+                return Err(Failure::Store(error));
+            }
+            let result: Result<Outcome, Refusal> = serde_json::from_str(&response)
+                .map_err(|_| Failure::Fatal(rusqlite::Error::InvalidQuery))?;
+            return Ok(Executed {
+                result,
+                replayed: true,
+            });
+        }
+        let (result, charge) = match self.perform(command, actor) {
+            Ok((outcome, charge)) => (Ok(outcome), charge),
+            Err(Failure::Refused(error)) => {
+                let refusal = Refusal::from(&error);
+                let permanent = kind != "hold_resolution"
+                    && !matches!(
+                        error,
+                        LedgerError::GrantNotFound(_) | LedgerError::HoldNotFound(_)
+                    );
+                if !permanent {
+                    return Err(Failure::Store(refusal_to_store_error(&error)));
+                }
+                (Err(refusal), None)
+            }
+            Err(other) => return Err(other),
+        };
+        self.insert_operation(kind, id, &hash, &result, charge)?;
+        Ok(Executed {
+            result,
+            replayed: false,
+        })
+    }
+
+    fn find_operation(&self, kind: &str, id: &Id) -> rusqlite::Result<Option<(Vec<u8>, String)>> {
+        self.connection
+            .prepare_cached(
+                "SELECT request_hash, response FROM operations WHERE kind = ?1 AND id = ?2",
+            )?
+            .query_row(params![kind, id.as_str()], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()
+    }
+
+    fn insert_operation(
+        &self,
+        kind: &str,
+        id: &Id,
+        hash: &[u8],
+        result: &Result<Outcome, Refusal>,
+        charge: Option<ChargeColumns>,
+    ) -> rusqlite::Result<()> {
+        let response = serde_json::to_string(result).expect("outcome serializes");
+        let (customer_id, amount, drawn, feature) = match &charge {
+            Some(c) => (
+                Some(c.customer_id.as_str()),
+                Some(c.amount),
+                Some(serde_json::to_string(&c.drawn).expect("draws serialize")),
+                c.feature.as_deref(),
+            ),
+            None => (None, None, None, None),
+        };
+        self.connection
+            .prepare_cached(
+                "INSERT INTO operations (kind, id, request_hash, ok, response, customer_id, amount, drawn, refunded, \
+                 feature, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10)",
+            )?
+            .execute(params![
+                kind,
+                id.as_str(),
+                hash,
+                result.is_ok(),
+                response,
+                customer_id,
+                amount,
+                drawn,
+                feature,
+                self.now.micros()
+            ])?;
+        Ok(())
+    }
+
+    /// Load a customer's ledger into the cache (if needed) and apply what is due.
+    fn prepare(&mut self, customer_id: &Id) -> Result<(), Failure> {
+        if !self.cache.contains_key(customer_id) {
+            let Some((ledger, _)) = rows::load_ledger(&self.connection, customer_id)? else {
+                return Err(Failure::Store(StoreError::NotFound(format!(
+                    "customer {customer_id}"
+                ))));
+            };
+            self.cache.insert(customer_id.clone(), ledger);
+        }
+        let now = self.now;
+        let due = self
+            .cache
+            .get_mut(customer_id)
+            .expect("just cached")
+            .expire_due(now);
+        for draft in &due {
+            self.record_entry(draft, None)?;
+        }
+        if !self.touched.contains(customer_id) {
+            self.touched.insert(customer_id.clone());
+        }
+        Ok(())
+    }
+
+    fn ledger(&mut self, customer_id: &Id) -> &mut CustomerLedger {
+        self.cache.get_mut(customer_id).expect("prepared")
+    }
+
+    /// Append a journal entry; returns its sequence number.
+    fn record_entry(&mut self, draft: &EntryDraft, actor: Option<&str>) -> rusqlite::Result<i64> {
+        let recorded = self.now.micros().max(self.last_recorded_micros + 1);
+        self.last_recorded_micros = recorded;
+        let sequence = self.next_entry_sequence;
+        self.next_entry_sequence += 1;
+        let record = EntryRecord {
+            sequence,
+            draft: draft.clone(),
+            actor: actor.map(str::to_string),
+            recorded_at: Timestamp(recorded),
+        };
+        rows::insert_entry(&self.connection, &record)?;
+        Ok(sequence)
+    }
+
+    fn perform(
+        &mut self,
+        command: &Command,
+        actor: Option<&str>,
+    ) -> Result<(Outcome, Option<ChargeColumns>), Failure> {
+        let now = self.now;
+        match command {
+            Command::CreateCustomer(customer) => Ok((self.create_customer(customer)?, None)),
+            Command::Grant(grant) => Ok((self.grant(grant, actor)?, None)),
+            Command::Charge(charge) => {
+                self.prepare(&charge.customer_id)?;
+                let spend = Spend {
+                    reference: charge.id.clone(),
+                    amount: charge.amount,
+                    feature: charge.feature.clone(),
+                    member_id: charge.member_id.clone(),
+                    reason: charge.reason.clone(),
+                };
+                let (drawn, draft) = self
+                    .ledger(&charge.customer_id)
+                    .charge(&spend, now)
+                    .map_err(Failure::Refused)?;
+                let entry_id = self.record_entry(&draft, actor)?;
+                let columns = ChargeColumns {
+                    customer_id: charge.customer_id.clone(),
+                    amount: charge.amount.micros(),
+                    drawn: drawn.clone(),
+                    feature: charge.feature.clone(),
+                };
+                let outcome = Outcome::Charge(ChargeOutcome {
+                    id: charge.id.clone(),
+                    customer_id: charge.customer_id.clone(),
+                    amount: charge.amount,
+                    drawn,
+                    balance_after: draft.balance_after,
+                    entry_id,
+                    feature: charge.feature.clone(),
+                    member_id: charge.member_id.clone(),
+                });
+                Ok((outcome, Some(columns)))
+            }
+            Command::Hold(hold) => Ok((self.hold(hold, actor)?, None)),
+            Command::Capture {
+                hold_id,
+                amount,
+                reason,
+            } => self.capture(hold_id, *amount, reason.clone(), actor),
+            Command::Release { hold_id, reason } => {
+                Ok((self.release(hold_id, reason.clone(), actor)?, None))
+            }
+            Command::Refund(refund) => Ok((self.refund(refund, actor)?, None)),
+            Command::Void {
+                id,
+                grant_id,
+                reason,
+            } => {
+                let customer_id = self.grant_customer(grant_id)?;
+                self.prepare(&customer_id)?;
+                let (voided, draft) = self
+                    .ledger(&customer_id)
+                    .void(grant_id, id, Some(reason.clone()), now)
+                    .map_err(Failure::Refused)?;
+                let entry_id = self.record_entry(&draft, actor)?;
+                Ok((
+                    Outcome::Void(VoidOutcome {
+                        id: id.clone(),
+                        grant_id: grant_id.clone(),
+                        customer_id,
+                        voided: voided.voided,
+                        refundable_money: voided.refundable_money,
+                        balance_after: draft.balance_after,
+                        entry_id,
+                    }),
+                    None,
+                ))
+            }
+            Command::ChangeExpiry {
+                id,
+                grant_id,
+                expires_at,
+                reason,
+            } => {
+                let customer_id = self.grant_customer(grant_id)?;
+                self.prepare(&customer_id)?;
+                let (reinstated, draft) = self
+                    .ledger(&customer_id)
+                    .change_expiry(grant_id, *expires_at, id, Some(reason.clone()), now)
+                    .map_err(Failure::Refused)?;
+                let entry_id = self.record_entry(&draft, actor)?;
+                Ok((
+                    Outcome::Expiry(ExpiryOutcome {
+                        id: id.clone(),
+                        grant_id: grant_id.clone(),
+                        customer_id,
+                        expires_at: *expires_at,
+                        reinstated,
+                        balance_after: draft.balance_after,
+                        entry_id,
+                    }),
+                    None,
+                ))
+            }
+            Command::CreateApiKey {
+                id,
+                key_hash,
+                scope,
+            } => {
+                self.connection
+                    .prepare_cached("INSERT INTO api_keys (id, key_hash, scope, created_at) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![id.as_str(), key_hash, scope, now.micros()])?;
+                Ok((
+                    Outcome::ApiKey {
+                        id: id.clone(),
+                        scope: scope.clone(),
+                    },
+                    None,
+                ))
+            }
+            Command::Tick => unreachable!("tick has no operation key"),
+        }
+    }
+
+    fn create_customer(&mut self, customer: &NewCustomer) -> Result<Outcome, Failure> {
+        let exists = rows::customer(&self.connection, customer.id.as_str())?.is_some();
+        if exists {
+            return Err(Failure::Store(StoreError::IdempotencyConflict(
+                customer.id.to_string(),
+            )));
+        }
+        self.connection
+            .prepare_cached(
+                "INSERT INTO customers (id, name, plan, region, currency, metadata, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                customer.id.as_str(),
+                customer.name,
+                customer.plan,
+                customer.region,
+                customer.currency,
+                customer.metadata,
+                self.now.micros()
+            ])?;
+        Ok(Outcome::Customer(CustomerRecord {
+            id: customer.id.clone(),
+            name: customer.name.clone(),
+            plan: customer.plan.clone(),
+            region: customer.region.clone(),
+            currency: customer.currency.clone(),
+            metadata: customer.metadata.clone(),
+            created_at: self.now,
+        }))
+    }
+
+    fn grant(&mut self, request: &NewGrant, actor: Option<&str>) -> Result<Outcome, Failure> {
+        let taken: bool = self
+            .connection
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM grants WHERE id = ?1)")?
+            .query_row([request.id.as_str()], |row| row.get(0))?;
+        if taken {
+            return Err(Failure::Store(StoreError::IdempotencyConflict(
+                request.id.to_string(),
+            )));
+        }
+        self.prepare(&request.customer_id)?;
+        let now = self.now;
+        let grant = Grant {
+            id: request.id.clone(),
+            customer_id: request.customer_id.clone(),
+            amount: request.amount,
+            remaining: request.amount,
+            source: request.source,
+            paid: request.paid,
+            cost_basis: request.cost_basis.clone(),
+            priority: request.priority,
+            effective_at: request.effective_at.unwrap_or(now),
+            expires_at: request.expires_at,
+            scope: request.scope.clone(),
+            status: GrantStatus::Active,
+            expired_amount: tally_core::Amount::ZERO,
+            expired_at: None,
+            sequence: self.next_grant_sequence,
+        };
+        let draft = self
+            .ledger(&request.customer_id)
+            .add_grant(grant.clone(), request.reason.clone(), now)
+            .map_err(Failure::Refused)?;
+        self.next_grant_sequence += 1;
+        let record = GrantRecord {
+            grant,
+            metadata: request.metadata.clone(),
+            external_reference: request.external_reference.clone(),
+            created_at: now,
+        };
+        rows::upsert_grant(&self.connection, &record.grant, Some(&record), now)?;
+        let entry_id = self.record_entry(&draft, actor)?;
+        Ok(Outcome::Grant {
+            grant: record,
+            balance_after: draft.balance_after,
+            entry_id,
+        })
+    }
+
+    fn hold(&mut self, request: &NewHold, actor: Option<&str>) -> Result<Outcome, Failure> {
+        let taken: bool = self
+            .connection
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM holds WHERE id = ?1)")?
+            .query_row([request.id.as_str()], |row| row.get(0))?;
+        if taken {
+            return Err(Failure::Store(StoreError::IdempotencyConflict(
+                request.id.to_string(),
+            )));
+        }
+        self.prepare(&request.customer_id)?;
+        let now = self.now;
+        let expires_at = now
+            .plus_seconds(request.timeout_seconds)
+            .ok_or(Failure::Refused(LedgerError::InvalidExpiry(
+                "timeout_seconds is too large",
+            )))?;
+        let spend = Spend {
+            reference: request.id.clone(),
+            amount: request.amount,
+            feature: request.feature.clone(),
+            member_id: request.member_id.clone(),
+            reason: request.reason.clone(),
+        };
+        let (hold, draft) = self
+            .ledger(&request.customer_id)
+            .place_hold(&spend, expires_at, now)
+            .map_err(Failure::Refused)?;
+        rows::upsert_hold(&self.connection, &hold)?;
+        let entry_id = self.record_entry(&draft, actor)?;
+        Ok(Outcome::Hold(HoldOutcome {
+            hold,
+            balance_after: draft.balance_after,
+            entry_id,
+        }))
+    }
+
+    /// Find an active hold's customer and make sure it is still active now.
+    fn active_hold_customer(&mut self, hold_id: &Id) -> Result<Id, Failure> {
+        let Some(stored) = rows::hold_by_id(&self.connection, hold_id.as_str())? else {
+            return Err(Failure::Store(StoreError::NotFound(format!(
+                "hold {hold_id}"
+            ))));
+        };
+        match stored.status {
+            HoldStatus::Active => {}
+            HoldStatus::Expired => {
+                return Err(Failure::Refused(LedgerError::HoldExpired(hold_id.clone())))
+            }
+            _ => {
+                return Err(Failure::Store(StoreError::HoldAlreadyResolved(
+                    hold_id.to_string(),
+                )))
+            }
+        }
+        self.prepare(&stored.customer_id)?;
+        if self
+            .ledger(&stored.customer_id)
+            .active_hold(hold_id)
+            .is_none()
+        {
+            return Err(Failure::Refused(LedgerError::HoldExpired(hold_id.clone())));
+        }
+        Ok(stored.customer_id)
+    }
+
+    fn capture(
+        &mut self,
+        hold_id: &Id,
+        amount: Option<tally_core::Amount>,
+        reason: Option<String>,
+        actor: Option<&str>,
+    ) -> Result<(Outcome, Option<ChargeColumns>), Failure> {
+        let customer_id = self.active_hold_customer(hold_id)?;
+        let now = self.now;
+        let ledger = self.ledger(&customer_id);
+        let feature = ledger.active_hold(hold_id).and_then(|h| h.feature.clone());
+        let (captured, draft) = ledger
+            .capture(hold_id, amount, reason, now)
+            .map_err(Failure::Refused)?;
+        let entry_id = self.record_entry(&draft, actor)?;
+        let columns = ChargeColumns {
+            customer_id: customer_id.clone(),
+            amount: captured.captured.micros(),
+            drawn: captured.drawn.clone(),
+            feature,
+        };
+        let outcome = Outcome::Capture(CaptureOutcome {
+            hold_id: hold_id.clone(),
+            customer_id,
+            captured: captured.captured,
+            released: captured.released,
+            drawn: captured.drawn,
+            balance_after: draft.balance_after,
+            entry_id,
+        });
+        Ok((outcome, Some(columns)))
+    }
+
+    fn release(
+        &mut self,
+        hold_id: &Id,
+        reason: Option<String>,
+        actor: Option<&str>,
+    ) -> Result<Outcome, Failure> {
+        let customer_id = self.active_hold_customer(hold_id)?;
+        let now = self.now;
+        let (released, draft) = self
+            .ledger(&customer_id)
+            .release(hold_id, reason, now)
+            .map_err(Failure::Refused)?;
+        let entry_id = self.record_entry(&draft, actor)?;
+        Ok(Outcome::Release(ReleaseOutcome {
+            hold_id: hold_id.clone(),
+            customer_id,
+            released,
+            balance_after: draft.balance_after,
+            entry_id,
+        }))
+    }
+
+    fn refund(&mut self, request: &NewRefund, actor: Option<&str>) -> Result<Outcome, Failure> {
+        let (kind, charge_id) = match (&request.charge_id, &request.hold_id) {
+            (Some(charge_id), None) => ("charge", charge_id),
+            (None, Some(hold_id)) => ("hold_resolution", hold_id),
+            _ => unreachable!("the server requires exactly one of charge_id and hold_id"),
+        };
+        let found = self
+            .connection
+            .prepare_cached(
+                "SELECT customer_id, amount, drawn, refunded, feature FROM operations \
+                 WHERE kind = ?1 AND id = ?2 AND ok = 1 AND amount IS NOT NULL",
+            )?
+            .query_row(params![kind, charge_id.as_str()], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, Option<String>>(4)?,
+                ))
+            })
+            .optional()?;
+        let Some((customer_id, amount, drawn, refunded, feature)) = found else {
+            let what = if kind == "charge" {
+                "charge"
+            } else {
+                "captured hold"
+            };
+            return Err(Failure::Store(StoreError::NotFound(format!(
+                "{what} {charge_id}"
+            ))));
+        };
+        let customer_id = Id::derived(&customer_id);
+        let record = ChargeRecord {
+            reference: charge_id.clone(),
+            customer_id: customer_id.clone(),
+            amount: tally_core::Amount::from_micros(amount).expect("stored amount"),
+            drawn: serde_json::from_str(&drawn)
+                .map_err(|_| Failure::Fatal(rusqlite::Error::InvalidQuery))?,
+            refunded: tally_core::Amount::from_micros(refunded).expect("stored amount"),
+            feature,
+        };
+        self.prepare(&customer_id)?;
+        let now = self.now;
+        let mut next_sequence = self.next_grant_sequence;
+        let (refunded_now, draft) = self
+            .ledger(&customer_id)
+            .refund(
+                &record,
+                &request.id,
+                request.amount,
+                Some(request.reason.clone()),
+                &mut next_sequence,
+                now,
+            )
+            .map_err(Failure::Refused)?;
+        self.next_grant_sequence = next_sequence;
+        self.connection
+            .prepare_cached(
+                "UPDATE operations SET refunded = refunded + ?1 WHERE kind = ?2 AND id = ?3",
+            )?
+            .execute(params![
+                refunded_now.amount.micros(),
+                kind,
+                charge_id.as_str()
+            ])?;
+        let entry_id = self.record_entry(&draft, actor)?;
+        Ok(Outcome::Refund(RefundOutcome {
+            id: request.id.clone(),
+            charge_id: charge_id.clone(),
+            customer_id,
+            amount: refunded_now.amount,
+            returned: refunded_now.returned,
+            new_grants: refunded_now.new_grants,
+            balance_after: draft.balance_after,
+            entry_id,
+        }))
+    }
+
+    fn grant_customer(&self, grant_id: &Id) -> Result<Id, Failure> {
+        let customer: Option<String> = self
+            .connection
+            .prepare_cached("SELECT customer_id FROM grants WHERE id = ?1")?
+            .query_row([grant_id.as_str()], |row| row.get(0))
+            .optional()?;
+        customer
+            .map(|c| Id::derived(&c))
+            .ok_or_else(|| Failure::Store(StoreError::NotFound(format!("grant {grant_id}"))))
+    }
+
+    /// Expire what is due for customers with due holds or grants.
+    fn tick(&mut self) -> rusqlite::Result<Outcome> {
+        let now = self.now.micros();
+        let due: Vec<String> = {
+            let mut statement = self.connection.prepare_cached(
+                "SELECT customer_id FROM holds WHERE status = 'active' AND expires_at <= ?1 \
+                 UNION SELECT customer_id FROM grants WHERE status = 'active' AND expires_at <= ?1 LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![now, MAX_TICK_CUSTOMERS], |row| row.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let before = self.next_entry_sequence;
+        for customer_id in due {
+            match self.prepare(&Id::derived(&customer_id)) {
+                Ok(()) | Err(Failure::Store(_)) | Err(Failure::Refused(_)) => {}
+                Err(Failure::Fatal(error)) => return Err(error),
+            }
+        }
+        let entries = usize::try_from(self.next_entry_sequence - before).unwrap_or(0);
+        Ok(Outcome::Tick { entries })
+    }
+}
+
+fn refusal_to_store_error(error: &LedgerError) -> StoreError {
+    match error {
+        LedgerError::HoldNotFound(id) => StoreError::NotFound(format!("hold {id}")),
+        LedgerError::GrantNotFound(id) => StoreError::NotFound(format!("grant {id}")),
+        other => StoreError::Rejected(Refusal::from(other)),
+    }
+}
+
+/// The fingerprint of a request's content, for idempotency checks.
+fn request_hash(command: &Command) -> Vec<u8> {
+    let bytes = serde_json::to_vec(command).expect("command serializes");
+    Sha256::digest(bytes).to_vec()
+}

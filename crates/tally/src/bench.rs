@@ -1,0 +1,218 @@
+//! `tally bench`: durable charges per second through the engine, and latency.
+//!
+//! Opens a fresh store in a temporary directory (the same `Store` that `tally
+//! serve` uses, `synchronous=FULL`), gives every customer a large grant, then
+//! drives charges from many concurrent tasks: uniform over all customers and
+//! all on one hot customer. Last, it issues charges at half the best measured
+//! rate, open loop, and reports p50 and p99 latency from send to durable answer.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tally_core::{Amount, Id, Source};
+use tally_store::{Command, NewCharge, NewCustomer, NewGrant, Store, SystemClock};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Customers for the uniform run.
+    #[arg(long, default_value_t = 10_000)]
+    customers: usize,
+    /// Seconds per throughput run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Charges in flight at once.
+    #[arg(long, default_value_t = 4096)]
+    concurrency: usize,
+    /// Where to put the temporary database (default: the system temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("tally-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open(&dir, Arc::new(SystemClock)).context("open bench store")?;
+    eprintln!("setting up {} customers in {dir:?}", args.customers);
+    setup(&store, args.customers).await?;
+    let uniform = throughput(
+        &store,
+        args.customers,
+        args.seconds,
+        args.concurrency,
+        "uniform",
+    )
+    .await?;
+    let hot = throughput(&store, 1, args.seconds, args.concurrency, "hot").await?;
+    let rate = uniform.min(hot) / 2.0;
+    let (p50, p99, achieved) = latency(&store, args.customers, rate, args.seconds).await?;
+    println!("| run | result |");
+    println!("|---|---|");
+    println!(
+        "| durable charges/s, uniform over {} customers | {:.0} |",
+        args.customers, uniform
+    );
+    println!("| durable charges/s, one hot customer | {hot:.0} |");
+    println!(
+        "| latency at {rate:.0}/s offered ({achieved:.0}/s achieved), p50 | {:.2} ms |",
+        p50.as_secs_f64() * 1e3
+    );
+    println!(
+        "| latency at {rate:.0}/s offered, p99 | {:.2} ms |",
+        p99.as_secs_f64() * 1e3
+    );
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn customer(index: usize) -> Id {
+    Id::parse(&format!("bench_{index}")).expect("valid id")
+}
+
+async fn setup(store: &Store, customers: usize) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for index in 0..customers {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = customer(index);
+            let create = NewCustomer {
+                id: id.clone(),
+                name: None,
+                plan: None,
+                region: None,
+                currency: None,
+                metadata: None,
+            };
+            store.execute(Command::CreateCustomer(create), None).await?;
+            let grant = NewGrant {
+                id: Id::parse(&format!("grant_{index}")).expect("valid id"),
+                customer_id: id,
+                amount: Amount::from_units(1_000_000_000).expect("in range"),
+                source: Source::Purchase,
+                paid: true,
+                cost_basis: None,
+                priority: 0,
+                effective_at: None,
+                expires_at: None,
+                scope: None,
+                metadata: None,
+                external_reference: None,
+                reason: None,
+            };
+            store.execute(Command::Grant(grant), None).await
+        }));
+    }
+    for task in tasks {
+        let executed = task.await?.context("setup")?;
+        anyhow::ensure!(
+            executed.result.is_ok(),
+            "setup refused: {:?}",
+            executed.result
+        );
+    }
+    Ok(())
+}
+
+static NEXT_CHARGE: AtomicU64 = AtomicU64::new(0);
+
+fn charge(customers: usize) -> Command {
+    let n = NEXT_CHARGE.fetch_add(1, Ordering::Relaxed);
+    // A cheap deterministic spread over customers (Knuth's multiplicative hash).
+    let index = (n.wrapping_mul(2_654_435_761) % customers as u64) as usize;
+    Command::Charge(NewCharge {
+        id: Id::parse(&format!("ch_{n}")).expect("valid id"),
+        customer_id: customer(if customers == 1 { 0 } else { index }),
+        amount: Amount::parse("1.5").expect("valid"),
+        feature: None,
+        member_id: None,
+        reason: None,
+        metadata: None,
+    })
+}
+
+async fn throughput(
+    store: &Store,
+    customers: usize,
+    seconds: u64,
+    concurrency: usize,
+    label: &str,
+) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let store = store.clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let executed = store.execute(charge(customers), None).await?;
+                anyhow::ensure!(
+                    executed.result.is_ok(),
+                    "charge refused: {:?}",
+                    executed.result
+                );
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "{label}: {} charges in {:.1}s = {rate:.0}/s",
+        done.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(rate)
+}
+
+async fn latency(
+    store: &Store,
+    customers: usize,
+    rate: f64,
+    seconds: u64,
+) -> anyhow::Result<(Duration, Duration, f64)> {
+    let total = (rate * seconds as f64) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    // Open loop: charges are sent on schedule whether or not earlier ones answered,
+    // in ticks of 1 ms so the scheduler's granularity does not bunch them up.
+    let per_tick = (rate / 1000.0).max(1.0);
+    let mut sent: u64 = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut owed = 0.0;
+    while sent < total {
+        tick.tick().await;
+        owed += per_tick;
+        while owed >= 1.0 && sent < total {
+            owed -= 1.0;
+            sent += 1;
+            let store = store.clone();
+            let command = charge(customers);
+            tasks.push(tokio::spawn(async move {
+                let at = Instant::now();
+                let executed = store.execute(command, None).await?;
+                anyhow::ensure!(executed.result.is_ok(), "charge refused");
+                Ok(at.elapsed())
+            }));
+        }
+    }
+    let _ = interval;
+    let mut latencies = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        latencies.push(task.await??);
+    }
+    let achieved = latencies.len() as f64 / started.elapsed().as_secs_f64();
+    latencies.sort();
+    let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
+    Ok((pick(0.50), pick(0.99), achieved))
+}

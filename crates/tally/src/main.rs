@@ -1,0 +1,165 @@
+//! The `tally` binary: `serve`, `migrate`, `keys create` and `bench`.
+
+mod bench;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tally_core::Clock;
+use tally_server::AppState;
+use tally_store::{ManualClock, Store, SystemClock};
+
+#[derive(Parser)]
+#[command(name = "tally", version, about = "Tally, the credits engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(clap::Args, Clone)]
+struct StorageArgs {
+    /// Where the embedded database lives.
+    #[arg(long, env = "TALLY_DATA_DIR", default_value = "./tally-data")]
+    data_dir: PathBuf,
+    /// Use PostgreSQL instead of the embedded database.
+    #[arg(long, env = "TALLY_DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Run the HTTP API.
+    Serve {
+        #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+        #[command(flatten)]
+        storage: StorageArgs,
+        /// The engine's clock moves only through POST /v1/clock/advance (tests, staging).
+        #[arg(long)]
+        manual_clock: bool,
+    },
+    /// Create or upgrade the database schema.
+    Migrate {
+        #[command(flatten)]
+        storage: StorageArgs,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeyCommands,
+    },
+    /// Measure durable charges per second through the engine and the latency of one charge.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum KeyCommands {
+    /// Create a key and print it (shown only once).
+    Create {
+        /// admin, write, ingest or read.
+        #[arg(long)]
+        scope: String,
+        /// The key's id; default: a random one.
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        storage: StorageArgs,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tally=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    match cli.command {
+        Commands::Serve {
+            listen,
+            storage,
+            manual_clock,
+        } => runtime.block_on(serve(listen, storage, manual_clock)),
+        Commands::Migrate { storage } => {
+            require_embedded(&storage)?;
+            let applied = tally_store::migrate(&storage.data_dir).context("migrate")?;
+            println!(
+                "migrated {:?}: {applied} migration(s) applied, schema version {}",
+                storage.data_dir,
+                tally_store::schema::latest_version()
+            );
+            Ok(())
+        }
+        Commands::Keys {
+            command: KeyCommands::Create { scope, id, storage },
+        } => {
+            require_embedded(&storage)?;
+            let Some(scope) = tally_server::auth::Scope::parse(&scope) else {
+                bail!("--scope must be one of admin, write, ingest, read");
+            };
+            let key = tally_server::auth::generate_key();
+            let id =
+                id.unwrap_or_else(|| format!("key_{}", &tally_server::auth::hash_key(&key)[..12]));
+            if tally_core::Id::parse(&id).is_err() {
+                bail!("--id must be 1 to 128 characters of A-Z, a-z, 0-9, '_', '.', ':' or '-'");
+            }
+            let now = SystemClock.now();
+            tally_store::insert_api_key(
+                &storage.data_dir,
+                &id,
+                &tally_server::auth::hash_key(&key),
+                scope.as_str(),
+                now,
+            )
+            .context("store the key")?;
+            println!("{key}");
+            eprintln!(
+                "created key {id} with scope {}; it is shown only once",
+                scope.as_str()
+            );
+            Ok(())
+        }
+        Commands::Bench(args) => runtime.block_on(bench::run(args)),
+    }
+}
+
+fn require_embedded(storage: &StorageArgs) -> anyhow::Result<()> {
+    if storage.database_url.is_some() {
+        bail!("--database-url (PostgreSQL) is not supported by this build yet; omit it to use the embedded database in --data-dir");
+    }
+    Ok(())
+}
+
+async fn serve(listen: String, storage: StorageArgs, manual_clock: bool) -> anyhow::Result<()> {
+    require_embedded(&storage)?;
+    let manual = manual_clock.then(|| Arc::new(ManualClock::new(SystemClock.now())));
+    let clock: Arc<dyn Clock> = match &manual {
+        Some(manual) => manual.clone(),
+        None => Arc::new(SystemClock),
+    };
+    let store = Store::open(&storage.data_dir, clock)
+        .with_context(|| format!("open the data directory {:?}", storage.data_dir))?;
+    let admin_key = std::env::var("TALLY_ADMIN_KEY").ok();
+    let state = AppState::new(store, admin_key.as_deref(), manual);
+    tally_server::spawn_ticker(state.clone());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("listen on {listen}"))?;
+    let address = listener.local_addr()?;
+    println!("tally listening on http://{address}");
+    tracing::info!(%address, data_dir = ?storage.data_dir, manual_clock, "serving");
+    axum::serve(listener, tally_server::router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("serve")
+}

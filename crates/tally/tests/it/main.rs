@@ -1,0 +1,6 @@
+//! Black-box tests of the `tally` binary over real HTTP: one test binary for
+//! every integration test (fast builds), each test with its own server
+//! process and a fresh data directory.
+
+mod smoke;
+mod support;

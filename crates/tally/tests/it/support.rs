@@ -1,0 +1,214 @@
+//! Starting the real `tally serve` for a test, and talking to it.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const ADMIN_KEY: &str = "test-admin-key";
+
+static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh, empty directory under the system temp dir, removed by [`TestApp`]'s drop.
+pub fn fresh_dir() -> PathBuf {
+    let n = NEXT_DIR.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("tally-it-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    dir
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub manual_clock: bool,
+}
+
+/// A running `tally serve` with its own data directory.
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub data_dir: PathBuf,
+    pub options: Options,
+    child: Option<Child>,
+}
+
+/// A response: status, headers and JSON body (Null when the body is not JSON).
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+
+    /// The stable error code, when the body is an error.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    /// A string field of the body.
+    pub fn str(&self, field: &str) -> &str {
+        self.body[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("no string {field} in {}", self.body))
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        TestApp::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(options: Options) -> TestApp {
+        let data_dir = fresh_dir();
+        let mut app = TestApp {
+            base: String::new(),
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .build()
+                .expect("client"),
+            data_dir,
+            options,
+            child: None,
+        };
+        app.start().await;
+        app
+    }
+
+    /// Start (or restart) the server process on the same data directory.
+    pub async fn start(&mut self) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+        command
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("TALLY_ADMIN_KEY", ADMIN_KEY)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if self.options.manual_clock {
+            command.arg("--manual-clock");
+        }
+        let mut child = command.spawn().expect("spawn tally serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("tally serve did not start within 60 s")
+            .expect("read stdout")
+            .expect("tally serve exited before listening");
+        let address = line
+            .strip_prefix("tally listening on ")
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        self.base = address.trim().to_string();
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+    }
+
+    /// Kill the server with SIGKILL (no graceful shutdown) and wait for it to die.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("kill");
+            let _ = child.wait().await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&Value>,
+    ) -> Reply {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request {path}: {e}"));
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.expect("body");
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// POST as the admin.
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.send(reqwest::Method::POST, path, Some(ADMIN_KEY), Some(&body))
+            .await
+    }
+
+    /// GET as the admin.
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(reqwest::Method::GET, path, Some(ADMIN_KEY), None)
+            .await
+    }
+
+    /// Create a customer, asserting success.
+    pub async fn customer(&self, id: &str) {
+        let reply = self
+            .post("/v1/customers", serde_json::json!({ "id": id }))
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "create customer: {}",
+            reply.body
+        );
+    }
+
+    /// Grant `amount` credits, asserting success.
+    pub async fn grant(&self, customer: &str, id: &str, amount: &str) {
+        let body =
+            serde_json::json!({ "id": id, "amount": amount, "source": "purchase", "paid": true });
+        let reply = self
+            .post(&format!("/v1/customers/{customer}/grants"), body)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "grant: {}", reply.body);
+    }
+
+    /// The customer's balance body, asserting success.
+    pub async fn balance(&self, customer: &str) -> Value {
+        let reply = self.get(&format!("/v1/customers/{customer}/balance")).await;
+        assert_eq!(reply.status, StatusCode::OK, "balance: {}", reply.body);
+        reply.body
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
