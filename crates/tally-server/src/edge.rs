@@ -71,6 +71,26 @@ fn query_error(rejection: QueryRejection) -> ApiError {
     )
 }
 
+/// Path parameters whose rejections (e.g. a segment that is not UTF-8) are API errors.
+///
+/// Named `Path`, like axum's, so that the OpenAPI generator still documents
+/// the path parameters of the handlers that use it.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(rejection) => Err(ApiError::new(
+                "invalid_request",
+                format!("bad path: {}", rejection.body_text()),
+            )),
+        }
+    }
+}
+
 /// An amount as sent: a decimal string or a JSON number, never rounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AmountInput(pub Amount);
@@ -110,6 +130,9 @@ pub fn positive(amount: AmountInput, param: &str) -> Result<Amount, ApiError> {
 pub fn id(text: &str, param: &str) -> Result<Id, ApiError> {
     Id::parse(text).map_err(|e| ApiError::invalid(param, format!("{param}: {e}")))
 }
+
+/// The last instant the API can write: 9999-12-31T23:59:59.999999Z.
+pub const MAX_INSTANT: Timestamp = Timestamp(253_402_300_799_999_999);
 
 /// Parse an RFC 3339 instant, or a 400 naming `param`.
 pub fn instant(text: &str, param: &str) -> Result<Timestamp, ApiError> {
@@ -214,6 +237,11 @@ mod tests {
     fn instants_round_trip() {
         let at = instant("2026-11-25T10:00:00.5Z", "t").unwrap();
         assert_eq!(rfc3339(at), "2026-11-25T10:00:00.5Z");
+        assert_eq!(rfc3339(MAX_INSTANT), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(
+            instant("9999-12-31T23:59:59.999999Z", "t").unwrap(),
+            MAX_INSTANT
+        );
         assert!(instant("yesterday", "t").is_err());
     }
 }

@@ -41,6 +41,7 @@ pub fn classify(code: &str) -> (StatusCode, &'static str) {
     match code {
         "invalid_request" | "invalid_amount" | "invalid_expiry" | "amount_too_large"
         | "invalid_id" => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+        "method_not_allowed" => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error"),
         "unauthorized" => (StatusCode::UNAUTHORIZED, "authentication_error"),
         "forbidden" | "manual_clock_disabled" => (StatusCode::FORBIDDEN, "permission_error"),
         "not_found" => (StatusCode::NOT_FOUND, "not_found_error"),
@@ -100,6 +101,7 @@ impl From<StoreError> for ApiError {
                 ApiError::new("hold_already_resolved", format!("hold {id} is already resolved"))
             }
             StoreError::Rejected(refusal) => ApiError::from(&refusal),
+            StoreError::BadCursor => ApiError::invalid("cursor", "cursor is not one this API returned for this list"),
             StoreError::Overloaded => ApiError {
                 retry_after_seconds: Some(1),
                 ..ApiError::new("overloaded", "the ledger is busy, retry shortly")

@@ -128,6 +128,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/clock", get(system::clock))
         .route("/v1/clock/advance", post(system::advance_clock))
         .route("/v1/api-keys", post(system::create_api_key))
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                "method_not_allowed",
+                "this route does not accept this method; see /docs",
+            )
+        })
         .fallback(|| async { ApiError::new("not_found", "no such route; see /docs") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -21,13 +21,15 @@ use std::sync::{Arc, Mutex};
 
 use fs2::FileExt;
 use rusqlite::{params, Connection, OptionalExtension};
-use tally_core::{Clock, EntryKind, Hold, Id, Timestamp};
+use tally_core::{Clock, Hold, Id, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
 pub use clock::{ManualClock, SystemClock};
 pub use model::*;
 pub use writer::MAX_BATCH;
 
+/// The most entries one ledger page walks.
+pub const MAX_LEDGER_WALK: usize = 10_000;
 /// Commands waiting for the writer before callers are made to wait.
 const QUEUE_CAPACITY: usize = 65_536;
 /// Read connections kept open.
@@ -266,36 +268,52 @@ impl Store {
     }
 
     /// A customer's journal entries, newest first.
+    /// A page of a customer's journal entries, newest first: a walk down the
+    /// customer's chain of entries by primary key, at most [`MAX_LEDGER_WALK`]
+    /// entries per page (a page of a sparse filter may hold fewer than `limit`
+    /// entries and still have a next page).
     pub async fn ledger(
         &self,
         customer_id: Id,
         query: LedgerQuery,
-    ) -> Result<Option<Vec<EntryRecord>>, StoreError> {
-        self.read(move |connection| {
-            if rows::customer(connection, customer_id.as_str())?.is_none() {
-                return Ok(None);
-            }
-            let sql = format!(
-                "SELECT {} FROM entries WHERE customer_id = ?1 AND sequence < ?2 \
-                 AND effective_at >= ?3 AND effective_at < ?4 AND (?5 IS NULL OR kind = ?5) \
-                 ORDER BY sequence DESC LIMIT ?6",
-                rows::ENTRY_COLUMNS
-            );
-            let mut statement = connection.prepare_cached(&sql)?;
-            let entries = statement.query_map(
-                params![
-                    customer_id.as_str(),
-                    query.before_sequence.unwrap_or(i64::MAX),
-                    query.from.map_or(i64::MIN, Timestamp::micros),
-                    query.to.map_or(i64::MAX, Timestamp::micros),
-                    query.kind.map(EntryKind::as_str),
-                    i64::try_from(query.limit).unwrap_or(i64::MAX),
-                ],
-                rows::entry,
-            )?;
-            entries.collect::<rusqlite::Result<Vec<_>>>().map(Some)
-        })
-        .await
+    ) -> Result<Option<LedgerPage>, StoreError> {
+        let page = self
+            .read(move |connection| {
+                let Some(head) = rows::customer_head(connection, customer_id.as_str())? else {
+                    return Ok(Ok(None));
+                };
+                let mut at = query.start.or(head);
+                let mut entries = Vec::new();
+                let mut walked = 0;
+                while let Some(sequence) = at {
+                    if entries.len() >= query.limit || walked >= MAX_LEDGER_WALK {
+                        break;
+                    }
+                    let Some((record, previous)) = rows::entry_link(connection, sequence)? else {
+                        return Ok(Err(StoreError::BadCursor));
+                    };
+                    if record.draft.customer_id != customer_id {
+                        return Ok(Err(StoreError::BadCursor));
+                    }
+                    walked += 1;
+                    at = previous;
+                    // effective_at <= recorded_at, and recorded_at falls along the walk.
+                    if query.from.is_some_and(|from| record.recorded_at < from) {
+                        at = None;
+                        break;
+                    }
+                    let in_window = query
+                        .from
+                        .is_none_or(|from| record.draft.effective_at >= from)
+                        && query.to.is_none_or(|to| record.draft.effective_at < to);
+                    if in_window && query.kind.is_none_or(|kind| record.draft.kind == kind) {
+                        entries.push(record);
+                    }
+                }
+                Ok(Ok(Some(LedgerPage { entries, next: at })))
+            })
+            .await?;
+        page
     }
 
     pub async fn entry(&self, sequence: i64) -> Result<Option<EntryRecord>, StoreError> {
@@ -339,14 +357,15 @@ impl Store {
     ) -> Result<(Vec<GrantRecord>, Vec<EntryRecord>), StoreError> {
         self.read(move |connection| {
             let grants = rows::customer_grants(connection, customer_id.as_str())?;
-            let sql = format!(
-                "SELECT {} FROM entries WHERE customer_id = ?1 ORDER BY sequence",
-                rows::ENTRY_COLUMNS
-            );
-            let mut statement = connection.prepare_cached(&sql)?;
-            let entries = statement
-                .query_map([customer_id.as_str()], rows::entry)?
-                .collect::<rusqlite::Result<_>>()?;
+            let mut at = rows::customer_head(connection, customer_id.as_str())?.flatten();
+            let mut entries = Vec::new();
+            while let Some(sequence) = at {
+                let (record, previous) =
+                    rows::entry_link(connection, sequence)?.expect("chain is intact");
+                entries.push(record);
+                at = previous;
+            }
+            entries.reverse();
             Ok((grants, entries))
         })
         .await

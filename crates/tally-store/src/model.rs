@@ -305,6 +305,9 @@ pub enum StoreError {
     Rejected(Refusal),
     #[error("the store is overloaded, retry shortly")]
     Overloaded,
+    /// A cursor that does not belong to this list.
+    #[error("cursor is not one this API returned for this list")]
+    BadCursor,
     #[error("storage unavailable: {0}")]
     Unavailable(String),
 }
@@ -332,9 +335,17 @@ pub struct LedgerQuery {
     pub from: Option<Timestamp>,
     pub to: Option<Timestamp>,
     pub kind: Option<tally_core::EntryKind>,
-    /// Entries with a sequence below this one (the cursor).
-    pub before_sequence: Option<i64>,
+    /// Start the walk at this entry (a cursor from an earlier page); default: the newest.
+    pub start: Option<i64>,
     pub limit: usize,
+}
+
+/// A page of a customer's journal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerPage {
+    pub entries: Vec<EntryRecord>,
+    /// Where the next page starts; `None` when the history is exhausted.
+    pub next: Option<i64>,
 }
 
 /// An API key as stored (the key itself is never stored, only its hash).

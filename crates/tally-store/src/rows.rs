@@ -12,16 +12,27 @@ use tally_core::{
 
 use crate::model::{CustomerRecord, EntryRecord, GrantRecord};
 
-pub const GRANT_COLUMNS: &str = "id, customer_id, amount, remaining, source, paid, cost_per_credit, cost_currency, \
+macro_rules! grant_columns {
+    () => {
+        "id, customer_id, amount, remaining, source, paid, cost_per_credit, cost_currency, \
      priority, effective_at, expires_at, scope, status, expired_amount, expired_at, sequence, metadata, \
-     external_reference, created_at";
+     external_reference, created_at"
+    };
+}
 
-pub const HOLD_COLUMNS: &str =
-    "id, customer_id, amount, reservations, status, created_at, expires_at, captured, feature, member_id";
+macro_rules! hold_columns {
+    () => {
+        "id, customer_id, amount, reservations, status, created_at, expires_at, captured, feature, member_id"
+    };
+}
 
-pub const ENTRY_COLUMNS: &str =
-    "sequence, customer_id, kind, amount, reference, member_id, feature, reason, actor, \
-     postings, effective_at, recorded_at, balance_after";
+macro_rules! entry_columns {
+    () => {
+        "sequence, customer_id, kind, amount, reference, member_id, feature, reason, actor, \
+     postings, effective_at, recorded_at, balance_after, previous"
+    };
+}
+pub const ENTRY_COLUMNS: &str = entry_columns!();
 
 fn corrupt(what: &str) -> rusqlite::Error {
     rusqlite::Error::InvalidColumnType(0, what.to_string(), rusqlite::types::Type::Text)
@@ -147,26 +158,58 @@ pub fn customer_grants(
     connection: &Connection,
     customer_id: &str,
 ) -> rusqlite::Result<Vec<GrantRecord>> {
-    let sql =
-        format!("SELECT {GRANT_COLUMNS} FROM grants WHERE customer_id = ?1 ORDER BY sequence");
-    let mut statement = connection.prepare_cached(&sql)?;
+    let sql = concat!(
+        "SELECT ",
+        grant_columns!(),
+        " FROM grants WHERE customer_id = ?1 ORDER BY sequence"
+    );
+    let mut statement = connection.prepare_cached(sql)?;
     let rows = statement.query_map([customer_id], grant_record)?;
     rows.collect()
 }
 
 pub fn active_holds(connection: &Connection, customer_id: &str) -> rusqlite::Result<Vec<Hold>> {
-    let sql =
-        format!("SELECT {HOLD_COLUMNS} FROM holds WHERE customer_id = ?1 AND status = 'active'");
-    let mut statement = connection.prepare_cached(&sql)?;
+    let sql = concat!(
+        "SELECT ",
+        hold_columns!(),
+        " FROM holds WHERE customer_id = ?1 AND status = 'active'"
+    );
+    let mut statement = connection.prepare_cached(sql)?;
     let rows = statement.query_map([customer_id], hold)?;
     rows.collect()
 }
 
 pub fn hold_by_id(connection: &Connection, hold_id: &str) -> rusqlite::Result<Option<Hold>> {
-    let sql = format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = ?1");
+    let sql = concat!("SELECT ", hold_columns!(), " FROM holds WHERE id = ?1");
     connection
-        .prepare_cached(&sql)?
+        .prepare_cached(sql)?
         .query_row([hold_id], hold)
+        .optional()
+}
+
+/// The head of a customer's entry chain; `None` when the customer does not exist.
+pub fn customer_head(
+    connection: &Connection,
+    customer_id: &str,
+) -> rusqlite::Result<Option<Option<i64>>> {
+    connection
+        .prepare_cached("SELECT last_entry FROM customers WHERE id = ?1")?
+        .query_row([customer_id], |row| row.get(0))
+        .optional()
+}
+
+/// One entry and the sequence of the same customer's previous entry.
+pub fn entry_link(
+    connection: &Connection,
+    sequence: i64,
+) -> rusqlite::Result<Option<(EntryRecord, Option<i64>)>> {
+    connection
+        .prepare_cached(concat!(
+            "SELECT ",
+            entry_columns!(),
+            " FROM entries WHERE sequence = ?1"
+        ))?
+        .query_row([sequence], |row| Ok((entry(row)?, row.get(13)?)))
         .optional()
 }
 
@@ -198,9 +241,11 @@ pub fn upsert_grant(
         .scope
         .as_ref()
         .map(|s| serde_json::to_string(s).expect("scope serializes"));
-    let mut statement = connection.prepare_cached(&format!(
-        "INSERT INTO grants ({GRANT_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)
-         ON CONFLICT(id) DO UPDATE SET remaining = excluded.remaining, status = excluded.status,
+    let mut statement = connection.prepare_cached(concat!(
+        "INSERT INTO grants (",
+        grant_columns!(),
+        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19) \
+         ON CONFLICT(id) DO UPDATE SET remaining = excluded.remaining, status = excluded.status, \
          expires_at = excluded.expires_at, expired_amount = excluded.expired_amount, expired_at = excluded.expired_at"
     ))?;
     statement.execute(params![
@@ -246,8 +291,10 @@ pub fn update_grant(connection: &Connection, grant: &Grant) -> rusqlite::Result<
 }
 
 pub fn upsert_hold(connection: &Connection, hold: &Hold) -> rusqlite::Result<()> {
-    let mut statement = connection.prepare_cached(&format!(
-        "INSERT INTO holds ({HOLD_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)
+    let mut statement = connection.prepare_cached(concat!(
+        "INSERT INTO holds (",
+        hold_columns!(),
+        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10) \
          ON CONFLICT(id) DO UPDATE SET status = excluded.status, captured = excluded.captured"
     ))?;
     statement.execute(params![
@@ -265,13 +312,21 @@ pub fn upsert_hold(connection: &Connection, hold: &Hold) -> rusqlite::Result<()>
     Ok(())
 }
 
-pub fn insert_entry(connection: &Connection, record: &EntryRecord) -> rusqlite::Result<()> {
-    let draft = &record.draft;
-    let mut statement = connection.prepare_cached(&format!(
-        "INSERT INTO entries ({ENTRY_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
+pub fn insert_entry(
+    connection: &Connection,
+    sequence: i64,
+    draft: &EntryDraft,
+    actor: Option<&str>,
+    recorded_at: Timestamp,
+    previous: Option<i64>,
+) -> rusqlite::Result<()> {
+    let mut statement = connection.prepare_cached(concat!(
+        "INSERT INTO entries (",
+        entry_columns!(),
+        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"
     ))?;
     statement.execute(params![
-        record.sequence,
+        sequence,
         draft.customer_id.as_str(),
         draft.kind.as_str(),
         draft.amount.micros(),
@@ -279,11 +334,12 @@ pub fn insert_entry(connection: &Connection, record: &EntryRecord) -> rusqlite::
         draft.member_id.as_ref().map(Id::as_str),
         draft.feature.as_deref(),
         draft.reason.as_deref(),
-        record.actor.as_deref(),
+        actor,
         serde_json::to_string(&draft.postings).expect("postings serialize"),
         draft.effective_at.micros(),
-        record.recorded_at.micros(),
+        recorded_at.micros(),
         draft.balance_after.micros(),
+        previous,
     ])?;
     Ok(())
 }

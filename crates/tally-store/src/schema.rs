@@ -11,7 +11,9 @@ const MIGRATIONS: &[(i64, &str)] = &[(
 CREATE TABLE customers (
     id TEXT PRIMARY KEY,
     name TEXT, plan TEXT, region TEXT, currency TEXT, metadata TEXT,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    -- the sequence of the customer's newest journal entry: the head of its chain
+    last_entry INTEGER
 );
 CREATE TABLE grants (
     id TEXT PRIMARY KEY,
@@ -55,7 +57,6 @@ CREATE TABLE operations (
     response TEXT NOT NULL,
     customer_id TEXT,
     amount INTEGER,
-    drawn TEXT,
     refunded INTEGER,
     feature TEXT,
     recorded_at INTEGER NOT NULL,
@@ -69,10 +70,12 @@ CREATE TABLE entries (
     reference TEXT, member_id TEXT, feature TEXT, reason TEXT, actor TEXT,
     postings TEXT NOT NULL,
     effective_at INTEGER NOT NULL,
-    recorded_at INTEGER NOT NULL UNIQUE,
-    balance_after INTEGER NOT NULL
+    recorded_at INTEGER NOT NULL,
+    balance_after INTEGER NOT NULL,
+    -- the same customer's previous entry: a customer's history is a chain walked
+    -- by primary key, so appending never touches a random index page
+    previous INTEGER
 );
-CREATE INDEX entries_by_customer ON entries(customer_id, sequence);
 CREATE TABLE api_keys (
     id TEXT PRIMARY KEY,
     key_hash TEXT NOT NULL UNIQUE,

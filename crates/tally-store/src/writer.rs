@@ -65,19 +65,64 @@ impl From<StoreError> for Failure {
 struct ChargeColumns {
     customer_id: Id,
     amount: i64,
-    drawn: Vec<Draw>,
     feature: Option<String>,
+}
+
+/// A customer's ledger as the writer keeps it, with the head of its entry chain.
+struct Cached {
+    ledger: CustomerLedger,
+    head: Option<i64>,
+    head_changed: bool,
 }
 
 pub struct Writer {
     connection: Connection,
     clock: Arc<dyn Clock>,
-    cache: HashMap<Id, CustomerLedger>,
+    cache: HashMap<Id, Cached>,
     touched: HashSet<Id>,
     now: Timestamp,
     last_recorded_micros: i64,
     next_entry_sequence: i64,
     next_grant_sequence: i64,
+    stats: GroupStats,
+}
+
+/// Per-second figures of the group commit, logged at debug level.
+struct GroupStats {
+    since: std::time::Instant,
+    groups: u64,
+    commands: u64,
+    apply: std::time::Duration,
+    total: std::time::Duration,
+}
+
+impl GroupStats {
+    fn new() -> GroupStats {
+        GroupStats {
+            since: std::time::Instant::now(),
+            groups: 0,
+            commands: 0,
+            apply: std::time::Duration::ZERO,
+            total: std::time::Duration::ZERO,
+        }
+    }
+
+    fn record(&mut self, commands: usize, apply: std::time::Duration, total: std::time::Duration) {
+        self.groups += 1;
+        self.commands += commands as u64;
+        self.apply += apply;
+        self.total += total;
+        if self.since.elapsed() >= std::time::Duration::from_secs(1) {
+            tracing::debug!(
+                groups = self.groups,
+                commands = self.commands,
+                apply_ms = self.apply.as_millis() as u64,
+                commit_ms = (self.total - self.apply).as_millis() as u64,
+                "write groups in the last second"
+            );
+            *self = GroupStats::new();
+        }
+    }
 }
 
 impl Writer {
@@ -100,6 +145,7 @@ impl Writer {
             last_recorded_micros: last_recorded,
             next_entry_sequence: last_entry + 1,
             next_grant_sequence: last_grant + 1,
+            stats: GroupStats::new(),
         })
     }
 
@@ -119,8 +165,10 @@ impl Writer {
     }
 
     fn commit_group(&mut self, batch: &mut Vec<Job>) {
+        let started = std::time::Instant::now();
         self.now = self.clock.now();
         let mut results = Vec::with_capacity(batch.len());
+        let mut applied = std::time::Duration::ZERO;
         let outcome = (|| -> rusqlite::Result<()> {
             self.connection.execute_batch("BEGIN IMMEDIATE")?;
             for job in batch.iter() {
@@ -132,8 +180,10 @@ impl Writer {
                 }
             }
             self.flush()?;
+            applied = started.elapsed();
             self.connection.execute_batch("COMMIT")
         })();
+        self.stats.record(batch.len(), applied, started.elapsed());
         match outcome {
             Ok(()) => {
                 for (job, result) in batch.drain(..).zip(results) {
@@ -172,10 +222,16 @@ impl Writer {
     /// Write every grant and hold the group changed.
     fn flush(&mut self) -> rusqlite::Result<()> {
         for customer_id in std::mem::take(&mut self.touched) {
-            let Some(ledger) = self.cache.get_mut(&customer_id) else {
+            let Some(cached) = self.cache.get_mut(&customer_id) else {
                 continue;
             };
-            let changes = ledger.take_changes();
+            let changes = cached.ledger.take_changes();
+            if cached.head_changed {
+                cached.head_changed = false;
+                self.connection
+                    .prepare_cached("UPDATE customers SET last_entry = ?1 WHERE id = ?2")?
+                    .execute(params![cached.head, customer_id.as_str()])?;
+            }
             for grant in &changes.grants {
                 if !rows::update_grant(&self.connection, grant)? {
                     rows::upsert_grant(&self.connection, grant, None, self.now)?;
@@ -256,19 +312,18 @@ impl Writer {
         charge: Option<ChargeColumns>,
     ) -> rusqlite::Result<()> {
         let response = serde_json::to_string(result).expect("outcome serializes");
-        let (customer_id, amount, drawn, feature) = match &charge {
+        let (customer_id, amount, feature) = match &charge {
             Some(c) => (
                 Some(c.customer_id.as_str()),
                 Some(c.amount),
-                Some(serde_json::to_string(&c.drawn).expect("draws serialize")),
                 c.feature.as_deref(),
             ),
-            None => (None, None, None, None),
+            None => (None, None, None),
         };
         self.connection
             .prepare_cached(
-                "INSERT INTO operations (kind, id, request_hash, ok, response, customer_id, amount, drawn, refunded, \
-                 feature, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10)",
+                "INSERT INTO operations (kind, id, request_hash, ok, response, customer_id, amount, refunded, \
+                 feature, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9)",
             )?
             .execute(params![
                 kind,
@@ -278,7 +333,6 @@ impl Writer {
                 response,
                 customer_id,
                 amount,
-                drawn,
                 feature,
                 self.now.micros()
             ])?;
@@ -288,30 +342,33 @@ impl Writer {
     /// Load a customer's ledger into the cache (if needed) and apply what is due.
     fn prepare(&mut self, customer_id: &Id) -> Result<(), Failure> {
         if !self.cache.contains_key(customer_id) {
-            let Some((ledger, _)) = rows::load_ledger(&self.connection, customer_id)? else {
+            let Some(head) = rows::customer_head(&self.connection, customer_id.as_str())? else {
                 return Err(Failure::Store(StoreError::NotFound(format!(
                     "customer {customer_id}"
                 ))));
             };
-            self.cache.insert(customer_id.clone(), ledger);
+            let (ledger, _) =
+                rows::load_ledger(&self.connection, customer_id)?.expect("customer exists");
+            self.cache.insert(
+                customer_id.clone(),
+                Cached {
+                    ledger,
+                    head,
+                    head_changed: false,
+                },
+            );
         }
         let now = self.now;
-        let due = self
-            .cache
-            .get_mut(customer_id)
-            .expect("just cached")
-            .expire_due(now);
+        let due = self.ledger(customer_id).expire_due(now);
         for draft in &due {
             self.record_entry(draft, None)?;
         }
-        if !self.touched.contains(customer_id) {
-            self.touched.insert(customer_id.clone());
-        }
+        self.touched.insert(customer_id.clone());
         Ok(())
     }
 
     fn ledger(&mut self, customer_id: &Id) -> &mut CustomerLedger {
-        self.cache.get_mut(customer_id).expect("prepared")
+        &mut self.cache.get_mut(customer_id).expect("prepared").ledger
     }
 
     /// Append a journal entry; returns its sequence number.
@@ -320,13 +377,20 @@ impl Writer {
         self.last_recorded_micros = recorded;
         let sequence = self.next_entry_sequence;
         self.next_entry_sequence += 1;
-        let record = EntryRecord {
+        let cached = self
+            .cache
+            .get_mut(&draft.customer_id)
+            .expect("entries are for prepared customers");
+        let previous = cached.head.replace(sequence);
+        cached.head_changed = true;
+        rows::insert_entry(
+            &self.connection,
             sequence,
-            draft: draft.clone(),
-            actor: actor.map(str::to_string),
-            recorded_at: Timestamp(recorded),
-        };
-        rows::insert_entry(&self.connection, &record)?;
+            draft,
+            actor,
+            Timestamp(recorded),
+            previous,
+        )?;
         Ok(sequence)
     }
 
@@ -356,7 +420,6 @@ impl Writer {
                 let columns = ChargeColumns {
                     customer_id: charge.customer_id.clone(),
                     amount: charge.amount.micros(),
-                    drawn: drawn.clone(),
                     feature: charge.feature.clone(),
                 };
                 let outcome = Outcome::Charge(ChargeOutcome {
@@ -617,7 +680,6 @@ impl Writer {
         let columns = ChargeColumns {
             customer_id: customer_id.clone(),
             amount: captured.captured.micros(),
-            drawn: captured.drawn.clone(),
             feature,
         };
         let outcome = Outcome::Capture(CaptureOutcome {
@@ -663,7 +725,7 @@ impl Writer {
         let found = self
             .connection
             .prepare_cached(
-                "SELECT customer_id, amount, drawn, refunded, feature FROM operations \
+                "SELECT customer_id, amount, response, refunded, feature FROM operations \
                  WHERE kind = ?1 AND id = ?2 AND ok = 1 AND amount IS NOT NULL",
             )?
             .query_row(params![kind, charge_id.as_str()], |row| {
@@ -676,7 +738,7 @@ impl Writer {
                 ))
             })
             .optional()?;
-        let Some((customer_id, amount, drawn, refunded, feature)) = found else {
+        let Some((customer_id, amount, response, refunded, feature)) = found else {
             let what = if kind == "charge" {
                 "charge"
             } else {
@@ -691,8 +753,7 @@ impl Writer {
             reference: charge_id.clone(),
             customer_id: customer_id.clone(),
             amount: tally_core::Amount::from_micros(amount).expect("stored amount"),
-            drawn: serde_json::from_str(&drawn)
-                .map_err(|_| Failure::Fatal(rusqlite::Error::InvalidQuery))?,
+            drawn: charged_draws(&response).ok_or(Failure::Fatal(rusqlite::Error::InvalidQuery))?,
             refunded: tally_core::Amount::from_micros(refunded).expect("stored amount"),
             feature,
         };
@@ -775,8 +836,26 @@ fn refusal_to_store_error(error: &LedgerError) -> StoreError {
     }
 }
 
+/// The grants a stored charge or capture drew on, from its stored outcome.
+fn charged_draws(response: &str) -> Option<Vec<Draw>> {
+    match serde_json::from_str::<Result<Outcome, Refusal>>(response).ok()? {
+        Ok(Outcome::Charge(charge)) => Some(charge.drawn),
+        Ok(Outcome::Capture(capture)) => Some(capture.drawn),
+        _ => None,
+    }
+}
+
 /// The fingerprint of a request's content, for idempotency checks.
 fn request_hash(command: &Command) -> Vec<u8> {
-    let bytes = serde_json::to_vec(command).expect("command serializes");
+    let bytes = match command {
+        // The key itself is generated per attempt; the request is its id and scope.
+        Command::CreateApiKey { id, scope, .. } => serde_json::to_vec(&Command::CreateApiKey {
+            id: id.clone(),
+            key_hash: String::new(),
+            scope: scope.clone(),
+        }),
+        other => serde_json::to_vec(other),
+    }
+    .expect("command serializes");
     Sha256::digest(bytes).to_vec()
 }

@@ -180,7 +180,6 @@ async fn latency(
     seconds: u64,
 ) -> anyhow::Result<(Duration, Duration, f64)> {
     let total = (rate * seconds as f64) as u64;
-    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
     // Open loop: charges are sent on schedule whether or not earlier ones answered,
@@ -206,7 +205,6 @@ async fn latency(
             }));
         }
     }
-    let _ = interval;
     let mut latencies = Vec::with_capacity(tasks.len());
     for task in tasks {
         latencies.push(task.await??);

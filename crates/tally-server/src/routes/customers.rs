@@ -1,6 +1,6 @@
 //! Customers, their balance and their grants.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
 use serde::Deserialize;
@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 use crate::auth::{Caller, Scope};
 use crate::dto::{amount, CustomerBody, GrantBody, MoneyBody};
-use crate::edge::{self, AmountInput, ApiJson};
+use crate::edge::{self, AmountInput, ApiJson, Path};
 use crate::error::{ApiError, ErrorBody};
 use crate::{reply, AppState};
 

@@ -1,6 +1,6 @@
 //! The journal: a customer's entries and one entry with its explanation.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use tally_core::{EntryDraft, EntryKind};
@@ -9,7 +9,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Caller, Scope};
 use crate::dto::{amount, EntryBody, Page};
-use crate::edge::{self, ApiQuery};
+use crate::edge::{self, ApiQuery, Path};
 use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
 
@@ -41,12 +41,13 @@ pub async fn customer_ledger(
     caller.require(Scope::Read)?;
     let id = edge::id(&customer_id, "id")?;
     let limit = edge::limit(params.limit)?;
-    let before_sequence = params
+    let start = params
         .cursor
         .as_deref()
         .map(|c| {
-            c.parse::<i64>()
-                .map_err(|_| ApiError::invalid("cursor", "cursor is not one this API returned"))
+            c.strip_prefix("ent_")
+                .and_then(|n| n.parse::<i64>().ok())
+                .ok_or_else(|| ApiError::invalid("cursor", "cursor is not one this API returned"))
         })
         .transpose()?;
     let kind = params
@@ -71,24 +72,17 @@ pub async fn customer_ledger(
             .map(|t| edge::instant(t, "to"))
             .transpose()?,
         kind,
-        before_sequence,
-        limit: limit + 1,
+        start,
+        limit,
     };
-    let mut entries = state
+    let page = state
         .store
         .ledger(id.clone(), query)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("customer {id}")))?;
-    let more = entries.len() > limit;
-    entries.truncate(limit);
-    let next_cursor = if more {
-        entries.last().map(|e| e.sequence.to_string())
-    } else {
-        None
-    };
     Ok(Json(Page {
-        data: entries.iter().map(EntryBody::from).collect(),
-        next_cursor,
+        data: page.entries.iter().map(EntryBody::from).collect(),
+        next_cursor: page.next.map(crate::dto::entry_id),
     }))
 }
 

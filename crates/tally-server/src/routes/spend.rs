@@ -1,7 +1,8 @@
 //! Charges, holds (place, capture, release) and refunds.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
 use serde::de::DeserializeOwned;
@@ -13,7 +14,7 @@ use utoipa::ToSchema;
 use super::customers::{required_reason, unexpected};
 use crate::auth::{Caller, Scope};
 use crate::dto::{amount, draws, entry_id, DrawBody, HoldBody};
-use crate::edge::{self, AmountInput, ApiJson};
+use crate::edge::{self, AmountInput, ApiJson, Path};
 use crate::error::{ApiError, ErrorBody};
 use crate::{reply, AppState};
 
@@ -221,11 +222,15 @@ pub async fn get_hold(
 }
 
 /// Parse an optional JSON body: empty means the default.
-fn optional_body<T: DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
+fn optional_body<T: DeserializeOwned + Default>(
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    // An unreadable body (e.g. over the size limit) is a JSON error like any other.
+    let bytes = bytes.map_err(|e| ApiError::new("invalid_request", e.body_text()))?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes)
+    serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::new("invalid_request", format!("the body is not valid: {e}")))
 }
 
@@ -259,10 +264,10 @@ pub async fn capture_hold(
     State(state): State<AppState>,
     caller: Caller,
     Path(hold_id): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
-    let body: CaptureHold = optional_body(&body)?;
+    let body: CaptureHold = optional_body(body)?;
     let command = Command::Capture {
         hold_id: edge::id(&hold_id, "id")?,
         amount: body
@@ -312,10 +317,10 @@ pub async fn release_hold(
     State(state): State<AppState>,
     caller: Caller,
     Path(hold_id): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
-    let body: ReleaseHold = optional_body(&body)?;
+    let body: ReleaseHold = optional_body(body)?;
     let command = Command::Release {
         hold_id: edge::id(&hold_id, "id")?,
         reason: edge::text(body.reason, "reason", 1024)?,

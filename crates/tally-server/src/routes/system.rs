@@ -90,7 +90,13 @@ pub async fn advance_clock(
     let target = match (body.seconds, body.to) {
         (Some(seconds), None) if seconds >= 0 => now
             .plus_seconds(seconds)
-            .ok_or_else(|| ApiError::invalid("seconds", "seconds is too large"))?,
+            .filter(|target| *target <= edge::MAX_INSTANT)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "seconds",
+                    "seconds is too large: the clock cannot pass 9999-12-31T23:59:59Z",
+                )
+            })?,
         (Some(_), None) => {
             return Err(ApiError::invalid("seconds", "seconds must not be negative"))
         }
@@ -129,8 +135,9 @@ pub struct CreateApiKey {
 pub struct ApiKeyBody {
     pub id: String,
     pub scope: String,
-    /// The key itself: shown only in this response, stored only as a hash.
-    pub key: String,
+    /// The key itself: shown only in the first response (null when a retry
+    /// replays it), stored only as a hash.
+    pub key: Option<String>,
 }
 
 /// Create an API key (admin).
@@ -153,11 +160,13 @@ pub async fn create_api_key(
         scope: scope.as_str().to_string(),
     };
     let executed = state.execute(command, &caller).await?;
+    // A replay must not show the key generated for this retry: it was never stored.
+    let replayed = executed.replayed;
     Ok(reply(executed, |outcome| match outcome {
         Outcome::ApiKey { id, scope } => Ok(ApiKeyBody {
             id: id.to_string(),
             scope: scope.clone(),
-            key: key.clone(),
+            key: (!replayed).then(|| key.clone()),
         }),
         _ => Err(super::customers::unexpected()),
     }))

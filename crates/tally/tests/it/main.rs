@@ -2,5 +2,8 @@
 //! every integration test (fast builds), each test with its own server
 //! process and a fresh data directory.
 
+mod concurrency;
+mod crash;
+mod routes;
 mod smoke;
 mod support;

@@ -212,3 +212,154 @@ impl Drop for TestApp {
         let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }
+
+/// An exact decimal string (`"1.5"`, `"-3"`, `"0.000001"`) as integer
+/// micro-credits; panics on anything else (more than 6 fractional digits,
+/// exponents, stray characters), so a malformed amount fails the test.
+pub fn micros(text: &str) -> i64 {
+    let bad = || panic!("not an exact decimal amount: {text:?}");
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !all_digits(whole) || !all_digits(fraction) || fraction.len() > 6 {
+        bad();
+    }
+    if digits.contains('.') && fraction.is_empty() {
+        bad();
+    }
+    let whole: i64 = whole.parse().unwrap_or_else(|_| bad());
+    let fraction: i64 = format!("{fraction:0<6}").parse().unwrap_or_else(|_| bad());
+    let magnitude = whole
+        .checked_mul(1_000_000)
+        .and_then(|w| w.checked_add(fraction))
+        .unwrap_or_else(bad);
+    if negative {
+        -magnitude
+    } else {
+        magnitude
+    }
+}
+
+/// A JSON string field holding an amount, as micro-credits.
+pub fn micros_of(value: &Value) -> i64 {
+    micros(
+        value
+            .as_str()
+            .unwrap_or_else(|| panic!("amount is not a string: {value}")),
+    )
+}
+
+/// Micro-credits as the shortest exact decimal string (`1500000` → `"1.5"`).
+pub fn decimal(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let magnitude = micros.unsigned_abs();
+    let (whole, fraction) = (magnitude / 1_000_000, magnitude % 1_000_000);
+    if fraction == 0 {
+        format!("{sign}{whole}")
+    } else {
+        let digits = format!("{fraction:06}");
+        format!("{sign}{whole}.{}", digits.trim_end_matches('0'))
+    }
+}
+
+/// Check one ledger entry's postings: every amount positive, a charge moves
+/// credits from `grant:` accounts to `consumed` and its postings sum to its amount.
+pub fn assert_entry_postings(entry: &Value) {
+    let postings = entry["postings"]
+        .as_array()
+        .unwrap_or_else(|| panic!("entry without postings: {entry}"));
+    for posting in postings {
+        assert!(
+            micros_of(&posting["amount"]) > 0,
+            "posting amount not positive in {entry}"
+        );
+        assert_ne!(
+            posting["from"], posting["to"],
+            "posting to itself in {entry}"
+        );
+    }
+    if entry["kind"] == "charge" {
+        assert!(!postings.is_empty(), "charge without postings: {entry}");
+        let mut total = 0;
+        for posting in postings {
+            let from = posting["from"].as_str().unwrap_or("");
+            assert!(
+                from.starts_with("grant:"),
+                "charge not from a grant: {entry}"
+            );
+            assert_eq!(posting["to"], "consumed", "charge not to consumed: {entry}");
+            total += micros_of(&posting["amount"]);
+        }
+        assert_eq!(
+            total,
+            micros_of(&entry["amount"]),
+            "charge postings do not sum to its amount: {entry}"
+        );
+    }
+}
+
+impl TestApp {
+    /// Every ledger entry of a customer, newest first, walking every page.
+    pub async fn ledger_all(&self, customer: &str) -> Vec<Value> {
+        let mut entries = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/customers/{customer}/ledger?limit=1000");
+            if let Some(cursor) = &cursor {
+                path.push_str(&format!("&cursor={cursor}"));
+            }
+            let reply = self.get(&path).await;
+            assert_eq!(reply.status, StatusCode::OK, "ledger: {}", reply.body);
+            let page = reply.body["data"]
+                .as_array()
+                .unwrap_or_else(|| panic!("ledger page without data: {}", reply.body));
+            entries.extend(page.iter().cloned());
+            match reply.body["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_string()),
+                None => return entries,
+            }
+        }
+    }
+}
+
+/// Replay a customer's whole ledger (as [`TestApp::ledger_all`] returns it,
+/// newest first) from zero: entry ids strictly ordered, every entry's postings
+/// sound, and each entry's `balance_after` equal to the running sum of what
+/// flowed into and out of the customer's grant accounts, never below zero.
+/// Returns the final replayed available balance in micro-credits.
+pub fn assert_replayable(entries: &[Value]) -> i64 {
+    let mut running: i64 = 0;
+    let mut last_sequence = 0;
+    for entry in entries.iter().rev() {
+        let sequence: i64 = entry["id"]
+            .as_str()
+            .and_then(|id| id.strip_prefix("ent_"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad entry id in {entry}"));
+        assert!(
+            sequence > last_sequence,
+            "ledger order broken: ent_{sequence} after ent_{last_sequence}"
+        );
+        last_sequence = sequence;
+        assert_entry_postings(entry);
+        for posting in entry["postings"].as_array().expect("postings") {
+            let amount = micros_of(&posting["amount"]);
+            if posting["to"].as_str().unwrap_or("").starts_with("grant:") {
+                running += amount;
+            }
+            if posting["from"].as_str().unwrap_or("").starts_with("grant:") {
+                running -= amount;
+            }
+        }
+        assert!(running >= 0, "available went negative at {entry}");
+        assert_eq!(
+            micros_of(&entry["balance_after"]),
+            running,
+            "balance_after does not replay at {entry}"
+        );
+    }
+    running
+}
