@@ -133,15 +133,25 @@ impl Store {
         })?;
         let path = database_path(data_dir);
         let connection = connect(&path).map_err(unavailable)?;
-        // Checkpoints run on their own thread so the writer never pays for them.
+        // Checkpoints run on their own thread so the writer never pays for them,
+        // and commits do not fsync: the syncer thread does, before any answer.
         connection
-            .execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA synchronous = NORMAL")
             .map_err(unavailable)?;
         let writer = writer::Writer::new(connection, clock.clone()).map_err(unavailable)?;
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let (to_syncer, syncer_groups) =
+            std::sync::mpsc::sync_channel(writer::MAX_GROUPS_IN_FLIGHT);
+        let mut wal_path = path.clone().into_os_string();
+        wal_path.push("-wal");
+        let wal_path = PathBuf::from(wal_path);
+        std::thread::Builder::new()
+            .name("tally-sync".into())
+            .spawn(move || writer::run_syncer(wal_path, syncer_groups))
+            .map_err(|e| StoreError::Unavailable(format!("spawn syncer: {e}")))?;
         std::thread::Builder::new()
             .name("tally-writer".into())
-            .spawn(move || writer.run(receiver))
+            .spawn(move || writer.run(receiver, to_syncer))
             .map_err(|e| StoreError::Unavailable(format!("spawn writer: {e}")))?;
         let inner = Arc::new(Inner {
             sender,

@@ -192,10 +192,16 @@ pub fn customer_head(
     connection: &Connection,
     customer_id: &str,
 ) -> rusqlite::Result<Option<Option<i64>>> {
+    let exists: bool = connection
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM customers WHERE id = ?1)")?
+        .query_row([customer_id], |row| row.get(0))?;
+    if !exists {
+        return Ok(None);
+    }
     connection
-        .prepare_cached("SELECT last_entry FROM customers WHERE id = ?1")?
+        .prepare_cached("SELECT MAX(last_entry) FROM grants WHERE customer_id = ?1")?
         .query_row([customer_id], |row| row.get(0))
-        .optional()
+        .map(Some)
 }
 
 /// One entry and the sequence of the same customer's previous entry.
@@ -272,21 +278,49 @@ pub fn upsert_grant(
     Ok(())
 }
 
-/// Write the fields of a grant that change; false when the grant has no row yet.
-pub fn update_grant(connection: &Connection, grant: &Grant) -> rusqlite::Result<bool> {
-    let changed = connection
-        .prepare_cached(
-            "UPDATE grants SET remaining = ?2, status = ?3, expires_at = ?4, expired_amount = ?5, expired_at = ?6 \
-             WHERE id = ?1",
-        )?
-        .execute(params![
-            grant.id.as_str(),
-            grant.remaining.micros(),
-            grant.status.as_str(),
-            grant.expires_at.map(Timestamp::micros),
-            grant.expired_amount.micros(),
-            grant.expired_at.map(Timestamp::micros),
-        ])?;
+/// The fields of a grant a charge never changes: a change to them is rare and
+/// also rewrites the `grants_due` index entry.
+pub type GrantLifecycle = (
+    tally_core::GrantStatus,
+    Option<Timestamp>,
+    Option<Timestamp>,
+);
+
+pub fn lifecycle(grant: &Grant) -> GrantLifecycle {
+    (grant.status, grant.expires_at, grant.expired_at)
+}
+
+/// Write what spending changes (remaining, expired amount, chain head), and,
+/// when `lifecycle_changed`, the status and expiry too. False when the grant
+/// has no row yet.
+pub fn update_grant(
+    connection: &Connection,
+    grant: &Grant,
+    head: Option<i64>,
+    lifecycle_changed: bool,
+) -> rusqlite::Result<bool> {
+    let changed = if lifecycle_changed {
+        connection
+            .prepare_cached(
+                "UPDATE grants SET remaining = ?2, expired_amount = ?3, last_entry = ?4, status = ?5, \
+                 expires_at = ?6, expired_at = ?7 WHERE id = ?1",
+            )?
+            .execute(params![
+                grant.id.as_str(),
+                grant.remaining.micros(),
+                grant.expired_amount.micros(),
+                head,
+                grant.status.as_str(),
+                grant.expires_at.map(Timestamp::micros),
+                grant.expired_at.map(Timestamp::micros),
+            ])?
+    } else {
+        connection
+            .prepare_cached(
+                "UPDATE grants SET remaining = ?2, expired_amount = ?3, last_entry = ?4 WHERE id = ?1",
+            )?
+            .execute(params![grant.id.as_str(), grant.remaining.micros(), grant.expired_amount.micros(), head])?
+    };
     Ok(changed == 1)
 }
 

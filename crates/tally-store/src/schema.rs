@@ -11,10 +11,8 @@ const MIGRATIONS: &[(i64, &str)] = &[(
 CREATE TABLE customers (
     id TEXT PRIMARY KEY,
     name TEXT, plan TEXT, region TEXT, currency TEXT, metadata TEXT,
-    created_at INTEGER NOT NULL,
-    -- the sequence of the customer's newest journal entry: the head of its chain
-    last_entry INTEGER
-);
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE grants (
     id TEXT PRIMARY KEY,
     customer_id TEXT NOT NULL REFERENCES customers(id),
@@ -32,8 +30,13 @@ CREATE TABLE grants (
     expired_at INTEGER,
     sequence INTEGER NOT NULL,
     metadata TEXT, external_reference TEXT,
-    created_at INTEGER NOT NULL
-);
+    created_at INTEGER NOT NULL,
+    -- the customer's newest journal entry when this row was last written: the
+    -- head of the customer's entry chain is the largest of these over its grants
+    -- (written with the grant rows a group changes anyway, so a charge costs no
+    -- extra random page write)
+    last_entry INTEGER
+) WITHOUT ROWID;
 CREATE INDEX grants_by_customer ON grants(customer_id, sequence);
 CREATE INDEX grants_due ON grants(status, expires_at);
 CREATE TABLE holds (

@@ -39,6 +39,42 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<Executed, StoreError>>,
 }
 
+/// An answer waiting for the fsync that makes its group durable.
+pub type Answer = (
+    oneshot::Sender<Result<Executed, StoreError>>,
+    Result<Executed, StoreError>,
+);
+
+/// Groups committed but not yet fsynced, at most; then the writer waits.
+pub const MAX_GROUPS_IN_FLIGHT: usize = 16;
+
+/// The syncer: fsyncs the write-ahead log, then answers every group committed
+/// before that fsync began. Running it beside the writer lets the next group
+/// be applied while the previous one is made durable (pipelined group commit).
+///
+/// A failed fsync may have lost data the kernel already dropped; the only safe
+/// answer is to stop the process so that recovery rebuilds from what is on disk.
+pub fn run_syncer(wal_path: std::path::PathBuf, groups: std::sync::mpsc::Receiver<Vec<Answer>>) {
+    let mut wal: Option<std::fs::File> = None;
+    while let Ok(first) = groups.recv() {
+        let mut ready = vec![first];
+        while let Ok(more) = groups.try_recv() {
+            ready.push(more);
+        }
+        if wal.is_none() {
+            wal = std::fs::OpenOptions::new().write(true).open(&wal_path).ok();
+        }
+        let synced = wal.as_ref().map(std::fs::File::sync_data);
+        if !matches!(synced, Some(Ok(()))) {
+            tracing::error!(?synced, wal = ?wal_path, "fsync of the write-ahead log failed; stopping");
+            std::process::abort();
+        }
+        for (reply, result) in ready.into_iter().flatten() {
+            let _ = reply.send(result);
+        }
+    }
+}
+
 /// Why one command did not produce an outcome.
 enum Failure {
     /// A business refusal from the core.
@@ -73,6 +109,8 @@ struct Cached {
     ledger: CustomerLedger,
     head: Option<i64>,
     head_changed: bool,
+    /// Each grant's status and expiry as its row last stored them.
+    stored: HashMap<Id, rows::GrantLifecycle>,
 }
 
 pub struct Writer {
@@ -150,7 +188,11 @@ impl Writer {
     }
 
     /// Serve until every sender is dropped.
-    pub fn run(mut self, mut receiver: mpsc::Receiver<Job>) {
+    pub fn run(
+        mut self,
+        mut receiver: mpsc::Receiver<Job>,
+        syncer: std::sync::mpsc::SyncSender<Vec<Answer>>,
+    ) {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = receiver.blocking_recv() {
             batch.push(first);
@@ -160,11 +202,18 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_group(&mut batch);
+            if let Some(answers) = self.commit_group(&mut batch) {
+                if syncer.send(answers).is_err() {
+                    tracing::error!("the syncer has stopped; stopping the writer");
+                    return;
+                }
+            }
         }
     }
 
-    fn commit_group(&mut self, batch: &mut Vec<Job>) {
+    /// Apply and commit one group; the answers to send once it is durable, or
+    /// `None` when the group failed and its callers were already told.
+    fn commit_group(&mut self, batch: &mut Vec<Job>) -> Option<Vec<Answer>> {
         let started = std::time::Instant::now();
         self.now = self.clock.now();
         let mut results = Vec::with_capacity(batch.len());
@@ -184,12 +233,11 @@ impl Writer {
             self.connection.execute_batch("COMMIT")
         })();
         self.stats.record(batch.len(), applied, started.elapsed());
+        if self.cache.len() > MAX_CACHED_CUSTOMERS {
+            self.cache.clear();
+        }
         match outcome {
-            Ok(()) => {
-                for (job, result) in batch.drain(..).zip(results) {
-                    let _ = job.reply.send(result);
-                }
-            }
+            Ok(()) => Some(batch.drain(..).map(|job| job.reply).zip(results).collect()),
             Err(error) => {
                 tracing::error!(%error, group = batch.len(), "write group failed; rolled back");
                 let _ = self.connection.execute_batch("ROLLBACK");
@@ -201,10 +249,8 @@ impl Writer {
                         .reply
                         .send(Err(StoreError::Unavailable(error.to_string())));
                 }
+                None
             }
-        }
-        if self.cache.len() > MAX_CACHED_CUSTOMERS {
-            self.cache.clear();
         }
     }
 
@@ -226,17 +272,28 @@ impl Writer {
                 continue;
             };
             let changes = cached.ledger.take_changes();
-            if cached.head_changed {
-                cached.head_changed = false;
-                self.connection
-                    .prepare_cached("UPDATE customers SET last_entry = ?1 WHERE id = ?2")?
-                    .execute(params![cached.head, customer_id.as_str()])?;
-            }
             for grant in &changes.grants {
-                if !rows::update_grant(&self.connection, grant)? {
+                let lifecycle = rows::lifecycle(grant);
+                let lifecycle_changed = cached.stored.get(&grant.id) != Some(&lifecycle);
+                if !rows::update_grant(&self.connection, grant, cached.head, lifecycle_changed)? {
                     rows::upsert_grant(&self.connection, grant, None, self.now)?;
+                    rows::update_grant(&self.connection, grant, cached.head, false)?;
                 }
+                cached.stored.insert(grant.id.clone(), lifecycle);
             }
+            if cached.head_changed && changes.grants.is_empty() {
+                // Only holds changed (a full capture): carry the head on any grant.
+                let any = &cached
+                    .ledger
+                    .grants()
+                    .first()
+                    .expect("a customer with entries has grants")
+                    .id;
+                self.connection
+                    .prepare_cached("UPDATE grants SET last_entry = ?1 WHERE id = ?2")?
+                    .execute(params![cached.head, any.as_str()])?;
+            }
+            cached.head_changed = false;
             for hold in &changes.holds {
                 rows::upsert_hold(&self.connection, hold)?;
             }
@@ -349,12 +406,18 @@ impl Writer {
             };
             let (ledger, _) =
                 rows::load_ledger(&self.connection, customer_id)?.expect("customer exists");
+            let stored = ledger
+                .grants()
+                .iter()
+                .map(|g| (g.id.clone(), rows::lifecycle(g)))
+                .collect();
             self.cache.insert(
                 customer_id.clone(),
                 Cached {
                     ledger,
                     head,
                     head_changed: false,
+                    stored,
                 },
             );
         }
