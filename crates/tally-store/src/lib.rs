@@ -178,11 +178,7 @@ impl Store {
         let (reply, answer) = oneshot::channel();
         self.inner
             .sender
-            .send(writer::Job {
-                command,
-                actor,
-                reply,
-            })
+            .send(writer::Job::new(command, actor, reply))
             .await
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
         answer
@@ -200,11 +196,7 @@ impl Store {
         let (reply, answer) = oneshot::channel();
         self.inner
             .sender
-            .try_send(writer::Job {
-                command,
-                actor,
-                reply,
-            })
+            .try_send(writer::Job::new(command, actor, reply))
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => {

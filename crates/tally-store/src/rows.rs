@@ -12,11 +12,13 @@ use tally_core::{
 
 use crate::model::{CustomerRecord, EntryRecord, GrantRecord};
 
+/// A grant's columns over `grants g JOIN grant_balances b`, in the order
+/// [`grant_record`] reads them.
 macro_rules! grant_columns {
     () => {
-        "id, customer_id, amount, remaining, source, paid, cost_per_credit, cost_currency, \
-     priority, effective_at, expires_at, scope, status, expired_amount, expired_at, sequence, metadata, \
-     external_reference, created_at"
+        "g.id, g.customer_id, g.amount, b.remaining, g.source, g.paid, g.cost_per_credit, g.cost_currency, \
+     g.priority, g.effective_at, g.expires_at, g.scope, g.status, b.expired_amount, g.expired_at, g.sequence, \
+     g.metadata, g.external_reference, g.created_at"
     };
 }
 
@@ -161,7 +163,8 @@ pub fn customer_grants(
     let sql = concat!(
         "SELECT ",
         grant_columns!(),
-        " FROM grants WHERE customer_id = ?1 ORDER BY sequence"
+        " FROM grants g JOIN grant_balances b ON b.sequence = g.sequence WHERE g.customer_id = ?1 \
+         ORDER BY g.sequence"
     );
     let mut statement = connection.prepare_cached(sql)?;
     let rows = statement.query_map([customer_id], grant_record)?;
@@ -199,7 +202,10 @@ pub fn customer_head(
         return Ok(None);
     }
     connection
-        .prepare_cached("SELECT MAX(last_entry) FROM grants WHERE customer_id = ?1")?
+        .prepare_cached(
+            "SELECT MAX(b.last_entry) FROM grants g JOIN grant_balances b ON b.sequence = g.sequence \
+             WHERE g.customer_id = ?1",
+        )?
         .query_row([customer_id], |row| row.get(0))
         .map(Some)
 }
@@ -236,8 +242,8 @@ pub fn load_ledger(
     )))
 }
 
-/// Write a grant's full row (insert, or update of the fields that change).
-pub fn upsert_grant(
+/// Insert a new grant's rows.
+pub fn insert_grant(
     connection: &Connection,
     grant: &Grant,
     record: Option<&GrantRecord>,
@@ -247,34 +253,40 @@ pub fn upsert_grant(
         .scope
         .as_ref()
         .map(|s| serde_json::to_string(s).expect("scope serializes"));
-    let mut statement = connection.prepare_cached(concat!(
-        "INSERT INTO grants (",
-        grant_columns!(),
-        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19) \
-         ON CONFLICT(id) DO UPDATE SET remaining = excluded.remaining, status = excluded.status, \
-         expires_at = excluded.expires_at, expired_amount = excluded.expired_amount, expired_at = excluded.expired_at"
-    ))?;
-    statement.execute(params![
-        grant.id.as_str(),
-        grant.customer_id.as_str(),
-        grant.amount.micros(),
-        grant.remaining.micros(),
-        grant.source.as_str(),
-        grant.paid,
-        grant.cost_basis.as_ref().map(|c| c.per_credit.micros()),
-        grant.cost_basis.as_ref().map(|c| c.currency.as_str()),
-        grant.priority,
-        grant.effective_at.micros(),
-        grant.expires_at.map(Timestamp::micros),
-        scope,
-        grant.status.as_str(),
-        grant.expired_amount.micros(),
-        grant.expired_at.map(Timestamp::micros),
-        grant.sequence,
-        record.and_then(|r| r.metadata.as_deref()),
-        record.and_then(|r| r.external_reference.as_deref()),
-        record.map_or(now, |r| r.created_at).micros(),
-    ])?;
+    connection
+        .prepare_cached(
+            "INSERT INTO grants (id, customer_id, amount, source, paid, cost_per_credit, cost_currency, priority, \
+             effective_at, expires_at, scope, status, expired_at, sequence, metadata, external_reference, created_at) \
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)",
+        )?
+        .execute(params![
+            grant.id.as_str(),
+            grant.customer_id.as_str(),
+            grant.amount.micros(),
+            grant.source.as_str(),
+            grant.paid,
+            grant.cost_basis.as_ref().map(|c| c.per_credit.micros()),
+            grant.cost_basis.as_ref().map(|c| c.currency.as_str()),
+            grant.priority,
+            grant.effective_at.micros(),
+            grant.expires_at.map(Timestamp::micros),
+            scope,
+            grant.status.as_str(),
+            grant.expired_at.map(Timestamp::micros),
+            grant.sequence,
+            record.and_then(|r| r.metadata.as_deref()),
+            record.and_then(|r| r.external_reference.as_deref()),
+            record.map_or(now, |r| r.created_at).micros(),
+        ])?;
+    connection
+        .prepare_cached(
+            "INSERT INTO grant_balances (sequence, remaining, expired_amount) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![
+            grant.sequence,
+            grant.remaining.micros(),
+            grant.expired_amount.micros()
+        ])?;
     Ok(())
 }
 
@@ -299,28 +311,23 @@ pub fn update_grant(
     head: Option<i64>,
     lifecycle_changed: bool,
 ) -> rusqlite::Result<bool> {
-    let changed = if lifecycle_changed {
+    let changed = connection
+        .prepare_cached(
+            "UPDATE grant_balances SET remaining = ?2, expired_amount = ?3, last_entry = ?4 WHERE sequence = ?1",
+        )?
+        .execute(params![grant.sequence, grant.remaining.micros(), grant.expired_amount.micros(), head])?;
+    if changed == 1 && lifecycle_changed {
         connection
             .prepare_cached(
-                "UPDATE grants SET remaining = ?2, expired_amount = ?3, last_entry = ?4, status = ?5, \
-                 expires_at = ?6, expired_at = ?7 WHERE id = ?1",
+                "UPDATE grants SET status = ?2, expires_at = ?3, expired_at = ?4 WHERE id = ?1",
             )?
             .execute(params![
                 grant.id.as_str(),
-                grant.remaining.micros(),
-                grant.expired_amount.micros(),
-                head,
                 grant.status.as_str(),
                 grant.expires_at.map(Timestamp::micros),
                 grant.expired_at.map(Timestamp::micros),
-            ])?
-    } else {
-        connection
-            .prepare_cached(
-                "UPDATE grants SET remaining = ?2, expired_amount = ?3, last_entry = ?4 WHERE id = ?1",
-            )?
-            .execute(params![grant.id.as_str(), grant.remaining.micros(), grant.expired_amount.micros(), head])?
-    };
+            ])?;
+    }
     Ok(changed == 1)
 }
 

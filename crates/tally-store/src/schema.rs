@@ -17,7 +17,6 @@ CREATE TABLE grants (
     id TEXT PRIMARY KEY,
     customer_id TEXT NOT NULL REFERENCES customers(id),
     amount INTEGER NOT NULL CHECK (amount > 0),
-    remaining INTEGER NOT NULL CHECK (remaining >= 0 AND remaining <= amount),
     source TEXT NOT NULL,
     paid INTEGER NOT NULL,
     cost_per_credit INTEGER, cost_currency TEXT,
@@ -26,17 +25,23 @@ CREATE TABLE grants (
     expires_at INTEGER,
     scope TEXT,
     status TEXT NOT NULL,
-    expired_amount INTEGER NOT NULL,
     expired_at INTEGER,
-    sequence INTEGER NOT NULL,
+    sequence INTEGER NOT NULL UNIQUE,
     metadata TEXT, external_reference TEXT,
-    created_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+-- What spending changes, apart from the rest of the grant: a narrow row keyed by
+-- integer, so a group of charges over many customers rewrites few pages.
+CREATE TABLE grant_balances (
+    sequence INTEGER PRIMARY KEY,
+    remaining INTEGER NOT NULL CHECK (remaining >= 0),
+    expired_amount INTEGER NOT NULL CHECK (expired_amount >= 0),
     -- the customer's newest journal entry when this row was last written: the
     -- head of the customer's entry chain is the largest of these over its grants
-    -- (written with the grant rows a group changes anyway, so a charge costs no
-    -- extra random page write)
+    -- (written with the rows a group changes anyway, so a charge costs no extra
+    -- random page write)
     last_entry INTEGER
-) WITHOUT ROWID;
+);
 CREATE INDEX grants_by_customer ON grants(customer_id, sequence);
 CREATE INDEX grants_due ON grants(status, expires_at);
 CREATE TABLE holds (
@@ -52,7 +57,12 @@ CREATE TABLE holds (
 );
 CREATE INDEX holds_due ON holds(status, expires_at);
 CREATE INDEX holds_by_customer ON holds(customer_id, status);
+-- Every id-carrying request and its outcome, appended in order. The
+-- uniqueness of (kind, id) is enforced by the writer's in-memory index, which
+-- it rebuilds from this table at start: a B-tree keyed by client ids (random,
+-- like UUIDs) would dirty a random page on every insert.
 CREATE TABLE operations (
+    sequence INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,
     id TEXT NOT NULL,
     request_hash BLOB NOT NULL,
@@ -62,9 +72,8 @@ CREATE TABLE operations (
     amount INTEGER,
     refunded INTEGER,
     feature TEXT,
-    recorded_at INTEGER NOT NULL,
-    PRIMARY KEY (kind, id)
-) WITHOUT ROWID;
+    recorded_at INTEGER NOT NULL
+);
 CREATE TABLE entries (
     sequence INTEGER PRIMARY KEY,
     customer_id TEXT NOT NULL,

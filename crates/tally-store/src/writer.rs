@@ -36,7 +36,25 @@ const MAX_TICK_CUSTOMERS: i64 = 1000;
 pub struct Job {
     pub command: Command,
     pub actor: Option<String>,
+    /// The request's fingerprint, computed by the caller so the writer does not.
+    pub hash: Vec<u8>,
     pub reply: oneshot::Sender<Result<Executed, StoreError>>,
+}
+
+impl Job {
+    pub fn new(
+        command: Command,
+        actor: Option<String>,
+        reply: oneshot::Sender<Result<Executed, StoreError>>,
+    ) -> Job {
+        let hash = request_hash(&command);
+        Job {
+            command,
+            actor,
+            hash,
+            reply,
+        }
+    }
 }
 
 /// An answer waiting for the fsync that makes its group durable.
@@ -123,6 +141,77 @@ pub struct Writer {
     next_entry_sequence: i64,
     next_grant_sequence: i64,
     stats: GroupStats,
+    operations: OperationIndex,
+}
+
+/// Where each (kind, id) is in the operations table: a 64-bit fingerprint
+/// to the row's sequence, always confirmed against the stored (kind, id), so
+/// a fingerprint collision costs a second look, never a wrong answer.
+struct OperationIndex {
+    hasher: std::hash::RandomState,
+    first: HashMap<u64, i64>,
+    /// Further rows whose fingerprint collides with one in `first`.
+    more: HashMap<u64, Vec<i64>>,
+    /// Rows added by the group being written, forgotten if it rolls back.
+    pending: Vec<(u64, i64)>,
+}
+
+impl OperationIndex {
+    fn load(connection: &Connection) -> rusqlite::Result<OperationIndex> {
+        let mut index = OperationIndex {
+            hasher: std::hash::RandomState::new(),
+            first: HashMap::new(),
+            more: HashMap::new(),
+            pending: Vec::new(),
+        };
+        let mut statement = connection.prepare("SELECT sequence, kind, id FROM operations")?;
+        let mut rows = statement.query([])?;
+        while let Some(row) = rows.next()? {
+            let (sequence, kind, id): (i64, String, String) =
+                (row.get(0)?, row.get(1)?, row.get(2)?);
+            let fingerprint = index.fingerprint(&kind, &id);
+            index.add(fingerprint, sequence);
+        }
+        index.pending.clear();
+        Ok(index)
+    }
+
+    fn fingerprint(&self, kind: &str, id: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((kind, id))
+    }
+
+    fn candidates(&self, fingerprint: u64) -> impl Iterator<Item = i64> + '_ {
+        let more = self.more.get(&fingerprint).into_iter().flatten().copied();
+        self.first
+            .get(&fingerprint)
+            .copied()
+            .into_iter()
+            .chain(more)
+    }
+
+    fn add(&mut self, fingerprint: u64, sequence: i64) {
+        match self.first.entry(fingerprint) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(sequence);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.more.entry(fingerprint).or_default().push(sequence)
+            }
+        }
+        self.pending.push((fingerprint, sequence));
+    }
+
+    fn rollback(&mut self) {
+        for (fingerprint, sequence) in std::mem::take(&mut self.pending) {
+            if self.first.get(&fingerprint) == Some(&sequence) {
+                self.first.remove(&fingerprint);
+            }
+            if let Some(list) = self.more.get_mut(&fingerprint) {
+                list.retain(|s| *s != sequence);
+            }
+        }
+    }
 }
 
 /// Per-second figures of the group commit, logged at debug level.
@@ -174,6 +263,7 @@ impl Writer {
             connection.query_row("SELECT COALESCE(MAX(sequence), 0) FROM grants", [], |row| {
                 row.get(0)
             })?;
+        let operations = OperationIndex::load(&connection)?;
         Ok(Writer {
             connection,
             clock,
@@ -184,6 +274,7 @@ impl Writer {
             next_entry_sequence: last_entry + 1,
             next_grant_sequence: last_grant + 1,
             stats: GroupStats::new(),
+            operations,
         })
     }
 
@@ -221,7 +312,7 @@ impl Writer {
         let outcome = (|| -> rusqlite::Result<()> {
             self.connection.execute_batch("BEGIN IMMEDIATE")?;
             for job in batch.iter() {
-                match self.apply(&job.command, job.actor.as_deref()) {
+                match self.apply(&job.command, &job.hash, job.actor.as_deref()) {
                     Ok(executed) => results.push(Ok(executed)),
                     Err(Failure::Store(error)) => results.push(Err(error)),
                     Err(Failure::Refused(error)) => unreachable!("refusal escaped apply: {error}"),
@@ -237,12 +328,16 @@ impl Writer {
             self.cache.clear();
         }
         match outcome {
-            Ok(()) => Some(batch.drain(..).map(|job| job.reply).zip(results).collect()),
+            Ok(()) => {
+                self.operations.pending.clear();
+                Some(batch.drain(..).map(|job| job.reply).zip(results).collect())
+            }
             Err(error) => {
                 tracing::error!(%error, group = batch.len(), "write group failed; rolled back");
                 let _ = self.connection.execute_batch("ROLLBACK");
                 self.cache.clear();
                 self.touched.clear();
+                self.operations.rollback();
                 self.reload_sequences();
                 for job in batch.drain(..) {
                     let _ = job
@@ -276,22 +371,24 @@ impl Writer {
                 let lifecycle = rows::lifecycle(grant);
                 let lifecycle_changed = cached.stored.get(&grant.id) != Some(&lifecycle);
                 if !rows::update_grant(&self.connection, grant, cached.head, lifecycle_changed)? {
-                    rows::upsert_grant(&self.connection, grant, None, self.now)?;
+                    rows::insert_grant(&self.connection, grant, None, self.now)?;
                     rows::update_grant(&self.connection, grant, cached.head, false)?;
                 }
                 cached.stored.insert(grant.id.clone(), lifecycle);
             }
             if cached.head_changed && changes.grants.is_empty() {
                 // Only holds changed (a full capture): carry the head on any grant.
-                let any = &cached
+                let any = cached
                     .ledger
                     .grants()
                     .first()
                     .expect("a customer with entries has grants")
-                    .id;
+                    .sequence;
                 self.connection
-                    .prepare_cached("UPDATE grants SET last_entry = ?1 WHERE id = ?2")?
-                    .execute(params![cached.head, any.as_str()])?;
+                    .prepare_cached(
+                        "UPDATE grant_balances SET last_entry = ?1 WHERE sequence = ?2",
+                    )?
+                    .execute(params![cached.head, any])?;
             }
             cached.head_changed = false;
             for hold in &changes.holds {
@@ -301,7 +398,12 @@ impl Writer {
         Ok(())
     }
 
-    fn apply(&mut self, command: &Command, actor: Option<&str>) -> Result<Executed, Failure> {
+    fn apply(
+        &mut self,
+        command: &Command,
+        hash: &[u8],
+        actor: Option<&str>,
+    ) -> Result<Executed, Failure> {
         let Some((kind, id)) = command.operation_key() else {
             let result = self.tick().map_err(Failure::Fatal)?;
             return Ok(Executed {
@@ -309,9 +411,8 @@ impl Writer {
                 replayed: false,
             });
         };
-        let hash = request_hash(command);
-        if let Some((stored_hash, response)) = self.find_operation(kind, id)? {
-            if stored_hash != hash {
+        if let Some((_, stored_hash, response)) = self.find_operation(kind, id)? {
+            if stored_hash != *hash {
                 let error = if kind == "hold_resolution" {
                     StoreError::HoldAlreadyResolved(id.to_string())
                 } else {
@@ -342,26 +443,38 @@ impl Writer {
             }
             Err(other) => return Err(other),
         };
-        self.insert_operation(kind, id, &hash, &result, charge)?;
+        self.insert_operation(kind, id, hash, &result, charge)?;
         Ok(Executed {
             result,
             replayed: false,
         })
     }
 
-    fn find_operation(&self, kind: &str, id: &Id) -> rusqlite::Result<Option<(Vec<u8>, String)>> {
-        self.connection
-            .prepare_cached(
-                "SELECT request_hash, response FROM operations WHERE kind = ?1 AND id = ?2",
-            )?
-            .query_row(params![kind, id.as_str()], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .optional()
+    /// The stored request hash and answer of `(kind, id)`, with its row.
+    fn find_operation(
+        &self,
+        kind: &str,
+        id: &Id,
+    ) -> rusqlite::Result<Option<(i64, Vec<u8>, String)>> {
+        let fingerprint = self.operations.fingerprint(kind, id.as_str());
+        for sequence in self.operations.candidates(fingerprint) {
+            let (stored_kind, stored_id, hash, response): (String, String, Vec<u8>, String) = self
+                .connection
+                .prepare_cached(
+                    "SELECT kind, id, request_hash, response FROM operations WHERE sequence = ?1",
+                )?
+                .query_row([sequence], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })?;
+            if stored_kind == kind && stored_id == id.as_str() {
+                return Ok(Some((sequence, hash, response)));
+            }
+        }
+        Ok(None)
     }
 
     fn insert_operation(
-        &self,
+        &mut self,
         kind: &str,
         id: &Id,
         hash: &[u8],
@@ -393,6 +506,9 @@ impl Writer {
                 feature,
                 self.now.micros()
             ])?;
+        let sequence = self.connection.last_insert_rowid();
+        let fingerprint = self.operations.fingerprint(kind, id.as_str());
+        self.operations.add(fingerprint, sequence);
         Ok(())
     }
 
@@ -650,7 +766,7 @@ impl Writer {
             external_reference: request.external_reference.clone(),
             created_at: now,
         };
-        rows::upsert_grant(&self.connection, &record.grant, Some(&record), now)?;
+        rows::insert_grant(&self.connection, &record.grant, Some(&record), now)?;
         let entry_id = self.record_entry(&draft, actor)?;
         Ok(Outcome::Grant {
             grant: record,
@@ -785,23 +901,27 @@ impl Writer {
             (None, Some(hold_id)) => ("hold_resolution", hold_id),
             _ => unreachable!("the server requires exactly one of charge_id and hold_id"),
         };
-        let found = self
-            .connection
-            .prepare_cached(
-                "SELECT customer_id, amount, response, refunded, feature FROM operations \
-                 WHERE kind = ?1 AND id = ?2 AND ok = 1 AND amount IS NOT NULL",
-            )?
-            .query_row(params![kind, charge_id.as_str()], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, i64>(1)?,
-                    row.get::<_, String>(2)?,
-                    row.get::<_, i64>(3)?,
-                    row.get::<_, Option<String>>(4)?,
-                ))
-            })
-            .optional()?;
-        let Some((customer_id, amount, response, refunded, feature)) = found else {
+        let found = match self.find_operation(kind, charge_id)? {
+            Some((sequence, _, _)) => self
+                .connection
+                .prepare_cached(
+                    "SELECT customer_id, amount, response, refunded, feature FROM operations \
+                     WHERE sequence = ?1 AND ok = 1 AND amount IS NOT NULL",
+                )?
+                .query_row([sequence], |row| {
+                    Ok((
+                        sequence,
+                        row.get::<_, String>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, Option<String>>(4)?,
+                    ))
+                })
+                .optional()?,
+            None => None,
+        };
+        let Some((operation, customer_id, amount, response, refunded, feature)) = found else {
             let what = if kind == "charge" {
                 "charge"
             } else {
@@ -836,14 +956,8 @@ impl Writer {
             .map_err(Failure::Refused)?;
         self.next_grant_sequence = next_sequence;
         self.connection
-            .prepare_cached(
-                "UPDATE operations SET refunded = refunded + ?1 WHERE kind = ?2 AND id = ?3",
-            )?
-            .execute(params![
-                refunded_now.amount.micros(),
-                kind,
-                charge_id.as_str()
-            ])?;
+            .prepare_cached("UPDATE operations SET refunded = refunded + ?1 WHERE sequence = ?2")?
+            .execute(params![refunded_now.amount.micros(), operation])?;
         let entry_id = self.record_entry(&draft, actor)?;
         Ok(Outcome::Refund(RefundOutcome {
             id: request.id.clone(),
@@ -921,4 +1035,68 @@ fn request_hash(command: &Command) -> Vec<u8> {
     }
     .expect("command serializes");
     Sha256::digest(bytes).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn empty_index() -> OperationIndex {
+        OperationIndex {
+            hasher: std::hash::RandomState::new(),
+            first: HashMap::new(),
+            more: HashMap::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn colliding_fingerprints_keep_every_row() {
+        let mut index = empty_index();
+        index.add(7, 1);
+        index.add(7, 2);
+        index.add(9, 3);
+        assert_eq!(index.candidates(7).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(index.candidates(9).collect::<Vec<_>>(), [3]);
+        assert_eq!(index.candidates(8).count(), 0);
+    }
+
+    #[test]
+    fn a_rolled_back_group_is_forgotten_and_earlier_groups_are_kept() {
+        let mut index = empty_index();
+        index.add(7, 1);
+        index.pending.clear(); // committed
+        index.add(7, 2);
+        index.add(5, 3);
+        index.rollback();
+        assert_eq!(index.candidates(7).collect::<Vec<_>>(), [1]);
+        assert_eq!(index.candidates(5).count(), 0);
+        assert!(index.pending.is_empty());
+    }
+
+    #[test]
+    fn the_index_is_rebuilt_from_the_table() {
+        let mut connection = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut connection).unwrap();
+        for (kind, id) in [("charge", "a"), ("hold", "a"), ("charge", "b")] {
+            connection
+                .execute(
+                    "INSERT INTO operations (kind, id, request_hash, ok, response, recorded_at) \
+                     VALUES (?1, ?2, x'00', 1, '{}', 0)",
+                    params![kind, id],
+                )
+                .unwrap();
+        }
+        let index = OperationIndex::load(&connection).unwrap();
+        let find = |kind: &str, id: &str| {
+            index
+                .candidates(index.fingerprint(kind, id))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(find("charge", "a"), [1]);
+        assert_eq!(find("hold", "a"), [2]);
+        assert_eq!(find("charge", "b"), [3]);
+        assert!(find("charge", "c").is_empty());
+        assert!(index.pending.is_empty());
+    }
 }

@@ -26,12 +26,16 @@ pub struct BenchArgs {
     /// Charges in flight at once.
     #[arg(long, default_value_t = 4096)]
     concurrency: usize,
+    /// Give charges random ids (like UUIDs from real clients) instead of sequential ones.
+    #[arg(long)]
+    random_ids: bool,
     /// Where to put the temporary database (default: the system temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    RANDOM_IDS.store(args.random_ids, Ordering::Relaxed);
     let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     let dir = base.join(format!("tally-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -118,13 +122,22 @@ async fn setup(store: &Store, customers: usize) -> anyhow::Result<()> {
 }
 
 static NEXT_CHARGE: AtomicU64 = AtomicU64::new(0);
+static RANDOM_IDS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn charge(customers: usize) -> Command {
     let n = NEXT_CHARGE.fetch_add(1, Ordering::Relaxed);
+    let id = if RANDOM_IDS.load(Ordering::Relaxed) {
+        // A bijective scramble of n: unique, but in no order (as UUIDs are).
+        let scrambled =
+            n.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ 0x5851_F42D_4C95_7F2D;
+        format!("ch_{scrambled:016x}")
+    } else {
+        format!("ch_{n}")
+    };
     // A cheap deterministic spread over customers (Knuth's multiplicative hash).
     let index = (n.wrapping_mul(2_654_435_761) % customers as u64) as usize;
     Command::Charge(NewCharge {
-        id: Id::parse(&format!("ch_{n}")).expect("valid id"),
+        id: Id::parse(&id).expect("valid id"),
         customer_id: customer(if customers == 1 { 0 } else { index }),
         amount: Amount::parse("1.5").expect("valid"),
         feature: None,
