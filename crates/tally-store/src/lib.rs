@@ -238,6 +238,15 @@ impl Store {
         .map_err(|e| StoreError::Unavailable(format!("read task: {e}")))?
     }
 
+    /// Copy the whole write-ahead log into the database and truncate it
+    /// (benchmarks and maintenance; normal operation checkpoints on its own).
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        self.read(|connection| {
+            connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        })
+        .await
+    }
+
     pub async fn customer(&self, customer_id: Id) -> Result<Option<CustomerRecord>, StoreError> {
         self.read(move |c| rows::customer(c, customer_id.as_str()))
             .await

@@ -63,6 +63,23 @@ pub type Answer = (
     Result<Executed, StoreError>,
 );
 
+/// How long a group under sustained load waits for more commands (measured
+/// on 2 cores: p99 at 50k charges/s fell from unstable, 37-244 ms, to ~7 ms).
+const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
+/// Groups of at least this many commands mean sustained load (see `run`).
+const LINGER_ABOVE: usize = 32;
+/// A group this large commits at once.
+const LINGER_UNTIL: usize = 512;
+
+fn drain(receiver: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>) {
+    while batch.len() < MAX_BATCH {
+        match receiver.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+}
+
 /// Groups committed but not yet fsynced, at most; then the writer waits.
 pub const MAX_GROUPS_IN_FLIGHT: usize = 16;
 
@@ -285,14 +302,17 @@ impl Writer {
         syncer: std::sync::mpsc::SyncSender<Vec<Answer>>,
     ) {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        let mut previous_group = 0;
         while let Some(first) = receiver.blocking_recv() {
             batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match receiver.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
+            drain(&mut receiver, &mut batch);
+            // Under sustained load, wait a moment for more: a bigger group shares
+            // its page writes among more commands. Light load never waits.
+            if previous_group >= LINGER_ABOVE && batch.len() < LINGER_UNTIL {
+                std::thread::sleep(LINGER);
+                drain(&mut receiver, &mut batch);
             }
+            previous_group = batch.len();
             if let Some(answers) = self.commit_group(&mut batch) {
                 if syncer.send(answers).is_err() {
                     tracing::error!("the syncer has stopped; stopping the writer");

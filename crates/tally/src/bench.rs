@@ -26,6 +26,9 @@ pub struct BenchArgs {
     /// Charges in flight at once.
     #[arg(long, default_value_t = 4096)]
     concurrency: usize,
+    /// Offer this many charges/s in the latency run (default: half the lower measured rate).
+    #[arg(long)]
+    latency_rate: Option<f64>,
     /// Give charges random ids (like UUIDs from real clients) instead of sequential ones.
     #[arg(long)]
     random_ids: bool,
@@ -51,7 +54,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     )
     .await?;
     let hot = throughput(&store, 1, args.seconds, args.concurrency, "hot").await?;
-    let rate = uniform.min(hot) / 2.0;
+    let rate = args.latency_rate.unwrap_or(uniform.min(hot) / 2.0);
+    // Start the latency run from a checkpointed database, not from the backlog
+    // of write-ahead log the throughput runs left behind.
+    store.checkpoint().await.context("checkpoint")?;
     let (p50, p99, achieved) = latency(&store, args.customers, rate, args.seconds).await?;
     println!("| run | result |");
     println!("|---|---|");
@@ -186,43 +192,55 @@ async fn throughput(
     Ok(rate)
 }
 
+/// Seconds of load at the target rate before latencies are recorded, so the
+/// measurement starts from the steady state of that rate rather than from the
+/// backlog (checkpointing) the throughput runs left behind.
+const WARM_UP_SECONDS: u64 = 2;
+
 async fn latency(
     store: &Store,
     customers: usize,
     rate: f64,
     seconds: u64,
 ) -> anyhow::Result<(Duration, Duration, f64)> {
-    let total = (rate * seconds as f64) as u64;
-    let started = Instant::now();
+    let total = (rate * (seconds + WARM_UP_SECONDS) as f64) as u64;
+    let warm_up = (rate * WARM_UP_SECONDS as f64) as u64;
     let mut tasks = Vec::with_capacity(total as usize);
-    // Open loop: charges are sent on schedule whether or not earlier ones answered,
-    // in ticks of 1 ms so the scheduler's granularity does not bunch them up.
+    // Open loop: charges are sent on schedule whether or not earlier ones
+    // answered, in ticks of 1 ms; a charge's latency counts from the moment it
+    // was due to be sent, so a stalled sender cannot hide a stall.
     let per_tick = (rate / 1000.0).max(1.0);
     let mut sent: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut owed = 0.0;
+    let mut measured_from = Instant::now();
     while sent < total {
-        tick.tick().await;
+        let due = tick.tick().await.into_std();
         owed += per_tick;
         while owed >= 1.0 && sent < total {
             owed -= 1.0;
             sent += 1;
+            if sent == warm_up {
+                measured_from = due;
+            }
             let store = store.clone();
             let command = charge(customers);
+            let recorded = sent > warm_up;
             tasks.push(tokio::spawn(async move {
-                let at = Instant::now();
                 let executed = store.execute(command, None).await?;
                 anyhow::ensure!(executed.result.is_ok(), "charge refused");
-                Ok(at.elapsed())
+                Ok(recorded.then(|| due.elapsed()))
             }));
         }
     }
     let mut latencies = Vec::with_capacity(tasks.len());
     for task in tasks {
-        latencies.push(task.await??);
+        if let Some(latency) = task.await?? {
+            latencies.push(latency);
+        }
     }
-    let achieved = latencies.len() as f64 / started.elapsed().as_secs_f64();
+    let achieved = latencies.len() as f64 / measured_from.elapsed().as_secs_f64();
     latencies.sort();
     let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
     Ok((pick(0.50), pick(0.99), achieved))
