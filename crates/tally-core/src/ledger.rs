@@ -293,15 +293,7 @@ impl CustomerLedger {
             .active_holds
             .remove(hold_id)
             .expect("due hold is active");
-        let mut postings = Vec::with_capacity(hold.reservations.len());
-        for draw in &hold.reservations {
-            self.return_credits(
-                Account::Hold(hold.id.clone()),
-                &draw.grant_id,
-                draw.amount,
-                &mut postings,
-            );
-        }
+        let postings = self.return_reservations(&hold);
         hold.status = HoldStatus::Expired;
         let entry = EntryDraft {
             kind: EntryKind::HoldExpired,
@@ -349,6 +341,20 @@ impl CustomerLedger {
             effective_at: at,
             balance_after: self.available(now),
         }
+    }
+
+    /// Return every credit a hold reserved to the grants it came from.
+    fn return_reservations(&mut self, hold: &Hold) -> Vec<Posting> {
+        let mut postings = Vec::with_capacity(hold.reservations.len());
+        for draw in &hold.reservations {
+            self.return_credits(
+                Account::Hold(hold.id.clone()),
+                &draw.grant_id,
+                draw.amount,
+                &mut postings,
+            );
+        }
+        postings
     }
 
     /// Give credits back to a grant; a grant that is no longer active passes them
@@ -688,15 +694,7 @@ impl CustomerLedger {
         now: Timestamp,
     ) -> Result<(Amount, EntryDraft), LedgerError> {
         let mut hold = self.take_active_hold(hold_id)?;
-        let mut postings = Vec::with_capacity(hold.reservations.len());
-        for draw in &hold.reservations {
-            self.return_credits(
-                Account::Hold(hold.id.clone()),
-                &draw.grant_id,
-                draw.amount,
-                &mut postings,
-            );
-        }
+        let postings = self.return_reservations(&hold);
         hold.status = HoldStatus::Released;
         let entry = EntryDraft {
             kind: EntryKind::Release,

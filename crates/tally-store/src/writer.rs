@@ -746,16 +746,27 @@ impl Writer {
         }))
     }
 
-    fn grant(&mut self, request: &NewGrant, actor: Option<&str>) -> Result<Outcome, Failure> {
+    /// A grant or hold id used by no row yet (ids of derived rows, like refund
+    /// grants, share the namespace of client-chosen ones).
+    fn ensure_unused(&self, table: &'static str, id: &Id) -> Result<(), Failure> {
+        let sql = match table {
+            "grants" => "SELECT EXISTS(SELECT 1 FROM grants WHERE id = ?1)",
+            _ => "SELECT EXISTS(SELECT 1 FROM holds WHERE id = ?1)",
+        };
         let taken: bool = self
             .connection
-            .prepare_cached("SELECT EXISTS(SELECT 1 FROM grants WHERE id = ?1)")?
-            .query_row([request.id.as_str()], |row| row.get(0))?;
+            .prepare_cached(sql)?
+            .query_row([id.as_str()], |row| row.get(0))?;
         if taken {
             return Err(Failure::Store(StoreError::IdempotencyConflict(
-                request.id.to_string(),
+                id.to_string(),
             )));
         }
+        Ok(())
+    }
+
+    fn grant(&mut self, request: &NewGrant, actor: Option<&str>) -> Result<Outcome, Failure> {
+        self.ensure_unused("grants", &request.id)?;
         self.prepare(&request.customer_id)?;
         let now = self.now;
         let grant = Grant {
@@ -796,15 +807,7 @@ impl Writer {
     }
 
     fn hold(&mut self, request: &NewHold, actor: Option<&str>) -> Result<Outcome, Failure> {
-        let taken: bool = self
-            .connection
-            .prepare_cached("SELECT EXISTS(SELECT 1 FROM holds WHERE id = ?1)")?
-            .query_row([request.id.as_str()], |row| row.get(0))?;
-        if taken {
-            return Err(Failure::Store(StoreError::IdempotencyConflict(
-                request.id.to_string(),
-            )));
-        }
+        self.ensure_unused("holds", &request.id)?;
         self.prepare(&request.customer_id)?;
         let now = self.now;
         let expires_at = now
