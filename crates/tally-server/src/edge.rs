@@ -133,6 +133,8 @@ pub fn id(text: &str, param: &str) -> Result<Id, ApiError> {
 
 /// The last instant the API can write: 9999-12-31T23:59:59.999999Z.
 pub const MAX_INSTANT: Timestamp = Timestamp(253_402_300_799_999_999);
+/// The first instant the API can write: 0000-01-01T00:00:00Z.
+pub const MIN_INSTANT: Timestamp = Timestamp(-62_167_219_200_000_000);
 
 /// Parse an RFC 3339 instant, or a 400 naming `param`.
 pub fn instant(text: &str, param: &str) -> Result<Timestamp, ApiError> {
@@ -143,9 +145,18 @@ pub fn instant(text: &str, param: &str) -> Result<Timestamp, ApiError> {
         )
     })?;
     let micros = parsed.unix_timestamp_nanos() / 1000;
+    // An offset can carry a valid local time outside the years 0000-9999 in UTC.
+    let in_range = |t: &Timestamp| (MIN_INSTANT..=MAX_INSTANT).contains(t);
     i64::try_from(micros)
+        .ok()
         .map(Timestamp)
-        .map_err(|_| ApiError::invalid(param, format!("{param} is out of range")))
+        .filter(in_range)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                param,
+                format!("{param} must be between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z"),
+            )
+        })
 }
 
 /// An instant as RFC 3339 UTC text with microseconds when they are not zero.
@@ -153,7 +164,11 @@ pub fn rfc3339(at: Timestamp) -> String {
     let nanos = i128::from(at.micros()) * 1000;
     let time =
         OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    let mut text = time.format(&Rfc3339).expect("formats");
+    // Instants come from `instant` or the clock, within years 0000-9999; if one
+    // ever is not, show the raw microseconds rather than fail the response.
+    let Ok(mut text) = time.format(&Rfc3339) else {
+        return format!("@{}us", at.micros());
+    };
     if text.ends_with("+00:00") {
         text.truncate(text.len() - 6);
         text.push('Z');
@@ -243,5 +258,11 @@ mod tests {
             MAX_INSTANT
         );
         assert!(instant("yesterday", "t").is_err());
+        // Valid RFC 3339 text whose UTC instant falls outside years 0000-9999.
+        assert!(instant("0000-01-01T00:00:00+23:59", "t").is_err());
+        assert!(instant("9999-12-31T23:59:59-23:59", "t").is_err());
+        assert_eq!(instant("0000-01-01T00:00:00Z", "t").unwrap(), MIN_INSTANT);
+        assert_eq!(rfc3339(MIN_INSTANT), "0000-01-01T00:00:00Z");
+        assert!(!rfc3339(Timestamp(i64::MIN)).is_empty());
     }
 }

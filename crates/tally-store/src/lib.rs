@@ -1,8 +1,9 @@
 //! Durable storage for Tally: the embedded SQLite store.
 //!
 //! Architecture invariant: only the writer thread ([`writer`]) changes the
-//! database, and it answers a caller only after the caller's change is
-//! committed with `synchronous=FULL` (fsynced). Reads use their own
+//! database, and a caller is answered only after the caller's change is
+//! committed and the write-ahead log holding it is fsynced (by the syncer
+//! thread). Reads use their own
 //! connections in WAL mode, so they never wait for the writer and only ever
 //! see committed data.
 //!
@@ -89,6 +90,16 @@ struct Inner {
     _lock: File,
 }
 
+/// Run a thread's body; if it panics (a broken invariant), stop the process.
+/// A store whose writer died would otherwise answer 503 forever while looking
+/// alive; a restart recovers from what is durable.
+fn abort_on_panic(thread: &str, body: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
+        tracing::error!(thread, "a store thread panicked; stopping the process");
+        std::process::abort();
+    }
+}
+
 /// Copy the write-ahead log into the database file in the background, every
 /// [`CHECKPOINT_INTERVAL`], until the store is dropped. PASSIVE never blocks
 /// the writer or readers.
@@ -122,7 +133,9 @@ impl Store {
     /// Open (creating and migrating) the store in `data_dir`. Only one process
     /// may open a data directory at a time.
     pub fn open(data_dir: &Path, clock: Arc<dyn Clock>) -> Result<Store, StoreError> {
-        migrate(data_dir)?;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Unavailable(format!("create {data_dir:?}: {e}")))?;
+        // Lock first: never migrate a database another server is running on.
         let lock_path = data_dir.join("tally.lock");
         let lock = File::create(&lock_path)
             .map_err(|e| StoreError::Unavailable(format!("{lock_path:?}: {e}")))?;
@@ -131,6 +144,7 @@ impl Store {
                 "another tally process is using the data directory {data_dir:?}"
             ))
         })?;
+        migrate(data_dir)?;
         let path = database_path(data_dir);
         let connection = connect(&path).map_err(unavailable)?;
         // Checkpoints run on their own thread so the writer never pays for them,
@@ -147,11 +161,11 @@ impl Store {
         let wal_path = PathBuf::from(wal_path);
         std::thread::Builder::new()
             .name("tally-sync".into())
-            .spawn(move || writer::run_syncer(wal_path, syncer_groups))
+            .spawn(move || abort_on_panic("syncer", || writer::run_syncer(wal_path, syncer_groups)))
             .map_err(|e| StoreError::Unavailable(format!("spawn syncer: {e}")))?;
         std::thread::Builder::new()
             .name("tally-writer".into())
-            .spawn(move || writer.run(receiver, to_syncer))
+            .spawn(move || abort_on_panic("writer", || writer.run(receiver, to_syncer)))
             .map_err(|e| StoreError::Unavailable(format!("spawn writer: {e}")))?;
         let inner = Arc::new(Inner {
             sender,
@@ -227,7 +241,16 @@ impl Store {
                     connection
                 }
             };
-            let result = read(&connection).map_err(unavailable);
+            // One snapshot for everything the read looks at (grants and holds
+            // read in separate statements would otherwise see different groups).
+            let result = connection
+                .unchecked_transaction()
+                .and_then(|snapshot| {
+                    let value = read(&snapshot)?;
+                    snapshot.finish()?;
+                    Ok(value)
+                })
+                .map_err(unavailable);
             let mut pool = inner.readers.lock().expect("reader pool");
             if pool.len() < READERS {
                 pool.push(connection);
@@ -241,10 +264,15 @@ impl Store {
     /// Copy the whole write-ahead log into the database and truncate it
     /// (benchmarks and maintenance; normal operation checkpoints on its own).
     pub async fn checkpoint(&self) -> Result<(), StoreError> {
-        self.read(|connection| {
+        // Not through `read`: a checkpoint cannot run inside a read snapshot.
+        let path = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let connection = connect(&path)?;
             connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         })
         .await
+        .map_err(|e| StoreError::Unavailable(format!("checkpoint task: {e}")))?
+        .map_err(unavailable)
     }
 
     pub async fn customer(&self, customer_id: Id) -> Result<Option<CustomerRecord>, StoreError> {

@@ -699,6 +699,8 @@ impl Writer {
                 key_hash,
                 scope,
             } => {
+                // Keys created by the CLI have no operation row, only a key row.
+                self.ensure_unused("api_keys", id)?;
                 self.connection
                     .prepare_cached("INSERT INTO api_keys (id, key_hash, scope, created_at) VALUES (?1, ?2, ?3, ?4)")?
                     .execute(params![id.as_str(), key_hash, scope, now.micros()])?;
@@ -746,12 +748,14 @@ impl Writer {
         }))
     }
 
-    /// A grant or hold id used by no row yet (ids of derived rows, like refund
+    /// A grant, hold or API key id used by no row yet (ids of derived rows, like refund
     /// grants, share the namespace of client-chosen ones).
     fn ensure_unused(&self, table: &'static str, id: &Id) -> Result<(), Failure> {
         let sql = match table {
             "grants" => "SELECT EXISTS(SELECT 1 FROM grants WHERE id = ?1)",
-            _ => "SELECT EXISTS(SELECT 1 FROM holds WHERE id = ?1)",
+            "holds" => "SELECT EXISTS(SELECT 1 FROM holds WHERE id = ?1)",
+            "api_keys" => "SELECT EXISTS(SELECT 1 FROM api_keys WHERE id = ?1)",
+            other => unreachable!("no id check for table {other}"),
         };
         let taken: bool = self
             .connection
@@ -978,6 +982,16 @@ impl Writer {
             )
             .map_err(Failure::Refused)?;
         self.next_grant_sequence = next_sequence;
+        // Rows for grants the refund created, now, so that an id check later in
+        // this group sees them.
+        for grant_id in &refunded_now.new_grants {
+            let grant = self
+                .ledger(&customer_id)
+                .grant(grant_id)
+                .expect("refund created it")
+                .clone();
+            rows::insert_grant(&self.connection, &grant, None, now)?;
+        }
         self.connection
             .prepare_cached("UPDATE operations SET refunded = refunded + ?1 WHERE sequence = ?2")?
             .execute(params![refunded_now.amount.micros(), operation])?;

@@ -1,7 +1,7 @@
 //! `tally bench`: durable charges per second through the engine, and latency.
 //!
 //! Opens a fresh store in a temporary directory (the same `Store` that `tally
-//! serve` uses, `synchronous=FULL`), gives every customer a large grant, then
+//! serve` uses: every answer waits for the fsync of its group), gives every customer a large grant, then
 //! drives charges from many concurrent tasks: uniform over all customers and
 //! all on one hot customer. Last, it issues charges at half the best measured
 //! rate, open loop, and reports p50 and p99 latency from send to durable answer.

@@ -65,6 +65,9 @@ fn currency(value: Option<String>, param: &str) -> Result<Option<String>, ApiErr
     }
 }
 
+/// The prefix of grant ids Tally derives itself (refund grants).
+pub const DERIVED_GRANT_PREFIX: &str = "refund:";
+
 pub fn unexpected() -> ApiError {
     ApiError::new("internal", "unexpected outcome for this request")
 }
@@ -228,8 +231,15 @@ pub async fn create_grant(
             ));
         }
     }
+    let grant_id = edge::id(&body.id, "id")?;
+    if grant_id.as_str().starts_with(DERIVED_GRANT_PREFIX) {
+        return Err(ApiError::invalid(
+            "id",
+            format!("grant ids starting with {DERIVED_GRANT_PREFIX:?} are reserved for grants Tally creates"),
+        ));
+    }
     let command = Command::Grant(NewGrant {
-        id: edge::id(&body.id, "id")?,
+        id: grant_id,
         customer_id: edge::id(&customer_id, "customer_id")?,
         amount: edge::positive(body.amount, "amount")?,
         source,
@@ -259,30 +269,58 @@ pub async fn create_grant(
     }))
 }
 
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct GrantListParams {
+    /// 1 to 1000, default 50.
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
 /// A customer's grants, oldest first, with remaining and status.
-#[utoipa::path(get, path = "/v1/customers/{id}/grants", tag = "grants",
-    responses((status = 200, body = Vec<GrantBody>), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/customers/{id}/grants", tag = "grants", params(GrantListParams),
+    responses((status = 200, body = crate::dto::Page<GrantBody>), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn list_grants(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
+    edge::ApiQuery(params): edge::ApiQuery<GrantListParams>,
 ) -> Result<Json<crate::dto::Page<GrantBody>>, ApiError> {
     caller.require(Scope::Read)?;
     let id = edge::id(&customer_id, "id")?;
+    let limit = edge::limit(params.limit)?;
+    // The cursor is the creation sequence of the first grant of the page.
+    let start = params
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.strip_prefix("grs_")
+                .and_then(|n| n.parse::<i64>().ok())
+                .ok_or_else(|| ApiError::invalid("cursor", "cursor is not one this API returned"))
+        })
+        .transpose()?;
     let view = state
         .store
         .balance(id.clone())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("customer {id}")))?;
-    let data = view
+    let mut grants: Vec<_> = view
         .grants
         .iter()
+        .filter(|r| start.is_none_or(|start| r.grant.sequence >= start))
+        .collect();
+    grants.sort_by_key(|r| r.grant.sequence);
+    let next_cursor = grants
+        .get(limit)
+        .map(|r| format!("grs_{}", r.grant.sequence));
+    let data = grants
+        .into_iter()
+        .take(limit)
         .map(|r| GrantBody::render(r, view.now))
         .collect();
-    Ok(Json(crate::dto::Page {
-        data,
-        next_cursor: None,
-    }))
+    Ok(Json(crate::dto::Page { data, next_cursor }))
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -4,6 +4,7 @@
 
 mod concurrency;
 mod crash;
+mod hardening;
 mod routes;
 mod smoke;
 mod support;
