@@ -13,6 +13,7 @@ pub mod grant;
 pub mod hold;
 pub mod id;
 pub mod ledger;
+pub mod pricing;
 pub mod time;
 
 pub use amount::{Amount, AmountParseError};
@@ -23,5 +24,9 @@ pub use hold::{Draw, Hold, HoldStatus};
 pub use id::{Id, IdError};
 pub use ledger::{
     Balance, Captured, Changes, ChargeRecord, CustomerLedger, Refunded, Spend, Voided,
+};
+pub use pricing::{
+    Price, Priced, PricingContext, PricingError, Quantity, Rule, RuleProblem, RuleProblemKind,
+    Step, TierMode,
 };
 pub use time::{Clock, Timestamp};
