@@ -217,6 +217,17 @@ pub fn metadata_value(text: &Option<String>) -> Option<serde_json::Value> {
     text.as_ref().and_then(|t| serde_json::from_str(t).ok())
 }
 
+/// A list cursor `<prefix><sequence>` as this API returns them, or a 400.
+pub fn cursor(value: Option<&str>, prefix: &str) -> Result<Option<i64>, ApiError> {
+    value
+        .map(|c| {
+            c.strip_prefix(prefix)
+                .and_then(|n| n.parse::<i64>().ok())
+                .ok_or_else(|| ApiError::invalid("cursor", "cursor is not one this API returned"))
+        })
+        .transpose()
+}
+
 /// The `limit` of a list: default 50, at most 1000.
 pub fn limit(value: Option<usize>) -> Result<usize, ApiError> {
     match value.unwrap_or(50) {

@@ -292,15 +292,7 @@ pub async fn list_grants(
     let id = edge::id(&customer_id, "id")?;
     let limit = edge::limit(params.limit)?;
     // The cursor is the creation sequence of the first grant of the page.
-    let start = params
-        .cursor
-        .as_deref()
-        .map(|c| {
-            c.strip_prefix("grs_")
-                .and_then(|n| n.parse::<i64>().ok())
-                .ok_or_else(|| ApiError::invalid("cursor", "cursor is not one this API returned"))
-        })
-        .transpose()?;
+    let start = edge::cursor(params.cursor.as_deref(), "grs_")?;
     let view = state
         .store
         .balance(id.clone())

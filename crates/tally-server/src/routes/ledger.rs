@@ -41,15 +41,7 @@ pub async fn customer_ledger(
     caller.require(Scope::Read)?;
     let id = edge::id(&customer_id, "id")?;
     let limit = edge::limit(params.limit)?;
-    let start = params
-        .cursor
-        .as_deref()
-        .map(|c| {
-            c.strip_prefix("ent_")
-                .and_then(|n| n.parse::<i64>().ok())
-                .ok_or_else(|| ApiError::invalid("cursor", "cursor is not one this API returned"))
-        })
-        .transpose()?;
+    let start = edge::cursor(params.cursor.as_deref(), "ent_")?;
     let kind = params
         .kind
         .as_deref()
