@@ -54,7 +54,7 @@ pub fn classify(code: &str) -> (StatusCode, &'static str) {
         "capture_exceeds_hold" | "refund_exceeds_charge" | "no_price" | "unknown_feature" => {
             (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error")
         }
-        "overloaded" | "unavailable" => (StatusCode::SERVICE_UNAVAILABLE, "api_error"),
+        "unavailable" => (StatusCode::SERVICE_UNAVAILABLE, "api_error"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "api_error"),
     }
 }
@@ -102,10 +102,6 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Rejected(refusal) => ApiError::from(&refusal),
             StoreError::BadCursor => ApiError::invalid("cursor", "cursor is not one this API returned for this list"),
-            StoreError::Overloaded => ApiError {
-                retry_after_seconds: Some(1),
-                ..ApiError::new("overloaded", "the ledger is busy, retry shortly")
-            },
             StoreError::Unavailable(reason) => {
                 tracing::error!(%reason, "store unavailable");
                 ApiError { retry_after_seconds: Some(1), ..ApiError::new("unavailable", "storage is unavailable") }

@@ -3,9 +3,9 @@
 //! Architecture invariant: only the writer thread ([`writer`]) changes the
 //! database, and a caller is answered only after the caller's change is
 //! committed and the write-ahead log holding it is fsynced (by the syncer
-//! thread). Reads use their own
-//! connections in WAL mode, so they never wait for the writer and only ever
-//! see committed data.
+//! thread). Reads use their own connections in WAL mode, so they never wait
+//! for the writer and only ever see committed data (a committed group can be
+//! visible a moment before its fsync; ARCHITECTURE.md says why that is safe).
 //!
 //! API boundary: [`Store`] takes [`Command`]s and answers [`Executed`]
 //! outcomes or [`StoreError`]s; no rusqlite type crosses it.
@@ -41,7 +41,8 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
     data_dir.join("tally.db")
 }
 
-/// Open a connection with Tally's settings: WAL, fsync on every commit.
+/// Open a connection with Tally's settings: WAL, fsync on every commit (the
+/// writer's own connection turns that off: its syncer thread fsyncs instead).
 pub fn connect(path: &Path) -> rusqlite::Result<Connection> {
     let connection = Connection::open(path)?;
     connection.execute_batch(
@@ -195,28 +196,6 @@ impl Store {
             .send(writer::Job::new(command, actor, reply))
             .await
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
-    }
-
-    /// Like [`Store::execute`], but fails with [`StoreError::Overloaded`]
-    /// instead of waiting when the writer's queue is full.
-    pub async fn try_execute(
-        &self,
-        command: Command,
-        actor: Option<String>,
-    ) -> Result<Executed, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.inner
-            .sender
-            .try_send(writer::Job::new(command, actor, reply))
-            .map_err(|error| match error {
-                mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
-                mpsc::error::TrySendError::Closed(_) => {
-                    StoreError::Unavailable("the writer has stopped".into())
-                }
-            })?;
         answer
             .await
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?

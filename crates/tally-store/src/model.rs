@@ -303,8 +303,6 @@ pub enum StoreError {
     /// A refusal that is not kept as the id's outcome (the id may succeed later).
     #[error("{0}")]
     Rejected(Refusal),
-    #[error("the store is overloaded, retry shortly")]
-    Overloaded,
     /// A cursor that does not belong to this list.
     #[error("cursor is not one this API returned for this list")]
     BadCursor,

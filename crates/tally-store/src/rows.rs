@@ -201,13 +201,17 @@ pub fn customer_head(
     if !exists {
         return Ok(None);
     }
+    chain_head(connection, customer_id).map(Some)
+}
+
+/// The head of an existing customer's entry chain (`None`: no entries yet).
+pub fn chain_head(connection: &Connection, customer_id: &str) -> rusqlite::Result<Option<i64>> {
     connection
         .prepare_cached(
             "SELECT MAX(b.last_entry) FROM grants g JOIN grant_balances b ON b.sequence = g.sequence \
              WHERE g.customer_id = ?1",
         )?
         .query_row([customer_id], |row| row.get(0))
-        .map(Some)
 }
 
 /// One entry and the sequence of the same customer's previous entry.

@@ -3,9 +3,11 @@
 //! One OS thread owns the only write connection. It takes every command
 //! waiting in its queue (up to a batch limit), applies each through the pure
 //! core against an in-memory cache of customer ledgers, writes the resulting
-//! rows inside one transaction, commits (one fsync for the whole group) and
-//! only then answers every caller. Throughput therefore grows with load
-//! instead of being capped by the fsync rate.
+//! rows inside one transaction and commits without an fsync. The syncer
+//! thread then fsyncs the write-ahead log once for the whole group and only
+//! then answers its callers, while the writer already applies the next group.
+//! Throughput therefore grows with load instead of being capped by the fsync
+//! rate.
 //!
 //! If any write fails the whole group is rolled back, the cache is dropped
 //! (it may hold changes that never reached the disk) and every caller in the
@@ -63,8 +65,8 @@ pub type Answer = (
     Result<Executed, StoreError>,
 );
 
-/// How long a group under sustained load waits for more commands (measured
-/// on 2 cores: p99 at 50k charges/s fell from unstable, 37-244 ms, to ~7 ms).
+/// How long a group under sustained load waits for more commands: a bigger
+/// group shares its page writes among more commands (BENCHMARKS.md).
 const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
 /// Groups of at least this many commands mean sustained load (see `run`).
 const LINGER_ABOVE: usize = 32;
@@ -137,6 +139,32 @@ struct ChargeColumns {
     customer_id: Id,
     amount: i64,
     feature: Option<String>,
+}
+
+/// Where numbering continues, as the database holds it.
+struct Sequences {
+    next_entry: i64,
+    last_recorded_micros: i64,
+    next_grant: i64,
+}
+
+impl Sequences {
+    fn read(connection: &Connection) -> rusqlite::Result<Sequences> {
+        let (last_entry, last_recorded_micros): (i64, i64) = connection.query_row(
+            "SELECT COALESCE(MAX(sequence), 0), COALESCE(MAX(recorded_at), 0) FROM entries",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        let last_grant: i64 =
+            connection.query_row("SELECT COALESCE(MAX(sequence), 0) FROM grants", [], |row| {
+                row.get(0)
+            })?;
+        Ok(Sequences {
+            next_entry: last_entry + 1,
+            last_recorded_micros,
+            next_grant: last_grant + 1,
+        })
+    }
 }
 
 /// A customer's ledger as the writer keeps it, with the head of its entry chain.
@@ -271,15 +299,7 @@ impl GroupStats {
 
 impl Writer {
     pub fn new(connection: Connection, clock: Arc<dyn Clock>) -> rusqlite::Result<Writer> {
-        let (last_entry, last_recorded): (i64, i64) = connection.query_row(
-            "SELECT COALESCE(MAX(sequence), 0), COALESCE(MAX(recorded_at), 0) FROM entries",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
-        let last_grant: i64 =
-            connection.query_row("SELECT COALESCE(MAX(sequence), 0) FROM grants", [], |row| {
-                row.get(0)
-            })?;
+        let sequences = Sequences::read(&connection)?;
         let operations = OperationIndex::load(&connection)?;
         Ok(Writer {
             connection,
@@ -287,9 +307,9 @@ impl Writer {
             cache: HashMap::new(),
             touched: HashSet::new(),
             now: Timestamp(0),
-            last_recorded_micros: last_recorded,
-            next_entry_sequence: last_entry + 1,
-            next_grant_sequence: last_grant + 1,
+            last_recorded_micros: sequences.last_recorded_micros,
+            next_entry_sequence: sequences.next_entry,
+            next_grant_sequence: sequences.next_grant,
             stats: GroupStats::new(),
             operations,
         })
@@ -369,15 +389,16 @@ impl Writer {
         }
     }
 
+    /// After a rollback: continue from what the database holds. If even that
+    /// read fails, the writer cannot number entries safely: stop, and let a
+    /// restart recover.
     fn reload_sequences(&mut self) {
-        let read = |sql: &str| -> i64 {
-            self.connection
-                .query_row(sql, [], |row| row.get(0))
-                .unwrap_or(0)
-        };
-        self.next_entry_sequence = read("SELECT COALESCE(MAX(sequence), 0) FROM entries") + 1;
-        self.last_recorded_micros = read("SELECT COALESCE(MAX(recorded_at), 0) FROM entries");
-        self.next_grant_sequence = read("SELECT COALESCE(MAX(sequence), 0) FROM grants") + 1;
+        let sequences = Sequences::read(&self.connection).unwrap_or_else(|error| {
+            panic!("cannot read the ledger's sequences after a rollback: {error}")
+        });
+        self.next_entry_sequence = sequences.next_entry;
+        self.last_recorded_micros = sequences.last_recorded_micros;
+        self.next_grant_sequence = sequences.next_grant;
     }
 
     /// Write every grant and hold the group changed.
@@ -535,13 +556,12 @@ impl Writer {
     /// Load a customer's ledger into the cache (if needed) and apply what is due.
     fn prepare(&mut self, customer_id: &Id) -> Result<(), Failure> {
         if !self.cache.contains_key(customer_id) {
-            let Some(head) = rows::customer_head(&self.connection, customer_id.as_str())? else {
+            let Some((ledger, _)) = rows::load_ledger(&self.connection, customer_id)? else {
                 return Err(Failure::Store(StoreError::NotFound(format!(
                     "customer {customer_id}"
                 ))));
             };
-            let (ledger, _) =
-                rows::load_ledger(&self.connection, customer_id)?.expect("customer exists");
+            let head = rows::chain_head(&self.connection, customer_id.as_str())?;
             let stored = ledger
                 .grants()
                 .iter()

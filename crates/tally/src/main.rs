@@ -78,15 +78,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Ok(threads) = std::env::var("TALLY_WORKER_THREADS") {
-        builder.worker_threads(
-            threads
-                .parse()
-                .context("TALLY_WORKER_THREADS must be a number")?,
-        );
-    }
-    let runtime = builder.enable_all().build().context("start the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
     match cli.command {
         Commands::Serve {
             listen,

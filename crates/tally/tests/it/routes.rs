@@ -124,19 +124,7 @@ async fn raw(
     if let Some(content_type) = content_type {
         request = request.header("content-type", content_type);
     }
-    let response = request
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("request {path}: {e}"));
-    let status = response.status();
-    let headers = response.headers().clone();
-    let bytes = response.bytes().await.expect("body");
-    Reply {
-        status,
-        headers,
-        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    }
+    Reply::of(request.body(body.to_string()), path).await
 }
 
 /// Grant with a full body, asserting success.

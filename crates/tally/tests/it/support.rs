@@ -46,6 +46,23 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Send `request` and read its answer (JSON, or Null when it is not JSON).
+    pub async fn of(request: reqwest::RequestBuilder, path: &str) -> Reply {
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request {path}: {e}"));
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.expect("body");
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
     pub fn replayed(&self) -> bool {
         self.headers
             .get("idempotent-replayed")
@@ -146,19 +163,7 @@ impl TestApp {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("request {path}: {e}"));
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.expect("body");
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        Reply::of(request, path).await
     }
 
     /// POST as the admin.
