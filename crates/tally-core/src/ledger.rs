@@ -213,6 +213,21 @@ impl CustomerLedger {
         .expect("balance within range")
     }
 
+    /// The available balance in the middle of a sweep of what fell due by
+    /// `now`: lots not yet swept still count, so each expiry entry's
+    /// `balance_after` follows from the one before (several lots expiring in
+    /// one sweep each take their own step), and the last one equals the
+    /// balance at `now`.
+    fn available_while_sweeping(&self, now: Timestamp) -> Amount {
+        checked_sum(
+            self.grants
+                .iter()
+                .filter(|g| g.status == GrantStatus::Active && g.effective_at <= now)
+                .map(|g| g.remaining),
+        )
+        .expect("balance within range")
+    }
+
     /// Every lot's remaining plus what active holds reserve: what the balance
     /// can grow back to without new credits. `None` beyond the maximum amount.
     fn outstanding(&self) -> Option<Amount> {
@@ -305,7 +320,7 @@ impl CustomerLedger {
             feature: hold.feature.clone(),
             reason: Some("hold timed out".into()),
             effective_at: at,
-            balance_after: self.available(now),
+            balance_after: self.available_while_sweeping(now),
         };
         self.changed_holds.push(hold);
         entry
@@ -339,7 +354,7 @@ impl CustomerLedger {
             feature: None,
             reason: Some("grant reached expires_at".into()),
             effective_at: at,
-            balance_after: self.available(now),
+            balance_after: self.available_while_sweeping(now),
         }
     }
 

@@ -13,6 +13,7 @@ pub mod grant;
 pub mod hold;
 pub mod id;
 pub mod ledger;
+pub mod pricebook;
 pub mod pricing;
 pub mod time;
 

@@ -397,7 +397,7 @@ impl Rule {
     }
 
     /// "ai_message for plan enterprise in region eu when model = gpt-4".
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         format!(
             "{} {}",
             self.describe_scope(),

@@ -821,6 +821,18 @@ impl Harness {
                 "balance_after of the last expiry"
             );
         }
+        // Each expiry steps the balance down by what it expired (a hold's
+        // timeout returns its credits and moves nothing out of the balance's
+        // lots, unless they expired in the same sweep).
+        for pair in due.windows(2) {
+            if pair[1].kind == EntryKind::Expire {
+                assert_eq!(
+                    pair[1].balance_after.checked_add(pair[1].amount),
+                    Some(pair[0].balance_after),
+                    "consecutive expiries in one sweep: {pair:?}"
+                );
+            }
+        }
         assert!(
             self.ledger.expire_due(now).is_empty(),
             "expire_due twice at one instant did something"

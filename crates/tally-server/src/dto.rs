@@ -131,6 +131,13 @@ pub struct HoldBody {
     pub expires_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub balance_after: Option<String>,
+    /// The version and rule whose price the hold locked (holds by feature and quantity).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pricebook: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<String>,
 }
 
 impl HoldBody {
@@ -147,6 +154,18 @@ impl HoldBody {
             created_at: rfc3339(hold.created_at),
             expires_at: rfc3339(hold.expires_at),
             balance_after: balance_after.map(amount),
+            pricebook: None,
+            rule: None,
+            quantity: None,
+        }
+    }
+
+    /// Show the price the hold locked.
+    pub fn price(&mut self, pricing: Option<&tally_core::pricebook::Pricing>) {
+        if let Some(p) = pricing {
+            self.pricebook = p.pricebook().map(str::to_owned);
+            self.rule = Some(p.rule_label());
+            self.quantity = Some(amount(p.quantity));
         }
     }
 }
@@ -183,6 +202,8 @@ pub struct EntryBody {
     /// The price book version and rule that priced it (charges by feature).
     pub pricebook: Option<String>,
     pub rule: Option<String>,
+    /// The quantity priced.
+    pub quantity: Option<String>,
 }
 
 pub fn entry_id(sequence: i64) -> String {
@@ -215,8 +236,12 @@ impl From<&EntryRecord> for EntryBody {
                     amount: amount(p.amount),
                 })
                 .collect(),
-            pricebook: None,
-            rule: None,
+            pricebook: record
+                .pricing
+                .as_ref()
+                .and_then(|p| p.pricebook().map(str::to_owned)),
+            rule: record.pricing.as_ref().map(|p| p.rule_label()),
+            quantity: record.pricing.as_ref().map(|p| amount(p.quantity)),
         }
     }
 }

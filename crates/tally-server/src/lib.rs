@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Serialize;
 use tally_store::{Command, Executed, ManualClock, Outcome, Store};
@@ -101,7 +101,7 @@ pub fn reply<T: Serialize>(
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
-    use routes::{customers, ledger, spend, system};
+    use routes::{customers, ledger, pricebook, spend, system};
     let api = Router::new()
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))
@@ -125,6 +125,22 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/holds/{id}/release", post(spend::release_hold))
         .route("/v1/refunds", post(spend::create_refund))
         .route("/v1/ledger/{entry_id}", get(ledger::get_entry))
+        .route("/v1/quotes", post(pricebook::create_quote))
+        .route("/v1/features", get(pricebook::list_features))
+        .route("/v1/features/{key}", put(pricebook::put_feature))
+        .route(
+            "/v1/pricebooks",
+            post(pricebook::create_pricebook).get(pricebook::list_pricebooks),
+        )
+        .route("/v1/pricebooks/{id}", get(pricebook::get_pricebook))
+        .route("/v1/pricebooks/{id}/rules", put(pricebook::put_rules))
+        .route("/v1/pricebooks/{id}/publish", post(pricebook::publish))
+        .route("/v1/pricebooks/{id}/diff", get(pricebook::diff_pricebooks))
+        .route("/v1/pricebooks/{id}/simulate", post(pricebook::simulate))
+        .route(
+            "/v1/customers/{id}/contract",
+            put(pricebook::put_contract).get(pricebook::get_contract),
+        )
         .route("/v1/clock", get(system::clock))
         .route("/v1/clock/advance", post(system::advance_clock))
         .route("/v1/api-keys", post(system::create_api_key))

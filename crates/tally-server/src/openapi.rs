@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::routes::{customers, ledger, spend, system};
+use crate::routes::{customers, ledger, pricebook, spend, system};
 
 struct BearerAuth;
 
@@ -27,7 +27,7 @@ impl Modify for BearerAuth {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Tally", description = "The credits engine: grants, charges, holds, refunds, expiry and the ledger. \
+    info(title = "Tally", description = "The credits engine: grants, charges, holds, refunds, expiry, the ledger and the price book. \
         Amounts are decimal strings with at most 6 fractional digits. Every create or state change carries a \
         client-chosen id that is its idempotency key forever: a retry returns the original result with \
         `Idempotent-Replayed: true`; the same id with other content is 409 `idempotency_conflict`."),
@@ -37,11 +37,14 @@ impl Modify for BearerAuth {
         customers::list_grants, customers::void_grant, customers::change_expiry,
         spend::create_charge, spend::create_hold, spend::get_hold, spend::capture_hold, spend::release_hold,
         spend::create_refund, ledger::customer_ledger, ledger::get_entry,
+        pricebook::put_feature, pricebook::list_features, pricebook::create_pricebook, pricebook::list_pricebooks,
+        pricebook::get_pricebook, pricebook::put_rules, pricebook::publish, pricebook::diff_pricebooks,
+        pricebook::simulate, pricebook::put_contract, pricebook::get_contract, pricebook::create_quote,
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "customers"), (name = "grants"), (name = "charges"), (name = "holds"), (name = "refunds"),
-        (name = "ledger"), (name = "system"),
+        (name = "ledger"), (name = "price book"), (name = "system"),
     )
 )]
 pub struct ApiDoc;

@@ -3,7 +3,10 @@
 //! Outcomes are serialized into the operations table so that a retry of the
 //! same id returns exactly what the first attempt returned.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+use tally_core::pricebook::{Contract, Pricing};
 use tally_core::{
     Amount, Balance, CostBasis, Draw, Grant, Hold, Id, LedgerError, Source, Timestamp,
 };
@@ -19,6 +22,10 @@ pub enum Command {
     Capture {
         hold_id: Id,
         amount: Option<Amount>,
+        /// For a hold placed by feature and quantity: the quantity used,
+        /// priced by the rule the hold locked.
+        #[serde(default)]
+        quantity: Option<Amount>,
         reason: Option<String>,
     },
     Release {
@@ -44,6 +51,51 @@ pub enum Command {
     },
     /// Apply hold timeouts and grant expiries that are due.
     Tick,
+    /// Create or update a feature.
+    PutFeature {
+        key: String,
+        name: String,
+        unit: String,
+    },
+    /// A new draft version, maybe with the rules of another version.
+    CreatePricebook {
+        id: Id,
+        from: Option<String>,
+    },
+    /// Replace a draft's rules.
+    PutRules {
+        id: String,
+        rules: Vec<tally_core::Rule>,
+    },
+    /// Publish a draft (effective now, or later).
+    Publish {
+        id: String,
+        effective_at: Option<Timestamp>,
+    },
+    /// Set a customer's contract (replacing the one before).
+    PutContract {
+        /// The contract's id (also `contract.id`): its idempotency key.
+        id: Id,
+        customer_id: Id,
+        contract: Contract,
+        /// Pin the version in effect at the contract's start (rates locked).
+        lock_rates: bool,
+    },
+    /// What a charge would do now, writing nothing.
+    Quote {
+        customer_id: Id,
+        usage: UsageInput,
+        member_id: Option<Id>,
+    },
+}
+
+/// Usage to be priced by the price book.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageInput {
+    pub feature: String,
+    pub quantity: Amount,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
 }
 
 impl Command {
@@ -61,7 +113,13 @@ impl Command {
             Command::Void { id, .. } => ("void", id),
             Command::ChangeExpiry { id, .. } => ("expiry", id),
             Command::CreateApiKey { id, .. } => ("api_key", id),
-            Command::Tick => return None,
+            Command::CreatePricebook { id, .. } => ("pricebook", id),
+            Command::PutContract { id, .. } => ("contract", id),
+            Command::Tick
+            | Command::PutFeature { .. }
+            | Command::PutRules { .. }
+            | Command::Publish { .. }
+            | Command::Quote { .. } => return None,
         })
     }
 }
@@ -98,8 +156,12 @@ pub struct NewGrant {
 pub struct NewCharge {
     pub id: Id,
     pub customer_id: Id,
-    pub amount: Amount,
+    /// Credits to charge; `None` when `usage` is priced by the price book.
+    pub amount: Option<Amount>,
     pub feature: Option<String>,
+    /// Feature, quantity and properties to price (the feature is `feature`).
+    #[serde(default)]
+    pub usage: Option<UsageInput>,
     pub member_id: Option<Id>,
     pub reason: Option<String>,
     pub metadata: Option<String>,
@@ -109,8 +171,11 @@ pub struct NewCharge {
 pub struct NewHold {
     pub id: Id,
     pub customer_id: Id,
-    pub amount: Amount,
+    /// Credits to hold; `None` when `usage` is priced by the price book.
+    pub amount: Option<Amount>,
     pub feature: Option<String>,
+    #[serde(default)]
+    pub usage: Option<UsageInput>,
     pub timeout_seconds: i64,
     pub member_id: Option<Id>,
     pub reason: Option<String>,
@@ -157,6 +222,8 @@ pub struct ChargeOutcome {
     pub entry_id: i64,
     pub feature: Option<String>,
     pub member_id: Option<Id>,
+    #[serde(default)]
+    pub pricing: Option<Pricing>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +231,9 @@ pub struct HoldOutcome {
     pub hold: Hold,
     pub balance_after: Amount,
     pub entry_id: i64,
+    /// The price the hold locked (holds by feature and quantity).
+    #[serde(default)]
+    pub pricing: Option<Pricing>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +245,8 @@ pub struct CaptureOutcome {
     pub drawn: Vec<Draw>,
     pub balance_after: Amount,
     pub entry_id: i64,
+    #[serde(default)]
+    pub pricing: Option<Pricing>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +316,24 @@ pub enum Outcome {
     Tick {
         entries: usize,
     },
+    Feature(crate::catalog::FeatureRecord),
+    Pricebook(crate::catalog::PricebookRecord),
+    Contract(crate::catalog::ContractRecord),
+    Quote(QuoteOutcome),
+}
+
+/// What a charge would do, were it made now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuoteOutcome {
+    pub customer_id: Id,
+    pub pricing: Pricing,
+    /// Whether the charge would be accepted.
+    pub fits: bool,
+    /// The grants it would draw on, in burn order (empty when it does not fit).
+    pub drawn: Vec<Draw>,
+    /// Available credits after it (unchanged when it does not fit).
+    pub balance_after: Amount,
+    pub available: Amount,
 }
 
 /// A refusal that is part of an id's permanent history (a retry gets it again).
@@ -325,6 +415,8 @@ pub struct EntryRecord {
     pub draft: tally_core::EntryDraft,
     pub actor: Option<String>,
     pub recorded_at: Timestamp,
+    /// What priced it (charges and captures by feature and quantity).
+    pub pricing: Option<Pricing>,
 }
 
 /// Filters for a customer's ledger.

@@ -31,7 +31,7 @@ macro_rules! hold_columns {
 macro_rules! entry_columns {
     () => {
         "sequence, customer_id, kind, amount, reference, member_id, feature, reason, actor, \
-     postings, effective_at, recorded_at, balance_after, previous"
+     postings, effective_at, recorded_at, balance_after, previous, pricing"
     };
 }
 pub const ENTRY_COLUMNS: &str = entry_columns!();
@@ -133,6 +133,10 @@ pub fn entry(row: &Row) -> rusqlite::Result<EntryRecord> {
         draft,
         actor: row.get(8)?,
         recorded_at: Timestamp(row.get(11)?),
+        pricing: row
+            .get::<_, Option<String>>(14)?
+            .map(|text| json(&text))
+            .transpose()?,
     })
 }
 
@@ -364,11 +368,12 @@ pub fn insert_entry(
     actor: Option<&str>,
     recorded_at: Timestamp,
     previous: Option<i64>,
+    pricing: Option<&tally_core::pricebook::Pricing>,
 ) -> rusqlite::Result<()> {
     let mut statement = connection.prepare_cached(concat!(
         "INSERT INTO entries (",
         entry_columns!(),
-        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"
+        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"
     ))?;
     statement.execute(params![
         sequence,
@@ -385,6 +390,7 @@ pub fn insert_entry(
         recorded_at.micros(),
         draft.balance_after.micros(),
         previous,
+        pricing.map(|p| serde_json::to_string(p).expect("pricing serializes")),
     ])?;
     Ok(())
 }

@@ -5,9 +5,10 @@
 
 use rusqlite::Connection;
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE customers (
     id TEXT PRIMARY KEY,
     name TEXT, plan TEXT, region TEXT, currency TEXT, metadata TEXT,
@@ -95,7 +96,47 @@ CREATE TABLE api_keys (
     created_at INTEGER NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+-- The price book (issue 3).
+CREATE TABLE features (
+    key TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE pricebooks (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('draft', 'published')),
+    copied_from TEXT,
+    rules TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    created_by TEXT,
+    updated_at INTEGER NOT NULL,
+    effective_at INTEGER,
+    published_at INTEGER,
+    published_by TEXT,
+    published_seq INTEGER UNIQUE
+);
+CREATE TABLE contracts (
+    customer_id TEXT PRIMARY KEY REFERENCES customers(id),
+    body TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    updated_by TEXT
+) WITHOUT ROWID;
+-- The price a hold locked when it was placed, for pricing its capture.
+CREATE TABLE hold_pricing (
+    hold_id TEXT PRIMARY KEY,
+    pricing TEXT NOT NULL
+) WITHOUT ROWID;
+-- What priced a charge or capture: version, rule, quantity, properties.
+ALTER TABLE entries ADD COLUMN pricing TEXT;
+"#,
+    ),
+];
 
 /// Apply the migrations not yet applied; returns how many ran.
 pub fn migrate(connection: &mut Connection) -> rusqlite::Result<usize> {

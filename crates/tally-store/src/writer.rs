@@ -25,8 +25,13 @@ use tally_core::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::catalog::{
+    self, Catalog, ContractRecord, FeatureRecord, PricebookRecord, PricebookStatus,
+};
 use crate::model::*;
 use crate::rows;
+use tally_core::pricebook::{self, Contract, Pricing, Usage};
+use tally_core::PricingError;
 
 /// The most commands committed in one transaction.
 pub const MAX_BATCH: usize = 4096;
@@ -118,6 +123,9 @@ enum Failure {
     Refused(LedgerError),
     /// Not found, conflict: answered, never stored.
     Store(StoreError),
+    /// A refusal outside the ledger (pricing, the price book): stored like
+    /// a ledger refusal when the command has an id.
+    Rejected(Refusal),
     /// The database failed: the whole group is abandoned.
     Fatal(rusqlite::Error),
 }
@@ -187,6 +195,9 @@ pub struct Writer {
     next_grant_sequence: i64,
     stats: GroupStats,
     operations: OperationIndex,
+    catalog: Catalog,
+    /// Set by a command that found its work already done (a repeated publish).
+    already_done: bool,
 }
 
 /// Where each (kind, id) is in the operations table: a 64-bit fingerprint
@@ -266,6 +277,8 @@ struct GroupStats {
     commands: u64,
     apply: std::time::Duration,
     total: std::time::Duration,
+    longest: std::time::Duration,
+    largest: usize,
 }
 
 impl GroupStats {
@@ -276,6 +289,8 @@ impl GroupStats {
             commands: 0,
             apply: std::time::Duration::ZERO,
             total: std::time::Duration::ZERO,
+            longest: std::time::Duration::ZERO,
+            largest: 0,
         }
     }
 
@@ -284,12 +299,16 @@ impl GroupStats {
         self.commands += commands as u64;
         self.apply += apply;
         self.total += total;
+        self.longest = self.longest.max(total);
+        self.largest = self.largest.max(commands);
         if self.since.elapsed() >= std::time::Duration::from_secs(1) {
             tracing::debug!(
                 groups = self.groups,
                 commands = self.commands,
                 apply_ms = self.apply.as_millis() as u64,
                 commit_ms = (self.total - self.apply).as_millis() as u64,
+                longest_us = self.longest.as_micros() as u64,
+                largest = self.largest,
                 "write groups in the last second"
             );
             *self = GroupStats::new();
@@ -301,6 +320,7 @@ impl Writer {
     pub fn new(connection: Connection, clock: Arc<dyn Clock>) -> rusqlite::Result<Writer> {
         let sequences = Sequences::read(&connection)?;
         let operations = OperationIndex::load(&connection)?;
+        let catalog = Catalog::load(&connection)?;
         Ok(Writer {
             connection,
             clock,
@@ -312,6 +332,8 @@ impl Writer {
             next_grant_sequence: sequences.next_grant,
             stats: GroupStats::new(),
             operations,
+            catalog,
+            already_done: false,
         })
     }
 
@@ -356,6 +378,7 @@ impl Writer {
                     Ok(executed) => results.push(Ok(executed)),
                     Err(Failure::Store(error)) => results.push(Err(error)),
                     Err(Failure::Refused(error)) => unreachable!("refusal escaped apply: {error}"),
+                    Err(Failure::Rejected(error)) => unreachable!("refusal escaped apply: {error}"),
                     Err(Failure::Fatal(error)) => return Err(error),
                 }
             }
@@ -379,6 +402,9 @@ impl Writer {
                 self.touched.clear();
                 self.operations.rollback();
                 self.reload_sequences();
+                self.catalog = Catalog::load(&self.connection).unwrap_or_else(|error| {
+                    panic!("cannot read the price book after a rollback: {error}")
+                });
                 for job in batch.drain(..) {
                     let _ = job
                         .reply
@@ -446,10 +472,22 @@ impl Writer {
         actor: Option<&str>,
     ) -> Result<Executed, Failure> {
         let Some((kind, id)) = command.operation_key() else {
-            let result = self.tick().map_err(Failure::Fatal)?;
+            let result = match command {
+                Command::Tick => self.tick().map_err(Failure::Fatal)?,
+                _ => match self.perform(command, actor) {
+                    Ok((outcome, _)) => outcome,
+                    Err(Failure::Refused(error)) => {
+                        return Err(Failure::Store(refusal_to_store_error(&error)))
+                    }
+                    Err(Failure::Rejected(refusal)) => {
+                        return Err(Failure::Store(StoreError::Rejected(refusal)))
+                    }
+                    Err(other) => return Err(other),
+                },
+            };
             return Ok(Executed {
                 result: Ok(result),
-                replayed: false,
+                replayed: std::mem::take(&mut self.already_done),
             });
         };
         if let Some((_, stored_hash, response)) = self.find_operation(kind, id)? {
@@ -482,6 +520,11 @@ impl Writer {
                 }
                 (Err(refusal), None)
             }
+            // A refused capture or release leaves the hold to be resolved later.
+            Err(Failure::Rejected(refusal)) if kind == "hold_resolution" => {
+                return Err(Failure::Store(StoreError::Rejected(refusal)))
+            }
+            Err(Failure::Rejected(refusal)) => (Err(refusal), None),
             Err(other) => return Err(other),
         };
         self.insert_operation(kind, id, hash, &result, charge)?;
@@ -555,6 +598,18 @@ impl Writer {
 
     /// Load a customer's ledger into the cache (if needed) and apply what is due.
     fn prepare(&mut self, customer_id: &Id) -> Result<(), Failure> {
+        self.load(customer_id)?;
+        let now = self.now;
+        let due = self.ledger(customer_id).expire_due(now);
+        for draft in &due {
+            self.record_entry(draft, None)?;
+        }
+        self.touched.insert(customer_id.clone());
+        Ok(())
+    }
+
+    /// Load a customer's ledger into the cache, if it is not there yet.
+    fn load(&mut self, customer_id: &Id) -> Result<(), Failure> {
         if !self.cache.contains_key(customer_id) {
             let Some((ledger, _)) = rows::load_ledger(&self.connection, customer_id)? else {
                 return Err(Failure::Store(StoreError::NotFound(format!(
@@ -577,12 +632,6 @@ impl Writer {
                 },
             );
         }
-        let now = self.now;
-        let due = self.ledger(customer_id).expire_due(now);
-        for draft in &due {
-            self.record_entry(draft, None)?;
-        }
-        self.touched.insert(customer_id.clone());
         Ok(())
     }
 
@@ -592,6 +641,16 @@ impl Writer {
 
     /// Append a journal entry; returns its sequence number.
     fn record_entry(&mut self, draft: &EntryDraft, actor: Option<&str>) -> rusqlite::Result<i64> {
+        self.record_priced_entry(draft, actor, None)
+    }
+
+    /// Append a journal entry with what priced it.
+    fn record_priced_entry(
+        &mut self,
+        draft: &EntryDraft,
+        actor: Option<&str>,
+        pricing: Option<&Pricing>,
+    ) -> rusqlite::Result<i64> {
         let recorded = self.now.micros().max(self.last_recorded_micros + 1);
         self.last_recorded_micros = recorded;
         let sequence = self.next_entry_sequence;
@@ -609,6 +668,7 @@ impl Writer {
             actor,
             Timestamp(recorded),
             previous,
+            pricing,
         )?;
         Ok(sequence)
     }
@@ -624,9 +684,18 @@ impl Writer {
             Command::Grant(grant) => Ok((self.grant(grant, actor)?, None)),
             Command::Charge(charge) => {
                 self.prepare(&charge.customer_id)?;
+                let pricing = match &charge.usage {
+                    Some(usage) => Some(self.price(&charge.customer_id, usage)?),
+                    None => None,
+                };
+                let amount = pricing
+                    .as_ref()
+                    .map(|p| p.cost)
+                    .or(charge.amount)
+                    .ok_or(Failure::Refused(LedgerError::AmountNotPositive))?;
                 let spend = Spend {
                     reference: charge.id.clone(),
-                    amount: charge.amount,
+                    amount,
                     feature: charge.feature.clone(),
                     member_id: charge.member_id.clone(),
                     reason: charge.reason.clone(),
@@ -635,21 +704,22 @@ impl Writer {
                     .ledger(&charge.customer_id)
                     .charge(&spend, now)
                     .map_err(Failure::Refused)?;
-                let entry_id = self.record_entry(&draft, actor)?;
+                let entry_id = self.record_priced_entry(&draft, actor, pricing.as_ref())?;
                 let columns = ChargeColumns {
                     customer_id: charge.customer_id.clone(),
-                    amount: charge.amount.micros(),
+                    amount: amount.micros(),
                     feature: charge.feature.clone(),
                 };
                 let outcome = Outcome::Charge(ChargeOutcome {
                     id: charge.id.clone(),
                     customer_id: charge.customer_id.clone(),
-                    amount: charge.amount,
+                    amount,
                     drawn,
                     balance_after: draft.balance_after,
                     entry_id,
                     feature: charge.feature.clone(),
                     member_id: charge.member_id.clone(),
+                    pricing,
                 });
                 Ok((outcome, Some(columns)))
             }
@@ -657,8 +727,9 @@ impl Writer {
             Command::Capture {
                 hold_id,
                 amount,
+                quantity,
                 reason,
-            } => self.capture(hold_id, *amount, reason.clone(), actor),
+            } => self.capture(hold_id, *amount, *quantity, reason.clone(), actor),
             Command::Release { hold_id, reason } => {
                 Ok((self.release(hold_id, reason.clone(), actor)?, None))
             }
@@ -733,6 +804,31 @@ impl Writer {
                 ))
             }
             Command::Tick => unreachable!("tick has no operation key"),
+            Command::PutFeature { key, name, unit } => Ok((
+                self.put_feature(key, name, unit).map_err(Failure::Fatal)?,
+                None,
+            )),
+            Command::CreatePricebook { id, from } => {
+                Ok((self.create_pricebook(id, from.as_deref(), actor)?, None))
+            }
+            Command::PutRules { id, rules } => Ok((self.put_rules(id, rules)?, None)),
+            Command::Publish { id, effective_at } => {
+                Ok((self.publish(id, *effective_at, actor)?, None))
+            }
+            Command::PutContract {
+                customer_id,
+                contract,
+                lock_rates,
+                ..
+            } => Ok((
+                self.put_contract(customer_id, contract, *lock_rates, actor)?,
+                None,
+            )),
+            Command::Quote {
+                customer_id,
+                usage,
+                member_id,
+            } => Ok((self.quote(customer_id, usage, member_id.as_ref())?, None)),
         }
     }
 
@@ -839,9 +935,18 @@ impl Writer {
             .ok_or(Failure::Refused(LedgerError::InvalidExpiry(
                 "timeout_seconds is too large",
             )))?;
+        let pricing = match &request.usage {
+            Some(usage) => Some(self.price(&request.customer_id, usage)?),
+            None => None,
+        };
+        let amount = pricing
+            .as_ref()
+            .map(|p| p.cost)
+            .or(request.amount)
+            .ok_or(Failure::Refused(LedgerError::AmountNotPositive))?;
         let spend = Spend {
             reference: request.id.clone(),
-            amount: request.amount,
+            amount,
             feature: request.feature.clone(),
             member_id: request.member_id.clone(),
             reason: request.reason.clone(),
@@ -851,11 +956,15 @@ impl Writer {
             .place_hold(&spend, expires_at, now)
             .map_err(Failure::Refused)?;
         rows::upsert_hold(&self.connection, &hold)?;
-        let entry_id = self.record_entry(&draft, actor)?;
+        if let Some(pricing) = &pricing {
+            catalog::save_hold_pricing(&self.connection, hold.id.as_str(), pricing)?;
+        }
+        let entry_id = self.record_priced_entry(&draft, actor, pricing.as_ref())?;
         Ok(Outcome::Hold(HoldOutcome {
             hold,
             balance_after: draft.balance_after,
             entry_id,
+            pricing,
         }))
     }
 
@@ -892,17 +1001,41 @@ impl Writer {
         &mut self,
         hold_id: &Id,
         amount: Option<tally_core::Amount>,
+        quantity: Option<tally_core::Amount>,
         reason: Option<String>,
         actor: Option<&str>,
     ) -> Result<(Outcome, Option<ChargeColumns>), Failure> {
         let customer_id = self.active_hold_customer(hold_id)?;
         let now = self.now;
+        let locked = catalog::hold_pricing(&self.connection, hold_id.as_str())?;
+        let (amount, pricing) = match (amount, quantity, locked) {
+            (_, Some(quantity), Some(locked)) => {
+                let pricing = locked.reprice(quantity).map_err(pricing_refusal)?;
+                (Some(pricing.cost), Some(pricing))
+            }
+            (_, Some(_), None) => {
+                return Err(Failure::Rejected(Refusal {
+                    code: "invalid_request".into(),
+                    message: format!(
+                        "hold {hold_id} was placed for an amount, not a feature and quantity: capture an amount"
+                    ),
+                    available: None,
+                }))
+            }
+            // An explicit amount prices nothing: keep the locked price only
+            // when the whole hold is taken.
+            (amount, None, locked) => {
+                let whole = |l: &Pricing| amount.is_none_or(|a| a == l.cost);
+                (amount, locked.filter(whole))
+            }
+        };
         let ledger = self.ledger(&customer_id);
         let feature = ledger.active_hold(hold_id).and_then(|h| h.feature.clone());
         let (captured, draft) = ledger
             .capture(hold_id, amount, reason, now)
             .map_err(Failure::Refused)?;
-        let entry_id = self.record_entry(&draft, actor)?;
+        // A full capture of a priced hold keeps the price and quantity it locked.
+        let entry_id = self.record_priced_entry(&draft, actor, pricing.as_ref())?;
         let columns = ChargeColumns {
             customer_id: customer_id.clone(),
             amount: captured.captured.micros(),
@@ -916,6 +1049,7 @@ impl Writer {
             drawn: captured.drawn,
             balance_after: draft.balance_after,
             entry_id,
+            pricing,
         });
         Ok((outcome, Some(columns)))
     }
@@ -1039,6 +1173,310 @@ impl Writer {
             .ok_or_else(|| Failure::Store(StoreError::NotFound(format!("grant {grant_id}"))))
     }
 
+    /// Price usage for a customer now, by the version in effect and its contract.
+    fn price(&self, customer_id: &Id, usage: &UsageInput) -> Result<Pricing, Failure> {
+        if !self.catalog.features.contains_key(&usage.feature) {
+            return Err(Failure::Rejected(Refusal {
+                code: "unknown_feature".into(),
+                message: format!(
+                    "feature {} is not defined; create it with PUT /v1/features/{}",
+                    usage.feature, usage.feature
+                ),
+                available: None,
+            }));
+        }
+        let customer =
+            rows::customer(&self.connection, customer_id.as_str())?.ok_or_else(|| {
+                Failure::Store(StoreError::NotFound(format!("customer {customer_id}")))
+            })?;
+        let contract = self
+            .catalog
+            .contracts
+            .get(customer_id.as_str())
+            .map(|c| &c.contract);
+        let request = Usage {
+            feature: &usage.feature,
+            quantity: usage.quantity,
+            properties: &usage.properties,
+            plan: customer.plan.as_deref(),
+            region: customer.region.as_deref(),
+            at: self.now,
+        };
+        pricebook::price_usage(&self.catalog.published, None, contract, &request)
+            .map_err(pricing_refusal)
+    }
+
+    fn put_feature(&mut self, key: &str, name: &str, unit: &str) -> rusqlite::Result<Outcome> {
+        let now = self.now;
+        let record = FeatureRecord {
+            key: key.to_owned(),
+            name: name.to_owned(),
+            unit: unit.to_owned(),
+            created_at: self.catalog.features.get(key).map_or(now, |f| f.created_at),
+            updated_at: now,
+        };
+        catalog::upsert_feature(&self.connection, &record)?;
+        self.catalog.features.insert(key.to_owned(), record.clone());
+        Ok(Outcome::Feature(record))
+    }
+
+    fn create_pricebook(
+        &mut self,
+        id: &Id,
+        from: Option<&str>,
+        actor: Option<&str>,
+    ) -> Result<Outcome, Failure> {
+        if self.catalog.books.contains_key(id.as_str()) {
+            return Err(Failure::Store(StoreError::IdempotencyConflict(
+                id.to_string(),
+            )));
+        }
+        let rules = match from {
+            Some(from) => self
+                .catalog
+                .books
+                .get(from)
+                .ok_or_else(|| Failure::Store(StoreError::NotFound(format!("price book {from}"))))?
+                .rules
+                .clone(),
+            None => Vec::new(),
+        };
+        let record = PricebookRecord {
+            id: id.to_string(),
+            status: PricebookStatus::Draft,
+            copied_from: from.map(str::to_owned),
+            rules,
+            created_at: self.now,
+            created_by: actor.map(str::to_owned),
+            updated_at: self.now,
+            effective_at: None,
+            published_at: None,
+            published_by: None,
+            published_seq: None,
+        };
+        catalog::save_pricebook(&self.connection, &record)?;
+        self.catalog.books.insert(record.id.clone(), record.clone());
+        Ok(Outcome::Pricebook(record))
+    }
+
+    /// Rules must be well formed, unambiguous and name defined features.
+    fn check_rules(&self, rules: &[tally_core::Rule], whose: &str) -> Result<(), Failure> {
+        let mut problems: Vec<String> = match tally_core::pricing::validate(rules) {
+            Ok(()) => Vec::new(),
+            Err(found) => found.into_iter().map(|p| p.message).collect(),
+        };
+        for (index, rule) in rules.iter().enumerate() {
+            if !rule.feature.trim().is_empty() && !self.catalog.features.contains_key(&rule.feature)
+            {
+                problems.push(format!(
+                    "Rule {index} prices feature {}, which is not defined; create it with PUT /v1/features/{}.",
+                    rule.feature, rule.feature
+                ));
+            }
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(Failure::Rejected(Refusal {
+            code: "invalid_rules".into(),
+            message: format!("{whose} cannot be accepted: {}", problems.join(" ")),
+            available: None,
+        }))
+    }
+
+    fn draft(&self, id: &str) -> Result<&PricebookRecord, Failure> {
+        let book = self
+            .catalog
+            .books
+            .get(id)
+            .ok_or_else(|| Failure::Store(StoreError::NotFound(format!("price book {id}"))))?;
+        Ok(book)
+    }
+
+    fn put_rules(&mut self, id: &str, rules: &[tally_core::Rule]) -> Result<Outcome, Failure> {
+        let book = self.draft(id)?;
+        if book.status == PricebookStatus::Published {
+            return Err(not_draft(id));
+        }
+        self.check_rules(rules, &format!("The rules of price book {id}"))?;
+        let mut record = book.clone();
+        record.rules = rules.to_vec();
+        record.updated_at = self.now;
+        catalog::save_pricebook(&self.connection, &record)?;
+        self.catalog.books.insert(record.id.clone(), record.clone());
+        Ok(Outcome::Pricebook(record))
+    }
+
+    fn publish(
+        &mut self,
+        id: &str,
+        effective_at: Option<Timestamp>,
+        actor: Option<&str>,
+    ) -> Result<Outcome, Failure> {
+        let book = self.draft(id)?.clone();
+        if book.status == PricebookStatus::Published {
+            // A retry of the same publication answers as the first did.
+            if effective_at.is_none() || effective_at == book.effective_at {
+                self.already_done = true;
+                return Ok(Outcome::Pricebook(book));
+            }
+            return Err(not_draft(id));
+        }
+        let now = self.now;
+        let effective_at = effective_at.unwrap_or(now);
+        if effective_at < now {
+            return Err(Failure::Rejected(Refusal {
+                code: "invalid_request".into(),
+                message: format!(
+                    "effective_at is in the past (the engine's clock is at {} µs); publish now or later, \
+                     since charges already made cannot be repriced",
+                    now.0
+                ),
+                available: None,
+            }));
+        }
+        if book.rules.is_empty() {
+            return Err(Failure::Rejected(Refusal {
+                code: "invalid_rules".into(),
+                message: format!(
+                    "price book {id} has no rules; add them with PUT /v1/pricebooks/{id}/rules"
+                ),
+                available: None,
+            }));
+        }
+        self.check_rules(&book.rules, &format!("Price book {id}"))?;
+        let mut record = book;
+        record.status = PricebookStatus::Published;
+        record.effective_at = Some(effective_at);
+        record.published_at = Some(now);
+        record.published_by = actor.map(str::to_owned);
+        record.published_seq = Some(self.catalog.next_published_seq());
+        record.updated_at = now;
+        catalog::save_pricebook(&self.connection, &record)?;
+        self.catalog.published.publish(
+            record
+                .version()
+                .expect("a published version has its fields"),
+        );
+        self.catalog.books.insert(record.id.clone(), record.clone());
+        Ok(Outcome::Pricebook(record))
+    }
+
+    fn put_contract(
+        &mut self,
+        customer_id: &Id,
+        contract: &Contract,
+        lock_rates: bool,
+        actor: Option<&str>,
+    ) -> Result<Outcome, Failure> {
+        if rows::customer(&self.connection, customer_id.as_str())?.is_none() {
+            return Err(Failure::Store(StoreError::NotFound(format!(
+                "customer {customer_id}"
+            ))));
+        }
+        let refuse = |message: String| {
+            Failure::Rejected(Refusal {
+                code: "invalid_request".into(),
+                message,
+                available: None,
+            })
+        };
+        if let (Some(from), Some(to)) = (contract.effective_from, contract.effective_to) {
+            if to <= from {
+                return Err(refuse("effective_to must be after effective_from".into()));
+            }
+        }
+        if contract
+            .rules
+            .iter()
+            .any(|r| r.plan.is_some() || r.region.is_some())
+        {
+            return Err(refuse(
+                "a contract's rules are the customer's own: they take no plan or region".into(),
+            ));
+        }
+        self.check_rules(
+            &contract.rules,
+            &format!("The rules of contract {}", contract.id),
+        )?;
+        let mut contract = contract.clone();
+        if lock_rates {
+            if contract.pinned_pricebook.is_some() {
+                return Err(refuse(
+                    "give lock_rates or pinned_pricebook, not both".into(),
+                ));
+            }
+            let start = contract.effective_from.unwrap_or(self.now).max(self.now);
+            let version = self.catalog.published.in_effect(start).ok_or_else(|| {
+                refuse(
+                    "lock_rates needs a price book version in effect at the contract's start"
+                        .into(),
+                )
+            })?;
+            contract.pinned_pricebook = Some(version.id.clone());
+        }
+        if let Some(pinned) = &contract.pinned_pricebook {
+            if self.catalog.published.get(pinned).is_none() {
+                return Err(refuse(format!(
+                    "pinned_pricebook {pinned} is not a published price book version"
+                )));
+            }
+        }
+        let record = ContractRecord {
+            customer_id: customer_id.to_string(),
+            contract,
+            updated_at: self.now,
+            updated_by: actor.map(str::to_owned),
+        };
+        catalog::save_contract(&self.connection, &record)?;
+        self.catalog
+            .contracts
+            .insert(record.customer_id.clone(), record.clone());
+        Ok(Outcome::Contract(record))
+    }
+
+    /// The charge path on a copy of the customer's ledger: priced and drawn
+    /// exactly as a charge made now would be, with nothing written.
+    fn quote(
+        &mut self,
+        customer_id: &Id,
+        usage: &UsageInput,
+        member_id: Option<&Id>,
+    ) -> Result<Outcome, Failure> {
+        // What is due (expiries, hold timeouts) is applied to a copy below.
+        self.load(customer_id)?;
+        let pricing = self.price(customer_id, usage)?;
+        let now = self.now;
+        let mut copy = self
+            .cache
+            .get(customer_id)
+            .expect("prepared")
+            .ledger
+            .clone();
+        let _ = copy.expire_due(now);
+        let available = copy.balance(now).available;
+        let spend = Spend {
+            reference: Id::derived("quote"),
+            amount: pricing.cost,
+            feature: Some(usage.feature.clone()),
+            member_id: member_id.cloned(),
+            reason: None,
+        };
+        let (fits, drawn, balance_after) = match copy.charge(&spend, now) {
+            Ok((drawn, draft)) => (true, drawn, draft.balance_after),
+            Err(LedgerError::InsufficientCredits { .. }) => (false, Vec::new(), available),
+            Err(other) => return Err(Failure::Refused(other)),
+        };
+        Ok(Outcome::Quote(QuoteOutcome {
+            customer_id: customer_id.clone(),
+            pricing,
+            fits,
+            drawn,
+            balance_after,
+            available,
+        }))
+    }
+
     /// Expire what is due for customers with due holds or grants.
     fn tick(&mut self) -> rusqlite::Result<Outcome> {
         let now = self.now.micros();
@@ -1053,13 +1491,46 @@ impl Writer {
         let before = self.next_entry_sequence;
         for customer_id in due {
             match self.prepare(&Id::derived(&customer_id)) {
-                Ok(()) | Err(Failure::Store(_)) | Err(Failure::Refused(_)) => {}
+                Ok(()) | Err(Failure::Store(_) | Failure::Refused(_) | Failure::Rejected(_)) => {}
                 Err(Failure::Fatal(error)) => return Err(error),
             }
         }
         let entries = usize::try_from(self.next_entry_sequence - before).unwrap_or(0);
         Ok(Outcome::Tick { entries })
     }
+}
+
+fn not_draft(id: &str) -> Failure {
+    Failure::Rejected(Refusal {
+        code: "pricebook_not_draft".into(),
+        message: format!(
+            "price book {id} is published and never changes; create a new version with POST /v1/pricebooks {{\"id\": ..., \"from\": \"{id}\"}}"
+        ),
+        available: None,
+    })
+}
+
+/// A pricing error as the API reports it.
+fn pricing_refusal(error: PricingError) -> Failure {
+    let code = match &error {
+        PricingError::UnknownFeature { .. } | PricingError::NoPrice { .. } => "no_price",
+        PricingError::Overflow => "amount_too_large",
+        PricingError::InvalidQuantity { .. } | PricingError::InvalidMultiplier { .. } => {
+            "invalid_request"
+        }
+        PricingError::InvalidPrice { .. } | PricingError::Ambiguous { .. } => "no_price",
+    };
+    let message = match &error {
+        PricingError::UnknownFeature { feature } => {
+            format!("feature {feature} has no price in the price book version in effect")
+        }
+        other => other.to_string(),
+    };
+    Failure::Rejected(Refusal {
+        code: code.into(),
+        message,
+        available: None,
+    })
 }
 
 fn refusal_to_store_error(error: &LedgerError) -> StoreError {

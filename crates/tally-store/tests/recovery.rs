@@ -56,8 +56,9 @@ fn charge(charge_id: &str, credits: &str) -> Command {
     Command::Charge(NewCharge {
         id: id(charge_id),
         customer_id: id("c"),
-        amount: amount(credits),
+        amount: Some(amount(credits)),
         feature: None,
+        usage: None,
         member_id: None,
         reason: None,
         metadata: None,
@@ -102,8 +103,9 @@ async fn survives_reopen(name: &str, charges: usize) {
     let hold = NewHold {
         id: id("h"),
         customer_id: id("c"),
-        amount: amount("30"),
+        amount: Some(amount("30")),
         feature: None,
+        usage: None,
         timeout_seconds: 3600,
         member_id: None,
         reason: None,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tally_core::{Amount, Id, Source};
-use tally_store::{Command, NewCharge, NewCustomer, NewGrant, Store, SystemClock};
+use tally_store::{Command, NewCharge, NewCustomer, NewGrant, Store, SystemClock, UsageInput};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Give charges random ids (like UUIDs from real clients) instead of sequential ones.
     #[arg(long)]
     random_ids: bool,
+    /// Charge by feature and quantity, priced by a published price book
+    /// (3 units at 0.5 credits), instead of by amount.
+    #[arg(long)]
+    priced: bool,
     /// Where to put the temporary database (default: the system temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -39,12 +43,16 @@ pub struct BenchArgs {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     RANDOM_IDS.store(args.random_ids, Ordering::Relaxed);
+    PRICED.store(args.priced, Ordering::Relaxed);
     let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     let dir = base.join(format!("tally-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let store = Store::open(&dir, Arc::new(SystemClock)).context("open bench store")?;
     eprintln!("setting up {} customers in {dir:?}", args.customers);
     setup(&store, args.customers).await?;
+    if args.priced {
+        publish_price(&store).await?;
+    }
     let uniform = throughput(
         &store,
         args.customers,
@@ -127,7 +135,43 @@ async fn setup(store: &Store, customers: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One feature at 0.5 credits per unit, published now.
+async fn publish_price(store: &Store) -> anyhow::Result<()> {
+    let rules = serde_json::from_value(serde_json::json!([
+        {"feature": "api_call", "credits_per_unit": "0.5"}
+    ]))?;
+    let commands = [
+        Command::PutFeature {
+            key: "api_call".into(),
+            name: "API call".into(),
+            unit: "call".into(),
+        },
+        Command::CreatePricebook {
+            id: Id::parse("bench_v1").expect("valid id"),
+            from: None,
+        },
+        Command::PutRules {
+            id: "bench_v1".into(),
+            rules,
+        },
+        Command::Publish {
+            id: "bench_v1".into(),
+            effective_at: None,
+        },
+    ];
+    for command in commands {
+        let executed = store.execute(command, None).await?;
+        anyhow::ensure!(
+            executed.result.is_ok(),
+            "price book set-up refused: {:?}",
+            executed.result
+        );
+    }
+    Ok(())
+}
+
 static NEXT_CHARGE: AtomicU64 = AtomicU64::new(0);
+static PRICED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static RANDOM_IDS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn charge(customers: usize) -> Command {
@@ -142,11 +186,17 @@ fn charge(customers: usize) -> Command {
     };
     // A cheap deterministic spread over customers (Knuth's multiplicative hash).
     let index = (n.wrapping_mul(2_654_435_761) % customers as u64) as usize;
+    let priced = PRICED.load(Ordering::Relaxed);
     Command::Charge(NewCharge {
         id: Id::parse(&id).expect("valid id"),
         customer_id: customer(if customers == 1 { 0 } else { index }),
-        amount: Amount::parse("1.5").expect("valid"),
-        feature: None,
+        amount: (!priced).then(|| Amount::parse("1.5").expect("valid")),
+        feature: priced.then(|| "api_call".to_string()),
+        usage: priced.then(|| UsageInput {
+            feature: "api_call".into(),
+            quantity: Amount::from_units(3).expect("in range"),
+            properties: Default::default(),
+        }),
         member_id: None,
         reason: None,
         metadata: None,

@@ -102,7 +102,10 @@ pub async fn get_entry(
         .ok_or_else(not_found)?;
     let record = state.store.entry(sequence).await?.ok_or_else(not_found)?;
     Ok(Json(EntryDetail {
-        explanation: explain(&record.draft),
+        explanation: match &record.pricing {
+            Some(pricing) => format!("{} {}.", explain(&record.draft), pricing.describe()),
+            None => explain(&record.draft),
+        },
         entry: EntryBody::from(&record),
     }))
 }

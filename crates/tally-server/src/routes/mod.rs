@@ -2,5 +2,6 @@
 
 pub mod customers;
 pub mod ledger;
+pub mod pricebook;
 pub mod spend;
 pub mod system;

@@ -8,7 +8,7 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tally_core::{Amount, Id};
-use tally_store::{Command, NewCharge, NewHold, NewRefund, Outcome};
+use tally_store::{Command, NewCharge, NewHold, NewRefund, Outcome, UsageInput};
 use utoipa::ToSchema;
 
 use super::customers::{required_reason, unexpected};
@@ -56,32 +56,46 @@ pub struct ChargeBody {
     pub member_id: Option<String>,
     /// The price book version that priced it (charges by feature and quantity).
     pub pricebook: Option<String>,
+    /// The rule that priced it: `<version> rule <n>` or `contract <id> rule <n>`.
     pub rule: Option<String>,
+    /// The quantity priced (charges by feature and quantity).
+    pub quantity: Option<String>,
     pub entry_id: String,
 }
 
-/// The amount to spend: given directly, or priced from feature and quantity.
-fn spend_amount(
+/// The amount to spend: given directly, or usage for the price book to price.
+pub fn spend_amount(
     amount: Option<AmountInput>,
     feature: &Option<String>,
     quantity: Option<AmountInput>,
-) -> Result<Amount, ApiError> {
+    properties: Option<serde_json::Value>,
+) -> Result<(Option<Amount>, Option<UsageInput>), ApiError> {
     match (amount, quantity) {
         (Some(_), Some(_)) => Err(ApiError::invalid(
             "quantity",
             "give either amount, or feature and quantity, not both",
         )),
-        (Some(amount), None) => edge::positive(amount, "amount"),
+        (Some(amount), None) => {
+            if properties.is_some() {
+                return Err(ApiError::invalid(
+                    "properties",
+                    "properties price usage: give them with feature and quantity, not with amount",
+                ));
+            }
+            Ok((Some(edge::positive(amount, "amount")?), None))
+        }
         (None, Some(quantity)) => {
-            edge::positive(quantity, "quantity")?;
+            let quantity = edge::positive(quantity, "quantity")?;
             let feature = feature
-                .as_deref()
+                .clone()
                 .ok_or_else(|| ApiError::invalid("feature", "quantity needs a feature"))?;
-            Err(ApiError::new(
-                "no_price",
-                format!(
-                    "no published price book prices feature {feature}; charge an amount instead"
-                ),
+            Ok((
+                None,
+                Some(UsageInput {
+                    feature,
+                    quantity,
+                    properties: properties_of(properties)?,
+                }),
             ))
         }
         (None, None) => Err(ApiError::invalid(
@@ -89,6 +103,53 @@ fn spend_amount(
             "give amount, or feature and quantity",
         )),
     }
+}
+
+/// At most this many event properties, each key and value at most 256 characters.
+const MAX_PROPERTIES: usize = 32;
+
+/// Event properties: a JSON object of strings (numbers and booleans are taken
+/// as their JSON text, so `{"model": "gpt-4", "tier": 2}` matches `"2"`).
+pub fn properties_of(
+    value: Option<serde_json::Value>,
+) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+    let mut properties = std::collections::BTreeMap::new();
+    let Some(value) = value else {
+        return Ok(properties);
+    };
+    let serde_json::Value::Object(map) = value else {
+        return Err(ApiError::invalid(
+            "properties",
+            "properties must be a JSON object such as {\"model\": \"gpt-4\"}",
+        ));
+    };
+    if map.len() > MAX_PROPERTIES {
+        return Err(ApiError::invalid(
+            "properties",
+            format!("at most {MAX_PROPERTIES} properties"),
+        ));
+    }
+    for (key, value) in map {
+        let text = match value {
+            serde_json::Value::String(text) => text,
+            serde_json::Value::Number(number) => number.to_string(),
+            serde_json::Value::Bool(flag) => flag.to_string(),
+            _ => {
+                return Err(ApiError::invalid(
+                    "properties",
+                    format!("property {key} must be a string, number or boolean"),
+                ))
+            }
+        };
+        if key.is_empty() || key.len() > 256 || text.len() > 256 {
+            return Err(ApiError::invalid(
+                "properties",
+                "property names must be 1 to 256 characters and values at most 256",
+            ));
+        }
+        properties.insert(key, text);
+    }
+    Ok(properties)
 }
 
 fn feature(value: Option<String>) -> Result<Option<String>, ApiError> {
@@ -114,12 +175,13 @@ pub async fn create_charge(
     let id = edge::id(&body.id, "id")?;
     let customer_id = edge::id(&body.customer_id, "customer_id")?;
     let feature = feature(body.feature)?;
-    let amount = spend_amount(body.amount, &feature, body.quantity)?;
+    let (amount, usage) = spend_amount(body.amount, &feature, body.quantity, body.properties)?;
     let command = Command::Charge(NewCharge {
         id,
         customer_id,
         amount,
         feature,
+        usage,
         member_id: member(body.member_id)?,
         reason: edge::text(body.reason, "reason", 1024)?,
         metadata: edge::metadata(body.metadata)?,
@@ -134,8 +196,12 @@ pub async fn create_charge(
             balance_after: amount_text(c.balance_after),
             feature: c.feature.clone(),
             member_id: c.member_id.as_ref().map(ToString::to_string),
-            pricebook: None,
-            rule: None,
+            pricebook: c
+                .pricing
+                .as_ref()
+                .and_then(|p| p.pricebook().map(str::to_owned)),
+            rule: c.pricing.as_ref().map(|p| p.rule_label()),
+            quantity: c.pricing.as_ref().map(|p| amount_text(p.quantity)),
             entry_id: entry_id(c.entry_id),
         }),
         _ => Err(unexpected()),
@@ -183,19 +249,24 @@ pub async fn create_hold(
         ));
     }
     let feature = feature(body.feature)?;
-    let amount = spend_amount(body.amount, &feature, body.quantity)?;
+    let (amount, usage) = spend_amount(body.amount, &feature, body.quantity, body.properties)?;
     let command = Command::Hold(NewHold {
         id,
         customer_id,
         amount,
         feature,
+        usage,
         timeout_seconds: body.timeout_seconds,
         member_id: member(body.member_id)?,
         reason: edge::text(body.reason, "reason", 1024)?,
     });
     let executed = state.execute(command, &caller).await?;
     Ok(reply(executed, |outcome| match outcome {
-        Outcome::Hold(h) => Ok(HoldBody::render(&h.hold, Some(h.balance_after))),
+        Outcome::Hold(h) => {
+            let mut body = HoldBody::render(&h.hold, Some(h.balance_after));
+            body.price(h.pricing.as_ref());
+            Ok(body)
+        }
         _ => Err(unexpected()),
     }))
 }
@@ -218,11 +289,14 @@ pub async fn get_hold(
     if hold.status == tally_core::HoldStatus::Active && hold.expires_at <= state.store.now() {
         hold.status = tally_core::HoldStatus::Expired;
     }
-    Ok(Json(HoldBody::render(&hold, None)))
+    let pricing = state.store.hold_pricing(id).await?;
+    let mut body = HoldBody::render(&hold, None);
+    body.price(pricing.as_ref());
+    Ok(Json(body))
 }
 
 /// Parse an optional JSON body: empty means the default.
-fn optional_body<T: DeserializeOwned + Default>(
+pub fn optional_body<T: DeserializeOwned + Default>(
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
     // An unreadable body (e.g. over the size limit) is a JSON error like any other.
@@ -240,6 +314,10 @@ pub struct CaptureHold {
     /// What to capture; default all. The rest is released.
     #[schema(value_type = Option<String>)]
     pub amount: Option<AmountInput>,
+    /// For a hold placed by feature and quantity: the quantity actually used,
+    /// priced at the price the hold locked.
+    #[schema(value_type = Option<String>)]
+    pub quantity: Option<AmountInput>,
     pub reason: Option<String>,
 }
 
@@ -254,6 +332,10 @@ pub struct CaptureBody {
     pub drawn: Vec<DrawBody>,
     pub balance_after: String,
     pub entry_id: String,
+    /// The version and rule the hold locked (holds by feature and quantity).
+    pub pricebook: Option<String>,
+    pub rule: Option<String>,
+    pub quantity: Option<String>,
 }
 
 /// Capture a hold (all, or part: the rest is released).
@@ -274,8 +356,25 @@ pub async fn capture_hold(
             .amount
             .map(|a| edge::positive(a, "amount"))
             .transpose()?,
+        quantity: body
+            .quantity
+            .map(|q| edge::positive(q, "quantity"))
+            .transpose()?,
         reason: edge::text(body.reason, "reason", 1024)?,
     };
+    if matches!(
+        &command,
+        Command::Capture {
+            amount: Some(_),
+            quantity: Some(_),
+            ..
+        }
+    ) {
+        return Err(ApiError::invalid(
+            "quantity",
+            "give either amount or quantity, not both",
+        ));
+    }
     let executed = state.execute(command, &caller).await?;
     Ok(reply(executed, |outcome| match outcome {
         Outcome::Capture(c) => Ok(CaptureBody {
@@ -287,6 +386,12 @@ pub async fn capture_hold(
             drawn: draws(&c.drawn),
             balance_after: amount(c.balance_after),
             entry_id: entry_id(c.entry_id),
+            pricebook: c
+                .pricing
+                .as_ref()
+                .and_then(|p| p.pricebook().map(str::to_owned)),
+            rule: c.pricing.as_ref().map(|p| p.rule_label()),
+            quantity: c.pricing.as_ref().map(|p| amount(p.quantity)),
         }),
         _ => Err(unexpected()),
     }))

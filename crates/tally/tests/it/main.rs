@@ -5,6 +5,7 @@
 mod concurrency;
 mod crash;
 mod hardening;
+mod pricebook;
 mod routes;
 mod smoke;
 mod support;

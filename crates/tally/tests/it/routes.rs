@@ -1033,7 +1033,7 @@ async fn charge_input_errors_change_nothing() {
         (
             json!({ "id": "x1", "customer_id": "c", "feature": "ai", "quantity": 3 }),
             422,
-            "no_price",
+            "unknown_feature",
         ),
         (
             json!({ "id": "x2", "customer_id": "c", "amount": "1", "feature": "ai", "quantity": 3 }),
@@ -1413,7 +1413,7 @@ async fn hold_input_errors_change_nothing() {
         (
             json!({ "id": "h_price", "customer_id": "c", "feature": "a", "quantity": 1, "timeout_seconds": 60 }),
             422,
-            "no_price",
+            "unknown_feature",
         ),
         (
             json!({ "id": "h_zero", "customer_id": "c", "amount": "0", "timeout_seconds": 60 }),

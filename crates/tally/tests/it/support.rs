@@ -271,7 +271,8 @@ pub fn decimal(micros: i64) -> String {
 }
 
 /// Check one ledger entry's postings: every amount positive, a charge moves
-/// credits from `grant:` accounts to `consumed` and its postings sum to its amount.
+/// credits from `grant:` accounts to `consumed` (`consumed:<feature>` when it
+/// names a feature) and its postings sum to its amount.
 pub fn assert_entry_postings(entry: &Value) {
     let postings = entry["postings"]
         .as_array()
@@ -295,7 +296,16 @@ pub fn assert_entry_postings(entry: &Value) {
                 from.starts_with("grant:"),
                 "charge not from a grant: {entry}"
             );
-            assert_eq!(posting["to"], "consumed", "charge not to consumed: {entry}");
+            // A charge naming a feature is consumed on that feature's account.
+            let consumed = match entry["feature"].as_str() {
+                Some(feature) => format!("consumed:{feature}"),
+                None => "consumed".to_string(),
+            };
+            assert_eq!(
+                posting["to"],
+                consumed.as_str(),
+                "charge not to its consumed account: {entry}"
+            );
             total += micros_of(&posting["amount"]);
         }
         assert_eq!(

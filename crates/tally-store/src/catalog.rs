@@ -1,0 +1,298 @@
+//! The price book as the store keeps it: features, versions (drafts and
+//! published) and customer contracts.
+//!
+//! The writer holds the whole catalog in memory (it is small: tens of
+//! features, a few versions, contracts for the customers that negotiated one)
+//! and changes it only inside its write groups, so a charge is always priced
+//! against exactly the versions committed before it. Readers read the tables.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
+use tally_core::pricebook::{Contract, PriceBook, Version};
+use tally_core::{Rule, Timestamp};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureRecord {
+    pub key: String,
+    pub name: String,
+    pub unit: String,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PricebookStatus {
+    Draft,
+    Published,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PricebookRecord {
+    pub id: String,
+    pub status: PricebookStatus,
+    /// The version whose rules this draft started from.
+    pub copied_from: Option<String>,
+    pub rules: Vec<Rule>,
+    pub created_at: Timestamp,
+    pub created_by: Option<String>,
+    pub updated_at: Timestamp,
+    pub effective_at: Option<Timestamp>,
+    pub published_at: Option<Timestamp>,
+    pub published_by: Option<String>,
+    /// Order of publication (1, 2, ...); ties on `effective_at` go to the later one.
+    pub published_seq: Option<i64>,
+}
+
+impl PricebookRecord {
+    pub fn version(&self) -> Option<Version> {
+        Some(Version {
+            id: self.id.clone(),
+            effective_at: self.effective_at?,
+            published_seq: self.published_seq?,
+            rules: self.rules.clone(),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContractRecord {
+    pub customer_id: String,
+    pub contract: Contract,
+    pub updated_at: Timestamp,
+    pub updated_by: Option<String>,
+}
+
+/// Everything pricing needs, in memory.
+#[derive(Default)]
+pub struct Catalog {
+    pub features: BTreeMap<String, FeatureRecord>,
+    pub books: HashMap<String, PricebookRecord>,
+    pub published: PriceBook,
+    pub contracts: HashMap<String, ContractRecord>,
+}
+
+impl Catalog {
+    pub fn load(connection: &Connection) -> rusqlite::Result<Catalog> {
+        let books: HashMap<String, PricebookRecord> = pricebooks(connection)?
+            .into_iter()
+            .map(|b| (b.id.clone(), b))
+            .collect();
+        let published = PriceBook::new(
+            books
+                .values()
+                .filter_map(PricebookRecord::version)
+                .collect(),
+        );
+        Ok(Catalog {
+            features: features(connection)?
+                .into_iter()
+                .map(|f| (f.key.clone(), f))
+                .collect(),
+            books,
+            published,
+            contracts: contracts(connection)?
+                .into_iter()
+                .map(|c| (c.customer_id.clone(), c))
+                .collect(),
+        })
+    }
+
+    pub fn next_published_seq(&self) -> i64 {
+        self.books
+            .values()
+            .filter_map(|b| b.published_seq)
+            .max()
+            .unwrap_or(0)
+            + 1
+    }
+}
+
+fn corrupt(what: &str) -> rusqlite::Error {
+    rusqlite::Error::InvalidColumnType(0, what.to_string(), rusqlite::types::Type::Text)
+}
+
+fn json<T: serde::de::DeserializeOwned>(text: &str) -> rusqlite::Result<T> {
+    serde_json::from_str(text).map_err(|_| corrupt("bad json in the price book"))
+}
+
+fn ts(row: &Row, index: usize) -> rusqlite::Result<Option<Timestamp>> {
+    Ok(row.get::<_, Option<i64>>(index)?.map(Timestamp))
+}
+
+pub fn upsert_feature(connection: &Connection, feature: &FeatureRecord) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached(
+            "INSERT INTO features (key, name, unit, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT(key) DO UPDATE SET name = excluded.name, unit = excluded.unit, updated_at = excluded.updated_at",
+        )?
+        .execute(params![
+            feature.key,
+            feature.name,
+            feature.unit,
+            feature.created_at.0,
+            feature.updated_at.0
+        ])?;
+    Ok(())
+}
+
+pub fn features(connection: &Connection) -> rusqlite::Result<Vec<FeatureRecord>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT key, name, unit, created_at, updated_at FROM features ORDER BY key",
+    )?;
+    let rows = statement.query_map([], |row| {
+        Ok(FeatureRecord {
+            key: row.get(0)?,
+            name: row.get(1)?,
+            unit: row.get(2)?,
+            created_at: Timestamp(row.get(3)?),
+            updated_at: Timestamp(row.get(4)?),
+        })
+    })?;
+    rows.collect()
+}
+
+pub fn save_pricebook(connection: &Connection, book: &PricebookRecord) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached(
+            "INSERT INTO pricebooks (id, status, copied_from, rules, created_at, created_by, updated_at, \
+             effective_at, published_at, published_by, published_seq) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+             ON CONFLICT(id) DO UPDATE SET status = excluded.status, rules = excluded.rules, \
+             updated_at = excluded.updated_at, effective_at = excluded.effective_at, \
+             published_at = excluded.published_at, published_by = excluded.published_by, \
+             published_seq = excluded.published_seq",
+        )?
+        .execute(params![
+            book.id,
+            match book.status {
+                PricebookStatus::Draft => "draft",
+                PricebookStatus::Published => "published",
+            },
+            book.copied_from,
+            serde_json::to_string(&book.rules).expect("rules serialize"),
+            book.created_at.0,
+            book.created_by,
+            book.updated_at.0,
+            book.effective_at.map(|t| t.0),
+            book.published_at.map(|t| t.0),
+            book.published_by,
+            book.published_seq,
+        ])?;
+    Ok(())
+}
+
+const PRICEBOOK_COLUMNS: &str =
+    "id, status, copied_from, rules, created_at, created_by, updated_at, \
+     effective_at, published_at, published_by, published_seq";
+
+fn pricebook_row(row: &Row) -> rusqlite::Result<PricebookRecord> {
+    Ok(PricebookRecord {
+        id: row.get(0)?,
+        status: match row.get::<_, String>(1)?.as_str() {
+            "draft" => PricebookStatus::Draft,
+            "published" => PricebookStatus::Published,
+            _ => return Err(corrupt("pricebook status")),
+        },
+        copied_from: row.get(2)?,
+        rules: json(&row.get::<_, String>(3)?)?,
+        created_at: Timestamp(row.get(4)?),
+        created_by: row.get(5)?,
+        updated_at: Timestamp(row.get(6)?),
+        effective_at: ts(row, 7)?,
+        published_at: ts(row, 8)?,
+        published_by: row.get(9)?,
+        published_seq: row.get(10)?,
+    })
+}
+
+/// Every version: published ones by publication order, then drafts by creation.
+pub fn pricebooks(connection: &Connection) -> rusqlite::Result<Vec<PricebookRecord>> {
+    let sql = format!(
+        "SELECT {PRICEBOOK_COLUMNS} FROM pricebooks \
+         ORDER BY published_seq IS NULL, published_seq, created_at, id"
+    );
+    let mut statement = connection.prepare_cached(&sql)?;
+    let rows = statement.query_map([], pricebook_row)?;
+    rows.collect()
+}
+
+pub fn pricebook(connection: &Connection, id: &str) -> rusqlite::Result<Option<PricebookRecord>> {
+    let sql = format!("SELECT {PRICEBOOK_COLUMNS} FROM pricebooks WHERE id = ?1");
+    connection
+        .prepare_cached(&sql)?
+        .query_row([id], pricebook_row)
+        .optional()
+}
+
+pub fn save_contract(connection: &Connection, record: &ContractRecord) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached(
+            "INSERT INTO contracts (customer_id, body, updated_at, updated_by) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT(customer_id) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at, \
+             updated_by = excluded.updated_by",
+        )?
+        .execute(params![
+            record.customer_id,
+            serde_json::to_string(&record.contract).expect("contract serializes"),
+            record.updated_at.0,
+            record.updated_by
+        ])?;
+    Ok(())
+}
+
+fn contract_row(row: &Row) -> rusqlite::Result<ContractRecord> {
+    Ok(ContractRecord {
+        customer_id: row.get(0)?,
+        contract: json(&row.get::<_, String>(1)?)?,
+        updated_at: Timestamp(row.get(2)?),
+        updated_by: row.get(3)?,
+    })
+}
+
+pub fn contracts(connection: &Connection) -> rusqlite::Result<Vec<ContractRecord>> {
+    let mut statement = connection
+        .prepare_cached("SELECT customer_id, body, updated_at, updated_by FROM contracts")?;
+    let rows = statement.query_map([], contract_row)?;
+    rows.collect()
+}
+
+pub fn contract(
+    connection: &Connection,
+    customer_id: &str,
+) -> rusqlite::Result<Option<ContractRecord>> {
+    connection
+        .prepare_cached(
+            "SELECT customer_id, body, updated_at, updated_by FROM contracts WHERE customer_id = ?1",
+        )?
+        .query_row([customer_id], contract_row)
+        .optional()
+}
+
+/// The price a hold locked when it was placed.
+pub fn save_hold_pricing(
+    connection: &Connection,
+    hold_id: &str,
+    pricing: &tally_core::pricebook::Pricing,
+) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached("INSERT INTO hold_pricing (hold_id, pricing) VALUES (?1, ?2)")?
+        .execute(params![
+            hold_id,
+            serde_json::to_string(pricing).expect("pricing serializes")
+        ])?;
+    Ok(())
+}
+
+pub fn hold_pricing(
+    connection: &Connection,
+    hold_id: &str,
+) -> rusqlite::Result<Option<tally_core::pricebook::Pricing>> {
+    let text: Option<String> = connection
+        .prepare_cached("SELECT pricing FROM hold_pricing WHERE hold_id = ?1")?
+        .query_row([hold_id], |row| row.get(0))
+        .optional()?;
+    text.map(|t| json(&t)).transpose()
+}
