@@ -139,6 +139,10 @@ pub struct Pricing {
     pub source: PriceSource,
     /// The rule itself, as it was when it priced the usage.
     pub rule: Rule,
+    /// The instant whose prices applied (the usage's own time: a late event
+    /// is priced by the version in effect when it happened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priced_at: Option<Timestamp>,
 }
 
 impl Pricing {
@@ -281,6 +285,7 @@ pub fn price_usage(
         cost,
         source,
         rule: rule.clone(),
+        priced_at: Some(usage.at),
     };
     if let Some(contract) = contract {
         match pricing::price(&contract.rules, usage.feature, usage.quantity, &ctx) {

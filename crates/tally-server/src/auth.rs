@@ -67,6 +67,17 @@ pub fn generate_key() -> String {
     format!("tk_{}", hex::encode(bytes))
 }
 
+/// Compare two secrets in time independent of where they differ (both are
+/// hashed first, so neither their content nor their length leaks).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use sha2::Digest;
+    let (a, b) = (sha2::Sha256::digest(a), sha2::Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
 pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }

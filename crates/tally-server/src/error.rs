@@ -50,14 +50,15 @@ pub fn classify(code: &str) -> (StatusCode, &'static str) {
         | "hold_expired"
         | "grant_not_active"
         | "reinstate_window_passed"
-        | "pricebook_not_draft" => (StatusCode::CONFLICT, "conflict_error"),
+        | "pricebook_not_draft"
+        | "dead_letter_resolved" => (StatusCode::CONFLICT, "conflict_error"),
         "insufficient_credits" => (StatusCode::PAYMENT_REQUIRED, "credit_error"),
         "capture_exceeds_hold"
         | "refund_exceeds_charge"
         | "no_price"
         | "unknown_feature"
         | "invalid_rules" => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error"),
-        "unavailable" => (StatusCode::SERVICE_UNAVAILABLE, "api_error"),
+        "unavailable" | "overloaded" => (StatusCode::SERVICE_UNAVAILABLE, "api_error"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "api_error"),
     }
 }

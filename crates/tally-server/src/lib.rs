@@ -9,9 +9,11 @@ pub mod auth;
 pub mod dto;
 pub mod edge;
 pub mod error;
+pub mod ingest;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
+pub mod streams;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +40,16 @@ pub struct AppState {
     pub manual_clock: Option<Arc<ManualClock>>,
     pub key_cache: Arc<KeyCache>,
     pub metrics: Arc<metrics::Metrics>,
+    /// The token Google Pub/Sub push must present (`--pubsub-token`); push is off without it.
+    pub pubsub_token: Option<String>,
+    /// Writes accepted over HTTP and not yet answered, at most: beyond it a
+    /// request is answered 503 `overloaded` with `Retry-After`, having changed
+    /// nothing (stream consumers are not limited here: they wait instead).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Default bound of [`AppState::in_flight`]: the writer's queue.
+pub const MAX_IN_FLIGHT: usize = 65_536;
 
 impl AppState {
     pub fn new(
@@ -52,11 +63,29 @@ impl AppState {
             manual_clock,
             key_cache: Arc::default(),
             metrics: Arc::default(),
+            pubsub_token: None,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         }
+    }
+
+    /// Reserve room for `writes` writes, or answer 503 `overloaded`.
+    pub fn admit(&self, writes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let writes = u32::try_from(writes.max(1)).unwrap_or(u32::MAX);
+        self.in_flight
+            .clone()
+            .try_acquire_many_owned(writes)
+            .map_err(|_| ApiError {
+                retry_after_seconds: Some(1),
+                ..ApiError::new(
+                    "overloaded",
+                    "the engine is saturated; nothing was applied: retry after a moment",
+                )
+            })
     }
 
     /// Send a command to the store on behalf of `caller`.
     pub async fn execute(&self, command: Command, caller: &Caller) -> Result<Executed, ApiError> {
+        let _permit = self.admit(1)?;
         self.store
             .execute(command, caller.actor())
             .await
@@ -101,7 +130,7 @@ pub fn reply<T: Serialize>(
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
-    use routes::{customers, ledger, pricebook, spend, system};
+    use routes::{customers, events, ledger, pricebook, spend, system};
     let api = Router::new()
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))
@@ -126,6 +155,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/refunds", post(spend::create_refund))
         .route("/v1/ledger/{entry_id}", get(ledger::get_entry))
         .route("/v1/quotes", post(pricebook::create_quote))
+        .route("/v1/events", post(events::post_events))
+        .route("/v1/ingest/pubsub", post(events::pubsub_push))
+        .route("/v1/dead-letters", get(events::list_dead_letters))
+        .route("/v1/dead-letters/{id}", get(events::get_dead_letter))
+        .route(
+            "/v1/dead-letters/{id}/replay",
+            post(events::replay_dead_letter),
+        )
+        .route(
+            "/v1/dead-letters/{id}/discard",
+            post(events::discard_dead_letter),
+        )
         .route("/v1/features", get(pricebook::list_features))
         .route("/v1/features/{key}", put(pricebook::put_feature))
         .route(

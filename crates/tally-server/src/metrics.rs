@@ -26,10 +26,24 @@ pub struct LatencyLabels {
     pub route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub source: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RouteLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
+    events: Family<EventLabels, Counter>,
+    /// Messages a stream consumer has not processed yet (Kafka lag, NATS pending).
+    pub consumer_lag: Family<SourceLabels, prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl Default for Metrics {
@@ -54,15 +68,40 @@ impl Default for Metrics {
             "HTTP request latency by route",
             latency.clone(),
         );
+        let events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "events",
+            "Usage events by source and result (charged, duplicate, rejected: rejected ones are dead letters)",
+            events.clone(),
+        );
+        let consumer_lag =
+            Family::<SourceLabels, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "consumer_lag",
+            "Messages a stream consumer has not processed yet",
+            consumer_lag.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             requests,
             latency,
+            events,
+            consumer_lag,
         }
     }
 }
 
 impl Metrics {
+    /// Count one usage event from `source` with its result.
+    pub fn events(&self, source: &str, status: &str) {
+        self.events
+            .get_or_create(&EventLabels {
+                source: source.to_owned(),
+                status: status.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn render(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(

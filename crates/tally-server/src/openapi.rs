@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::routes::{customers, ledger, pricebook, spend, system};
+use crate::routes::{customers, events, ledger, pricebook, spend, system};
 
 struct BearerAuth;
 
@@ -40,11 +40,13 @@ impl Modify for BearerAuth {
         pricebook::put_feature, pricebook::list_features, pricebook::create_pricebook, pricebook::list_pricebooks,
         pricebook::get_pricebook, pricebook::put_rules, pricebook::publish, pricebook::diff_pricebooks,
         pricebook::simulate, pricebook::put_contract, pricebook::get_contract, pricebook::create_quote,
+        events::post_events, events::pubsub_push, events::list_dead_letters, events::get_dead_letter,
+        events::replay_dead_letter, events::discard_dead_letter,
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "customers"), (name = "grants"), (name = "charges"), (name = "holds"), (name = "refunds"),
-        (name = "ledger"), (name = "price book"), (name = "system"),
+        (name = "ledger"), (name = "price book"), (name = "events"), (name = "system"),
     )
 )]
 pub struct ApiDoc;

@@ -131,10 +131,38 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// Settings of the engine.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Usage events older than this (by their timestamp, on the engine's
+    /// clock) are refused with `event_too_old`.
+    pub event_window_seconds: i64,
+}
+
+/// How far ahead of the engine's clock an event's timestamp may be (clock skew).
+pub const EVENT_FUTURE_SKEW_SECONDS: i64 = 300;
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            event_window_seconds: 30 * 24 * 3600,
+        }
+    }
+}
+
 impl Store {
     /// Open (creating and migrating) the store in `data_dir`. Only one process
     /// may open a data directory at a time.
     pub fn open(data_dir: &Path, clock: Arc<dyn Clock>) -> Result<Store, StoreError> {
+        Store::open_with(data_dir, clock, Options::default())
+    }
+
+    /// [`Store::open`] with settings.
+    pub fn open_with(
+        data_dir: &Path,
+        clock: Arc<dyn Clock>,
+        options: Options,
+    ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Unavailable(format!("create {data_dir:?}: {e}")))?;
         // Lock first: never migrate a database another server is running on.
@@ -154,7 +182,8 @@ impl Store {
         connection
             .execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA synchronous = NORMAL")
             .map_err(unavailable)?;
-        let writer = writer::Writer::new(connection, clock.clone()).map_err(unavailable)?;
+        let writer =
+            writer::Writer::new(connection, clock.clone(), options).map_err(unavailable)?;
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let (to_syncer, syncer_groups) =
             std::sync::mpsc::sync_channel(writer::MAX_GROUPS_IN_FLIGHT);
@@ -378,6 +407,25 @@ impl Store {
             .await
     }
 
+    /// Dead letters by id after `after`, optionally of one status and source.
+    pub async fn dead_letters(
+        &self,
+        status: Option<DeadLetterStatus>,
+        source: Option<String>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterRecord>, StoreError> {
+        self.read(move |connection| {
+            rows::dead_letters(connection, status, source.as_deref(), after, limit)
+        })
+        .await
+    }
+
+    pub async fn dead_letter(&self, id: i64) -> Result<Option<DeadLetterRecord>, StoreError> {
+        self.read(move |connection| rows::dead_letter(connection, id))
+            .await
+    }
+
     pub async fn features(&self) -> Result<Vec<catalog::FeatureRecord>, StoreError> {
         self.read(catalog::features).await
     }
@@ -522,11 +570,12 @@ fn simulate(
     let mut rows = statement.query(params![from.0, to.0])?;
     while let Some(row) = rows.next()? {
         let customer_id: String = row.get(0)?;
-        let at = Timestamp(row.get(1)?);
         let text: String = row.get(2)?;
         let recorded: Pricing = serde_json::from_str(&text).map_err(|_| {
             rusqlite::Error::InvalidColumnType(2, "pricing".into(), rusqlite::types::Type::Text)
         })?;
+        // Usage is repriced at its own time (a late event's, not its entry's).
+        let at = recorded.priced_at.unwrap_or(Timestamp(row.get(1)?));
         if !terms.contains_key(&customer_id) {
             let customer = rows::customer(connection, &customer_id)?;
             let plan_region = customer.map_or((None, None), |c| (c.plan, c.region));

@@ -81,12 +81,102 @@ pub enum Command {
         /// Pin the version in effect at the contract's start (rates locked).
         lock_rates: bool,
     },
+    /// A usage event: priced at its own timestamp and charged, exactly once
+    /// per id. A refused event is not recorded under its id (so that it can
+    /// be replayed once the cause is fixed) but kept as a dead letter.
+    Event(NewEvent),
+    /// An event that could not even be read: kept as a dead letter.
+    DeadLetter(NewDeadLetter),
+    /// Mark a dead letter replayed (its event was charged) or discarded.
+    ResolveDeadLetter {
+        dead_letter: i64,
+        resolution: DeadLetterStatus,
+        note: Option<String>,
+    },
     /// What a charge would do now, writing nothing.
     Quote {
         customer_id: Id,
         usage: UsageInput,
         member_id: Option<Id>,
     },
+}
+
+/// A usage event (`feature_used`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEvent {
+    pub id: Id,
+    pub customer_id: Id,
+    pub feature: String,
+    pub quantity: Amount,
+    pub member_id: Option<Id>,
+    /// When the usage happened (default: when it is charged).
+    pub timestamp: Option<Timestamp>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// Where it came from: `http`, `kafka`, `nats`, `pubsub`, `replay`. Not
+    /// part of the event's identity: the same event from two sources is one.
+    #[serde(default)]
+    pub source: String,
+    /// The event as received, kept if it becomes a dead letter.
+    #[serde(default)]
+    pub payload: Option<String>,
+}
+
+/// An event that cannot be charged, with why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewDeadLetter {
+    pub source: String,
+    pub event_id: Option<String>,
+    pub customer_id: Option<String>,
+    pub payload: String,
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterStatus {
+    Pending,
+    Replayed,
+    Discarded,
+}
+
+impl DeadLetterStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterStatus::Pending => "pending",
+            DeadLetterStatus::Replayed => "replayed",
+            DeadLetterStatus::Discarded => "discarded",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<DeadLetterStatus> {
+        Some(match text {
+            "pending" => DeadLetterStatus::Pending,
+            "replayed" => DeadLetterStatus::Replayed,
+            "discarded" => DeadLetterStatus::Discarded,
+            _ => return None,
+        })
+    }
+}
+
+/// A stored dead letter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterRecord {
+    pub id: i64,
+    pub source: String,
+    pub event_id: Option<String>,
+    pub customer_id: Option<String>,
+    pub payload: String,
+    pub code: String,
+    pub message: String,
+    /// How many times this event was refused.
+    pub attempts: i64,
+    pub first_seen: Timestamp,
+    pub last_seen: Timestamp,
+    pub status: DeadLetterStatus,
+    pub resolved_at: Option<Timestamp>,
+    pub note: Option<String>,
 }
 
 /// Usage to be priced by the price book.
@@ -114,11 +204,14 @@ impl Command {
             Command::ChangeExpiry { id, .. } => ("expiry", id),
             Command::CreateApiKey { id, .. } => ("api_key", id),
             Command::CreatePricebook { id, .. } => ("pricebook", id),
+            Command::Event(event) => ("event", &event.id),
             Command::PutContract { id, .. } => ("contract", id),
             Command::Tick
             | Command::PutFeature { .. }
             | Command::PutRules { .. }
             | Command::Publish { .. }
+            | Command::DeadLetter(_)
+            | Command::ResolveDeadLetter { .. }
             | Command::Quote { .. } => return None,
         })
     }
@@ -320,6 +413,21 @@ pub enum Outcome {
     Pricebook(crate::catalog::PricebookRecord),
     Contract(crate::catalog::ContractRecord),
     Quote(QuoteOutcome),
+    Event(EventOutcome),
+    DeadLetter(DeadLetterRecord),
+}
+
+/// A charged usage event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventOutcome {
+    pub id: Id,
+    pub customer_id: Id,
+    pub cost: Amount,
+    pub drawn: Vec<Draw>,
+    pub balance_after: Amount,
+    pub entry_id: i64,
+    pub member_id: Option<Id>,
+    pub pricing: Pricing,
 }
 
 /// What a charge would do, were it made now.

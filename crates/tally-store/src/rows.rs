@@ -394,3 +394,68 @@ pub fn insert_entry(
     ])?;
     Ok(())
 }
+
+const DEAD_LETTER_COLUMNS: &str =
+    "id, source, event_id, customer_id, payload, code, message, attempts, \
+     first_seen, last_seen, status, resolved_at, note";
+
+pub fn dead_letter_row(row: &Row) -> rusqlite::Result<crate::DeadLetterRecord> {
+    Ok(crate::DeadLetterRecord {
+        id: row.get(0)?,
+        source: row.get(1)?,
+        event_id: row.get(2)?,
+        customer_id: row.get(3)?,
+        payload: row.get(4)?,
+        code: row.get(5)?,
+        message: row.get(6)?,
+        attempts: row.get(7)?,
+        first_seen: Timestamp(row.get(8)?),
+        last_seen: Timestamp(row.get(9)?),
+        status: crate::DeadLetterStatus::parse(&row.get::<_, String>(10)?)
+            .ok_or_else(|| corrupt("dead letter status"))?,
+        resolved_at: row.get::<_, Option<i64>>(11)?.map(Timestamp),
+        note: row.get(12)?,
+    })
+}
+
+pub fn dead_letter(
+    connection: &Connection,
+    id: i64,
+) -> rusqlite::Result<Option<crate::DeadLetterRecord>> {
+    let sql = format!("SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?1");
+    connection
+        .prepare_cached(&sql)?
+        .query_row([id], dead_letter_row)
+        .optional()
+}
+
+pub fn dead_letter_by_key(
+    connection: &Connection,
+    key: &str,
+) -> rusqlite::Result<Option<crate::DeadLetterRecord>> {
+    let sql = format!("SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE key = ?1");
+    connection
+        .prepare_cached(&sql)?
+        .query_row([key], dead_letter_row)
+        .optional()
+}
+
+/// Dead letters by id, from `after` (exclusive), optionally of one status and source.
+pub fn dead_letters(
+    connection: &Connection,
+    status: Option<crate::DeadLetterStatus>,
+    source: Option<&str>,
+    after: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<crate::DeadLetterRecord>> {
+    let sql = format!(
+        "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id > ?1 \
+         AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR source = ?3) ORDER BY id LIMIT ?4"
+    );
+    let mut statement = connection.prepare_cached(&sql)?;
+    let rows = statement.query_map(
+        params![after, status.map(|s| s.as_str()), source, limit as i64],
+        dead_letter_row,
+    )?;
+    rows.collect()
+}

@@ -136,6 +136,30 @@ CREATE TABLE hold_pricing (
 ALTER TABLE entries ADD COLUMN pricing TEXT;
 "#,
     ),
+    (
+        3,
+        r#"
+-- Usage events that could not be charged (issue 4), one row per event (or
+-- per unreadable payload), counting its attempts.
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    source TEXT NOT NULL,
+    event_id TEXT,
+    customer_id TEXT,
+    payload TEXT NOT NULL,
+    code TEXT NOT NULL,
+    message TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'replayed', 'discarded')),
+    resolved_at INTEGER,
+    note TEXT
+);
+CREATE INDEX dead_letters_by_status ON dead_letters(status, id);
+"#,
+    ),
 ];
 
 /// Apply the migrations not yet applied; returns how many ran.

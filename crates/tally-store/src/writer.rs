@@ -198,6 +198,7 @@ pub struct Writer {
     catalog: Catalog,
     /// Set by a command that found its work already done (a repeated publish).
     already_done: bool,
+    options: crate::Options,
 }
 
 /// Where each (kind, id) is in the operations table: a 64-bit fingerprint
@@ -317,7 +318,11 @@ impl GroupStats {
 }
 
 impl Writer {
-    pub fn new(connection: Connection, clock: Arc<dyn Clock>) -> rusqlite::Result<Writer> {
+    pub fn new(
+        connection: Connection,
+        clock: Arc<dyn Clock>,
+        options: crate::Options,
+    ) -> rusqlite::Result<Writer> {
         let sequences = Sequences::read(&connection)?;
         let operations = OperationIndex::load(&connection)?;
         let catalog = Catalog::load(&connection)?;
@@ -334,6 +339,7 @@ impl Writer {
             operations,
             catalog,
             already_done: false,
+            options,
         })
     }
 
@@ -505,6 +511,9 @@ impl Writer {
                 result,
                 replayed: true,
             });
+        }
+        if let Command::Event(event) = command {
+            return self.apply_event(event, hash, actor);
         }
         let (result, charge) = match self.perform(command, actor) {
             Ok((outcome, charge)) => (Ok(outcome), charge),
@@ -829,6 +838,18 @@ impl Writer {
                 usage,
                 member_id,
             } => Ok((self.quote(customer_id, usage, member_id.as_ref())?, None)),
+            Command::Event(_) => unreachable!("events are applied by apply_event"),
+            Command::DeadLetter(letter) => {
+                Ok((Outcome::DeadLetter(self.dead_letter(letter)?), None))
+            }
+            Command::ResolveDeadLetter {
+                dead_letter,
+                resolution,
+                note,
+            } => Ok((
+                self.resolve_dead_letter(*dead_letter, *resolution, note.as_deref())?,
+                None,
+            )),
         }
     }
 
@@ -1173,8 +1194,205 @@ impl Writer {
             .ok_or_else(|| Failure::Store(StoreError::NotFound(format!("grant {grant_id}"))))
     }
 
+    /// An event not seen before: charged and recorded under its id, or
+    /// refused and kept as a dead letter (not under its id: once the cause is
+    /// fixed, a replay can still charge it).
+    fn apply_event(
+        &mut self,
+        event: &NewEvent,
+        hash: &[u8],
+        actor: Option<&str>,
+    ) -> Result<Executed, Failure> {
+        let refusal = match self.charge_event(event, actor) {
+            Ok((outcome, columns)) => {
+                let result = Ok(outcome);
+                self.insert_operation("event", &event.id, hash, &result, Some(columns))?;
+                // A dead letter of this event is settled by its charge.
+                self.connection
+                    .prepare_cached(
+                        "UPDATE dead_letters SET status = 'replayed', resolved_at = ?2, note = 'charged' \
+                         WHERE key = ?1 AND status = 'pending'",
+                    )?
+                    .execute(params![format!("event:{}", event.id), self.now.micros()])?;
+                return Ok(Executed {
+                    result,
+                    replayed: false,
+                });
+            }
+            Err(Failure::Fatal(error)) => return Err(Failure::Fatal(error)),
+            Err(Failure::Refused(error)) => Refusal::from(&error),
+            Err(Failure::Rejected(refusal)) => refusal,
+            Err(Failure::Store(error)) => store_error_refusal(&error),
+        };
+        let payload = event
+            .payload
+            .clone()
+            .unwrap_or_else(|| serde_json::to_string(event).expect("event serializes"));
+        self.dead_letter(&NewDeadLetter {
+            source: event.source.clone(),
+            event_id: Some(event.id.to_string()),
+            customer_id: Some(event.customer_id.to_string()),
+            payload,
+            code: refusal.code.clone(),
+            message: refusal.message.clone(),
+        })?;
+        Ok(Executed {
+            result: Err(refusal),
+            replayed: false,
+        })
+    }
+
+    fn charge_event(
+        &mut self,
+        event: &NewEvent,
+        actor: Option<&str>,
+    ) -> Result<(Outcome, ChargeColumns), Failure> {
+        let now = self.now;
+        let at = event.timestamp.unwrap_or(now);
+        let refuse = |code: &str, message: String| {
+            Failure::Rejected(Refusal {
+                code: code.into(),
+                message,
+                available: None,
+            })
+        };
+        let window = self.options.event_window_seconds;
+        if now.plus_seconds(-window).is_some_and(|oldest| at < oldest) {
+            return Err(refuse(
+                "event_too_old",
+                format!(
+                    "the event's timestamp is more than {window} seconds before the engine's clock"
+                ),
+            ));
+        }
+        if now
+            .plus_seconds(crate::EVENT_FUTURE_SKEW_SECONDS)
+            .is_some_and(|latest| at > latest)
+        {
+            return Err(refuse(
+                "event_in_future",
+                format!(
+                    "the event's timestamp is more than {} seconds ahead of the engine's clock",
+                    crate::EVENT_FUTURE_SKEW_SECONDS
+                ),
+            ));
+        }
+        self.prepare(&event.customer_id)?;
+        let usage = UsageInput {
+            feature: event.feature.clone(),
+            quantity: event.quantity,
+            properties: event.properties.clone(),
+        };
+        let pricing = self.price_at(&event.customer_id, &usage, at)?;
+        let spend = Spend {
+            reference: event.id.clone(),
+            amount: pricing.cost,
+            feature: Some(event.feature.clone()),
+            member_id: event.member_id.clone(),
+            reason: None,
+        };
+        let (drawn, draft) = self
+            .ledger(&event.customer_id)
+            .charge(&spend, now)
+            .map_err(Failure::Refused)?;
+        let entry_id = self.record_priced_entry(&draft, actor, Some(&pricing))?;
+        let columns = ChargeColumns {
+            customer_id: event.customer_id.clone(),
+            amount: pricing.cost.micros(),
+            feature: Some(event.feature.clone()),
+        };
+        Ok((
+            Outcome::Event(EventOutcome {
+                id: event.id.clone(),
+                customer_id: event.customer_id.clone(),
+                cost: pricing.cost,
+                drawn,
+                balance_after: draft.balance_after,
+                entry_id,
+                member_id: event.member_id.clone(),
+                pricing,
+            }),
+            columns,
+        ))
+    }
+
+    /// Keep an event that could not be charged; a repeat of the same event
+    /// (or the same unreadable payload) counts as another attempt.
+    fn dead_letter(&mut self, letter: &NewDeadLetter) -> rusqlite::Result<DeadLetterRecord> {
+        let key = match &letter.event_id {
+            Some(id) => format!("event:{id}"),
+            None => format!(
+                "payload:{}",
+                hex::encode(Sha256::digest(letter.payload.as_bytes()))
+            ),
+        };
+        let now = self.now.micros();
+        self.connection
+            .prepare_cached(
+                "INSERT INTO dead_letters (key, source, event_id, customer_id, payload, code, message, \
+                 attempts, first_seen, last_seen, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8, 'pending') \
+                 ON CONFLICT(key) DO UPDATE SET payload = excluded.payload, \
+                 code = excluded.code, message = excluded.message, attempts = attempts + 1, \
+                 last_seen = excluded.last_seen, status = 'pending', resolved_at = NULL, note = NULL",
+            )?
+            .execute(params![
+                key,
+                letter.source,
+                letter.event_id,
+                letter.customer_id,
+                letter.payload,
+                letter.code,
+                letter.message,
+                now
+            ])?;
+        let record = rows::dead_letter_by_key(&self.connection, &key)?
+            .expect("the dead letter was just written");
+        Ok(record)
+    }
+
+    fn resolve_dead_letter(
+        &mut self,
+        id: i64,
+        resolution: DeadLetterStatus,
+        note: Option<&str>,
+    ) -> Result<Outcome, Failure> {
+        let Some(record) = rows::dead_letter(&self.connection, id)? else {
+            return Err(Failure::Store(StoreError::NotFound(format!(
+                "dead letter {id}"
+            ))));
+        };
+        if record.status != DeadLetterStatus::Pending {
+            if record.status == resolution {
+                self.already_done = true;
+                return Ok(Outcome::DeadLetter(record));
+            }
+            return Err(Failure::Rejected(Refusal {
+                code: "dead_letter_resolved".into(),
+                message: format!("dead letter {id} is already {}", record.status.as_str()),
+                available: None,
+            }));
+        }
+        self.connection
+            .prepare_cached(
+                "UPDATE dead_letters SET status = ?2, resolved_at = ?3, note = ?4 WHERE id = ?1",
+            )?
+            .execute(params![id, resolution.as_str(), self.now.micros(), note])?;
+        let record = rows::dead_letter(&self.connection, id)?.expect("it exists");
+        Ok(Outcome::DeadLetter(record))
+    }
+
     /// Price usage for a customer now, by the version in effect and its contract.
     fn price(&self, customer_id: &Id, usage: &UsageInput) -> Result<Pricing, Failure> {
+        self.price_at(customer_id, usage, self.now)
+    }
+
+    /// Price usage that happened at `at`.
+    fn price_at(
+        &self,
+        customer_id: &Id,
+        usage: &UsageInput,
+        at: Timestamp,
+    ) -> Result<Pricing, Failure> {
         if !self.catalog.features.contains_key(&usage.feature) {
             return Err(Failure::Rejected(Refusal {
                 code: "unknown_feature".into(),
@@ -1200,7 +1418,7 @@ impl Writer {
             properties: &usage.properties,
             plan: customer.plan.as_deref(),
             region: customer.region.as_deref(),
-            at: self.now,
+            at,
         };
         pricebook::price_usage(&self.catalog.published, None, contract, &request)
             .map_err(pricing_refusal)
@@ -1533,6 +1751,23 @@ fn pricing_refusal(error: PricingError) -> Failure {
     })
 }
 
+/// A store error as an event's refusal (an event's result is always a code).
+fn store_error_refusal(error: &StoreError) -> Refusal {
+    let code = match error {
+        StoreError::NotFound(_) => "not_found",
+        StoreError::IdempotencyConflict(_) => "idempotency_conflict",
+        StoreError::HoldAlreadyResolved(_) => "hold_already_resolved",
+        StoreError::Rejected(refusal) => return refusal.clone(),
+        StoreError::BadCursor => "invalid_request",
+        StoreError::Unavailable(_) => "unavailable",
+    };
+    Refusal {
+        code: code.into(),
+        message: error.to_string(),
+        available: None,
+    }
+}
+
 fn refusal_to_store_error(error: &LedgerError) -> StoreError {
     match error {
         LedgerError::HoldNotFound(id) => StoreError::NotFound(format!("hold {id}")),
@@ -1559,6 +1794,12 @@ fn request_hash(command: &Command) -> Vec<u8> {
             key_hash: String::new(),
             scope: scope.clone(),
         }),
+        // An event is the same event whatever its source or wire form.
+        Command::Event(event) => serde_json::to_vec(&Command::Event(NewEvent {
+            source: String::new(),
+            payload: None,
+            ..event.clone()
+        })),
         other => serde_json::to_vec(other),
     }
     .expect("command serializes");

@@ -1,6 +1,7 @@
 //! The `tally` binary: `serve`, `migrate`, `keys create` and `bench`.
 
 mod bench;
+mod dead_letters;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,18 +29,33 @@ struct StorageArgs {
     database_url: Option<String>,
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    #[command(flatten)]
+    storage: StorageArgs,
+    /// The engine's clock moves only through POST /v1/clock/advance (tests, staging).
+    #[arg(long)]
+    manual_clock: bool,
+    /// Usage events older than this many seconds are refused (`event_too_old`).
+    #[arg(long, env = "TALLY_EVENT_WINDOW_SECONDS", default_value_t = 30 * 24 * 3600)]
+    event_window_seconds: i64,
+    /// Writes accepted over HTTP and not yet answered, at most; beyond it
+    /// requests get 503 `overloaded` with Retry-After.
+    #[arg(long, env = "TALLY_MAX_IN_FLIGHT", default_value_t = tally_server::MAX_IN_FLIGHT)]
+    max_in_flight: usize,
+    /// Accept Google Pub/Sub push at POST /v1/ingest/pubsub?token=<this>.
+    #[arg(long, env = "TALLY_PUBSUB_TOKEN")]
+    pubsub_token: Option<String>,
+    #[command(flatten)]
+    streams: tally_server::streams::StreamArgs,
+}
+
 #[derive(Subcommand)]
 enum Commands {
-    /// Run the HTTP API.
-    Serve {
-        #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
-        listen: String,
-        #[command(flatten)]
-        storage: StorageArgs,
-        /// The engine's clock moves only through POST /v1/clock/advance (tests, staging).
-        #[arg(long)]
-        manual_clock: bool,
-    },
+    /// Run the HTTP API (and the stream consumers given).
+    Serve(ServeArgs),
     /// Create or upgrade the database schema.
     Migrate {
         #[command(flatten)]
@@ -52,6 +68,8 @@ enum Commands {
     },
     /// Measure durable charges per second through the engine and the latency of one charge.
     Bench(bench::BenchArgs),
+    /// List, replay or discard usage events that could not be charged (through a running server).
+    DeadLetters(dead_letters::DeadLetterArgs),
 }
 
 #[derive(Subcommand)]
@@ -83,11 +101,8 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("start the runtime")?;
     match cli.command {
-        Commands::Serve {
-            listen,
-            storage,
-            manual_clock,
-        } => runtime.block_on(serve(listen, storage, manual_clock)),
+        Commands::Serve(args) => runtime.block_on(serve(args)),
+        Commands::DeadLetters(args) => runtime.block_on(dead_letters::run(args)),
         Commands::Migrate { storage } => {
             require_embedded(&storage)?;
             let applied = tally_store::migrate(&storage.data_dir).context("migrate")?;
@@ -138,18 +153,41 @@ fn require_embedded(storage: &StorageArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(listen: String, storage: StorageArgs, manual_clock: bool) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs {
+        listen,
+        storage,
+        manual_clock,
+        event_window_seconds,
+        pubsub_token,
+        max_in_flight,
+        streams,
+    } = args;
     require_embedded(&storage)?;
+    anyhow::ensure!(
+        event_window_seconds > 0,
+        "--event-window-seconds must be greater than zero"
+    );
     let manual = manual_clock.then(|| Arc::new(ManualClock::new(SystemClock.now())));
     let clock: Arc<dyn Clock> = match &manual {
         Some(manual) => manual.clone(),
         None => Arc::new(SystemClock),
     };
-    let store = Store::open(&storage.data_dir, clock)
+    let options = tally_store::Options {
+        event_window_seconds,
+    };
+    let store = Store::open_with(&storage.data_dir, clock, options)
         .with_context(|| format!("open the data directory {:?}", storage.data_dir))?;
     let admin_key = std::env::var("TALLY_ADMIN_KEY").ok();
-    let state = AppState::new(store, admin_key.as_deref(), manual);
+    let mut state = AppState::new(store, admin_key.as_deref(), manual);
+    state.pubsub_token = pubsub_token.filter(|t| !t.is_empty());
+    anyhow::ensure!(
+        (1..=1 << 24).contains(&max_in_flight),
+        "--max-in-flight must be between 1 and 16777216"
+    );
+    state.in_flight = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
     tally_server::spawn_ticker(state.clone());
+    tally_server::streams::start(state.clone(), streams)?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("listen on {listen}"))?;

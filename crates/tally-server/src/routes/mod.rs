@@ -1,6 +1,7 @@
 //! The HTTP handlers, one module per resource family.
 
 pub mod customers;
+pub mod events;
 pub mod ledger;
 pub mod pricebook;
 pub mod spend;

@@ -4,6 +4,7 @@
 
 mod concurrency;
 mod crash;
+mod events;
 mod hardening;
 mod pricebook;
 mod routes;

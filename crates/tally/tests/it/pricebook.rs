@@ -173,7 +173,7 @@ async fn advance_to(app: &TestApp, when: &str) {
 
 /// A manual-clock server whose clock reads `T0`.
 async fn manual_app() -> TestApp {
-    let app = TestApp::spawn_with(Options { manual_clock: true }).await;
+    let app = TestApp::spawn_with(Options { manual_clock: true, ..Options::default() }).await;
     advance_to(&app, T0).await;
     app
 }

@@ -27,6 +27,8 @@ pub fn fresh_dir() -> PathBuf {
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     pub manual_clock: bool,
+    /// More `tally serve` arguments (`--pubsub-token`, `--max-in-flight`...).
+    pub extra_args: Vec<String>,
 }
 
 /// A running `tally serve` with its own data directory.
@@ -120,6 +122,7 @@ impl TestApp {
         if self.options.manual_clock {
             command.arg("--manual-clock");
         }
+        command.args(&self.options.extra_args);
         let mut child = command.spawn().expect("spawn tally serve");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();

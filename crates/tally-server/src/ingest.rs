@@ -1,0 +1,205 @@
+//! Usage events from every source (HTTP batches, Kafka, NATS, Pub/Sub push,
+//! dead-letter replays) through one path: read the event, charge it through
+//! the store, and say what happened. An event that cannot be read or charged
+//! becomes a dead letter with its reason; it never blocks the events after it.
+
+use serde::Deserialize;
+use tally_core::Amount;
+use tally_store::{Command, EventOutcome, NewDeadLetter, NewEvent, Outcome, Refusal, StoreError};
+
+use crate::edge::{self, AmountInput};
+use crate::error::ApiError;
+use crate::routes::spend::properties_of;
+use crate::AppState;
+
+/// An event as every source sends it (the shape of an element of `POST /v1/events`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventInput {
+    id: String,
+    customer_id: String,
+    feature: String,
+    quantity: AmountInput,
+    member_id: Option<String>,
+    timestamp: Option<String>,
+    properties: Option<serde_json::Value>,
+}
+
+/// What became of one event.
+#[derive(Clone, Debug)]
+pub enum EventResult {
+    /// Charged now.
+    Charged(EventOutcome),
+    /// Charged before: the original result.
+    Duplicate(EventOutcome),
+    /// Not charged; kept as a dead letter (its id is still unused).
+    Rejected { code: String, message: String },
+}
+
+/// Read one event; a malformed one is an error with a code and a message.
+pub fn parse_event(
+    value: serde_json::Value,
+    source: &str,
+    payload: Option<String>,
+) -> Result<NewEvent, ApiError> {
+    let input: EventInput = serde_json::from_value(value)
+        .map_err(|e| ApiError::new("invalid_event", format!("the event is not valid: {e}")))?;
+    let invalid = |e: ApiError| ApiError::new("invalid_event", e.message);
+    let quantity: Amount = edge::positive(input.quantity, "quantity").map_err(invalid)?;
+    Ok(NewEvent {
+        id: edge::id(&input.id, "id").map_err(invalid)?,
+        customer_id: edge::id(&input.customer_id, "customer_id").map_err(invalid)?,
+        feature: edge::id(&input.feature, "feature")
+            .map_err(invalid)?
+            .to_string(),
+        quantity,
+        member_id: input
+            .member_id
+            .map(|m| edge::id(&m, "member_id"))
+            .transpose()
+            .map_err(invalid)?,
+        timestamp: input
+            .timestamp
+            .map(|t| edge::instant(&t, "timestamp"))
+            .transpose()
+            .map_err(invalid)?,
+        properties: properties_of(input.properties).map_err(invalid)?,
+        source: source.to_owned(),
+        payload,
+    })
+}
+
+/// The id and customer of a payload, when it has them, for its dead letter.
+fn identity(value: &serde_json::Value) -> (Option<String>, Option<String>) {
+    let text = |field: &str| {
+        value
+            .get(field)
+            .and_then(|v| v.as_str())
+            .map(|s| s.chars().take(128).collect())
+    };
+    (text("id"), text("customer_id"))
+}
+
+/// Charge one event given as JSON bytes (a stream message). `Err` only when
+/// the store is unavailable: the message must then be delivered again.
+pub async fn ingest_bytes(
+    state: &AppState,
+    bytes: &[u8],
+    source: &str,
+) -> Result<EventResult, ApiError> {
+    let payload = String::from_utf8_lossy(bytes).into_owned();
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(value) => ingest_value(state, value, source, Some(payload)).await,
+        Err(e) => {
+            dead_letter(
+                state,
+                NewDeadLetter {
+                    source: source.to_owned(),
+                    event_id: None,
+                    customer_id: None,
+                    payload,
+                    code: "invalid_event".into(),
+                    message: format!("the message is not JSON: {e}"),
+                },
+            )
+            .await
+        }
+    }
+}
+
+/// Charge one event given as a JSON value.
+pub async fn ingest_value(
+    state: &AppState,
+    value: serde_json::Value,
+    source: &str,
+    payload: Option<String>,
+) -> Result<EventResult, ApiError> {
+    let (event_id, customer_id) = identity(&value);
+    // The event as received, so that a dead letter replays exactly it.
+    let payload = payload.unwrap_or_else(|| value.to_string());
+    match parse_event(value, source, Some(payload.clone())) {
+        Ok(event) => charge(state, event).await,
+        Err(error) => {
+            dead_letter(
+                state,
+                NewDeadLetter {
+                    source: source.to_owned(),
+                    event_id,
+                    customer_id,
+                    payload,
+                    code: error.code,
+                    message: error.message,
+                },
+            )
+            .await
+        }
+    }
+}
+
+/// Charge a well-formed event.
+pub async fn charge(state: &AppState, event: NewEvent) -> Result<EventResult, ApiError> {
+    let source = event.source.clone();
+    let (event_id, customer_id) = (event.id.to_string(), event.customer_id.to_string());
+    let payload = event.payload.clone();
+    let keep = serde_json::to_string(&event).expect("event serializes");
+    match state.store.execute(Command::Event(event), None).await {
+        Ok(executed) => Ok(match executed.result {
+            Ok(Outcome::Event(outcome)) if executed.replayed => EventResult::Duplicate(outcome),
+            Ok(Outcome::Event(outcome)) => EventResult::Charged(outcome),
+            Ok(other) => {
+                tracing::error!(?other, "an event answered with another outcome");
+                return Err(ApiError::new("unavailable", "unexpected outcome"));
+            }
+            // The writer kept it as a dead letter already.
+            Err(Refusal { code, message, .. }) => EventResult::Rejected { code, message },
+        }),
+        Err(StoreError::Unavailable(reason)) => Err(StoreError::Unavailable(reason).into()),
+        // Same id, other content: refused, and kept for a person to look at.
+        Err(error) => {
+            let error = ApiError::from(error);
+            dead_letter(
+                state,
+                NewDeadLetter {
+                    source,
+                    event_id: Some(event_id),
+                    customer_id: Some(customer_id),
+                    payload: payload.unwrap_or(keep),
+                    code: error.code,
+                    message: error.message,
+                },
+            )
+            .await
+        }
+    }
+}
+
+async fn dead_letter(state: &AppState, letter: NewDeadLetter) -> Result<EventResult, ApiError> {
+    let (code, message) = (letter.code.clone(), letter.message.clone());
+    state
+        .store
+        .execute(Command::DeadLetter(letter), None)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(EventResult::Rejected { code, message })
+}
+
+/// Keep a payload that is not an event at all (say, a malformed envelope).
+pub async fn ingest_invalid(
+    state: &AppState,
+    payload: String,
+    source: &str,
+    why: &str,
+) -> Result<EventResult, ApiError> {
+    dead_letter(
+        state,
+        NewDeadLetter {
+            source: source.to_owned(),
+            event_id: None,
+            customer_id: None,
+            payload,
+            code: "invalid_event".into(),
+            message: why.to_owned(),
+        },
+    )
+    .await
+}

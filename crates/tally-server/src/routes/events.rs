@@ -1,0 +1,414 @@
+//! Usage events over HTTP (batches and Google Pub/Sub push) and the dead
+//! letters of every source.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use tally_store::{Command, DeadLetterRecord, DeadLetterStatus, Outcome};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::auth::{Caller, Scope};
+use crate::dto::{amount, draws, entry_id, DrawBody, Page};
+use crate::edge::{self, rfc3339, ApiJson, ApiQuery, Path};
+use crate::error::{ApiError, ErrorBody};
+use crate::ingest::{self, EventResult};
+use crate::AppState;
+
+/// The most events in one `POST /v1/events`.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventBatch {
+    /// Up to 10,000 events: `{id, customer_id, feature, quantity, member_id?, timestamp?, properties?}`.
+    #[schema(value_type = Vec<Object>)]
+    pub events: Vec<serde_json::Value>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct EventResultBody {
+    /// The event's id (null when the event had none).
+    pub id: Option<String>,
+    /// `charged`, `duplicate` (charged before: the original result) or `rejected`.
+    pub status: &'static str,
+    pub cost: Option<String>,
+    pub balance_after: Option<String>,
+    pub drawn: Option<Vec<DrawBody>>,
+    pub pricebook: Option<String>,
+    pub rule: Option<String>,
+    pub entry_id: Option<String>,
+    /// Why it was rejected: `{code, message}`. Rejected events are kept as dead letters.
+    #[schema(value_type = Option<Object>)]
+    pub error: Option<serde_json::Value>,
+}
+
+pub fn render_result(id: Option<String>, result: &EventResult) -> EventResultBody {
+    match result {
+        EventResult::Charged(o) | EventResult::Duplicate(o) => EventResultBody {
+            id: Some(o.id.to_string()),
+            status: if matches!(result, EventResult::Charged(_)) {
+                "charged"
+            } else {
+                "duplicate"
+            },
+            cost: Some(amount(o.cost)),
+            balance_after: Some(amount(o.balance_after)),
+            drawn: Some(draws(&o.drawn)),
+            pricebook: o.pricing.pricebook().map(str::to_owned),
+            rule: Some(o.pricing.rule_label()),
+            entry_id: Some(entry_id(o.entry_id)),
+            error: None,
+        },
+        EventResult::Rejected { code, message } => EventResultBody {
+            id,
+            status: "rejected",
+            cost: None,
+            balance_after: None,
+            drawn: None,
+            pricebook: None,
+            rule: None,
+            entry_id: None,
+            error: Some(serde_json::json!({ "code": code, "message": message })),
+        },
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct EventBatchBody {
+    /// One result per event, in request order.
+    pub results: Vec<EventResultBody>,
+}
+
+/// Charge a batch of usage events: one result per event, in order. One bad
+/// event never fails its neighbours, and no event is half applied.
+#[utoipa::path(post, path = "/v1/events", tag = "events", request_body = EventBatch,
+    responses((status = 200, body = EventBatchBody), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn post_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<EventBatch>,
+) -> Result<Json<EventBatchBody>, ApiError> {
+    caller.require(Scope::Ingest)?;
+    if body.events.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::invalid(
+            "events",
+            format!("at most {MAX_BATCH_EVENTS} events per batch"),
+        ));
+    }
+    // Room for the whole batch, or nothing is applied.
+    let _permit = state.admit(body.events.len())?;
+    let ids: Vec<Option<String>> = body
+        .events
+        .iter()
+        .map(|e| e.get("id").and_then(|v| v.as_str()).map(str::to_owned))
+        .collect();
+    // Every event goes to the writer at once, so a batch shares its group commits.
+    let pending = body
+        .events
+        .into_iter()
+        .map(|event| ingest::ingest_value(&state, event, "http", None));
+    let results = futures_util::future::join_all(pending).await;
+    let mut rendered = Vec::with_capacity(results.len());
+    for (id, result) in ids.into_iter().zip(results) {
+        // The store is unavailable: the batch is answered 503 and may be sent
+        // again whole (charged events then answer `duplicate`).
+        let result = result?;
+        state.metrics.events(
+            "http",
+            match &result {
+                EventResult::Charged(_) => "charged",
+                EventResult::Duplicate(_) => "duplicate",
+                EventResult::Rejected { .. } => "rejected",
+            },
+        );
+        rendered.push(render_result(id, &result));
+    }
+    Ok(Json(EventBatchBody { results: rendered }))
+}
+
+// ---------------------------------------------------------------------------
+// Google Pub/Sub push
+// ---------------------------------------------------------------------------
+
+#[derive(Deserialize, IntoParams)]
+pub struct PubsubParams {
+    /// Must equal the server's `--pubsub-token`.
+    pub token: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct PubsubEnvelope {
+    #[schema(value_type = Object)]
+    pub message: PubsubMessage,
+    pub subscription: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct PubsubMessage {
+    /// The event as base64 JSON.
+    pub data: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub attributes: std::collections::BTreeMap<String, String>,
+    #[serde(rename = "messageId", alias = "message_id")]
+    pub message_id: Option<String>,
+}
+
+/// Google Pub/Sub push: one event per message. Answers 2xx only once the
+/// event is charged (or kept as a dead letter), so Pub/Sub redelivers on
+/// anything else.
+#[utoipa::path(post, path = "/v1/ingest/pubsub", tag = "events", params(PubsubParams), request_body = PubsubEnvelope,
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn pubsub_push(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<PubsubParams>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let Some(expected) = state.pubsub_token.as_deref() else {
+        return Err(ApiError::new(
+            "not_found",
+            "Pub/Sub push is not enabled on this server (start it with --pubsub-token)",
+        ));
+    };
+    let given = params.token.unwrap_or_default();
+    if !crate::auth::constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        return Err(ApiError::new(
+            "unauthorized",
+            "the push token is missing or wrong",
+        ));
+    }
+    let _permit = state.admit(1)?;
+    use base64::Engine;
+    let data = serde_json::from_slice::<PubsubEnvelope>(&body)
+        .ok()
+        .and_then(|envelope| envelope.message.data)
+        .and_then(|data| base64::engine::general_purpose::STANDARD.decode(data).ok());
+    let result = match data {
+        Some(bytes) => ingest::ingest_bytes(&state, &bytes, "pubsub").await?,
+        // A malformed envelope would be redelivered forever: keep it and acknowledge.
+        None => {
+            let payload = String::from_utf8_lossy(&body).into_owned();
+            ingest::ingest_invalid(
+                &state,
+                payload,
+                "pubsub",
+                "not a Pub/Sub push envelope with base64 data",
+            )
+            .await?
+        }
+    };
+    state.metrics.events(
+        "pubsub",
+        match &result {
+            EventResult::Charged(_) => "charged",
+            EventResult::Duplicate(_) => "duplicate",
+            EventResult::Rejected { .. } => "rejected",
+        },
+    );
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ---------------------------------------------------------------------------
+// Dead letters
+// ---------------------------------------------------------------------------
+
+#[derive(Serialize, ToSchema)]
+pub struct DeadLetterBody {
+    pub id: String,
+    /// `http`, `kafka`, `nats`, `pubsub` or `replay`.
+    pub source: String,
+    pub event_id: Option<String>,
+    pub customer_id: Option<String>,
+    /// The event as received.
+    pub payload: String,
+    pub code: String,
+    pub message: String,
+    pub attempts: i64,
+    pub first_seen: String,
+    pub last_seen: String,
+    /// `pending`, `replayed` or `discarded`.
+    pub status: String,
+    pub resolved_at: Option<String>,
+    pub note: Option<String>,
+}
+
+pub fn render_dead_letter(d: &DeadLetterRecord) -> DeadLetterBody {
+    DeadLetterBody {
+        id: format!("dl_{}", d.id),
+        source: d.source.clone(),
+        event_id: d.event_id.clone(),
+        customer_id: d.customer_id.clone(),
+        payload: d.payload.clone(),
+        code: d.code.clone(),
+        message: d.message.clone(),
+        attempts: d.attempts,
+        first_seen: rfc3339(d.first_seen),
+        last_seen: rfc3339(d.last_seen),
+        status: d.status.as_str().to_owned(),
+        resolved_at: d.resolved_at.map(rfc3339),
+        note: d.note.clone(),
+    }
+}
+
+fn dead_letter_id(text: &str) -> Result<i64, ApiError> {
+    text.strip_prefix("dl_")
+        .and_then(|n| n.parse::<i64>().ok())
+        .ok_or_else(|| ApiError::not_found(format!("dead letter {text}")))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterParams {
+    /// `pending` (default), `replayed`, `discarded` or `all`.
+    pub status: Option<String>,
+    pub source: Option<String>,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+/// Dead letters, oldest first.
+#[utoipa::path(get, path = "/v1/dead-letters", tag = "events", params(DeadLetterParams),
+    responses((status = 200, body = Page<DeadLetterBody>), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn list_dead_letters(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(params): ApiQuery<DeadLetterParams>,
+) -> Result<Json<Page<DeadLetterBody>>, ApiError> {
+    caller.require(Scope::Read)?;
+    let status = match params.status.as_deref().unwrap_or("pending") {
+        "all" => None,
+        text => Some(DeadLetterStatus::parse(text).ok_or_else(|| {
+            ApiError::invalid(
+                "status",
+                "status must be pending, replayed, discarded or all",
+            )
+        })?),
+    };
+    let limit = edge::limit(params.limit)?;
+    let after = edge::cursor(params.cursor.as_deref(), "dl_")?.unwrap_or(0);
+    let letters = state
+        .store
+        .dead_letters(status, params.source, after, limit + 1)
+        .await?;
+    let next = (letters.len() > limit).then(|| format!("dl_{}", letters[limit - 1].id));
+    Ok(Json(Page {
+        data: letters.iter().take(limit).map(render_dead_letter).collect(),
+        next_cursor: next,
+    }))
+}
+
+/// One dead letter.
+#[utoipa::path(get, path = "/v1/dead-letters/{id}", tag = "events",
+    responses((status = 200, body = DeadLetterBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn get_dead_letter(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<DeadLetterBody>, ApiError> {
+    caller.require(Scope::Read)?;
+    let number = dead_letter_id(&id)?;
+    let letter = state
+        .store
+        .dead_letter(number)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("dead letter {id}")))?;
+    Ok(Json(render_dead_letter(&letter)))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ReplayBody {
+    /// The dead letter after the replay (`replayed` when the event was charged).
+    pub dead_letter: DeadLetterBody,
+    /// What the event did this time.
+    pub result: EventResultBody,
+}
+
+/// Send a dead letter's event through again (after fixing its cause: creating
+/// the customer or feature, publishing a price, adding credits).
+#[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", tag = "events",
+    responses((status = 200, body = ReplayBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn replay_dead_letter(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ReplayBody>, ApiError> {
+    caller.require(Scope::Write)?;
+    let number = dead_letter_id(&id)?;
+    let letter = state
+        .store
+        .dead_letter(number)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("dead letter {id}")))?;
+    if letter.status == DeadLetterStatus::Discarded {
+        return Err(ApiError::new(
+            "dead_letter_resolved",
+            format!("dead letter {id} was discarded"),
+        ));
+    }
+    let result = ingest::ingest_bytes(&state, letter.payload.as_bytes(), "replay").await?;
+    let event_id = letter.event_id.clone();
+    if let EventResult::Charged(_) | EventResult::Duplicate(_) = &result {
+        // A charge settles its dead letter in the same commit; an unreadable
+        // payload has no event id to settle by, and a duplicate was charged before.
+        let _ = state
+            .store
+            .execute(
+                Command::ResolveDeadLetter {
+                    dead_letter: number,
+                    resolution: DeadLetterStatus::Replayed,
+                    note: Some("replayed".into()),
+                },
+                caller.actor(),
+            )
+            .await
+            .map_err(ApiError::from)?;
+    }
+    let after = state
+        .store
+        .dead_letter(number)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("dead letter {id}")))?;
+    Ok(Json(ReplayBody {
+        dead_letter: render_dead_letter(&after),
+        result: render_result(event_id, &result),
+    }))
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DiscardBody {
+    pub note: Option<String>,
+}
+
+/// Give up on a dead letter (it stays listed with `status=discarded`).
+#[utoipa::path(post, path = "/v1/dead-letters/{id}/discard", tag = "events", request_body = DiscardBody,
+    responses((status = 200, body = DeadLetterBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn discard_dead_letter(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let number = dead_letter_id(&id)?;
+    let body: DiscardBody = super::spend::optional_body(body)?;
+    let executed = state
+        .execute(
+            Command::ResolveDeadLetter {
+                dead_letter: number,
+                resolution: DeadLetterStatus::Discarded,
+                note: edge::text(body.note, "note", 1024)?,
+            },
+            &caller,
+        )
+        .await?;
+    Ok(crate::reply(executed, |outcome| match outcome {
+        Outcome::DeadLetter(d) => Ok(render_dead_letter(d)),
+        _ => Err(super::customers::unexpected()),
+    }))
+}

@@ -1,0 +1,9 @@
+//! The NATS JetStream consumer (to be built).
+
+use super::StreamArgs;
+use crate::AppState;
+
+pub fn start(state: AppState, args: &StreamArgs) -> anyhow::Result<()> {
+    let _ = (state, args);
+    anyhow::bail!("the NATS consumer is not built yet")
+}
