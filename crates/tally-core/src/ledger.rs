@@ -556,6 +556,13 @@ impl CustomerLedger {
         Ok((drawn, entry))
     }
 
+    /// Record usage that costs nothing (a free tier, a zero price): a charge
+    /// entry of 0 credits without postings, so the usage still has its entry.
+    pub fn free_use(&self, spend: &Spend, now: Timestamp) -> EntryDraft {
+        debug_assert!(spend.amount.is_zero());
+        self.spend_entry(EntryKind::Charge, spend, Vec::new(), now)
+    }
+
     fn spend_entry(
         &self,
         kind: EntryKind,

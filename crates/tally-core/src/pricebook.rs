@@ -143,6 +143,10 @@ pub struct Pricing {
     /// is priced by the version in effect when it happened).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priced_at: Option<Timestamp>,
+    /// The cost was given as an amount (a hold captured by amount), not
+    /// priced from `quantity`, which is then the quantity the hold priced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_amount: bool,
 }
 
 impl Pricing {
@@ -172,23 +176,33 @@ impl Pricing {
     /// Price another quantity by the same rule (a hold's captured quantity:
     /// the price was locked when the hold was placed).
     pub fn reprice(&self, quantity: Quantity) -> Result<Pricing, PricingError> {
-        let mut cost = self.rule.price.cost(quantity)?;
-        if let PriceSource::Pricebook {
-            multiplier: Some(m),
-            ..
-        } = &self.source
-        {
-            cost = pricing::apply_multiplier(cost, *m)?;
-        }
+        let cost = match &self.source {
+            PriceSource::Pricebook {
+                multiplier: Some(m),
+                ..
+            } => self.rule.price.cost_times(quantity, *m)?,
+            _ => self.rule.price.cost(quantity)?,
+        };
         Ok(Pricing {
             quantity,
             cost,
+            by_amount: false,
             ..self.clone()
         })
     }
 
     /// In words, for the ledger's explanation.
     pub fn describe(&self) -> String {
+        if self.by_amount {
+            return format!(
+                "{} credits captured by amount from a hold of {} {} priced by {} ({})",
+                self.cost,
+                self.quantity,
+                self.feature,
+                self.rule_label(),
+                describe_price(&self.rule.price)
+            );
+        }
         let mut text = format!(
             "{} {} priced by {} ({})",
             self.quantity,
@@ -286,6 +300,7 @@ pub fn price_usage(
         source,
         rule: rule.clone(),
         priced_at: Some(usage.at),
+        by_amount: false,
     };
     if let Some(contract) = contract {
         match pricing::price(&contract.rules, usage.feature, usage.quantity, &ctx) {
@@ -320,8 +335,11 @@ pub fn price_usage(
     };
     let priced = pricing::price(&version.rules, usage.feature, usage.quantity, &ctx)?;
     let multiplier = contract.and_then(|c| c.multiplier);
+    // Multiplied from the exact cost, so the result is rounded only once.
     let cost = match multiplier {
-        Some(m) => pricing::apply_multiplier(priced.cost, m)?,
+        Some(m) => version.rules[priced.rule_index]
+            .price
+            .cost_times(usage.quantity, m)?,
         None => priced.cost,
     };
     Ok(pricing_of(
@@ -547,6 +565,26 @@ mod tests {
                 .cost,
             a("10")
         );
+    }
+
+    #[test]
+    fn a_multiplier_rounds_once_from_the_exact_cost() {
+        let book = PriceBook::new(vec![version("v1", 0, 1, vec![unit("r", "0.333333")])]);
+        let contract = Contract {
+            id: "k".into(),
+            effective_from: None,
+            effective_to: None,
+            rules: Vec::new(),
+            multiplier: Some(a("3")),
+            pinned_pricebook: None,
+        };
+        let none = BTreeMap::new();
+        let mut u = usage("r", &none, None, 0);
+        u.quantity = a("0.5");
+        // 0.5 × 0.333333 × 3 = 0.4999995 exactly: 0.5, not 0.166667 × 3 = 0.500001.
+        let priced = price_usage(&book, None, Some(&contract), &u).unwrap();
+        assert_eq!(priced.cost, a("0.5"));
+        assert_eq!(priced.reprice(a("0.5")).unwrap().cost, a("0.5"));
     }
 
     #[test]

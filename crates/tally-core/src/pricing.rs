@@ -70,6 +70,7 @@ use crate::amount::{Amount, MICROS_PER_UNIT};
 pub type Quantity = Amount;
 
 const MICROS: i128 = MICROS_PER_UNIT as i128;
+const MICROS_I64: i64 = MICROS_PER_UNIT;
 
 // ---------------------------------------------------------------------------
 // Prices
@@ -126,6 +127,26 @@ impl Price {
     /// [`PricingError::InvalidPrice`] if the price would not pass [`validate`];
     /// [`PricingError::Overflow`] if the cost exceeds the maximum amount.
     pub fn cost(&self, quantity: Quantity) -> Result<Amount, PricingError> {
+        to_amount(ceil_div(self.exact_cost(quantity)?, MICROS))
+    }
+
+    /// The cost of `quantity` units times `multiplier` (a contract's), rounded
+    /// up to the micro-credit once, from the exact product: 0.5 units at
+    /// 0.333333 times 3 is exactly 0.4999995, so 0.5 (not 0.166667 × 3).
+    pub fn cost_times(
+        &self,
+        quantity: Quantity,
+        multiplier: Amount,
+    ) -> Result<Amount, PricingError> {
+        if multiplier.is_negative() {
+            return Err(PricingError::InvalidMultiplier { multiplier });
+        }
+        let exact = mul(self.exact_cost(quantity)?, multiplier.micros())?;
+        to_amount(ceil_div(exact, MICROS * MICROS))
+    }
+
+    /// The exact cost in 10^-12 credits (micro-units × micro-credits).
+    fn exact_cost(&self, quantity: Quantity) -> Result<i128, PricingError> {
         if !quantity.is_positive() {
             return Err(PricingError::InvalidQuantity { quantity });
         }
@@ -133,13 +154,11 @@ impl Price {
             return Err(PricingError::InvalidPrice { reason });
         }
         let q = i128::from(quantity.micros());
-        let micros = match self {
-            Price::PerUnit { credits_per_unit } => {
-                ceil_div(mul(q, credits_per_unit.micros())?, MICROS)
-            }
+        let exact = match self {
+            Price::PerUnit { credits_per_unit } => mul(q, credits_per_unit.micros())?,
             Price::Block { size, credits } => {
                 let blocks = ceil_div(q, i128::from(size.micros()));
-                mul(blocks, credits.micros())?
+                mul(mul(blocks, credits.micros())?, MICROS_I64)?
             }
             Price::Tiers {
                 mode: TierMode::Graduated,
@@ -164,7 +183,7 @@ impl Price {
                         _ => break,
                     }
                 }
-                ceil_div(total, MICROS)
+                total
             }
             Price::Tiers {
                 mode: TierMode::Volume,
@@ -176,10 +195,10 @@ impl Price {
                     .ok_or_else(|| PricingError::InvalidPrice {
                         reason: "the last tier must be unlimited".to_owned(),
                     })?;
-                ceil_div(mul(q, step.credits_per_unit.micros())?, MICROS)
+                mul(q, step.credits_per_unit.micros())?
             }
         };
-        to_amount(micros)
+        Ok(exact)
     }
 
     /// What is wrong with this price, in words for a product manager; empty

@@ -37,11 +37,7 @@ pub enum EventResult {
 }
 
 /// Read one event; a malformed one is an error with a code and a message.
-pub fn parse_event(
-    value: serde_json::Value,
-    source: &str,
-    payload: Option<String>,
-) -> Result<NewEvent, ApiError> {
+pub fn parse_event(value: serde_json::Value, source: &str) -> Result<NewEvent, ApiError> {
     let input: EventInput = serde_json::from_value(value)
         .map_err(|e| ApiError::new("invalid_event", format!("the event is not valid: {e}")))?;
     let invalid = |e: ApiError| ApiError::new("invalid_event", e.message);
@@ -65,8 +61,28 @@ pub fn parse_event(
             .map_err(invalid)?,
         properties: properties_of(input.properties).map_err(invalid)?,
         source: source.to_owned(),
-        payload,
     })
+}
+
+/// An event in the API's shape (what a dead letter keeps when the event
+/// arrived inside a batch rather than as a message of its own).
+pub fn event_json(event: &NewEvent) -> String {
+    let mut value = serde_json::json!({
+        "id": event.id.as_str(),
+        "customer_id": event.customer_id.as_str(),
+        "feature": event.feature,
+        "quantity": event.quantity.to_string(),
+    });
+    if let Some(member) = &event.member_id {
+        value["member_id"] = member.as_str().into();
+    }
+    if let Some(at) = event.timestamp {
+        value["timestamp"] = edge::rfc3339(at).into();
+    }
+    if !event.properties.is_empty() {
+        value["properties"] = serde_json::json!(event.properties);
+    }
+    value.to_string()
 }
 
 /// The id and customer of a payload, when it has them, for its dead letter.
@@ -87,9 +103,9 @@ pub async fn ingest_bytes(
     bytes: &[u8],
     source: &str,
 ) -> Result<EventResult, ApiError> {
-    let payload = String::from_utf8_lossy(bytes).into_owned();
+    let payload = || String::from_utf8_lossy(bytes).into_owned();
     match serde_json::from_slice::<serde_json::Value>(bytes) {
-        Ok(value) => ingest_value(state, value, source, Some(payload)).await,
+        Ok(value) => ingest_value(state, value, source, Some(payload())).await,
         Err(e) => {
             dead_letter(
                 state,
@@ -97,7 +113,7 @@ pub async fn ingest_bytes(
                     source: source.to_owned(),
                     event_id: None,
                     customer_id: None,
-                    payload,
+                    payload: payload(),
                     code: "invalid_event".into(),
                     message: format!("the message is not JSON: {e}"),
                 },
@@ -107,7 +123,8 @@ pub async fn ingest_bytes(
     }
 }
 
-/// Charge one event given as a JSON value.
+/// Charge one event given as a JSON value; `payload` is the event as
+/// received when there is one (a message), else it is rebuilt if needed.
 pub async fn ingest_value(
     state: &AppState,
     value: serde_json::Value,
@@ -115,10 +132,13 @@ pub async fn ingest_value(
     payload: Option<String>,
 ) -> Result<EventResult, ApiError> {
     let (event_id, customer_id) = identity(&value);
-    // The event as received, so that a dead letter replays exactly it.
-    let payload = payload.unwrap_or_else(|| value.to_string());
-    match parse_event(value, source, Some(payload.clone())) {
-        Ok(event) => charge(state, event).await,
+    // Only a malformed event needs the original text, so only it pays for it.
+    let original = match &payload {
+        Some(_) => None,
+        None => Some(value.to_string()),
+    };
+    match parse_event(value, source) {
+        Ok(event) => charge(state, event, payload).await,
         Err(error) => {
             dead_letter(
                 state,
@@ -126,7 +146,7 @@ pub async fn ingest_value(
                     source: source.to_owned(),
                     event_id,
                     customer_id,
-                    payload,
+                    payload: payload.or(original).unwrap_or_default(),
                     code: error.code,
                     message: error.message,
                 },
@@ -136,41 +156,62 @@ pub async fn ingest_value(
     }
 }
 
-/// Charge a well-formed event.
-pub async fn charge(state: &AppState, event: NewEvent) -> Result<EventResult, ApiError> {
-    let source = event.source.clone();
-    let (event_id, customer_id) = (event.id.to_string(), event.customer_id.to_string());
-    let payload = event.payload.clone();
-    let keep = serde_json::to_string(&event).expect("event serializes");
-    match state.store.execute(Command::Event(event), None).await {
-        Ok(executed) => Ok(match executed.result {
+/// Charge a well-formed event; a refused one becomes a dead letter (durable
+/// before this returns), keeping `payload` or the event in the API's shape.
+pub async fn charge(
+    state: &AppState,
+    event: NewEvent,
+    payload: Option<String>,
+) -> Result<EventResult, ApiError> {
+    let keep = |event: &NewEvent| NewDeadLetter {
+        source: event.source.clone(),
+        event_id: Some(event.id.to_string()),
+        customer_id: Some(event.customer_id.to_string()),
+        payload: payload.clone().unwrap_or_else(|| event_json(event)),
+        code: String::new(),
+        message: String::new(),
+    };
+    let mut letter = None;
+    let result = match state
+        .store
+        .execute(Command::Event(event.clone()), None)
+        .await
+    {
+        Ok(executed) => match executed.result {
             Ok(Outcome::Event(outcome)) if executed.replayed => EventResult::Duplicate(outcome),
             Ok(Outcome::Event(outcome)) => EventResult::Charged(outcome),
             Ok(other) => {
                 tracing::error!(?other, "an event answered with another outcome");
                 return Err(ApiError::new("unavailable", "unexpected outcome"));
             }
-            // The writer kept it as a dead letter already.
-            Err(Refusal { code, message, .. }) => EventResult::Rejected { code, message },
-        }),
-        Err(StoreError::Unavailable(reason)) => Err(StoreError::Unavailable(reason).into()),
+            Err(Refusal { code, message, .. }) => {
+                letter = Some(NewDeadLetter {
+                    code: code.clone(),
+                    message: message.clone(),
+                    ..keep(&event)
+                });
+                EventResult::Rejected { code, message }
+            }
+        },
+        Err(StoreError::Unavailable(reason)) => return Err(StoreError::Unavailable(reason).into()),
         // Same id, other content: refused, and kept for a person to look at.
         Err(error) => {
             let error = ApiError::from(error);
-            dead_letter(
-                state,
-                NewDeadLetter {
-                    source,
-                    event_id: Some(event_id),
-                    customer_id: Some(customer_id),
-                    payload: payload.unwrap_or(keep),
-                    code: error.code,
-                    message: error.message,
-                },
-            )
-            .await
+            letter = Some(NewDeadLetter {
+                code: error.code.clone(),
+                message: error.message.clone(),
+                ..keep(&event)
+            });
+            EventResult::Rejected {
+                code: error.code,
+                message: error.message,
+            }
         }
+    };
+    if let Some(letter) = letter {
+        return dead_letter(state, letter).await;
     }
+    Ok(result)
 }
 
 async fn dead_letter(state: &AppState, letter: NewDeadLetter) -> Result<EventResult, ApiError> {

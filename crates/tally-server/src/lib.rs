@@ -182,6 +182,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/customers/{id}/contract",
             put(pricebook::put_contract).get(pricebook::get_contract),
         )
+        .route(
+            "/v1/customers/{id}/contracts",
+            get(pricebook::list_contracts),
+        )
         .route("/v1/clock", get(system::clock))
         .route("/v1/clock/advance", post(system::advance_clock))
         .route("/v1/api-keys", post(system::create_api_key))

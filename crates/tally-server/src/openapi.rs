@@ -39,7 +39,7 @@ impl Modify for BearerAuth {
         spend::create_refund, ledger::customer_ledger, ledger::get_entry,
         pricebook::put_feature, pricebook::list_features, pricebook::create_pricebook, pricebook::list_pricebooks,
         pricebook::get_pricebook, pricebook::put_rules, pricebook::publish, pricebook::diff_pricebooks,
-        pricebook::simulate, pricebook::put_contract, pricebook::get_contract, pricebook::create_quote,
+        pricebook::simulate, pricebook::put_contract, pricebook::get_contract, pricebook::list_contracts, pricebook::create_quote,
         events::post_events, events::pubsub_push, events::list_dead_letters, events::get_dead_letter,
         events::replay_dead_letter, events::discard_dead_letter,
     ),

@@ -71,7 +71,8 @@ pub struct Catalog {
     pub features: BTreeMap<String, FeatureRecord>,
     pub books: HashMap<String, PricebookRecord>,
     pub published: PriceBook,
-    pub contracts: HashMap<String, ContractRecord>,
+    /// Each customer's contracts, in the order they were set.
+    pub contracts: HashMap<String, Vec<ContractRecord>>,
 }
 
 impl Catalog {
@@ -93,10 +94,7 @@ impl Catalog {
                 .collect(),
             books,
             published,
-            contracts: contracts(connection)?
-                .into_iter()
-                .map(|c| (c.customer_id.clone(), c))
-                .collect(),
+            contracts: contracts_by_customer(connection)?,
         })
     }
 
@@ -227,14 +225,15 @@ pub fn pricebook(connection: &Connection, id: &str) -> rusqlite::Result<Option<P
         .optional()
 }
 
+/// Add a contract to its customer's schedule.
 pub fn save_contract(connection: &Connection, record: &ContractRecord) -> rusqlite::Result<()> {
     connection
         .prepare_cached(
-            "INSERT INTO contracts (customer_id, body, updated_at, updated_by) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT(customer_id) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at, \
-             updated_by = excluded.updated_by",
+            "INSERT INTO customer_contracts (id, customer_id, body, updated_at, updated_by) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
         .execute(params![
+            record.contract.id,
             record.customer_id,
             serde_json::to_string(&record.contract).expect("contract serializes"),
             record.updated_at.0,
@@ -252,23 +251,46 @@ fn contract_row(row: &Row) -> rusqlite::Result<ContractRecord> {
     })
 }
 
+/// Every contract, in the order they were set.
 pub fn contracts(connection: &Connection) -> rusqlite::Result<Vec<ContractRecord>> {
-    let mut statement = connection
-        .prepare_cached("SELECT customer_id, body, updated_at, updated_by FROM contracts")?;
+    let mut statement = connection.prepare_cached(
+        "SELECT customer_id, body, updated_at, updated_by FROM customer_contracts ORDER BY seq",
+    )?;
     let rows = statement.query_map([], contract_row)?;
     rows.collect()
 }
 
-pub fn contract(
+/// A customer's contracts, in the order they were set.
+pub fn customer_contracts(
     connection: &Connection,
     customer_id: &str,
-) -> rusqlite::Result<Option<ContractRecord>> {
-    connection
-        .prepare_cached(
-            "SELECT customer_id, body, updated_at, updated_by FROM contracts WHERE customer_id = ?1",
-        )?
-        .query_row([customer_id], contract_row)
-        .optional()
+) -> rusqlite::Result<Vec<ContractRecord>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT customer_id, body, updated_at, updated_by FROM customer_contracts \
+         WHERE customer_id = ?1 ORDER BY seq",
+    )?;
+    let rows = statement.query_map([customer_id], contract_row)?;
+    rows.collect()
+}
+
+/// The contract that applies at `at`: the most recently set one whose window
+/// contains it.
+pub fn contract_at(contracts: &[ContractRecord], at: Timestamp) -> Option<&ContractRecord> {
+    contracts.iter().rev().find(|c| c.contract.in_effect(at))
+}
+
+/// Every customer's contracts, in the order they were set.
+pub fn contracts_by_customer(
+    connection: &Connection,
+) -> rusqlite::Result<HashMap<String, Vec<ContractRecord>>> {
+    let mut by_customer: HashMap<String, Vec<ContractRecord>> = HashMap::new();
+    for record in contracts(connection)? {
+        by_customer
+            .entry(record.customer_id.clone())
+            .or_default()
+            .push(record);
+    }
+    Ok(by_customer)
 }
 
 /// The price a hold locked when it was placed.

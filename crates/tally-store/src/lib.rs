@@ -442,12 +442,15 @@ impl Store {
             .await
     }
 
-    pub async fn contract(
+    /// A customer's contracts, in the order they were set.
+    pub async fn contracts(
         &self,
         customer_id: Id,
-    ) -> Result<Option<catalog::ContractRecord>, StoreError> {
-        self.read(move |connection| catalog::contract(connection, customer_id.as_str()))
-            .await
+    ) -> Result<Vec<catalog::ContractRecord>, StoreError> {
+        self.read(move |connection| {
+            catalog::customer_contracts(connection, customer_id.as_str())
+        })
+        .await
     }
 
     /// Reprice the usage recorded in `[from, to)` (charges and captures by
@@ -552,10 +555,7 @@ fn simulate(
             .filter_map(catalog::PricebookRecord::version)
             .collect(),
     );
-    let contracts: HashMap<String, catalog::ContractRecord> = catalog::contracts(connection)?
-        .into_iter()
-        .map(|c| (c.customer_id.clone(), c))
-        .collect();
+    let contracts = catalog::contracts_by_customer(connection)?;
     let mut terms: HashMap<String, (Option<String>, Option<String>)> = HashMap::new();
     let mut total = SimulationLine {
         key: "total".into(),
@@ -590,10 +590,19 @@ fn simulate(
             region: region.as_deref(),
             at,
         };
-        let contract = contracts.get(&customer_id).map(|c| &c.contract);
-        let cost = price_usage(&published, Some(&simulated), contract, &usage)
-            .ok()
-            .map(|p| i128::from(p.cost.micros()));
+        // The contract in force when the usage happened.
+        let contract = contracts
+            .get(&customer_id)
+            .and_then(|all| catalog::contract_at(all, at))
+            .map(|c| &c.contract);
+        // A capture by amount was not priced from a quantity: it stays as recorded.
+        let cost = if recorded.by_amount {
+            Some(i128::from(recorded.cost.micros()))
+        } else {
+            price_usage(&published, Some(&simulated), contract, &usage)
+                .ok()
+                .map(|p| i128::from(p.cost.micros()))
+        };
         let quantity = i128::from(recorded.quantity.micros());
         let was = i128::from(recorded.cost.micros());
         total.add(quantity, was, cost);

@@ -82,8 +82,9 @@ pub enum Command {
         lock_rates: bool,
     },
     /// A usage event: priced at its own timestamp and charged, exactly once
-    /// per id. A refused event is not recorded under its id (so that it can
-    /// be replayed once the cause is fixed) but kept as a dead letter.
+    /// per id. A refused event is not recorded under its id, so that it can
+    /// be replayed once the cause is fixed (the caller keeps it as a dead
+    /// letter).
     Event(NewEvent),
     /// An event that could not even be read: kept as a dead letter.
     DeadLetter(NewDeadLetter),
@@ -117,9 +118,6 @@ pub struct NewEvent {
     /// part of the event's identity: the same event from two sources is one.
     #[serde(default)]
     pub source: String,
-    /// The event as received, kept if it becomes a dead letter.
-    #[serde(default)]
-    pub payload: Option<String>,
 }
 
 /// An event that cannot be charged, with why.
@@ -427,7 +425,10 @@ pub struct EventOutcome {
     pub balance_after: Amount,
     pub entry_id: i64,
     pub member_id: Option<Id>,
-    pub pricing: Pricing,
+    /// The version that priced it (none when the customer's contract did).
+    pub pricebook: Option<String>,
+    /// The rule that priced it (the whole pricing is on its ledger entry).
+    pub rule: String,
 }
 
 /// What a charge would do, were it made now.

@@ -160,6 +160,25 @@ CREATE TABLE dead_letters (
 CREATE INDEX dead_letters_by_status ON dead_letters(status, id);
 "#,
     ),
+    (
+        4,
+        r#"
+-- A customer may have several contracts (a renewal set before it starts):
+-- at any instant the most recently set one whose window contains it applies.
+CREATE TABLE customer_contracts (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    customer_id TEXT NOT NULL REFERENCES customers(id),
+    body TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    updated_by TEXT
+);
+CREATE INDEX customer_contracts_by_customer ON customer_contracts(customer_id, seq);
+INSERT INTO customer_contracts (id, customer_id, body, updated_at, updated_by)
+    SELECT json_extract(body, '$.id'), customer_id, body, updated_at, updated_by FROM contracts;
+DROP TABLE contracts;
+"#,
+    ),
 ];
 
 /// Apply the migrations not yet applied; returns how many ran.

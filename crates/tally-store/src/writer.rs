@@ -182,6 +182,9 @@ struct Cached {
     head_changed: bool,
     /// Each grant's status and expiry as its row last stored them.
     stored: HashMap<Id, rows::GrantLifecycle>,
+    /// The customer's plan and region, which pricing resolves by.
+    plan: Option<String>,
+    region: Option<String>,
 }
 
 pub struct Writer {
@@ -620,6 +623,11 @@ impl Writer {
     /// Load a customer's ledger into the cache, if it is not there yet.
     fn load(&mut self, customer_id: &Id) -> Result<(), Failure> {
         if !self.cache.contains_key(customer_id) {
+            let Some(customer) = rows::customer(&self.connection, customer_id.as_str())? else {
+                return Err(Failure::Store(StoreError::NotFound(format!(
+                    "customer {customer_id}"
+                ))));
+            };
             let Some((ledger, _)) = rows::load_ledger(&self.connection, customer_id)? else {
                 return Err(Failure::Store(StoreError::NotFound(format!(
                     "customer {customer_id}"
@@ -638,6 +646,8 @@ impl Writer {
                     head,
                     head_changed: false,
                     stored,
+                    plan: customer.plan,
+                    region: customer.region,
                 },
             );
         }
@@ -709,10 +719,7 @@ impl Writer {
                     member_id: charge.member_id.clone(),
                     reason: charge.reason.clone(),
                 };
-                let (drawn, draft) = self
-                    .ledger(&charge.customer_id)
-                    .charge(&spend, now)
-                    .map_err(Failure::Refused)?;
+                let (drawn, draft) = self.spend(&charge.customer_id, &spend, now)?;
                 let entry_id = self.record_priced_entry(&draft, actor, pricing.as_ref())?;
                 let columns = ChargeColumns {
                     customer_id: charge.customer_id.clone(),
@@ -965,6 +972,15 @@ impl Writer {
             .map(|p| p.cost)
             .or(request.amount)
             .ok_or(Failure::Refused(LedgerError::AmountNotPositive))?;
+        if amount.is_zero() {
+            return Err(Failure::Rejected(Refusal {
+                code: "invalid_request".into(),
+                message:
+                    "this usage costs 0 credits, so there is nothing to hold; charge it instead"
+                        .into(),
+                available: None,
+            }));
+        }
         let spend = Spend {
             reference: request.id.clone(),
             amount,
@@ -1029,9 +1045,32 @@ impl Writer {
         let customer_id = self.active_hold_customer(hold_id)?;
         let now = self.now;
         let locked = catalog::hold_pricing(&self.connection, hold_id.as_str())?;
+        let held = self
+            .cache
+            .get(&customer_id)
+            .and_then(|c| c.ledger.active_hold(hold_id))
+            .map(|h| h.amount);
+        let refuse = |message: String| {
+            Failure::Rejected(Refusal {
+                code: "capture_exceeds_hold".into(),
+                message,
+                available: None,
+            })
+        };
         let (amount, pricing) = match (amount, quantity, locked) {
             (_, Some(quantity), Some(locked)) => {
-                let pricing = locked.reprice(quantity).map_err(pricing_refusal)?;
+                if quantity > locked.quantity {
+                    return Err(refuse(format!(
+                        "capture of {quantity} units exceeds the {} units held",
+                        locked.quantity
+                    )));
+                }
+                let mut pricing = locked.reprice(quantity).map_err(pricing_refusal)?;
+                // Fewer units can cost more under volume tiers: the hold's
+                // amount is the most its usage is charged.
+                if let Some(held) = held {
+                    pricing.cost = pricing.cost.min(held);
+                }
                 (Some(pricing.cost), Some(pricing))
             }
             (_, Some(_), None) => {
@@ -1043,11 +1082,17 @@ impl Writer {
                     available: None,
                 }))
             }
-            // An explicit amount prices nothing: keep the locked price only
-            // when the whole hold is taken.
+            // An explicit amount: the entry keeps the version and rule the
+            // hold locked, and says the amount was given rather than priced.
             (amount, None, locked) => {
-                let whole = |l: &Pricing| amount.is_none_or(|a| a == l.cost);
-                (amount, locked.filter(whole))
+                let pricing = locked.map(|mut l| {
+                    if let Some(a) = amount.filter(|a| *a != l.cost) {
+                        l.cost = a;
+                        l.by_amount = true;
+                    }
+                    l
+                });
+                (amount, pricing)
             }
         };
         let ledger = self.ledger(&customer_id);
@@ -1195,8 +1240,8 @@ impl Writer {
     }
 
     /// An event not seen before: charged and recorded under its id, or
-    /// refused and kept as a dead letter (not under its id: once the cause is
-    /// fixed, a replay can still charge it).
+    /// refused without being recorded (once the cause is fixed, a replay can
+    /// still charge it; the caller keeps the refused event as a dead letter).
     fn apply_event(
         &mut self,
         event: &NewEvent,
@@ -1224,18 +1269,6 @@ impl Writer {
             Err(Failure::Rejected(refusal)) => refusal,
             Err(Failure::Store(error)) => store_error_refusal(&error),
         };
-        let payload = event
-            .payload
-            .clone()
-            .unwrap_or_else(|| serde_json::to_string(event).expect("event serializes"));
-        self.dead_letter(&NewDeadLetter {
-            source: event.source.clone(),
-            event_id: Some(event.id.to_string()),
-            customer_id: Some(event.customer_id.to_string()),
-            payload,
-            code: refusal.code.clone(),
-            message: refusal.message.clone(),
-        })?;
         Ok(Executed {
             result: Err(refusal),
             replayed: false,
@@ -1291,10 +1324,7 @@ impl Writer {
             member_id: event.member_id.clone(),
             reason: None,
         };
-        let (drawn, draft) = self
-            .ledger(&event.customer_id)
-            .charge(&spend, now)
-            .map_err(Failure::Refused)?;
+        let (drawn, draft) = self.spend(&event.customer_id, &spend, now)?;
         let entry_id = self.record_priced_entry(&draft, actor, Some(&pricing))?;
         let columns = ChargeColumns {
             customer_id: event.customer_id.clone(),
@@ -1310,7 +1340,8 @@ impl Writer {
                 balance_after: draft.balance_after,
                 entry_id,
                 member_id: event.member_id.clone(),
-                pricing,
+                pricebook: pricing.pricebook().map(str::to_owned),
+                rule: pricing.rule_label(),
             }),
             columns,
         ))
@@ -1381,6 +1412,21 @@ impl Writer {
         Ok(Outcome::DeadLetter(record))
     }
 
+    /// Spend for a prepared customer: a charge, or, for usage priced at 0, an
+    /// entry that records it without moving credits.
+    fn spend(
+        &mut self,
+        customer_id: &Id,
+        spend: &Spend,
+        now: Timestamp,
+    ) -> Result<(Vec<Draw>, EntryDraft), Failure> {
+        let ledger = self.ledger(customer_id);
+        if spend.amount.is_zero() {
+            return Ok((Vec::new(), ledger.free_use(spend, now)));
+        }
+        ledger.charge(spend, now).map_err(Failure::Refused)
+    }
+
     /// Price usage for a customer now, by the version in effect and its contract.
     fn price(&self, customer_id: &Id, usage: &UsageInput) -> Result<Pricing, Failure> {
         self.price_at(customer_id, usage, self.now)
@@ -1403,14 +1449,17 @@ impl Writer {
                 available: None,
             }));
         }
-        let customer =
-            rows::customer(&self.connection, customer_id.as_str())?.ok_or_else(|| {
-                Failure::Store(StoreError::NotFound(format!("customer {customer_id}")))
-            })?;
+        // Usage is priced for a customer already loaded (prepared).
+        let Some(customer) = self.cache.get(customer_id) else {
+            return Err(Failure::Store(StoreError::NotFound(format!(
+                "customer {customer_id}"
+            ))));
+        };
         let contract = self
             .catalog
             .contracts
             .get(customer_id.as_str())
+            .and_then(|all| catalog::contract_at(all, at))
             .map(|c| &c.contract);
         let request = Usage {
             feature: &usage.feature,
@@ -1541,6 +1590,8 @@ impl Writer {
             return Err(not_draft(id));
         }
         let now = self.now;
+        // Now or later. (A charge already made at this very instant keeps the
+        // version that priced it: its entry records it.)
         let effective_at = effective_at.unwrap_or(now);
         if effective_at < now {
             return Err(Failure::Rejected(Refusal {
@@ -1624,7 +1675,9 @@ impl Writer {
                     "give lock_rates or pinned_pricebook, not both".into(),
                 ));
             }
-            let start = contract.effective_from.unwrap_or(self.now).max(self.now);
+            // The version in effect when the contract starts, as published now
+            // (a start in the past pins what applied then).
+            let start = contract.effective_from.unwrap_or(self.now);
             let version = self.catalog.published.in_effect(start).ok_or_else(|| {
                 refuse(
                     "lock_rates needs a price book version in effect at the contract's start"
@@ -1649,7 +1702,9 @@ impl Writer {
         catalog::save_contract(&self.connection, &record)?;
         self.catalog
             .contracts
-            .insert(record.customer_id.clone(), record.clone());
+            .entry(record.customer_id.clone())
+            .or_default()
+            .push(record.clone());
         Ok(Outcome::Contract(record))
     }
 
@@ -1680,7 +1735,12 @@ impl Writer {
             member_id: member_id.cloned(),
             reason: None,
         };
-        let (fits, drawn, balance_after) = match copy.charge(&spend, now) {
+        let charged = if pricing.cost.is_zero() {
+            Ok((Vec::new(), copy.free_use(&spend, now)))
+        } else {
+            copy.charge(&spend, now)
+        };
+        let (fits, drawn, balance_after) = match charged {
             Ok((drawn, draft)) => (true, drawn, draft.balance_after),
             Err(LedgerError::InsufficientCredits { .. }) => (false, Vec::new(), available),
             Err(other) => return Err(Failure::Refused(other)),
@@ -1797,7 +1857,6 @@ fn request_hash(command: &Command) -> Vec<u8> {
         // An event is the same event whatever its source or wire form.
         Command::Event(event) => serde_json::to_vec(&Command::Event(NewEvent {
             source: String::new(),
-            payload: None,
             ..event.clone()
         })),
         other => serde_json::to_vec(other),

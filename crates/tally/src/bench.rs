@@ -36,6 +36,13 @@ pub struct BenchArgs {
     /// (3 units at 0.5 credits), instead of by amount.
     #[arg(long)]
     priced: bool,
+    /// Measure usage events through `POST /v1/events` instead: a real server on
+    /// 127.0.0.1 and HTTP clients posting batches, in this process.
+    #[arg(long)]
+    http_events: bool,
+    /// Events per batch (with --http-events).
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
     /// Where to put the temporary database (default: the system temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -50,8 +57,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let store = Store::open(&dir, Arc::new(SystemClock)).context("open bench store")?;
     eprintln!("setting up {} customers in {dir:?}", args.customers);
     setup(&store, args.customers).await?;
-    if args.priced {
+    if args.priced || args.http_events {
         publish_price(&store).await?;
+    }
+    if args.http_events {
+        let result = http_events(&store, &args).await;
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        return result;
     }
     let uniform = throughput(
         &store,
@@ -294,4 +307,94 @@ async fn latency(
     latencies.sort();
     let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
     Ok((pick(0.50), pick(0.99), achieved))
+}
+
+/// Usage events end to end through HTTP: parse, auth, price, charge, fsync,
+/// answer. The clients share the machine with the server, as a co-located
+/// producer would.
+async fn http_events(store: &Store, args: &BenchArgs) -> anyhow::Result<()> {
+    let key = "bench-admin-key";
+    let state = tally_server::AppState::new(store.clone(), Some(key), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, tally_server::router(state)).await;
+    });
+    let url = format!("http://{address}/v1/events");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let clients = (args.concurrency / args.batch.max(1)).clamp(1, 64);
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, url, next) = (client.clone(), url.clone(), next.clone());
+        let (customers, batch) = (args.customers as u64, args.batch as u64);
+        tasks.push(tokio::spawn(async move {
+            let mut charged = 0u64;
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let first = next.fetch_add(batch, Ordering::Relaxed);
+                let events: Vec<serde_json::Value> = (first..first + batch)
+                    .map(|n| {
+                        let customer = n.wrapping_mul(2_654_435_761) % customers;
+                        serde_json::json!({
+                            "id": format!("ev_{n}"),
+                            "customer_id": format!("bench_{customer}"),
+                            "feature": "api_call",
+                            "quantity": 3,
+                        })
+                    })
+                    .collect();
+                let sent = Instant::now();
+                let response = client
+                    .post(&url)
+                    .bearer_auth(key)
+                    .json(&serde_json::json!({ "events": events }))
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "batch answered {}",
+                    response.status()
+                );
+                let body: serde_json::Value = response.json().await?;
+                latencies.push(sent.elapsed());
+                let results = body["results"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+                anyhow::ensure!(
+                    results.iter().all(|r| r["status"] == "charged"),
+                    "an event was not charged: {:?}",
+                    results.iter().find(|r| r["status"] != "charged")
+                );
+                charged += results.len() as u64;
+            }
+            Ok::<_, anyhow::Error>((charged, latencies))
+        }));
+    }
+    let mut charged = 0;
+    let mut latencies = Vec::new();
+    for task in tasks {
+        let (n, l) = task.await??;
+        charged += n;
+        latencies.extend(l);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
+    println!("| run | result |");
+    println!("|---|---|");
+    println!(
+        "| durable events/s through POST /v1/events, batches of {}, {clients} clients, {} customers | {:.0} |",
+        args.batch,
+        args.customers,
+        charged as f64 / elapsed
+    );
+    println!(
+        "| batch latency p50 / p99 | {:.1} / {:.1} ms |",
+        pick(0.5).as_secs_f64() * 1e3,
+        pick(0.99).as_secs_f64() * 1e3
+    );
+    Ok(())
 }

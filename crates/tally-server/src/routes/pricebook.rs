@@ -498,7 +498,9 @@ fn render_contract(record: &ContractRecord) -> ContractBody {
     }
 }
 
-/// Set a customer's contract (it replaces the one before).
+/// Add a contract to a customer's schedule. At any instant the most recently
+/// set contract whose window contains it applies, so a renewal can be set
+/// before it starts and a new open-ended contract replaces the ones before.
 #[utoipa::path(put, path = "/v1/customers/{id}/contract", tag = "price book", request_body = PutContract,
     responses((status = 200, body = ContractBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
@@ -551,7 +553,8 @@ pub async fn put_contract(
     }))
 }
 
-/// A customer's contract.
+/// The contract that applies to a customer now: the most recently set one
+/// whose window contains now.
 #[utoipa::path(get, path = "/v1/customers/{id}/contract", tag = "price book",
     responses((status = 200, body = ContractBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn get_contract(
@@ -561,12 +564,28 @@ pub async fn get_contract(
 ) -> Result<Json<ContractBody>, ApiError> {
     caller.require(Scope::Read)?;
     let id = edge::id(&customer_id, "id")?;
-    let record = state
-        .store
-        .contract(id.clone())
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("contract of customer {id}")))?;
-    Ok(Json(render_contract(&record)))
+    let all = state.store.contracts(id.clone()).await?;
+    let record = tally_store::catalog::contract_at(&all, state.store.now())
+        .ok_or_else(|| ApiError::not_found(format!("contract in effect for customer {id}")))?;
+    Ok(Json(render_contract(record)))
+}
+
+/// Every contract of a customer, in the order they were set (past, current
+/// and scheduled).
+#[utoipa::path(get, path = "/v1/customers/{id}/contracts", tag = "price book",
+    responses((status = 200, body = Page<ContractBody>)), security(("bearer" = [])))]
+pub async fn list_contracts(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+) -> Result<Json<Page<ContractBody>>, ApiError> {
+    caller.require(Scope::Read)?;
+    let id = edge::id(&customer_id, "id")?;
+    let all = state.store.contracts(id).await?;
+    Ok(Json(Page {
+        data: all.iter().map(render_contract).collect(),
+        next_cursor: None,
+    }))
 }
 
 // ---------------------------------------------------------------------------

@@ -173,7 +173,11 @@ async fn advance_to(app: &TestApp, when: &str) {
 
 /// A manual-clock server whose clock reads `T0`.
 async fn manual_app() -> TestApp {
-    let app = TestApp::spawn_with(Options { manual_clock: true, ..Options::default() }).await;
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
     advance_to(&app, T0).await;
     app
 }
@@ -2441,4 +2445,152 @@ async fn get_hold_shows_the_locked_price() {
         (&json!("v1"), &json!("v1 rule 0"), &json!("3")),
         "GET /v1/holds/h shows the price the hold locked: {got}"
     );
+}
+
+// ------------------------------------------------ review findings, fixed
+
+/// Free tiers, single rounding of multipliers, captures by quantity within
+/// the hold, captures by amount keeping their rule, `lock_rates` with a start
+/// in the past, and a contract scheduled for later leaving the current one.
+#[tokio::test]
+async fn free_tiers_captures_and_contract_schedules() {
+    let app = manual_app().await;
+    for key in ["t", "vol", "r", "x"] {
+        feature(&app, key).await;
+    }
+    customer_with(&app, "c", None, None).await;
+    app.grant("c", "g", "1000").await;
+    let rules = json!([
+        {"feature": "t", "tiers": {"mode": "graduated", "steps": [
+            {"up_to": 100, "credits_per_unit": "0"}, {"up_to": null, "credits_per_unit": "1"}]}},
+        {"feature": "vol", "tiers": {"mode": "volume", "steps": [
+            {"up_to": 100, "credits_per_unit": "1"}, {"up_to": null, "credits_per_unit": "0.5"}]}},
+        {"feature": "r", "credits_per_unit": "0.333333"},
+        {"feature": "x", "credits_per_unit": "1"},
+    ]);
+    release(&app, "v1", None, &rules, None).await;
+
+    // The first 100 units are free: quoted and charged at 0, recorded, nothing drawn.
+    let quote = ok(&app
+        .post(
+            "/v1/quotes",
+            json!({"customer_id": "c", "feature": "t", "quantity": 50}),
+        )
+        .await);
+    assert_eq!(
+        (&quote["cost"], &quote["fits"]),
+        (&json!("0"), &json!(true))
+    );
+    let free = ok(&charge_usage(&app, "free1", "c", "t", "50", None).await);
+    assert_eq!(free["amount"], "0");
+    assert_eq!(free["drawn"], json!([]));
+    assert_eq!(free["balance_after"], "1000");
+    let paid = ok(&charge_usage(&app, "paid1", "c", "t", "150", None).await);
+    assert_eq!(paid["amount"], "50");
+    let entry = ok(&app
+        .get(&format!(
+            "/v1/ledger/{}",
+            free["entry_id"].as_str().unwrap()
+        ))
+        .await);
+    assert_eq!(
+        (&entry["amount"], &entry["rule"]),
+        (&json!("0"), &json!("v1 rule 0"))
+    );
+    // A free hold holds nothing: refused with a clear message.
+    let hold = app
+        .post("/v1/holds", json!({"id": "hf", "customer_id": "c", "feature": "t", "quantity": 1, "timeout_seconds": 60}))
+        .await;
+    assert_error(&hold, 400, "invalid_request");
+
+    // Volume tiers: 150 units hold 75; capturing 100 would cost 100 at the
+    // first tier, but a hold's usage is never charged more than it holds.
+    let held = ok(&app
+        .post("/v1/holds", json!({"id": "hv", "customer_id": "c", "feature": "vol", "quantity": 150, "timeout_seconds": 600}))
+        .await);
+    assert_eq!(held["amount"], "75");
+    let over = app
+        .post("/v1/holds/hv/capture", json!({"quantity": 151}))
+        .await;
+    assert_error(&over, 422, "capture_exceeds_hold");
+    assert!(message(&over).contains("151 units"), "{}", message(&over));
+    let captured = ok(&app
+        .post("/v1/holds/hv/capture", json!({"quantity": 100}))
+        .await);
+    assert_eq!(captured["captured"], "75");
+    assert_eq!(captured["quantity"], "100");
+
+    // A capture by amount keeps the version and rule the hold locked.
+    ok(&app
+        .post("/v1/holds", json!({"id": "hx", "customer_id": "c", "feature": "x", "quantity": 60, "timeout_seconds": 600}))
+        .await);
+    let by_amount = ok(&app
+        .post("/v1/holds/hx/capture", json!({"amount": "5"}))
+        .await);
+    assert_eq!(
+        (&by_amount["captured"], &by_amount["rule"]),
+        (&json!("5"), &json!("v1 rule 3"))
+    );
+    let entry = ok(&app
+        .get(&format!(
+            "/v1/ledger/{}",
+            by_amount["entry_id"].as_str().unwrap()
+        ))
+        .await);
+    assert_eq!(entry["pricebook"], "v1");
+    assert!(
+        entry["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("captured by amount"),
+        "{entry}"
+    );
+
+    // v2 raises x to 10 at T0 + 1 h; at T0 + 2 h a contract starting at T0
+    // with lock_rates pins what applied at its start: v1.
+    let v2 = json!([
+        {"feature": "t", "credits_per_unit": "1"},
+        {"feature": "vol", "credits_per_unit": "1"},
+        {"feature": "r", "credits_per_unit": "0.333333"},
+        {"feature": "x", "credits_per_unit": "10"},
+    ]);
+    release(&app, "v2", None, &v2, Some(&at(3600))).await;
+    advance_to(&app, &at(7200)).await;
+    let locked = ok(&put(
+        &app,
+        "/v1/customers/c/contract",
+        json!({"id": "k1", "effective_from": T0, "lock_rates": true}),
+    )
+    .await);
+    assert_eq!(locked["pinned_pricebook"], "v1");
+    assert_eq!(
+        ok(&charge_usage(&app, "x1", "c", "x", "1", None).await)["amount"],
+        "1"
+    );
+
+    // A renewal set now for later does not unlock the customer today.
+    let renewal = json!({"id": "k2", "effective_from": at(86_400), "multiplier": "3"});
+    ok(&put(&app, "/v1/customers/c/contract", renewal).await);
+    assert_eq!(
+        ok(&charge_usage(&app, "x2", "c", "x", "1", None).await)["amount"],
+        "1"
+    );
+    let current = ok(&app.get("/v1/customers/c/contract").await);
+    assert_eq!(current["id"], "k1");
+    let all = ok(&app.get("/v1/customers/c/contracts").await);
+    assert_eq!(all["data"].as_array().unwrap().len(), 2);
+
+    // From the renewal's start, it applies: v2's price times 3, rounded once
+    // from the exact cost (0.5 × 0.333333 × 3 = 0.4999995 → 0.5).
+    advance_to(&app, &at(86_400)).await;
+    assert_eq!(
+        ok(&charge_usage(&app, "x3", "c", "x", "1", None).await)["amount"],
+        "30"
+    );
+    assert_eq!(
+        ok(&charge_usage(&app, "r1", "c", "r", "0.5", None).await)["amount"],
+        "0.5"
+    );
+    assert_eq!(ok(&app.get("/v1/customers/c/contract").await)["id"], "k2");
+    assert_replayable(&app.ledger_all("c").await);
 }
