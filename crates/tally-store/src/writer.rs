@@ -202,6 +202,9 @@ pub struct Writer {
     /// Set by a command that found its work already done (a repeated publish).
     already_done: bool,
     options: crate::Options,
+    /// Event ids that may have a pending dead letter (a superset: a charge
+    /// of one of them settles it; no other charge pays for a lookup).
+    letter_events: HashSet<String>,
 }
 
 /// Where each (kind, id) is in the operations table: a 64-bit fingerprint
@@ -329,6 +332,13 @@ impl Writer {
         let sequences = Sequences::read(&connection)?;
         let operations = OperationIndex::load(&connection)?;
         let catalog = Catalog::load(&connection)?;
+        let letter_events = {
+            let mut statement = connection.prepare(
+                "SELECT event_id FROM dead_letters WHERE status = 'pending' AND event_id IS NOT NULL",
+            )?;
+            let ids = statement.query_map([], |row| row.get::<_, String>(0))?;
+            ids.collect::<rusqlite::Result<HashSet<String>>>()?
+        };
         Ok(Writer {
             connection,
             clock,
@@ -343,6 +353,7 @@ impl Writer {
             catalog,
             already_done: false,
             options,
+            letter_events,
         })
     }
 
@@ -1253,12 +1264,14 @@ impl Writer {
                 let result = Ok(outcome);
                 self.insert_operation("event", &event.id, hash, &result, Some(columns))?;
                 // A dead letter of this event is settled by its charge.
-                self.connection
-                    .prepare_cached(
-                        "UPDATE dead_letters SET status = 'replayed', resolved_at = ?2, note = 'charged' \
-                         WHERE key = ?1 AND status = 'pending'",
-                    )?
-                    .execute(params![format!("event:{}", event.id), self.now.micros()])?;
+                if self.letter_events.remove(event.id.as_str()) {
+                    self.connection
+                        .prepare_cached(
+                            "UPDATE dead_letters SET status = 'replayed', resolved_at = ?2, note = 'charged' \
+                             WHERE key = ?1 AND status = 'pending'",
+                        )?
+                        .execute(params![format!("event:{}", event.id), self.now.micros()])?;
+                }
                 return Ok(Executed {
                     result,
                     replayed: false,
@@ -1350,6 +1363,9 @@ impl Writer {
     /// Keep an event that could not be charged; a repeat of the same event
     /// (or the same unreadable payload) counts as another attempt.
     fn dead_letter(&mut self, letter: &NewDeadLetter) -> rusqlite::Result<DeadLetterRecord> {
+        if let Some(id) = &letter.event_id {
+            self.letter_events.insert(id.clone());
+        }
         let key = match &letter.event_id {
             Some(id) => format!("event:{id}"),
             None => format!(
