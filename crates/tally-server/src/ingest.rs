@@ -37,8 +37,8 @@ pub enum EventResult {
 }
 
 /// Read one event; a malformed one is an error with a code and a message.
-pub fn parse_event(value: serde_json::Value, source: &str) -> Result<NewEvent, ApiError> {
-    let input: EventInput = serde_json::from_value(value)
+pub fn parse_event(text: &str, source: &str) -> Result<NewEvent, ApiError> {
+    let input: EventInput = serde_json::from_str(text)
         .map_err(|e| ApiError::new("invalid_event", format!("the event is not valid: {e}")))?;
     let invalid = |e: ApiError| ApiError::new("invalid_event", e.message);
     let quantity: Amount = edge::positive(input.quantity, "quantity").map_err(invalid)?;
@@ -86,14 +86,17 @@ pub fn event_json(event: &NewEvent) -> String {
 }
 
 /// The id and customer of a payload, when it has them, for its dead letter.
-fn identity(value: &serde_json::Value) -> (Option<String>, Option<String>) {
-    let text = |field: &str| {
+fn identity(text: &str) -> (Option<String>, Option<String>) {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
+        return (None, None);
+    };
+    let field = |name: &str| {
         value
-            .get(field)
+            .get(name)
             .and_then(|v| v.as_str())
             .map(|s| s.chars().take(128).collect())
     };
-    (text("id"), text("customer_id"))
+    (field("id"), field("customer_id"))
 }
 
 /// Charge one event given as JSON bytes (a stream message). `Err` only when
@@ -103,19 +106,18 @@ pub async fn ingest_bytes(
     bytes: &[u8],
     source: &str,
 ) -> Result<EventResult, ApiError> {
-    let payload = || String::from_utf8_lossy(bytes).into_owned();
-    match serde_json::from_slice::<serde_json::Value>(bytes) {
-        Ok(value) => ingest_value(state, value, source, Some(payload())).await,
-        Err(e) => {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => ingest_text(state, text, source).await,
+        Err(_) => {
             dead_letter(
                 state,
                 NewDeadLetter {
                     source: source.to_owned(),
                     event_id: None,
                     customer_id: None,
-                    payload: payload(),
+                    payload: String::from_utf8_lossy(bytes).into_owned(),
                     code: "invalid_event".into(),
-                    message: format!("the message is not JSON: {e}"),
+                    message: "the message is not UTF-8 text".into(),
                 },
             )
             .await
@@ -123,30 +125,25 @@ pub async fn ingest_bytes(
     }
 }
 
-/// Charge one event given as a JSON value; `payload` is the event as
-/// received when there is one (a message), else it is rebuilt if needed.
-pub async fn ingest_value(
+/// Charge one event given as its JSON text (a message, or one element of a
+/// batch); a dead letter keeps exactly that text.
+pub async fn ingest_text(
     state: &AppState,
-    value: serde_json::Value,
+    text: &str,
     source: &str,
-    payload: Option<String>,
 ) -> Result<EventResult, ApiError> {
-    let (event_id, customer_id) = identity(&value);
-    // Only a malformed event needs the original text, so only it pays for it.
-    let original = match &payload {
-        Some(_) => None,
-        None => Some(value.to_string()),
-    };
-    match parse_event(value, source) {
-        Ok(event) => charge(state, event, payload).await,
+    match parse_event(text, source) {
+        Ok(event) => charge(state, event, Some(text)).await,
         Err(error) => {
+            // Only a malformed event pays for a second, loose reading.
+            let (event_id, customer_id) = identity(text);
             dead_letter(
                 state,
                 NewDeadLetter {
                     source: source.to_owned(),
                     event_id,
                     customer_id,
-                    payload: payload.or(original).unwrap_or_default(),
+                    payload: text.to_owned(),
                     code: error.code,
                     message: error.message,
                 },
@@ -161,13 +158,13 @@ pub async fn ingest_value(
 pub async fn charge(
     state: &AppState,
     event: NewEvent,
-    payload: Option<String>,
+    payload: Option<&str>,
 ) -> Result<EventResult, ApiError> {
     let keep = |event: &NewEvent| NewDeadLetter {
         source: event.source.clone(),
         event_id: Some(event.id.to_string()),
         customer_id: Some(event.customer_id.to_string()),
-        payload: payload.clone().unwrap_or_else(|| event_json(event)),
+        payload: payload.map_or_else(|| event_json(event), str::to_owned),
         code: String::new(),
         message: String::new(),
     };

@@ -11,13 +11,33 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Caller, Scope};
 use crate::dto::{amount, draws, entry_id, DrawBody, Page};
-use crate::edge::{self, rfc3339, ApiJson, ApiQuery, Path};
+use crate::edge::{self, rfc3339, ApiQuery, Path};
 use crate::error::{ApiError, ErrorBody};
 use crate::ingest::{self, EventResult};
 use crate::AppState;
 
 /// The most events in one `POST /v1/events`.
 pub const MAX_BATCH_EVENTS: usize = 10_000;
+
+/// A batch as read: each event's own JSON text.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch<'a> {
+    #[serde(borrow)]
+    events: Vec<&'a serde_json::value::RawValue>,
+}
+
+/// The id of a rejected event, when it has one.
+fn event_id(text: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Id {
+        id: Option<serde_json::Value>,
+    }
+    serde_json::from_str::<Id>(text)
+        .ok()
+        .and_then(|i| i.id)
+        .and_then(|v| v.as_str().map(str::to_owned))
+}
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -33,13 +53,20 @@ pub struct EventResultBody {
     pub id: Option<String>,
     /// `charged`, `duplicate` (charged before: the original result) or `rejected`.
     pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cost: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub balance_after: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub drawn: Option<Vec<DrawBody>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pricebook: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub entry_id: Option<String>,
     /// Why it was rejected: `{code, message}`. Rejected events are kept as dead letters.
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub error: Option<serde_json::Value>,
 }
@@ -89,9 +116,17 @@ pub struct EventBatchBody {
 pub async fn post_events(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<EventBatch>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<EventBatchBody>, ApiError> {
     caller.require(Scope::Ingest)?;
+    let bytes = body.map_err(|e| ApiError::new("invalid_request", e.body_text()))?;
+    // Each event is kept as its own text and read once, by the ingest path.
+    let body: RawBatch<'_> = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            "invalid_request",
+            format!("the body is not a batch of events ({{\"events\": [...]}}): {e}"),
+        )
+    })?;
     if body.events.len() > MAX_BATCH_EVENTS {
         return Err(ApiError::invalid(
             "events",
@@ -100,19 +135,18 @@ pub async fn post_events(
     }
     // Room for the whole batch, or nothing is applied.
     let _permit = state.admit(body.events.len())?;
-    let ids: Vec<Option<String>> = body
-        .events
-        .iter()
-        .map(|e| e.get("id").and_then(|v| v.as_str()).map(str::to_owned))
-        .collect();
     // Every event goes to the writer at once, so a batch shares its group commits.
     let pending = body
         .events
-        .into_iter()
-        .map(|event| ingest::ingest_value(&state, event, "http", None));
+        .iter()
+        .map(|event| ingest::ingest_text(&state, event.get(), "http"));
     let results = futures_util::future::join_all(pending).await;
     let mut rendered = Vec::with_capacity(results.len());
-    for (id, result) in ids.into_iter().zip(results) {
+    for (raw, result) in body.events.iter().zip(results) {
+        let id = match &result {
+            Ok(EventResult::Rejected { .. }) => event_id(raw.get()),
+            _ => None,
+        };
         // The store is unavailable: the batch is answered 503 and may be sent
         // again whole (charged events then answer `duplicate`).
         let result = result?;
