@@ -447,10 +447,8 @@ impl Store {
         &self,
         customer_id: Id,
     ) -> Result<Vec<catalog::ContractRecord>, StoreError> {
-        self.read(move |connection| {
-            catalog::customer_contracts(connection, customer_id.as_str())
-        })
-        .await
+        self.read(move |connection| catalog::customer_contracts(connection, customer_id.as_str()))
+            .await
     }
 
     /// Reprice the usage recorded in `[from, to)` (charges and captures by

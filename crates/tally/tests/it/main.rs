@@ -6,6 +6,8 @@ mod concurrency;
 mod crash;
 mod events;
 mod hardening;
+mod kafka;
+mod nats;
 mod pricebook;
 mod routes;
 mod smoke;

@@ -1452,7 +1452,11 @@ async fn hold_input_errors_change_nothing() {
 
 #[tokio::test]
 async fn an_expired_hold_releases_itself() {
-    let app = TestApp::spawn_with(Options { manual_clock: true, ..Options::default() }).await;
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
     app.customer("c").await;
     app.grant("c", "g1", "100").await;
     hold(&app, "c", "h1", "40", 60).await;
@@ -1898,7 +1902,11 @@ async fn expiry_extends_later_only() {
 
 #[tokio::test]
 async fn grants_expire_and_can_be_reinstated_within_the_window() {
-    let app = TestApp::spawn_with(Options { manual_clock: true, ..Options::default() }).await;
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
     app.customer("c").await;
     let expiring = |id: &str, amount: &str| {
         json!({ "id": id, "amount": amount, "source": "plan_allocation", "paid": false,
@@ -2247,7 +2255,11 @@ async fn clock_reads_and_advances_only_when_manual() {
         .await;
     assert_error(&refused_to, 403, "manual_clock_disabled");
 
-    let manual = TestApp::spawn_with(Options { manual_clock: true, ..Options::default() }).await;
+    let manual = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
     let start = ok(&manual.get("/v1/clock").await).clone();
     assert_eq!(start["manual"], true);
     for body in [
@@ -2465,7 +2477,11 @@ async fn api_key_retry_is_a_replay() {
 
 #[tokio::test]
 async fn refunds_after_expiry_become_new_grants() {
-    let app = TestApp::spawn_with(Options { manual_clock: true, ..Options::default() }).await;
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
     app.customer("c").await;
     grant_with(
         &app,
