@@ -258,14 +258,38 @@ pub fn describe_price(price: &pricing::Price) -> String {
     }
 }
 
-/// Extra errors of resolution over time.
-fn no_version(feature: &str, at: Timestamp) -> PricingError {
-    PricingError::NoPrice {
-        feature: format!(
-            "{feature} (no price book version is in effect at {} µs)",
-            at.0
-        ),
-    }
+/// No version is in effect at `at` (shown in RFC 3339 when representable).
+fn no_version(at: Timestamp) -> PricingError {
+    let text = time_text(at);
+    PricingError::NoVersion { at: text }
+}
+
+/// RFC 3339 without a date library: days from the civil calendar algorithm.
+fn time_text(at: Timestamp) -> String {
+    let seconds = at.0.div_euclid(1_000_000);
+    let micros = at.0.rem_euclid(1_000_000);
+    let (days, rest) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let fraction = if micros == 0 {
+        String::new()
+    } else {
+        format!(".{micros:06}")
+    };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{fraction}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 /// Price usage for a customer: the contract's rules first (when the contract
@@ -330,7 +354,7 @@ pub fn price_usage(
             Some(version) => version,
             None => book
                 .in_effect(usage.at)
-                .ok_or_else(|| no_version(usage.feature, usage.at))?,
+                .ok_or_else(|| no_version(usage.at))?,
         },
     };
     let priced = pricing::price(&version.rules, usage.feature, usage.quantity, &ctx)?;
@@ -463,7 +487,20 @@ mod tests {
         assert_eq!(cost(999), Ok((a("8"), Some("v1".into()))));
         assert_eq!(cost(1_000), Ok((a("5"), Some("v2".into()))));
         assert_eq!(cost(1_001), Ok((a("5"), Some("v2".into()))));
-        assert!(matches!(cost(-1), Err(PricingError::NoPrice { .. })));
+        assert!(matches!(cost(-1), Err(PricingError::NoVersion { .. })));
+    }
+
+    #[test]
+    fn times_are_written_in_rfc3339() {
+        assert_eq!(time_text(Timestamp(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            time_text(Timestamp(2_208_988_800_000_001)),
+            "2040-01-01T00:00:00.000001Z"
+        );
+        assert_eq!(
+            time_text(Timestamp(951_782_400_000_000)),
+            "2000-02-29T00:00:00Z"
+        );
     }
 
     #[test]

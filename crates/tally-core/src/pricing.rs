@@ -496,6 +496,9 @@ pub enum PricingError {
     /// event properties.
     #[error("feature {feature:?} has no price for this plan, region and event properties")]
     NoPrice { feature: String },
+    /// No version of the price book was in effect at the usage's time.
+    #[error("no price book version is in effect at {at}; publish one effective at or before it")]
+    NoVersion { at: String },
     #[error("quantity must be greater than zero, got {quantity}")]
     InvalidQuantity { quantity: Quantity },
     #[error("multiplier must be zero or more, got {multiplier}")]

@@ -3,6 +3,7 @@
 //! the store, and say what happened. An event that cannot be read or charged
 //! becomes a dead letter with its reason; it never blocks the events after it.
 
+use base64::Engine;
 use serde::Deserialize;
 use tally_core::Amount;
 use tally_store::{Command, EventOutcome, NewDeadLetter, NewEvent, Outcome, Refusal, StoreError};
@@ -115,9 +116,14 @@ pub async fn ingest_bytes(
                     source: source.to_owned(),
                     event_id: None,
                     customer_id: None,
-                    payload: String::from_utf8_lossy(bytes).into_owned(),
+                    // Kept exactly, as base64: replaying it is refused again
+                    // rather than charging a changed event.
+                    payload: format!(
+                        "base64:{}",
+                        base64::engine::general_purpose::STANDARD.encode(bytes)
+                    ),
                     code: "invalid_event".into(),
-                    message: "the message is not UTF-8 text".into(),
+                    message: "the message is not UTF-8 text (its bytes are kept as base64)".into(),
                 },
             )
             .await

@@ -46,6 +46,8 @@ pub struct AppState {
     /// request is answered 503 `overloaded` with `Retry-After`, having changed
     /// nothing (stream consumers are not limited here: they wait instead).
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// The bound of `in_flight`.
+    pub max_in_flight: usize,
 }
 
 /// Default bound of [`AppState::in_flight`]: the writer's queue.
@@ -65,11 +67,22 @@ impl AppState {
             metrics: Arc::default(),
             pubsub_token: None,
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            max_in_flight: MAX_IN_FLIGHT,
         }
     }
 
     /// Reserve room for `writes` writes, or answer 503 `overloaded`.
     pub fn admit(&self, writes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        if writes > self.max_in_flight {
+            // It could never be admitted: retrying would not help.
+            return Err(ApiError::invalid(
+                "events",
+                format!(
+                    "this server takes at most {} writes at once (--max-in-flight); send smaller batches",
+                    self.max_in_flight
+                ),
+            ));
+        }
         let writes = u32::try_from(writes.max(1)).unwrap_or(u32::MAX);
         self.in_flight
             .clone()

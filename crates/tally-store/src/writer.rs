@@ -332,13 +332,7 @@ impl Writer {
         let sequences = Sequences::read(&connection)?;
         let operations = OperationIndex::load(&connection)?;
         let catalog = Catalog::load(&connection)?;
-        let letter_events = {
-            let mut statement = connection.prepare(
-                "SELECT event_id FROM dead_letters WHERE status = 'pending' AND event_id IS NOT NULL",
-            )?;
-            let ids = statement.query_map([], |row| row.get::<_, String>(0))?;
-            ids.collect::<rusqlite::Result<HashSet<String>>>()?
-        };
+        let letter_events = pending_letter_events(&connection)?;
         Ok(Writer {
             connection,
             clock,
@@ -425,6 +419,10 @@ impl Writer {
                 self.catalog = Catalog::load(&self.connection).unwrap_or_else(|error| {
                     panic!("cannot read the price book after a rollback: {error}")
                 });
+                self.letter_events =
+                    pending_letter_events(&self.connection).unwrap_or_else(|error| {
+                        panic!("cannot read the dead letters after a rollback: {error}")
+                    });
                 for job in batch.drain(..) {
                     let _ = job
                         .reply
@@ -1159,7 +1157,12 @@ impl Writer {
             (None, Some(hold_id)) => ("hold_resolution", hold_id),
             _ => unreachable!("the server requires exactly one of charge_id and hold_id"),
         };
-        let found = match self.find_operation(kind, charge_id)? {
+        let mut operation = self.find_operation(kind, charge_id)?;
+        if operation.is_none() && kind == "charge" {
+            // A usage event's charge is refunded by the event's id.
+            operation = self.find_operation("event", charge_id)?;
+        }
+        let found = match operation {
             Some((sequence, _, _)) => self
                 .connection
                 .prepare_cached(
@@ -1794,6 +1797,15 @@ impl Writer {
     }
 }
 
+/// The event ids with a pending dead letter.
+fn pending_letter_events(connection: &Connection) -> rusqlite::Result<HashSet<String>> {
+    let mut statement = connection.prepare(
+        "SELECT event_id FROM dead_letters WHERE status = 'pending' AND event_id IS NOT NULL",
+    )?;
+    let ids = statement.query_map([], |row| row.get::<_, String>(0))?;
+    ids.collect()
+}
+
 fn not_draft(id: &str) -> Failure {
     Failure::Rejected(Refusal {
         code: "pricebook_not_draft".into(),
@@ -1807,7 +1819,9 @@ fn not_draft(id: &str) -> Failure {
 /// A pricing error as the API reports it.
 fn pricing_refusal(error: PricingError) -> Failure {
     let code = match &error {
-        PricingError::UnknownFeature { .. } | PricingError::NoPrice { .. } => "no_price",
+        PricingError::UnknownFeature { .. }
+        | PricingError::NoPrice { .. }
+        | PricingError::NoVersion { .. } => "no_price",
         PricingError::Overflow => "amount_too_large",
         PricingError::InvalidQuantity { .. } | PricingError::InvalidMultiplier { .. } => {
             "invalid_request"
@@ -1857,6 +1871,7 @@ fn charged_draws(response: &str) -> Option<Vec<Draw>> {
     match serde_json::from_str::<Result<Outcome, Refusal>>(response).ok()? {
         Ok(Outcome::Charge(charge)) => Some(charge.drawn),
         Ok(Outcome::Capture(capture)) => Some(capture.drawn),
+        Ok(Outcome::Event(event)) => Some(event.drawn),
         _ => None,
     }
 }

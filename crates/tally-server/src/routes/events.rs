@@ -147,8 +147,9 @@ pub async fn post_events(
             Ok(EventResult::Rejected { .. }) => event_id(raw.get()),
             _ => None,
         };
-        // The store is unavailable: the batch is answered 503 and may be sent
-        // again whole (charged events then answer `duplicate`).
+        // The store is unavailable: the batch is answered 503. Events before
+        // the failure may have been charged or dead-lettered durably; sending
+        // the batch again is safe (they then answer `duplicate`).
         let result = result?;
         state.metrics.events(
             "http",
@@ -384,6 +385,14 @@ pub async fn replay_dead_letter(
         ));
     }
     let result = ingest::ingest_bytes(&state, letter.payload.as_bytes(), "replay").await?;
+    state.metrics.events(
+        "replay",
+        match &result {
+            EventResult::Charged(_) => "charged",
+            EventResult::Duplicate(_) => "duplicate",
+            EventResult::Rejected { .. } => "rejected",
+        },
+    );
     let event_id = letter.event_id.clone();
     if let EventResult::Charged(_) | EventResult::Duplicate(_) = &result {
         // A charge settles its dead letter in the same commit; an unreadable

@@ -203,6 +203,21 @@ async fn a_batch_charges_each_event_once_and_keeps_the_bad_ones() {
     let reply = app.post("/v1/events", json!({ "event": [] })).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
     assert_eq!(available(&app, "c1").await, micros("86.25"));
+
+    // An event's charge is refunded by the event's id, at most once.
+    let refund = json!({ "id": "rf_e2", "charge_id": "e2", "reason": "the answer was wrong" });
+    let reply = app.post("/v1/refunds", refund.clone()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["amount"], "12");
+    let again = app
+        .post(
+            "/v1/refunds",
+            json!({ "id": "rf_e2b", "charge_id": "e2", "reason": "twice" }),
+        )
+        .await;
+    assert_eq!(again.code(), "refund_exceeds_charge", "{}", again.body);
+    assert_eq!(available(&app, "c1").await, micros("98.25"));
+    assert_replayable(&app.ledger_all("c1").await);
 }
 
 #[tokio::test]
@@ -489,28 +504,58 @@ async fn a_saturated_engine_answers_503_and_applies_nothing() {
             .map(|i| json!({ "id": format!("{prefix}{i}"), "customer_id": "c1", "feature": "api", "quantity": 1 }))
             .collect()
     };
+    // A batch that could never fit is a client error, not a reason to retry.
     let reply = app
         .post("/v1/events", json!({ "events": batch(6, "x") }))
         .await;
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.body
-    );
-    assert_eq!(reply.code(), "overloaded");
-    assert_eq!(
-        reply
-            .headers
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap()),
-        Some("1")
-    );
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
     assert_eq!(available(&app, "c1").await, micros("100"));
+
+    // 100 batches of 5 at once against room for 5: some are turned away with
+    // 503 and Retry-After, having applied nothing; the others are charged.
+    let replies = futures_util::future::join_all((0..100).map(|b| {
+        let body = json!({ "events": batch(5, &format!("b{b}_")) });
+        app.post("/v1/events", body)
+    }))
+    .await;
+    let mut accepted = 0;
+    let mut refused = 0;
+    for reply in &replies {
+        match reply.status {
+            StatusCode::OK => {
+                let results = reply.body["results"].as_array().unwrap();
+                assert!(
+                    results.iter().all(|r| r["status"] == "charged"),
+                    "{}",
+                    reply.body
+                );
+                accepted += 1;
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(reply.code(), "overloaded");
+                assert_eq!(
+                    reply
+                        .headers
+                        .get("retry-after")
+                        .map(|v| v.to_str().unwrap()),
+                    Some("1")
+                );
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {}", reply.body),
+        }
+    }
+    assert!(
+        refused > 0,
+        "no batch was turned away ({accepted} accepted)"
+    );
+    // Exactly the accepted batches moved the balance: 5 × 0.5 each.
+    assert_eq!(
+        available(&app, "c1").await,
+        micros("100") - accepted * micros("2.5")
+    );
     assert!(dead_letters(&app, "status=all").await.is_empty());
-    let results = events(&app, batch(5, "y")).await;
-    assert!(results.iter().all(|r| r["status"] == "charged"));
-    assert_eq!(available(&app, "c1").await, micros("97.5"));
+    assert_replayable(&app.ledger_all("c1").await);
 }
 
 #[tokio::test]
