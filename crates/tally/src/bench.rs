@@ -26,7 +26,8 @@ pub struct BenchArgs {
     /// Charges in flight at once.
     #[arg(long, default_value_t = 4096)]
     concurrency: usize,
-    /// Offer this many charges/s in the latency run (default: half the lower measured rate).
+    /// Offer this many charges/s in the latency run (default: half the lower
+    /// measured rate; with --kafka-events, events/s).
     #[arg(long)]
     latency_rate: Option<f64>,
     /// Give charges random ids (like UUIDs from real clients) instead of sequential ones.
@@ -40,6 +41,23 @@ pub struct BenchArgs {
     /// 127.0.0.1 and HTTP clients posting batches, in this process.
     #[arg(long)]
     http_events: bool,
+    /// Measure usage events through Kafka instead: a real broker (start one with
+    /// `bash scripts/kafka.sh`), a fresh topic of 4 partitions, and the
+    /// consumer of `tally serve --kafka-brokers` in this process. Reports the
+    /// durable events/s of a pre-produced backlog, then p50 and p99 from
+    /// produce to balance visible at `--latency-rate` (default: half the
+    /// measured rate) for `--seconds`.
+    #[arg(long, conflicts_with = "http_events")]
+    kafka_events: bool,
+    /// Kafka bootstrap brokers (with --kafka-events).
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
+    /// Events produced before the consumer starts (with --kafka-events).
+    #[arg(long, default_value_t = 100_000)]
+    kafka_messages: u64,
+    /// Measure produce-to-visible latency on one event in this many (with --kafka-events).
+    #[arg(long, default_value_t = 50)]
+    kafka_sample: u64,
     /// Events per batch (with --http-events).
     #[arg(long, default_value_t = 1000)]
     batch: usize,
@@ -57,8 +75,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let store = Store::open(&dir, Arc::new(SystemClock)).context("open bench store")?;
     eprintln!("setting up {} customers in {dir:?}", args.customers);
     setup(&store, args.customers).await?;
-    if args.priced || args.http_events {
+    if args.priced || args.http_events || args.kafka_events {
         publish_price(&store).await?;
+    }
+    if args.kafka_events {
+        let result = kafka::run(&store, &args).await;
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        return result;
     }
     if args.http_events {
         let result = http_events(&store, &args).await;
@@ -409,4 +433,466 @@ struct BatchAnswer {
 #[derive(serde::Deserialize)]
 struct EventStatus {
     status: String,
+}
+
+/// Usage events through Kafka (`--kafka-events`): the consumer of `tally
+/// serve --kafka-brokers` in this process, against a real broker.
+///
+/// 1. Throughput: a fresh topic of 4 partitions is filled with
+///    `--kafka-messages` events keyed by customer, then the consumer starts
+///    (a new group, from the earliest offset) and drains it. Events are
+///    counted when the consumer's `ingest` returned, that is once durable, by
+///    the in-process `tally_events_total{source="kafka"}` counter.
+/// 2. Latency: with the consumer caught up, events are produced open loop at
+///    `--latency-rate` (default: half the drain rate) for `--seconds` (after
+///    a warm-up), each to the next customer in rotation. For one event in
+///    `--kafka-sample`, a task polls that customer's balance every
+///    millisecond (less often past 50 ms) and records the time from
+///    just before the event was handed to the producer to the first read that
+///    shows its charge.
+mod kafka {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    use anyhow::Context;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+    use tally_server::streams::StreamArgs;
+    use tally_server::AppState;
+    use tally_store::Store;
+
+    use super::{customer, BenchArgs, WARM_UP_SECONDS};
+
+    const PARTITIONS: i32 = 4;
+    /// What one event costs: 3 units at 0.5 credits, in micro-credits.
+    const EVENT_MICROS: i64 = 1_500_000;
+    /// Give up when the consumer makes no progress for this long.
+    const STALL: Duration = Duration::from_secs(60);
+
+    pub async fn run(store: &Store, args: &BenchArgs) -> anyhow::Result<()> {
+        let brokers = args.kafka_brokers.as_str();
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+        let name = format!("tally-bench-{}-{nanos}", std::process::id());
+        // The topic is left on the broker: deleting it under the running
+        // consumer crashed librdkafka (a segfault in its metadata cache).
+        create_topic(brokers, &name).await?;
+        measure(store, args, &name).await
+    }
+
+    async fn measure(store: &Store, args: &BenchArgs, topic: &str) -> anyhow::Result<()> {
+        let brokers = args.kafka_brokers.as_str();
+        let customers = args.customers as u64;
+        let messages = args.kafka_messages;
+        anyhow::ensure!(messages > 0, "--kafka-messages must be at least 1");
+
+        // 1. The backlog, produced before the consumer exists.
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("linger.ms", "20")
+            .set("batch.num.messages", "10000")
+            .set("batch.size", "4000000")
+            .set("queue.buffering.max.messages", "2000000")
+            .set("queue.buffering.max.kbytes", "2097151")
+            .set("message.timeout.ms", "60000")
+            .create()
+            .context("create the Kafka producer")?;
+        eprintln!("producing {messages} events to {topic} on {brokers}");
+        let produced_from = Instant::now();
+        let mut deliveries = Vec::with_capacity(messages as usize);
+        for n in 0..messages {
+            let index = n.wrapping_mul(2_654_435_761) % customers;
+            deliveries.push(send(&producer, topic, n, index).await?);
+        }
+        await_deliveries(deliveries).await?;
+        let produce_seconds = produced_from.elapsed().as_secs_f64();
+        eprintln!(
+            "produced {messages} events in {produce_seconds:.2}s = {:.0}/s",
+            messages as f64 / produce_seconds
+        );
+
+        // 2. The consumer of `tally serve`, in a new group: it drains the backlog.
+        let state = AppState::new(store.clone(), None, None);
+        let cpu_before = cpu_seconds();
+        let started = Instant::now();
+        tally_server::streams::start(
+            state.clone(),
+            StreamArgs {
+                kafka_brokers: Some(brokers.to_owned()),
+                kafka_topic: Some(topic.to_owned()),
+                kafka_group: topic.to_owned(),
+                ..Default::default()
+            },
+        )?;
+        let mut first_charge = None;
+        let mut progress = (0, Instant::now());
+        let mut second = (0, Instant::now());
+        let drained = loop {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let counts = counts(&state);
+            counts.check()?;
+            let now = Instant::now();
+            if counts.charged > 0 && first_charge.is_none() {
+                first_charge = Some(now);
+                second = (counts.charged, now);
+                eprintln!(
+                    "first charge {:.2}s after the consumer started",
+                    (now - started).as_secs_f64()
+                );
+            }
+            if counts.charged >= messages {
+                break now;
+            }
+            if counts.charged > progress.0 {
+                progress = (counts.charged, now);
+            } else if now - progress.1 > STALL {
+                anyhow::bail!(
+                    "the consumer charged nothing for {STALL:?} ({} of {messages} charged)",
+                    counts.charged
+                );
+            }
+            if first_charge.is_some() && now - second.1 >= Duration::from_secs(1) {
+                eprintln!(
+                    "  {} charged, {:.0}/s over the last second",
+                    counts.charged,
+                    (counts.charged - second.0) as f64 / (now - second.1).as_secs_f64()
+                );
+                second = (counts.charged, now);
+            }
+        };
+        let cpu = cpu_seconds()
+            .zip(cpu_before)
+            .map(|(after, before)| after - before);
+        let first_charge = first_charge.expect("charged");
+        let join = (first_charge - started).as_secs_f64();
+        let drain = (drained - first_charge).as_secs_f64();
+        let overall = (drained - started).as_secs_f64();
+        // CPU of this process (store, consumer, librdkafka) from the start of
+        // the consumer, so it includes the join, when it is nearly idle.
+        let cores = cpu.map(|cpu| cpu / overall);
+
+        // 3. Latency, with the consumer caught up.
+        store.checkpoint().await.context("checkpoint")?;
+        // Half the rate the consumer drained at, like the latency run of the
+        // charge benchmark: a rate it can sustain, so that the latency is not
+        // that of a growing backlog.
+        let rate = args
+            .latency_rate
+            .unwrap_or((messages as f64 / drain / 2.0).round());
+        let latency = latency(store, &state, args, topic, rate).await?;
+
+        let parallelism = std::thread::available_parallelism().map_or(0, |n| n.get());
+        println!("| run | result |");
+        println!("|---|---|");
+        println!(
+            "| produce {messages} events ({PARTITIONS} partitions, keyed by customer, acks=all, linger 20 ms) | {produce_seconds:.2} s = {:.0}/s |",
+            messages as f64 / produce_seconds
+        );
+        println!("| consumer group join: start to first charge | {join:.2} s |");
+        println!(
+            "| durable events/s through Kafka, first to last charge, {} customers | {:.0} |",
+            args.customers,
+            messages as f64 / drain
+        );
+        println!(
+            "| durable events/s including the group join | {:.0} |",
+            messages as f64 / overall
+        );
+        if let Some(cores) = cores {
+            println!(
+                "| CPU of this process from consumer start to last charge | {cores:.2} of {parallelism} cores |"
+            );
+        }
+        println!(
+            "| produce to balance visible at {rate:.0}/s offered ({:.0}/s achieved), p50 | {:.2} ms |",
+            latency.achieved,
+            latency.p50.as_secs_f64() * 1e3
+        );
+        println!(
+            "| produce to balance visible, p99 / max ({} sampled events) | {:.2} / {:.2} ms |",
+            latency.samples,
+            latency.p99.as_secs_f64() * 1e3,
+            latency.max.as_secs_f64() * 1e3
+        );
+        println!(
+            "| last event produced to every event charged | {:.2} ms |",
+            latency.caught_up.as_secs_f64() * 1e3
+        );
+        Ok(())
+    }
+
+    struct Latency {
+        p50: Duration,
+        p99: Duration,
+        max: Duration,
+        samples: usize,
+        /// Events/s produced while recorded.
+        achieved: f64,
+        /// From the last event produced to every event charged.
+        caught_up: Duration,
+    }
+
+    /// Events produced open loop at `rate`, each to the next customer; one in
+    /// `--kafka-sample` timed from the producer to a balance read showing it.
+    async fn latency(
+        store: &Store,
+        state: &AppState,
+        args: &BenchArgs,
+        topic: &str,
+        rate: f64,
+    ) -> anyhow::Result<Latency> {
+        anyhow::ensure!(rate > 0.0, "--latency-rate must be positive");
+        let customers = args.customers as u64;
+        let sample = args.kafka_sample.max(1);
+        let first = args.kafka_messages;
+        let total = (rate * (args.seconds + WARM_UP_SECONDS) as f64) as u64;
+        let warm_up = (rate * WARM_UP_SECONDS as f64) as u64;
+        // What each sampled customer has before this run (the backlog is all
+        // charged), in micro-credits.
+        let mut baseline: HashMap<u64, i64> = HashMap::new();
+        for j in (0..total).step_by(sample as usize) {
+            let index = j % customers;
+            if let std::collections::hash_map::Entry::Vacant(entry) = baseline.entry(index) {
+                let balance = store
+                    .balance(customer(index as usize))
+                    .await?
+                    .context("bench customer missing")?;
+                entry.insert(balance.balance.available.micros());
+            }
+        }
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &args.kafka_brokers)
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", "60000")
+            .create()
+            .context("create the Kafka producer")?;
+        eprintln!(
+            "latency: {total} events at {rate:.0}/s ({warm_up} of warm-up), one in {sample} timed"
+        );
+        let mut sent_to = vec![0i64; customers as usize];
+        let mut deliveries = Vec::with_capacity(total as usize);
+        let mut pollers = Vec::new();
+        let per_tick = rate / 1000.0;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut owed = 0.0;
+        let mut sent = 0u64;
+        let mut measured_from = Instant::now();
+        while sent < total {
+            tick.tick().await;
+            owed += per_tick;
+            while owed >= 1.0 && sent < total {
+                owed -= 1.0;
+                let j = sent;
+                sent += 1;
+                let index = j % customers;
+                sent_to[index as usize] += 1;
+                let timed = j.is_multiple_of(sample);
+                if j == warm_up {
+                    measured_from = Instant::now();
+                }
+                let at = Instant::now();
+                deliveries.push(send(&producer, topic, first + j, index).await?);
+                if timed && j >= warm_up {
+                    let visible_at = baseline[&index] - EVENT_MICROS * sent_to[index as usize];
+                    let store = store.clone();
+                    pollers.push(tokio::spawn(async move {
+                        visible(&store, index, visible_at, at).await
+                    }));
+                }
+            }
+        }
+        let achieved = (total - warm_up) as f64 / measured_from.elapsed().as_secs_f64();
+        let last_sent = Instant::now();
+        await_deliveries(deliveries).await?;
+        let mut latencies = Vec::with_capacity(pollers.len());
+        for poller in pollers {
+            latencies.push(poller.await??);
+        }
+        // Every event of this run is charged, and nothing else happened.
+        let expected = first + total;
+        let waiting = Instant::now();
+        let caught_up;
+        loop {
+            let counts = counts(state);
+            counts.check()?;
+            if counts.charged >= expected {
+                caught_up = last_sent.elapsed();
+                anyhow::ensure!(
+                    counts.charged == expected && counts.duplicate == 0,
+                    "expected {expected} charged events, counted {counts:?}"
+                );
+                break;
+            }
+            anyhow::ensure!(
+                waiting.elapsed() < STALL,
+                "only {} of {expected} events charged",
+                counts.charged
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        anyhow::ensure!(!latencies.is_empty(), "no event was timed");
+        latencies.sort();
+        let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
+        Ok(Latency {
+            p50: pick(0.5),
+            p99: pick(0.99),
+            max: latencies[latencies.len() - 1],
+            samples: latencies.len(),
+            achieved,
+            caught_up,
+        })
+    }
+
+    /// Poll a customer's balance every millisecond until it is at most
+    /// `visible_at` micro-credits; the time since `at`. After the first 50 ms
+    /// the pause between reads grows to 2% of the time waited so far (so the
+    /// error stays under 2%), so that the pollers of a backlog do not take the
+    /// CPU from the consumer they are measuring.
+    async fn visible(
+        store: &Store,
+        index: u64,
+        visible_at: i64,
+        at: Instant,
+    ) -> anyhow::Result<Duration> {
+        let id = customer(index as usize);
+        let mut every = tokio::time::interval(Duration::from_millis(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            every.tick().await;
+            let waited = at.elapsed();
+            if waited > Duration::from_millis(50) {
+                tokio::time::sleep(waited / 50).await;
+            }
+            let balance = store
+                .balance(id.clone())
+                .await?
+                .context("bench customer missing")?;
+            if balance.balance.available.micros() <= visible_at {
+                return Ok(at.elapsed());
+            }
+            anyhow::ensure!(
+                at.elapsed() < STALL,
+                "an event to {id} was not visible after {STALL:?}"
+            );
+        }
+    }
+
+    /// Hand one event to the producer (waiting while its queue is full).
+    async fn send(
+        producer: &FutureProducer,
+        topic: &str,
+        n: u64,
+        index: u64,
+    ) -> anyhow::Result<DeliveryFuture> {
+        let key = format!("bench_{index}");
+        let payload = format!(
+            r#"{{"id":"kev_{n}","customer_id":"bench_{index}","feature":"api_call","quantity":3}}"#
+        );
+        loop {
+            let record = FutureRecord::to(topic).key(&key).payload(&payload);
+            match producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => anyhow::bail!("produce to {topic}: {error}"),
+            }
+        }
+    }
+
+    async fn await_deliveries(deliveries: Vec<DeliveryFuture>) -> anyhow::Result<()> {
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => anyhow::bail!("an event was not delivered: {error}"),
+                Err(_) => anyhow::bail!("the producer went away before a delivery report"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .context("create the Kafka admin client")?;
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = tokio::time::timeout(
+            Duration::from_secs(20),
+            admin.create_topics(
+                &[NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1))],
+                &options,
+            ),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no Kafka broker answered on {brokers} in 20 s (start one with `bash scripts/kafka.sh`)"
+            )
+        })?
+        .with_context(|| format!("create topic {topic} on {brokers}"))?;
+        for result in results {
+            result.map_err(|(name, code)| anyhow::anyhow!("create topic {name}: {code}"))?;
+        }
+        Ok(())
+    }
+
+    /// Kafka events counted by the consumer, by result.
+    #[derive(Debug, Default)]
+    struct Counts {
+        charged: u64,
+        duplicate: u64,
+        rejected: u64,
+    }
+
+    impl Counts {
+        fn check(&self) -> anyhow::Result<()> {
+            anyhow::ensure!(
+                self.rejected == 0,
+                "the consumer rejected {} event(s) (dead letters)",
+                self.rejected
+            );
+            Ok(())
+        }
+    }
+
+    /// `tally_events_total{source="kafka",status=...}` from the in-process metrics.
+    fn counts(state: &AppState) -> Counts {
+        let mut counts = Counts::default();
+        for line in state.metrics.render().lines() {
+            let Some(labels) = line.strip_prefix("tally_events_total{") else {
+                continue;
+            };
+            if !labels.contains(r#"source="kafka""#) {
+                continue;
+            }
+            let value = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+            if labels.contains(r#"status="charged""#) {
+                counts.charged = value;
+            } else if labels.contains(r#"status="duplicate""#) {
+                counts.duplicate = value;
+            } else if labels.contains(r#"status="rejected""#) {
+                counts.rejected = value;
+            }
+        }
+        counts
+    }
+
+    /// User and system CPU seconds of this process so far (Linux).
+    fn cpu_seconds() -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name (which may hold spaces), from field 3.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        // USER_HZ, 100 on Linux.
+        Some((utime + stime) / 100.0)
+    }
 }

@@ -50,11 +50,11 @@ use crate::AppState;
 
 const SOURCE: &str = "kafka";
 /// Messages being charged at once.
-const MAX_IN_FLIGHT: usize = 1024;
+const MAX_IN_FLIGHT: usize = 4096;
 /// Messages received and waiting for a slot before the partitions pause...
-const PAUSE_AT: usize = 2048;
+const PAUSE_AT: usize = 50_000;
 /// ...and resume when that backlog is back to this.
-const RESUME_AT: usize = 256;
+const RESUME_AT: usize = 10_000;
 /// How often done offsets are committed.
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
 /// Retry backoff when the store is unavailable.
@@ -94,6 +94,10 @@ pub fn start(state: AppState, args: &StreamArgs) -> anyhow::Result<()> {
         .set("heartbeat.interval.ms", "1000")
         // Prefetch a bounded amount: the backlog above is bounded too.
         .set("queued.min.messages", "10000")
+        // An idle partition's fetch returns within 100 ms (latency), not 500.
+        .set("fetch.wait.max.ms", "100")
+        // Bigger fetches per partition: measured 32k -> 43k events/s on tansu.
+        .set("fetch.message.max.bytes", "8388608")
         .set("queued.max.messages.kbytes", "16384")
         .set("statistics.interval.ms", "1000");
     if let Ok(extra) = std::env::var("TALLY_KAFKA_CONFIG") {
