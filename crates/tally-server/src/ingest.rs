@@ -37,6 +37,17 @@ pub enum EventResult {
     Rejected { code: String, message: String },
 }
 
+impl EventResult {
+    /// `charged`, `duplicate` or `rejected`: the result's status, as the API and metrics name it.
+    pub fn status(&self) -> &'static str {
+        match self {
+            EventResult::Charged(_) => "charged",
+            EventResult::Duplicate(_) => "duplicate",
+            EventResult::Rejected { .. } => "rejected",
+        }
+    }
+}
+
 /// Read one event; a malformed one is an error with a code and a message.
 pub fn parse_event(text: &str, source: &str) -> Result<NewEvent, ApiError> {
     let input: EventInput = serde_json::from_str(text)

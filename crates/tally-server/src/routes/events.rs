@@ -151,14 +151,7 @@ pub async fn post_events(
         // the failure may have been charged or dead-lettered durably; sending
         // the batch again is safe (they then answer `duplicate`).
         let result = result?;
-        state.metrics.events(
-            "http",
-            match &result {
-                EventResult::Charged(_) => "charged",
-                EventResult::Duplicate(_) => "duplicate",
-                EventResult::Rejected { .. } => "rejected",
-            },
-        );
+        state.metrics.events("http", result.status());
         rendered.push(render_result(id, &result));
     }
     Ok(Json(EventBatchBody { results: rendered }))
@@ -235,14 +228,7 @@ pub async fn pubsub_push(
             .await?
         }
     };
-    state.metrics.events(
-        "pubsub",
-        match &result {
-            EventResult::Charged(_) => "charged",
-            EventResult::Duplicate(_) => "duplicate",
-            EventResult::Rejected { .. } => "rejected",
-        },
-    );
+    state.metrics.events("pubsub", result.status());
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -385,14 +371,7 @@ pub async fn replay_dead_letter(
         ));
     }
     let result = ingest::ingest_bytes(&state, letter.payload.as_bytes(), "replay").await?;
-    state.metrics.events(
-        "replay",
-        match &result {
-            EventResult::Charged(_) => "charged",
-            EventResult::Duplicate(_) => "duplicate",
-            EventResult::Rejected { .. } => "rejected",
-        },
-    );
+    state.metrics.events("replay", result.status());
     let event_id = letter.event_id.clone();
     if let EventResult::Charged(_) | EventResult::Duplicate(_) = &result {
         // A charge settles its dead letter in the same commit; an unreadable

@@ -44,7 +44,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::{Notify, Semaphore};
 
 use super::StreamArgs;
-use crate::ingest::{self, EventResult};
+use crate::ingest;
 use crate::metrics::SourceLabels;
 use crate::AppState;
 
@@ -447,11 +447,7 @@ async fn process(state: &AppState, message: &OwnedMessage) {
         };
         match result {
             Ok(result) => {
-                let status = match result {
-                    EventResult::Charged(_) => "charged",
-                    EventResult::Duplicate(_) => "duplicate",
-                    EventResult::Rejected { .. } => "rejected",
-                };
+                let status = result.status();
                 state.metrics.events(SOURCE, status);
                 return;
             }

@@ -43,7 +43,7 @@ use futures_util::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::StreamArgs;
-use crate::ingest::{self, EventResult};
+use crate::ingest;
 use crate::metrics::SourceLabels;
 use crate::AppState;
 
@@ -457,11 +457,7 @@ async fn process(state: AppState, message: jetstream::Message, slot: OwnedSemaph
     };
     match result {
         Ok(result) => {
-            let status = match result {
-                EventResult::Charged(_) => "charged",
-                EventResult::Duplicate(_) => "duplicate",
-                EventResult::Rejected { .. } => "rejected",
-            };
+            let status = result.status();
             state.metrics.events(SOURCE, status);
             if let Err(error) = message.ack().await {
                 // Durable already: a redelivery is a duplicate, charged nothing.
