@@ -76,27 +76,6 @@ pub fn parse_event(text: &str, source: &str) -> Result<NewEvent, ApiError> {
     })
 }
 
-/// An event in the API's shape (what a dead letter keeps when the event
-/// arrived inside a batch rather than as a message of its own).
-pub fn event_json(event: &NewEvent) -> String {
-    let mut value = serde_json::json!({
-        "id": event.id.as_str(),
-        "customer_id": event.customer_id.as_str(),
-        "feature": event.feature,
-        "quantity": event.quantity.to_string(),
-    });
-    if let Some(member) = &event.member_id {
-        value["member_id"] = member.as_str().into();
-    }
-    if let Some(at) = event.timestamp {
-        value["timestamp"] = edge::rfc3339(at).into();
-    }
-    if !event.properties.is_empty() {
-        value["properties"] = serde_json::json!(event.properties);
-    }
-    value.to_string()
-}
-
 /// The id and customer of a payload, when it has them, for its dead letter.
 fn identity(text: &str) -> (Option<String>, Option<String>) {
     let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
@@ -150,7 +129,7 @@ pub async fn ingest_text(
     source: &str,
 ) -> Result<EventResult, ApiError> {
     match parse_event(text, source) {
-        Ok(event) => charge(state, event, Some(text)).await,
+        Ok(event) => charge(state, event, text).await,
         Err(error) => {
             // Only a malformed event pays for a second, loose reading.
             let (event_id, customer_id) = identity(text);
@@ -171,17 +150,17 @@ pub async fn ingest_text(
 }
 
 /// Charge a well-formed event; a refused one becomes a dead letter (durable
-/// before this returns), keeping `payload` or the event in the API's shape.
+/// before this returns) keeping `payload`, the event as received.
 pub async fn charge(
     state: &AppState,
     event: NewEvent,
-    payload: Option<&str>,
+    payload: &str,
 ) -> Result<EventResult, ApiError> {
     let keep = |event: &NewEvent| NewDeadLetter {
         source: event.source.clone(),
         event_id: Some(event.id.to_string()),
         customer_id: Some(event.customer_id.to_string()),
-        payload: payload.map_or_else(|| event_json(event), str::to_owned),
+        payload: payload.to_owned(),
         code: String::new(),
         message: String::new(),
     };

@@ -10,19 +10,8 @@ use crate::support::{assert_replayable, micros, Options, Reply, TestApp, ADMIN_K
 /// version v1 published now, customer `c1` (plan pro) with 100 credits.
 async fn priced_app(options: Options) -> TestApp {
     let app = TestApp::spawn_with(options).await;
-    for key in ["api", "ai"] {
-        let reply = app
-            .send(
-                Method::PUT,
-                &format!("/v1/features/{key}"),
-                Some(ADMIN_KEY),
-                Some(&json!({ "name": key, "unit": "unit" })),
-            )
-            .await;
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-    }
-    publish(
-        &app,
+    app.features(&["api", "ai"]).await;
+    app.publish_version(
         "v1",
         json!([
             { "feature": "api", "credits_per_unit": "0.5" },
@@ -37,28 +26,6 @@ async fn priced_app(options: Options) -> TestApp {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     app.grant("c1", "g1", "100").await;
     app
-}
-
-async fn publish(app: &TestApp, id: &str, rules: Value, effective_at: Option<&str>) {
-    let reply = app.post("/v1/pricebooks", json!({ "id": id })).await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-    let reply = app
-        .send(
-            Method::PUT,
-            &format!("/v1/pricebooks/{id}/rules"),
-            Some(ADMIN_KEY),
-            Some(&json!({ "rules": rules })),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-    let body = match effective_at {
-        Some(at) => json!({ "effective_at": at }),
-        None => json!({}),
-    };
-    let reply = app
-        .post(&format!("/v1/pricebooks/{id}/publish"), body)
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
 }
 
 async fn events(app: &TestApp, events: Value) -> Vec<Value> {
@@ -233,8 +200,7 @@ async fn events_are_priced_at_their_own_timestamp() {
     let in_one_hour = clock(app.post("/v1/clock/advance", json!({ "seconds": 0 })).await);
     assert_eq!(in_one_hour, start);
     let later = time_plus(&start, 3600);
-    publish(
-        &app,
+    app.publish_version(
         "v2",
         json!([
             { "feature": "api", "credits_per_unit": "1" },
@@ -347,17 +313,8 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
 
     // Fix the feature of `b`, then the event itself is sent again by its
     // producer: the charge settles the dead letter too.
-    let reply = app
-        .send(
-            Method::PUT,
-            "/v1/features/soon",
-            Some(ADMIN_KEY),
-            Some(&json!({ "name": "Soon", "unit": "x" })),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK);
-    publish(
-        &app,
+    app.features(&["soon"]).await;
+    app.publish_version(
         "v2",
         json!([
             { "feature": "api", "credits_per_unit": "0.5" },

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::jetstream::{self, stream};
-use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::support::{
@@ -214,34 +213,12 @@ fn nats_args(url: &str, stream: &str, subject: Option<&str>) -> Vec<String> {
 /// Features `api` (0.5 per unit) and `ai` (1.25 per unit), published, and
 /// customers `c0`..`c3`, each granted [`GRANTED`].
 async fn set_up(app: &TestApp) {
-    for key in ["api", "ai"] {
-        let reply = app
-            .send(
-                Method::PUT,
-                &format!("/v1/features/{key}"),
-                Some(ADMIN_KEY),
-                Some(&json!({ "name": key, "unit": "unit" })),
-            )
-            .await;
-        assert_eq!(reply.status.as_u16(), 200, "{}", reply.body);
-    }
-    let reply = app.post("/v1/pricebooks", json!({ "id": "v1" })).await;
-    assert_eq!(reply.status.as_u16(), 200, "{}", reply.body);
-    let rules = json!({ "rules": [
+    app.features(&["api", "ai"]).await;
+    let rules = json!([
         { "feature": "api", "credits_per_unit": "0.5" },
         { "feature": "ai", "credits_per_unit": "1.25" },
-    ] });
-    let reply = app
-        .send(
-            Method::PUT,
-            "/v1/pricebooks/v1/rules",
-            Some(ADMIN_KEY),
-            Some(&rules),
-        )
-        .await;
-    assert_eq!(reply.status.as_u16(), 200, "{}", reply.body);
-    let reply = app.post("/v1/pricebooks/v1/publish", json!({})).await;
-    assert_eq!(reply.status.as_u16(), 200, "{}", reply.body);
+    ]);
+    app.publish_version("v1", rules, None).await;
     for c in 0..CUSTOMERS {
         app.customer(&format!("c{c}")).await;
         app.grant(&format!("c{c}"), &format!("g{c}"), GRANTED).await;

@@ -204,6 +204,58 @@ impl TestApp {
         assert_eq!(reply.status, StatusCode::OK, "grant: {}", reply.body);
     }
 
+    /// Define features (name = key, unit "unit"), asserting success.
+    pub async fn features(&self, keys: &[&str]) {
+        for key in keys {
+            let body = serde_json::json!({ "name": key, "unit": "unit" });
+            let reply = self
+                .send(
+                    reqwest::Method::PUT,
+                    &format!("/v1/features/{key}"),
+                    Some(ADMIN_KEY),
+                    Some(&body),
+                )
+                .await;
+            assert_eq!(
+                reply.status,
+                StatusCode::OK,
+                "feature {key}: {}",
+                reply.body
+            );
+        }
+    }
+
+    /// Create version `id` with `rules` (a JSON array) and publish it, now or
+    /// at `effective_at`, asserting each step.
+    pub async fn publish_version(&self, id: &str, rules: Value, effective_at: Option<&str>) {
+        let reply = self
+            .post("/v1/pricebooks", serde_json::json!({ "id": id }))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "draft {id}: {}", reply.body);
+        let reply = self
+            .send(
+                reqwest::Method::PUT,
+                &format!("/v1/pricebooks/{id}/rules"),
+                Some(ADMIN_KEY),
+                Some(&serde_json::json!({ "rules": rules })),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "rules of {id}: {}",
+            reply.body
+        );
+        let body = match effective_at {
+            Some(at) => serde_json::json!({ "effective_at": at }),
+            None => serde_json::json!({}),
+        };
+        let reply = self
+            .post(&format!("/v1/pricebooks/{id}/publish"), body)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "publish {id}: {}", reply.body);
+    }
+
     /// The customer's balance body, asserting success.
     pub async fn balance(&self, customer: &str) -> Value {
         let reply = self.get(&format!("/v1/customers/{customer}/balance")).await;
