@@ -26,6 +26,9 @@ pub enum Account {
     Expired,
     /// Credits taken back by a void.
     Voided,
+    /// What the customer owes beyond zero (overage): spends past the credits
+    /// draw from it, and the next credits repay it.
+    Debt,
 }
 
 impl fmt::Display for Account {
@@ -38,6 +41,7 @@ impl fmt::Display for Account {
             Account::Consumed(Some(feature)) => write!(f, "consumed:{feature}"),
             Account::Expired => f.write_str("expired"),
             Account::Voided => f.write_str("voided"),
+            Account::Debt => f.write_str("debt"),
         }
     }
 }
@@ -57,6 +61,7 @@ impl TryFrom<String> for Account {
             None if text == "consumed" => Account::Consumed(None),
             None if text == "expired" => Account::Expired,
             None if text == "voided" => Account::Voided,
+            None if text == "debt" => Account::Debt,
             Some(("grant", id)) => Account::Grant(Id::derived(id)),
             Some(("hold", id)) => Account::Hold(Id::derived(id)),
             Some(("issued", source)) => Account::Issued(Source::parse(source).ok_or_else(bad)?),
@@ -89,10 +94,12 @@ pub enum EntryKind {
     Expire,
     ExpiryExtended,
     Reinstate,
+    /// Credits that became available paid back debt.
+    DebtRepaid,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 11] = [
+    pub const ALL: [EntryKind; 12] = [
         EntryKind::Grant,
         EntryKind::Charge,
         EntryKind::Hold,
@@ -104,6 +111,7 @@ impl EntryKind {
         EntryKind::Expire,
         EntryKind::ExpiryExtended,
         EntryKind::Reinstate,
+        EntryKind::DebtRepaid,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -119,6 +127,7 @@ impl EntryKind {
             EntryKind::Expire => "expire",
             EntryKind::ExpiryExtended => "expiry_extended",
             EntryKind::Reinstate => "reinstate",
+            EntryKind::DebtRepaid => "debt_repaid",
         }
     }
 
@@ -143,11 +152,23 @@ pub struct EntryDraft {
     pub reason: Option<String>,
     /// When the movement took effect (a hold's or grant's expiry instant for expiries).
     pub effective_at: Timestamp,
-    /// The customer's available balance after this entry.
+    /// The customer's balance after this entry: the credits available
+    /// less any debt (negative while the customer owes).
     pub balance_after: Amount,
 }
 
 impl EntryDraft {
+    /// What this entry added to the customer's debt (an overage spend).
+    pub fn debt_drawn(&self) -> Amount {
+        crate::amount::checked_sum(
+            self.postings
+                .iter()
+                .filter(|p| p.from == Account::Debt)
+                .map(|p| p.amount),
+        )
+        .expect("entry amounts within range")
+    }
+
     /// The grant lots this entry touches, in posting order, without repeats.
     pub fn grant_ids(&self) -> Vec<Id> {
         let mut ids: Vec<Id> = Vec::new();
@@ -178,6 +199,7 @@ mod tests {
             Account::Consumed(Some("ai_message".into())),
             Account::Expired,
             Account::Voided,
+            Account::Debt,
         ];
         for account in accounts {
             assert_eq!(Account::try_from(account.to_string()), Ok(account));

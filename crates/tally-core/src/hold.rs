@@ -57,4 +57,8 @@ pub struct Hold {
     pub captured: Amount,
     pub feature: Option<String>,
     pub member_id: Option<Id>,
+    /// The part of `amount` reserved beyond the credits, against the overage
+    /// allowance: a capture that uses it becomes debt.
+    #[serde(default)]
+    pub overdraft: Amount,
 }

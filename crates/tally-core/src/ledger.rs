@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, HashMap};
 use crate::amount::checked_sum;
 use crate::{
     Account, Amount, CostBasis, Draw, EntryDraft, EntryKind, Grant, GrantStatus, Hold, HoldStatus,
-    Id, LedgerError, Posting, Source, Timestamp,
+    Id, LedgerError, OveragePolicy, Posting, Source, Timestamp,
 };
 
 /// How long after expiring a grant may still be reinstated.
@@ -46,6 +46,8 @@ pub struct ChargeRecord {
     pub drawn: Vec<Draw>,
     pub refunded: Amount,
     pub feature: Option<String>,
+    /// The part of the charge taken as debt (an overage), drawn after `drawn`.
+    pub on_debt: Amount,
 }
 
 /// What a capture did.
@@ -83,7 +85,7 @@ pub struct Balance {
     pub held: Amount,
     /// Granted but not yet in effect.
     pub pending: Amount,
-    /// Owed beyond zero (overage); zero until overage policies exist.
+    /// Owed beyond zero: overage spent past the credits, repaid by the next credits.
     pub debt: Amount,
     /// The next instant some remaining credits expire, and how many.
     pub next_expiry: Option<(Timestamp, Amount)>,
@@ -94,6 +96,8 @@ pub struct Balance {
 pub struct Changes {
     pub grants: Vec<Grant>,
     pub holds: Vec<Hold>,
+    /// The customer's debt, when it changed.
+    pub debt: Option<Amount>,
 }
 
 /// One customer's grants and active holds.
@@ -107,6 +111,10 @@ pub struct CustomerLedger {
     next_due: Option<Timestamp>,
     dirty_grants: BTreeSet<Id>,
     changed_holds: Vec<Hold>,
+    /// Owed beyond zero; never negative.
+    debt: Amount,
+    debt_changed: bool,
+    overage: OveragePolicy,
 }
 
 impl CustomerLedger {
@@ -129,9 +137,33 @@ impl CustomerLedger {
             next_due: None,
             dirty_grants: BTreeSet::new(),
             changed_holds: Vec::new(),
+            debt: Amount::ZERO,
+            debt_changed: false,
+            overage: OveragePolicy::Block,
         };
         ledger.next_due = ledger.compute_next_due();
         ledger
+    }
+
+    /// The stored debt of a ledger rebuilt from rows.
+    pub fn with_debt(mut self, debt: Amount) -> CustomerLedger {
+        assert!(!debt.is_negative(), "debt is never negative");
+        self.debt = debt;
+        self.next_due = self.compute_next_due();
+        self
+    }
+
+    pub fn debt(&self) -> Amount {
+        self.debt
+    }
+
+    pub fn overage(&self) -> OveragePolicy {
+        self.overage
+    }
+
+    /// The policy for spends from now on; the debt already owed stays.
+    pub fn set_overage(&mut self, policy: OveragePolicy) {
+        self.overage = policy;
     }
 
     pub fn customer_id(&self) -> &Id {
@@ -166,6 +198,7 @@ impl CustomerLedger {
         Changes {
             grants,
             holds: std::mem::take(&mut self.changed_holds),
+            debt: std::mem::take(&mut self.debt_changed).then_some(self.debt),
         }
     }
 
@@ -198,7 +231,7 @@ impl CustomerLedger {
             available,
             held,
             pending,
-            debt: Amount::ZERO,
+            debt: self.debt,
             next_expiry,
         }
     }
@@ -211,6 +244,64 @@ impl CustomerLedger {
                 .map(|g| g.remaining),
         )
         .expect("balance within range")
+    }
+
+    /// The balance an entry reports: the credits available less the debt.
+    fn net(&self, now: Timestamp) -> Amount {
+        self.available(now)
+            .checked_sub(self.debt)
+            .expect("balance within range")
+    }
+
+    /// How much more debt a spend may take on: the policy's limit less what
+    /// is owed and what holds have reserved beyond the credits.
+    fn debt_room(&self, metered: bool) -> Amount {
+        let limit = self.overage.debt_limit(metered);
+        let reserved = checked_sum(self.active_holds.values().map(|h| h.overdraft))
+            .expect("held within range");
+        let used = self.debt.checked_add(reserved).expect("debt within range");
+        limit
+            .checked_sub(used)
+            .map_or(Amount::ZERO, |room| room.max(Amount::ZERO))
+    }
+
+    /// Pay debt back from the credits available to any feature at `at`, in
+    /// burn order; returns what was repaid and adds its postings.
+    fn repay_debt(&mut self, at: Timestamp, postings: &mut Vec<Posting>) -> Amount {
+        let mut repaid = Amount::ZERO;
+        if !self.debt.is_positive() {
+            return repaid;
+        }
+        for grant in self.grants.iter_mut() {
+            if self.debt.is_zero() {
+                break;
+            }
+            if grant.scope.is_some() || !grant.in_effect(at) || !grant.remaining.is_positive() {
+                continue;
+            }
+            let take = grant.remaining.min(self.debt);
+            grant.remaining = grant.remaining.checked_sub(take).expect("take fits");
+            self.debt = self.debt.checked_sub(take).expect("take fits");
+            repaid = add(repaid, take);
+            postings.push(Posting {
+                from: Account::Grant(grant.id.clone()),
+                to: Account::Debt,
+                amount: take,
+            });
+            self.dirty_grants.insert(grant.id.clone());
+        }
+        if repaid.is_positive() {
+            self.debt_changed = true;
+        }
+        repaid
+    }
+
+    /// Add `amount` to the debt.
+    fn owe(&mut self, amount: Amount) {
+        if amount.is_positive() {
+            self.debt = add(self.debt, amount);
+            self.debt_changed = true;
+        }
     }
 
     /// The available balance in the middle of a sweep of what fell due by
@@ -253,7 +344,19 @@ impl CustomerLedger {
             .filter(|g| g.status == GrantStatus::Active)
             .filter_map(|g| g.expires_at);
         let hold_due = self.active_holds.values().map(|h| h.expires_at);
-        grant_due.chain(hold_due).min()
+        let repay_due = self.repayers().map(|g| g.effective_at);
+        grant_due.chain(hold_due).chain(repay_due).min()
+    }
+
+    /// While in debt: the grants whose credits repay it once in effect.
+    fn repayers(&self) -> impl Iterator<Item = &Grant> {
+        let in_debt = self.debt.is_positive();
+        self.grants.iter().filter(move |g| {
+            in_debt
+                && g.status == GrantStatus::Active
+                && g.scope.is_none()
+                && g.remaining.is_positive()
+        })
     }
 
     fn lower_next_due(&mut self, at: Option<Timestamp>) {
@@ -272,7 +375,7 @@ impl CustomerLedger {
         if self.next_due.is_none_or(|due| due > now) {
             return Vec::new();
         }
-        // (instant, 0 = hold / 1 = grant, id)
+        // (instant, 0 = hold / 1 = grant / 2 = grant taking effect while in debt, id)
         let mut due: Vec<(Timestamp, u8, Id)> = self
             .active_holds
             .values()
@@ -289,13 +392,21 @@ impl CustomerLedger {
                         .map(|at| (at, 1, g.id.clone()))
                 }),
         );
+        due.extend(
+            self.repayers()
+                .filter(|g| g.effective_at <= now)
+                .map(|g| (g.effective_at, 2, g.id.clone())),
+        );
         due.sort();
         let mut entries = Vec::with_capacity(due.len());
         for (at, what, id) in due {
-            let entry = if what == 0 {
-                self.expire_hold(&id, at, now)
-            } else {
-                self.expire_grant(&id, at, now)
+            let entry = match what {
+                0 => self.expire_hold(&id, at, now),
+                1 => self.expire_grant(&id, at, now),
+                _ => match self.repay_from_sweep(&id, at, now) {
+                    Some(entry) => entry,
+                    None => continue,
+                },
             };
             entries.push(entry);
         }
@@ -303,12 +414,46 @@ impl CustomerLedger {
         entries
     }
 
+    /// In a sweep: debt repaid by credits that took effect at `at`; `None`
+    /// when nothing is left to repay (an earlier step of the sweep did it).
+    fn repay_from_sweep(
+        &mut self,
+        grant_id: &Id,
+        at: Timestamp,
+        now: Timestamp,
+    ) -> Option<EntryDraft> {
+        let mut postings = Vec::new();
+        let repaid = self.repay_debt(at, &mut postings);
+        if repaid.is_zero() {
+            return None;
+        }
+        Some(EntryDraft {
+            kind: EntryKind::DebtRepaid,
+            customer_id: self.customer_id.clone(),
+            amount: repaid,
+            postings,
+            reference: Some(grant_id.clone()),
+            member_id: None,
+            feature: None,
+            reason: Some("credits took effect while the customer owed".into()),
+            effective_at: at,
+            balance_after: self.net_while_sweeping(now),
+        })
+    }
+
+    fn net_while_sweeping(&self, now: Timestamp) -> Amount {
+        self.available_while_sweeping(now)
+            .checked_sub(self.debt)
+            .expect("balance within range")
+    }
+
     fn expire_hold(&mut self, hold_id: &Id, at: Timestamp, now: Timestamp) -> EntryDraft {
         let mut hold = self
             .active_holds
             .remove(hold_id)
             .expect("due hold is active");
-        let postings = self.return_reservations(&hold);
+        let mut postings = self.return_reservations(&hold);
+        self.repay_debt(at, &mut postings);
         hold.status = HoldStatus::Expired;
         let entry = EntryDraft {
             kind: EntryKind::HoldExpired,
@@ -320,7 +465,7 @@ impl CustomerLedger {
             feature: hold.feature.clone(),
             reason: Some("hold timed out".into()),
             effective_at: at,
-            balance_after: self.available_while_sweeping(now),
+            balance_after: self.net_while_sweeping(now),
         };
         self.changed_holds.push(hold);
         entry
@@ -354,7 +499,7 @@ impl CustomerLedger {
             feature: None,
             reason: Some("grant reached expires_at".into()),
             effective_at: at,
-            balance_after: self.available_while_sweeping(now),
+            balance_after: self.net_while_sweeping(now),
         }
     }
 
@@ -449,7 +594,7 @@ impl CustomerLedger {
         grant.status = GrantStatus::Active;
         grant.expired_amount = Amount::ZERO;
         grant.expired_at = None;
-        let postings = vec![Posting {
+        let mut postings = vec![Posting {
             from: Account::Issued(grant.source),
             to: Account::Grant(grant.id.clone()),
             amount: grant.amount,
@@ -459,6 +604,9 @@ impl CustomerLedger {
         self.lower_next_due(grant.expires_at);
         self.insert_sorted(grant);
         self.dirty_grants.insert(grant_id.clone());
+        // Debt is repaid first; a grant that takes effect later repays it then.
+        self.repay_debt(now, &mut postings);
+        self.lower_next_due(self.repayers().map(|g| g.effective_at).min());
         Ok(EntryDraft {
             kind: EntryKind::Grant,
             customer_id: self.customer_id.clone(),
@@ -469,7 +617,7 @@ impl CustomerLedger {
             feature: None,
             reason,
             effective_at: now,
-            balance_after: self.available(now),
+            balance_after: self.net(now),
         })
     }
 
@@ -479,13 +627,15 @@ impl CustomerLedger {
         self.grants.insert(at, grant);
     }
 
-    /// Choose the grants that pay `amount` for `feature`, in burn order.
+    /// Choose the grants that pay `amount` for `feature`, in burn order, and
+    /// what the overage policy lets go beyond them (the overdraft).
     fn plan_draws(
         &self,
         amount: Amount,
         feature: Option<&str>,
         now: Timestamp,
-    ) -> Result<Vec<(usize, Amount)>, LedgerError> {
+        metered: bool,
+    ) -> Result<(Vec<(usize, Amount)>, Amount), LedgerError> {
         if !amount.is_positive() {
             return Err(LedgerError::AmountNotPositive);
         }
@@ -502,7 +652,8 @@ impl CustomerLedger {
             left = left.checked_sub(take).expect("take is at most left");
             draws.push((index, take));
         }
-        if left.is_positive() {
+        let room = self.debt_room(metered);
+        if left > room {
             let eligible = checked_sum(
                 self.grants
                     .iter()
@@ -511,11 +662,11 @@ impl CustomerLedger {
             )
             .expect("balance within range");
             return Err(LedgerError::InsufficientCredits {
-                available: eligible,
+                available: eligible.checked_add(room).unwrap_or(eligible),
                 required: amount,
             });
         }
-        Ok(draws)
+        Ok((draws, left))
     }
 
     /// Take the planned draws out of their grants into `to`.
@@ -543,15 +694,47 @@ impl CustomerLedger {
         (drawn, postings)
     }
 
-    /// Spend credits now.
+    /// Spend credits now: a synchronous charge, which the overage policy
+    /// `metered_only` refuses beyond the credits. What went into debt is the
+    /// entry's [`EntryDraft::debt_drawn`].
     pub fn charge(
         &mut self,
         spend: &Spend,
         now: Timestamp,
     ) -> Result<(Vec<Draw>, EntryDraft), LedgerError> {
-        let draws = self.plan_draws(spend.amount, spend.feature.as_deref(), now)?;
+        self.charge_with(spend, now, false)
+    }
+
+    /// Record metered usage (an event reported after the fact): the overage
+    /// policy `metered_only` lets it go into debt.
+    pub fn charge_metered(
+        &mut self,
+        spend: &Spend,
+        now: Timestamp,
+    ) -> Result<(Vec<Draw>, EntryDraft), LedgerError> {
+        self.charge_with(spend, now, true)
+    }
+
+    fn charge_with(
+        &mut self,
+        spend: &Spend,
+        now: Timestamp,
+        metered: bool,
+    ) -> Result<(Vec<Draw>, EntryDraft), LedgerError> {
+        let (draws, overdraft) =
+            self.plan_draws(spend.amount, spend.feature.as_deref(), now, metered)?;
         let consumed = Account::Consumed(spend.feature.clone());
-        let (drawn, postings) = self.take_draws(&draws, &consumed);
+        let (drawn, mut postings) = self.take_draws(&draws, &consumed);
+        if overdraft.is_positive() {
+            postings.push(Posting {
+                from: Account::Debt,
+                to: consumed,
+                amount: overdraft,
+            });
+            self.owe(overdraft);
+            // Credits that take effect later repay this debt when they do.
+            self.lower_next_due(self.repayers().map(|g| g.effective_at).min());
+        }
         let entry = self.spend_entry(EntryKind::Charge, spend, postings, now);
         Ok((drawn, entry))
     }
@@ -580,7 +763,7 @@ impl CustomerLedger {
             feature: spend.feature.clone(),
             reason: spend.reason.clone(),
             effective_at: now,
-            balance_after: self.available(now),
+            balance_after: self.net(now),
         }
     }
 
@@ -600,7 +783,8 @@ impl CustomerLedger {
             !self.active_holds.contains_key(&spend.reference),
             "hold id reused"
         );
-        let draws = self.plan_draws(spend.amount, spend.feature.as_deref(), now)?;
+        let (draws, overdraft) =
+            self.plan_draws(spend.amount, spend.feature.as_deref(), now, false)?;
         let (reservations, postings) =
             self.take_draws(&draws, &Account::Hold(spend.reference.clone()));
         let hold = Hold {
@@ -614,6 +798,7 @@ impl CustomerLedger {
             captured: Amount::ZERO,
             feature: spend.feature.clone(),
             member_id: spend.member_id.clone(),
+            overdraft,
         };
         self.active_holds.insert(hold.id.clone(), hold.clone());
         self.changed_holds.push(hold.clone());
@@ -679,9 +864,21 @@ impl CustomerLedger {
                 releases.push((draw.grant_id.clone(), rest));
             }
         }
+        // What the reservations did not cover comes from the overdraft: debt.
+        if left.is_positive() {
+            debug_assert!(left <= hold.overdraft);
+            postings.push(Posting {
+                from: Account::Debt,
+                to: consumed.clone(),
+                amount: left,
+            });
+            self.owe(left);
+        }
         for (grant_id, rest) in &releases {
             self.return_credits(hold_account.clone(), grant_id, *rest, &mut postings);
         }
+        self.repay_debt(now, &mut postings);
+        self.lower_next_due(self.repayers().map(|g| g.effective_at).min());
         let released = held.checked_sub(capture).expect("capture is at most held");
         hold.status = HoldStatus::Captured;
         hold.captured = capture;
@@ -695,7 +892,7 @@ impl CustomerLedger {
             feature: hold.feature.clone(),
             reason,
             effective_at: now,
-            balance_after: self.available(now),
+            balance_after: self.net(now),
         };
         self.changed_holds.push(hold);
         Ok((
@@ -716,7 +913,8 @@ impl CustomerLedger {
         now: Timestamp,
     ) -> Result<(Amount, EntryDraft), LedgerError> {
         let mut hold = self.take_active_hold(hold_id)?;
-        let postings = self.return_reservations(&hold);
+        let mut postings = self.return_reservations(&hold);
+        self.repay_debt(now, &mut postings);
         hold.status = HoldStatus::Released;
         let entry = EntryDraft {
             kind: EntryKind::Release,
@@ -728,7 +926,7 @@ impl CustomerLedger {
             feature: hold.feature.clone(),
             reason,
             effective_at: now,
-            balance_after: self.available(now),
+            balance_after: self.net(now),
         };
         let amount = hold.amount;
         self.changed_holds.push(hold);
@@ -742,7 +940,10 @@ impl CustomerLedger {
     /// expired or been voided becomes a new grant (source `refund`, never
     /// expiring) that keeps the original lot's paid flag, cost basis, priority
     /// and scope, so finance can still reconcile it with the payment.
-    /// `next_sequence` numbers the grants this creates.
+    /// The part the charge took as debt (drawn last, so refunded first)
+    /// cancels debt still owed; what of it was already repaid becomes a new
+    /// unpaid, unscoped refund grant. Credits returned while the customer is
+    /// in debt repay it. `next_sequence` numbers the grants this creates.
     pub fn refund(
         &mut self,
         charge: &ChargeRecord,
@@ -774,7 +975,17 @@ impl CustomerLedger {
         let mut returned = Vec::new();
         let mut postings = Vec::new();
         let mut new_grants = Vec::new();
-        for draw in charge.drawn.iter().rev() {
+        let debt_piece = Draw {
+            grant_id: Id::derived("debt"),
+            amount: charge.on_debt,
+        };
+        let pieces = charge
+            .drawn
+            .iter()
+            .map(|d| (d, false))
+            .chain(std::iter::once((&debt_piece, true)));
+        let pieces: Vec<(&Draw, bool)> = pieces.filter(|(d, _)| d.amount.is_positive()).collect();
+        for (draw, on_debt) in pieces.into_iter().rev() {
             if left.is_zero() {
                 break;
             }
@@ -789,6 +1000,53 @@ impl CustomerLedger {
                 continue;
             }
             left = left.checked_sub(give).expect("give is at most left");
+            if on_debt {
+                let cancel = give.min(self.debt);
+                if cancel.is_positive() {
+                    self.debt = self.debt.checked_sub(cancel).expect("cancel fits");
+                    self.debt_changed = true;
+                    postings.push(Posting {
+                        from: consumed.clone(),
+                        to: Account::Debt,
+                        amount: cancel,
+                    });
+                }
+                let rest = give.checked_sub(cancel).expect("cancel is at most give");
+                if rest.is_positive() {
+                    let id = Id::derived(&format!("refund:{refund_id}:{}", new_grants.len() + 1));
+                    let grant = Grant {
+                        id: id.clone(),
+                        customer_id: self.customer_id.clone(),
+                        amount: rest,
+                        remaining: rest,
+                        source: Source::Refund,
+                        paid: false,
+                        cost_basis: None,
+                        priority: 0,
+                        effective_at: now,
+                        expires_at: None,
+                        scope: None,
+                        status: GrantStatus::Active,
+                        expired_amount: Amount::ZERO,
+                        expired_at: None,
+                        sequence: *next_sequence,
+                    };
+                    *next_sequence += 1;
+                    self.insert_sorted(grant);
+                    self.dirty_grants.insert(id.clone());
+                    postings.push(Posting {
+                        from: consumed.clone(),
+                        to: Account::Grant(id.clone()),
+                        amount: rest,
+                    });
+                    returned.push(Draw {
+                        grant_id: id.clone(),
+                        amount: rest,
+                    });
+                    new_grants.push(id);
+                }
+                continue;
+            }
             let index = self
                 .grant_index(&draw.grant_id)
                 .expect("drawn grant exists");
@@ -845,6 +1103,7 @@ impl CustomerLedger {
             left.is_zero(),
             "refund within the charge always finds its draws"
         );
+        self.repay_debt(now, &mut postings);
         let entry = EntryDraft {
             kind: EntryKind::Refund,
             customer_id: self.customer_id.clone(),
@@ -855,7 +1114,7 @@ impl CustomerLedger {
             feature: charge.feature.clone(),
             reason,
             effective_at: now,
-            balance_after: self.available(now),
+            balance_after: self.net(now),
         };
         Ok((
             Refunded {
@@ -915,7 +1174,7 @@ impl CustomerLedger {
             feature: None,
             reason,
             effective_at: now,
-            balance_after: self.available(now),
+            balance_after: self.net(now),
         };
         Ok((
             Voided {
@@ -994,8 +1253,9 @@ impl CustomerLedger {
         };
         let new_expiry = grant.expires_at;
         self.insert_sorted(grant);
-        let (kind, amount, postings) = outcome?;
+        let (kind, amount, mut postings) = outcome?;
         self.lower_next_due(new_expiry);
+        self.repay_debt(now, &mut postings);
         self.dirty_grants.insert(grant_id.clone());
         let entry = EntryDraft {
             kind,
@@ -1007,9 +1267,28 @@ impl CustomerLedger {
             feature: None,
             reason,
             effective_at: now,
-            balance_after: self.available(now),
+            balance_after: self.net(now),
         };
         Ok((amount, entry))
+    }
+
+    /// The invariants that need the instant: while the customer owes, no
+    /// credit available to every feature is left unspent (it repays first).
+    pub fn check_invariants_at(&self, now: Timestamp) -> Result<(), String> {
+        self.check_invariants()?;
+        if self.debt.is_positive() {
+            if let Some(grant) = self
+                .grants
+                .iter()
+                .find(|g| g.scope.is_none() && g.in_effect(now) && g.remaining.is_positive())
+            {
+                return Err(format!(
+                    "debt {} owed while grant {} has {} available",
+                    self.debt, grant.id, grant.remaining
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Assert the per-customer invariants; for tests and debug builds.
@@ -1033,9 +1312,13 @@ impl CustomerLedger {
         if self.outstanding().is_none() {
             return Err("remaining plus held credits exceed the maximum amount".to_string());
         }
+        if self.debt.is_negative() {
+            return Err(format!("debt {} is negative", self.debt));
+        }
         for hold in self.active_holds.values() {
-            let reserved = checked_sum(hold.reservations.iter().map(|d| d.amount));
-            if reserved != Some(hold.amount) {
+            let reserved = checked_sum(hold.reservations.iter().map(|d| d.amount))
+                .and_then(|r| r.checked_add(hold.overdraft));
+            if hold.overdraft.is_negative() || reserved != Some(hold.amount) {
                 return Err(format!(
                     "hold {} reserves {:?} for {}",
                     hold.id, reserved, hold.amount

@@ -13,6 +13,7 @@ pub mod grant;
 pub mod hold;
 pub mod id;
 pub mod ledger;
+pub mod overage;
 pub mod pricebook;
 pub mod pricing;
 pub mod time;
@@ -26,6 +27,7 @@ pub use id::{Id, IdError};
 pub use ledger::{
     Balance, Captured, Changes, ChargeRecord, CustomerLedger, Refunded, Spend, Voided,
 };
+pub use overage::OveragePolicy;
 pub use pricing::{
     Price, Priced, PricingContext, PricingError, Quantity, Rule, RuleProblem, RuleProblemKind,
     Step, TierMode,

@@ -1079,6 +1079,7 @@ impl Harness {
                     drawn: row.drawn.clone(),
                     refunded: amount(row.refunded),
                     feature: row.feature.clone(),
+                    on_debt: Amount::ZERO,
                 };
                 let expected = self.model.refund(&row, &refund_id, requested, now);
                 let actual = self.ledger.refund(
@@ -1374,6 +1375,8 @@ impl Harness {
                 Account::Issued(_) => issued -= micros,
                 Account::Consumed(_) => consumed += micros,
                 Account::Expired | Account::Voided => assert!(micros >= 0, "{account} is {micros}"),
+                // The block policy of these cases never lends.
+                Account::Debt => assert_eq!(micros, 0, "debt under the block policy"),
             }
         }
         for grant in self

@@ -127,6 +127,7 @@ impl Customer {
         let now = self.tick(0);
         let spend = self.spend(reference, amount, feature);
         let (drawn, entry) = self.ledger.charge(&spend, now).expect("charge fits");
+        let on_debt = entry.debt_drawn();
         self.journal.push(entry);
         ChargeRecord {
             reference: spend.reference,
@@ -135,6 +136,7 @@ impl Customer {
             drawn,
             refunded: Amount::ZERO,
             feature: spend.feature,
+            on_debt,
         }
     }
 

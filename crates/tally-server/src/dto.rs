@@ -24,6 +24,39 @@ pub struct CustomerBody {
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
     pub created_at: String,
+    pub overage: OverageBody,
+}
+
+/// What happens when a spend needs more credits than the customer has.
+#[derive(Serialize, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OverageBody {
+    /// `block` (the default), `allow_negative` (charges, holds and usage may
+    /// go below zero down to `limit`) or `metered_only` (usage events may go
+    /// below zero, down to `limit` if given; synchronous charges and holds are
+    /// refused past the credits).
+    pub policy: String,
+    /// How far below zero, in credits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub limit: Option<crate::edge::AmountInput>,
+}
+
+impl From<tally_core::OveragePolicy> for OverageBody {
+    fn from(policy: tally_core::OveragePolicy) -> Self {
+        OverageBody {
+            policy: policy.name().to_string(),
+            limit: policy.limit().map(crate::edge::AmountInput),
+        }
+    }
+}
+
+impl OverageBody {
+    /// The policy this body describes, or a 400 naming `param`.
+    pub fn policy(&self, param: &str) -> Result<tally_core::OveragePolicy, crate::error::ApiError> {
+        tally_core::OveragePolicy::from_parts(&self.policy, self.limit.map(|l| l.0))
+            .map_err(|message| crate::error::ApiError::invalid(param, message))
+    }
 }
 
 impl From<&CustomerRecord> for CustomerBody {
@@ -36,6 +69,7 @@ impl From<&CustomerRecord> for CustomerBody {
             currency: c.currency.clone(),
             metadata: metadata_value(&c.metadata),
             created_at: rfc3339(c.created_at),
+            overage: OverageBody::from(c.overage),
         }
     }
 }

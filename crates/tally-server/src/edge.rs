@@ -114,6 +114,13 @@ impl<'de> Deserialize<'de> for AmountInput {
     }
 }
 
+/// Written back as a decimal string, as every amount in a response.
+impl serde::Serialize for AmountInput {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0.to_string())
+    }
+}
+
 /// A positive amount, or a 400 naming `param`.
 pub fn positive(amount: AmountInput, param: &str) -> Result<Amount, ApiError> {
     if amount.0.is_positive() {

@@ -150,6 +150,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/customers", post(customers::create_customer))
         .route("/v1/customers/{id}", get(customers::get_customer))
         .route("/v1/customers/{id}/balance", get(customers::balance))
+        .route("/v1/customers/{id}/overage", put(customers::set_overage))
         .route(
             "/v1/customers/{id}/grants",
             post(customers::create_grant).get(customers::list_grants),

@@ -33,7 +33,7 @@ impl Modify for BearerAuth {
         `Idempotent-Replayed: true`; the same id with other content is 409 `idempotency_conflict`."),
     paths(
         system::healthz, system::metrics, system::clock, system::advance_clock, system::create_api_key,
-        customers::create_customer, customers::get_customer, customers::balance, customers::create_grant,
+        customers::create_customer, customers::get_customer, customers::balance, customers::set_overage, customers::create_grant,
         customers::list_grants, customers::void_grant, customers::change_expiry,
         spend::create_charge, spend::create_hold, spend::get_hold, spend::capture_hold, spend::release_hold,
         spend::create_refund, ledger::customer_ledger, ledger::get_entry,

@@ -8,8 +8,13 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tally_core::pricebook::{Contract, Pricing};
 use tally_core::{
-    Amount, Balance, CostBasis, Draw, Grant, Hold, Id, LedgerError, Source, Timestamp,
+    Amount, Balance, CostBasis, Draw, Grant, Hold, Id, LedgerError, OveragePolicy, Source,
+    Timestamp,
 };
+
+fn is_zero(amount: &Amount) -> bool {
+    amount.is_zero()
+}
 
 /// A change to the ledger; each carries the id that makes it idempotent.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -51,6 +56,11 @@ pub enum Command {
     },
     /// Apply hold timeouts and grant expiries that are due.
     Tick,
+    /// Set a customer's overage policy (idempotent by nature: a PUT).
+    SetOverage {
+        customer_id: Id,
+        overage: OveragePolicy,
+    },
     /// Create or update a feature.
     PutFeature {
         key: String,
@@ -210,6 +220,7 @@ impl Command {
             | Command::Publish { .. }
             | Command::DeadLetter(_)
             | Command::ResolveDeadLetter { .. }
+            | Command::SetOverage { .. }
             | Command::Quote { .. } => return None,
         })
     }
@@ -224,6 +235,9 @@ pub struct NewCustomer {
     pub currency: Option<String>,
     /// JSON object text, stored as given.
     pub metadata: Option<String>,
+    /// The customer's overage policy (none: block).
+    #[serde(default)]
+    pub overage: Option<OveragePolicy>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,6 +306,8 @@ pub struct CustomerRecord {
     pub currency: Option<String>,
     pub metadata: Option<String>,
     pub created_at: Timestamp,
+    #[serde(default)]
+    pub overage: OveragePolicy,
 }
 
 /// A grant with the fields the core does not need.
@@ -315,6 +331,9 @@ pub struct ChargeOutcome {
     pub member_id: Option<Id>,
     #[serde(default)]
     pub pricing: Option<Pricing>,
+    /// What went into debt under the overage policy.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub on_debt: Amount,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,6 +357,8 @@ pub struct CaptureOutcome {
     pub entry_id: i64,
     #[serde(default)]
     pub pricing: Option<Pricing>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub on_debt: Amount,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -429,6 +450,8 @@ pub struct EventOutcome {
     pub pricebook: Option<String>,
     /// The rule that priced it (the whole pricing is on its ledger entry).
     pub rule: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub on_debt: Amount,
 }
 
 /// What a charge would do, were it made now.

@@ -24,7 +24,7 @@ macro_rules! grant_columns {
 
 macro_rules! hold_columns {
     () => {
-        "id, customer_id, amount, reservations, status, created_at, expires_at, captured, feature, member_id"
+        "id, customer_id, amount, reservations, status, created_at, expires_at, captured, feature, member_id, overdraft"
     };
 }
 
@@ -112,6 +112,7 @@ pub fn hold(row: &Row) -> rusqlite::Result<Hold> {
         captured: amount(row, 7)?,
         feature: row.get(8)?,
         member_id: optional_id(row, 9)?,
+        overdraft: amount(row, 10)?,
     })
 }
 
@@ -145,8 +146,12 @@ pub fn customer(
     customer_id: &str,
 ) -> rusqlite::Result<Option<CustomerRecord>> {
     connection
-        .prepare_cached("SELECT id, name, plan, region, currency, metadata, created_at FROM customers WHERE id = ?1")?
+        .prepare_cached("SELECT id, name, plan, region, currency, metadata, created_at, overage FROM customers WHERE id = ?1")?
         .query_row([customer_id], |row| {
+            let overage = match row.get::<_, Option<String>>(7)? {
+                Some(text) => json(&text)?,
+                None => tally_core::OveragePolicy::Block,
+            };
             Ok(CustomerRecord {
                 id: id(row, 0)?,
                 name: row.get(1)?,
@@ -155,9 +160,17 @@ pub fn customer(
                 currency: row.get(4)?,
                 metadata: row.get(5)?,
                 created_at: Timestamp(row.get(6)?),
+                overage,
             })
         })
         .optional()
+}
+
+/// What a customer owes beyond zero, as stored.
+pub fn customer_debt(connection: &Connection, customer_id: &str) -> rusqlite::Result<Amount> {
+    connection
+        .prepare_cached("SELECT debt FROM customers WHERE id = ?1")?
+        .query_row([customer_id], |row| amount(row, 0))
 }
 
 pub fn customer_grants(
@@ -238,16 +251,16 @@ pub fn load_ledger(
     connection: &Connection,
     customer_id: &Id,
 ) -> rusqlite::Result<Option<(CustomerLedger, Vec<GrantRecord>)>> {
-    if customer(connection, customer_id.as_str())?.is_none() {
+    let Some(record) = customer(connection, customer_id.as_str())? else {
         return Ok(None);
-    }
+    };
     let records = customer_grants(connection, customer_id.as_str())?;
     let grants = records.iter().map(|r| r.grant.clone()).collect();
     let holds = active_holds(connection, customer_id.as_str())?;
-    Ok(Some((
-        CustomerLedger::from_parts(customer_id.clone(), grants, holds),
-        records,
-    )))
+    let debt = customer_debt(connection, customer_id.as_str())?;
+    let mut ledger = CustomerLedger::from_parts(customer_id.clone(), grants, holds).with_debt(debt);
+    ledger.set_overage(record.overage);
+    Ok(Some((ledger, records)))
 }
 
 /// Insert a new grant's rows.
@@ -343,7 +356,7 @@ pub fn upsert_hold(connection: &Connection, hold: &Hold) -> rusqlite::Result<()>
     let mut statement = connection.prepare_cached(concat!(
         "INSERT INTO holds (",
         hold_columns!(),
-        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10) \
+        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11) \
          ON CONFLICT(id) DO UPDATE SET status = excluded.status, captured = excluded.captured"
     ))?;
     statement.execute(params![
@@ -357,6 +370,7 @@ pub fn upsert_hold(connection: &Connection, hold: &Hold) -> rusqlite::Result<()>
         hold.captured.micros(),
         hold.feature.as_deref(),
         hold.member_id.as_ref().map(Id::as_str),
+        hold.overdraft.micros(),
     ])?;
     Ok(())
 }

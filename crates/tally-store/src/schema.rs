@@ -179,6 +179,17 @@ INSERT INTO customer_contracts (id, customer_id, body, updated_at, updated_by)
 DROP TABLE contracts;
 "#,
     ),
+    (
+        5,
+        r#"
+-- Overage: a customer's policy (JSON, NULL = block) and what it owes beyond
+-- zero; a hold's part reserved beyond the credits.
+ALTER TABLE customers ADD COLUMN overage TEXT;
+ALTER TABLE customers ADD COLUMN debt INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE holds ADD COLUMN overdraft INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX customers_in_debt ON customers(id) WHERE debt > 0;
+"#,
+    ),
 ];
 
 /// Apply the migrations not yet applied; returns how many ran.

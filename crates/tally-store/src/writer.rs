@@ -479,6 +479,11 @@ impl Writer {
             for hold in &changes.holds {
                 rows::upsert_hold(&self.connection, hold)?;
             }
+            if let Some(debt) = changes.debt {
+                self.connection
+                    .prepare_cached("UPDATE customers SET debt = ?1 WHERE id = ?2")?
+                    .execute(params![debt.micros(), customer_id.as_str()])?;
+            }
         }
         Ok(())
     }
@@ -728,7 +733,7 @@ impl Writer {
                     member_id: charge.member_id.clone(),
                     reason: charge.reason.clone(),
                 };
-                let (drawn, draft) = self.spend(&charge.customer_id, &spend, now)?;
+                let (drawn, draft) = self.spend(&charge.customer_id, &spend, now, false)?;
                 let entry_id = self.record_priced_entry(&draft, actor, pricing.as_ref())?;
                 let columns = ChargeColumns {
                     customer_id: charge.customer_id.clone(),
@@ -745,6 +750,7 @@ impl Writer {
                     feature: charge.feature.clone(),
                     member_id: charge.member_id.clone(),
                     pricing,
+                    on_debt: draft.debt_drawn(),
                 });
                 Ok((outcome, Some(columns)))
             }
@@ -829,6 +835,10 @@ impl Writer {
                 ))
             }
             Command::Tick => unreachable!("tick has no operation key"),
+            Command::SetOverage {
+                customer_id,
+                overage,
+            } => Ok((self.set_overage(customer_id, *overage)?, None)),
             Command::PutFeature { key, name, unit } => Ok((
                 self.put_feature(key, name, unit).map_err(Failure::Fatal)?,
                 None,
@@ -876,10 +886,11 @@ impl Writer {
                 customer.id.to_string(),
             )));
         }
+        let overage = customer.overage.unwrap_or_default();
         self.connection
             .prepare_cached(
-                "INSERT INTO customers (id, name, plan, region, currency, metadata, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO customers (id, name, plan, region, currency, metadata, created_at, overage) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 customer.id.as_str(),
@@ -888,7 +899,8 @@ impl Writer {
                 customer.region,
                 customer.currency,
                 customer.metadata,
-                self.now.micros()
+                self.now.micros(),
+                overage_column(overage),
             ])?;
         Ok(Outcome::Customer(CustomerRecord {
             id: customer.id.clone(),
@@ -898,7 +910,31 @@ impl Writer {
             currency: customer.currency.clone(),
             metadata: customer.metadata.clone(),
             created_at: self.now,
+            overage,
         }))
+    }
+
+    /// Set a customer's overage policy; the debt already owed stays owed.
+    fn set_overage(
+        &mut self,
+        customer_id: &Id,
+        overage: tally_core::OveragePolicy,
+    ) -> Result<Outcome, Failure> {
+        let changed = self
+            .connection
+            .prepare_cached("UPDATE customers SET overage = ?1 WHERE id = ?2")?
+            .execute(params![overage_column(overage), customer_id.as_str()])?;
+        if changed == 0 {
+            return Err(Failure::Store(StoreError::NotFound(format!(
+                "customer {customer_id}"
+            ))));
+        }
+        if let Some(cached) = self.cache.get_mut(customer_id) {
+            cached.ledger.set_overage(overage);
+        }
+        let record = rows::customer(&self.connection, customer_id.as_str())?
+            .expect("the customer was just updated");
+        Ok(Outcome::Customer(record))
     }
 
     /// A grant, hold or API key id used by no row yet (ids of derived rows, like refund
@@ -948,6 +984,12 @@ impl Writer {
             .add_grant(grant.clone(), request.reason.clone(), now)
             .map_err(Failure::Refused)?;
         self.next_grant_sequence += 1;
+        // As the ledger holds it now: a grant that repaid debt has less remaining.
+        let grant = self
+            .ledger(&request.customer_id)
+            .grant(&grant.id)
+            .expect("just added")
+            .clone();
         let record = GrantRecord {
             grant,
             metadata: request.metadata.clone(),
@@ -1125,6 +1167,7 @@ impl Writer {
             balance_after: draft.balance_after,
             entry_id,
             pricing,
+            on_debt: draft.debt_drawn(),
         });
         Ok((outcome, Some(columns)))
     }
@@ -1193,13 +1236,16 @@ impl Writer {
             ))));
         };
         let customer_id = Id::derived(&customer_id);
+        let (drawn, on_debt) =
+            charged_draws(&response).ok_or(Failure::Fatal(rusqlite::Error::InvalidQuery))?;
         let record = ChargeRecord {
             reference: charge_id.clone(),
             customer_id: customer_id.clone(),
             amount: tally_core::Amount::from_micros(amount).expect("stored amount"),
-            drawn: charged_draws(&response).ok_or(Failure::Fatal(rusqlite::Error::InvalidQuery))?,
+            drawn,
             refunded: tally_core::Amount::from_micros(refunded).expect("stored amount"),
             feature,
+            on_debt,
         };
         self.prepare(&customer_id)?;
         let now = self.now;
@@ -1340,7 +1386,7 @@ impl Writer {
             member_id: event.member_id.clone(),
             reason: None,
         };
-        let (drawn, draft) = self.spend(&event.customer_id, &spend, now)?;
+        let (drawn, draft) = self.spend(&event.customer_id, &spend, now, true)?;
         let entry_id = self.record_priced_entry(&draft, actor, Some(&pricing))?;
         let columns = ChargeColumns {
             customer_id: event.customer_id.clone(),
@@ -1358,6 +1404,7 @@ impl Writer {
                 member_id: event.member_id.clone(),
                 pricebook: pricing.pricebook().map(str::to_owned),
                 rule: pricing.rule_label(),
+                on_debt: draft.debt_drawn(),
             }),
             columns,
         ))
@@ -1432,18 +1479,24 @@ impl Writer {
     }
 
     /// Spend for a prepared customer: a charge, or, for usage priced at 0, an
-    /// entry that records it without moving credits.
+    /// entry that records it without moving credits. `metered` usage (events)
+    /// may go into debt under the `metered_only` overage policy.
     fn spend(
         &mut self,
         customer_id: &Id,
         spend: &Spend,
         now: Timestamp,
+        metered: bool,
     ) -> Result<(Vec<Draw>, EntryDraft), Failure> {
         let ledger = self.ledger(customer_id);
         if spend.amount.is_zero() {
             return Ok((Vec::new(), ledger.free_use(spend, now)));
         }
-        ledger.charge(spend, now).map_err(Failure::Refused)
+        if metered {
+            ledger.charge_metered(spend, now).map_err(Failure::Refused)
+        } else {
+            ledger.charge(spend, now).map_err(Failure::Refused)
+        }
     }
 
     /// Price usage for a customer now, by the version in effect and its contract.
@@ -1746,7 +1799,11 @@ impl Writer {
             .ledger
             .clone();
         let _ = copy.expire_due(now);
-        let available = copy.balance(now).available;
+        let balance = copy.balance(now);
+        let available = balance.available;
+        let net = available
+            .checked_sub(balance.debt)
+            .expect("balance within range");
         let spend = Spend {
             reference: Id::derived("quote"),
             amount: pricing.cost,
@@ -1761,7 +1818,7 @@ impl Writer {
         };
         let (fits, drawn, balance_after) = match charged {
             Ok((drawn, draft)) => (true, drawn, draft.balance_after),
-            Err(LedgerError::InsufficientCredits { .. }) => (false, Vec::new(), available),
+            Err(LedgerError::InsufficientCredits { .. }) => (false, Vec::new(), net),
             Err(other) => return Err(Failure::Refused(other)),
         };
         Ok(Outcome::Quote(QuoteOutcome {
@@ -1780,7 +1837,11 @@ impl Writer {
         let due: Vec<String> = {
             let mut statement = self.connection.prepare_cached(
                 "SELECT customer_id FROM holds WHERE status = 'active' AND expires_at <= ?1 \
-                 UNION SELECT customer_id FROM grants WHERE status = 'active' AND expires_at <= ?1 LIMIT ?2",
+                 UNION SELECT customer_id FROM grants WHERE status = 'active' AND expires_at <= ?1 \
+                 UNION SELECT c.id FROM customers c JOIN grants g ON g.customer_id = c.id \
+                   JOIN grant_balances b ON b.sequence = g.sequence \
+                   WHERE c.debt > 0 AND g.status = 'active' AND g.scope IS NULL \
+                   AND g.effective_at <= ?1 AND b.remaining > 0 LIMIT ?2",
             )?;
             let rows = statement.query_map(params![now, MAX_TICK_CUSTOMERS], |row| row.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
@@ -1866,14 +1927,20 @@ fn refusal_to_store_error(error: &LedgerError) -> StoreError {
     }
 }
 
-/// The grants a stored charge or capture drew on, from its stored outcome.
-fn charged_draws(response: &str) -> Option<Vec<Draw>> {
+/// The grants a stored charge or capture drew on, and what it took as
+/// debt, from its stored outcome.
+fn charged_draws(response: &str) -> Option<(Vec<Draw>, tally_core::Amount)> {
     match serde_json::from_str::<Result<Outcome, Refusal>>(response).ok()? {
-        Ok(Outcome::Charge(charge)) => Some(charge.drawn),
-        Ok(Outcome::Capture(capture)) => Some(capture.drawn),
-        Ok(Outcome::Event(event)) => Some(event.drawn),
+        Ok(Outcome::Charge(charge)) => Some((charge.drawn, charge.on_debt)),
+        Ok(Outcome::Capture(capture)) => Some((capture.drawn, capture.on_debt)),
+        Ok(Outcome::Event(event)) => Some((event.drawn, event.on_debt)),
         _ => None,
     }
+}
+
+fn overage_column(overage: tally_core::OveragePolicy) -> Option<String> {
+    (overage != tally_core::OveragePolicy::Block)
+        .then(|| serde_json::to_string(&overage).expect("policy serializes"))
 }
 
 /// The fingerprint of a request's content, for idempotency checks.

@@ -103,6 +103,7 @@ async fn setup(store: &Store) {
             region: None,
             currency: None,
             metadata: None,
+            overage: None,
         }),
     )
     .await;

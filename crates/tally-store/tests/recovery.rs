@@ -95,6 +95,7 @@ async fn survives_reopen(name: &str, charges: usize) {
         region: None,
         currency: None,
         metadata: None,
+        overage: None,
     };
     ok(&store, Command::CreateCustomer(customer)).await;
     ok(&store, grant("main", "1000000", None)).await;
@@ -159,6 +160,7 @@ async fn survives_reopen(name: &str, charges: usize) {
         region: None,
         currency: None,
         metadata: None,
+        overage: None,
     };
     ok(&store, Command::CreateCustomer(other)).await;
     let mut other_grant = grant("d_grant", "100", None);

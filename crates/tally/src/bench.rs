@@ -141,6 +141,7 @@ async fn setup(store: &Store, customers: usize) -> anyhow::Result<()> {
                 region: None,
                 currency: None,
                 metadata: None,
+                overage: None,
             };
             store.execute(Command::CreateCustomer(create), None).await?;
             let grant = NewGrant {

@@ -9,7 +9,7 @@ use tally_store::{Command, NewCustomer, NewGrant, Outcome};
 use utoipa::ToSchema;
 
 use crate::auth::{Caller, Scope};
-use crate::dto::{amount, CustomerBody, GrantBody, MoneyBody};
+use crate::dto::{amount, CustomerBody, GrantBody, MoneyBody, OverageBody};
 use crate::edge::{self, AmountInput, ApiJson, Path};
 use crate::error::{ApiError, ErrorBody};
 use crate::{reply, AppState};
@@ -26,6 +26,8 @@ pub struct CreateCustomer {
     pub currency: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
+    /// The overage policy (default: block).
+    pub overage: Option<OverageBody>,
 }
 
 /// Create a customer.
@@ -45,6 +47,11 @@ pub async fn create_customer(
         region: edge::text(body.region, "region", 128)?,
         currency: currency(body.currency, "currency")?,
         metadata: edge::metadata(body.metadata)?,
+        overage: body
+            .overage
+            .as_ref()
+            .map(|o| o.policy("overage"))
+            .transpose()?,
     });
     let executed = state.execute(command, &caller).await?;
     Ok(reply(executed, |outcome| match outcome {
@@ -63,6 +70,29 @@ fn currency(value: Option<String>, param: &str) -> Result<Option<String>, ApiErr
         }
         other => Ok(other),
     }
+}
+
+/// Set a customer's overage policy. The debt already owed stays owed and is
+/// repaid by the next credits; the policy governs spends from now on.
+#[utoipa::path(put, path = "/v1/customers/{id}/overage", tag = "customers", request_body = OverageBody,
+    responses((status = 200, body = CustomerBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn set_overage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+    ApiJson(body): ApiJson<OverageBody>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let command = Command::SetOverage {
+        customer_id: edge::id(&customer_id, "id")?,
+        overage: body.policy("policy")?,
+    };
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Customer(customer) => Ok(CustomerBody::from(customer)),
+        _ => Err(unexpected()),
+    }))
 }
 
 /// The prefix of grant ids Tally derives itself (refund grants).

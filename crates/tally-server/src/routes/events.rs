@@ -59,6 +59,10 @@ pub struct EventResultBody {
     pub balance_after: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drawn: Option<Vec<DrawBody>>,
+    /// The part of the cost taken as debt under the customer's overage policy
+    /// (present only when some was).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_debt: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pricebook: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,6 +87,7 @@ pub fn render_result(id: Option<String>, result: &EventResult) -> EventResultBod
             cost: Some(amount(o.cost)),
             balance_after: Some(amount(o.balance_after)),
             drawn: Some(draws(&o.drawn)),
+            on_debt: o.on_debt.is_positive().then(|| amount(o.on_debt)),
             pricebook: o.pricebook.clone(),
             rule: Some(o.rule.clone()),
             entry_id: Some(entry_id(o.entry_id)),
@@ -94,6 +99,7 @@ pub fn render_result(id: Option<String>, result: &EventResult) -> EventResultBod
             cost: None,
             balance_after: None,
             drawn: None,
+            on_debt: None,
             pricebook: None,
             rule: None,
             entry_id: None,

@@ -159,6 +159,19 @@ pub fn explain(entry: &EntryDraft) -> String {
             "expiry change {reference} reinstated {} expired credits",
             amount(entry.amount)
         ),
+        EntryKind::DebtRepaid => format!(
+            "grant {reference} took effect and repaid {} of debt",
+            amount(entry.amount)
+        ),
+    };
+    let on_debt = entry.debt_drawn();
+    let lead = if on_debt.is_positive() {
+        format!(
+            "{lead}, {} of it past the credits as debt under the overage policy",
+            amount(on_debt)
+        )
+    } else {
+        lead
     };
     let moves: Vec<String> = entry
         .postings

@@ -50,7 +50,9 @@ pub struct ChargeBody {
     pub amount: String,
     /// Which grants paid, in burn order.
     pub drawn: Vec<DrawBody>,
-    /// Available credits right after this charge.
+    /// The part taken as debt, past the credits, under the customer's overage policy.
+    pub on_debt: String,
+    /// The balance right after this charge: available credits less any debt.
     pub balance_after: String,
     pub feature: Option<String>,
     pub member_id: Option<String>,
@@ -193,6 +195,7 @@ pub async fn create_charge(
             customer_id: c.customer_id.to_string(),
             amount: amount_text(c.amount),
             drawn: draws(&c.drawn),
+            on_debt: amount_text(c.on_debt),
             balance_after: amount_text(c.balance_after),
             feature: c.feature.clone(),
             member_id: c.member_id.as_ref().map(ToString::to_string),
@@ -330,6 +333,8 @@ pub struct CaptureBody {
     pub captured: String,
     pub released: String,
     pub drawn: Vec<DrawBody>,
+    /// The part captured beyond the held credits, taken as debt.
+    pub on_debt: String,
     pub balance_after: String,
     pub entry_id: String,
     /// The version and rule the hold locked (holds by feature and quantity).
@@ -384,6 +389,7 @@ pub async fn capture_hold(
             captured: amount(c.captured),
             released: amount(c.released),
             drawn: draws(&c.drawn),
+            on_debt: amount(c.on_debt),
             balance_after: amount(c.balance_after),
             entry_id: entry_id(c.entry_id),
             pricebook: c

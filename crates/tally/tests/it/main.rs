@@ -8,6 +8,7 @@ mod events;
 mod hardening;
 mod kafka;
 mod nats;
+mod overage;
 mod pricebook;
 mod routes;
 mod smoke;

@@ -326,8 +326,9 @@ pub fn decimal(micros: i64) -> String {
 }
 
 /// Check one ledger entry's postings: every amount positive, a charge moves
-/// credits from `grant:` accounts to `consumed` (`consumed:<feature>` when it
-/// names a feature) and its postings sum to its amount.
+/// credits from `grant:` accounts (or, past the credits under an overage
+/// policy, from `debt`) to `consumed` (`consumed:<feature>` when it names a
+/// feature) and its postings sum to its amount.
 pub fn assert_entry_postings(entry: &Value) {
     let postings = entry["postings"]
         .as_array()
@@ -352,8 +353,8 @@ pub fn assert_entry_postings(entry: &Value) {
         for posting in postings {
             let from = posting["from"].as_str().unwrap_or("");
             assert!(
-                from.starts_with("grant:"),
-                "charge not from a grant: {entry}"
+                from.starts_with("grant:") || from == "debt",
+                "charge not from a grant or debt: {entry}"
             );
             // A charge naming a feature is consumed on that feature's account.
             let consumed = match entry["feature"].as_str() {
@@ -402,10 +403,12 @@ impl TestApp {
 /// Replay a customer's whole ledger (as [`TestApp::ledger_all`] returns it,
 /// newest first) from zero: entry ids strictly ordered, every entry's postings
 /// sound, and each entry's `balance_after` equal to the running sum of what
-/// flowed into and out of the customer's grant accounts, never below zero.
-/// Returns the final replayed available balance in micro-credits.
+/// flowed into and out of the customer's grant accounts less its debt; the
+/// grants never below zero, nor the debt.
+/// Returns the final replayed balance (available less debt) in micro-credits.
 pub fn assert_replayable(entries: &[Value]) -> i64 {
     let mut running: i64 = 0;
+    let mut debt: i64 = 0;
     let mut last_sequence = 0;
     for entry in entries.iter().rev() {
         let sequence: i64 = entry["id"]
@@ -427,13 +430,20 @@ pub fn assert_replayable(entries: &[Value]) -> i64 {
             if posting["from"].as_str().unwrap_or("").starts_with("grant:") {
                 running -= amount;
             }
+            if posting["from"] == "debt" {
+                debt += amount;
+            }
+            if posting["to"] == "debt" {
+                debt -= amount;
+            }
         }
         assert!(running >= 0, "available went negative at {entry}");
+        assert!(debt >= 0, "debt went negative at {entry}");
         assert_eq!(
             micros_of(&entry["balance_after"]),
-            running,
+            running - debt,
             "balance_after does not replay at {entry}"
         );
     }
-    running
+    running - debt
 }
