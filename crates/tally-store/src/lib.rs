@@ -190,13 +190,19 @@ impl Store {
         let mut wal_path = path.clone().into_os_string();
         wal_path.push("-wal");
         let wal_path = PathBuf::from(wal_path);
+        let sync_state = writer::SyncState::new();
+        let for_syncer = sync_state.clone();
         std::thread::Builder::new()
             .name("tally-sync".into())
-            .spawn(move || abort_on_panic("syncer", || writer::run_syncer(wal_path, syncer_groups)))
+            .spawn(move || {
+                abort_on_panic("syncer", || {
+                    writer::run_syncer(wal_path, syncer_groups, for_syncer)
+                })
+            })
             .map_err(|e| StoreError::Unavailable(format!("spawn syncer: {e}")))?;
         std::thread::Builder::new()
             .name("tally-writer".into())
-            .spawn(move || abort_on_panic("writer", || writer.run(receiver, to_syncer)))
+            .spawn(move || abort_on_panic("writer", || writer.run(receiver, to_syncer, sync_state)))
             .map_err(|e| StoreError::Unavailable(format!("spawn writer: {e}")))?;
         let inner = Arc::new(Inner {
             sender,

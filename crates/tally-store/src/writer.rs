@@ -70,25 +70,56 @@ pub type Answer = (
     Result<Executed, StoreError>,
 );
 
-/// How long a group under sustained load waits for more commands: a bigger
+fn drain(receiver: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>) {
+    drain_up_to(receiver, batch, MAX_BATCH);
+}
+
+/// Take waiting commands until `batch` holds `limit`; true once every
+/// sender is gone.
+fn drain_up_to(receiver: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, limit: usize) -> bool {
+    while batch.len() < limit {
+        match receiver.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(mpsc::error::TryRecvError::Empty) => return false,
+            Err(mpsc::error::TryRecvError::Disconnected) => return true,
+        }
+    }
+    false
+}
+
+/// How long a group under sustained load stays open at least: a bigger
 /// group shares its page writes among more commands (BENCHMARKS.md).
 const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
 /// Groups of at least this many commands mean sustained load (see `run`).
 const LINGER_ABOVE: usize = 32;
-/// A group this large commits at once.
+/// A group this large commits as soon as the syncer is free.
 const LINGER_UNTIL: usize = 512;
-
-fn drain(receiver: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>) {
-    while batch.len() < MAX_BATCH {
-        match receiver.try_recv() {
-            Ok(job) => batch.push(job),
-            Err(_) => break,
-        }
-    }
-}
+/// Commands waiting beyond the open group that make it grow on.
+const BACKLOG: usize = 512;
 
 /// Groups committed but not yet fsynced, at most; then the writer waits.
 pub const MAX_GROUPS_IN_FLIGHT: usize = 16;
+
+/// Groups handed to the syncer and not yet answered, shared by the writer
+/// (which counts them up) and the syncer (which counts them down and wakes
+/// the writer once the log is durable).
+pub struct SyncState {
+    pending: std::sync::atomic::AtomicUsize,
+    writer: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl SyncState {
+    pub fn new() -> Arc<SyncState> {
+        Arc::new(SyncState {
+            pending: std::sync::atomic::AtomicUsize::new(0),
+            writer: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn busy(&self) -> bool {
+        self.pending.load(std::sync::atomic::Ordering::Acquire) > 0
+    }
+}
 
 /// The syncer: fsyncs the write-ahead log, then answers every group committed
 /// before that fsync began. Running it beside the writer lets the next group
@@ -96,7 +127,11 @@ pub const MAX_GROUPS_IN_FLIGHT: usize = 16;
 ///
 /// A failed fsync may have lost data the kernel already dropped; the only safe
 /// answer is to stop the process so that recovery rebuilds from what is on disk.
-pub fn run_syncer(wal_path: std::path::PathBuf, groups: std::sync::mpsc::Receiver<Vec<Answer>>) {
+pub fn run_syncer(
+    wal_path: std::path::PathBuf,
+    groups: std::sync::mpsc::Receiver<Vec<Answer>>,
+    state: Arc<SyncState>,
+) {
     let mut wal: Option<std::fs::File> = None;
     while let Ok(first) = groups.recv() {
         let mut ready = vec![first];
@@ -111,10 +146,26 @@ pub fn run_syncer(wal_path: std::path::PathBuf, groups: std::sync::mpsc::Receive
             tracing::error!(?synced, wal = ?wal_path, "fsync of the write-ahead log failed; stopping");
             std::process::abort();
         }
+        let count = ready.len();
         for (reply, result) in ready.into_iter().flatten() {
             let _ = reply.send(result);
         }
+        state
+            .pending
+            .fetch_sub(count, std::sync::atomic::Ordering::AcqRel);
+        if let Some(writer) = state.writer.get() {
+            writer.unpark();
+        }
     }
+}
+
+/// A group being applied: its transaction is open until the group commits.
+struct Group {
+    replies: Vec<oneshot::Sender<Result<Executed, StoreError>>>,
+    results: Vec<Result<Executed, StoreError>>,
+    started: std::time::Instant,
+    /// The first database failure: every command of the group then fails.
+    failed: Option<rusqlite::Error>,
 }
 
 /// Why one command did not produce an outcome.
@@ -352,24 +403,66 @@ impl Writer {
     }
 
     /// Serve until every sender is dropped.
+    ///
+    /// Commands are applied as they arrive, into an open transaction. The
+    /// group commits as soon as the syncer is free (nothing committed is
+    /// waiting for an fsync), or when it is full. While the syncer is still
+    /// making the previous group durable, a commit now would only wait for
+    /// the next fsync anyway: the writer keeps applying into the same group
+    /// instead, so there is one commit per fsync and each group shares its
+    /// page writes among as many commands as arrived meanwhile, without any
+    /// added wait.
     pub fn run(
         mut self,
         mut receiver: mpsc::Receiver<Job>,
         syncer: std::sync::mpsc::SyncSender<Vec<Answer>>,
+        state: Arc<SyncState>,
     ) {
+        let _ = state.writer.set(std::thread::current());
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
         let mut previous_group = 0;
-        while let Some(first) = receiver.blocking_recv() {
+        loop {
+            let Some(first) = receiver.blocking_recv() else {
+                return;
+            };
             batch.push(first);
             drain(&mut receiver, &mut batch);
-            // Under sustained load, wait a moment for more: a bigger group shares
-            // its page writes among more commands. Light load never waits.
-            if previous_group >= LINGER_ABOVE && batch.len() < LINGER_UNTIL {
-                std::thread::sleep(LINGER);
-                drain(&mut receiver, &mut batch);
+            let mut group = self.begin_group();
+            let mut closed = false;
+            // Under sustained load a group also stays open for at least
+            // LINGER, so that it shares its page writes among more commands.
+            let linger = previous_group >= LINGER_ABOVE;
+            loop {
+                self.apply_jobs(&mut group, &mut batch);
+                if group.replies.len() >= MAX_BATCH || group.failed.is_some() || closed {
+                    break;
+                }
+                let ripe = !linger
+                    || group.replies.len() >= LINGER_UNTIL
+                    || group.started.elapsed() >= LINGER;
+                // A backlog means the writer is the bottleneck: the group then
+                // grows (to MAX_BATCH at most), which costs the waiting
+                // commands nothing and spends fewer page writes on each.
+                let backlog = receiver.len() >= BACKLOG;
+                if ripe && !backlog && !state.busy() {
+                    // Take what arrived while the last commands applied, then commit.
+                    drain_up_to(&mut receiver, &mut batch, MAX_BATCH - group.replies.len());
+                    self.apply_jobs(&mut group, &mut batch);
+                    break;
+                }
+                if backlog {
+                    drain_up_to(&mut receiver, &mut batch, MAX_BATCH - group.replies.len());
+                    continue;
+                }
+                // The syncer wakes this thread when it is done.
+                std::thread::park_timeout(std::time::Duration::from_micros(100));
+                closed = drain_up_to(&mut receiver, &mut batch, MAX_BATCH - group.replies.len());
             }
-            previous_group = batch.len();
-            if let Some(answers) = self.commit_group(&mut batch) {
+            previous_group = group.replies.len();
+            if let Some(answers) = self.finish_group(group) {
+                state
+                    .pending
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 if syncer.send(answers).is_err() {
                     tracing::error!("the syncer has stopped; stopping the writer");
                     return;
@@ -378,39 +471,63 @@ impl Writer {
         }
     }
 
-    /// Apply and commit one group; the answers to send once it is durable, or
-    /// `None` when the group failed and its callers were already told.
-    fn commit_group(&mut self, batch: &mut Vec<Job>) -> Option<Vec<Answer>> {
+    fn begin_group(&mut self) -> Group {
         let started = std::time::Instant::now();
         self.now = self.clock.now();
-        let mut results = Vec::with_capacity(batch.len());
-        let mut applied = std::time::Duration::ZERO;
-        let outcome = (|| -> rusqlite::Result<()> {
-            self.connection.execute_batch("BEGIN IMMEDIATE")?;
-            for job in batch.iter() {
+        let failed = self.connection.execute_batch("BEGIN IMMEDIATE").err();
+        Group {
+            replies: Vec::new(),
+            results: Vec::new(),
+            started,
+            failed,
+        }
+    }
+
+    /// Apply `batch` into the open group.
+    fn apply_jobs(&mut self, group: &mut Group, batch: &mut Vec<Job>) {
+        if batch.is_empty() {
+            return;
+        }
+        // The clock moves on while a group stays open (never backwards).
+        self.now = self.now.max(self.clock.now());
+        for job in batch.drain(..) {
+            if group.failed.is_none() {
                 match self.apply(&job.command, &job.hash, job.actor.as_deref()) {
-                    Ok(executed) => results.push(Ok(executed)),
-                    Err(Failure::Store(error)) => results.push(Err(error)),
+                    Ok(executed) => group.results.push(Ok(executed)),
+                    Err(Failure::Store(error)) => group.results.push(Err(error)),
                     Err(Failure::Refused(error)) => unreachable!("refusal escaped apply: {error}"),
                     Err(Failure::Rejected(error)) => unreachable!("refusal escaped apply: {error}"),
-                    Err(Failure::Fatal(error)) => return Err(error),
+                    Err(Failure::Fatal(error)) => group.failed = Some(error),
                 }
             }
-            self.flush()?;
-            applied = started.elapsed();
-            self.connection.execute_batch("COMMIT")
-        })();
-        self.stats.record(batch.len(), applied, started.elapsed());
+            group.replies.push(job.reply);
+        }
+    }
+
+    /// Commit the group; the answers to send once it is durable, or `None`
+    /// when the group failed and its callers were already told.
+    fn finish_group(&mut self, mut group: Group) -> Option<Vec<Answer>> {
+        let mut applied = std::time::Duration::ZERO;
+        let outcome = match group.failed.take() {
+            Some(error) => Err(error),
+            None => (|| -> rusqlite::Result<()> {
+                self.flush()?;
+                applied = group.started.elapsed();
+                self.connection.execute_batch("COMMIT")
+            })(),
+        };
+        self.stats
+            .record(group.replies.len(), applied, group.started.elapsed());
         if self.cache.len() > MAX_CACHED_CUSTOMERS {
             self.cache.clear();
         }
         match outcome {
             Ok(()) => {
                 self.operations.pending.clear();
-                Some(batch.drain(..).map(|job| job.reply).zip(results).collect())
+                Some(group.replies.into_iter().zip(group.results).collect())
             }
             Err(error) => {
-                tracing::error!(%error, group = batch.len(), "write group failed; rolled back");
+                tracing::error!(%error, group = group.replies.len(), "write group failed; rolled back");
                 let _ = self.connection.execute_batch("ROLLBACK");
                 self.cache.clear();
                 self.touched.clear();
@@ -423,10 +540,8 @@ impl Writer {
                     pending_letter_events(&self.connection).unwrap_or_else(|error| {
                         panic!("cannot read the dead letters after a rollback: {error}")
                     });
-                for job in batch.drain(..) {
-                    let _ = job
-                        .reply
-                        .send(Err(StoreError::Unavailable(error.to_string())));
+                for reply in group.replies {
+                    let _ = reply.send(Err(StoreError::Unavailable(error.to_string())));
                 }
                 None
             }
