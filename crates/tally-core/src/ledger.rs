@@ -785,6 +785,9 @@ impl CustomerLedger {
         );
         let (draws, overdraft) =
             self.plan_draws(spend.amount, spend.feature.as_deref(), now, false)?;
+        // What a hold reserves past the credits counts in the outstanding
+        // total (held credits must stay representable).
+        self.room_for(overdraft)?;
         let (reservations, postings) =
             self.take_draws(&draws, &Account::Hold(spend.reference.clone()));
         let hold = Hold {

@@ -618,3 +618,16 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn holds_past_the_credits_never_push_the_outstanding_total_past_the_maximum() {
+    let max = Amount::from_micros(tally_core::amount::MAX_AMOUNT_MICROS).unwrap();
+    let mut c = Customer::new(OveragePolicy::AllowNegative { limit: max });
+    c.grant("g1", max, 0, None, None).unwrap();
+    c.hold("h1", max).unwrap();
+    // All overdraft: the held total would pass the maximum amount.
+    assert_eq!(c.hold("h2", max).unwrap_err(), LedgerError::AmountOverflow);
+    let balance = c.ledger.balance(Timestamp(c.now));
+    assert_eq!(balance.held, max);
+    c.check();
+}

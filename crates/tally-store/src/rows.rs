@@ -225,10 +225,12 @@ pub fn customer_head(
 pub fn chain_head(connection: &Connection, customer_id: &str) -> rusqlite::Result<Option<i64>> {
     connection
         .prepare_cached(
-            "SELECT MAX(b.last_entry) FROM grants g JOIN grant_balances b ON b.sequence = g.sequence \
-             WHERE g.customer_id = ?1",
+            "SELECT MAX(COALESCE((SELECT MAX(b.last_entry) FROM grants g \
+               JOIN grant_balances b ON b.sequence = g.sequence WHERE g.customer_id = ?1), 0), \
+               COALESCE((SELECT last_entry FROM customers WHERE id = ?1), 0))",
         )?
-        .query_row([customer_id], |row| row.get(0))
+        .query_row([customer_id], |row| row.get::<_, i64>(0))
+        .map(|head| (head > 0).then_some(head))
 }
 
 /// One entry and the sequence of the same customer's previous entry.

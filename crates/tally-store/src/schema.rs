@@ -188,6 +188,9 @@ ALTER TABLE customers ADD COLUMN overage TEXT;
 ALTER TABLE customers ADD COLUMN debt INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE holds ADD COLUMN overdraft INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX customers_in_debt ON customers(id) WHERE debt > 0;
+-- The head of the entry chain of a customer without grants (usage on debt,
+-- free usage); with grants it is carried on their balance rows.
+ALTER TABLE customers ADD COLUMN last_entry INTEGER;
 "#,
     ),
 ];

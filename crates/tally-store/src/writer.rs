@@ -577,18 +577,21 @@ impl Writer {
                 cached.stored.insert(grant.id.clone(), lifecycle);
             }
             if cached.head_changed && changes.grants.is_empty() {
-                // Only holds changed (a full capture): carry the head on any grant.
-                let any = cached
-                    .ledger
-                    .grants()
-                    .first()
-                    .expect("a customer with entries has grants")
-                    .sequence;
-                self.connection
-                    .prepare_cached(
-                        "UPDATE grant_balances SET last_entry = ?1 WHERE sequence = ?2",
-                    )?
-                    .execute(params![cached.head, any])?;
+                // No grant row changed (a full capture, free usage, usage on
+                // debt): carry the head on any grant, or on the customer row
+                // of a customer without grants.
+                match cached.ledger.grants().first() {
+                    Some(any) => self
+                        .connection
+                        .prepare_cached(
+                            "UPDATE grant_balances SET last_entry = ?1 WHERE sequence = ?2",
+                        )?
+                        .execute(params![cached.head, any.sequence])?,
+                    None => self
+                        .connection
+                        .prepare_cached("UPDATE customers SET last_entry = ?1 WHERE id = ?2")?
+                        .execute(params![cached.head, customer_id.as_str()])?,
+                };
             }
             cached.head_changed = false;
             for hold in &changes.holds {

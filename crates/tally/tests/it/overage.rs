@@ -350,3 +350,66 @@ async fn bad_overage_input_is_refused_and_changes_nothing() {
         .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn a_customer_without_grants_can_owe_and_its_ledger_survives_a_restart() {
+    let mut app = TestApp::spawn().await;
+    app.features(&["api"]).await;
+    app.publish_version(
+        "v1",
+        json!([{ "feature": "api", "credits_per_unit": "2" }]),
+        None,
+    )
+    .await;
+    let reply = app
+        .post(
+            "/v1/customers",
+            json!({ "id": "c1", "overage": { "policy": "allow_negative", "limit": "100" } }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    // No grant at all: everything goes on debt.
+    let first = charge(&app, "ch1", "c1", "10").await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(first.body["drawn"], json!([]));
+    assert_eq!(first.body["on_debt"], "10");
+    let reply = app
+        .post(
+            "/v1/events",
+            json!({ "events": [{ "id": "e1", "customer_id": "c1", "feature": "api", "quantity": 3 }] }),
+        )
+        .await;
+    assert_eq!(
+        reply.body["results"][0]["balance_after"], "-16",
+        "{}",
+        reply.body
+    );
+    let hold = app
+        .post(
+            "/v1/holds",
+            json!({ "id": "h1", "customer_id": "c1", "amount": "5", "timeout_seconds": 60 }),
+        )
+        .await;
+    assert_eq!(hold.status, StatusCode::OK, "{}", hold.body);
+
+    app.kill().await;
+    app.start().await;
+    assert_eq!(standing(&app, "c1").await, (0, 16 * UNIT));
+    let entries = app.ledger_all("c1").await;
+    assert_eq!(
+        entries.len(),
+        3,
+        "every entry is still on the chain: {entries:?}"
+    );
+    assert_eq!(assert_replayable(&entries), -16 * UNIT);
+    // The first grant repays, and the chain goes on through the grant rows.
+    app.grant("c1", "g1", "20").await;
+    let capture = app.post("/v1/holds/h1/capture", json!({})).await;
+    assert_eq!(capture.status, StatusCode::OK, "{}", capture.body);
+    assert_eq!(capture.body["balance_after"], "-1");
+    app.kill().await;
+    app.start().await;
+    let entries = app.ledger_all("c1").await;
+    assert_eq!(entries.len(), 5);
+    assert_eq!(assert_replayable(&entries), -UNIT);
+}
