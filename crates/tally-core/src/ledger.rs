@@ -1016,27 +1016,15 @@ impl CustomerLedger {
                 }
                 let rest = give.checked_sub(cancel).expect("cancel is at most give");
                 if rest.is_positive() {
-                    let id = Id::derived(&format!("refund:{refund_id}:{}", new_grants.len() + 1));
-                    let grant = Grant {
-                        id: id.clone(),
-                        customer_id: self.customer_id.clone(),
-                        amount: rest,
-                        remaining: rest,
-                        source: Source::Refund,
-                        paid: false,
-                        cost_basis: None,
-                        priority: 0,
-                        effective_at: now,
-                        expires_at: None,
-                        scope: None,
-                        status: GrantStatus::Active,
-                        expired_amount: Amount::ZERO,
-                        expired_at: None,
-                        sequence: *next_sequence,
-                    };
-                    *next_sequence += 1;
-                    self.insert_sorted(grant);
-                    self.dirty_grants.insert(id.clone());
+                    // What was repaid comes back as credits: an unpaid, unscoped lot.
+                    let id = self.refund_lot(
+                        refund_id,
+                        new_grants.len() + 1,
+                        rest,
+                        None,
+                        next_sequence,
+                        now,
+                    );
                     postings.push(Posting {
                         from: consumed.clone(),
                         to: Account::Grant(id.clone()),
@@ -1069,27 +1057,14 @@ impl CustomerLedger {
                 self.dirty_grants.insert(draw.grant_id.clone());
             } else {
                 let original = self.grants[index].clone();
-                let id = Id::derived(&format!("refund:{refund_id}:{}", new_grants.len() + 1));
-                let grant = Grant {
-                    id: id.clone(),
-                    customer_id: self.customer_id.clone(),
-                    amount: give,
-                    remaining: give,
-                    source: Source::Refund,
-                    paid: original.paid,
-                    cost_basis: original.cost_basis.clone(),
-                    priority: original.priority,
-                    effective_at: now,
-                    expires_at: None,
-                    scope: original.scope.clone(),
-                    status: GrantStatus::Active,
-                    expired_amount: Amount::ZERO,
-                    expired_at: None,
-                    sequence: *next_sequence,
-                };
-                *next_sequence += 1;
-                self.insert_sorted(grant);
-                self.dirty_grants.insert(id.clone());
+                let id = self.refund_lot(
+                    refund_id,
+                    new_grants.len() + 1,
+                    give,
+                    Some(&original),
+                    next_sequence,
+                    now,
+                );
                 postings.push(Posting {
                     from: consumed.clone(),
                     to: Account::Grant(id.clone()),
@@ -1127,6 +1102,42 @@ impl CustomerLedger {
             },
             entry,
         ))
+    }
+
+    /// A new lot `refund:<refund id>:<n>` of `amount`, never expiring, that
+    /// keeps the paid flag, cost basis, priority and scope of `like` (the
+    /// lot the refunded credits came from), or none of them.
+    fn refund_lot(
+        &mut self,
+        refund_id: &Id,
+        n: usize,
+        amount: Amount,
+        like: Option<&Grant>,
+        next_sequence: &mut i64,
+        now: Timestamp,
+    ) -> Id {
+        let id = Id::derived(&format!("refund:{refund_id}:{n}"));
+        let grant = Grant {
+            id: id.clone(),
+            customer_id: self.customer_id.clone(),
+            amount,
+            remaining: amount,
+            source: Source::Refund,
+            paid: like.is_some_and(|g| g.paid),
+            cost_basis: like.and_then(|g| g.cost_basis.clone()),
+            priority: like.map_or(0, |g| g.priority),
+            effective_at: now,
+            expires_at: None,
+            scope: like.and_then(|g| g.scope.clone()),
+            status: GrantStatus::Active,
+            expired_amount: Amount::ZERO,
+            expired_at: None,
+            sequence: *next_sequence,
+        };
+        *next_sequence += 1;
+        self.insert_sorted(grant);
+        self.dirty_grants.insert(id.clone());
+        id
     }
 
     /// Take back what remains of a grant.
