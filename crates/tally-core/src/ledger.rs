@@ -157,10 +157,6 @@ impl CustomerLedger {
         self.debt
     }
 
-    pub fn overage(&self) -> OveragePolicy {
-        self.overage
-    }
-
     /// The policy for spends from now on; the debt already owed stays.
     pub fn set_overage(&mut self, policy: OveragePolicy) {
         self.overage = policy;
@@ -296,11 +292,13 @@ impl CustomerLedger {
         repaid
     }
 
-    /// Add `amount` to the debt.
+    /// Add `amount` to the debt; credits that take effect later repay it
+    /// when they do.
     fn owe(&mut self, amount: Amount) {
         if amount.is_positive() {
             self.debt = add(self.debt, amount);
             self.debt_changed = true;
+            self.lower_next_due(self.repayers().map(|g| g.effective_at).min());
         }
     }
 
@@ -652,7 +650,11 @@ impl CustomerLedger {
             left = left.checked_sub(take).expect("take is at most left");
             draws.push((index, take));
         }
-        let room = self.debt_room(metered);
+        let room = if left.is_positive() {
+            self.debt_room(metered)
+        } else {
+            Amount::ZERO
+        };
         if left > room {
             let eligible = checked_sum(
                 self.grants
@@ -732,8 +734,6 @@ impl CustomerLedger {
                 amount: overdraft,
             });
             self.owe(overdraft);
-            // Credits that take effect later repay this debt when they do.
-            self.lower_next_due(self.repayers().map(|g| g.effective_at).min());
         }
         let entry = self.spend_entry(EntryKind::Charge, spend, postings, now);
         Ok((drawn, entry))
@@ -881,7 +881,6 @@ impl CustomerLedger {
             self.return_credits(hold_account.clone(), grant_id, *rest, &mut postings);
         }
         self.repay_debt(now, &mut postings);
-        self.lower_next_due(self.repayers().map(|g| g.effective_at).min());
         let released = held.checked_sub(capture).expect("capture is at most held");
         hold.status = HoldStatus::Captured;
         hold.captured = capture;
@@ -978,32 +977,28 @@ impl CustomerLedger {
         let mut returned = Vec::new();
         let mut postings = Vec::new();
         let mut new_grants = Vec::new();
-        let debt_piece = Draw {
-            grant_id: Id::derived("debt"),
-            amount: charge.on_debt,
-        };
-        let pieces = charge
+        // What the charge drew, in order: its grants (`Some`), then its debt
+        // part (`None`); refunded from the end.
+        let pieces: Vec<(Option<&Id>, Amount)> = charge
             .drawn
             .iter()
-            .map(|d| (d, false))
-            .chain(std::iter::once((&debt_piece, true)));
-        let pieces: Vec<(&Draw, bool)> = pieces.filter(|(d, _)| d.amount.is_positive()).collect();
-        for (draw, on_debt) in pieces.into_iter().rev() {
+            .map(|d| (Some(&d.grant_id), d.amount))
+            .chain(std::iter::once((None, charge.on_debt)))
+            .filter(|(_, amount)| amount.is_positive())
+            .collect();
+        for (grant_id, drawn) in pieces.into_iter().rev() {
             if left.is_zero() {
                 break;
             }
-            let skip = already.min(draw.amount);
+            let skip = already.min(drawn);
             already = already.checked_sub(skip).expect("skip is at most already");
-            let open = draw
-                .amount
-                .checked_sub(skip)
-                .expect("skip is at most the draw");
+            let open = drawn.checked_sub(skip).expect("skip is at most the draw");
             let give = open.min(left);
             if give.is_zero() {
                 continue;
             }
             left = left.checked_sub(give).expect("give is at most left");
-            if on_debt {
+            let Some(grant_id) = grant_id else {
                 let cancel = give.min(self.debt);
                 if cancel.is_positive() {
                     self.debt = self.debt.checked_sub(cancel).expect("cancel fits");
@@ -1037,10 +1032,8 @@ impl CustomerLedger {
                     new_grants.push(id);
                 }
                 continue;
-            }
-            let index = self
-                .grant_index(&draw.grant_id)
-                .expect("drawn grant exists");
+            };
+            let index = self.grant_index(grant_id).expect("drawn grant exists");
             if self.grants[index].status == GrantStatus::Active {
                 let grant = &mut self.grants[index];
                 grant.remaining = add(grant.remaining, give);
@@ -1054,7 +1047,7 @@ impl CustomerLedger {
                     grant_id: grant.id.clone(),
                     amount: give,
                 });
-                self.dirty_grants.insert(draw.grant_id.clone());
+                self.dirty_grants.insert(grant_id.clone());
             } else {
                 let original = self.grants[index].clone();
                 let id = self.refund_lot(

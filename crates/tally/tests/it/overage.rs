@@ -39,16 +39,22 @@ async fn standing(app: &TestApp, customer: &str) -> (i64, i64) {
 
 const UNIT: i64 = 1_000_000;
 
-#[tokio::test]
-async fn allow_negative_goes_below_zero_down_to_the_limit_and_the_next_grant_repays_first() {
-    let app = TestApp::spawn().await;
+/// Create `id` with the allow_negative policy down to `limit`, asserting success.
+async fn customer_allowed_negative(app: &TestApp, id: &str, limit: &str) -> Reply {
     let reply = app
         .post(
             "/v1/customers",
-            json!({ "id": "c1", "overage": { "policy": "allow_negative", "limit": "50" } }),
+            json!({ "id": id, "overage": { "policy": "allow_negative", "limit": limit } }),
         )
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    reply
+}
+
+#[tokio::test]
+async fn allow_negative_goes_below_zero_down_to_the_limit_and_the_next_grant_repays_first() {
+    let app = TestApp::spawn().await;
+    let reply = customer_allowed_negative(&app, "c1", "50").await;
     assert_eq!(
         reply.body["overage"],
         json!({ "policy": "allow_negative", "limit": "50" })
@@ -231,13 +237,7 @@ async fn debt_survives_a_restart_and_a_grant_taking_effect_meanwhile_repays_it()
         .post("/v1/clock/advance", json!({ "to": "2030-01-01T00:00:00Z" }))
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-    let reply = app
-        .post(
-            "/v1/customers",
-            json!({ "id": "c1", "overage": { "policy": "allow_negative", "limit": "100" } }),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    customer_allowed_negative(&app, "c1", "100").await;
     app.grant("c1", "g1", "10").await;
     let reply = app
         .post(
@@ -339,7 +339,7 @@ async fn bad_overage_input_is_refused_and_changes_nothing() {
     assert_eq!(customer.body["overage"], json!({ "policy": "block" }));
     let reply = put_overage(&app, "nobody", json!({ "policy": "block" })).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
-    // A read key may not change it.
+    // Without a key: 401, and nothing changes.
     let reply = app
         .send(
             Method::PUT,
@@ -349,6 +349,8 @@ async fn bad_overage_input_is_refused_and_changes_nothing() {
         )
         .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let customer = app.get("/v1/customers/c1").await;
+    assert_eq!(customer.body["overage"], json!({ "policy": "block" }));
 }
 
 #[tokio::test]
@@ -361,13 +363,7 @@ async fn a_customer_without_grants_can_owe_and_its_ledger_survives_a_restart() {
         None,
     )
     .await;
-    let reply = app
-        .post(
-            "/v1/customers",
-            json!({ "id": "c1", "overage": { "policy": "allow_negative", "limit": "100" } }),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    customer_allowed_negative(&app, "c1", "100").await;
     // No grant at all: everything goes on debt.
     let first = charge(&app, "ch1", "c1", "10").await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.body);
