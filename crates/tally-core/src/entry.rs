@@ -96,10 +96,12 @@ pub enum EntryKind {
     Reinstate,
     /// Credits that became available paid back debt.
     DebtRepaid,
+    /// Unused plan credits carried into the next period.
+    Rollover,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 12] = [
+    pub const ALL: [EntryKind; 13] = [
         EntryKind::Grant,
         EntryKind::Charge,
         EntryKind::Hold,
@@ -112,6 +114,7 @@ impl EntryKind {
         EntryKind::ExpiryExtended,
         EntryKind::Reinstate,
         EntryKind::DebtRepaid,
+        EntryKind::Rollover,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -128,6 +131,7 @@ impl EntryKind {
             EntryKind::ExpiryExtended => "expiry_extended",
             EntryKind::Reinstate => "reinstate",
             EntryKind::DebtRepaid => "debt_repaid",
+            EntryKind::Rollover => "rollover",
         }
     }
 

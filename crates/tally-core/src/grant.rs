@@ -16,16 +16,19 @@ pub enum Source {
     Refund,
     Adjustment,
     Transfer,
+    /// Unused plan credits carried into the next period.
+    Rollover,
 }
 
 impl Source {
-    pub const ALL: [Source; 6] = [
+    pub const ALL: [Source; 7] = [
         Source::Purchase,
         Source::PlanAllocation,
         Source::Promotion,
         Source::Refund,
         Source::Adjustment,
         Source::Transfer,
+        Source::Rollover,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,6 +39,7 @@ impl Source {
             Source::Refund => "refund",
             Source::Adjustment => "adjustment",
             Source::Transfer => "transfer",
+            Source::Rollover => "rollover",
         }
     }
 

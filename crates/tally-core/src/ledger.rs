@@ -619,6 +619,73 @@ impl CustomerLedger {
         })
     }
 
+    /// Move `amount` of lot `from`'s remaining credits into a new lot `into`
+    /// (a plan's rollover into the next period), in one entry. `from` must be
+    /// active; it may be at its expiry instant (the rollover happens just
+    /// before the rest of it expires).
+    pub fn roll_over(
+        &mut self,
+        from: &Id,
+        mut into: Grant,
+        reason: Option<String>,
+        now: Timestamp,
+    ) -> Result<EntryDraft, LedgerError> {
+        assert_eq!(into.customer_id, self.customer_id);
+        assert!(self.grant_index(&into.id).is_none(), "grant id reused");
+        let amount = into.amount;
+        if !amount.is_positive() {
+            return Err(LedgerError::AmountNotPositive);
+        }
+        if into.expires_at.is_some_and(|at| at <= now) {
+            return Err(LedgerError::InvalidExpiry(
+                "expires_at must be in the future",
+            ));
+        }
+        let index = self
+            .grant_index(from)
+            .ok_or_else(|| LedgerError::GrantNotFound(from.clone()))?;
+        let source = &mut self.grants[index];
+        if source.status != GrantStatus::Active {
+            return Err(LedgerError::GrantNotActive {
+                grant_id: from.clone(),
+                status: source.status.as_str(),
+            });
+        }
+        source.remaining = source
+            .remaining
+            .checked_sub(amount)
+            .filter(|left| !left.is_negative())
+            .ok_or(LedgerError::InsufficientCredits {
+                available: source.remaining,
+                required: amount,
+            })?;
+        self.dirty_grants.insert(from.clone());
+        into.remaining = amount;
+        into.status = GrantStatus::Active;
+        into.expired_amount = Amount::ZERO;
+        into.expired_at = None;
+        let to = into.id.clone();
+        self.lower_next_due(into.expires_at);
+        self.insert_sorted(into);
+        self.dirty_grants.insert(to.clone());
+        Ok(EntryDraft {
+            kind: EntryKind::Rollover,
+            customer_id: self.customer_id.clone(),
+            amount,
+            postings: vec![Posting {
+                from: Account::Grant(from.clone()),
+                to: Account::Grant(to.clone()),
+                amount,
+            }],
+            reference: Some(to),
+            member_id: None,
+            feature: None,
+            reason,
+            effective_at: now,
+            balance_after: self.net(now),
+        })
+    }
+
     fn insert_sorted(&mut self, grant: Grant) {
         let key = grant.burn_key();
         let at = self.grants.partition_point(|g| g.burn_key() <= key);

@@ -14,6 +14,7 @@ pub mod hold;
 pub mod id;
 pub mod ledger;
 pub mod overage;
+pub mod plan;
 pub mod pricebook;
 pub mod pricing;
 pub mod time;
@@ -28,6 +29,7 @@ pub use ledger::{
     Balance, Captured, Changes, ChargeRecord, CustomerLedger, Refunded, Spend, Voided,
 };
 pub use overage::OveragePolicy;
+pub use plan::{Period, Plan, Rollover, Subscription, SubscriptionStatus};
 pub use pricing::{
     Price, Priced, PricingContext, PricingError, Quantity, Rule, RuleProblem, RuleProblemKind,
     Step, TierMode,

@@ -87,7 +87,7 @@ pub struct GrantBody {
     pub customer_id: String,
     pub amount: String,
     pub remaining: String,
-    /// `purchase`, `plan_allocation`, `promotion`, `refund`, `adjustment` or `transfer`.
+    /// `purchase`, `plan_allocation`, `promotion`, `refund`, `adjustment`, `transfer` or `rollover`.
     pub source: String,
     pub paid: bool,
     /// Money paid per credit.

@@ -51,7 +51,8 @@ pub fn classify(code: &str) -> (StatusCode, &'static str) {
         | "grant_not_active"
         | "reinstate_window_passed"
         | "pricebook_not_draft"
-        | "dead_letter_resolved" => (StatusCode::CONFLICT, "conflict_error"),
+        | "dead_letter_resolved"
+        | "plan_period_fixed" => (StatusCode::CONFLICT, "conflict_error"),
         "insufficient_credits" => (StatusCode::PAYMENT_REQUIRED, "credit_error"),
         "capture_exceeds_hold"
         | "refund_exceeds_charge"

@@ -143,7 +143,7 @@ pub fn reply<T: Serialize>(
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
-    use routes::{customers, events, ledger, pricebook, spend, system};
+    use routes::{customers, events, ledger, plans, pricebook, spend, system};
     let api = Router::new()
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))
@@ -199,6 +199,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/customers/{id}/contracts",
             get(pricebook::list_contracts),
+        )
+        .route("/v1/plans", get(plans::list_plans))
+        .route("/v1/plans/{key}", put(plans::put_plan).get(plans::get_plan))
+        .route(
+            "/v1/customers/{id}/subscription",
+            put(plans::put_subscription)
+                .get(plans::get_subscription)
+                .delete(plans::cancel_subscription),
         )
         .route("/v1/clock", get(system::clock))
         .route("/v1/clock/advance", post(system::advance_clock))

@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::routes::{customers, events, ledger, pricebook, spend, system};
+use crate::routes::{customers, events, ledger, plans, pricebook, spend, system};
 
 struct BearerAuth;
 
@@ -42,11 +42,13 @@ impl Modify for BearerAuth {
         pricebook::simulate, pricebook::put_contract, pricebook::get_contract, pricebook::list_contracts, pricebook::create_quote,
         events::post_events, events::pubsub_push, events::list_dead_letters, events::get_dead_letter,
         events::replay_dead_letter, events::discard_dead_letter,
+        plans::put_plan, plans::get_plan, plans::list_plans, plans::put_subscription, plans::get_subscription,
+        plans::cancel_subscription,
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "customers"), (name = "grants"), (name = "charges"), (name = "holds"), (name = "refunds"),
-        (name = "ledger"), (name = "price book"), (name = "events"), (name = "system"),
+        (name = "ledger"), (name = "price book"), (name = "events"), (name = "plans"), (name = "system"),
     )
 )]
 pub struct ApiDoc;

@@ -20,19 +20,54 @@ impl Clock for SystemClock {
 /// A clock that only moves when told to (`--manual-clock`, tests).
 pub struct ManualClock {
     micros: AtomicI64,
+    /// Where the instant is kept across restarts, if anywhere (the lock
+    /// keeps concurrent advances from writing it out of order).
+    file: Option<std::sync::Mutex<std::path::PathBuf>>,
 }
 
 impl ManualClock {
     pub fn new(start: Timestamp) -> ManualClock {
         ManualClock {
             micros: AtomicI64::new(start.micros()),
+            file: None,
         }
+    }
+
+    /// A manual clock kept in `file`: it starts at the later of `floor` and
+    /// the instant it last reached, so a restarted test server does not go
+    /// back in time (renewals and expiries already applied stay in the past).
+    pub fn persistent(file: std::path::PathBuf, floor: Timestamp) -> std::io::Result<ManualClock> {
+        let stored = match std::fs::read_to_string(&file) {
+            Ok(text) => text.trim().parse::<i64>().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{file:?} does not hold an instant"),
+                )
+            })?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => i64::MIN,
+            Err(error) => return Err(error),
+        };
+        Ok(ManualClock {
+            micros: AtomicI64::new(stored.max(floor.micros())),
+            file: Some(std::sync::Mutex::new(file)),
+        })
     }
 
     /// Move forward; the clock never goes back. Returns the new instant.
     pub fn advance_to(&self, to: Timestamp) -> Timestamp {
         let previous = self.micros.fetch_max(to.micros(), Ordering::SeqCst);
-        Timestamp(previous.max(to.micros()))
+        let now = Timestamp(previous.max(to.micros()));
+        if let Some(file) = &self.file {
+            let file = file.lock().expect("manual clock file");
+            let latest = self.micros.load(Ordering::SeqCst);
+            let temporary = file.with_extension("tmp");
+            let written = std::fs::write(&temporary, latest.to_string())
+                .and_then(|()| std::fs::rename(&temporary, &*file));
+            if let Err(error) = written {
+                tracing::warn!(%error, ?file, "could not keep the manual clock's instant");
+            }
+        }
+        now
     }
 }
 

@@ -295,8 +295,57 @@ impl Store {
             .await
     }
 
+    /// A plan by key.
+    pub async fn plan(&self, key: String) -> Result<Option<tally_core::Plan>, StoreError> {
+        self.read(move |c| rows::plan(c, &key)).await
+    }
+
+    /// Every plan, by key.
+    pub async fn plans(&self) -> Result<Vec<tally_core::Plan>, StoreError> {
+        self.read(rows::plans).await
+    }
+
+    /// A customer's subscriptions, the active one first, then the latest.
+    pub async fn subscriptions(
+        &self,
+        customer_id: Id,
+    ) -> Result<Vec<tally_core::Subscription>, StoreError> {
+        self.read(move |c| rows::subscriptions(c, customer_id.as_str()))
+            .await
+    }
+
+    /// Renew a subscription whose period has ended before a read shows the
+    /// customer's credits: the renewal writes (a grant), so it goes through
+    /// the writer; between two ticks this makes the read exact.
+    async fn renew_before_read(&self, customer_id: &Id) -> Result<(), StoreError> {
+        let now = self.now();
+        let key = customer_id.clone();
+        let due = self
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT EXISTS(SELECT 1 FROM subscriptions WHERE customer_id = ?1 \
+                     AND status = 'active' AND period_end <= ?2)",
+                )?
+                .query_row(rusqlite::params![key.as_str(), now.micros()], |row| {
+                    row.get::<_, bool>(0)
+                })
+            })
+            .await?;
+        if due {
+            self.execute(
+                Command::ApplyDue {
+                    customer_id: customer_id.clone(),
+                },
+                None,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// The balance at the engine's now, with what is due already applied.
     pub async fn balance(&self, customer_id: Id) -> Result<Option<BalanceView>, StoreError> {
+        self.renew_before_read(&customer_id).await?;
         let now = self.now();
         self.read(move |connection| {
             let Some((mut ledger, records)) = rows::load_ledger(connection, &customer_id)? else {

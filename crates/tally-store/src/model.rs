@@ -104,6 +104,19 @@ pub enum Command {
         resolution: DeadLetterStatus,
         note: Option<String>,
     },
+    /// Create or update a plan (a PUT: idempotent by nature).
+    PutPlan(tally_core::Plan),
+    /// Start a subscription, or change the plan of the active one.
+    Subscribe(NewSubscription),
+    /// Cancel the active subscription now or at the end of its period.
+    CancelSubscription {
+        customer_id: Id,
+        at_period_end: bool,
+    },
+    /// Apply what is due for one customer (renewals, expiries) before a read.
+    ApplyDue {
+        customer_id: Id,
+    },
     /// What a charge would do now, writing nothing.
     Quote {
         customer_id: Id,
@@ -214,6 +227,7 @@ impl Command {
             Command::CreatePricebook { id, .. } => ("pricebook", id),
             Command::Event(event) => ("event", &event.id),
             Command::PutContract { id, .. } => ("contract", id),
+            Command::Subscribe(s) => ("subscription", &s.id),
             Command::Tick
             | Command::PutFeature { .. }
             | Command::PutRules { .. }
@@ -221,9 +235,33 @@ impl Command {
             | Command::DeadLetter(_)
             | Command::ResolveDeadLetter { .. }
             | Command::SetOverage { .. }
+            | Command::PutPlan(_)
+            | Command::CancelSubscription { .. }
+            | Command::ApplyDue { .. }
             | Command::Quote { .. } => return None,
         })
     }
+}
+
+/// When a plan change takes effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanChange {
+    Now,
+    PeriodEnd,
+}
+
+/// Start a subscription (no active one) or change its plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewSubscription {
+    /// This request's id: its idempotency key, and the subscription's id
+    /// when it starts one.
+    pub id: Id,
+    pub customer_id: Id,
+    pub plan: String,
+    /// When a new subscription starts (default: now; never in the past).
+    pub start_at: Option<Timestamp>,
+    pub change: PlanChange,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -434,6 +472,8 @@ pub enum Outcome {
     Quote(QuoteOutcome),
     Event(EventOutcome),
     DeadLetter(DeadLetterRecord),
+    Plan(tally_core::Plan),
+    Subscription(tally_core::Subscription),
 }
 
 /// A charged usage event.

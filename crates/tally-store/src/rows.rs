@@ -146,7 +146,12 @@ pub fn customer(
     customer_id: &str,
 ) -> rusqlite::Result<Option<CustomerRecord>> {
     connection
-        .prepare_cached("SELECT id, name, plan, region, currency, metadata, created_at, overage FROM customers WHERE id = ?1")?
+        .prepare_cached(
+            "SELECT c.id, c.name, c.plan, c.region, c.currency, c.metadata, c.created_at, \
+             COALESCE(c.overage, (SELECT json_extract(p.body, '$.overage') FROM subscriptions s \
+               JOIN plans p ON p.key = s.plan WHERE s.customer_id = c.id AND s.status = 'active')) \
+             FROM customers c WHERE c.id = ?1",
+        )?
         .query_row([customer_id], |row| {
             let overage = match row.get::<_, Option<String>>(7)? {
                 Some(text) => json(&text)?,
@@ -474,4 +479,103 @@ pub fn dead_letters(
         dead_letter_row,
     )?;
     rows.collect()
+}
+
+/// The overage policy a customer set for itself (not inherited from a plan).
+pub fn customer_overage_override(
+    connection: &Connection,
+    customer_id: &str,
+) -> rusqlite::Result<Option<tally_core::OveragePolicy>> {
+    let text: Option<String> = connection
+        .prepare_cached("SELECT overage FROM customers WHERE id = ?1")?
+        .query_row([customer_id], |row| row.get(0))?;
+    text.map(|t| json(&t)).transpose()
+}
+
+/// Every plan.
+pub fn plans(connection: &Connection) -> rusqlite::Result<Vec<tally_core::Plan>> {
+    let mut statement = connection.prepare_cached("SELECT body FROM plans ORDER BY key")?;
+    let rows = statement.query_map([], |row| json(&row.get::<_, String>(0)?))?;
+    rows.collect()
+}
+
+pub fn plan(connection: &Connection, key: &str) -> rusqlite::Result<Option<tally_core::Plan>> {
+    connection
+        .prepare_cached("SELECT body FROM plans WHERE key = ?1")?
+        .query_row([key], |row| json(&row.get::<_, String>(0)?))
+        .optional()
+}
+
+pub fn upsert_plan(
+    connection: &Connection,
+    plan: &tally_core::Plan,
+    now: Timestamp,
+    actor: Option<&str>,
+) -> rusqlite::Result<()> {
+    let body = serde_json::to_string(plan).expect("plan serializes");
+    connection
+        .prepare_cached(
+            "INSERT INTO plans (key, body, created_at, updated_at, updated_by) VALUES (?1, ?2, ?3, ?3, ?4) \
+             ON CONFLICT (key) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at, \
+             updated_by = excluded.updated_by",
+        )?
+        .execute(params![plan.key, body, now.micros(), actor])?;
+    Ok(())
+}
+
+/// A customer's active subscription (started or scheduled).
+pub fn active_subscription(
+    connection: &Connection,
+    customer_id: &str,
+) -> rusqlite::Result<Option<tally_core::Subscription>> {
+    connection
+        .prepare_cached(
+            "SELECT body FROM subscriptions WHERE customer_id = ?1 AND status = 'active'",
+        )?
+        .query_row([customer_id], |row| json(&row.get::<_, String>(0)?))
+        .optional()
+}
+
+/// A customer's subscriptions, the latest first.
+pub fn subscriptions(
+    connection: &Connection,
+    customer_id: &str,
+) -> rusqlite::Result<Vec<tally_core::Subscription>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT body FROM subscriptions WHERE customer_id = ?1 \
+         ORDER BY status = 'active' DESC, json_extract(body, '$.started_at') DESC",
+    )?;
+    let rows = statement.query_map([customer_id], |row| json(&row.get::<_, String>(0)?))?;
+    rows.collect()
+}
+
+pub fn subscription_id_taken(connection: &Connection, id: &str) -> rusqlite::Result<bool> {
+    connection
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM subscriptions WHERE id = ?1)")?
+        .query_row([id], |row| row.get(0))
+}
+
+pub fn upsert_subscription(
+    connection: &Connection,
+    subscription: &tally_core::Subscription,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    let body = serde_json::to_string(subscription).expect("subscription serializes");
+    connection
+        .prepare_cached(
+            "INSERT INTO subscriptions (id, customer_id, plan, status, period_end, body, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, \
+             status = excluded.status, period_end = excluded.period_end, body = excluded.body, \
+             updated_at = excluded.updated_at",
+        )?
+        .execute(params![
+            subscription.id.as_str(),
+            subscription.customer_id.as_str(),
+            subscription.plan,
+            subscription.status.as_str(),
+            subscription.period_end.micros(),
+            body,
+            now.micros()
+        ])?;
+    Ok(())
 }

@@ -193,6 +193,32 @@ CREATE INDEX customers_in_debt ON customers(id) WHERE debt > 0;
 ALTER TABLE customers ADD COLUMN last_entry INTEGER;
 "#,
     ),
+    (
+        6,
+        r#"
+-- Plans (the body is the core's Plan as JSON) and subscriptions (the core's
+-- Subscription as JSON, with the columns the scheduler and reads select by).
+CREATE TABLE plans (
+    key TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    updated_by TEXT
+) WITHOUT ROWID;
+CREATE TABLE subscriptions (
+    id TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL REFERENCES customers(id),
+    plan TEXT NOT NULL REFERENCES plans(key),
+    status TEXT NOT NULL CHECK (status IN ('active', 'canceled')),
+    period_end INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX subscriptions_active ON subscriptions(customer_id) WHERE status = 'active';
+CREATE INDEX subscriptions_due ON subscriptions(period_end) WHERE status = 'active';
+CREATE INDEX subscriptions_by_customer ON subscriptions(customer_id);
+"#,
+    ),
 ];
 
 /// Apply the migrations not yet applied; returns how many ran.

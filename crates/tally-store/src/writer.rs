@@ -30,6 +30,8 @@ use crate::catalog::{
 };
 use crate::model::*;
 use crate::rows;
+
+mod subscriptions;
 use tally_core::pricebook::{self, Contract, Pricing, Usage};
 use tally_core::PricingError;
 
@@ -236,6 +238,10 @@ struct Cached {
     /// The customer's plan and region, which pricing resolves by.
     plan: Option<String>,
     region: Option<String>,
+    /// The active subscription (started or scheduled), renewed when due.
+    subscription: Option<tally_core::Subscription>,
+    /// The overage policy the customer set itself (else its plan's applies).
+    overage_override: Option<tally_core::OveragePolicy>,
 }
 
 pub struct Writer {
@@ -248,6 +254,8 @@ pub struct Writer {
     next_entry_sequence: i64,
     next_grant_sequence: i64,
     stats: GroupStats,
+    /// Every plan, by key.
+    plans: HashMap<String, tally_core::Plan>,
     operations: OperationIndex,
     catalog: Catalog,
     /// Set by a command that found its work already done (a repeated publish).
@@ -384,7 +392,9 @@ impl Writer {
         let operations = OperationIndex::load(&connection)?;
         let catalog = Catalog::load(&connection)?;
         let letter_events = pending_letter_events(&connection)?;
+        let plans = load_plans(&connection)?;
         Ok(Writer {
+            plans,
             connection,
             clock,
             cache: HashMap::new(),
@@ -540,6 +550,9 @@ impl Writer {
                     pending_letter_events(&self.connection).unwrap_or_else(|error| {
                         panic!("cannot read the dead letters after a rollback: {error}")
                     });
+                self.plans = load_plans(&self.connection).unwrap_or_else(|error| {
+                    panic!("cannot read the plans after a rollback: {error}")
+                });
                 for reply in group.replies {
                     let _ = reply.send(Err(StoreError::Unavailable(error.to_string())));
                 }
@@ -743,6 +756,7 @@ impl Writer {
     /// Load a customer's ledger into the cache (if needed) and apply what is due.
     fn prepare(&mut self, customer_id: &Id) -> Result<(), Failure> {
         self.load(customer_id)?;
+        self.renew_due(customer_id)?;
         let now = self.now;
         let due = self.ledger(customer_id).expire_due(now);
         for draft in &due {
@@ -766,6 +780,9 @@ impl Writer {
                 ))));
             };
             let head = rows::chain_head(&self.connection, customer_id.as_str())?;
+            let subscription = rows::active_subscription(&self.connection, customer_id.as_str())?;
+            let overage_override =
+                rows::customer_overage_override(&self.connection, customer_id.as_str())?;
             let stored = ledger
                 .grants()
                 .iter()
@@ -780,8 +797,11 @@ impl Writer {
                     stored,
                     plan: customer.plan,
                     region: customer.region,
+                    subscription,
+                    overage_override,
                 },
             );
+            self.refresh_overage(customer_id);
         }
         Ok(())
     }
@@ -982,6 +1002,18 @@ impl Writer {
                 usage,
                 member_id,
             } => Ok((self.quote(customer_id, usage, member_id.as_ref())?, None)),
+            Command::PutPlan(plan) => Ok((self.put_plan(plan, actor)?, None)),
+            Command::Subscribe(request) => Ok((self.subscribe(request, actor)?, None)),
+            Command::CancelSubscription {
+                customer_id,
+                at_period_end,
+            } => Ok((self.cancel_subscription(customer_id, *at_period_end)?, None)),
+            Command::ApplyDue { customer_id } => {
+                let before = self.next_entry_sequence;
+                self.prepare(customer_id)?;
+                let entries = usize::try_from(self.next_entry_sequence - before).unwrap_or(0);
+                Ok((Outcome::Tick { entries }, None))
+            }
             Command::Event(_) => unreachable!("events are applied by apply_event"),
             Command::DeadLetter(letter) => {
                 Ok((Outcome::DeadLetter(self.dead_letter(letter)?), None))
@@ -1048,6 +1080,7 @@ impl Writer {
             ))));
         }
         if let Some(cached) = self.cache.get_mut(customer_id) {
+            cached.overage_override = Some(overage);
             cached.ledger.set_overage(overage);
         }
         let record = rows::customer(&self.connection, customer_id.as_str())?
@@ -1959,7 +1992,9 @@ impl Writer {
                  UNION SELECT c.id FROM customers c JOIN grants g ON g.customer_id = c.id \
                    JOIN grant_balances b ON b.sequence = g.sequence \
                    WHERE c.debt > 0 AND g.status = 'active' AND g.scope IS NULL \
-                   AND g.effective_at <= ?1 AND b.remaining > 0 LIMIT ?2",
+                   AND g.effective_at <= ?1 AND b.remaining > 0 \
+                 UNION SELECT customer_id FROM subscriptions WHERE status = 'active' AND period_end <= ?1 \
+                 LIMIT ?2",
             )?;
             let rows = statement.query_map(params![now, MAX_TICK_CUSTOMERS], |row| row.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
@@ -1974,6 +2009,13 @@ impl Writer {
         let entries = usize::try_from(self.next_entry_sequence - before).unwrap_or(0);
         Ok(Outcome::Tick { entries })
     }
+}
+
+fn load_plans(connection: &Connection) -> rusqlite::Result<HashMap<String, tally_core::Plan>> {
+    Ok(rows::plans(connection)?
+        .into_iter()
+        .map(|plan| (plan.key.clone(), plan))
+        .collect())
 }
 
 /// The event ids with a pending dead letter.

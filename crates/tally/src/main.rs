@@ -168,7 +168,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         event_window_seconds > 0,
         "--event-window-seconds must be greater than zero"
     );
-    let manual = manual_clock.then(|| Arc::new(ManualClock::new(SystemClock.now())));
+    let manual = if manual_clock {
+        std::fs::create_dir_all(&storage.data_dir)
+            .with_context(|| format!("create the data directory {:?}", storage.data_dir))?;
+        let file = storage.data_dir.join("manual-clock");
+        let clock = ManualClock::persistent(file.clone(), SystemClock.now())
+            .with_context(|| format!("read the manual clock {file:?}"))?;
+        Some(Arc::new(clock))
+    } else {
+        None
+    };
     let clock: Arc<dyn Clock> = match &manual {
         Some(manual) => manual.clone(),
         None => Arc::new(SystemClock),

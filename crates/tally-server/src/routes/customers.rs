@@ -95,8 +95,9 @@ pub async fn set_overage(
     }))
 }
 
-/// The prefix of grant ids Tally derives itself (refund grants).
-pub const DERIVED_GRANT_PREFIX: &str = "refund:";
+/// The prefixes of grant ids Tally derives itself: refund grants, plan
+/// allocations and rolled-over plan credits.
+pub const DERIVED_GRANT_PREFIXES: [&str; 3] = ["refund:", "plan:", "rollover:"];
 
 pub fn unexpected() -> ApiError {
     ApiError::new("internal", "unexpected outcome for this request")
@@ -262,10 +263,13 @@ pub async fn create_grant(
         }
     }
     let grant_id = edge::id(&body.id, "id")?;
-    if grant_id.as_str().starts_with(DERIVED_GRANT_PREFIX) {
+    if let Some(prefix) = DERIVED_GRANT_PREFIXES
+        .iter()
+        .find(|p| grant_id.as_str().starts_with(**p))
+    {
         return Err(ApiError::invalid(
             "id",
-            format!("grant ids starting with {DERIVED_GRANT_PREFIX:?} are reserved for grants Tally creates"),
+            format!("grant ids starting with {prefix:?} are reserved for grants Tally creates"),
         ));
     }
     let command = Command::Grant(NewGrant {

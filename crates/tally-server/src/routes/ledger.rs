@@ -163,6 +163,10 @@ pub fn explain(entry: &EntryDraft) -> String {
             "grant {reference} took effect and repaid {} of debt",
             amount(entry.amount)
         ),
+        EntryKind::Rollover => format!(
+            "{} unused plan credits rolled over into grant {reference}",
+            amount(entry.amount)
+        ),
     };
     let on_debt = entry.debt_drawn();
     let lead = if on_debt.is_positive() {

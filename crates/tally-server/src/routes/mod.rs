@@ -3,6 +3,7 @@
 pub mod customers;
 pub mod events;
 pub mod ledger;
+pub mod plans;
 pub mod pricebook;
 pub mod spend;
 pub mod system;

@@ -9,6 +9,7 @@ mod hardening;
 mod kafka;
 mod nats;
 mod overage;
+mod plans;
 mod pricebook;
 mod routes;
 mod smoke;

@@ -1,0 +1,366 @@
+//! Plans and subscriptions in the core: calendar periods, a year of renewals
+//! with rollover and usage (postings replayed and invariants checked every
+//! simulated day), cancellation and plan switches at the period end, and the
+//! "credits expired yesterday and I upgraded today" scenario.
+
+use std::collections::HashMap;
+
+use tally_core::plan::{change_plan_now, renew_due, RenewalContext, Step};
+use tally_core::{
+    Account, Amount, CustomerLedger, EntryDraft, EntryKind, GrantStatus, Id, Period, Plan,
+    Rollover, Spend, Subscription, SubscriptionStatus, Timestamp,
+};
+
+const SECOND: i64 = 1_000_000;
+const DAY: i64 = 86_400 * SECOND;
+
+fn at(text: &str) -> Timestamp {
+    let parsed =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap();
+    Timestamp(i64::try_from(parsed.unix_timestamp_nanos() / 1000).unwrap())
+}
+
+fn credits(units: i64) -> Amount {
+    Amount::from_units(units).unwrap()
+}
+
+fn id(text: &str) -> Id {
+    Id::parse(text).unwrap()
+}
+
+fn plan(key: &str, included: i64, rollover: Option<Rollover>, grace: u32) -> Plan {
+    Plan {
+        key: key.into(),
+        name: key.into(),
+        period: Period::Month,
+        included_credits: credits(included),
+        allocation_expires_after_periods: Some(1),
+        rollover,
+        overage: None,
+        upgrade_grace_days: grace,
+    }
+}
+
+struct Plans {
+    plans: HashMap<String, Plan>,
+    sequence: i64,
+}
+
+impl RenewalContext for Plans {
+    fn plan(&self, key: &str) -> Option<&Plan> {
+        self.plans.get(key)
+    }
+    fn next_grant_sequence(&mut self) -> i64 {
+        self.sequence += 1;
+        self.sequence
+    }
+}
+
+fn plans(list: Vec<Plan>) -> Plans {
+    Plans {
+        plans: list.into_iter().map(|p| (p.key.clone(), p)).collect(),
+        sequence: 0,
+    }
+}
+
+/// Every entry's postings, replayed, give each lot's remaining credits.
+fn assert_replays(ledger: &CustomerLedger, journal: &[EntryDraft]) {
+    let mut balances: HashMap<Id, i64> = HashMap::new();
+    for entry in journal {
+        let total: i64 = entry.postings.iter().map(|p| p.amount.micros()).sum();
+        assert!(total >= 0);
+        for posting in &entry.postings {
+            if let Account::Grant(grant) = &posting.from {
+                *balances.entry(grant.clone()).or_default() -= posting.amount.micros();
+            }
+            if let Account::Grant(grant) = &posting.to {
+                *balances.entry(grant.clone()).or_default() += posting.amount.micros();
+            }
+        }
+    }
+    for grant in ledger.grants() {
+        assert_eq!(
+            balances.get(&grant.id).copied().unwrap_or(0),
+            grant.remaining.micros(),
+            "grant {} replays to its remaining",
+            grant.id
+        );
+    }
+    ledger.check_invariants().unwrap();
+}
+
+fn entries(steps: Vec<Step>) -> Vec<EntryDraft> {
+    steps
+        .into_iter()
+        .filter_map(|step| match step {
+            Step::Entry(entry) | Step::NewGrant(entry, _) => Some(entry),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn calendar_months_keep_the_day_of_month_from_the_anchor() {
+    let anchor = at("2026-01-31T10:00:00Z");
+    let month = |k| Period::Month.boundary(anchor, k).unwrap();
+    assert_eq!(month(1), at("2026-02-28T10:00:00Z"));
+    assert_eq!(month(2), at("2026-03-31T10:00:00Z"));
+    assert_eq!(month(3), at("2026-04-30T10:00:00Z"));
+    assert_eq!(month(13), at("2027-02-28T10:00:00Z"));
+    assert_eq!(month(-1), at("2025-12-31T10:00:00Z"));
+    let leap = at("2028-02-29T00:00:00Z");
+    assert_eq!(
+        Period::Year.boundary(leap, 1).unwrap(),
+        at("2029-02-28T00:00:00Z")
+    );
+    assert_eq!(
+        Period::Year.boundary(leap, 4).unwrap(),
+        at("2032-02-29T00:00:00Z")
+    );
+    assert_eq!(
+        Period::Days(7).boundary(anchor, 2).unwrap(),
+        Timestamp(anchor.micros() + 14 * DAY)
+    );
+}
+
+#[test]
+fn rollover_is_capped_by_percent_and_amount() {
+    let rule = Rollover {
+        max_percent: Some(50),
+        max_amount: Some(credits(3000)),
+        expires_after_periods: 1,
+    };
+    assert_eq!(rule.amount(credits(2000), credits(10_000)), credits(2000));
+    assert_eq!(rule.amount(credits(4000), credits(10_000)), credits(3000));
+    let percent_only = Rollover {
+        max_amount: None,
+        ..rule.clone()
+    };
+    assert_eq!(
+        percent_only.amount(credits(8000), credits(10_000)),
+        credits(5000)
+    );
+    assert_eq!(
+        percent_only.amount(Amount::from_micros(7).unwrap(), credits(10_000)),
+        Amount::from_micros(7).unwrap()
+    );
+}
+
+/// A year on a 10,000-credit monthly plan with 50% rollover (expiring after
+/// one period), spending a varying amount each day: every day the postings
+/// replay to the state; at each renewal exactly one allocation and at most
+/// one rollover are created, and what rolled over is the capped unused part.
+#[test]
+fn a_year_of_renewals_with_rollover() {
+    let rollover = Rollover {
+        max_percent: Some(50),
+        max_amount: None,
+        expires_after_periods: 1,
+    };
+    let mut context = plans(vec![plan("pro", 10_000, Some(rollover), 0)]);
+    let start = at("2026-01-15T00:00:00Z");
+    let mut ledger = CustomerLedger::new(id("cus"));
+    let mut sub = Subscription::starting(id("sub1"), id("cus"), "pro".into(), start);
+    let mut journal = Vec::new();
+    let mut renewals = 0;
+    let mut rollovers = Vec::new();
+    for day in 0..=366 {
+        let now = Timestamp(start.micros() + day * DAY);
+        // What the ending allocation has left, just before the boundary.
+        let ending_unused = ledger
+            .grant(&sub.allocation_id(sub.period))
+            .filter(|g| g.status == GrantStatus::Active)
+            .map(|g| g.remaining);
+        let steps = renew_due(&mut ledger, &mut sub, &mut context, now).unwrap();
+        for step in &steps {
+            match step {
+                Step::Renewed { .. } => renewals += 1,
+                Step::NewGrant(entry, grant) if entry.kind == EntryKind::Rollover => {
+                    let unused = ending_unused.expect("a rollover comes from an allocation");
+                    assert_eq!(grant.amount, unused.min(credits(5000)));
+                    rollovers.push(grant.amount);
+                }
+                _ => {}
+            }
+        }
+        journal.extend(entries(steps));
+        journal.extend(ledger.expire_due(now));
+        // Spend 100 to 600 credits a day, when there are any.
+        let want = credits(100 + (day * 37) % 500);
+        let spend = Spend {
+            reference: id(&format!("day{day}")),
+            amount: want,
+            feature: None,
+            member_id: None,
+            reason: None,
+        };
+        if let Ok((_, entry)) = ledger.charge(&spend, now) {
+            journal.push(entry);
+        }
+        assert_replays(&ledger, &journal);
+        // Nothing of a past period's allocation is still spendable.
+        for grant in ledger.grants() {
+            if grant.in_effect(now) {
+                assert!(grant.expires_at.unwrap() > now);
+            }
+        }
+    }
+    // 2026-01-15 to 2027-01-16: the start and 12 renewals.
+    assert_eq!(renewals, 13);
+    assert_eq!(sub.period, 12);
+    assert_eq!(sub.period_start, at("2027-01-15T00:00:00Z"));
+    let allocations = ledger
+        .grants()
+        .iter()
+        .filter(|g| g.source == tally_core::Source::PlanAllocation)
+        .count();
+    assert_eq!(allocations, 13);
+    assert!(!rollovers.is_empty(), "some months leave credits unused");
+    assert!(rollovers.iter().all(|r| *r <= credits(5000)));
+}
+
+#[test]
+fn cancel_at_period_end_stops_renewal_and_a_switch_applies_at_the_boundary() {
+    let mut context = plans(vec![
+        plan("pro", 1000, None, 0),
+        plan("basic", 100, None, 0),
+    ]);
+    let start = at("2026-03-01T00:00:00Z");
+    let mut ledger = CustomerLedger::new(id("cus"));
+    let mut sub = Subscription::starting(id("s"), id("cus"), "pro".into(), start);
+    renew_due(&mut ledger, &mut sub, &mut context, start).unwrap();
+    assert_eq!(ledger.balance(start).available, credits(1000));
+    sub.next_plan = Some("basic".into());
+    let april = at("2026-04-01T00:00:00Z");
+    renew_due(&mut ledger, &mut sub, &mut context, april).unwrap();
+    ledger.expire_due(april);
+    assert_eq!(sub.plan, "basic");
+    assert_eq!(ledger.balance(april).available, credits(100));
+    sub.cancel_at_period_end = true;
+    let june = at("2026-06-01T00:00:00Z");
+    let steps = renew_due(&mut ledger, &mut sub, &mut context, june).unwrap();
+    ledger.expire_due(june);
+    assert!(steps
+        .iter()
+        .any(|s| matches!(s, Step::Ended { at } if *at == at_may())));
+    assert_eq!(sub.status, SubscriptionStatus::Canceled);
+    assert_eq!(ledger.balance(june).available, Amount::ZERO);
+}
+
+fn at_may() -> Timestamp {
+    at("2026-05-01T00:00:00Z")
+}
+
+/// "My credits expired yesterday and I upgraded today": the Pro plan's
+/// three days of grace reinstate yesterday's expired Basic credits until
+/// the end of the new Pro period, next to Pro's own allocation.
+#[test]
+fn credits_expired_yesterday_come_back_on_an_upgrade_within_the_grace() {
+    let mut context = plans(vec![
+        plan("basic", 1000, None, 0),
+        plan("pro", 10_000, None, 3),
+    ]);
+    let start = at("2026-03-01T00:00:00Z");
+    let mut ledger = CustomerLedger::new(id("cus"));
+    let mut sub = Subscription::starting(id("s"), id("cus"), "basic".into(), start);
+    renew_due(&mut ledger, &mut sub, &mut context, start).unwrap();
+    let spend = Spend {
+        reference: id("c1"),
+        amount: credits(400),
+        feature: None,
+        member_id: None,
+        reason: None,
+    };
+    ledger.charge(&spend, start).unwrap();
+    // The period ends on April 1st: 600 unused Basic credits expire.
+    let april_2 = at("2026-04-02T09:00:00Z");
+    renew_due(&mut ledger, &mut sub, &mut context, april_2).unwrap();
+    ledger.expire_due(april_2);
+    assert_eq!(ledger.balance(april_2).available, credits(1000));
+    let march = ledger.grant(&sub.allocation_id(0)).unwrap();
+    assert_eq!(march.status, GrantStatus::Expired);
+    assert_eq!(march.expired_amount, credits(600));
+    let pro = context.plans["pro"].clone();
+    let steps = change_plan_now(
+        &mut ledger,
+        &mut sub,
+        &pro,
+        &id("up1"),
+        &mut context,
+        april_2,
+    )
+    .unwrap();
+    let reinstated: Vec<_> = entries(steps)
+        .into_iter()
+        .filter(|e| e.kind == EntryKind::Reinstate)
+        .collect();
+    assert_eq!(reinstated.len(), 1);
+    assert_eq!(reinstated[0].amount, credits(600));
+    assert!(reinstated[0]
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("upgrade grace"));
+    // Pro's 10,000, Basic's April 1,000 (runs to its own end), March's 600 back.
+    assert_eq!(ledger.balance(april_2).available, credits(11_600));
+    assert_eq!(sub.period_start, april_2);
+    assert_eq!(sub.period_end, at("2026-05-02T09:00:00Z"));
+    let back = ledger.grant(&sub.allocation_id(0)).unwrap();
+    assert_eq!(back.expires_at, Some(sub.period_end));
+    ledger.check_invariants().unwrap();
+
+    // Without grace (or past it) nothing comes back.
+    let mut context = plans(vec![
+        plan("basic", 1000, None, 0),
+        plan("pro", 10_000, None, 0),
+    ]);
+    let mut ledger = CustomerLedger::new(id("cus"));
+    let mut sub = Subscription::starting(id("s"), id("cus"), "basic".into(), start);
+    renew_due(&mut ledger, &mut sub, &mut context, april_2).unwrap();
+    ledger.expire_due(april_2);
+    let pro = context.plans["pro"].clone();
+    change_plan_now(
+        &mut ledger,
+        &mut sub,
+        &pro,
+        &id("up1"),
+        &mut context,
+        april_2,
+    )
+    .unwrap();
+    assert_eq!(ledger.balance(april_2).available, credits(11_000));
+}
+
+#[test]
+fn a_downtime_catches_up_every_missed_renewal_at_its_own_instant() {
+    let mut context = plans(vec![plan("pro", 500, None, 0)]);
+    let start = at("2026-01-10T00:00:00Z");
+    let mut ledger = CustomerLedger::new(id("cus"));
+    let mut sub = Subscription::starting(id("s"), id("cus"), "pro".into(), start);
+    let later = at("2026-05-20T00:00:00Z");
+    let steps = renew_due(&mut ledger, &mut sub, &mut context, later).unwrap();
+    let renewed: Vec<Timestamp> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Renewed { at, .. } => Some(*at),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        renewed,
+        [
+            "2026-01-10",
+            "2026-02-10",
+            "2026-03-10",
+            "2026-04-10",
+            "2026-05-10"
+        ]
+        .map(|d| at(&format!("{d}T00:00:00Z")))
+    );
+    ledger.expire_due(later);
+    assert_eq!(ledger.balance(later).available, credits(500));
+    // Renewing again at the same instant does nothing.
+    assert!(renew_due(&mut ledger, &mut sub, &mut context, later)
+        .unwrap()
+        .is_empty());
+}

@@ -1,0 +1,266 @@
+//! The writer's plans and subscriptions: renewals on the engine's clock.
+//!
+//! A renewal runs inside the group that first touches the customer after the
+//! period boundary (any operation on it, the tick, or a balance read), and
+//! writes the subscription's new state in the same transaction as the
+//! allocation it grants. The allocation's id names the subscription and the
+//! period (`plan:<subscription>:<n>`), so a period is granted at most once:
+//! a crash before the commit leaves the period un-renewed, and the next
+//! group renews it again at the same boundary instant.
+
+use std::collections::HashMap;
+
+use rusqlite::params;
+use tally_core::plan::{self, RenewalContext, Step};
+use tally_core::{Id, LedgerError, Plan, Subscription, SubscriptionStatus};
+
+use super::{Failure, Writer};
+use crate::model::{NewSubscription, Outcome, PlanChange, Refusal, StoreError};
+use crate::rows;
+
+struct Renewals<'a> {
+    plans: &'a HashMap<String, Plan>,
+    next_grant_sequence: &'a mut i64,
+}
+
+impl RenewalContext for Renewals<'_> {
+    fn plan(&self, key: &str) -> Option<&Plan> {
+        self.plans.get(key)
+    }
+
+    fn next_grant_sequence(&mut self) -> i64 {
+        let sequence = *self.next_grant_sequence;
+        *self.next_grant_sequence += 1;
+        sequence
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Failure {
+    Failure::Rejected(Refusal {
+        code: "invalid_request".into(),
+        message: message.into(),
+        available: None,
+    })
+}
+
+/// A renewal the core refused can only be an amount past the maximum
+/// balance; the ledger may be half changed, so the whole group is abandoned
+/// (and the renewal is tried again by the next group).
+fn renewal_failed(subscription: &Id, error: LedgerError) -> Failure {
+    tracing::error!(%subscription, %error, "a subscription renewal failed");
+    Failure::Fatal(rusqlite::Error::InvalidParameterName(format!(
+        "renewal of subscription {subscription} failed: {error}"
+    )))
+}
+
+impl Writer {
+    /// Renew what is due for a loaded customer, before its expiries apply.
+    pub(super) fn renew_due(&mut self, customer_id: &Id) -> Result<(), Failure> {
+        let now = self.now;
+        let cached = self.cache.get_mut(customer_id).expect("loaded");
+        let Some(subscription) = cached.subscription.as_mut() else {
+            return Ok(());
+        };
+        if !subscription.due(now) {
+            return Ok(());
+        }
+        let mut context = Renewals {
+            plans: &self.plans,
+            next_grant_sequence: &mut self.next_grant_sequence,
+        };
+        let steps = plan::renew_due(&mut cached.ledger, subscription, &mut context, now)
+            .map_err(|error| renewal_failed(&subscription.id, error))?;
+        self.subscription_changed(customer_id, steps, None)
+    }
+
+    /// Record what a renewal or plan change did, store the subscription, and
+    /// keep the customer's plan (pricing) and inherited overage policy in step.
+    fn subscription_changed(
+        &mut self,
+        customer_id: &Id,
+        steps: Vec<Step>,
+        actor: Option<&str>,
+    ) -> Result<(), Failure> {
+        for step in steps {
+            match step {
+                Step::Entry(draft) | Step::NewGrant(draft, _) => {
+                    self.record_entry(&draft, actor)?;
+                }
+                Step::Renewed { period, at } => {
+                    tracing::debug!(%customer_id, period, at = at.micros(), "subscription period began");
+                }
+                Step::Ended { at } => {
+                    tracing::debug!(%customer_id, at = at.micros(), "subscription ended");
+                }
+            }
+        }
+        let cached = self.cache.get_mut(customer_id).expect("loaded");
+        let subscription = cached.subscription.clone().expect("changed");
+        rows::upsert_subscription(&self.connection, &subscription, self.now)?;
+        let plan = match (subscription.status, subscription.period >= 0) {
+            (SubscriptionStatus::Active, true) => Some(Some(subscription.plan.clone())),
+            (SubscriptionStatus::Canceled, _) => Some(None),
+            (SubscriptionStatus::Active, false) => None,
+        };
+        if let Some(plan) = plan.filter(|p| *p != cached.plan) {
+            self.connection
+                .prepare_cached("UPDATE customers SET plan = ?1 WHERE id = ?2")?
+                .execute(params![plan, customer_id.as_str()])?;
+            cached.plan = plan;
+        }
+        if subscription.status == SubscriptionStatus::Canceled {
+            cached.subscription = None;
+        }
+        self.touched.insert(customer_id.clone());
+        self.refresh_overage(customer_id);
+        Ok(())
+    }
+
+    /// The customer's own overage policy, or else its plan's, or else block.
+    pub(super) fn refresh_overage(&mut self, customer_id: &Id) {
+        let Some(cached) = self.cache.get_mut(customer_id) else {
+            return;
+        };
+        let inherited = cached
+            .subscription
+            .as_ref()
+            .and_then(|s| self.plans.get(&s.plan))
+            .and_then(|p| p.overage);
+        let policy = cached.overage_override.or(inherited).unwrap_or_default();
+        cached.ledger.set_overage(policy);
+    }
+
+    pub(super) fn put_plan(
+        &mut self,
+        plan: &Plan,
+        actor: Option<&str>,
+    ) -> Result<Outcome, Failure> {
+        plan::validate_plan(plan)
+            .map_err(|(param, message)| invalid(format!("{param}: {message}")))?;
+        if let Some(old) = self.plans.get(&plan.key) {
+            if old.period != plan.period {
+                return Err(Failure::Rejected(Refusal {
+                    code: "plan_period_fixed".into(),
+                    message: format!(
+                        "plan {}'s period cannot change (subscriptions count their periods by it); create a new plan and move subscribers to it",
+                        plan.key
+                    ),
+                    available: None,
+                }));
+            }
+        }
+        rows::upsert_plan(&self.connection, plan, self.now, actor)?;
+        self.plans.insert(plan.key.clone(), plan.clone());
+        let subscribers: Vec<Id> = self
+            .cache
+            .iter()
+            .filter(|(_, c)| c.subscription.as_ref().is_some_and(|s| s.plan == plan.key))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for customer_id in subscribers {
+            self.refresh_overage(&customer_id);
+        }
+        Ok(Outcome::Plan(plan.clone()))
+    }
+
+    pub(super) fn subscribe(
+        &mut self,
+        request: &NewSubscription,
+        actor: Option<&str>,
+    ) -> Result<Outcome, Failure> {
+        let Some(plan) = self.plans.get(&request.plan).cloned() else {
+            return Err(Failure::Store(StoreError::NotFound(format!(
+                "plan {}",
+                request.plan
+            ))));
+        };
+        let customer_id = &request.customer_id;
+        self.prepare(customer_id)?;
+        let now = self.now;
+        let cached = self.cache.get_mut(customer_id).expect("prepared");
+        let mut context = Renewals {
+            plans: &self.plans,
+            next_grant_sequence: &mut self.next_grant_sequence,
+        };
+        let steps = match cached.subscription.as_mut() {
+            None => {
+                let start = request.start_at.unwrap_or(now);
+                if start < now {
+                    return Err(invalid("start_at must not be in the past"));
+                }
+                if rows::subscription_id_taken(&self.connection, request.id.as_str())? {
+                    return Err(Failure::Store(StoreError::IdempotencyConflict(
+                        request.id.to_string(),
+                    )));
+                }
+                let subscription = cached.subscription.insert(Subscription::starting(
+                    request.id.clone(),
+                    customer_id.clone(),
+                    plan.key.clone(),
+                    start,
+                ));
+                plan::renew_due(&mut cached.ledger, subscription, &mut context, now)
+                    .map_err(|error| renewal_failed(&request.id, error))?
+            }
+            Some(subscription) => {
+                if request.start_at.is_some() {
+                    return Err(invalid(
+                        "start_at applies to a new subscription; this customer already has one (change its plan without start_at)",
+                    ));
+                }
+                match request.change {
+                    PlanChange::Now
+                        if subscription.plan == plan.key && subscription.period >= 0 =>
+                    {
+                        subscription.next_plan = None;
+                        subscription.cancel_at_period_end = false;
+                        Vec::new()
+                    }
+                    PlanChange::Now => plan::change_plan_now(
+                        &mut cached.ledger,
+                        subscription,
+                        &plan,
+                        &request.id,
+                        &mut context,
+                        now,
+                    )
+                    .map_err(|error| renewal_failed(&request.id, error))?,
+                    PlanChange::PeriodEnd => {
+                        subscription.next_plan =
+                            (subscription.plan != plan.key).then(|| plan.key.clone());
+                        subscription.cancel_at_period_end = false;
+                        Vec::new()
+                    }
+                }
+            }
+        };
+        let subscription = cached.subscription.clone().expect("just set");
+        self.subscription_changed(customer_id, steps, actor)?;
+        Ok(Outcome::Subscription(subscription))
+    }
+
+    pub(super) fn cancel_subscription(
+        &mut self,
+        customer_id: &Id,
+        at_period_end: bool,
+    ) -> Result<Outcome, Failure> {
+        self.prepare(customer_id)?;
+        let now = self.now;
+        let cached = self.cache.get_mut(customer_id).expect("prepared");
+        let Some(subscription) = cached.subscription.as_mut() else {
+            return Err(Failure::Store(StoreError::NotFound(format!(
+                "active subscription of customer {customer_id}"
+            ))));
+        };
+        subscription.next_plan = None;
+        if at_period_end && subscription.period >= 0 {
+            subscription.cancel_at_period_end = true;
+        } else {
+            subscription.status = SubscriptionStatus::Canceled;
+            subscription.canceled_at = Some(now);
+        }
+        let subscription = subscription.clone();
+        self.subscription_changed(customer_id, Vec::new(), None)?;
+        Ok(Outcome::Subscription(subscription))
+    }
+}

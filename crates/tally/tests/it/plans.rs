@@ -1,0 +1,587 @@
+//! Plans and subscriptions over HTTP on the manual clock: a year of monthly
+//! renewals with rollover (the ledger replayed and the balance checked every
+//! simulated day), the expiry-versus-upgrade scenario, a change at the period
+//! end and cancellation, renewals caught up after a SIGKILL and restart
+//! exactly once, the overage policy inherited from the plan, and bad input.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::support::{assert_replayable, micros, micros_of, Options, TestApp, ADMIN_KEY};
+
+const DAY: i64 = 86_400;
+
+async fn manual_app() -> TestApp {
+    TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await
+}
+
+async fn put(app: &TestApp, path: &str, body: Value) -> crate::support::Reply {
+    app.send(Method::PUT, path, Some(ADMIN_KEY), Some(&body))
+        .await
+}
+
+async fn put_plan(app: &TestApp, key: &str, body: Value) {
+    let reply = put(app, &format!("/v1/plans/{key}"), body).await;
+    assert_eq!(reply.status, StatusCode::OK, "plan {key}: {}", reply.body);
+}
+
+async fn subscribe(app: &TestApp, customer: &str, body: Value) -> Value {
+    let reply = put(app, &format!("/v1/customers/{customer}/subscription"), body).await;
+    assert_eq!(reply.status, StatusCode::OK, "subscribe: {}", reply.body);
+    reply.body
+}
+
+async fn advance(app: &TestApp, seconds: i64) -> String {
+    let reply = app
+        .post("/v1/clock/advance", json!({ "seconds": seconds }))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "advance: {}", reply.body);
+    reply.str("now").to_string()
+}
+
+async fn advance_to(app: &TestApp, to: &str) {
+    let reply = app.post("/v1/clock/advance", json!({ "to": to })).await;
+    assert_eq!(reply.status, StatusCode::OK, "advance: {}", reply.body);
+}
+
+async fn charge(app: &TestApp, customer: &str, id: &str, amount: &str) -> crate::support::Reply {
+    app.post(
+        "/v1/charges",
+        json!({ "id": id, "customer_id": customer, "amount": amount }),
+    )
+    .await
+}
+
+fn grants_with_prefix<'a>(entries: &'a [Value], kind: &str, prefix: &str) -> Vec<&'a Value> {
+    entries
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .filter(|e| e["reference"].as_str().unwrap_or("").starts_with(prefix))
+        .collect()
+}
+
+/// The Pro plan (10,000 credits a month, 50% rollover expiring after one
+/// period) for a year: usage every day, the ledger replayed and the balance
+/// compared with it every simulated day; 13 allocations (the start and 12
+/// renewals), each granted once, and every rollover at most 5,000.
+#[tokio::test]
+async fn a_year_of_monthly_renewals_with_rollover_replays_every_day() {
+    let app = manual_app().await;
+    put_plan(
+        &app,
+        "pro",
+        json!({ "name": "Pro", "period": "month", "included_credits": "10000",
+                "rollover": { "max_percent": 50, "expires_after_periods": 1 } }),
+    )
+    .await;
+    app.customer("acme").await;
+    let sub = subscribe(&app, "acme", json!({ "id": "sub_acme", "plan": "pro" })).await;
+    assert_eq!(sub["status"], "active");
+    assert_eq!(sub["period"], 0);
+    assert_eq!(
+        micros_of(&app.balance("acme").await["available"]),
+        micros("10000")
+    );
+    assert_eq!(
+        app.get("/v1/customers/acme").await.body["plan"],
+        "pro",
+        "the subscription sets the customer's plan for pricing"
+    );
+    let mut refused = 0;
+    for day in 1..=366 {
+        advance(&app, DAY).await;
+        // 150 to 549 credits a day: some months run dry, others leave credits over.
+        let amount = (150 + (day * 53) % 400).to_string();
+        let reply = charge(&app, "acme", &format!("day_{day}"), &amount).await;
+        match reply.status {
+            StatusCode::OK => {}
+            StatusCode::PAYMENT_REQUIRED => refused += 1,
+            other => panic!("charge on day {day}: {other} {}", reply.body),
+        }
+        let entries = app.ledger_all("acme").await;
+        let replayed = assert_replayable(&entries);
+        let balance = app.balance("acme").await;
+        assert_eq!(
+            micros_of(&balance["available"]),
+            replayed,
+            "day {day}: the balance is what the ledger replays to"
+        );
+        let shown: i64 = balance["grants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| micros_of(&g["remaining"]))
+            .sum();
+        assert_eq!(shown, replayed, "day {day}: the lots add up to the balance");
+    }
+    let entries = app.ledger_all("acme").await;
+    let allocations = grants_with_prefix(&entries, "grant", "plan:sub_acme:");
+    assert_eq!(allocations.len(), 13, "one allocation per period, once");
+    let mut references: Vec<&str> = allocations
+        .iter()
+        .map(|e| e["reference"].as_str().unwrap())
+        .collect();
+    references.dedup();
+    assert_eq!(references.len(), 13);
+    let rollovers: Vec<i64> = entries
+        .iter()
+        .filter(|e| e["kind"] == "rollover")
+        .map(|e| micros_of(&e["amount"]))
+        .collect();
+    assert!(
+        !rollovers.is_empty(),
+        "some month left credits to roll over"
+    );
+    assert!(rollovers.iter().all(|r| *r <= micros("5000")));
+    assert!(refused > 0, "some month ran dry");
+    let sub = app.get("/v1/customers/acme/subscription").await;
+    assert_eq!(sub.body["period"], 12, "{}", sub.body);
+    // A rollover is explained in the ledger.
+    let rollover = entries.iter().find(|e| e["kind"] == "rollover").unwrap();
+    let explained = app
+        .get(&format!("/v1/ledger/{}", rollover["id"].as_str().unwrap()))
+        .await;
+    assert!(
+        explained.body["explanation"]
+            .as_str()
+            .unwrap_or("")
+            .contains("rolled over"),
+        "{}",
+        explained.body
+    );
+}
+
+/// "My credits expired yesterday and I upgraded today": the Pro plan gives
+/// 3 days of grace, so the Basic credits that expired at yesterday's period
+/// end come back until the end of the new Pro period, and the ledger says so.
+#[tokio::test]
+async fn credits_that_expired_yesterday_come_back_with_an_upgrade_today() {
+    let app = manual_app().await;
+    put_plan(
+        &app,
+        "basic",
+        json!({ "name": "Basic", "period": "month", "included_credits": "1000" }),
+    )
+    .await;
+    put_plan(
+        &app,
+        "pro",
+        json!({ "name": "Pro", "period": "month", "included_credits": "10000", "upgrade_grace_days": 3 }),
+    )
+    .await;
+    app.customer("cus").await;
+    let sub = subscribe(&app, "cus", json!({ "id": "s1", "plan": "basic" })).await;
+    let period_end = sub["current_period_end"].as_str().unwrap().to_string();
+    assert_eq!(
+        charge(&app, "cus", "c1", "400").await.status,
+        StatusCode::OK
+    );
+    advance_to(&app, &period_end).await;
+    advance(&app, DAY - 3600).await;
+    // Renewed: a fresh 1,000; the 600 left of the first month expired.
+    assert_eq!(
+        micros_of(&app.balance("cus").await["available"]),
+        micros("1000")
+    );
+    let first = app.get("/v1/customers/cus/grants").await;
+    let first = first.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == "plan:s1:0")
+        .cloned()
+        .unwrap();
+    assert_eq!(first["status"], "expired");
+    assert_eq!(first["expired_amount"], "600");
+    let upgraded = subscribe(&app, "cus", json!({ "id": "up1", "plan": "pro" })).await;
+    assert_eq!(upgraded["plan"], "pro");
+    assert_eq!(upgraded["id"], "s1", "the same subscription continues");
+    // Pro's 10,000 + Basic's current 1,000 (runs to its own end) + the 600 back.
+    let balance = app.balance("cus").await;
+    assert_eq!(micros_of(&balance["available"]), micros("11600"));
+    let entries = app.ledger_all("cus").await;
+    assert_replayable(&entries);
+    let reinstated = entries
+        .iter()
+        .find(|e| e["kind"] == "reinstate")
+        .expect("a reinstatement entry");
+    assert_eq!(reinstated["amount"], "600");
+    assert!(reinstated["reason"]
+        .as_str()
+        .unwrap()
+        .contains("upgrade grace"));
+    // A retry of the same change is the same answer, and changes nothing.
+    let again = put(
+        &app,
+        "/v1/customers/cus/subscription",
+        json!({ "id": "up1", "plan": "pro" }),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert!(again.replayed());
+    assert_eq!(
+        micros_of(&app.balance("cus").await["available"]),
+        micros("11600")
+    );
+}
+
+/// A downgrade at the period end applies at the renewal; a cancellation at
+/// the period end stops the next one; a cancellation now ends it at once.
+#[tokio::test]
+async fn changes_and_cancellation_at_the_period_end() {
+    let app = manual_app().await;
+    put_plan(
+        &app,
+        "pro",
+        json!({ "name": "Pro", "period": { "days": 30 }, "included_credits": "1000" }),
+    )
+    .await;
+    put_plan(
+        &app,
+        "lite",
+        json!({ "name": "Lite", "period": { "days": 30 }, "included_credits": "100" }),
+    )
+    .await;
+    app.customer("cus").await;
+    subscribe(&app, "cus", json!({ "id": "s1", "plan": "pro" })).await;
+    let changed = subscribe(
+        &app,
+        "cus",
+        json!({ "id": "down1", "plan": "lite", "change": "period_end" }),
+    )
+    .await;
+    assert_eq!(changed["plan"], "pro");
+    assert_eq!(changed["next_plan"], "lite");
+    assert_eq!(
+        micros_of(&app.balance("cus").await["available"]),
+        micros("1000")
+    );
+    advance(&app, 30 * DAY).await;
+    assert_eq!(
+        micros_of(&app.balance("cus").await["available"]),
+        micros("100")
+    );
+    let sub = app.get("/v1/customers/cus/subscription").await.body;
+    assert_eq!(sub["plan"], "lite");
+    assert_eq!(sub["period"], 1);
+    let canceled = app
+        .send(
+            Method::DELETE,
+            "/v1/customers/cus/subscription?at_period_end=true",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(canceled.status, StatusCode::OK, "{}", canceled.body);
+    assert_eq!(canceled.body["cancel_at_period_end"], true);
+    advance(&app, 30 * DAY).await;
+    let sub = app.get("/v1/customers/cus/subscription").await.body;
+    assert_eq!(sub["status"], "canceled");
+    assert_eq!(micros_of(&app.balance("cus").await["available"]), 0);
+    advance(&app, 90 * DAY).await;
+    let entries = app.ledger_all("cus").await;
+    assert_eq!(grants_with_prefix(&entries, "grant", "plan:").len(), 2);
+    assert_eq!(app.get("/v1/customers/cus").await.body["plan"], Value::Null);
+    // Nothing to cancel any more.
+    let none = app
+        .send(
+            Method::DELETE,
+            "/v1/customers/cus/subscription",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(none.status, StatusCode::NOT_FOUND, "{}", none.body);
+    // A new subscription may start later; an immediate cancellation keeps the credits.
+    let later = subscribe(
+        &app,
+        "cus",
+        json!({ "id": "s2", "plan": "lite", "start_at": "2999-01-01T00:00:00Z" }),
+    )
+    .await;
+    assert_eq!(later["status"], "scheduled");
+    assert_eq!(micros_of(&app.balance("cus").await["available"]), 0);
+    advance_to(&app, "2999-01-01T00:00:00Z").await;
+    assert_eq!(
+        micros_of(&app.balance("cus").await["available"]),
+        micros("100")
+    );
+    let now = app
+        .send(
+            Method::DELETE,
+            "/v1/customers/cus/subscription",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(now.body["status"], "canceled");
+    assert_eq!(
+        micros_of(&app.balance("cus").await["available"]),
+        micros("100")
+    );
+    assert_replayable(&app.ledger_all("cus").await);
+}
+
+/// Renewals missed while the server was down (killed with SIGKILL) are
+/// caught up at restart, each at its own boundary, exactly once; a second
+/// server over the same data directory is refused.
+#[tokio::test]
+async fn renewals_caught_up_in_one_step_are_granted_once_across_restarts() {
+    let mut app = manual_app().await;
+    put_plan(
+        &app,
+        "pro",
+        json!({ "name": "Pro", "period": "month", "included_credits": "500",
+        "allocation_expires_after_periods": 3 }),
+    )
+    .await;
+    app.customer("cus").await;
+    subscribe(&app, "cus", json!({ "id": "s1", "plan": "pro" })).await;
+    advance(&app, 40 * DAY).await;
+    assert_eq!(
+        micros_of(&app.balance("cus").await["available"]),
+        micros("1000")
+    );
+    // Move the clock on without anything touching the customer, then kill.
+    let reply = app.get("/v1/clock").await;
+    let before = reply.str("now").to_string();
+    app.kill().await;
+    app.start().await;
+    let reply = app.get("/v1/clock").await;
+    assert_eq!(
+        reply.str("now"),
+        before,
+        "the manual clock survives a restart"
+    );
+    // A second server over the same data directory is refused.
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--manual-clock",
+            "--data-dir",
+        ])
+        .arg(&app.data_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(!second.status.success(), "a second server must not start");
+    advance(&app, 100 * DAY).await;
+    let entries = app.ledger_all("cus").await;
+    let allocations = grants_with_prefix(&entries, "grant", "plan:s1:");
+    // 140 days: the start and 4 renewals; 3-period allocations overlap.
+    assert_eq!(allocations.len(), 5);
+    app.kill().await;
+    app.start().await;
+    advance(&app, 0).await;
+    let entries = app.ledger_all("cus").await;
+    assert_eq!(grants_with_prefix(&entries, "grant", "plan:s1:").len(), 5);
+    let replayed = assert_replayable(&entries);
+    assert_eq!(replayed, micros("1500"), "three overlapping allocations");
+}
+
+/// A plan's overage policy applies to subscribers without their own, and
+/// changes with the plan; a customer's own policy wins.
+#[tokio::test]
+async fn subscribers_inherit_the_plans_overage_policy() {
+    let app = manual_app().await;
+    put_plan(
+        &app,
+        "payg",
+        json!({ "name": "Pay as you go", "period": "month", "included_credits": "10",
+        "overage": { "policy": "allow_negative", "limit": "50" } }),
+    )
+    .await;
+    app.customer("a").await;
+    app.customer("b").await;
+    subscribe(&app, "a", json!({ "id": "sa", "plan": "payg" })).await;
+    subscribe(&app, "b", json!({ "id": "sb", "plan": "payg" })).await;
+    assert_eq!(
+        app.get("/v1/customers/a").await.body["overage"]["policy"],
+        "allow_negative"
+    );
+    let reply = charge(&app, "a", "a1", "40").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["on_debt"], "30");
+    assert_eq!(
+        charge(&app, "a", "a2", "31").await.status,
+        StatusCode::PAYMENT_REQUIRED
+    );
+    // b sets its own policy: block.
+    let own = put(
+        &app,
+        "/v1/customers/b/overage",
+        json!({ "policy": "block" }),
+    )
+    .await;
+    assert_eq!(own.status, StatusCode::OK);
+    assert_eq!(
+        charge(&app, "b", "b1", "11").await.status,
+        StatusCode::PAYMENT_REQUIRED
+    );
+    // The plan tightens: a is blocked from now on, its debt stays owed.
+    put_plan(
+        &app,
+        "payg",
+        json!({ "name": "Pay as you go", "period": "month", "included_credits": "10" }),
+    )
+    .await;
+    assert_eq!(
+        charge(&app, "a", "a3", "1").await.status,
+        StatusCode::PAYMENT_REQUIRED
+    );
+    assert_eq!(app.balance("a").await["debt"], "30");
+    // The next allocation repays the debt first.
+    advance(&app, 31 * DAY).await;
+    let balance = app.balance("a").await;
+    assert_eq!(balance["debt"], "20");
+    assert_eq!(balance["available"], "0");
+    assert_replayable(&app.ledger_all("a").await);
+}
+
+#[tokio::test]
+async fn bad_plans_and_subscriptions_are_refused_and_change_nothing() {
+    let app = manual_app().await;
+    let good = json!({ "name": "Pro", "period": "month", "included_credits": "100" });
+    put_plan(&app, "pro", good.clone()).await;
+    let bad_plans = [
+        (
+            json!({ "name": "x", "period": "week", "included_credits": "1" }),
+            "period",
+        ),
+        (
+            json!({ "name": "x", "period": { "days": 0 }, "included_credits": "1" }),
+            "period",
+        ),
+        (
+            json!({ "name": "x", "period": "month", "included_credits": "-1" }),
+            "included_credits",
+        ),
+        (
+            json!({ "name": "x", "period": "month", "included_credits": "1.0000001" }),
+            "",
+        ),
+        (
+            json!({ "name": "x", "period": "month", "included_credits": "1", "upgrade_grace_days": 91 }),
+            "upgrade_grace_days",
+        ),
+        (
+            json!({ "name": "x", "period": "month", "included_credits": "1", "rollover": { "max_percent": 101 } }),
+            "rollover.max_percent",
+        ),
+        (
+            json!({ "name": "x", "period": "month", "included_credits": "1", "rollover": { "expires_after_periods": 0 } }),
+            "rollover.expires_after_periods",
+        ),
+        (
+            json!({ "name": "x", "period": "month", "included_credits": "1", "overage": { "policy": "sometimes" } }),
+            "overage",
+        ),
+        (
+            json!({ "name": "x", "period": "month", "included_credits": "1", "bogus": 1 }),
+            "",
+        ),
+        (json!({ "period": "month", "included_credits": "1" }), ""),
+    ];
+    for (body, param) in bad_plans {
+        let reply = put(&app, "/v1/plans/other", body.clone()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            reply.body
+        );
+        if !param.is_empty() {
+            assert_eq!(reply.body["error"]["param"], param, "{}", reply.body);
+        }
+    }
+    assert_eq!(
+        app.get("/v1/plans/other").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let reply = put(
+        &app,
+        "/v1/plans/pro",
+        json!({ "name": "Pro", "period": "year", "included_credits": "100" }),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
+    assert_eq!(reply.code(), "plan_period_fixed");
+    assert_eq!(app.get("/v1/plans/pro").await.body["period"], "month");
+    let listed = app.get("/v1/plans").await;
+    assert_eq!(listed.body["data"].as_array().unwrap().len(), 1);
+
+    app.customer("cus").await;
+    let path = "/v1/customers/cus/subscription";
+    let reply = put(&app, path, json!({ "id": "s1", "plan": "nope" })).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
+    let reply = put(
+        &app,
+        "/v1/customers/ghost/subscription",
+        json!({ "id": "s1", "plan": "pro" }),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
+    let reply = put(
+        &app,
+        path,
+        json!({ "id": "s1", "plan": "pro", "change": "later" }),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let reply = put(
+        &app,
+        path,
+        json!({ "id": "s1", "plan": "pro", "start_at": "2001-01-01T00:00:00Z" }),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    // That id failed; it keeps failing the same way.
+    let reply = put(
+        &app,
+        path,
+        json!({ "id": "s1", "plan": "pro", "start_at": "2001-01-01T00:00:00Z" }),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(reply.replayed());
+    let reply = put(&app, path, json!({ "id": "s1", "plan": "pro" })).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
+    assert_eq!(app.get(path).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(micros_of(&app.balance("cus").await["available"]), 0);
+    // Reserved grant ids.
+    for id in ["plan:x:0", "rollover:x:1"] {
+        let reply = app
+            .post(
+                "/v1/customers/cus/grants",
+                json!({ "id": id, "amount": "1", "source": "promotion", "paid": false }),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{id}: {}",
+            reply.body
+        );
+    }
+    // Scopes: a read key may look, not change.
+    let key = app
+        .post("/v1/api-keys", json!({ "id": "reader", "scope": "read" }))
+        .await;
+    let reader = key.str("key").to_string();
+    let reply = app
+        .send(Method::PUT, "/v1/plans/pro", Some(&reader), Some(&good))
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    let reply = app
+        .send(Method::GET, "/v1/plans/pro", Some(&reader), None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let reply = app.send(Method::GET, "/v1/plans", None, None).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+}
