@@ -243,7 +243,7 @@ impl CustomerLedger {
     }
 
     /// The balance an entry reports: the credits available less the debt.
-    fn net(&self, now: Timestamp) -> Amount {
+    pub fn net(&self, now: Timestamp) -> Amount {
         self.available(now)
             .checked_sub(self.debt)
             .expect("balance within range")

@@ -329,9 +329,12 @@ pub fn renew_due(
         let rolled = match (&plan.rollover, ending >= 0) {
             (Some(rule), true) => {
                 let allocation = subscription.allocation_id(ending);
+                // Only credits about to expire at this boundary roll over: an
+                // allocation that lasts longer (or was extended) keeps them.
                 let unused = ledger
                     .grant(&allocation)
                     .filter(|g| g.status == GrantStatus::Active && g.in_effect(before))
+                    .filter(|g| g.expires_at == Some(at))
                     .map_or(Amount::ZERO, |g| g.remaining);
                 let amount = rule.amount(unused, plan.included_credits);
                 amount
@@ -392,25 +395,14 @@ pub fn renew_due(
             let reason = format!(
                 "plan {} allocation for period {period} ({} to {})",
                 next_plan.key,
-                rfc3339(at),
-                rfc3339(subscription.period_end)
+                at.rfc3339(),
+                subscription.period_end.rfc3339()
             );
             let entry = ledger.add_grant(lot.clone(), Some(reason), at)?;
             steps.push(Step::NewGrant(entry, lot));
         }
     }
     Ok(steps)
-}
-
-/// An instant as RFC 3339 text, for the reasons entries give.
-fn rfc3339(at: Timestamp) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at.micros()) * 1000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| at.micros().to_string())
 }
 
 fn plan_lot(

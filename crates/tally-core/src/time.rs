@@ -17,6 +17,17 @@ impl Timestamp {
         self.0
     }
 
+    /// RFC 3339 text in UTC (`2026-11-25T08:00:00Z`, with the fraction when there is one).
+    pub fn rfc3339(self) -> String {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| self.0.to_string())
+    }
+
     pub fn plus_seconds(self, seconds: i64) -> Option<Timestamp> {
         seconds
             .checked_mul(Self::MICROS_PER_SECOND)

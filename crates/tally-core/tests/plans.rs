@@ -364,3 +364,25 @@ fn a_downtime_catches_up_every_missed_renewal_at_its_own_instant() {
         .unwrap()
         .is_empty());
 }
+
+/// Only credits about to expire roll over: an allocation that lasts two
+/// periods keeps its credits, and nothing is carved out of it.
+#[test]
+fn an_allocation_that_outlives_its_period_does_not_roll_over() {
+    let rollover = Rollover {
+        max_percent: None,
+        max_amount: None,
+        expires_after_periods: 1,
+    };
+    let mut long = plan("long", 100, Some(rollover), 0);
+    long.allocation_expires_after_periods = Some(2);
+    let mut context = plans(vec![long]);
+    let start = at("2026-01-01T00:00:00Z");
+    let mut ledger = CustomerLedger::new(id("cus"));
+    let mut sub = Subscription::starting(id("s"), id("cus"), "long".into(), start);
+    let later = at("2026-02-15T00:00:00Z");
+    let steps = renew_due(&mut ledger, &mut sub, &mut context, later).unwrap();
+    assert!(entries(steps).iter().all(|e| e.kind != EntryKind::Rollover));
+    ledger.expire_due(later);
+    assert_eq!(ledger.balance(later).available, credits(200));
+}

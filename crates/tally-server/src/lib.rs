@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod routes;
 pub mod streams;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,7 +144,7 @@ pub fn reply<T: Serialize>(
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
-    use routes::{customers, events, ledger, plans, pricebook, spend, system};
+    use routes::{customers, events, ledger, notify, plans, pricebook, spend, system};
     let api = Router::new()
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))
@@ -207,6 +208,16 @@ pub fn router(state: AppState) -> Router {
             put(plans::put_subscription)
                 .get(plans::get_subscription)
                 .delete(plans::cancel_subscription),
+        )
+        .route("/v1/customers/{id}/alerts", put(notify::put_alerts))
+        .route("/v1/customers/{id}/stream", get(notify::stream))
+        .route(
+            "/v1/webhook-endpoints",
+            post(notify::create_webhook_endpoint).get(notify::list_webhook_endpoints),
+        )
+        .route(
+            "/v1/webhook-endpoints/{id}/deliveries",
+            get(notify::list_deliveries),
         )
         .route("/v1/clock", get(system::clock))
         .route("/v1/clock/advance", post(system::advance_clock))

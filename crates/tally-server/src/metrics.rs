@@ -44,6 +44,7 @@ pub struct Metrics {
     events: Family<EventLabels, Counter>,
     /// Messages a stream consumer has not processed yet (Kafka lag, NATS pending).
     pub consumer_lag: Family<SourceLabels, prometheus_client::metrics::gauge::Gauge>,
+    webhook_attempts: Family<EventLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -81,7 +82,14 @@ impl Default for Metrics {
             "Messages a stream consumer has not processed yet",
             consumer_lag.clone(),
         );
+        let webhook_attempts = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts by result (ok, failed)",
+            webhook_attempts.clone(),
+        );
         Metrics {
+            webhook_attempts,
             registry: Mutex::new(registry),
             requests,
             latency,
@@ -92,6 +100,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Count one webhook delivery attempt.
+    pub fn webhook_attempt(&self, ok: bool) {
+        self.webhook_attempts
+            .get_or_create(&EventLabels {
+                source: "webhook".to_owned(),
+                status: if ok { "ok" } else { "failed" }.to_owned(),
+            })
+            .inc();
+    }
+
     /// Count one usage event from `source` with its result.
     pub fn events(&self, source: &str, status: &str) {
         self.events

@@ -89,6 +89,7 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     path: PathBuf,
     clock: Arc<dyn Clock>,
+    live: tokio::sync::broadcast::Sender<BalanceChange>,
     _lock: File,
 }
 
@@ -191,6 +192,7 @@ impl Store {
         wal_path.push("-wal");
         let wal_path = PathBuf::from(wal_path);
         let sync_state = writer::SyncState::new();
+        let live = sync_state.live.clone();
         let for_syncer = sync_state.clone();
         std::thread::Builder::new()
             .name("tally-sync".into())
@@ -209,6 +211,7 @@ impl Store {
             readers: Mutex::new(Vec::new()),
             path: path.clone(),
             clock,
+            live,
             _lock: lock,
         });
         spawn_checkpointer(Arc::downgrade(&inner), path)?;
@@ -295,6 +298,102 @@ impl Store {
             .await
     }
 
+    /// Every balance change from now on, as each becomes durable. A receiver
+    /// that falls more than 4,096 changes behind gets `Lagged` and should
+    /// re-read the balance.
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<BalanceChange> {
+        self.inner.live.subscribe()
+    }
+
+    /// Deliveries due at the engine's now, the oldest first.
+    pub async fn due_deliveries(&self, limit: i64) -> Result<Vec<DueDelivery>, StoreError> {
+        let now = self.now();
+        self.read(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT d.id, d.attempts, e.url, e.secret, n.sequence, n.type, n.customer_id, n.payload, n.created_at \
+                 FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
+                 JOIN notifications n ON n.sequence = d.notification \
+                 WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 ORDER BY d.next_attempt_at LIMIT ?2",
+            )?;
+            let rows = statement.query_map(rusqlite::params![now.micros(), limit], |row| {
+                let payload: String = row.get(7)?;
+                let data: serde_json::Value =
+                    serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null);
+                let body = serde_json::json!({
+                    "id": format!("evt_{}", row.get::<_, i64>(4)?),
+                    "type": row.get::<_, String>(5)?,
+                    "customer_id": row.get::<_, Option<String>>(6)?,
+                    "created_at": Timestamp(row.get(8)?).rfc3339(),
+                    "data": data,
+                });
+                Ok(DueDelivery {
+                    id: row.get(0)?,
+                    attempts: row.get(1)?,
+                    url: row.get(2)?,
+                    secret: row.get(3)?,
+                    body: body.to_string(),
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// An endpoint's deliveries, the newest first.
+    pub async fn deliveries(
+        &self,
+        endpoint_id: String,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.read(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT d.id, d.endpoint_id, d.notification, n.type, n.customer_id, d.status, d.attempts, \
+                 d.last_status, d.last_error, d.next_attempt_at, d.delivered_at, d.created_at \
+                 FROM webhook_deliveries d JOIN notifications n ON n.sequence = d.notification \
+                 WHERE d.endpoint_id = ?1 ORDER BY d.notification DESC LIMIT ?2",
+            )?;
+            let rows = statement.query_map(rusqlite::params![endpoint_id, limit], |row| {
+                Ok(DeliveryRecord {
+                    id: row.get(0)?,
+                    endpoint_id: row.get(1)?,
+                    notification: row.get(2)?,
+                    kind: row.get(3)?,
+                    customer_id: row.get(4)?,
+                    status: row.get(5)?,
+                    attempts: row.get(6)?,
+                    last_status: row.get(7)?,
+                    last_error: row.get(8)?,
+                    next_attempt_at: row.get::<_, Option<i64>>(9)?.map(Timestamp),
+                    delivered_at: row.get::<_, Option<i64>>(10)?.map(Timestamp),
+                    created_at: Timestamp(row.get(11)?),
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Every webhook endpoint.
+    pub async fn webhook_endpoints(&self) -> Result<Vec<WebhookEndpointRecord>, StoreError> {
+        self.read(|c| {
+            let mut statement = c.prepare_cached(
+                "SELECT id, url, events, secret, created_at FROM webhook_endpoints ORDER BY id",
+            )?;
+            let rows = statement.query_map([], |row| {
+                let events: String = row.get(2)?;
+                Ok(WebhookEndpointRecord {
+                    id: Id::derived(&row.get::<_, String>(0)?),
+                    url: row.get(1)?,
+                    events: serde_json::from_str(&events).unwrap_or_default(),
+                    secret: row.get(3)?,
+                    created_at: Timestamp(row.get(4)?),
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
     /// A plan by key.
     pub async fn plan(&self, key: String) -> Result<Option<tally_core::Plan>, StoreError> {
         self.read(move |c| rows::plan(c, &key)).await
@@ -317,8 +416,7 @@ impl Store {
     /// Renew a subscription whose period has ended before a read shows the
     /// customer's credits: the renewal writes (a grant), so it goes through
     /// the writer; between two ticks this makes the read exact.
-    async fn renew_before_read(&self, customer_id: &Id) -> Result<(), StoreError> {
-        let now = self.now();
+    async fn renew_before_read(&self, customer_id: &Id, now: Timestamp) -> Result<(), StoreError> {
         let key = customer_id.clone();
         let due = self
             .read(move |c| {
@@ -345,8 +443,10 @@ impl Store {
 
     /// The balance at the engine's now, with what is due already applied.
     pub async fn balance(&self, customer_id: Id) -> Result<Option<BalanceView>, StoreError> {
-        self.renew_before_read(&customer_id).await?;
+        // One instant for both: a boundary passing between them would show
+        // the ending allocation expired without the next one.
         let now = self.now();
+        self.renew_before_read(&customer_id, now).await?;
         self.read(move |connection| {
             let Some((mut ledger, records)) = rows::load_ledger(connection, &customer_id)? else {
                 return Ok(None);

@@ -149,7 +149,8 @@ pub fn customer(
         .prepare_cached(
             "SELECT c.id, c.name, c.plan, c.region, c.currency, c.metadata, c.created_at, \
              COALESCE(c.overage, (SELECT json_extract(p.body, '$.overage') FROM subscriptions s \
-               JOIN plans p ON p.key = s.plan WHERE s.customer_id = c.id AND s.status = 'active')) \
+               JOIN plans p ON p.key = s.plan WHERE s.customer_id = c.id AND s.status = 'active' \
+               AND json_extract(s.body, '$.period') >= 0)) \
              FROM customers c WHERE c.id = ?1",
         )?
         .query_row([customer_id], |row| {

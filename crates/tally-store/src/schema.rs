@@ -219,6 +219,50 @@ CREATE INDEX subscriptions_due ON subscriptions(period_end) WHERE status = 'acti
 CREATE INDEX subscriptions_by_customer ON subscriptions(customer_id);
 "#,
     ),
+    (
+        7,
+        r#"
+-- Notifications: alert settings, webhook endpoints, the outbox (written in
+-- the same transaction as the change it reports) and one delivery per
+-- notification and endpoint, retried until delivered or given up.
+CREATE TABLE customer_alerts (
+    customer_id TEXT PRIMARY KEY REFERENCES customers(id),
+    body TEXT NOT NULL,
+    grant_expiring_days INTEGER,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE webhook_endpoints (
+    id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    events TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE notifications (
+    sequence INTEGER PRIMARY KEY,
+    type TEXT NOT NULL,
+    customer_id TEXT,
+    payload TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE webhook_deliveries (
+    id TEXT PRIMARY KEY,
+    notification INTEGER NOT NULL REFERENCES notifications(sequence),
+    endpoint_id TEXT NOT NULL REFERENCES webhook_endpoints(id),
+    status TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts INTEGER NOT NULL,
+    next_attempt_at INTEGER,
+    last_status INTEGER,
+    last_error TEXT,
+    delivered_at INTEGER,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries(next_attempt_at) WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_by_endpoint ON webhook_deliveries(endpoint_id, notification);
+-- The lots a grant.expiring notification was sent for.
+CREATE TABLE expiring_notices (grant_id TEXT PRIMARY KEY, sent_at INTEGER NOT NULL) WITHOUT ROWID;
+"#,
+    ),
 ];
 
 /// Apply the migrations not yet applied; returns how many ran.

@@ -31,7 +31,9 @@ use crate::catalog::{
 use crate::model::*;
 use crate::rows;
 
+mod notify;
 mod subscriptions;
+
 use tally_core::pricebook::{self, Contract, Pricing, Usage};
 use tally_core::PricingError;
 
@@ -99,6 +101,9 @@ const LINGER_UNTIL: usize = 512;
 /// Commands waiting beyond the open group that make it grow on.
 const BACKLOG: usize = 512;
 
+/// Balance changes a slow live-stream subscriber may lag behind by.
+const LIVE_CAPACITY: usize = 4096;
+
 /// Groups committed but not yet fsynced, at most; then the writer waits.
 pub const MAX_GROUPS_IN_FLIGHT: usize = 16;
 
@@ -108,6 +113,15 @@ pub const MAX_GROUPS_IN_FLIGHT: usize = 16;
 pub struct SyncState {
     pending: std::sync::atomic::AtomicUsize,
     writer: std::sync::OnceLock<std::thread::Thread>,
+    /// Balance changes, published once durable (the customers' live streams).
+    pub live: tokio::sync::broadcast::Sender<BalanceChange>,
+}
+
+/// A committed group waiting for its fsync: the answers, and the balance
+/// changes to publish once it is durable.
+pub struct Durable {
+    answers: Vec<Answer>,
+    changes: Vec<BalanceChange>,
 }
 
 impl SyncState {
@@ -115,6 +129,7 @@ impl SyncState {
         Arc::new(SyncState {
             pending: std::sync::atomic::AtomicUsize::new(0),
             writer: std::sync::OnceLock::new(),
+            live: tokio::sync::broadcast::channel(LIVE_CAPACITY).0,
         })
     }
 
@@ -131,7 +146,7 @@ impl SyncState {
 /// answer is to stop the process so that recovery rebuilds from what is on disk.
 pub fn run_syncer(
     wal_path: std::path::PathBuf,
-    groups: std::sync::mpsc::Receiver<Vec<Answer>>,
+    groups: std::sync::mpsc::Receiver<Durable>,
     state: Arc<SyncState>,
 ) {
     let mut wal: Option<std::fs::File> = None;
@@ -149,8 +164,13 @@ pub fn run_syncer(
             std::process::abort();
         }
         let count = ready.len();
-        for (reply, result) in ready.into_iter().flatten() {
-            let _ = reply.send(result);
+        for group in ready {
+            for (reply, result) in group.answers {
+                let _ = reply.send(result);
+            }
+            for change in group.changes {
+                let _ = state.live.send(change);
+            }
         }
         state
             .pending
@@ -242,6 +262,10 @@ struct Cached {
     subscription: Option<tally_core::Subscription>,
     /// The overage policy the customer set itself (else its plan's applies).
     overage_override: Option<tally_core::OveragePolicy>,
+    /// Its alert thresholds.
+    alerts: Option<Alerts>,
+    /// The balance (net of debt) after its last entry: what a threshold is crossed from.
+    last_net: tally_core::Amount,
 }
 
 pub struct Writer {
@@ -256,6 +280,14 @@ pub struct Writer {
     stats: GroupStats,
     /// Every plan, by key.
     plans: HashMap<String, tally_core::Plan>,
+    /// Every webhook endpoint and what it subscribed to.
+    endpoints: Vec<notify::Endpoint>,
+    /// Where durable balance changes are published (set when the writer runs).
+    live: Option<tokio::sync::broadcast::Sender<BalanceChange>>,
+    /// The open group's balance changes (only while someone listens).
+    group_changes: Vec<BalanceChange>,
+    /// Subscriptions renewed since the tick began.
+    renewals: usize,
     operations: OperationIndex,
     catalog: Catalog,
     /// Set by a command that found its work already done (a repeated publish).
@@ -393,8 +425,13 @@ impl Writer {
         let catalog = Catalog::load(&connection)?;
         let letter_events = pending_letter_events(&connection)?;
         let plans = load_plans(&connection)?;
+        let endpoints = notify::load_endpoints(&connection)?;
         Ok(Writer {
             plans,
+            endpoints,
+            live: None,
+            group_changes: Vec::new(),
+            renewals: 0,
             connection,
             clock,
             cache: HashMap::new(),
@@ -425,10 +462,11 @@ impl Writer {
     pub fn run(
         mut self,
         mut receiver: mpsc::Receiver<Job>,
-        syncer: std::sync::mpsc::SyncSender<Vec<Answer>>,
+        syncer: std::sync::mpsc::SyncSender<Durable>,
         state: Arc<SyncState>,
     ) {
         let _ = state.writer.set(std::thread::current());
+        self.live = Some(state.live.clone());
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
         let mut previous_group = 0;
         loop {
@@ -473,7 +511,8 @@ impl Writer {
                 state
                     .pending
                     .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                if syncer.send(answers).is_err() {
+                let changes = std::mem::take(&mut self.group_changes);
+                if syncer.send(Durable { answers, changes }).is_err() {
                     tracing::error!("the syncer has stopped; stopping the writer");
                     return;
                 }
@@ -553,6 +592,10 @@ impl Writer {
                 self.plans = load_plans(&self.connection).unwrap_or_else(|error| {
                     panic!("cannot read the plans after a rollback: {error}")
                 });
+                self.endpoints = notify::load_endpoints(&self.connection).unwrap_or_else(|error| {
+                    panic!("cannot read the webhook endpoints after a rollback: {error}")
+                });
+                self.group_changes.clear();
                 for reply in group.replies {
                     let _ = reply.send(Err(StoreError::Unavailable(error.to_string())));
                 }
@@ -783,6 +826,8 @@ impl Writer {
             let subscription = rows::active_subscription(&self.connection, customer_id.as_str())?;
             let overage_override =
                 rows::customer_overage_override(&self.connection, customer_id.as_str())?;
+            let alerts = notify::load_alerts(&self.connection, customer_id.as_str())?;
+            let last_net = ledger.net(self.now);
             let stored = ledger
                 .grants()
                 .iter()
@@ -799,6 +844,8 @@ impl Writer {
                     region: customer.region,
                     subscription,
                     overage_override,
+                    alerts,
+                    last_net,
                 },
             );
             self.refresh_overage(customer_id);
@@ -841,6 +888,7 @@ impl Writer {
             previous,
             pricing,
         )?;
+        self.after_entry(draft, sequence, Timestamp(recorded))?;
         Ok(sequence)
     }
 
@@ -1014,6 +1062,22 @@ impl Writer {
                 let entries = usize::try_from(self.next_entry_sequence - before).unwrap_or(0);
                 Ok((Outcome::Tick { entries }, None))
             }
+            Command::PutAlerts {
+                customer_id,
+                alerts,
+            } => Ok((self.put_alerts(customer_id, alerts)?, None)),
+            Command::CreateWebhookEndpoint(endpoint) => {
+                Ok((self.create_webhook_endpoint(endpoint)?, None))
+            }
+            Command::RecordDelivery {
+                delivery_id,
+                ok,
+                status,
+                error,
+            } => Ok((
+                self.record_delivery(delivery_id, *ok, *status, error.as_deref())?,
+                None,
+            )),
             Command::Event(_) => unreachable!("events are applied by apply_event"),
             Command::DeadLetter(letter) => {
                 Ok((Outcome::DeadLetter(self.dead_letter(letter)?), None))
@@ -1050,7 +1114,7 @@ impl Writer {
                 customer.currency,
                 customer.metadata,
                 self.now.micros(),
-                overage_column(overage),
+                overage_column(customer.overage),
             ])?;
         Ok(Outcome::Customer(CustomerRecord {
             id: customer.id.clone(),
@@ -1073,7 +1137,7 @@ impl Writer {
         let changed = self
             .connection
             .prepare_cached("UPDATE customers SET overage = ?1 WHERE id = ?2")?
-            .execute(params![overage_column(overage), customer_id.as_str()])?;
+            .execute(params![overage_column(Some(overage)), customer_id.as_str()])?;
         if changed == 0 {
             return Err(Failure::Store(StoreError::NotFound(format!(
                 "customer {customer_id}"
@@ -1939,8 +2003,11 @@ impl Writer {
         usage: &UsageInput,
         member_id: Option<&Id>,
     ) -> Result<Outcome, Failure> {
-        // What is due (expiries, hold timeouts) is applied to a copy below.
+        // A renewal that is due is applied (it is due anyway, and changes
+        // the credits and maybe the plan); expiries and hold timeouts are
+        // applied to a copy below.
         self.load(customer_id)?;
+        self.renew_due(customer_id)?;
         let pricing = self.price(customer_id, usage)?;
         let now = self.now;
         let mut copy = self
@@ -2000,13 +2067,17 @@ impl Writer {
             rows.collect::<rusqlite::Result<_>>()?
         };
         let before = self.next_entry_sequence;
+        self.renewals = 0;
         for customer_id in due {
             match self.prepare(&Id::derived(&customer_id)) {
                 Ok(()) | Err(Failure::Store(_) | Failure::Refused(_) | Failure::Rejected(_)) => {}
                 Err(Failure::Fatal(error)) => return Err(error),
             }
         }
-        let entries = usize::try_from(self.next_entry_sequence - before).unwrap_or(0);
+        // Renewals of plans without credits write no entry, but are work done.
+        let entries =
+            usize::try_from(self.next_entry_sequence - before).unwrap_or(0) + self.renewals;
+        self.notify_expiring()?;
         Ok(Outcome::Tick { entries })
     }
 }
@@ -2098,9 +2169,10 @@ fn charged_draws(response: &str) -> Option<(Vec<Draw>, tally_core::Amount)> {
     }
 }
 
-fn overage_column(overage: tally_core::OveragePolicy) -> Option<String> {
-    (overage != tally_core::OveragePolicy::Block)
-        .then(|| serde_json::to_string(&overage).expect("policy serializes"))
+/// A policy the customer chose, stored as JSON (even `block`, which then
+/// wins over a plan's); NULL only when it never chose one.
+fn overage_column(overage: Option<tally_core::OveragePolicy>) -> Option<String> {
+    overage.map(|o| serde_json::to_string(&o).expect("policy serializes"))
 }
 
 /// The fingerprint of a request's content, for idempotency checks.
@@ -2112,6 +2184,13 @@ fn request_hash(command: &Command) -> Vec<u8> {
             key_hash: String::new(),
             scope: scope.clone(),
         }),
+        // The secret is generated per attempt; the request is the rest.
+        Command::CreateWebhookEndpoint(endpoint) => {
+            serde_json::to_vec(&Command::CreateWebhookEndpoint(NewWebhookEndpoint {
+                secret: String::new(),
+                ..endpoint.clone()
+            }))
+        }
         // An event is the same event whatever its source or wire form.
         Command::Event(event) => serde_json::to_vec(&Command::Event(NewEvent {
             source: String::new(),

@@ -197,6 +197,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     state.in_flight = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
     state.max_in_flight = max_in_flight;
     tally_server::spawn_ticker(state.clone());
+    tally_server::webhooks::spawn_deliveries(state.clone());
     tally_server::streams::start(state.clone(), streams)?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use rusqlite::params;
 use tally_core::plan::{self, RenewalContext, Step};
-use tally_core::{Id, LedgerError, Plan, Subscription, SubscriptionStatus};
+use tally_core::{Id, Plan, Subscription, SubscriptionStatus};
 
 use super::{Failure, Writer};
 use crate::model::{NewSubscription, Outcome, PlanChange, Refusal, StoreError};
@@ -43,34 +43,43 @@ fn invalid(message: impl Into<String>) -> Failure {
     })
 }
 
-/// A renewal the core refused can only be an amount past the maximum
-/// balance; the ledger may be half changed, so the whole group is abandoned
-/// (and the renewal is tried again by the next group).
-fn renewal_failed(subscription: &Id, error: LedgerError) -> Failure {
-    tracing::error!(%subscription, %error, "a subscription renewal failed");
-    Failure::Fatal(rusqlite::Error::InvalidParameterName(format!(
-        "renewal of subscription {subscription} failed: {error}"
-    )))
-}
+/// The longest id that starts a subscription: its lots' ids
+/// (`rollover:<id>:<period>`) must stay within the 128 characters the API
+/// takes back in `/v1/grants/{id}/...`.
+const MAX_SUBSCRIPTION_ID: usize = 100;
 
 impl Writer {
     /// Renew what is due for a loaded customer, before its expiries apply.
     pub(super) fn renew_due(&mut self, customer_id: &Id) -> Result<(), Failure> {
         let now = self.now;
         let cached = self.cache.get_mut(customer_id).expect("loaded");
-        let Some(subscription) = cached.subscription.as_mut() else {
+        let Some(subscription) = cached.subscription.as_ref() else {
             return Ok(());
         };
         if !subscription.due(now) {
             return Ok(());
         }
+        // On copies: a renewal the core refuses (an allocation past the
+        // maximum balance, a boundary past year 9999) changes nothing, and
+        // neither blocks the customer's other operations nor the tick.
+        let mut subscription = subscription.clone();
+        let mut ledger = cached.ledger.clone();
         let mut context = Renewals {
             plans: &self.plans,
             next_grant_sequence: &mut self.next_grant_sequence,
         };
-        let steps = plan::renew_due(&mut cached.ledger, subscription, &mut context, now)
-            .map_err(|error| renewal_failed(&subscription.id, error))?;
-        self.subscription_changed(customer_id, steps, None)
+        match plan::renew_due(&mut ledger, &mut subscription, &mut context, now) {
+            Ok(steps) => {
+                cached.ledger = ledger;
+                cached.subscription = Some(subscription);
+                self.renewals += 1;
+                self.subscription_changed(customer_id, steps, None)
+            }
+            Err(error) => {
+                tracing::error!(subscription = %subscription.id, %error, "a subscription renewal was refused; it stays due");
+                Ok(())
+            }
+        }
     }
 
     /// Record what a renewal or plan change did, store the subscription, and
@@ -87,7 +96,20 @@ impl Writer {
                     self.record_entry(&draft, actor)?;
                 }
                 Step::Renewed { period, at } => {
-                    tracing::debug!(%customer_id, period, at = at.micros(), "subscription period began");
+                    let subscription = self.cache[customer_id]
+                        .subscription
+                        .clone()
+                        .expect("renewed");
+                    self.notify(
+                        "subscription.renewed",
+                        Some(customer_id),
+                        serde_json::json!({
+                            "subscription_id": subscription.id.to_string(),
+                            "plan": subscription.plan,
+                            "period": period,
+                            "period_start": at.rfc3339(),
+                        }),
+                    )?;
                 }
                 Step::Ended { at } => {
                     tracing::debug!(%customer_id, at = at.micros(), "subscription ended");
@@ -97,10 +119,12 @@ impl Writer {
         let cached = self.cache.get_mut(customer_id).expect("loaded");
         let subscription = cached.subscription.clone().expect("changed");
         rows::upsert_subscription(&self.connection, &subscription, self.now)?;
+        // The plan prices the customer while the subscription runs; one
+        // canceled before it started never set it, and leaves it alone.
         let plan = match (subscription.status, subscription.period >= 0) {
             (SubscriptionStatus::Active, true) => Some(Some(subscription.plan.clone())),
-            (SubscriptionStatus::Canceled, _) => Some(None),
-            (SubscriptionStatus::Active, false) => None,
+            (SubscriptionStatus::Canceled, true) => Some(None),
+            (_, false) => None,
         };
         if let Some(plan) = plan.filter(|p| *p != cached.plan) {
             self.connection
@@ -124,6 +148,7 @@ impl Writer {
         let inherited = cached
             .subscription
             .as_ref()
+            .filter(|s| s.period >= 0)
             .and_then(|s| self.plans.get(&s.plan))
             .and_then(|p| p.overage);
         let policy = cached.overage_override.or(inherited).unwrap_or_default();
@@ -182,8 +207,16 @@ impl Writer {
             plans: &self.plans,
             next_grant_sequence: &mut self.next_grant_sequence,
         };
-        let steps = match cached.subscription.as_mut() {
+        // On copies: a change the core refuses changes nothing.
+        let mut ledger = cached.ledger.clone();
+        let mut current = cached.subscription.clone();
+        let steps = match current.as_mut() {
             None => {
+                if request.id.as_str().len() > MAX_SUBSCRIPTION_ID {
+                    return Err(invalid(
+                        "the id that starts a subscription must be at most 100 characters (its grants are named after it)",
+                    ));
+                }
                 let start = request.start_at.unwrap_or(now);
                 if start < now {
                     return Err(invalid("start_at must not be in the past"));
@@ -193,14 +226,14 @@ impl Writer {
                         request.id.to_string(),
                     )));
                 }
-                let subscription = cached.subscription.insert(Subscription::starting(
+                let subscription = current.insert(Subscription::starting(
                     request.id.clone(),
                     customer_id.clone(),
                     plan.key.clone(),
                     start,
                 ));
-                plan::renew_due(&mut cached.ledger, subscription, &mut context, now)
-                    .map_err(|error| renewal_failed(&request.id, error))?
+                plan::renew_due(&mut ledger, subscription, &mut context, now)
+                    .map_err(Failure::Refused)?
             }
             Some(subscription) => {
                 if request.start_at.is_some() {
@@ -217,14 +250,14 @@ impl Writer {
                         Vec::new()
                     }
                     PlanChange::Now => plan::change_plan_now(
-                        &mut cached.ledger,
+                        &mut ledger,
                         subscription,
                         &plan,
                         &request.id,
                         &mut context,
                         now,
                     )
-                    .map_err(|error| renewal_failed(&request.id, error))?,
+                    .map_err(Failure::Refused)?,
                     PlanChange::PeriodEnd => {
                         subscription.next_plan =
                             (subscription.plan != plan.key).then(|| plan.key.clone());
@@ -234,6 +267,8 @@ impl Writer {
                 }
             }
         };
+        cached.ledger = ledger;
+        cached.subscription = current;
         let subscription = cached.subscription.clone().expect("just set");
         self.subscription_changed(customer_id, steps, actor)?;
         Ok(Outcome::Subscription(subscription))

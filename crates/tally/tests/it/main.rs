@@ -8,6 +8,7 @@ mod events;
 mod hardening;
 mod kafka;
 mod nats;
+mod notifications;
 mod overage;
 mod plans;
 mod pricebook;

@@ -412,7 +412,7 @@ async fn subscribers_inherit_the_plans_overage_policy() {
         charge(&app, "a", "a2", "31").await.status,
         StatusCode::PAYMENT_REQUIRED
     );
-    // b sets its own policy: block.
+    // b sets its own policy: block. It wins over the plan's, also after a restart.
     let own = put(
         &app,
         "/v1/customers/b/overage",
@@ -420,9 +420,25 @@ async fn subscribers_inherit_the_plans_overage_policy() {
     )
     .await;
     assert_eq!(own.status, StatusCode::OK);
+    assert_eq!(own.body["overage"]["policy"], "block");
     assert_eq!(
         charge(&app, "b", "b1", "11").await.status,
         StatusCode::PAYMENT_REQUIRED
+    );
+    let mut app = app;
+    app.kill().await;
+    app.start().await;
+    assert_eq!(
+        app.get("/v1/customers/b").await.body["overage"]["policy"],
+        "block"
+    );
+    assert_eq!(
+        charge(&app, "b", "b2", "11").await.status,
+        StatusCode::PAYMENT_REQUIRED
+    );
+    assert_eq!(
+        app.get("/v1/customers/a").await.body["overage"]["policy"],
+        "allow_negative"
     );
     // The plan tightens: a is blocked from now on, its debt stays owed.
     put_plan(
@@ -584,4 +600,89 @@ async fn bad_plans_and_subscriptions_are_refused_and_change_nothing() {
     assert_eq!(reply.status, StatusCode::OK);
     let reply = app.send(Method::GET, "/v1/plans", None, None).await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+}
+
+/// A renewal the ledger refuses (its allocation would pass the maximum
+/// balance) changes nothing and blocks nothing: the customer's charges and
+/// the tick go on, and the subscription stays due. A start that would pass
+/// it is refused with a 4xx. Canceling a subscription that never started
+/// leaves the customer's own plan alone.
+#[tokio::test]
+async fn a_refused_renewal_blocks_nothing_and_a_scheduled_cancel_keeps_the_plan() {
+    let app = manual_app().await;
+    put_plan(
+        &app,
+        "big",
+        json!({ "name": "Big", "period": "month", "included_credits": "1000" }),
+    )
+    .await;
+    let reply = app
+        .post(
+            "/v1/customers",
+            json!({ "id": "whale", "plan": "enterprise" }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    app.grant("whale", "g1", "999999999500").await;
+    let refused = put(
+        &app,
+        "/v1/customers/whale/subscription",
+        json!({ "id": "s_now", "plan": "big" }),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    assert_eq!(
+        app.get("/v1/customers/whale/subscription").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let scheduled = subscribe(
+        &app,
+        "whale",
+        json!({ "id": "s_later", "plan": "big", "start_at": "2999-01-01T00:00:00Z" }),
+    )
+    .await;
+    assert_eq!(scheduled["status"], "scheduled");
+    advance_to(&app, "2999-01-02T00:00:00Z").await;
+    // The start is refused by the ledger: still scheduled, nothing granted.
+    let sub = app.get("/v1/customers/whale/subscription").await;
+    assert_eq!(sub.status, StatusCode::OK, "{}", sub.body);
+    assert_eq!(sub.body["status"], "scheduled");
+    let reply = charge(&app, "whale", "c1", "600").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    // With room again, the next operation starts it at its own instant.
+    let reply = charge(&app, "whale", "c2", "1").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let sub = app.get("/v1/customers/whale/subscription").await.body;
+    assert_eq!(sub["status"], "active");
+    assert_eq!(sub["current_period_start"], "2999-01-01T00:00:00Z");
+    assert_eq!(app.get("/v1/customers/whale").await.body["plan"], "big");
+    assert_replayable(&app.ledger_all("whale").await);
+
+    // A subscription canceled before it starts leaves the customer's plan alone.
+    let reply = app
+        .post(
+            "/v1/customers",
+            json!({ "id": "ent", "plan": "enterprise" }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    subscribe(
+        &app,
+        "ent",
+        json!({ "id": "s_ent", "plan": "big", "start_at": "3000-01-01T00:00:00Z" }),
+    )
+    .await;
+    let canceled = app
+        .send(
+            Method::DELETE,
+            "/v1/customers/ent/subscription",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(canceled.body["status"], "canceled");
+    assert_eq!(
+        app.get("/v1/customers/ent").await.body["plan"],
+        "enterprise"
+    );
 }

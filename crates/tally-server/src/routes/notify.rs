@@ -1,0 +1,347 @@
+//! Notifications: balance alerts, webhook endpoints and their delivery log,
+//! and the customer's live stream of balance changes (server-sent events).
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::Response;
+use axum::Json;
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use tally_store::{Alerts, Command, NewWebhookEndpoint, Outcome, NOTIFICATION_TYPES};
+use utoipa::ToSchema;
+
+use crate::auth::{Caller, Scope};
+use crate::dto::amount;
+use crate::edge::{self, AmountInput, ApiJson, ApiQuery, Path};
+use crate::error::{ApiError, ErrorBody};
+use crate::routes::customers::unexpected;
+use crate::{reply, AppState};
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutAlerts {
+    /// `balance.low` is sent each time the balance falls below one of these (at most 10).
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub low_balance: Vec<AmountInput>,
+    /// `grant.expiring` is sent this many days (1–90) before a lot expires, once per lot.
+    pub grant_expiring_days: Option<u32>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AlertsBody {
+    pub customer_id: String,
+    pub low_balance: Vec<String>,
+    pub grant_expiring_days: Option<u32>,
+}
+
+/// Set a customer's alert thresholds (replacing the ones before).
+#[utoipa::path(put, path = "/v1/customers/{id}/alerts", tag = "notifications", request_body = PutAlerts,
+    responses((status = 200, body = AlertsBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn put_alerts(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+    ApiJson(body): ApiJson<PutAlerts>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    if body.low_balance.len() > 10 {
+        return Err(ApiError::invalid(
+            "low_balance",
+            "at most 10 low_balance thresholds",
+        ));
+    }
+    if body.low_balance.iter().any(|t| t.0.is_negative()) {
+        return Err(ApiError::invalid(
+            "low_balance",
+            "a low_balance threshold must not be negative",
+        ));
+    }
+    if body.grant_expiring_days.is_some_and(|d| d == 0 || d > 90) {
+        return Err(ApiError::invalid(
+            "grant_expiring_days",
+            "grant_expiring_days must be 1 to 90",
+        ));
+    }
+    let mut low_balance: Vec<_> = body.low_balance.iter().map(|t| t.0).collect();
+    low_balance.sort();
+    low_balance.dedup();
+    let command = Command::PutAlerts {
+        customer_id: edge::id(&customer_id, "id")?,
+        alerts: Alerts {
+            low_balance,
+            grant_expiring_days: body.grant_expiring_days,
+        },
+    };
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Alerts {
+            customer_id,
+            alerts,
+        } => Ok(AlertsBody {
+            customer_id: customer_id.to_string(),
+            low_balance: alerts.low_balance.iter().copied().map(amount).collect(),
+            grant_expiring_days: alerts.grant_expiring_days,
+        }),
+        _ => Err(unexpected()),
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhookEndpoint {
+    /// The endpoint's id (idempotency key).
+    pub id: String,
+    /// `http://` or `https://` URL that receives the POSTs.
+    pub url: String,
+    /// Notification types: `balance.low`, `balance.depleted`, `grant.expiring`,
+    /// `grant.expired`, `hold.expired`, `subscription.renewed`, or `*`.
+    pub events: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct WebhookEndpointBody {
+    pub id: String,
+    pub url: String,
+    pub events: Vec<String>,
+    /// The signing secret: shown when the endpoint is created (and on a replay
+    /// of that request), never in lists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    pub created_at: String,
+}
+
+fn endpoint_body(e: &tally_store::WebhookEndpointRecord, secret: bool) -> WebhookEndpointBody {
+    WebhookEndpointBody {
+        id: e.id.to_string(),
+        url: e.url.clone(),
+        events: e.events.clone(),
+        secret: secret.then(|| e.secret.clone()),
+        created_at: edge::rfc3339(e.created_at),
+    }
+}
+
+/// Register a webhook endpoint. Deliveries are POSTs with the headers
+/// `Tally-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`
+/// and `Tally-Delivery-Id` (stable across retries), retried with backoff
+/// until a 2xx answer (10 attempts at most).
+#[utoipa::path(post, path = "/v1/webhook-endpoints", tag = "notifications", request_body = CreateWebhookEndpoint,
+    responses((status = 200, body = WebhookEndpointBody), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_webhook_endpoint(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateWebhookEndpoint>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    let url = reqwest::Url::parse(&body.url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| {
+            ApiError::invalid("url", "url must be an absolute http:// or https:// URL")
+        })?;
+    if body.events.is_empty()
+        || body
+            .events
+            .iter()
+            .any(|e| e != "*" && !NOTIFICATION_TYPES.contains(&e.as_str()))
+    {
+        return Err(ApiError::invalid(
+            "events",
+            format!(
+                "events must be a non-empty list of {} or *",
+                NOTIFICATION_TYPES.join(", ")
+            ),
+        ));
+    }
+    let mut events = body.events.clone();
+    events.sort();
+    events.dedup();
+    let command = Command::CreateWebhookEndpoint(NewWebhookEndpoint {
+        id: edge::id(&body.id, "id")?,
+        url: url.to_string(),
+        events,
+        secret: format!("whsec_{}", &crate::auth::generate_key()[3..]),
+    });
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, true)),
+        _ => Err(unexpected()),
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct WebhookEndpointList {
+    pub data: Vec<WebhookEndpointBody>,
+    pub next_cursor: Option<String>,
+}
+
+/// The webhook endpoints (without their secrets).
+#[utoipa::path(get, path = "/v1/webhook-endpoints", tag = "notifications",
+    responses((status = 200, body = WebhookEndpointList)), security(("bearer" = [])))]
+pub async fn list_webhook_endpoints(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<WebhookEndpointList>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let endpoints = state.store.webhook_endpoints().await?;
+    Ok(Json(WebhookEndpointList {
+        data: endpoints.iter().map(|e| endpoint_body(e, false)).collect(),
+        next_cursor: None,
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeliveryBody {
+    /// Stable across retries: the `Tally-Delivery-Id` header.
+    pub id: String,
+    /// The notification's id (`evt_<n>`), the body's `id`.
+    pub event_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub customer_id: Option<String>,
+    /// `pending`, `delivered` or `failed` (gave up after 10 attempts).
+    pub status: String,
+    pub attempts: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub delivered_at: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeliveryList {
+    pub data: Vec<DeliveryBody>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryParams {
+    /// At most this many, newest first (default 50, max 1000).
+    pub limit: Option<i64>,
+}
+
+/// An endpoint's delivery log, newest first.
+#[utoipa::path(get, path = "/v1/webhook-endpoints/{id}/deliveries", tag = "notifications",
+    params(("limit" = Option<i64>, Query, description = "default 50, max 1000")),
+    responses((status = 200, body = DeliveryList), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn list_deliveries(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(endpoint_id): Path<String>,
+    ApiQuery(params): ApiQuery<DeliveryParams>,
+) -> Result<Json<DeliveryList>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "limit must be 1 to 1000"));
+    }
+    let id = edge::id(&endpoint_id, "id")?;
+    let endpoints = state.store.webhook_endpoints().await?;
+    if !endpoints.iter().any(|e| e.id == id) {
+        return Err(ApiError::not_found(format!("webhook endpoint {id}")));
+    }
+    let deliveries = state.store.deliveries(id.to_string(), limit).await?;
+    Ok(Json(DeliveryList {
+        data: deliveries
+            .into_iter()
+            .map(|d| DeliveryBody {
+                id: d.id,
+                event_id: format!("evt_{}", d.notification),
+                kind: d.kind,
+                customer_id: d.customer_id,
+                status: d.status,
+                attempts: d.attempts,
+                last_status: d.last_status,
+                last_error: d.last_error,
+                next_attempt_at: d.next_attempt_at.map(edge::rfc3339),
+                delivered_at: d.delivered_at.map(edge::rfc3339),
+                created_at: edge::rfc3339(d.created_at),
+            })
+            .collect(),
+        next_cursor: None,
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct BalanceChangeBody {
+    pub entry_id: String,
+    pub kind: String,
+    pub amount: String,
+    pub balance_after: String,
+    pub recorded_at: String,
+}
+
+/// The customer's balance changes as they happen (server-sent events).
+///
+/// The first event, `balance`, is the balance now; then one
+/// `balance.changed` per journal entry once it is durable, with the entry
+/// id as the event id. A client too slow to keep up gets `lagged` and
+/// should read the balance again.
+#[utoipa::path(get, path = "/v1/customers/{id}/stream", tag = "notifications",
+    responses((status = 200, description = "text/event-stream"), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn stream(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    caller.require(Scope::Read)?;
+    let id = edge::id(&customer_id, "id")?;
+    // Subscribe before reading the balance, so no change falls in between.
+    let receiver = state.store.subscribe_changes();
+    let view = state
+        .store
+        .balance(id.clone())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("customer {id}")))?;
+    let first = Event::default().event("balance").data(
+        serde_json::json!({
+            "customer_id": id.to_string(),
+            "available": amount(view.balance.available),
+            "held": amount(view.balance.held),
+            "debt": amount(view.balance.debt),
+            "as_of": edge::rfc3339(view.now),
+        })
+        .to_string(),
+    );
+    let changes = futures_util::stream::unfold(receiver, move |mut receiver| {
+        let id = id.clone();
+        async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(change) if change.customer_id == id => {
+                        let body = BalanceChangeBody {
+                            entry_id: format!("ent_{}", change.entry_id),
+                            kind: change.kind,
+                            amount: amount(change.amount),
+                            balance_after: amount(change.balance_after),
+                            recorded_at: edge::rfc3339(change.recorded_at),
+                        };
+                        let event = Event::default()
+                            .event("balance.changed")
+                            .id(body.entry_id.clone())
+                            .data(serde_json::to_string(&body).expect("serializes"));
+                        return Some((Ok(event), receiver));
+                    }
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        let event = Event::default().event("lagged").data(missed.to_string());
+                        return Some((Ok(event), receiver));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    let stream = futures_util::StreamExt::chain(
+        futures_util::stream::once(async move { Ok(first) }),
+        changes,
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

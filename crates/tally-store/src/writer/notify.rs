@@ -1,0 +1,320 @@
+//! Notifications: the customer's live stream and the webhook outbox.
+//!
+//! Every journal entry passes through [`Writer::after_entry`]. A change is
+//! queued for the live stream (published by the syncer once durable), and
+//! what a webhook endpoint subscribed to (a balance falling below a
+//! threshold or to zero, a lot or hold expiring, a renewal) is written to
+//! `notifications` with one `webhook_deliveries` row per endpoint, in the
+//! same transaction as the change: a notification exists exactly when its
+//! change committed. The delivery worker (tally-server) sends them, at least
+//! once, with a stable delivery id.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::json;
+use tally_core::{EntryDraft, EntryKind, Id, Timestamp};
+
+use super::{Failure, Writer};
+use crate::model::WebhookEndpointRecord;
+use crate::model::{Alerts, BalanceChange, NewWebhookEndpoint, Outcome, StoreError};
+
+/// A delivery is given up after this many failed attempts.
+pub const MAX_DELIVERY_ATTEMPTS: i64 = 10;
+/// The longest wait between two attempts.
+const MAX_BACKOFF_SECONDS: i64 = 3600;
+const DAY_MICROS: i64 = 86_400_000_000;
+
+pub(super) struct Endpoint {
+    id: String,
+    events: Vec<String>,
+}
+
+impl Endpoint {
+    fn wants(&self, kind: &str) -> bool {
+        self.events.iter().any(|e| e == "*" || e == kind)
+    }
+}
+
+pub(super) fn load_endpoints(connection: &Connection) -> rusqlite::Result<Vec<Endpoint>> {
+    let mut statement =
+        connection.prepare("SELECT id, events FROM webhook_endpoints ORDER BY id")?;
+    let rows = statement.query_map([], |row| {
+        let events: String = row.get(1)?;
+        Ok(Endpoint {
+            id: row.get(0)?,
+            events: serde_json::from_str(&events).unwrap_or_default(),
+        })
+    })?;
+    rows.collect()
+}
+
+pub(super) fn load_alerts(
+    connection: &Connection,
+    customer_id: &str,
+) -> rusqlite::Result<Option<Alerts>> {
+    let body: Option<String> = connection
+        .prepare_cached("SELECT body FROM customer_alerts WHERE customer_id = ?1")?
+        .query_row([customer_id], |row| row.get(0))
+        .optional()?;
+    Ok(body.and_then(|b| serde_json::from_str(&b).ok()))
+}
+
+/// Seconds to wait after the `attempts`-th failed attempt: 1, 2, 4, ... up to an hour.
+pub fn backoff_seconds(attempts: i64) -> i64 {
+    let exponent = u32::try_from(attempts.clamp(1, 13) - 1).unwrap_or(0);
+    (1i64 << exponent).min(MAX_BACKOFF_SECONDS)
+}
+
+impl Writer {
+    /// After each journal entry: the live stream, and balance notifications.
+    pub(super) fn after_entry(
+        &mut self,
+        draft: &EntryDraft,
+        sequence: i64,
+        recorded: Timestamp,
+    ) -> rusqlite::Result<()> {
+        let cached = self
+            .cache
+            .get_mut(&draft.customer_id)
+            .expect("entries are for prepared customers");
+        let before = std::mem::replace(&mut cached.last_net, draft.balance_after);
+        if self.live.as_ref().is_some_and(|l| l.receiver_count() > 0) {
+            self.group_changes.push(BalanceChange {
+                customer_id: draft.customer_id.clone(),
+                entry_id: sequence,
+                kind: draft.kind.as_str().to_string(),
+                amount: draft.amount,
+                balance_after: draft.balance_after,
+                recorded_at: recorded,
+            });
+        }
+        if self.endpoints.is_empty() {
+            return Ok(());
+        }
+        let after = draft.balance_after;
+        let reference = draft.reference.as_ref().map(Id::to_string);
+        let mut notes = Vec::new();
+        match draft.kind {
+            EntryKind::Expire => notes.push((
+                "grant.expired",
+                json!({ "grant_id": reference, "amount": draft.amount.to_string(),
+                        "expired_at": draft.effective_at.rfc3339(), "balance": after.to_string() }),
+            )),
+            EntryKind::HoldExpired => notes.push((
+                "hold.expired",
+                json!({ "hold_id": reference, "amount": draft.amount.to_string(),
+                        "balance": after.to_string() }),
+            )),
+            _ => {}
+        }
+        if let Some(alerts) = &cached.alerts {
+            for threshold in &alerts.low_balance {
+                if before >= *threshold && after < *threshold {
+                    notes.push((
+                        "balance.low",
+                        json!({ "threshold": threshold.to_string(), "balance": after.to_string(),
+                                "entry_id": format!("ent_{sequence}") }),
+                    ));
+                }
+            }
+        }
+        if before.is_positive() && !after.is_positive() {
+            notes.push((
+                "balance.depleted",
+                json!({ "balance": after.to_string(), "entry_id": format!("ent_{sequence}") }),
+            ));
+        }
+        for (kind, data) in notes {
+            self.notify(kind, Some(&draft.customer_id), data)?;
+        }
+        Ok(())
+    }
+
+    /// Write a notification and a delivery to every endpoint that wants it.
+    pub(super) fn notify(
+        &mut self,
+        kind: &str,
+        customer_id: Option<&Id>,
+        data: serde_json::Value,
+    ) -> rusqlite::Result<()> {
+        let endpoints: Vec<&Endpoint> = self.endpoints.iter().filter(|e| e.wants(kind)).collect();
+        if endpoints.is_empty() {
+            return Ok(());
+        }
+        let now = self.now.micros();
+        self.connection
+            .prepare_cached(
+                "INSERT INTO notifications (type, customer_id, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![kind, customer_id.map(Id::as_str), data.to_string(), now])?;
+        let notification = self.connection.last_insert_rowid();
+        for endpoint in endpoints {
+            self.connection
+                .prepare_cached(
+                    "INSERT INTO webhook_deliveries (id, notification, endpoint_id, status, attempts, \
+                     next_attempt_at, created_at) VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?4)",
+                )?
+                .execute(params![
+                    format!("dlv_{notification}_{}", endpoint.id),
+                    notification,
+                    endpoint.id,
+                    now
+                ])?;
+        }
+        Ok(())
+    }
+
+    /// `grant.expiring` for lots of customers with `grant_expiring_days`
+    /// that expire within that many days, once per lot (from the tick).
+    pub(super) fn notify_expiring(&mut self) -> rusqlite::Result<()> {
+        if !self.endpoints.iter().any(|e| e.wants("grant.expiring")) {
+            return Ok(());
+        }
+        let now = self.now.micros();
+        let due: Vec<(String, String, i64, i64)> = {
+            let mut statement = self.connection.prepare_cached(
+                "SELECT g.id, g.customer_id, g.expires_at, b.remaining FROM grants g \
+                 JOIN customer_alerts a ON a.customer_id = g.customer_id \
+                 JOIN grant_balances b ON b.sequence = g.sequence \
+                 WHERE g.status = 'active' AND g.expires_at > ?1 AND g.expires_at <= ?1 + ?2 \
+                 AND a.grant_expiring_days IS NOT NULL \
+                 AND g.expires_at <= ?1 + a.grant_expiring_days * ?3 AND b.remaining > 0 \
+                 AND NOT EXISTS (SELECT 1 FROM expiring_notices n WHERE n.grant_id = g.id) \
+                 LIMIT 1000",
+            )?;
+            let rows = statement.query_map(params![now, 90 * DAY_MICROS, DAY_MICROS], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for (grant_id, customer_id, expires_at, remaining) in due {
+            self.connection
+                .prepare_cached("INSERT INTO expiring_notices (grant_id, sent_at) VALUES (?1, ?2)")?
+                .execute(params![grant_id, now])?;
+            let remaining = tally_core::Amount::from_micros(remaining).unwrap_or_default();
+            self.notify(
+                "grant.expiring",
+                Some(&Id::derived(&customer_id)),
+                json!({ "grant_id": grant_id, "expires_at": Timestamp(expires_at).rfc3339(),
+                        "remaining": remaining.to_string() }),
+            )?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn put_alerts(
+        &mut self,
+        customer_id: &Id,
+        alerts: &Alerts,
+    ) -> Result<Outcome, Failure> {
+        self.load(customer_id)?;
+        self.connection
+            .prepare_cached(
+                "INSERT INTO customer_alerts (customer_id, body, grant_expiring_days, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (customer_id) DO UPDATE SET body = excluded.body, \
+                 grant_expiring_days = excluded.grant_expiring_days, updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                customer_id.as_str(),
+                serde_json::to_string(alerts).expect("alerts serialize"),
+                alerts.grant_expiring_days,
+                self.now.micros()
+            ])?;
+        if let Some(cached) = self.cache.get_mut(customer_id) {
+            cached.alerts = Some(alerts.clone());
+        }
+        Ok(Outcome::Alerts {
+            customer_id: customer_id.clone(),
+            alerts: alerts.clone(),
+        })
+    }
+
+    pub(super) fn create_webhook_endpoint(
+        &mut self,
+        endpoint: &NewWebhookEndpoint,
+    ) -> Result<Outcome, Failure> {
+        let taken: bool = self
+            .connection
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM webhook_endpoints WHERE id = ?1)")?
+            .query_row([endpoint.id.as_str()], |row| row.get(0))?;
+        if taken {
+            return Err(Failure::Store(StoreError::IdempotencyConflict(
+                endpoint.id.to_string(),
+            )));
+        }
+        let events = serde_json::to_string(&endpoint.events).expect("events serialize");
+        self.connection
+            .prepare_cached(
+                "INSERT INTO webhook_endpoints (id, url, events, secret, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                endpoint.id.as_str(),
+                endpoint.url,
+                events,
+                endpoint.secret,
+                self.now.micros()
+            ])?;
+        self.endpoints.push(Endpoint {
+            id: endpoint.id.to_string(),
+            events: endpoint.events.clone(),
+        });
+        Ok(Outcome::WebhookEndpoint(WebhookEndpointRecord {
+            id: endpoint.id.clone(),
+            url: endpoint.url.clone(),
+            events: endpoint.events.clone(),
+            secret: endpoint.secret.clone(),
+            created_at: self.now,
+        }))
+    }
+
+    /// Record one attempt: delivered, retried later (exponential backoff on
+    /// the engine's clock), or given up after [`MAX_DELIVERY_ATTEMPTS`].
+    pub(super) fn record_delivery(
+        &mut self,
+        delivery_id: &str,
+        ok: bool,
+        status: Option<u16>,
+        error: Option<&str>,
+    ) -> Result<Outcome, Failure> {
+        let row: Option<(String, i64)> = self
+            .connection
+            .prepare_cached("SELECT status, attempts FROM webhook_deliveries WHERE id = ?1")?
+            .query_row([delivery_id], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        let Some((current, attempts)) = row else {
+            return Err(Failure::Store(StoreError::NotFound(format!(
+                "delivery {delivery_id}"
+            ))));
+        };
+        if current != "pending" {
+            // A late answer for a delivery already settled changes nothing.
+            return Ok(Outcome::Delivery { status: current });
+        }
+        let attempts = attempts + 1;
+        let now = self.now.micros();
+        let (state, next, delivered) = if ok {
+            ("delivered", None, Some(now))
+        } else if attempts >= MAX_DELIVERY_ATTEMPTS {
+            ("failed", None, None)
+        } else {
+            let wait = backoff_seconds(attempts) * Timestamp::MICROS_PER_SECOND;
+            ("pending", Some(now + wait), None)
+        };
+        self.connection
+            .prepare_cached(
+                "UPDATE webhook_deliveries SET status = ?1, attempts = ?2, next_attempt_at = ?3, \
+                 last_status = ?4, last_error = ?5, delivered_at = ?6 WHERE id = ?7",
+            )?
+            .execute(params![
+                state,
+                attempts,
+                next,
+                status,
+                error,
+                delivered,
+                delivery_id
+            ])?;
+        Ok(Outcome::Delivery {
+            status: state.to_string(),
+        })
+    }
+}
