@@ -34,4 +34,11 @@ pub enum LedgerError {
     AmountNotPositive,
     #[error("the resulting balance would exceed the maximum amount")]
     AmountOverflow,
+    #[error("member {member_id} has spent {spent} of its {budget} budget in this period; {required} more would pass it")]
+    MemberBudgetExceeded {
+        member_id: Id,
+        budget: Amount,
+        spent: Amount,
+        required: Amount,
+    },
 }

@@ -14,9 +14,10 @@
 //! reserve) stay within the maximum amount, so that returning held credits can
 //! never overflow, and a refund or reinstatement that would exceed it is refused.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::amount::checked_sum;
+use crate::member::{Budget, Member};
 use crate::{
     Account, Amount, CostBasis, Draw, EntryDraft, EntryKind, Grant, GrantStatus, Hold, HoldStatus,
     Id, LedgerError, OveragePolicy, Posting, Source, Timestamp,
@@ -98,6 +99,8 @@ pub struct Changes {
     pub holds: Vec<Hold>,
     /// The customer's debt, when it changed.
     pub debt: Option<Amount>,
+    /// Members whose budget or spend changed.
+    pub members: Vec<Member>,
 }
 
 /// One customer's grants and active holds.
@@ -115,6 +118,9 @@ pub struct CustomerLedger {
     debt: Amount,
     debt_changed: bool,
     overage: OveragePolicy,
+    /// Members with a budget or a name (spends may name any member).
+    members: BTreeMap<Id, Member>,
+    dirty_members: BTreeSet<Id>,
 }
 
 impl CustomerLedger {
@@ -140,6 +146,8 @@ impl CustomerLedger {
             debt: Amount::ZERO,
             debt_changed: false,
             overage: OveragePolicy::Block,
+            members: BTreeMap::new(),
+            dirty_members: BTreeSet::new(),
         };
         ledger.next_due = ledger.compute_next_due();
         ledger
@@ -191,10 +199,107 @@ impl CustomerLedger {
             .filter(|g| dirty.contains(&g.id))
             .cloned()
             .collect();
+        let members = std::mem::take(&mut self.dirty_members)
+            .iter()
+            .filter_map(|id| self.members.get(id).cloned())
+            .collect();
         Changes {
             grants,
             holds: std::mem::take(&mut self.changed_holds),
             debt: std::mem::take(&mut self.debt_changed).then_some(self.debt),
+            members,
+        }
+    }
+
+    /// With its members as stored.
+    pub fn with_members(mut self, members: Vec<Member>) -> CustomerLedger {
+        self.members = members.into_iter().map(|m| (m.id.clone(), m)).collect();
+        self
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
+    /// Add or update a member (its name and budget); what it spent in the
+    /// current window stays counted.
+    pub fn set_member(
+        &mut self,
+        member_id: &Id,
+        name: Option<String>,
+        budget: Option<Budget>,
+        now: Timestamp,
+    ) -> Member {
+        let member = self
+            .members
+            .entry(member_id.clone())
+            .or_insert_with(|| Member {
+                id: member_id.clone(),
+                name: None,
+                budget: None,
+                window_start: Timestamp(i64::MIN),
+                spent: Amount::ZERO,
+            });
+        member.name = name;
+        member.budget = budget;
+        member.roll(now);
+        self.dirty_members.insert(member_id.clone());
+        member.clone()
+    }
+
+    /// Refuse a spend that would take its member past the budget.
+    fn check_budget(&self, spend: &Spend, now: Timestamp) -> Result<(), LedgerError> {
+        let Some(member) = spend.member_id.as_ref().and_then(|m| self.members.get(m)) else {
+            return Ok(());
+        };
+        let (Some(budget), Some(room)) = (member.budget, member.room_at(now)) else {
+            return Ok(());
+        };
+        if spend.amount > room {
+            return Err(LedgerError::MemberBudgetExceeded {
+                member_id: member.id.clone(),
+                budget: budget.amount,
+                spent: member.spent_at(now),
+                required: spend.amount,
+            });
+        }
+        Ok(())
+    }
+
+    /// Count a spend (or a hold) against its member's budget.
+    fn count_member_spend(&mut self, member_id: Option<&Id>, amount: Amount, now: Timestamp) {
+        if let Some(member) = member_id.and_then(|m| self.members.get_mut(m)) {
+            if member.budget.is_some() {
+                member.roll(now);
+                member.spent = member
+                    .spent
+                    .checked_add(amount)
+                    .expect("spent within range");
+                self.dirty_members.insert(member.id.clone());
+            }
+        }
+    }
+
+    /// Give back to a member's budget what a hold placed at `since` reserved
+    /// and did not use, if that was in the current window.
+    fn return_member_spend(
+        &mut self,
+        member_id: Option<&Id>,
+        amount: Amount,
+        since: Timestamp,
+        now: Timestamp,
+    ) {
+        if let Some(member) = member_id.and_then(|m| self.members.get_mut(m)) {
+            if member.budget.is_some() && amount.is_positive() {
+                member.roll(now);
+                if since >= member.window_start {
+                    member.spent = member
+                        .spent
+                        .checked_sub(amount.min(member.spent))
+                        .expect("at most spent");
+                    self.dirty_members.insert(member.id.clone());
+                }
+            }
         }
     }
 
@@ -452,6 +557,7 @@ impl CustomerLedger {
             .expect("due hold is active");
         let mut postings = self.return_reservations(&hold);
         self.repay_debt(at, &mut postings);
+        self.return_member_spend(hold.member_id.as_ref(), hold.amount, hold.created_at, at);
         hold.status = HoldStatus::Expired;
         let entry = EntryDraft {
             kind: EntryKind::HoldExpired,
@@ -790,8 +896,10 @@ impl CustomerLedger {
         now: Timestamp,
         metered: bool,
     ) -> Result<(Vec<Draw>, EntryDraft), LedgerError> {
+        self.check_budget(spend, now)?;
         let (draws, overdraft) =
             self.plan_draws(spend.amount, spend.feature.as_deref(), now, metered)?;
+        self.count_member_spend(spend.member_id.as_ref(), spend.amount, now);
         let consumed = Account::Consumed(spend.feature.clone());
         let (drawn, mut postings) = self.take_draws(&draws, &consumed);
         if overdraft.is_positive() {
@@ -850,11 +958,13 @@ impl CustomerLedger {
             !self.active_holds.contains_key(&spend.reference),
             "hold id reused"
         );
+        self.check_budget(spend, now)?;
         let (draws, overdraft) =
             self.plan_draws(spend.amount, spend.feature.as_deref(), now, false)?;
         // What a hold reserves past the credits counts in the outstanding
         // total (held credits must stay representable).
         self.room_for(overdraft)?;
+        self.count_member_spend(spend.member_id.as_ref(), spend.amount, now);
         let (reservations, postings) =
             self.take_draws(&draws, &Account::Hold(spend.reference.clone()));
         let hold = Hold {
@@ -949,6 +1059,7 @@ impl CustomerLedger {
         }
         self.repay_debt(now, &mut postings);
         let released = held.checked_sub(capture).expect("capture is at most held");
+        self.return_member_spend(hold.member_id.as_ref(), released, hold.created_at, now);
         hold.status = HoldStatus::Captured;
         hold.captured = capture;
         let entry = EntryDraft {
@@ -984,6 +1095,7 @@ impl CustomerLedger {
         let mut hold = self.take_active_hold(hold_id)?;
         let mut postings = self.return_reservations(&hold);
         self.repay_debt(now, &mut postings);
+        self.return_member_spend(hold.member_id.as_ref(), hold.amount, hold.created_at, now);
         hold.status = HoldStatus::Released;
         let entry = EntryDraft {
             kind: EntryKind::Release,

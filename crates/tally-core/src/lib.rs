@@ -13,6 +13,7 @@ pub mod grant;
 pub mod hold;
 pub mod id;
 pub mod ledger;
+pub mod member;
 pub mod overage;
 pub mod plan;
 pub mod pricebook;
@@ -28,6 +29,7 @@ pub use id::{Id, IdError};
 pub use ledger::{
     Balance, Captured, Changes, ChargeRecord, CustomerLedger, Refunded, Spend, Voided,
 };
+pub use member::{Budget, BudgetPeriod, Member};
 pub use overage::OveragePolicy;
 pub use plan::{Period, Plan, Rollover, Subscription, SubscriptionStatus};
 pub use pricing::{

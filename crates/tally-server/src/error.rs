@@ -53,7 +53,9 @@ pub fn classify(code: &str) -> (StatusCode, &'static str) {
         | "pricebook_not_draft"
         | "dead_letter_resolved"
         | "plan_period_fixed" => (StatusCode::CONFLICT, "conflict_error"),
-        "insufficient_credits" => (StatusCode::PAYMENT_REQUIRED, "credit_error"),
+        "insufficient_credits" | "member_budget_exceeded" => {
+            (StatusCode::PAYMENT_REQUIRED, "credit_error")
+        }
         "capture_exceeds_hold"
         | "refund_exceeds_charge"
         | "no_price"

@@ -144,7 +144,7 @@ pub fn reply<T: Serialize>(
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
-    use routes::{customers, events, ledger, notify, plans, pricebook, spend, system};
+    use routes::{customers, events, ledger, members, notify, plans, pricebook, spend, system};
     let api = Router::new()
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))
@@ -210,6 +210,11 @@ pub fn router(state: AppState) -> Router {
                 .delete(plans::cancel_subscription),
         )
         .route("/v1/customers/{id}/alerts", put(notify::put_alerts))
+        .route("/v1/customers/{id}/members", get(members::list_members))
+        .route(
+            "/v1/customers/{id}/members/{member_id}",
+            put(members::put_member),
+        )
         .route("/v1/customers/{id}/stream", get(notify::stream))
         .route(
             "/v1/webhook-endpoints",

@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::routes::{customers, events, ledger, notify, plans, pricebook, spend, system};
+use crate::routes::{customers, events, ledger, members, notify, plans, pricebook, spend, system};
 
 struct BearerAuth;
 
@@ -45,12 +45,12 @@ impl Modify for BearerAuth {
         plans::put_plan, plans::get_plan, plans::list_plans, plans::put_subscription, plans::get_subscription,
         plans::cancel_subscription,
         notify::put_alerts, notify::create_webhook_endpoint, notify::list_webhook_endpoints,
-        notify::list_deliveries, notify::stream,
+        notify::list_deliveries, notify::stream, members::put_member, members::list_members,
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "customers"), (name = "grants"), (name = "charges"), (name = "holds"), (name = "refunds"),
-        (name = "ledger"), (name = "price book"), (name = "events"), (name = "plans"), (name = "notifications"), (name = "system"),
+        (name = "ledger"), (name = "price book"), (name = "events"), (name = "plans"), (name = "notifications"), (name = "members"), (name = "system"),
     )
 )]
 pub struct ApiDoc;

@@ -15,6 +15,8 @@ use crate::AppState;
 const POLL: Duration = Duration::from_millis(200);
 /// A receiver has this long to answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// A receiver that does not accept the connection within this is retried later.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deliveries attempted at once.
 const BATCH: i64 = 64;
 
@@ -31,7 +33,11 @@ pub fn sign(secret: &str, timestamp: u64, body: &str) -> String {
 /// Deliver due webhooks forever.
 pub fn spawn_deliveries(state: AppState) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let client = match reqwest::Client::builder().timeout(TIMEOUT).build() {
+        let client = match reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+        {
             Ok(client) => client,
             Err(error) => {
                 tracing::error!(%error, "cannot build the webhook client; webhooks are not delivered");
@@ -42,8 +48,12 @@ pub fn spawn_deliveries(state: AppState) -> tokio::task::JoinHandle<()> {
             match state.store.due_deliveries(BATCH).await {
                 Ok(due) if !due.is_empty() => {
                     let attempts = due.into_iter().map(|d| deliver(&client, &state, d));
-                    futures_util::future::join_all(attempts).await;
-                    continue;
+                    let recorded = futures_util::future::join_all(attempts).await;
+                    if recorded.iter().all(|r| *r) {
+                        continue;
+                    }
+                    // The store could not record an attempt: those deliveries
+                    // are still due; wait before sending them again.
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "cannot read due webhook deliveries"),
@@ -53,7 +63,8 @@ pub fn spawn_deliveries(state: AppState) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn deliver(client: &reqwest::Client, state: &AppState, delivery: DueDelivery) {
+/// Send one delivery and record the attempt; false when it could not be recorded.
+async fn deliver(client: &reqwest::Client, state: &AppState, delivery: DueDelivery) -> bool {
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -81,9 +92,13 @@ async fn deliver(client: &reqwest::Client, state: &AppState, delivery: DueDelive
         status,
         error,
     };
-    if let Err(error) = state.store.execute(command, None).await {
-        // The attempt is not recorded: the delivery stays due and is sent again.
-        tracing::warn!(%error, delivery = %delivery.id, "cannot record a webhook attempt");
+    match state.store.execute(command, None).await {
+        Ok(_) => true,
+        Err(error) => {
+            // The attempt is not recorded: the delivery stays due and is sent again.
+            tracing::warn!(%error, delivery = %delivery.id, "cannot record a webhook attempt");
+            false
+        }
     }
 }
 

@@ -394,6 +394,20 @@ impl Store {
         .await
     }
 
+    /// A customer's members (`None`: no such customer).
+    pub async fn members(
+        &self,
+        customer_id: Id,
+    ) -> Result<Option<Vec<tally_core::Member>>, StoreError> {
+        self.read(move |c| {
+            if rows::customer(c, customer_id.as_str())?.is_none() {
+                return Ok(None);
+            }
+            rows::members(c, customer_id.as_str()).map(Some)
+        })
+        .await
+    }
+
     /// A plan by key.
     pub async fn plan(&self, key: String) -> Result<Option<tally_core::Plan>, StoreError> {
         self.read(move |c| rows::plan(c, &key)).await
@@ -451,6 +465,7 @@ impl Store {
             let Some((mut ledger, records)) = rows::load_ledger(connection, &customer_id)? else {
                 return Ok(None);
             };
+            let last_entry = rows::chain_head(connection, customer_id.as_str())?;
             ledger.expire_due(now);
             let grants = records
                 .into_iter()
@@ -465,6 +480,7 @@ impl Store {
                 balance: ledger.balance(now),
                 grants,
                 now,
+                last_entry,
             }))
         })
         .await

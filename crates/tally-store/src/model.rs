@@ -117,6 +117,13 @@ pub enum Command {
     ApplyDue {
         customer_id: Id,
     },
+    /// Add or update a member of a customer (a PUT).
+    PutMember {
+        customer_id: Id,
+        member_id: Id,
+        name: Option<String>,
+        budget: Option<tally_core::Budget>,
+    },
     /// Set a customer's alert thresholds (a PUT).
     PutAlerts {
         customer_id: Id,
@@ -255,6 +262,7 @@ impl Command {
             | Command::CancelSubscription { .. }
             | Command::ApplyDue { .. }
             | Command::PutAlerts { .. }
+            | Command::PutMember { .. }
             | Command::RecordDelivery { .. }
             | Command::Quote { .. } => return None,
         })
@@ -334,7 +342,7 @@ pub struct DeliveryRecord {
 pub struct BalanceChange {
     pub customer_id: Id,
     pub entry_id: i64,
-    pub kind: String,
+    pub kind: tally_core::EntryKind,
     pub amount: Amount,
     pub balance_after: Amount,
     pub recorded_at: Timestamp,
@@ -576,6 +584,7 @@ pub enum Outcome {
         alerts: Alerts,
     },
     WebhookEndpoint(WebhookEndpointRecord),
+    Member(tally_core::Member),
     /// A delivery attempt recorded: the delivery's status now.
     Delivery {
         status: String,
@@ -638,6 +647,7 @@ impl From<&LedgerError> for Refusal {
             LedgerError::ReinstateWindowPassed(_) => "reinstate_window_passed",
             LedgerError::AmountNotPositive => "invalid_amount",
             LedgerError::AmountOverflow => "amount_too_large",
+            LedgerError::MemberBudgetExceeded { .. } => "member_budget_exceeded",
         };
         let available = match error {
             LedgerError::InsufficientCredits { available, .. } => Some(*available),
@@ -684,6 +694,8 @@ pub struct BalanceView {
     pub balance: Balance,
     pub grants: Vec<GrantRecord>,
     pub now: Timestamp,
+    /// The customer's last journal entry in this view (its sequence).
+    pub last_entry: Option<i64>,
 }
 
 /// A stored journal entry.

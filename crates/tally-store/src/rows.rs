@@ -266,7 +266,10 @@ pub fn load_ledger(
     let grants = records.iter().map(|r| r.grant.clone()).collect();
     let holds = active_holds(connection, customer_id.as_str())?;
     let debt = customer_debt(connection, customer_id.as_str())?;
-    let mut ledger = CustomerLedger::from_parts(customer_id.clone(), grants, holds).with_debt(debt);
+    let members = members(connection, customer_id.as_str())?;
+    let mut ledger = CustomerLedger::from_parts(customer_id.clone(), grants, holds)
+        .with_debt(debt)
+        .with_members(members);
     ledger.set_overage(record.overage);
     Ok(Some((ledger, records)))
 }
@@ -579,4 +582,44 @@ pub fn upsert_subscription(
             now.micros()
         ])?;
     Ok(())
+}
+
+/// A customer's members, by id.
+pub fn members(
+    connection: &Connection,
+    customer_id: &str,
+) -> rusqlite::Result<Vec<tally_core::Member>> {
+    let mut statement =
+        connection.prepare_cached("SELECT body FROM members WHERE customer_id = ?1 ORDER BY id")?;
+    let rows = statement.query_map([customer_id], |row| json(&row.get::<_, String>(0)?))?;
+    rows.collect()
+}
+
+pub fn upsert_member(
+    connection: &Connection,
+    customer_id: &str,
+    member: &tally_core::Member,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached(
+            "INSERT INTO members (customer_id, id, body, updated_at) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (customer_id, id) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
+        )?
+        .execute(params![
+            customer_id,
+            member.id.as_str(),
+            serde_json::to_string(member).expect("member serializes"),
+            now.micros()
+        ])?;
+    Ok(())
+}
+
+/// The balance an entry reported (the customer's balance after it).
+pub fn entry_balance_after(connection: &Connection, sequence: i64) -> rusqlite::Result<Amount> {
+    connection
+        .prepare_cached("SELECT balance_after FROM entries WHERE sequence = ?1")?
+        .query_row([sequence], |row| {
+            Amount::from_micros(row.get(0)?).ok_or_else(|| corrupt("amount out of range"))
+        })
 }

@@ -263,6 +263,20 @@ CREATE INDEX webhook_deliveries_by_endpoint ON webhook_deliveries(endpoint_id, n
 CREATE TABLE expiring_notices (grant_id TEXT PRIMARY KEY, sent_at INTEGER NOT NULL) WITHOUT ROWID;
 "#,
     ),
+    (
+        8,
+        r#"
+-- Members of a customer with their budget and what they spent in its
+-- current window (the core's Member as JSON).
+CREATE TABLE members (
+    customer_id TEXT NOT NULL REFERENCES customers(id),
+    id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (customer_id, id)
+) WITHOUT ROWID;
+"#,
+    ),
 ];
 
 /// Apply the migrations not yet applied; returns how many ran.

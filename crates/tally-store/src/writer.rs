@@ -168,8 +168,10 @@ pub fn run_syncer(
             for (reply, result) in group.answers {
                 let _ = reply.send(result);
             }
-            for change in group.changes {
-                let _ = state.live.send(change);
+            if state.live.receiver_count() > 0 {
+                for change in group.changes {
+                    let _ = state.live.send(change);
+                }
             }
         }
         state
@@ -653,6 +655,9 @@ impl Writer {
             for hold in &changes.holds {
                 rows::upsert_hold(&self.connection, hold)?;
             }
+            for member in &changes.members {
+                rows::upsert_member(&self.connection, customer_id.as_str(), member, self.now)?;
+            }
             if let Some(debt) = changes.debt {
                 self.connection
                     .prepare_cached("UPDATE customers SET debt = ?1 WHERE id = ?2")?
@@ -827,7 +832,12 @@ impl Writer {
             let overage_override =
                 rows::customer_overage_override(&self.connection, customer_id.as_str())?;
             let alerts = notify::load_alerts(&self.connection, customer_id.as_str())?;
-            let last_net = ledger.net(self.now);
+            // What the last entry reported: lots that expired since but are
+            // not swept yet still count, so their expiry crosses thresholds.
+            let last_net = match head {
+                Some(sequence) => rows::entry_balance_after(&self.connection, sequence)?,
+                None => tally_core::Amount::ZERO,
+            };
             let stored = ledger
                 .grants()
                 .iter()
@@ -1066,6 +1076,18 @@ impl Writer {
                 customer_id,
                 alerts,
             } => Ok((self.put_alerts(customer_id, alerts)?, None)),
+            Command::PutMember {
+                customer_id,
+                member_id,
+                name,
+                budget,
+            } => {
+                self.prepare(customer_id)?;
+                let member =
+                    self.ledger(customer_id)
+                        .set_member(member_id, name.clone(), *budget, now);
+                Ok((Outcome::Member(member), None))
+            }
             Command::CreateWebhookEndpoint(endpoint) => {
                 Ok((self.create_webhook_endpoint(endpoint)?, None))
             }
@@ -2036,7 +2058,9 @@ impl Writer {
         };
         let (fits, drawn, balance_after) = match charged {
             Ok((drawn, draft)) => (true, drawn, draft.balance_after),
-            Err(LedgerError::InsufficientCredits { .. }) => (false, Vec::new(), net),
+            Err(
+                LedgerError::InsufficientCredits { .. } | LedgerError::MemberBudgetExceeded { .. },
+            ) => (false, Vec::new(), net),
             Err(other) => return Err(Failure::Refused(other)),
         };
         Ok(Outcome::Quote(QuoteOutcome {

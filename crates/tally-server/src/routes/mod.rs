@@ -3,6 +3,7 @@
 pub mod customers;
 pub mod events;
 pub mod ledger;
+pub mod members;
 pub mod notify;
 pub mod plans;
 pub mod pricebook;

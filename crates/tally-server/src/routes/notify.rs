@@ -279,7 +279,8 @@ pub struct BalanceChangeBody {
 
 /// The customer's balance changes as they happen (server-sent events).
 ///
-/// The first event, `balance`, is the balance now; then one
+/// The first event, `balance`, is the balance now (with `last_entry_id`,
+/// the last entry it includes); then one
 /// `balance.changed` per journal entry once it is durable, with the entry
 /// id as the event id. A client too slow to keep up gets `lagged` and
 /// should read the balance again.
@@ -307,18 +308,21 @@ pub async fn stream(
             "held": amount(view.balance.held),
             "debt": amount(view.balance.debt),
             "as_of": edge::rfc3339(view.now),
+            "last_entry_id": view.last_entry.map(|e| format!("ent_{e}")),
         })
         .to_string(),
     );
+    // Changes this balance already includes are not sent again.
+    let seen = view.last_entry.unwrap_or(0);
     let changes = futures_util::stream::unfold(receiver, move |mut receiver| {
         let id = id.clone();
         async move {
             loop {
                 match receiver.recv().await {
-                    Ok(change) if change.customer_id == id => {
+                    Ok(change) if change.customer_id == id && change.entry_id > seen => {
                         let body = BalanceChangeBody {
                             entry_id: format!("ent_{}", change.entry_id),
-                            kind: change.kind,
+                            kind: change.kind.as_str().to_string(),
                             amount: amount(change.amount),
                             balance_after: amount(change.balance_after),
                             recorded_at: edge::rfc3339(change.recorded_at),

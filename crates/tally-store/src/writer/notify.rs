@@ -18,7 +18,7 @@ use crate::model::WebhookEndpointRecord;
 use crate::model::{Alerts, BalanceChange, NewWebhookEndpoint, Outcome, StoreError};
 
 /// A delivery is given up after this many failed attempts.
-pub const MAX_DELIVERY_ATTEMPTS: i64 = 10;
+pub const MAX_DELIVERY_ATTEMPTS: i64 = 20;
 /// The longest wait between two attempts.
 const MAX_BACKOFF_SECONDS: i64 = 3600;
 const DAY_MICROS: i64 = 86_400_000_000;
@@ -77,11 +77,13 @@ impl Writer {
             .get_mut(&draft.customer_id)
             .expect("entries are for prepared customers");
         let before = std::mem::replace(&mut cached.last_net, draft.balance_after);
-        if self.live.as_ref().is_some_and(|l| l.receiver_count() > 0) {
+        // Always queued (a stream may open before the group commits); the
+        // syncer publishes them only while someone listens.
+        if self.live.is_some() {
             self.group_changes.push(BalanceChange {
                 customer_id: draft.customer_id.clone(),
                 entry_id: sequence,
-                kind: draft.kind.as_str().to_string(),
+                kind: draft.kind,
                 amount: draft.amount,
                 balance_after: draft.balance_after,
                 recorded_at: recorded,
@@ -169,6 +171,8 @@ impl Writer {
         if !self.endpoints.iter().any(|e| e.wants("grant.expiring")) {
             return Ok(());
         }
+        // The lots' rows as this group left them so far.
+        self.flush()?;
         let now = self.now.micros();
         let due: Vec<(String, String, i64, i64)> = {
             let mut statement = self.connection.prepare_cached(

@@ -7,6 +7,7 @@ mod crash;
 mod events;
 mod hardening;
 mod kafka;
+mod members;
 mod nats;
 mod notifications;
 mod overage;

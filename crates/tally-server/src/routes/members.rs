@@ -1,0 +1,138 @@
+//! Members of a customer and their budgets inside the shared balance.
+
+use axum::extract::State;
+use axum::response::Response;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use tally_core::{Budget, BudgetPeriod, Member, Timestamp};
+use tally_store::{Command, Outcome};
+use utoipa::ToSchema;
+
+use crate::auth::{Caller, Scope};
+use crate::dto::amount;
+use crate::edge::{self, AmountInput, ApiJson, Path};
+use crate::error::{ApiError, ErrorBody};
+use crate::routes::customers::unexpected;
+use crate::{reply, AppState};
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetInput {
+    #[schema(value_type = String, example = "3000")]
+    pub amount: AmountInput,
+    /// `day`, `month` or `year`: UTC calendar windows.
+    pub period: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutMember {
+    pub name: Option<String>,
+    /// At most this much per window, inside the customer's shared balance
+    /// (omit or null: no budget).
+    pub budget: Option<BudgetInput>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct BudgetBody {
+    pub amount: String,
+    pub period: String,
+    /// Spent (charged, captured or held) in the current window.
+    pub spent: String,
+    /// What the budget still allows in the current window.
+    pub remaining: String,
+    pub window_start: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MemberBody {
+    pub id: String,
+    pub customer_id: String,
+    pub name: Option<String>,
+    pub budget: Option<BudgetBody>,
+}
+
+fn member_body(customer_id: &str, member: &Member, now: Timestamp) -> MemberBody {
+    MemberBody {
+        id: member.id.to_string(),
+        customer_id: customer_id.to_string(),
+        name: member.name.clone(),
+        budget: member.budget.map(|b| BudgetBody {
+            amount: amount(b.amount),
+            period: b.period.as_str().to_string(),
+            spent: amount(member.spent_at(now)),
+            remaining: amount(member.room_at(now).unwrap_or_default()),
+            window_start: edge::rfc3339(b.period.window_start(now)),
+        }),
+    }
+}
+
+/// Add or update a member and its budget. Every charge, hold or event that
+/// names the member counts against its budget in the same step that checks
+/// the shared balance; past it the spend is refused with 402
+/// `member_budget_exceeded`. A released or timed-out hold gives its credits
+/// back to the budget; a refund does not.
+#[utoipa::path(put, path = "/v1/customers/{id}/members/{member_id}", tag = "members", request_body = PutMember,
+    responses((status = 200, body = MemberBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn put_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((customer_id, member_id)): Path<(String, String)>,
+    ApiJson(body): ApiJson<PutMember>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let budget = match body.budget {
+        Some(b) => Some(Budget {
+            amount: edge::positive(b.amount, "budget.amount")?,
+            period: BudgetPeriod::parse(&b.period).ok_or_else(|| {
+                ApiError::invalid("budget.period", "budget.period must be day, month or year")
+            })?,
+        }),
+        None => None,
+    };
+    let customer = edge::id(&customer_id, "id")?;
+    let command = Command::PutMember {
+        customer_id: customer.clone(),
+        member_id: edge::id(&member_id, "member_id")?,
+        name: edge::text(body.name, "name", 256)?,
+        budget,
+    };
+    let now = state.store.now();
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Member(member) => Ok(member_body(customer.as_str(), member, now)),
+        _ => Err(unexpected()),
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MemberList {
+    pub data: Vec<MemberBody>,
+    pub next_cursor: Option<String>,
+}
+
+/// A customer's members with what each spent of its budget.
+#[utoipa::path(get, path = "/v1/customers/{id}/members", tag = "members",
+    responses((status = 200, body = MemberList), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn list_members(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+) -> Result<Json<MemberList>, ApiError> {
+    caller.require(Scope::Read)?;
+    let id = edge::id(&customer_id, "id")?;
+    let now = state.store.now();
+    let members = state
+        .store
+        .members(id.clone())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("customer {id}")))?;
+    Ok(Json(MemberList {
+        data: members
+            .iter()
+            .map(|m| member_body(id.as_str(), m, now))
+            .collect(),
+        next_cursor: None,
+    }))
+}

@@ -1,0 +1,199 @@
+//! Teams: members with budgets inside the shared balance. A budget stops
+//! the second teammate before the pool is empty; 64 concurrent charges never
+//! pass a budget; holds count and give back; events over budget become dead
+//! letters; budgets survive a restart and start afresh with the next window.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::support::{micros_of, Options, TestApp, ADMIN_KEY};
+
+async fn put(app: &TestApp, path: &str, body: Value) -> crate::support::Reply {
+    app.send(Method::PUT, path, Some(ADMIN_KEY), Some(&body))
+        .await
+}
+
+async fn charge(app: &TestApp, id: &str, member: &str, amount: &str) -> crate::support::Reply {
+    app.post(
+        "/v1/charges",
+        json!({ "id": id, "customer_id": "team", "amount": amount, "member_id": member }),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_member_budget_stops_the_second_teammate_before_the_pool_is_empty() {
+    let mut app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    app.customer("team").await;
+    app.grant("team", "pool", "10000").await;
+    app.features(&["f"]).await;
+    app.publish_version(
+        "v1",
+        json!([{ "feature": "f", "credits_per_unit": "600" }]),
+        None,
+    )
+    .await;
+    for (member, name, budget) in [("alice", "Alice", "3000"), ("bob", "Bob", "2000")] {
+        let reply = put(
+            &app,
+            &format!("/v1/customers/team/members/{member}"),
+            json!({ "name": name, "budget": { "amount": budget, "period": "month" } }),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(reply.body["budget"]["remaining"], budget);
+    }
+    assert_eq!(
+        charge(&app, "a1", "alice", "2500").await.status,
+        StatusCode::OK
+    );
+    // Alice has 500 left of her budget; the pool has 7,500.
+    let over = charge(&app, "a2", "alice", "600").await;
+    assert_eq!(over.status, StatusCode::PAYMENT_REQUIRED, "{}", over.body);
+    assert_eq!(over.code(), "member_budget_exceeded");
+    assert_eq!(
+        micros_of(&app.balance("team").await["available"]),
+        7_500_000_000
+    );
+    // Bob holds 1,500 for a long action: it counts against his budget at once.
+    let hold = app
+        .post(
+            "/v1/holds",
+            json!({ "id": "h1", "customer_id": "team", "amount": "1500", "member_id": "bob", "timeout_seconds": 600 }),
+        )
+        .await;
+    assert_eq!(hold.status, StatusCode::OK, "{}", hold.body);
+    let over = charge(&app, "b1", "bob", "600").await;
+    assert_eq!(over.code(), "member_budget_exceeded");
+    // The action failed: the release gives the 1,500 back to Bob's budget.
+    let released = app.post("/v1/holds/h1/release", json!({})).await;
+    assert_eq!(released.status, StatusCode::OK, "{}", released.body);
+    assert_eq!(
+        charge(&app, "b2", "bob", "600").await.status,
+        StatusCode::OK
+    );
+    // Someone without a budget spends from the pool freely; the spend is attributed.
+    assert_eq!(
+        charge(&app, "c1", "carol", "100").await.status,
+        StatusCode::OK
+    );
+    let entries = app.ledger_all("team").await;
+    let by_carol = entries.iter().find(|e| e["reference"] == "c1").unwrap();
+    assert_eq!(by_carol["member_id"], "carol");
+    // An event over budget is rejected and kept as a dead letter with the reason.
+    let events = app
+        .post(
+            "/v1/events",
+            json!({ "events": [{ "id": "ev1", "customer_id": "team", "feature": "f", "quantity": 1, "member_id": "alice" }] }),
+        )
+        .await;
+    assert_eq!(events.status, StatusCode::OK, "{}", events.body);
+    let result = &events.body["results"][0];
+    assert_eq!(result["status"], "rejected", "{}", events.body);
+    assert_eq!(
+        result["error"]["code"], "member_budget_exceeded",
+        "{}",
+        events.body
+    );
+    let letters = app.get("/v1/dead-letters").await;
+    let letter = letters.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["event_id"] == "ev1")
+        .cloned()
+        .unwrap_or_else(|| panic!("no dead letter for ev1: {}", letters.body));
+    assert_eq!(letter["code"], "member_budget_exceeded");
+    let members = app.get("/v1/customers/team/members").await;
+    let alice = members.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "alice")
+        .cloned()
+        .unwrap();
+    assert_eq!(alice["budget"]["spent"], "2500");
+    assert_eq!(alice["budget"]["remaining"], "500");
+
+    // 64 concurrent charges of 50 by dave (budget 1,000): exactly 20 pass.
+    put(
+        &app,
+        "/v1/customers/team/members/dave",
+        json!({ "budget": { "amount": "1000", "period": "month" } }),
+    )
+    .await;
+    let attempts = (0..64).map(|i| {
+        let app = &app;
+        async move { charge(app, &format!("d{i}"), "dave", "50").await.status }
+    });
+    let statuses = futures_util::future::join_all(attempts).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+        20
+    );
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::PAYMENT_REQUIRED)
+            .count(),
+        44
+    );
+    // Budgets survive a restart.
+    app.kill().await;
+    app.start().await;
+    assert_eq!(
+        charge(&app, "d_after", "dave", "50").await.code(),
+        "member_budget_exceeded"
+    );
+    let balance = micros_of(&app.balance("team").await["available"]);
+    assert_eq!(balance, (10_000 - 2500 - 600 - 100 - 1000) * 1_000_000);
+    // A new month: every budget starts afresh.
+    let reply = app
+        .post("/v1/clock/advance", json!({ "seconds": 32 * 86_400 }))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        charge(&app, "d_next", "dave", "1000").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        charge(&app, "a_next", "alice", "3000").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn bad_members_are_refused() {
+    let app = TestApp::spawn().await;
+    app.customer("team").await;
+    let bad = [
+        json!({ "budget": { "amount": "0", "period": "month" } }),
+        json!({ "budget": { "amount": "-5", "period": "month" } }),
+        json!({ "budget": { "amount": "5", "period": "week" } }),
+        json!({ "budget": { "amount": "5" } }),
+        json!({ "nickname": "x" }),
+    ];
+    for body in bad {
+        let reply = put(&app, "/v1/customers/team/members/m1", body.clone()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            reply.body
+        );
+    }
+    let reply = put(&app, "/v1/customers/team/members/bad%20id", json!({})).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let reply = put(&app, "/v1/customers/ghost/members/m1", json!({})).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        app.get("/v1/customers/ghost/members").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let members = app.get("/v1/customers/team/members").await;
+    assert_eq!(members.body["data"], json!([]));
+}
