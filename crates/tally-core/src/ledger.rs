@@ -239,8 +239,29 @@ impl CustomerLedger {
                 budget: None,
                 window_start: Timestamp(i64::MIN),
                 spent: Amount::ZERO,
+                holds: BTreeMap::new(),
             });
         member.name = name;
+        match (member.budget, budget) {
+            // A new budget counts from now on; spends before it were not counted.
+            (None, Some(new)) => {
+                member.window_start = new.period.window_start(now);
+                member.spent = Amount::ZERO;
+                member.holds.clear();
+            }
+            (Some(_), None) => {
+                member.window_start = Timestamp(i64::MIN);
+                member.spent = Amount::ZERO;
+                member.holds.clear();
+            }
+            // Another period: what was counted stays counted, in the new
+            // period's current window.
+            (Some(old), Some(new)) if old.period != new.period => {
+                member.roll(now);
+                member.window_start = new.period.window_start(now);
+            }
+            _ => {}
+        }
         member.budget = budget;
         member.roll(now);
         self.dirty_members.insert(member_id.clone());
@@ -266,8 +287,14 @@ impl CustomerLedger {
         Ok(())
     }
 
-    /// Count a spend (or a hold) against its member's budget.
-    fn count_member_spend(&mut self, member_id: Option<&Id>, amount: Amount, now: Timestamp) {
+    /// Count a spend (or the hold `hold`) against its member's budget.
+    fn count_member_spend(
+        &mut self,
+        member_id: Option<&Id>,
+        amount: Amount,
+        hold: Option<&Id>,
+        now: Timestamp,
+    ) {
         if let Some(member) = member_id.and_then(|m| self.members.get_mut(m)) {
             if member.budget.is_some() {
                 member.roll(now);
@@ -275,30 +302,31 @@ impl CustomerLedger {
                     .spent
                     .checked_add(amount)
                     .expect("spent within range");
+                if let Some(hold) = hold {
+                    member.holds.insert(hold.clone(), amount);
+                }
                 self.dirty_members.insert(member.id.clone());
             }
         }
     }
 
-    /// Give back to a member's budget what a hold placed at `since` reserved
-    /// and did not use, if that was in the current window.
+    /// When hold `hold` ends: give back to its member's budget what it
+    /// reserved and did not use, if the budget counted it (in this window).
     fn return_member_spend(
         &mut self,
         member_id: Option<&Id>,
-        amount: Amount,
-        since: Timestamp,
+        hold: &Id,
+        unused: Amount,
         now: Timestamp,
     ) {
         if let Some(member) = member_id.and_then(|m| self.members.get_mut(m)) {
-            if member.budget.is_some() && amount.is_positive() {
-                member.roll(now);
-                if since >= member.window_start {
-                    member.spent = member
-                        .spent
-                        .checked_sub(amount.min(member.spent))
-                        .expect("at most spent");
-                    self.dirty_members.insert(member.id.clone());
-                }
+            member.roll(now);
+            if member.holds.remove(hold).is_some() {
+                member.spent = member
+                    .spent
+                    .checked_sub(unused.min(member.spent))
+                    .expect("at most spent");
+                self.dirty_members.insert(member.id.clone());
             }
         }
     }
@@ -557,7 +585,7 @@ impl CustomerLedger {
             .expect("due hold is active");
         let mut postings = self.return_reservations(&hold);
         self.repay_debt(at, &mut postings);
-        self.return_member_spend(hold.member_id.as_ref(), hold.amount, hold.created_at, at);
+        self.return_member_spend(hold.member_id.as_ref(), &hold.id, hold.amount, at);
         hold.status = HoldStatus::Expired;
         let entry = EntryDraft {
             kind: EntryKind::HoldExpired,
@@ -899,7 +927,7 @@ impl CustomerLedger {
         self.check_budget(spend, now)?;
         let (draws, overdraft) =
             self.plan_draws(spend.amount, spend.feature.as_deref(), now, metered)?;
-        self.count_member_spend(spend.member_id.as_ref(), spend.amount, now);
+        self.count_member_spend(spend.member_id.as_ref(), spend.amount, None, now);
         let consumed = Account::Consumed(spend.feature.clone());
         let (drawn, mut postings) = self.take_draws(&draws, &consumed);
         if overdraft.is_positive() {
@@ -964,7 +992,12 @@ impl CustomerLedger {
         // What a hold reserves past the credits counts in the outstanding
         // total (held credits must stay representable).
         self.room_for(overdraft)?;
-        self.count_member_spend(spend.member_id.as_ref(), spend.amount, now);
+        self.count_member_spend(
+            spend.member_id.as_ref(),
+            spend.amount,
+            Some(&spend.reference),
+            now,
+        );
         let (reservations, postings) =
             self.take_draws(&draws, &Account::Hold(spend.reference.clone()));
         let hold = Hold {
@@ -1059,7 +1092,7 @@ impl CustomerLedger {
         }
         self.repay_debt(now, &mut postings);
         let released = held.checked_sub(capture).expect("capture is at most held");
-        self.return_member_spend(hold.member_id.as_ref(), released, hold.created_at, now);
+        self.return_member_spend(hold.member_id.as_ref(), &hold.id, released, now);
         hold.status = HoldStatus::Captured;
         hold.captured = capture;
         let entry = EntryDraft {
@@ -1095,7 +1128,7 @@ impl CustomerLedger {
         let mut hold = self.take_active_hold(hold_id)?;
         let mut postings = self.return_reservations(&hold);
         self.repay_debt(now, &mut postings);
-        self.return_member_spend(hold.member_id.as_ref(), hold.amount, hold.created_at, now);
+        self.return_member_spend(hold.member_id.as_ref(), &hold.id, hold.amount, now);
         hold.status = HoldStatus::Released;
         let entry = EntryDraft {
             kind: EntryKind::Release,

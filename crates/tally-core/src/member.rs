@@ -36,10 +36,13 @@ impl BudgetPeriod {
 
     /// The start of the UTC window holding `now`.
     pub fn window_start(self, now: Timestamp) -> Timestamp {
+        // Past what calendars here represent, one window that never ends
+        // (so a budget keeps being enforced rather than resetting).
+        let never = Timestamp(i64::MIN);
         let Ok(at) =
             time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now.micros()) * 1000)
         else {
-            return now;
+            return never;
         };
         let date = match self {
             BudgetPeriod::Day => Some(at.date()),
@@ -48,7 +51,7 @@ impl BudgetPeriod {
                 time::Date::from_calendar_date(at.year(), time::Month::January, 1).ok()
             }
         };
-        date.map_or(now, |d| {
+        date.map_or(never, |d| {
             Timestamp(d.midnight().assume_utc().unix_timestamp() * Timestamp::MICROS_PER_SECOND)
         })
     }
@@ -71,6 +74,10 @@ pub struct Member {
     pub window_start: Timestamp,
     /// Charged, captured and held by this member in the window.
     pub spent: Amount,
+    /// The holds counted in `spent` (what each reserved): only these give
+    /// back to the budget when released or timed out.
+    #[serde(default)]
+    pub holds: std::collections::BTreeMap<Id, Amount>,
 }
 
 impl Member {
@@ -99,6 +106,7 @@ impl Member {
             if start > self.window_start {
                 self.window_start = start;
                 self.spent = Amount::ZERO;
+                self.holds.clear();
             }
         }
     }

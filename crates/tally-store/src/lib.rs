@@ -399,11 +399,14 @@ impl Store {
         &self,
         customer_id: Id,
     ) -> Result<Option<Vec<tally_core::Member>>, StoreError> {
+        let now = self.now();
         self.read(move |c| {
-            if rows::customer(c, customer_id.as_str())?.is_none() {
+            let Some((mut ledger, _)) = rows::load_ledger(c, &customer_id)? else {
                 return Ok(None);
-            }
-            rows::members(c, customer_id.as_str()).map(Some)
+            };
+            // Hold timeouts that are due give back to the budgets first.
+            ledger.expire_due(now);
+            Ok(Some(ledger.members().cloned().collect()))
         })
         .await
     }
