@@ -22,6 +22,8 @@ pub enum Account {
     Issued(Source),
     /// Credits spent, per feature when the charge named one.
     Consumed(Option<String>),
+    /// Credits on their way from one customer to another (a transfer).
+    Transfer(Id),
     /// Credits that expired unused.
     Expired,
     /// Credits taken back by a void.
@@ -39,6 +41,7 @@ impl fmt::Display for Account {
             Account::Issued(source) => write!(f, "issued:{}", source.as_str()),
             Account::Consumed(None) => f.write_str("consumed"),
             Account::Consumed(Some(feature)) => write!(f, "consumed:{feature}"),
+            Account::Transfer(id) => write!(f, "transfer:{id}"),
             Account::Expired => f.write_str("expired"),
             Account::Voided => f.write_str("voided"),
             Account::Debt => f.write_str("debt"),
@@ -64,6 +67,7 @@ impl TryFrom<String> for Account {
             None if text == "debt" => Account::Debt,
             Some(("grant", id)) => Account::Grant(Id::derived(id)),
             Some(("hold", id)) => Account::Hold(Id::derived(id)),
+            Some(("transfer", id)) => Account::Transfer(Id::derived(id)),
             Some(("issued", source)) => Account::Issued(Source::parse(source).ok_or_else(bad)?),
             Some(("consumed", feature)) => Account::Consumed(Some(feature.to_string())),
             _ => return Err(bad()),
@@ -98,10 +102,16 @@ pub enum EntryKind {
     DebtRepaid,
     /// Unused plan credits carried into the next period.
     Rollover,
+    /// Credits sent to another customer.
+    TransferOut,
+    /// Credits received from another customer.
+    TransferIn,
+    /// Budget moved between two members (no credits move).
+    BudgetTransfer,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 13] = [
+    pub const ALL: [EntryKind; 16] = [
         EntryKind::Grant,
         EntryKind::Charge,
         EntryKind::Hold,
@@ -115,6 +125,9 @@ impl EntryKind {
         EntryKind::Reinstate,
         EntryKind::DebtRepaid,
         EntryKind::Rollover,
+        EntryKind::TransferOut,
+        EntryKind::TransferIn,
+        EntryKind::BudgetTransfer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -132,6 +145,9 @@ impl EntryKind {
             EntryKind::Reinstate => "reinstate",
             EntryKind::DebtRepaid => "debt_repaid",
             EntryKind::Rollover => "rollover",
+            EntryKind::TransferOut => "transfer_out",
+            EntryKind::TransferIn => "transfer_in",
+            EntryKind::BudgetTransfer => "budget_transfer",
         }
     }
 
@@ -204,6 +220,7 @@ mod tests {
             Account::Expired,
             Account::Voided,
             Account::Debt,
+            Account::Transfer(Id::parse("t1").unwrap()),
         ];
         for account in accounts {
             assert_eq!(Account::try_from(account.to_string()), Ok(account));

@@ -23,6 +23,9 @@ use crate::{
     Id, LedgerError, OveragePolicy, Posting, Source, Timestamp,
 };
 
+mod transfer;
+pub use transfer::TransferredLot;
+
 /// How long after expiring a grant may still be reinstated.
 pub const REINSTATE_WINDOW_MICROS: i64 = 90 * 24 * 3600 * Timestamp::MICROS_PER_SECOND;
 
@@ -240,6 +243,7 @@ impl CustomerLedger {
                 window_start: Timestamp(i64::MIN),
                 spent: Amount::ZERO,
                 holds: BTreeMap::new(),
+                extra: Amount::ZERO,
             });
         member.name = name;
         match (member.budget, budget) {

@@ -78,6 +78,10 @@ pub struct Member {
     /// back to the budget when released or timed out.
     #[serde(default)]
     pub holds: std::collections::BTreeMap<Id, Amount>,
+    /// Budget moved to (positive) or from (negative) this member for the
+    /// current window by transfers.
+    #[serde(default)]
+    pub extra: Amount,
 }
 
 impl Member {
@@ -89,11 +93,20 @@ impl Member {
         }
     }
 
+    /// Budget moved in or out by transfers, in the window holding `now`.
+    pub fn extra_at(&self, now: Timestamp) -> Amount {
+        match self.budget {
+            Some(budget) if budget.period.window_start(now) > self.window_start => Amount::ZERO,
+            _ => self.extra,
+        }
+    }
+
     /// What the budget still allows at `now` (`None`: no budget).
     pub fn room_at(&self, now: Timestamp) -> Option<Amount> {
         self.budget.map(|b| {
             b.amount
-                .checked_sub(self.spent_at(now))
+                .checked_add(self.extra_at(now))
+                .and_then(|limit| limit.checked_sub(self.spent_at(now)))
                 .filter(|room| !room.is_negative())
                 .unwrap_or(Amount::ZERO)
         })
@@ -106,6 +119,7 @@ impl Member {
             if start > self.window_start {
                 self.window_start = start;
                 self.spent = Amount::ZERO;
+                self.extra = Amount::ZERO;
                 self.holds.clear();
             }
         }

@@ -1377,6 +1377,8 @@ impl Harness {
                 Account::Expired | Account::Voided => assert!(micros >= 0, "{account} is {micros}"),
                 // The block policy of these cases never lends.
                 Account::Debt => assert_eq!(micros, 0, "debt under the block policy"),
+                // The model never transfers between customers.
+                Account::Transfer(_) => panic!("no transfers in the model: {account}"),
             }
         }
         for grant in self

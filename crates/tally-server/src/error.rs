@@ -60,7 +60,8 @@ pub fn classify(code: &str) -> (StatusCode, &'static str) {
         | "refund_exceeds_charge"
         | "no_price"
         | "unknown_feature"
-        | "invalid_rules" => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error"),
+        | "invalid_rules"
+        | "member_without_budget" => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error"),
         "unavailable" | "overloaded" => (StatusCode::SERVICE_UNAVAILABLE, "api_error"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "api_error"),
     }

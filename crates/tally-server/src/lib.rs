@@ -211,6 +211,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/customers/{id}/alerts", put(notify::put_alerts))
         .route("/v1/customers/{id}/members", get(members::list_members))
+        .route("/v1/transfers", post(members::create_transfer))
         .route(
             "/v1/customers/{id}/members/{member_id}",
             put(members::put_member),

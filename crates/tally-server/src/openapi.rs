@@ -46,6 +46,7 @@ impl Modify for BearerAuth {
         plans::cancel_subscription,
         notify::put_alerts, notify::create_webhook_endpoint, notify::list_webhook_endpoints,
         notify::list_deliveries, notify::stream, members::put_member, members::list_members,
+        members::create_transfer,
     ),
     modifiers(&BearerAuth),
     tags(

@@ -117,6 +117,8 @@ pub enum Command {
     ApplyDue {
         customer_id: Id,
     },
+    /// Move credits between customers, or budget between two members of one.
+    Transfer(NewTransfer),
     /// Add or update a member of a customer (a PUT).
     PutMember {
         customer_id: Id,
@@ -251,6 +253,7 @@ impl Command {
             Command::PutContract { id, .. } => ("contract", id),
             Command::Subscribe(s) => ("subscription", &s.id),
             Command::CreateWebhookEndpoint(e) => ("webhook_endpoint", &e.id),
+            Command::Transfer(t) => ("transfer", &t.id),
             Command::Tick
             | Command::PutFeature { .. }
             | Command::PutRules { .. }
@@ -346,6 +349,39 @@ pub struct BalanceChange {
     pub amount: Amount,
     pub balance_after: Amount,
     pub recorded_at: Timestamp,
+}
+
+/// A transfer: credits from one customer to another (`from.customer_id !=
+/// to.customer_id`), or budget between two members of one customer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewTransfer {
+    pub id: Id,
+    pub from_customer: Id,
+    pub from_member: Option<Id>,
+    pub to_customer: Id,
+    pub to_member: Option<Id>,
+    pub amount: Amount,
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferOutcome {
+    pub id: Id,
+    /// `credits` (between customers) or `budget` (between members).
+    pub kind: String,
+    pub amount: Amount,
+    pub from_customer: Id,
+    pub from_member: Option<Id>,
+    pub to_customer: Id,
+    pub to_member: Option<Id>,
+    /// The entry on the sending side, and the customer's balance after it.
+    pub from_entry: i64,
+    pub from_balance_after: Amount,
+    /// The entry on the receiving side (the same entry for a budget move).
+    pub to_entry: i64,
+    pub to_balance_after: Amount,
+    /// The lots the receiver got.
+    pub grants: Vec<Id>,
 }
 
 /// When a plan change takes effect.
@@ -585,6 +621,7 @@ pub enum Outcome {
     },
     WebhookEndpoint(WebhookEndpointRecord),
     Member(tally_core::Member),
+    Transfer(TransferOutcome),
     /// A delivery attempt recorded: the delivery's status now.
     Delivery {
         status: String,
@@ -648,6 +685,7 @@ impl From<&LedgerError> for Refusal {
             LedgerError::AmountNotPositive => "invalid_amount",
             LedgerError::AmountOverflow => "amount_too_large",
             LedgerError::MemberBudgetExceeded { .. } => "member_budget_exceeded",
+            LedgerError::NoBudget => "member_without_budget",
         };
         let available = match error {
             LedgerError::InsufficientCredits { available, .. } => Some(*available),

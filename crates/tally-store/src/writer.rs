@@ -1076,6 +1076,7 @@ impl Writer {
                 customer_id,
                 alerts,
             } => Ok((self.put_alerts(customer_id, alerts)?, None)),
+            Command::Transfer(request) => Ok((self.transfer(request, actor)?, None)),
             Command::PutMember {
                 customer_id,
                 member_id,

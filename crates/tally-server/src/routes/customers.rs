@@ -97,7 +97,7 @@ pub async fn set_overage(
 
 /// The prefixes of grant ids Tally derives itself: refund grants, plan
 /// allocations and rolled-over plan credits.
-pub const DERIVED_GRANT_PREFIXES: [&str; 3] = ["refund:", "plan:", "rollover:"];
+pub const DERIVED_GRANT_PREFIXES: [&str; 4] = ["refund:", "plan:", "rollover:", "transfer:"];
 
 pub fn unexpected() -> ApiError {
     ApiError::new("internal", "unexpected outcome for this request")

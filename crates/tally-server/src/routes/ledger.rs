@@ -163,6 +163,18 @@ pub fn explain(entry: &EntryDraft) -> String {
             "grant {reference} took effect and repaid {} of debt",
             amount(entry.amount)
         ),
+        EntryKind::TransferOut => format!(
+            "transfer {reference} sent {} to another customer",
+            amount(entry.amount)
+        ),
+        EntryKind::TransferIn => format!(
+            "transfer {reference} brought {} from another customer",
+            amount(entry.amount)
+        ),
+        EntryKind::BudgetTransfer => format!(
+            "transfer {reference} moved {} of budget between members",
+            amount(entry.amount)
+        ),
         EntryKind::Rollover => format!(
             "{} unused plan credits rolled over into grant {reference}",
             amount(entry.amount)

@@ -136,3 +136,91 @@ pub async fn list_members(
         next_cursor: None,
     }))
 }
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransferParty {
+    pub customer_id: String,
+    pub member_id: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTransfer {
+    /// The transfer's id (idempotency key).
+    pub id: String,
+    pub from: TransferParty,
+    pub to: TransferParty,
+    #[schema(value_type = String, example = "500")]
+    pub amount: AmountInput,
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TransferSide {
+    pub customer_id: String,
+    pub member_id: Option<String>,
+    pub entry_id: String,
+    pub balance_after: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TransferBody {
+    pub id: String,
+    /// `credits`: between two customers (one entry on each side, the
+    /// receiver gets lots keeping the paid flag, cost basis, priority and
+    /// expiry of the credits sent); `budget`: between two members of one
+    /// customer, for the current budget window (no credits move).
+    pub kind: String,
+    pub amount: String,
+    pub from: TransferSide,
+    pub to: TransferSide,
+    /// The lots the receiving customer got.
+    pub grants: Vec<String>,
+}
+
+/// Transfer credits between customers, or budget between two members of
+/// one customer; exactly once by its id.
+#[utoipa::path(post, path = "/v1/transfers", tag = "members", request_body = CreateTransfer,
+    responses((status = 200, body = TransferBody), (status = 400, body = ErrorBody), (status = 402, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_transfer(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateTransfer>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let member = |m: Option<String>, param: &str| m.map(|m| edge::id(&m, param)).transpose();
+    let command = Command::Transfer(tally_store::NewTransfer {
+        id: edge::id(&body.id, "id")?,
+        from_customer: edge::id(&body.from.customer_id, "from.customer_id")?,
+        from_member: member(body.from.member_id, "from.member_id")?,
+        to_customer: edge::id(&body.to.customer_id, "to.customer_id")?,
+        to_member: member(body.to.member_id, "to.member_id")?,
+        amount: edge::positive(body.amount, "amount")?,
+        reason: edge::text(body.reason, "reason", 1024)?,
+    });
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Transfer(t) => Ok(TransferBody {
+            id: t.id.to_string(),
+            kind: t.kind.clone(),
+            amount: amount(t.amount),
+            from: TransferSide {
+                customer_id: t.from_customer.to_string(),
+                member_id: t.from_member.as_ref().map(ToString::to_string),
+                entry_id: format!("ent_{}", t.from_entry),
+                balance_after: amount(t.from_balance_after),
+            },
+            to: TransferSide {
+                customer_id: t.to_customer.to_string(),
+                member_id: t.to_member.as_ref().map(ToString::to_string),
+                entry_id: format!("ent_{}", t.to_entry),
+                balance_after: amount(t.to_balance_after),
+            },
+            grants: t.grants.iter().map(ToString::to_string).collect(),
+        }),
+        _ => Err(unexpected()),
+    }))
+}

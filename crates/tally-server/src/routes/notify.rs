@@ -295,7 +295,19 @@ pub async fn stream(
     caller.require(Scope::Read)?;
     let id = edge::id(&customer_id, "id")?;
     // Subscribe before reading the balance, so no change falls in between.
+    // The writer queues changes only while someone listens: a round trip
+    // through it makes sure a group that was open before this subscription
+    // has committed, so what it changed shows in the balance read below.
     let receiver = state.store.subscribe_changes();
+    state
+        .store
+        .execute(
+            tally_store::Command::ApplyDue {
+                customer_id: id.clone(),
+            },
+            None,
+        )
+        .await?;
     let view = state
         .store
         .balance(id.clone())

@@ -77,9 +77,10 @@ impl Writer {
             .get_mut(&draft.customer_id)
             .expect("entries are for prepared customers");
         let before = std::mem::replace(&mut cached.last_net, draft.balance_after);
-        // Always queued (a stream may open before the group commits); the
-        // syncer publishes them only while someone listens.
-        if self.live.is_some() {
+        // Queued only while someone listens (a stream that opens while this
+        // group is open reads the balance after a round trip through the
+        // writer, so it sees this change in the balance instead).
+        if self.live.as_ref().is_some_and(|l| l.receiver_count() > 0) {
             self.group_changes.push(BalanceChange {
                 customer_id: draft.customer_id.clone(),
                 entry_id: sequence,

@@ -299,3 +299,113 @@ impl Writer {
         Ok(Outcome::Subscription(subscription))
     }
 }
+
+impl Writer {
+    /// Credits from one customer to another, or budget between two members
+    /// of one customer: exactly once by its id, all or nothing.
+    pub(super) fn transfer(
+        &mut self,
+        request: &crate::model::NewTransfer,
+        actor: Option<&str>,
+    ) -> Result<Outcome, Failure> {
+        let now = self.now;
+        let reason = request.reason.clone();
+        if request.from_customer == request.to_customer {
+            let (Some(from), Some(to)) = (&request.from_member, &request.to_member) else {
+                return Err(invalid(
+                    "a transfer within one customer moves budget between two members: give from.member_id and to.member_id",
+                ));
+            };
+            if from == to {
+                return Err(invalid("from and to are the same member"));
+            }
+            self.prepare(&request.from_customer)?;
+            let draft = self
+                .ledger(&request.from_customer)
+                .transfer_budget(&request.id, from, to, request.amount, reason, now)
+                .map_err(Failure::Refused)?;
+            let entry = self.record_entry(&draft, actor)?;
+            return Ok(Outcome::Transfer(crate::model::TransferOutcome {
+                id: request.id.clone(),
+                kind: "budget".into(),
+                amount: request.amount,
+                from_customer: request.from_customer.clone(),
+                from_member: request.from_member.clone(),
+                to_customer: request.to_customer.clone(),
+                to_member: request.to_member.clone(),
+                from_entry: entry,
+                from_balance_after: draft.balance_after,
+                to_entry: entry,
+                to_balance_after: draft.balance_after,
+                grants: Vec::new(),
+            }));
+        }
+        self.prepare(&request.from_customer)?;
+        self.prepare(&request.to_customer)?;
+        // On copies: both sides apply, or neither.
+        let mut sender = self.cache[&request.from_customer].ledger.clone();
+        let mut receiver = self.cache[&request.to_customer].ledger.clone();
+        let (lots, out) = sender
+            .transfer_out(
+                &request.id,
+                request.amount,
+                request.from_member.as_ref(),
+                reason.clone(),
+                now,
+            )
+            .map_err(Failure::Refused)?;
+        let grants: Vec<tally_core::Grant> = lots
+            .iter()
+            .enumerate()
+            .map(|(n, lot)| {
+                let sequence = self.next_grant_sequence;
+                self.next_grant_sequence += 1;
+                tally_core::Grant {
+                    id: Id::derived(&format!("transfer:{}:{n}", request.id)),
+                    customer_id: request.to_customer.clone(),
+                    amount: lot.amount,
+                    remaining: lot.amount,
+                    source: tally_core::Source::Transfer,
+                    paid: lot.paid,
+                    cost_basis: lot.cost_basis.clone(),
+                    priority: lot.priority,
+                    effective_at: now,
+                    expires_at: lot.expires_at,
+                    scope: None,
+                    status: tally_core::GrantStatus::Active,
+                    expired_amount: tally_core::Amount::ZERO,
+                    expired_at: None,
+                    sequence,
+                }
+            })
+            .collect();
+        let ids = grants.iter().map(|g| g.id.clone()).collect();
+        let into = receiver
+            .transfer_in(&request.id, grants, request.to_member.as_ref(), reason, now)
+            .map_err(Failure::Refused)?;
+        self.cache
+            .get_mut(&request.from_customer)
+            .expect("prepared")
+            .ledger = sender;
+        self.cache
+            .get_mut(&request.to_customer)
+            .expect("prepared")
+            .ledger = receiver;
+        let from_entry = self.record_entry(&out, actor)?;
+        let to_entry = self.record_entry(&into, actor)?;
+        Ok(Outcome::Transfer(crate::model::TransferOutcome {
+            id: request.id.clone(),
+            kind: "credits".into(),
+            amount: request.amount,
+            from_customer: request.from_customer.clone(),
+            from_member: request.from_member.clone(),
+            to_customer: request.to_customer.clone(),
+            to_member: request.to_member.clone(),
+            from_entry,
+            from_balance_after: out.balance_after,
+            to_entry,
+            to_balance_after: into.balance_after,
+            grants: ids,
+        }))
+    }
+}

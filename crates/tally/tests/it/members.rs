@@ -197,3 +197,148 @@ async fn bad_members_are_refused() {
     let members = app.get("/v1/customers/team/members").await;
     assert_eq!(members.body["data"], json!([]));
 }
+
+/// Credits move between customers in one entry on each side, exactly once,
+/// all or nothing; budget moves between two members of one customer.
+#[tokio::test]
+async fn transfers_move_credits_between_customers_and_budget_between_members() {
+    let app = TestApp::spawn().await;
+    app.customer("parent").await;
+    app.customer("child").await;
+    let grant = app
+        .post(
+            "/v1/customers/parent/grants",
+            json!({ "id": "bought", "amount": "1000", "source": "purchase", "paid": true,
+                    "cost_basis": { "amount": "0.01", "currency": "USD" },
+                    "expires_at": "2999-01-01T00:00:00Z" }),
+        )
+        .await;
+    assert_eq!(grant.status, StatusCode::OK, "{}", grant.body);
+    let body = json!({ "id": "t1", "from": { "customer_id": "parent" },
+                       "to": { "customer_id": "child" }, "amount": "300" });
+    let sent = app.post("/v1/transfers", body.clone()).await;
+    assert_eq!(sent.status, StatusCode::OK, "{}", sent.body);
+    assert_eq!(sent.body["kind"], "credits");
+    assert_eq!(sent.body["from"]["balance_after"], "700");
+    assert_eq!(sent.body["to"]["balance_after"], "300");
+    // The receiver's lot keeps what the credits were: paid, cost basis, expiry.
+    let grants = app.get("/v1/customers/child/grants").await;
+    let lot = &grants.body["data"][0];
+    assert_eq!(lot["id"], "transfer:t1:0");
+    assert_eq!(lot["source"], "transfer");
+    assert_eq!(lot["paid"], true);
+    assert_eq!(lot["cost_basis"]["amount"], "0.01");
+    assert_eq!(lot["expires_at"], "2999-01-01T00:00:00Z");
+    // Exactly once: a retry is the same answer; other content is a conflict.
+    let again = app.post("/v1/transfers", body).await;
+    assert!(again.replayed());
+    assert_eq!(again.body, sent.body);
+    let other = app
+        .post(
+            "/v1/transfers",
+            json!({ "id": "t1", "from": { "customer_id": "parent" },
+                    "to": { "customer_id": "child" }, "amount": "301" }),
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::CONFLICT);
+    // All or nothing: more than the sender has is refused on both sides.
+    let too_much = app
+        .post(
+            "/v1/transfers",
+            json!({ "id": "t2", "from": { "customer_id": "parent" },
+                    "to": { "customer_id": "child" }, "amount": "701" }),
+        )
+        .await;
+    assert_eq!(
+        too_much.status,
+        StatusCode::PAYMENT_REQUIRED,
+        "{}",
+        too_much.body
+    );
+    assert_eq!(app.balance("parent").await["available"], "700");
+    assert_eq!(app.balance("child").await["available"], "300");
+    for customer in ["parent", "child"] {
+        let entries = app.ledger_all(customer).await;
+        let replayed = crate::support::assert_replayable(&entries);
+        assert_eq!(
+            replayed,
+            micros_of(&app.balance(customer).await["available"])
+        );
+        let kinds: Vec<&str> = entries.iter().filter_map(|e| e["kind"].as_str()).collect();
+        assert!(kinds.contains(&if customer == "parent" {
+            "transfer_out"
+        } else {
+            "transfer_in"
+        }));
+    }
+    // Budget between two members of one customer.
+    for (member, budget) in [("alice", "1000"), ("bob", "100")] {
+        put(
+            &app,
+            &format!("/v1/customers/parent/members/{member}"),
+            json!({ "budget": { "amount": budget, "period": "month" } }),
+        )
+        .await;
+    }
+    let moved = app
+        .post(
+            "/v1/transfers",
+            json!({ "id": "t3", "from": { "customer_id": "parent", "member_id": "alice" },
+                    "to": { "customer_id": "parent", "member_id": "bob" }, "amount": "400" }),
+        )
+        .await;
+    assert_eq!(moved.status, StatusCode::OK, "{}", moved.body);
+    assert_eq!(moved.body["kind"], "budget");
+    assert_eq!(
+        moved.body["from"]["balance_after"], "700",
+        "no credits moved"
+    );
+    let charge = |id: &str, member: &str, amount: &str| {
+        app.post(
+            "/v1/charges",
+            json!({ "id": id, "customer_id": "parent", "amount": amount, "member_id": member }),
+        )
+    };
+    assert_eq!(charge("b1", "bob", "500").await.status, StatusCode::OK);
+    assert_eq!(
+        charge("a1", "alice", "601").await.code(),
+        "member_budget_exceeded"
+    );
+    // Bad transfers change nothing.
+    let bad = [
+        (
+            json!({ "id": "x1", "from": { "customer_id": "parent" }, "to": { "customer_id": "parent" }, "amount": "1" }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({ "id": "x2", "from": { "customer_id": "parent", "member_id": "alice" }, "to": { "customer_id": "parent", "member_id": "alice" }, "amount": "1" }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({ "id": "x3", "from": { "customer_id": "parent", "member_id": "alice" }, "to": { "customer_id": "parent", "member_id": "carol" }, "amount": "1" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({ "id": "x4", "from": { "customer_id": "ghost" }, "to": { "customer_id": "child" }, "amount": "1" }),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            json!({ "id": "x5", "from": { "customer_id": "parent" }, "to": { "customer_id": "ghost" }, "amount": "1" }),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            json!({ "id": "x6", "from": { "customer_id": "parent" }, "to": { "customer_id": "child" }, "amount": "0" }),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({ "id": "x7", "from": { "customer_id": "parent" }, "to": { "customer_id": "child" } }),
+            StatusCode::BAD_REQUEST,
+        ),
+    ];
+    for (body, status) in bad {
+        let reply = app.post("/v1/transfers", body.clone()).await;
+        assert_eq!(reply.status, status, "{body}: {}", reply.body);
+    }
+    assert_eq!(app.balance("parent").await["available"], "200");
+    assert_eq!(app.balance("child").await["available"], "300");
+}
