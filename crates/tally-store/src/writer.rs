@@ -889,6 +889,7 @@ impl Writer {
             .expect("entries are for prepared customers");
         let previous = cached.head.replace(sequence);
         cached.head_changed = true;
+        let before = std::mem::replace(&mut cached.last_net, draft.balance_after);
         rows::insert_entry(
             &self.connection,
             sequence,
@@ -898,7 +899,7 @@ impl Writer {
             previous,
             pricing,
         )?;
-        self.after_entry(draft, sequence, Timestamp(recorded))?;
+        self.after_entry(draft, sequence, Timestamp(recorded), before)?;
         Ok(sequence)
     }
 

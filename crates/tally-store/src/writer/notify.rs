@@ -71,12 +71,8 @@ impl Writer {
         draft: &EntryDraft,
         sequence: i64,
         recorded: Timestamp,
+        before: tally_core::Amount,
     ) -> rusqlite::Result<()> {
-        let cached = self
-            .cache
-            .get_mut(&draft.customer_id)
-            .expect("entries are for prepared customers");
-        let before = std::mem::replace(&mut cached.last_net, draft.balance_after);
         // Queued only while someone listens (a stream that opens while this
         // group is open reads the balance after a round trip through the
         // writer, so it sees this change in the balance instead).
@@ -94,6 +90,10 @@ impl Writer {
             return Ok(());
         }
         let after = draft.balance_after;
+        let alerts = self
+            .cache
+            .get(&draft.customer_id)
+            .and_then(|c| c.alerts.as_ref());
         let reference = draft.reference.as_ref().map(Id::to_string);
         let mut notes = Vec::new();
         match draft.kind {
@@ -109,7 +109,7 @@ impl Writer {
             )),
             _ => {}
         }
-        if let Some(alerts) = &cached.alerts {
+        if let Some(alerts) = alerts {
             for threshold in &alerts.low_balance {
                 if before >= *threshold && after < *threshold {
                     notes.push((
