@@ -308,35 +308,8 @@ impl Store {
     /// Deliveries due at the engine's now, the oldest first.
     pub async fn due_deliveries(&self, limit: i64) -> Result<Vec<DueDelivery>, StoreError> {
         let now = self.now();
-        self.read(move |c| {
-            let mut statement = c.prepare_cached(
-                "SELECT d.id, d.attempts, e.url, e.secret, n.sequence, n.type, n.customer_id, n.payload, n.created_at \
-                 FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
-                 JOIN notifications n ON n.sequence = d.notification \
-                 WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 ORDER BY d.next_attempt_at LIMIT ?2",
-            )?;
-            let rows = statement.query_map(rusqlite::params![now.micros(), limit], |row| {
-                let payload: String = row.get(7)?;
-                let data: serde_json::Value =
-                    serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null);
-                let body = serde_json::json!({
-                    "id": format!("evt_{}", row.get::<_, i64>(4)?),
-                    "type": row.get::<_, String>(5)?,
-                    "customer_id": row.get::<_, Option<String>>(6)?,
-                    "created_at": Timestamp(row.get(8)?).rfc3339(),
-                    "data": data,
-                });
-                Ok(DueDelivery {
-                    id: row.get(0)?,
-                    attempts: row.get(1)?,
-                    url: row.get(2)?,
-                    secret: row.get(3)?,
-                    body: body.to_string(),
-                })
-            })?;
-            rows.collect()
-        })
-        .await
+        self.read(move |c| rows::due_deliveries(c, now, limit))
+            .await
     }
 
     /// An endpoint's deliveries, the newest first.
@@ -345,53 +318,13 @@ impl Store {
         endpoint_id: String,
         limit: i64,
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
-        self.read(move |c| {
-            let mut statement = c.prepare_cached(
-                "SELECT d.id, d.endpoint_id, d.notification, n.type, n.customer_id, d.status, d.attempts, \
-                 d.last_status, d.last_error, d.next_attempt_at, d.delivered_at, d.created_at \
-                 FROM webhook_deliveries d JOIN notifications n ON n.sequence = d.notification \
-                 WHERE d.endpoint_id = ?1 ORDER BY d.notification DESC LIMIT ?2",
-            )?;
-            let rows = statement.query_map(rusqlite::params![endpoint_id, limit], |row| {
-                Ok(DeliveryRecord {
-                    id: row.get(0)?,
-                    endpoint_id: row.get(1)?,
-                    notification: row.get(2)?,
-                    kind: row.get(3)?,
-                    customer_id: row.get(4)?,
-                    status: row.get(5)?,
-                    attempts: row.get(6)?,
-                    last_status: row.get(7)?,
-                    last_error: row.get(8)?,
-                    next_attempt_at: row.get::<_, Option<i64>>(9)?.map(Timestamp),
-                    delivered_at: row.get::<_, Option<i64>>(10)?.map(Timestamp),
-                    created_at: Timestamp(row.get(11)?),
-                })
-            })?;
-            rows.collect()
-        })
-        .await
+        self.read(move |c| rows::deliveries(c, &endpoint_id, limit))
+            .await
     }
 
     /// Every webhook endpoint.
     pub async fn webhook_endpoints(&self) -> Result<Vec<WebhookEndpointRecord>, StoreError> {
-        self.read(|c| {
-            let mut statement = c.prepare_cached(
-                "SELECT id, url, events, secret, created_at FROM webhook_endpoints ORDER BY id",
-            )?;
-            let rows = statement.query_map([], |row| {
-                let events: String = row.get(2)?;
-                Ok(WebhookEndpointRecord {
-                    id: Id::derived(&row.get::<_, String>(0)?),
-                    url: row.get(1)?,
-                    events: serde_json::from_str(&events).unwrap_or_default(),
-                    secret: row.get(3)?,
-                    created_at: Timestamp(row.get(4)?),
-                })
-            })?;
-            rows.collect()
-        })
-        .await
+        self.read(rows::webhook_endpoints).await
     }
 
     /// A customer's members (`None`: no such customer).
@@ -421,11 +354,13 @@ impl Store {
         self.read(rows::plans).await
     }
 
-    /// A customer's subscriptions, the active one first, then the latest.
+    /// A customer's subscriptions (renewed if due), the active one first, then the latest.
     pub async fn subscriptions(
         &self,
         customer_id: Id,
     ) -> Result<Vec<tally_core::Subscription>, StoreError> {
+        // A period that ended is renewed before it is shown.
+        self.renew_before_read(&customer_id, self.now()).await?;
         self.read(move |c| rows::subscriptions(c, customer_id.as_str()))
             .await
     }
@@ -436,15 +371,7 @@ impl Store {
     async fn renew_before_read(&self, customer_id: &Id, now: Timestamp) -> Result<(), StoreError> {
         let key = customer_id.clone();
         let due = self
-            .read(move |c| {
-                c.prepare_cached(
-                    "SELECT EXISTS(SELECT 1 FROM subscriptions WHERE customer_id = ?1 \
-                     AND status = 'active' AND period_end <= ?2)",
-                )?
-                .query_row(rusqlite::params![key.as_str(), now.micros()], |row| {
-                    row.get::<_, bool>(0)
-                })
-            })
+            .read(move |c| rows::renewal_due(c, key.as_str(), now))
             .await?;
         if due {
             self.execute(

@@ -553,12 +553,6 @@ pub fn subscriptions(
     rows.collect()
 }
 
-pub fn subscription_id_taken(connection: &Connection, id: &str) -> rusqlite::Result<bool> {
-    connection
-        .prepare_cached("SELECT EXISTS(SELECT 1 FROM subscriptions WHERE id = ?1)")?
-        .query_row([id], |row| row.get(0))
-}
-
 pub fn upsert_subscription(
     connection: &Connection,
     subscription: &tally_core::Subscription,
@@ -622,4 +616,112 @@ pub fn entry_balance_after(connection: &Connection, sequence: i64) -> rusqlite::
         .query_row([sequence], |row| {
             Amount::from_micros(row.get(0)?).ok_or_else(|| corrupt("amount out of range"))
         })
+}
+
+/// Deliveries due at `now`, the oldest first, each with the body every
+/// attempt sends (built from the stored row, so it never changes).
+pub fn due_deliveries(
+    connection: &Connection,
+    now: Timestamp,
+    limit: i64,
+) -> rusqlite::Result<Vec<crate::model::DueDelivery>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT d.id, d.attempts, e.url, e.secret, n.sequence, n.type, n.customer_id, n.payload, n.created_at \
+         FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
+         JOIN notifications n ON n.sequence = d.notification \
+         WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 ORDER BY d.next_attempt_at LIMIT ?2",
+    )?;
+    let rows = statement.query_map(params![now.micros(), limit], |row| {
+        let data: serde_json::Value = json(&row.get::<_, String>(7)?)?;
+        let body = serde_json::json!({
+            "id": format!("evt_{}", row.get::<_, i64>(4)?),
+            "type": row.get::<_, String>(5)?,
+            "customer_id": row.get::<_, Option<String>>(6)?,
+            "created_at": Timestamp(row.get(8)?).rfc3339(),
+            "data": data,
+        });
+        Ok(crate::model::DueDelivery {
+            id: row.get(0)?,
+            attempts: row.get(1)?,
+            url: row.get(2)?,
+            secret: row.get(3)?,
+            body: body.to_string(),
+        })
+    })?;
+    rows.collect()
+}
+
+/// An endpoint's deliveries, the newest first.
+pub fn deliveries(
+    connection: &Connection,
+    endpoint_id: &str,
+    limit: i64,
+) -> rusqlite::Result<Vec<crate::model::DeliveryRecord>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT d.id, d.endpoint_id, d.notification, n.type, n.customer_id, d.status, d.attempts, \
+         d.last_status, d.last_error, d.next_attempt_at, d.delivered_at, d.created_at \
+         FROM webhook_deliveries d JOIN notifications n ON n.sequence = d.notification \
+         WHERE d.endpoint_id = ?1 ORDER BY d.notification DESC LIMIT ?2",
+    )?;
+    let rows = statement.query_map(params![endpoint_id, limit], |row| {
+        Ok(crate::model::DeliveryRecord {
+            id: row.get(0)?,
+            endpoint_id: row.get(1)?,
+            notification: row.get(2)?,
+            kind: row.get(3)?,
+            customer_id: row.get(4)?,
+            status: row.get(5)?,
+            attempts: row.get(6)?,
+            last_status: row.get(7)?,
+            last_error: row.get(8)?,
+            next_attempt_at: row.get::<_, Option<i64>>(9)?.map(Timestamp),
+            delivered_at: row.get::<_, Option<i64>>(10)?.map(Timestamp),
+            created_at: Timestamp(row.get(11)?),
+        })
+    })?;
+    rows.collect()
+}
+
+/// Every webhook endpoint, by id.
+pub fn webhook_endpoints(
+    connection: &Connection,
+) -> rusqlite::Result<Vec<crate::model::WebhookEndpointRecord>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT id, url, events, secret, created_at FROM webhook_endpoints ORDER BY id",
+    )?;
+    let rows = statement.query_map([], |row| {
+        Ok(crate::model::WebhookEndpointRecord {
+            id: id(row, 0)?,
+            url: row.get(1)?,
+            events: json(&row.get::<_, String>(2)?)?,
+            secret: row.get(3)?,
+            created_at: Timestamp(row.get(4)?),
+        })
+    })?;
+    rows.collect()
+}
+
+/// Whether the customer's active subscription has a period that ended by `now`.
+pub fn renewal_due(
+    connection: &Connection,
+    customer_id: &str,
+    now: Timestamp,
+) -> rusqlite::Result<bool> {
+    connection
+        .prepare_cached(
+            "SELECT EXISTS(SELECT 1 FROM subscriptions WHERE customer_id = ?1 \
+             AND status = 'active' AND period_end <= ?2)",
+        )?
+        .query_row(params![customer_id, now.micros()], |row| row.get(0))
+}
+
+/// A customer's alert settings, if it set any.
+pub fn alerts(
+    connection: &Connection,
+    customer_id: &str,
+) -> rusqlite::Result<Option<crate::model::Alerts>> {
+    connection
+        .prepare_cached("SELECT body FROM customer_alerts WHERE customer_id = ?1")?
+        .query_row([customer_id], |row| json(&row.get::<_, String>(0)?))
+        .optional()
 }

@@ -584,19 +584,7 @@ impl Writer {
                 self.touched.clear();
                 self.operations.rollback();
                 self.reload_sequences();
-                self.catalog = Catalog::load(&self.connection).unwrap_or_else(|error| {
-                    panic!("cannot read the price book after a rollback: {error}")
-                });
-                self.letter_events =
-                    pending_letter_events(&self.connection).unwrap_or_else(|error| {
-                        panic!("cannot read the dead letters after a rollback: {error}")
-                    });
-                self.plans = load_plans(&self.connection).unwrap_or_else(|error| {
-                    panic!("cannot read the plans after a rollback: {error}")
-                });
-                self.endpoints = notify::load_endpoints(&self.connection).unwrap_or_else(|error| {
-                    panic!("cannot read the webhook endpoints after a rollback: {error}")
-                });
+                self.reload_configuration();
                 self.group_changes.clear();
                 for reply in group.replies {
                     let _ = reply.send(Err(StoreError::Unavailable(error.to_string())));
@@ -604,6 +592,21 @@ impl Writer {
                 None
             }
         }
+    }
+
+    /// After a rollback: the price book, dead letters, plans and webhook
+    /// endpoints as the database holds them (the group may have changed
+    /// them). If a read fails, stop: a restart recovers.
+    fn reload_configuration(&mut self) {
+        let reload = |what: &str, error: rusqlite::Error| -> ! {
+            panic!("cannot read the {what} after a rollback: {error}")
+        };
+        self.catalog = Catalog::load(&self.connection).unwrap_or_else(|e| reload("price book", e));
+        self.letter_events =
+            pending_letter_events(&self.connection).unwrap_or_else(|e| reload("dead letters", e));
+        self.plans = load_plans(&self.connection).unwrap_or_else(|e| reload("plans", e));
+        self.endpoints = notify::load_endpoints(&self.connection)
+            .unwrap_or_else(|e| reload("webhook endpoints", e));
     }
 
     /// After a rollback: continue from what the database holds. If even that
@@ -831,7 +834,7 @@ impl Writer {
             let subscription = rows::active_subscription(&self.connection, customer_id.as_str())?;
             let overage_override =
                 rows::customer_overage_override(&self.connection, customer_id.as_str())?;
-            let alerts = notify::load_alerts(&self.connection, customer_id.as_str())?;
+            let alerts = rows::alerts(&self.connection, customer_id.as_str())?;
             // What the last entry reported: lots that expired since but are
             // not swept yet still count, so their expiry crosses thresholds.
             let last_net = match head {

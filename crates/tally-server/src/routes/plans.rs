@@ -305,8 +305,6 @@ pub async fn get_subscription(
 ) -> Result<Json<SubscriptionBody>, ApiError> {
     caller.require(Scope::Read)?;
     let id = edge::id(&customer_id, "id")?;
-    // A period that ended is renewed before it is shown.
-    state.store.balance(id.clone()).await?;
     let subscriptions = state.store.subscriptions(id.clone()).await?;
     let latest = subscriptions
         .first()

@@ -35,27 +35,13 @@ impl Endpoint {
 }
 
 pub(super) fn load_endpoints(connection: &Connection) -> rusqlite::Result<Vec<Endpoint>> {
-    let mut statement =
-        connection.prepare("SELECT id, events FROM webhook_endpoints ORDER BY id")?;
-    let rows = statement.query_map([], |row| {
-        let events: String = row.get(1)?;
-        Ok(Endpoint {
-            id: row.get(0)?,
-            events: serde_json::from_str(&events).unwrap_or_default(),
+    Ok(crate::rows::webhook_endpoints(connection)?
+        .into_iter()
+        .map(|e| Endpoint {
+            id: e.id.to_string(),
+            events: e.events,
         })
-    })?;
-    rows.collect()
-}
-
-pub(super) fn load_alerts(
-    connection: &Connection,
-    customer_id: &str,
-) -> rusqlite::Result<Option<Alerts>> {
-    let body: Option<String> = connection
-        .prepare_cached("SELECT body FROM customer_alerts WHERE customer_id = ?1")?
-        .query_row([customer_id], |row| row.get(0))
-        .optional()?;
-    Ok(body.and_then(|b| serde_json::from_str(&b).ok()))
+        .collect())
 }
 
 /// Seconds to wait after the `attempts`-th failed attempt: 1, 2, 4, ... up to an hour.

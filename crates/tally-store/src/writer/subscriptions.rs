@@ -221,11 +221,6 @@ impl Writer {
                 if start < now {
                     return Err(invalid("start_at must not be in the past"));
                 }
-                if rows::subscription_id_taken(&self.connection, request.id.as_str())? {
-                    return Err(Failure::Store(StoreError::IdempotencyConflict(
-                        request.id.to_string(),
-                    )));
-                }
                 let subscription = current.insert(Subscription::starting(
                     request.id.clone(),
                     customer_id.clone(),
