@@ -19,6 +19,7 @@ pub mod plan;
 pub mod pricebook;
 pub mod pricing;
 pub mod time;
+pub mod topup;
 
 pub use amount::{Amount, AmountParseError};
 pub use entry::{Account, EntryDraft, EntryKind, Posting};
@@ -37,3 +38,4 @@ pub use pricing::{
     Step, TierMode,
 };
 pub use time::{Clock, Timestamp};
+pub use topup::{AutoTopup, AutoTopupState, AutoTopupStatus, CreditPack, Decision};

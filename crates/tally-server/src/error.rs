@@ -52,7 +52,8 @@ pub fn classify(code: &str) -> (StatusCode, &'static str) {
         | "reinstate_window_passed"
         | "pricebook_not_draft"
         | "dead_letter_resolved"
-        | "plan_period_fixed" => (StatusCode::CONFLICT, "conflict_error"),
+        | "plan_period_fixed"
+        | "topup_not_pending" => (StatusCode::CONFLICT, "conflict_error"),
         "insufficient_credits" | "member_budget_exceeded" => {
             (StatusCode::PAYMENT_REQUIRED, "credit_error")
         }

@@ -144,7 +144,9 @@ pub fn reply<T: Serialize>(
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
-    use routes::{customers, events, ledger, members, notify, plans, pricebook, spend, system};
+    use routes::{
+        customers, events, ledger, members, notify, plans, pricebook, spend, system, topups,
+    };
     let api = Router::new()
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))
@@ -217,6 +219,19 @@ pub fn router(state: AppState) -> Router {
             put(members::put_member),
         )
         .route("/v1/customers/{id}/stream", get(notify::stream))
+        .route("/v1/credit-packs", get(topups::list_credit_packs))
+        .route("/v1/credit-packs/{key}", put(topups::put_credit_pack))
+        .route(
+            "/v1/customers/{id}/topups",
+            post(topups::create_topup).get(topups::list_topups),
+        )
+        .route("/v1/topups/{id}", get(topups::get_topup))
+        .route("/v1/topups/{id}/confirm", post(topups::confirm_topup))
+        .route("/v1/topups/{id}/fail", post(topups::fail_topup))
+        .route(
+            "/v1/customers/{id}/auto-topup",
+            put(topups::put_auto_topup).get(topups::get_auto_topup),
+        )
         .route(
             "/v1/webhook-endpoints",
             post(notify::create_webhook_endpoint).get(notify::list_webhook_endpoints),

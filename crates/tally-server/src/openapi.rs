@@ -6,7 +6,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::routes::{customers, events, ledger, members, notify, plans, pricebook, spend, system};
+use crate::routes::{
+    customers, events, ledger, members, notify, plans, pricebook, spend, system, topups,
+};
 
 struct BearerAuth;
 
@@ -47,11 +49,14 @@ impl Modify for BearerAuth {
         notify::put_alerts, notify::create_webhook_endpoint, notify::list_webhook_endpoints,
         notify::list_deliveries, notify::stream, members::put_member, members::list_members,
         members::create_transfer,
+        topups::put_credit_pack, topups::list_credit_packs, topups::create_topup, topups::list_topups,
+        topups::get_topup, topups::confirm_topup, topups::fail_topup, topups::put_auto_topup,
+        topups::get_auto_topup,
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "customers"), (name = "grants"), (name = "charges"), (name = "holds"), (name = "refunds"),
-        (name = "ledger"), (name = "price book"), (name = "events"), (name = "plans"), (name = "notifications"), (name = "members"), (name = "system"),
+        (name = "ledger"), (name = "price book"), (name = "events"), (name = "plans"), (name = "notifications"), (name = "members"), (name = "top-ups"), (name = "system"),
     )
 )]
 pub struct ApiDoc;

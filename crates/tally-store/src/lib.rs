@@ -344,6 +344,47 @@ impl Store {
         .await
     }
 
+    /// Every credit pack, by key.
+    pub async fn credit_packs(&self) -> Result<Vec<tally_core::CreditPack>, StoreError> {
+        self.read(rows::credit_packs).await
+    }
+
+    /// A top-up by id.
+    pub async fn topup(&self, id: Id) -> Result<Option<TopupRecord>, StoreError> {
+        self.read(move |c| rows::topup(c, id.as_str())).await
+    }
+
+    /// A customer's top-ups, newest first, from before the `before` cursor;
+    /// each with its cursor. `None`: no such customer.
+    pub async fn topups(
+        &self,
+        customer_id: Id,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Option<Vec<(TopupRecord, i64)>>, StoreError> {
+        self.read(move |c| {
+            if rows::customer(c, customer_id.as_str())?.is_none() {
+                return Ok(None);
+            }
+            rows::topups(c, customer_id.as_str(), before, limit).map(Some)
+        })
+        .await
+    }
+
+    /// A customer's automatic top-up. `None`: no such customer.
+    pub async fn auto_topup(
+        &self,
+        customer_id: Id,
+    ) -> Result<Option<Option<tally_core::AutoTopupState>>, StoreError> {
+        self.read(move |c| {
+            if rows::customer(c, customer_id.as_str())?.is_none() {
+                return Ok(None);
+            }
+            rows::auto_topup(c, customer_id.as_str()).map(Some)
+        })
+        .await
+    }
+
     /// A plan by key.
     pub async fn plan(&self, key: String) -> Result<Option<tally_core::Plan>, StoreError> {
         self.read(move |c| rows::plan(c, &key)).await

@@ -141,6 +141,26 @@ pub enum Command {
         status: Option<u16>,
         error: Option<String>,
     },
+    /// Create or update a credit pack (a PUT).
+    PutCreditPack(tally_core::CreditPack),
+    /// Start a top-up: a payment is asked for (`topup.created`); the credits
+    /// come when it is confirmed.
+    CreateTopup(NewTopup),
+    /// The payment step succeeded: grant the top-up's credits.
+    ConfirmTopup {
+        topup_id: Id,
+        payment_reference: Option<String>,
+    },
+    /// The payment step failed (`topup.failed`).
+    FailTopup {
+        topup_id: Id,
+        reason: String,
+    },
+    /// Set a customer's automatic top-up (a PUT).
+    PutAutoTopup {
+        customer_id: Id,
+        config: tally_core::AutoTopup,
+    },
     /// What a charge would do now, writing nothing.
     Quote {
         customer_id: Id,
@@ -254,6 +274,10 @@ impl Command {
             Command::Subscribe(s) => ("subscription", &s.id),
             Command::CreateWebhookEndpoint(e) => ("webhook_endpoint", &e.id),
             Command::Transfer(t) => ("transfer", &t.id),
+            Command::CreateTopup(t) => ("topup", &t.id),
+            Command::ConfirmTopup { topup_id, .. } | Command::FailTopup { topup_id, .. } => {
+                ("topup_resolution", topup_id)
+            }
             Command::Tick
             | Command::PutFeature { .. }
             | Command::PutRules { .. }
@@ -267,20 +291,64 @@ impl Command {
             | Command::PutAlerts { .. }
             | Command::PutMember { .. }
             | Command::RecordDelivery { .. }
+            | Command::PutCreditPack(_)
+            | Command::PutAutoTopup { .. }
             | Command::Quote { .. } => return None,
         })
     }
 }
 
 /// The notification types a webhook endpoint may subscribe to (`*`: all).
-pub const NOTIFICATION_TYPES: [&str; 6] = [
+pub const NOTIFICATION_TYPES: [&str; 9] = [
     "balance.low",
     "balance.depleted",
     "grant.expiring",
     "grant.expired",
     "hold.expired",
     "subscription.renewed",
+    "topup.created",
+    "topup.succeeded",
+    "topup.failed",
 ];
+
+/// A manual top-up: `quantity` of a credit pack for a customer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewTopup {
+    /// Its id (idempotency key); `auto_` starts the ids of automatic ones.
+    pub id: Id,
+    pub customer_id: Id,
+    pub pack: String,
+    pub quantity: u32,
+    /// The payment fails if it is not confirmed within this long (default a day).
+    pub payment_timeout_seconds: Option<u32>,
+}
+
+/// A top-up and where its payment stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopupRecord {
+    pub id: Id,
+    pub customer_id: Id,
+    /// `manual` or `auto`.
+    pub origin: String,
+    pub pack: String,
+    pub quantity: u32,
+    pub credits: Amount,
+    /// The exact money asked for, in `currency`.
+    pub price: Amount,
+    pub currency: String,
+    pub expires_after_days: Option<u32>,
+    pub priority: i32,
+    /// `pending_payment`, `succeeded` or `failed`.
+    pub status: String,
+    pub payment_due_at: Timestamp,
+    pub payment_reference: Option<String>,
+    pub failure_reason: Option<String>,
+    /// The lot its credits went to, and that grant's entry.
+    pub grant_id: Option<Id>,
+    pub entry_id: Option<i64>,
+    pub created_at: Timestamp,
+    pub resolved_at: Option<Timestamp>,
+}
 
 /// A customer's alert settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -622,6 +690,16 @@ pub enum Outcome {
     WebhookEndpoint(WebhookEndpointRecord),
     Member(tally_core::Member),
     Transfer(TransferOutcome),
+    CreditPack(tally_core::CreditPack),
+    Topup {
+        topup: TopupRecord,
+        /// After a confirmation: the customer's balance after the grant.
+        balance_after: Option<Amount>,
+    },
+    AutoTopup {
+        customer_id: Id,
+        state: tally_core::AutoTopupState,
+    },
     /// A delivery attempt recorded: the delivery's status now.
     Delivery {
         status: String,

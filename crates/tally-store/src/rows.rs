@@ -725,3 +725,189 @@ pub fn alerts(
         .query_row([customer_id], |row| json(&row.get::<_, String>(0)?))
         .optional()
 }
+
+pub fn credit_packs(connection: &Connection) -> rusqlite::Result<Vec<tally_core::CreditPack>> {
+    let mut statement = connection.prepare_cached("SELECT body FROM credit_packs ORDER BY key")?;
+    let rows = statement.query_map([], |row| json(&row.get::<_, String>(0)?))?;
+    rows.collect()
+}
+
+pub fn upsert_credit_pack(
+    connection: &Connection,
+    pack: &tally_core::CreditPack,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    let body = serde_json::to_string(pack).expect("pack serializes");
+    connection
+        .prepare_cached(
+            "INSERT INTO credit_packs (key, body, updated_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (key) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
+        )?
+        .execute(params![pack.key, body, now.micros()])?;
+    Ok(())
+}
+
+const TOPUP_COLUMNS: &str = "id, customer_id, origin, pack, quantity, credits, price, currency, \
+    expires_after_days, priority, status, payment_due_at, payment_reference, failure_reason, \
+    grant_id, entry_id, created_at, resolved_at, sequence";
+
+fn topup_row(row: &Row) -> rusqlite::Result<(crate::model::TopupRecord, i64)> {
+    let status: String = row.get(10)?;
+    if !["pending_payment", "succeeded", "failed"].contains(&status.as_str()) {
+        return Err(corrupt("bad top-up status"));
+    }
+    Ok((
+        crate::model::TopupRecord {
+            id: id(row, 0)?,
+            customer_id: id(row, 1)?,
+            origin: row.get(2)?,
+            pack: row.get(3)?,
+            quantity: row.get(4)?,
+            credits: amount(row, 5)?,
+            price: amount(row, 6)?,
+            currency: row.get(7)?,
+            expires_after_days: row.get(8)?,
+            priority: row.get(9)?,
+            status,
+            payment_due_at: Timestamp(row.get(11)?),
+            payment_reference: row.get(12)?,
+            failure_reason: row.get(13)?,
+            grant_id: optional_id(row, 14)?,
+            entry_id: row.get(15)?,
+            created_at: Timestamp(row.get(16)?),
+            resolved_at: row.get::<_, Option<i64>>(17)?.map(Timestamp),
+        },
+        row.get(18)?,
+    ))
+}
+
+pub fn topup(
+    connection: &Connection,
+    id: &str,
+) -> rusqlite::Result<Option<crate::model::TopupRecord>> {
+    connection
+        .prepare_cached(&format!("SELECT {TOPUP_COLUMNS} FROM topups WHERE id = ?1"))?
+        .query_row([id], topup_row)
+        .map(|(record, _)| record)
+        .optional()
+}
+
+/// A customer's top-ups, newest first, from before `before` (a sequence);
+/// each with its sequence (the next page's cursor).
+pub fn topups(
+    connection: &Connection,
+    customer_id: &str,
+    before: Option<i64>,
+    limit: usize,
+) -> rusqlite::Result<Vec<(crate::model::TopupRecord, i64)>> {
+    let mut statement = connection.prepare_cached(&format!(
+        "SELECT {TOPUP_COLUMNS} FROM topups WHERE customer_id = ?1 AND sequence < ?2 \
+         ORDER BY sequence DESC LIMIT ?3"
+    ))?;
+    let rows = statement.query_map(
+        params![
+            customer_id,
+            before.unwrap_or(i64::MAX),
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ],
+        topup_row,
+    )?;
+    rows.collect()
+}
+
+pub fn insert_topup(
+    connection: &Connection,
+    topup: &crate::model::TopupRecord,
+) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached(
+            "INSERT INTO topups (id, customer_id, origin, pack, quantity, credits, price, currency, \
+             expires_after_days, priority, status, payment_due_at, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?
+        .execute(params![
+            topup.id.as_str(),
+            topup.customer_id.as_str(),
+            topup.origin,
+            topup.pack,
+            topup.quantity,
+            topup.credits.micros(),
+            topup.price.micros(),
+            topup.currency,
+            topup.expires_after_days,
+            topup.priority,
+            topup.status,
+            topup.payment_due_at.micros(),
+            topup.created_at.micros()
+        ])?;
+    Ok(())
+}
+
+/// Write a top-up's resolution (its status and what came of it).
+pub fn resolve_topup(
+    connection: &Connection,
+    topup: &crate::model::TopupRecord,
+) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached(
+            "UPDATE topups SET status = ?1, payment_reference = ?2, failure_reason = ?3, grant_id = ?4, \
+             entry_id = ?5, resolved_at = ?6 WHERE id = ?7",
+        )?
+        .execute(params![
+            topup.status,
+            topup.payment_reference,
+            topup.failure_reason,
+            topup.grant_id.as_ref().map(Id::as_str),
+            topup.entry_id,
+            topup.resolved_at.map(Timestamp::micros),
+            topup.id.as_str()
+        ])?;
+    Ok(())
+}
+
+/// The top-ups whose payment is overdue, oldest first.
+pub fn overdue_topups(
+    connection: &Connection,
+    now: Timestamp,
+    limit: i64,
+) -> rusqlite::Result<Vec<String>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT id FROM topups WHERE status = 'pending_payment' AND payment_due_at <= ?1 \
+         ORDER BY payment_due_at LIMIT ?2",
+    )?;
+    let rows = statement.query_map(params![now.micros(), limit], |row| row.get(0))?;
+    rows.collect()
+}
+
+/// The next automatic top-up's number.
+pub fn next_topup_sequence(connection: &Connection) -> rusqlite::Result<i64> {
+    connection
+        .prepare_cached("SELECT COALESCE(MAX(sequence), 0) + 1 FROM topups")?
+        .query_row([], |row| row.get(0))
+}
+
+pub fn auto_topup(
+    connection: &Connection,
+    customer_id: &str,
+) -> rusqlite::Result<Option<tally_core::AutoTopupState>> {
+    connection
+        .prepare_cached("SELECT body FROM auto_topups WHERE customer_id = ?1")?
+        .query_row([customer_id], |row| json(&row.get::<_, String>(0)?))
+        .optional()
+}
+
+pub fn upsert_auto_topup(
+    connection: &Connection,
+    customer_id: &str,
+    state: &tally_core::AutoTopupState,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    let body = serde_json::to_string(state).expect("auto top-up serializes");
+    connection
+        .prepare_cached(
+            "INSERT INTO auto_topups (customer_id, body, updated_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (customer_id) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
+        )?
+        .execute(params![customer_id, body, now.micros()])?;
+    Ok(())
+}

@@ -277,6 +277,49 @@ CREATE TABLE members (
 ) WITHOUT ROWID;
 "#,
     ),
+    (
+        9,
+        r#"
+-- Credit packs (the core's CreditPack as JSON).
+CREATE TABLE credit_packs (
+    key TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+-- Top-ups: a payment asked for, then the pack's credits granted (grant
+-- `topup:<id>`) once it is confirmed, or failed.
+CREATE TABLE topups (
+    sequence INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    customer_id TEXT NOT NULL REFERENCES customers(id),
+    origin TEXT NOT NULL CHECK (origin IN ('manual', 'auto')),
+    pack TEXT NOT NULL,
+    quantity INTEGER NOT NULL,
+    credits INTEGER NOT NULL,
+    price INTEGER NOT NULL,
+    currency TEXT NOT NULL,
+    -- The pack's terms when the top-up started: what the grant gets.
+    expires_after_days INTEGER,
+    priority INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending_payment', 'succeeded', 'failed')),
+    payment_due_at INTEGER NOT NULL,
+    payment_reference TEXT,
+    failure_reason TEXT,
+    grant_id TEXT,
+    entry_id INTEGER,
+    created_at INTEGER NOT NULL,
+    resolved_at INTEGER
+);
+CREATE INDEX topups_by_customer ON topups(customer_id, sequence);
+CREATE INDEX topups_payment_due ON topups(payment_due_at) WHERE status = 'pending_payment';
+-- A customer's automatic top-up (the core's AutoTopupState as JSON).
+CREATE TABLE auto_topups (
+    customer_id TEXT PRIMARY KEY REFERENCES customers(id),
+    body TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
+    ),
 ];
 
 /// Apply the migrations not yet applied; returns how many ran.

@@ -33,6 +33,7 @@ use crate::rows;
 
 mod notify;
 mod subscriptions;
+mod topups;
 
 use tally_core::pricebook::{self, Contract, Pricing, Usage};
 use tally_core::PricingError;
@@ -43,6 +44,9 @@ pub const MAX_BATCH: usize = 4096;
 const MAX_CACHED_CUSTOMERS: usize = 200_000;
 /// The most customers one tick expires (the next tick continues).
 const MAX_TICK_CUSTOMERS: i64 = 1000;
+/// Operation kinds that resolve something (a hold, a top-up's payment): a
+/// refusal is not their id's outcome, since the id names the thing resolved.
+const RESOLUTIONS: [&str; 2] = ["hold_resolution", "topup_resolution"];
 
 pub struct Job {
     pub command: Command,
@@ -268,6 +272,8 @@ struct Cached {
     alerts: Option<Alerts>,
     /// The balance (net of debt) after its last entry: what a threshold is crossed from.
     last_net: tally_core::Amount,
+    /// Its automatic top-up, if it has one.
+    auto: Option<tally_core::AutoTopupState>,
 }
 
 pub struct Writer {
@@ -282,6 +288,8 @@ pub struct Writer {
     stats: GroupStats,
     /// Every plan, by key.
     plans: HashMap<String, tally_core::Plan>,
+    /// Every credit pack, by key.
+    packs: HashMap<String, tally_core::CreditPack>,
     /// Every webhook endpoint and what it subscribed to.
     endpoints: Vec<notify::Endpoint>,
     /// Where durable balance changes are published (set when the writer runs).
@@ -290,6 +298,9 @@ pub struct Writer {
     group_changes: Vec<BalanceChange>,
     /// Subscriptions renewed since the tick began.
     renewals: usize,
+    /// Customers with an armed automatic top-up whose balance changed in
+    /// the command being applied: checked once it is complete.
+    topup_checks: Vec<Id>,
     operations: OperationIndex,
     catalog: Catalog,
     /// Set by a command that found its work already done (a repeated publish).
@@ -427,13 +438,16 @@ impl Writer {
         let catalog = Catalog::load(&connection)?;
         let letter_events = pending_letter_events(&connection)?;
         let plans = load_plans(&connection)?;
+        let packs = load_packs(&connection)?;
         let endpoints = notify::load_endpoints(&connection)?;
         Ok(Writer {
             plans,
+            packs,
             endpoints,
             live: None,
             group_changes: Vec::new(),
             renewals: 0,
+            topup_checks: Vec::new(),
             connection,
             clock,
             cache: HashMap::new(),
@@ -605,6 +619,7 @@ impl Writer {
         self.letter_events =
             pending_letter_events(&self.connection).unwrap_or_else(|e| reload("dead letters", e));
         self.plans = load_plans(&self.connection).unwrap_or_else(|e| reload("plans", e));
+        self.packs = load_packs(&self.connection).unwrap_or_else(|e| reload("credit packs", e));
         self.endpoints = notify::load_endpoints(&self.connection)
             .unwrap_or_else(|e| reload("webhook endpoints", e));
     }
@@ -676,6 +691,20 @@ impl Writer {
         hash: &[u8],
         actor: Option<&str>,
     ) -> Result<Executed, Failure> {
+        let executed = self.apply_command(command, hash, actor);
+        // Automatic top-ups look at the balance a whole command left (a
+        // renewal's expiry and grant, or several expiries, pass through
+        // balances no reader ever sees).
+        self.check_topups().map_err(Failure::Fatal)?;
+        executed
+    }
+
+    fn apply_command(
+        &mut self,
+        command: &Command,
+        hash: &[u8],
+        actor: Option<&str>,
+    ) -> Result<Executed, Failure> {
         let Some((kind, id)) = command.operation_key() else {
             let result = match command {
                 Command::Tick => self.tick().map_err(Failure::Fatal)?,
@@ -699,6 +728,12 @@ impl Writer {
             if stored_hash != *hash {
                 let error = if kind == "hold_resolution" {
                     StoreError::HoldAlreadyResolved(id.to_string())
+                } else if kind == "topup_resolution" {
+                    StoreError::Rejected(Refusal {
+                        code: "topup_not_pending".into(),
+                        message: format!("top-up {id} is already resolved"),
+                        available: None,
+                    })
                 } else {
                     StoreError::IdempotencyConflict(id.to_string())
                 };
@@ -718,7 +753,7 @@ impl Writer {
             Ok((outcome, charge)) => (Ok(outcome), charge),
             Err(Failure::Refused(error)) => {
                 let refusal = Refusal::from(&error);
-                let permanent = kind != "hold_resolution"
+                let permanent = !RESOLUTIONS.contains(&kind)
                     && !matches!(
                         error,
                         LedgerError::GrantNotFound(_) | LedgerError::HoldNotFound(_)
@@ -729,7 +764,7 @@ impl Writer {
                 (Err(refusal), None)
             }
             // A refused capture or release leaves the hold to be resolved later.
-            Err(Failure::Rejected(refusal)) if kind == "hold_resolution" => {
+            Err(Failure::Rejected(refusal)) if RESOLUTIONS.contains(&kind) => {
                 return Err(Failure::Store(StoreError::Rejected(refusal)))
             }
             Err(Failure::Rejected(refusal)) => (Err(refusal), None),
@@ -835,6 +870,7 @@ impl Writer {
             let overage_override =
                 rows::customer_overage_override(&self.connection, customer_id.as_str())?;
             let alerts = rows::alerts(&self.connection, customer_id.as_str())?;
+            let auto = rows::auto_topup(&self.connection, customer_id.as_str())?;
             // What the last entry reported: lots that expired since but are
             // not swept yet still count, so their expiry crosses thresholds.
             let last_net = match head {
@@ -859,6 +895,7 @@ impl Writer {
                     overage_override,
                     alerts,
                     last_net,
+                    auto,
                 },
             );
             self.refresh_overage(customer_id);
@@ -1105,6 +1142,22 @@ impl Writer {
                 self.record_delivery(delivery_id, *ok, *status, error.as_deref())?,
                 None,
             )),
+            Command::PutCreditPack(pack) => Ok((self.put_credit_pack(pack)?, None)),
+            Command::CreateTopup(request) => Ok((self.create_topup(request)?, None)),
+            Command::ConfirmTopup {
+                topup_id,
+                payment_reference,
+            } => Ok((
+                self.confirm_topup(topup_id, payment_reference.as_deref(), actor)?,
+                None,
+            )),
+            Command::FailTopup { topup_id, reason } => {
+                Ok((self.fail_topup(topup_id, reason)?, None))
+            }
+            Command::PutAutoTopup {
+                customer_id,
+                config,
+            } => Ok((self.put_auto_topup(customer_id, config)?, None)),
             Command::Event(_) => unreachable!("events are applied by apply_event"),
             Command::DeadLetter(letter) => {
                 Ok((Outcome::DeadLetter(self.dead_letter(letter)?), None))
@@ -1281,10 +1334,13 @@ impl Writer {
             member_id: request.member_id.clone(),
             reason: request.reason.clone(),
         };
-        let (hold, draft) = self
+        let placed = self
             .ledger(&request.customer_id)
-            .place_hold(&spend, expires_at, now)
-            .map_err(Failure::Refused)?;
+            .place_hold(&spend, expires_at, now);
+        let (hold, draft) = match placed {
+            Ok(placed) => placed,
+            Err(error) => return Err(self.refused(&request.customer_id, error)),
+        };
         rows::upsert_hold(&self.connection, &hold)?;
         if let Some(pricing) = &pricing {
             catalog::save_hold_pricing(&self.connection, hold.id.as_str(), pricing)?;
@@ -1734,11 +1790,22 @@ impl Writer {
         if spend.amount.is_zero() {
             return Ok((Vec::new(), ledger.free_use(spend, now)));
         }
-        if metered {
-            ledger.charge_metered(spend, now).map_err(Failure::Refused)
+        let result = if metered {
+            ledger.charge_metered(spend, now)
         } else {
-            ledger.charge(spend, now).map_err(Failure::Refused)
+            ledger.charge(spend, now)
+        };
+        result.map_err(|error| self.refused(customer_id, error))
+    }
+
+    /// A spend the ledger refused: one refused for want of credits may start
+    /// an automatic top-up (the balance may not have crossed the threshold
+    /// by an entry, e.g. right after a failed payment).
+    fn refused(&mut self, customer_id: &Id, error: LedgerError) -> Failure {
+        if matches!(error, LedgerError::InsufficientCredits { .. }) {
+            self.check_topup_later(customer_id);
         }
+        Failure::Refused(error)
     }
 
     /// Price usage for a customer now, by the version in effect and its contract.
@@ -2103,12 +2170,23 @@ impl Writer {
                 Err(Failure::Fatal(error)) => return Err(error),
             }
         }
+        let overdue = self.expire_topup_payments()?;
         // Renewals of plans without credits write no entry, but are work done.
-        let entries =
-            usize::try_from(self.next_entry_sequence - before).unwrap_or(0) + self.renewals;
+        let entries = usize::try_from(self.next_entry_sequence - before).unwrap_or(0)
+            + self.renewals
+            + overdue;
         self.notify_expiring()?;
         Ok(Outcome::Tick { entries })
     }
+}
+
+fn load_packs(
+    connection: &Connection,
+) -> rusqlite::Result<HashMap<String, tally_core::CreditPack>> {
+    Ok(rows::credit_packs(connection)?
+        .into_iter()
+        .map(|p| (p.key.clone(), p))
+        .collect())
 }
 
 fn load_plans(connection: &Connection) -> rusqlite::Result<HashMap<String, tally_core::Plan>> {

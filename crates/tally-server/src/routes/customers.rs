@@ -96,8 +96,9 @@ pub async fn set_overage(
 }
 
 /// The prefixes of grant ids Tally derives itself: refund grants, plan
-/// allocations and rolled-over plan credits.
-pub const DERIVED_GRANT_PREFIXES: [&str; 4] = ["refund:", "plan:", "rollover:", "transfer:"];
+/// allocations, rolled-over plan credits, transferred credits and top-ups.
+pub const DERIVED_GRANT_PREFIXES: [&str; 5] =
+    ["refund:", "plan:", "rollover:", "transfer:", "topup:"];
 
 pub fn unexpected() -> ApiError {
     ApiError::new("internal", "unexpected outcome for this request")

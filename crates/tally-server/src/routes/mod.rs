@@ -9,3 +9,4 @@ pub mod plans;
 pub mod pricebook;
 pub mod spend;
 pub mod system;
+pub mod topups;

@@ -72,6 +72,11 @@ impl Writer {
                 recorded_at: recorded,
             });
         }
+        // A void (a chargeback, a refunded purchase) does not buy credits by
+        // itself; the next spend below the threshold does.
+        if draft.kind != EntryKind::Void {
+            self.check_topup_later(&draft.customer_id);
+        }
         if self.endpoints.is_empty() {
             return Ok(());
         }

@@ -16,3 +16,4 @@ mod pricebook;
 mod routes;
 mod smoke;
 mod support;
+mod topups;

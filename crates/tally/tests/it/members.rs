@@ -3,15 +3,10 @@
 //! pass a budget; holds count and give back; events over budget become dead
 //! letters; budgets survive a restart and start afresh with the next window.
 
-use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use reqwest::StatusCode;
+use serde_json::json;
 
-use crate::support::{micros_of, Options, TestApp, ADMIN_KEY};
-
-async fn put(app: &TestApp, path: &str, body: Value) -> crate::support::Reply {
-    app.send(Method::PUT, path, Some(ADMIN_KEY), Some(&body))
-        .await
-}
+use crate::support::{micros_of, Options, TestApp};
 
 async fn charge(app: &TestApp, id: &str, member: &str, amount: &str) -> crate::support::Reply {
     app.post(
@@ -38,12 +33,12 @@ async fn a_member_budget_stops_the_second_teammate_before_the_pool_is_empty() {
     )
     .await;
     for (member, name, budget) in [("alice", "Alice", "3000"), ("bob", "Bob", "2000")] {
-        let reply = put(
-            &app,
-            &format!("/v1/customers/team/members/{member}"),
-            json!({ "name": name, "budget": { "amount": budget, "period": "month" } }),
-        )
-        .await;
+        let reply = app
+            .put(
+                &format!("/v1/customers/team/members/{member}"),
+                json!({ "name": name, "budget": { "amount": budget, "period": "month" } }),
+            )
+            .await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
         assert_eq!(reply.body["budget"]["remaining"], budget);
     }
@@ -120,8 +115,7 @@ async fn a_member_budget_stops_the_second_teammate_before_the_pool_is_empty() {
     assert_eq!(alice["budget"]["remaining"], "500");
 
     // 64 concurrent charges of 50 by dave (budget 1,000): exactly 20 pass.
-    put(
-        &app,
+    app.put(
         "/v1/customers/team/members/dave",
         json!({ "budget": { "amount": "1000", "period": "month" } }),
     )
@@ -178,7 +172,7 @@ async fn bad_members_are_refused() {
         json!({ "nickname": "x" }),
     ];
     for body in bad {
-        let reply = put(&app, "/v1/customers/team/members/m1", body.clone()).await;
+        let reply = app.put("/v1/customers/team/members/m1", body.clone()).await;
         assert_eq!(
             reply.status,
             StatusCode::BAD_REQUEST,
@@ -186,9 +180,11 @@ async fn bad_members_are_refused() {
             reply.body
         );
     }
-    let reply = put(&app, "/v1/customers/team/members/bad%20id", json!({})).await;
+    let reply = app
+        .put("/v1/customers/team/members/bad%20id", json!({}))
+        .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
-    let reply = put(&app, "/v1/customers/ghost/members/m1", json!({})).await;
+    let reply = app.put("/v1/customers/ghost/members/m1", json!({})).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert_eq!(
         app.get("/v1/customers/ghost/members").await.status,
@@ -273,8 +269,7 @@ async fn transfers_move_credits_between_customers_and_budget_between_members() {
     }
     // Budget between two members of one customer.
     for (member, budget) in [("alice", "1000"), ("bob", "100")] {
-        put(
-            &app,
+        app.put(
             &format!("/v1/customers/parent/members/{member}"),
             json!({ "budget": { "amount": budget, "period": "month" } }),
         )

@@ -12,20 +12,23 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode as AxumStatus};
 use hmac::{Hmac, Mac};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::Sha256;
 
 use crate::support::{Options, TestApp, ADMIN_KEY};
 
 #[derive(Default)]
-struct Received {
+pub(crate) struct Received {
     /// Every request: (delivery id, body, answered with success).
-    requests: Vec<(String, String, bool)>,
+    pub requests: Vec<(String, String, bool)>,
     /// Attempts to fail before succeeding, per delivery id.
-    failures_left: HashMap<String, u32>,
-    secret: String,
-    bad_signatures: usize,
+    pub failures_left: HashMap<String, u32>,
+    pub secret: String,
+    pub bad_signatures: usize,
+    /// Answer every correctly signed request with success (else the first
+    /// attempt of every delivery fails, the second of every other one too).
+    pub always_accept: bool,
 }
 
 async fn receive(
@@ -59,6 +62,10 @@ async fn receive(
         received.bad_signatures += 1;
         return AxumStatus::UNAUTHORIZED;
     }
+    if received.always_accept {
+        received.requests.push((delivery, body, true));
+        return AxumStatus::OK;
+    }
     // The first attempt of every delivery fails, the second of every other one too.
     let left = received
         .failures_left
@@ -74,7 +81,7 @@ async fn receive(
     }
 }
 
-async fn start_receiver(received: Arc<Mutex<Received>>) -> String {
+pub(crate) async fn start_receiver(received: Arc<Mutex<Received>>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let app = axum::Router::new()
@@ -82,11 +89,6 @@ async fn start_receiver(received: Arc<Mutex<Received>>) -> String {
         .with_state(received);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{address}/hook")
-}
-
-async fn put(app: &TestApp, path: &str, body: Value) -> crate::support::Reply {
-    app.send(Method::PUT, path, Some(ADMIN_KEY), Some(&body))
-        .await
 }
 
 #[tokio::test]
@@ -109,19 +111,18 @@ async fn webhooks_are_signed_retried_and_delivered_once_per_delivery_id() {
     assert!(secret.starts_with("whsec_"));
     received.lock().unwrap().secret = secret;
 
-    put(
-        &app,
+    app.put(
         "/v1/plans/pro",
         json!({ "name": "Pro", "period": { "days": 30 }, "included_credits": "0" }),
     )
     .await;
     app.customer("cus").await;
-    let alerts = put(
-        &app,
-        "/v1/customers/cus/alerts",
-        json!({ "low_balance": ["100", "10"], "grant_expiring_days": 3 }),
-    )
-    .await;
+    let alerts = app
+        .put(
+            "/v1/customers/cus/alerts",
+            json!({ "low_balance": ["100", "10"], "grant_expiring_days": 3 }),
+        )
+        .await;
     assert_eq!(alerts.status, StatusCode::OK, "{}", alerts.body);
     assert_eq!(alerts.body["low_balance"], json!(["10", "100"]));
     let expires = app.get("/v1/clock").await.str("now").to_string();
@@ -156,12 +157,12 @@ async fn webhooks_are_signed_retried_and_delivered_once_per_delivery_id() {
         )
         .await;
     assert_eq!(hold.status, StatusCode::OK, "{}", hold.body);
-    let sub = put(
-        &app,
-        "/v1/customers/cus/subscription",
-        json!({ "id": "s1", "plan": "pro" }),
-    )
-    .await;
+    let sub = app
+        .put(
+            "/v1/customers/cus/subscription",
+            json!({ "id": "s1", "plan": "pro" }),
+        )
+        .await;
     assert_eq!(sub.status, StatusCode::OK, "{}", sub.body);
     // The hold times out (hold.expired), the lot expires two days in
     // (grant.expired, then depleted again); retries come due as the clock moves.
@@ -397,7 +398,7 @@ async fn bad_alerts_and_endpoints_are_refused() {
         json!({ "bogus": true }),
     ];
     for body in bad_alerts {
-        let reply = put(&app, "/v1/customers/cus/alerts", body.clone()).await;
+        let reply = app.put("/v1/customers/cus/alerts", body.clone()).await;
         assert_eq!(
             reply.status,
             StatusCode::BAD_REQUEST,
@@ -405,12 +406,12 @@ async fn bad_alerts_and_endpoints_are_refused() {
             reply.body
         );
     }
-    let reply = put(
-        &app,
-        "/v1/customers/ghost/alerts",
-        json!({ "low_balance": ["1"] }),
-    )
-    .await;
+    let reply = app
+        .put(
+            "/v1/customers/ghost/alerts",
+            json!({ "low_balance": ["1"] }),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     let bad_endpoints = [
         json!({ "id": "e1", "url": "ftp://x/y", "events": ["*"] }),

@@ -1,8 +1,9 @@
 //! Plans and subscriptions over HTTP on the manual clock: a year of monthly
-//! renewals with rollover (the ledger replayed and the balance checked every
-//! simulated day), the expiry-versus-upgrade scenario, a change at the period
-//! end and cancellation, renewals caught up after a SIGKILL and restart
-//! exactly once, the overage policy inherited from the plan, and bad input.
+//! renewals with rollover and of automatic top-ups (the ledgers replayed and
+//! the balances checked every simulated day), the expiry-versus-upgrade
+//! scenario, a change at the period end and cancellation, renewals caught up
+//! after a SIGKILL and restart exactly once, the overage policy inherited
+//! from the plan, and bad input.
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -19,41 +20,22 @@ async fn manual_app() -> TestApp {
     .await
 }
 
-async fn put(app: &TestApp, path: &str, body: Value) -> crate::support::Reply {
-    app.send(Method::PUT, path, Some(ADMIN_KEY), Some(&body))
-        .await
-}
-
 async fn put_plan(app: &TestApp, key: &str, body: Value) {
-    let reply = put(app, &format!("/v1/plans/{key}"), body).await;
+    let reply = app.put(&format!("/v1/plans/{key}"), body).await;
     assert_eq!(reply.status, StatusCode::OK, "plan {key}: {}", reply.body);
 }
 
 async fn subscribe(app: &TestApp, customer: &str, body: Value) -> Value {
-    let reply = put(app, &format!("/v1/customers/{customer}/subscription"), body).await;
+    let reply = app
+        .put(&format!("/v1/customers/{customer}/subscription"), body)
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "subscribe: {}", reply.body);
     reply.body
-}
-
-async fn advance(app: &TestApp, seconds: i64) -> String {
-    let reply = app
-        .post("/v1/clock/advance", json!({ "seconds": seconds }))
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "advance: {}", reply.body);
-    reply.str("now").to_string()
 }
 
 async fn advance_to(app: &TestApp, to: &str) {
     let reply = app.post("/v1/clock/advance", json!({ "to": to })).await;
     assert_eq!(reply.status, StatusCode::OK, "advance: {}", reply.body);
-}
-
-async fn charge(app: &TestApp, customer: &str, id: &str, amount: &str) -> crate::support::Reply {
-    app.post(
-        "/v1/charges",
-        json!({ "id": id, "customer_id": customer, "amount": amount }),
-    )
-    .await
 }
 
 fn grants_with_prefix<'a>(entries: &'a [Value], kind: &str, prefix: &str) -> Vec<&'a Value> {
@@ -67,7 +49,10 @@ fn grants_with_prefix<'a>(entries: &'a [Value], kind: &str, prefix: &str) -> Vec
 /// The Pro plan (10,000 credits a month, 50% rollover expiring after one
 /// period) for a year: usage every day, the ledger replayed and the balance
 /// compared with it every simulated day; 13 allocations (the start and 12
-/// renewals), each granted once, and every rollover at most 5,000.
+/// renewals), each granted once, and every rollover at most 5,000. Beside
+/// it, a customer without a plan lives on automatic top-ups for the same
+/// year: each confirmed payment is one lot, declines suspend it, and its
+/// ledger is replayed every day too.
 #[tokio::test]
 async fn a_year_of_monthly_renewals_with_rollover_replays_every_day() {
     let app = manual_app().await;
@@ -91,16 +76,83 @@ async fn a_year_of_monthly_renewals_with_rollover_replays_every_day() {
         "pro",
         "the subscription sets the customer's plan for pricing"
     );
+    // Top-ups too: beta has no plan and lives on packs of 500 credits (that
+    // expire after 45 days), bought automatically below 300 up to 1,200. The
+    // test is the payment system: it pays in the first two months of each
+    // quarter and declines in the third, where two declines in a row suspend
+    // the automatic top-up (and beta runs dry) until it is set again.
+    let pack = app
+        .put(
+            "/v1/credit-packs/p500",
+            json!({ "name": "500 credits", "credits": "500", "price": "5", "currency": "USD",
+                "expires_after_days": 45 }),
+        )
+        .await;
+    assert_eq!(pack.status, StatusCode::OK, "{}", pack.body);
+    app.customer("beta").await;
+    let auto = json!({ "pack": "p500", "threshold": "300", "target": "1200", "max_per_day": 1,
+                       "max_failures": 2, "payment_timeout_seconds": 3600 });
+    let set = app.put("/v1/customers/beta/auto-topup", auto.clone()).await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.body);
+    // beta starts with nothing, below the threshold: the first starts at once.
+    let first = set.body["pending_topup"].as_str().unwrap();
+    let reply = app
+        .post(&format!("/v1/topups/{first}/confirm"), json!({}))
+        .await;
+    assert_eq!(
+        reply.body["balance_after"], "1500",
+        "3 packs: {}",
+        reply.body
+    );
+    let (mut paid, mut declined, mut suspensions, mut beta_refused) = (1, 0, 0, 0);
     let mut refused = 0;
     for day in 1..=366 {
-        advance(&app, DAY).await;
+        app.advance(DAY).await;
         // 150 to 549 credits a day: some months run dry, others leave credits over.
         let amount = (150 + (day * 53) % 400).to_string();
-        let reply = charge(&app, "acme", &format!("day_{day}"), &amount).await;
+        let reply = app.charge("acme", &format!("day_{day}"), &amount).await;
         match reply.status {
             StatusCode::OK => {}
             StatusCode::PAYMENT_REQUIRED => refused += 1,
             other => panic!("charge on day {day}: {other} {}", reply.body),
+        }
+        let reply = app
+            .charge(
+                "beta",
+                &format!("beta_{day}"),
+                &(200 + (day * 37) % 200).to_string(),
+            )
+            .await;
+        match reply.status {
+            StatusCode::OK => {}
+            StatusCode::PAYMENT_REQUIRED => beta_refused += 1,
+            other => panic!("beta's charge on day {day}: {other} {}", reply.body),
+        }
+        let paying = (day / 30) % 3 != 2;
+        let mut state = app.get("/v1/customers/beta/auto-topup").await.body;
+        if paying && state["status"] == "suspended" {
+            // Set again: resumed, and (beta being low) a top-up starts at once.
+            suspensions += 1;
+            let set = app.put("/v1/customers/beta/auto-topup", auto.clone()).await;
+            assert_eq!(set.status, StatusCode::OK, "{}", set.body);
+            state = set.body;
+        }
+        if let Some(pending) = state["pending_topup"].as_str() {
+            let balance = micros_of(&app.balance("beta").await["available"]);
+            assert!(balance < micros("300"), "day {day}: a top-up at {balance}");
+            let reply = if paying {
+                paid += 1;
+                app.post(&format!("/v1/topups/{pending}/confirm"), json!({}))
+                    .await
+            } else {
+                declined += 1;
+                app.post(
+                    &format!("/v1/topups/{pending}/fail"),
+                    json!({ "reason": "card_declined" }),
+                )
+                .await
+            };
+            assert_eq!(reply.status, StatusCode::OK, "day {day}: {}", reply.body);
         }
         let entries = app.ledger_all("acme").await;
         let replayed = assert_replayable(&entries);
@@ -117,6 +169,14 @@ async fn a_year_of_monthly_renewals_with_rollover_replays_every_day() {
             .map(|g| micros_of(&g["remaining"]))
             .sum();
         assert_eq!(shown, replayed, "day {day}: the lots add up to the balance");
+        let entries = app.ledger_all("beta").await;
+        let replayed = assert_replayable(&entries);
+        let balance = app.balance("beta").await;
+        assert_eq!(
+            micros_of(&balance["available"]),
+            replayed,
+            "day {day}: beta's balance"
+        );
     }
     let entries = app.ledger_all("acme").await;
     let allocations = grants_with_prefix(&entries, "grant", "plan:sub_acme:");
@@ -138,6 +198,32 @@ async fn a_year_of_monthly_renewals_with_rollover_replays_every_day() {
     );
     assert!(rollovers.iter().all(|r| *r <= micros("5000")));
     assert!(refused > 0, "some month ran dry");
+    // Every confirmed payment granted one lot, once; none for a declined one.
+    let entries_beta = app.ledger_all("beta").await;
+    let topups = grants_with_prefix(&entries_beta, "grant", "topup:");
+    assert!(
+        paid >= 40 && declined >= 8 && suspensions >= 4 && beta_refused > 0,
+        "{paid} paid, {declined} declined, {suspensions} suspensions, {beta_refused} refused"
+    );
+    assert_eq!(topups.len(), paid, "one lot per confirmed payment");
+    let mut references: Vec<&str> = topups
+        .iter()
+        .map(|e| e["reference"].as_str().unwrap())
+        .collect();
+    references.sort();
+    references.dedup();
+    assert_eq!(references.len(), paid);
+    let listed = app.get("/v1/customers/beta/topups?limit=1000").await.body;
+    let status_count = |status: &str| {
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["status"] == status)
+            .count()
+    };
+    assert_eq!(status_count("succeeded"), paid);
+    assert_eq!(status_count("failed"), declined);
     let sub = app.get("/v1/customers/acme/subscription").await;
     assert_eq!(sub.body["period"], 12, "{}", sub.body);
     // A rollover is explained in the ledger.
@@ -176,12 +262,9 @@ async fn credits_that_expired_yesterday_come_back_with_an_upgrade_today() {
     app.customer("cus").await;
     let sub = subscribe(&app, "cus", json!({ "id": "s1", "plan": "basic" })).await;
     let period_end = sub["current_period_end"].as_str().unwrap().to_string();
-    assert_eq!(
-        charge(&app, "cus", "c1", "400").await.status,
-        StatusCode::OK
-    );
+    assert_eq!(app.charge("cus", "c1", "400").await.status, StatusCode::OK);
     advance_to(&app, &period_end).await;
-    advance(&app, DAY - 3600).await;
+    app.advance(DAY - 3600).await;
     // Renewed: a fresh 1,000; the 600 left of the first month expired.
     assert_eq!(
         micros_of(&app.balance("cus").await["available"]),
@@ -215,12 +298,12 @@ async fn credits_that_expired_yesterday_come_back_with_an_upgrade_today() {
         .unwrap()
         .contains("upgrade grace"));
     // A retry of the same change is the same answer, and changes nothing.
-    let again = put(
-        &app,
-        "/v1/customers/cus/subscription",
-        json!({ "id": "up1", "plan": "pro" }),
-    )
-    .await;
+    let again = app
+        .put(
+            "/v1/customers/cus/subscription",
+            json!({ "id": "up1", "plan": "pro" }),
+        )
+        .await;
     assert_eq!(again.status, StatusCode::OK);
     assert!(again.replayed());
     assert_eq!(
@@ -260,7 +343,7 @@ async fn changes_and_cancellation_at_the_period_end() {
         micros_of(&app.balance("cus").await["available"]),
         micros("1000")
     );
-    advance(&app, 30 * DAY).await;
+    app.advance(30 * DAY).await;
     assert_eq!(
         micros_of(&app.balance("cus").await["available"]),
         micros("100")
@@ -278,11 +361,11 @@ async fn changes_and_cancellation_at_the_period_end() {
         .await;
     assert_eq!(canceled.status, StatusCode::OK, "{}", canceled.body);
     assert_eq!(canceled.body["cancel_at_period_end"], true);
-    advance(&app, 30 * DAY).await;
+    app.advance(30 * DAY).await;
     let sub = app.get("/v1/customers/cus/subscription").await.body;
     assert_eq!(sub["status"], "canceled");
     assert_eq!(micros_of(&app.balance("cus").await["available"]), 0);
-    advance(&app, 90 * DAY).await;
+    app.advance(90 * DAY).await;
     let entries = app.ledger_all("cus").await;
     assert_eq!(grants_with_prefix(&entries, "grant", "plan:").len(), 2);
     assert_eq!(app.get("/v1/customers/cus").await.body["plan"], Value::Null);
@@ -341,7 +424,7 @@ async fn renewals_caught_up_in_one_step_are_granted_once_across_restarts() {
     .await;
     app.customer("cus").await;
     subscribe(&app, "cus", json!({ "id": "s1", "plan": "pro" })).await;
-    advance(&app, 40 * DAY).await;
+    app.advance(40 * DAY).await;
     assert_eq!(
         micros_of(&app.balance("cus").await["available"]),
         micros("1000")
@@ -371,14 +454,14 @@ async fn renewals_caught_up_in_one_step_are_granted_once_across_restarts() {
         .await
         .unwrap();
     assert!(!second.status.success(), "a second server must not start");
-    advance(&app, 100 * DAY).await;
+    app.advance(100 * DAY).await;
     let entries = app.ledger_all("cus").await;
     let allocations = grants_with_prefix(&entries, "grant", "plan:s1:");
     // 140 days: the start and 4 renewals; 3-period allocations overlap.
     assert_eq!(allocations.len(), 5);
     app.kill().await;
     app.start().await;
-    advance(&app, 0).await;
+    app.advance(0).await;
     let entries = app.ledger_all("cus").await;
     assert_eq!(grants_with_prefix(&entries, "grant", "plan:s1:").len(), 5);
     let replayed = assert_replayable(&entries);
@@ -405,24 +488,21 @@ async fn subscribers_inherit_the_plans_overage_policy() {
         app.get("/v1/customers/a").await.body["overage"]["policy"],
         "allow_negative"
     );
-    let reply = charge(&app, "a", "a1", "40").await;
+    let reply = app.charge("a", "a1", "40").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     assert_eq!(reply.body["on_debt"], "30");
     assert_eq!(
-        charge(&app, "a", "a2", "31").await.status,
+        app.charge("a", "a2", "31").await.status,
         StatusCode::PAYMENT_REQUIRED
     );
     // b sets its own policy: block. It wins over the plan's, also after a restart.
-    let own = put(
-        &app,
-        "/v1/customers/b/overage",
-        json!({ "policy": "block" }),
-    )
-    .await;
+    let own = app
+        .put("/v1/customers/b/overage", json!({ "policy": "block" }))
+        .await;
     assert_eq!(own.status, StatusCode::OK);
     assert_eq!(own.body["overage"]["policy"], "block");
     assert_eq!(
-        charge(&app, "b", "b1", "11").await.status,
+        app.charge("b", "b1", "11").await.status,
         StatusCode::PAYMENT_REQUIRED
     );
     let mut app = app;
@@ -433,7 +513,7 @@ async fn subscribers_inherit_the_plans_overage_policy() {
         "block"
     );
     assert_eq!(
-        charge(&app, "b", "b2", "11").await.status,
+        app.charge("b", "b2", "11").await.status,
         StatusCode::PAYMENT_REQUIRED
     );
     assert_eq!(
@@ -448,12 +528,12 @@ async fn subscribers_inherit_the_plans_overage_policy() {
     )
     .await;
     assert_eq!(
-        charge(&app, "a", "a3", "1").await.status,
+        app.charge("a", "a3", "1").await.status,
         StatusCode::PAYMENT_REQUIRED
     );
     assert_eq!(app.balance("a").await["debt"], "30");
     // The next allocation repays the debt first.
-    advance(&app, 31 * DAY).await;
+    app.advance(31 * DAY).await;
     let balance = app.balance("a").await;
     assert_eq!(balance["debt"], "20");
     assert_eq!(balance["available"], "0");
@@ -505,7 +585,7 @@ async fn bad_plans_and_subscriptions_are_refused_and_change_nothing() {
         (json!({ "period": "month", "included_credits": "1" }), ""),
     ];
     for (body, param) in bad_plans {
-        let reply = put(&app, "/v1/plans/other", body.clone()).await;
+        let reply = app.put("/v1/plans/other", body.clone()).await;
         assert_eq!(
             reply.status,
             StatusCode::BAD_REQUEST,
@@ -520,12 +600,12 @@ async fn bad_plans_and_subscriptions_are_refused_and_change_nothing() {
         app.get("/v1/plans/other").await.status,
         StatusCode::NOT_FOUND
     );
-    let reply = put(
-        &app,
-        "/v1/plans/pro",
-        json!({ "name": "Pro", "period": "year", "included_credits": "100" }),
-    )
-    .await;
+    let reply = app
+        .put(
+            "/v1/plans/pro",
+            json!({ "name": "Pro", "period": "year", "included_credits": "100" }),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
     assert_eq!(reply.code(), "plan_period_fixed");
     assert_eq!(app.get("/v1/plans/pro").await.body["period"], "month");
@@ -534,39 +614,39 @@ async fn bad_plans_and_subscriptions_are_refused_and_change_nothing() {
 
     app.customer("cus").await;
     let path = "/v1/customers/cus/subscription";
-    let reply = put(&app, path, json!({ "id": "s1", "plan": "nope" })).await;
+    let reply = app.put(path, json!({ "id": "s1", "plan": "nope" })).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
-    let reply = put(
-        &app,
-        "/v1/customers/ghost/subscription",
-        json!({ "id": "s1", "plan": "pro" }),
-    )
-    .await;
+    let reply = app
+        .put(
+            "/v1/customers/ghost/subscription",
+            json!({ "id": "s1", "plan": "pro" }),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
-    let reply = put(
-        &app,
-        path,
-        json!({ "id": "s1", "plan": "pro", "change": "later" }),
-    )
-    .await;
+    let reply = app
+        .put(
+            path,
+            json!({ "id": "s1", "plan": "pro", "change": "later" }),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
-    let reply = put(
-        &app,
-        path,
-        json!({ "id": "s1", "plan": "pro", "start_at": "2001-01-01T00:00:00Z" }),
-    )
-    .await;
+    let reply = app
+        .put(
+            path,
+            json!({ "id": "s1", "plan": "pro", "start_at": "2001-01-01T00:00:00Z" }),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
     // That id failed; it keeps failing the same way.
-    let reply = put(
-        &app,
-        path,
-        json!({ "id": "s1", "plan": "pro", "start_at": "2001-01-01T00:00:00Z" }),
-    )
-    .await;
+    let reply = app
+        .put(
+            path,
+            json!({ "id": "s1", "plan": "pro", "start_at": "2001-01-01T00:00:00Z" }),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     assert!(reply.replayed());
-    let reply = put(&app, path, json!({ "id": "s1", "plan": "pro" })).await;
+    let reply = app.put(path, json!({ "id": "s1", "plan": "pro" })).await;
     assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
     assert_eq!(app.get(path).await.status, StatusCode::NOT_FOUND);
     assert_eq!(micros_of(&app.balance("cus").await["available"]), 0);
@@ -624,12 +704,12 @@ async fn a_refused_renewal_blocks_nothing_and_a_scheduled_cancel_keeps_the_plan(
         .await;
     assert_eq!(reply.status, StatusCode::OK);
     app.grant("whale", "g1", "999999999500").await;
-    let refused = put(
-        &app,
-        "/v1/customers/whale/subscription",
-        json!({ "id": "s_now", "plan": "big" }),
-    )
-    .await;
+    let refused = app
+        .put(
+            "/v1/customers/whale/subscription",
+            json!({ "id": "s_now", "plan": "big" }),
+        )
+        .await;
     assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
     assert_eq!(
         app.get("/v1/customers/whale/subscription").await.status,
@@ -647,10 +727,10 @@ async fn a_refused_renewal_blocks_nothing_and_a_scheduled_cancel_keeps_the_plan(
     let sub = app.get("/v1/customers/whale/subscription").await;
     assert_eq!(sub.status, StatusCode::OK, "{}", sub.body);
     assert_eq!(sub.body["status"], "scheduled");
-    let reply = charge(&app, "whale", "c1", "600").await;
+    let reply = app.charge("whale", "c1", "600").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     // With room again, the next operation starts it at its own instant.
-    let reply = charge(&app, "whale", "c2", "1").await;
+    let reply = app.charge("whale", "c2", "1").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     let sub = app.get("/v1/customers/whale/subscription").await.body;
     assert_eq!(sub["status"], "active");

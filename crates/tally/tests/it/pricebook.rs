@@ -79,19 +79,14 @@ fn names_rules(message: &str, i: usize, j: usize) -> bool {
         || (lower.contains(&format!("rule {i} ")) && lower.contains(&format!("rule {j} ")))
 }
 
-async fn put(app: &TestApp, path: &str, body: Value) -> Reply {
-    app.send(Method::PUT, path, Some(ADMIN_KEY), Some(&body))
-        .await
-}
-
 async fn feature(app: &TestApp, key: &str) {
     let name = format!("Feature {key}");
-    let reply = put(
-        app,
-        &format!("/v1/features/{key}"),
-        json!({ "name": name, "unit": "unit" }),
-    )
-    .await;
+    let reply = app
+        .put(
+            &format!("/v1/features/{key}"),
+            json!({ "name": name, "unit": "unit" }),
+        )
+        .await;
     let body = ok(&reply);
     assert_eq!(body["key"], key);
     assert_eq!(body["name"], name.as_str());
@@ -111,12 +106,12 @@ async fn new_draft(app: &TestApp, id: &str, from: Option<&str>) -> Value {
 }
 
 async fn set_rules(app: &TestApp, id: &str, rules: &Value) -> Value {
-    let reply = put(
-        app,
-        &format!("/v1/pricebooks/{id}/rules"),
-        json!({ "rules": rules }),
-    )
-    .await;
+    let reply = app
+        .put(
+            &format!("/v1/pricebooks/{id}/rules"),
+            json!({ "rules": rules }),
+        )
+        .await;
     let body = ok(&reply);
     assert_eq!(&body["rules"], rules, "rules are stored as given");
     body
@@ -760,12 +755,8 @@ async fn locked_contract_survives_a_price_increase() {
 
     // A locks the rates of the version in effect now: v1.
     let a = fresh(
-        &put(
-            &app,
-            &contract_path("a"),
-            json!({"id": "ka", "lock_rates": true}),
-        )
-        .await,
+        &app.put(&contract_path("a"), json!({"id": "ka", "lock_rates": true}))
+            .await,
     );
     assert_eq!(a["pinned_pricebook"], "v1");
     assert_eq!(a["customer_id"], "a");
@@ -776,8 +767,7 @@ async fn locked_contract_survives_a_price_increase() {
     release(&app, "v2", Some("v1"), &book("10"), Some(&at(60))).await;
     // E's contract starts at T0 + 120 s, when v2 will be in effect: it pins v2.
     let e = fresh(
-        &put(
-            &app,
+        &app.put(
             &contract_path("e"),
             json!({"id": "ke", "lock_rates": true, "effective_from": at(120)}),
         )
@@ -787,8 +777,7 @@ async fn locked_contract_survives_a_price_increase() {
     // C: a fixed price per 1000 actions (its own rule, never multiplied), and
     // 20% off the price book.
     let c = fresh(
-        &put(
-            &app,
+        &app.put(
             &contract_path("c"),
             json!({"id": "kc", "multiplier": "0.8",
                    "rules": [{"feature": "actions", "block": {"size": 1000, "credits": "5"}}]}),
@@ -798,9 +787,7 @@ async fn locked_contract_survives_a_price_increase() {
     assert_eq!(c["multiplier"], "0.8");
     // D: a contract for one hour only, starting at T0 + 3600 s.
     fresh(
-        &put(
-            &app,
-            &contract_path("d"),
+        &app.put(&contract_path("d"),
             json!({"id": "kd", "effective_from": at(3600), "effective_to": at(7200), "multiplier": "0.5",
                    "rules": [{"feature": "ai_enrich", "credits_per_unit": "1"}]}),
         )
@@ -1068,7 +1055,7 @@ async fn locked_contract_survives_a_price_increase() {
     .await;
 
     // A new contract (new id) replaces C's: book prices, no discount.
-    fresh(&put(&app, &contract_path("c"), json!({"id": "kc2"})).await);
+    fresh(&app.put(&contract_path("c"), json!({"id": "kc2"})).await);
     charge_priced(
         &app,
         "c6",
@@ -1152,8 +1139,7 @@ async fn publishing_rules_and_errors() {
 
     // Rates cannot be locked while no version is in effect.
     assert_error(
-        &put(
-            &app,
+        &app.put(
             "/v1/customers/c/contract",
             json!({"id": "k-early", "lock_rates": true}),
         )
@@ -1225,7 +1211,7 @@ async fn publishing_rules_and_errors() {
         (&limited_tiers, vec!["Rule 0"]),
         (&decreasing_tiers, vec!["Rule 0"]),
     ] {
-        let reply = put(&app, rules_path, json!({ "rules": rules })).await;
+        let reply = app.put(rules_path, json!({ "rules": rules })).await;
         assert_error(&reply, 422, "invalid_rules");
         for needle in needle {
             assert!(
@@ -1245,7 +1231,7 @@ async fn publishing_rules_and_errors() {
         (&overlap_matches, 0, 2),
         (&overlap_plan, 1, 2),
     ] {
-        let reply = put(&app, rules_path, json!({ "rules": rules })).await;
+        let reply = app.put(rules_path, json!({ "rules": rules })).await;
         assert_error(&reply, 422, "invalid_rules");
         assert!(
             names_rules(&message(&reply), i, j),
@@ -1279,7 +1265,7 @@ async fn publishing_rules_and_errors() {
         ),
         (json!([{"feature": "bad key!", "credits_per_unit": "1"}]), 0),
     ] {
-        let reply = put(&app, rules_path, json!({ "rules": rules })).await;
+        let reply = app.put(rules_path, json!({ "rules": rules })).await;
         assert_error(&reply, 400, "invalid_request");
         assert!(
             message(&reply).contains(&format!("rule {index}")),
@@ -1289,7 +1275,8 @@ async fn publishing_rules_and_errors() {
         assert_eq!(pricebook(&app, "v1").await["rules"], good);
     }
     assert_error(
-        &put(&app, rules_path, json!({"rules": {"feature": "x"}})).await,
+        &app.put(rules_path, json!({"rules": {"feature": "x"}}))
+            .await,
         400,
         "invalid_request",
     );
@@ -1340,13 +1327,12 @@ async fn publishing_rules_and_errors() {
     );
     // Editing a published version.
     assert_error(
-        &put(&app, rules_path, json!({ "rules": overlap_plain })).await,
+        &app.put(rules_path, json!({ "rules": overlap_plain })).await,
         409,
         "pricebook_not_draft",
     );
     assert_error(
-        &put(
-            &app,
+        &app.put(
             rules_path,
             json!({"rules": [{"feature": "ai_enrich", "credits_per_unit": "1"}]}),
         )
@@ -1456,7 +1442,8 @@ async fn publishing_rules_and_errors() {
     let versions = ok(&app.get("/v1/pricebooks").await);
     assert_error(&app.get("/v1/pricebooks/nope").await, 404, "not_found");
     assert_error(
-        &put(&app, "/v1/pricebooks/nope/rules", json!({ "rules": good })).await,
+        &app.put("/v1/pricebooks/nope/rules", json!({ "rules": good }))
+            .await,
         404,
         "not_found",
     );
@@ -1505,42 +1492,47 @@ async fn publishing_rules_and_errors() {
         json!({"id": "k-neg", "multiplier": "-0.5"}),
         json!({"id": "k-bad", "rules": [{"feature": "ai_enrich"}]}),
     ] {
-        assert_error(&put(&app, path, body.clone()).await, 400, "invalid_request");
+        assert_error(&app.put(path, body.clone()).await, 400, "invalid_request");
         assert_error(&app.get(path).await, 404, "not_found");
     }
-    let reply = put(
-        &app,
-        path,
-        json!({"id": "k-overlap", "rules": [
+    let reply = app
+        .put(
+            path,
+            json!({"id": "k-overlap", "rules": [
             {"feature": "ai_enrich", "credits_per_unit": "1"},
             {"feature": "ai_enrich", "credits_per_unit": "2"}]}),
-    )
-    .await;
+        )
+        .await;
     assert_error(&reply, 422, "invalid_rules");
     assert!(names_rules(&message(&reply), 0, 1), "{}", reply.body);
-    let reply = put(
-        &app,
-        path,
-        json!({"id": "k-ghost", "rules": [{"feature": "ghost", "credits_per_unit": "1"}]}),
-    )
-    .await;
+    let reply = app
+        .put(
+            path,
+            json!({"id": "k-ghost", "rules": [{"feature": "ghost", "credits_per_unit": "1"}]}),
+        )
+        .await;
     assert_error(&reply, 422, "invalid_rules");
     assert_error(&app.get(path).await, 404, "not_found");
     assert_error(
-        &put(&app, "/v1/customers/nobody/contract", json!({"id": "k-x"})).await,
+        &app.put("/v1/customers/nobody/contract", json!({"id": "k-x"}))
+            .await,
         404,
         "not_found",
     );
 
-    let contract = fresh(&put(&app, path, json!({"id": "k1", "pinned_pricebook": "v1"})).await);
+    let contract = fresh(
+        &app.put(path, json!({"id": "k1", "pinned_pricebook": "v1"}))
+            .await,
+    );
     assert_eq!(contract["pinned_pricebook"], "v1");
     assert_eq!(contract["multiplier"], Value::Null);
-    let again = put(&app, path, json!({"id": "k1", "pinned_pricebook": "v1"})).await;
+    let again = app
+        .put(path, json!({"id": "k1", "pinned_pricebook": "v1"}))
+        .await;
     assert_eq!(ok(&again), contract);
     assert!(again.replayed());
     assert_error(
-        &put(
-            &app,
+        &app.put(
             path,
             json!({"id": "k1", "pinned_pricebook": "v1", "multiplier": "0.5"}),
         )
@@ -2556,12 +2548,12 @@ async fn free_tiers_captures_and_contract_schedules() {
     ]);
     release(&app, "v2", None, &v2, Some(&at(3600))).await;
     advance_to(&app, &at(7200)).await;
-    let locked = ok(&put(
-        &app,
-        "/v1/customers/c/contract",
-        json!({"id": "k1", "effective_from": T0, "lock_rates": true}),
-    )
-    .await);
+    let locked = ok(&app
+        .put(
+            "/v1/customers/c/contract",
+            json!({"id": "k1", "effective_from": T0, "lock_rates": true}),
+        )
+        .await);
     assert_eq!(locked["pinned_pricebook"], "v1");
     assert_eq!(
         ok(&charge_usage(&app, "x1", "c", "x", "1", None).await)["amount"],
@@ -2570,7 +2562,7 @@ async fn free_tiers_captures_and_contract_schedules() {
 
     // A renewal set now for later does not unlock the customer today.
     let renewal = json!({"id": "k2", "effective_from": at(86_400), "multiplier": "3"});
-    ok(&put(&app, "/v1/customers/c/contract", renewal).await);
+    ok(&app.put("/v1/customers/c/contract", renewal).await);
     assert_eq!(
         ok(&charge_usage(&app, "x2", "c", "x", "1", None).await)["amount"],
         "1"

@@ -181,6 +181,31 @@ impl TestApp {
             .await
     }
 
+    /// PUT as admin.
+    pub async fn put(&self, path: &str, body: Value) -> Reply {
+        self.send(reqwest::Method::PUT, path, Some(ADMIN_KEY), Some(&body))
+            .await
+    }
+
+    /// Move the manual clock `seconds` ahead (running what is due), asserting
+    /// success; the engine's time after it.
+    pub async fn advance(&self, seconds: i64) -> String {
+        let reply = self
+            .post(
+                "/v1/clock/advance",
+                serde_json::json!({ "seconds": seconds }),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "advance: {}", reply.body);
+        reply.str("now").to_string()
+    }
+
+    /// Charge `amount` credits to `customer` under `id`.
+    pub async fn charge(&self, customer: &str, id: &str, amount: &str) -> Reply {
+        let body = serde_json::json!({ "id": id, "customer_id": customer, "amount": amount });
+        self.post("/v1/charges", body).await
+    }
+
     /// Create a customer, asserting success.
     pub async fn customer(&self, id: &str) {
         let reply = self
