@@ -49,6 +49,9 @@ pub struct AppState {
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// The bound of `in_flight`.
     pub max_in_flight: usize,
+    /// Set when the server shuts down: open live streams end, so a graceful
+    /// shutdown does not wait for clients that never leave.
+    pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Default bound of [`AppState::in_flight`]: the writer's queue.
@@ -69,6 +72,7 @@ impl AppState {
             pubsub_token: None,
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             max_in_flight: MAX_IN_FLIGHT,
+            shutdown: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 

@@ -90,6 +90,8 @@ struct Inner {
     path: PathBuf,
     clock: Arc<dyn Clock>,
     live: tokio::sync::broadcast::Sender<BalanceChange>,
+    /// What the syncer made durable (the webhook worker reads up to it).
+    durable: Arc<writer::SyncState>,
     _lock: File,
 }
 
@@ -183,6 +185,13 @@ impl Store {
         connection
             .execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA synchronous = NORMAL")
             .map_err(unavailable)?;
+        let on_disk: i64 = connection
+            .query_row(
+                "SELECT COALESCE(MAX(sequence), 0) FROM notifications",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(unavailable)?;
         let writer =
             writer::Writer::new(connection, clock.clone(), options).map_err(unavailable)?;
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
@@ -191,8 +200,9 @@ impl Store {
         let mut wal_path = path.clone().into_os_string();
         wal_path.push("-wal");
         let wal_path = PathBuf::from(wal_path);
-        let sync_state = writer::SyncState::new();
+        let sync_state = writer::SyncState::new(on_disk);
         let live = sync_state.live.clone();
+        let durable = sync_state.clone();
         let for_syncer = sync_state.clone();
         std::thread::Builder::new()
             .name("tally-sync".into())
@@ -212,6 +222,7 @@ impl Store {
             path: path.clone(),
             clock,
             live,
+            durable,
             _lock: lock,
         });
         spawn_checkpointer(Arc::downgrade(&inner), path)?;
@@ -306,9 +317,16 @@ impl Store {
     }
 
     /// Deliveries due at the engine's now, the oldest first.
+    /// Deliveries due now, of notifications already durable (a read can see
+    /// a group committed but not yet fsynced).
     pub async fn due_deliveries(&self, limit: i64) -> Result<Vec<DueDelivery>, StoreError> {
         let now = self.now();
-        self.read(move |c| rows::due_deliveries(c, now, limit))
+        let durable = self
+            .inner
+            .durable
+            .durable_notification
+            .load(std::sync::atomic::Ordering::Acquire);
+        self.read(move |c| rows::due_deliveries(c, now, durable, limit))
             .await
     }
 

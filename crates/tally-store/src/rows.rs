@@ -623,15 +623,17 @@ pub fn entry_balance_after(connection: &Connection, sequence: i64) -> rusqlite::
 pub fn due_deliveries(
     connection: &Connection,
     now: Timestamp,
+    durable: i64,
     limit: i64,
 ) -> rusqlite::Result<Vec<crate::model::DueDelivery>> {
     let mut statement = connection.prepare_cached(
         "SELECT d.id, d.attempts, e.url, e.secret, n.sequence, n.type, n.customer_id, n.payload, n.created_at \
          FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
          JOIN notifications n ON n.sequence = d.notification \
-         WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 ORDER BY d.next_attempt_at LIMIT ?2",
+         WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 AND d.notification <= ?3 \
+         ORDER BY d.next_attempt_at LIMIT ?2",
     )?;
-    let rows = statement.query_map(params![now.micros(), limit], |row| {
+    let rows = statement.query_map(params![now.micros(), limit, durable], |row| {
         let data: serde_json::Value = json(&row.get::<_, String>(7)?)?;
         let body = serde_json::json!({
             "id": format!("evt_{}", row.get::<_, i64>(4)?),

@@ -320,6 +320,14 @@ CREATE TABLE auto_topups (
 ) WITHOUT ROWID;
 "#,
     ),
+    (
+        10,
+        r#"
+-- Pruning settled notifications after their retention.
+CREATE INDEX notifications_by_time ON notifications(created_at);
+CREATE INDEX webhook_deliveries_by_notification ON webhook_deliveries(notification);
+"#,
+    ),
 ];
 
 /// Apply the migrations not yet applied; returns how many ran.

@@ -119,6 +119,9 @@ pub struct SyncState {
     writer: std::sync::OnceLock<std::thread::Thread>,
     /// Balance changes, published once durable (the customers' live streams).
     pub live: tokio::sync::broadcast::Sender<BalanceChange>,
+    /// The last notification known durable: webhooks are sent only up to it,
+    /// so none reports a change a crash could still lose.
+    pub durable_notification: std::sync::atomic::AtomicI64,
 }
 
 /// A committed group waiting for its fsync: the answers, and the balance
@@ -126,14 +129,18 @@ pub struct SyncState {
 pub struct Durable {
     answers: Vec<Answer>,
     changes: Vec<BalanceChange>,
+    /// The group's last notification, if it wrote any.
+    last_notification: Option<i64>,
 }
 
 impl SyncState {
-    pub fn new() -> Arc<SyncState> {
+    /// `durable_notification`: the last notification on disk at start.
+    pub fn new(durable_notification: i64) -> Arc<SyncState> {
         Arc::new(SyncState {
             pending: std::sync::atomic::AtomicUsize::new(0),
             writer: std::sync::OnceLock::new(),
             live: tokio::sync::broadcast::channel(LIVE_CAPACITY).0,
+            durable_notification: std::sync::atomic::AtomicI64::new(durable_notification),
         })
     }
 
@@ -176,6 +183,11 @@ pub fn run_syncer(
                 for change in group.changes {
                     let _ = state.live.send(change);
                 }
+            }
+            if let Some(last) = group.last_notification {
+                state
+                    .durable_notification
+                    .fetch_max(last, std::sync::atomic::Ordering::AcqRel);
             }
         }
         state
@@ -301,6 +313,10 @@ pub struct Writer {
     /// Customers with an armed automatic top-up whose balance changed in
     /// the command being applied: checked once it is complete.
     topup_checks: Vec<Id>,
+    /// The last notification the open group wrote.
+    group_notification: Option<i64>,
+    /// When the tick next prunes old notifications (engine time, µs).
+    next_prune_at: i64,
     operations: OperationIndex,
     catalog: Catalog,
     /// Set by a command that found its work already done (a repeated publish).
@@ -448,6 +464,8 @@ impl Writer {
             group_changes: Vec::new(),
             renewals: 0,
             topup_checks: Vec::new(),
+            group_notification: None,
+            next_prune_at: 0,
             connection,
             clock,
             cache: HashMap::new(),
@@ -528,7 +546,13 @@ impl Writer {
                     .pending
                     .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 let changes = std::mem::take(&mut self.group_changes);
-                if syncer.send(Durable { answers, changes }).is_err() {
+                let last_notification = self.group_notification.take();
+                let durable = Durable {
+                    answers,
+                    changes,
+                    last_notification,
+                };
+                if syncer.send(durable).is_err() {
                     tracing::error!("the syncer has stopped; stopping the writer");
                     return;
                 }
@@ -600,6 +624,7 @@ impl Writer {
                 self.reload_sequences();
                 self.reload_configuration();
                 self.group_changes.clear();
+                self.group_notification = None;
                 for reply in group.replies {
                     let _ = reply.send(Err(StoreError::Unavailable(error.to_string())));
                 }
@@ -930,6 +955,7 @@ impl Writer {
         let previous = cached.head.replace(sequence);
         cached.head_changed = true;
         let before = std::mem::replace(&mut cached.last_net, draft.balance_after);
+        let auto_topup = cached.auto.is_some();
         rows::insert_entry(
             &self.connection,
             sequence,
@@ -939,7 +965,7 @@ impl Writer {
             previous,
             pricing,
         )?;
-        self.after_entry(draft, sequence, Timestamp(recorded), before)?;
+        self.after_entry(draft, sequence, Timestamp(recorded), before, auto_topup)?;
         Ok(sequence)
     }
 
@@ -2176,6 +2202,7 @@ impl Writer {
             + self.renewals
             + overdue;
         self.notify_expiring()?;
+        self.prune_notifications()?;
         Ok(Outcome::Tick { entries })
     }
 }

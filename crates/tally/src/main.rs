@@ -205,9 +205,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     println!("tally listening on http://{address}");
     tracing::info!(%address, data_dir = ?storage.data_dir, manual_clock, "serving");
+    let shutdown = state.shutdown.clone();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listen for SIGTERM")?;
     axum::serve(listener, tally_server::router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            tracing::info!("shutting down: finishing requests in progress");
+            shutdown.send_replace(true);
         })
         .await
         .context("serve")

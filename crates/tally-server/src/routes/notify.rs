@@ -355,9 +355,14 @@ pub async fn stream(
             }
         }
     });
+    let mut shutdown = state.shutdown.subscribe();
     let stream = futures_util::StreamExt::chain(
         futures_util::stream::once(async move { Ok(first) }),
         changes,
     );
+    // The stream ends when the server shuts down.
+    let stream = futures_util::StreamExt::take_until(stream, async move {
+        let _ = shutdown.wait_for(|stopping| *stopping).await;
+    });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

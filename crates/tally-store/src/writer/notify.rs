@@ -19,6 +19,12 @@ use crate::model::{Alerts, BalanceChange, NewWebhookEndpoint, Outcome, StoreErro
 
 /// A delivery is given up after this many failed attempts.
 pub const MAX_DELIVERY_ATTEMPTS: i64 = 20;
+/// Notifications whose deliveries are all settled are deleted, with their
+/// delivery log, this long after they were made.
+pub const RETENTION_DAYS: i64 = 30;
+/// Notifications pruned per round; a full round is followed by another at
+/// the next tick, else the next round is an hour later on the engine's clock.
+const PRUNE_BATCH: i64 = 1000;
 /// The longest wait between two attempts.
 const MAX_BACKOFF_SECONDS: i64 = 3600;
 const DAY_MICROS: i64 = 86_400_000_000;
@@ -58,6 +64,7 @@ impl Writer {
         sequence: i64,
         recorded: Timestamp,
         before: tally_core::Amount,
+        auto_topup: bool,
     ) -> rusqlite::Result<()> {
         // Queued only while someone listens (a stream that opens while this
         // group is open reads the balance after a round trip through the
@@ -74,8 +81,8 @@ impl Writer {
         }
         // A void (a chargeback, a refunded purchase) does not buy credits by
         // itself; the next spend below the threshold does.
-        if draft.kind != EntryKind::Void {
-            self.check_topup_later(&draft.customer_id);
+        if auto_topup && draft.kind != EntryKind::Void {
+            self.topup_checks.push(draft.customer_id.clone());
         }
         if self.endpoints.is_empty() {
             return Ok(());
@@ -141,6 +148,7 @@ impl Writer {
             )?
             .execute(params![kind, customer_id.map(Id::as_str), data.to_string(), now])?;
         let notification = self.connection.last_insert_rowid();
+        self.group_notification = Some(notification);
         for endpoint in endpoints {
             self.connection
                 .prepare_cached(
@@ -195,6 +203,42 @@ impl Writer {
             )?;
         }
         Ok(())
+    }
+
+    /// Delete settled notifications past their retention, with their
+    /// deliveries (from the tick). A notification with a delivery still
+    /// pending stays.
+    pub(super) fn prune_notifications(&mut self) -> rusqlite::Result<usize> {
+        let now = self.now.micros();
+        if now < self.next_prune_at {
+            return Ok(0);
+        }
+        let cutoff = now - RETENTION_DAYS * DAY_MICROS;
+        let old: Vec<i64> = {
+            let mut statement = self.connection.prepare_cached(
+                "SELECT n.sequence FROM notifications n WHERE n.created_at < ?1 \
+                 AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d \
+                   WHERE d.notification = n.sequence AND d.status = 'pending') \
+                 ORDER BY n.created_at LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![cutoff, PRUNE_BATCH], |row| row.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for sequence in &old {
+            self.connection
+                .prepare_cached("DELETE FROM webhook_deliveries WHERE notification = ?1")?
+                .execute([sequence])?;
+            self.connection
+                .prepare_cached("DELETE FROM notifications WHERE sequence = ?1")?
+                .execute([sequence])?;
+        }
+        let full = i64::try_from(old.len()).unwrap_or(i64::MAX) >= PRUNE_BATCH;
+        self.next_prune_at = if full {
+            now
+        } else {
+            now + 3600 * Timestamp::MICROS_PER_SECOND
+        };
+        Ok(old.len())
     }
 
     pub(super) fn put_alerts(

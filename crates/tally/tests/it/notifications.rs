@@ -333,6 +333,100 @@ async fn the_live_stream_shows_every_balance_change_of_its_customer() {
     assert!(entry_number(&two["entry_id"]) > entry_number(&one["entry_id"]));
 }
 
+/// Settled notifications are pruned with their delivery log 30 days after
+/// they were made; one with a delivery still pending stays.
+#[tokio::test]
+async fn settled_notifications_are_pruned_after_their_retention() {
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let received = Arc::new(Mutex::new(Received {
+        always_accept: true,
+        ..Received::default()
+    }));
+    let url = start_receiver(received.clone()).await;
+    let good = app
+        .post(
+            "/v1/webhook-endpoints",
+            json!({ "id": "good", "url": url, "events": ["balance.low"] }),
+        )
+        .await;
+    received.lock().unwrap().secret = good.str("secret").to_string();
+    // Nothing listens there: its deliveries stay pending, retried.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}/hook", closed.local_addr().unwrap());
+    drop(closed);
+    let dead = app
+        .post(
+            "/v1/webhook-endpoints",
+            json!({ "id": "dead", "url": dead_url, "events": ["balance.depleted"] }),
+        )
+        .await;
+    assert_eq!(dead.status, StatusCode::OK, "{}", dead.body);
+    app.customer("cus").await;
+    app.grant("cus", "g1", "100").await;
+    let alerts = app
+        .put("/v1/customers/cus/alerts", json!({ "low_balance": ["50"] }))
+        .await;
+    assert_eq!(alerts.status, StatusCode::OK);
+    app.charge("cus", "c1", "60").await; // balance.low, to "good"
+    app.charge("cus", "c2", "40").await; // balance.depleted, to "dead"
+    let log = |endpoint: &'static str| {
+        let app = &app;
+        async move {
+            let reply = app
+                .get(&format!("/v1/webhook-endpoints/{endpoint}/deliveries"))
+                .await;
+            reply.body["data"].as_array().unwrap().clone()
+        }
+    };
+    for _ in 0..100 {
+        if log("good")
+            .await
+            .first()
+            .is_some_and(|d| d["status"] == "delivered")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(log("good").await[0]["status"], "delivered");
+    assert_eq!(log("dead").await.len(), 1);
+    app.advance(29 * 86_400).await;
+    assert_eq!(log("good").await.len(), 1, "kept within its retention");
+    app.advance(2 * 86_400).await;
+    assert!(log("good").await.is_empty(), "pruned after 30 days");
+    let pending = log("dead").await;
+    assert_eq!(pending.len(), 1, "still pending: kept");
+    assert_eq!(pending[0]["status"], "pending");
+}
+
+/// SIGTERM shuts the server down gracefully even while a client keeps a
+/// live stream open: the stream ends and the process exits cleanly; what was
+/// acknowledged before is there after a restart.
+#[tokio::test]
+async fn a_graceful_shutdown_ends_open_streams() {
+    let mut app = TestApp::spawn().await;
+    app.customer("live").await;
+    app.grant("live", "g1", "100").await;
+    let mut events = open_stream(&app, "live").await;
+    let (kind, _) = events.next().await;
+    assert_eq!(kind, "balance");
+    let status = app.terminate().await;
+    assert!(status.success(), "exit status {status}");
+    let end = tokio::time::timeout(Duration::from_secs(10), events.response.chunk())
+        .await
+        .expect("the stream ended");
+    assert!(
+        matches!(end, Ok(None) | Err(_)),
+        "the stream is over: {end:?}"
+    );
+    app.start().await;
+    assert_eq!(app.balance("live").await["available"], "100");
+}
+
 /// Streams opened while charges are being written see each change exactly
 /// once: the first event's balance includes everything up to its
 /// `last_entry_id`, and every later change follows it without a gap.

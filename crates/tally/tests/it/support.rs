@@ -148,6 +148,24 @@ impl TestApp {
         }
     }
 
+    /// Stop the server with SIGTERM (a graceful shutdown) and wait for it to
+    /// exit; how it exited. Fails if it has not exited within 60 s: a
+    /// shutdown that never ends.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("a running server");
+        let pid = child.id().expect("the server's pid");
+        let sent = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid}");
+        tokio::time::timeout(Duration::from_secs(60), child.wait())
+            .await
+            .expect("the server did not exit within 60 s of SIGTERM")
+            .expect("wait for the server")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
