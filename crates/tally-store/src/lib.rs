@@ -185,6 +185,15 @@ impl Store {
         connection
             .execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA synchronous = NORMAL")
             .map_err(unavailable)?;
+        let mut wal_path = path.clone().into_os_string();
+        wal_path.push("-wal");
+        let wal_path = PathBuf::from(wal_path);
+        // What a crashed process left in the log may not be on disk yet:
+        // make it so before counting its notifications as durable.
+        if let Ok(wal) = std::fs::OpenOptions::new().write(true).open(&wal_path) {
+            wal.sync_data()
+                .map_err(|e| StoreError::Unavailable(format!("fsync {wal_path:?}: {e}")))?;
+        }
         let on_disk: i64 = connection
             .query_row(
                 "SELECT COALESCE(MAX(sequence), 0) FROM notifications",
@@ -197,9 +206,6 @@ impl Store {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let (to_syncer, syncer_groups) =
             std::sync::mpsc::sync_channel(writer::MAX_GROUPS_IN_FLIGHT);
-        let mut wal_path = path.clone().into_os_string();
-        wal_path.push("-wal");
-        let wal_path = PathBuf::from(wal_path);
         let sync_state = writer::SyncState::new(on_disk);
         let live = sync_state.live.clone();
         let durable = sync_state.clone();

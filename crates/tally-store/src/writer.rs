@@ -625,6 +625,8 @@ impl Writer {
                 self.reload_configuration();
                 self.group_changes.clear();
                 self.group_notification = None;
+                self.topup_checks.clear();
+                self.next_prune_at = 0;
                 for reply in group.replies {
                     let _ = reply.send(Err(StoreError::Unavailable(error.to_string())));
                 }
@@ -717,6 +719,11 @@ impl Writer {
         actor: Option<&str>,
     ) -> Result<Executed, Failure> {
         let executed = self.apply_command(command, hash, actor);
+        if matches!(executed, Err(Failure::Fatal(_))) {
+            // The group rolls back: nothing it saw may start a top-up.
+            self.topup_checks.clear();
+            return executed;
+        }
         // Automatic top-ups look at the balance a whole command left (a
         // renewal's expiry and grant, or several expiries, pass through
         // balances no reader ever sees).

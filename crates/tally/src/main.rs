@@ -216,6 +216,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
             tracing::info!("shutting down: finishing requests in progress");
             shutdown.send_replace(true);
+            // A request that never finishes must not keep the process up:
+            // give up after 30 s, or at once on a second signal.
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {
+                        tracing::error!("requests still running 30 s after the shutdown signal; exiting");
+                    }
+                    _ = tokio::signal::ctrl_c() => {
+                        tracing::error!("second signal: exiting without waiting");
+                    }
+                    _ = terminate.recv() => {
+                        tracing::error!("second signal: exiting without waiting");
+                    }
+                }
+                std::process::exit(1);
+            });
         })
         .await
         .context("serve")

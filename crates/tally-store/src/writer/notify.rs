@@ -207,7 +207,8 @@ impl Writer {
 
     /// Delete settled notifications past their retention, with their
     /// deliveries (from the tick). A notification with a delivery still
-    /// pending stays.
+    /// pending stays, and so does the newest: its sequence is what the next
+    /// one counts from, so event and delivery ids are never reused.
     pub(super) fn prune_notifications(&mut self) -> rusqlite::Result<usize> {
         let now = self.now.micros();
         if now < self.next_prune_at {
@@ -219,6 +220,7 @@ impl Writer {
                 "SELECT n.sequence FROM notifications n WHERE n.created_at < ?1 \
                  AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d \
                    WHERE d.notification = n.sequence AND d.status = 'pending') \
+                 AND n.sequence < (SELECT MAX(sequence) FROM notifications) \
                  ORDER BY n.created_at LIMIT ?2",
             )?;
             let rows = statement.query_map(params![cutoff, PRUNE_BATCH], |row| row.get(0))?;
