@@ -19,6 +19,44 @@ pub const MAX_PAYMENT_TIMEOUT_SECONDS: u32 = 30 * 86_400;
 /// The rate limit's window: automatic top-ups started in the last day.
 pub const RATE_WINDOW_MICROS: i64 = 86_400 * Timestamp::MICROS_PER_SECOND;
 
+/// The prefix of automatic top-ups' ids (client ids may not use it).
+pub const AUTO_PREFIX: &str = "auto_";
+/// The longest id of a manual top-up: its lot is `topup:<id>`.
+pub const MAX_TOPUP_ID: usize = 100;
+/// How long a manual top-up waits for its payment by default.
+pub const DEFAULT_PAYMENT_TIMEOUT_SECONDS: u32 = 86_400;
+
+/// Check a manual top-up's id, quantity and payment timeout: `(field,
+/// problem)` when one is not valid.
+pub fn validate_request(
+    id: &str,
+    quantity: u32,
+    payment_timeout_seconds: u32,
+) -> Result<(), (&'static str, String)> {
+    if id.starts_with(AUTO_PREFIX) {
+        return Err((
+            "id",
+            format!("top-up ids starting with {AUTO_PREFIX} are Tally's own (automatic top-ups)"),
+        ));
+    }
+    if id.len() > MAX_TOPUP_ID {
+        return Err((
+            "id",
+            format!("a top-up id must be at most {MAX_TOPUP_ID} characters (its grant is named after it)"),
+        ));
+    }
+    if quantity == 0 || quantity > MAX_QUANTITY {
+        return Err(("quantity", format!("quantity must be 1 to {MAX_QUANTITY}")));
+    }
+    if payment_timeout_seconds == 0 || payment_timeout_seconds > MAX_PAYMENT_TIMEOUT_SECONDS {
+        return Err((
+            "payment_timeout_seconds",
+            format!("payment_timeout_seconds must be 1 to {MAX_PAYMENT_TIMEOUT_SECONDS}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Credits sold for a price.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreditPack {

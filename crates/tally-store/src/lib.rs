@@ -89,9 +89,9 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     path: PathBuf,
     clock: Arc<dyn Clock>,
-    live: tokio::sync::broadcast::Sender<BalanceChange>,
-    /// What the syncer made durable (the webhook worker reads up to it).
-    durable: Arc<writer::SyncState>,
+    /// Shared with the writer and the syncer: the live stream's channel and
+    /// the last durable notification (the webhook worker reads up to it).
+    sync: Arc<writer::SyncState>,
     _lock: File,
 }
 
@@ -207,8 +207,7 @@ impl Store {
         let (to_syncer, syncer_groups) =
             std::sync::mpsc::sync_channel(writer::MAX_GROUPS_IN_FLIGHT);
         let sync_state = writer::SyncState::new(on_disk);
-        let live = sync_state.live.clone();
-        let durable = sync_state.clone();
+        let sync = sync_state.clone();
         let for_syncer = sync_state.clone();
         std::thread::Builder::new()
             .name("tally-sync".into())
@@ -227,8 +226,7 @@ impl Store {
             readers: Mutex::new(Vec::new()),
             path: path.clone(),
             clock,
-            live,
-            durable,
+            sync,
             _lock: lock,
         });
         spawn_checkpointer(Arc::downgrade(&inner), path)?;
@@ -319,17 +317,16 @@ impl Store {
     /// that falls more than 4,096 changes behind gets `Lagged` and should
     /// re-read the balance.
     pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<BalanceChange> {
-        self.inner.live.subscribe()
+        self.inner.sync.live.subscribe()
     }
 
-    /// Deliveries due at the engine's now, the oldest first.
-    /// Deliveries due now, of notifications already durable (a read can see
-    /// a group committed but not yet fsynced).
+    /// Deliveries due at the engine's now, the oldest first, of notifications
+    /// already durable (a read can see a group committed but not yet fsynced).
     pub async fn due_deliveries(&self, limit: i64) -> Result<Vec<DueDelivery>, StoreError> {
         let now = self.now();
         let durable = self
             .inner
-            .durable
+            .sync
             .durable_notification
             .load(std::sync::atomic::Ordering::Acquire);
         self.read(move |c| rows::due_deliveries(c, now, durable, limit))

@@ -310,8 +310,8 @@ pub struct Writer {
     group_changes: Vec<BalanceChange>,
     /// Subscriptions renewed since the tick began.
     renewals: usize,
-    /// Customers with an armed automatic top-up whose balance changed in
-    /// the command being applied: checked once it is complete.
+    /// Customers with an automatic top-up whose balance changed in the
+    /// command being applied: checked once it is complete.
     topup_checks: Vec<Id>,
     /// The last notification the open group wrote.
     group_notification: Option<i64>,

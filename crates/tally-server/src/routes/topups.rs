@@ -212,37 +212,12 @@ pub async fn create_topup(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
     let id = edge::id(&body.id, "id")?;
-    if id.as_str().starts_with("auto_") {
-        return Err(ApiError::invalid(
-            "id",
-            "top-up ids starting with auto_ are Tally's own (automatic top-ups)",
-        ));
-    }
-    if id.as_str().len() > 100 {
-        return Err(ApiError::invalid(
-            "id",
-            "a top-up id must be at most 100 characters (its grant is named after it)",
-        ));
-    }
     let quantity = body.quantity.unwrap_or(1);
-    if quantity == 0 || quantity > tally_core::topup::MAX_QUANTITY {
-        return Err(ApiError::invalid(
-            "quantity",
-            format!("quantity must be 1 to {}", tally_core::topup::MAX_QUANTITY),
-        ));
-    }
-    if body
+    let timeout = body
         .payment_timeout_seconds
-        .is_some_and(|t| t == 0 || t > tally_core::topup::MAX_PAYMENT_TIMEOUT_SECONDS)
-    {
-        return Err(ApiError::invalid(
-            "payment_timeout_seconds",
-            format!(
-                "payment_timeout_seconds must be 1 to {}",
-                tally_core::topup::MAX_PAYMENT_TIMEOUT_SECONDS
-            ),
-        ));
-    }
+        .unwrap_or(tally_core::topup::DEFAULT_PAYMENT_TIMEOUT_SECONDS);
+    tally_core::topup::validate_request(id.as_str(), quantity, timeout)
+        .map_err(|(param, message)| ApiError::invalid(param, message))?;
     let command = Command::CreateTopup(NewTopup {
         id,
         customer_id: edge::id(&customer_id, "customer_id")?,

@@ -21,7 +21,7 @@ use crate::model::{Alerts, BalanceChange, NewWebhookEndpoint, Outcome, StoreErro
 pub const MAX_DELIVERY_ATTEMPTS: i64 = 20;
 /// Notifications whose deliveries are all settled are deleted, with their
 /// delivery log, this long after they were made.
-pub const RETENTION_DAYS: i64 = 30;
+const RETENTION_DAYS: i64 = 30;
 /// Notifications pruned per round; a full round is followed by another at
 /// the next tick, else the next round is an hour later on the engine's clock.
 const PRUNE_BATCH: i64 = 1000;
@@ -209,10 +209,10 @@ impl Writer {
     /// deliveries (from the tick). A notification with a delivery still
     /// pending stays, and so does the newest: its sequence is what the next
     /// one counts from, so event and delivery ids are never reused.
-    pub(super) fn prune_notifications(&mut self) -> rusqlite::Result<usize> {
+    pub(super) fn prune_notifications(&mut self) -> rusqlite::Result<()> {
         let now = self.now.micros();
         if now < self.next_prune_at {
-            return Ok(0);
+            return Ok(());
         }
         let cutoff = now - RETENTION_DAYS * DAY_MICROS;
         let old: Vec<i64> = {
@@ -234,13 +234,13 @@ impl Writer {
                 .prepare_cached("DELETE FROM notifications WHERE sequence = ?1")?
                 .execute([sequence])?;
         }
-        let full = i64::try_from(old.len()).unwrap_or(i64::MAX) >= PRUNE_BATCH;
+        let full = old.len() >= PRUNE_BATCH as usize;
         self.next_prune_at = if full {
             now
         } else {
             now + 3600 * Timestamp::MICROS_PER_SECOND
         };
-        Ok(old.len())
+        Ok(())
     }
 
     pub(super) fn put_alerts(

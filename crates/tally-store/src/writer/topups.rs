@@ -22,12 +22,6 @@ use super::{Failure, Writer};
 use crate::model::{NewGrant, NewTopup, Outcome, Refusal, StoreError, TopupRecord};
 use crate::rows;
 
-/// How long a manual top-up waits for its payment by default.
-const DEFAULT_PAYMENT_TIMEOUT_SECONDS: u32 = 86_400;
-/// The prefix of automatic top-ups' ids (client ids may not use it).
-pub const AUTO_PREFIX: &str = "auto_";
-/// The longest id of a manual top-up: its lot is `topup:<id>`.
-pub const MAX_TOPUP_ID: usize = 100;
 /// The failure reason of a payment not confirmed in time.
 const PAYMENT_TIMEOUT: &str = "payment_timeout";
 /// Overdue payments failed per tick.
@@ -130,38 +124,12 @@ impl Writer {
     }
 
     pub(super) fn create_topup(&mut self, request: &NewTopup) -> Result<Outcome, Failure> {
-        if request.id.as_str().starts_with(AUTO_PREFIX) {
-            return Err(refusal(
-                "invalid_id",
-                format!(
-                    "top-up ids starting with {AUTO_PREFIX} are Tally's own (automatic top-ups)"
-                ),
-            ));
-        }
-        if request.id.as_str().len() > MAX_TOPUP_ID {
-            return Err(refusal(
-                "invalid_id",
-                format!("a top-up id must be at most {MAX_TOPUP_ID} characters (its grant is named after it)"),
-            ));
-        }
-        if request.quantity == 0 || request.quantity > topup::MAX_QUANTITY {
-            return Err(refusal(
-                "invalid_request",
-                format!("quantity must be 1 to {}", topup::MAX_QUANTITY),
-            ));
-        }
         let timeout = request
             .payment_timeout_seconds
-            .unwrap_or(DEFAULT_PAYMENT_TIMEOUT_SECONDS);
-        if timeout == 0 || timeout > topup::MAX_PAYMENT_TIMEOUT_SECONDS {
-            return Err(refusal(
-                "invalid_request",
-                format!(
-                    "payment_timeout_seconds must be 1 to {}",
-                    topup::MAX_PAYMENT_TIMEOUT_SECONDS
-                ),
-            ));
-        }
+            .unwrap_or(topup::DEFAULT_PAYMENT_TIMEOUT_SECONDS);
+        topup::validate_request(request.id.as_str(), request.quantity, timeout).map_err(
+            |(field, message)| refusal("invalid_request", format!("{field}: {message}")),
+        )?;
         let pack = self.pack(&request.pack)?;
         self.load(&request.customer_id)?;
         let record = self.start_topup(
@@ -429,7 +397,8 @@ impl Writer {
         };
         let timeout = state.config.payment_timeout_seconds;
         let id = Id::derived(&format!(
-            "{AUTO_PREFIX}{}",
+            "{}{}",
+            topup::AUTO_PREFIX,
             rows::next_topup_sequence(&self.connection)?
         ));
         match self.start_topup(id.clone(), customer_id, "auto", &pack, quantity, timeout) {

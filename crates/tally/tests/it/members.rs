@@ -3,7 +3,7 @@
 //! pass a budget; holds count and give back; events over budget become dead
 //! letters; budgets survive a restart and start afresh with the next window.
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 use crate::support::{micros_of, Options, TestApp};
@@ -171,15 +171,13 @@ async fn bad_members_are_refused() {
         json!({ "budget": { "amount": "5" } }),
         json!({ "nickname": "x" }),
     ];
-    for body in bad {
-        let reply = app.put("/v1/customers/team/members/m1", body.clone()).await;
-        assert_eq!(
-            reply.status,
-            StatusCode::BAD_REQUEST,
-            "{body}: {}",
-            reply.body
-        );
-    }
+    app.assert_each_answered(
+        Method::PUT,
+        "/v1/customers/team/members/m1",
+        StatusCode::BAD_REQUEST,
+        &bad,
+    )
+    .await;
     let reply = app
         .put("/v1/customers/team/members/bad%20id", json!({}))
         .await;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode as AxumStatus};
 use hmac::{Hmac, Mac};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
@@ -491,15 +491,13 @@ async fn bad_alerts_and_endpoints_are_refused() {
         json!({ "low_balance": ["1.0000001"] }),
         json!({ "bogus": true }),
     ];
-    for body in bad_alerts {
-        let reply = app.put("/v1/customers/cus/alerts", body.clone()).await;
-        assert_eq!(
-            reply.status,
-            StatusCode::BAD_REQUEST,
-            "{body}: {}",
-            reply.body
-        );
-    }
+    app.assert_each_answered(
+        Method::PUT,
+        "/v1/customers/cus/alerts",
+        StatusCode::BAD_REQUEST,
+        &bad_alerts,
+    )
+    .await;
     let reply = app
         .put(
             "/v1/customers/ghost/alerts",
@@ -514,15 +512,13 @@ async fn bad_alerts_and_endpoints_are_refused() {
         json!({ "id": "e1", "url": "http://127.0.0.1:9/h", "events": ["balance.high"] }),
         json!({ "id": "bad id", "url": "http://127.0.0.1:9/h", "events": ["*"] }),
     ];
-    for body in bad_endpoints {
-        let reply = app.post("/v1/webhook-endpoints", body.clone()).await;
-        assert_eq!(
-            reply.status,
-            StatusCode::BAD_REQUEST,
-            "{body}: {}",
-            reply.body
-        );
-    }
+    app.assert_each_answered(
+        Method::POST,
+        "/v1/webhook-endpoints",
+        StatusCode::BAD_REQUEST,
+        &bad_endpoints,
+    )
+    .await;
     let listed = app.get("/v1/webhook-endpoints").await;
     assert_eq!(listed.body["data"], json!([]));
     let created = app

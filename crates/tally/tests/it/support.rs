@@ -224,6 +224,23 @@ impl TestApp {
         self.post("/v1/charges", body).await
     }
 
+    /// Send each body to `path` with `method` as admin, asserting each is
+    /// answered `status`.
+    pub async fn assert_each_answered(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        status: StatusCode,
+        bodies: &[Value],
+    ) {
+        for body in bodies {
+            let reply = self
+                .send(method.clone(), path, Some(ADMIN_KEY), Some(body))
+                .await;
+            assert_eq!(reply.status, status, "{body}: {}", reply.body);
+        }
+    }
+
     /// Create a customer, asserting success.
     pub async fn customer(&self, id: &str) {
         let reply = self
