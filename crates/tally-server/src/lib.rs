@@ -9,6 +9,7 @@ pub mod auth;
 pub mod dto;
 pub mod edge;
 pub mod error;
+pub mod forward;
 pub mod ingest;
 pub mod metrics;
 pub mod openapi;
@@ -52,6 +53,11 @@ pub struct AppState {
     /// Set when the server shuts down: open live streams end, so a graceful
     /// shutdown does not wait for clients that never leave.
     pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Sends writes to the server that runs the writer (several servers over
+    /// one PostgreSQL database; see [`forward`]).
+    pub forwarder: reqwest::Client,
+    /// Where that server listens, as last read from the database.
+    pub leader_url: Arc<std::sync::RwLock<Option<String>>>,
 }
 
 /// Default bound of [`AppState::in_flight`]: the writer's queue.
@@ -73,6 +79,11 @@ impl AppState {
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             max_in_flight: MAX_IN_FLIGHT,
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
+            forwarder: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .build()
+                .expect("an HTTP client with default settings"),
+            leader_url: Arc::default(),
         }
     }
 
@@ -258,6 +269,10 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             metrics::track,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            forward::to_leader,
+        ))
         .layer(DefaultBodyLimit::max(edge::MAX_BODY_BYTES))
         .with_state(state);
     api.merge(openapi::docs())
@@ -266,6 +281,8 @@ pub fn router(state: AppState) -> Router {
 /// Apply what falls due on the engine's clock, forever (the system-clock server).
 pub fn spawn_ticker(state: AppState) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // Several servers over one database: only the writer's runs the tick.
+        state.store.wait_until_leader().await;
         let mut interval = tokio::time::interval(TICK_INTERVAL);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -33,6 +33,8 @@ pub fn sign(secret: &str, timestamp: u64, body: &str) -> String {
 /// Deliver due webhooks forever.
 pub fn spawn_deliveries(state: AppState) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // Several servers over one database: only the writer's delivers.
+        state.store.wait_until_leader().await;
         let client = match reqwest::Client::builder()
             .timeout(TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use crate::db::{self, params, Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 use tally_core::pricebook::{Contract, PriceBook, Version};
 use tally_core::{Rule, Timestamp};
@@ -76,7 +76,7 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub fn load(connection: &Connection) -> rusqlite::Result<Catalog> {
+    pub fn load(connection: &Connection) -> db::Result<Catalog> {
         let books: HashMap<String, PricebookRecord> = pricebooks(connection)?
             .into_iter()
             .map(|b| (b.id.clone(), b))
@@ -108,19 +108,19 @@ impl Catalog {
     }
 }
 
-fn corrupt(what: &str) -> rusqlite::Error {
-    rusqlite::Error::InvalidColumnType(0, what.to_string(), rusqlite::types::Type::Text)
+fn corrupt(what: &str) -> db::Error {
+    db::Error::Corrupt(what.to_string())
 }
 
-fn json<T: serde::de::DeserializeOwned>(text: &str) -> rusqlite::Result<T> {
+fn json<T: serde::de::DeserializeOwned>(text: &str) -> db::Result<T> {
     serde_json::from_str(text).map_err(|_| corrupt("bad json in the price book"))
 }
 
-fn ts(row: &Row, index: usize) -> rusqlite::Result<Option<Timestamp>> {
+fn ts(row: &Row, index: usize) -> db::Result<Option<Timestamp>> {
     Ok(row.get::<_, Option<i64>>(index)?.map(Timestamp))
 }
 
-pub fn upsert_feature(connection: &Connection, feature: &FeatureRecord) -> rusqlite::Result<()> {
+pub fn upsert_feature(connection: &Connection, feature: &FeatureRecord) -> db::Result<()> {
     connection
         .prepare_cached(
             "INSERT INTO features (key, name, unit, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5) \
@@ -136,7 +136,7 @@ pub fn upsert_feature(connection: &Connection, feature: &FeatureRecord) -> rusql
     Ok(())
 }
 
-pub fn features(connection: &Connection) -> rusqlite::Result<Vec<FeatureRecord>> {
+pub fn features(connection: &Connection) -> db::Result<Vec<FeatureRecord>> {
     let mut statement = connection.prepare_cached(
         "SELECT key, name, unit, created_at, updated_at FROM features ORDER BY key",
     )?;
@@ -152,7 +152,7 @@ pub fn features(connection: &Connection) -> rusqlite::Result<Vec<FeatureRecord>>
     rows.collect()
 }
 
-pub fn save_pricebook(connection: &Connection, book: &PricebookRecord) -> rusqlite::Result<()> {
+pub fn save_pricebook(connection: &Connection, book: &PricebookRecord) -> db::Result<()> {
     connection
         .prepare_cached(
             "INSERT INTO pricebooks (id, status, copied_from, rules, created_at, created_by, updated_at, \
@@ -186,7 +186,7 @@ const PRICEBOOK_COLUMNS: &str =
     "id, status, copied_from, rules, created_at, created_by, updated_at, \
      effective_at, published_at, published_by, published_seq";
 
-fn pricebook_row(row: &Row) -> rusqlite::Result<PricebookRecord> {
+fn pricebook_row(row: &Row) -> db::Result<PricebookRecord> {
     Ok(PricebookRecord {
         id: row.get(0)?,
         status: match row.get::<_, String>(1)?.as_str() {
@@ -207,7 +207,7 @@ fn pricebook_row(row: &Row) -> rusqlite::Result<PricebookRecord> {
 }
 
 /// Every version: published ones by publication order, then drafts by creation.
-pub fn pricebooks(connection: &Connection) -> rusqlite::Result<Vec<PricebookRecord>> {
+pub fn pricebooks(connection: &Connection) -> db::Result<Vec<PricebookRecord>> {
     let sql = format!(
         "SELECT {PRICEBOOK_COLUMNS} FROM pricebooks \
          ORDER BY published_seq IS NULL, published_seq, created_at, id"
@@ -217,7 +217,7 @@ pub fn pricebooks(connection: &Connection) -> rusqlite::Result<Vec<PricebookReco
     rows.collect()
 }
 
-pub fn pricebook(connection: &Connection, id: &str) -> rusqlite::Result<Option<PricebookRecord>> {
+pub fn pricebook(connection: &Connection, id: &str) -> db::Result<Option<PricebookRecord>> {
     let sql = format!("SELECT {PRICEBOOK_COLUMNS} FROM pricebooks WHERE id = ?1");
     connection
         .prepare_cached(&sql)?
@@ -226,7 +226,7 @@ pub fn pricebook(connection: &Connection, id: &str) -> rusqlite::Result<Option<P
 }
 
 /// Add a contract to its customer's schedule.
-pub fn save_contract(connection: &Connection, record: &ContractRecord) -> rusqlite::Result<()> {
+pub fn save_contract(connection: &Connection, record: &ContractRecord) -> db::Result<()> {
     connection
         .prepare_cached(
             "INSERT INTO customer_contracts (id, customer_id, body, updated_at, updated_by) \
@@ -242,7 +242,7 @@ pub fn save_contract(connection: &Connection, record: &ContractRecord) -> rusqli
     Ok(())
 }
 
-fn contract_row(row: &Row) -> rusqlite::Result<ContractRecord> {
+fn contract_row(row: &Row) -> db::Result<ContractRecord> {
     Ok(ContractRecord {
         customer_id: row.get(0)?,
         contract: json(&row.get::<_, String>(1)?)?,
@@ -252,7 +252,7 @@ fn contract_row(row: &Row) -> rusqlite::Result<ContractRecord> {
 }
 
 /// Every contract, in the order they were set.
-pub fn contracts(connection: &Connection) -> rusqlite::Result<Vec<ContractRecord>> {
+pub fn contracts(connection: &Connection) -> db::Result<Vec<ContractRecord>> {
     let mut statement = connection.prepare_cached(
         "SELECT customer_id, body, updated_at, updated_by FROM customer_contracts ORDER BY seq",
     )?;
@@ -264,7 +264,7 @@ pub fn contracts(connection: &Connection) -> rusqlite::Result<Vec<ContractRecord
 pub fn customer_contracts(
     connection: &Connection,
     customer_id: &str,
-) -> rusqlite::Result<Vec<ContractRecord>> {
+) -> db::Result<Vec<ContractRecord>> {
     let mut statement = connection.prepare_cached(
         "SELECT customer_id, body, updated_at, updated_by FROM customer_contracts \
          WHERE customer_id = ?1 ORDER BY seq",
@@ -282,7 +282,7 @@ pub fn contract_at(contracts: &[ContractRecord], at: Timestamp) -> Option<&Contr
 /// Every customer's contracts, in the order they were set.
 pub fn contracts_by_customer(
     connection: &Connection,
-) -> rusqlite::Result<HashMap<String, Vec<ContractRecord>>> {
+) -> db::Result<HashMap<String, Vec<ContractRecord>>> {
     let mut by_customer: HashMap<String, Vec<ContractRecord>> = HashMap::new();
     for record in contracts(connection)? {
         by_customer
@@ -298,7 +298,7 @@ pub fn save_hold_pricing(
     connection: &Connection,
     hold_id: &str,
     pricing: &tally_core::pricebook::Pricing,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     connection
         .prepare_cached("INSERT INTO hold_pricing (hold_id, pricing) VALUES (?1, ?2)")?
         .execute(params![
@@ -311,7 +311,7 @@ pub fn save_hold_pricing(
 pub fn hold_pricing(
     connection: &Connection,
     hold_id: &str,
-) -> rusqlite::Result<Option<tally_core::pricebook::Pricing>> {
+) -> db::Result<Option<tally_core::pricebook::Pricing>> {
     let text: Option<String> = connection
         .prepare_cached("SELECT pricing FROM hold_pricing WHERE hold_id = ?1")?
         .query_row([hold_id], |row| row.get(0))

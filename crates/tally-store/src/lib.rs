@@ -12,6 +12,7 @@
 
 pub mod catalog;
 pub mod clock;
+mod db;
 pub mod model;
 mod rows;
 pub mod schema;
@@ -21,8 +22,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::db::{params, Connection, OptionalExtension};
 use fs2::FileExt;
-use rusqlite::{params, Connection, OptionalExtension};
 use tally_core::{Clock, Hold, Id, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
@@ -44,8 +45,8 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
 
 /// Open a connection with Tally's settings: WAL, fsync on every commit (the
 /// writer's own connection turns that off: its syncer thread fsyncs instead).
-pub fn connect(path: &Path) -> rusqlite::Result<Connection> {
-    let connection = Connection::open(path)?;
+pub fn connect(path: &Path) -> db::Result<Connection> {
+    let connection = Connection::sqlite(rusqlite::Connection::open(path)?);
     connection.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
          PRAGMA busy_timeout = 10000; PRAGMA cache_size = -65536;",
@@ -57,8 +58,8 @@ pub fn connect(path: &Path) -> rusqlite::Result<Connection> {
 pub fn migrate(data_dir: &Path) -> Result<usize, StoreError> {
     std::fs::create_dir_all(data_dir)
         .map_err(|e| StoreError::Unavailable(format!("create {data_dir:?}: {e}")))?;
-    let mut connection = connect(&database_path(data_dir)).map_err(unavailable)?;
-    schema::migrate(&mut connection).map_err(unavailable)
+    let connection = connect(&database_path(data_dir)).map_err(unavailable)?;
+    schema::migrate(&connection).map_err(unavailable)
 }
 
 /// Insert an API key directly (the CLI, with or without a server running).
@@ -80,19 +81,105 @@ pub fn insert_api_key(
     Ok(())
 }
 
-fn unavailable(error: rusqlite::Error) -> StoreError {
+/// Apply migrations to a PostgreSQL database; returns how many ran.
+pub fn migrate_postgres(url: &str) -> Result<usize, StoreError> {
+    let connection = Connection::postgres(url).map_err(unavailable)?;
+    schema::migrate(&connection).map_err(unavailable)
+}
+
+/// Insert an API key directly into a PostgreSQL database (the CLI).
+pub fn insert_api_key_postgres(
+    url: &str,
+    id: &str,
+    key_hash: &str,
+    scope: &str,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    migrate_postgres(url)?;
+    let connection = Connection::postgres(url).map_err(unavailable)?;
+    connection
+        .execute(
+            "INSERT INTO api_keys (id, key_hash, scope, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, key_hash, scope, now.micros()],
+        )
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+/// Become the writer of a PostgreSQL database: wait for the leader lock
+/// (held by this connection's session for as long as it lives, so a writer
+/// whose connection is gone can no longer commit), record where this server
+/// listens, and load the writer's state from what is committed.
+fn lead(
+    url: &str,
+    leader: &Leadership,
+    clock: Arc<dyn Clock>,
+    options: Options,
+    sync: &writer::SyncState,
+) -> db::Result<writer::Writer> {
+    let connection = Connection::postgres(url)?;
+    connection.query_row("SELECT pg_advisory_lock(?1)", [LEADER_LOCK], |_| Ok(()))?;
+    let advertise = loop {
+        if let Some(url) = leader.advertise.get() {
+            break url.clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let now = clock.now().micros();
+    connection.execute(
+        "INSERT INTO leader (id, url, since) VALUES (1, ?1, ?2) \
+         ON CONFLICT (id) DO UPDATE SET url = excluded.url, since = excluded.since",
+        params![advertise, now],
+    )?;
+    let last_notification: i64 = connection.query_row(
+        "SELECT COALESCE(MAX(sequence), 0) FROM notifications",
+        [],
+        |row| row.get(0),
+    )?;
+    sync.durable_notification
+        .fetch_max(last_notification, std::sync::atomic::Ordering::AcqRel);
+    let writer = writer::Writer::new(connection, clock, options)?;
+    tracing::info!(advertise, "this server now runs the writer (leader)");
+    leader.is_leader.send_replace(true);
+    Ok(writer)
+}
+
+fn unavailable(error: db::Error) -> StoreError {
     StoreError::Unavailable(error.to_string())
 }
+
+/// Where the data lives.
+enum Backend {
+    /// The embedded database file, locked by this process.
+    Sqlite { path: PathBuf, _lock: File },
+    /// A PostgreSQL database that several servers may share: one of them
+    /// (the leader) runs the writer at a time.
+    Postgres {
+        url: String,
+        leader: Arc<Leadership>,
+    },
+}
+
+/// This server's part in a shared PostgreSQL database: only the holder of
+/// the leader lock writes (see ARCHITECTURE.md, "Several servers").
+pub struct Leadership {
+    /// Set once this server's writer holds the lock and has loaded its state.
+    is_leader: tokio::sync::watch::Sender<bool>,
+    /// The URL other servers forward writes to, given once the server listens.
+    advertise: std::sync::OnceLock<String>,
+}
+
+/// The advisory lock whose holder is the one writer of a PostgreSQL database.
+const LEADER_LOCK: i64 = 0x7461_6c6c_0002;
 
 struct Inner {
     sender: mpsc::Sender<writer::Job>,
     readers: Mutex<Vec<Connection>>,
-    path: PathBuf,
+    backend: Backend,
     clock: Arc<dyn Clock>,
     /// Shared with the writer and the syncer: the live stream's channel and
     /// the last durable notification (the webhook worker reads up to it).
     sync: Arc<writer::SyncState>,
-    _lock: File,
 }
 
 /// Run a thread's body; if it panics (a broken invariant), stop the process.
@@ -213,7 +300,7 @@ impl Store {
             .name("tally-sync".into())
             .spawn(move || {
                 abort_on_panic("syncer", || {
-                    writer::run_syncer(wal_path, syncer_groups, for_syncer)
+                    writer::run_syncer(Some(wal_path), syncer_groups, for_syncer)
                 })
             })
             .map_err(|e| StoreError::Unavailable(format!("spawn syncer: {e}")))?;
@@ -224,13 +311,123 @@ impl Store {
         let inner = Arc::new(Inner {
             sender,
             readers: Mutex::new(Vec::new()),
-            path: path.clone(),
+            backend: Backend::Sqlite {
+                path: path.clone(),
+                _lock: lock,
+            },
             clock,
             sync,
-            _lock: lock,
         });
         spawn_checkpointer(Arc::downgrade(&inner), path)?;
         Ok(Store { inner })
+    }
+
+    /// Open (migrating) the store in a PostgreSQL database, which other
+    /// servers may share. The writer starts once this server holds the
+    /// leader lock and [`Store::advertise`] has told it where it listens;
+    /// until then [`Store::execute`] answers `Unavailable` and writes are for
+    /// the leader (the HTTP server forwards them).
+    pub fn open_postgres(
+        url: &str,
+        clock: Arc<dyn Clock>,
+        options: Options,
+    ) -> Result<Store, StoreError> {
+        // The sync client runs its own runtime: keep it off the caller's
+        // (which may be async).
+        let migrate_url = url.to_owned();
+        std::thread::spawn(move || migrate_postgres(&migrate_url))
+            .join()
+            .map_err(|_| StoreError::Unavailable("migration thread panicked".into()))??;
+        let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let (to_syncer, syncer_groups) =
+            std::sync::mpsc::sync_channel(writer::MAX_GROUPS_IN_FLIGHT);
+        let sync_state = writer::SyncState::new(0);
+        let leader = Arc::new(Leadership {
+            is_leader: tokio::sync::watch::channel(false).0,
+            advertise: std::sync::OnceLock::new(),
+        });
+        let for_syncer = sync_state.clone();
+        std::thread::Builder::new()
+            .name("tally-sync".into())
+            .spawn(move || {
+                abort_on_panic("syncer", || {
+                    writer::run_syncer(None, syncer_groups, for_syncer)
+                })
+            })
+            .map_err(|e| StoreError::Unavailable(format!("spawn syncer: {e}")))?;
+        let (writer_url, writer_leader, writer_clock, writer_sync) = (
+            url.to_owned(),
+            leader.clone(),
+            clock.clone(),
+            sync_state.clone(),
+        );
+        std::thread::Builder::new()
+            .name("tally-writer".into())
+            .spawn(move || {
+                abort_on_panic("writer", || {
+                    let writer = lead(
+                        &writer_url,
+                        &writer_leader,
+                        writer_clock,
+                        options,
+                        &writer_sync,
+                    )
+                    .unwrap_or_else(|error| panic!("cannot become the writer: {error}"));
+                    writer.run(receiver, to_syncer, writer_sync)
+                })
+            })
+            .map_err(|e| StoreError::Unavailable(format!("spawn writer: {e}")))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                sender,
+                readers: Mutex::new(Vec::new()),
+                backend: Backend::Postgres {
+                    url: url.to_owned(),
+                    leader,
+                },
+                clock,
+                sync: sync_state,
+            }),
+        })
+    }
+
+    /// Whether this server runs the writer: always for the embedded store;
+    /// on PostgreSQL, once it holds the leader lock.
+    pub fn is_leader(&self) -> bool {
+        match &self.inner.backend {
+            Backend::Sqlite { .. } => true,
+            Backend::Postgres { leader, .. } => *leader.is_leader.borrow(),
+        }
+    }
+
+    /// Wait until this server runs the writer (at once for the embedded store).
+    pub async fn wait_until_leader(&self) {
+        if let Backend::Postgres { leader, .. } = &self.inner.backend {
+            let mut watch = leader.is_leader.subscribe();
+            let _ = watch.wait_for(|leading| *leading).await;
+        }
+    }
+
+    /// Whether the store is a PostgreSQL database other servers may share.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.inner.backend, Backend::Postgres { .. })
+    }
+
+    /// Where this server listens, for the others to forward writes to once it
+    /// leads (PostgreSQL; ignored for the embedded store).
+    pub fn advertise(&self, url: String) {
+        if let Backend::Postgres { leader, .. } = &self.inner.backend {
+            let _ = leader.advertise.set(url);
+        }
+    }
+
+    /// The URL of the server that runs the writer, as the database records it.
+    pub async fn leader_url(&self) -> Result<Option<String>, StoreError> {
+        self.read(|c| {
+            c.query_row("SELECT url FROM leader WHERE id = 1", [], |row| row.get(0))
+                .optional()
+        })
+        .await
     }
 
     /// The engine's clock.
@@ -244,6 +441,11 @@ impl Store {
         command: Command,
         actor: Option<String>,
     ) -> Result<Executed, StoreError> {
+        if !self.is_leader() {
+            return Err(StoreError::Unavailable(
+                "this server does not run the writer; send writes to the leader".into(),
+            ));
+        }
         let (reply, answer) = oneshot::channel();
         self.inner
             .sender
@@ -259,33 +461,32 @@ impl Store {
     async fn read<T, F>(&self, read: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        F: FnOnce(&Connection) -> db::Result<T> + Send + 'static,
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let pooled = inner.readers.lock().expect("reader pool").pop();
             let connection = match pooled {
                 Some(connection) => connection,
-                None => {
-                    let connection = connect(&inner.path).map_err(unavailable)?;
-                    connection
-                        .execute_batch("PRAGMA query_only = ON")
-                        .map_err(unavailable)?;
-                    connection
-                }
+                None => match &inner.backend {
+                    Backend::Sqlite { path, .. } => {
+                        let connection = connect(path).map_err(unavailable)?;
+                        connection
+                            .execute_batch("PRAGMA query_only = ON")
+                            .map_err(unavailable)?;
+                        connection
+                    }
+                    Backend::Postgres { url, .. } => {
+                        Connection::postgres(url).map_err(unavailable)?
+                    }
+                },
             };
             // One snapshot for everything the read looks at (grants and holds
             // read in separate statements would otherwise see different groups).
-            let result = connection
-                .unchecked_transaction()
-                .and_then(|snapshot| {
-                    let value = read(&snapshot)?;
-                    snapshot.finish()?;
-                    Ok(value)
-                })
-                .map_err(unavailable);
+            let result = connection.snapshot(read).map_err(unavailable);
             let mut pool = inner.readers.lock().expect("reader pool");
-            if pool.len() < READERS {
+            // A broken connection is dropped, not pooled.
+            if pool.len() < READERS && !connection.is_broken() {
                 pool.push(connection);
             }
             result
@@ -298,7 +499,10 @@ impl Store {
     /// (benchmarks and maintenance; normal operation checkpoints on its own).
     pub async fn checkpoint(&self) -> Result<(), StoreError> {
         // Not through `read`: a checkpoint cannot run inside a read snapshot.
-        let path = self.inner.path.clone();
+        let Backend::Sqlite { path, .. } = &self.inner.backend else {
+            return Ok(());
+        };
+        let path = path.clone();
         tokio::task::spawn_blocking(move || {
             let connection = connect(&path)?;
             connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
@@ -698,7 +902,7 @@ fn simulate(
     id: &str,
     from: Timestamp,
     to: Timestamp,
-) -> rusqlite::Result<Option<Simulation>> {
+) -> db::Result<Option<Simulation>> {
     use std::collections::{BTreeMap, HashMap};
     use tally_core::pricebook::{price_usage, PriceBook, Pricing, Usage, Version};
     let Some(book) = catalog::pricebook(connection, id)? else {
@@ -732,9 +936,8 @@ fn simulate(
     while let Some(row) = rows.next()? {
         let customer_id: String = row.get(0)?;
         let text: String = row.get(2)?;
-        let recorded: Pricing = serde_json::from_str(&text).map_err(|_| {
-            rusqlite::Error::InvalidColumnType(2, "pricing".into(), rusqlite::types::Type::Text)
-        })?;
+        let recorded: Pricing = serde_json::from_str(&text)
+            .map_err(|_| db::Error::Corrupt("bad pricing json".into()))?;
         // Usage is repriced at its own time (a late event's, not its entry's).
         let at = recorded.priced_at.unwrap_or(Timestamp(row.get(1)?));
         if !terms.contains_key(&customer_id) {

@@ -4,7 +4,7 @@
 //! what it reads (a bad enum string or amount is a corrupt database, reported
 //! as an error rather than trusted).
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use crate::db::{self, params, Connection, Dialect, OptionalExtension, Row};
 use tally_core::{
     Amount, CostBasis, CustomerLedger, EntryDraft, EntryKind, Grant, GrantStatus, Hold, HoldStatus,
     Id, Source, Timestamp,
@@ -36,29 +36,29 @@ macro_rules! entry_columns {
 }
 pub const ENTRY_COLUMNS: &str = entry_columns!();
 
-fn corrupt(what: &str) -> rusqlite::Error {
-    rusqlite::Error::InvalidColumnType(0, what.to_string(), rusqlite::types::Type::Text)
+fn corrupt(what: &str) -> db::Error {
+    db::Error::Corrupt(what.to_string())
 }
 
-fn amount(row: &Row, index: usize) -> rusqlite::Result<Amount> {
+fn amount(row: &Row, index: usize) -> db::Result<Amount> {
     Amount::from_micros(row.get(index)?).ok_or_else(|| corrupt("amount out of range"))
 }
 
-fn id(row: &Row, index: usize) -> rusqlite::Result<Id> {
+fn id(row: &Row, index: usize) -> db::Result<Id> {
     Ok(Id::derived(&row.get::<_, String>(index)?))
 }
 
-fn optional_id(row: &Row, index: usize) -> rusqlite::Result<Option<Id>> {
+fn optional_id(row: &Row, index: usize) -> db::Result<Option<Id>> {
     Ok(row
         .get::<_, Option<String>>(index)?
         .map(|s| Id::derived(&s)))
 }
 
-fn json<T: serde::de::DeserializeOwned>(text: &str) -> rusqlite::Result<T> {
+fn json<T: serde::de::DeserializeOwned>(text: &str) -> db::Result<T> {
     serde_json::from_str(text).map_err(|_| corrupt("bad json"))
 }
 
-pub fn grant_record(row: &Row) -> rusqlite::Result<GrantRecord> {
+pub fn grant_record(row: &Row) -> db::Result<GrantRecord> {
     let cost_basis = match (
         row.get::<_, Option<i64>>(6)?,
         row.get::<_, Option<String>>(7)?,
@@ -99,7 +99,7 @@ pub fn grant_record(row: &Row) -> rusqlite::Result<GrantRecord> {
     })
 }
 
-pub fn hold(row: &Row) -> rusqlite::Result<Hold> {
+pub fn hold(row: &Row) -> db::Result<Hold> {
     Ok(Hold {
         id: id(row, 0)?,
         customer_id: id(row, 1)?,
@@ -116,7 +116,7 @@ pub fn hold(row: &Row) -> rusqlite::Result<Hold> {
     })
 }
 
-pub fn entry(row: &Row) -> rusqlite::Result<EntryRecord> {
+pub fn entry(row: &Row) -> db::Result<EntryRecord> {
     let draft = EntryDraft {
         customer_id: id(row, 1)?,
         kind: EntryKind::parse(&row.get::<_, String>(2)?).ok_or_else(|| corrupt("entry kind"))?,
@@ -141,18 +141,25 @@ pub fn entry(row: &Row) -> rusqlite::Result<EntryRecord> {
     })
 }
 
-pub fn customer(
-    connection: &Connection,
-    customer_id: &str,
-) -> rusqlite::Result<Option<CustomerRecord>> {
-    connection
-        .prepare_cached(
+pub fn customer(connection: &Connection, customer_id: &str) -> db::Result<Option<CustomerRecord>> {
+    let sql = match connection.dialect() {
+        Dialect::Sqlite => {
             "SELECT c.id, c.name, c.plan, c.region, c.currency, c.metadata, c.created_at, \
              COALESCE(c.overage, (SELECT json_extract(p.body, '$.overage') FROM subscriptions s \
                JOIN plans p ON p.key = s.plan WHERE s.customer_id = c.id AND s.status = 'active' \
                AND json_extract(s.body, '$.period') >= 0)) \
-             FROM customers c WHERE c.id = ?1",
-        )?
+             FROM customers c WHERE c.id = ?1"
+        }
+        Dialect::Postgres => {
+            "SELECT c.id, c.name, c.plan, c.region, c.currency, c.metadata, c.created_at, \
+             COALESCE(c.overage, (SELECT NULLIF((p.body::jsonb -> 'overage')::text, 'null') \
+               FROM subscriptions s JOIN plans p ON p.key = s.plan WHERE s.customer_id = c.id \
+               AND s.status = 'active' AND (s.body::jsonb -> 'period') >= '0'::jsonb)) \
+             FROM customers c WHERE c.id = ?1"
+        }
+    };
+    connection
+        .prepare_cached(sql)?
         .query_row([customer_id], |row| {
             let overage = match row.get::<_, Option<String>>(7)? {
                 Some(text) => json(&text)?,
@@ -173,16 +180,13 @@ pub fn customer(
 }
 
 /// What a customer owes beyond zero, as stored.
-pub fn customer_debt(connection: &Connection, customer_id: &str) -> rusqlite::Result<Amount> {
+pub fn customer_debt(connection: &Connection, customer_id: &str) -> db::Result<Amount> {
     connection
         .prepare_cached("SELECT debt FROM customers WHERE id = ?1")?
         .query_row([customer_id], |row| amount(row, 0))
 }
 
-pub fn customer_grants(
-    connection: &Connection,
-    customer_id: &str,
-) -> rusqlite::Result<Vec<GrantRecord>> {
+pub fn customer_grants(connection: &Connection, customer_id: &str) -> db::Result<Vec<GrantRecord>> {
     let sql = concat!(
         "SELECT ",
         grant_columns!(),
@@ -194,7 +198,7 @@ pub fn customer_grants(
     rows.collect()
 }
 
-pub fn active_holds(connection: &Connection, customer_id: &str) -> rusqlite::Result<Vec<Hold>> {
+pub fn active_holds(connection: &Connection, customer_id: &str) -> db::Result<Vec<Hold>> {
     let sql = concat!(
         "SELECT ",
         hold_columns!(),
@@ -205,7 +209,7 @@ pub fn active_holds(connection: &Connection, customer_id: &str) -> rusqlite::Res
     rows.collect()
 }
 
-pub fn hold_by_id(connection: &Connection, hold_id: &str) -> rusqlite::Result<Option<Hold>> {
+pub fn hold_by_id(connection: &Connection, hold_id: &str) -> db::Result<Option<Hold>> {
     let sql = concat!("SELECT ", hold_columns!(), " FROM holds WHERE id = ?1");
     connection
         .prepare_cached(sql)?
@@ -217,7 +221,7 @@ pub fn hold_by_id(connection: &Connection, hold_id: &str) -> rusqlite::Result<Op
 pub fn customer_head(
     connection: &Connection,
     customer_id: &str,
-) -> rusqlite::Result<Option<Option<i64>>> {
+) -> db::Result<Option<Option<i64>>> {
     let exists: bool = connection
         .prepare_cached("SELECT EXISTS(SELECT 1 FROM customers WHERE id = ?1)")?
         .query_row([customer_id], |row| row.get(0))?;
@@ -228,13 +232,21 @@ pub fn customer_head(
 }
 
 /// The head of an existing customer's entry chain (`None`: no entries yet).
-pub fn chain_head(connection: &Connection, customer_id: &str) -> rusqlite::Result<Option<i64>> {
-    connection
-        .prepare_cached(
+pub fn chain_head(connection: &Connection, customer_id: &str) -> db::Result<Option<i64>> {
+    let sql = match connection.dialect() {
+        Dialect::Sqlite => {
             "SELECT MAX(COALESCE((SELECT MAX(b.last_entry) FROM grants g \
                JOIN grant_balances b ON b.sequence = g.sequence WHERE g.customer_id = ?1), 0), \
-               COALESCE((SELECT last_entry FROM customers WHERE id = ?1), 0))",
-        )?
+               COALESCE((SELECT last_entry FROM customers WHERE id = ?1), 0))"
+        }
+        Dialect::Postgres => {
+            "SELECT GREATEST(COALESCE((SELECT MAX(b.last_entry) FROM grants g \
+               JOIN grant_balances b ON b.sequence = g.sequence WHERE g.customer_id = ?1), 0), \
+               COALESCE((SELECT last_entry FROM customers WHERE id = ?1), 0))"
+        }
+    };
+    connection
+        .prepare_cached(sql)?
         .query_row([customer_id], |row| row.get::<_, i64>(0))
         .map(|head| (head > 0).then_some(head))
 }
@@ -243,7 +255,7 @@ pub fn chain_head(connection: &Connection, customer_id: &str) -> rusqlite::Resul
 pub fn entry_link(
     connection: &Connection,
     sequence: i64,
-) -> rusqlite::Result<Option<(EntryRecord, Option<i64>)>> {
+) -> db::Result<Option<(EntryRecord, Option<i64>)>> {
     connection
         .prepare_cached(concat!(
             "SELECT ",
@@ -258,7 +270,7 @@ pub fn entry_link(
 pub fn load_ledger(
     connection: &Connection,
     customer_id: &Id,
-) -> rusqlite::Result<Option<(CustomerLedger, Vec<GrantRecord>)>> {
+) -> db::Result<Option<(CustomerLedger, Vec<GrantRecord>)>> {
     let Some(record) = customer(connection, customer_id.as_str())? else {
         return Ok(None);
     };
@@ -280,7 +292,7 @@ pub fn insert_grant(
     grant: &Grant,
     record: Option<&GrantRecord>,
     now: Timestamp,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     let scope = grant
         .scope
         .as_ref()
@@ -342,7 +354,7 @@ pub fn update_grant(
     grant: &Grant,
     head: Option<i64>,
     lifecycle_changed: bool,
-) -> rusqlite::Result<bool> {
+) -> db::Result<bool> {
     let changed = connection
         .prepare_cached(
             "UPDATE grant_balances SET remaining = ?2, expired_amount = ?3, last_entry = ?4 WHERE sequence = ?1",
@@ -363,7 +375,7 @@ pub fn update_grant(
     Ok(changed == 1)
 }
 
-pub fn upsert_hold(connection: &Connection, hold: &Hold) -> rusqlite::Result<()> {
+pub fn upsert_hold(connection: &Connection, hold: &Hold) -> db::Result<()> {
     let mut statement = connection.prepare_cached(concat!(
         "INSERT INTO holds (",
         hold_columns!(),
@@ -394,7 +406,7 @@ pub fn insert_entry(
     recorded_at: Timestamp,
     previous: Option<i64>,
     pricing: Option<&tally_core::pricebook::Pricing>,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     let mut statement = connection.prepare_cached(concat!(
         "INSERT INTO entries (",
         entry_columns!(),
@@ -424,7 +436,7 @@ const DEAD_LETTER_COLUMNS: &str =
     "id, source, event_id, customer_id, payload, code, message, attempts, \
      first_seen, last_seen, status, resolved_at, note";
 
-pub fn dead_letter_row(row: &Row) -> rusqlite::Result<crate::DeadLetterRecord> {
+pub fn dead_letter_row(row: &Row) -> db::Result<crate::DeadLetterRecord> {
     Ok(crate::DeadLetterRecord {
         id: row.get(0)?,
         source: row.get(1)?,
@@ -446,7 +458,7 @@ pub fn dead_letter_row(row: &Row) -> rusqlite::Result<crate::DeadLetterRecord> {
 pub fn dead_letter(
     connection: &Connection,
     id: i64,
-) -> rusqlite::Result<Option<crate::DeadLetterRecord>> {
+) -> db::Result<Option<crate::DeadLetterRecord>> {
     let sql = format!("SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?1");
     connection
         .prepare_cached(&sql)?
@@ -457,7 +469,7 @@ pub fn dead_letter(
 pub fn dead_letter_by_key(
     connection: &Connection,
     key: &str,
-) -> rusqlite::Result<Option<crate::DeadLetterRecord>> {
+) -> db::Result<Option<crate::DeadLetterRecord>> {
     let sql = format!("SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE key = ?1");
     connection
         .prepare_cached(&sql)?
@@ -472,10 +484,10 @@ pub fn dead_letters(
     source: Option<&str>,
     after: i64,
     limit: usize,
-) -> rusqlite::Result<Vec<crate::DeadLetterRecord>> {
+) -> db::Result<Vec<crate::DeadLetterRecord>> {
     let sql = format!(
         "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id > ?1 \
-         AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR source = ?3) ORDER BY id LIMIT ?4"
+         AND (CAST(?2 AS TEXT) IS NULL OR status = ?2) AND (CAST(?3 AS TEXT) IS NULL OR source = ?3) ORDER BY id LIMIT ?4"
     );
     let mut statement = connection.prepare_cached(&sql)?;
     let rows = statement.query_map(
@@ -489,7 +501,7 @@ pub fn dead_letters(
 pub fn customer_overage_override(
     connection: &Connection,
     customer_id: &str,
-) -> rusqlite::Result<Option<tally_core::OveragePolicy>> {
+) -> db::Result<Option<tally_core::OveragePolicy>> {
     let text: Option<String> = connection
         .prepare_cached("SELECT overage FROM customers WHERE id = ?1")?
         .query_row([customer_id], |row| row.get(0))?;
@@ -497,13 +509,13 @@ pub fn customer_overage_override(
 }
 
 /// Every plan.
-pub fn plans(connection: &Connection) -> rusqlite::Result<Vec<tally_core::Plan>> {
+pub fn plans(connection: &Connection) -> db::Result<Vec<tally_core::Plan>> {
     let mut statement = connection.prepare_cached("SELECT body FROM plans ORDER BY key")?;
     let rows = statement.query_map([], |row| json(&row.get::<_, String>(0)?))?;
     rows.collect()
 }
 
-pub fn plan(connection: &Connection, key: &str) -> rusqlite::Result<Option<tally_core::Plan>> {
+pub fn plan(connection: &Connection, key: &str) -> db::Result<Option<tally_core::Plan>> {
     connection
         .prepare_cached("SELECT body FROM plans WHERE key = ?1")?
         .query_row([key], |row| json(&row.get::<_, String>(0)?))
@@ -515,7 +527,7 @@ pub fn upsert_plan(
     plan: &tally_core::Plan,
     now: Timestamp,
     actor: Option<&str>,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     let body = serde_json::to_string(plan).expect("plan serializes");
     connection
         .prepare_cached(
@@ -531,7 +543,7 @@ pub fn upsert_plan(
 pub fn active_subscription(
     connection: &Connection,
     customer_id: &str,
-) -> rusqlite::Result<Option<tally_core::Subscription>> {
+) -> db::Result<Option<tally_core::Subscription>> {
     connection
         .prepare_cached(
             "SELECT body FROM subscriptions WHERE customer_id = ?1 AND status = 'active'",
@@ -544,11 +556,17 @@ pub fn active_subscription(
 pub fn subscriptions(
     connection: &Connection,
     customer_id: &str,
-) -> rusqlite::Result<Vec<tally_core::Subscription>> {
-    let mut statement = connection.prepare_cached(
-        "SELECT body FROM subscriptions WHERE customer_id = ?1 \
-         ORDER BY status = 'active' DESC, json_extract(body, '$.started_at') DESC",
-    )?;
+) -> db::Result<Vec<tally_core::Subscription>> {
+    let mut statement = connection.prepare_cached(match connection.dialect() {
+        Dialect::Sqlite => {
+            "SELECT body FROM subscriptions WHERE customer_id = ?1 \
+             ORDER BY status = 'active' DESC, json_extract(body, '$.started_at') DESC"
+        }
+        Dialect::Postgres => {
+            "SELECT body FROM subscriptions WHERE customer_id = ?1 \
+             ORDER BY status = 'active' DESC, body::jsonb -> 'started_at' DESC"
+        }
+    })?;
     let rows = statement.query_map([customer_id], |row| json(&row.get::<_, String>(0)?))?;
     rows.collect()
 }
@@ -557,7 +575,7 @@ pub fn upsert_subscription(
     connection: &Connection,
     subscription: &tally_core::Subscription,
     now: Timestamp,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     let body = serde_json::to_string(subscription).expect("subscription serializes");
     connection
         .prepare_cached(
@@ -579,10 +597,7 @@ pub fn upsert_subscription(
 }
 
 /// A customer's members, by id.
-pub fn members(
-    connection: &Connection,
-    customer_id: &str,
-) -> rusqlite::Result<Vec<tally_core::Member>> {
+pub fn members(connection: &Connection, customer_id: &str) -> db::Result<Vec<tally_core::Member>> {
     let mut statement =
         connection.prepare_cached("SELECT body FROM members WHERE customer_id = ?1 ORDER BY id")?;
     let rows = statement.query_map([customer_id], |row| json(&row.get::<_, String>(0)?))?;
@@ -594,7 +609,7 @@ pub fn upsert_member(
     customer_id: &str,
     member: &tally_core::Member,
     now: Timestamp,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     connection
         .prepare_cached(
             "INSERT INTO members (customer_id, id, body, updated_at) VALUES (?1, ?2, ?3, ?4) \
@@ -610,7 +625,7 @@ pub fn upsert_member(
 }
 
 /// The balance an entry reported (the customer's balance after it).
-pub fn entry_balance_after(connection: &Connection, sequence: i64) -> rusqlite::Result<Amount> {
+pub fn entry_balance_after(connection: &Connection, sequence: i64) -> db::Result<Amount> {
     connection
         .prepare_cached("SELECT balance_after FROM entries WHERE sequence = ?1")?
         .query_row([sequence], |row| {
@@ -625,7 +640,7 @@ pub fn due_deliveries(
     now: Timestamp,
     durable: i64,
     limit: i64,
-) -> rusqlite::Result<Vec<crate::model::DueDelivery>> {
+) -> db::Result<Vec<crate::model::DueDelivery>> {
     let mut statement = connection.prepare_cached(
         "SELECT d.id, d.attempts, e.url, e.secret, n.sequence, n.type, n.customer_id, n.payload, n.created_at \
          FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
@@ -658,7 +673,7 @@ pub fn deliveries(
     connection: &Connection,
     endpoint_id: &str,
     limit: i64,
-) -> rusqlite::Result<Vec<crate::model::DeliveryRecord>> {
+) -> db::Result<Vec<crate::model::DeliveryRecord>> {
     let mut statement = connection.prepare_cached(
         "SELECT d.id, d.endpoint_id, d.notification, n.type, n.customer_id, d.status, d.attempts, \
          d.last_status, d.last_error, d.next_attempt_at, d.delivered_at, d.created_at \
@@ -687,7 +702,7 @@ pub fn deliveries(
 /// Every webhook endpoint, by id.
 pub fn webhook_endpoints(
     connection: &Connection,
-) -> rusqlite::Result<Vec<crate::model::WebhookEndpointRecord>> {
+) -> db::Result<Vec<crate::model::WebhookEndpointRecord>> {
     let mut statement = connection.prepare_cached(
         "SELECT id, url, events, secret, created_at FROM webhook_endpoints ORDER BY id",
     )?;
@@ -704,11 +719,7 @@ pub fn webhook_endpoints(
 }
 
 /// Whether the customer's active subscription has a period that ended by `now`.
-pub fn renewal_due(
-    connection: &Connection,
-    customer_id: &str,
-    now: Timestamp,
-) -> rusqlite::Result<bool> {
+pub fn renewal_due(connection: &Connection, customer_id: &str, now: Timestamp) -> db::Result<bool> {
     connection
         .prepare_cached(
             "SELECT EXISTS(SELECT 1 FROM subscriptions WHERE customer_id = ?1 \
@@ -721,14 +732,14 @@ pub fn renewal_due(
 pub fn alerts(
     connection: &Connection,
     customer_id: &str,
-) -> rusqlite::Result<Option<crate::model::Alerts>> {
+) -> db::Result<Option<crate::model::Alerts>> {
     connection
         .prepare_cached("SELECT body FROM customer_alerts WHERE customer_id = ?1")?
         .query_row([customer_id], |row| json(&row.get::<_, String>(0)?))
         .optional()
 }
 
-pub fn credit_packs(connection: &Connection) -> rusqlite::Result<Vec<tally_core::CreditPack>> {
+pub fn credit_packs(connection: &Connection) -> db::Result<Vec<tally_core::CreditPack>> {
     let mut statement = connection.prepare_cached("SELECT body FROM credit_packs ORDER BY key")?;
     let rows = statement.query_map([], |row| json(&row.get::<_, String>(0)?))?;
     rows.collect()
@@ -738,7 +749,7 @@ pub fn upsert_credit_pack(
     connection: &Connection,
     pack: &tally_core::CreditPack,
     now: Timestamp,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     let body = serde_json::to_string(pack).expect("pack serializes");
     connection
         .prepare_cached(
@@ -753,7 +764,7 @@ const TOPUP_COLUMNS: &str = "id, customer_id, origin, pack, quantity, credits, p
     expires_after_days, priority, status, payment_due_at, payment_reference, failure_reason, \
     grant_id, entry_id, created_at, resolved_at, sequence";
 
-fn topup_row(row: &Row) -> rusqlite::Result<(crate::model::TopupRecord, i64)> {
+fn topup_row(row: &Row) -> db::Result<(crate::model::TopupRecord, i64)> {
     let status: String = row.get(10)?;
     if !["pending_payment", "succeeded", "failed"].contains(&status.as_str()) {
         return Err(corrupt("bad top-up status"));
@@ -783,10 +794,7 @@ fn topup_row(row: &Row) -> rusqlite::Result<(crate::model::TopupRecord, i64)> {
     ))
 }
 
-pub fn topup(
-    connection: &Connection,
-    id: &str,
-) -> rusqlite::Result<Option<crate::model::TopupRecord>> {
+pub fn topup(connection: &Connection, id: &str) -> db::Result<Option<crate::model::TopupRecord>> {
     connection
         .prepare_cached(&format!("SELECT {TOPUP_COLUMNS} FROM topups WHERE id = ?1"))?
         .query_row([id], topup_row)
@@ -801,7 +809,7 @@ pub fn topups(
     customer_id: &str,
     before: Option<i64>,
     limit: usize,
-) -> rusqlite::Result<Vec<(crate::model::TopupRecord, i64)>> {
+) -> db::Result<Vec<(crate::model::TopupRecord, i64)>> {
     let mut statement = connection.prepare_cached(&format!(
         "SELECT {TOPUP_COLUMNS} FROM topups WHERE customer_id = ?1 AND sequence < ?2 \
          ORDER BY sequence DESC LIMIT ?3"
@@ -817,10 +825,7 @@ pub fn topups(
     rows.collect()
 }
 
-pub fn insert_topup(
-    connection: &Connection,
-    topup: &crate::model::TopupRecord,
-) -> rusqlite::Result<()> {
+pub fn insert_topup(connection: &Connection, topup: &crate::model::TopupRecord) -> db::Result<()> {
     connection
         .prepare_cached(
             "INSERT INTO topups (id, customer_id, origin, pack, quantity, credits, price, currency, \
@@ -846,10 +851,7 @@ pub fn insert_topup(
 }
 
 /// Write a top-up's resolution (its status and what came of it).
-pub fn resolve_topup(
-    connection: &Connection,
-    topup: &crate::model::TopupRecord,
-) -> rusqlite::Result<()> {
+pub fn resolve_topup(connection: &Connection, topup: &crate::model::TopupRecord) -> db::Result<()> {
     connection
         .prepare_cached(
             "UPDATE topups SET status = ?1, payment_reference = ?2, failure_reason = ?3, grant_id = ?4, \
@@ -872,7 +874,7 @@ pub fn overdue_topups(
     connection: &Connection,
     now: Timestamp,
     limit: i64,
-) -> rusqlite::Result<Vec<String>> {
+) -> db::Result<Vec<String>> {
     let mut statement = connection.prepare_cached(
         "SELECT id FROM topups WHERE status = 'pending_payment' AND payment_due_at <= ?1 \
          ORDER BY payment_due_at LIMIT ?2",
@@ -882,7 +884,7 @@ pub fn overdue_topups(
 }
 
 /// The next automatic top-up's number.
-pub fn next_topup_sequence(connection: &Connection) -> rusqlite::Result<i64> {
+pub fn next_topup_sequence(connection: &Connection) -> db::Result<i64> {
     connection
         .prepare_cached("SELECT COALESCE(MAX(sequence), 0) + 1 FROM topups")?
         .query_row([], |row| row.get(0))
@@ -891,7 +893,7 @@ pub fn next_topup_sequence(connection: &Connection) -> rusqlite::Result<i64> {
 pub fn auto_topup(
     connection: &Connection,
     customer_id: &str,
-) -> rusqlite::Result<Option<tally_core::AutoTopupState>> {
+) -> db::Result<Option<tally_core::AutoTopupState>> {
     connection
         .prepare_cached("SELECT body FROM auto_topups WHERE customer_id = ?1")?
         .query_row([customer_id], |row| json(&row.get::<_, String>(0)?))
@@ -903,7 +905,7 @@ pub fn upsert_auto_topup(
     customer_id: &str,
     state: &tally_core::AutoTopupState,
     now: Timestamp,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     let body = serde_json::to_string(state).expect("auto top-up serializes");
     connection
         .prepare_cached(

@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::db::{self, params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 use tally_core::{
     ChargeRecord, Clock, CustomerLedger, Draw, EntryDraft, Grant, GrantStatus, HoldStatus, Id,
@@ -156,7 +156,7 @@ impl SyncState {
 /// A failed fsync may have lost data the kernel already dropped; the only safe
 /// answer is to stop the process so that recovery rebuilds from what is on disk.
 pub fn run_syncer(
-    wal_path: std::path::PathBuf,
+    wal_path: Option<std::path::PathBuf>,
     groups: std::sync::mpsc::Receiver<Durable>,
     state: Arc<SyncState>,
 ) {
@@ -166,13 +166,17 @@ pub fn run_syncer(
         while let Ok(more) = groups.try_recv() {
             ready.push(more);
         }
-        if wal.is_none() {
-            wal = std::fs::OpenOptions::new().write(true).open(&wal_path).ok();
-        }
-        let synced = wal.as_ref().map(std::fs::File::sync_data);
-        if !matches!(synced, Some(Ok(()))) {
-            tracing::error!(?synced, wal = ?wal_path, "fsync of the write-ahead log failed; stopping");
-            std::process::abort();
+        // PostgreSQL (no log file here) made each group durable before its
+        // COMMIT returned.
+        if let Some(wal_path) = &wal_path {
+            if wal.is_none() {
+                wal = std::fs::OpenOptions::new().write(true).open(wal_path).ok();
+            }
+            let synced = wal.as_ref().map(std::fs::File::sync_data);
+            if !matches!(synced, Some(Ok(()))) {
+                tracing::error!(?synced, wal = ?wal_path, "fsync of the write-ahead log failed; stopping");
+                std::process::abort();
+            }
         }
         let count = ready.len();
         for group in ready {
@@ -205,7 +209,7 @@ struct Group {
     results: Vec<Result<Executed, StoreError>>,
     started: std::time::Instant,
     /// The first database failure: every command of the group then fails.
-    failed: Option<rusqlite::Error>,
+    failed: Option<db::Error>,
 }
 
 /// Why one command did not produce an outcome.
@@ -218,11 +222,11 @@ enum Failure {
     /// a ledger refusal when the command has an id.
     Rejected(Refusal),
     /// The database failed: the whole group is abandoned.
-    Fatal(rusqlite::Error),
+    Fatal(db::Error),
 }
 
-impl From<rusqlite::Error> for Failure {
-    fn from(error: rusqlite::Error) -> Failure {
+impl From<db::Error> for Failure {
+    fn from(error: db::Error) -> Failure {
         Failure::Fatal(error)
     }
 }
@@ -245,10 +249,12 @@ struct Sequences {
     next_entry: i64,
     last_recorded_micros: i64,
     next_grant: i64,
+    next_operation: i64,
+    next_notification: i64,
 }
 
 impl Sequences {
-    fn read(connection: &Connection) -> rusqlite::Result<Sequences> {
+    fn read(connection: &Connection) -> db::Result<Sequences> {
         let (last_entry, last_recorded_micros): (i64, i64) = connection.query_row(
             "SELECT COALESCE(MAX(sequence), 0), COALESCE(MAX(recorded_at), 0) FROM entries",
             [],
@@ -258,10 +264,19 @@ impl Sequences {
             connection.query_row("SELECT COALESCE(MAX(sequence), 0) FROM grants", [], |row| {
                 row.get(0)
             })?;
+        let next = |table: &str| -> db::Result<i64> {
+            connection.query_row(
+                &format!("SELECT COALESCE(MAX(sequence), 0) + 1 FROM {table}"),
+                [],
+                |row| row.get(0),
+            )
+        };
         Ok(Sequences {
             next_entry: last_entry + 1,
             last_recorded_micros,
             next_grant: last_grant + 1,
+            next_operation: next("operations")?,
+            next_notification: next("notifications")?,
         })
     }
 }
@@ -297,6 +312,8 @@ pub struct Writer {
     last_recorded_micros: i64,
     next_entry_sequence: i64,
     next_grant_sequence: i64,
+    next_operation_sequence: i64,
+    next_notification_sequence: i64,
     stats: GroupStats,
     /// Every plan, by key.
     plans: HashMap<String, tally_core::Plan>,
@@ -340,7 +357,7 @@ struct OperationIndex {
 }
 
 impl OperationIndex {
-    fn load(connection: &Connection) -> rusqlite::Result<OperationIndex> {
+    fn load(connection: &Connection) -> db::Result<OperationIndex> {
         let mut index = OperationIndex {
             hasher: std::hash::RandomState::new(),
             first: HashMap::new(),
@@ -448,7 +465,7 @@ impl Writer {
         connection: Connection,
         clock: Arc<dyn Clock>,
         options: crate::Options,
-    ) -> rusqlite::Result<Writer> {
+    ) -> db::Result<Writer> {
         let sequences = Sequences::read(&connection)?;
         let operations = OperationIndex::load(&connection)?;
         let catalog = Catalog::load(&connection)?;
@@ -474,6 +491,8 @@ impl Writer {
             last_recorded_micros: sequences.last_recorded_micros,
             next_entry_sequence: sequences.next_entry,
             next_grant_sequence: sequences.next_grant,
+            next_operation_sequence: sequences.next_operation,
+            next_notification_sequence: sequences.next_notification,
             stats: GroupStats::new(),
             operations,
             catalog,
@@ -563,7 +582,11 @@ impl Writer {
     fn begin_group(&mut self) -> Group {
         let started = std::time::Instant::now();
         self.now = self.clock.now();
-        let failed = self.connection.execute_batch("BEGIN IMMEDIATE").err();
+        let begin = match self.connection.dialect() {
+            db::Dialect::Sqlite => "BEGIN IMMEDIATE",
+            db::Dialect::Postgres => "BEGIN",
+        };
+        let failed = self.connection.execute_batch(begin).err();
         Group {
             replies: Vec::new(),
             results: Vec::new(),
@@ -599,7 +622,7 @@ impl Writer {
         let mut applied = std::time::Duration::ZERO;
         let outcome = match group.failed.take() {
             Some(error) => Err(error),
-            None => (|| -> rusqlite::Result<()> {
+            None => (|| -> db::Result<()> {
                 self.flush()?;
                 applied = group.started.elapsed();
                 self.connection.execute_batch("COMMIT")
@@ -639,7 +662,7 @@ impl Writer {
     /// endpoints as the database holds them (the group may have changed
     /// them). If a read fails, stop: a restart recovers.
     fn reload_configuration(&mut self) {
-        let reload = |what: &str, error: rusqlite::Error| -> ! {
+        let reload = |what: &str, error: db::Error| -> ! {
             panic!("cannot read the {what} after a rollback: {error}")
         };
         self.catalog = Catalog::load(&self.connection).unwrap_or_else(|e| reload("price book", e));
@@ -661,10 +684,12 @@ impl Writer {
         self.next_entry_sequence = sequences.next_entry;
         self.last_recorded_micros = sequences.last_recorded_micros;
         self.next_grant_sequence = sequences.next_grant;
+        self.next_operation_sequence = sequences.next_operation;
+        self.next_notification_sequence = sequences.next_notification;
     }
 
     /// Write every grant and hold the group changed.
-    fn flush(&mut self) -> rusqlite::Result<()> {
+    fn flush(&mut self) -> db::Result<()> {
         for customer_id in std::mem::take(&mut self.touched) {
             let Some(cached) = self.cache.get_mut(&customer_id) else {
                 continue;
@@ -772,7 +797,7 @@ impl Writer {
                 return Err(Failure::Store(error));
             }
             let result: Result<Outcome, Refusal> = serde_json::from_str(&response)
-                .map_err(|_| Failure::Fatal(rusqlite::Error::InvalidQuery))?;
+                .map_err(|_| Failure::Fatal(db::Error::Corrupt("a stored answer".into())))?;
             return Ok(Executed {
                 result,
                 replayed: true,
@@ -810,11 +835,7 @@ impl Writer {
     }
 
     /// The stored request hash and answer of `(kind, id)`, with its row.
-    fn find_operation(
-        &self,
-        kind: &str,
-        id: &Id,
-    ) -> rusqlite::Result<Option<(i64, Vec<u8>, String)>> {
+    fn find_operation(&self, kind: &str, id: &Id) -> db::Result<Option<(i64, Vec<u8>, String)>> {
         let fingerprint = self.operations.fingerprint(kind, id.as_str());
         for sequence in self.operations.candidates(fingerprint) {
             let (stored_kind, stored_id, hash, response): (String, String, Vec<u8>, String) = self
@@ -839,7 +860,7 @@ impl Writer {
         hash: &[u8],
         result: &Result<Outcome, Refusal>,
         charge: Option<ChargeColumns>,
-    ) -> rusqlite::Result<()> {
+    ) -> db::Result<()> {
         let response = serde_json::to_string(result).expect("outcome serializes");
         let (customer_id, amount, feature) = match &charge {
             Some(c) => (
@@ -851,10 +872,11 @@ impl Writer {
         };
         self.connection
             .prepare_cached(
-                "INSERT INTO operations (kind, id, request_hash, ok, response, customer_id, amount, refunded, \
-                 feature, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9)",
+                "INSERT INTO operations (sequence, kind, id, request_hash, ok, response, customer_id, amount, \
+                 refunded, feature, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10)",
             )?
             .execute(params![
+                self.next_operation_sequence,
                 kind,
                 id.as_str(),
                 hash,
@@ -865,7 +887,8 @@ impl Writer {
                 feature,
                 self.now.micros()
             ])?;
-        let sequence = self.connection.last_insert_rowid();
+        let sequence = self.next_operation_sequence;
+        self.next_operation_sequence += 1;
         let fingerprint = self.operations.fingerprint(kind, id.as_str());
         self.operations.add(fingerprint, sequence);
         Ok(())
@@ -940,7 +963,7 @@ impl Writer {
     }
 
     /// Append a journal entry; returns its sequence number.
-    fn record_entry(&mut self, draft: &EntryDraft, actor: Option<&str>) -> rusqlite::Result<i64> {
+    fn record_entry(&mut self, draft: &EntryDraft, actor: Option<&str>) -> db::Result<i64> {
         self.record_priced_entry(draft, actor, None)
     }
 
@@ -950,7 +973,7 @@ impl Writer {
         draft: &EntryDraft,
         actor: Option<&str>,
         pricing: Option<&Pricing>,
-    ) -> rusqlite::Result<i64> {
+    ) -> db::Result<i64> {
         let recorded = self.now.micros().max(self.last_recorded_micros + 1);
         self.last_recorded_micros = recorded;
         let sequence = self.next_entry_sequence;
@@ -1567,8 +1590,8 @@ impl Writer {
             ))));
         };
         let customer_id = Id::derived(&customer_id);
-        let (drawn, on_debt) =
-            charged_draws(&response).ok_or(Failure::Fatal(rusqlite::Error::InvalidQuery))?;
+        let (drawn, on_debt) = charged_draws(&response)
+            .ok_or(Failure::Fatal(db::Error::Corrupt("a stored answer".into())))?;
         let record = ChargeRecord {
             reference: charge_id.clone(),
             customer_id: customer_id.clone(),
@@ -1743,7 +1766,7 @@ impl Writer {
 
     /// Keep an event that could not be charged; a repeat of the same event
     /// (or the same unreadable payload) counts as another attempt.
-    fn dead_letter(&mut self, letter: &NewDeadLetter) -> rusqlite::Result<DeadLetterRecord> {
+    fn dead_letter(&mut self, letter: &NewDeadLetter) -> db::Result<DeadLetterRecord> {
         if let Some(id) = &letter.event_id {
             self.letter_events.insert(id.clone());
         }
@@ -1760,7 +1783,7 @@ impl Writer {
                 "INSERT INTO dead_letters (key, source, event_id, customer_id, payload, code, message, \
                  attempts, first_seen, last_seen, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8, 'pending') \
                  ON CONFLICT(key) DO UPDATE SET payload = excluded.payload, \
-                 code = excluded.code, message = excluded.message, attempts = attempts + 1, \
+                 code = excluded.code, message = excluded.message, attempts = dead_letters.attempts + 1, \
                  last_seen = excluded.last_seen, status = 'pending', resolved_at = NULL, note = NULL",
             )?
             .execute(params![
@@ -1887,7 +1910,7 @@ impl Writer {
             .map_err(pricing_refusal)
     }
 
-    fn put_feature(&mut self, key: &str, name: &str, unit: &str) -> rusqlite::Result<Outcome> {
+    fn put_feature(&mut self, key: &str, name: &str, unit: &str) -> db::Result<Outcome> {
         let now = self.now;
         let record = FeatureRecord {
             key: key.to_owned(),
@@ -2179,7 +2202,7 @@ impl Writer {
     }
 
     /// Expire what is due for customers with due holds or grants.
-    fn tick(&mut self) -> rusqlite::Result<Outcome> {
+    fn tick(&mut self) -> db::Result<Outcome> {
         let now = self.now.micros();
         let due: Vec<String> = {
             let mut statement = self.connection.prepare_cached(
@@ -2193,7 +2216,7 @@ impl Writer {
                  LIMIT ?2",
             )?;
             let rows = statement.query_map(params![now, MAX_TICK_CUSTOMERS], |row| row.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
+            rows.collect::<db::Result<_>>()?
         };
         let before = self.next_entry_sequence;
         self.renewals = 0;
@@ -2214,16 +2237,14 @@ impl Writer {
     }
 }
 
-fn load_packs(
-    connection: &Connection,
-) -> rusqlite::Result<HashMap<String, tally_core::CreditPack>> {
+fn load_packs(connection: &Connection) -> db::Result<HashMap<String, tally_core::CreditPack>> {
     Ok(rows::credit_packs(connection)?
         .into_iter()
         .map(|p| (p.key.clone(), p))
         .collect())
 }
 
-fn load_plans(connection: &Connection) -> rusqlite::Result<HashMap<String, tally_core::Plan>> {
+fn load_plans(connection: &Connection) -> db::Result<HashMap<String, tally_core::Plan>> {
     Ok(rows::plans(connection)?
         .into_iter()
         .map(|plan| (plan.key.clone(), plan))
@@ -2231,7 +2252,7 @@ fn load_plans(connection: &Connection) -> rusqlite::Result<HashMap<String, tally
 }
 
 /// The event ids with a pending dead letter.
-fn pending_letter_events(connection: &Connection) -> rusqlite::Result<HashSet<String>> {
+fn pending_letter_events(connection: &Connection) -> db::Result<HashSet<String>> {
     let mut statement = connection.prepare(
         "SELECT event_id FROM dead_letters WHERE status = 'pending' AND event_id IS NOT NULL",
     )?;
@@ -2382,14 +2403,17 @@ mod tests {
 
     #[test]
     fn the_index_is_rebuilt_from_the_table() {
-        let mut connection = Connection::open_in_memory().unwrap();
-        crate::schema::migrate(&mut connection).unwrap();
-        for (kind, id) in [("charge", "a"), ("hold", "a"), ("charge", "b")] {
+        let connection = Connection::sqlite(rusqlite::Connection::open_in_memory().unwrap());
+        crate::schema::migrate(&connection).unwrap();
+        for (sequence, (kind, id)) in [("charge", "a"), ("hold", "a"), ("charge", "b")]
+            .into_iter()
+            .enumerate()
+        {
             connection
                 .execute(
-                    "INSERT INTO operations (kind, id, request_hash, ok, response, recorded_at) \
-                     VALUES (?1, ?2, x'00', 1, '{}', 0)",
-                    params![kind, id],
+                    "INSERT INTO operations (sequence, kind, id, request_hash, ok, response, recorded_at) \
+                     VALUES (?1, ?2, ?3, x'00', 1, '{}', 0)",
+                    params![sequence + 1, kind, id],
                 )
                 .unwrap();
         }

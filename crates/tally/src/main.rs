@@ -24,7 +24,8 @@ struct StorageArgs {
     /// Where the embedded database lives.
     #[arg(long, env = "TALLY_DATA_DIR", default_value = "./tally-data")]
     data_dir: PathBuf,
-    /// Use PostgreSQL instead of the embedded database.
+    /// Use PostgreSQL instead of the embedded database
+    /// (postgres://user@host:port/database); several servers may share it.
     #[arg(long, env = "TALLY_DATABASE_URL")]
     database_url: Option<String>,
 }
@@ -33,6 +34,10 @@ struct StorageArgs {
 struct ServeArgs {
     #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
+    /// With --database-url: the URL the other servers reach this one at, to
+    /// forward writes while it runs the writer (default: http://<listen address>).
+    #[arg(long, env = "TALLY_ADVERTISE_URL")]
+    advertise_url: Option<String>,
     #[command(flatten)]
     storage: StorageArgs,
     /// The engine's clock moves only through POST /v1/clock/advance (tests, staging).
@@ -104,7 +109,14 @@ fn main() -> anyhow::Result<()> {
         Commands::Serve(args) => runtime.block_on(serve(args)),
         Commands::DeadLetters(args) => runtime.block_on(dead_letters::run(args)),
         Commands::Migrate { storage } => {
-            require_embedded(&storage)?;
+            if let Some(url) = &storage.database_url {
+                let applied = tally_store::migrate_postgres(url).context("migrate")?;
+                println!(
+                    "migrated the PostgreSQL database: {applied} migration(s) applied, schema version {}",
+                    tally_store::schema::latest_version()
+                );
+                return Ok(());
+            }
             let applied = tally_store::migrate(&storage.data_dir).context("migrate")?;
             println!(
                 "migrated {:?}: {applied} migration(s) applied, schema version {}",
@@ -116,7 +128,6 @@ fn main() -> anyhow::Result<()> {
         Commands::Keys {
             command: KeyCommands::Create { scope, id, storage },
         } => {
-            require_embedded(&storage)?;
             let Some(scope) = tally_server::auth::Scope::parse(&scope) else {
                 bail!("--scope must be one of admin, write, ingest, read");
             };
@@ -127,13 +138,15 @@ fn main() -> anyhow::Result<()> {
                 bail!("--id must be 1 to 128 characters of A-Z, a-z, 0-9, '_', '.', ':' or '-'");
             }
             let now = SystemClock.now();
-            tally_store::insert_api_key(
-                &storage.data_dir,
-                &id,
-                &tally_server::auth::hash_key(&key),
-                scope.as_str(),
-                now,
-            )
+            let hash = tally_server::auth::hash_key(&key);
+            match &storage.database_url {
+                Some(url) => {
+                    tally_store::insert_api_key_postgres(url, &id, &hash, scope.as_str(), now)
+                }
+                None => {
+                    tally_store::insert_api_key(&storage.data_dir, &id, &hash, scope.as_str(), now)
+                }
+            }
             .context("store the key")?;
             println!("{key}");
             eprintln!(
@@ -146,16 +159,10 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn require_embedded(storage: &StorageArgs) -> anyhow::Result<()> {
-    if storage.database_url.is_some() {
-        bail!("--database-url (PostgreSQL) is not supported by this build yet; omit it to use the embedded database in --data-dir");
-    }
-    Ok(())
-}
-
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let ServeArgs {
         listen,
+        advertise_url,
         storage,
         manual_clock,
         event_window_seconds,
@@ -163,7 +170,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_in_flight,
         streams,
     } = args;
-    require_embedded(&storage)?;
     anyhow::ensure!(
         event_window_seconds > 0,
         "--event-window-seconds must be greater than zero"
@@ -185,8 +191,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = tally_store::Options {
         event_window_seconds,
     };
-    let store = Store::open_with(&storage.data_dir, clock, options)
-        .with_context(|| format!("open the data directory {:?}", storage.data_dir))?;
+    let store = match &storage.database_url {
+        Some(url) => Store::open_postgres(url, clock, options)
+            .context("open the PostgreSQL database (--database-url)")?,
+        None => Store::open_with(&storage.data_dir, clock, options)
+            .with_context(|| format!("open the data directory {:?}", storage.data_dir))?,
+    };
     let admin_key = std::env::var("TALLY_ADMIN_KEY").ok();
     let mut state = AppState::new(store, admin_key.as_deref(), manual);
     state.pubsub_token = pubsub_token.filter(|t| !t.is_empty());
@@ -198,11 +208,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     state.max_in_flight = max_in_flight;
     tally_server::spawn_ticker(state.clone());
     tally_server::webhooks::spawn_deliveries(state.clone());
-    tally_server::streams::start(state.clone(), streams)?;
+    if state.store.is_shared() {
+        // Only the server that runs the writer consumes the streams.
+        let consumers = state.clone();
+        tokio::spawn(async move {
+            consumers.store.wait_until_leader().await;
+            if let Err(error) = tally_server::streams::start(consumers, streams) {
+                tracing::error!(%error, "cannot start the stream consumers");
+                std::process::exit(2);
+            }
+        });
+    } else {
+        tally_server::streams::start(state.clone(), streams)?;
+    }
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("listen on {listen}"))?;
     let address = listener.local_addr()?;
+    state.store.advertise(advertise_url.unwrap_or_else(|| {
+        let mut reachable = address;
+        if reachable.ip().is_unspecified() {
+            reachable.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{reachable}")
+    }));
     println!("tally listening on http://{address}");
     tracing::info!(%address, data_dir = ?storage.data_dir, manual_clock, "serving");
     let shutdown = state.shutdown.clone();

@@ -17,13 +17,18 @@ use crate::{reply, AppState};
 #[derive(Serialize, ToSchema)]
 pub struct Health {
     pub status: String,
+    /// Whether this server runs the writer. Always true for the embedded
+    /// store; over a shared PostgreSQL database, true on the one server
+    /// holding the leader lock (the others forward writes to it).
+    pub writer: bool,
 }
 
 /// Liveness.
 #[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, body = Health)))]
-pub async fn healthz() -> Json<Health> {
+pub async fn healthz(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
+        writer: state.store.is_leader(),
     })
 }
 

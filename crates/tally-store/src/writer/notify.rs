@@ -9,7 +9,7 @@
 //! change committed. The delivery worker (tally-server) sends them, at least
 //! once, with a stable delivery id.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::db::{self, params, Connection, OptionalExtension};
 use serde_json::json;
 use tally_core::{EntryDraft, EntryKind, Id, Timestamp};
 
@@ -40,7 +40,7 @@ impl Endpoint {
     }
 }
 
-pub(super) fn load_endpoints(connection: &Connection) -> rusqlite::Result<Vec<Endpoint>> {
+pub(super) fn load_endpoints(connection: &Connection) -> db::Result<Vec<Endpoint>> {
     Ok(crate::rows::webhook_endpoints(connection)?
         .into_iter()
         .map(|e| Endpoint {
@@ -65,7 +65,7 @@ impl Writer {
         recorded: Timestamp,
         before: tally_core::Amount,
         auto_topup: bool,
-    ) -> rusqlite::Result<()> {
+    ) -> db::Result<()> {
         // Queued only while someone listens (a stream that opens while this
         // group is open reads the balance after a round trip through the
         // writer, so it sees this change in the balance instead).
@@ -136,7 +136,7 @@ impl Writer {
         kind: &str,
         customer_id: Option<&Id>,
         data: serde_json::Value,
-    ) -> rusqlite::Result<()> {
+    ) -> db::Result<()> {
         let endpoints: Vec<&Endpoint> = self.endpoints.iter().filter(|e| e.wants(kind)).collect();
         if endpoints.is_empty() {
             return Ok(());
@@ -144,10 +144,18 @@ impl Writer {
         let now = self.now.micros();
         self.connection
             .prepare_cached(
-                "INSERT INTO notifications (type, customer_id, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO notifications (sequence, type, customer_id, payload, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute(params![kind, customer_id.map(Id::as_str), data.to_string(), now])?;
-        let notification = self.connection.last_insert_rowid();
+            .execute(params![
+                self.next_notification_sequence,
+                kind,
+                customer_id.map(Id::as_str),
+                data.to_string(),
+                now
+            ])?;
+        let notification = self.next_notification_sequence;
+        self.next_notification_sequence += 1;
         self.group_notification = Some(notification);
         for endpoint in endpoints {
             self.connection
@@ -167,7 +175,7 @@ impl Writer {
 
     /// `grant.expiring` for lots of customers with `grant_expiring_days`
     /// that expire within that many days, once per lot (from the tick).
-    pub(super) fn notify_expiring(&mut self) -> rusqlite::Result<()> {
+    pub(super) fn notify_expiring(&mut self) -> db::Result<()> {
         if !self.endpoints.iter().any(|e| e.wants("grant.expiring")) {
             return Ok(());
         }
@@ -188,7 +196,7 @@ impl Writer {
             let rows = statement.query_map(params![now, 90 * DAY_MICROS, DAY_MICROS], |row| {
                 Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
             })?;
-            rows.collect::<rusqlite::Result<_>>()?
+            rows.collect::<db::Result<_>>()?
         };
         for (grant_id, customer_id, expires_at, remaining) in due {
             self.connection
@@ -209,7 +217,7 @@ impl Writer {
     /// deliveries (from the tick). A notification with a delivery still
     /// pending stays, and so does the newest: its sequence is what the next
     /// one counts from, so event and delivery ids are never reused.
-    pub(super) fn prune_notifications(&mut self) -> rusqlite::Result<()> {
+    pub(super) fn prune_notifications(&mut self) -> db::Result<()> {
         let now = self.now.micros();
         if now < self.next_prune_at {
             return Ok(());
@@ -224,7 +232,7 @@ impl Writer {
                  ORDER BY n.created_at LIMIT ?2",
             )?;
             let rows = statement.query_map(params![cutoff, PRUNE_BATCH], |row| row.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
+            rows.collect::<db::Result<_>>()?
         };
         for sequence in &old {
             self.connection

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use rusqlite::params;
+use crate::db::params;
 use tally_core::plan::{self, RenewalContext, Step};
 use tally_core::{Id, Plan, Subscription, SubscriptionStatus};
 

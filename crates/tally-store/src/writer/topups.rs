@@ -14,6 +14,7 @@
 //! `max_failures` failed payments in a row. Its state lives in the
 //! customer's cached ledger and is written with the top-up it starts.
 
+use crate::db;
 use serde_json::json;
 use tally_core::topup::{self, Decision};
 use tally_core::{Amount, AutoTopup, AutoTopupState, CreditPack, Id, Source, Timestamp};
@@ -334,7 +335,7 @@ impl Writer {
     }
 
     /// Start the automatic top-ups that the balances after the command call for.
-    pub(super) fn check_topups(&mut self) -> rusqlite::Result<()> {
+    pub(super) fn check_topups(&mut self) -> db::Result<()> {
         if self.topup_checks.is_empty() {
             return Ok(());
         }
@@ -360,7 +361,7 @@ impl Writer {
             .and_then(|c| c.auto.as_mut())
     }
 
-    fn save_auto_topup(&mut self, customer_id: &Id) -> rusqlite::Result<()> {
+    fn save_auto_topup(&mut self, customer_id: &Id) -> db::Result<()> {
         if let Some(state) = self.cache.get(customer_id).and_then(|c| c.auto.as_ref()) {
             rows::upsert_auto_topup(&self.connection, customer_id.as_str(), state, self.now)?;
         }
@@ -369,11 +370,7 @@ impl Writer {
 
     /// Start an automatic top-up if the customer's balance (available less
     /// debt) is below its threshold and the rules allow one now.
-    pub(super) fn maybe_auto_topup(
-        &mut self,
-        customer_id: &Id,
-        balance: Amount,
-    ) -> rusqlite::Result<()> {
+    pub(super) fn maybe_auto_topup(&mut self, customer_id: &Id, balance: Amount) -> db::Result<()> {
         let Some(state) = self
             .cache
             .get(customer_id)
@@ -417,7 +414,7 @@ impl Writer {
     }
 
     /// Fail the top-ups whose payment deadline passed (from the tick).
-    pub(super) fn expire_topup_payments(&mut self) -> rusqlite::Result<usize> {
+    pub(super) fn expire_topup_payments(&mut self) -> db::Result<usize> {
         let overdue = rows::overdue_topups(&self.connection, self.now, MAX_OVERDUE_PER_TICK)?;
         let mut count = 0;
         for id in overdue {

@@ -520,8 +520,8 @@ async fn events_need_the_ingest_scope() {
     let app = priced_app(Options::default()).await;
     let key = |scope: &str| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args(["keys", "create", "--scope", scope, "--data-dir"])
-            .arg(&app.data_dir)
+            .args(["keys", "create", "--scope", scope])
+            .args(app.storage_args())
             .output()
             .expect("run tally keys create");
         assert!(

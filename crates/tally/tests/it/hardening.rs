@@ -60,16 +60,8 @@ async fn instants_outside_the_representable_years_are_refused() {
 async fn an_api_key_id_taken_by_the_cli_is_a_conflict() {
     let app = TestApp::spawn().await;
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "keys",
-            "create",
-            "--scope",
-            "read",
-            "--id",
-            "clikey",
-            "--data-dir",
-        ])
-        .arg(&app.data_dir)
+        .args(["keys", "create", "--scope", "read", "--id", "clikey"])
+        .args(app.storage_args())
         .output()
         .expect("run tally keys create");
     assert!(

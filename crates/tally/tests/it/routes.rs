@@ -543,8 +543,8 @@ async fn cli_creates_a_key_a_running_server_accepts() {
     let app = TestApp::spawn().await;
     app.customer("c").await;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["keys", "create", "--scope", "read", "--data-dir"])
-        .arg(&app.data_dir)
+        .args(["keys", "create", "--scope", "read"])
+        .args(app.storage_args())
         .env("RUST_LOG", "warn")
         .output()
         .await

@@ -24,6 +24,69 @@ pub fn fresh_dir() -> PathBuf {
     dir
 }
 
+/// The PostgreSQL server the suite runs against when `TALLY_TEST_DATABASE`
+/// is `postgres` (scripts/test.sh runs the suite once on each store).
+pub fn postgres_server() -> Option<String> {
+    match std::env::var("TALLY_TEST_DATABASE").as_deref() {
+        Ok("postgres") => Some(
+            std::env::var("TALLY_TEST_POSTGRES")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into()),
+        ),
+        Ok("sqlite") | Err(_) => None,
+        Ok(other) => panic!("TALLY_TEST_DATABASE must be sqlite or postgres, not {other:?}"),
+    }
+}
+
+/// A fresh PostgreSQL database for one test (dropped by [`TestApp`]'s drop);
+/// its URL. Fails loudly when the server cannot be reached.
+pub async fn fresh_database(server: &str) -> String {
+    let n = NEXT_DIR.fetch_add(1, Ordering::SeqCst);
+    let name = format!("tally_it_{}_{n}", std::process::id());
+    let admin = admin_connection(server).await;
+    // Two statements, two calls: CREATE DATABASE cannot run in the implicit
+    // transaction of a multi-statement query.
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        admin
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    format!("{server}/{name}")
+}
+
+async fn admin_connection(server: &str) -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL at {server} (TALLY_TEST_POSTGRES) is unreachable: {e}")
+            });
+    tokio::spawn(connection);
+    client
+}
+
+fn drop_database(url: &str) {
+    let (server, name) = url.rsplit_once('/').expect("a database url");
+    let (server, name) = (server.to_string(), name.to_string());
+    // Drop runs outside any runtime's async context: use a small one of its own.
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let admin = admin_connection(&server).await;
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        });
+    })
+    .join();
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     pub manual_clock: bool,
@@ -36,6 +99,8 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub data_dir: PathBuf,
+    /// The test's own PostgreSQL database, when the suite runs on PostgreSQL.
+    pub database_url: Option<String>,
     pub options: Options,
     child: Option<Child>,
 }
@@ -91,7 +156,12 @@ impl TestApp {
 
     pub async fn spawn_with(options: Options) -> TestApp {
         let data_dir = fresh_dir();
+        let database_url = match postgres_server() {
+            Some(server) => Some(fresh_database(&server).await),
+            None => None,
+        };
         let mut app = TestApp {
+            database_url,
             base: String::new(),
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
@@ -123,6 +193,9 @@ impl TestApp {
             command.arg("--manual-clock");
         }
         command.args(&self.options.extra_args);
+        if let Some(url) = &self.database_url {
+            command.arg("--database-url").arg(url);
+        }
         let mut child = command.spawn().expect("spawn tally serve");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
@@ -138,6 +211,33 @@ impl TestApp {
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         self.child = Some(child);
+        if self.database_url.is_some() {
+            self.wait_for_writer().await;
+        }
+    }
+
+    /// Wait until this server runs the writer (PostgreSQL: it holds the
+    /// leader lock, which a killed predecessor's session may still hold for
+    /// a moment).
+    pub async fn wait_for_writer(&self) {
+        for _ in 0..600 {
+            let health = self
+                .send(reqwest::Method::GET, "/healthz", None, None)
+                .await;
+            if health.body["writer"] == true {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the server did not start its writer within 30 s");
+    }
+
+    /// The arguments that point a `tally` command at this test's store.
+    pub fn storage_args(&self) -> Vec<std::ffi::OsString> {
+        match &self.database_url {
+            Some(url) => vec!["--database-url".into(), url.into()],
+            None => vec!["--data-dir".into(), self.data_dir.clone().into()],
+        }
     }
 
     /// Kill the server with SIGKILL (no graceful shutdown) and wait for it to die.
@@ -330,6 +430,9 @@ impl Drop for TestApp {
             let _ = child.start_kill();
         }
         let _ = std::fs::remove_dir_all(&self.data_dir);
+        if let Some(url) = &self.database_url {
+            drop_database(url);
+        }
     }
 }
 

@@ -1,0 +1,132 @@
+//! Several servers over one PostgreSQL database: a server that does not run
+//! the writer forwards every write (and every live stream, which only the
+//! writer feeds) to the server that does, and answers reads itself from the
+//! database.
+//!
+//! The leader is whoever holds the database's leader lock; it records where
+//! it listens in the `leader` table. The forwarded request keeps its method,
+//! path, query, headers and body, so the leader authenticates it and applies
+//! idempotency exactly as if the client had called it; the answer, streamed,
+//! goes back unchanged. If the leader cannot be reached (it died and another
+//! server has not taken over yet), the client gets 503 `unavailable` with
+//! Retry-After and nothing was applied by this server; a retry with the same
+//! id is safe either way.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Marks a request one server forwarded to another: it is never forwarded
+/// twice (two servers that each think the other leads would loop).
+const FORWARDED: &str = "x-tally-forwarded";
+
+/// Hop-by-hop headers, which a proxy does not pass on (RFC 9110, 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+];
+
+fn needs_writer(request: &Request) -> bool {
+    let read = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    !read || request.uri().path().ends_with("/stream")
+}
+
+pub async fn to_leader(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.store.is_leader() || !needs_writer(&request) {
+        return next.run(request).await;
+    }
+    if request.headers().contains_key(FORWARDED) {
+        return unavailable("this server was sent a forwarded write but does not run the writer");
+    }
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, crate::edge::MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(_) => {
+            return ApiError::invalid("body", "the request body is too large or was cut off")
+                .into_response()
+        }
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned());
+    // The recorded leader may be stale (it died, another took over): look
+    // again once before giving up.
+    for attempt in 0..2 {
+        let leader = match leader_url(&state, attempt > 0).await {
+            Some(url) => url,
+            None => return unavailable("no server runs the writer yet"),
+        };
+        let mut forwarded = state
+            .forwarder
+            .request(parts.method.clone(), format!("{leader}{path}"))
+            .header(FORWARDED, "1")
+            .body(body.clone());
+        for (name, value) in &parts.headers {
+            if !HOP_BY_HOP.contains(&name.as_str()) && name != "content-length" {
+                forwarded = forwarded.header(name, value);
+            }
+        }
+        match forwarded.send().await {
+            Ok(answer) => return relay(answer),
+            Err(error) if error.is_connect() => {
+                tracing::warn!(%leader, %error, "the leader is unreachable");
+                continue;
+            }
+            Err(error) => {
+                // Sent, but the answer was lost: the write may have been
+                // applied. The client's retry with the same id resolves it.
+                tracing::warn!(%leader, %error, "forwarding to the leader failed");
+                return unavailable("the leader did not answer; retry with the same id");
+            }
+        }
+    }
+    unavailable("the server that runs the writer cannot be reached")
+}
+
+async fn leader_url(state: &AppState, refresh: bool) -> Option<String> {
+    if !refresh {
+        if let Some(url) = state.leader_url.read().expect("leader url").clone() {
+            return Some(url);
+        }
+    }
+    let url = state.store.leader_url().await.ok().flatten();
+    *state.leader_url.write().expect("leader url") = url.clone();
+    url
+}
+
+fn relay(answer: reqwest::Response) -> Response {
+    let mut response = Response::builder().status(answer.status().as_u16());
+    for (name, value) in answer.headers() {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            if let Ok(name) = HeaderName::from_bytes(name.as_str().as_bytes()) {
+                response = response.header(name, value.as_bytes());
+            }
+        }
+    }
+    response
+        .body(Body::from_stream(answer.bytes_stream()))
+        .unwrap_or_else(|_| unavailable("the leader's answer could not be relayed"))
+}
+
+fn unavailable(message: &str) -> Response {
+    ApiError {
+        retry_after_seconds: Some(1),
+        ..ApiError::new("unavailable", message)
+    }
+    .into_response()
+}

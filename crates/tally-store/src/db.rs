@@ -1,0 +1,764 @@
+//! One connection API over SQLite (rusqlite) and PostgreSQL (postgres).
+//!
+//! The store's SQL is written once, in the subset both databases accept, with
+//! `?N` placeholders; on PostgreSQL each statement is rewritten to `$N` once
+//! and kept prepared. Values cross as four kinds (null, 64-bit integer, text,
+//! bytes), as SQLite stores them; on PostgreSQL a parameter is encoded as the
+//! type the server infers for it, and a result column of any integer, boolean
+//! or integral numeric type reads as an integer. Where the dialects differ
+//! (JSON access, a two-argument MAX, the schema itself) the caller asks
+//! [`Connection::dialect`].
+//!
+//! The API mirrors rusqlite's (`prepare_cached`, `query_row`, `query_map`,
+//! `params!`, `optional`) so the store reads the same on either database.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use bytes::BufMut;
+
+/// Which SQL the connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("postgres: {}", postgres_message(.0))]
+    Postgres(#[from] postgres::Error),
+    #[error("the query returned no rows")]
+    NoRows,
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    #[error("column {0}: {1}")]
+    Type(usize, String),
+}
+
+/// The server's own message (the client's Display says only "db error").
+fn postgres_message(error: &postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!(
+            "{} ({}): {}",
+            db.message(),
+            db.code().code(),
+            db.detail().unwrap_or("")
+        ),
+        None => error.to_string(),
+    }
+}
+
+impl Error {
+    /// A PostgreSQL error from a broken connection or server (as opposed to a
+    /// statement the server refused).
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Error::Postgres(e) if e.is_closed())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A value as a parameter.
+#[derive(Clone, Copy, Debug)]
+pub enum Value<'a> {
+    Null,
+    Int(i64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+/// A value as read from a column.
+#[derive(Clone, Copy, Debug)]
+pub enum ValueRef<'a> {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+pub trait ToValue {
+    fn to_value(&self) -> Value<'_>;
+}
+
+impl ToValue for i64 {
+    fn to_value(&self) -> Value<'_> {
+        Value::Int(*self)
+    }
+}
+impl ToValue for i32 {
+    fn to_value(&self) -> Value<'_> {
+        Value::Int(i64::from(*self))
+    }
+}
+macro_rules! small_int {
+    ($($t:ty)*) => {$(
+        impl ToValue for $t {
+            fn to_value(&self) -> Value<'_> {
+                Value::Int(i64::from(*self))
+            }
+        }
+    )*};
+}
+small_int!(u8 u16 i16);
+
+impl ToValue for u32 {
+    fn to_value(&self) -> Value<'_> {
+        Value::Int(i64::from(*self))
+    }
+}
+impl ToValue for usize {
+    fn to_value(&self) -> Value<'_> {
+        Value::Int(i64::try_from(*self).expect("a count fits in i64"))
+    }
+}
+impl ToValue for bool {
+    fn to_value(&self) -> Value<'_> {
+        Value::Int(i64::from(*self))
+    }
+}
+impl ToValue for str {
+    fn to_value(&self) -> Value<'_> {
+        Value::Text(self)
+    }
+}
+impl ToValue for String {
+    fn to_value(&self) -> Value<'_> {
+        Value::Text(self)
+    }
+}
+impl ToValue for [u8] {
+    fn to_value(&self) -> Value<'_> {
+        Value::Blob(self)
+    }
+}
+impl ToValue for Vec<u8> {
+    fn to_value(&self) -> Value<'_> {
+        Value::Blob(self)
+    }
+}
+impl<T: ToValue + ?Sized> ToValue for &T {
+    fn to_value(&self) -> Value<'_> {
+        (**self).to_value()
+    }
+}
+impl<T: ToValue> ToValue for Option<T> {
+    fn to_value(&self) -> Value<'_> {
+        match self {
+            Some(value) => value.to_value(),
+            None => Value::Null,
+        }
+    }
+}
+
+/// What a statement's parameters can be given as: `params![...]`, an array
+/// of one type, or `[]`.
+pub trait Params {
+    fn values(&self) -> Vec<Value<'_>>;
+}
+
+impl Params for &[&dyn ToValue] {
+    fn values(&self) -> Vec<Value<'_>> {
+        self.iter().map(|v| v.to_value()).collect()
+    }
+}
+
+impl Params for [&dyn ToValue; 0] {
+    fn values(&self) -> Vec<Value<'_>> {
+        Vec::new()
+    }
+}
+
+macro_rules! array_params {
+    ($($n:literal)*) => {$(
+        impl<T: ToValue> Params for [T; $n] {
+            fn values(&self) -> Vec<Value<'_>> {
+                self.iter().map(|v| v.to_value()).collect()
+            }
+        }
+    )*};
+}
+array_params!(1 2 3 4 5 6 7 8);
+
+/// `params![a, b, ...]`: parameters of different types.
+macro_rules! params {
+    () => {
+        &[] as &[&dyn $crate::db::ToValue]
+    };
+    ($($param:expr),+ $(,)?) => {
+        &[$(&$param as &dyn $crate::db::ToValue),+] as &[&dyn $crate::db::ToValue]
+    };
+}
+pub(crate) use params;
+
+pub trait FromValue: Sized {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String>;
+}
+
+impl FromValue for i64 {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        match value {
+            ValueRef::Int(v) => Ok(v),
+            other => Err(format!("expected an integer, found {other:?}")),
+        }
+    }
+}
+macro_rules! narrow_int {
+    ($($t:ty)*) => {$(
+        impl FromValue for $t {
+            fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+                let wide = i64::from_value(value)?;
+                <$t>::try_from(wide).map_err(|_| format!("{wide} out of range"))
+            }
+        }
+    )*};
+}
+narrow_int!(i32 u32 u64 usize u8 i16);
+
+impl FromValue for bool {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        Ok(i64::from_value(value)? != 0)
+    }
+}
+impl FromValue for String {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        match value {
+            ValueRef::Text(v) => Ok(v.to_owned()),
+            other => Err(format!("expected text, found {other:?}")),
+        }
+    }
+}
+impl FromValue for Vec<u8> {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        match value {
+            ValueRef::Blob(v) => Ok(v.to_vec()),
+            ValueRef::Text(v) => Ok(v.as_bytes().to_vec()),
+            other => Err(format!("expected bytes, found {other:?}")),
+        }
+    }
+}
+impl<T: FromValue> FromValue for Option<T> {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        match value {
+            ValueRef::Null => Ok(None),
+            other => T::from_value(other).map(Some),
+        }
+    }
+}
+
+/// `.optional()`: no row is `None`.
+pub trait OptionalExtension<T> {
+    fn optional(self) -> Result<Option<T>>;
+}
+
+impl<T> OptionalExtension<T> for Result<T> {
+    fn optional(self) -> Result<Option<T>> {
+        match self {
+            Ok(value) => Ok(Some(value)),
+            Err(Error::NoRows) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// A PostgreSQL connection with its prepared statements.
+pub struct Pg {
+    client: RefCell<postgres::Client>,
+    statements: RefCell<HashMap<String, postgres::Statement>>,
+}
+
+enum Kind {
+    Sqlite(rusqlite::Connection),
+    Postgres(Box<Pg>),
+}
+
+pub struct Connection {
+    kind: Kind,
+}
+
+impl Connection {
+    pub fn sqlite(connection: rusqlite::Connection) -> Connection {
+        Connection {
+            kind: Kind::Sqlite(connection),
+        }
+    }
+
+    /// Connect to PostgreSQL (`postgres://user@host:port/database`).
+    pub fn postgres(url: &str) -> Result<Connection> {
+        let client = postgres::Client::connect(url, postgres::NoTls)?;
+        Ok(Connection {
+            kind: Kind::Postgres(Box::new(Pg {
+                client: RefCell::new(client),
+                statements: RefCell::new(HashMap::new()),
+            })),
+        })
+    }
+
+    /// A PostgreSQL connection the server closed (it is not reused).
+    pub fn is_broken(&self) -> bool {
+        match &self.kind {
+            Kind::Sqlite(_) => false,
+            Kind::Postgres(pg) => pg.client.borrow().is_closed(),
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self.kind {
+            Kind::Sqlite(_) => Dialect::Sqlite,
+            Kind::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// The SQLite connection (settings only SQLite has: pragmas, checkpoints).
+    pub fn as_sqlite(&self) -> Option<&rusqlite::Connection> {
+        match &self.kind {
+            Kind::Sqlite(connection) => Some(connection),
+            Kind::Postgres(_) => None,
+        }
+    }
+
+    /// Run `read` in one read-only snapshot: every statement in it sees the
+    /// same committed state.
+    pub fn snapshot<T>(&self, read: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let begin = match self.dialect() {
+            Dialect::Sqlite => "BEGIN",
+            Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        };
+        self.execute_batch(begin)?;
+        match read(self) {
+            Ok(value) => {
+                self.execute_batch("COMMIT")?;
+                Ok(value)
+            }
+            Err(error) => {
+                let _ = self.execute_batch("ROLLBACK");
+                Err(error)
+            }
+        }
+    }
+
+    /// Statements without parameters or results, separated by `;`.
+    pub fn execute_batch(&self, sql: &str) -> Result<()> {
+        match &self.kind {
+            Kind::Sqlite(connection) => Ok(connection.execute_batch(sql)?),
+            Kind::Postgres(pg) => Ok(pg.client.borrow_mut().batch_execute(sql)?),
+        }
+    }
+
+    pub fn execute(&self, sql: &str, params: impl Params) -> Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    pub fn query_row<T>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        f: impl FnOnce(&Row<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+
+    /// A statement kept prepared on this connection.
+    pub fn prepare_cached(&self, sql: &str) -> Result<Statement<'_>> {
+        match &self.kind {
+            Kind::Sqlite(connection) => Ok(Statement::Sqlite(connection.prepare_cached(sql)?)),
+            Kind::Postgres(pg) => {
+                if let Some(statement) = pg.statements.borrow().get(sql) {
+                    return Ok(Statement::Postgres(pg, statement.clone()));
+                }
+                let statement = pg
+                    .client
+                    .borrow_mut()
+                    .prepare(&placeholders(sql))
+                    .inspect_err(|error| {
+                        tracing::error!(sql, error = postgres_message(error), "cannot prepare")
+                    })?;
+                pg.statements
+                    .borrow_mut()
+                    .insert(sql.to_owned(), statement.clone());
+                Ok(Statement::Postgres(pg, statement))
+            }
+        }
+    }
+
+    /// A statement prepared once (SQL built at run time).
+    pub fn prepare(&self, sql: &str) -> Result<Statement<'_>> {
+        match &self.kind {
+            Kind::Sqlite(connection) => Ok(Statement::SqliteOnce(connection.prepare(sql)?)),
+            Kind::Postgres(pg) => {
+                let statement = pg.client.borrow_mut().prepare(&placeholders(sql))?;
+                Ok(Statement::Postgres(pg, statement))
+            }
+        }
+    }
+}
+
+/// `?N` to `$N` (and a bare `?` to the next number), outside string literals.
+fn placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut next = 1;
+    let mut in_string = false;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_string = !in_string;
+                out.push(c);
+            }
+            '?' if !in_string => {
+                let mut digits = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    digits.push(*d);
+                    chars.next();
+                }
+                if digits.is_empty() {
+                    digits = next.to_string();
+                    next += 1;
+                }
+                out.push('$');
+                out.push_str(&digits);
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+pub enum Statement<'c> {
+    Sqlite(rusqlite::CachedStatement<'c>),
+    SqliteOnce(rusqlite::Statement<'c>),
+    Postgres(&'c Pg, postgres::Statement),
+}
+
+impl Statement<'_> {
+    pub fn execute(&mut self, params: impl Params) -> Result<usize> {
+        let values = params.values();
+        let sqlite = || rusqlite::params_from_iter(values.iter().map(|v| SqliteParam(*v)));
+        let (pg, statement) = match self {
+            Statement::Sqlite(statement) => return Ok(statement.execute(sqlite())?),
+            Statement::SqliteOnce(statement) => return Ok(statement.execute(sqlite())?),
+            Statement::Postgres(pg, statement) => (pg, statement),
+        };
+        let params: Vec<PgParam<'_>> = values.iter().map(|v| PgParam(*v)).collect();
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+            .collect();
+        let count = pg.client.borrow_mut().execute(&*statement, &refs)?;
+        Ok(usize::try_from(count).unwrap_or(usize::MAX))
+    }
+
+    pub fn query(&mut self, params: impl Params) -> Result<Rows<'_>> {
+        let values = params.values();
+        match self {
+            Statement::Sqlite(statement) => Ok(Rows::Sqlite(statement.query(
+                rusqlite::params_from_iter(values.iter().map(|v| SqliteParam(*v))),
+            )?)),
+            Statement::SqliteOnce(statement) => Ok(Rows::Sqlite(statement.query(
+                rusqlite::params_from_iter(values.iter().map(|v| SqliteParam(*v))),
+            )?)),
+            Statement::Postgres(pg, statement) => {
+                let params: Vec<PgParam<'_>> = values.iter().map(|v| PgParam(*v)).collect();
+                let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = params
+                    .iter()
+                    .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+                    .collect();
+                let rows = pg.client.borrow_mut().query(&*statement, &refs)?;
+                Ok(Rows::Postgres(rows.into_iter(), None))
+            }
+        }
+    }
+
+    pub fn query_row<T>(
+        &mut self,
+        params: impl Params,
+        f: impl FnOnce(&Row<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut rows = self.query(params)?;
+        match rows.next()? {
+            Some(row) => f(&row),
+            None => Err(Error::NoRows),
+        }
+    }
+
+    /// Every row, mapped (read eagerly).
+    pub fn query_map<T>(
+        &mut self,
+        params: impl Params,
+        mut f: impl FnMut(&Row<'_>) -> Result<T>,
+    ) -> Result<std::vec::IntoIter<Result<T>>> {
+        let mut rows = self.query(params)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(f(&row));
+        }
+        Ok(out.into_iter())
+    }
+}
+
+pub enum Rows<'s> {
+    Sqlite(rusqlite::Rows<'s>),
+    Postgres(std::vec::IntoIter<postgres::Row>, Option<postgres::Row>),
+}
+
+impl Rows<'_> {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<Option<Row<'_>>> {
+        match self {
+            Rows::Sqlite(rows) => Ok(rows.next()?.map(Row::Sqlite)),
+            Rows::Postgres(rows, current) => {
+                *current = rows.next();
+                Ok(current.as_ref().map(Row::Postgres))
+            }
+        }
+    }
+}
+
+/// A column's position (only `usize`, so a literal needs no annotation).
+pub trait RowIndex {
+    fn index(self) -> usize;
+}
+
+impl RowIndex for usize {
+    fn index(self) -> usize {
+        self
+    }
+}
+
+pub enum Row<'r> {
+    Sqlite(&'r rusqlite::Row<'r>),
+    Postgres(&'r postgres::Row),
+}
+
+impl Row<'_> {
+    pub fn get<I: RowIndex, T: FromValue>(&self, index: I) -> Result<T> {
+        let index = index.index();
+        match self {
+            Row::Sqlite(row) => {
+                let value = match row.get_ref(index)? {
+                    rusqlite::types::ValueRef::Null => ValueRef::Null,
+                    rusqlite::types::ValueRef::Integer(v) => ValueRef::Int(v),
+                    rusqlite::types::ValueRef::Real(v) => ValueRef::Real(v),
+                    rusqlite::types::ValueRef::Text(v) => ValueRef::Text(
+                        std::str::from_utf8(v).map_err(|e| Error::Type(index, e.to_string()))?,
+                    ),
+                    rusqlite::types::ValueRef::Blob(v) => ValueRef::Blob(v),
+                };
+                T::from_value(value).map_err(|e| Error::Type(index, e))
+            }
+            Row::Postgres(row) => {
+                let owned: PgValue = row.try_get(index)?;
+                T::from_value(owned.as_ref()).map_err(|e| Error::Type(index, e))
+            }
+        }
+    }
+}
+
+struct SqliteParam<'a>(Value<'a>);
+
+impl rusqlite::ToSql for SqliteParam<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef as V};
+        Ok(ToSqlOutput::Borrowed(match self.0 {
+            Value::Null => V::Null,
+            Value::Int(v) => V::Integer(v),
+            Value::Text(v) => V::Text(v.as_bytes()),
+            Value::Blob(v) => V::Blob(v),
+        }))
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Sync + Send>;
+
+/// A parameter encoded as the type PostgreSQL inferred for it.
+#[derive(Debug)]
+struct PgParam<'a>(Value<'a>);
+
+impl postgres::types::ToSql for PgParam<'_> {
+    fn to_sql(
+        &self,
+        ty: &postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres::types::IsNull, BoxError> {
+        use postgres::types::{IsNull, Type};
+        match self.0 {
+            Value::Null => return Ok(IsNull::Yes),
+            Value::Int(v) => match *ty {
+                Type::INT8 => out.put_i64(v),
+                Type::INT4 => out.put_i32(i32::try_from(v)?),
+                Type::INT2 => out.put_i16(i16::try_from(v)?),
+                Type::BOOL => out.put_u8(u8::from(v != 0)),
+                Type::TEXT | Type::VARCHAR | Type::UNKNOWN => {
+                    out.put_slice(v.to_string().as_bytes())
+                }
+                Type::NUMERIC => encode_numeric(v, out),
+                _ => return Err(format!("an integer cannot be sent as {ty}").into()),
+            },
+            Value::Text(v) => match *ty {
+                Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+                    out.put_slice(v.as_bytes())
+                }
+                Type::JSON => out.put_slice(v.as_bytes()),
+                Type::JSONB => {
+                    out.put_u8(1);
+                    out.put_slice(v.as_bytes())
+                }
+                Type::BYTEA => out.put_slice(v.as_bytes()),
+                _ => return Err(format!("text cannot be sent as {ty}").into()),
+            },
+            Value::Blob(v) => match *ty {
+                Type::BYTEA => out.put_slice(v),
+                _ => return Err(format!("bytes cannot be sent as {ty}").into()),
+            },
+        }
+        Ok(IsNull::No)
+    }
+
+    fn accepts(_: &postgres::types::Type) -> bool {
+        true
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
+/// A column read from PostgreSQL, whatever its type.
+enum PgValue {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl PgValue {
+    fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            PgValue::Null => ValueRef::Null,
+            PgValue::Int(v) => ValueRef::Int(*v),
+            PgValue::Real(v) => ValueRef::Real(*v),
+            PgValue::Text(v) => ValueRef::Text(v),
+            PgValue::Blob(v) => ValueRef::Blob(v),
+        }
+    }
+}
+
+impl<'a> postgres::types::FromSql<'a> for PgValue {
+    fn from_sql(ty: &postgres::types::Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        use postgres::types::Type;
+        Ok(match *ty {
+            Type::INT8 => PgValue::Int(i64::from_sql(ty, raw)?),
+            Type::INT4 => PgValue::Int(i64::from(i32::from_sql(ty, raw)?)),
+            Type::INT2 => PgValue::Int(i64::from(i16::from_sql(ty, raw)?)),
+            Type::OID => PgValue::Int(i64::from(u32::from_sql(ty, raw)?)),
+            Type::BOOL => PgValue::Int(i64::from(bool::from_sql(ty, raw)?)),
+            Type::NUMERIC => PgValue::Int(decode_numeric(raw)?),
+            Type::FLOAT8 => PgValue::Real(f64::from_sql(ty, raw)?),
+            Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN | Type::JSON => {
+                PgValue::Text(std::str::from_utf8(raw)?.to_owned())
+            }
+            Type::JSONB => {
+                PgValue::Text(std::str::from_utf8(raw.get(1..).unwrap_or(&[]))?.to_owned())
+            }
+            Type::BYTEA => PgValue::Blob(raw.to_vec()),
+            _ => return Err(format!("cannot read a column of type {ty}").into()),
+        })
+    }
+
+    fn from_sql_null(_: &postgres::types::Type) -> Result<Self, BoxError> {
+        Ok(PgValue::Null)
+    }
+
+    fn accepts(_: &postgres::types::Type) -> bool {
+        true
+    }
+}
+
+/// NUMERIC's binary form: digit count, weight, sign, scale, then base-10000
+/// digits. Only integral values are read (SUM over integer columns).
+fn decode_numeric(raw: &[u8]) -> Result<i64, BoxError> {
+    let word = |i: usize| -> Result<u16, BoxError> {
+        raw.get(i * 2..i * 2 + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or_else(|| "short numeric".into())
+    };
+    let digits = usize::from(word(0)?);
+    let weight = i32::from(word(1)? as i16);
+    let sign = word(2)?;
+    if sign == 0xC000 {
+        return Err("NaN is not an amount".into());
+    }
+    let mut value: i128 = 0;
+    for i in 0..digits {
+        let power = weight - i as i32;
+        let digit = i128::from(word(4 + i)?);
+        if power < 0 {
+            if digit != 0 {
+                return Err("a fractional numeric is not an integer".into());
+            }
+            continue;
+        }
+        let scale = 10_000_i128
+            .checked_pow(power as u32)
+            .ok_or("numeric out of range")?;
+        value = digit
+            .checked_mul(scale)
+            .and_then(|d| value.checked_add(d))
+            .ok_or("numeric out of range")?;
+    }
+    if sign == 0x4000 {
+        value = -value;
+    }
+    Ok(i64::try_from(value)?)
+}
+
+fn encode_numeric(v: i64, out: &mut bytes::BytesMut) {
+    let mut magnitude = i128::from(v).unsigned_abs();
+    let mut digits = Vec::new();
+    while magnitude > 0 {
+        digits.push((magnitude % 10_000) as i16);
+        magnitude /= 10_000;
+    }
+    digits.reverse();
+    out.put_i16(digits.len() as i16);
+    out.put_i16(digits.len().saturating_sub(1) as i16);
+    out.put_u16(if v < 0 { 0x4000 } else { 0 });
+    out.put_u16(0);
+    for digit in digits {
+        out.put_i16(digit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_outside_strings() {
+        assert_eq!(
+            placeholders("SELECT ?1, ?, '?x', ?2 WHERE a = ?"),
+            "SELECT $1, $1, '?x', $2 WHERE a = $2"
+        );
+    }
+
+    #[test]
+    fn numerics_round_trip() {
+        for v in [
+            0,
+            1,
+            -1,
+            9_999,
+            10_000,
+            123_456_789_012,
+            -987_654_321,
+            i64::MAX,
+            i64::MIN + 1,
+        ] {
+            let mut out = bytes::BytesMut::new();
+            encode_numeric(v, &mut out);
+            assert_eq!(decode_numeric(&out).unwrap(), v, "{v}");
+        }
+    }
+}
