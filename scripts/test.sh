@@ -5,6 +5,9 @@
 # started if it is down) and a Kafka-protocol broker (tansu, installed from
 # PyPI into ~/.cache/tally and started on 127.0.0.1:9092). Both scripts are
 # idempotent and fail loudly when they cannot provide the broker.
+# PostgreSQL (the machine's cluster, started if it is down): the black-box
+# HTTP suite runs a second time with every server on its own fresh PostgreSQL
+# database, and the tests of several servers over one database always use it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +20,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== brokers for the stream tests"
 bash scripts/nats.sh
 bash scripts/kafka.sh
+bash scripts/postgres.sh
 
 echo "== cargo test"
 cargo test --workspace --locked
+
+echo "== the store tests and the HTTP suite again, on PostgreSQL (servers:: ran above, on PostgreSQL already)"
+TALLY_TEST_DATABASE=postgres cargo test -p tally-store --locked
+TALLY_TEST_DATABASE=postgres cargo test -p tally --test it --locked -- --skip servers::

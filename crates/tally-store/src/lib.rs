@@ -182,6 +182,19 @@ struct Inner {
     sync: Arc<writer::SyncState>,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A PostgreSQL client closes by blocking on its own runtime, which
+        // panics on an async thread (where the last handle may be dropped).
+        let readers = std::mem::take(&mut *self.readers.lock().expect("reader pool"));
+        if !readers.is_empty() {
+            let _ = std::thread::Builder::new()
+                .name("tally-close".into())
+                .spawn(move || drop(readers));
+        }
+    }
+}
+
 /// Run a thread's body; if it panics (a broken invariant), stop the process.
 /// A store whose writer died would otherwise answer 503 forever while looking
 /// alive; a restart recovers from what is durable.

@@ -3,9 +3,10 @@
 //! and versions and contracts survive a reopen.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+mod common;
+use common::TestStore;
 
 use proptest::prelude::*;
 use tally_core::pricebook::Contract;
@@ -15,18 +16,6 @@ use tally_store::{
 };
 
 const START: Timestamp = Timestamp(1_800_000_000_000_000);
-static NEXT: AtomicU64 = AtomicU64::new(0);
-
-fn dir(name: &str) -> PathBuf {
-    let n = NEXT.fetch_add(1, Ordering::SeqCst);
-    let dir = std::env::temp_dir().join(format!(
-        "tally-store-pricing-{name}-{}-{n}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
 fn id(text: &str) -> Id {
     Id::parse(text).unwrap()
 }
@@ -160,9 +149,9 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 async fn run_case(steps: Vec<Step>, contract: bool) -> Result<(), TestCaseError> {
-    let path = dir("quote");
+    let place = TestStore::new("quote");
     let clock = Arc::new(ManualClock::new(START));
-    let store = Store::open(&path, clock.clone()).expect("open");
+    let store = place.open(clock.clone()).await;
     setup(&store).await;
     if contract {
         let own = rules(serde_json::json!([{"feature": "c", "credits_per_unit": "0.7"}]));
@@ -284,12 +273,11 @@ async fn run_case(steps: Vec<Step>, contract: bool) -> Result<(), TestCaseError>
         }
     }
     drop(store);
-    let _ = std::fs::remove_dir_all(&path);
     Ok(())
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(128), ..ProptestConfig::default() })]
 
     #[test]
     fn a_quote_equals_the_charge_that_follows(
@@ -303,7 +291,7 @@ proptest! {
 
 #[tokio::test]
 async fn versions_and_contracts_survive_a_reopen() {
-    let path = dir("reopen");
+    let place = TestStore::new("reopen");
     let clock = Arc::new(ManualClock::new(START));
     let charge = |n: &str, feature: &str| {
         Command::Charge(NewCharge {
@@ -326,7 +314,7 @@ async fn versions_and_contracts_survive_a_reopen() {
         other => panic!("not a charge: {other:?}"),
     };
     {
-        let store = Store::open(&path, clock.clone()).expect("open");
+        let store = place.open(clock.clone()).await;
         setup(&store).await;
         ok(
             &store,
@@ -370,7 +358,7 @@ async fn versions_and_contracts_survive_a_reopen() {
             (amount("1.666665"), "v1 rule 0".into())
         );
     }
-    let store = Store::open(&path, clock.clone()).expect("reopen");
+    let store = place.open(clock.clone()).await;
     assert_eq!(
         cost(ok(&store, charge("after", "a")).await),
         (amount("1.666665"), "v1 rule 0".into())
@@ -383,5 +371,4 @@ async fn versions_and_contracts_survive_a_reopen() {
         (amount("1.666665"), "v1 rule 0".into())
     );
     drop(store);
-    let _ = std::fs::remove_dir_all(&path);
 }

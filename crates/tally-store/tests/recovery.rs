@@ -2,8 +2,10 @@
 //! grants and the whole history, for the customer that keeps being charged
 //! and for one left untouched; and the reopened writer continues from it.
 
-use std::path::PathBuf;
 use std::sync::Arc;
+
+mod common;
+use common::TestStore;
 
 use tally_core::{Amount, Id, Source, Timestamp};
 use tally_store::{
@@ -12,12 +14,6 @@ use tally_store::{
 };
 
 const START: Timestamp = Timestamp(1_800_000_000_000_000);
-
-fn dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tally-store-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
 
 fn id(text: &str) -> Id {
     Id::parse(text).unwrap()
@@ -85,9 +81,9 @@ fn summary(view: &BalanceView) -> String {
 /// reinstatement and refunds, plus `charges` small charges; then compare the
 /// state before closing and after reopening.
 async fn survives_reopen(name: &str, charges: usize) {
-    let dir = dir(name);
+    let place = TestStore::new(name);
     let clock = Arc::new(ManualClock::new(START));
-    let store = Store::open(&dir, clock.clone()).unwrap();
+    let store = place.open(clock.clone()).await;
     let customer = NewCustomer {
         id: id("c"),
         name: None,
@@ -187,7 +183,7 @@ async fn survives_reopen(name: &str, charges: usize) {
     );
     drop(store);
 
-    let reopened = Store::open(&dir, clock.clone()).unwrap();
+    let reopened = place.open(clock.clone()).await;
     let after = reopened.balance(id("c")).await.unwrap().unwrap();
     assert_eq!(summary(&after), summary(&before));
     let (_, entries_after) = reopened.audit(id("c")).await.unwrap();
@@ -215,13 +211,12 @@ async fn survives_reopen(name: &str, charges: usize) {
         before.balance.available.micros() - amount("5").micros()
     );
     drop(reopened);
-    let again = Store::open(&dir, clock).unwrap();
+    let again = place.open(clock).await;
     let last = again.balance(id("c")).await.unwrap().unwrap();
     assert_eq!(summary(&last), summary(&later));
     let other_after = again.balance(id("d")).await.unwrap().unwrap();
     assert_eq!(summary(&other_after), summary(&other_before));
     drop(again);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@ mod overage;
 mod plans;
 mod pricebook;
 mod routes;
+mod servers;
 mod smoke;
 mod support;
 mod topups;

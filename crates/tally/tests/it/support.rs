@@ -101,6 +101,10 @@ pub struct TestApp {
     pub data_dir: PathBuf,
     /// The test's own PostgreSQL database, when the suite runs on PostgreSQL.
     pub database_url: Option<String>,
+    /// Whether this app created its database (and drops it).
+    owns_database: bool,
+    /// Whether a (re)start waits until this server runs the writer.
+    pub wait_for_writer_on_start: bool,
     pub options: Options,
     child: Option<Child>,
 }
@@ -155,12 +159,26 @@ impl TestApp {
     }
 
     pub async fn spawn_with(options: Options) -> TestApp {
-        let data_dir = fresh_dir();
         let database_url = match postgres_server() {
             Some(server) => Some(fresh_database(&server).await),
             None => None,
         };
+        TestApp::spawn_on(options, database_url).await
+    }
+
+    /// A server on a fresh PostgreSQL database whichever store the suite
+    /// runs on (tests of several servers over one database).
+    pub async fn spawn_postgres(options: Options) -> TestApp {
+        let server = std::env::var("TALLY_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        TestApp::spawn_on(options, Some(fresh_database(&server).await)).await
+    }
+
+    async fn spawn_on(options: Options, database_url: Option<String>) -> TestApp {
+        let data_dir = fresh_dir();
         let mut app = TestApp {
+            owns_database: database_url.is_some(),
+            wait_for_writer_on_start: true,
             database_url,
             base: String::new(),
             client: reqwest::Client::builder()
@@ -211,9 +229,34 @@ impl TestApp {
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         self.child = Some(child);
-        if self.database_url.is_some() {
+        if self.database_url.is_some() && self.wait_for_writer_on_start {
             self.wait_for_writer().await;
         }
+    }
+
+    /// Another server over `first`'s PostgreSQL database (which `first` owns
+    /// and drops); it does not wait to run the writer.
+    pub async fn spawn_beside(first: &TestApp) -> TestApp {
+        let mut app = TestApp {
+            base: String::new(),
+            client: first.client.clone(),
+            data_dir: fresh_dir(),
+            database_url: Some(first.database_url.clone().expect("a PostgreSQL app")),
+            owns_database: false,
+            wait_for_writer_on_start: false,
+            options: first.options.clone(),
+            child: None,
+        };
+        app.start().await;
+        app
+    }
+
+    /// Whether this server runs the writer now.
+    pub async fn is_writer(&self) -> bool {
+        let health = self
+            .send(reqwest::Method::GET, "/healthz", None, None)
+            .await;
+        health.body["writer"] == true
     }
 
     /// Wait until this server runs the writer (PostgreSQL: it holds the
@@ -238,6 +281,21 @@ impl TestApp {
             Some(url) => vec!["--database-url".into(), url.into()],
             None => vec!["--data-dir".into(), self.data_dir.clone().into()],
         }
+    }
+
+    /// Send SIGKILL to the server without waiting (a server shared behind an `Arc`).
+    pub fn sigkill(&self) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("a running server");
+        let sent = std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -KILL {pid}");
     }
 
     /// Kill the server with SIGKILL (no graceful shutdown) and wait for it to die.
@@ -430,8 +488,9 @@ impl Drop for TestApp {
             let _ = child.start_kill();
         }
         let _ = std::fs::remove_dir_all(&self.data_dir);
-        if let Some(url) = &self.database_url {
-            drop_database(url);
+        match &self.database_url {
+            Some(url) if self.owns_database => drop_database(url),
+            _ => {}
         }
     }
 }

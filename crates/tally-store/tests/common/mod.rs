@@ -1,0 +1,106 @@
+//! Where a store test keeps its data: a fresh directory (the embedded store),
+//! or, with `TALLY_TEST_DATABASE=postgres`, a fresh PostgreSQL database on
+//! `TALLY_TEST_POSTGRES` (default postgres://postgres@127.0.0.1:5432), so
+//! every store test runs on both stores. Both are removed on drop.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tally_core::Clock;
+use tally_store::Store;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// How many cases a property test runs: `embedded` on the embedded store, an
+/// eighth of it on PostgreSQL, where each case creates a database (about half
+/// a second each).
+#[allow(dead_code)]
+pub fn cases(embedded: u32) -> u32 {
+    match std::env::var("TALLY_TEST_DATABASE").as_deref() {
+        Ok("postgres") => (embedded / 8).max(1),
+        _ => embedded,
+    }
+}
+
+pub struct TestStore {
+    dir: PathBuf,
+    /// The server URL and the database's name.
+    postgres: Option<(String, String)>,
+}
+
+fn admin(server: &str, sql: String) {
+    let server = server.to_owned();
+    // The sync client runs its own runtime: off the test's async threads.
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL at {server} (TALLY_TEST_POSTGRES) is unreachable: {e}")
+            });
+        client
+            .batch_execute(&sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    })
+    .join()
+    .expect("admin thread");
+}
+
+impl TestStore {
+    pub fn new(name: &str) -> TestStore {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("tally-store-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let postgres = match std::env::var("TALLY_TEST_DATABASE").as_deref() {
+            Ok("postgres") => {
+                let server = std::env::var("TALLY_TEST_POSTGRES")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+                let database = format!("tally_store_{name}_{}_{n}", std::process::id());
+                admin(
+                    &server,
+                    format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"),
+                );
+                admin(&server, format!("CREATE DATABASE {database}"));
+                Some((server, database))
+            }
+            Ok("sqlite") | Err(_) => None,
+            Ok(other) => panic!("TALLY_TEST_DATABASE must be sqlite or postgres, not {other:?}"),
+        };
+        TestStore { dir, postgres }
+    }
+
+    /// Open (or reopen) the store, ready to write.
+    pub async fn open(&self, clock: Arc<dyn Clock>) -> Store {
+        match &self.postgres {
+            None => Store::open(&self.dir, clock).expect("open the store"),
+            Some((server, database)) => {
+                let store = Store::open_postgres(
+                    &format!("{server}/{database}"),
+                    clock,
+                    tally_store::Options::default(),
+                )
+                .expect("open the store");
+                store.advertise("http://127.0.0.1:9".into());
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(30),
+                    store.wait_until_leader(),
+                )
+                .await
+                .expect("the store's writer started within 30 s");
+                store
+            }
+        }
+    }
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some((server, database)) = &self.postgres {
+            admin(
+                server,
+                format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"),
+            );
+        }
+    }
+}

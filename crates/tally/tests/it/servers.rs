@@ -1,0 +1,225 @@
+//! Several `tally serve` processes over one PostgreSQL database (issue 6):
+//! 64 clients spread over 3 servers, on one hot customer and on 10,000
+//! customers, never overspend and never charge twice; holds expire once
+//! however many servers run; when the server running the writer is killed,
+//! another takes over and nothing acknowledged is lost.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::support::{assert_replayable, micros_of, Options, Reply, TestApp};
+
+const CLIENTS: usize = 64;
+
+/// Three servers over one fresh database; the first runs the writer.
+async fn three_servers() -> Vec<Arc<TestApp>> {
+    let first = TestApp::spawn_postgres(Options::default()).await;
+    let second = TestApp::spawn_beside(&first).await;
+    let third = TestApp::spawn_beside(&first).await;
+    assert!(first.is_writer().await, "the first server runs the writer");
+    assert!(!second.is_writer().await && !third.is_writer().await);
+    vec![Arc::new(first), Arc::new(second), Arc::new(third)]
+}
+
+/// A charge answered by any server is a success or `insufficient_credits`;
+/// true when it charged.
+fn charged(id: &str, reply: &Reply) -> bool {
+    match reply.status {
+        StatusCode::OK => {
+            assert_eq!(reply.str("id"), id);
+            true
+        }
+        StatusCode::PAYMENT_REQUIRED => {
+            assert_eq!(reply.code(), "insufficient_credits", "{}", reply.body);
+            false
+        }
+        other => panic!("charge {id}: {other} {}", reply.body),
+    }
+}
+
+#[tokio::test]
+async fn three_servers_never_overspend_nor_charge_twice() {
+    let servers = three_servers().await;
+    // Setup through a server that forwards: writes reach the writer.
+    servers[1].customer("hot").await;
+    servers[2].grant("hot", "g-hot", "5000").await;
+
+    // One hot customer: 64 clients over 3 servers ask for 6,400 charges of
+    // 1 credit against 5,000; each charge is sent twice, the retry through
+    // another server.
+    let per_client = 100;
+    let tasks = (0..CLIENTS).map(|client| {
+        let servers = servers.clone();
+        tokio::spawn(async move {
+            let mut succeeded = 0;
+            for n in 0..per_client {
+                let id = format!("hot-{client}-{n}");
+                let first = &servers[(client + n) % 3];
+                let retry = &servers[(client + n + 1) % 3];
+                let reply = first.charge("hot", &id, "1").await;
+                let again = retry.charge("hot", &id, "1").await;
+                assert_eq!(again.status, reply.status, "{id}: {}", again.body);
+                assert!(again.replayed(), "{id}: the retry is a replay");
+                succeeded += usize::from(charged(&id, &reply));
+            }
+            succeeded
+        })
+    });
+    let succeeded: usize = join_all(tasks).await.into_iter().map(|r| r.unwrap()).sum();
+    assert_eq!(succeeded, 5000, "exactly the balance was charged");
+    for server in &servers {
+        let balance = server.balance("hot").await;
+        assert_eq!(micros_of(&balance["available"]), 0, "{balance}");
+    }
+    let entries = servers[2].ledger_all("hot").await;
+    assert_eq!(entries.len(), 5001, "one grant and 5,000 charges");
+    assert_replayable(&entries);
+
+    // 10,000 customers with 3 credits each, 4 charges of 1 asked for each:
+    // exactly 3 succeed per customer.
+    let customers = 10_000;
+    let setup = (0..CLIENTS).map(|client| {
+        let servers = servers.clone();
+        tokio::spawn(async move {
+            for c in (client..customers).step_by(CLIENTS) {
+                let server = &servers[c % 3];
+                server.customer(&format!("u{c}")).await;
+                server
+                    .grant(&format!("u{c}"), &format!("g-u{c}"), "3")
+                    .await;
+            }
+        })
+    });
+    for task in join_all(setup).await {
+        task.unwrap();
+    }
+    let load = (0..CLIENTS).map(|client| {
+        let servers = servers.clone();
+        tokio::spawn(async move {
+            let mut succeeded = 0;
+            for round in 0..4 {
+                for c in (client..customers).step_by(CLIENTS) {
+                    let id = format!("u{c}-{round}");
+                    let reply = servers[(c + round) % 3]
+                        .charge(&format!("u{c}"), &id, "1")
+                        .await;
+                    succeeded += usize::from(charged(&id, &reply));
+                }
+            }
+            succeeded
+        })
+    });
+    let succeeded: usize = join_all(load).await.into_iter().map(|r| r.unwrap()).sum();
+    assert_eq!(succeeded, 3 * customers, "3 charges per customer, no more");
+    for c in (0..customers).step_by(997) {
+        let balance = servers[c % 3].balance(&format!("u{c}")).await;
+        assert_eq!(micros_of(&balance["available"]), 0, "u{c}: {balance}");
+        assert_eq!(servers[0].ledger_all(&format!("u{c}")).await.len(), 4);
+    }
+}
+
+#[tokio::test]
+async fn holds_expire_once_and_a_killed_writer_is_replaced() {
+    let servers = three_servers().await;
+    servers[0].customer("c").await;
+    servers[1].grant("c", "g", "100").await;
+    for n in 0..10 {
+        let reply = servers[n % 3]
+            .post(
+                "/v1/holds",
+                json!({ "id": format!("h{n}"), "customer_id": "c", "amount": "5", "timeout_seconds": 1 }),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    // The holds expire on the writer's tick, once: wait for the entries,
+    // then for several more ticks of every server, and count again.
+    let expiries = |entries: &[serde_json::Value]| {
+        entries
+            .iter()
+            .filter(|e| e["kind"] == "hold_expired")
+            .count()
+    };
+    let mut expired = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        expired = expiries(&servers[1].ledger_all("c").await);
+        if expired >= 10 {
+            break;
+        }
+    }
+    assert_eq!(expired, 10, "the holds expired within 10 s");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let entries = servers[2].ledger_all("c").await;
+    assert_eq!(expiries(&entries), 10, "each hold expired exactly once");
+    let balance = servers[0].balance("c").await;
+    assert_eq!(micros_of(&balance["held"]), 0, "{balance}");
+    assert_eq!(micros_of(&balance["available"]), 100_000_000, "{balance}");
+
+    // Kill the writer under load; another server takes over. Every charge
+    // acknowledged before, during or after is there exactly once.
+    let acknowledged = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let load = (0..8).map(|client| {
+        let servers = servers.clone();
+        let acknowledged = acknowledged.clone();
+        tokio::spawn(async move {
+            for n in 0..10 {
+                let id = format!("k-{client}-{n}");
+                // Through the two servers that survive, retrying a 503.
+                let server = &servers[1 + (client + n) % 2];
+                for _ in 0..200 {
+                    let reply = server.charge("c", &id, "1").await;
+                    if reply.status == StatusCode::OK {
+                        acknowledged.lock().unwrap().insert(id.clone());
+                        // Spread the load over the kill.
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        break;
+                    }
+                    assert_eq!(
+                        reply.status,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "{}",
+                        reply.body
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        })
+    });
+    let load: Vec<_> = load.collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    servers[0].sigkill();
+    for task in join_all(load).await {
+        task.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert_eq!(
+        acknowledged.len(),
+        80,
+        "every charge was acknowledged in the end"
+    );
+    let writers = [servers[1].is_writer().await, servers[2].is_writer().await];
+    assert_eq!(
+        writers.iter().filter(|w| **w).count(),
+        1,
+        "one new writer: {writers:?}"
+    );
+    let entries = servers[2].ledger_all("c").await;
+    let charges: Vec<&str> = entries
+        .iter()
+        .filter(|e| e["kind"] == "charge")
+        .map(|e| e["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(charges.len(), 80, "each acknowledged charge once");
+    assert_eq!(charges.iter().collect::<HashSet<_>>().len(), 80);
+    assert_eq!(
+        micros_of(&servers[1].balance("c").await["available"]),
+        20_000_000
+    );
+    assert_replayable(&entries);
+}
