@@ -25,6 +25,10 @@ use crate::AppState;
 /// twice (two servers that each think the other leads would loop).
 const FORWARDED: &str = "x-tally-forwarded";
 
+/// Marks the answer of a server that was forwarded a write but does not run
+/// the writer: the forwarding server's idea of the leader is stale.
+const NOT_LEADER: &str = "x-tally-not-leader";
+
 /// Hop-by-hop headers, which a proxy does not pass on (RFC 9110, 7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -50,7 +54,12 @@ pub async fn to_leader(State(state): State<AppState>, request: Request, next: Ne
         return next.run(request).await;
     }
     if request.headers().contains_key(FORWARDED) {
-        return unavailable("this server was sent a forwarded write but does not run the writer");
+        let mut answer =
+            unavailable("this server was sent a forwarded write but does not run the writer");
+        answer
+            .headers_mut()
+            .insert(NOT_LEADER, axum::http::HeaderValue::from_static("1"));
+        return answer;
     }
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, crate::edge::MAX_BODY_BYTES).await {
@@ -82,6 +91,12 @@ pub async fn to_leader(State(state): State<AppState>, request: Request, next: Ne
             }
         }
         match forwarded.send().await {
+            // A stale address (the old leader restarted there as a
+            // follower): look up the leader again.
+            Ok(answer) if answer.headers().contains_key(NOT_LEADER) => {
+                tracing::warn!(%leader, "the recorded leader no longer runs the writer");
+                continue;
+            }
             Ok(answer) => return relay(answer),
             Err(error) if error.is_connect() => {
                 tracing::warn!(%leader, %error, "the leader is unreachable");

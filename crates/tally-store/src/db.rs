@@ -399,7 +399,8 @@ impl Connection {
 /// `?N` to `$N` (and a bare `?` to the next number), outside string literals.
 fn placeholders(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len() + 8);
-    let mut next = 1;
+    // SQLite numbers a bare `?` one past the largest number seen so far.
+    let mut largest = 0u32;
     let mut in_string = false;
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
@@ -415,9 +416,9 @@ fn placeholders(sql: &str) -> String {
                     chars.next();
                 }
                 if digits.is_empty() {
-                    digits = next.to_string();
-                    next += 1;
+                    digits = (largest + 1).to_string();
                 }
+                largest = largest.max(digits.parse().unwrap_or(0));
                 out.push('$');
                 out.push_str(&digits);
             }
@@ -739,7 +740,7 @@ mod tests {
     fn placeholders_are_numbered_outside_strings() {
         assert_eq!(
             placeholders("SELECT ?1, ?, '?x', ?2 WHERE a = ?"),
-            "SELECT $1, $1, '?x', $2 WHERE a = $2"
+            "SELECT $1, $2, '?x', $2 WHERE a = $3"
         );
     }
 

@@ -118,6 +118,12 @@ fn lead(
     sync: &writer::SyncState,
 ) -> db::Result<writer::Writer> {
     let connection = Connection::postgres(url)?;
+    // Waiting for the lock may take as long as another server lives, and the
+    // session then holds it for this server's life: no timeout may end either.
+    connection.execute_batch(
+        "SET lock_timeout = 0; SET statement_timeout = 0; \
+         SET idle_in_transaction_session_timeout = 0",
+    )?;
     connection.query_row("SELECT pg_advisory_lock(?1)", [LEADER_LOCK], |_| Ok(()))?;
     let advertise = loop {
         if let Some(url) = leader.advertise.get() {
@@ -125,12 +131,6 @@ fn lead(
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
-    let now = clock.now().micros();
-    connection.execute(
-        "INSERT INTO leader (id, url, since) VALUES (1, ?1, ?2) \
-         ON CONFLICT (id) DO UPDATE SET url = excluded.url, since = excluded.since",
-        params![advertise, now],
-    )?;
     let last_notification: i64 = connection.query_row(
         "SELECT COALESCE(MAX(sequence), 0) FROM notifications",
         [],
@@ -138,7 +138,14 @@ fn lead(
     )?;
     sync.durable_notification
         .fetch_max(last_notification, std::sync::atomic::Ordering::AcqRel);
+    let now = clock.now().micros();
     let writer = writer::Writer::new(connection, clock, options)?;
+    // Only now, ready to take commands, does this server ask for them.
+    writer.connection().execute(
+        "INSERT INTO leader (id, url, since) VALUES (1, ?1, ?2) \
+         ON CONFLICT (id) DO UPDATE SET url = excluded.url, since = excluded.since",
+        params![advertise, now],
+    )?;
     tracing::info!(advertise, "this server now runs the writer (leader)");
     leader.is_leader.send_replace(true);
     Ok(writer)
@@ -172,7 +179,13 @@ pub struct Leadership {
 /// The advisory lock whose holder is the one writer of a PostgreSQL database.
 const LEADER_LOCK: i64 = 0x7461_6c6c_0002;
 
+/// Reads running at once on PostgreSQL (each holds a connection; the
+/// server's `max_connections` is shared by every Tally server).
+const POSTGRES_READS: usize = 16;
+
 struct Inner {
+    /// Bounds the reads running at once (PostgreSQL).
+    reads: Option<tokio::sync::Semaphore>,
     sender: mpsc::Sender<writer::Job>,
     readers: Mutex<Vec<Connection>>,
     backend: Backend,
@@ -322,6 +335,7 @@ impl Store {
             .spawn(move || abort_on_panic("writer", || writer.run(receiver, to_syncer, sync_state)))
             .map_err(|e| StoreError::Unavailable(format!("spawn writer: {e}")))?;
         let inner = Arc::new(Inner {
+            reads: None,
             sender,
             readers: Mutex::new(Vec::new()),
             backend: Backend::Sqlite {
@@ -392,6 +406,7 @@ impl Store {
             .map_err(|e| StoreError::Unavailable(format!("spawn writer: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
+                reads: Some(tokio::sync::Semaphore::new(POSTGRES_READS)),
                 sender,
                 readers: Mutex::new(Vec::new()),
                 backend: Backend::Postgres {
@@ -476,6 +491,15 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> db::Result<T> + Send + 'static,
     {
+        let _permit = match &self.inner.reads {
+            Some(reads) => Some(
+                reads
+                    .acquire()
+                    .await
+                    .map_err(|_| StoreError::Unavailable("the store is closing".into()))?,
+            ),
+            None => None,
+        };
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let pooled = inner.readers.lock().expect("reader pool").pop();
@@ -648,6 +672,11 @@ impl Store {
     /// customer's credits: the renewal writes (a grant), so it goes through
     /// the writer; between two ticks this makes the read exact.
     async fn renew_before_read(&self, customer_id: &Id, now: Timestamp) -> Result<(), StoreError> {
+        // A server that does not run the writer cannot renew: its read shows
+        // the renewal once the writer's tick (every 500 ms) has applied it.
+        if !self.is_leader() {
+            return Ok(());
+        }
         let key = customer_id.clone();
         let due = self
             .read(move |c| rows::renewal_due(c, key.as_str(), now))

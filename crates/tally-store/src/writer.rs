@@ -502,6 +502,11 @@ impl Writer {
         })
     }
 
+    /// The writer's own connection (setting up before it runs).
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
     /// Serve until every sender is dropped.
     ///
     /// Commands are applied as they arrive, into an open transaction. The

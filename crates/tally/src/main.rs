@@ -225,6 +225,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listen on {listen}"))?;
     let address = listener.local_addr()?;
+    anyhow::ensure!(
+        advertise_url.is_some() || !state.store.is_shared() || !address.ip().is_unspecified(),
+        "--listen {address} with --database-url needs --advertise-url: the URL the other servers reach this one at"
+    );
     state.store.advertise(advertise_url.unwrap_or_else(|| {
         let mut reachable = address;
         if reachable.ip().is_unspecified() {
