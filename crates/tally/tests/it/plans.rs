@@ -440,25 +440,29 @@ async fn renewals_caught_up_in_one_step_are_granted_once_across_restarts() {
         before,
         "the manual clock survives a restart"
     );
-    // A second server over the same data directory is refused.
-    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--manual-clock",
-            "--data-dir",
-        ])
-        .arg(&app.data_dir)
-        .output()
-        .await
-        .unwrap();
-    assert!(!second.status.success(), "a second server must not start");
+    // A second server over the same store never runs a second scheduler:
+    // over a data directory it is refused; over a PostgreSQL database it
+    // starts but does not run the writer (nor the tick) while this one does.
+    let second = if app.database_url.is_some() {
+        let second = crate::support::TestApp::spawn_beside(&app).await;
+        assert!(!second.is_writer().await, "only one server runs the writer");
+        Some(second)
+    } else {
+        let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--manual-clock"])
+            .args(app.storage_args())
+            .output()
+            .await
+            .unwrap();
+        assert!(!refused.status.success(), "a second server must not start");
+        None
+    };
     app.advance(100 * DAY).await;
     let entries = app.ledger_all("cus").await;
     let allocations = grants_with_prefix(&entries, "grant", "plan:s1:");
     // 140 days: the start and 4 renewals; 3-period allocations overlap.
     assert_eq!(allocations.len(), 5);
+    drop(second);
     app.kill().await;
     app.start().await;
     app.advance(0).await;
