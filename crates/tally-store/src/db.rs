@@ -4,9 +4,9 @@
 //! `?N` placeholders; on PostgreSQL each statement is rewritten to `$N` once
 //! and kept prepared. Values cross as four kinds (null, 64-bit integer, text,
 //! bytes), as SQLite stores them; on PostgreSQL a parameter is encoded as the
-//! type the server infers for it, and a result column of any integer, boolean
-//! or integral numeric type reads as an integer. Where the dialects differ
-//! (JSON access, a two-argument MAX, the schema itself) the caller asks
+//! type the server infers for it, and a result column of any integer or
+//! boolean type reads as an integer. Where the dialects differ
+//! (JSON access in two reads, the schema itself) the caller asks
 //! [`Connection::dialect`].
 //!
 //! The API mirrors rusqlite's (`prepare_cached`, `query_row`, `query_map`,
@@ -51,14 +51,6 @@ fn postgres_message(error: &postgres::Error) -> String {
     }
 }
 
-impl Error {
-    /// A PostgreSQL error from a broken connection or server (as opposed to a
-    /// statement the server refused).
-    pub fn is_closed(&self) -> bool {
-        matches!(self, Error::Postgres(e) if e.is_closed())
-    }
-}
-
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A value as a parameter.
@@ -84,17 +76,7 @@ pub trait ToValue {
     fn to_value(&self) -> Value<'_>;
 }
 
-impl ToValue for i64 {
-    fn to_value(&self) -> Value<'_> {
-        Value::Int(*self)
-    }
-}
-impl ToValue for i32 {
-    fn to_value(&self) -> Value<'_> {
-        Value::Int(i64::from(*self))
-    }
-}
-macro_rules! small_int {
+macro_rules! int_value {
     ($($t:ty)*) => {$(
         impl ToValue for $t {
             fn to_value(&self) -> Value<'_> {
@@ -103,21 +85,11 @@ macro_rules! small_int {
         }
     )*};
 }
-small_int!(u8 u16 i16);
+int_value!(i64 i32 i16 u32 u16 u8 bool);
 
-impl ToValue for u32 {
-    fn to_value(&self) -> Value<'_> {
-        Value::Int(i64::from(*self))
-    }
-}
 impl ToValue for usize {
     fn to_value(&self) -> Value<'_> {
         Value::Int(i64::try_from(*self).expect("a count fits in i64"))
-    }
-}
-impl ToValue for bool {
-    fn to_value(&self) -> Value<'_> {
-        Value::Int(i64::from(*self))
     }
 }
 impl ToValue for str {
@@ -156,27 +128,28 @@ impl<T: ToValue> ToValue for Option<T> {
 
 /// What a statement's parameters can be given as: `params![...]`, an array
 /// of one type, or `[]`.
+/// (Values are produced as they are bound: no allocation per statement.)
 pub trait Params {
-    fn values(&self) -> Vec<Value<'_>>;
+    fn values(&self) -> impl Iterator<Item = Value<'_>>;
 }
 
 impl Params for &[&dyn ToValue] {
-    fn values(&self) -> Vec<Value<'_>> {
-        self.iter().map(|v| v.to_value()).collect()
+    fn values(&self) -> impl Iterator<Item = Value<'_>> {
+        self.iter().map(|v| v.to_value())
     }
 }
 
 impl Params for [&dyn ToValue; 0] {
-    fn values(&self) -> Vec<Value<'_>> {
-        Vec::new()
+    fn values(&self) -> impl Iterator<Item = Value<'_>> {
+        std::iter::empty()
     }
 }
 
 macro_rules! array_params {
     ($($n:literal)*) => {$(
         impl<T: ToValue> Params for [T; $n] {
-            fn values(&self) -> Vec<Value<'_>> {
-                self.iter().map(|v| v.to_value()).collect()
+            fn values(&self) -> impl Iterator<Item = Value<'_>> {
+                self.iter().map(|v| v.to_value())
             }
         }
     )*};
@@ -312,14 +285,6 @@ impl Connection {
         }
     }
 
-    /// The SQLite connection (settings only SQLite has: pragmas, checkpoints).
-    pub fn as_sqlite(&self) -> Option<&rusqlite::Connection> {
-        match &self.kind {
-            Kind::Sqlite(connection) => Some(connection),
-            Kind::Postgres(_) => None,
-        }
-    }
-
     /// Run `read` in one read-only snapshot: every statement in it sees the
     /// same committed state.
     pub fn snapshot<T>(&self, read: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
@@ -434,43 +399,58 @@ pub enum Statement<'c> {
     Postgres(&'c Pg, postgres::Statement),
 }
 
-impl Statement<'_> {
+/// The parameters as the postgres client takes them.
+fn pg_params(params: &impl Params) -> Vec<PgParam<'_>> {
+    params.values().map(PgParam).collect()
+}
+
+fn pg_refs<'p>(params: &'p [PgParam<'_>]) -> Vec<&'p (dyn postgres::types::ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+        .collect()
+}
+
+impl<'c> Statement<'c> {
+    /// The SQLite statement, cached or not; `None` on PostgreSQL.
+    fn sqlite(&mut self) -> Option<&mut rusqlite::Statement<'c>> {
+        match self {
+            Statement::Sqlite(statement) => Some(statement),
+            Statement::SqliteOnce(statement) => Some(statement),
+            Statement::Postgres(..) => None,
+        }
+    }
+
     pub fn execute(&mut self, params: impl Params) -> Result<usize> {
-        let values = params.values();
-        let sqlite = || rusqlite::params_from_iter(values.iter().map(|v| SqliteParam(*v)));
-        let (pg, statement) = match self {
-            Statement::Sqlite(statement) => return Ok(statement.execute(sqlite())?),
-            Statement::SqliteOnce(statement) => return Ok(statement.execute(sqlite())?),
-            Statement::Postgres(pg, statement) => (pg, statement),
+        if let Some(statement) = self.sqlite() {
+            return Ok(
+                statement.execute(rusqlite::params_from_iter(params.values().map(SqliteParam)))?
+            );
+        }
+        let Statement::Postgres(pg, statement) = self else {
+            unreachable!("not SQLite")
         };
-        let params: Vec<PgParam<'_>> = values.iter().map(|v| PgParam(*v)).collect();
-        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = params
-            .iter()
-            .map(|p| p as &(dyn postgres::types::ToSql + Sync))
-            .collect();
-        let count = pg.client.borrow_mut().execute(&*statement, &refs)?;
+        let values = pg_params(&params);
+        let count = pg
+            .client
+            .borrow_mut()
+            .execute(&*statement, &pg_refs(&values))?;
         Ok(usize::try_from(count).unwrap_or(usize::MAX))
     }
 
     pub fn query(&mut self, params: impl Params) -> Result<Rows<'_>> {
-        let values = params.values();
-        match self {
-            Statement::Sqlite(statement) => Ok(Rows::Sqlite(statement.query(
-                rusqlite::params_from_iter(values.iter().map(|v| SqliteParam(*v))),
-            )?)),
-            Statement::SqliteOnce(statement) => Ok(Rows::Sqlite(statement.query(
-                rusqlite::params_from_iter(values.iter().map(|v| SqliteParam(*v))),
-            )?)),
-            Statement::Postgres(pg, statement) => {
-                let params: Vec<PgParam<'_>> = values.iter().map(|v| PgParam(*v)).collect();
-                let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = params
-                    .iter()
-                    .map(|p| p as &(dyn postgres::types::ToSql + Sync))
-                    .collect();
-                let rows = pg.client.borrow_mut().query(&*statement, &refs)?;
-                Ok(Rows::Postgres(rows.into_iter(), None))
-            }
+        if let Statement::Postgres(pg, statement) = self {
+            let values = pg_params(&params);
+            let rows = pg
+                .client
+                .borrow_mut()
+                .query(&*statement, &pg_refs(&values))?;
+            return Ok(Rows::Postgres(rows.into_iter(), None));
         }
+        let statement = self.sqlite().expect("not PostgreSQL");
+        Ok(Rows::Sqlite(statement.query(
+            rusqlite::params_from_iter(params.values().map(SqliteParam)),
+        )?))
     }
 
     pub fn query_row<T>(
@@ -595,7 +575,6 @@ impl postgres::types::ToSql for PgParam<'_> {
                 Type::TEXT | Type::VARCHAR | Type::UNKNOWN => {
                     out.put_slice(v.to_string().as_bytes())
                 }
-                Type::NUMERIC => encode_numeric(v, out),
                 _ => return Err(format!("an integer cannot be sent as {ty}").into()),
             },
             Value::Text(v) => match *ty {
@@ -629,7 +608,6 @@ impl postgres::types::ToSql for PgParam<'_> {
 enum PgValue {
     Null,
     Int(i64),
-    Real(f64),
     Text(String),
     Blob(Vec<u8>),
 }
@@ -639,7 +617,6 @@ impl PgValue {
         match self {
             PgValue::Null => ValueRef::Null,
             PgValue::Int(v) => ValueRef::Int(*v),
-            PgValue::Real(v) => ValueRef::Real(*v),
             PgValue::Text(v) => ValueRef::Text(v),
             PgValue::Blob(v) => ValueRef::Blob(v),
         }
@@ -655,8 +632,6 @@ impl<'a> postgres::types::FromSql<'a> for PgValue {
             Type::INT2 => PgValue::Int(i64::from(i16::from_sql(ty, raw)?)),
             Type::OID => PgValue::Int(i64::from(u32::from_sql(ty, raw)?)),
             Type::BOOL => PgValue::Int(i64::from(bool::from_sql(ty, raw)?)),
-            Type::NUMERIC => PgValue::Int(decode_numeric(raw)?),
-            Type::FLOAT8 => PgValue::Real(f64::from_sql(ty, raw)?),
             Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN | Type::JSON => {
                 PgValue::Text(std::str::from_utf8(raw)?.to_owned())
             }
@@ -677,61 +652,6 @@ impl<'a> postgres::types::FromSql<'a> for PgValue {
     }
 }
 
-/// NUMERIC's binary form: digit count, weight, sign, scale, then base-10000
-/// digits. Only integral values are read (SUM over integer columns).
-fn decode_numeric(raw: &[u8]) -> Result<i64, BoxError> {
-    let word = |i: usize| -> Result<u16, BoxError> {
-        raw.get(i * 2..i * 2 + 2)
-            .map(|b| u16::from_be_bytes([b[0], b[1]]))
-            .ok_or_else(|| "short numeric".into())
-    };
-    let digits = usize::from(word(0)?);
-    let weight = i32::from(word(1)? as i16);
-    let sign = word(2)?;
-    if sign == 0xC000 {
-        return Err("NaN is not an amount".into());
-    }
-    let mut value: i128 = 0;
-    for i in 0..digits {
-        let power = weight - i as i32;
-        let digit = i128::from(word(4 + i)?);
-        if power < 0 {
-            if digit != 0 {
-                return Err("a fractional numeric is not an integer".into());
-            }
-            continue;
-        }
-        let scale = 10_000_i128
-            .checked_pow(power as u32)
-            .ok_or("numeric out of range")?;
-        value = digit
-            .checked_mul(scale)
-            .and_then(|d| value.checked_add(d))
-            .ok_or("numeric out of range")?;
-    }
-    if sign == 0x4000 {
-        value = -value;
-    }
-    Ok(i64::try_from(value)?)
-}
-
-fn encode_numeric(v: i64, out: &mut bytes::BytesMut) {
-    let mut magnitude = i128::from(v).unsigned_abs();
-    let mut digits = Vec::new();
-    while magnitude > 0 {
-        digits.push((magnitude % 10_000) as i16);
-        magnitude /= 10_000;
-    }
-    digits.reverse();
-    out.put_i16(digits.len() as i16);
-    out.put_i16(digits.len().saturating_sub(1) as i16);
-    out.put_u16(if v < 0 { 0x4000 } else { 0 });
-    out.put_u16(0);
-    for digit in digits {
-        out.put_i16(digit);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -742,24 +662,5 @@ mod tests {
             placeholders("SELECT ?1, ?, '?x', ?2 WHERE a = ?"),
             "SELECT $1, $2, '?x', $2 WHERE a = $3"
         );
-    }
-
-    #[test]
-    fn numerics_round_trip() {
-        for v in [
-            0,
-            1,
-            -1,
-            9_999,
-            10_000,
-            123_456_789_012,
-            -987_654_321,
-            i64::MAX,
-            i64::MIN + 1,
-        ] {
-            let mut out = bytes::BytesMut::new();
-            encode_numeric(v, &mut out);
-            assert_eq!(decode_numeric(&out).unwrap(), v, "{v}");
-        }
     }
 }

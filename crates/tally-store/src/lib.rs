@@ -45,7 +45,7 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
 
 /// Open a connection with Tally's settings: WAL, fsync on every commit (the
 /// writer's own connection turns that off: its syncer thread fsyncs instead).
-pub fn connect(path: &Path) -> db::Result<Connection> {
+fn connect(path: &Path) -> db::Result<Connection> {
     let connection = Connection::sqlite(rusqlite::Connection::open(path)?);
     connection.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
@@ -54,49 +54,55 @@ pub fn connect(path: &Path) -> db::Result<Connection> {
     Ok(connection)
 }
 
-/// Create the data directory if needed and apply migrations; returns how many ran.
-pub fn migrate(data_dir: &Path) -> Result<usize, StoreError> {
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| StoreError::Unavailable(format!("create {data_dir:?}: {e}")))?;
-    let connection = connect(&database_path(data_dir)).map_err(unavailable)?;
-    schema::migrate(&connection).map_err(unavailable)
+/// Where a store lives, for what works without a server (the CLI).
+#[derive(Clone, Copy, Debug)]
+pub enum Location<'a> {
+    /// The embedded database in this data directory (created if needed).
+    Embedded(&'a Path),
+    /// A PostgreSQL database (`postgres://...`).
+    Postgres(&'a str),
+}
+
+impl std::fmt::Display for Location<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Embedded(data_dir) => write!(f, "{data_dir:?}"),
+            // Not the URL: it may hold a password.
+            Location::Postgres(_) => f.write_str("the PostgreSQL database"),
+        }
+    }
+}
+
+impl Location<'_> {
+    /// A connection to the store, its schema migrated; how many migrations ran.
+    fn connect_migrated(self) -> Result<(Connection, usize), StoreError> {
+        let connection = match self {
+            Location::Embedded(data_dir) => {
+                std::fs::create_dir_all(data_dir)
+                    .map_err(|e| StoreError::Unavailable(format!("create {data_dir:?}: {e}")))?;
+                connect(&database_path(data_dir)).map_err(unavailable)?
+            }
+            Location::Postgres(url) => Connection::postgres(url).map_err(unavailable)?,
+        };
+        let applied = schema::migrate(&connection).map_err(unavailable)?;
+        Ok((connection, applied))
+    }
+}
+
+/// Create or upgrade the schema; returns how many migrations ran.
+pub fn migrate(location: Location<'_>) -> Result<usize, StoreError> {
+    location.connect_migrated().map(|(_, applied)| applied)
 }
 
 /// Insert an API key directly (the CLI, with or without a server running).
 pub fn insert_api_key(
-    data_dir: &Path,
+    location: Location<'_>,
     id: &str,
     key_hash: &str,
     scope: &str,
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    migrate(data_dir)?;
-    let connection = connect(&database_path(data_dir)).map_err(unavailable)?;
-    connection
-        .execute(
-            "INSERT INTO api_keys (id, key_hash, scope, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![id, key_hash, scope, now.micros()],
-        )
-        .map_err(unavailable)?;
-    Ok(())
-}
-
-/// Apply migrations to a PostgreSQL database; returns how many ran.
-pub fn migrate_postgres(url: &str) -> Result<usize, StoreError> {
-    let connection = Connection::postgres(url).map_err(unavailable)?;
-    schema::migrate(&connection).map_err(unavailable)
-}
-
-/// Insert an API key directly into a PostgreSQL database (the CLI).
-pub fn insert_api_key_postgres(
-    url: &str,
-    id: &str,
-    key_hash: &str,
-    scope: &str,
-    now: Timestamp,
-) -> Result<(), StoreError> {
-    migrate_postgres(url)?;
-    let connection = Connection::postgres(url).map_err(unavailable)?;
+    let (connection, _) = location.connect_migrated()?;
     connection
         .execute(
             "INSERT INTO api_keys (id, key_hash, scope, created_at) VALUES (?1, ?2, ?3, ?4)",
@@ -131,15 +137,13 @@ fn lead(
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
-    let last_notification: i64 = connection.query_row(
-        "SELECT COALESCE(MAX(sequence), 0) FROM notifications",
-        [],
-        |row| row.get(0),
-    )?;
-    sync.durable_notification
-        .fetch_max(last_notification, std::sync::atomic::Ordering::AcqRel);
     let now = clock.now().micros();
     let writer = writer::Writer::new(connection, clock, options)?;
+    // Every committed notification is durable on PostgreSQL.
+    sync.durable_notification.fetch_max(
+        writer.last_notification(),
+        std::sync::atomic::Ordering::AcqRel,
+    );
     // Only now, ready to take commands, does this server ask for them.
     writer.connection().execute(
         "INSERT INTO leader (id, url, since) VALUES (1, ?1, ?2) \
@@ -164,12 +168,14 @@ enum Backend {
     Postgres {
         url: String,
         leader: Arc<Leadership>,
+        /// Bounds the reads running at once (each holds a connection).
+        reads: tokio::sync::Semaphore,
     },
 }
 
 /// This server's part in a shared PostgreSQL database: only the holder of
 /// the leader lock writes (see ARCHITECTURE.md, "Several servers").
-pub struct Leadership {
+struct Leadership {
     /// Set once this server's writer holds the lock and has loaded its state.
     is_leader: tokio::sync::watch::Sender<bool>,
     /// The URL other servers forward writes to, given once the server listens.
@@ -184,8 +190,6 @@ const LEADER_LOCK: i64 = 0x7461_6c6c_0002;
 const POSTGRES_READS: usize = 16;
 
 struct Inner {
-    /// Bounds the reads running at once (PostgreSQL).
-    reads: Option<tokio::sync::Semaphore>,
     sender: mpsc::Sender<writer::Job>,
     readers: Mutex<Vec<Connection>>,
     backend: Backend,
@@ -290,7 +294,7 @@ impl Store {
                 "another tally process is using the data directory {data_dir:?}"
             ))
         })?;
-        migrate(data_dir)?;
+        migrate(Location::Embedded(data_dir))?;
         let path = database_path(data_dir);
         let connection = connect(&path).map_err(unavailable)?;
         // Checkpoints run on their own thread so the writer never pays for them,
@@ -307,15 +311,9 @@ impl Store {
             wal.sync_data()
                 .map_err(|e| StoreError::Unavailable(format!("fsync {wal_path:?}: {e}")))?;
         }
-        let on_disk: i64 = connection
-            .query_row(
-                "SELECT COALESCE(MAX(sequence), 0) FROM notifications",
-                [],
-                |row| row.get(0),
-            )
-            .map_err(unavailable)?;
         let writer =
             writer::Writer::new(connection, clock.clone(), options).map_err(unavailable)?;
+        let on_disk = writer.last_notification();
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let (to_syncer, syncer_groups) =
             std::sync::mpsc::sync_channel(writer::MAX_GROUPS_IN_FLIGHT);
@@ -335,7 +333,6 @@ impl Store {
             .spawn(move || abort_on_panic("writer", || writer.run(receiver, to_syncer, sync_state)))
             .map_err(|e| StoreError::Unavailable(format!("spawn writer: {e}")))?;
         let inner = Arc::new(Inner {
-            reads: None,
             sender,
             readers: Mutex::new(Vec::new()),
             backend: Backend::Sqlite {
@@ -362,7 +359,7 @@ impl Store {
         // The sync client runs its own runtime: keep it off the caller's
         // (which may be async).
         let migrate_url = url.to_owned();
-        std::thread::spawn(move || migrate_postgres(&migrate_url))
+        std::thread::spawn(move || migrate(Location::Postgres(&migrate_url)))
             .join()
             .map_err(|_| StoreError::Unavailable("migration thread panicked".into()))??;
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
@@ -406,12 +403,12 @@ impl Store {
             .map_err(|e| StoreError::Unavailable(format!("spawn writer: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
-                reads: Some(tokio::sync::Semaphore::new(POSTGRES_READS)),
                 sender,
                 readers: Mutex::new(Vec::new()),
                 backend: Backend::Postgres {
                     url: url.to_owned(),
                     leader,
+                    reads: tokio::sync::Semaphore::new(POSTGRES_READS),
                 },
                 clock,
                 sync: sync_state,
@@ -491,14 +488,14 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> db::Result<T> + Send + 'static,
     {
-        let _permit = match &self.inner.reads {
-            Some(reads) => Some(
+        let _permit = match &self.inner.backend {
+            Backend::Postgres { reads, .. } => Some(
                 reads
                     .acquire()
                     .await
                     .map_err(|_| StoreError::Unavailable("the store is closing".into()))?,
             ),
-            None => None,
+            Backend::Sqlite { .. } => None,
         };
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {

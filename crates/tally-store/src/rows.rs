@@ -233,20 +233,15 @@ pub fn customer_head(
 
 /// The head of an existing customer's entry chain (`None`: no entries yet).
 pub fn chain_head(connection: &Connection, customer_id: &str) -> db::Result<Option<i64>> {
-    let sql = match connection.dialect() {
-        Dialect::Sqlite => {
-            "SELECT MAX(COALESCE((SELECT MAX(b.last_entry) FROM grants g \
-               JOIN grant_balances b ON b.sequence = g.sequence WHERE g.customer_id = ?1), 0), \
-               COALESCE((SELECT last_entry FROM customers WHERE id = ?1), 0))"
-        }
-        Dialect::Postgres => {
-            "SELECT GREATEST(COALESCE((SELECT MAX(b.last_entry) FROM grants g \
-               JOIN grant_balances b ON b.sequence = g.sequence WHERE g.customer_id = ?1), 0), \
-               COALESCE((SELECT last_entry FROM customers WHERE id = ?1), 0))"
-        }
-    };
+    // The largest over the grants' balance rows and the customer row (an
+    // aggregate over a union: the same SQL on both databases).
     connection
-        .prepare_cached(sql)?
+        .prepare_cached(
+            "SELECT COALESCE(MAX(head), 0) FROM ( \
+               SELECT MAX(b.last_entry) AS head FROM grants g \
+                 JOIN grant_balances b ON b.sequence = g.sequence WHERE g.customer_id = ?1 \
+               UNION ALL SELECT last_entry FROM customers WHERE id = ?1) heads",
+        )?
         .query_row([customer_id], |row| row.get::<_, i64>(0))
         .map(|head| (head > 0).then_some(head))
 }

@@ -507,6 +507,11 @@ impl Writer {
         &self.connection
     }
 
+    /// The last notification written (0 if none).
+    pub fn last_notification(&self) -> i64 {
+        self.next_notification_sequence - 1
+    }
+
     /// Serve until every sender is dropped.
     ///
     /// Commands are applied as they arrive, into an open transaction. The

@@ -30,6 +30,15 @@ struct StorageArgs {
     database_url: Option<String>,
 }
 
+impl StorageArgs {
+    fn location(&self) -> tally_store::Location<'_> {
+        match &self.database_url {
+            Some(url) => tally_store::Location::Postgres(url),
+            None => tally_store::Location::Embedded(&self.data_dir),
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct ServeArgs {
     #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
@@ -109,18 +118,10 @@ fn main() -> anyhow::Result<()> {
         Commands::Serve(args) => runtime.block_on(serve(args)),
         Commands::DeadLetters(args) => runtime.block_on(dead_letters::run(args)),
         Commands::Migrate { storage } => {
-            if let Some(url) = &storage.database_url {
-                let applied = tally_store::migrate_postgres(url).context("migrate")?;
-                println!(
-                    "migrated the PostgreSQL database: {applied} migration(s) applied, schema version {}",
-                    tally_store::schema::latest_version()
-                );
-                return Ok(());
-            }
-            let applied = tally_store::migrate(&storage.data_dir).context("migrate")?;
+            let applied = tally_store::migrate(storage.location()).context("migrate")?;
             println!(
-                "migrated {:?}: {applied} migration(s) applied, schema version {}",
-                storage.data_dir,
+                "migrated {}: {applied} migration(s) applied, schema version {}",
+                storage.location(),
                 tally_store::schema::latest_version()
             );
             Ok(())
@@ -138,15 +139,13 @@ fn main() -> anyhow::Result<()> {
                 bail!("--id must be 1 to 128 characters of A-Z, a-z, 0-9, '_', '.', ':' or '-'");
             }
             let now = SystemClock.now();
-            let hash = tally_server::auth::hash_key(&key);
-            match &storage.database_url {
-                Some(url) => {
-                    tally_store::insert_api_key_postgres(url, &id, &hash, scope.as_str(), now)
-                }
-                None => {
-                    tally_store::insert_api_key(&storage.data_dir, &id, &hash, scope.as_str(), now)
-                }
-            }
+            tally_store::insert_api_key(
+                storage.location(),
+                &id,
+                &tally_server::auth::hash_key(&key),
+                scope.as_str(),
+                now,
+            )
             .context("store the key")?;
             println!("{key}");
             eprintln!(
@@ -229,13 +228,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         advertise_url.is_some() || !state.store.is_shared() || !address.ip().is_unspecified(),
         "--listen {address} with --database-url needs --advertise-url: the URL the other servers reach this one at"
     );
-    state.store.advertise(advertise_url.unwrap_or_else(|| {
-        let mut reachable = address;
-        if reachable.ip().is_unspecified() {
-            reachable.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        format!("http://{reachable}")
-    }));
+    state
+        .store
+        .advertise(advertise_url.unwrap_or_else(|| format!("http://{address}")));
     println!("tally listening on http://{address}");
     tracing::info!(%address, data_dir = ?storage.data_dir, manual_clock, "serving");
     let shutdown = state.shutdown.clone();

@@ -24,67 +24,59 @@ pub fn fresh_dir() -> PathBuf {
     dir
 }
 
+/// The PostgreSQL server the tests use (`TALLY_TEST_POSTGRES`).
+fn postgres_url() -> String {
+    std::env::var("TALLY_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
 /// The PostgreSQL server the suite runs against when `TALLY_TEST_DATABASE`
 /// is `postgres` (scripts/test.sh runs the suite once on each store).
 pub fn postgres_server() -> Option<String> {
     match std::env::var("TALLY_TEST_DATABASE").as_deref() {
-        Ok("postgres") => Some(
-            std::env::var("TALLY_TEST_POSTGRES")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into()),
-        ),
+        Ok("postgres") => Some(postgres_url()),
         Ok("sqlite") | Err(_) => None,
         Ok(other) => panic!("TALLY_TEST_DATABASE must be sqlite or postgres, not {other:?}"),
     }
 }
 
-/// A fresh PostgreSQL database for one test (dropped by [`TestApp`]'s drop);
-/// its URL. Fails loudly when the server cannot be reached.
-pub async fn fresh_database(server: &str) -> String {
-    let n = NEXT_DIR.fetch_add(1, Ordering::SeqCst);
-    let name = format!("tally_it_{}_{n}", std::process::id());
-    let admin = admin_connection(server).await;
-    // Two statements, two calls: CREATE DATABASE cannot run in the implicit
-    // transaction of a multi-statement query.
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-        format!("CREATE DATABASE {name}"),
-    ] {
-        admin
-            .batch_execute(&sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    }
-    format!("{server}/{name}")
-}
-
-async fn admin_connection(server: &str) -> tokio_postgres::Client {
-    let (client, connection) =
-        tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
-            .await
+/// Run one statement on `server`'s `postgres` database. The sync client runs
+/// its own runtime, so it runs on a thread of its own (callable from async
+/// code and from Drop alike). Fails loudly when the server is unreachable.
+fn postgres_admin(server: &str, sql: String) {
+    let server = server.to_owned();
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
             .unwrap_or_else(|e| {
                 panic!("PostgreSQL at {server} (TALLY_TEST_POSTGRES) is unreachable: {e}")
             });
-    tokio::spawn(connection);
-    client
+        client
+            .batch_execute(&sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    })
+    .join()
+    .expect("the PostgreSQL admin statement failed");
+}
+
+/// A fresh PostgreSQL database for one test (dropped by [`TestApp`]'s drop);
+/// its URL.
+pub fn fresh_database(server: &str) -> String {
+    let n = NEXT_DIR.fetch_add(1, Ordering::SeqCst);
+    let name = format!("tally_it_{}_{n}", std::process::id());
+    postgres_admin(
+        server,
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    );
+    postgres_admin(server, format!("CREATE DATABASE {name}"));
+    format!("{server}/{name}")
 }
 
 fn drop_database(url: &str) {
     let (server, name) = url.rsplit_once('/').expect("a database url");
-    let (server, name) = (server.to_string(), name.to_string());
-    // Drop runs outside any runtime's async context: use a small one of its own.
-    let _ = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let admin = admin_connection(&server).await;
-            let _ = admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await;
-        });
-    })
-    .join();
+    postgres_admin(
+        server,
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    );
 }
 
 #[derive(Clone, Debug, Default)]
@@ -159,19 +151,14 @@ impl TestApp {
     }
 
     pub async fn spawn_with(options: Options) -> TestApp {
-        let database_url = match postgres_server() {
-            Some(server) => Some(fresh_database(&server).await),
-            None => None,
-        };
+        let database_url = postgres_server().map(|server| fresh_database(&server));
         TestApp::spawn_on(options, database_url).await
     }
 
     /// A server on a fresh PostgreSQL database whichever store the suite
     /// runs on (tests of several servers over one database).
     pub async fn spawn_postgres(options: Options) -> TestApp {
-        let server = std::env::var("TALLY_TEST_POSTGRES")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-        TestApp::spawn_on(options, Some(fresh_database(&server).await)).await
+        TestApp::spawn_on(options, Some(fresh_database(&postgres_url()))).await
     }
 
     async fn spawn_on(options: Options, database_url: Option<String>) -> TestApp {
