@@ -39,4 +39,9 @@ impl Timestamp {
 /// A source of the current instant.
 pub trait Clock: Send + Sync {
     fn now(&self) -> Timestamp;
+
+    /// Move forward to at least `instant`, if this clock only moves when
+    /// told to (a manual clock resuming where another server's left off);
+    /// a real clock ignores it.
+    fn catch_up(&self, _instant: Timestamp) {}
 }

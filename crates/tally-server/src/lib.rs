@@ -281,12 +281,18 @@ pub fn router(state: AppState) -> Router {
 /// Apply what falls due on the engine's clock, forever (the system-clock server).
 pub fn spawn_ticker(state: AppState) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        // Several servers over one database: only the writer's runs the tick.
-        state.store.wait_until_leader().await;
         let mut interval = tokio::time::interval(TICK_INTERVAL);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
+            // Several servers over one database: only the writer's runs the
+            // tick; the others follow its (manual) clock.
+            if !state.store.is_leader() {
+                if let Err(error) = state.store.follow_clock().await {
+                    tracing::warn!(%error, "cannot read the writer's clock");
+                }
+                continue;
+            }
             if let Err(error) = state.run_due().await {
                 tracing::warn!(code = %error.code, message = %error.message, "tick failed");
             }

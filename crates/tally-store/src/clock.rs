@@ -75,4 +75,10 @@ impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
         Timestamp(self.micros.load(Ordering::SeqCst))
     }
+
+    fn catch_up(&self, instant: Timestamp) {
+        if instant.micros() > self.micros.load(Ordering::SeqCst) {
+            self.advance_to(instant);
+        }
+    }
 }

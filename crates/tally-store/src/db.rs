@@ -241,7 +241,63 @@ impl<T> OptionalExtension<T> for Result<T> {
 pub struct Pg {
     client: RefCell<postgres::Client>,
     statements: RefCell<HashMap<String, postgres::Statement>>,
+    /// Deferred writes not yet sent, one batch per statement, in the order
+    /// each statement was first deferred.
+    deferred: RefCell<Vec<Batch>>,
+    /// The set-based form of each deferred statement, prepared.
+    bulk: RefCell<HashMap<&'static str, postgres::Statement>>,
 }
+
+/// How a deferred statement is merged with others of its kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// `INSERT INTO t (...) VALUES (?1, ...) [...]`: every row is inserted.
+    Insert,
+    /// `UPDATE t SET ... WHERE key = ?1`: one row per key, the last deferred
+    /// for a key wins (as if they ran in order).
+    UpdateByFirst,
+}
+
+/// The deferred rows of one statement.
+struct Batch {
+    sql: &'static str,
+    shape: Shape,
+    rows: Vec<Vec<Owned>>,
+    /// For `UpdateByFirst`: the row of each key.
+    keys: HashMap<Owned, usize>,
+}
+
+/// A parameter value kept until its batch is sent.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Owned {
+    Null,
+    Int(i64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl Owned {
+    fn of(value: Value<'_>) -> Owned {
+        match value {
+            Value::Null => Owned::Null,
+            Value::Int(v) => Owned::Int(v),
+            Value::Text(v) => Owned::Text(v.to_owned()),
+            Value::Blob(v) => Owned::Blob(v.to_vec()),
+        }
+    }
+
+    fn value(&self) -> Value<'_> {
+        match self {
+            Owned::Null => Value::Null,
+            Owned::Int(v) => Value::Int(*v),
+            Owned::Text(v) => Value::Text(v),
+            Owned::Blob(v) => Value::Blob(v),
+        }
+    }
+}
+
+/// The most rows one set-based statement sends (bounds its message size).
+const MAX_BULK_ROWS: usize = 8192;
 
 enum Kind {
     Sqlite(rusqlite::Connection),
@@ -266,6 +322,8 @@ impl Connection {
             kind: Kind::Postgres(Box::new(Pg {
                 client: RefCell::new(client),
                 statements: RefCell::new(HashMap::new()),
+                deferred: RefCell::new(Vec::new()),
+                bulk: RefCell::new(HashMap::new()),
             })),
         })
     }
@@ -309,8 +367,73 @@ impl Connection {
     pub fn execute_batch(&self, sql: &str) -> Result<()> {
         match &self.kind {
             Kind::Sqlite(connection) => Ok(connection.execute_batch(sql)?),
-            Kind::Postgres(pg) => Ok(pg.client.borrow_mut().batch_execute(sql)?),
+            Kind::Postgres(pg) => {
+                pg.flush()?;
+                Ok(pg.client.borrow_mut().batch_execute(sql)?)
+            }
         }
+    }
+
+    /// Roll back the open transaction, dropping deferred writes unsent.
+    pub fn rollback(&self) -> Result<()> {
+        if let Kind::Postgres(pg) = &self.kind {
+            pg.deferred.borrow_mut().clear();
+        }
+        self.execute_batch("ROLLBACK")
+    }
+
+    /// A write whose row count nobody reads. SQLite (in process) runs it at
+    /// once. PostgreSQL queues it, and sends each statement's queued rows as
+    /// one set-based statement (`unnest` of one array per parameter) before
+    /// any other statement runs on this connection, the commit included: the
+    /// connection reads its own writes, and a group of many commands costs
+    /// a few round trips instead of one per row. Batches of different
+    /// statements are sent in the order each was first deferred, so a
+    /// deferred statement must not depend on another deferred one.
+    pub fn defer(&self, shape: Shape, sql: &'static str, params: impl Params) -> Result<()> {
+        let pg = match &self.kind {
+            Kind::Sqlite(_) => {
+                self.execute(sql, params)?;
+                return Ok(());
+            }
+            Kind::Postgres(pg) => pg,
+        };
+        let row: Vec<Owned> = params.values().map(Owned::of).collect();
+        let full = {
+            let mut deferred = pg.deferred.borrow_mut();
+            let index = match deferred.iter().position(|b| b.sql == sql) {
+                Some(index) => index,
+                None => {
+                    deferred.push(Batch {
+                        sql,
+                        shape,
+                        rows: Vec::new(),
+                        keys: HashMap::new(),
+                    });
+                    deferred.len() - 1
+                }
+            };
+            let batch = &mut deferred[index];
+            assert_eq!(batch.shape, shape, "one shape per deferred statement");
+            match shape {
+                Shape::Insert => batch.rows.push(row),
+                Shape::UpdateByFirst => {
+                    let key = row.first().expect("an update has its key first").clone();
+                    match batch.keys.get(&key) {
+                        Some(&at) => batch.rows[at] = row,
+                        None => {
+                            batch.keys.insert(key, batch.rows.len());
+                            batch.rows.push(row);
+                        }
+                    }
+                }
+            }
+            batch.rows.len() >= MAX_BULK_ROWS
+        };
+        if full {
+            pg.flush()?;
+        }
+        Ok(())
     }
 
     pub fn execute(&self, sql: &str, params: impl Params) -> Result<usize> {
@@ -331,20 +454,8 @@ impl Connection {
         match &self.kind {
             Kind::Sqlite(connection) => Ok(Statement::Sqlite(connection.prepare_cached(sql)?)),
             Kind::Postgres(pg) => {
-                if let Some(statement) = pg.statements.borrow().get(sql) {
-                    return Ok(Statement::Postgres(pg, statement.clone()));
-                }
-                let statement = pg
-                    .client
-                    .borrow_mut()
-                    .prepare(&placeholders(sql))
-                    .inspect_err(|error| {
-                        tracing::error!(sql, error = postgres_message(error), "cannot prepare")
-                    })?;
-                pg.statements
-                    .borrow_mut()
-                    .insert(sql.to_owned(), statement.clone());
-                Ok(Statement::Postgres(pg, statement))
+                pg.flush()?;
+                Ok(Statement::Postgres(pg, pg.prepared(sql)?))
             }
         }
     }
@@ -354,9 +465,169 @@ impl Connection {
         match &self.kind {
             Kind::Sqlite(connection) => Ok(Statement::SqliteOnce(connection.prepare(sql)?)),
             Kind::Postgres(pg) => {
+                pg.flush()?;
                 let statement = pg.client.borrow_mut().prepare(&placeholders(sql))?;
                 Ok(Statement::Postgres(pg, statement))
             }
+        }
+    }
+}
+
+impl Pg {
+    /// `sql` prepared on this connection, once.
+    fn prepared(&self, sql: &str) -> Result<postgres::Statement> {
+        if let Some(statement) = self.statements.borrow().get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self
+            .client
+            .borrow_mut()
+            .prepare(&placeholders(sql))
+            .inspect_err(|error| {
+                tracing::error!(sql, error = postgres_message(error), "cannot prepare")
+            })?;
+        self.statements
+            .borrow_mut()
+            .insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    /// Send every deferred write (see [`Connection::defer`]).
+    fn flush(&self) -> Result<()> {
+        if self.deferred.borrow().is_empty() {
+            return Ok(());
+        }
+        let batches = std::mem::take(&mut *self.deferred.borrow_mut());
+        for batch in batches {
+            self.send(&batch)?;
+        }
+        Ok(())
+    }
+
+    fn send(&self, batch: &Batch) -> Result<()> {
+        let single = self.prepared(batch.sql)?;
+        let sent = if batch.rows.len() == 1 {
+            let values: Vec<PgParam<'_>> =
+                batch.rows[0].iter().map(|v| PgParam(v.value())).collect();
+            self.client
+                .borrow_mut()
+                .execute(&single, &pg_refs(&values))?
+        } else {
+            let cached = self.bulk.borrow().get(batch.sql).cloned();
+            let bulk = match cached {
+                Some(statement) => statement,
+                None => {
+                    let text = bulk_sql(&placeholders(batch.sql), batch.shape, single.params())
+                        .ok_or_else(|| {
+                            Error::Corrupt(format!("no set-based form of {}", batch.sql))
+                        })?;
+                    let statement =
+                        self.client
+                            .borrow_mut()
+                            .prepare(&text)
+                            .inspect_err(|error| {
+                                tracing::error!(
+                                    sql = text,
+                                    error = postgres_message(error),
+                                    "cannot prepare"
+                                )
+                            })?;
+                    self.bulk.borrow_mut().insert(batch.sql, statement.clone());
+                    statement
+                }
+            };
+            let width = single.params().len();
+            let columns: Vec<Vec<PgParam<'_>>> = (0..width)
+                .map(|column| {
+                    batch
+                        .rows
+                        .iter()
+                        .map(|row| PgParam(row[column].value()))
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = columns
+                .iter()
+                .map(|c| c as &(dyn postgres::types::ToSql + Sync))
+                .collect();
+            self.client.borrow_mut().execute(&bulk, &refs)?
+        };
+        if batch.shape == Shape::UpdateByFirst && sent != batch.rows.len() as u64 {
+            return Err(Error::Corrupt(format!(
+                "a deferred update matched {sent} of {} rows: {}",
+                batch.rows.len(),
+                batch.sql
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The set-based form of a one-row statement (`$N` placeholders): each
+/// parameter becomes an array (of the type PostgreSQL inferred for it),
+/// unnested into a row source `v(p1, ..., pk)`.
+/// `INSERT ... VALUES (e1, ..., en) rest` becomes
+/// `INSERT ... SELECT e1', ..., en' FROM unnest(...) AS v(...) rest`;
+/// `UPDATE t SET ... WHERE ...` becomes `UPDATE t SET ... FROM unnest(...)
+/// AS v(...) WHERE ...`, where `e'` is `e` with each `$N` read as `v.pN`.
+fn bulk_sql(sql: &str, shape: Shape, types: &[postgres::types::Type]) -> Option<String> {
+    let arrays: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| format!("${}::{}[]", i + 1, ty.name()))
+        .collect();
+    let names: Vec<String> = (1..=types.len()).map(|i| format!("p{i}")).collect();
+    let source = format!("unnest({}) AS v({})", arrays.join(", "), names.join(", "));
+    let column = |text: &str| -> String {
+        let mut out = String::with_capacity(text.len() + 16);
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '$' {
+                out.push_str("v.p");
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    out.push(*d);
+                    chars.next();
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    match shape {
+        Shape::Insert => {
+            let at = sql.find(" VALUES (")?;
+            let open = at + " VALUES (".len();
+            let mut depth = 1;
+            let mut close = None;
+            for (i, c) in sql[open..].char_indices() {
+                match c {
+                    '(' => depth += 1,
+                    ')' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            close = Some(open + i);
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let close = close?;
+            Some(format!(
+                "{} SELECT {} FROM {source}{}",
+                &sql[..at],
+                column(&sql[open..close]),
+                &sql[close + 1..]
+            ))
+        }
+        Shape::UpdateByFirst => {
+            let at = sql.find(" WHERE ")?;
+            Some(format!(
+                "{} FROM {source}{}",
+                column(&sql[..at]),
+                column(&sql[at..])
+            ))
         }
     }
 }
@@ -655,6 +926,36 @@ impl<'a> postgres::types::FromSql<'a> for PgValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_based_forms_read_each_parameter_from_its_array() {
+        use postgres::types::Type;
+        assert_eq!(
+            bulk_sql(
+                "INSERT INTO t (a, b, c) VALUES ($1, 0, lower($2)) ON CONFLICT DO NOTHING",
+                Shape::Insert,
+                &[Type::INT8, Type::TEXT]
+            )
+            .as_deref(),
+            Some(
+                "INSERT INTO t (a, b, c) SELECT v.p1, 0, lower(v.p2) FROM \
+                 unnest($1::int8[], $2::text[]) AS v(p1, p2) ON CONFLICT DO NOTHING"
+            )
+        );
+        assert_eq!(
+            bulk_sql(
+                "UPDATE t SET a = $2, b = $3 WHERE id = $1",
+                Shape::UpdateByFirst,
+                &[Type::INT8, Type::INT8, Type::BYTEA]
+            )
+            .as_deref(),
+            Some(
+                "UPDATE t SET a = v.p2, b = v.p3 FROM \
+                 unnest($1::int8[], $2::int8[], $3::bytea[]) AS v(p1, p2, p3) WHERE id = v.p1"
+            )
+        );
+        assert_eq!(bulk_sql("DELETE FROM t", Shape::Insert, &[]), None);
+    }
 
     #[test]
     fn placeholders_are_numbered_outside_strings() {

@@ -455,6 +455,17 @@ impl Store {
         .await
     }
 
+    /// On a server that does not run the writer: move a manual clock up to
+    /// the writer's, as its last tick recorded it (a system clock ignores
+    /// it), so that reads here see what the writer sees.
+    pub async fn follow_clock(&self) -> Result<(), StoreError> {
+        let instant = self.read(writer::engine_clock).await?;
+        if let Some(instant) = instant {
+            self.inner.clock.catch_up(instant);
+        }
+        Ok(())
+    }
+
     /// The engine's clock.
     pub fn now(&self) -> Timestamp {
         self.inner.clock.now()

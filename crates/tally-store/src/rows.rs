@@ -342,20 +342,20 @@ pub fn lifecycle(grant: &Grant) -> GrantLifecycle {
 }
 
 /// Write what spending changes (remaining, expired amount, chain head), and,
-/// when `lifecycle_changed`, the status and expiry too. False when the grant
-/// has no row yet.
+/// when `lifecycle_changed`, the status and expiry too. The grant's rows
+/// exist. The balance row is a deferred write (set-based on PostgreSQL).
 pub fn update_grant(
     connection: &Connection,
     grant: &Grant,
     head: Option<i64>,
     lifecycle_changed: bool,
-) -> db::Result<bool> {
-    let changed = connection
-        .prepare_cached(
-            "UPDATE grant_balances SET remaining = ?2, expired_amount = ?3, last_entry = ?4 WHERE sequence = ?1",
-        )?
-        .execute(params![grant.sequence, grant.remaining.micros(), grant.expired_amount.micros(), head])?;
-    if changed == 1 && lifecycle_changed {
+) -> db::Result<()> {
+    connection.defer(
+        db::Shape::UpdateByFirst,
+        "UPDATE grant_balances SET remaining = ?2, expired_amount = ?3, last_entry = ?4 WHERE sequence = ?1",
+        params![grant.sequence, grant.remaining.micros(), grant.expired_amount.micros(), head],
+    )?;
+    if lifecycle_changed {
         connection
             .prepare_cached(
                 "UPDATE grants SET status = ?2, expires_at = ?3, expired_at = ?4 WHERE id = ?1",
@@ -367,7 +367,7 @@ pub fn update_grant(
                 grant.expired_at.map(Timestamp::micros),
             ])?;
     }
-    Ok(changed == 1)
+    Ok(())
 }
 
 pub fn upsert_hold(connection: &Connection, hold: &Hold) -> db::Result<()> {
@@ -402,29 +402,32 @@ pub fn insert_entry(
     previous: Option<i64>,
     pricing: Option<&tally_core::pricebook::Pricing>,
 ) -> db::Result<()> {
-    let mut statement = connection.prepare_cached(concat!(
-        "INSERT INTO entries (",
-        entry_columns!(),
-        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"
-    ))?;
-    statement.execute(params![
-        sequence,
-        draft.customer_id.as_str(),
-        draft.kind.as_str(),
-        draft.amount.micros(),
-        draft.reference.as_ref().map(Id::as_str),
-        draft.member_id.as_ref().map(Id::as_str),
-        draft.feature.as_deref(),
-        draft.reason.as_deref(),
-        actor,
-        serde_json::to_string(&draft.postings).expect("postings serialize"),
-        draft.effective_at.micros(),
-        recorded_at.micros(),
-        draft.balance_after.micros(),
-        previous,
-        pricing.map(|p| serde_json::to_string(p).expect("pricing serializes")),
-    ])?;
-    Ok(())
+    // Deferred: set-based with the group's other entries on PostgreSQL.
+    connection.defer(
+        db::Shape::Insert,
+        concat!(
+            "INSERT INTO entries (",
+            entry_columns!(),
+            ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"
+        ),
+        params![
+            sequence,
+            draft.customer_id.as_str(),
+            draft.kind.as_str(),
+            draft.amount.micros(),
+            draft.reference.as_ref().map(Id::as_str),
+            draft.member_id.as_ref().map(Id::as_str),
+            draft.feature.as_deref(),
+            draft.reason.as_deref(),
+            actor,
+            serde_json::to_string(&draft.postings).expect("postings serialize"),
+            draft.effective_at.micros(),
+            recorded_at.micros(),
+            draft.balance_after.micros(),
+            previous,
+            pricing.map(|p| serde_json::to_string(p).expect("pricing serializes")),
+        ],
+    )
 }
 
 const DEAD_LETTER_COLUMNS: &str =

@@ -340,6 +340,18 @@ CREATE TABLE leader (
 );
 "#,
     ),
+    (
+        12,
+        r#"
+-- The engine's clock as the writer last read it (ticks record it). A manual
+-- clock (`--manual-clock`) resumes from it, so that servers sharing a
+-- database share one test clock and a new writer never goes back in time.
+CREATE TABLE engine_clock (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    micros INTEGER NOT NULL
+);
+"#,
+    ),
 ];
 
 /// The key of the advisory lock that serializes migrations on PostgreSQL

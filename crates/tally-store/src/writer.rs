@@ -473,6 +473,11 @@ impl Writer {
         let plans = load_plans(&connection)?;
         let packs = load_packs(&connection)?;
         let endpoints = notify::load_endpoints(&connection)?;
+        // A manual clock resumes where the last writer's was (a restart, or
+        // another server taking over a shared database).
+        if let Some(instant) = engine_clock(&connection)? {
+            clock.catch_up(instant);
+        }
         Ok(Writer {
             plans,
             packs,
@@ -541,14 +546,19 @@ impl Writer {
             let mut group = self.begin_group();
             let mut closed = false;
             // Under sustained load a group also stays open for at least
-            // LINGER, so that it shares its page writes among more commands.
+            // LINGER, so that it shares its page writes among more commands,
+            // but only while commands keep coming: once a wait brought
+            // nothing (every client is waiting for this group, as closed-loop
+            // clients do), lingering would only add latency.
             let linger = previous_group >= LINGER_ABOVE;
+            let mut quiet = false;
             loop {
                 self.apply_jobs(&mut group, &mut batch);
                 if group.replies.len() >= MAX_BATCH || group.failed.is_some() || closed {
                     break;
                 }
                 let ripe = !linger
+                    || quiet
                     || group.replies.len() >= LINGER_UNTIL
                     || group.started.elapsed() >= LINGER;
                 // A backlog means the writer is the bottleneck: the group then
@@ -568,6 +578,7 @@ impl Writer {
                 // The syncer wakes this thread when it is done.
                 std::thread::park_timeout(std::time::Duration::from_micros(100));
                 closed = drain_up_to(&mut receiver, &mut batch, MAX_BATCH - group.replies.len());
+                quiet = batch.is_empty();
             }
             previous_group = group.replies.len();
             if let Some(answers) = self.finish_group(group) {
@@ -650,7 +661,7 @@ impl Writer {
             }
             Err(error) => {
                 tracing::error!(%error, group = group.replies.len(), "write group failed; rolled back");
-                let _ = self.connection.execute_batch("ROLLBACK");
+                let _ = self.connection.rollback();
                 self.cache.clear();
                 self.touched.clear();
                 self.operations.rollback();
@@ -707,10 +718,22 @@ impl Writer {
             let changes = cached.ledger.take_changes();
             for grant in &changes.grants {
                 let lifecycle = rows::lifecycle(grant);
-                let lifecycle_changed = cached.stored.get(&grant.id) != Some(&lifecycle);
-                if !rows::update_grant(&self.connection, grant, cached.head, lifecycle_changed)? {
-                    rows::insert_grant(&self.connection, grant, None, self.now)?;
-                    rows::update_grant(&self.connection, grant, cached.head, false)?;
+                match cached.stored.get(&grant.id) {
+                    // A lot the core made (a refund's, a rollover, a
+                    // transfer's): its rows are written now.
+                    None => {
+                        rows::insert_grant(&self.connection, grant, None, self.now)?;
+                        rows::update_grant(&self.connection, grant, cached.head, false)?;
+                    }
+                    Some(stored) => {
+                        let lifecycle_changed = *stored != lifecycle;
+                        rows::update_grant(
+                            &self.connection,
+                            grant,
+                            cached.head,
+                            lifecycle_changed,
+                        )?;
+                    }
                 }
                 cached.stored.insert(grant.id.clone(), lifecycle);
             }
@@ -719,16 +742,14 @@ impl Writer {
                 // debt): carry the head on any grant, or on the customer row
                 // of a customer without grants.
                 match cached.ledger.grants().first() {
-                    Some(any) => self
-                        .connection
-                        .prepare_cached(
-                            "UPDATE grant_balances SET last_entry = ?1 WHERE sequence = ?2",
-                        )?
-                        .execute(params![cached.head, any.sequence])?,
-                    None => self
-                        .connection
-                        .prepare_cached("UPDATE customers SET last_entry = ?1 WHERE id = ?2")?
-                        .execute(params![cached.head, customer_id.as_str()])?,
+                    // The same deferred statement as every balance row, so
+                    // the last write of a row in the group wins.
+                    Some(any) => rows::update_grant(&self.connection, any, cached.head, false)?,
+                    None => self.connection.defer(
+                        db::Shape::UpdateByFirst,
+                        "UPDATE customers SET last_entry = ?2 WHERE id = ?1",
+                        params![customer_id.as_str(), cached.head],
+                    )?,
                 };
             }
             cached.head_changed = false;
@@ -880,12 +901,12 @@ impl Writer {
             ),
             None => (None, None, None),
         };
-        self.connection
-            .prepare_cached(
-                "INSERT INTO operations (sequence, kind, id, request_hash, ok, response, customer_id, amount, \
-                 refunded, feature, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10)",
-            )?
-            .execute(params![
+        // Deferred: set-based with the group's other operations on PostgreSQL.
+        self.connection.defer(
+            db::Shape::Insert,
+            "INSERT INTO operations (sequence, kind, id, request_hash, ok, response, customer_id, amount, \
+             refunded, feature, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10)",
+            params![
                 self.next_operation_sequence,
                 kind,
                 id.as_str(),
@@ -896,7 +917,8 @@ impl Writer {
                 amount,
                 feature,
                 self.now.micros()
-            ])?;
+            ],
+        )?;
         let sequence = self.next_operation_sequence;
         self.next_operation_sequence += 1;
         let fingerprint = self.operations.fingerprint(kind, id.as_str());
@@ -966,6 +988,15 @@ impl Writer {
             self.refresh_overage(customer_id);
         }
         Ok(())
+    }
+
+    /// Note that `grant`'s rows were just written as it is now.
+    fn stored(&mut self, customer_id: &Id, grant: &Grant) {
+        self.cache
+            .get_mut(customer_id)
+            .expect("prepared")
+            .stored
+            .insert(grant.id.clone(), rows::lifecycle(grant));
     }
 
     fn ledger(&mut self, customer_id: &Id) -> &mut CustomerLedger {
@@ -1358,6 +1389,7 @@ impl Writer {
             created_at: now,
         };
         rows::insert_grant(&self.connection, &record.grant, Some(&record), now)?;
+        self.stored(&request.customer_id, &record.grant);
         let entry_id = self.record_entry(&draft, actor)?;
         Ok(Outcome::Grant {
             grant: record,
@@ -1635,6 +1667,7 @@ impl Writer {
                 .expect("refund created it")
                 .clone();
             rows::insert_grant(&self.connection, &grant, None, now)?;
+            self.stored(&customer_id, &grant);
         }
         self.connection
             .prepare_cached("UPDATE operations SET refunded = refunded + ?1 WHERE sequence = ?2")?
@@ -2214,6 +2247,12 @@ impl Writer {
     /// Expire what is due for customers with due holds or grants.
     fn tick(&mut self) -> db::Result<Outcome> {
         let now = self.now.micros();
+        self.connection
+            .prepare_cached(
+                "INSERT INTO engine_clock (id, micros) VALUES (1, ?1) ON CONFLICT (id) \
+                 DO UPDATE SET micros = excluded.micros WHERE engine_clock.micros < excluded.micros",
+            )?
+            .execute([now])?;
         let due: Vec<String> = {
             let mut statement = self.connection.prepare_cached(
                 "SELECT customer_id FROM holds WHERE status = 'active' AND expires_at <= ?1 \
@@ -2245,6 +2284,16 @@ impl Writer {
         self.prune_notifications()?;
         Ok(Outcome::Tick { entries })
     }
+}
+
+/// The engine's clock as the last tick recorded it.
+pub(crate) fn engine_clock(connection: &Connection) -> db::Result<Option<Timestamp>> {
+    let micros: Option<i64> = connection
+        .query_row("SELECT micros FROM engine_clock WHERE id = 1", [], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    Ok(micros.map(Timestamp))
 }
 
 fn load_packs(connection: &Connection) -> db::Result<HashMap<String, tally_core::CreditPack>> {

@@ -64,46 +64,133 @@ pub struct BenchArgs {
     /// Where to put the temporary database (default: the system temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Run on PostgreSQL instead of the embedded store: a fresh database
+    /// `tally_bench_<pid>` is created on this server (for instance
+    /// `postgres://postgres@127.0.0.1:5432`) and dropped at the end.
+    #[arg(long)]
+    postgres: Option<String>,
+    /// With --postgres: Tally over HTTP (a `tally serve` child process)
+    /// against the one-transaction-per-charge baseline, 1, 16 and 64
+    /// clients, hot and uniform, side by side on that server.
+    #[arg(long, requires = "postgres")]
+    baseline: bool,
+    /// With --baseline: the client counts to run (default 1,16,64).
+    #[arg(long, value_delimiter = ',', requires = "baseline")]
+    clients: Vec<usize>,
+    /// With --baseline: only this workload (hot or uniform; default both).
+    #[arg(long, requires = "baseline")]
+    workload: Option<String>,
 }
 
+/// The store under measurement and how to remove it afterwards.
+struct Bench {
+    store: Store,
+    dir: Option<PathBuf>,
+    database: Option<(String, String)>,
+}
+
+impl Bench {
+    async fn open(args: &BenchArgs) -> anyhow::Result<Bench> {
+        if let Some(server) = &args.postgres {
+            let name = format!("tally_bench_{}", std::process::id());
+            postgres_admin(
+                server,
+                format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            )?;
+            postgres_admin(server, format!("CREATE DATABASE {name}"))?;
+            let url = format!("{server}/{name}");
+            let store = Store::open_postgres(&url, Arc::new(SystemClock), Default::default())
+                .context("open the bench store on PostgreSQL")?;
+            // No server listens: nobody forwards to this one.
+            store.advertise("http://127.0.0.1:9".into());
+            store.wait_until_leader().await;
+            eprintln!("bench database {url}");
+            return Ok(Bench {
+                store,
+                dir: None,
+                database: Some((server.clone(), name)),
+            });
+        }
+        let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("tally-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir, Arc::new(SystemClock)).context("open bench store")?;
+        eprintln!("bench data directory {dir:?}");
+        Ok(Bench {
+            store,
+            dir: Some(dir),
+            database: None,
+        })
+    }
+
+    fn remove(self) {
+        drop(self.store);
+        if let Some(dir) = self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        if let Some((server, name)) = self.database {
+            let _ = postgres_admin(
+                &server,
+                format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            );
+        }
+    }
+}
+
+/// One statement on `server`'s `postgres` database, on a thread of its own
+/// (the sync client runs its own runtime).
+pub(crate) fn postgres_admin(server: &str, sql: String) -> anyhow::Result<()> {
+    let server = server.to_owned();
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut client = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
+            .with_context(|| format!("connect to PostgreSQL at {server}"))?;
+        client.batch_execute(&sql).with_context(|| sql.clone())?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the PostgreSQL admin thread panicked"))?
+}
+
+mod baseline;
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let (true, Some(server)) = (args.baseline, &args.postgres) {
+        return baseline::run(server, &args).await;
+    }
     RANDOM_IDS.store(args.random_ids, Ordering::Relaxed);
     PRICED.store(args.priced, Ordering::Relaxed);
-    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("tally-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let store = Store::open(&dir, Arc::new(SystemClock)).context("open bench store")?;
-    eprintln!("setting up {} customers in {dir:?}", args.customers);
-    setup(&store, args.customers).await?;
+    let bench = Bench::open(&args).await?;
+    let result = measure(&bench.store, &args).await;
+    bench.remove();
+    result
+}
+
+async fn measure(store: &Store, args: &BenchArgs) -> anyhow::Result<()> {
+    eprintln!("setting up {} customers", args.customers);
+    setup(store, args.customers).await?;
     if args.priced || args.http_events || args.kafka_events {
-        publish_price(&store).await?;
+        publish_price(store).await?;
     }
     if args.kafka_events {
-        let result = kafka::run(&store, &args).await;
-        drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
-        return result;
+        return kafka::run(store, args).await;
     }
     if args.http_events {
-        let result = http_events(&store, &args).await;
-        drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
-        return result;
+        return http_events(store, args).await;
     }
     let uniform = throughput(
-        &store,
+        store,
         args.customers,
         args.seconds,
         args.concurrency,
         "uniform",
     )
     .await?;
-    let hot = throughput(&store, 1, args.seconds, args.concurrency, "hot").await?;
+    let hot = throughput(store, 1, args.seconds, args.concurrency, "hot").await?;
     let rate = args.latency_rate.unwrap_or(uniform.min(hot) / 2.0);
     // Start the latency run from a checkpointed database, not from the backlog
     // of write-ahead log the throughput runs left behind.
     store.checkpoint().await.context("checkpoint")?;
-    let (p50, p99, achieved) = latency(&store, args.customers, rate, args.seconds).await?;
+    let (p50, p99, achieved) = latency(store, args.customers, rate, args.seconds).await?;
     println!("| run | result |");
     println!("|---|---|");
     println!(
@@ -119,8 +206,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "| latency at {rate:.0}/s offered, p99 | {:.2} ms |",
         p99.as_secs_f64() * 1e3
     );
-    drop(store);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

@@ -223,3 +223,117 @@ async fn holds_expire_once_and_a_killed_writer_is_replaced() {
     );
     assert_replayable(&entries);
 }
+
+/// Two schedulers over one database (issue 5): servers sharing a PostgreSQL
+/// database on one manual clock renew a monthly plan for a year while the
+/// server running the writer is killed twice and restarted (so the other
+/// takes over the scheduler, catching up from the clock the last writer
+/// recorded), and both servers' tickers and clock advances run throughout.
+/// Every period's allocation is granted exactly once, in order, and the
+/// ledger replays to the balance on every server.
+#[tokio::test]
+async fn two_schedulers_over_one_database_grant_each_period_once() {
+    const DAY: i64 = 86_400;
+    let options = Options {
+        manual_clock: true,
+        ..Options::default()
+    };
+    let mut first = TestApp::spawn_postgres(options).await;
+    let mut second = TestApp::spawn_beside(&first).await;
+    assert!(first.is_writer().await && !second.is_writer().await);
+    let reply = second
+        .put(
+            "/v1/plans/pro",
+            json!({ "name": "Pro", "period": "month", "included_credits": "1000",
+                    "allocation_expires_after_periods": null }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    second.customer("cus").await;
+    let reply = second
+        .put(
+            "/v1/customers/cus/subscription",
+            json!({ "id": "s1", "plan": "pro" }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+
+    let allocations = |entries: &[serde_json::Value]| -> Vec<String> {
+        entries
+            .iter()
+            .filter(|e| e["kind"] == "grant")
+            .filter_map(|e| e["reference"].as_str())
+            .filter(|r| r.starts_with("plan:s1:"))
+            .map(str::to_owned)
+            .collect()
+    };
+    for month in 1..=12 {
+        // Advance through either server (the other forwards to the writer),
+        // and tick through both at once.
+        let through = if month % 2 == 0 { &first } else { &second };
+        let now = through.advance(31 * DAY).await;
+        let ticks = join_all([first.advance(0), second.advance(0)]).await;
+        assert!(ticks.iter().all(|after| instant(after) >= instant(&now)));
+        match month {
+            // Kill the writer: the other server takes over the scheduler at
+            // the instant the last tick recorded, then restart the killed
+            // one beside it.
+            4 => {
+                first.kill().await;
+                second.wait_for_writer().await;
+                assert!(instant(second.get("/v1/clock").await.str("now")) >= instant(&now));
+                first.wait_for_writer_on_start = false;
+                first.start().await;
+                assert!(!first.is_writer().await);
+            }
+            8 => {
+                second.kill().await;
+                first.wait_for_writer().await;
+                assert!(instant(first.get("/v1/clock").await.str("now")) >= instant(&now));
+                second.start().await;
+                assert!(!second.is_writer().await);
+            }
+            _ => {}
+        }
+        let writer = if first.is_writer().await {
+            &first
+        } else {
+            &second
+        };
+        let entries = writer.ledger_all("cus").await;
+        let granted = allocations(&entries);
+        // One allocation at the start and one per month boundary passed:
+        // 31 days always pass exactly one calendar month boundary or two.
+        let expected: Vec<String> = (0..granted.len()).map(|n| format!("plan:s1:{n}")).collect();
+        let mut sorted = granted.clone();
+        sorted.sort_by_key(|r| r[8..].parse::<u32>().unwrap());
+        assert_eq!(
+            sorted, expected,
+            "month {month}: each period once, none skipped"
+        );
+        assert!(granted.len() > month, "month {month}: {granted:?}");
+        let replayed = assert_replayable(&entries);
+        assert_eq!(replayed, 1_000_000_000 * granted.len() as i64);
+    }
+    // Every server reads the same ledger and balance once the follower
+    // has followed the writer's clock.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let reference = first.ledger_all("cus").await;
+    let count = allocations(&reference).len();
+    assert!((13..=14).contains(&count), "a year of renewals: {count}");
+    for server in [&first, &second] {
+        let entries = server.ledger_all("cus").await;
+        assert_eq!(entries, reference);
+        let balance = server.balance("cus").await;
+        assert_eq!(
+            micros_of(&balance["available"]),
+            1_000_000_000 * count as i64,
+            "{balance}"
+        );
+    }
+}
+
+fn instant(text: &str) -> time::OffsetDateTime {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
+}

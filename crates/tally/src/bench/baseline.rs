@@ -1,0 +1,442 @@
+//! `tally bench --postgres URL --baseline`: Tally over HTTP against the
+//! baseline a team writes first, side by side on the same PostgreSQL.
+//!
+//! The baseline is one transaction per charge, from one connection per
+//! client: insert the charge under its unique id, then
+//! `UPDATE ... SET balance = balance - cost WHERE id = ... AND balance >= cost`,
+//! then commit. The row lock taken by the update is held until the commit
+//! returns, so charges of one customer commit one after another.
+//!
+//! Tally runs as a real `tally serve` child process over its own fresh
+//! database on the same server, and clients send `POST /v1/charges` over
+//! keep-alive HTTP connections. Both sides use the same customers, the same
+//! charge (1.5 credits) and the same client counts, for `--seconds` each,
+//! uniform over `--customers` and all on one hot customer. After every run
+//! the balances are checked against the charges acknowledged.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+
+use super::{postgres_admin, BenchArgs};
+
+/// Clients per run, as the issue asks.
+const CLIENTS: [usize; 3] = [1, 16, 64];
+/// What one charge costs, in micro-credits (1.5 credits).
+const CHARGE_MICROS: i64 = 1_500_000;
+/// Every customer's starting balance, in credits: more than any run spends.
+const START_CREDITS: i64 = 1_000_000_000;
+const KEY: &str = "bench-admin-key";
+
+pub async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<()> {
+    let pid = std::process::id();
+    let baseline_db = format!("tally_bench_baseline_{pid}");
+    let tally_db = format!("tally_bench_http_{pid}");
+    for name in [&baseline_db, &tally_db] {
+        postgres_admin(
+            server,
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        )?;
+        postgres_admin(server, format!("CREATE DATABASE {name}"))?;
+    }
+    let result = compare(
+        &format!("{server}/{baseline_db}"),
+        &format!("{server}/{tally_db}"),
+        args,
+    )
+    .await;
+    for name in [&baseline_db, &tally_db] {
+        let _ = postgres_admin(
+            server,
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        );
+    }
+    result
+}
+
+async fn compare(baseline_url: &str, tally_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
+    let customers = args.customers;
+    let seconds = args.seconds;
+    let baseline = Baseline::new(baseline_url.to_owned());
+    baseline.setup(customers).await?;
+    let mut tally = TallyServer::start(tally_url).await?;
+    eprintln!("setting up {customers} customers in Tally");
+    tally.setup(customers).await?;
+
+    let mut rows = Vec::new();
+    let counts = if args.clients.is_empty() {
+        CLIENTS.to_vec()
+    } else {
+        args.clients.clone()
+    };
+    for (workload, spread) in [("hot", 1), ("uniform", customers)] {
+        if args.workload.as_deref().is_some_and(|w| w != workload) {
+            continue;
+        }
+        for &clients in &counts {
+            let base = baseline.run(clients, spread, seconds).await?;
+            eprintln!("baseline {workload} {clients} clients: {base:.0}/s");
+            let ours = tally.run(clients, spread, seconds).await?;
+            eprintln!("tally {workload} {clients} clients: {ours:.0}/s");
+            rows.push((workload, clients, base, ours));
+        }
+    }
+    baseline.check().await?;
+    tally.check().await?;
+    drop(tally);
+
+    println!("| workload | clients | baseline charges/s | Tally over HTTP charges/s | Tally / baseline |");
+    println!("|---|---|---|---|---|");
+    for (workload, clients, base, ours) in rows {
+        println!(
+            "| {workload} | {clients} | {base:.0} | {ours:.0} | {:.1}x |",
+            ours / base.max(1.0)
+        );
+    }
+    Ok(())
+}
+
+fn customer(index: usize) -> String {
+    format!("bench_{index}")
+}
+
+/// The n-th charge's customer among `spread` (Knuth's multiplicative hash).
+fn customer_of(n: u64, spread: usize) -> usize {
+    (n.wrapping_mul(2_654_435_761) % spread as u64) as usize
+}
+
+/// The one-transaction-per-charge baseline.
+struct Baseline {
+    url: String,
+    next: Arc<AtomicU64>,
+}
+
+impl Baseline {
+    fn new(url: String) -> Baseline {
+        Baseline {
+            url,
+            next: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    async fn setup(&self, customers: usize) -> anyhow::Result<()> {
+        let url = self.url.clone();
+        blocking(move || {
+            let mut client = postgres::Client::connect(&url, postgres::NoTls)?;
+            client.batch_execute(
+                "CREATE TABLE baseline_customers (id TEXT PRIMARY KEY, balance BIGINT NOT NULL);
+                 CREATE TABLE baseline_charges (id TEXT PRIMARY KEY, customer_id TEXT NOT NULL,
+                     amount BIGINT NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now());",
+            )?;
+            client.execute(
+                "INSERT INTO baseline_customers (id, balance) \
+                 SELECT 'bench_' || n, $1::bigint FROM generate_series(0, $2::bigint - 1) AS n",
+                &[&(START_CREDITS * 1_000_000), &(customers as i64)],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Charges per second with `clients` connections over `spread` customers.
+    async fn run(&self, clients: usize, spread: usize, seconds: u64) -> anyhow::Result<f64> {
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        // Connect every client before the clock starts.
+        let ready = Arc::new(std::sync::Barrier::new(clients + 1));
+        for _ in 0..clients {
+            let (url, next, done, stop, ready) = (
+                self.url.clone(),
+                self.next.clone(),
+                done.clone(),
+                stop.clone(),
+                ready.clone(),
+            );
+            threads.push(std::thread::spawn(move || -> anyhow::Result<()> {
+                let connected = postgres::Client::connect(&url, postgres::NoTls);
+                ready.wait();
+                let mut client = connected?;
+                let insert = client.prepare(
+                    "INSERT INTO baseline_charges (id, customer_id, amount) VALUES ($1, $2, $3)",
+                )?;
+                let update = client.prepare(
+                    "UPDATE baseline_customers SET balance = balance - $2 \
+                     WHERE id = $1 AND balance >= $2",
+                )?;
+                while !stop.load(Ordering::Relaxed) {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let id = format!("ch_{n}");
+                    let customer = customer(customer_of(n, spread));
+                    let mut transaction = client.transaction()?;
+                    transaction.execute(&insert, &[&id, &customer, &CHARGE_MICROS])?;
+                    let updated = transaction.execute(&update, &[&customer, &CHARGE_MICROS])?;
+                    ensure!(updated == 1, "the baseline refused a charge");
+                    transaction.commit()?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }));
+        }
+        let started = blocking({
+            let ready = ready.clone();
+            move || {
+                ready.wait();
+                Ok(Instant::now())
+            }
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let counted = done.load(Ordering::Relaxed);
+        let elapsed = started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        for thread in threads {
+            blocking(move || {
+                thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a client panicked"))?
+            })
+            .await?;
+        }
+        Ok(counted as f64 / elapsed)
+    }
+
+    /// Every committed charge is in exactly one balance.
+    async fn check(&self) -> anyhow::Result<()> {
+        let url = self.url.clone();
+        blocking(move || {
+            let mut client = postgres::Client::connect(&url, postgres::NoTls)?;
+            let row = client.query_one(
+                "SELECT (SELECT SUM($1::bigint - balance)::bigint FROM baseline_customers), \
+                        (SELECT COALESCE(SUM(amount), 0)::bigint FROM baseline_charges)",
+                &[&(START_CREDITS * 1_000_000)],
+            )?;
+            let (spent, charged): (i64, i64) = (row.get(0), row.get(1));
+            ensure!(
+                spent == charged,
+                "baseline balances moved {spent} but charges sum to {charged}"
+            );
+            eprintln!(
+                "baseline check: {} micro-credits charged and spent",
+                charged
+            );
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// A `tally serve` child process on its own database.
+struct TallyServer {
+    child: std::process::Child,
+    base: String,
+    client: reqwest::Client,
+    next: Arc<AtomicU64>,
+    acknowledged: Arc<AtomicU64>,
+    customers: usize,
+}
+
+impl Drop for TallyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TallyServer {
+    async fn start(database_url: &str) -> anyhow::Result<TallyServer> {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            listener.local_addr()?.port()
+        };
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args(["serve", "--database-url", database_url, "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .env("TALLY_ADMIN_KEY", KEY)
+            // The server's log (e.g. `tally_store=debug` for its write groups).
+            .env(
+                "RUST_LOG",
+                std::env::var("TALLY_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("start tally serve")?;
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()?;
+        let server = TallyServer {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            client,
+            next: Arc::new(AtomicU64::new(0)),
+            acknowledged: Arc::new(AtomicU64::new(0)),
+            customers: 0,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let health = server
+                .client
+                .get(format!("{}/healthz", server.base))
+                .send()
+                .await;
+            if let Ok(response) = health {
+                let body: serde_json::Value = response.json().await?;
+                if body["writer"] == true {
+                    return Ok(server);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("tally serve did not become the writer within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn setup(&mut self, customers: usize) -> anyhow::Result<()> {
+        self.customers = customers;
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        let this = Arc::new(self.shallow());
+        for _ in 0..64 {
+            let (this, next) = (this.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if index >= customers {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let id = customer(index);
+                    this.post("/v1/customers", format!(r#"{{"id":"{id}"}}"#))
+                        .await?;
+                    this.post(
+                        &format!("/v1/customers/{id}/grants"),
+                        format!(
+                            r#"{{"id":"grant_{index}","amount":"{START_CREDITS}","source":"purchase","paid":true}}"#
+                        ),
+                    )
+                    .await?;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        Ok(())
+    }
+
+    /// A handle sharing the client and counters (not the child process).
+    fn shallow(&self) -> Shallow {
+        Shallow {
+            base: self.base.clone(),
+            client: self.client.clone(),
+        }
+    }
+
+    async fn run(&self, clients: usize, spread: usize, seconds: u64) -> anyhow::Result<f64> {
+        let done = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let started = Instant::now();
+        let url = format!("{}/v1/charges", self.base);
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (client, url, next, done, acknowledged) = (
+                self.client.clone(),
+                url.clone(),
+                self.next.clone(),
+                done.clone(),
+                self.acknowledged.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let body = format!(
+                        r#"{{"id":"ch_{n}","customer_id":"{}","amount":"1.5"}}"#,
+                        customer(customer_of(n, spread))
+                    );
+                    let response = client
+                        .post(&url)
+                        .bearer_auth(KEY)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await?;
+                    let status = response.status();
+                    let _ = response.bytes().await?;
+                    ensure!(status.is_success(), "a charge answered {status}");
+                    done.fetch_add(1, Ordering::Relaxed);
+                    acknowledged.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<_, anyhow::Error>(())
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// The balances the server reports sum to what the acknowledged charges spent.
+    async fn check(&self) -> anyhow::Result<()> {
+        let mut spent: i128 = 0;
+        for index in 0..self.customers {
+            let body: serde_json::Value = self
+                .client
+                .get(format!(
+                    "{}/v1/customers/{}/balance",
+                    self.base,
+                    customer(index)
+                ))
+                .bearer_auth(KEY)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let available = tally_core::Amount::parse(
+                body["available"]
+                    .as_str()
+                    .context("a balance's available")?,
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            spent += i128::from(START_CREDITS) * 1_000_000 - i128::from(available.micros());
+        }
+        let charged =
+            i128::from(self.acknowledged.load(Ordering::Relaxed)) * i128::from(CHARGE_MICROS);
+        ensure!(
+            spent == charged,
+            "Tally balances moved {spent} but acknowledged charges sum to {charged}"
+        );
+        eprintln!("tally check: {charged} micro-credits acknowledged and spent");
+        Ok(())
+    }
+}
+
+struct Shallow {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Shallow {
+    async fn post(&self, path: &str, body: String) -> anyhow::Result<()> {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            bail!("{path} answered {status}: {}", response.text().await?);
+        }
+        Ok(())
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
