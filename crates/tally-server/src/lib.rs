@@ -38,12 +38,14 @@ pub const TICK_INTERVAL: Duration = Duration::from_millis(500);
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    pub admin_key_hash: Option<String>,
+    /// (Shared text, as every field here: the state is cloned for every
+    /// request, and a `String` would be an allocation and a copy each time.)
+    pub admin_key_hash: Option<Arc<str>>,
     pub manual_clock: Option<Arc<ManualClock>>,
     pub key_cache: Arc<KeyCache>,
     pub metrics: Arc<metrics::Metrics>,
     /// The token Google Pub/Sub push must present (`--pubsub-token`); push is off without it.
-    pub pubsub_token: Option<String>,
+    pub pubsub_token: Option<Arc<str>>,
     /// Writes accepted over HTTP and not yet answered, at most: beyond it a
     /// request is answered 503 `overloaded` with `Retry-After`, having changed
     /// nothing (stream consumers are not limited here: they wait instead).
@@ -71,7 +73,9 @@ impl AppState {
     ) -> AppState {
         AppState {
             store,
-            admin_key_hash: admin_key.filter(|k| !k.is_empty()).map(hash_key),
+            admin_key_hash: admin_key
+                .filter(|k| !k.is_empty())
+                .map(|k| Arc::from(hash_key(k))),
             manual_clock,
             key_cache: Arc::default(),
             metrics: Arc::default(),

@@ -12,8 +12,10 @@
 //! The API mirrors rusqlite's (`prepare_cached`, `query_row`, `query_map`,
 //! `params!`, `optional`) so the store reads the same on either database.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 
 use bytes::BufMut;
 
@@ -29,7 +31,7 @@ pub enum Error {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("postgres: {}", postgres_message(.0))]
-    Postgres(#[from] postgres::Error),
+    Postgres(#[from] tokio_postgres::Error),
     #[error("the query returned no rows")]
     NoRows,
     #[error("corrupt data: {0}")]
@@ -39,7 +41,7 @@ pub enum Error {
 }
 
 /// The server's own message (the client's Display says only "db error").
-fn postgres_message(error: &postgres::Error) -> String {
+fn postgres_message(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!(
             "{} ({}): {}",
@@ -237,15 +239,22 @@ impl<T> OptionalExtension<T> for Result<T> {
     }
 }
 
-/// A PostgreSQL connection with its prepared statements.
+/// A PostgreSQL connection with its prepared statements. The client is
+/// tokio-postgres on a runtime of the connection's own, driven only while a
+/// call blocks on it (the store's connections live on plain threads), so that
+/// several statements can be sent in one round trip (see [`Pg::pipeline`]).
 pub struct Pg {
-    client: RefCell<postgres::Client>,
-    statements: RefCell<HashMap<String, postgres::Statement>>,
+    runtime: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+    statements: RefCell<HashMap<String, tokio_postgres::Statement>>,
+    /// `BEGIN` is owed: it goes out with the next statements, in the same
+    /// round trip (a group that only defers writes costs one round trip).
+    begin_pending: Cell<bool>,
     /// Deferred writes not yet sent, one batch per statement, in the order
     /// each statement was first deferred.
     deferred: RefCell<Vec<Batch>>,
     /// The set-based form of each deferred statement, prepared.
-    bulk: RefCell<HashMap<&'static str, postgres::Statement>>,
+    bulk: RefCell<HashMap<&'static str, tokio_postgres::Statement>>,
 }
 
 /// How a deferred statement is merged with others of its kind.
@@ -315,13 +324,29 @@ impl Connection {
         }
     }
 
-    /// Connect to PostgreSQL (`postgres://user@host:port/database`).
+    /// Connect to PostgreSQL (`postgres://user@host:port/database`). Not
+    /// from an async thread: every call blocks on the connection's runtime.
     pub fn postgres(url: &str) -> Result<Connection> {
-        let client = postgres::Client::connect(url, postgres::NoTls)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Corrupt(format!("a runtime for the connection: {e}")))?;
+        let (client, connection) =
+            runtime.block_on(tokio_postgres::connect(url, tokio_postgres::NoTls))?;
+        runtime.spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(
+                    error = postgres_message(&error),
+                    "a PostgreSQL connection ended"
+                );
+            }
+        });
         Ok(Connection {
             kind: Kind::Postgres(Box::new(Pg {
-                client: RefCell::new(client),
+                runtime,
+                client,
                 statements: RefCell::new(HashMap::new()),
+                begin_pending: Cell::new(false),
                 deferred: RefCell::new(Vec::new()),
                 bulk: RefCell::new(HashMap::new()),
             })),
@@ -332,7 +357,7 @@ impl Connection {
     pub fn is_broken(&self) -> bool {
         match &self.kind {
             Kind::Sqlite(_) => false,
-            Kind::Postgres(pg) => pg.client.borrow().is_closed(),
+            Kind::Postgres(pg) => pg.client.is_closed(),
         }
     }
 
@@ -367,9 +392,35 @@ impl Connection {
     pub fn execute_batch(&self, sql: &str) -> Result<()> {
         match &self.kind {
             Kind::Sqlite(connection) => Ok(connection.execute_batch(sql)?),
+            Kind::Postgres(pg) => pg.pipeline(Some(sql)),
+        }
+    }
+
+    /// Open the writer's transaction. On PostgreSQL the `BEGIN` is sent
+    /// with whatever statement comes next, in the same round trip.
+    pub fn begin(&self) -> Result<()> {
+        match &self.kind {
+            Kind::Sqlite(connection) => Ok(connection.execute_batch("BEGIN IMMEDIATE")?),
             Kind::Postgres(pg) => {
-                pg.flush()?;
-                Ok(pg.client.borrow_mut().batch_execute(sql)?)
+                assert!(!pg.begin_pending.get(), "a transaction is already open");
+                pg.begin_pending.set(true);
+                Ok(())
+            }
+        }
+    }
+
+    /// Commit the writer's transaction: on PostgreSQL the owed `BEGIN`, the
+    /// deferred writes and the `COMMIT` go out in one round trip (nothing at
+    /// all for a transaction that wrote and read nothing).
+    pub fn commit(&self) -> Result<()> {
+        match &self.kind {
+            Kind::Sqlite(connection) => Ok(connection.execute_batch("COMMIT")?),
+            Kind::Postgres(pg) => {
+                if pg.begin_pending.get() && pg.deferred.borrow().is_empty() {
+                    pg.begin_pending.set(false);
+                    return Ok(());
+                }
+                pg.pipeline(Some("COMMIT"))
             }
         }
     }
@@ -378,6 +429,10 @@ impl Connection {
     pub fn rollback(&self) -> Result<()> {
         if let Kind::Postgres(pg) = &self.kind {
             pg.deferred.borrow_mut().clear();
+            if pg.begin_pending.replace(false) {
+                // Nothing was sent: nothing to roll back.
+                return Ok(());
+            }
         }
         self.execute_batch("ROLLBACK")
     }
@@ -466,23 +521,27 @@ impl Connection {
             Kind::Sqlite(connection) => Ok(Statement::SqliteOnce(connection.prepare(sql)?)),
             Kind::Postgres(pg) => {
                 pg.flush()?;
-                let statement = pg.client.borrow_mut().prepare(&placeholders(sql))?;
+                let statement = pg.block_on(pg.client.prepare(&placeholders(sql)))?;
                 Ok(Statement::Postgres(pg, statement))
             }
         }
     }
 }
 
+type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + 'a>>;
+
 impl Pg {
+    fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
     /// `sql` prepared on this connection, once.
-    fn prepared(&self, sql: &str) -> Result<postgres::Statement> {
+    fn prepared(&self, sql: &str) -> Result<tokio_postgres::Statement> {
         if let Some(statement) = self.statements.borrow().get(sql) {
             return Ok(statement.clone());
         }
         let statement = self
-            .client
-            .borrow_mut()
-            .prepare(&placeholders(sql))
+            .block_on(self.client.prepare(&placeholders(sql)))
             .inspect_err(|error| {
                 tracing::error!(sql, error = postgres_message(error), "cannot prepare")
             })?;
@@ -492,72 +551,112 @@ impl Pg {
         Ok(statement)
     }
 
-    /// Send every deferred write (see [`Connection::defer`]).
-    fn flush(&self) -> Result<()> {
-        if self.deferred.borrow().is_empty() {
-            return Ok(());
+    /// The statement that sends `batch`: its one-row form for one row, else
+    /// its set-based form (prepared once).
+    fn batch_statement(&self, batch: &Batch) -> Result<tokio_postgres::Statement> {
+        let single = self.prepared(batch.sql)?;
+        if batch.rows.len() == 1 {
+            return Ok(single);
         }
-        let batches = std::mem::take(&mut *self.deferred.borrow_mut());
-        for batch in batches {
-            self.send(&batch)?;
+        if let Some(statement) = self.bulk.borrow().get(batch.sql) {
+            return Ok(statement.clone());
         }
-        Ok(())
+        let text = bulk_sql(&placeholders(batch.sql), batch.shape, single.params())
+            .ok_or_else(|| Error::Corrupt(format!("no set-based form of {}", batch.sql)))?;
+        let statement = self
+            .block_on(self.client.prepare(&text))
+            .inspect_err(|error| {
+                tracing::error!(
+                    sql = text,
+                    error = postgres_message(error),
+                    "cannot prepare"
+                )
+            })?;
+        self.bulk.borrow_mut().insert(batch.sql, statement.clone());
+        Ok(statement)
     }
 
-    fn send(&self, batch: &Batch) -> Result<()> {
-        let single = self.prepared(batch.sql)?;
-        let sent = if batch.rows.len() == 1 {
-            let values: Vec<PgParam<'_>> =
-                batch.rows[0].iter().map(|v| PgParam(v.value())).collect();
-            self.client
-                .borrow_mut()
-                .execute(&single, &pg_refs(&values))?
-        } else {
-            let cached = self.bulk.borrow().get(batch.sql).cloned();
-            let bulk = match cached {
-                Some(statement) => statement,
-                None => {
-                    let text = bulk_sql(&placeholders(batch.sql), batch.shape, single.params())
-                        .ok_or_else(|| {
-                            Error::Corrupt(format!("no set-based form of {}", batch.sql))
-                        })?;
-                    let statement =
-                        self.client
-                            .borrow_mut()
-                            .prepare(&text)
-                            .inspect_err(|error| {
-                                tracing::error!(
-                                    sql = text,
-                                    error = postgres_message(error),
-                                    "cannot prepare"
-                                )
-                            })?;
-                    self.bulk.borrow_mut().insert(batch.sql, statement.clone());
-                    statement
-                }
-            };
-            let width = single.params().len();
-            let columns: Vec<Vec<PgParam<'_>>> = (0..width)
-                .map(|column| {
-                    batch
-                        .rows
-                        .iter()
-                        .map(|row| PgParam(row[column].value()))
-                        .collect()
-                })
-                .collect();
-            let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = columns
-                .iter()
-                .map(|c| c as &(dyn postgres::types::ToSql + Sync))
-                .collect();
-            self.client.borrow_mut().execute(&bulk, &refs)?
-        };
-        if batch.shape == Shape::UpdateByFirst && sent != batch.rows.len() as u64 {
-            return Err(Error::Corrupt(format!(
-                "a deferred update matched {sent} of {} rows: {}",
-                batch.rows.len(),
-                batch.sql
-            )));
+    /// Send what is owed before any other statement: the `BEGIN`, every
+    /// deferred write (see [`Connection::defer`]).
+    fn flush(&self) -> Result<()> {
+        self.pipeline(None)
+    }
+
+    /// Send, in one round trip: the owed `BEGIN`, each deferred batch as one
+    /// statement, then `last` (simple-protocol SQL such as `COMMIT`).
+    /// PostgreSQL runs them in order; once one fails, the ones after it in
+    /// the transaction fail too (and a `COMMIT` there rolls back), and the
+    /// first error is returned.
+    fn pipeline(&self, last: Option<&str>) -> Result<()> {
+        let begin = self.begin_pending.replace(false);
+        let batches = std::mem::take(&mut *self.deferred.borrow_mut());
+        if !begin && batches.is_empty() && last.is_none() {
+            return Ok(());
+        }
+        let statements = batches
+            .iter()
+            .map(|batch| self.batch_statement(batch))
+            .collect::<Result<Vec<_>>>()?;
+        // Each batch's parameters: one value per column for a single row,
+        // else one array per column.
+        let singles: Vec<Vec<PgParam<'_>>> = batches
+            .iter()
+            .map(|batch| match batch.rows.as_slice() {
+                [row] => row.iter().map(|v| PgParam(v.value())).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let columns: Vec<Vec<Vec<PgParam<'_>>>> = batches
+            .iter()
+            .map(|batch| match batch.rows.as_slice() {
+                [_] => Vec::new(),
+                rows => (0..rows[0].len())
+                    .map(|column| {
+                        rows.iter()
+                            .map(|row| PgParam(row[column].value()))
+                            .collect()
+                    })
+                    .collect(),
+            })
+            .collect();
+        let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = batches
+            .iter()
+            .enumerate()
+            .map(|(at, batch)| match batch.rows.as_slice() {
+                [_] => pg_refs(&singles[at]),
+                _ => columns[at]
+                    .iter()
+                    .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect(),
+            })
+            .collect();
+        let client = &self.client;
+        let sent = self.block_on(async {
+            let mut pending: Vec<Pending<'_>> = Vec::with_capacity(batches.len() + 2);
+            if begin {
+                pending.push(Box::pin(async {
+                    client.batch_execute("BEGIN").await.map(|()| 0)
+                }));
+            }
+            for (statement, params) in statements.iter().zip(&params) {
+                pending.push(Box::pin(client.execute(statement, params)));
+            }
+            if let Some(last) = last {
+                pending.push(Box::pin(async move {
+                    client.batch_execute(last).await.map(|()| 0)
+                }));
+            }
+            futures_util::future::try_join_all(pending).await
+        })?;
+        let counts = &sent[usize::from(begin)..];
+        for (batch, count) in batches.iter().zip(counts) {
+            if batch.shape == Shape::UpdateByFirst && *count != batch.rows.len() as u64 {
+                return Err(Error::Corrupt(format!(
+                    "a deferred update matched {count} of {} rows: {}",
+                    batch.rows.len(),
+                    batch.sql
+                )));
+            }
         }
         Ok(())
     }
@@ -570,7 +669,7 @@ impl Pg {
 /// `INSERT ... SELECT e1', ..., en' FROM unnest(...) AS v(...) rest`;
 /// `UPDATE t SET ... WHERE ...` becomes `UPDATE t SET ... FROM unnest(...)
 /// AS v(...) WHERE ...`, where `e'` is `e` with each `$N` read as `v.pN`.
-fn bulk_sql(sql: &str, shape: Shape, types: &[postgres::types::Type]) -> Option<String> {
+fn bulk_sql(sql: &str, shape: Shape, types: &[tokio_postgres::types::Type]) -> Option<String> {
     let arrays: Vec<String> = types
         .iter()
         .enumerate()
@@ -667,7 +766,7 @@ fn placeholders(sql: &str) -> String {
 pub enum Statement<'c> {
     Sqlite(rusqlite::CachedStatement<'c>),
     SqliteOnce(rusqlite::Statement<'c>),
-    Postgres(&'c Pg, postgres::Statement),
+    Postgres(&'c Pg, tokio_postgres::Statement),
 }
 
 /// The parameters as the postgres client takes them.
@@ -675,10 +774,10 @@ fn pg_params(params: &impl Params) -> Vec<PgParam<'_>> {
     params.values().map(PgParam).collect()
 }
 
-fn pg_refs<'p>(params: &'p [PgParam<'_>]) -> Vec<&'p (dyn postgres::types::ToSql + Sync)> {
+fn pg_refs<'p>(params: &'p [PgParam<'_>]) -> Vec<&'p (dyn tokio_postgres::types::ToSql + Sync)> {
     params
         .iter()
-        .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
         .collect()
 }
 
@@ -702,20 +801,14 @@ impl<'c> Statement<'c> {
             unreachable!("not SQLite")
         };
         let values = pg_params(&params);
-        let count = pg
-            .client
-            .borrow_mut()
-            .execute(&*statement, &pg_refs(&values))?;
+        let count = pg.block_on(pg.client.execute(&*statement, &pg_refs(&values)))?;
         Ok(usize::try_from(count).unwrap_or(usize::MAX))
     }
 
     pub fn query(&mut self, params: impl Params) -> Result<Rows<'_>> {
         if let Statement::Postgres(pg, statement) = self {
             let values = pg_params(&params);
-            let rows = pg
-                .client
-                .borrow_mut()
-                .query(&*statement, &pg_refs(&values))?;
+            let rows = pg.block_on(pg.client.query(&*statement, &pg_refs(&values)))?;
             return Ok(Rows::Postgres(rows.into_iter(), None));
         }
         let statement = self.sqlite().expect("not PostgreSQL");
@@ -753,7 +846,10 @@ impl<'c> Statement<'c> {
 
 pub enum Rows<'s> {
     Sqlite(rusqlite::Rows<'s>),
-    Postgres(std::vec::IntoIter<postgres::Row>, Option<postgres::Row>),
+    Postgres(
+        std::vec::IntoIter<tokio_postgres::Row>,
+        Option<tokio_postgres::Row>,
+    ),
 }
 
 impl Rows<'_> {
@@ -782,7 +878,7 @@ impl RowIndex for usize {
 
 pub enum Row<'r> {
     Sqlite(&'r rusqlite::Row<'r>),
-    Postgres(&'r postgres::Row),
+    Postgres(&'r tokio_postgres::Row),
 }
 
 impl Row<'_> {
@@ -829,13 +925,13 @@ type BoxError = Box<dyn std::error::Error + Sync + Send>;
 #[derive(Debug)]
 struct PgParam<'a>(Value<'a>);
 
-impl postgres::types::ToSql for PgParam<'_> {
+impl tokio_postgres::types::ToSql for PgParam<'_> {
     fn to_sql(
         &self,
-        ty: &postgres::types::Type,
+        ty: &tokio_postgres::types::Type,
         out: &mut bytes::BytesMut,
-    ) -> Result<postgres::types::IsNull, BoxError> {
-        use postgres::types::{IsNull, Type};
+    ) -> Result<tokio_postgres::types::IsNull, BoxError> {
+        use tokio_postgres::types::{IsNull, Type};
         match self.0 {
             Value::Null => return Ok(IsNull::Yes),
             Value::Int(v) => match *ty {
@@ -868,11 +964,11 @@ impl postgres::types::ToSql for PgParam<'_> {
         Ok(IsNull::No)
     }
 
-    fn accepts(_: &postgres::types::Type) -> bool {
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
         true
     }
 
-    postgres::types::to_sql_checked!();
+    tokio_postgres::types::to_sql_checked!();
 }
 
 /// A column read from PostgreSQL, whatever its type.
@@ -894,9 +990,9 @@ impl PgValue {
     }
 }
 
-impl<'a> postgres::types::FromSql<'a> for PgValue {
-    fn from_sql(ty: &postgres::types::Type, raw: &'a [u8]) -> Result<Self, BoxError> {
-        use postgres::types::Type;
+impl<'a> tokio_postgres::types::FromSql<'a> for PgValue {
+    fn from_sql(ty: &tokio_postgres::types::Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        use tokio_postgres::types::Type;
         Ok(match *ty {
             Type::INT8 => PgValue::Int(i64::from_sql(ty, raw)?),
             Type::INT4 => PgValue::Int(i64::from(i32::from_sql(ty, raw)?)),
@@ -914,11 +1010,11 @@ impl<'a> postgres::types::FromSql<'a> for PgValue {
         })
     }
 
-    fn from_sql_null(_: &postgres::types::Type) -> Result<Self, BoxError> {
+    fn from_sql_null(_: &tokio_postgres::types::Type) -> Result<Self, BoxError> {
         Ok(PgValue::Null)
     }
 
-    fn accepts(_: &postgres::types::Type) -> bool {
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
         true
     }
 }
@@ -929,7 +1025,7 @@ mod tests {
 
     #[test]
     fn set_based_forms_read_each_parameter_from_its_array() {
-        use postgres::types::Type;
+        use tokio_postgres::types::Type;
         assert_eq!(
             bulk_sql(
                 "INSERT INTO t (a, b, c) VALUES ($1, 0, lower($2)) ON CONFLICT DO NOTHING",

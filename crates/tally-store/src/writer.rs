@@ -603,11 +603,7 @@ impl Writer {
     fn begin_group(&mut self) -> Group {
         let started = std::time::Instant::now();
         self.now = self.clock.now();
-        let begin = match self.connection.dialect() {
-            db::Dialect::Sqlite => "BEGIN IMMEDIATE",
-            db::Dialect::Postgres => "BEGIN",
-        };
-        let failed = self.connection.execute_batch(begin).err();
+        let failed = self.connection.begin().err();
         Group {
             replies: Vec::new(),
             results: Vec::new(),
@@ -646,7 +642,7 @@ impl Writer {
             None => (|| -> db::Result<()> {
                 self.flush()?;
                 applied = group.started.elapsed();
-                self.connection.execute_batch("COMMIT")
+                self.connection.commit()
             })(),
         };
         self.stats

@@ -198,7 +198,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let admin_key = std::env::var("TALLY_ADMIN_KEY").ok();
     let mut state = AppState::new(store, admin_key.as_deref(), manual);
-    state.pubsub_token = pubsub_token.filter(|t| !t.is_empty());
+    state.pubsub_token = pubsub_token.filter(|t| !t.is_empty()).map(Arc::from);
     anyhow::ensure!(
         (1..=1 << 24).contains(&max_in_flight),
         "--max-in-flight must be between 1 and 16777216"

@@ -11,8 +11,11 @@
 //! database on the same server, and clients send `POST /v1/charges` over
 //! keep-alive HTTP connections. Both sides use the same customers, the same
 //! charge (1.5 credits) and the same client counts, for `--seconds` each,
-//! uniform over `--customers` and all on one hot customer. After every run
-//! the balances are checked against the charges acknowledged.
+//! uniform over `--customers` and all on one hot customer. A third column
+//! sends the same charges as usage events, `POST /v1/events` batches of
+//! [`EVENTS_PER_BATCH`], over the same number of connections: how a product
+//! reports metered usage. After every run the balances are checked against
+//! the charges acknowledged.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +32,8 @@ const CHARGE_MICROS: i64 = 1_500_000;
 /// Every customer's starting balance, in credits: more than any run spends.
 const START_CREDITS: i64 = 1_000_000_000;
 const KEY: &str = "bench-admin-key";
+/// Events per `POST /v1/events` request in the batch column.
+const EVENTS_PER_BATCH: u64 = 100;
 
 pub async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<()> {
     let pid = std::process::id();
@@ -80,19 +85,25 @@ async fn compare(baseline_url: &str, tally_url: &str, args: &BenchArgs) -> anyho
             eprintln!("baseline {workload} {clients} clients: {base:.0}/s");
             let ours = tally.run(clients, spread, seconds).await?;
             eprintln!("tally {workload} {clients} clients: {ours:.0}/s");
-            rows.push((workload, clients, base, ours));
+            let batched = tally.run_batches(clients, spread, seconds).await?;
+            eprintln!("tally events {workload} {clients} clients: {batched:.0}/s");
+            rows.push((workload, clients, base, ours, batched));
         }
     }
     baseline.check().await?;
     tally.check().await?;
     drop(tally);
 
-    println!("| workload | clients | baseline charges/s | Tally over HTTP charges/s | Tally / baseline |");
-    println!("|---|---|---|---|---|");
-    for (workload, clients, base, ours) in rows {
+    println!(
+        "| workload | clients | baseline charges/s | Tally, POST /v1/charges | Tally / baseline \
+         | Tally, POST /v1/events ({EVENTS_PER_BATCH} per request) | events / baseline |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (workload, clients, base, ours, batched) in rows {
         println!(
-            "| {workload} | {clients} | {base:.0} | {ours:.0} | {:.1}x |",
-            ours / base.max(1.0)
+            "| {workload} | {clients} | {base:.0} | {ours:.0} | {:.1}x | {batched:.0} | {:.1}x |",
+            ours / base.max(1.0),
+            batched / base.max(1.0)
         );
     }
     Ok(())
@@ -323,7 +334,95 @@ impl TallyServer {
         for task in tasks {
             task.await??;
         }
+        // Events are priced: 1.5 credits per call, like the charges.
+        let this = self.shallow();
+        let put = self
+            .client
+            .put(format!("{}/v1/features/api_call", self.base))
+            .bearer_auth(KEY)
+            .json(&serde_json::json!({"name": "API call", "unit": "call"}))
+            .send()
+            .await?;
+        ensure!(put.status().is_success(), "feature: {}", put.status());
+        this.post("/v1/pricebooks", r#"{"id":"bench_v1"}"#.into())
+            .await?;
+        let put = self
+            .client
+            .put(format!("{}/v1/pricebooks/bench_v1/rules", self.base))
+            .bearer_auth(KEY)
+            .json(
+                &serde_json::json!({"rules": [{"feature": "api_call", "credits_per_unit": "1.5"}]}),
+            )
+            .send()
+            .await?;
+        ensure!(put.status().is_success(), "rules: {}", put.status());
+        this.post("/v1/pricebooks/bench_v1/publish", "{}".into())
+            .await?;
         Ok(())
+    }
+
+    /// Events per second through `POST /v1/events`, `clients` connections
+    /// each sending one batch at a time.
+    async fn run_batches(
+        &self,
+        clients: usize,
+        spread: usize,
+        seconds: u64,
+    ) -> anyhow::Result<f64> {
+        let done = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let started = Instant::now();
+        let url = format!("{}/v1/events", self.base);
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (client, url, next, done, acknowledged) = (
+                self.client.clone(),
+                url.clone(),
+                self.next.clone(),
+                done.clone(),
+                self.acknowledged.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let first = next.fetch_add(EVENTS_PER_BATCH, Ordering::Relaxed);
+                    let mut body = String::with_capacity(96 * EVENTS_PER_BATCH as usize + 16);
+                    body.push_str(r#"{"events":["#);
+                    for n in first..first + EVENTS_PER_BATCH {
+                        if n != first {
+                            body.push(',');
+                        }
+                        body.push_str(&format!(
+                            r#"{{"id":"ev_{n}","customer_id":"{}","feature":"api_call","quantity":1}}"#,
+                            customer(customer_of(n, spread))
+                        ));
+                    }
+                    body.push_str("]}");
+                    let response = client
+                        .post(&url)
+                        .bearer_auth(KEY)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await?;
+                    let status = response.status();
+                    let answer: serde_json::Value = serde_json::from_slice(&response.bytes().await?)?;
+                    ensure!(status.is_success(), "a batch answered {status}: {answer}");
+                    let results = answer["results"].as_array().context("results")?;
+                    ensure!(
+                        results.len() as u64 == EVENTS_PER_BATCH
+                            && results.iter().all(|r| r["status"] == "charged"),
+                        "an event was not charged: {answer}"
+                    );
+                    done.fetch_add(EVENTS_PER_BATCH, Ordering::Relaxed);
+                    acknowledged.fetch_add(EVENTS_PER_BATCH, Ordering::Relaxed);
+                }
+                Ok::<_, anyhow::Error>(())
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
     }
 
     /// A handle sharing the client and counters (not the child process).
