@@ -1,5 +1,11 @@
 //! The `tally` binary: `serve`, `migrate`, `keys create` and `bench`.
 
+/// mimalloc instead of the system allocator: requests are parsed on the
+/// async threads and freed on the writer's, and glibc's allocator made those
+/// threads wait on each other's arena locks (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod dead_letters;
 

@@ -555,3 +555,221 @@ async fn events_need_the_ingest_scope() {
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
     assert_eq!(available(&app, "c1").await, micros("99"));
 }
+
+/// The HTTP and Pub/Sub push sources end to end (issue 4): producers send
+/// good events (each twice: a duplicate in a later batch, a redelivery of a
+/// push), bad ones (unknown customer, unknown feature, malformed, not JSON)
+/// and keep resending what was not acknowledged, as Pub/Sub and a careful
+/// HTTP producer do. The server is killed with SIGKILL midway and restarted
+/// on the same store. Afterwards every good event is charged exactly once,
+/// at its price, and every bad one is a dead letter with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_and_pubsub_events_survive_a_sigkill_each_charged_once() {
+    use base64::Engine;
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, RwLock};
+
+    const CUSTOMERS: usize = 4;
+    const HTTP_EVENTS: usize = 6_000;
+    const PUSH_EVENTS: usize = 600;
+    const BATCH: usize = 60;
+    let mut app = priced_app(Options {
+        extra_args: vec!["--pubsub-token".into(), "s3cret".into()],
+        ..Options::default()
+    })
+    .await;
+    for c in 0..CUSTOMERS {
+        app.customer(&format!("k{c}")).await;
+        app.grant(&format!("k{c}"), &format!("gk{c}"), "1000000")
+            .await;
+    }
+    let customer = |n: usize| format!("k{}", n % CUSTOMERS);
+    let quantity = |n: usize| 1 + n % 3;
+    // The HTTP producer's batches: each good event, its duplicate two
+    // batches later, and a bad event of each kind every few batches.
+    let mut bad: HashMap<String, &str> = HashMap::new();
+    let mut batches: Vec<Vec<Value>> = Vec::new();
+    for (b, chunk) in (0..HTTP_EVENTS)
+        .collect::<Vec<_>>()
+        .chunks(BATCH)
+        .enumerate()
+    {
+        let mut batch: Vec<Value> = chunk
+            .iter()
+            .map(|&n| json!({ "id": format!("h{n}"), "customer_id": customer(n), "feature": "api", "quantity": quantity(n) }))
+            .collect();
+        if b >= 2 {
+            let n = (b - 2) * BATCH;
+            batch.push(json!({ "id": format!("h{n}"), "customer_id": customer(n), "feature": "api", "quantity": quantity(n) }));
+        }
+        if b % 4 == 0 {
+            batch.push(json!({ "id": format!("nobody{b}"), "customer_id": "nobody", "feature": "api", "quantity": 1 }));
+            bad.insert(format!("nobody{b}"), "not_found");
+            batch.push(json!({ "id": format!("nofeature{b}"), "customer_id": "k0", "feature": "nope", "quantity": 1 }));
+            bad.insert(format!("nofeature{b}"), "unknown_feature");
+            batch.push(
+                json!({ "id": format!("noquantity{b}"), "customer_id": "k0", "feature": "api" }),
+            );
+            bad.insert(format!("noquantity{b}"), "invalid_event");
+        }
+        batches.push(batch);
+    }
+    // The push producer: each good event pushed twice (a redelivery), and
+    // a message that is not JSON every 50.
+    let mut pushes: Vec<String> = Vec::new();
+    let mut unreadable = 0;
+    for n in 0..PUSH_EVENTS {
+        let event = json!({ "id": format!("p{n}"), "customer_id": customer(n), "feature": "api", "quantity": quantity(n) }).to_string();
+        pushes.push(event.clone());
+        pushes.push(event);
+        if n % 50 == 0 {
+            pushes.push(format!("{{not json {n}"));
+            unreadable += 1;
+        }
+    }
+
+    let base = Arc::new(RwLock::new(app.base.clone()));
+    let client = app.client.clone();
+    let http_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let push_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let http_batches = batches.len();
+    let http_producer = {
+        let (base, client, done) = (base.clone(), client.clone(), http_done.clone());
+        tokio::spawn(async move {
+            for batch in batches {
+                loop {
+                    let url = format!("{}/v1/events", base.read().unwrap());
+                    let sent = client
+                        .post(url)
+                        .bearer_auth(ADMIN_KEY)
+                        .json(&json!({ "events": batch }))
+                        .timeout(std::time::Duration::from_secs(20))
+                        .send()
+                        .await;
+                    if let Ok(response) = sent {
+                        if response.status() == StatusCode::OK {
+                            let body: Value = response.json().await.unwrap();
+                            assert_eq!(body["results"].as_array().unwrap().len(), batch.len());
+                            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            // A producer's pace, so that the kill finds it mid-way.
+                            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                            break;
+                        }
+                    }
+                    // Not acknowledged (the server died, or is restarting): send it again.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+    let pushes_total = pushes.len();
+    let push_producer = {
+        let (base, client, done) = (base.clone(), client.clone(), push_done.clone());
+        tokio::spawn(async move {
+            for (n, data) in pushes.iter().enumerate() {
+                let envelope = json!({
+                    "message": {
+                        "data": base64::engine::general_purpose::STANDARD.encode(data),
+                        "messageId": format!("m{n}"),
+                    },
+                    "subscription": "projects/p/subscriptions/tally",
+                });
+                loop {
+                    let url = format!("{}/v1/ingest/pubsub?token=s3cret", base.read().unwrap());
+                    let sent = client
+                        .post(url)
+                        .json(&envelope)
+                        .timeout(std::time::Duration::from_secs(20))
+                        .send()
+                        .await;
+                    if sent.is_ok_and(|r| r.status() == StatusCode::NO_CONTENT) {
+                        done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+    // Kill the server once both producers are a quarter through (and not
+    // done), then restart it.
+    let progress =
+        |done: &std::sync::atomic::AtomicUsize| done.load(std::sync::atomic::Ordering::SeqCst);
+    while progress(&http_done) < http_batches / 4 || progress(&push_done) < pushes_total / 4 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(
+        progress(&http_done) < http_batches && progress(&push_done) < pushes_total,
+        "the load ended before the kill"
+    );
+    app.kill().await;
+    app.start().await;
+    *base.write().unwrap() = app.base.clone();
+    tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        http_producer.await.unwrap();
+        push_producer.await.unwrap();
+    })
+    .await
+    .expect("the producers finished within 120 s");
+
+    // Every good event once, at its price (0.5 per unit).
+    let mut charged: HashMap<String, i64> = HashMap::new();
+    let mut total: i64 = 0;
+    for c in 0..CUSTOMERS {
+        let entries = app.ledger_all(&format!("k{c}")).await;
+        let replayed = assert_replayable(&entries);
+        assert_eq!(replayed, available(&app, &format!("k{c}")).await);
+        for entry in entries.iter().filter(|e| e["kind"] == "charge") {
+            let reference = entry["reference"].as_str().unwrap().to_string();
+            let amount = crate::support::micros_of(&entry["amount"]);
+            assert!(
+                charged.insert(reference.clone(), amount).is_none(),
+                "{reference} charged twice"
+            );
+            total += amount;
+        }
+    }
+    let expected: HashSet<String> = (0..HTTP_EVENTS)
+        .map(|n| format!("h{n}"))
+        .chain((0..PUSH_EVENTS).map(|n| format!("p{n}")))
+        .collect();
+    assert_eq!(charged.keys().cloned().collect::<HashSet<_>>(), expected);
+    for (id, amount) in &charged {
+        let n: usize = id[1..].parse().unwrap();
+        assert_eq!(*amount, micros("0.5") * quantity(n) as i64, "{id}");
+    }
+    let spent: i64 = (0..CUSTOMERS).map(|_| micros("1000000")).sum::<i64>();
+    let mut left = 0;
+    for c in 0..CUSTOMERS {
+        left += available(&app, &format!("k{c}")).await;
+    }
+    assert_eq!(spent - left, total, "balances moved by what was charged");
+
+    // Every bad event a dead letter with its reason (attempts count resends).
+    let letters = dead_letters(&app, "status=all&limit=1000").await;
+    let by_event: HashMap<String, &Value> = letters
+        .iter()
+        .filter_map(|l| l["event_id"].as_str().map(|id| (id.to_string(), l)))
+        .collect();
+    for (id, code) in &bad {
+        let letter = by_event
+            .get(id)
+            .unwrap_or_else(|| panic!("no dead letter for {id}"));
+        assert_eq!(letter["code"], *code, "{letter}");
+        assert_eq!(letter["source"], "http", "{letter}");
+        assert!(
+            !letter["message"].as_str().unwrap_or("").is_empty(),
+            "{letter}"
+        );
+    }
+    let unreadable_letters = letters
+        .iter()
+        .filter(|l| l["source"] == "pubsub" && l["code"] == "invalid_event")
+        .count();
+    assert_eq!(unreadable_letters, unreadable, "{letters:#?}");
+    assert_eq!(
+        letters.len(),
+        bad.len() + unreadable,
+        "no other dead letters"
+    );
+}
