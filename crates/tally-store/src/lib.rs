@@ -224,19 +224,25 @@ fn abort_on_panic(thread: &str, body: impl FnOnce()) {
 
 /// Copy the write-ahead log into the database file in the background, every
 /// [`CHECKPOINT_INTERVAL`], until the store is dropped. PASSIVE never blocks
-/// the writer or readers.
+/// the writer or readers. Each pass tells the writer how long the log is
+/// (it makes the log start over once it is long: `restart_log_if_long`).
 fn spawn_checkpointer(store: std::sync::Weak<Inner>, path: PathBuf) -> Result<(), StoreError> {
     let connection = connect(&path).map_err(unavailable)?;
     std::thread::Builder::new()
         .name("tally-checkpoint".into())
-        .spawn(move || {
-            while store.upgrade().is_some() {
-                std::thread::sleep(CHECKPOINT_INTERVAL);
-                if let Err(error) =
-                    connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                {
-                    tracing::warn!(%error, "checkpoint failed");
-                }
+        .spawn(move || loop {
+            std::thread::sleep(CHECKPOINT_INTERVAL);
+            let Some(inner) = store.upgrade() else {
+                break;
+            };
+            match connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                row.get::<_, i64>(1)
+            }) {
+                Ok(frames) => inner
+                    .sync
+                    .wal_frames
+                    .store(frames, std::sync::atomic::Ordering::Release),
+                Err(error) => tracing::warn!(%error, "checkpoint failed"),
             }
         })
         .map_err(|e| StoreError::Unavailable(format!("spawn checkpointer: {e}")))?;
@@ -257,6 +263,9 @@ pub struct Options {
     /// Usage events older than this (by their timestamp, on the engine's
     /// clock) are refused with `event_too_old`.
     pub event_window_seconds: i64,
+    /// Frames of the embedded store's write-ahead log beyond which the
+    /// writer makes it start over (tests set it low).
+    pub wal_restart_frames: i64,
 }
 
 /// How far ahead of the engine's clock an event's timestamp may be (clock skew).
@@ -266,6 +275,7 @@ impl Default for Options {
     fn default() -> Options {
         Options {
             event_window_seconds: 30 * 24 * 3600,
+            wal_restart_frames: writer::WAL_RESTART_FRAMES,
         }
     }
 }

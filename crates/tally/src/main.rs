@@ -195,6 +195,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let options = tally_store::Options {
         event_window_seconds,
+        ..tally_store::Options::default()
     };
     let store = match &storage.database_url {
         Some(url) => Store::open_postgres(url, clock, options)
