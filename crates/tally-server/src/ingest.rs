@@ -128,6 +128,19 @@ pub async fn ingest_text(
     text: &str,
     source: &str,
 ) -> Result<EventResult, ApiError> {
+    let arrived = std::time::Instant::now();
+    let result = ingest_parsed(state, text, source).await;
+    if result.is_ok() {
+        state.metrics.event_latency(source, arrived.elapsed());
+    }
+    result
+}
+
+async fn ingest_parsed(
+    state: &AppState,
+    text: &str,
+    source: &str,
+) -> Result<EventResult, ApiError> {
     match parse_event(text, source) {
         Ok(event) => charge(state, event, text).await,
         Err(error) => {

@@ -28,13 +28,27 @@ pub struct LatencyLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
-    pub source: String,
-    pub status: String,
+    pub source: &'static str,
+    pub status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
-    pub source: String,
+    pub source: &'static str,
+}
+
+/// A source's label without an allocation per event (labels are counted
+/// for every event): the sources Tally has, or `other`.
+pub fn source_label(source: &str) -> &'static str {
+    match source {
+        "http" => "http",
+        "pubsub" => "pubsub",
+        "kafka" => "kafka",
+        "nats" => "nats",
+        "replay" => "replay",
+        "webhook" => "webhook",
+        _ => "other",
+    }
 }
 
 pub struct Metrics {
@@ -45,6 +59,8 @@ pub struct Metrics {
     /// Messages a stream consumer has not processed yet (Kafka lag, NATS pending).
     pub consumer_lag: Family<SourceLabels, prometheus_client::metrics::gauge::Gauge>,
     webhook_attempts: Family<EventLabels, Counter>,
+    /// From an event's arrival (parsed) to its durable result, per source.
+    event_latency: Family<SourceLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -82,6 +98,19 @@ impl Default for Metrics {
             "Messages a stream consumer has not processed yet",
             consumer_lag.clone(),
         );
+        let event_latency = Family::<SourceLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(
+                [
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]
+                .into_iter(),
+            )
+        });
+        registry.register(
+            "event_charge_duration_seconds",
+            "Time from a usage event's arrival to its durable result (charged, duplicate or dead letter), by source",
+            event_latency.clone(),
+        );
         let webhook_attempts = Family::<EventLabels, Counter>::default();
         registry.register(
             "webhook_attempts",
@@ -89,6 +118,7 @@ impl Default for Metrics {
             webhook_attempts.clone(),
         );
         Metrics {
+            event_latency,
             webhook_attempts,
             registry: Mutex::new(registry),
             requests,
@@ -104,20 +134,29 @@ impl Metrics {
     pub fn webhook_attempt(&self, ok: bool) {
         self.webhook_attempts
             .get_or_create(&EventLabels {
-                source: "webhook".to_owned(),
-                status: if ok { "ok" } else { "failed" }.to_owned(),
+                source: "webhook",
+                status: if ok { "ok" } else { "failed" },
             })
             .inc();
     }
 
     /// Count one usage event from `source` with its result.
-    pub fn events(&self, source: &str, status: &str) {
+    pub fn events(&self, source: &str, status: &'static str) {
         self.events
             .get_or_create(&EventLabels {
-                source: source.to_owned(),
-                status: status.to_owned(),
+                source: source_label(source),
+                status,
             })
             .inc();
+    }
+
+    /// Record how long one event from `source` took to its durable result.
+    pub fn event_latency(&self, source: &str, took: std::time::Duration) {
+        self.event_latency
+            .get_or_create(&SourceLabels {
+                source: source_label(source),
+            })
+            .observe(took.as_secs_f64());
     }
 
     pub fn render(&self) -> String {

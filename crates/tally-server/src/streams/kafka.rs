@@ -282,9 +282,7 @@ impl ClientContext for Context {
         self.state
             .metrics
             .consumer_lag
-            .get_or_create(&SourceLabels {
-                source: SOURCE.into(),
-            })
+            .get_or_create(&SourceLabels { source: SOURCE })
             .set(lag);
     }
 

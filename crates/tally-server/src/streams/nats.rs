@@ -425,9 +425,7 @@ async fn lag_loop(state: AppState, consumer: PullConsumer) {
                 state
                     .metrics
                     .consumer_lag
-                    .get_or_create(&SourceLabels {
-                        source: SOURCE.into(),
-                    })
+                    .get_or_create(&SourceLabels { source: SOURCE })
                     .set(lag);
             }
             Err(error) => tracing::debug!(%error, "cannot read the NATS consumer's info"),

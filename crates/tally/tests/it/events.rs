@@ -772,4 +772,33 @@ async fn http_and_pubsub_events_survive_a_sigkill_each_charged_once() {
         bad.len() + unreadable,
         "no other dead letters"
     );
+
+    // The restarted server counted what it charged, per source, with the
+    // time each event took to its durable result.
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for source in ["http", "pubsub"] {
+        let count = metrics
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(&format!(
+                    "tally_event_charge_duration_seconds_count{{source=\"{source}\"}} "
+                ))
+            })
+            .unwrap_or_else(|| panic!("no latency histogram for {source}: {metrics}"));
+        assert!(
+            count.trim().parse::<u64>().unwrap() > 0,
+            "{source}: {count}"
+        );
+        assert!(metrics.contains(&format!(
+            "tally_events_total{{source=\"{source}\",status=\"charged\"}}"
+        )));
+    }
 }
