@@ -241,6 +241,7 @@ impl CustomerLedger {
                 name: None,
                 budget: None,
                 window_start: Timestamp(i64::MIN),
+                counting_since: Timestamp(i64::MIN),
                 spent: Amount::ZERO,
                 holds: BTreeMap::new(),
                 extra: Amount::ZERO,
@@ -250,6 +251,7 @@ impl CustomerLedger {
             // A new budget counts from now on; spends before it were not counted.
             (None, Some(new)) => {
                 member.window_start = new.period.window_start(now);
+                member.counting_since = now;
                 member.spent = Amount::ZERO;
                 member.holds.clear();
             }
@@ -333,6 +335,36 @@ impl CustomerLedger {
                 self.dirty_members.insert(member.id.clone());
             }
         }
+    }
+
+    /// A refund of `amount` of a spend member `member_id` made at `spent_at`:
+    /// give it back to the member's budget if the budget counted that spend
+    /// in the window holding `now` (a spend of an earlier window, or from
+    /// before the budget existed, was never counted in this one). Returns
+    /// what was given back; never more than the window's counted spend.
+    pub fn refund_member_spend(
+        &mut self,
+        member_id: &Id,
+        amount: Amount,
+        spent_at: Timestamp,
+        now: Timestamp,
+    ) -> Amount {
+        let Some(member) = self.members.get_mut(member_id) else {
+            return Amount::ZERO;
+        };
+        if member.budget.is_none() {
+            return Amount::ZERO;
+        }
+        member.roll(now);
+        if spent_at < member.window_start || spent_at < member.counting_since {
+            return Amount::ZERO;
+        }
+        let give = amount.min(member.spent);
+        if give.is_positive() {
+            member.spent = member.spent.checked_sub(give).expect("at most spent");
+            self.dirty_members.insert(member.id.clone());
+        }
+        give
     }
 
     /// The balance at `now`; call [`CustomerLedger::expire_due`] first.

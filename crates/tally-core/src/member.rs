@@ -82,6 +82,14 @@ pub struct Member {
     /// current window by transfers.
     #[serde(default)]
     pub extra: Amount,
+    /// When its budget started counting spends (a refund gives back only
+    /// spends counted since).
+    #[serde(default = "the_beginning")]
+    pub counting_since: Timestamp,
+}
+
+fn the_beginning() -> Timestamp {
+    Timestamp(i64::MIN)
 }
 
 impl Member {

@@ -133,3 +133,54 @@ fn changing_the_period_keeps_what_was_spent() {
         .charge(&spend("a4", "alice", 1000), Timestamp(NOW + DAY))
         .unwrap();
 }
+
+#[test]
+fn a_refund_gives_back_to_the_budget_only_what_it_counted_in_this_window() {
+    let mut ledger = ledger_with(10_000);
+    let now = Timestamp(NOW);
+    // A spend before the budget existed (same month): never counted.
+    ledger.charge(&spend("early", "alice", 400), now).unwrap();
+    let budget_from = Timestamp(NOW + 1);
+    ledger.set_member(&id("alice"), None, month(3000), budget_from);
+    ledger
+        .charge(&spend("a1", "alice", 2500), budget_from)
+        .unwrap();
+    assert!(ledger
+        .charge(&spend("a2", "alice", 600), budget_from)
+        .is_err());
+    let room = |ledger: &CustomerLedger| {
+        ledger
+            .members()
+            .find(|m| m.id == id("alice"))
+            .unwrap()
+            .room_at(budget_from)
+            .unwrap()
+    };
+    // Refunding 1,000 of a1 gives that back: the 600 now fits.
+    let given = ledger.refund_member_spend(&id("alice"), credits(1000), budget_from, budget_from);
+    assert_eq!(given, credits(1000));
+    assert_eq!(room(&ledger), credits(1500));
+    ledger
+        .charge(&spend("a2", "alice", 600), budget_from)
+        .unwrap();
+    // The spend from before the budget gives nothing back.
+    let given = ledger.refund_member_spend(&id("alice"), credits(400), now, budget_from);
+    assert_eq!(given, Amount::ZERO);
+    // Never more than the window counted.
+    let given = ledger.refund_member_spend(&id("alice"), credits(9000), budget_from, budget_from);
+    assert_eq!(given, credits(2100));
+    assert_eq!(room(&ledger), credits(3000));
+    // A refund next month of this month's spend: that window never paid for it.
+    ledger
+        .charge(&spend("a3", "alice", 1000), budget_from)
+        .unwrap();
+    let april = Timestamp(NOW + 25 * DAY);
+    ledger.charge(&spend("a4", "alice", 2000), april).unwrap();
+    let given = ledger.refund_member_spend(&id("alice"), credits(1000), budget_from, april);
+    assert_eq!(given, Amount::ZERO);
+    // A member without a budget, or unknown: nothing to give back.
+    assert_eq!(
+        ledger.refund_member_spend(&id("bob"), credits(1), april, april),
+        Amount::ZERO
+    );
+}

@@ -1689,7 +1689,7 @@ impl Writer {
             Some((sequence, _, _)) => self
                 .connection
                 .prepare_cached(
-                    "SELECT customer_id, amount, response, refunded, feature FROM operations \
+                    "SELECT customer_id, amount, response, refunded, feature, recorded_at FROM operations \
                      WHERE sequence = ?1 AND ok = 1 AND amount IS NOT NULL",
                 )?
                 .query_row([sequence], |row| {
@@ -1700,12 +1700,15 @@ impl Writer {
                         row.get::<_, String>(2)?,
                         row.get::<_, i64>(3)?,
                         row.get::<_, Option<String>>(4)?,
+                        Timestamp(row.get::<_, i64>(5)?),
                     ))
                 })
                 .optional()?,
             None => None,
         };
-        let Some((operation, customer_id, amount, response, refunded, feature)) = found else {
+        let Some((operation, customer_id, amount, response, refunded, feature, recorded_at)) =
+            found
+        else {
             let what = if kind == "charge" {
                 "charge"
             } else {
@@ -1716,8 +1719,23 @@ impl Writer {
             ))));
         };
         let customer_id = Id::derived(&customer_id);
-        let (drawn, on_debt) = charged_draws(&response)
+        let (drawn, on_debt, member_id) = charged_draws(&response)
             .ok_or(Failure::Fatal(db::Error::Corrupt("a stored answer".into())))?;
+        // Whose budget the spend counted against, and when: a charge or an
+        // event when it was recorded; a captured hold when it was placed
+        // (a hold counts against the budget at once).
+        let spender = match (member_id, kind) {
+            (Some(member_id), _) => Some((member_id, recorded_at)),
+            (None, "hold_resolution") => self
+                .connection
+                .prepare_cached("SELECT member_id, created_at FROM holds WHERE id = ?1")?
+                .query_row([charge_id.as_str()], |row| {
+                    Ok((row.get::<_, Option<String>>(0)?, row.get::<_, i64>(1)?))
+                })
+                .optional()?
+                .and_then(|(member, placed)| member.map(|m| (Id::derived(&m), Timestamp(placed)))),
+            (None, _) => None,
+        };
         let record = ChargeRecord {
             reference: charge_id.clone(),
             customer_id: customer_id.clone(),
@@ -1742,6 +1760,14 @@ impl Writer {
             )
             .map_err(Failure::Refused)?;
         self.next_grant_sequence = next_sequence;
+        if let Some((member_id, spent_at)) = spender {
+            self.ledger(&customer_id).refund_member_spend(
+                &member_id,
+                refunded_now.amount,
+                spent_at,
+                now,
+            );
+        }
         // Rows for grants the refund created, now, so that an id check later in
         // this group sees them.
         for grant_id in &refunded_now.new_grants {
@@ -2465,11 +2491,13 @@ fn refusal_to_store_error(error: &LedgerError) -> StoreError {
 
 /// The grants a stored charge or capture drew on, and what it took as
 /// debt, from its stored outcome.
-fn charged_draws(response: &str) -> Option<(Vec<Draw>, tally_core::Amount)> {
+/// What a stored charge, capture or event drew, its part on debt, and the
+/// member it named (a capture's member is its hold's).
+fn charged_draws(response: &str) -> Option<(Vec<Draw>, tally_core::Amount, Option<Id>)> {
     match serde_json::from_str::<Result<Outcome, Refusal>>(response).ok()? {
-        Ok(Outcome::Charge(charge)) => Some((charge.drawn, charge.on_debt)),
-        Ok(Outcome::Capture(capture)) => Some((capture.drawn, capture.on_debt)),
-        Ok(Outcome::Event(event)) => Some((event.drawn, event.on_debt)),
+        Ok(Outcome::Charge(charge)) => Some((charge.drawn, charge.on_debt, charge.member_id)),
+        Ok(Outcome::Capture(capture)) => Some((capture.drawn, capture.on_debt, None)),
+        Ok(Outcome::Event(event)) => Some((event.drawn, event.on_debt, event.member_id)),
         _ => None,
     }
 }

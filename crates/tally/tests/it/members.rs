@@ -335,3 +335,105 @@ async fn transfers_move_credits_between_customers_and_budget_between_members() {
     assert_eq!(app.balance("parent").await["available"], "200");
     assert_eq!(app.balance("child").await["available"], "300");
 }
+
+/// Bug 2 of PRODUCT.md for a team: the action failed and its charge was
+/// refunded, so the member's budget is as before too. A refund gives back
+/// to the budget what the budget counted in the current window: a charge,
+/// a captured hold (counted when it was placed), never more, and nothing
+/// for a spend of an earlier window.
+#[tokio::test]
+async fn a_refund_gives_back_to_the_members_budget() {
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    app.customer("team").await;
+    app.grant("team", "pool", "10000").await;
+    for (member, budget) in [("alice", "3000"), ("bob", "2000")] {
+        let reply = app
+            .put(
+                &format!("/v1/customers/team/members/{member}"),
+                json!({ "budget": { "amount": budget, "period": "month" } }),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    let remaining = |member: &'static str| {
+        let app = &app;
+        async move {
+            let members = app.get("/v1/customers/team/members").await;
+            let all = members.body["data"].as_array().expect("members").clone();
+            let found = all
+                .iter()
+                .find(|m| m["id"] == member)
+                .expect("member")
+                .clone();
+            found["budget"]["remaining"].as_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(
+        charge(&app, "a1", "alice", "2500").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        charge(&app, "a2", "alice", "600").await.code(),
+        "member_budget_exceeded"
+    );
+    let refund = app
+        .post("/v1/refunds", json!({ "id": "r1", "charge_id": "a1", "amount": "1000", "reason": "the action failed" }))
+        .await;
+    assert_eq!(refund.status, StatusCode::OK, "{}", refund.body);
+    assert_eq!(remaining("alice").await, "1500");
+    // Its retry is a replay and gives nothing back twice.
+    let again = app
+        .post("/v1/refunds", json!({ "id": "r1", "charge_id": "a1", "amount": "1000", "reason": "the action failed" }))
+        .await;
+    assert!(again.replayed());
+    assert_eq!(remaining("alice").await, "1500");
+    assert_eq!(
+        charge(&app, "a3", "alice", "600").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(remaining("alice").await, "900");
+
+    // A captured hold, refunded by its hold id.
+    let hold = app
+        .post("/v1/holds", json!({ "id": "h1", "customer_id": "team", "amount": "1500", "member_id": "bob", "timeout_seconds": 600 }))
+        .await;
+    assert_eq!(hold.status, StatusCode::OK, "{}", hold.body);
+    let captured = app
+        .post("/v1/holds/h1/capture", json!({ "amount": "1200" }))
+        .await;
+    assert_eq!(captured.status, StatusCode::OK, "{}", captured.body);
+    assert_eq!(remaining("bob").await, "800");
+    let refund = app
+        .post(
+            "/v1/refunds",
+            json!({ "id": "r2", "hold_id": "h1", "reason": "the action failed" }),
+        )
+        .await;
+    assert_eq!(refund.status, StatusCode::OK, "{}", refund.body);
+    assert_eq!(remaining("bob").await, "2000");
+
+    // Next month: refunding the rest of a1 gives this month's budget nothing.
+    app.advance(32 * 86_400).await;
+    assert_eq!(
+        charge(&app, "a4", "alice", "100").await.status,
+        StatusCode::OK
+    );
+    let refund = app
+        .post(
+            "/v1/refunds",
+            json!({ "id": "r3", "charge_id": "a1", "reason": "late" }),
+        )
+        .await;
+    assert_eq!(refund.status, StatusCode::OK, "{}", refund.body);
+    assert_eq!(remaining("alice").await, "2900");
+    // The pool got every refunded credit back: 10,000 - 2,500 - 600 + 1,000
+    // - 1,200 + 1,200 - 100 + 1,500.
+    assert_eq!(
+        micros_of(&app.balance("team").await["available"]),
+        9_300_000_000
+    );
+}
