@@ -244,8 +244,9 @@ impl<T> OptionalExtension<T> for Result<T> {
 /// call blocks on it (the store's connections live on plain threads), so that
 /// several statements can be sent in one round trip (see [`Pg::pipeline`]).
 pub struct Pg {
-    runtime: tokio::runtime::Runtime,
+    /// (Declared before the runtime, so that it is dropped first.)
     client: tokio_postgres::Client,
+    runtime: tokio::runtime::Runtime,
     statements: RefCell<HashMap<String, tokio_postgres::Statement>>,
     /// `BEGIN` is owed: it goes out with the next statements, in the same
     /// round trip (a group that only defers writes costs one round trip).
@@ -448,7 +449,12 @@ impl Connection {
     pub fn defer(&self, shape: Shape, sql: &'static str, params: impl Params) -> Result<()> {
         let pg = match &self.kind {
             Kind::Sqlite(_) => {
-                self.execute(sql, params)?;
+                let changed = self.execute(sql, params)?;
+                if shape == Shape::UpdateByFirst && changed != 1 {
+                    return Err(Error::Corrupt(format!(
+                        "a deferred update changed {changed} rows instead of one: {sql}"
+                    )));
+                }
                 return Ok(());
             }
             Kind::Postgres(pg) => pg,
@@ -555,7 +561,7 @@ impl Pg {
     /// its set-based form (prepared once).
     fn batch_statement(&self, batch: &Batch) -> Result<tokio_postgres::Statement> {
         let single = self.prepared(batch.sql)?;
-        if batch.rows.len() == 1 {
+        if batch.rows.len() == 1 && batch.shape == Shape::Insert {
             return Ok(single);
         }
         if let Some(statement) = self.bulk.borrow().get(batch.sql) {
@@ -597,41 +603,52 @@ impl Pg {
             .iter()
             .map(|batch| self.batch_statement(batch))
             .collect::<Result<Vec<_>>>()?;
-        // Each batch's parameters: one value per column for a single row,
-        // else one array per column.
+        // Each batch's parameters: one value per column for a single row to
+        // insert, else one array per column (and, for an update, how many
+        // rows it must change).
+        let single = |batch: &Batch| batch.rows.len() == 1 && batch.shape == Shape::Insert;
         let singles: Vec<Vec<PgParam<'_>>> = batches
             .iter()
-            .map(|batch| match batch.rows.as_slice() {
-                [row] => row.iter().map(|v| PgParam(v.value())).collect(),
-                _ => Vec::new(),
+            .map(|batch| match single(batch) {
+                true => batch.rows[0].iter().map(|v| PgParam(v.value())).collect(),
+                false => Vec::new(),
             })
             .collect();
         let columns: Vec<Vec<Vec<PgParam<'_>>>> = batches
             .iter()
-            .map(|batch| match batch.rows.as_slice() {
-                [_] => Vec::new(),
-                rows => (0..rows[0].len())
+            .map(|batch| match single(batch) {
+                true => Vec::new(),
+                false => (0..batch.rows[0].len())
                     .map(|column| {
-                        rows.iter()
+                        batch
+                            .rows
+                            .iter()
                             .map(|row| PgParam(row[column].value()))
                             .collect()
                     })
                     .collect(),
             })
             .collect();
+        let expected: Vec<i64> = batches.iter().map(|b| b.rows.len() as i64).collect();
         let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = batches
             .iter()
             .enumerate()
-            .map(|(at, batch)| match batch.rows.as_slice() {
-                [_] => pg_refs(&singles[at]),
-                _ => columns[at]
+            .map(|(at, batch)| {
+                if single(batch) {
+                    return pg_refs(&singles[at]);
+                }
+                let mut refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns[at]
                     .iter()
                     .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect(),
+                    .collect();
+                if batch.shape == Shape::UpdateByFirst {
+                    refs.push(&expected[at]);
+                }
+                refs
             })
             .collect();
         let client = &self.client;
-        let sent = self.block_on(async {
+        self.block_on(async {
             let mut pending: Vec<Pending<'_>> = Vec::with_capacity(batches.len() + 2);
             if begin {
                 pending.push(Box::pin(async {
@@ -648,16 +665,6 @@ impl Pg {
             }
             futures_util::future::try_join_all(pending).await
         })?;
-        let counts = &sent[usize::from(begin)..];
-        for (batch, count) in batches.iter().zip(counts) {
-            if batch.shape == Shape::UpdateByFirst && *count != batch.rows.len() as u64 {
-                return Err(Error::Corrupt(format!(
-                    "a deferred update matched {count} of {} rows: {}",
-                    batch.rows.len(),
-                    batch.sql
-                )));
-            }
-        }
         Ok(())
     }
 }
@@ -670,6 +677,11 @@ impl Pg {
 /// `UPDATE t SET ... WHERE ...` becomes `UPDATE t SET ... FROM unnest(...)
 /// AS v(...) WHERE ...`, where `e'` is `e` with each `$N` read as `v.pN`.
 fn bulk_sql(sql: &str, shape: Shape, types: &[tokio_postgres::types::Type]) -> Option<String> {
+    // Only the two plain shapes are rewritten: no string literal (a `$` in
+    // it would be read as a parameter), no FROM or subquery of its own.
+    if sql.contains('\'') || sql.contains(" FROM ") || sql.contains("SELECT") {
+        return None;
+    }
     let arrays: Vec<String> = types
         .iter()
         .enumerate()
@@ -713,6 +725,11 @@ fn bulk_sql(sql: &str, shape: Shape, types: &[tokio_postgres::types::Type]) -> O
                 }
             }
             let close = close?;
+            // A parameter after the values (`ON CONFLICT ... SET x = $3`)
+            // would read a whole array.
+            if sql[close..].contains('$') {
+                return None;
+            }
             Some(format!(
                 "{} SELECT {} FROM {source}{}",
                 &sql[..at],
@@ -720,12 +737,19 @@ fn bulk_sql(sql: &str, shape: Shape, types: &[tokio_postgres::types::Type]) -> O
                 &sql[close + 1..]
             ))
         }
+        // The update asserts inside the transaction that it changed one row
+        // per key (the last parameter is how many): a missing row fails the
+        // statement, so the COMMIT sent after it in the same round trip
+        // rolls back instead of committing half a group.
         Shape::UpdateByFirst => {
             let at = sql.find(" WHERE ")?;
             Some(format!(
-                "{} FROM {source}{}",
+                "WITH changed AS ({} FROM {source}{} RETURNING 1) \
+                 SELECT CAST(CASE WHEN count(*) = ${}::int8 THEN '0' \
+                 ELSE 'a deferred update did not find one row per key' END AS int8) FROM changed",
                 column(&sql[..at]),
-                column(&sql[at..])
+                column(&sql[at..]),
+                types.len() + 1
             ))
         }
     }
@@ -1046,11 +1070,126 @@ mod tests {
             )
             .as_deref(),
             Some(
-                "UPDATE t SET a = v.p2, b = v.p3 FROM \
-                 unnest($1::int8[], $2::int8[], $3::bytea[]) AS v(p1, p2, p3) WHERE id = v.p1"
+                "WITH changed AS (UPDATE t SET a = v.p2, b = v.p3 FROM \
+                 unnest($1::int8[], $2::int8[], $3::bytea[]) AS v(p1, p2, p3) WHERE id = v.p1 \
+                 RETURNING 1) SELECT CAST(CASE WHEN count(*) = $4::int8 THEN '0' \
+                 ELSE 'a deferred update did not find one row per key' END AS int8) FROM changed"
             )
         );
-        assert_eq!(bulk_sql("DELETE FROM t", Shape::Insert, &[]), None);
+        // Shapes it does not rewrite.
+        for (sql, shape) in [
+            ("DELETE FROM t", Shape::Insert),
+            (
+                "INSERT INTO t (a) VALUES ($1) ON CONFLICT (a) DO UPDATE SET b = $2",
+                Shape::Insert,
+            ),
+            ("INSERT INTO t (a) VALUES ('$1')", Shape::Insert),
+            (
+                "UPDATE t SET a = $2 FROM u WHERE id = $1",
+                Shape::UpdateByFirst,
+            ),
+        ] {
+            assert_eq!(
+                bulk_sql(sql, shape, &[Type::INT8, Type::INT8]),
+                None,
+                "{sql}"
+            );
+        }
+    }
+
+    /// The connections the suite runs on: SQLite always, and a fresh
+    /// PostgreSQL database with `TALLY_TEST_DATABASE=postgres` (dropped by
+    /// the returned guard's caller through `drop_database`).
+    fn connections(name: &str) -> Vec<(Connection, Option<(String, String)>)> {
+        let mut all = vec![(
+            Connection::sqlite(rusqlite::Connection::open_in_memory().unwrap()),
+            None,
+        )];
+        if std::env::var("TALLY_TEST_DATABASE").as_deref() == Ok("postgres") {
+            let server = std::env::var("TALLY_TEST_POSTGRES")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+            let database = format!("tally_db_{name}_{}", std::process::id());
+            let admin = Connection::postgres(&format!("{server}/postgres"))
+                .unwrap_or_else(|e| panic!("PostgreSQL at {server} is unreachable: {e}"));
+            admin
+                .execute_batch(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+                .unwrap();
+            admin
+                .execute_batch(&format!("CREATE DATABASE {database}"))
+                .unwrap();
+            let connection = Connection::postgres(&format!("{server}/{database}")).unwrap();
+            all.push((connection, Some((server, database))));
+        }
+        all
+    }
+
+    fn drop_database(place: Option<(String, String)>) {
+        if let Some((server, database)) = place {
+            let admin = Connection::postgres(&format!("{server}/postgres")).unwrap();
+            admin
+                .execute_batch(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+                .unwrap();
+        }
+    }
+
+    /// Deferred writes are read back by the same connection, the last update
+    /// of a key wins, and an update that does not find its row fails the
+    /// transaction before it commits: nothing of it stays.
+    #[test]
+    fn deferred_writes_are_read_back_and_a_missed_update_commits_nothing() {
+        const INSERT: &str = "INSERT INTO t (k, v) VALUES (?1, ?2)";
+        const UPDATE: &str = "UPDATE t SET v = ?2 WHERE k = ?1";
+        for (connection, place) in connections("deferred") {
+            connection
+                .execute_batch("CREATE TABLE t (k BIGINT PRIMARY KEY, v BIGINT NOT NULL)")
+                .unwrap();
+            connection.begin().unwrap();
+            for k in 1..=3i64 {
+                connection
+                    .defer(Shape::Insert, INSERT, params![k, 0i64])
+                    .unwrap();
+            }
+            connection
+                .defer(Shape::UpdateByFirst, UPDATE, params![2i64, 5i64])
+                .unwrap();
+            connection
+                .defer(Shape::UpdateByFirst, UPDATE, params![2i64, 7i64])
+                .unwrap();
+            connection
+                .defer(Shape::UpdateByFirst, UPDATE, params![3i64, 9i64])
+                .unwrap();
+            let sum: i64 = connection
+                .query_row("SELECT CAST(SUM(v) AS BIGINT) FROM t", [], |row| row.get(0))
+                .unwrap();
+            assert_eq!(
+                sum, 16,
+                "the connection reads its deferred writes, the last update wins"
+            );
+            connection.commit().unwrap();
+
+            connection.begin().unwrap();
+            connection
+                .defer(Shape::Insert, INSERT, params![4i64, 100i64])
+                .unwrap();
+            let deferred = connection
+                .defer(Shape::UpdateByFirst, UPDATE, params![1i64, 50i64])
+                .and_then(|()| connection.defer(Shape::UpdateByFirst, UPDATE, params![99i64, 1i64]))
+                .and_then(|()| connection.commit());
+            assert!(deferred.is_err(), "an update of a missing row must fail");
+            let _ = connection.rollback();
+            let (count, sum): (i64, i64) = connection
+                .query_row("SELECT COUNT(*), CAST(SUM(v) AS BIGINT) FROM t", [], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .unwrap();
+            assert_eq!(
+                (count, sum),
+                (3, 16),
+                "nothing of the failed group committed"
+            );
+            drop(connection);
+            drop_database(place);
+        }
     }
 
     #[test]

@@ -232,14 +232,15 @@ fn spawn_checkpointer(store: std::sync::Weak<Inner>, path: PathBuf) -> Result<()
         .name("tally-checkpoint".into())
         .spawn(move || loop {
             std::thread::sleep(CHECKPOINT_INTERVAL);
-            let Some(inner) = store.upgrade() else {
+            // Not holding the store while checkpointing: its last handle
+            // may be dropped meanwhile (and its directory reopened).
+            let Some(sync) = store.upgrade().map(|inner| inner.sync.clone()) else {
                 break;
             };
             match connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
                 row.get::<_, i64>(1)
             }) {
-                Ok(frames) => inner
-                    .sync
+                Ok(frames) => sync
                     .wal_frames
                     .store(frames, std::sync::atomic::Ordering::Release),
                 Err(error) => tracing::warn!(%error, "checkpoint failed"),
