@@ -1178,9 +1178,11 @@ mod tests {
             assert!(deferred.is_err(), "an update of a missing row must fail");
             let _ = connection.rollback();
             let (count, sum): (i64, i64) = connection
-                .query_row("SELECT COUNT(*), CAST(SUM(v) AS BIGINT) FROM t", [], |row| {
-                    Ok((row.get(0)?, row.get(1)?))
-                })
+                .query_row(
+                    "SELECT COUNT(*), CAST(SUM(v) AS BIGINT) FROM t",
+                    [],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
                 .unwrap();
             assert_eq!(
                 (count, sum),

@@ -242,7 +242,17 @@ impl Writer {
                 .prepare_cached("DELETE FROM notifications WHERE sequence = ?1")?
                 .execute([sequence])?;
         }
-        let full = old.len() >= PRUNE_BATCH as usize;
+        // A warned lot that has expired, was voided or no longer expires
+        // will never be warned about again: its notice can go.
+        let notices = self
+            .connection
+            .prepare_cached(
+                "DELETE FROM expiring_notices WHERE grant_id IN (SELECT n.grant_id \
+                 FROM expiring_notices n JOIN grants g ON g.id = n.grant_id \
+                 WHERE g.status <> 'active' OR g.expires_at IS NULL OR g.expires_at <= ?1 LIMIT ?2)",
+            )?
+            .execute(params![now, PRUNE_BATCH])?;
+        let full = old.len() >= PRUNE_BATCH as usize || notices >= PRUNE_BATCH as usize;
         self.next_prune_at = if full {
             now
         } else {
