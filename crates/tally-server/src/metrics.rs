@@ -63,18 +63,21 @@ pub struct Metrics {
     event_latency: Family<SourceLabels, Histogram>,
 }
 
+/// Buckets from 0.5 ms to 2.5 s, for request and event latencies.
+fn latency_histogram() -> Histogram {
+    Histogram::new(
+        [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ]
+        .into_iter(),
+    )
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("tally");
         let requests = Family::<RouteLabels, Counter>::default();
-        let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(
-                [
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                ]
-                .into_iter(),
-            )
-        });
+        let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(latency_histogram);
         registry.register(
             "http_requests",
             "HTTP requests by route and status",
@@ -98,14 +101,8 @@ impl Default for Metrics {
             "Messages a stream consumer has not processed yet",
             consumer_lag.clone(),
         );
-        let event_latency = Family::<SourceLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(
-                [
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                ]
-                .into_iter(),
-            )
-        });
+        let event_latency =
+            Family::<SourceLabels, Histogram>::new_with_constructor(latency_histogram);
         registry.register(
             "event_charge_duration_seconds",
             "Time from a usage event's arrival to its durable result (charged, duplicate or dead letter), by source",

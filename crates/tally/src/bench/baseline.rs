@@ -369,52 +369,92 @@ impl TallyServer {
         spread: usize,
         seconds: u64,
     ) -> anyhow::Result<f64> {
+        self.closed_loop(
+            clients,
+            seconds,
+            "/v1/events",
+            EVENTS_PER_BATCH,
+            move |first| {
+                let mut body = String::with_capacity(96 * EVENTS_PER_BATCH as usize + 16);
+                body.push_str(r#"{"events":["#);
+                for n in first..first + EVENTS_PER_BATCH {
+                    if n != first {
+                        body.push(',');
+                    }
+                    body.push_str(&format!(
+                        r#"{{"id":"ev_{n}","customer_id":"{}","feature":"api_call","quantity":1}}"#,
+                        customer(customer_of(n, spread))
+                    ));
+                }
+                body.push_str("]}");
+                body
+            },
+        )
+        .await
+    }
+
+    /// Charges per second through `POST /v1/charges`, `clients` connections
+    /// each sending one charge at a time.
+    async fn run(&self, clients: usize, spread: usize, seconds: u64) -> anyhow::Result<f64> {
+        self.closed_loop(clients, seconds, "/v1/charges", 1, move |n| {
+            format!(
+                r#"{{"id":"ch_{n}","customer_id":"{}","amount":"1.5"}}"#,
+                customer(customer_of(n, spread))
+            )
+        })
+        .await
+    }
+
+    /// `clients` tasks, each posting `body(n)` to `path` and waiting for its
+    /// answer, again and again for `seconds`; a request carries `per_request`
+    /// charges numbered from `n`, all of which must be charged. Charges per
+    /// second.
+    async fn closed_loop(
+        &self,
+        clients: usize,
+        seconds: u64,
+        path: &str,
+        per_request: u64,
+        body: impl Fn(u64) -> String + Clone + Send + 'static,
+    ) -> anyhow::Result<f64> {
         let done = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + Duration::from_secs(seconds);
         let started = Instant::now();
-        let url = format!("{}/v1/events", self.base);
+        let url = format!("{}{path}", self.base);
         let mut tasks = Vec::new();
         for _ in 0..clients {
-            let (client, url, next, done, acknowledged) = (
+            let (client, url, next, done, acknowledged, body) = (
                 self.client.clone(),
                 url.clone(),
                 self.next.clone(),
                 done.clone(),
                 self.acknowledged.clone(),
+                body.clone(),
             );
             tasks.push(tokio::spawn(async move {
                 while Instant::now() < deadline {
-                    let first = next.fetch_add(EVENTS_PER_BATCH, Ordering::Relaxed);
-                    let mut body = String::with_capacity(96 * EVENTS_PER_BATCH as usize + 16);
-                    body.push_str(r#"{"events":["#);
-                    for n in first..first + EVENTS_PER_BATCH {
-                        if n != first {
-                            body.push(',');
-                        }
-                        body.push_str(&format!(
-                            r#"{{"id":"ev_{n}","customer_id":"{}","feature":"api_call","quantity":1}}"#,
-                            customer(customer_of(n, spread))
-                        ));
-                    }
-                    body.push_str("]}");
+                    let first = next.fetch_add(per_request, Ordering::Relaxed);
                     let response = client
                         .post(&url)
                         .bearer_auth(KEY)
                         .header("content-type", "application/json")
-                        .body(body)
+                        .body(body(first))
                         .send()
                         .await?;
                     let status = response.status();
-                    let answer: serde_json::Value = serde_json::from_slice(&response.bytes().await?)?;
-                    ensure!(status.is_success(), "a batch answered {status}: {answer}");
-                    let results = answer["results"].as_array().context("results")?;
-                    ensure!(
-                        results.len() as u64 == EVENTS_PER_BATCH
-                            && results.iter().all(|r| r["status"] == "charged"),
-                        "an event was not charged: {answer}"
-                    );
-                    done.fetch_add(EVENTS_PER_BATCH, Ordering::Relaxed);
-                    acknowledged.fetch_add(EVENTS_PER_BATCH, Ordering::Relaxed);
+                    let answer: serde_json::Value =
+                        serde_json::from_slice(&response.bytes().await?)?;
+                    ensure!(status.is_success(), "{url} answered {status}: {answer}");
+                    // A batch answers each event; every one must be charged.
+                    if let Some(results) = answer["results"].as_array() {
+                        ensure!(
+                            results.len() as u64 == per_request
+                                && results.iter().all(|r| r["status"] == "charged"),
+                            "an event was not charged: {answer}"
+                        );
+                    }
+                    done.fetch_add(per_request, Ordering::Relaxed);
+                    acknowledged.fetch_add(per_request, Ordering::Relaxed);
                 }
                 Ok::<_, anyhow::Error>(())
             }));
@@ -425,55 +465,12 @@ impl TallyServer {
         Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
     }
 
-    /// A handle sharing the client and counters (not the child process).
+    /// A handle sharing the client (not the child process).
     fn shallow(&self) -> Shallow {
         Shallow {
             base: self.base.clone(),
             client: self.client.clone(),
         }
-    }
-
-    async fn run(&self, clients: usize, spread: usize, seconds: u64) -> anyhow::Result<f64> {
-        let done = Arc::new(AtomicU64::new(0));
-        let deadline = Instant::now() + Duration::from_secs(seconds);
-        let started = Instant::now();
-        let url = format!("{}/v1/charges", self.base);
-        let mut tasks = Vec::new();
-        for _ in 0..clients {
-            let (client, url, next, done, acknowledged) = (
-                self.client.clone(),
-                url.clone(),
-                self.next.clone(),
-                done.clone(),
-                self.acknowledged.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                while Instant::now() < deadline {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    let body = format!(
-                        r#"{{"id":"ch_{n}","customer_id":"{}","amount":"1.5"}}"#,
-                        customer(customer_of(n, spread))
-                    );
-                    let response = client
-                        .post(&url)
-                        .bearer_auth(KEY)
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send()
-                        .await?;
-                    let status = response.status();
-                    let _ = response.bytes().await?;
-                    ensure!(status.is_success(), "a charge answered {status}");
-                    done.fetch_add(1, Ordering::Relaxed);
-                    acknowledged.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok::<_, anyhow::Error>(())
-            }));
-        }
-        for task in tasks {
-            task.await??;
-        }
-        Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
     }
 
     /// The balances the server reports sum to what the acknowledged charges spent.
