@@ -1221,6 +1221,11 @@ impl Writer {
                     .change_expiry(grant_id, *expires_at, id, Some(reason.clone()), now)
                     .map_err(Failure::Refused)?;
                 let entry_id = self.record_entry(&draft, actor)?;
+                // A lot warned about before its old expiry is warned again
+                // ahead of the new one (`grant.expiring` is once per expiry).
+                self.connection
+                    .prepare_cached("DELETE FROM expiring_notices WHERE grant_id = ?1")?
+                    .execute([grant_id.as_str()])?;
                 Ok((
                     Outcome::Expiry(ExpiryOutcome {
                         id: id.clone(),

@@ -403,6 +403,100 @@ async fn settled_notifications_are_pruned_after_their_retention() {
     assert_eq!(pending[0]["status"], "pending");
 }
 
+/// `grant.expiring` is sent once per lot and expiry: a lot whose expiry is
+/// moved after its warning is warned about again ahead of the new date, and
+/// not before.
+#[tokio::test]
+async fn a_lot_whose_expiry_moves_is_warned_again_for_its_new_date() {
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let received = Arc::new(Mutex::new(Received {
+        always_accept: true,
+        ..Received::default()
+    }));
+    let url = start_receiver(received.clone()).await;
+    let endpoint = app
+        .post(
+            "/v1/webhook-endpoints",
+            json!({ "id": "wh", "url": url, "events": ["grant.expiring"] }),
+        )
+        .await;
+    assert_eq!(endpoint.status, StatusCode::OK, "{}", endpoint.body);
+    received.lock().unwrap().secret = endpoint.str("secret").to_string();
+    app.customer("cus").await;
+    let alerts = app
+        .put(
+            "/v1/customers/cus/alerts",
+            json!({ "grant_expiring_days": 3 }),
+        )
+        .await;
+    assert_eq!(alerts.status, StatusCode::OK, "{}", alerts.body);
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let now = time::OffsetDateTime::parse(app.get("/v1/clock").await.str("now"), rfc3339).unwrap();
+    let at = |days: i64| (now + time::Duration::days(days)).format(rfc3339).unwrap();
+    let grant = app
+        .post(
+            "/v1/customers/cus/grants",
+            json!({ "id": "g1", "amount": "100", "source": "promotion", "paid": false, "expires_at": at(2) }),
+        )
+        .await;
+    assert_eq!(grant.status, StatusCode::OK, "{}", grant.body);
+    // Each warning received, as (expires_at of the body).
+    let warnings = || {
+        let received = received.lock().unwrap();
+        received
+            .requests
+            .iter()
+            .map(|r| serde_json::from_str::<Value>(&r.1).unwrap())
+            .inspect(|b| assert_eq!(b["type"], "grant.expiring"))
+            .map(|b| b["data"]["expires_at"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let wait_for = |count: usize| async move {
+        for _ in 0..100 {
+            if warnings().len() >= count {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    app.advance(60).await;
+    wait_for(1).await;
+    let first = warnings();
+    assert_eq!(first.len(), 1, "one warning: {first:?}");
+    assert_eq!(
+        time::OffsetDateTime::parse(&first[0], rfc3339).unwrap(),
+        now + time::Duration::days(2)
+    );
+    // Another tick warns about nothing new.
+    app.advance(60).await;
+    // Moved out to ten days from the start: not warned while more than three
+    // days away, warned once inside them.
+    let extend = app
+        .post(
+            "/v1/grants/g1/expiry",
+            json!({ "id": "x1", "expires_at": at(10), "reason": "goodwill" }),
+        )
+        .await;
+    assert_eq!(extend.status, StatusCode::OK, "{}", extend.body);
+    app.advance(4 * 86_400).await; // 6 days before the new expiry
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(warnings().len(), 1, "not yet: {:?}", warnings());
+    app.advance(3 * 86_400 + 3600).await; // within 3 days of it
+    wait_for(2).await;
+    app.advance(60).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all = warnings();
+    assert_eq!(all.len(), 2, "warned once more: {all:?}");
+    assert_eq!(
+        time::OffsetDateTime::parse(&all[1], rfc3339).unwrap(),
+        now + time::Duration::days(10)
+    );
+}
+
 /// SIGTERM shuts the server down gracefully even while a client keeps a
 /// live stream open: the stream ends and the process exits cleanly; what was
 /// acknowledged before is there after a restart.
