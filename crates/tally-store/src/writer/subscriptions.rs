@@ -348,7 +348,9 @@ impl Writer {
                 reason.clone(),
                 now,
             )
-            .map_err(Failure::Refused)?;
+            // Refused for want of credits: the sender's automatic top-up
+            // looks at it, as after a refused charge.
+            .map_err(|error| self.refused(&request.from_customer, error))?;
         let grants: Vec<tally_core::Grant> = lots
             .iter()
             .enumerate()

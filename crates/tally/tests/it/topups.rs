@@ -634,3 +634,77 @@ async fn a_renewal_or_a_void_starts_no_topup_by_itself() {
         topup.body
     );
 }
+
+/// Transfers out of a customer count like its own spends: one that takes the
+/// balance below the threshold starts an automatic top-up, and so does one
+/// refused for want of credits while the balance is low.
+#[tokio::test]
+async fn transfers_out_start_the_senders_automatic_topup() {
+    let app = manual_app().await;
+    put_pack(
+        &app,
+        "k1",
+        json!({ "name": "1,000 credits", "credits": "1000", "price": "10", "currency": "USD" }),
+    )
+    .await;
+    app.customer("cus").await;
+    app.customer("other").await;
+    app.grant("cus", "start", "3000").await;
+    let set = app.put("/v1/customers/cus/auto-topup",
+        json!({ "pack": "k1", "threshold": "500", "target": "2500", "max_per_day": 5, "max_failures": 5 }),
+    )
+    .await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.body);
+    let transfer = |id: &'static str, amount: &'static str| {
+        let app = &app;
+        async move {
+            app.post(
+                "/v1/transfers",
+                json!({ "id": id, "from": { "customer_id": "cus" },
+                        "to": { "customer_id": "other" }, "amount": amount }),
+            )
+            .await
+        }
+    };
+    // 3,000 → 400: below 500.
+    let sent = transfer("t1", "2600").await;
+    assert_eq!(sent.status, StatusCode::OK, "{}", sent.body);
+    let first = auto_topup(&app, "cus").await["pending_topup"]
+        .as_str()
+        .expect("the transfer started a top-up")
+        .to_string();
+    let declined = app
+        .post(
+            &format!("/v1/topups/{first}/fail"),
+            json!({ "reason": "card_declined" }),
+        )
+        .await;
+    assert_eq!(declined.status, StatusCode::OK, "{}", declined.body);
+    assert!(auto_topup(&app, "cus").await["pending_topup"].is_null());
+    // No entry crosses the threshold now; the refused transfer starts one.
+    let refused = transfer("t2", "1000").await;
+    assert_eq!(
+        refused.status,
+        StatusCode::PAYMENT_REQUIRED,
+        "{}",
+        refused.body
+    );
+    let second = auto_topup(&app, "cus").await["pending_topup"]
+        .as_str()
+        .expect("the refused transfer started a top-up")
+        .to_string();
+    assert_ne!(first, second);
+    let paid = app
+        .post(&format!("/v1/topups/{second}/confirm"), json!({}))
+        .await;
+    assert_eq!(paid.status, StatusCode::OK, "{}", paid.body);
+    // 400 + 3 packs (2,100 short of 2,500): the transfer now goes through.
+    assert_eq!(paid.body["balance_after"], "3400");
+    let retried = transfer("t3", "1000").await;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.body);
+    assert_eq!(retried.body["from"]["balance_after"], "2400");
+    assert_eq!(
+        micros_of(&app.balance("other").await["available"]),
+        micros("3600")
+    );
+}
