@@ -214,18 +214,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     state.max_in_flight = max_in_flight;
     tally_server::spawn_ticker(state.clone());
     tally_server::webhooks::spawn_deliveries(state.clone());
+    // The consumers' tasks, awaited after a graceful shutdown so that each
+    // commits or acks what it charged before the process exits.
+    let consumer_tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
     if state.store.is_shared() {
         // Only the server that runs the writer consumes the streams.
         let consumers = state.clone();
+        let tasks = consumer_tasks.clone();
         tokio::spawn(async move {
             consumers.store.wait_until_leader().await;
-            if let Err(error) = tally_server::streams::start(consumers, streams) {
-                tracing::error!(%error, "cannot start the stream consumers");
-                std::process::exit(2);
+            if *consumers.shutdown.borrow() {
+                return;
+            }
+            match tally_server::streams::start(consumers, streams) {
+                Ok(started) => tasks.lock().expect("not poisoned").extend(started),
+                Err(error) => {
+                    tracing::error!(%error, "cannot start the stream consumers");
+                    std::process::exit(2);
+                }
             }
         });
     } else {
-        tally_server::streams::start(state.clone(), streams)?;
+        let started = tally_server::streams::start(state.clone(), streams)?;
+        consumer_tasks.lock().expect("not poisoned").extend(started);
     }
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
@@ -269,5 +280,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             });
         })
         .await
-        .context("serve")
+        .context("serve")?;
+    // The stream consumers stop on the same signal: wait for their last
+    // commits and acks (bounded by the exit timer above).
+    let consumers: Vec<_> = std::mem::take(&mut *consumer_tasks.lock().expect("not poisoned"));
+    for task in consumers {
+        let _ = task.await;
+    }
+    Ok(())
 }

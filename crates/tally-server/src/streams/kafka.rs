@@ -20,6 +20,11 @@
 //! - A message that is not an event (no payload, not JSON, missing fields,
 //!   unknown customer or feature...) is a dead letter with its reason, and its
 //!   offset is committed like any other: it never blocks its partition.
+//! - On a graceful shutdown (SIGTERM) the consumer stops taking messages,
+//!   lets the ones being charged finish (up to [`STOP_WAIT`]), commits their
+//!   offsets synchronously and leaves the group, so a restart or another
+//!   member reads nothing again that was already charged, and the
+//!   partitions move at once instead of after the session timeout.
 //! - Consumer lag (`consumer_lag{source="kafka"}`) is the sum over assigned
 //!   partitions of the high watermark minus the committed offset, from
 //!   librdkafka's statistics every second.
@@ -57,6 +62,8 @@ const PAUSE_AT: usize = 50_000;
 const RESUME_AT: usize = 10_000;
 /// How often done offsets are committed.
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// How long a graceful shutdown waits for the messages being charged.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 /// Retry backoff when the store is unavailable.
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -65,8 +72,9 @@ type Kafka = StreamConsumer<Context>;
 
 /// Start consuming `--kafka-topic` from `--kafka-brokers` on the current
 /// tokio runtime. Fails at once on bad flags or a bad configuration; a broker
-/// that cannot be reached is retried in the background (and logged).
-pub fn start(state: AppState, args: &StreamArgs) -> anyhow::Result<()> {
+/// that cannot be reached is retried in the background (and logged). The
+/// task returned ends after a graceful stop (see the module's notes).
+pub fn start(state: AppState, args: &StreamArgs) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let brokers = match args.kafka_brokers.as_deref().map(str::trim) {
         Some(brokers) if !brokers.is_empty() => brokers.to_owned(),
         _ => anyhow::bail!("--kafka-topic needs --kafka-brokers (host:port[,host:port])"),
@@ -123,9 +131,9 @@ pub fn start(state: AppState, args: &StreamArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot subscribe to Kafka topic {topic:?}: {e}"))?;
     let consumer = Arc::new(consumer);
     tracing::info!(%brokers, %topic, %group, "consuming usage events from Kafka");
-    runtime.spawn(commit_loop(consumer.clone(), tracker.clone()));
-    runtime.spawn(consume(state, consumer, tracker));
-    Ok(())
+    let stopping = state.shutdown.subscribe();
+    runtime.spawn(commit_loop(consumer.clone(), tracker.clone(), stopping));
+    Ok(runtime.spawn(consume(state, consumer, tracker)))
 }
 
 /// What is known of one assigned partition.
@@ -335,12 +343,20 @@ fn lock(tracker: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
 
 /// Commit done offsets every [`COMMIT_EVERY`] (asynchronously: the answer
 /// comes to [`Context::commit_callback`]).
-async fn commit_loop(consumer: Arc<Kafka>, tracker: Arc<Mutex<Tracker>>) {
+/// It stops on a graceful shutdown, when the final commit takes over.
+async fn commit_loop(
+    consumer: Arc<Kafka>,
+    tracker: Arc<Mutex<Tracker>>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
     let topic = consumer.context().topic.clone();
     let mut every = tokio::time::interval(COMMIT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        every.tick().await;
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = super::stopped(&mut stopping) => return,
+        }
         let commit = lock(&tracker).take_commit(&topic, None);
         if let Some(commit) = commit {
             if let Err(error) = consumer.commit(&commit, CommitMode::Async) {
@@ -351,7 +367,8 @@ async fn commit_loop(consumer: Arc<Kafka>, tracker: Arc<Mutex<Tracker>>) {
     }
 }
 
-/// Receive messages and charge them, at most [`MAX_IN_FLIGHT`] at once.
+/// Receive messages and charge them, at most [`MAX_IN_FLIGHT`] at once,
+/// until a graceful shutdown; then [`stop`].
 async fn consume(state: AppState, consumer: Arc<Kafka>, tracker: Arc<Mutex<Tracker>>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let freed = Arc::new(Notify::new());
@@ -359,7 +376,12 @@ async fn consume(state: AppState, consumer: Arc<Kafka>, tracker: Arc<Mutex<Track
     // The assignment generation the partitions were paused at, when paused.
     let mut paused: Option<u64> = None;
     let mut errors = 0u32;
+    let mut stopping = state.shutdown.subscribe();
     loop {
+        if *stopping.borrow_and_update() {
+            stop(consumer, tracker, slots, backlog.len()).await;
+            return;
+        }
         while !backlog.is_empty() {
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 break;
@@ -417,8 +439,49 @@ async fn consume(state: AppState, consumer: Arc<Kafka>, tracker: Arc<Mutex<Track
                 }
             },
             _ = freed.notified(), if !backlog.is_empty() => {}
+            _ = stopping.changed() => {}
         }
     }
+}
+
+/// A graceful stop: take no more messages, let the ones being charged
+/// finish, commit every done offset synchronously, and leave the group.
+/// Messages received but not started are not charged here: their offsets
+/// stay uncommitted, so whoever reads the partition next charges them.
+async fn stop(
+    consumer: Arc<Kafka>,
+    tracker: Arc<Mutex<Tracker>>,
+    slots: Arc<Semaphore>,
+    not_started: usize,
+) {
+    let all = MAX_IN_FLIGHT as u32;
+    let finished = tokio::time::timeout(STOP_WAIT, slots.acquire_many(all))
+        .await
+        .is_ok();
+    if !finished {
+        tracing::warn!(
+            wait_s = STOP_WAIT.as_secs(),
+            "kafka messages still being charged at shutdown; their offsets stay uncommitted"
+        );
+    }
+    let topic = consumer.context().topic.clone();
+    let commit = lock(&tracker).take_commit(&topic, None);
+    let committed = tokio::task::spawn_blocking(move || {
+        if let Some(commit) = &commit {
+            if let Err(error) = consumer.commit(commit, CommitMode::Sync) {
+                tracing::warn!(%error, "final kafka offset commit failed; those messages will be read again");
+            }
+        }
+        consumer.unsubscribe();
+        commit.map(|c| c.count()).unwrap_or(0)
+    })
+    .await
+    .unwrap_or(0);
+    tracing::info!(
+        partitions_committed = committed,
+        not_started,
+        "kafka consumer stopped"
+    );
 }
 
 /// Charge one message (or keep it as a dead letter), retrying while the

@@ -30,13 +30,25 @@ pub struct StreamArgs {
     pub nats_subject: Option<String>,
 }
 
-/// Start the consumers the flags ask for.
-pub fn start(state: AppState, args: StreamArgs) -> anyhow::Result<()> {
+/// Start the consumers the flags ask for. Each returns a task that ends
+/// once the consumer has stopped after a graceful shutdown
+/// ([`AppState::shutdown`]): wait for them before the process exits.
+pub fn start(
+    state: AppState,
+    args: StreamArgs,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
     if args.kafka_brokers.is_some() || args.kafka_topic.is_some() {
-        kafka::start(state.clone(), &args)?;
+        tasks.push(kafka::start(state.clone(), &args)?);
     }
     if args.nats_url.is_some() || args.nats_stream.is_some() {
-        nats::start(state, &args)?;
+        tasks.push(nats::start(state, &args)?);
     }
-    Ok(())
+    Ok(tasks)
+}
+
+/// Resolves once a graceful shutdown has begun.
+pub(crate) async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    // (The guard `wait_for` returns is dropped here, not held across awaits.)
+    let _ = stopping.wait_for(|stopping| *stopping).await;
 }

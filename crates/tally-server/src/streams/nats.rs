@@ -62,6 +62,8 @@ const PULL_BATCH: usize = 512;
 /// heartbeat meanwhile (a missed heartbeat sets the pull up again).
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
 const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a graceful shutdown waits for the messages being charged.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 /// How often the consumer lag is read.
 const LAG_EVERY: Duration = Duration::from_secs(1);
 /// Backoff while the server, the stream or the consumer is not there.
@@ -86,7 +88,8 @@ struct Settings {
 /// Check `--nats-url`, `--nats-stream` and `--nats-subject`, and start
 /// consuming on the current tokio runtime. Fails at once on bad flags; a
 /// server or a stream that is not there yet is retried in the background.
-pub fn start(state: AppState, args: &StreamArgs) -> anyhow::Result<()> {
+/// The task returned ends after a graceful stop (see [`run`]).
+pub fn start(state: AppState, args: &StreamArgs) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let settings = settings(args)?;
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|_| anyhow::anyhow!("the NATS consumer needs a tokio runtime"))?;
@@ -97,8 +100,7 @@ pub fn start(state: AppState, args: &StreamArgs) -> anyhow::Result<()> {
         durable = DURABLE,
         "consuming usage events from NATS JetStream"
     );
-    runtime.spawn(run(state, settings));
-    Ok(())
+    Ok(runtime.spawn(run(state, settings)))
 }
 
 fn settings(args: &StreamArgs) -> anyhow::Result<Settings> {
@@ -162,16 +164,38 @@ fn worth_logging(attempt: u64) -> bool {
     attempt <= 3 || attempt.is_power_of_two()
 }
 
-/// Connect (retrying until it works), then consume for ever: set the pull
-/// consumer up, take messages, and set it up again after any failure.
+/// Connect (retrying until it works), then consume until a graceful
+/// shutdown: set the pull consumer up, take messages, and set it up again
+/// after any failure. On a graceful shutdown it takes no more messages, lets
+/// the ones being charged finish and ack (up to [`STOP_WAIT`]), and flushes
+/// the acks to the server; messages pulled but not started are not acked, so
+/// the server delivers them again after the ack wait.
 async fn run(state: AppState, settings: Settings) {
-    let client = connect(&settings).await;
-    let context = jetstream::new(client);
+    let mut stopping = state.shutdown.subscribe();
+    let client = tokio::select! {
+        client = connect(&settings) => client,
+        _ = super::stopped(&mut stopping) => return,
+    };
+    let context = jetstream::new(client.clone());
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut backoff = RETRY_FIRST;
     let mut failures = 0u64;
     loop {
-        let error = consume(&state, &context, &settings, &slots, &mut failures).await;
+        let error = tokio::select! {
+            error = consume(&state, &context, &settings, &slots, &mut failures) => error,
+            _ = super::stopped(&mut stopping) => {
+                let all = MAX_IN_FLIGHT as u32;
+                if tokio::time::timeout(STOP_WAIT, slots.acquire_many(all)).await.is_err() {
+                    tracing::warn!(wait_s = STOP_WAIT.as_secs(),
+                        "NATS messages still being charged at shutdown; they will be delivered again");
+                }
+                if let Err(error) = client.flush().await {
+                    tracing::warn!(%error, "cannot flush the last NATS acks; those messages will be delivered again");
+                }
+                tracing::info!("NATS consumer stopped");
+                return;
+            }
+        };
         failures += 1;
         if failures == 1 {
             backoff = RETRY_FIRST;
@@ -184,7 +208,10 @@ async fn run(state: AppState, settings: Settings) {
                 "NATS consumer not consuming: {error}"
             );
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = super::stopped(&mut stopping) => return,
+        }
         backoff = (backoff * 2).min(RETRY_MAX);
     }
 }

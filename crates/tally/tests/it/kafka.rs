@@ -11,6 +11,9 @@
 //!   with its own ledger) in one consumer group: the second joins midway (a
 //!   rebalance), the first is killed (its partitions move), and every event
 //!   is charged by one of them.
+//! - `a_graceful_stop_commits_exactly_what_was_charged`: SIGTERM midway; the
+//!   group's committed offsets then equal the events charged, and a restart
+//!   charges the rest once each.
 //! - `bad_kafka_flags_stop_serve_with_a_clear_message` (no broker needed).
 //!
 //! Each test uses its own topic and consumer group. The group's first join
@@ -712,6 +715,93 @@ async fn a_rebalance_between_two_consumers_loses_nothing() {
          {in_both} charged by both (read again after A's kill); {:?}",
         started.elapsed()
     );
+}
+
+/// A graceful stop (SIGTERM) midway: the consumer lets the events being
+/// charged finish, commits their offsets and leaves the group. The group's
+/// committed offsets then cover exactly the events charged (without the final
+/// commit they trail by up to the last 100 ms of charges), and a restart
+/// charges the rest, each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_commits_exactly_what_was_charged() {
+    ensure_broker();
+    let (topic, group) = (unique("sigterm"), unique("group"));
+    create_topic(&topic).await;
+    let mut app = TestApp::spawn().await;
+    set_up(&app).await;
+    let messages: Vec<Message> = (0..GOOD)
+        .map(|i| {
+            let (customer, event, _) = good_event("term", i);
+            Message {
+                key: customer,
+                payload: Some(event.to_string().into_bytes()),
+            }
+        })
+        .collect();
+    let per_partition = produce(&topic, &messages).await;
+    let produced = GOOD as i64;
+
+    app.kill().await;
+    app.options.extra_args = kafka_args(&topic, &group);
+    app.start().await;
+    wait_until!(
+        Duration::from_secs(30),
+        "the consumer joined the group and charged its first events",
+        total(&processed(&app).await) > 0
+    );
+    let status = app.terminate().await;
+    assert!(status.success(), "a graceful stop exits cleanly: {status}");
+    let offsets = committed(&topic, &group).await;
+    let committed_total: i64 = offsets.values().sum();
+
+    // What the ledger holds, read by a server without the consumer.
+    app.options.extra_args = Vec::new();
+    app.start().await;
+    let mut charged = 0i64;
+    for c in 0..CUSTOMERS {
+        let (by_event, _) = charges(&app, &format!("c{c}")).await;
+        assert!(by_event.values().all(|entries| entries.len() == 1));
+        charged += by_event.len() as i64;
+    }
+    eprintln!(
+        "kafka: SIGTERM after the first charges: {charged} of {produced} charged, \
+         {committed_total} committed ({offsets:?})"
+    );
+    assert!(
+        charged < produced,
+        "the stop came before the end ({charged} of {produced} charged)"
+    );
+    assert_eq!(
+        committed_total, charged,
+        "the committed offsets cover exactly the events charged"
+    );
+
+    // Restarted with the consumer: the rest, each once.
+    app.kill().await;
+    app.options.extra_args = kafka_args(&topic, &group);
+    app.start().await;
+    wait_until!(
+        Duration::from_secs(45),
+        "the restarted consumer charged the rest",
+        total(&processed(&app).await) >= produced - charged
+    );
+    wait_until!(
+        Duration::from_secs(20),
+        "the group's offsets reached the end of every partition",
+        committed(&topic, &group).await == per_partition
+    );
+    assert_eq!(
+        total(&processed(&app).await),
+        produced - charged,
+        "nothing committed was read again"
+    );
+    let mut charged = 0i64;
+    for c in 0..CUSTOMERS {
+        let (by_event, _) = charges(&app, &format!("c{c}")).await;
+        assert!(by_event.values().all(|entries| entries.len() == 1));
+        charged += by_event.len() as i64;
+    }
+    assert_eq!(charged, produced, "every event charged once");
 }
 
 #[tokio::test]

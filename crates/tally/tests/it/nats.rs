@@ -14,6 +14,9 @@
 //!   changes.
 //! - `the_consumer_reconnects_after_the_nats_server_dies`: a private
 //!   nats-server is killed with SIGKILL and restarted under a running tally.
+//! - `a_graceful_stop_acks_exactly_what_was_charged`: SIGTERM midway; the
+//!   messages acked are then exactly the events charged, and a restart
+//!   charges the rest once each.
 //! - `bad_nats_flags_stop_the_server_at_once`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -819,6 +822,90 @@ async fn the_consumer_reconnects_after_the_nats_server_dies() {
     }
     drop(app);
     nats.kill().await;
+}
+
+/// A graceful stop (SIGTERM) midway: the events being charged finish and
+/// their acks reach the server before the process exits, so the messages
+/// acked are exactly the events charged; the rest come again to a restart,
+/// each charged once.
+#[tokio::test]
+async fn a_graceful_stop_acks_exactly_what_was_charged() {
+    ensure_nats();
+    let js = connect(NATS_URL).await;
+    let (name, prefix) = unique("term");
+    let usage = format!("{prefix}.usage");
+    let (stream, _guard) = create_stream(&js, NATS_URL, &name, vec![format!("{prefix}.>")]).await;
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some("tally".to_owned()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: SHORT_ACK_WAIT,
+            ..Default::default()
+        })
+        .await
+        .expect("create the durable consumer");
+    const EVENTS: usize = 20_000;
+    let mut expected: HashMap<String, HashMap<String, i64>> = HashMap::new();
+    let mut messages = Vec::with_capacity(EVENTS);
+    for i in 0..EVENTS {
+        let (customer, event, cost) = good_event(&prefix, i);
+        expected
+            .entry(customer)
+            .or_default()
+            .insert(event["id"].as_str().unwrap().to_owned(), cost);
+        messages.push((usage.clone(), event.to_string().into_bytes()));
+    }
+    publish(&js, &messages, 1000, Duration::ZERO).await;
+
+    let mut app = TestApp::spawn().await;
+    set_up(&app).await;
+    app.kill().await;
+    app.options.extra_args = nats_args(NATS_URL, &name, Some(&usage));
+    app.start().await;
+    let started = Instant::now();
+    while processed(&app).await.values().sum::<i64>() < 100 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "tally charged its first events within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let status = app.terminate().await;
+    assert!(status.success(), "a graceful stop exits cleanly: {status}");
+    // The acks were flushed before the exit; let the server apply them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let info = consumer_info(&stream).await.expect("consumer info");
+    let acked = info.delivered.consumer_sequence as i64 - info.num_ack_pending as i64;
+
+    app.options.extra_args = Vec::new();
+    app.start().await;
+    let mut charged = 0i64;
+    for c in 0..CUSTOMERS {
+        let entries = app.ledger_all(&format!("c{c}")).await;
+        charged += entries.iter().filter(|e| e["kind"] == "charge").count() as i64;
+    }
+    eprintln!(
+        "nats sigterm: {charged} of {EVENTS} charged, {acked} acked, {} delivered and not acked",
+        info.num_ack_pending
+    );
+    assert!(
+        charged < EVENTS as i64,
+        "the stop came before the end ({charged} of {EVENTS} charged)"
+    );
+    assert_eq!(
+        acked, charged,
+        "the messages acked are exactly the events charged"
+    );
+
+    // Restarted with the consumer: the rest, each once.
+    app.kill().await;
+    app.options.extra_args = nats_args(NATS_URL, &name, Some(&usage));
+    app.start().await;
+    wait_drained(&stream, Duration::from_secs(30)).await;
+    for c in 0..CUSTOMERS {
+        let customer = format!("c{c}");
+        assert_charged_once(&app, &customer, &expected[&customer]).await;
+    }
 }
 
 #[tokio::test]
