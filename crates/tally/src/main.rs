@@ -223,11 +223,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let tasks = consumer_tasks.clone();
         tokio::spawn(async move {
             consumers.store.wait_until_leader().await;
+            // Under the lock: either the shutdown below finds these tasks, or
+            // they are never started (the flag is set before it looks).
+            let mut tasks = tasks.lock().expect("not poisoned");
             if *consumers.shutdown.borrow() {
                 return;
             }
             match tally_server::streams::start(consumers, streams) {
-                Ok(started) => tasks.lock().expect("not poisoned").extend(started),
+                Ok(started) => tasks.extend(started),
                 Err(error) => {
                     tracing::error!(%error, "cannot start the stream consumers");
                     std::process::exit(2);
@@ -284,8 +287,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The stream consumers stop on the same signal: wait for their last
     // commits and acks (bounded by the exit timer above).
     let consumers: Vec<_> = std::mem::take(&mut *consumer_tasks.lock().expect("not poisoned"));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
     for task in consumers {
-        let _ = task.await;
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            tracing::warn!("a stream consumer did not stop within 15 s; what it did not commit or ack will be delivered again");
+            break;
+        }
     }
     Ok(())
 }

@@ -465,11 +465,22 @@ async fn stop(
         );
     }
     let topic = consumer.context().topic.clone();
-    let commit = lock(&tracker).take_commit(&topic, None);
+    // Every done offset, also those an asynchronous commit already sent: its
+    // answer is never served once polling stops, so it may have failed
+    // unseen (committing an offset again is harmless).
+    let commit = {
+        let mut tracker = lock(&tracker);
+        let partitions: Vec<i32> = tracker.partitions.keys().copied().collect();
+        tracker.commit_failed(partitions);
+        tracker.take_commit(&topic, None)
+    };
     let committed = tokio::task::spawn_blocking(move || {
         if let Some(commit) = &commit {
             if let Err(error) = consumer.commit(commit, CommitMode::Sync) {
-                tracing::warn!(%error, "final kafka offset commit failed; those messages will be read again");
+                // (For instance a rebalance under way during the wait.) Leave
+                // the offsets to the revocation, which commits what is done.
+                tracing::warn!(%error, "final kafka offset commit failed; retrying as the consumer leaves the group");
+                lock(&consumer.context().tracker).commit_failed(partitions_of(commit, &topic));
             }
         }
         consumer.unsubscribe();

@@ -64,6 +64,8 @@ const PULL_EXPIRES: Duration = Duration::from_secs(30);
 const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long a graceful shutdown waits for the messages being charged.
 const STOP_WAIT: Duration = Duration::from_secs(10);
+/// How long a graceful shutdown waits for the last acks to reach the server.
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
 /// How often the consumer lag is read.
 const LAG_EVERY: Duration = Duration::from_secs(1);
 /// Backoff while the server, the stream or the consumer is not there.
@@ -183,18 +185,7 @@ async fn run(state: AppState, settings: Settings) {
     loop {
         let error = tokio::select! {
             error = consume(&state, &context, &settings, &slots, &mut failures) => error,
-            _ = super::stopped(&mut stopping) => {
-                let all = MAX_IN_FLIGHT as u32;
-                if tokio::time::timeout(STOP_WAIT, slots.acquire_many(all)).await.is_err() {
-                    tracing::warn!(wait_s = STOP_WAIT.as_secs(),
-                        "NATS messages still being charged at shutdown; they will be delivered again");
-                }
-                if let Err(error) = client.flush().await {
-                    tracing::warn!(%error, "cannot flush the last NATS acks; those messages will be delivered again");
-                }
-                tracing::info!("NATS consumer stopped");
-                return;
-            }
+            _ = super::stopped(&mut stopping) => return finish(&slots, &client).await,
         };
         failures += 1;
         if failures == 1 {
@@ -210,9 +201,36 @@ async fn run(state: AppState, settings: Settings) {
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = super::stopped(&mut stopping) => return,
+            // Messages of the failed pull may still be being charged.
+            _ = super::stopped(&mut stopping) => return finish(&slots, &client).await,
         }
         backoff = (backoff * 2).min(RETRY_MAX);
+    }
+}
+
+/// A graceful stop: wait (up to [`STOP_WAIT`]) until every message taken is
+/// charged and acked, then flush the acks to the server (up to
+/// [`FLUSH_WAIT`]: a server that is gone cannot take them anyway).
+async fn finish(slots: &Semaphore, client: &async_nats::Client) {
+    let all = MAX_IN_FLIGHT as u32;
+    if tokio::time::timeout(STOP_WAIT, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            wait_s = STOP_WAIT.as_secs(),
+            "NATS messages still being charged at shutdown; they will be delivered again"
+        );
+    }
+    match tokio::time::timeout(FLUSH_WAIT, client.flush()).await {
+        Ok(Ok(())) => tracing::info!("NATS consumer stopped"),
+        Ok(Err(error)) => tracing::warn!(
+            %error,
+            "cannot flush the last NATS acks; those messages will be delivered again"
+        ),
+        Err(_) => tracing::warn!(
+            "the last NATS acks were not flushed within {FLUSH_WAIT:?}; those messages will be delivered again"
+        ),
     }
 }
 
