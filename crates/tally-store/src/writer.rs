@@ -365,19 +365,51 @@ pub struct Writer {
 /// doubled (the whole group's latency); a shard rehashes a 256th of that.
 struct OperationIndex {
     hasher: std::hash::RandomState,
-    first: Vec<HashMap<u64, i64>>,
+    first: Vec<HashMap<u64, i64, Mix>>,
     /// Further rows whose fingerprint collides with one in `first`.
-    more: HashMap<u64, Vec<i64>>,
+    more: HashMap<u64, Vec<i64>, Mix>,
     /// Rows added by the group being written, forgotten if it rolls back.
     pending: Vec<(u64, i64)>,
+}
+
+/// Hashes a fingerprint (already a keyed hash) by one multiplication
+/// instead of SipHash. The map takes its bucket from the low bits and its
+/// tag from the top bits; the product's top bits depend on every bit, so
+/// the shard bits (the fingerprint's top bits) leave both well spread.
+#[derive(Clone, Copy, Default)]
+struct Mix;
+
+impl std::hash::BuildHasher for Mix {
+    type Hasher = MixHasher;
+    fn build_hasher(&self) -> MixHasher {
+        MixHasher(0)
+    }
+}
+
+#[derive(Default)]
+struct MixHasher(u64);
+
+impl std::hash::Hasher for MixHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; anything else still works.
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0 ^ value).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl OperationIndex {
     fn load(connection: &Connection) -> db::Result<OperationIndex> {
         let mut index = OperationIndex {
             hasher: std::hash::RandomState::new(),
-            first: (0..INDEX_SHARDS).map(|_| HashMap::new()).collect(),
-            more: HashMap::new(),
+            first: (0..INDEX_SHARDS).map(|_| HashMap::default()).collect(),
+            more: HashMap::default(),
             pending: Vec::new(),
         };
         let mut statement = connection.prepare("SELECT sequence, kind, id FROM operations")?;
@@ -795,7 +827,10 @@ impl Writer {
 
     /// Write every grant and hold the group changed.
     fn flush(&mut self) -> db::Result<()> {
-        for customer_id in std::mem::take(&mut self.touched) {
+        // Drained, not replaced: a fresh set would regrow (rehashing) in
+        // every group.
+        let mut touched = std::mem::take(&mut self.touched);
+        for customer_id in touched.drain() {
             let Some(cached) = self.cache.get_mut(&customer_id) else {
                 continue;
             };
@@ -849,6 +884,7 @@ impl Writer {
                     .execute(params![debt.micros(), customer_id.as_str()])?;
             }
         }
+        self.touched = touched;
         Ok(())
     }
 
@@ -2547,8 +2583,8 @@ mod tests {
     fn empty_index() -> OperationIndex {
         OperationIndex {
             hasher: std::hash::RandomState::new(),
-            first: (0..INDEX_SHARDS).map(|_| HashMap::new()).collect(),
-            more: HashMap::new(),
+            first: (0..INDEX_SHARDS).map(|_| HashMap::default()).collect(),
+            more: HashMap::default(),
             pending: Vec::new(),
         }
     }
