@@ -38,6 +38,10 @@ mod topups;
 use tally_core::pricebook::{self, Contract, Pricing, Usage};
 use tally_core::PricingError;
 
+/// The writer's maps keyed by ids (looked up several times per command):
+/// aHash, randomly keyed per process, instead of SipHash.
+type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
 /// The most commands committed in one transaction.
 pub const MAX_BATCH: usize = 4096;
 /// The most customer ledgers kept in memory before the cache is emptied.
@@ -296,7 +300,7 @@ struct Cached {
     head: Option<i64>,
     head_changed: bool,
     /// Each grant's status and expiry as its row last stored them.
-    stored: HashMap<Id, rows::GrantLifecycle>,
+    stored: FastMap<Id, rows::GrantLifecycle>,
     /// The customer's plan and region, which pricing resolves by.
     plan: Option<String>,
     region: Option<String>,
@@ -317,8 +321,8 @@ pub struct Writer {
     /// When the writer last made the write-ahead log start over (or tried).
     last_log_restart: std::time::Instant,
     clock: Arc<dyn Clock>,
-    cache: HashMap<Id, Cached>,
-    touched: HashSet<Id>,
+    cache: FastMap<Id, Cached>,
+    touched: HashSet<Id, ahash::RandomState>,
     now: Timestamp,
     last_recorded_micros: i64,
     next_entry_sequence: i64,
@@ -364,7 +368,7 @@ pub struct Writer {
 /// millions of operations stalled the writer for about 450 ms each time it
 /// doubled (the whole group's latency); a shard rehashes a 256th of that.
 struct OperationIndex {
-    hasher: std::hash::RandomState,
+    hasher: ahash::RandomState,
     first: Vec<HashMap<u64, i64, Mix>>,
     /// Further rows whose fingerprint collides with one in `first`.
     more: HashMap<u64, Vec<i64>, Mix>,
@@ -407,7 +411,7 @@ impl std::hash::Hasher for MixHasher {
 impl OperationIndex {
     fn load(connection: &Connection) -> db::Result<OperationIndex> {
         let mut index = OperationIndex {
-            hasher: std::hash::RandomState::new(),
+            hasher: ahash::RandomState::new(),
             first: (0..INDEX_SHARDS).map(|_| HashMap::default()).collect(),
             more: HashMap::default(),
             pending: Vec::new(),
@@ -425,7 +429,6 @@ impl OperationIndex {
     }
 
     fn fingerprint(&self, kind: &str, id: &str) -> u64 {
-        use std::hash::BuildHasher;
         self.hasher.hash_one((kind, id))
     }
 
@@ -552,8 +555,8 @@ impl Writer {
             next_prune_at: 0,
             connection,
             clock,
-            cache: HashMap::new(),
-            touched: HashSet::new(),
+            cache: FastMap::default(),
+            touched: HashSet::default(),
             last_log_restart: std::time::Instant::now(),
             now: Timestamp(0),
             last_recorded_micros: sequences.last_recorded_micros,
@@ -2582,7 +2585,7 @@ mod tests {
 
     fn empty_index() -> OperationIndex {
         OperationIndex {
-            hasher: std::hash::RandomState::new(),
+            hasher: ahash::RandomState::new(),
             first: (0..INDEX_SHARDS).map(|_| HashMap::default()).collect(),
             more: HashMap::default(),
             pending: Vec::new(),
