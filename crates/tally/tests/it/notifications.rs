@@ -91,6 +91,29 @@ pub(crate) async fn start_receiver(received: Arc<Mutex<Received>>) -> String {
     format!("http://{address}/hook")
 }
 
+/// A receiver that accepts every correctly signed request, registered as
+/// webhook endpoint `id` for `events`: what it receives.
+pub(crate) async fn accepting_endpoint(
+    app: &TestApp,
+    id: &str,
+    events: Value,
+) -> Arc<Mutex<Received>> {
+    let received = Arc::new(Mutex::new(Received {
+        always_accept: true,
+        ..Received::default()
+    }));
+    let url = start_receiver(received.clone()).await;
+    let endpoint = app
+        .post(
+            "/v1/webhook-endpoints",
+            json!({ "id": id, "url": url, "events": events }),
+        )
+        .await;
+    assert_eq!(endpoint.status, StatusCode::OK, "{}", endpoint.body);
+    received.lock().unwrap().secret = endpoint.str("secret").to_string();
+    received
+}
+
 #[tokio::test]
 async fn webhooks_are_signed_retried_and_delivered_once_per_delivery_id() {
     let mut app = TestApp::spawn_with(Options {
@@ -342,18 +365,7 @@ async fn settled_notifications_are_pruned_after_their_retention() {
         ..Options::default()
     })
     .await;
-    let received = Arc::new(Mutex::new(Received {
-        always_accept: true,
-        ..Received::default()
-    }));
-    let url = start_receiver(received.clone()).await;
-    let good = app
-        .post(
-            "/v1/webhook-endpoints",
-            json!({ "id": "good", "url": url, "events": ["balance.low"] }),
-        )
-        .await;
-    received.lock().unwrap().secret = good.str("secret").to_string();
+    accepting_endpoint(&app, "good", json!(["balance.low"])).await;
     // Nothing listens there: its deliveries stay pending, retried.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_url = format!("http://{}/hook", closed.local_addr().unwrap());
@@ -413,19 +425,7 @@ async fn a_lot_whose_expiry_moves_is_warned_again_for_its_new_date() {
         ..Options::default()
     })
     .await;
-    let received = Arc::new(Mutex::new(Received {
-        always_accept: true,
-        ..Received::default()
-    }));
-    let url = start_receiver(received.clone()).await;
-    let endpoint = app
-        .post(
-            "/v1/webhook-endpoints",
-            json!({ "id": "wh", "url": url, "events": ["grant.expiring"] }),
-        )
-        .await;
-    assert_eq!(endpoint.status, StatusCode::OK, "{}", endpoint.body);
-    received.lock().unwrap().secret = endpoint.str("secret").to_string();
+    let received = accepting_endpoint(&app, "wh", json!(["grant.expiring"])).await;
     app.customer("cus").await;
     let alerts = app
         .put(

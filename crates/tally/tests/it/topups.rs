@@ -6,13 +6,12 @@
 //! `topup.created`, `topup.succeeded` and `topup.failed`; its state survives
 //! a SIGKILL and restart. Bad input is refused and changes nothing.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::notifications::{start_receiver, Received};
+use crate::notifications::accepting_endpoint;
 use crate::support::{assert_replayable, micros, micros_of, Options, TestApp};
 
 const DAY: i64 = 86_400;
@@ -340,19 +339,12 @@ async fn bad_topup_input_is_refused_and_changes_nothing() {
 #[tokio::test]
 async fn auto_topup_buys_below_the_threshold_one_at_a_time_and_stops_after_failures() {
     let mut app = manual_app().await;
-    let received = Arc::new(Mutex::new(Received {
-        always_accept: true,
-        ..Received::default()
-    }));
-    let url = start_receiver(received.clone()).await;
-    let endpoint = app
-        .post(
-            "/v1/webhook-endpoints",
-            json!({ "id": "pay", "url": url, "events": ["topup.created", "topup.succeeded", "topup.failed"] }),
-        )
-        .await;
-    assert_eq!(endpoint.status, StatusCode::OK, "{}", endpoint.body);
-    received.lock().unwrap().secret = endpoint.str("secret").to_string();
+    let received = accepting_endpoint(
+        &app,
+        "pay",
+        json!(["topup.created", "topup.succeeded", "topup.failed"]),
+    )
+    .await;
 
     put_pack(
         &app,
