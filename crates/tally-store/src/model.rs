@@ -487,6 +487,22 @@ pub struct NewCustomer {
     pub overage: Option<OveragePolicy>,
 }
 
+impl NewCustomer {
+    /// A customer with only its id: no name, plan, region, currency,
+    /// metadata or overage policy of its own.
+    pub fn with_id(id: Id) -> NewCustomer {
+        NewCustomer {
+            id,
+            name: None,
+            plan: None,
+            region: None,
+            currency: None,
+            metadata: None,
+            overage: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewGrant {
     pub id: Id,

@@ -380,15 +380,7 @@ struct OperationIndex {
 /// instead of SipHash. The map takes its bucket from the low bits and its
 /// tag from the top bits; the product's top bits depend on every bit, so
 /// the shard bits (the fingerprint's top bits) leave both well spread.
-#[derive(Clone, Copy, Default)]
-struct Mix;
-
-impl std::hash::BuildHasher for Mix {
-    type Hasher = MixHasher;
-    fn build_hasher(&self) -> MixHasher {
-        MixHasher(0)
-    }
-}
+type Mix = std::hash::BuildHasherDefault<MixHasher>;
 
 #[derive(Default)]
 struct MixHasher(u64);
@@ -695,8 +687,8 @@ impl Writer {
         {
             return;
         }
-        self.last_log_restart = std::time::Instant::now();
         let started = std::time::Instant::now();
+        self.last_log_restart = started;
         let checkpoint = self
             .connection
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
@@ -2533,8 +2525,6 @@ fn refusal_to_store_error(error: &LedgerError) -> StoreError {
     }
 }
 
-/// The grants a stored charge or capture drew on, and what it took as
-/// debt, from its stored outcome.
 /// What a stored charge, capture or event drew, its part on debt, and the
 /// member it named (a capture's member is its hold's).
 fn charged_draws(response: &str) -> Option<(Vec<Draw>, tally_core::Amount, Option<Id>)> {

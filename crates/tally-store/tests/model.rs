@@ -161,15 +161,7 @@ impl Harness {
         let clock = Arc::new(ManualClock::new(START));
         let store = test_store.open(clock.clone()).await;
         for customer in CUSTOMERS {
-            let create = Command::CreateCustomer(tally_store::NewCustomer {
-                id: id(customer),
-                name: None,
-                plan: None,
-                region: None,
-                currency: None,
-                metadata: None,
-                overage: None,
-            });
+            let create = Command::CreateCustomer(tally_store::NewCustomer::with_id(id(customer)));
             let executed = store.execute(create, None).await.expect("create");
             assert!(executed.result.is_ok());
         }

@@ -86,13 +86,8 @@ async fn setup(store: &Store) {
     ok(
         store,
         Command::CreateCustomer(NewCustomer {
-            id: id("cust"),
-            name: None,
             plan: Some("pro".into()),
-            region: None,
-            currency: None,
-            metadata: None,
-            overage: None,
+            ..NewCustomer::with_id(id("cust"))
         }),
     )
     .await;

@@ -84,15 +84,7 @@ async fn survives_reopen(name: &str, charges: usize) {
     let place = TestStore::new(name);
     let clock = Arc::new(ManualClock::new(START));
     let store = place.open(clock.clone()).await;
-    let customer = NewCustomer {
-        id: id("c"),
-        name: None,
-        plan: None,
-        region: None,
-        currency: None,
-        metadata: None,
-        overage: None,
-    };
+    let customer = NewCustomer::with_id(id("c"));
     ok(&store, Command::CreateCustomer(customer)).await;
     ok(&store, grant("main", "1000000", None)).await;
     ok(&store, grant("short", "50", START.plus_seconds(10))).await;
@@ -149,15 +141,7 @@ async fn survives_reopen(name: &str, charges: usize) {
     ok(&store, charge("last", "1")).await;
 
     // A second customer written just before closing, and not touched again.
-    let other = NewCustomer {
-        id: id("d"),
-        name: None,
-        plan: None,
-        region: None,
-        currency: None,
-        metadata: None,
-        overage: None,
-    };
+    let other = NewCustomer::with_id(id("d"));
     ok(&store, Command::CreateCustomer(other)).await;
     let mut other_grant = grant("d_grant", "100", None);
     if let Command::Grant(g) = &mut other_grant {
@@ -263,15 +247,7 @@ async fn the_write_ahead_log_starts_over_under_steady_load() {
     let store = open();
     const CUSTOMERS: usize = 200;
     for c in 0..CUSTOMERS {
-        let customer = NewCustomer {
-            id: id(&format!("w{c}")),
-            name: None,
-            plan: None,
-            region: None,
-            currency: None,
-            metadata: None,
-            overage: None,
-        };
+        let customer = NewCustomer::with_id(id(&format!("w{c}")));
         ok(&store, Command::CreateCustomer(customer)).await;
         let mut lot = grant(&format!("gw{c}"), "1000000", None);
         if let Command::Grant(g) = &mut lot {

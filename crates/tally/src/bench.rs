@@ -219,15 +219,7 @@ async fn setup(store: &Store, customers: usize) -> anyhow::Result<()> {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let id = customer(index);
-            let create = NewCustomer {
-                id: id.clone(),
-                name: None,
-                plan: None,
-                region: None,
-                currency: None,
-                metadata: None,
-                overage: None,
-            };
+            let create = NewCustomer::with_id(id.clone());
             store.execute(Command::CreateCustomer(create), None).await?;
             let grant = NewGrant {
                 id: Id::parse(&format!("grant_{index}")).expect("valid id"),
