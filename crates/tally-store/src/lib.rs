@@ -226,8 +226,46 @@ fn abort_on_panic(thread: &str, body: impl FnOnce()) {
 /// [`CHECKPOINT_INTERVAL`], until the store is dropped. PASSIVE never blocks
 /// the writer or readers. Each pass tells the writer how long the log is
 /// (it makes the log start over once it is long: `restart_log_if_long`).
-fn spawn_checkpointer(store: std::sync::Weak<Inner>, path: PathBuf) -> Result<(), StoreError> {
+///
+/// Each pass that copied pages also syncs the database file. SQLite syncs it
+/// only in a pass that copies the whole log, and under steady load that is
+/// only the writer's own pass before the log starts over: that pass then
+/// paid for every page the background passes had copied since the last
+/// restart, 11–15 ms on the writer's thread every half second at 71,000
+/// charges/s (BENCHMARKS.md). A failed sync stops the process, as a failed
+/// sync of the log does: the kernel may have dropped the pages, and a later
+/// sync would report success.
+fn spawn_checkpointer(
+    store: std::sync::Weak<Inner>,
+    path: PathBuf,
+    restart_frames: i64,
+) -> Result<(), StoreError> {
     let connection = connect(&path).map_err(unavailable)?;
+    let database = File::options()
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Unavailable(format!("open {path:?}: {e}")))?;
+    // One pass: copy what the log holds, sync the file; the log's length.
+    let pass = move || -> Option<i64> {
+        let checkpoint = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+        });
+        match checkpoint {
+            Ok((frames, copied)) => {
+                if copied > 0 {
+                    if let Err(error) = database.sync_data() {
+                        tracing::error!(%error, database = ?path, "fsync of the database file failed; stopping");
+                        std::process::abort();
+                    }
+                }
+                Some(frames)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "checkpoint failed");
+                None
+            }
+        }
+    };
     std::thread::Builder::new()
         .name("tally-checkpoint".into())
         .spawn(move || loop {
@@ -237,14 +275,15 @@ fn spawn_checkpointer(store: std::sync::Weak<Inner>, path: PathBuf) -> Result<()
             let Some(sync) = store.upgrade().map(|inner| inner.sync.clone()) else {
                 break;
             };
-            match connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-                row.get::<_, i64>(1)
-            }) {
-                Ok(frames) => sync
-                    .wal_frames
-                    .store(frames, std::sync::atomic::Ordering::Release),
-                Err(error) => tracing::warn!(%error, "checkpoint failed"),
+            let Some(mut frames) = pass() else { continue };
+            // A long log is about to start over, in the writer's own pass:
+            // copy at once what was committed during this pass, so that the
+            // writer's pass is left with a group or two.
+            if frames >= restart_frames {
+                frames = pass().unwrap_or(frames);
             }
+            sync.wal_frames
+                .store(frames, std::sync::atomic::Ordering::Release);
         })
         .map_err(|e| StoreError::Unavailable(format!("spawn checkpointer: {e}")))?;
     Ok(())
@@ -353,7 +392,7 @@ impl Store {
             clock,
             sync,
         });
-        spawn_checkpointer(Arc::downgrade(&inner), path)?;
+        spawn_checkpointer(Arc::downgrade(&inner), path, options.wal_restart_frames)?;
         Ok(Store { inner })
     }
 

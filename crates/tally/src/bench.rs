@@ -370,7 +370,30 @@ async fn latency(
 ) -> anyhow::Result<(Duration, Duration, f64)> {
     let total = (rate * (seconds + WARM_UP_SECONDS) as f64) as u64;
     let warm_up = (rate * WARM_UP_SECONDS as f64) as u64;
-    let mut tasks = Vec::with_capacity(total as usize);
+    // Each charge's task reports its latency and ends at once: holding every
+    // task until the run ends kept hundreds of megabytes of finished tasks
+    // alive, and the harness then spent its time faulting in fresh memory
+    // (BENCHMARKS.md).
+    let (report, mut reports) =
+        tokio::sync::mpsc::unbounded_channel::<anyhow::Result<Option<Duration>>>();
+    let collector = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity((total - warm_up) as usize);
+        let mut answered = 0u64;
+        while let Some(result) = reports.recv().await {
+            if let Some(latency) = result? {
+                latencies.push(latency);
+            }
+            answered += 1;
+        }
+        // Every task reports once, even a refused charge; a task that
+        // panicked dropped its sender unreported.
+        anyhow::ensure!(
+            answered == total,
+            "{} charges never answered",
+            total - answered
+        );
+        anyhow::Ok(latencies)
+    });
     // Open loop: charges are sent on schedule whether or not earlier ones
     // answered, in ticks of 1 ms; a charge's latency counts from the moment it
     // was due to be sent, so a stalled sender cannot hide a stall.
@@ -389,22 +412,21 @@ async fn latency(
             if sent == warm_up {
                 measured_from = due;
             }
-            let store = store.clone();
+            let (store, report) = (store.clone(), report.clone());
             let command = charge(customers);
             let recorded = sent > warm_up;
-            tasks.push(tokio::spawn(async move {
-                let executed = store.execute(command, None).await?;
-                anyhow::ensure!(executed.result.is_ok(), "charge refused");
-                Ok(recorded.then(|| due.elapsed()))
-            }));
+            tokio::spawn(async move {
+                let result = match store.execute(command, None).await {
+                    Ok(executed) if executed.result.is_ok() => Ok(recorded.then(|| due.elapsed())),
+                    Ok(_) => Err(anyhow::anyhow!("charge refused")),
+                    Err(error) => Err(error.into()),
+                };
+                let _ = report.send(result);
+            });
         }
     }
-    let mut latencies = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        if let Some(latency) = task.await?? {
-            latencies.push(latency);
-        }
-    }
+    drop(report);
+    let mut latencies = collector.await??;
     let achieved = latencies.len() as f64 / measured_from.elapsed().as_secs_f64();
     latencies.sort();
     let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
