@@ -241,23 +241,25 @@ fn spawn_checkpointer(
     restart_frames: i64,
 ) -> Result<(), StoreError> {
     let connection = connect(&path).map_err(unavailable)?;
-    let database = File::options()
-        .write(true)
-        .open(&path)
-        .map_err(|e| StoreError::Unavailable(format!("open {path:?}: {e}")))?;
+    let database =
+        file_to_sync(&path).map_err(|e| StoreError::Unavailable(format!("open {path:?}: {e}")))?;
+    // SQLite reports the frames copied since the log last started over, so a
+    // pass copied something when that (or the log) changed since the last.
+    let mut last = (0, 0);
     // One pass: copy what the log holds, sync the file; the log's length.
-    let pass = move || -> Option<i64> {
+    let mut pass = move || -> Option<i64> {
         let checkpoint = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
             Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
         });
         match checkpoint {
             Ok((frames, copied)) => {
-                if copied > 0 {
+                if copied > 0 && (frames, copied) != last {
                     if let Err(error) = database.sync_data() {
                         tracing::error!(%error, database = ?path, "fsync of the database file failed; stopping");
                         std::process::abort();
                     }
                 }
+                last = (frames, copied);
                 Some(frames)
             }
             Err(error) => {
@@ -287,6 +289,25 @@ fn spawn_checkpointer(
         })
         .map_err(|e| StoreError::Unavailable(format!("spawn checkpointer: {e}")))?;
     Ok(())
+}
+
+/// A descriptor of the database file to sync it with: one per file per
+/// process, never closed. Closing any descriptor of a file drops every POSIX
+/// lock the process holds on it, SQLite's included, and another process
+/// could then think itself the file's last user and remove the log.
+fn file_to_sync(path: &Path) -> std::io::Result<&'static File> {
+    use std::os::unix::fs::MetadataExt;
+    type Files = Vec<((u64, u64), &'static File)>;
+    static FILES: Mutex<Files> = Mutex::new(Vec::new());
+    let metadata = std::fs::metadata(path)?;
+    let key = (metadata.dev(), metadata.ino());
+    let mut files = FILES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, file)) = files.iter().find(|(k, _)| *k == key) {
+        return Ok(file);
+    }
+    let file: &'static File = Box::leak(Box::new(File::options().write(true).open(path)?));
+    files.push((key, file));
+    Ok(file)
 }
 
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);

@@ -700,7 +700,7 @@ impl Writer {
     /// about 50 MB/s at 10,000 charges/s. Once the log is longer than
     /// [`WAL_RESTART_FRAMES`], the writer copies the few frames the last
     /// pass left (and syncs the database file) itself, between two groups,
-    /// which takes 1–10 ms (BENCHMARKS.md),
+    /// which takes 2–7 ms (BENCHMARKS.md),
     /// so that the next group writes the log from its start again, over
     /// blocks the file already has. A reader holding an older snapshot can
     /// stop this; it is tried again at most every [`WAL_RESTART_RETRY`].
