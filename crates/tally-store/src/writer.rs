@@ -439,8 +439,9 @@ impl OperationIndex {
     }
 
     /// Grow the fullest shard past three quarters of its capacity, ahead of
-    /// need; called once per group. The fingerprints spread evenly, so every
-    /// shard fills at the same pace: left to grow when full, all 256 would
+    /// need; called once per turn of the writer's loop. The fingerprints
+    /// spread evenly, so every shard fills at the same pace: left to grow
+    /// when full, all 256 would
     /// rehash within the same half second (at 3.7 million operations, then
     /// 7.3 million, ...), and the writer stalled for tens of milliseconds.
     /// Grown one per group instead, each growth happens while its shard still
@@ -451,8 +452,8 @@ impl OperationIndex {
             .first
             .iter()
             .enumerate()
-            .filter(|(_, shard)| shard.len() * 4 >= shard.capacity() * 3)
-            .max_by_key(|(_, shard)| shard.len() * 1024 / shard.capacity().max(1))
+            .filter(|(_, shard)| !shard.is_empty() && shard.len() * 4 >= shard.capacity() * 3)
+            .max_by_key(|(_, shard)| shard.len() * 1024 / shard.capacity())
             .map(|(index, _)| index);
         if let Some(index) = fullest {
             let shard = &mut self.first[index];
