@@ -655,8 +655,34 @@ impl Pg {
                     client.batch_execute("BEGIN").await.map(|()| 0)
                 }));
             }
+            // The set-based statements are planned for the arrays they run
+            // with: by default PostgreSQL settles on one generic plan per
+            // statement after five runs, costed with the statistics of that
+            // moment, and on a new database (near-empty tables) the balance
+            // update kept a sequential scan of `grant_balances` in every
+            // group until the next ANALYZE (0.85 ms to update one row of
+            // 10,000; BENCHMARKS.md, 2026-12-04, late). Only around them:
+            // the writer's other statements (loading a customer) keep their
+            // generic plans, which cost less to run than to plan. A SET in a
+            // transaction that fails is undone with it.
+            if !statements.is_empty() {
+                pending.push(Box::pin(async {
+                    client
+                        .batch_execute("SET plan_cache_mode = force_custom_plan")
+                        .await
+                        .map(|()| 0)
+                }));
+            }
             for (statement, params) in statements.iter().zip(&params) {
                 pending.push(Box::pin(client.execute(statement, params)));
+            }
+            if !statements.is_empty() {
+                pending.push(Box::pin(async {
+                    client
+                        .batch_execute("SET plan_cache_mode = auto")
+                        .await
+                        .map(|()| 0)
+                }));
             }
             if let Some(last) = last {
                 pending.push(Box::pin(async move {

@@ -126,19 +126,9 @@ fn lead(
     let connection = Connection::postgres(url)?;
     // Waiting for the lock may take as long as another server lives, and the
     // session then holds it for this server's life: no timeout may end either.
-    //
-    // Every statement of the writer is planned for the values it runs with.
-    // Its set-based writes take arrays whose length changes with each group,
-    // and PostgreSQL otherwise settles on one generic plan per statement
-    // after five runs, costed with the table statistics of that moment. On a
-    // new database those say the tables are tiny, so the balance update kept
-    // a sequential scan of `grant_balances` until the next ANALYZE: 0.85 ms
-    // to update one row of 10,000, the writer's single largest cost per
-    // group (BENCHMARKS.md, 2026-12-04, late).
     connection.execute_batch(
         "SET lock_timeout = 0; SET statement_timeout = 0; \
-         SET idle_in_transaction_session_timeout = 0; \
-         SET plan_cache_mode = force_custom_plan",
+         SET idle_in_transaction_session_timeout = 0",
     )?;
     connection.query_row("SELECT pg_advisory_lock(?1)", [LEADER_LOCK], |_| Ok(()))?;
     let advertise = loop {
