@@ -1158,6 +1158,68 @@ mod tests {
         }
     }
 
+    /// On PostgreSQL the set-based batches run with custom plans (a generic
+    /// plan made on a new, near-empty table kept a sequential scan), and the
+    /// session is back to generic plans right after them, after a failed
+    /// group too. SQLite has no plan cache: only the PostgreSQL pass of the
+    /// suite (`TALLY_TEST_DATABASE=postgres`) runs this.
+    #[test]
+    fn set_based_batches_alone_are_planned_for_their_values() {
+        const INSERT: &str = "INSERT INTO modes (k, mode) VALUES (?1, current_setting(?2))";
+        const UPDATE: &str = "UPDATE modes SET mode = current_setting(?2) WHERE k = ?1";
+        let setting = |connection: &Connection| -> String {
+            connection
+                .query_row("SELECT current_setting('plan_cache_mode')", [], |row| {
+                    row.get(0)
+                })
+                .unwrap()
+        };
+        for (connection, place) in connections("plans") {
+            if connection.dialect() != Dialect::Postgres {
+                continue;
+            }
+            connection
+                .execute_batch("CREATE TABLE modes (k BIGINT PRIMARY KEY, mode TEXT NOT NULL)")
+                .unwrap();
+            connection.begin().unwrap();
+            for k in 1..=2i64 {
+                connection
+                    .defer(Shape::Insert, INSERT, params![k, "plan_cache_mode"])
+                    .unwrap();
+            }
+            // A read sends the batches first; the session is back after them.
+            assert_eq!(setting(&connection), "auto");
+            connection.commit().unwrap();
+            let modes: Vec<String> = {
+                let mut statement = connection
+                    .prepare("SELECT mode FROM modes ORDER BY k")
+                    .unwrap();
+                statement
+                    .query_map([], |row| row.get(0))
+                    .unwrap()
+                    .collect::<Result<_>>()
+                    .unwrap()
+            };
+            assert_eq!(modes, ["force_custom_plan", "force_custom_plan"]);
+            assert_eq!(setting(&connection), "auto");
+
+            // A group whose batch fails: the SET before it is undone too.
+            connection.begin().unwrap();
+            let failed = connection
+                .defer(
+                    Shape::UpdateByFirst,
+                    UPDATE,
+                    params![99i64, "plan_cache_mode"],
+                )
+                .and_then(|()| connection.commit());
+            assert!(failed.is_err(), "an update of a missing row must fail");
+            let _ = connection.rollback();
+            assert_eq!(setting(&connection), "auto");
+            drop(connection);
+            drop_database(place);
+        }
+    }
+
     /// Deferred writes are read back by the same connection, the last update
     /// of a key wins, and an update that does not find its row fails the
     /// transaction before it commits: nothing of it stays.
