@@ -663,8 +663,13 @@ impl Pg {
             // group until the next ANALYZE (0.85 ms to update one row of
             // 10,000; BENCHMARKS.md, 2026-12-04, late). Only around them:
             // the writer's other statements (loading a customer) keep their
-            // generic plans, which cost less to run than to plan. A SET in a
-            // transaction that fails is undone with it.
+            // generic plans, which cost less to run than to plan. RESET
+            // restores the session's default (the server's, the role's or
+            // the database's setting). A SET in a transaction that fails is
+            // undone with it; outside a transaction, a batch that fails
+            // before it is sent leaves the custom plans on, which costs
+            // planning time and nothing else (the writer defers only inside
+            // its group's transaction).
             if !statements.is_empty() {
                 pending.push(Box::pin(async {
                     client
@@ -679,7 +684,7 @@ impl Pg {
             if !statements.is_empty() {
                 pending.push(Box::pin(async {
                     client
-                        .batch_execute("SET plan_cache_mode = auto")
+                        .batch_execute("RESET plan_cache_mode")
                         .await
                         .map(|()| 0)
                 }));
@@ -1160,9 +1165,10 @@ mod tests {
 
     /// On PostgreSQL the set-based batches run with custom plans (a generic
     /// plan made on a new, near-empty table kept a sequential scan), and the
-    /// session is back to generic plans right after them, after a failed
-    /// group too. SQLite has no plan cache: only the PostgreSQL pass of the
-    /// suite (`TALLY_TEST_DATABASE=postgres`) runs this.
+    /// session is back to its own default right after them: the server's,
+    /// or one an operator set on the database. SQLite has no plan cache:
+    /// only the PostgreSQL pass of the suite (`TALLY_TEST_DATABASE=postgres`)
+    /// runs this.
     #[test]
     fn set_based_batches_alone_are_planned_for_their_values() {
         const INSERT: &str = "INSERT INTO modes (k, mode) VALUES (?1, current_setting(?2))";
@@ -1174,10 +1180,23 @@ mod tests {
                 })
                 .unwrap()
         };
+        let modes = |connection: &Connection| -> Vec<String> {
+            let mut statement = connection
+                .prepare("SELECT mode FROM modes ORDER BY k")
+                .unwrap();
+            statement
+                .query_map([], |row| row.get(0))
+                .unwrap()
+                .collect::<Result<_>>()
+                .unwrap()
+        };
         for (connection, place) in connections("plans") {
             if connection.dialect() != Dialect::Postgres {
                 continue;
             }
+            let (server, database) = place.clone().expect("a PostgreSQL database");
+            let default = setting(&connection);
+            assert_ne!(default, "force_custom_plan", "the server's default");
             connection
                 .execute_batch("CREATE TABLE modes (k BIGINT PRIMARY KEY, mode TEXT NOT NULL)")
                 .unwrap();
@@ -1188,22 +1207,15 @@ mod tests {
                     .unwrap();
             }
             // A read sends the batches first; the session is back after them.
-            assert_eq!(setting(&connection), "auto");
+            assert_eq!(setting(&connection), default);
             connection.commit().unwrap();
-            let modes: Vec<String> = {
-                let mut statement = connection
-                    .prepare("SELECT mode FROM modes ORDER BY k")
-                    .unwrap();
-                statement
-                    .query_map([], |row| row.get(0))
-                    .unwrap()
-                    .collect::<Result<_>>()
-                    .unwrap()
-            };
-            assert_eq!(modes, ["force_custom_plan", "force_custom_plan"]);
-            assert_eq!(setting(&connection), "auto");
+            assert_eq!(
+                modes(&connection),
+                ["force_custom_plan", "force_custom_plan"]
+            );
+            assert_eq!(setting(&connection), default);
 
-            // A group whose batch fails: the SET before it is undone too.
+            // A group whose batch fails leaves the session as it was.
             connection.begin().unwrap();
             let failed = connection
                 .defer(
@@ -1214,7 +1226,28 @@ mod tests {
                 .and_then(|()| connection.commit());
             assert!(failed.is_err(), "an update of a missing row must fail");
             let _ = connection.rollback();
-            assert_eq!(setting(&connection), "auto");
+            assert_eq!(setting(&connection), default);
+
+            // An operator's default for the database is what comes back.
+            connection
+                .execute_batch(&format!(
+                    "ALTER DATABASE {database} SET plan_cache_mode = force_generic_plan"
+                ))
+                .unwrap();
+            let configured = Connection::postgres(&format!("{server}/{database}")).unwrap();
+            assert_eq!(setting(&configured), "force_generic_plan");
+            configured.begin().unwrap();
+            configured
+                .defer(
+                    Shape::UpdateByFirst,
+                    UPDATE,
+                    params![1i64, "plan_cache_mode"],
+                )
+                .unwrap();
+            configured.commit().unwrap();
+            assert_eq!(modes(&configured)[0], "force_custom_plan");
+            assert_eq!(setting(&configured), "force_generic_plan");
+            drop(configured);
             drop(connection);
             drop_database(place);
         }

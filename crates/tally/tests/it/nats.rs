@@ -888,14 +888,14 @@ async fn a_graceful_stop_acks_exactly_what_was_charged() {
     // The acks left the process before it exited; the server applies them
     // in its own time (a loaded machine may take a moment). The consumer
     // takes messages in stream order and, stopping, finishes and acks every
-    // one it took and none after: the acked messages are the first
-    // `charged` of the stream, so the server's ack floor is exactly there.
-    // (The count "not pending and not ack pending" says the same only when
-    // nothing was redelivered: a message whose 2 s ack wait ran out while it
-    // sat in the client's buffer is delivered again, and the server's ack
-    // pending count then includes one more than the messages it holds, as a
-    // CI run showed: floor 1,536 and 1,536 charged, but 55 ack pending for
-    // the 54 messages 1,537–1,590 delivered.)
+    // one it took and none after (this stream holds one good event per
+    // sequence: no nak, no dead letter), so the acked messages are the first
+    // `charged` of the stream and the server's ack floor is exactly there. An
+    // ack above a gap would not show here; the restart below, which charges
+    // the rest each once, would. Not counted as "neither pending nor ack
+    // pending": after a redelivery the server's ack pending count was one
+    // more than the messages it held (a CI run: floor 1,536 and 1,536
+    // charged, but 55 ack pending for the 54 messages 1,537–1,590).
     let deadline = Instant::now() + Duration::from_secs(10);
     let (floor, info) = loop {
         let info = consumer_info(&stream).await.expect("consumer info");
@@ -905,7 +905,6 @@ async fn a_graceful_stop_acks_exactly_what_was_charged() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let counted = EVENTS as i64 - info.num_pending as i64 - info.num_ack_pending as i64;
     eprintln!(
         "nats sigterm: {charged} of {EVENTS} charged, acked up to stream sequence {floor}, \
          {} delivered and not acked, {} redelivered",
@@ -915,12 +914,6 @@ async fn a_graceful_stop_acks_exactly_what_was_charged() {
         floor, charged,
         "the messages acked are exactly the events charged: {info:?}"
     );
-    if info.num_redelivered == 0 {
-        assert_eq!(
-            counted, charged,
-            "with no redelivery, every message is pending, ack pending or acked: {info:?}"
-        );
-    }
 
     // Restarted with the consumer: the rest, each once.
     app.kill().await;
