@@ -648,12 +648,14 @@ impl Pg {
             })
             .collect();
         let client = &self.client;
+        // A simple-protocol statement (no parameters) in the pipeline.
+        let simple = |sql: &'static str| -> Pending<'_> {
+            Box::pin(async move { client.batch_execute(sql).await.map(|()| 0) })
+        };
         self.block_on(async {
-            let mut pending: Vec<Pending<'_>> = Vec::with_capacity(batches.len() + 2);
+            let mut pending: Vec<Pending<'_>> = Vec::with_capacity(batches.len() + 4);
             if begin {
-                pending.push(Box::pin(async {
-                    client.batch_execute("BEGIN").await.map(|()| 0)
-                }));
+                pending.push(simple("BEGIN"));
             }
             // The set-based statements are planned for the arrays they run
             // with: by default PostgreSQL settles on one generic plan per
@@ -670,24 +672,15 @@ impl Pg {
             // before it is sent leaves the custom plans on, which costs
             // planning time and nothing else (the writer defers only inside
             // its group's transaction).
-            if !statements.is_empty() {
-                pending.push(Box::pin(async {
-                    client
-                        .batch_execute("SET plan_cache_mode = force_custom_plan")
-                        .await
-                        .map(|()| 0)
-                }));
+            let bracket = !statements.is_empty();
+            if bracket {
+                pending.push(simple("SET plan_cache_mode = force_custom_plan"));
             }
             for (statement, params) in statements.iter().zip(&params) {
                 pending.push(Box::pin(client.execute(statement, params)));
             }
-            if !statements.is_empty() {
-                pending.push(Box::pin(async {
-                    client
-                        .batch_execute("RESET plan_cache_mode")
-                        .await
-                        .map(|()| 0)
-                }));
+            if bracket {
+                pending.push(simple("RESET plan_cache_mode"));
             }
             if let Some(last) = last {
                 pending.push(Box::pin(async move {

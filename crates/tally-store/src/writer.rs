@@ -441,9 +441,9 @@ impl OperationIndex {
     /// Grow the fullest shard past three quarters of its capacity, ahead of
     /// need; called once per turn of the writer's loop. The fingerprints
     /// spread evenly, so every shard fills at the same pace: left to grow
-    /// when full, all 256 would
-    /// rehash within the same half second (at 3.7 million operations, then
-    /// 7.3 million, ...), and the writer stalled for tens of milliseconds.
+    /// when full, all 256 would rehash within the same half second (at 3.7
+    /// million operations, then 7.3 million, ...), and the writer stalled for
+    /// tens of milliseconds.
     /// Grown one per group instead, each growth happens while its shard still
     /// has room for an eighth of its capacity more, seconds of inserts at any
     /// rate the writer sustains.

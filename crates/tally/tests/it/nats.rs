@@ -890,12 +890,14 @@ async fn a_graceful_stop_acks_exactly_what_was_charged() {
     // takes messages in stream order and, stopping, finishes and acks every
     // one it took and none after (this stream holds one good event per
     // sequence: no nak, no dead letter), so the acked messages are the first
-    // `charged` of the stream and the server's ack floor is exactly there. An
-    // ack above a gap would not show here; the restart below, which charges
-    // the rest each once, would. Not counted as "neither pending nor ack
-    // pending": after a redelivery the server's ack pending count was one
-    // more than the messages it held (a CI run: floor 1,536 and 1,536
-    // charged, but 55 ack pending for the 54 messages 1,537–1,590).
+    // `charged` of the stream and the server's ack floor is exactly there.
+    // Since a message is acked only once charged, a floor equal to the count
+    // charged also rules out a charged message left unacked or one acked
+    // above a gap (either puts the count above the floor). Not counted as
+    // "neither pending nor ack pending": after a redelivery the server's ack
+    // pending count was one more than the messages it held (a CI run: floor
+    // 1,536 and 1,536 charged, but 55 ack pending for the 54 messages
+    // 1,537–1,590).
     let deadline = Instant::now() + Duration::from_secs(10);
     let (floor, info) = loop {
         let info = consumer_info(&stream).await.expect("consumer info");
