@@ -38,6 +38,13 @@ pub enum Error {
     Corrupt(String),
     #[error("column {0}: {1}")]
     Type(usize, String),
+    /// A commit sent ahead ([`Connection::commit_async`]) failed: nothing
+    /// more runs on the connection until [`Connection::rollback`].
+    #[error("an earlier group's commit failed: {0}")]
+    EarlierCommit(String),
+    /// The task sending a commit ahead panicked or was cancelled.
+    #[error("the task sending a commit ended without an answer: {0}")]
+    CommitTask(String),
 }
 
 /// The server's own message (the client's Display says only "db error").
@@ -244,9 +251,19 @@ impl<T> OptionalExtension<T> for Result<T> {
 /// call blocks on it (the store's connections live on plain threads), so that
 /// several statements can be sent in one round trip (see [`Pg::pipeline`]).
 pub struct Pg {
-    /// (Declared before the runtime, so that it is dropped first.)
-    client: tokio_postgres::Client,
+    /// (Declared before the runtime, so that it is dropped first.) Shared
+    /// with a commit sent ahead, which runs as a task of the runtime.
+    client: std::sync::Arc<tokio_postgres::Client>,
     runtime: tokio::runtime::Runtime,
+    /// A commit sent ahead and not yet answered (see
+    /// [`Connection::commit_async`]).
+    in_flight: RefCell<Option<tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>>>,
+    /// Its outcome once answered, until the writer takes it.
+    outcome: RefCell<Option<Result<()>>>,
+    /// Why a commit sent ahead failed: every statement fails until
+    /// [`Connection::rollback`], so that nothing written on top of the
+    /// failed group reaches the database.
+    failed: RefCell<Option<String>>,
     statements: RefCell<HashMap<String, tokio_postgres::Statement>>,
     /// `BEGIN` is owed: it goes out with the next statements, in the same
     /// round trip (a group that only defers writes costs one round trip).
@@ -345,7 +362,10 @@ impl Connection {
         Ok(Connection {
             kind: Kind::Postgres(Box::new(Pg {
                 runtime,
-                client,
+                client: std::sync::Arc::new(client),
+                in_flight: RefCell::new(None),
+                outcome: RefCell::new(None),
+                failed: RefCell::new(None),
                 statements: RefCell::new(HashMap::new()),
                 begin_pending: Cell::new(false),
                 deferred: RefCell::new(Vec::new()),
@@ -417,6 +437,7 @@ impl Connection {
         match &self.kind {
             Kind::Sqlite(connection) => Ok(connection.execute_batch("COMMIT")?),
             Kind::Postgres(pg) => {
+                pg.ready()?;
                 if pg.begin_pending.get() && pg.deferred.borrow().is_empty() {
                     pg.begin_pending.set(false);
                     return Ok(());
@@ -426,12 +447,112 @@ impl Connection {
         }
     }
 
+    /// Commit the writer's transaction without waiting for the answer
+    /// (PostgreSQL): the owed `BEGIN`, the deferred writes and the `COMMIT`
+    /// are sent, and the caller goes on (applying the next group) while
+    /// PostgreSQL runs them. Returns whether a commit is now in flight
+    /// (`false`: the transaction wrote and read nothing, nothing was sent).
+    /// Its outcome comes from [`Connection::commit_outcome`] or
+    /// [`Connection::commit_outcome_or`]. Until it is known, nothing else
+    /// goes out on the connection: any other statement first waits for it,
+    /// and if it failed, that statement and every later one fail with
+    /// [`Error::EarlierCommit`] until [`Connection::rollback`]. So nothing
+    /// built on a group reaches the database unless that group committed.
+    /// On SQLite this is [`Connection::commit`] (and returns `false`).
+    pub fn commit_async(&self) -> Result<bool> {
+        let pg = match &self.kind {
+            Kind::Sqlite(_) => return self.commit().map(|()| false),
+            Kind::Postgres(pg) => pg,
+        };
+        pg.ready()?;
+        assert!(
+            pg.outcome.borrow().is_none(),
+            "the last commit's outcome was not taken"
+        );
+        if pg.begin_pending.get() && pg.deferred.borrow().is_empty() {
+            pg.begin_pending.set(false);
+            return Ok(false);
+        }
+        let Some(commit) = pg.pipeline_future(Some("COMMIT".to_owned()))? else {
+            return Ok(false);
+        };
+        let handle = pg.runtime.spawn(commit);
+        *pg.in_flight.borrow_mut() = Some(handle);
+        // Let the task queue its statements and the connection write them
+        // out, so that PostgreSQL works on them while the caller goes on.
+        pg.turn();
+        Ok(true)
+    }
+
+    /// The outcome of the commit sent ahead, once it is known (taken: the
+    /// next call returns `None`). With `wait`, waits for it; without, only
+    /// reads what has arrived. `None` when no commit was sent ahead.
+    pub fn commit_outcome(&self, wait: bool) -> Option<Result<()>> {
+        let Kind::Postgres(pg) = &self.kind else {
+            return None;
+        };
+        let handle = pg.in_flight.borrow_mut().take();
+        if let Some(mut handle) = handle {
+            if !wait {
+                pg.turn();
+            }
+            if wait || handle.is_finished() {
+                let joined = pg.runtime.block_on(&mut handle);
+                pg.settle(joined);
+            } else {
+                *pg.in_flight.borrow_mut() = Some(handle);
+            }
+        }
+        pg.outcome.borrow_mut().take()
+    }
+
+    /// Wait for whichever comes first: the outcome of the commit sent ahead
+    /// (taken, as [`Connection::commit_outcome`]), or `other`. With no
+    /// commit in flight, waits for `other`. PostgreSQL only (SQLite never
+    /// sends a commit ahead).
+    pub fn commit_outcome_or<F: Future>(&self, other: F) -> Waited<F::Output> {
+        let Kind::Postgres(pg) = &self.kind else {
+            panic!("commit_outcome_or on SQLite: no commit is ever sent ahead there");
+        };
+        if let Some(outcome) = pg.outcome.borrow_mut().take() {
+            return Waited::Committed(outcome);
+        }
+        let handle = pg.in_flight.borrow_mut().take();
+        let Some(mut handle) = handle else {
+            return Waited::Other(pg.runtime.block_on(other));
+        };
+        let other = std::pin::pin!(other);
+        match pg
+            .runtime
+            .block_on(futures_util::future::select(&mut handle, other))
+        {
+            futures_util::future::Either::Left((joined, _)) => {
+                pg.settle(joined);
+                Waited::Committed(pg.outcome.borrow_mut().take().expect("just settled"))
+            }
+            futures_util::future::Either::Right((output, _)) => {
+                *pg.in_flight.borrow_mut() = Some(handle);
+                Waited::Other(output)
+            }
+        }
+    }
+
     /// Roll back the open transaction, dropping deferred writes unsent.
+    /// On PostgreSQL, a commit sent ahead must have been settled (its
+    /// outcome taken with [`Connection::commit_outcome`]); a failed one no
+    /// longer blocks the connection after this.
     pub fn rollback(&self) -> Result<()> {
         if let Kind::Postgres(pg) = &self.kind {
+            assert!(
+                pg.in_flight.borrow().is_none(),
+                "rollback with a commit in flight"
+            );
+            let after_failed_commit = pg.failed.borrow_mut().take().is_some();
             pg.deferred.borrow_mut().clear();
-            if pg.begin_pending.replace(false) {
-                // Nothing was sent: nothing to roll back.
+            // Nothing was sent: nothing to roll back. Unless a commit sent
+            // ahead failed part-way through its pipeline (its COMMIT may
+            // never have gone out): end its transaction too.
+            if pg.begin_pending.replace(false) && !after_failed_commit {
                 return Ok(());
             }
         }
@@ -534,11 +655,64 @@ impl Connection {
     }
 }
 
-type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + 'a>>;
+/// What [`Connection::commit_outcome_or`] waited for.
+pub enum Waited<T> {
+    Committed(Result<()>),
+    Other(T),
+}
+
+type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
 
 impl Pg {
-    fn block_on<F: Future>(&self, future: F) -> F::Output {
-        self.runtime.block_on(future)
+    /// Run `future` to its end, once a commit sent ahead is known to have
+    /// succeeded (see [`Connection::commit_async`]).
+    fn block_on<T>(
+        &self,
+        future: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T> {
+        self.ready()?;
+        Ok(self.runtime.block_on(future)?)
+    }
+
+    /// Wait for a commit sent ahead; fail if it failed (or an earlier one
+    /// did and the writer has not rolled back since).
+    fn ready(&self) -> Result<()> {
+        let handle = self.in_flight.borrow_mut().take();
+        if let Some(handle) = handle {
+            let joined = self.runtime.block_on(handle);
+            self.settle(joined);
+        }
+        match &*self.failed.borrow() {
+            Some(why) => Err(Error::EarlierCommit(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Record the outcome of the commit sent ahead.
+    fn settle(
+        &self,
+        joined: std::result::Result<Result<(), tokio_postgres::Error>, tokio::task::JoinError>,
+    ) {
+        let outcome = match joined {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(Error::from(error)),
+            Err(error) => Err(Error::CommitTask(error.to_string())),
+        };
+        if let Err(error) = &outcome {
+            *self.failed.borrow_mut() = Some(error.to_string());
+        }
+        *self.outcome.borrow_mut() = Some(outcome);
+    }
+
+    /// A few turns of the connection's runtime: tasks that are ready run
+    /// (a commit sent ahead queues its statements, the connection writes
+    /// them out, or reads what came back), and nothing waits.
+    fn turn(&self) {
+        self.runtime.block_on(async {
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        });
     }
 
     /// `sql` prepared on this connection, once.
@@ -549,7 +723,9 @@ impl Pg {
         let statement = self
             .block_on(self.client.prepare(&placeholders(sql)))
             .inspect_err(|error| {
-                tracing::error!(sql, error = postgres_message(error), "cannot prepare")
+                if let Error::Postgres(error) = error {
+                    tracing::error!(sql, error = postgres_message(error), "cannot prepare")
+                }
             })?;
         self.statements
             .borrow_mut()
@@ -572,11 +748,13 @@ impl Pg {
         let statement = self
             .block_on(self.client.prepare(&text))
             .inspect_err(|error| {
-                tracing::error!(
-                    sql = text,
-                    error = postgres_message(error),
-                    "cannot prepare"
-                )
+                if let Error::Postgres(error) = error {
+                    tracing::error!(
+                        sql = text,
+                        error = postgres_message(error),
+                        "cannot prepare"
+                    )
+                }
             })?;
         self.bulk.borrow_mut().insert(batch.sql, statement.clone());
         Ok(statement)
@@ -594,65 +772,82 @@ impl Pg {
     /// the transaction fail too (and a `COMMIT` there rolls back), and the
     /// first error is returned.
     fn pipeline(&self, last: Option<&str>) -> Result<()> {
+        self.ready()?;
+        match self.pipeline_future(last.map(str::to_owned))? {
+            Some(future) => self.block_on(future),
+            None => Ok(()),
+        }
+    }
+
+    /// What [`Pg::pipeline`] sends, as a future that owns its statements
+    /// and rows (it may run as a task: [`Connection::commit_async`]);
+    /// `None` when nothing is owed.
+    fn pipeline_future(
+        &self,
+        last: Option<String>,
+    ) -> Result<Option<impl Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static>>
+    {
         let begin = self.begin_pending.replace(false);
         let batches = std::mem::take(&mut *self.deferred.borrow_mut());
         if !begin && batches.is_empty() && last.is_none() {
-            return Ok(());
+            return Ok(None);
         }
         let statements = batches
             .iter()
             .map(|batch| self.batch_statement(batch))
             .collect::<Result<Vec<_>>>()?;
-        // Each batch's parameters: one value per column for a single row to
-        // insert, else one array per column (and, for an update, how many
-        // rows it must change).
-        let single = |batch: &Batch| batch.rows.len() == 1 && batch.shape == Shape::Insert;
-        let singles: Vec<Vec<PgParam<'_>>> = batches
-            .iter()
-            .map(|batch| match single(batch) {
-                true => batch.rows[0].iter().map(|v| PgParam(v.value())).collect(),
-                false => Vec::new(),
-            })
-            .collect();
-        let columns: Vec<Vec<Vec<PgParam<'_>>>> = batches
-            .iter()
-            .map(|batch| match single(batch) {
-                true => Vec::new(),
-                false => (0..batch.rows[0].len())
-                    .map(|column| {
-                        batch
-                            .rows
-                            .iter()
-                            .map(|row| PgParam(row[column].value()))
-                            .collect()
-                    })
-                    .collect(),
-            })
-            .collect();
-        let expected: Vec<i64> = batches.iter().map(|b| b.rows.len() as i64).collect();
-        let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = batches
-            .iter()
-            .enumerate()
-            .map(|(at, batch)| {
-                if single(batch) {
-                    return pg_refs(&singles[at]);
-                }
-                let mut refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns[at]
-                    .iter()
-                    .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect();
-                if batch.shape == Shape::UpdateByFirst {
-                    refs.push(&expected[at]);
-                }
-                refs
-            })
-            .collect();
-        let client = &self.client;
-        // A simple-protocol statement (no parameters) in the pipeline.
-        let simple = |sql: &'static str| -> Pending<'_> {
-            Box::pin(async move { client.batch_execute(sql).await.map(|()| 0) })
-        };
-        self.block_on(async {
+        let client = self.client.clone();
+        Ok(Some(async move {
+            // Each batch's parameters: one value per column for a single
+            // row to insert, else one array per column (and, for an update,
+            // how many rows it must change).
+            let single = |batch: &Batch| batch.rows.len() == 1 && batch.shape == Shape::Insert;
+            let singles: Vec<Vec<PgParam<'_>>> = batches
+                .iter()
+                .map(|batch| match single(batch) {
+                    true => batch.rows[0].iter().map(|v| PgParam(v.value())).collect(),
+                    false => Vec::new(),
+                })
+                .collect();
+            let columns: Vec<Vec<Vec<PgParam<'_>>>> = batches
+                .iter()
+                .map(|batch| match single(batch) {
+                    true => Vec::new(),
+                    false => (0..batch.rows[0].len())
+                        .map(|column| {
+                            batch
+                                .rows
+                                .iter()
+                                .map(|row| PgParam(row[column].value()))
+                                .collect()
+                        })
+                        .collect(),
+                })
+                .collect();
+            let expected: Vec<i64> = batches.iter().map(|b| b.rows.len() as i64).collect();
+            let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = batches
+                .iter()
+                .enumerate()
+                .map(|(at, batch)| {
+                    if single(batch) {
+                        return pg_refs(&singles[at]);
+                    }
+                    let mut refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns[at]
+                        .iter()
+                        .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
+                        .collect();
+                    if batch.shape == Shape::UpdateByFirst {
+                        refs.push(&expected[at]);
+                    }
+                    refs
+                })
+                .collect();
+            let client = &*client;
+            // A simple-protocol statement (no parameters) in the pipeline.
+            let simple = |sql: &str| -> Pending<'_> {
+                let sql = sql.to_owned();
+                Box::pin(async move { client.batch_execute(&sql).await.map(|()| 0) })
+            };
             let mut pending: Vec<Pending<'_>> = Vec::with_capacity(batches.len() + 4);
             if begin {
                 pending.push(simple("BEGIN"));
@@ -682,14 +877,22 @@ impl Pg {
             if bracket {
                 pending.push(simple("RESET plan_cache_mode"));
             }
-            if let Some(last) = last {
-                pending.push(Box::pin(async move {
-                    client.batch_execute(last).await.map(|()| 0)
-                }));
+            if let Some(last) = &last {
+                pending.push(simple(last));
             }
-            futures_util::future::try_join_all(pending).await
-        })?;
-        Ok(())
+            if let Err(error) = futures_util::future::try_join_all(pending).await {
+                // The statements after the failed one may not have gone out
+                // (a parameter that cannot be encoded fails before it is
+                // sent), the COMMIT among them: end the transaction here, or
+                // the next group's would carry this one's rows. After a
+                // COMMIT that did go out this only draws a warning.
+                if last.as_deref() == Some("COMMIT") {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                }
+                return Err(error);
+            }
+            Ok(())
+        }))
     }
 }
 
@@ -1241,6 +1444,95 @@ mod tests {
             assert_eq!(modes(&configured)[0], "force_custom_plan");
             assert_eq!(setting(&configured), "force_generic_plan");
             drop(configured);
+            drop(connection);
+            drop_database(place);
+        }
+    }
+
+    /// A commit sent ahead (`commit_async`) is on its way when the call
+    /// returns, without the connection being driven again; its outcome is
+    /// taken once. If it fails, nothing sent after it reaches the database
+    /// (every statement fails until `rollback`). PostgreSQL only: SQLite
+    /// never sends a commit ahead.
+    #[test]
+    fn a_commit_sent_ahead_goes_out_and_what_follows_a_failed_one_never_does() {
+        const INSERT: &str = "INSERT INTO sent (k) VALUES (?1)";
+        for (connection, place) in connections("ahead") {
+            if connection.dialect() != Dialect::Postgres {
+                continue;
+            }
+            let (server, database) = place.clone().expect("a PostgreSQL database");
+            let observer = Connection::postgres(&format!("{server}/{database}")).unwrap();
+            let count = |k: i64| -> i64 {
+                observer
+                    .query_row(
+                        "SELECT count(*) FROM sent WHERE k = ?1",
+                        params![k],
+                        |row| row.get(0),
+                    )
+                    .unwrap()
+            };
+            connection
+                .execute_batch("CREATE TABLE sent (k BIGINT PRIMARY KEY)")
+                .unwrap();
+
+            // Sent and committed while this connection is left alone.
+            connection.begin().unwrap();
+            connection
+                .defer(Shape::Insert, INSERT, params![1i64])
+                .unwrap();
+            assert!(connection.commit_async().unwrap(), "a commit in flight");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while count(1) == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the commit sent ahead never reached PostgreSQL"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            assert!(matches!(connection.commit_outcome(true), Some(Ok(()))));
+            assert!(connection.commit_outcome(true).is_none(), "taken once");
+
+            // Nothing to send: nothing in flight.
+            connection.begin().unwrap();
+            assert!(!connection.commit_async().unwrap());
+            assert!(connection.commit_outcome(true).is_none());
+
+            // A failed commit sent ahead: the next group (k = 2) fails
+            // before any of it is sent, and so does a read.
+            connection.begin().unwrap();
+            connection
+                .defer(Shape::Insert, INSERT, params![1i64])
+                .unwrap();
+            assert!(connection.commit_async().unwrap());
+            connection.begin().unwrap();
+            connection
+                .defer(Shape::Insert, INSERT, params![2i64])
+                .unwrap();
+            let next = connection.commit();
+            assert!(
+                matches!(next, Err(Error::EarlierCommit(_))),
+                "the group after a failed one: {next:?}"
+            );
+            let read = connection.query_row("SELECT 1", [], |row| row.get::<_, i64>(0));
+            assert!(matches!(read, Err(Error::EarlierCommit(_))), "{read:?}");
+            assert!(matches!(connection.commit_outcome(false), Some(Err(_))));
+            connection.rollback().unwrap();
+            assert_eq!(count(2), 0, "nothing built on the failed group was sent");
+
+            // After the rollback the connection works again, and waiting
+            // for either the outcome or something else takes the outcome.
+            connection.begin().unwrap();
+            connection
+                .defer(Shape::Insert, INSERT, params![3i64])
+                .unwrap();
+            assert!(connection.commit_async().unwrap());
+            match connection.commit_outcome_or(std::future::pending::<()>()) {
+                Waited::Committed(outcome) => outcome.unwrap(),
+                Waited::Other(()) => unreachable!("a pending future never ends"),
+            }
+            assert_eq!(count(3), 1);
+            drop(observer);
             drop(connection);
             drop_database(place);
         }

@@ -93,6 +93,67 @@ impl TestStore {
     }
 }
 
+impl TestStore {
+    /// Run `sqlite` (on the embedded store's file) or `postgres` (on the
+    /// test's database) from a connection of the test's own, beside the
+    /// store's: to change the database under a running store.
+    #[allow(dead_code)]
+    pub fn tamper(&self, sqlite: &str, postgres: &str) {
+        match &self.postgres {
+            None => {
+                let connection = rusqlite::Connection::open(self.dir.join("tally.db"))
+                    .expect("open the store's file");
+                connection
+                    .busy_timeout(std::time::Duration::from_secs(10))
+                    .unwrap();
+                connection
+                    .execute_batch(sqlite)
+                    .unwrap_or_else(|e| panic!("{sqlite}: {e}"));
+            }
+            Some((server, database)) => {
+                let (url, sql) = (format!("{server}/{database}"), postgres.to_owned());
+                std::thread::spawn(move || {
+                    let mut client = postgres::Client::connect(&url, postgres::NoTls)
+                        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
+                    client
+                        .batch_execute(&sql)
+                        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+                })
+                .join()
+                .expect("tamper thread");
+            }
+        }
+    }
+}
+
+impl TestStore {
+    /// PostgreSQL only: hold an `EXCLUSIVE` lock on `table` for `hold` from
+    /// a session of the test's own (writes to it wait, reads do not).
+    /// Returns once the lock is taken; `None` on the embedded store.
+    #[allow(dead_code)]
+    pub fn lock_for(
+        &self,
+        table: &str,
+        hold: std::time::Duration,
+    ) -> Option<std::thread::JoinHandle<()>> {
+        let (server, database) = self.postgres.as_ref()?;
+        let url = format!("{server}/{database}");
+        let sql = format!("LOCK TABLE {table} IN EXCLUSIVE MODE");
+        let (taken, wait) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let mut client = postgres::Client::connect(&url, postgres::NoTls)
+                .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
+            let mut transaction = client.transaction().expect("begin");
+            transaction.batch_execute(&sql).expect("lock");
+            taken.send(()).expect("the test waits");
+            std::thread::sleep(hold);
+            transaction.commit().expect("release");
+        });
+        wait.recv().expect("the lock was taken");
+        Some(holder)
+    }
+}
+
 impl Drop for TestStore {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
