@@ -437,9 +437,7 @@ impl Connection {
         match &self.kind {
             Kind::Sqlite(connection) => Ok(connection.execute_batch("COMMIT")?),
             Kind::Postgres(pg) => {
-                pg.ready()?;
-                if pg.begin_pending.get() && pg.deferred.borrow().is_empty() {
-                    pg.begin_pending.set(false);
+                if pg.nothing_to_commit()? {
                     return Ok(());
                 }
                 pg.pipeline(Some("COMMIT"))
@@ -464,15 +462,13 @@ impl Connection {
             Kind::Sqlite(_) => return self.commit().map(|()| false),
             Kind::Postgres(pg) => pg,
         };
-        pg.ready()?;
+        if pg.nothing_to_commit()? {
+            return Ok(false);
+        }
         assert!(
             pg.outcome.borrow().is_none(),
             "the last commit's outcome was not taken"
         );
-        if pg.begin_pending.get() && pg.deferred.borrow().is_empty() {
-            pg.begin_pending.set(false);
-            return Ok(false);
-        }
         let Some(commit) = pg.pipeline_future(Some("COMMIT".to_owned()))? else {
             return Ok(false);
         };
@@ -672,6 +668,18 @@ impl Pg {
     ) -> Result<T> {
         self.ready()?;
         Ok(self.runtime.block_on(future)?)
+    }
+
+    /// Once a commit sent ahead is known to have succeeded: whether the
+    /// open transaction wrote and read nothing, so that its `COMMIT` is
+    /// skipped (and the transaction closed).
+    fn nothing_to_commit(&self) -> Result<bool> {
+        self.ready()?;
+        let empty = self.begin_pending.get() && self.deferred.borrow().is_empty();
+        if empty {
+            self.begin_pending.set(false);
+        }
+        Ok(empty)
     }
 
     /// Wait for a commit sent ahead; fail if it failed (or an earlier one

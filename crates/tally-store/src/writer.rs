@@ -736,24 +736,11 @@ impl Writer {
                 quiet = batch.is_empty();
             }
             previous_group = group.replies.len();
-            if let Some(answers) = self.finish_group(group, &state) {
-                let changes = std::mem::take(&mut self.group_changes);
-                let last_notification = self.group_notification.take();
-                let durable = Durable {
-                    answers,
-                    changes,
-                    last_notification,
-                };
-                // PostgreSQL answers when the group's COMMIT returns, which
-                // made it durable: the writer itself answers then, without a
-                // hop to the syncer.
+            if let Some(durable) = self.finish_group(group, &state) {
+                // PostgreSQL made the group durable before its COMMIT
+                // returned: answer at once, without a hop to the syncer.
                 if postgres {
-                    match self.committing.as_mut() {
-                        Some(committing) => committing.durable = durable,
-                        // Nothing was sent (the group wrote nothing), and
-                        // the group before it has committed.
-                        None => deliver(durable, &state),
-                    }
+                    deliver(durable, &state);
                     continue;
                 }
                 state
@@ -892,11 +879,12 @@ impl Writer {
         }
     }
 
-    /// Commit the group; the answers to send once it is durable, or `None`
-    /// when the group failed and its callers were already told. On
-    /// PostgreSQL the group's commit is sent ahead (`self.committing`),
-    /// once the group before it has committed.
-    fn finish_group(&mut self, mut group: Group, state: &SyncState) -> Option<Vec<Answer>> {
+    /// Commit the group; what to answer and publish once it is durable, or
+    /// `None` when the group failed and its callers were already told, or
+    /// when its commit was sent ahead (PostgreSQL: `self.committing`
+    /// answers it when the COMMIT returns). A group is committed or sent
+    /// only once the group before it has committed.
+    fn finish_group(&mut self, mut group: Group, state: &SyncState) -> Option<Durable> {
         let mut applied = std::time::Duration::ZERO;
         let postgres = self.connection.dialect() == db::Dialect::Postgres;
         let mut sent = false;
@@ -930,22 +918,24 @@ impl Writer {
         }
         match outcome {
             Ok(()) => {
-                if sent {
-                    self.committing = Some(Committing {
-                        durable: Durable {
-                            answers: Vec::new(),
-                            changes: Vec::new(),
-                            last_notification: None,
-                        },
-                        commands: group.replies.len(),
-                        started: group.started,
-                        applied,
-                        operations: self.operations.pending.len(),
-                    });
-                } else {
+                let commands = group.replies.len();
+                let durable = Durable {
+                    answers: group.replies.into_iter().zip(group.results).collect(),
+                    changes: std::mem::take(&mut self.group_changes),
+                    last_notification: self.group_notification.take(),
+                };
+                if !sent {
                     self.operations.pending.clear();
+                    return Some(durable);
                 }
-                Some(group.replies.into_iter().zip(group.results).collect())
+                self.committing = Some(Committing {
+                    durable,
+                    commands,
+                    started: group.started,
+                    applied,
+                    operations: self.operations.pending.len(),
+                });
+                None
             }
             Err(error) => {
                 // A group sent ahead fails with it if it has not committed

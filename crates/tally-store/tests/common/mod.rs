@@ -30,13 +30,16 @@ pub struct TestStore {
 }
 
 fn admin(server: &str, sql: String) {
-    let server = server.to_owned();
+    run_sql(format!("{server}/postgres"), sql);
+}
+
+/// Run `sql` on the database at `url`.
+fn run_sql(url: String, sql: String) {
     // The sync client runs its own runtime: off the test's async threads.
     std::thread::spawn(move || {
-        let mut client = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
-            .unwrap_or_else(|e| {
-                panic!("PostgreSQL at {server} (TALLY_TEST_POSTGRES) is unreachable: {e}")
-            });
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap_or_else(|e| {
+            panic!("PostgreSQL at {url} (TALLY_TEST_POSTGRES) is unreachable: {e}")
+        });
         client
             .batch_execute(&sql)
             .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
@@ -111,22 +114,11 @@ impl TestStore {
                     .unwrap_or_else(|e| panic!("{sqlite}: {e}"));
             }
             Some((server, database)) => {
-                let (url, sql) = (format!("{server}/{database}"), postgres.to_owned());
-                std::thread::spawn(move || {
-                    let mut client = postgres::Client::connect(&url, postgres::NoTls)
-                        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
-                    client
-                        .batch_execute(&sql)
-                        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-                })
-                .join()
-                .expect("tamper thread");
+                run_sql(format!("{server}/{database}"), postgres.to_owned())
             }
         }
     }
-}
 
-impl TestStore {
     /// PostgreSQL only: hold an `EXCLUSIVE` lock on `table` for `hold` from
     /// a session of the test's own (writes to it wait, reads do not).
     /// Returns once the lock is taken; `None` on the embedded store.
