@@ -34,12 +34,26 @@ use crate::error::ApiError;
 /// How often the engine applies hold timeouts and grant expiries on its own.
 pub const TICK_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Everything a handler can reach.
+/// Everything a handler can reach: one shared [`Shared`]. The state is
+/// cloned for every request (by the router, the middleware and the
+/// extractors), so a clone is one reference count, not one per field.
 #[derive(Clone)]
 pub struct AppState {
+    shared: Arc<Shared>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+/// What [`AppState`] shares.
+pub struct Shared {
     pub store: Store,
-    /// (Shared text, as every field here: the state is cloned for every
-    /// request, and a `String` would be an allocation and a copy each time.)
+    /// (Shared text, as every field here: a `String` would be a copy for
+    /// each of the state's users.)
     pub admin_key_hash: Option<Arc<str>>,
     pub manual_clock: Option<Arc<ManualClock>>,
     pub key_cache: Arc<KeyCache>,
@@ -71,7 +85,7 @@ impl AppState {
         admin_key: Option<&str>,
         manual_clock: Option<Arc<ManualClock>>,
     ) -> AppState {
-        AppState {
+        let shared = Shared {
             store,
             admin_key_hash: admin_key
                 .filter(|k| !k.is_empty())
@@ -88,7 +102,15 @@ impl AppState {
                 .build()
                 .expect("an HTTP client with default settings"),
             leader_url: Arc::default(),
+        };
+        AppState {
+            shared: Arc::new(shared),
         }
+    }
+
+    /// Change the settings before the state is first cloned (at start-up).
+    pub fn configure(&mut self) -> &mut Shared {
+        Arc::get_mut(&mut self.shared).expect("the state is configured before it is shared")
     }
 
     /// Reserve room for `writes` writes, or answer 503 `overloaded`.

@@ -860,30 +860,32 @@ impl Pg {
             if begin {
                 pending.push(simple("BEGIN"));
             }
-            // The set-based statements are planned for the arrays they run
+            // The set-based updates are planned for the arrays they run
             // with: by default PostgreSQL settles on one generic plan per
             // statement after five runs, costed with the statistics of that
             // moment, and on a new database (near-empty tables) the balance
             // update kept a sequential scan of `grant_balances` in every
             // group until the next ANALYZE (0.85 ms to update one row of
             // 10,000; BENCHMARKS.md, 2026-12-04, late). Only around them:
+            // the set-based inserts (whose plan has no choice to make) and
             // the writer's other statements (loading a customer) keep their
-            // generic plans, which cost less to run than to plan. RESET
-            // restores the session's default (the server's, the role's or
-            // the database's setting). A SET in a transaction that fails is
-            // undone with it; outside a transaction, a batch that fails
-            // before it is sent leaves the custom plans on, which costs
-            // planning time and nothing else (the writer defers only inside
-            // its group's transaction).
-            let bracket = !statements.is_empty();
-            if bracket {
-                pending.push(simple("SET plan_cache_mode = force_custom_plan"));
-            }
-            for (statement, params) in statements.iter().zip(&params) {
+            // generic plans, which cost less to run than to plan (planning
+            // each insert cost about 30 µs a group; BENCHMARKS.md,
+            // 2026-12-05, later). RESET restores the session's default (the
+            // server's, the role's or the database's setting). A SET in a
+            // transaction that fails is undone with it; outside a
+            // transaction, a batch that fails before it is sent leaves the
+            // custom plans on, which costs planning time and nothing else
+            // (the writer defers only inside its group's transaction).
+            for ((statement, params), batch) in statements.iter().zip(&params).zip(&batches) {
+                let custom = batch.shape == Shape::UpdateByFirst;
+                if custom {
+                    pending.push(simple("SET plan_cache_mode = force_custom_plan"));
+                }
                 pending.push(Box::pin(client.execute(statement, params)));
-            }
-            if bracket {
-                pending.push(simple("RESET plan_cache_mode"));
+                if custom {
+                    pending.push(simple("RESET plan_cache_mode"));
+                }
             }
             if let Some(last) = &last {
                 pending.push(simple(last));
@@ -1374,7 +1376,7 @@ mod tests {
     /// only the PostgreSQL pass of the suite (`TALLY_TEST_DATABASE=postgres`)
     /// runs this.
     #[test]
-    fn set_based_batches_alone_are_planned_for_their_values() {
+    fn set_based_updates_alone_are_planned_for_their_values() {
         const INSERT: &str = "INSERT INTO modes (k, mode) VALUES (?1, current_setting(?2))";
         const UPDATE: &str = "UPDATE modes SET mode = current_setting(?2) WHERE k = ?1";
         let setting = |connection: &Connection| -> String {
@@ -1413,9 +1415,29 @@ mod tests {
             // A read sends the batches first; the session is back after them.
             assert_eq!(setting(&connection), default);
             connection.commit().unwrap();
+            // Set-based inserts keep the session's plans.
+            assert_eq!(modes(&connection), [default.clone(), default.clone()]);
+            assert_eq!(setting(&connection), default);
+
+            // A set-based update is planned for its values; an insert sent
+            // after it in the same round trip is not.
+            connection.begin().unwrap();
+            for k in 1..=2i64 {
+                connection
+                    .defer(Shape::UpdateByFirst, UPDATE, params![k, "plan_cache_mode"])
+                    .unwrap();
+            }
+            connection
+                .defer(Shape::Insert, INSERT, params![3i64, "plan_cache_mode"])
+                .unwrap();
+            connection.commit().unwrap();
             assert_eq!(
                 modes(&connection),
-                ["force_custom_plan", "force_custom_plan"]
+                [
+                    "force_custom_plan".to_owned(),
+                    "force_custom_plan".to_owned(),
+                    default.clone()
+                ]
             );
             assert_eq!(setting(&connection), default);
 

@@ -409,6 +409,14 @@ impl TallyServer {
     /// answer, again and again for `seconds`; a request carries `per_request`
     /// charges numbered from `n`, all of which must be charged. Charges per
     /// second.
+    ///
+    /// Each client is one keep-alive HTTP/1.1 connection driven by hyper in
+    /// the client's own task, with its headers built once: the load
+    /// generator shares the machine's two cores with the server and
+    /// PostgreSQL, and a general-purpose client (a connection pool, a URL
+    /// parsed per request, its connection in another task, the answer
+    /// parsed into a `serde_json::Value`) cost as much CPU as the server
+    /// itself (BENCHMARKS.md, 2026-12-05, later).
     async fn closed_loop(
         &self,
         clients: usize,
@@ -417,45 +425,87 @@ impl TallyServer {
         per_request: u64,
         body: impl Fn(u64) -> String + Clone + Send + 'static,
     ) -> anyhow::Result<f64> {
+        use http_body_util::BodyExt;
+        use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+
+        /// What the bench reads of an answer: each event's status, for a
+        /// batch (`POST /v1/events`).
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            results: Option<Vec<EventResult>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct EventResult {
+            status: String,
+        }
+
         let done = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + Duration::from_secs(seconds);
         let started = Instant::now();
-        let url = format!("{}{path}", self.base);
+        let address = self
+            .base
+            .strip_prefix("http://")
+            .context("the server's base URL")?
+            .to_owned();
+        let host = HeaderValue::from_str(&address)?;
+        let bearer = HeaderValue::from_str(&format!("Bearer {KEY}"))?;
+        let json = HeaderValue::from_static("application/json");
         let mut tasks = Vec::new();
         for _ in 0..clients {
-            let (client, url, next, done, acknowledged, body) = (
-                self.client.clone(),
-                url.clone(),
+            let (address, path, next, done, acknowledged, body) = (
+                address.clone(),
+                path.to_owned(),
                 self.next.clone(),
                 done.clone(),
                 self.acknowledged.clone(),
                 body.clone(),
             );
+            let (host, bearer, json) = (host.clone(), bearer.clone(), json.clone());
             tasks.push(tokio::spawn(async move {
-                while Instant::now() < deadline {
-                    let first = next.fetch_add(per_request, Ordering::Relaxed);
-                    let response = client
-                        .post(&url)
-                        .bearer_auth(KEY)
-                        .header("content-type", "application/json")
-                        .body(body(first))
-                        .send()
+                let stream = tokio::net::TcpStream::connect(&address).await?;
+                stream.set_nodelay(true)?;
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                         .await?;
-                    let status = response.status();
-                    let answer: serde_json::Value =
-                        serde_json::from_slice(&response.bytes().await?)?;
-                    ensure!(status.is_success(), "{url} answered {status}: {answer}");
-                    // A batch answers each event; every one must be charged.
-                    if let Some(results) = answer["results"].as_array() {
+                let requests = async move {
+                    while Instant::now() < deadline {
+                        let first = next.fetch_add(per_request, Ordering::Relaxed);
+                        let mut request = hyper::Request::post(path.as_str()).body(
+                            http_body_util::Full::new(hyper::body::Bytes::from(body(first))),
+                        )?;
+                        let headers = request.headers_mut();
+                        headers.insert(HOST, host.clone());
+                        headers.insert(AUTHORIZATION, bearer.clone());
+                        headers.insert(CONTENT_TYPE, json.clone());
+                        sender.ready().await?;
+                        let response = sender.send_request(request).await?;
+                        let status = response.status();
+                        let answer = response.into_body().collect().await?.to_bytes();
                         ensure!(
-                            results.len() as u64 == per_request
-                                && results.iter().all(|r| r["status"] == "charged"),
-                            "an event was not charged: {answer}"
+                            status.is_success(),
+                            "{path} answered {status}: {}",
+                            String::from_utf8_lossy(&answer)
                         );
+                        // A batch answers each event; every one must be charged.
+                        if per_request > 1 {
+                            let parsed: Answer = serde_json::from_slice(&answer)?;
+                            let results = parsed.results.unwrap_or_default();
+                            ensure!(
+                                results.len() as u64 == per_request
+                                    && results.iter().all(|r| r.status == "charged"),
+                                "an event was not charged: {}",
+                                String::from_utf8_lossy(&answer)
+                            );
+                        }
+                        done.fetch_add(per_request, Ordering::Relaxed);
+                        acknowledged.fetch_add(per_request, Ordering::Relaxed);
                     }
-                    done.fetch_add(per_request, Ordering::Relaxed);
-                    acknowledged.fetch_add(per_request, Ordering::Relaxed);
-                }
+                    // Dropping the sender ends the connection.
+                    Ok::<_, anyhow::Error>(())
+                };
+                let (connection, requests) = tokio::join!(connection, requests);
+                requests?;
+                connection?;
                 Ok::<_, anyhow::Error>(())
             }));
         }
