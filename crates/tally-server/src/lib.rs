@@ -52,14 +52,12 @@ impl std::ops::Deref for AppState {
 /// What [`AppState`] shares.
 pub struct Shared {
     pub store: Store,
-    /// (Shared text, as every field here: a `String` would be a copy for
-    /// each of the state's users.)
-    pub admin_key_hash: Option<Arc<str>>,
+    pub admin_key_hash: Option<String>,
     pub manual_clock: Option<Arc<ManualClock>>,
-    pub key_cache: Arc<KeyCache>,
-    pub metrics: Arc<metrics::Metrics>,
+    pub key_cache: KeyCache,
+    pub metrics: metrics::Metrics,
     /// The token Google Pub/Sub push must present (`--pubsub-token`); push is off without it.
-    pub pubsub_token: Option<Arc<str>>,
+    pub pubsub_token: Option<String>,
     /// Writes accepted over HTTP and not yet answered, at most: beyond it a
     /// request is answered 503 `overloaded` with `Retry-After`, having changed
     /// nothing (stream consumers are not limited here: they wait instead).
@@ -73,7 +71,7 @@ pub struct Shared {
     /// one PostgreSQL database; see [`forward`]).
     pub forwarder: reqwest::Client,
     /// Where that server listens, as last read from the database.
-    pub leader_url: Arc<std::sync::RwLock<Option<String>>>,
+    pub leader_url: std::sync::RwLock<Option<String>>,
 }
 
 /// Default bound of [`AppState::in_flight`]: the writer's queue.
@@ -87,12 +85,10 @@ impl AppState {
     ) -> AppState {
         let shared = Shared {
             store,
-            admin_key_hash: admin_key
-                .filter(|k| !k.is_empty())
-                .map(|k| Arc::from(hash_key(k))),
+            admin_key_hash: admin_key.filter(|k| !k.is_empty()).map(hash_key),
             manual_clock,
-            key_cache: Arc::default(),
-            metrics: Arc::default(),
+            key_cache: KeyCache::default(),
+            metrics: metrics::Metrics::default(),
             pubsub_token: None,
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             max_in_flight: MAX_IN_FLIGHT,
@@ -101,7 +97,7 @@ impl AppState {
                 .connect_timeout(Duration::from_secs(2))
                 .build()
                 .expect("an HTTP client with default settings"),
-            leader_url: Arc::default(),
+            leader_url: std::sync::RwLock::default(),
         };
         AppState {
             shared: Arc::new(shared),

@@ -877,15 +877,21 @@ impl Pg {
             // transaction, a batch that fails before it is sent leaves the
             // custom plans on, which costs planning time and nothing else
             // (the writer defers only inside its group's transaction).
+            // (One SET and one RESET around each run of updates in a row.)
+            let mut custom = false;
             for ((statement, params), batch) in statements.iter().zip(&params).zip(&batches) {
-                let custom = batch.shape == Shape::UpdateByFirst;
-                if custom {
-                    pending.push(simple("SET plan_cache_mode = force_custom_plan"));
+                let update = batch.shape == Shape::UpdateByFirst;
+                if update != custom {
+                    pending.push(simple(match update {
+                        true => "SET plan_cache_mode = force_custom_plan",
+                        false => "RESET plan_cache_mode",
+                    }));
+                    custom = update;
                 }
                 pending.push(Box::pin(client.execute(statement, params)));
-                if custom {
-                    pending.push(simple("RESET plan_cache_mode"));
-                }
+            }
+            if custom {
+                pending.push(simple("RESET plan_cache_mode"));
             }
             if let Some(last) = &last {
                 pending.push(simple(last));

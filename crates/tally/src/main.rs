@@ -204,14 +204,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("open the data directory {:?}", storage.data_dir))?,
     };
     let admin_key = std::env::var("TALLY_ADMIN_KEY").ok();
-    let mut state = AppState::new(store, admin_key.as_deref(), manual);
-    state.configure().pubsub_token = pubsub_token.filter(|t| !t.is_empty()).map(Arc::from);
     anyhow::ensure!(
         (1..=1 << 24).contains(&max_in_flight),
         "--max-in-flight must be between 1 and 16777216"
     );
-    state.configure().in_flight = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
-    state.configure().max_in_flight = max_in_flight;
+    let mut state = AppState::new(store, admin_key.as_deref(), manual);
+    let settings = state.configure();
+    settings.pubsub_token = pubsub_token.filter(|t| !t.is_empty());
+    settings.in_flight = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
+    settings.max_in_flight = max_in_flight;
     tally_server::spawn_ticker(state.clone());
     tally_server::webhooks::spawn_deliveries(state.clone());
     // The consumers' tasks, awaited after a graceful shutdown so that each
