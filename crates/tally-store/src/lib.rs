@@ -35,8 +35,9 @@ pub use writer::MAX_BATCH;
 pub const MAX_LEDGER_WALK: usize = 10_000;
 /// Commands waiting for the writer before callers are made to wait.
 const QUEUE_CAPACITY: usize = 65_536;
-/// Read connections kept open.
-const READERS: usize = 8;
+/// Reads running at once on the embedded store, and its read connections
+/// kept open.
+const SQLITE_READS: usize = 16;
 
 /// The database file inside a data directory.
 pub fn database_path(data_dir: &Path) -> PathBuf {
@@ -168,8 +169,6 @@ enum Backend {
     Postgres {
         url: String,
         leader: Arc<Leadership>,
-        /// Bounds the reads running at once (each holds a connection).
-        reads: tokio::sync::Semaphore,
     },
 }
 
@@ -185,13 +184,22 @@ struct Leadership {
 /// The advisory lock whose holder is the one writer of a PostgreSQL database.
 const LEADER_LOCK: i64 = 0x7461_6c6c_0002;
 
-/// Reads running at once on PostgreSQL (each holds a connection; the
-/// server's `max_connections` is shared by every Tally server).
+/// Reads running at once on PostgreSQL, and its read connections kept open
+/// (the server's `max_connections` is shared by every Tally server).
 const POSTGRES_READS: usize = 16;
 
 struct Inner {
     sender: mpsc::Sender<writer::Job>,
+    /// Read connections kept open: as many as reads may run at once, so that
+    /// no read under load pays for a new connection (a PostgreSQL connection
+    /// is a new server process).
     readers: Mutex<Vec<Connection>>,
+    /// Bounds the reads running at once, each on a connection of `readers`.
+    reads: tokio::sync::Semaphore,
+    /// The permits of `reads`, and so the connections `readers` keeps.
+    max_readers: usize,
+    /// Read connections opened so far (see `read_connections_opened`).
+    opened_readers: std::sync::atomic::AtomicUsize,
     backend: Backend,
     clock: Arc<dyn Clock>,
     /// Shared with the writer and the syncer: the live stream's channel and
@@ -406,6 +414,9 @@ impl Store {
         let inner = Arc::new(Inner {
             sender,
             readers: Mutex::new(Vec::new()),
+            reads: tokio::sync::Semaphore::new(SQLITE_READS),
+            max_readers: SQLITE_READS,
+            opened_readers: std::sync::atomic::AtomicUsize::new(0),
             backend: Backend::Sqlite {
                 path: path.clone(),
                 _lock: lock,
@@ -476,10 +487,12 @@ impl Store {
             inner: Arc::new(Inner {
                 sender,
                 readers: Mutex::new(Vec::new()),
+                reads: tokio::sync::Semaphore::new(POSTGRES_READS),
+                max_readers: POSTGRES_READS,
+                opened_readers: std::sync::atomic::AtomicUsize::new(0),
                 backend: Backend::Postgres {
                     url: url.to_owned(),
                     leader,
-                    reads: tokio::sync::Semaphore::new(POSTGRES_READS),
                 },
                 clock,
                 sync: sync_state,
@@ -564,45 +577,57 @@ impl Store {
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
     }
 
+    /// Read connections this store has opened since it opened: at most one
+    /// per read that may run at once (16) while none breaks.
+    pub fn read_connections_opened(&self) -> usize {
+        self.inner
+            .opened_readers
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Run a read on a pooled read connection, off the async threads.
     async fn read<T, F>(&self, read: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> db::Result<T> + Send + 'static,
     {
-        let _permit = match &self.inner.backend {
-            Backend::Postgres { reads, .. } => Some(
-                reads
-                    .acquire()
-                    .await
-                    .map_err(|_| StoreError::Unavailable("the store is closing".into()))?,
-            ),
-            Backend::Sqlite { .. } => None,
-        };
+        // Held until the read's task is done (a read abandoned meanwhile
+        // frees its permit early; the pool still keeps no more than its size).
+        let _permit = self
+            .inner
+            .reads
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closing".into()))?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let pooled = inner.readers.lock().expect("reader pool").pop();
             let connection = match pooled {
                 Some(connection) => connection,
-                None => match &inner.backend {
-                    Backend::Sqlite { path, .. } => {
-                        let connection = connect(path).map_err(unavailable)?;
-                        connection
-                            .execute_batch("PRAGMA query_only = ON")
-                            .map_err(unavailable)?;
-                        connection
+                None => {
+                    inner
+                        .opened_readers
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    match &inner.backend {
+                        Backend::Sqlite { path, .. } => {
+                            let connection = connect(path).map_err(unavailable)?;
+                            connection
+                                .execute_batch("PRAGMA query_only = ON")
+                                .map_err(unavailable)?;
+                            connection
+                        }
+                        Backend::Postgres { url, .. } => {
+                            Connection::postgres(url).map_err(unavailable)?
+                        }
                     }
-                    Backend::Postgres { url, .. } => {
-                        Connection::postgres(url).map_err(unavailable)?
-                    }
-                },
+                }
             };
             // One snapshot for everything the read looks at (grants and holds
             // read in separate statements would otherwise see different groups).
             let result = connection.snapshot(read).map_err(unavailable);
             let mut pool = inner.readers.lock().expect("reader pool");
             // A broken connection is dropped, not pooled.
-            if pool.len() < READERS && !connection.is_broken() {
+            if pool.len() < inner.max_readers && !connection.is_broken() {
                 pool.push(connection);
             }
             result
@@ -742,25 +767,43 @@ impl Store {
         customer_id: Id,
     ) -> Result<Vec<tally_core::Subscription>, StoreError> {
         // A period that ended is renewed before it is shown.
-        self.renew_before_read(&customer_id, self.now()).await?;
-        self.read(move |c| rows::subscriptions(c, customer_id.as_str()))
-            .await
+        let key = customer_id.clone();
+        self.read_renewed(&customer_id, self.now(), move |c| {
+            rows::subscriptions(c, key.as_str())
+        })
+        .await
     }
 
-    /// Renew a subscription whose period has ended before a read shows the
-    /// customer's credits: the renewal writes (a grant), so it goes through
-    /// the writer; between two ticks this makes the read exact.
-    async fn renew_before_read(&self, customer_id: &Id, now: Timestamp) -> Result<(), StoreError> {
+    /// `read`, after renewing a subscription whose period has ended: the
+    /// renewal writes (a grant), so it goes through the writer; between two
+    /// ticks this makes a read of the customer's credits exact. The check is
+    /// made in the read's own snapshot, so a read with nothing due costs one
+    /// trip to a read connection; only a renewal reads twice.
+    async fn read_renewed<T, F>(
+        &self,
+        customer_id: &Id,
+        now: Timestamp,
+        read: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection) -> db::Result<T> + Clone + Send + 'static,
+    {
         // A server that does not run the writer cannot renew: its read shows
         // the renewal once the writer's tick (every 500 ms) has applied it.
-        if !self.is_leader() {
-            return Ok(());
-        }
-        let key = customer_id.clone();
-        let due = self
-            .read(move |c| rows::renewal_due(c, key.as_str(), now))
-            .await?;
-        if due {
+        if self.is_leader() {
+            let (key, first) = (customer_id.clone(), read.clone());
+            let unless_due = self
+                .read(move |c| {
+                    if rows::renewal_due(c, key.as_str(), now)? {
+                        return Ok(None);
+                    }
+                    first(c).map(Some)
+                })
+                .await?;
+            if let Some(value) = unless_due {
+                return Ok(value);
+            }
             self.execute(
                 Command::ApplyDue {
                     customer_id: customer_id.clone(),
@@ -769,7 +812,7 @@ impl Store {
             )
             .await?;
         }
-        Ok(())
+        self.read(read).await
     }
 
     /// The balance at the engine's now, with what is due already applied.
@@ -777,12 +820,12 @@ impl Store {
         // One instant for both: a boundary passing between them would show
         // the ending allocation expired without the next one.
         let now = self.now();
-        self.renew_before_read(&customer_id, now).await?;
-        self.read(move |connection| {
-            let Some((mut ledger, records)) = rows::load_ledger(connection, &customer_id)? else {
+        let key = customer_id.clone();
+        self.read_renewed(&customer_id, now, move |connection| {
+            let Some((mut ledger, records)) = rows::load_ledger(connection, &key)? else {
                 return Ok(None);
             };
-            let last_entry = rows::chain_head(connection, customer_id.as_str())?;
+            let last_entry = rows::chain_head(connection, key.as_str())?;
             ledger.expire_due(now);
             let grants = records
                 .into_iter()

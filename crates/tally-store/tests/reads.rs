@@ -1,0 +1,160 @@
+//! Reads under load share the store's read connections: callers reading at
+//! once wait for a pooled connection instead of each opening one (on
+//! PostgreSQL a new server process per read, which capped balance reads over
+//! HTTP at about 1,000/s with 64 clients; BENCHMARKS.md).
+
+use std::sync::Arc;
+
+mod common;
+use common::TestStore;
+
+use tally_core::{Amount, Id, Period, Plan, Source, Timestamp};
+use tally_store::{
+    Command, ManualClock, NewCharge, NewCustomer, NewGrant, NewSubscription, PlanChange, Store,
+};
+
+const START: Timestamp = Timestamp(1_800_000_000_000_000);
+
+fn id(text: &str) -> Id {
+    Id::parse(text).unwrap()
+}
+
+fn amount(text: &str) -> Amount {
+    Amount::parse(text).unwrap()
+}
+
+async fn ok(store: &Store, command: Command) {
+    let executed = store.execute(command, None).await.expect("store answers");
+    if let Err(refusal) = executed.result {
+        panic!("refused: {refusal:?}");
+    }
+}
+
+fn charge(charge_id: &str, credits: &str) -> Command {
+    Command::Charge(NewCharge {
+        id: id(charge_id),
+        customer_id: id("c"),
+        amount: Some(amount(credits)),
+        feature: None,
+        usage: None,
+        member_id: None,
+        reason: None,
+        metadata: None,
+    })
+}
+
+/// A read of a customer's credits renews a subscription whose period has
+/// ended before it answers, and reads the renewed state. The store has no
+/// tick of its own (the server's runs every 500 ms), so here only the read's
+/// own check can show the new period's allocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_the_period_ended_shows_the_renewal() {
+    let place = TestStore::new("renewed_reads");
+    let clock = Arc::new(ManualClock::new(START));
+    let store = place.open(clock.clone()).await;
+    ok(
+        &store,
+        Command::PutPlan(Plan {
+            key: "monthly".into(),
+            name: "Monthly".into(),
+            period: Period::Days(30),
+            included_credits: amount("100"),
+            allocation_expires_after_periods: Some(1),
+            rollover: None,
+            overage: None,
+            upgrade_grace_days: 0,
+        }),
+    )
+    .await;
+    ok(
+        &store,
+        Command::CreateCustomer(NewCustomer::with_id(id("c"))),
+    )
+    .await;
+    ok(
+        &store,
+        Command::Subscribe(NewSubscription {
+            id: id("sub"),
+            customer_id: id("c"),
+            plan: "monthly".into(),
+            start_at: None,
+            change: PlanChange::Now,
+        }),
+    )
+    .await;
+    ok(&store, charge("ch", "30")).await;
+    let before = store.balance(id("c")).await.unwrap().unwrap();
+    assert_eq!(before.balance.available, amount("70"));
+
+    // Past the period's end: the first allocation has expired, the second
+    // is due. A read without the renewal would show 0 available.
+    clock.advance_to(START.plus_seconds(30 * 24 * 3600 + 1).unwrap());
+    let after = store.balance(id("c")).await.unwrap().unwrap();
+    assert_eq!(after.balance.available, amount("100"));
+    assert_eq!(after.grants.len(), 2, "{:?}", after.grants);
+    let subscriptions = store.subscriptions(id("c")).await.unwrap();
+    assert_eq!(subscriptions[0].period, 1, "{subscriptions:?}");
+    // Renewed once: a second read changes nothing.
+    let again = store.balance(id("c")).await.unwrap().unwrap();
+    assert_eq!(again.balance.available, amount("100"));
+    assert_eq!(again.grants.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_at_once_share_the_pooled_connections() {
+    let place = TestStore::new("reads");
+    let store = place.open(Arc::new(ManualClock::new(START))).await;
+    ok(
+        &store,
+        Command::CreateCustomer(NewCustomer::with_id(id("c"))),
+    )
+    .await;
+    ok(
+        &store,
+        Command::Grant(NewGrant {
+            id: id("g"),
+            customer_id: id("c"),
+            amount: amount("100"),
+            source: Source::Purchase,
+            paid: true,
+            cost_basis: None,
+            priority: 0,
+            effective_at: None,
+            expires_at: None,
+            scope: None,
+            metadata: None,
+            external_reference: None,
+            reason: None,
+        }),
+    )
+    .await;
+    ok(&store, charge("ch", "1.5")).await;
+
+    // 64 callers, 25 balance reads each, all at once.
+    const CALLERS: usize = 64;
+    const READS: usize = 25;
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..CALLERS {
+        let store = store.clone();
+        callers.spawn(async move {
+            for _ in 0..READS {
+                let view = store
+                    .balance(id("c"))
+                    .await
+                    .expect("read")
+                    .expect("customer");
+                assert_eq!(view.balance.available, amount("98.5"));
+            }
+        });
+    }
+    while let Some(done) = callers.join_next().await {
+        done.expect("a caller");
+    }
+    let opened = store.read_connections_opened();
+    eprintln!("{} reads opened {opened} read connections", CALLERS * READS);
+    assert!(
+        (1..=16).contains(&opened),
+        "{} reads at once opened {opened} read connections; at most 16 may run at once",
+        CALLERS
+    );
+}
