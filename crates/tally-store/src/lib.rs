@@ -700,7 +700,8 @@ impl Store {
     ) -> Result<Option<Vec<tally_core::Member>>, StoreError> {
         let now = self.now();
         self.read(move |c| {
-            let Some((mut ledger, _)) = rows::load_ledger(c, &customer_id)? else {
+            let Some(rows::LoadedLedger { mut ledger, .. }) = rows::load_ledger(c, &customer_id)?
+            else {
                 return Ok(None);
             };
             // Hold timeouts that are due give back to the budgets first.
@@ -822,10 +823,15 @@ impl Store {
         let now = self.now();
         let key = customer_id.clone();
         self.read_renewed(&customer_id, now, move |connection| {
-            let Some((mut ledger, records)) = rows::load_ledger(connection, &key)? else {
+            let Some(rows::LoadedLedger {
+                mut ledger,
+                grants: records,
+                head: last_entry,
+                ..
+            }) = rows::load_ledger(connection, &key)?
+            else {
                 return Ok(None);
             };
-            let last_entry = rows::chain_head(connection, key.as_str())?;
             ledger.expire_due(now);
             let grants = records
                 .into_iter()

@@ -142,19 +142,29 @@ pub fn entry(row: &Row) -> db::Result<EntryRecord> {
 }
 
 pub fn customer(connection: &Connection, customer_id: &str) -> db::Result<Option<CustomerRecord>> {
+    Ok(customer_row(connection, customer_id)?.map(|(record, _, _)| record))
+}
+
+/// A customer's record, what it owes, and the chain head kept on its own row
+/// (a customer without grants carries its head there), in one statement.
+fn customer_row(
+    connection: &Connection,
+    customer_id: &str,
+) -> db::Result<Option<(CustomerRecord, Amount, Option<i64>)>> {
     let sql = match connection.dialect() {
         Dialect::Sqlite => {
             "SELECT c.id, c.name, c.plan, c.region, c.currency, c.metadata, c.created_at, \
              COALESCE(c.overage, (SELECT json_extract(p.body, '$.overage') FROM subscriptions s \
                JOIN plans p ON p.key = s.plan WHERE s.customer_id = c.id AND s.status = 'active' \
-               AND json_extract(s.body, '$.period') >= 0)) \
+               AND json_extract(s.body, '$.period') >= 0)), c.debt, c.last_entry \
              FROM customers c WHERE c.id = ?1"
         }
         Dialect::Postgres => {
             "SELECT c.id, c.name, c.plan, c.region, c.currency, c.metadata, c.created_at, \
              COALESCE(c.overage, (SELECT NULLIF((p.body::jsonb -> 'overage')::text, 'null') \
                FROM subscriptions s JOIN plans p ON p.key = s.plan WHERE s.customer_id = c.id \
-               AND s.status = 'active' AND (s.body::jsonb -> 'period') >= '0'::jsonb)) \
+               AND s.status = 'active' AND (s.body::jsonb -> 'period') >= '0'::jsonb)), \
+             c.debt, c.last_entry \
              FROM customers c WHERE c.id = ?1"
         }
     };
@@ -165,7 +175,7 @@ pub fn customer(connection: &Connection, customer_id: &str) -> db::Result<Option
                 Some(text) => json(&text)?,
                 None => tally_core::OveragePolicy::Block,
             };
-            Ok(CustomerRecord {
+            let record = CustomerRecord {
                 id: id(row, 0)?,
                 name: row.get(1)?,
                 plan: row.get(2)?,
@@ -174,28 +184,38 @@ pub fn customer(connection: &Connection, customer_id: &str) -> db::Result<Option
                 metadata: row.get(5)?,
                 created_at: Timestamp(row.get(6)?),
                 overage,
-            })
+            };
+            Ok((record, amount(row, 8)?, row.get(9)?))
         })
         .optional()
 }
 
 /// What a customer owes beyond zero, as stored.
-pub fn customer_debt(connection: &Connection, customer_id: &str) -> db::Result<Amount> {
-    connection
-        .prepare_cached("SELECT debt FROM customers WHERE id = ?1")?
-        .query_row([customer_id], |row| amount(row, 0))
+pub fn customer_grants(connection: &Connection, customer_id: &str) -> db::Result<Vec<GrantRecord>> {
+    Ok(grants_and_head(connection, customer_id)?.0)
 }
 
-pub fn customer_grants(connection: &Connection, customer_id: &str) -> db::Result<Vec<GrantRecord>> {
+/// A customer's grants, and the newest entry any of their balance rows
+/// carries (the chain head, unless the customer row carries a newer one).
+fn grants_and_head(
+    connection: &Connection,
+    customer_id: &str,
+) -> db::Result<(Vec<GrantRecord>, Option<i64>)> {
     let sql = concat!(
         "SELECT ",
         grant_columns!(),
-        " FROM grants g JOIN grant_balances b ON b.sequence = g.sequence WHERE g.customer_id = ?1 \
-         ORDER BY g.sequence"
+        ", b.last_entry FROM grants g JOIN grant_balances b ON b.sequence = g.sequence \
+         WHERE g.customer_id = ?1 ORDER BY g.sequence"
     );
     let mut statement = connection.prepare_cached(sql)?;
-    let rows = statement.query_map([customer_id], grant_record)?;
-    rows.collect()
+    let mut rows = statement.query([customer_id])?;
+    let mut records = Vec::new();
+    let mut head: Option<i64> = None;
+    while let Some(row) = rows.next()? {
+        records.push(grant_record(&row)?);
+        head = head.max(row.get::<_, Option<i64>>(19)?);
+    }
+    Ok((records, head))
 }
 
 pub fn active_holds(connection: &Connection, customer_id: &str) -> db::Result<Vec<Hold>> {
@@ -261,24 +281,39 @@ pub fn entry_link(
         .optional()
 }
 
-/// Load a customer's ledger; `None` when the customer does not exist.
-pub fn load_ledger(
-    connection: &Connection,
-    customer_id: &Id,
-) -> db::Result<Option<(CustomerLedger, Vec<GrantRecord>)>> {
-    let Some(record) = customer(connection, customer_id.as_str())? else {
+/// A customer's ledger as [`load_ledger`] reads it.
+pub struct LoadedLedger {
+    pub ledger: CustomerLedger,
+    pub customer: CustomerRecord,
+    pub grants: Vec<GrantRecord>,
+    /// The head of the customer's entry chain (`None`: no entries yet), as
+    /// [`chain_head`] reads it.
+    pub head: Option<i64>,
+}
+
+/// Load a customer's ledger; `None` when the customer does not exist. Four
+/// statements: the customer (with its debt), its grants (with the chain
+/// head), its active holds and its members.
+pub fn load_ledger(connection: &Connection, customer_id: &Id) -> db::Result<Option<LoadedLedger>> {
+    let Some((customer, debt, own_head)) = customer_row(connection, customer_id.as_str())? else {
         return Ok(None);
     };
-    let records = customer_grants(connection, customer_id.as_str())?;
+    let (records, grants_head) = grants_and_head(connection, customer_id.as_str())?;
     let grants = records.iter().map(|r| r.grant.clone()).collect();
     let holds = active_holds(connection, customer_id.as_str())?;
-    let debt = customer_debt(connection, customer_id.as_str())?;
     let members = members(connection, customer_id.as_str())?;
     let mut ledger = CustomerLedger::from_parts(customer_id.clone(), grants, holds)
         .with_debt(debt)
         .with_members(members);
-    ledger.set_overage(record.overage);
-    Ok(Some((ledger, records)))
+    ledger.set_overage(customer.overage);
+    // As `chain_head`: the largest over the balance rows and the customer row.
+    let head = own_head.max(grants_head).filter(|head| *head > 0);
+    Ok(Some(LoadedLedger {
+        ledger,
+        customer,
+        grants: records,
+        head,
+    }))
 }
 
 /// Insert a new grant's rows.

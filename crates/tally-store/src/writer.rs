@@ -1234,17 +1234,17 @@ impl Writer {
     /// Load a customer's ledger into the cache, if it is not there yet.
     fn load(&mut self, customer_id: &Id) -> Result<(), Failure> {
         if !self.cache.contains_key(customer_id) {
-            let Some(customer) = rows::customer(&self.connection, customer_id.as_str())? else {
+            let Some(rows::LoadedLedger {
+                ledger,
+                customer,
+                head,
+                ..
+            }) = rows::load_ledger(&self.connection, customer_id)?
+            else {
                 return Err(Failure::Store(StoreError::NotFound(format!(
                     "customer {customer_id}"
                 ))));
             };
-            let Some((ledger, _)) = rows::load_ledger(&self.connection, customer_id)? else {
-                return Err(Failure::Store(StoreError::NotFound(format!(
-                    "customer {customer_id}"
-                ))));
-            };
-            let head = rows::chain_head(&self.connection, customer_id.as_str())?;
             let subscription = rows::active_subscription(&self.connection, customer_id.as_str())?;
             let overage_override =
                 rows::customer_overage_override(&self.connection, customer_id.as_str())?;
