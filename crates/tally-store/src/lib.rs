@@ -195,7 +195,7 @@ struct Inner {
     /// is a new server process).
     readers: Mutex<Vec<Connection>>,
     /// Bounds the reads running at once, each on a connection of `readers`.
-    reads: tokio::sync::Semaphore,
+    reads: Arc<tokio::sync::Semaphore>,
     /// The permits of `reads`, and so the connections `readers` keeps.
     max_readers: usize,
     /// Read connections opened so far (see `read_connections_opened`).
@@ -414,7 +414,7 @@ impl Store {
         let inner = Arc::new(Inner {
             sender,
             readers: Mutex::new(Vec::new()),
-            reads: tokio::sync::Semaphore::new(SQLITE_READS),
+            reads: Arc::new(tokio::sync::Semaphore::new(SQLITE_READS)),
             max_readers: SQLITE_READS,
             opened_readers: std::sync::atomic::AtomicUsize::new(0),
             backend: Backend::Sqlite {
@@ -487,7 +487,7 @@ impl Store {
             inner: Arc::new(Inner {
                 sender,
                 readers: Mutex::new(Vec::new()),
-                reads: tokio::sync::Semaphore::new(POSTGRES_READS),
+                reads: Arc::new(tokio::sync::Semaphore::new(POSTGRES_READS)),
                 max_readers: POSTGRES_READS,
                 opened_readers: std::sync::atomic::AtomicUsize::new(0),
                 backend: Backend::Postgres {
@@ -591,16 +591,19 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> db::Result<T> + Send + 'static,
     {
-        // Held until the read's task is done (a read abandoned meanwhile
-        // frees its permit early; the pool still keeps no more than its size).
-        let _permit = self
+        // Held by the read's task until its connection is back in the pool,
+        // even when the caller gives up meanwhile: no more reads run, and no
+        // more connections are open, than there are permits.
+        let permit = self
             .inner
             .reads
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| StoreError::Unavailable("the store is closing".into()))?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let pooled = inner.readers.lock().expect("reader pool").pop();
             let connection = match pooled {
                 Some(connection) => connection,

@@ -190,7 +190,7 @@ fn customer_row(
         .optional()
 }
 
-/// What a customer owes beyond zero, as stored.
+/// A customer's grants with their balances, oldest first.
 pub fn customer_grants(connection: &Connection, customer_id: &str) -> db::Result<Vec<GrantRecord>> {
     Ok(grants_and_head(connection, customer_id)?.0)
 }
