@@ -213,6 +213,7 @@ fn grants_and_head(
     let mut head: Option<i64> = None;
     while let Some(row) = rows.next()? {
         records.push(grant_record(&row)?);
+        // `b.last_entry`, the column after the 19 of `grant_columns!`.
         head = head.max(row.get::<_, Option<i64>>(19)?);
     }
     Ok((records, head))

@@ -6,33 +6,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 mod common;
-use common::TestStore;
+use common::{amount, id, ok, TestStore};
 
 use proptest::prelude::*;
 use tally_core::pricebook::Contract;
-use tally_core::{Amount, Clock, Id, Rule, Source, Timestamp};
+use tally_core::{Amount, Clock, Rule, Source, Timestamp};
 use tally_store::{
     Command, ManualClock, NewCharge, NewCustomer, NewGrant, Outcome, Store, UsageInput,
 };
 
 const START: Timestamp = Timestamp(1_800_000_000_000_000);
-fn id(text: &str) -> Id {
-    Id::parse(text).unwrap()
-}
-
-fn amount(text: &str) -> Amount {
-    Amount::parse(text).unwrap()
-}
-
 fn rules(json: serde_json::Value) -> Vec<Rule> {
     serde_json::from_value(json).expect("rules parse")
-}
-
-async fn ok(store: &Store, command: Command) -> Outcome {
-    let executed = store.execute(command, None).await.expect("store answers");
-    executed
-        .result
-        .unwrap_or_else(|refusal| panic!("refused: {refusal:?}"))
 }
 
 /// Features a..d, one published version using every kind of price, a customer

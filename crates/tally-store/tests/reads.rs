@@ -6,42 +6,12 @@
 use std::sync::Arc;
 
 mod common;
-use common::TestStore;
+use common::{amount, charge, grant, id, ok, TestStore};
 
-use tally_core::{Amount, Id, Period, Plan, Source, Timestamp};
-use tally_store::{
-    Command, ManualClock, NewCharge, NewCustomer, NewGrant, NewSubscription, PlanChange, Store,
-};
+use tally_core::{Period, Plan, Timestamp};
+use tally_store::{Command, ManualClock, NewCustomer, NewSubscription, PlanChange};
 
 const START: Timestamp = Timestamp(1_800_000_000_000_000);
-
-fn id(text: &str) -> Id {
-    Id::parse(text).unwrap()
-}
-
-fn amount(text: &str) -> Amount {
-    Amount::parse(text).unwrap()
-}
-
-async fn ok(store: &Store, command: Command) {
-    let executed = store.execute(command, None).await.expect("store answers");
-    if let Err(refusal) = executed.result {
-        panic!("refused: {refusal:?}");
-    }
-}
-
-fn charge(charge_id: &str, credits: &str) -> Command {
-    Command::Charge(NewCharge {
-        id: id(charge_id),
-        customer_id: id("c"),
-        amount: Some(amount(credits)),
-        feature: None,
-        usage: None,
-        member_id: None,
-        reason: None,
-        metadata: None,
-    })
-}
 
 /// A read of a customer's credits renews a subscription whose period has
 /// ended before it answers, and reads the renewed state. The store has no
@@ -109,25 +79,7 @@ async fn readers_at_once_share_the_pooled_connections() {
         Command::CreateCustomer(NewCustomer::with_id(id("c"))),
     )
     .await;
-    ok(
-        &store,
-        Command::Grant(NewGrant {
-            id: id("g"),
-            customer_id: id("c"),
-            amount: amount("100"),
-            source: Source::Purchase,
-            paid: true,
-            cost_basis: None,
-            priority: 0,
-            effective_at: None,
-            expires_at: None,
-            scope: None,
-            metadata: None,
-            external_reference: None,
-            reason: None,
-        }),
-    )
-    .await;
+    ok(&store, grant("g", "100", None)).await;
     ok(&store, charge("ch", "1.5")).await;
 
     // 64 callers, 25 balance reads each, all at once.

@@ -5,61 +5,12 @@
 use std::sync::Arc;
 
 mod common;
-use common::TestStore;
+use common::{amount, charge, grant, id, ok, TestStore};
 
-use tally_core::{Amount, Id, Source, Timestamp};
-use tally_store::{
-    BalanceView, Command, ManualClock, NewCharge, NewCustomer, NewGrant, NewHold, NewRefund,
-    Outcome, Store,
-};
+use tally_core::Timestamp;
+use tally_store::{BalanceView, Command, ManualClock, NewCustomer, NewHold, NewRefund, Outcome};
 
 const START: Timestamp = Timestamp(1_800_000_000_000_000);
-
-fn id(text: &str) -> Id {
-    Id::parse(text).unwrap()
-}
-
-fn amount(text: &str) -> Amount {
-    Amount::parse(text).unwrap()
-}
-
-async fn ok(store: &Store, command: Command) -> Outcome {
-    let executed = store.execute(command, None).await.expect("store answers");
-    executed
-        .result
-        .unwrap_or_else(|refusal| panic!("refused: {refusal:?}"))
-}
-
-fn grant(grant_id: &str, credits: &str, expires_at: Option<Timestamp>) -> Command {
-    Command::Grant(NewGrant {
-        id: id(grant_id),
-        customer_id: id("c"),
-        amount: amount(credits),
-        source: Source::Purchase,
-        paid: true,
-        cost_basis: None,
-        priority: 0,
-        effective_at: None,
-        expires_at,
-        scope: None,
-        metadata: None,
-        external_reference: None,
-        reason: None,
-    })
-}
-
-fn charge(charge_id: &str, credits: &str) -> Command {
-    Command::Charge(NewCharge {
-        id: id(charge_id),
-        customer_id: id("c"),
-        amount: Some(amount(credits)),
-        feature: None,
-        usage: None,
-        member_id: None,
-        reason: None,
-        metadata: None,
-    })
-}
 
 /// What must survive a reopen: balance and every grant's state.
 fn summary(view: &BalanceView) -> String {

@@ -7,10 +7,66 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tally_core::Clock;
-use tally_store::Store;
+use tally_core::{Amount, Clock, Id, Source, Timestamp};
+use tally_store::{Command, NewCharge, NewGrant, Outcome, Store};
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
+
+// Builders the store tests share (each test file uses some of them).
+
+#[allow(dead_code)]
+pub fn id(text: &str) -> Id {
+    Id::parse(text).unwrap()
+}
+
+#[allow(dead_code)]
+pub fn amount(text: &str) -> Amount {
+    Amount::parse(text).unwrap()
+}
+
+/// Execute `command`; panics unless it succeeded.
+#[allow(dead_code)]
+pub async fn ok(store: &Store, command: Command) -> Outcome {
+    let executed = store.execute(command, None).await.expect("store answers");
+    executed
+        .result
+        .unwrap_or_else(|refusal| panic!("refused: {refusal:?}"))
+}
+
+/// A paid purchase of `credits` for customer `c`.
+#[allow(dead_code)]
+pub fn grant(grant_id: &str, credits: &str, expires_at: Option<Timestamp>) -> Command {
+    Command::Grant(NewGrant {
+        id: id(grant_id),
+        customer_id: id("c"),
+        amount: amount(credits),
+        source: Source::Purchase,
+        paid: true,
+        cost_basis: None,
+        priority: 0,
+        effective_at: None,
+        expires_at,
+        scope: None,
+        metadata: None,
+        external_reference: None,
+        reason: None,
+    })
+}
+
+/// A charge of `credits` to customer `c`.
+#[allow(dead_code)]
+pub fn charge(charge_id: &str, credits: &str) -> Command {
+    Command::Charge(NewCharge {
+        id: id(charge_id),
+        customer_id: id("c"),
+        amount: Some(amount(credits)),
+        feature: None,
+        usage: None,
+        member_id: None,
+        reason: None,
+        metadata: None,
+    })
+}
 
 /// How many cases a property test runs: `embedded` on the embedded store, an
 /// eighth of it on PostgreSQL, where each case creates a database (about half
