@@ -359,6 +359,11 @@ impl Connection {
                 );
             }
         });
+        // No JIT compilation: the store's statements are short, and a plan
+        // costed from missing statistics (a new database, before its first
+        // ANALYZE) can cross `jit_above_cost` and spend 10-15 ms compiling
+        // a statement that runs in microseconds, on the writer's thread.
+        runtime.block_on(client.batch_execute("SET jit = off"))?;
         Ok(Connection {
             kind: Kind::Postgres(Box::new(Pg {
                 runtime,
@@ -877,21 +882,24 @@ impl Pg {
             // transaction, a batch that fails before it is sent leaves the
             // custom plans on, which costs planning time and nothing else
             // (the writer defers only inside its group's transaction).
+            // They also cost a random page read like a sequential one
+            // ([`SET_FOR_UPDATES`]): with the default, groups of a few dozen
+            // keys scanned the whole balance table.
             // (One SET and one RESET around each run of updates in a row.)
             let mut custom = false;
             for ((statement, params), batch) in statements.iter().zip(&params).zip(&batches) {
                 let update = batch.shape == Shape::UpdateByFirst;
                 if update != custom {
                     pending.push(simple(match update {
-                        true => "SET plan_cache_mode = force_custom_plan",
-                        false => "RESET plan_cache_mode",
+                        true => SET_FOR_UPDATES,
+                        false => RESET_AFTER_UPDATES,
                     }));
                     custom = update;
                 }
                 pending.push(Box::pin(client.execute(statement, params)));
             }
             if custom {
-                pending.push(simple("RESET plan_cache_mode"));
+                pending.push(simple(RESET_AFTER_UPDATES));
             }
             if let Some(last) = &last {
                 pending.push(simple(last));
@@ -911,6 +919,17 @@ impl Pg {
         }))
     }
 }
+
+/// What the set-based updates run with (see [`Pg::pipeline`]): a plan made
+/// for their arrays, and the cost of a random page read as cheap as a
+/// sequential one is on a working set in memory. With the default (4), a
+/// custom plan for an update of 33 keys of `grant_balances` (10,000 rows)
+/// hashed the keys and scanned the whole table: 1.5-1.9 ms, against
+/// 0.4-0.6 ms through the primary key (BENCHMARKS.md, 2026-12-05, fourth
+/// session). Large groups still get a hash join where it is cheaper.
+const SET_FOR_UPDATES: &str = "SET plan_cache_mode = force_custom_plan; SET random_page_cost = 1.1";
+/// Back to the session's own defaults after the set-based updates.
+const RESET_AFTER_UPDATES: &str = "RESET plan_cache_mode; RESET random_page_cost";
 
 /// The set-based form of a one-row statement (`$N` placeholders): each
 /// parameter becomes an array (of the type PostgreSQL inferred for it),
@@ -1287,7 +1306,7 @@ impl<'a> tokio_postgres::types::FromSql<'a> for PgValue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -1343,7 +1362,7 @@ mod tests {
     /// The connections the suite runs on: SQLite always, and a fresh
     /// PostgreSQL database with `TALLY_TEST_DATABASE=postgres` (dropped by
     /// the returned guard's caller through `drop_database`).
-    fn connections(name: &str) -> Vec<(Connection, Option<(String, String)>)> {
+    pub(crate) fn connections(name: &str) -> Vec<(Connection, Option<(String, String)>)> {
         let mut all = vec![(
             Connection::sqlite(rusqlite::Connection::open_in_memory().unwrap()),
             None,
@@ -1366,7 +1385,7 @@ mod tests {
         all
     }
 
-    fn drop_database(place: Option<(String, String)>) {
+    pub(crate) fn drop_database(place: Option<(String, String)>) {
         if let Some((server, database)) = place {
             let admin = Connection::postgres(&format!("{server}/postgres")).unwrap();
             admin
@@ -1446,6 +1465,29 @@ mod tests {
                 ]
             );
             assert_eq!(setting(&connection), default);
+
+            // ... and costs a random page read like a sequential one; the
+            // session's own cost is back after it.
+            let page_cost = |connection: &Connection| -> String {
+                connection
+                    .query_row("SELECT current_setting('random_page_cost')", [], |row| {
+                        row.get(0)
+                    })
+                    .unwrap()
+            };
+            let default_cost = page_cost(&connection);
+            assert_ne!(default_cost, "1.1", "the server's default");
+            connection.begin().unwrap();
+            connection
+                .defer(
+                    Shape::UpdateByFirst,
+                    UPDATE,
+                    params![1i64, "random_page_cost"],
+                )
+                .unwrap();
+            connection.commit().unwrap();
+            assert_eq!(modes(&connection)[0], "1.1");
+            assert_eq!(page_cost(&connection), default_cost);
 
             // A group whose batch fails leaves the session as it was.
             connection.begin().unwrap();
