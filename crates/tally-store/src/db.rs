@@ -876,15 +876,16 @@ impl Pg {
             // the writer's other statements (loading a customer) keep their
             // generic plans, which cost less to run than to plan (planning
             // each insert cost about 30 µs a group; BENCHMARKS.md,
-            // 2026-12-05, later). RESET restores the session's default (the
-            // server's, the role's or the database's setting). A SET in a
-            // transaction that fails is undone with it; outside a
-            // transaction, a batch that fails before it is sent leaves the
-            // custom plans on, which costs planning time and nothing else
-            // (the writer defers only inside its group's transaction).
-            // They also cost a random page read like a sequential one
-            // ([`SET_FOR_UPDATES`]): with the default, groups of a few dozen
-            // keys scanned the whole balance table.
+            // 2026-12-05, later). They also cost a random page read like a
+            // sequential one ([`SET_FOR_UPDATES`]): with the default, groups
+            // of a few dozen keys scanned the whole balance table. RESET
+            // restores the session's defaults (the server's, the role's or
+            // the database's settings). A SET in a transaction that fails is
+            // undone with it; outside a transaction, a batch that fails
+            // before it is sent would leave both settings on for the
+            // connection's later statements (custom plans, and plans costed
+            // for data in memory), but the writer defers only inside its
+            // group's transaction.
             // (One SET and one RESET around each run of updates in a row.)
             let mut custom = false;
             for ((statement, params), batch) in statements.iter().zip(&params).zip(&batches) {
@@ -1428,6 +1429,11 @@ pub(crate) mod tests {
             let (server, database) = place.clone().expect("a PostgreSQL database");
             let default = setting(&connection);
             assert_ne!(default, "force_custom_plan", "the server's default");
+            // Every store connection compiles nothing just in time.
+            let jit: String = connection
+                .query_row("SELECT current_setting('jit')", [], |row| row.get(0))
+                .unwrap();
+            assert_eq!(jit, "off");
             connection
                 .execute_batch("CREATE TABLE modes (k BIGINT PRIMARY KEY, mode TEXT NOT NULL)")
                 .unwrap();
@@ -1476,7 +1482,6 @@ pub(crate) mod tests {
                     .unwrap()
             };
             let default_cost = page_cost(&connection);
-            assert_ne!(default_cost, "1.1", "the server's default");
             connection.begin().unwrap();
             connection
                 .defer(
@@ -1501,15 +1506,29 @@ pub(crate) mod tests {
             assert!(failed.is_err(), "an update of a missing row must fail");
             let _ = connection.rollback();
             assert_eq!(setting(&connection), default);
+            assert_eq!(page_cost(&connection), default_cost);
 
             // An operator's default for the database is what comes back.
             connection
                 .execute_batch(&format!(
-                    "ALTER DATABASE {database} SET plan_cache_mode = force_generic_plan"
+                    "ALTER DATABASE {database} SET plan_cache_mode = force_generic_plan; \
+                     ALTER DATABASE {database} SET random_page_cost = 3"
                 ))
                 .unwrap();
             let configured = Connection::postgres(&format!("{server}/{database}")).unwrap();
             assert_eq!(setting(&configured), "force_generic_plan");
+            assert_eq!(page_cost(&configured), "3");
+            configured.begin().unwrap();
+            configured
+                .defer(
+                    Shape::UpdateByFirst,
+                    UPDATE,
+                    params![2i64, "random_page_cost"],
+                )
+                .unwrap();
+            configured.commit().unwrap();
+            assert_eq!(modes(&configured)[1], "1.1");
+            assert_eq!(page_cost(&configured), "3");
             configured.begin().unwrap();
             configured
                 .defer(

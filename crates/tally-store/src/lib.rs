@@ -335,6 +335,9 @@ pub struct Options {
     /// Frames of the embedded store's write-ahead log beyond which the
     /// writer makes it start over (tests set it low).
     pub wal_restart_frames: i64,
+    /// Active lots each tick looks at for `grant.expiring` warnings (tests
+    /// set it low).
+    pub expiring_chunk: usize,
 }
 
 /// How far ahead of the engine's clock an event's timestamp may be (clock skew).
@@ -345,6 +348,7 @@ impl Default for Options {
         Options {
             event_window_seconds: 30 * 24 * 3600,
             wal_restart_frames: writer::WAL_RESTART_FRAMES,
+            expiring_chunk: writer::EXPIRING_CHUNK,
         }
     }
 }

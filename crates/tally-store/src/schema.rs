@@ -352,6 +352,17 @@ CREATE TABLE engine_clock (
 );
 "#,
     ),
+    (
+        13,
+        r#"
+-- Active lots in expiry order, ties by id: the tick's sweep for
+-- grant.expiring takes them a chunk at a time from where it stopped. (SQLite's
+-- index already ended with the id, the table's key; PostgreSQL sorted every
+-- lot in the range on every tick without it.)
+DROP INDEX grants_due;
+CREATE INDEX grants_due ON grants(status, expires_at, id);
+"#,
+    ),
 ];
 
 /// The key of the advisory lock that serializes migrations on PostgreSQL

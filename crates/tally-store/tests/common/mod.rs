@@ -129,16 +129,18 @@ impl TestStore {
     }
 
     /// Open (or reopen) the store, ready to write.
+    #[allow(dead_code)]
     pub async fn open(&self, clock: Arc<dyn Clock>) -> Store {
+        self.open_with(clock, tally_store::Options::default()).await
+    }
+
+    /// Open (or reopen) the store with `options`, ready to write.
+    pub async fn open_with(&self, clock: Arc<dyn Clock>, options: tally_store::Options) -> Store {
         match &self.postgres {
-            None => Store::open(&self.dir, clock).expect("open the store"),
+            None => Store::open_with(&self.dir, clock, options).expect("open the store"),
             Some((server, database)) => {
-                let store = Store::open_postgres(
-                    &format!("{server}/{database}"),
-                    clock,
-                    tally_store::Options::default(),
-                )
-                .expect("open the store");
+                let store = Store::open_postgres(&format!("{server}/{database}"), clock, options)
+                    .expect("open the store");
                 store.advertise("http://127.0.0.1:9".into());
                 tokio::time::timeout(
                     std::time::Duration::from_secs(30),
