@@ -971,6 +971,7 @@ impl Writer {
         self.group_notification = None;
         self.topup_checks.clear();
         self.next_prune_at = 0;
+        self.expiring_sweep = None;
     }
 
     /// After a rollback: the price book, dead letters, plans and webhook

@@ -79,13 +79,19 @@ async fn each_tick_looks_at_one_chunk_and_every_due_lot_is_warned_once() {
         },
     )
     .await;
-    // Ten lots due a warning (expiring in 2 to 6 days), two not yet (in 30
-    // days), in an order that is not their ids'.
+    // Ten lots due a warning (expiring in 2 to 6 days, in an order that is
+    // not their ids'), four more due at one instant, two not yet (in 30 days).
     let mut due = Vec::new();
     for n in 0..10i64 {
         let lot = format!("g{n:02}");
         let expires_at = Timestamp(START.0 + (2 + (n * 7) % 5) * DAY + n);
         ok(&store, grant(&lot, "5", Some(expires_at))).await;
+        due.push(lot);
+    }
+    // Four more sharing one expiry, so that a chunk ends among them.
+    for n in 0..4 {
+        let lot = format!("tie{n}");
+        ok(&store, grant(&lot, "5", Some(Timestamp(START.0 + 3 * DAY)))).await;
         due.push(lot);
     }
     for lot in ["later1", "later2"] {
@@ -106,7 +112,9 @@ async fn each_tick_looks_at_one_chunk_and_every_due_lot_is_warned_once() {
     ok(&store, Command::Tick).await;
     assert_eq!(warned(&store, 9).await.len(), 9);
     ok(&store, Command::Tick).await;
-    assert_eq!(warned(&store, 10).await, due);
+    assert_eq!(warned(&store, 12).await.len(), 12);
+    ok(&store, Command::Tick).await;
+    assert_eq!(warned(&store, 14).await, due);
     // Further sweeps warn nobody twice.
     for _ in 0..6 {
         ok(&store, Command::Tick).await;
