@@ -1412,6 +1412,14 @@ pub(crate) mod tests {
                 })
                 .unwrap()
         };
+        // One group with one set-based update: row `k` records `name`.
+        let update = |connection: &Connection, k: i64, name: &str| {
+            connection.begin().unwrap();
+            connection
+                .defer(Shape::UpdateByFirst, UPDATE, params![k, name])
+                .unwrap();
+            connection.commit().unwrap();
+        };
         let modes = |connection: &Connection| -> Vec<String> {
             let mut statement = connection
                 .prepare("SELECT mode FROM modes ORDER BY k")
@@ -1482,15 +1490,7 @@ pub(crate) mod tests {
                     .unwrap()
             };
             let default_cost = page_cost(&connection);
-            connection.begin().unwrap();
-            connection
-                .defer(
-                    Shape::UpdateByFirst,
-                    UPDATE,
-                    params![1i64, "random_page_cost"],
-                )
-                .unwrap();
-            connection.commit().unwrap();
+            update(&connection, 1, "random_page_cost");
             assert_eq!(modes(&connection)[0], "1.1");
             assert_eq!(page_cost(&connection), default_cost);
 
@@ -1518,26 +1518,10 @@ pub(crate) mod tests {
             let configured = Connection::postgres(&format!("{server}/{database}")).unwrap();
             assert_eq!(setting(&configured), "force_generic_plan");
             assert_eq!(page_cost(&configured), "3");
-            configured.begin().unwrap();
-            configured
-                .defer(
-                    Shape::UpdateByFirst,
-                    UPDATE,
-                    params![2i64, "random_page_cost"],
-                )
-                .unwrap();
-            configured.commit().unwrap();
+            update(&configured, 2, "random_page_cost");
             assert_eq!(modes(&configured)[1], "1.1");
             assert_eq!(page_cost(&configured), "3");
-            configured.begin().unwrap();
-            configured
-                .defer(
-                    Shape::UpdateByFirst,
-                    UPDATE,
-                    params![1i64, "plan_cache_mode"],
-                )
-                .unwrap();
-            configured.commit().unwrap();
+            update(&configured, 1, "plan_cache_mode");
             assert_eq!(modes(&configured)[0], "force_custom_plan");
             assert_eq!(setting(&configured), "force_generic_plan");
             drop(configured);

@@ -2632,19 +2632,17 @@ impl Writer {
 }
 
 /// The customers a tick visits (at most `?2`, due at `?1`): due holds,
-/// due lots, renewals, and customers in debt with credits that could repay it.
+/// due lots, renewals, and customers in debt with credits that could repay it
+/// (a lot that took effect since).
 ///
-/// Customers in debt with credits that could repay it (a lot that took
-/// effect since) are found from the debtors (`customers_in_debt`, a
-/// partial index), each checked through its own lots
-/// (`grants_by_customer`): the cost grows with the debtors, not with every
-/// active lot. Joined the other way round, both SQLite and PostgreSQL
-/// (before its first `ANALYZE`) walked every active lot of every customer
+/// The debtors are found from `customers_in_debt` (a partial index), each
+/// checked through its own lots (`grants_by_customer`): the cost grows with
+/// the debtors, not with every active lot. Joined the other way round, both
+/// SQLite and PostgreSQL (before its first `ANALYZE`) walked every active lot
 /// through `grants_due` on every tick: 13.6 ms with 8,434 lots on
 /// PostgreSQL, 147 ms with 200,000 on SQLite, on the writer's thread, twice
-/// a second. The subquery's
-/// `LIMIT 1` keeps PostgreSQL from turning it into a join, and
-/// `status || ''` keeps both planners off `grants_due`.
+/// a second. The subquery's `LIMIT 1` keeps PostgreSQL from turning it into
+/// a join, and `status || ''` keeps both planners off `grants_due`.
 pub(crate) const DUE_CUSTOMERS: &str = "\
      SELECT customer_id FROM holds WHERE status = 'active' AND expires_at <= ?1 \
      UNION SELECT customer_id FROM grants WHERE status = 'active' AND expires_at <= ?1 \

@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 mod common;
-use common::{grant, id, ok, TestStore};
+use common::{customer, grant, id, ok, TestStore};
 
 use tally_core::Timestamp;
-use tally_store::{Alerts, Command, ManualClock, NewCustomer, NewWebhookEndpoint, Options, Store};
+use tally_store::{Alerts, Command, ManualClock, NewWebhookEndpoint, Options, Store};
 
 const START: Timestamp = Timestamp(1_800_000_000_000_000);
 const DAY: i64 = 86_400_000_000;
@@ -63,11 +63,7 @@ async fn each_tick_looks_at_one_chunk_and_every_due_lot_is_warned_once() {
         }),
     )
     .await;
-    ok(
-        &store,
-        Command::CreateCustomer(NewCustomer::with_id(id("c"))),
-    )
-    .await;
+    ok(&store, customer()).await;
     ok(
         &store,
         Command::PutAlerts {

@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 mod common;
-use common::{amount, charge, grant, id, ok, TestStore};
+use common::{amount, charge, customer, grant, id, ok, TestStore};
 
 use tally_core::{Period, Plan, Timestamp};
-use tally_store::{Command, ManualClock, NewCustomer, NewSubscription, PlanChange};
+use tally_store::{Command, ManualClock, NewSubscription, PlanChange};
 
 const START: Timestamp = Timestamp(1_800_000_000_000_000);
 
@@ -36,11 +36,7 @@ async fn a_read_after_the_period_ended_shows_the_renewal() {
         }),
     )
     .await;
-    ok(
-        &store,
-        Command::CreateCustomer(NewCustomer::with_id(id("c"))),
-    )
-    .await;
+    ok(&store, customer()).await;
     ok(
         &store,
         Command::Subscribe(NewSubscription {
@@ -74,11 +70,7 @@ async fn a_read_after_the_period_ended_shows_the_renewal() {
 async fn readers_at_once_share_the_pooled_connections() {
     let place = TestStore::new("reads");
     let store = place.open(Arc::new(ManualClock::new(START))).await;
-    ok(
-        &store,
-        Command::CreateCustomer(NewCustomer::with_id(id("c"))),
-    )
-    .await;
+    ok(&store, customer()).await;
     ok(&store, grant("g", "100", None)).await;
     ok(&store, charge("ch", "1.5")).await;
 

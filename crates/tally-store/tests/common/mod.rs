@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tally_core::{Amount, Clock, Id, Source, Timestamp};
-use tally_store::{Command, NewCharge, NewGrant, Outcome, Store};
+use tally_store::{Command, NewCharge, NewCustomer, NewGrant, Outcome, Store};
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
@@ -31,6 +31,12 @@ pub async fn ok(store: &Store, command: Command) -> Outcome {
     executed
         .result
         .unwrap_or_else(|refusal| panic!("refused: {refusal:?}"))
+}
+
+/// Create customer `c` (no name, plan or overage policy).
+#[allow(dead_code)]
+pub fn customer() -> Command {
+    Command::CreateCustomer(NewCustomer::with_id(id("c")))
 }
 
 /// A paid purchase of `credits` for customer `c`.
