@@ -285,7 +285,13 @@ fn spawn_checkpointer(
             let Some(sync) = store.upgrade().map(|inner| inner.sync.clone()) else {
                 break;
             };
+            let started = std::time::Instant::now();
             let Some(mut frames) = pass() else { continue };
+            tracing::debug!(
+                took_us = started.elapsed().as_micros() as u64,
+                frames,
+                "checkpoint pass"
+            );
             // A long log is about to start over, in the writer's own pass:
             // copy at once what was committed during this pass, so that the
             // writer's pass is left with a group or two.

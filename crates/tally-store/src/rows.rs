@@ -142,32 +142,90 @@ pub fn entry(row: &Row) -> db::Result<EntryRecord> {
 }
 
 pub fn customer(connection: &Connection, customer_id: &str) -> db::Result<Option<CustomerRecord>> {
-    Ok(customer_row(connection, customer_id)?.map(|(record, _, _)| record))
+    Ok(customer_row(connection, customer_id, false)?.map(|row| row.record))
 }
 
-/// A customer's record, what it owes, and the chain head kept on its own row
-/// (a customer without grants carries its head there), in one statement.
+/// The customer's own columns, its debt and chain head, and the overage
+/// policy in force (its own, else its active plan's).
+macro_rules! customer_columns {
+    (Sqlite) => {
+        "SELECT c.id, c.name, c.plan, c.region, c.currency, c.metadata, c.created_at, \
+         COALESCE(c.overage, (SELECT json_extract(p.body, '$.overage') FROM subscriptions s \
+           JOIN plans p ON p.key = s.plan WHERE s.customer_id = c.id AND s.status = 'active' \
+           AND json_extract(s.body, '$.period') >= 0)), c.debt, c.last_entry"
+    };
+    (Postgres) => {
+        "SELECT c.id, c.name, c.plan, c.region, c.currency, c.metadata, c.created_at, \
+         COALESCE(c.overage, (SELECT NULLIF((p.body::jsonb -> 'overage')::text, 'null') \
+           FROM subscriptions s JOIN plans p ON p.key = s.plan WHERE s.customer_id = c.id \
+           AND s.status = 'active' AND (s.body::jsonb -> 'period') >= '0'::jsonb)), \
+         c.debt, c.last_entry"
+    };
+}
+
+/// What the writer keeps of a customer beside its ledger (see
+/// [`CustomerSettings`]), as scalar subqueries on the customer's row: one
+/// round trip instead of four on PostgreSQL.
+macro_rules! customer_settings {
+    () => {
+        ", c.overage, \
+         (SELECT s.body FROM subscriptions s WHERE s.customer_id = c.id AND s.status = 'active'), \
+         (SELECT a.body FROM customer_alerts a WHERE a.customer_id = c.id), \
+         (SELECT t.body FROM auto_topups t WHERE t.customer_id = c.id)"
+    };
+}
+
+/// A customer's row as [`customer_row`] reads it.
+struct CustomerRow {
+    record: CustomerRecord,
+    debt: Amount,
+    /// The chain head kept on the customer's own row (a customer without
+    /// grants carries its head there).
+    head: Option<i64>,
+    settings: Option<CustomerSettings>,
+}
+
+/// What the writer caches of a customer beside its ledger, read with the
+/// customer's row (see [`load_ledger_with_settings`]).
+pub struct CustomerSettings {
+    /// The active subscription, started or scheduled (at most one:
+    /// `subscriptions_active`).
+    pub subscription: Option<tally_core::Subscription>,
+    /// The customer's own overage policy, if it set one.
+    pub overage_override: Option<tally_core::OveragePolicy>,
+    /// Its alert settings, if it set any.
+    pub alerts: Option<crate::model::Alerts>,
+    pub auto_topup: Option<tally_core::AutoTopupState>,
+}
+
+/// A customer's record, what it owes, and the chain head kept on its own
+/// row, in one statement; with `settings`, also its [`CustomerSettings`].
 fn customer_row(
     connection: &Connection,
     customer_id: &str,
-) -> db::Result<Option<(CustomerRecord, Amount, Option<i64>)>> {
-    let sql = match connection.dialect() {
-        Dialect::Sqlite => {
-            "SELECT c.id, c.name, c.plan, c.region, c.currency, c.metadata, c.created_at, \
-             COALESCE(c.overage, (SELECT json_extract(p.body, '$.overage') FROM subscriptions s \
-               JOIN plans p ON p.key = s.plan WHERE s.customer_id = c.id AND s.status = 'active' \
-               AND json_extract(s.body, '$.period') >= 0)), c.debt, c.last_entry \
-             FROM customers c WHERE c.id = ?1"
-        }
-        Dialect::Postgres => {
-            "SELECT c.id, c.name, c.plan, c.region, c.currency, c.metadata, c.created_at, \
-             COALESCE(c.overage, (SELECT NULLIF((p.body::jsonb -> 'overage')::text, 'null') \
-               FROM subscriptions s JOIN plans p ON p.key = s.plan WHERE s.customer_id = c.id \
-               AND s.status = 'active' AND (s.body::jsonb -> 'period') >= '0'::jsonb)), \
-             c.debt, c.last_entry \
-             FROM customers c WHERE c.id = ?1"
-        }
+    settings: bool,
+) -> db::Result<Option<CustomerRow>> {
+    let sql = match (connection.dialect(), settings) {
+        (Dialect::Sqlite, false) => concat!(
+            customer_columns!(Sqlite),
+            " FROM customers c WHERE c.id = ?1"
+        ),
+        (Dialect::Postgres, false) => concat!(
+            customer_columns!(Postgres),
+            " FROM customers c WHERE c.id = ?1"
+        ),
+        (Dialect::Sqlite, true) => concat!(
+            customer_columns!(Sqlite),
+            customer_settings!(),
+            " FROM customers c WHERE c.id = ?1"
+        ),
+        (Dialect::Postgres, true) => concat!(
+            customer_columns!(Postgres),
+            customer_settings!(),
+            " FROM customers c WHERE c.id = ?1"
+        ),
     };
+    let body = |row: &Row<'_>, column: usize| row.get::<_, Option<String>>(column);
     connection
         .prepare_cached(sql)?
         .query_row([customer_id], |row| {
@@ -185,7 +243,21 @@ fn customer_row(
                 created_at: Timestamp(row.get(6)?),
                 overage,
             };
-            Ok((record, amount(row, 8)?, row.get(9)?))
+            let settings = match settings {
+                false => None,
+                true => Some(CustomerSettings {
+                    overage_override: body(row, 10)?.map(|t| json(&t)).transpose()?,
+                    subscription: body(row, 11)?.map(|t| json(&t)).transpose()?,
+                    alerts: body(row, 12)?.map(|t| json(&t)).transpose()?,
+                    auto_topup: body(row, 13)?.map(|t| json(&t)).transpose()?,
+                }),
+            };
+            Ok(CustomerRow {
+                record,
+                debt: amount(row, 8)?,
+                head: row.get(9)?,
+                settings,
+            })
         })
         .optional()
 }
@@ -290,13 +362,40 @@ pub struct LoadedLedger {
     /// The head of the customer's entry chain (`None`: no entries yet), as
     /// [`chain_head`] reads it.
     pub head: Option<i64>,
+    /// With [`load_ledger_with_settings`] only.
+    pub settings: Option<CustomerSettings>,
 }
 
 /// Load a customer's ledger; `None` when the customer does not exist. Four
 /// statements: the customer (with its debt), its grants (with the chain
-/// head), its active holds and its members.
+/// head), its active holds and its members. (Tests of the writer's cold load
+/// with its settings: those that restart a server, in `it::plans`,
+/// `it::overage`, `it::topups` and `it::notifications`.)
 pub fn load_ledger(connection: &Connection, customer_id: &Id) -> db::Result<Option<LoadedLedger>> {
-    let Some((customer, debt, own_head)) = customer_row(connection, customer_id.as_str())? else {
+    load(connection, customer_id, false)
+}
+
+/// [`load_ledger`], and the customer's [`CustomerSettings`] read with its
+/// row (the writer's cold load).
+pub fn load_ledger_with_settings(
+    connection: &Connection,
+    customer_id: &Id,
+) -> db::Result<Option<LoadedLedger>> {
+    load(connection, customer_id, true)
+}
+
+fn load(
+    connection: &Connection,
+    customer_id: &Id,
+    settings: bool,
+) -> db::Result<Option<LoadedLedger>> {
+    let Some(CustomerRow {
+        record: customer,
+        debt,
+        head: own_head,
+        settings,
+    }) = customer_row(connection, customer_id.as_str(), settings)?
+    else {
         return Ok(None);
     };
     let (records, grants_head) = grants_and_head(connection, customer_id.as_str())?;
@@ -314,6 +413,7 @@ pub fn load_ledger(connection: &Connection, customer_id: &Id) -> db::Result<Opti
         customer,
         grants: records,
         head,
+        settings,
     }))
 }
 
@@ -531,17 +631,6 @@ pub fn dead_letters(
     rows.collect()
 }
 
-/// The overage policy a customer set for itself (not inherited from a plan).
-pub fn customer_overage_override(
-    connection: &Connection,
-    customer_id: &str,
-) -> db::Result<Option<tally_core::OveragePolicy>> {
-    let text: Option<String> = connection
-        .prepare_cached("SELECT overage FROM customers WHERE id = ?1")?
-        .query_row([customer_id], |row| row.get(0))?;
-    text.map(|t| json(&t)).transpose()
-}
-
 /// Every plan.
 pub fn plans(connection: &Connection) -> db::Result<Vec<tally_core::Plan>> {
     let mut statement = connection.prepare_cached("SELECT body FROM plans ORDER BY key")?;
@@ -571,19 +660,6 @@ pub fn upsert_plan(
         )?
         .execute(params![plan.key, body, now.micros(), actor])?;
     Ok(())
-}
-
-/// A customer's active subscription (started or scheduled).
-pub fn active_subscription(
-    connection: &Connection,
-    customer_id: &str,
-) -> db::Result<Option<tally_core::Subscription>> {
-    connection
-        .prepare_cached(
-            "SELECT body FROM subscriptions WHERE customer_id = ?1 AND status = 'active'",
-        )?
-        .query_row([customer_id], |row| json(&row.get::<_, String>(0)?))
-        .optional()
 }
 
 /// A customer's subscriptions, the latest first.
@@ -760,17 +836,6 @@ pub fn renewal_due(connection: &Connection, customer_id: &str, now: Timestamp) -
              AND status = 'active' AND period_end <= ?2)",
         )?
         .query_row(params![customer_id, now.micros()], |row| row.get(0))
-}
-
-/// A customer's alert settings, if it set any.
-pub fn alerts(
-    connection: &Connection,
-    customer_id: &str,
-) -> db::Result<Option<crate::model::Alerts>> {
-    connection
-        .prepare_cached("SELECT body FROM customer_alerts WHERE customer_id = ?1")?
-        .query_row([customer_id], |row| json(&row.get::<_, String>(0)?))
-        .optional()
 }
 
 pub fn credit_packs(connection: &Connection) -> db::Result<Vec<tally_core::CreditPack>> {

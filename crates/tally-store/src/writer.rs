@@ -176,6 +176,7 @@ pub fn run_syncer(
     state: Arc<SyncState>,
 ) {
     let mut wal: Option<std::fs::File> = None;
+    let mut stats = SyncStats::new();
     while let Ok(first) = groups.recv() {
         let mut ready = vec![first];
         while let Ok(more) = groups.try_recv() {
@@ -187,7 +188,9 @@ pub fn run_syncer(
             if wal.is_none() {
                 wal = std::fs::OpenOptions::new().write(true).open(wal_path).ok();
             }
+            let started = std::time::Instant::now();
             let synced = wal.as_ref().map(std::fs::File::sync_data);
+            stats.record(started.elapsed());
             if !matches!(synced, Some(Ok(()))) {
                 tracing::error!(?synced, wal = ?wal_path, "fsync of the write-ahead log failed; stopping");
                 std::process::abort();
@@ -203,6 +206,41 @@ pub fn run_syncer(
         }
         for group in ready {
             deliver(group, &state);
+        }
+    }
+}
+
+/// The syncer's fsyncs of the last second, logged at debug level: a long
+/// one holds every answer behind it (the tail of `tally bench`'s latency).
+struct SyncStats {
+    since: std::time::Instant,
+    syncs: u64,
+    longest: std::time::Duration,
+    over_5ms: u64,
+}
+
+impl SyncStats {
+    fn new() -> SyncStats {
+        SyncStats {
+            since: std::time::Instant::now(),
+            syncs: 0,
+            longest: std::time::Duration::ZERO,
+            over_5ms: 0,
+        }
+    }
+
+    fn record(&mut self, took: std::time::Duration) {
+        self.syncs += 1;
+        self.longest = self.longest.max(took);
+        self.over_5ms += u64::from(took > std::time::Duration::from_millis(5));
+        if self.since.elapsed() >= std::time::Duration::from_secs(1) {
+            tracing::debug!(
+                syncs = self.syncs,
+                longest_us = self.longest.as_micros() as u64,
+                over_5ms = self.over_5ms,
+                "fsyncs of the write-ahead log in the last second"
+            );
+            *self = SyncStats::new();
         }
     }
 }
@@ -1245,18 +1283,14 @@ impl Writer {
                 ledger,
                 customer,
                 head,
+                settings: Some(settings),
                 ..
-            }) = rows::load_ledger(&self.connection, customer_id)?
+            }) = rows::load_ledger_with_settings(&self.connection, customer_id)?
             else {
                 return Err(Failure::Store(StoreError::NotFound(format!(
                     "customer {customer_id}"
                 ))));
             };
-            let subscription = rows::active_subscription(&self.connection, customer_id.as_str())?;
-            let overage_override =
-                rows::customer_overage_override(&self.connection, customer_id.as_str())?;
-            let alerts = rows::alerts(&self.connection, customer_id.as_str())?;
-            let auto = rows::auto_topup(&self.connection, customer_id.as_str())?;
             // What the last entry reported: lots that expired since but are
             // not swept yet still count, so their expiry crosses thresholds.
             let last_net = match head {
@@ -1277,11 +1311,11 @@ impl Writer {
                     stored,
                     plan: customer.plan,
                     region: customer.region,
-                    subscription,
-                    overage_override,
-                    alerts,
+                    subscription: settings.subscription,
+                    overage_override: settings.overage_override,
+                    alerts: settings.alerts,
                     last_net,
-                    auto,
+                    auto: settings.auto_topup,
                 },
             );
             self.refresh_overage(customer_id);

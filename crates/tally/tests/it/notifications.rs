@@ -646,3 +646,38 @@ async fn bad_alerts_and_endpoints_are_refused() {
     let reply = app.get("/v1/customers/ghost/stream").await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
 }
+
+/// A customer's alert thresholds are read back with its row when a
+/// restarted writer first loads it: crossing one after a restart still
+/// sends `balance.low`.
+#[tokio::test]
+async fn alerts_set_before_a_restart_still_fire_after_it() {
+    let mut app = TestApp::spawn().await;
+    let received = accepting_endpoint(&app, "hook", json!(["balance.low"])).await;
+    app.customer("cus").await;
+    app.grant("cus", "g1", "100").await;
+    let alerts = app
+        .put("/v1/customers/cus/alerts", json!({ "low_balance": ["50"] }))
+        .await;
+    assert_eq!(alerts.status, StatusCode::OK, "{}", alerts.body);
+    app.kill().await;
+    app.start().await;
+    let charged = app.charge("cus", "c1", "60").await; // 100 → 40: below 50
+    assert_eq!(charged.status, StatusCode::OK, "{}", charged.body);
+    let low = || {
+        received
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .filter(|(_, body, ok)| *ok && body.contains("\"balance.low\""))
+            .count()
+    };
+    for _ in 0..100 {
+        if low() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(low(), 1, "one balance.low after the restart");
+}
