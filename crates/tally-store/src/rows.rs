@@ -205,25 +205,16 @@ fn customer_row(
     customer_id: &str,
     settings: bool,
 ) -> db::Result<Option<CustomerRow>> {
+    macro_rules! by_id {
+        ($($columns:expr),+) => {
+            concat!($($columns,)+ " FROM customers c WHERE c.id = ?1")
+        };
+    }
     let sql = match (connection.dialect(), settings) {
-        (Dialect::Sqlite, false) => concat!(
-            customer_columns!(Sqlite),
-            " FROM customers c WHERE c.id = ?1"
-        ),
-        (Dialect::Postgres, false) => concat!(
-            customer_columns!(Postgres),
-            " FROM customers c WHERE c.id = ?1"
-        ),
-        (Dialect::Sqlite, true) => concat!(
-            customer_columns!(Sqlite),
-            customer_settings!(),
-            " FROM customers c WHERE c.id = ?1"
-        ),
-        (Dialect::Postgres, true) => concat!(
-            customer_columns!(Postgres),
-            customer_settings!(),
-            " FROM customers c WHERE c.id = ?1"
-        ),
+        (Dialect::Sqlite, false) => by_id!(customer_columns!(Sqlite)),
+        (Dialect::Postgres, false) => by_id!(customer_columns!(Postgres)),
+        (Dialect::Sqlite, true) => by_id!(customer_columns!(Sqlite), customer_settings!()),
+        (Dialect::Postgres, true) => by_id!(customer_columns!(Postgres), customer_settings!()),
     };
     let body = |row: &Row<'_>, column: usize| row.get::<_, Option<String>>(column);
     connection
@@ -362,33 +353,38 @@ pub struct LoadedLedger {
     /// The head of the customer's entry chain (`None`: no entries yet), as
     /// [`chain_head`] reads it.
     pub head: Option<i64>,
-    /// With [`load_ledger_with_settings`] only.
-    pub settings: Option<CustomerSettings>,
 }
 
 /// Load a customer's ledger; `None` when the customer does not exist. Four
 /// statements: the customer (with its debt), its grants (with the chain
-/// head), its active holds and its members. (Tests of the writer's cold load
-/// with its settings: those that restart a server, in `it::plans`,
-/// `it::overage`, `it::topups` and `it::notifications`.)
+/// head), its active holds and its members.
 pub fn load_ledger(connection: &Connection, customer_id: &Id) -> db::Result<Option<LoadedLedger>> {
-    load(connection, customer_id, false)
+    Ok(load(connection, customer_id, false)?.map(|(loaded, _)| loaded))
 }
 
 /// [`load_ledger`], and the customer's [`CustomerSettings`] read with its
-/// row (the writer's cold load).
+/// row, in the same four statements (the writer's cold load). Tested by the
+/// HTTP tests that restart a server, in `it::plans`, `it::overage`,
+/// `it::topups` and `it::notifications`: without any one setting, one fails.
 pub fn load_ledger_with_settings(
     connection: &Connection,
     customer_id: &Id,
-) -> db::Result<Option<LoadedLedger>> {
-    load(connection, customer_id, true)
+) -> db::Result<Option<(LoadedLedger, CustomerSettings)>> {
+    Ok(
+        load(connection, customer_id, true)?.map(|(loaded, settings)| {
+            (
+                loaded,
+                settings.expect("customer_row reads the settings when asked"),
+            )
+        }),
+    )
 }
 
 fn load(
     connection: &Connection,
     customer_id: &Id,
     settings: bool,
-) -> db::Result<Option<LoadedLedger>> {
+) -> db::Result<Option<(LoadedLedger, Option<CustomerSettings>)>> {
     let Some(CustomerRow {
         record: customer,
         debt,
@@ -408,13 +404,13 @@ fn load(
     ledger.set_overage(customer.overage);
     // As `chain_head`: the largest over the balance rows and the customer row.
     let head = own_head.max(grants_head).filter(|head| *head > 0);
-    Ok(Some(LoadedLedger {
+    let loaded = LoadedLedger {
         ledger,
         customer,
         grants: records,
         head,
-        settings,
-    }))
+    };
+    Ok(Some((loaded, settings)))
 }
 
 /// Insert a new grant's rows.

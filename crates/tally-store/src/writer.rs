@@ -1279,13 +1279,15 @@ impl Writer {
     /// Load a customer's ledger into the cache, if it is not there yet.
     fn load(&mut self, customer_id: &Id) -> Result<(), Failure> {
         if !self.cache.contains_key(customer_id) {
-            let Some(rows::LoadedLedger {
-                ledger,
-                customer,
-                head,
-                settings: Some(settings),
-                ..
-            }) = rows::load_ledger_with_settings(&self.connection, customer_id)?
+            let Some((
+                rows::LoadedLedger {
+                    ledger,
+                    customer,
+                    head,
+                    ..
+                },
+                settings,
+            )) = rows::load_ledger_with_settings(&self.connection, customer_id)?
             else {
                 return Err(Failure::Store(StoreError::NotFound(format!(
                     "customer {customer_id}"
@@ -1635,7 +1637,7 @@ impl Writer {
         // subscription, alerts, top-up or entries, and customers are never
         // deleted, so nothing is left from an earlier one): its ledger goes
         // into the cache as `load` would read it back, which saves its first
-        // command the reads of a customer not cached (eight round trips on
+        // command the reads of a customer not cached (five round trips on
         // PostgreSQL). A rollback of the group clears the cache.
         self.cache.insert(
             customer.id.clone(),

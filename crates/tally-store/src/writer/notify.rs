@@ -183,9 +183,9 @@ impl Writer {
     /// SQLite, on the writer's thread, twice a second (BENCHMARKS.md,
     /// 2026-12-05, fourth session); now a tick costs at most one chunk, and a
     /// lot is warned within one sweep of its warning day (a tick per chunk:
-    /// about 100 s for 200,000 lots). The chunk
-    /// starts after the cursor as a bound of the index (a row value), so lots
-    /// sharing one expiry are not read again on every tick.
+    /// about 100 s for 200,000 lots). The chunk starts after the cursor as a
+    /// bound of the index (a row value), so lots sharing one expiry are not
+    /// read again on every tick.
     pub(super) fn notify_expiring(&mut self) -> db::Result<()> {
         if !self.endpoints.iter().any(|e| e.wants("grant.expiring")) {
             return Ok(());
