@@ -2471,14 +2471,12 @@ async fn oversized_bodies_are_json_errors_too() {
     assert_eq!(ok(&app.get("/v1/holds/h1").await)["status"], "active");
 }
 
-/// KNOWN BUG (tally-store, not fixed here): `POST /v1/api-keys` is not idempotent.
-/// The server puts a freshly generated `key_hash` into `Command::CreateApiKey`,
-/// and the writer's `request_hash` hashes the whole command, so an identical
-/// retry `{id, scope}` never matches the stored hash and gets 409
-/// `idempotency_conflict` instead of the 200 replay API.md promises. The fix
-/// belongs in `tally-store` (leave `key_hash` out of the request hash for
-/// `CreateApiKey`); the server already answers a replay with `key: null`, since
-/// the key of the first response is shown once and stored only as a hash.
+/// `POST /v1/api-keys` retried with the same `{id, scope}` replays. The server
+/// puts a freshly generated `key_hash` into `Command::CreateApiKey`, so the
+/// writer leaves `key_hash` out of the request hash (`request_hash`); without
+/// that an identical retry got 409 `idempotency_conflict`. A replay answers
+/// `key: null`: the first response's key is shown once and stored only as a
+/// hash.
 #[tokio::test]
 async fn api_key_retry_is_a_replay() {
     let app = TestApp::spawn().await;
@@ -2489,7 +2487,7 @@ async fn api_key_retry_is_a_replay() {
     assert_eq!(
         retry.status.as_u16(),
         200,
-        "KNOWN STORE BUG: an identical api-key retry must replay, got {}",
+        "an identical api-key retry must replay, got {}",
         retry.body
     );
     assert!(retry.replayed(), "replay header");
