@@ -17,6 +17,51 @@ use crate::error::ApiError;
 /// The largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
+/// A body declared longer than [`MAX_BODY_BYTES`] is still read (and thrown
+/// away) up to this length before the 400 goes out; see [`refuse_oversized`].
+pub const MAX_DRAINED_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How long reading an oversized body to its end may take.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Refuse a body whose `Content-Length` is over [`MAX_BODY_BYTES`] before any
+/// handler runs, with the same 400 `invalid_request` as a body found too long
+/// while reading, and read the rest of it first.
+///
+/// Answering without reading makes the server close the connection with the
+/// client's bytes still unread, and the kernel then resets it: a client still
+/// sending often gets the reset instead of the answer. So a declared length
+/// up to [`MAX_DRAINED_BYTES`] is read to its end (for at most
+/// [`DRAIN_TIMEOUT`]) and discarded, and the connection stays usable. A
+/// longer one, or one sent without `Content-Length` (chunked), is still cut
+/// off at the limit.
+pub async fn refuse_oversized(
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use futures_util::StreamExt;
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    let Some(declared) = declared.filter(|&n| n > MAX_BODY_BYTES as u64) else {
+        return next.run(request).await;
+    };
+    if declared <= MAX_DRAINED_BYTES {
+        let mut body = request.into_body().into_data_stream();
+        let drain = async { while let Some(Ok(_)) = body.next().await {} };
+        // A client that stops sending is cut off when the time is up.
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+    }
+    ApiError::new(
+        "invalid_request",
+        format!("the body is {declared} bytes; the limit is {MAX_BODY_BYTES} bytes (16 MiB)"),
+    )
+    .into_response()
+}
+
 /// A JSON body whose rejections are API errors.
 pub struct ApiJson<T>(pub T);
 

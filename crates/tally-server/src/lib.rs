@@ -296,6 +296,7 @@ pub fn router(state: AppState) -> Router {
             forward::to_leader,
         ))
         .layer(DefaultBodyLimit::max(edge::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(edge::refuse_oversized))
         .with_state(state);
     api.merge(openapi::docs())
 }
