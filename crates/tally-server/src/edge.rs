@@ -19,14 +19,36 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// A body declared longer than [`MAX_BODY_BYTES`] is still read (and thrown
 /// away) up to this length before the 400 goes out; see [`refuse_oversized`].
-pub const MAX_DRAINED_BYTES: u64 = 64 * 1024 * 1024;
+const MAX_DRAINED_BYTES: u64 = 64 * 1024 * 1024;
 
 /// How long reading an oversized body to its end may take.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Refuse a body whose `Content-Length` is over [`MAX_BODY_BYTES`] before any
+/// Refuse a body whose `Content-Length` is over [`MAX_BODY_BYTES`] before the
 /// handler runs, with the same 400 `invalid_request` as a body found too long
-/// while reading, and read the rest of it first.
+/// while reading, and read the rest of it first ([`drain_and_refuse`]).
+pub async fn refuse_oversized(
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match declared_oversize(&request) {
+        Some(declared) => drain_and_refuse(request, declared).await,
+        None => next.run(request).await,
+    }
+}
+
+/// The length a request declares, when that is over [`MAX_BODY_BYTES`].
+pub fn declared_oversize(request: &Request) -> Option<u64> {
+    request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|&declared| declared > MAX_BODY_BYTES as u64)
+}
+
+/// The 400 for a body declared `declared` bytes long, over the limit, sent
+/// once the body is read to its end.
 ///
 /// Answering without reading makes the server close the connection with the
 /// client's bytes still unread, and the kernel then resets it: a client still
@@ -35,20 +57,9 @@ const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// [`DRAIN_TIMEOUT`]) and discarded, and the connection stays usable. A
 /// longer one, or one sent without `Content-Length` (chunked), is still cut
 /// off at the limit.
-pub async fn refuse_oversized(
-    request: Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
+pub async fn drain_and_refuse(request: Request, declared: u64) -> axum::response::Response {
     use axum::response::IntoResponse;
     use futures_util::StreamExt;
-    let declared = request
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    let Some(declared) = declared.filter(|&n| n > MAX_BODY_BYTES as u64) else {
-        return next.run(request).await;
-    };
     if declared <= MAX_DRAINED_BYTES {
         let mut body = request.into_body().into_data_stream();
         let drain = async { while let Some(Ok(_)) = body.next().await {} };
@@ -57,7 +68,10 @@ pub async fn refuse_oversized(
     }
     ApiError::new(
         "invalid_request",
-        format!("the body is {declared} bytes; the limit is {MAX_BODY_BYTES} bytes (16 MiB)"),
+        format!(
+            "the body is {declared} bytes; the limit is {MAX_BODY_BYTES} bytes ({} MiB)",
+            MAX_BODY_BYTES / (1024 * 1024)
+        ),
     )
     .into_response()
 }

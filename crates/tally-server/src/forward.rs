@@ -61,6 +61,9 @@ pub async fn to_leader(State(state): State<AppState>, request: Request, next: Ne
             .insert(NOT_LEADER, axum::http::HeaderValue::from_static("1"));
         return answer;
     }
+    if let Some(declared) = crate::edge::declared_oversize(&request) {
+        return crate::edge::drain_and_refuse(request, declared).await;
+    }
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, crate::edge::MAX_BODY_BYTES).await {
         Ok(body) => body,

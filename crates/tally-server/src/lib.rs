@@ -287,6 +287,9 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .fallback(|| async { ApiError::new("not_found", "no such route; see /docs") })
+        // Inside `track`, so that refused bodies are counted like any answer;
+        // a server that forwards writes refuses them in `to_leader` instead.
+        .layer(axum::middleware::from_fn(edge::refuse_oversized))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
@@ -296,7 +299,6 @@ pub fn router(state: AppState) -> Router {
             forward::to_leader,
         ))
         .layer(DefaultBodyLimit::max(edge::MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(edge::refuse_oversized))
         .with_state(state);
     api.merge(openapi::docs())
 }

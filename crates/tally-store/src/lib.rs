@@ -231,8 +231,8 @@ fn abort_on_panic(thread: &str, body: impl FnOnce()) {
 }
 
 /// Copy the write-ahead log into the database file in the background until
-/// the store is dropped: every [`CHECKPOINT_BUSY`] while passes find new
-/// frames, backing off to [`CHECKPOINT_IDLE`] while they find none. PASSIVE
+/// the store is dropped: every [`CHECKPOINT_BUSY`] while the log changes
+/// between passes, backing off to [`CHECKPOINT_IDLE`] while it does not. PASSIVE
 /// never blocks the writer or readers. Each pass tells the writer how long
 /// the log is (it makes the log start over once it is long:
 /// `restart_log_if_long`).
