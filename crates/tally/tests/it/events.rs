@@ -775,15 +775,7 @@ async fn http_and_pubsub_events_survive_a_sigkill_each_charged_once() {
 
     // The restarted server counted what it charged, per source, with the
     // time each event took to its durable result.
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for source in ["http", "pubsub"] {
         let count = metrics
             .lines()

@@ -208,21 +208,9 @@ fn good_event(prefix: &str, i: usize) -> (String, Value, i64) {
     (customer, event, quantity * price)
 }
 
-/// The text of `/metrics`.
-async fn metrics(app: &TestApp) -> String {
-    let response = app
-        .client
-        .get(app.url("/metrics"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .expect("GET /metrics");
-    response.text().await.expect("metrics text")
-}
-
 /// The `kafka` events counter, by status (charged, duplicate, rejected).
 async fn processed(app: &TestApp) -> HashMap<String, i64> {
-    let text = metrics(app).await;
+    let text = app.metrics().await;
     let mut counts = HashMap::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("tally_events_total{") else {
@@ -253,7 +241,7 @@ fn total(counts: &HashMap<String, i64>) -> i64 {
 
 /// The `consumer_lag{source="kafka"}` gauge, when it is there.
 async fn lag(app: &TestApp) -> Option<i64> {
-    let text = metrics(app).await;
+    let text = app.metrics().await;
     text.lines()
         .find(|l| l.starts_with("tally_consumer_lag{source=\"kafka\"}"))
         .and_then(|l| l.rsplit(' ').next())

@@ -252,22 +252,10 @@ fn good_event(prefix: &str, i: usize) -> (String, Value, i64) {
     (customer, event, quantity * price)
 }
 
-/// The text of `/metrics`.
-async fn metrics(app: &TestApp) -> String {
-    let reply = app
-        .client
-        .get(app.url("/metrics"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .expect("GET /metrics");
-    reply.text().await.expect("metrics text")
-}
-
 /// The `nats` events counter of this process, by status.
 async fn processed(app: &TestApp) -> BTreeMap<String, i64> {
     let mut counts = BTreeMap::new();
-    for line in metrics(app).await.lines() {
+    for line in app.metrics().await.lines() {
         let Some(rest) = line.strip_prefix("tally_events_total{") else {
             continue;
         };
@@ -292,7 +280,7 @@ async fn processed(app: &TestApp) -> BTreeMap<String, i64> {
 
 /// `consumer_lag{source="nats"}`, when reported.
 async fn lag(app: &TestApp) -> Option<i64> {
-    metrics(app).await.lines().find_map(|line| {
+    app.metrics().await.lines().find_map(|line| {
         let rest = line.strip_prefix("tally_consumer_lag{")?;
         if !rest.contains("source=\"nats\"") {
             return None;

@@ -2517,15 +2517,7 @@ async fn an_oversized_body_is_read_to_its_end_and_the_connection_kept() {
         .assert_unchanged(&app, "c", "an oversized body")
         .await;
     // Counted like any other answer.
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics
             .lines()

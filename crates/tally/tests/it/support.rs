@@ -315,6 +315,19 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn send(
         &self,
         method: reqwest::Method,
