@@ -273,6 +273,8 @@ pub struct Pg {
     deferred: RefCell<Vec<Batch>>,
     /// The set-based form of each deferred statement, prepared.
     bulk: RefCell<HashMap<&'static str, tokio_postgres::Statement>>,
+    /// The checked one-row form of each deferred update, prepared.
+    checked: RefCell<HashMap<&'static str, tokio_postgres::Statement>>,
 }
 
 /// How a deferred statement is merged with others of its kind.
@@ -375,6 +377,7 @@ impl Connection {
                 begin_pending: Cell::new(false),
                 deferred: RefCell::new(Vec::new()),
                 bulk: RefCell::new(HashMap::new()),
+                checked: RefCell::new(HashMap::new()),
             })),
         })
     }
@@ -746,18 +749,26 @@ impl Pg {
         Ok(statement)
     }
 
-    /// The statement that sends `batch`: its one-row form for one row, else
-    /// its set-based form (prepared once).
+    /// The statement that sends `batch`: its one-row form for one row (an
+    /// update checked to change its row, [`checked_sql`]), else its
+    /// set-based form (prepared once).
     fn batch_statement(&self, batch: &Batch) -> Result<tokio_postgres::Statement> {
         let single = self.prepared(batch.sql)?;
-        if batch.rows.len() == 1 && batch.shape == Shape::Insert {
+        if one_row(batch) && batch.shape == Shape::Insert {
             return Ok(single);
         }
-        if let Some(statement) = self.bulk.borrow().get(batch.sql) {
+        let cache = match one_row(batch) {
+            true => &self.checked,
+            false => &self.bulk,
+        };
+        if let Some(statement) = cache.borrow().get(batch.sql) {
             return Ok(statement.clone());
         }
-        let text = bulk_sql(&placeholders(batch.sql), batch.shape, single.params())
-            .ok_or_else(|| Error::Corrupt(format!("no set-based form of {}", batch.sql)))?;
+        let text = match one_row(batch) {
+            true => checked_sql(&placeholders(batch.sql), single.params().len()),
+            false => bulk_sql(&placeholders(batch.sql), batch.shape, single.params()),
+        }
+        .ok_or_else(|| Error::Corrupt(format!("no set-based form of {}", batch.sql)))?;
         let statement = self
             .block_on(self.client.prepare(&text))
             .inspect_err(|error| {
@@ -769,7 +780,7 @@ impl Pg {
                     )
                 }
             })?;
-        self.bulk.borrow_mut().insert(batch.sql, statement.clone());
+        cache.borrow_mut().insert(batch.sql, statement.clone());
         Ok(statement)
     }
 
@@ -814,7 +825,7 @@ impl Pg {
             // Each batch's parameters: one value per column for a single
             // row to insert, else one array per column (and, for an update,
             // how many rows it must change).
-            let single = |batch: &Batch| batch.rows.len() == 1 && batch.shape == Shape::Insert;
+            let single = one_row;
             let singles: Vec<Vec<PgParam<'_>>> = batches
                 .iter()
                 .map(|batch| match single(batch) {
@@ -888,8 +899,10 @@ impl Pg {
             // group's transaction.
             // (One SET and one RESET around each run of updates in a row.)
             let mut custom = false;
+            // A one-row update goes by its key alone, which every plan
+            // does through the primary key: it needs neither setting.
             for ((statement, params), batch) in statements.iter().zip(&params).zip(&batches) {
-                let update = batch.shape == Shape::UpdateByFirst;
+                let update = batch.shape == Shape::UpdateByFirst && !one_row(batch);
                 if update != custom {
                     pending.push(simple(match update {
                         true => SET_FOR_UPDATES,
@@ -1016,6 +1029,27 @@ fn bulk_sql(sql: &str, shape: Shape, types: &[tokio_postgres::types::Type]) -> O
             ))
         }
     }
+}
+
+/// Whether `batch` goes out in its one-row form (one value per parameter).
+fn one_row(batch: &Batch) -> bool {
+    batch.rows.len() == 1
+}
+
+/// The one-row form of a deferred update (`$N` placeholders, `params` of
+/// them), checked inside the transaction as the set-based form is: if it
+/// does not change exactly one row, the statement fails, and so does the
+/// group's `COMMIT` sent after it.
+fn checked_sql(sql: &str, params: usize) -> Option<String> {
+    // As `bulk_sql`: a `$` in a string literal would be read as a parameter.
+    if sql.contains('\'') || !sql.starts_with("UPDATE ") || params == 0 {
+        return None;
+    }
+    Some(format!(
+        "WITH changed AS ({sql} RETURNING 1) \
+         SELECT CAST(CASE WHEN count(*) = 1 THEN '0' \
+         ELSE 'a deferred update did not find its row' END AS int8) FROM changed"
+    ))
 }
 
 /// `?N` to `$N` (and a bare `?` to the next number), outside string literals.
@@ -1412,12 +1446,14 @@ pub(crate) mod tests {
                 })
                 .unwrap()
         };
-        // One group with one set-based update: row `k` records `name`.
-        let update = |connection: &Connection, k: i64, name: &str| {
+        // One group with one set-based update: rows 1 and 2 record `name`.
+        let update = |connection: &Connection, name: &str| {
             connection.begin().unwrap();
-            connection
-                .defer(Shape::UpdateByFirst, UPDATE, params![k, name])
-                .unwrap();
+            for k in 1..=2i64 {
+                connection
+                    .defer(Shape::UpdateByFirst, UPDATE, params![k, name])
+                    .unwrap();
+            }
             connection.commit().unwrap();
         };
         let modes = |connection: &Connection| -> Vec<String> {
@@ -1490,9 +1526,22 @@ pub(crate) mod tests {
                     .unwrap()
             };
             let default_cost = page_cost(&connection);
-            update(&connection, 1, "random_page_cost");
-            assert_eq!(modes(&connection)[0], "1.1");
+            update(&connection, "random_page_cost");
+            assert_eq!(modes(&connection)[..2], ["1.1", "1.1"]);
             assert_eq!(page_cost(&connection), default_cost);
+
+            // A one-row update goes by its key with the session's settings
+            // (every plan of it reads the primary key).
+            connection.begin().unwrap();
+            connection
+                .defer(
+                    Shape::UpdateByFirst,
+                    UPDATE,
+                    params![2i64, "plan_cache_mode"],
+                )
+                .unwrap();
+            connection.commit().unwrap();
+            assert_eq!(modes(&connection)[..2], ["1.1".to_owned(), default.clone()]);
 
             // A group whose batch fails leaves the session as it was.
             connection.begin().unwrap();
@@ -1518,11 +1567,14 @@ pub(crate) mod tests {
             let configured = Connection::postgres(&format!("{server}/{database}")).unwrap();
             assert_eq!(setting(&configured), "force_generic_plan");
             assert_eq!(page_cost(&configured), "3");
-            update(&configured, 2, "random_page_cost");
-            assert_eq!(modes(&configured)[1], "1.1");
+            update(&configured, "random_page_cost");
+            assert_eq!(modes(&configured)[..2], ["1.1", "1.1"]);
             assert_eq!(page_cost(&configured), "3");
-            update(&configured, 1, "plan_cache_mode");
-            assert_eq!(modes(&configured)[0], "force_custom_plan");
+            update(&configured, "plan_cache_mode");
+            assert_eq!(
+                modes(&configured)[..2],
+                ["force_custom_plan", "force_custom_plan"]
+            );
             assert_eq!(setting(&configured), "force_generic_plan");
             drop(configured);
             drop(connection);
@@ -1676,6 +1728,28 @@ pub(crate) mod tests {
                 (3, 16),
                 "nothing of the failed group committed"
             );
+            // The same with the missed update alone in its batch (its
+            // one-row form on PostgreSQL).
+            connection.begin().unwrap();
+            let deferred = connection
+                .defer(Shape::Insert, INSERT, params![4i64, 100i64])
+                .and_then(|()| connection.defer(Shape::UpdateByFirst, UPDATE, params![99i64, 1i64]))
+                .and_then(|()| connection.commit());
+            assert!(deferred.is_err(), "an update of a missing row must fail");
+            let _ = connection.rollback();
+            let count: i64 = connection
+                .query_row("SELECT COUNT(*) FROM t", [], |row| row.get(0))
+                .unwrap();
+            assert_eq!(count, 3, "nothing of the failed group committed");
+            connection.begin().unwrap();
+            connection
+                .defer(Shape::UpdateByFirst, UPDATE, params![3i64, 10i64])
+                .unwrap();
+            connection.commit().unwrap();
+            let sum: i64 = connection
+                .query_row("SELECT CAST(SUM(v) AS BIGINT) FROM t", [], |row| row.get(0))
+                .unwrap();
+            assert_eq!(sum, 17, "a one-row update changes its row");
             drop(connection);
             drop_database(place);
         }
