@@ -273,9 +273,18 @@ pub struct Pg {
     deferred: RefCell<Vec<Batch>>,
     /// The set-based form of each deferred statement, prepared.
     bulk: RefCell<HashMap<&'static str, tokio_postgres::Statement>>,
-    /// The checked one-row form of each deferred update, prepared.
-    checked: RefCell<HashMap<&'static str, tokio_postgres::Statement>>,
+    /// The checked one-row form of each deferred update ([`checked_sql`]),
+    /// prepared, and how many times it has been sent since.
+    checked: RefCell<HashMap<&'static str, (tokio_postgres::Statement, u32)>>,
 }
+
+/// A prepared one-row update is prepared again after this many runs.
+/// PostgreSQL keeps one generic plan for a prepared statement after five
+/// runs, costed for the table of that moment: made while the table held a
+/// page, it scans the table, and it would stay that way as the table grows
+/// (until an `ANALYZE` invalidates it). Prepared again, it is planned for
+/// the table as it is. (Small under test, so that a test can reach it.)
+const REPREPARE_AFTER: u32 = if cfg!(test) { 16 } else { 4096 };
 
 /// How a deferred statement is merged with others of its kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -736,13 +745,7 @@ impl Pg {
         if let Some(statement) = self.statements.borrow().get(sql) {
             return Ok(statement.clone());
         }
-        let statement = self
-            .block_on(self.client.prepare(&placeholders(sql)))
-            .inspect_err(|error| {
-                if let Error::Postgres(error) = error {
-                    tracing::error!(sql, error = postgres_message(error), "cannot prepare")
-                }
-            })?;
+        let statement = self.prepare_text(&placeholders(sql))?;
         self.statements
             .borrow_mut()
             .insert(sql.to_owned(), statement.clone());
@@ -750,27 +753,43 @@ impl Pg {
     }
 
     /// The statement that sends `batch`: its one-row form for one row (an
-    /// update checked to change its row, [`checked_sql`]), else its
-    /// set-based form (prepared once).
+    /// update checked to change its row, [`checked_sql`], prepared again
+    /// every [`REPREPARE_AFTER`] runs), else its set-based form (prepared
+    /// once).
     fn batch_statement(&self, batch: &Batch) -> Result<tokio_postgres::Statement> {
         let single = self.prepared(batch.sql)?;
-        if one_row(batch) && batch.shape == Shape::Insert {
+        let one = one_row(batch);
+        if one && batch.shape == Shape::Insert {
             return Ok(single);
         }
-        let cache = match one_row(batch) {
-            true => &self.checked,
-            false => &self.bulk,
-        };
-        if let Some(statement) = cache.borrow().get(batch.sql) {
+        if one {
+            if let Some((statement, runs)) = self.checked.borrow_mut().get_mut(batch.sql) {
+                if *runs < REPREPARE_AFTER {
+                    *runs += 1;
+                    return Ok(statement.clone());
+                }
+            }
+            let text = checked_sql(&placeholders(batch.sql), single.params().len())
+                .ok_or_else(|| Error::Corrupt(format!("no checked form of {}", batch.sql)))?;
+            let statement = self.prepare_text(&text)?;
+            self.checked
+                .borrow_mut()
+                .insert(batch.sql, (statement.clone(), 1));
+            return Ok(statement);
+        }
+        if let Some(statement) = self.bulk.borrow().get(batch.sql) {
             return Ok(statement.clone());
         }
-        let text = match one_row(batch) {
-            true => checked_sql(&placeholders(batch.sql), single.params().len()),
-            false => bulk_sql(&placeholders(batch.sql), batch.shape, single.params()),
-        }
-        .ok_or_else(|| Error::Corrupt(format!("no set-based form of {}", batch.sql)))?;
-        let statement = self
-            .block_on(self.client.prepare(&text))
+        let text = bulk_sql(&placeholders(batch.sql), batch.shape, single.params())
+            .ok_or_else(|| Error::Corrupt(format!("no set-based form of {}", batch.sql)))?;
+        let statement = self.prepare_text(&text)?;
+        self.bulk.borrow_mut().insert(batch.sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Prepare `text` (`$N` placeholders) on this connection.
+    fn prepare_text(&self, text: &str) -> Result<tokio_postgres::Statement> {
+        self.block_on(self.client.prepare(text))
             .inspect_err(|error| {
                 if let Error::Postgres(error) = error {
                     tracing::error!(
@@ -779,9 +798,7 @@ impl Pg {
                         "cannot prepare"
                     )
                 }
-            })?;
-        cache.borrow_mut().insert(batch.sql, statement.clone());
-        Ok(statement)
+            })
     }
 
     /// Send what is owed before any other statement: the `BEGIN`, every
@@ -823,8 +840,8 @@ impl Pg {
         let client = self.client.clone();
         Ok(Some(async move {
             // Each batch's parameters: one value per column for a single
-            // row to insert, else one array per column (and, for an update,
-            // how many rows it must change).
+            // row, else one array per column (and, for an update, how many
+            // rows it must change).
             let single = one_row;
             let singles: Vec<Vec<PgParam<'_>>> = batches
                 .iter()
@@ -899,8 +916,9 @@ impl Pg {
             // group's transaction.
             // (One SET and one RESET around each run of updates in a row.)
             let mut custom = false;
-            // A one-row update goes by its key alone, which every plan
-            // does through the primary key: it needs neither setting.
+            // A one-row update goes by its key (through the primary key,
+            // in any plan made for a table of more than a page or so; see
+            // REPREPARE_AFTER): it needs neither setting.
             for ((statement, params), batch) in statements.iter().zip(&params).zip(&batches) {
                 let update = batch.shape == Shape::UpdateByFirst && !one_row(batch);
                 if update != custom {
@@ -1543,14 +1561,22 @@ pub(crate) mod tests {
             connection.commit().unwrap();
             assert_eq!(modes(&connection)[..2], ["1.1".to_owned(), default.clone()]);
 
-            // A group whose batch fails leaves the session as it was.
+            // A group whose set-based batch fails leaves the session as it
+            // was.
             connection.begin().unwrap();
             let failed = connection
                 .defer(
                     Shape::UpdateByFirst,
                     UPDATE,
-                    params![99i64, "plan_cache_mode"],
+                    params![1i64, "plan_cache_mode"],
                 )
+                .and_then(|()| {
+                    connection.defer(
+                        Shape::UpdateByFirst,
+                        UPDATE,
+                        params![99i64, "plan_cache_mode"],
+                    )
+                })
                 .and_then(|()| connection.commit());
             assert!(failed.is_err(), "an update of a missing row must fail");
             let _ = connection.rollback();
@@ -1750,6 +1776,77 @@ pub(crate) mod tests {
                 .query_row("SELECT CAST(SUM(v) AS BIGINT) FROM t", [], |row| row.get(0))
                 .unwrap();
             assert_eq!(sum, 17, "a one-row update changes its row");
+            drop(connection);
+            drop_database(place);
+        }
+    }
+
+    /// A one-row update is prepared again every [`REPREPARE_AFTER`] runs:
+    /// its first eight run while the table holds two rows (PostgreSQL then
+    /// keeps a generic plan that scans the table), the table grows to
+    /// 10,000 rows, and within that many more runs the update reads its row
+    /// through the primary key again. PostgreSQL only.
+    #[test]
+    fn a_one_row_update_is_planned_again_as_its_table_grows() {
+        const UPDATE: &str = "UPDATE grown SET v = ?2 WHERE k = ?1";
+        // One group with one one-row update.
+        let update = |connection: &Connection, k: i64| {
+            connection.begin().unwrap();
+            connection
+                .defer(Shape::UpdateByFirst, UPDATE, params![k, 1i64])
+                .unwrap();
+            connection.commit().unwrap();
+        };
+        // The session's scans of the table not yet reported to the
+        // statistics.
+        let scans = |connection: &Connection| -> (i64, i64) {
+            connection
+                .query_row(
+                    "SELECT seq_scan, COALESCE(idx_scan, 0) FROM pg_stat_xact_user_tables \
+                     WHERE relname = 'grown'",
+                    [],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .unwrap()
+        };
+        for (connection, place) in connections("grown") {
+            if connection.dialect() != Dialect::Postgres {
+                continue;
+            }
+            connection
+                .execute_batch(
+                    "CREATE TABLE grown (k BIGINT PRIMARY KEY, v BIGINT NOT NULL); \
+                     INSERT INTO grown VALUES (1, 0), (2, 0); ANALYZE grown",
+                )
+                .unwrap();
+            for _ in 0..8 {
+                update(&connection, 1);
+            }
+            connection
+                .execute_batch("INSERT INTO grown SELECT g, 0 FROM generate_series(3, 10002) AS g")
+                .unwrap();
+            // The plan made for two rows, still in use.
+            let before = scans(&connection);
+            update(&connection, 5000);
+            let after = scans(&connection);
+            assert_eq!(
+                (after.0 - before.0, after.1 - before.1),
+                (1, 0),
+                "the generic plan made for two rows scans the table"
+            );
+            for _ in 0..REPREPARE_AFTER {
+                update(&connection, 5000);
+            }
+            let before = scans(&connection);
+            for k in 100..110 {
+                update(&connection, k);
+            }
+            let after = scans(&connection);
+            assert_eq!(
+                (after.0 - before.0, after.1 - before.1),
+                (0, 10),
+                "prepared again, the update reads its row through the primary key"
+            );
             drop(connection);
             drop_database(place);
         }
