@@ -415,6 +415,11 @@ pub struct Writer {
     /// Where the sweep for `grant.expiring` goes on: the last lot the last
     /// tick looked at (its expiry and id), or `None` to start from the soonest.
     expiring_sweep: Option<(i64, String)>,
+    /// For each `grant_expiring_days` a customer has set: how far the tick
+    /// has looked for lots coming within that many days of expiry (the
+    /// last lot's expiry and id), or `None` until the next tick starts it
+    /// at its horizon (see `notify_expiring`).
+    expiring_frontiers: FastMap<i64, Option<(i64, String)>>,
     operations: OperationIndex,
     catalog: Catalog,
     /// Set by a command that found its work already done (a repeated publish).
@@ -626,6 +631,10 @@ impl Writer {
         let plans = load_plans(&connection)?;
         let packs = load_packs(&connection)?;
         let endpoints = notify::load_endpoints(&connection)?;
+        let expiring_frontiers = notify::load_expiring_days(&connection)?
+            .into_iter()
+            .map(|days| (days, None))
+            .collect();
         // A manual clock resumes where the last writer's was (a restart, or
         // another server taking over a shared database).
         if let Some(instant) = engine_clock(&connection)? {
@@ -642,6 +651,7 @@ impl Writer {
             group_notification: None,
             next_prune_at: 0,
             expiring_sweep: None,
+            expiring_frontiers,
             connection,
             clock,
             cache: FastMap::default(),
@@ -1010,6 +1020,11 @@ impl Writer {
         self.topup_checks.clear();
         self.next_prune_at = 0;
         self.expiring_sweep = None;
+        // The frontiers start again at their horizons (lots that came
+        // within their window meanwhile are the sweep's).
+        for frontier in self.expiring_frontiers.values_mut() {
+            *frontier = None;
+        }
     }
 
     /// After a rollback: the price book, dead letters, plans and webhook

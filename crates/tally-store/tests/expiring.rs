@@ -1,7 +1,9 @@
 //! `grant.expiring` warnings are found a chunk of lots per tick, in expiry
 //! order, so a tick's cost is bounded however many lots expire within 90
 //! days (looking at all of them cost 390 ms a tick with 200,000 lots on
-//! SQLite; BENCHMARKS.md). Every due lot is still warned, once.
+//! SQLite; BENCHMARKS.md). Every due lot is still warned, once, and a lot
+//! whose warning day comes while the writer runs is warned at the next tick
+//! (the frontier), not a sweep later.
 
 use std::sync::Arc;
 
@@ -53,28 +55,7 @@ async fn each_tick_looks_at_one_chunk_and_every_due_lot_is_warned_once() {
         ..Options::default()
     };
     let store = place.open_with(clock.clone(), options).await;
-    ok(
-        &store,
-        Command::CreateWebhookEndpoint(NewWebhookEndpoint {
-            id: id("wh"),
-            url: "http://127.0.0.1:9/hook".into(),
-            events: vec!["grant.expiring".into()],
-            secret: "whsec_test".into(),
-        }),
-    )
-    .await;
-    ok(&store, customer()).await;
-    ok(
-        &store,
-        Command::PutAlerts {
-            customer_id: id("c"),
-            alerts: Alerts {
-                low_balance: Vec::new(),
-                grant_expiring_days: Some(7),
-            },
-        },
-    )
-    .await;
+    warned_customer(&store).await;
     // Ten lots due a warning (expiring in 2 to 6 days, in an order that is
     // not their ids'), four more due at one instant, two not yet (in 30 days).
     let mut due = Vec::new();
@@ -117,4 +98,83 @@ async fn each_tick_looks_at_one_chunk_and_every_due_lot_is_warned_once() {
     }
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(warned_now(&store).await, due);
+}
+
+/// The endpoint, customer `c` and its `grant_expiring_days` of 7.
+async fn warned_customer(store: &Store) {
+    ok(
+        store,
+        Command::CreateWebhookEndpoint(NewWebhookEndpoint {
+            id: id("wh"),
+            url: "http://127.0.0.1:9/hook".into(),
+            events: vec!["grant.expiring".into()],
+            secret: "whsec_test".into(),
+        }),
+    )
+    .await;
+    ok(store, customer()).await;
+    ok(
+        store,
+        Command::PutAlerts {
+            customer_id: id("c"),
+            alerts: Alerts {
+                low_balance: Vec::new(),
+                grant_expiring_days: Some(7),
+            },
+        },
+    )
+    .await;
+}
+
+/// A lot whose warning day comes after the sweep has passed it is warned at
+/// the first tick after that day, not a sweep later: before and after a
+/// restart (when the writer reads which settings are in use).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lot_is_warned_at_the_first_tick_after_its_warning_day() {
+    let place = TestStore::new("expiring_frontier");
+    let clock = Arc::new(ManualClock::new(START));
+    let options = || Options {
+        expiring_chunk: 2,
+        ..Options::default()
+    };
+    let store = place.open_with(clock.clone(), options()).await;
+    warned_customer(&store).await;
+    // `soon` is due a warning in an hour; `later` is due in five days; six
+    // more lots expire in 20 to 25 days, so that a sweep takes four ticks.
+    let hour = DAY / 24;
+    ok(
+        &store,
+        grant("soon", "5", Some(Timestamp(START.0 + 7 * DAY + hour))),
+    )
+    .await;
+    ok(
+        &store,
+        grant("later", "5", Some(Timestamp(START.0 + 12 * DAY))),
+    )
+    .await;
+    for n in 0..6 {
+        let expires_at = Timestamp(START.0 + (20 + n) * DAY);
+        ok(&store, grant(&format!("far{n}"), "5", Some(expires_at))).await;
+    }
+    // The first tick: the sweep looks at `soon` and `later`, neither due yet.
+    ok(&store, Command::Tick).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(warned_now(&store).await, Vec::<String>::new());
+    // Two hours on, `soon` is due; the sweep goes on with `far0`, `far1`.
+    clock.advance_to(Timestamp(START.0 + 2 * hour));
+    ok(&store, Command::Tick).await;
+    assert_eq!(warned(&store, 1).await, ["soon"]);
+    ok(&store, Command::Tick).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(warned_now(&store).await, ["soon"], "warned once");
+
+    // After a restart the writer knows the setting in use: its first tick
+    // starts the frontier, and `later` is warned at the tick after its day.
+    drop(store);
+    let store = place.open_with(clock.clone(), options()).await;
+    ok(&store, Command::Tick).await;
+    ok(&store, Command::Tick).await;
+    clock.advance_to(Timestamp(START.0 + 5 * DAY + hour));
+    ok(&store, Command::Tick).await;
+    assert_eq!(warned(&store, 2).await, ["later", "soon"]);
 }

@@ -29,6 +29,32 @@ const PRUNE_BATCH: i64 = 1000;
 const MAX_BACKOFF_SECONDS: i64 = 3600;
 const DAY_MICROS: i64 = 86_400_000_000;
 
+/// A lot looked at for `grant.expiring`: its id, customer, expiry and
+/// remaining credits, the customer's `grant_expiring_days`, and whether it
+/// was warned already.
+type Seen = (String, String, i64, i64, Option<i64>, bool);
+
+fn seen_row(row: &db::Row<'_>) -> db::Result<Seen> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+    ))
+}
+
+/// Every `grant_expiring_days` value some customer has set.
+pub(super) fn load_expiring_days(connection: &Connection) -> db::Result<Vec<i64>> {
+    let mut statement = connection.prepare(
+        "SELECT DISTINCT grant_expiring_days FROM customer_alerts \
+         WHERE grant_expiring_days IS NOT NULL",
+    )?;
+    let rows = statement.query_map([], |row| row.get(0))?;
+    rows.collect()
+}
+
 pub(super) struct Endpoint {
     id: String,
     events: Vec<String>,
@@ -176,16 +202,29 @@ impl Writer {
     /// `grant.expiring` for lots of customers with `grant_expiring_days`
     /// that expire within that many days, once per lot (from the tick).
     ///
-    /// Each tick looks at the next `expiring_chunk` active lots expiring
-    /// within 90 days, in expiry order from where the last tick stopped,
-    /// and starts over from the soonest once it has seen them all. Looking
-    /// at all of them every tick cost 390 ms with 200,000 such lots on
-    /// SQLite, on the writer's thread, twice a second (BENCHMARKS.md,
-    /// 2026-12-05, fourth session); now a tick costs at most one chunk, and a
-    /// lot is warned within one sweep of its warning day (a tick per chunk:
-    /// about 100 s for 200,000 lots). The chunk starts after the cursor as a
-    /// bound of the index (a row value), so lots sharing one expiry are not
-    /// read again on every tick.
+    /// Two ways, each bounded by `expiring_chunk` lots a tick:
+    /// - **On time: the frontier.** For each `grant_expiring_days` value
+    ///   `d` in use, the lots whose expiry came within `d` days since the
+    ///   last tick: those expiring after that value's frontier and at most
+    ///   `d` days from now (whatever their customer's setting; each is
+    ///   warned only if due under its own). A lot is warned at the first
+    ///   tick after its warning day, unless more than a chunk of lots came
+    ///   into the window at once: the frontier then goes on a chunk a tick.
+    ///   Each frontier starts at its horizon (now plus `d` days) at its
+    ///   first tick; the lots already inside their window then are the
+    ///   sweep's.
+    /// - **The sweep** catches the rest: lots already inside their window
+    ///   when their customer's setting or the writer started, or when a
+    ///   lot's expiry moved. Each tick looks at the next `expiring_chunk`
+    ///   active lots expiring within 90 days, in expiry order from where the
+    ///   last tick stopped, and starts over from the soonest once it has
+    ///   seen them all. Looking at all of them every tick cost 390 ms with
+    ///   200,000 such lots on SQLite, on the writer's thread, twice a second
+    ///   (BENCHMARKS.md, 2026-12-05, fourth session); a sweep takes a tick
+    ///   per chunk (about 100 s for 200,000 lots).
+    ///
+    /// Both start after their cursor as a bound of the index (a row value),
+    /// so lots sharing one expiry are not read again on every tick.
     pub(super) fn notify_expiring(&mut self) -> db::Result<()> {
         if !self.endpoints.iter().any(|e| e.wants("grant.expiring")) {
             return Ok(());
@@ -193,46 +232,73 @@ impl Writer {
         // The lots' rows as this group left them so far.
         self.flush()?;
         let now = self.now.micros();
+        let chunk = i64::try_from(self.options.expiring_chunk.max(1)).unwrap_or(i64::MAX);
+        let mut days_in_use: Vec<i64> = self.expiring_frontiers.keys().copied().collect();
+        days_in_use.sort_unstable();
+        for days in days_in_use {
+            let horizon = now.saturating_add(days.saturating_mul(DAY_MICROS));
+            let Some(Some((after_expiry, after_id))) = self.expiring_frontiers.get(&days).cloned()
+            else {
+                self.expiring_frontiers
+                    .insert(days, Some((horizon, String::new())));
+                continue;
+            };
+            let seen = self.expiring_lots((after_expiry, &after_id), horizon, chunk)?;
+            // A full chunk: the next tick goes on after its last lot; else
+            // every lot up to the horizon was seen.
+            let frontier = match seen.last() {
+                Some((id, _, expires_at, ..)) if seen.len() as i64 >= chunk => {
+                    (*expires_at, id.clone())
+                }
+                _ => (horizon.max(after_expiry), String::new()),
+            };
+            self.expiring_frontiers.insert(days, Some(frontier));
+            self.warn_expiring(seen, now)?;
+        }
         // Resume after the last lot seen, unless that has expired meanwhile.
         let (after_expiry, after_id) = match self.expiring_sweep.take() {
             Some((expires_at, id)) if expires_at > now => (expires_at, id),
             _ => (now, String::new()),
         };
-        let chunk = i64::try_from(self.options.expiring_chunk.max(1)).unwrap_or(i64::MAX);
-        type Seen = (String, String, i64, i64, Option<i64>, bool);
-        let seen: Vec<Seen> = {
-            let mut statement = self.connection.prepare_cached(
-                "SELECT g.id, g.customer_id, g.expires_at, b.remaining, a.grant_expiring_days, \
-                   EXISTS (SELECT 1 FROM expiring_notices n WHERE n.grant_id = g.id) \
-                 FROM (SELECT id, customer_id, expires_at, sequence FROM grants \
-                   WHERE status = 'active' AND (expires_at, id) > (?1, ?2) \
-                   AND expires_at <= ?3 AND expires_at > ?4 \
-                   ORDER BY expires_at, id LIMIT ?5) g \
-                 JOIN grant_balances b ON b.sequence = g.sequence \
-                 LEFT JOIN customer_alerts a ON a.customer_id = g.customer_id \
-                 ORDER BY g.expires_at, g.id",
-            )?;
-            let rows = statement.query_map(
-                params![after_expiry, after_id, now + 90 * DAY_MICROS, now, chunk],
-                |row| {
-                    Ok((
-                        row.get(0)?,
-                        row.get(1)?,
-                        row.get(2)?,
-                        row.get(3)?,
-                        row.get(4)?,
-                        row.get(5)?,
-                    ))
-                },
-            )?;
-            rows.collect::<db::Result<_>>()?
-        };
+        let seen = self.expiring_lots(
+            (after_expiry, &after_id),
+            now.saturating_add(90 * DAY_MICROS),
+            chunk,
+        )?;
         // A full chunk: the next tick goes on after its last lot.
         if seen.len() as i64 >= chunk {
             if let Some((id, _, expires_at, ..)) = seen.last() {
                 self.expiring_sweep = Some((*expires_at, id.clone()));
             }
         }
+        self.warn_expiring(seen, now)
+    }
+
+    /// At most `chunk` active lots, not expired yet, expiring after `after`
+    /// (an expiry and a lot id, in that order) and no later than `until`,
+    /// in that order.
+    fn expiring_lots(&self, after: (i64, &str), until: i64, chunk: i64) -> db::Result<Vec<Seen>> {
+        let mut statement = self.connection.prepare_cached(
+            "SELECT g.id, g.customer_id, g.expires_at, b.remaining, a.grant_expiring_days, \
+               EXISTS (SELECT 1 FROM expiring_notices n WHERE n.grant_id = g.id) \
+             FROM (SELECT id, customer_id, expires_at, sequence FROM grants \
+               WHERE status = 'active' AND (expires_at, id) > (?1, ?2) \
+               AND expires_at <= ?3 AND expires_at > ?4 \
+               ORDER BY expires_at, id LIMIT ?5) g \
+             JOIN grant_balances b ON b.sequence = g.sequence \
+             LEFT JOIN customer_alerts a ON a.customer_id = g.customer_id \
+             ORDER BY g.expires_at, g.id",
+        )?;
+        let rows = statement.query_map(
+            params![after.0, after.1, until, self.now.micros(), chunk],
+            seen_row,
+        )?;
+        rows.collect()
+    }
+
+    /// Warn about each lot of `seen` that is due: not warned yet, with
+    /// credits left, and expiring within its customer's days.
+    fn warn_expiring(&mut self, seen: Vec<Seen>, now: i64) -> db::Result<()> {
         let due = seen
             .into_iter()
             .filter(|(_, _, expires_at, remaining, days, warned)| {
@@ -241,9 +307,18 @@ impl Writer {
                     && days.is_some_and(|days| *expires_at <= now + days * DAY_MICROS)
             });
         for (grant_id, customer_id, expires_at, remaining, ..) in due {
-            self.connection
-                .prepare_cached("INSERT INTO expiring_notices (grant_id, sent_at) VALUES (?1, ?2)")?
+            // A lot seen by both the frontier and the sweep in one tick is
+            // warned by the first.
+            let inserted = self
+                .connection
+                .prepare_cached(
+                    "INSERT INTO expiring_notices (grant_id, sent_at) VALUES (?1, ?2) \
+                     ON CONFLICT (grant_id) DO NOTHING",
+                )?
                 .execute(params![grant_id, now])?;
+            if inserted == 0 {
+                continue;
+            }
             let remaining = tally_core::Amount::from_micros(remaining).unwrap_or_default();
             self.notify(
                 "grant.expiring",
@@ -323,6 +398,11 @@ impl Writer {
             ])?;
         if let Some(cached) = self.cache.get_mut(customer_id) {
             cached.alerts = Some(alerts.clone());
+        }
+        if let Some(days) = alerts.grant_expiring_days {
+            self.expiring_frontiers
+                .entry(i64::from(days))
+                .or_insert(None);
         }
         Ok(Outcome::Alerts {
             customer_id: customer_id.clone(),
