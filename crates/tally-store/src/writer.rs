@@ -420,6 +420,11 @@ pub struct Writer {
     /// last lot's expiry and id), or `None` until the next tick starts it
     /// at its horizon (see `notify_expiring`).
     expiring_frontiers: FastMap<i64, Option<(i64, String)>>,
+    /// Lots made, or whose expiry changed, since the last tick, that expire:
+    /// the tick checks them for `grant.expiring` (a lot made inside its
+    /// warning window is behind every frontier). At most
+    /// `EXPIRING_RECENT_CAP`; beyond that, the sweep finds them.
+    expiring_recent: std::collections::VecDeque<Id>,
     operations: OperationIndex,
     catalog: Catalog,
     /// Set by a command that found its work already done (a repeated publish).
@@ -566,6 +571,9 @@ impl OperationIndex {
 pub const WAL_RESTART_FRAMES: i64 = 16_384;
 /// Active lots a tick looks at for `grant.expiring` (see `notify_expiring`).
 pub const EXPIRING_CHUNK: usize = 1_000;
+/// Lots made or moved between two ticks that the next ticks check for
+/// `grant.expiring` one by one; more are left to the sweep.
+const EXPIRING_RECENT_CAP: usize = 10 * EXPIRING_CHUNK;
 /// How often the writer tries again when a reader kept the log from restarting.
 const WAL_RESTART_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -652,6 +660,7 @@ impl Writer {
             next_prune_at: 0,
             expiring_sweep: None,
             expiring_frontiers,
+            expiring_recent: std::collections::VecDeque::new(),
             connection,
             clock,
             cache: FastMap::default(),
@@ -1025,6 +1034,7 @@ impl Writer {
         for frontier in self.expiring_frontiers.values_mut() {
             *frontier = None;
         }
+        self.expiring_recent.clear();
     }
 
     /// After a rollback: the price book, dead letters, plans and webhook
@@ -1075,6 +1085,11 @@ impl Writer {
                     None => {
                         rows::insert_grant(&self.connection, grant, None, self.now)?;
                         rows::update_grant(&self.connection, grant, cached.head, false)?;
+                        if grant.expires_at.is_some()
+                            && self.expiring_recent.len() < EXPIRING_RECENT_CAP
+                        {
+                            self.expiring_recent.push_back(grant.id.clone());
+                        }
                     }
                     Some(stored) => {
                         let lifecycle_changed = *stored != lifecycle;
@@ -1347,6 +1362,16 @@ impl Writer {
             .expect("prepared")
             .stored
             .insert(grant.id.clone(), rows::lifecycle(grant));
+        if grant.expires_at.is_some() {
+            self.expiring_recent_push(&grant.id);
+        }
+    }
+
+    /// Have the next tick check `grant_id` for `grant.expiring`.
+    fn expiring_recent_push(&mut self, grant_id: &Id) {
+        if self.expiring_recent.len() < EXPIRING_RECENT_CAP {
+            self.expiring_recent.push_back(grant_id.clone());
+        }
     }
 
     fn ledger(&mut self, customer_id: &Id) -> &mut CustomerLedger {
@@ -1492,6 +1517,9 @@ impl Writer {
                 self.connection
                     .prepare_cached("DELETE FROM expiring_notices WHERE grant_id = ?1")?
                     .execute([grant_id.as_str()])?;
+                if expires_at.is_some() {
+                    self.expiring_recent_push(grant_id);
+                }
                 Ok((
                     Outcome::Expiry(ExpiryOutcome {
                         id: id.clone(),

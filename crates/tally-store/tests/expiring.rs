@@ -55,7 +55,7 @@ async fn each_tick_looks_at_one_chunk_and_every_due_lot_is_warned_once() {
         ..Options::default()
     };
     let store = place.open_with(clock.clone(), options).await;
-    warned_customer(&store).await;
+    endpoint_and_customer(&store).await;
     // Ten lots due a warning (expiring in 2 to 6 days, in an order that is
     // not their ids'), four more due at one instant, two not yet (in 30 days).
     let mut due = Vec::new();
@@ -75,6 +75,15 @@ async fn each_tick_looks_at_one_chunk_and_every_due_lot_is_warned_once() {
         ok(&store, grant(lot, "5", Some(Timestamp(START.0 + 30 * DAY)))).await;
     }
     due.sort();
+    // The customer takes up the setting after its lots were made, so none
+    // is new to the tick and none crosses into its window: only the sweep
+    // finds them. First six ticks check the sixteen lots just made, three
+    // a tick (none is due without a setting); the sixth ends a sweep too,
+    // so the next starts from the soonest.
+    for _ in 0..6 {
+        ok(&store, Command::Tick).await;
+    }
+    warn_seven_days_ahead(&store).await;
 
     // The first tick looks at the three lots expiring soonest.
     // (Each count is waited for, then checked again after a pause: a tick
@@ -100,8 +109,8 @@ async fn each_tick_looks_at_one_chunk_and_every_due_lot_is_warned_once() {
     assert_eq!(warned_now(&store).await, due);
 }
 
-/// The endpoint, customer `c` and its `grant_expiring_days` of 7.
-async fn warned_customer(store: &Store) {
+/// The endpoint and customer `c`.
+async fn endpoint_and_customer(store: &Store) {
     ok(
         store,
         Command::CreateWebhookEndpoint(NewWebhookEndpoint {
@@ -113,6 +122,10 @@ async fn warned_customer(store: &Store) {
     )
     .await;
     ok(store, customer()).await;
+}
+
+/// Customer `c` is warned 7 days ahead.
+async fn warn_seven_days_ahead(store: &Store) {
     ok(
         store,
         Command::PutAlerts {
@@ -128,7 +141,9 @@ async fn warned_customer(store: &Store) {
 
 /// A lot whose warning day comes after the sweep has passed it is warned at
 /// the first tick after that day, not a sweep later: before and after a
-/// restart (when the writer reads which settings are in use).
+/// restart (when the writer reads which settings are in use), when more lots
+/// come into the window at once than a tick reads, and for a lot made
+/// inside its window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lot_is_warned_at_the_first_tick_after_its_warning_day() {
     let place = TestStore::new("expiring_frontier");
@@ -138,35 +153,38 @@ async fn a_lot_is_warned_at_the_first_tick_after_its_warning_day() {
         ..Options::default()
     };
     let store = place.open_with(clock.clone(), options()).await;
-    warned_customer(&store).await;
-    // `soon` is due a warning in an hour; `later` is due in five days; six
-    // more lots expire in 20 to 25 days, so that a sweep takes four ticks.
+    endpoint_and_customer(&store).await;
+    warn_seven_days_ahead(&store).await;
     let hour = DAY / 24;
-    ok(
-        &store,
-        grant("soon", "5", Some(Timestamp(START.0 + 7 * DAY + hour))),
-    )
-    .await;
+    // `a1` to `a3` are due a warning in an hour; `later` in five days; ten
+    // more lots expire in 20 to 29 days, so that a sweep takes seven ticks.
+    for n in 1..=3 {
+        let expires_at = Timestamp(START.0 + 7 * DAY + hour + n);
+        ok(&store, grant(&format!("a{n}"), "5", Some(expires_at))).await;
+    }
     ok(
         &store,
         grant("later", "5", Some(Timestamp(START.0 + 12 * DAY))),
     )
     .await;
-    for n in 0..6 {
+    for n in 0..10 {
         let expires_at = Timestamp(START.0 + (20 + n) * DAY);
         ok(&store, grant(&format!("far{n}"), "5", Some(expires_at))).await;
     }
-    // The first tick: the sweep looks at `soon` and `later`, neither due yet.
+    // Two ticks: the sweep reads a1, a2, then a3 and `later`, none due yet.
+    ok(&store, Command::Tick).await;
     ok(&store, Command::Tick).await;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(warned_now(&store).await, Vec::<String>::new());
-    // Two hours on, `soon` is due; the sweep goes on with `far0`, `far1`.
+    // Two hours on, all three are due. The sweep goes on with far0, far1;
+    // the frontier reads two lots a tick, and goes on after the second.
     clock.advance_to(Timestamp(START.0 + 2 * hour));
     ok(&store, Command::Tick).await;
-    assert_eq!(warned(&store, 1).await, ["soon"]);
-    ok(&store, Command::Tick).await;
+    assert_eq!(warned(&store, 2).await, ["a1", "a2"]);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    assert_eq!(warned_now(&store).await, ["soon"], "warned once");
+    assert_eq!(warned_now(&store).await, ["a1", "a2"], "two lots a tick");
+    ok(&store, Command::Tick).await;
+    assert_eq!(warned(&store, 3).await, ["a1", "a2", "a3"]);
 
     // After a restart the writer knows the setting in use: its first tick
     // starts the frontier, and `later` is warned at the tick after its day.
@@ -176,5 +194,27 @@ async fn a_lot_is_warned_at_the_first_tick_after_its_warning_day() {
     ok(&store, Command::Tick).await;
     clock.advance_to(Timestamp(START.0 + 5 * DAY + hour));
     ok(&store, Command::Tick).await;
-    assert_eq!(warned(&store, 2).await, ["later", "soon"]);
+    assert_eq!(warned(&store, 4).await, ["a1", "a2", "a3", "later"]);
+
+    // A lot made inside its window (expiring in three days) is warned at
+    // the next tick, while the sweep is among the far lots.
+    ok(
+        &store,
+        grant("inside", "5", Some(Timestamp(START.0 + 8 * DAY))),
+    )
+    .await;
+    ok(&store, Command::Tick).await;
+    assert_eq!(
+        warned(&store, 5).await,
+        ["a1", "a2", "a3", "inside", "later"]
+    );
+    // Further ticks, a whole sweep and more, warn nobody twice.
+    for _ in 0..8 {
+        ok(&store, Command::Tick).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(
+        warned_now(&store).await,
+        ["a1", "a2", "a3", "inside", "later"]
+    );
 }

@@ -200,39 +200,69 @@ impl Writer {
     }
 
     /// `grant.expiring` for lots of customers with `grant_expiring_days`
-    /// that expire within that many days, once per lot (from the tick).
-    ///
-    /// Two ways, each bounded by `expiring_chunk` lots a tick:
-    /// - **On time: the frontier.** For each `grant_expiring_days` value
-    ///   `d` in use, the lots whose expiry came within `d` days since the
-    ///   last tick: those expiring after that value's frontier and at most
-    ///   `d` days from now (whatever their customer's setting; each is
-    ///   warned only if due under its own). A lot is warned at the first
-    ///   tick after its warning day, unless more than a chunk of lots came
-    ///   into the window at once: the frontier then goes on a chunk a tick.
-    ///   Each frontier starts at its horizon (now plus `d` days) at its
-    ///   first tick; the lots already inside their window then are the
-    ///   sweep's.
+    /// that expire within that many days, once per lot and expiry (from the
+    /// tick). Three ways, each at most `expiring_chunk` lots a tick:
+    /// - **Lots made or moved since the last tick** (`expiring_recent`),
+    ///   one by one: a lot made inside its warning window (a lot expiring
+    ///   in 5 days for a customer warned 7 days ahead), or whose expiry
+    ///   changed, is warned at the next tick.
+    /// - **The frontiers.** For each `grant_expiring_days` value `d` in use,
+    ///   the lots whose expiry came within `d` days of now since the last
+    ///   tick: those expiring after that value's frontier and at most `d`
+    ///   days from now (whatever their customer's setting; each is warned
+    ///   only if due under its own). A lot is warned at the first tick after
+    ///   its warning day, unless more than a chunk came into the window at
+    ///   once: the frontier then goes on a chunk a tick. Each frontier
+    ///   starts at its horizon (now plus `d` days) at its first tick.
     /// - **The sweep** catches the rest: lots already inside their window
-    ///   when their customer's setting or the writer started, or when a
-    ///   lot's expiry moved. Each tick looks at the next `expiring_chunk`
-    ///   active lots expiring within 90 days, in expiry order from where the
-    ///   last tick stopped, and starts over from the soonest once it has
-    ///   seen them all. Looking at all of them every tick cost 390 ms with
-    ///   200,000 such lots on SQLite, on the writer's thread, twice a second
+    ///   when the writer started, when a customer took up a setting, or
+    ///   when the chunks above fell behind; a lot passed while it had no
+    ///   credits left and given some again (a released hold, a refund).
+    ///   Each tick looks at the next `expiring_chunk` active lots expiring
+    ///   within 90 days, in expiry order from where the last tick stopped,
+    ///   and starts over from the soonest once it has seen them all.
+    ///   Looking at all of them every tick cost 390 ms with 200,000 such
+    ///   lots on SQLite, on the writer's thread, twice a second
     ///   (BENCHMARKS.md, 2026-12-05, fourth session); a sweep takes a tick
     ///   per chunk (about 100 s for 200,000 lots).
     ///
-    /// Both start after their cursor as a bound of the index (a row value),
-    /// so lots sharing one expiry are not read again on every tick.
+    /// A tick therefore reads at most (2 + the number of values in use) x
+    /// `expiring_chunk` lots. The frontiers and the sweep start after their
+    /// cursor as a bound of the index (a row value), so lots sharing one
+    /// expiry are not read again on every tick. Each later read in a tick
+    /// sees the notices the earlier ones wrote, so a lot is warned once.
     pub(super) fn notify_expiring(&mut self) -> db::Result<()> {
         if !self.endpoints.iter().any(|e| e.wants("grant.expiring")) {
+            self.expiring_recent.clear();
             return Ok(());
         }
         // The lots' rows as this group left them so far.
         self.flush()?;
         let now = self.now.micros();
         let chunk = i64::try_from(self.options.expiring_chunk.max(1)).unwrap_or(i64::MAX);
+        // Lots made or moved since the last tick, a chunk a tick.
+        let take = self
+            .expiring_recent
+            .len()
+            .min(self.options.expiring_chunk.max(1));
+        let recent: Vec<Id> = self.expiring_recent.drain(..take).collect();
+        let mut seen = Vec::with_capacity(recent.len());
+        for grant_id in &recent {
+            let mut statement = self.connection.prepare_cached(
+                "SELECT g.id, g.customer_id, g.expires_at, b.remaining, a.grant_expiring_days, \
+                   EXISTS (SELECT 1 FROM expiring_notices n WHERE n.grant_id = g.id) \
+                 FROM grants g JOIN grant_balances b ON b.sequence = g.sequence \
+                 LEFT JOIN customer_alerts a ON a.customer_id = g.customer_id \
+                 WHERE g.id = ?1 AND g.status = 'active' AND g.expires_at > ?2",
+            )?;
+            if let Some(lot) = statement
+                .query_row(params![grant_id.as_str(), now], seen_row)
+                .optional()?
+            {
+                seen.push(lot);
+            }
+        }
+        self.warn_expiring(seen, now)?;
         let mut days_in_use: Vec<i64> = self.expiring_frontiers.keys().copied().collect();
         days_in_use.sort_unstable();
         for days in days_in_use {
@@ -242,6 +272,11 @@ impl Writer {
                 self.expiring_frontiers
                     .insert(days, Some((horizon, String::new())));
                 continue;
+            };
+            // (Lots expiring by now are past warning: start after them.)
+            let (after_expiry, after_id) = match after_expiry > now {
+                true => (after_expiry, after_id),
+                false => (now, String::new()),
             };
             let seen = self.expiring_lots((after_expiry, &after_id), horizon, chunk)?;
             // A full chunk: the next tick goes on after its last lot; else
@@ -307,8 +342,8 @@ impl Writer {
                     && days.is_some_and(|days| *expires_at <= now + days * DAY_MICROS)
             });
         for (grant_id, customer_id, expires_at, remaining, ..) in due {
-            // A lot seen by both the frontier and the sweep in one tick is
-            // warned by the first.
+            // (The reads of one tick see the notices its earlier reads
+            // wrote; the conflict clause is a guard.)
             let inserted = self
                 .connection
                 .prepare_cached(
