@@ -420,10 +420,11 @@ pub struct Writer {
     /// last lot's expiry and id), or `None` until the next tick starts it
     /// at its horizon (see `notify_expiring`).
     expiring_frontiers: FastMap<i64, Option<(i64, String)>>,
-    /// Lots made, or whose expiry changed, since the last tick, that expire:
-    /// the tick checks them for `grant.expiring` (a lot made inside its
-    /// warning window is behind every frontier). At most
-    /// `EXPIRING_RECENT_CAP`; beyond that, the sweep finds them.
+    /// Lots made, or whose expiry changed, since the last tick, expiring
+    /// within 90 days: the tick checks them for `grant.expiring`, a chunk a
+    /// tick (a lot made inside its warning window is behind every
+    /// frontier). At most `EXPIRING_RECENT_CAP`; beyond that, the sweep
+    /// finds them.
     expiring_recent: std::collections::VecDeque<Id>,
     operations: OperationIndex,
     catalog: Catalog,
@@ -572,8 +573,15 @@ pub const WAL_RESTART_FRAMES: i64 = 16_384;
 /// Active lots a tick looks at for `grant.expiring` (see `notify_expiring`).
 pub const EXPIRING_CHUNK: usize = 1_000;
 /// Lots made or moved between two ticks that the next ticks check for
-/// `grant.expiring` one by one; more are left to the sweep.
+/// `grant.expiring`, a chunk a tick; more are left to the sweep.
 const EXPIRING_RECENT_CAP: usize = 10 * EXPIRING_CHUNK;
+
+/// Whether a lot expiring at `expires_at` could be due a `grant.expiring`
+/// warning within 90 days of `now` (the longest `grant_expiring_days`).
+fn expiring_soon(expires_at: Option<Timestamp>, now: Timestamp) -> bool {
+    const NINETY_DAYS: i64 = 90 * 86_400 * Timestamp::MICROS_PER_SECOND;
+    expires_at.is_some_and(|at| at.micros() <= now.micros().saturating_add(NINETY_DAYS))
+}
 /// How often the writer tries again when a reader kept the log from restarting.
 const WAL_RESTART_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -1034,7 +1042,7 @@ impl Writer {
         for frontier in self.expiring_frontiers.values_mut() {
             *frontier = None;
         }
-        self.expiring_recent.clear();
+        // `expiring_recent` stays: an id of a lot rolled back reads no row.
     }
 
     /// After a rollback: the price book, dead letters, plans and webhook
@@ -1085,7 +1093,7 @@ impl Writer {
                     None => {
                         rows::insert_grant(&self.connection, grant, None, self.now)?;
                         rows::update_grant(&self.connection, grant, cached.head, false)?;
-                        if grant.expires_at.is_some()
+                        if expiring_soon(grant.expires_at, self.now)
                             && self.expiring_recent.len() < EXPIRING_RECENT_CAP
                         {
                             self.expiring_recent.push_back(grant.id.clone());
@@ -1362,14 +1370,13 @@ impl Writer {
             .expect("prepared")
             .stored
             .insert(grant.id.clone(), rows::lifecycle(grant));
-        if grant.expires_at.is_some() {
-            self.expiring_recent_push(&grant.id);
-        }
+        self.expiring_recent_push(&grant.id, grant.expires_at);
     }
 
-    /// Have the next tick check `grant_id` for `grant.expiring`.
-    fn expiring_recent_push(&mut self, grant_id: &Id) {
-        if self.expiring_recent.len() < EXPIRING_RECENT_CAP {
+    /// Have the next tick check `grant_id` for `grant.expiring`, if it
+    /// expires within the 90 days a warning can come ahead.
+    fn expiring_recent_push(&mut self, grant_id: &Id, expires_at: Option<Timestamp>) {
+        if expiring_soon(expires_at, self.now) && self.expiring_recent.len() < EXPIRING_RECENT_CAP {
             self.expiring_recent.push_back(grant_id.clone());
         }
     }
@@ -1517,9 +1524,7 @@ impl Writer {
                 self.connection
                     .prepare_cached("DELETE FROM expiring_notices WHERE grant_id = ?1")?
                     .execute([grant_id.as_str()])?;
-                if expires_at.is_some() {
-                    self.expiring_recent_push(grant_id);
-                }
+                self.expiring_recent_push(grant_id, *expires_at);
                 Ok((
                     Outcome::Expiry(ExpiryOutcome {
                         id: id.clone(),

@@ -202,10 +202,12 @@ impl Writer {
     /// `grant.expiring` for lots of customers with `grant_expiring_days`
     /// that expire within that many days, once per lot and expiry (from the
     /// tick). Three ways, each at most `expiring_chunk` lots a tick:
-    /// - **Lots made or moved since the last tick** (`expiring_recent`),
-    ///   one by one: a lot made inside its warning window (a lot expiring
-    ///   in 5 days for a customer warned 7 days ahead), or whose expiry
-    ///   changed, is warned at the next tick.
+    /// - **Lots made or moved since the last tick** (`expiring_recent`), in
+    ///   one read: a lot made inside its warning window (a lot expiring in
+    ///   5 days for a customer warned 7 days ahead), or whose expiry
+    ///   changed, is warned at the next tick (while less than a chunk is
+    ///   waiting). While no endpoint wants `grant.expiring` the list is
+    ///   emptied, and those lots are the sweep's.
     /// - **The frontiers.** For each `grant_expiring_days` value `d` in use,
     ///   the lots whose expiry came within `d` days of now since the last
     ///   tick: those expiring after that value's frontier and at most `d`
@@ -217,7 +219,8 @@ impl Writer {
     /// - **The sweep** catches the rest: lots already inside their window
     ///   when the writer started, when a customer took up a setting, or
     ///   when the chunks above fell behind; a lot passed while it had no
-    ///   credits left and given some again (a released hold, a refund).
+    ///   credits left and given some again (a released hold, a refund); the
+    ///   listed lots a failed tick had taken.
     ///   Each tick looks at the next `expiring_chunk` active lots expiring
     ///   within 90 days, in expiry order from where the last tick stopped,
     ///   and starts over from the soonest once it has seen them all.
@@ -245,23 +248,47 @@ impl Writer {
             .expiring_recent
             .len()
             .min(self.options.expiring_chunk.max(1));
-        let recent: Vec<Id> = self.expiring_recent.drain(..take).collect();
-        let mut seen = Vec::with_capacity(recent.len());
-        for grant_id in &recent {
-            let mut statement = self.connection.prepare_cached(
-                "SELECT g.id, g.customer_id, g.expires_at, b.remaining, a.grant_expiring_days, \
-                   EXISTS (SELECT 1 FROM expiring_notices n WHERE n.grant_id = g.id) \
-                 FROM grants g JOIN grant_balances b ON b.sequence = g.sequence \
-                 LEFT JOIN customer_alerts a ON a.customer_id = g.customer_id \
-                 WHERE g.id = ?1 AND g.status = 'active' AND g.expires_at > ?2",
-            )?;
-            if let Some(lot) = statement
-                .query_row(params![grant_id.as_str(), now], seen_row)
-                .optional()?
-            {
-                seen.push(lot);
+        let recent: Vec<String> = self
+            .expiring_recent
+            .drain(..take)
+            .map(|id| id.as_str().to_owned())
+            .collect();
+        // One read for all of them: the ids as a JSON array.
+        let seen: Vec<Seen> = match recent.is_empty() {
+            true => Vec::new(),
+            false => {
+                let ids = serde_json::to_string(&recent).expect("ids serialize");
+                // The lots whose ids are in `?1`, read as each database
+                // reads a JSON array.
+                macro_rules! recent_lots {
+                    ($ids:literal) => {
+                        concat!(
+                            "SELECT g.id, g.customer_id, g.expires_at, b.remaining, \
+                               a.grant_expiring_days, \
+                               EXISTS (SELECT 1 FROM expiring_notices n WHERE n.grant_id = g.id) \
+                             FROM grants g JOIN grant_balances b ON b.sequence = g.sequence \
+                             LEFT JOIN customer_alerts a ON a.customer_id = g.customer_id \
+                             WHERE g.id IN (",
+                            $ids,
+                            ") AND g.status = 'active' AND g.expires_at > ?2 \
+                             ORDER BY g.expires_at, g.id"
+                        )
+                    };
+                }
+                let mut statement =
+                    self.connection
+                        .prepare_cached(match self.connection.dialect() {
+                            db::Dialect::Sqlite => {
+                                recent_lots!("SELECT value FROM json_each(?1)")
+                            }
+                            db::Dialect::Postgres => {
+                                recent_lots!("SELECT jsonb_array_elements_text(CAST(?1 AS jsonb))")
+                            }
+                        })?;
+                let rows = statement.query_map(params![ids, now], seen_row)?;
+                rows.collect::<db::Result<_>>()?
             }
-        }
+        };
         self.warn_expiring(seen, now)?;
         let mut days_in_use: Vec<i64> = self.expiring_frontiers.keys().copied().collect();
         days_in_use.sort_unstable();
