@@ -45,6 +45,35 @@ fn seen_row(row: &db::Row<'_>) -> db::Result<Seen> {
     ))
 }
 
+/// The lots whose ids are in `?1` (a JSON array, read as each database
+/// reads one), active and expiring after `?2`, as [`Seen`]. The ids drive the
+/// join, each looked up by primary key. Without statistics (SQLite here
+/// always; PostgreSQL before its first `ANALYZE`) both would otherwise walk
+/// the active lots through `grants_due`: SQLite's CROSS JOIN fixes the
+/// order, and on PostgreSQL a lateral subquery kept apart by `OFFSET 0`
+/// does. Checked by the writer's test `the_listed_lots_are_read_by_id`.
+macro_rules! recent_lots {
+    ($ids:literal) => {
+        concat!(
+            "SELECT g.id, g.customer_id, g.expires_at, b.remaining, a.grant_expiring_days, \
+               EXISTS (SELECT 1 FROM expiring_notices n WHERE n.grant_id = g.id) \
+             FROM ",
+            $ids,
+            " JOIN grant_balances b ON b.sequence = g.sequence \
+             LEFT JOIN customer_alerts a ON a.customer_id = g.customer_id \
+             WHERE g.status = 'active' AND g.expires_at > ?2 \
+             ORDER BY g.expires_at, g.id"
+        )
+    };
+}
+pub(super) const RECENT_LOTS_SQLITE: &str = recent_lots!(
+    "(SELECT value AS id FROM json_each(?1)) AS ids CROSS JOIN grants g ON g.id = ids.id"
+);
+pub(super) const RECENT_LOTS_POSTGRES: &str = recent_lots!(
+    "jsonb_array_elements_text(CAST(?1 AS jsonb)) AS ids(id) \
+     CROSS JOIN LATERAL (SELECT * FROM grants WHERE grants.id = ids.id OFFSET 0) g"
+);
+
 /// Every `grant_expiring_days` value some customer has set.
 pub(super) fn load_expiring_days(connection: &Connection) -> db::Result<Vec<i64>> {
     let mut statement = connection.prepare(
@@ -248,42 +277,24 @@ impl Writer {
             .expiring_recent
             .len()
             .min(self.options.expiring_chunk.max(1));
-        let recent: Vec<String> = self
+        let mut recent: Vec<String> = self
             .expiring_recent
             .drain(..take)
             .map(|id| id.as_str().to_owned())
             .collect();
+        // (A lot made and re-dated since the last tick is listed twice.)
+        recent.sort_unstable();
+        recent.dedup();
         // One read for all of them: the ids as a JSON array.
         let seen: Vec<Seen> = match recent.is_empty() {
             true => Vec::new(),
             false => {
                 let ids = serde_json::to_string(&recent).expect("ids serialize");
-                // The lots whose ids are in `?1`, read as each database
-                // reads a JSON array.
-                macro_rules! recent_lots {
-                    ($ids:literal) => {
-                        concat!(
-                            "SELECT g.id, g.customer_id, g.expires_at, b.remaining, \
-                               a.grant_expiring_days, \
-                               EXISTS (SELECT 1 FROM expiring_notices n WHERE n.grant_id = g.id) \
-                             FROM grants g JOIN grant_balances b ON b.sequence = g.sequence \
-                             LEFT JOIN customer_alerts a ON a.customer_id = g.customer_id \
-                             WHERE g.id IN (",
-                            $ids,
-                            ") AND g.status = 'active' AND g.expires_at > ?2 \
-                             ORDER BY g.expires_at, g.id"
-                        )
-                    };
-                }
                 let mut statement =
                     self.connection
                         .prepare_cached(match self.connection.dialect() {
-                            db::Dialect::Sqlite => {
-                                recent_lots!("SELECT value FROM json_each(?1)")
-                            }
-                            db::Dialect::Postgres => {
-                                recent_lots!("SELECT jsonb_array_elements_text(CAST(?1 AS jsonb))")
-                            }
+                            db::Dialect::Sqlite => RECENT_LOTS_SQLITE,
+                            db::Dialect::Postgres => RECENT_LOTS_POSTGRES,
                         })?;
                 let rows = statement.query_map(params![ids, now], seen_row)?;
                 rows.collect::<db::Result<_>>()?
@@ -370,7 +381,8 @@ impl Writer {
             });
         for (grant_id, customer_id, expires_at, remaining, ..) in due {
             // (The reads of one tick see the notices its earlier reads
-            // wrote; the conflict clause is a guard.)
+            // wrote, and the listed ids are deduplicated; the conflict
+            // clause is a guard.)
             let inserted = self
                 .connection
                 .prepare_cached(
