@@ -842,17 +842,16 @@ impl Pg {
             // Each batch's parameters: one value per column for a single
             // row, else one array per column (and, for an update, how many
             // rows it must change).
-            let single = one_row;
             let singles: Vec<Vec<PgParam<'_>>> = batches
                 .iter()
-                .map(|batch| match single(batch) {
+                .map(|batch| match one_row(batch) {
                     true => batch.rows[0].iter().map(|v| PgParam(v.value())).collect(),
                     false => Vec::new(),
                 })
                 .collect();
             let columns: Vec<Vec<Vec<PgParam<'_>>>> = batches
                 .iter()
-                .map(|batch| match single(batch) {
+                .map(|batch| match one_row(batch) {
                     true => Vec::new(),
                     false => (0..batch.rows[0].len())
                         .map(|column| {
@@ -870,7 +869,7 @@ impl Pg {
                 .iter()
                 .enumerate()
                 .map(|(at, batch)| {
-                    if single(batch) {
+                    if one_row(batch) {
                         return pg_refs(&singles[at]);
                     }
                     let mut refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns[at]

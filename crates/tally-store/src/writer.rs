@@ -576,11 +576,20 @@ pub const EXPIRING_CHUNK: usize = 1_000;
 /// `grant.expiring`, a chunk a tick; more are left to the sweep.
 const EXPIRING_RECENT_CAP: usize = 10 * EXPIRING_CHUNK;
 
-/// Whether a lot expiring at `expires_at` could be due a `grant.expiring`
-/// warning within 90 days of `now` (the longest `grant_expiring_days`).
-fn expiring_soon(expires_at: Option<Timestamp>, now: Timestamp) -> bool {
-    const NINETY_DAYS: i64 = 90 * 86_400 * Timestamp::MICROS_PER_SECOND;
-    expires_at.is_some_and(|at| at.micros() <= now.micros().saturating_add(NINETY_DAYS))
+/// List `grant_id` in `list` (a writer's `expiring_recent`) for the next
+/// tick to check for `grant.expiring`, if it expires within the horizon a
+/// warning can come ahead ([`notify::WARNING_HORIZON`]) and the list has room.
+fn list_expiring(
+    list: &mut std::collections::VecDeque<Id>,
+    grant_id: &Id,
+    expires_at: Option<Timestamp>,
+    now: Timestamp,
+) {
+    let soon = expires_at
+        .is_some_and(|at| at.micros() <= now.micros().saturating_add(notify::WARNING_HORIZON));
+    if soon && list.len() < EXPIRING_RECENT_CAP {
+        list.push_back(grant_id.clone());
+    }
 }
 /// How often the writer tries again when a reader kept the log from restarting.
 const WAL_RESTART_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -1093,11 +1102,12 @@ impl Writer {
                     None => {
                         rows::insert_grant(&self.connection, grant, None, self.now)?;
                         rows::update_grant(&self.connection, grant, cached.head, false)?;
-                        if expiring_soon(grant.expires_at, self.now)
-                            && self.expiring_recent.len() < EXPIRING_RECENT_CAP
-                        {
-                            self.expiring_recent.push_back(grant.id.clone());
-                        }
+                        list_expiring(
+                            &mut self.expiring_recent,
+                            &grant.id,
+                            grant.expires_at,
+                            self.now,
+                        );
                     }
                     Some(stored) => {
                         let lifecycle_changed = *stored != lifecycle;
@@ -1370,15 +1380,12 @@ impl Writer {
             .expect("prepared")
             .stored
             .insert(grant.id.clone(), rows::lifecycle(grant));
-        self.expiring_recent_push(&grant.id, grant.expires_at);
-    }
-
-    /// Have the next tick check `grant_id` for `grant.expiring`, if it
-    /// expires within the 90 days a warning can come ahead.
-    fn expiring_recent_push(&mut self, grant_id: &Id, expires_at: Option<Timestamp>) {
-        if expiring_soon(expires_at, self.now) && self.expiring_recent.len() < EXPIRING_RECENT_CAP {
-            self.expiring_recent.push_back(grant_id.clone());
-        }
+        list_expiring(
+            &mut self.expiring_recent,
+            &grant.id,
+            grant.expires_at,
+            self.now,
+        );
     }
 
     fn ledger(&mut self, customer_id: &Id) -> &mut CustomerLedger {
@@ -1524,7 +1531,7 @@ impl Writer {
                 self.connection
                     .prepare_cached("DELETE FROM expiring_notices WHERE grant_id = ?1")?
                     .execute([grant_id.as_str()])?;
-                self.expiring_recent_push(grant_id, *expires_at);
+                list_expiring(&mut self.expiring_recent, grant_id, *expires_at, now);
                 Ok((
                     Outcome::Expiry(ExpiryOutcome {
                         id: id.clone(),
@@ -2893,23 +2900,32 @@ mod tests {
     /// while the debt branch was a join. Checked on a new database without
     /// statistics, where PostgreSQL went wrong too; with
     /// `TALLY_TEST_DATABASE=postgres` on both stores.
+    /// SQL for customers `c1` to `c2000`, with `debt` (an SQL expression of
+    /// `i`), each with an active lot `g<i>` of 10 credits (sequence `i`,
+    /// expiring at `expires_at`, an expression of `i`).
+    fn two_thousand_lots(debt: &str, expires_at: &str) -> String {
+        let numbers =
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)";
+        format!(
+            "{numbers} INSERT INTO customers (id, created_at, debt) SELECT 'c' || i, 0, {debt} FROM n; \
+             {numbers} INSERT INTO grants (id, customer_id, amount, source, paid, priority, \
+               effective_at, expires_at, status, sequence, created_at) \
+             SELECT 'g' || i, 'c' || i, 10, 'promotional', 0, 0, 0, {expires_at}, 'active', i, 0 \
+             FROM n; \
+             {numbers} INSERT INTO grant_balances (sequence, remaining, expired_amount) \
+             SELECT i, 10, 0 FROM n;"
+        )
+    }
+
     #[test]
     fn the_tick_reaches_debtors_without_walking_every_lot() {
         for (connection, place) in crate::db::tests::connections("tick_plan") {
             crate::schema::migrate(&connection).unwrap();
             connection
-                .execute_batch(
-                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) \
-                     INSERT INTO customers (id, created_at, debt) \
-                     SELECT 'c' || i, 0, CASE WHEN i = 7 THEN 5 ELSE 0 END FROM n; \
-                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) \
-                     INSERT INTO grants (id, customer_id, amount, source, paid, priority, \
-                       effective_at, status, sequence, created_at) \
-                     SELECT 'g' || i, 'c' || i, 10, 'promotional', 0, 0, 0, 'active', i, 0 FROM n; \
-                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) \
-                     INSERT INTO grant_balances (sequence, remaining, expired_amount) \
-                     SELECT i, 10, 0 FROM n;",
-                )
+                .execute_batch(&two_thousand_lots(
+                    "CASE WHEN i = 7 THEN 5 ELSE 0 END",
+                    "NULL",
+                ))
                 .unwrap();
             // The query finds the debtor whose lot can repay.
             let due: Vec<String> = {
@@ -2972,18 +2988,7 @@ mod tests {
         for (connection, place) in crate::db::tests::connections("recent_plan") {
             crate::schema::migrate(&connection).unwrap();
             connection
-                .execute_batch(
-                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) \
-                     INSERT INTO customers (id, created_at, debt) SELECT 'c' || i, 0, 0 FROM n; \
-                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) \
-                     INSERT INTO grants (id, customer_id, amount, source, paid, priority, \
-                       effective_at, expires_at, status, sequence, created_at) \
-                     SELECT 'g' || i, 'c' || i, 10, 'promotional', 0, 0, 0, 100 + i, 'active', i, 0 \
-                     FROM n; \
-                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) \
-                     INSERT INTO grant_balances (sequence, remaining, expired_amount) \
-                     SELECT i, 10, 0 FROM n;",
-                )
+                .execute_batch(&two_thousand_lots("0", "100 + i"))
                 .unwrap();
             let sql = match connection.dialect() {
                 db::Dialect::Sqlite => notify::RECENT_LOTS_SQLITE,

@@ -28,6 +28,18 @@ const PRUNE_BATCH: i64 = 1000;
 /// The longest wait between two attempts.
 const MAX_BACKOFF_SECONDS: i64 = 3600;
 const DAY_MICROS: i64 = 86_400_000_000;
+/// How far ahead of a lot's expiry a `grant.expiring` warning can come (the
+/// largest `grant_expiring_days`, 90), in µs: the sweep's reach.
+pub(super) const WARNING_HORIZON: i64 = 90 * DAY_MICROS;
+
+/// Where a read of lots in expiry order resumes: after `cursor` (an expiry
+/// and a lot id), unless that has expired by `now`; then after `now`.
+fn resume_after(cursor: Option<(i64, String)>, now: i64) -> (i64, String) {
+    match cursor {
+        Some((expires_at, id)) if expires_at > now => (expires_at, id),
+        _ => (now, String::new()),
+    }
+}
 
 /// A lot looked at for `grant.expiring`: its id, customer, expiry and
 /// remaining credits, the customer's `grant_expiring_days`, and whether it
@@ -305,17 +317,12 @@ impl Writer {
         days_in_use.sort_unstable();
         for days in days_in_use {
             let horizon = now.saturating_add(days.saturating_mul(DAY_MICROS));
-            let Some(Some((after_expiry, after_id))) = self.expiring_frontiers.get(&days).cloned()
-            else {
+            let Some(Some(cursor)) = self.expiring_frontiers.get(&days).cloned() else {
                 self.expiring_frontiers
                     .insert(days, Some((horizon, String::new())));
                 continue;
             };
-            // (Lots expiring by now are past warning: start after them.)
-            let (after_expiry, after_id) = match after_expiry > now {
-                true => (after_expiry, after_id),
-                false => (now, String::new()),
-            };
+            let (after_expiry, after_id) = resume_after(Some(cursor), now);
             let seen = self.expiring_lots((after_expiry, &after_id), horizon, chunk)?;
             // A full chunk: the next tick goes on after its last lot; else
             // every lot up to the horizon was seen.
@@ -329,13 +336,10 @@ impl Writer {
             self.warn_expiring(seen, now)?;
         }
         // Resume after the last lot seen, unless that has expired meanwhile.
-        let (after_expiry, after_id) = match self.expiring_sweep.take() {
-            Some((expires_at, id)) if expires_at > now => (expires_at, id),
-            _ => (now, String::new()),
-        };
+        let (after_expiry, after_id) = resume_after(self.expiring_sweep.take(), now);
         let seen = self.expiring_lots(
             (after_expiry, &after_id),
-            now.saturating_add(90 * DAY_MICROS),
+            now.saturating_add(WARNING_HORIZON),
             chunk,
         )?;
         // A full chunk: the next tick goes on after its last lot.
