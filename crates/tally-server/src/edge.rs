@@ -28,11 +28,12 @@ const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// handler runs, with the same 400 `invalid_request` as a body found too long
 /// while reading, and read the rest of it first ([`drain_and_refuse`]).
 pub async fn refuse_oversized(
+    axum::extract::State(state): axum::extract::State<crate::AppState>,
     request: Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     match declared_oversize(&request) {
-        Some(declared) => drain_and_refuse(request, declared).await,
+        Some(declared) => drain_and_refuse(&state, request, declared).await,
         None => next.run(request).await,
     }
 }
@@ -57,11 +58,29 @@ pub fn declared_oversize(request: &Request) -> Option<u64> {
 /// [`DRAIN_TIMEOUT`]) and discarded, and the connection stays usable. A
 /// longer one, or one sent without `Content-Length` (chunked), is still cut
 /// off at the limit.
-pub async fn drain_and_refuse(request: Request, declared: u64) -> axum::response::Response {
+///
+/// Reading is only for callers with a valid API key: a request without one
+/// is answered at once (401, or what the key's look-up failed with) with its
+/// body unread and `Connection: close`, so that nobody without a key can make
+/// the server read 64 MiB.
+pub async fn drain_and_refuse(
+    state: &crate::AppState,
+    request: Request,
+    declared: u64,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
     use futures_util::StreamExt;
+    let (mut parts, body) = request.into_parts();
+    if let Err(refused) = crate::auth::Caller::from_request_parts(&mut parts, state).await {
+        let mut response = refused.into_response();
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
     if declared <= MAX_DRAINED_BYTES {
-        let mut body = request.into_body().into_data_stream();
+        let mut body = body.into_data_stream();
         let drain = async { while let Some(Ok(_)) = body.next().await {} };
         // A client that stops sending is cut off when the time is up.
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;

@@ -62,7 +62,7 @@ pub async fn to_leader(State(state): State<AppState>, request: Request, next: Ne
         return answer;
     }
     if let Some(declared) = crate::edge::declared_oversize(&request) {
-        return crate::edge::drain_and_refuse(request, declared).await;
+        return crate::edge::drain_and_refuse(&state, request, declared).await;
     }
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, crate::edge::MAX_BODY_BYTES).await {

@@ -289,7 +289,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::new("not_found", "no such route; see /docs") })
         // Inside `track`, so that refused bodies are counted like any answer;
         // a server that forwards writes refuses them in `to_leader` instead.
-        .layer(axum::middleware::from_fn(edge::refuse_oversized))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            edge::refuse_oversized,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,

@@ -2528,6 +2528,33 @@ async fn an_oversized_body_is_read_to_its_end_and_the_connection_kept() {
     );
 }
 
+/// Reading an oversized body to its end is for callers with a key: without
+/// one (or with a key that is not valid) the 401 comes at once, with nothing
+/// of the body sent. Before, the server waited for the whole declared body
+/// (up to 64 MiB, for up to 10 s) and then answered 400.
+#[tokio::test]
+async fn an_oversized_body_without_a_valid_key_is_refused_unread() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn().await;
+    let address = app.base.trim_start_matches("http://").to_string();
+    for authorization in ["", "Authorization: Bearer tk_not_a_key\r\n"] {
+        let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut read = tokio::io::BufReader::new(read);
+        let head = format!(
+            "POST /v1/charges HTTP/1.1\r\nHost: {address}\r\n{authorization}\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            60 * 1024 * 1024
+        );
+        write.write_all(head.as_bytes()).await.unwrap();
+        // Not one byte of the body is sent.
+        let (status, text) = read_response(&mut read).await;
+        assert_eq!(status, 401, "{authorization:?}: {text}");
+        let error: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(error["error"]["code"], "unauthorized", "{text}");
+    }
+}
+
 /// `POST /v1/api-keys` retried with the same `{id, scope}` replays. The server
 /// puts a freshly generated `key_hash` into `Command::CreateApiKey`, so the
 /// writer leaves `key_hash` out of the request hash (`request_hash`); without
