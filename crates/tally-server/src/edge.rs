@@ -17,8 +17,9 @@ use crate::error::ApiError;
 /// The largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
-/// A body declared longer than [`MAX_BODY_BYTES`] is still read (and thrown
-/// away) up to this length before the 400 goes out; see [`refuse_oversized`].
+/// A body declared longer than [`MAX_BODY_BYTES`] by a caller with a valid
+/// API key is still read (and thrown away) up to this length before the 400
+/// goes out; see [`drain_and_refuse`].
 const MAX_DRAINED_BYTES: u64 = 64 * 1024 * 1024;
 
 /// How long reading an oversized body to its end may take.
@@ -26,7 +27,8 @@ const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Refuse a body whose `Content-Length` is over [`MAX_BODY_BYTES`] before the
 /// handler runs, with the same 400 `invalid_request` as a body found too long
-/// while reading, and read the rest of it first ([`drain_and_refuse`]).
+/// while reading, and read the rest of it first if the caller has a valid API
+/// key (else the key's 401, body unread: [`drain_and_refuse`]).
 pub async fn refuse_oversized(
     axum::extract::State(state): axum::extract::State<crate::AppState>,
     request: Request,

@@ -2552,6 +2552,12 @@ async fn an_oversized_body_without_a_valid_key_is_refused_unread() {
         assert_eq!(status, 401, "{authorization:?}: {text}");
         let error: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(error["error"]["code"], "unauthorized", "{text}");
+        // And the server closes the connection: nothing more comes.
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut read, &mut rest)
+            .await
+            .expect("the connection ends cleanly");
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     }
 }
 
