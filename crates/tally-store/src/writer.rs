@@ -2894,12 +2894,6 @@ mod tests {
         }
     }
 
-    /// The tick's query of due customers reaches the customers in debt
-    /// through their partial index, and each one's lots by customer: never
-    /// every active lot, which both planners walked (through `grants_due`)
-    /// while the debt branch was a join. Checked on a new database without
-    /// statistics, where PostgreSQL went wrong too; with
-    /// `TALLY_TEST_DATABASE=postgres` on both stores.
     /// SQL for customers `c1` to `c2000`, with `debt` (an SQL expression of
     /// `i`), each with an active lot `g<i>` of 10 credits (sequence `i`,
     /// expiring at `expires_at`, an expression of `i`).
@@ -2917,6 +2911,12 @@ mod tests {
         )
     }
 
+    /// The tick's query of due customers reaches the customers in debt
+    /// through their partial index, and each one's lots by customer: never
+    /// every active lot, which both planners walked (through `grants_due`)
+    /// while the debt branch was a join. Checked on a new database without
+    /// statistics, where PostgreSQL went wrong too; with
+    /// `TALLY_TEST_DATABASE=postgres` on both stores.
     #[test]
     fn the_tick_reaches_debtors_without_walking_every_lot() {
         for (connection, place) in crate::db::tests::connections("tick_plan") {
