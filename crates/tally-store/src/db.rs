@@ -18,6 +18,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use bytes::BufMut;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
 
 /// Which SQL the connection speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -276,6 +277,24 @@ pub struct Pg {
     /// The checked one-row form of each deferred update ([`checked_sql`]),
     /// prepared, and how many times it has been sent since.
     checked: RefCell<HashMap<&'static str, (tokio_postgres::Statement, u32)>>,
+    /// The `COPY` form of each deferred insert ([`copy_sql`]), prepared,
+    /// with its columns' types; `None` for an insert that has none.
+    copies: RefCell<HashMap<&'static str, Option<CopyForm>>>,
+}
+
+/// A prepared `COPY ... FROM STDIN (FORMAT BINARY)` and its columns' types.
+#[derive(Clone)]
+struct CopyForm {
+    statement: tokio_postgres::Statement,
+    types: Vec<tokio_postgres::types::Type>,
+}
+
+/// How one deferred batch goes out.
+enum Outgoing {
+    /// A statement run once with the batch's parameters.
+    Execute(tokio_postgres::Statement),
+    /// Its rows streamed through a binary `COPY`.
+    Copy(CopyForm),
 }
 
 /// A prepared one-row update is prepared again after this many runs.
@@ -337,6 +356,16 @@ impl Owned {
 /// The most rows one set-based statement sends (bounds its message size).
 const MAX_BULK_ROWS: usize = 8192;
 
+/// A deferred insert of at least this many rows goes out as a binary `COPY`
+/// (where its statement has a `COPY` form, [`copy_sql`]) instead of the
+/// set-based `INSERT ... SELECT ... FROM unnest(...)`. PostgreSQL inserts
+/// the rows of a `COPY` in batches (one WAL record per page of rows), at
+/// a little over half the backend's CPU per row (ARCHITECTURE.md,
+/// "Set-based writes"; BENCHMARKS.md, 2026-12-05, ninth session). A
+/// `COPY` costs one more round trip inside the group's pipeline: the rows
+/// go out once the server has answered that it is ready for them.
+const COPY_MIN_ROWS: usize = if cfg!(test) { 4 } else { 16 };
+
 enum Kind {
     Sqlite(rusqlite::Connection),
     Postgres(Box<Pg>),
@@ -387,6 +416,7 @@ impl Connection {
                 deferred: RefCell::new(Vec::new()),
                 bulk: RefCell::new(HashMap::new()),
                 checked: RefCell::new(HashMap::new()),
+                copies: RefCell::new(HashMap::new()),
             })),
         })
     }
@@ -752,11 +782,43 @@ impl Pg {
         Ok(statement)
     }
 
-    /// The statement that sends `batch`: its one-row form for one row (an
-    /// update checked to change its row, [`checked_sql`], prepared again
-    /// every [`REPREPARE_AFTER`] runs), else its set-based form (prepared
-    /// once).
-    fn batch_statement(&self, batch: &Batch) -> Result<tokio_postgres::Statement> {
+    /// How `batch` goes out: an insert of [`COPY_MIN_ROWS`] rows or more
+    /// by its `COPY` form where it has one, else one statement
+    /// ([`Pg::execute_statement`]).
+    fn batch_statement(&self, batch: &Batch) -> Result<Outgoing> {
+        if batch.shape == Shape::Insert && batch.rows.len() >= COPY_MIN_ROWS {
+            if let Some(copy) = self.copy_form(batch.sql)? {
+                return Ok(Outgoing::Copy(copy));
+            }
+        }
+        self.execute_statement(batch).map(Outgoing::Execute)
+    }
+
+    /// The `COPY` form of the insert `sql`, prepared once (`None` if it has
+    /// none, [`copy_sql`]).
+    fn copy_form(&self, sql: &'static str) -> Result<Option<CopyForm>> {
+        if let Some(copy) = self.copies.borrow().get(sql) {
+            return Ok(copy.clone());
+        }
+        let single = self.prepared(sql)?;
+        let copy = match copy_sql(&placeholders(sql), single.params().len()) {
+            Some(text) => Some(CopyForm {
+                statement: self.prepare_text(&text)?,
+                // The insert's parameters are its columns, in order: their
+                // types are the columns' (what a binary COPY must send).
+                types: single.params().to_vec(),
+            }),
+            None => None,
+        };
+        self.copies.borrow_mut().insert(sql, copy.clone());
+        Ok(copy)
+    }
+
+    /// The statement that runs `batch` in one execution: its one-row form
+    /// for one row (an update checked to change its row, [`checked_sql`],
+    /// prepared again every [`REPREPARE_AFTER`] runs), else its set-based
+    /// form (prepared once).
+    fn execute_statement(&self, batch: &Batch) -> Result<tokio_postgres::Statement> {
         let single = self.prepared(batch.sql)?;
         let one = one_row(batch);
         if one && batch.shape == Shape::Insert {
@@ -851,17 +913,20 @@ impl Pg {
                 .collect();
             let columns: Vec<Vec<Vec<PgParam<'_>>>> = batches
                 .iter()
-                .map(|batch| match one_row(batch) {
-                    true => Vec::new(),
-                    false => (0..batch.rows[0].len())
-                        .map(|column| {
-                            batch
-                                .rows
-                                .iter()
-                                .map(|row| PgParam(row[column].value()))
-                                .collect()
-                        })
-                        .collect(),
+                .zip(&statements)
+                .map(|(batch, outgoing)| {
+                    match one_row(batch) || matches!(outgoing, Outgoing::Copy(_)) {
+                        true => Vec::new(),
+                        false => (0..batch.rows[0].len())
+                            .map(|column| {
+                                batch
+                                    .rows
+                                    .iter()
+                                    .map(|row| PgParam(row[column].value()))
+                                    .collect()
+                            })
+                            .collect(),
+                    }
                 })
                 .collect();
             let expected: Vec<i64> = batches.iter().map(|b| b.rows.len() as i64).collect();
@@ -918,7 +983,7 @@ impl Pg {
             // A one-row update goes by its key (through the primary key,
             // in any plan made for a table of more than a page or so; see
             // REPREPARE_AFTER): it needs neither setting.
-            for ((statement, params), batch) in statements.iter().zip(&params).zip(&batches) {
+            for ((outgoing, params), batch) in statements.iter().zip(&params).zip(&batches) {
                 let update = batch.shape == Shape::UpdateByFirst && !one_row(batch);
                 if update != custom {
                     pending.push(simple(match update {
@@ -927,7 +992,25 @@ impl Pg {
                     }));
                     custom = update;
                 }
-                pending.push(Box::pin(client.execute(statement, params)));
+                match outgoing {
+                    Outgoing::Execute(statement) => {
+                        pending.push(Box::pin(client.execute(statement, params)))
+                    }
+                    // The connection sends nothing queued after the COPY
+                    // until its rows and its end have gone out, so the
+                    // statements after it keep their order.
+                    Outgoing::Copy(copy) => pending.push(Box::pin(async move {
+                        let sink = client.copy_in::<_, bytes::Bytes>(&copy.statement).await?;
+                        let writer = BinaryCopyInWriter::new(sink, &copy.types);
+                        futures_util::pin_mut!(writer);
+                        for row in &batch.rows {
+                            let values: Vec<PgParam<'_>> =
+                                row.iter().map(|value| PgParam(value.value())).collect();
+                            writer.as_mut().write_raw(values).await?;
+                        }
+                        writer.finish().await
+                    })),
+                }
             }
             if custom {
                 pending.push(simple(RESET_AFTER_UPDATES));
@@ -1067,6 +1150,33 @@ fn checked_sql(sql: &str, params: usize) -> Option<String> {
          SELECT CAST(CASE WHEN count(*) = 1 THEN '0' \
          ELSE 'a deferred update did not find its row' END AS int8) FROM changed"
     ))
+}
+
+/// The binary `COPY` form of a plain insert (`$N` placeholders, `params` of
+/// them): `INSERT INTO t (c1, ..., cn) VALUES ($1, ..., $n)`, each column
+/// given its own parameter in order and nothing after, becomes
+/// `COPY t (c1, ..., cn) FROM STDIN (FORMAT BINARY)`. `None` for any other
+/// insert (a constant or an expression among the values, `ON CONFLICT`,
+/// `RETURNING`), which keeps its set-based form.
+fn copy_sql(sql: &str, params: usize) -> Option<String> {
+    let target = sql.strip_prefix("INSERT INTO ")?;
+    let (target, values) = target.split_once(" VALUES (")?;
+    let values = values.trim_end().strip_suffix(')')?;
+    let numbered = values
+        .split(',')
+        .map(str::trim)
+        .enumerate()
+        .all(|(i, value)| value.strip_prefix('$') == Some(&(i + 1).to_string()));
+    let columns = target.split_once('(')?.1.strip_suffix(')')?;
+    if params == 0
+        || !numbered
+        || values.split(',').count() != params
+        || columns.split(',').count() != params
+        || sql.contains('\'')
+    {
+        return None;
+    }
+    Some(format!("COPY {target} FROM STDIN (FORMAT BINARY)"))
 }
 
 /// `?N` to `$N` (and a bare `?` to the next number), outside string literals.
@@ -1408,6 +1518,155 @@ pub(crate) mod tests {
                 None,
                 "{sql}"
             );
+        }
+    }
+
+    #[test]
+    fn plain_inserts_have_a_copy_form_and_others_do_not() {
+        assert_eq!(
+            copy_sql("INSERT INTO t (a, b, c) VALUES ($1, $2, $3)", 3).as_deref(),
+            Some("COPY t (a, b, c) FROM STDIN (FORMAT BINARY)")
+        );
+        assert_eq!(
+            copy_sql("INSERT INTO t (a,b) VALUES ($1,$2)", 2).as_deref(),
+            Some("COPY t (a,b) FROM STDIN (FORMAT BINARY)")
+        );
+        for sql in [
+            // a constant or an expression among the values
+            "INSERT INTO t (a, b, c) VALUES ($1, 0, $2)",
+            "INSERT INTO t (a, b) VALUES ($1, lower($2))",
+            // parameters out of the columns' order
+            "INSERT INTO t (a, b) VALUES ($2, $1)",
+            // anything after the values
+            "INSERT INTO t (a, b) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            "INSERT INTO t (a, b) VALUES ($1, $2) RETURNING a",
+            // no column list
+            "INSERT INTO t VALUES ($1, $2)",
+            // a string literal
+            "INSERT INTO t (a, b) VALUES ($1, 'x')",
+            "UPDATE t SET a = $2 WHERE b = $1",
+        ] {
+            assert_eq!(copy_sql(sql, 2), None, "{sql}");
+        }
+        assert_eq!(
+            copy_sql("INSERT INTO t (a, b, c) VALUES ($1, $2)", 2),
+            None,
+            "fewer values than columns"
+        );
+    }
+
+    /// A deferred insert of [`COPY_MIN_ROWS`] rows or more goes out by
+    /// binary `COPY` on PostgreSQL, and what it wrote reads back exactly
+    /// (null, extreme integers, text with tabs, newlines, backslashes and
+    /// non-ASCII, bytes); a group whose `COPY` fails (a duplicate key)
+    /// commits nothing, not even the statements after it, and the
+    /// connection goes on.
+    #[test]
+    fn a_large_deferred_insert_is_copied_and_reads_back_exactly() {
+        const INSERT: &str = "INSERT INTO c (k, n, t, b) VALUES (?1, ?2, ?3, ?4)";
+        const UPDATE: &str = "UPDATE u SET v = ?2 WHERE k = ?1";
+        let texts = [
+            "plain",
+            "tab\there",
+            "new\nline",
+            "back\\slash \\N",
+            "ünïcödé ✓",
+            "",
+        ];
+        type Copied = (i64, Option<i64>, Option<String>, Vec<u8>);
+        let row = |k: i64| -> Copied {
+            let n = match k % 4 {
+                0 => None,
+                1 => Some(i64::MAX),
+                2 => Some(i64::MIN),
+                _ => Some(-k),
+            };
+            let t = (k % 7 != 0).then(|| texts[k as usize % texts.len()].to_owned());
+            (k, n, t, vec![0, 255, k as u8, b'\\', b'\n'])
+        };
+        // Defer the rows of these keys (the first error ends it).
+        let insert = |connection: &Connection, keys: std::ops::RangeInclusive<i64>| -> Result<()> {
+            keys.into_iter().try_for_each(|k| {
+                let (k, n, t, b) = row(k);
+                connection.defer(
+                    Shape::Insert,
+                    INSERT,
+                    params![k, n, t.as_deref(), b.as_slice()],
+                )
+            })
+        };
+        // The rows copied, and the value the group's update sets.
+        let counts = |connection: &Connection| -> (i64, i64) {
+            connection
+                .query_row(
+                    "SELECT (SELECT COUNT(*) FROM c), (SELECT v FROM u WHERE k = 2)",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap()
+        };
+        for (connection, place) in connections("copy") {
+            connection
+                .execute_batch(
+                    "CREATE TABLE c (k BIGINT PRIMARY KEY, n BIGINT, t TEXT, b BYTEA NOT NULL); \
+                     CREATE TABLE u (k BIGINT PRIMARY KEY, v BIGINT NOT NULL); \
+                     INSERT INTO u VALUES (1, 0), (2, 0)",
+                )
+                .unwrap();
+            let rows = COPY_MIN_ROWS as i64 * 3;
+            connection.begin().unwrap();
+            insert(&connection, 1..=rows).unwrap();
+            if let Kind::Postgres(pg) = &connection.kind {
+                let deferred = pg.deferred.borrow();
+                let outgoing = pg.batch_statement(&deferred[0]).unwrap();
+                assert!(
+                    matches!(outgoing, Outgoing::Copy(_)),
+                    "a batch of {rows} rows goes out by COPY"
+                );
+            }
+            connection
+                .defer(Shape::UpdateByFirst, UPDATE, params![1i64, 11i64])
+                .unwrap();
+            connection.commit().unwrap();
+            let mut statement = connection
+                .prepare("SELECT k, n, t, b FROM c ORDER BY k")
+                .unwrap();
+            let read: Vec<Copied> = statement
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .unwrap()
+                .collect::<Result<_>>()
+                .unwrap();
+            drop(statement);
+            let expected: Vec<_> = (1..=rows).map(row).collect();
+            assert_eq!(read, expected, "every copied row reads back as it was sent");
+
+            // A duplicate key among the copied rows: the group fails and
+            // nothing of it commits, neither the rows nor the update after.
+            // (SQLite runs each deferred write at once: its error comes there.)
+            connection.begin().unwrap();
+            let failed = insert(&connection, rows..=rows + COPY_MIN_ROWS as i64 - 1)
+                .and_then(|()| connection.defer(Shape::UpdateByFirst, UPDATE, params![2i64, 22i64]))
+                .and_then(|()| connection.commit());
+            assert!(failed.is_err(), "a duplicate key fails the group");
+            let _ = connection.rollback();
+            let (count, v) = counts(&connection);
+            assert_eq!(
+                (count, v),
+                (rows, 0),
+                "nothing of the failed group committed"
+            );
+
+            // The connection goes on: the next copied group commits.
+            connection.begin().unwrap();
+            insert(&connection, rows + 1..=rows + COPY_MIN_ROWS as i64).unwrap();
+            connection
+                .defer(Shape::UpdateByFirst, UPDATE, params![2i64, 22i64])
+                .unwrap();
+            connection.commit().unwrap();
+            let (count, v) = counts(&connection);
+            assert_eq!((count, v), (rows + COPY_MIN_ROWS as i64, 22));
+            drop(connection);
+            drop_database(place);
         }
     }
 

@@ -1290,7 +1290,7 @@ impl Writer {
         self.connection.defer(
             db::Shape::Insert,
             "INSERT INTO operations (sequence, kind, id, request_hash, ok, response, customer_id, amount, \
-             refunded, feature, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10)",
+             refunded, feature, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 self.next_operation_sequence,
                 kind,
@@ -1300,6 +1300,7 @@ impl Writer {
                 response,
                 customer_id,
                 amount,
+                0i64,
                 feature,
                 self.now.micros()
             ],
