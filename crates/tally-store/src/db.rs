@@ -1671,12 +1671,12 @@ pub(crate) mod tests {
     }
 
     /// The connections the suite runs on: SQLite always, and a fresh
-    /// PostgreSQL database with `TALLY_TEST_DATABASE=postgres` (dropped by
-    /// the returned guard's caller through `drop_database`).
-    pub(crate) fn connections(name: &str) -> Vec<(Connection, Option<(String, String)>)> {
+    /// PostgreSQL database with `TALLY_TEST_DATABASE=postgres`, dropped when
+    /// its [`Place`] is (also when the test fails).
+    pub(crate) fn connections(name: &str) -> Vec<(Connection, Place)> {
         let mut all = vec![(
             Connection::sqlite(rusqlite::Connection::open_in_memory().unwrap()),
-            None,
+            Place(None),
         )];
         if std::env::var("TALLY_TEST_DATABASE").as_deref() == Ok("postgres") {
             let server = std::env::var("TALLY_TEST_POSTGRES")
@@ -1690,19 +1690,35 @@ pub(crate) mod tests {
             admin
                 .execute_batch(&format!("CREATE DATABASE {database}"))
                 .unwrap();
+            let place = Place(Some((server.clone(), database.clone())));
             let connection = Connection::postgres(&format!("{server}/{database}")).unwrap();
-            all.push((connection, Some((server, database))));
+            all.push((connection, place));
         }
         all
     }
 
-    pub(crate) fn drop_database(place: Option<(String, String)>) {
-        if let Some((server, database)) = place {
-            let admin = Connection::postgres(&format!("{server}/postgres")).unwrap();
-            admin
-                .execute_batch(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
-                .unwrap();
+    /// A test's PostgreSQL database (server, name), dropped with this value:
+    /// at the test's end, or while a failed test unwinds.
+    pub(crate) struct Place(Option<(String, String)>);
+
+    impl Drop for Place {
+        fn drop(&mut self) {
+            let Some((server, database)) = self.0.take() else {
+                return;
+            };
+            // No panic here: this may run while a failed test unwinds.
+            let dropped = Connection::postgres(&format!("{server}/postgres")).and_then(|admin| {
+                admin.execute_batch(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+            });
+            if let Err(error) = dropped {
+                eprintln!("could not drop the test database {database}: {error}");
+            }
         }
+    }
+
+    /// Drop a test's database now (after its connection is closed).
+    pub(crate) fn drop_database(place: Place) {
+        drop(place);
     }
 
     /// On PostgreSQL the set-based batches run with custom plans (a generic
@@ -1746,7 +1762,7 @@ pub(crate) mod tests {
             if connection.dialect() != Dialect::Postgres {
                 continue;
             }
-            let (server, database) = place.clone().expect("a PostgreSQL database");
+            let (server, database) = place.0.clone().expect("a PostgreSQL database");
             let default = setting(&connection);
             assert_ne!(default, "force_custom_plan", "the server's default");
             // Every store connection compiles nothing just in time.
@@ -1878,7 +1894,7 @@ pub(crate) mod tests {
             if connection.dialect() != Dialect::Postgres {
                 continue;
             }
-            let (server, database) = place.clone().expect("a PostgreSQL database");
+            let (server, database) = place.0.clone().expect("a PostgreSQL database");
             let observer = Connection::postgres(&format!("{server}/{database}")).unwrap();
             let count = |k: i64| -> i64 {
                 observer
