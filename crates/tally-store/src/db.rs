@@ -280,6 +280,14 @@ pub struct Pg {
     /// The `COPY` form of each deferred insert ([`copy_sql`]), prepared,
     /// with its columns' types; `None` for an insert that has none.
     copies: RefCell<HashMap<&'static str, Option<CopyForm>>>,
+    /// Set when a `COPY` was refused before its rows were taken, or given
+    /// up before the server answered: tokio-postgres then sends a second
+    /// `Sync` (rust-postgres issue 789), the server answers it with a
+    /// second `ReadyForQuery`, and every later answer on this connection
+    /// would go to the request after the one it belongs to. The connection
+    /// is then broken for good ([`Connection::is_broken`]): every call on
+    /// it fails.
+    lost_place: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A prepared `COPY ... FROM STDIN (FORMAT BINARY)` and its columns' types.
@@ -287,6 +295,26 @@ pub struct Pg {
 struct CopyForm {
     statement: tokio_postgres::Statement,
     types: Vec<tokio_postgres::types::Type>,
+}
+
+/// Marks a connection out of step (`Pg::lost_place`) when dropped while
+/// it still holds the flag: a `COPY` refused, or given up, before the
+/// server took it.
+struct LostPlace(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+
+impl LostPlace {
+    /// The server took the `COPY`: the connection keeps its place.
+    fn clear(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for LostPlace {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0.take() {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
 }
 
 /// How one deferred batch goes out.
@@ -357,7 +385,8 @@ impl Owned {
 const MAX_BULK_ROWS: usize = 8192;
 
 /// A deferred insert of at least this many rows goes out as a binary `COPY`
-/// (where its statement has a `COPY` form, [`copy_sql`]) instead of the
+/// (where its statement has a `COPY` form, [`copy_sql`], and it is the first
+/// batch of its round trip: see [`Pg::batch_statement`]) instead of the
 /// set-based `INSERT ... SELECT ... FROM unnest(...)`. PostgreSQL inserts
 /// the rows of a `COPY` in batches (one WAL record per page of rows), at
 /// a little over half the backend's CPU per row (ARCHITECTURE.md,
@@ -417,6 +446,7 @@ impl Connection {
                 bulk: RefCell::new(HashMap::new()),
                 checked: RefCell::new(HashMap::new()),
                 copies: RefCell::new(HashMap::new()),
+                lost_place: Default::default(),
             })),
         })
     }
@@ -425,7 +455,7 @@ impl Connection {
     pub fn is_broken(&self) -> bool {
         match &self.kind {
             Kind::Sqlite(_) => false,
-            Kind::Postgres(pg) => pg.client.is_closed(),
+            Kind::Postgres(pg) => pg.client.is_closed() || pg.lost(),
         }
     }
 
@@ -737,6 +767,12 @@ impl Pg {
             let joined = self.runtime.block_on(handle);
             self.settle(joined);
         }
+        if self.lost() {
+            return Err(Error::Corrupt(
+                "this PostgreSQL connection lost its place after a refused COPY; it is not used again"
+                    .into(),
+            ));
+        }
         match &*self.failed.borrow() {
             Some(why) => Err(Error::EarlierCommit(why.clone())),
             None => Ok(()),
@@ -757,6 +793,12 @@ impl Pg {
             *self.failed.borrow_mut() = Some(error.to_string());
         }
         *self.outcome.borrow_mut() = Some(outcome);
+    }
+
+    /// Whether a refused `COPY` left the connection out of step (see
+    /// `lost_place`).
+    fn lost(&self) -> bool {
+        self.lost_place.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A few turns of the connection's runtime: tasks that are ready run
@@ -783,10 +825,15 @@ impl Pg {
     }
 
     /// How `batch` goes out: an insert of [`COPY_MIN_ROWS`] rows or more
-    /// by its `COPY` form where it has one, else one statement
-    /// ([`Pg::execute_statement`]).
-    fn batch_statement(&self, batch: &Batch) -> Result<Outgoing> {
-        if batch.shape == Shape::Insert && batch.rows.len() >= COPY_MIN_ROWS {
+    /// by its `COPY` form where it has one and it is the `first` statement
+    /// of its round trip (after the owed `BEGIN`), else one statement
+    /// ([`Pg::execute_statement`]). Only the first: a `COPY` that the server
+    /// refuses before taking its rows (as it refuses every statement after
+    /// a failed one in the transaction) leaves the connection out of step
+    /// (see `lost_place`), whereas every statement sent in an earlier round
+    /// trip of the transaction is known to have succeeded.
+    fn batch_statement(&self, batch: &Batch, first: bool) -> Result<Outgoing> {
+        if first && batch.shape == Shape::Insert && batch.rows.len() >= COPY_MIN_ROWS {
             if let Some(copy) = self.copy_form(batch.sql)? {
                 return Ok(Outgoing::Copy(copy));
             }
@@ -802,8 +849,10 @@ impl Pg {
         }
         let single = self.prepared(sql)?;
         let copy = match copy_sql(&placeholders(sql), single.params().len()) {
-            Some(text) => Some(CopyForm {
-                statement: self.prepare_text(&text)?,
+            // If PostgreSQL will not prepare it, the insert keeps its
+            // set-based form (`prepare_text` logged why).
+            Some(text) => self.prepare_text(&text).ok().map(|statement| CopyForm {
+                statement,
                 // The insert's parameters are its columns, in order: their
                 // types are the columns' (what a binary COPY must send).
                 types: single.params().to_vec(),
@@ -897,9 +946,11 @@ impl Pg {
         }
         let statements = batches
             .iter()
-            .map(|batch| self.batch_statement(batch))
+            .enumerate()
+            .map(|(at, batch)| self.batch_statement(batch, at == 0))
             .collect::<Result<Vec<_>>>()?;
         let client = self.client.clone();
+        let lost_place = std::sync::Arc::clone(&self.lost_place);
         Ok(Some(async move {
             // Each batch's parameters: one value per column for a single
             // row, else one array per column (and, for an update, how many
@@ -999,16 +1050,23 @@ impl Pg {
                     // The connection sends nothing queued after the COPY
                     // until its rows and its end have gone out, so the
                     // statements after it keep their order.
-                    Outgoing::Copy(copy) => pending.push(Box::pin(async move {
-                        let sink = client.copy_in::<_, bytes::Bytes>(&copy.statement).await?;
-                        let writer = BinaryCopyInWriter::new(sink, &copy.types);
-                        futures_util::pin_mut!(writer);
-                        for row in &batch.rows {
-                            let values: Vec<PgParam<'_>> =
-                                row.iter().map(|value| PgParam(value.value())).collect();
-                            writer.as_mut().write_raw(values).await?;
+                    Outgoing::Copy(copy) => pending.push(Box::pin({
+                        let lost_place = std::sync::Arc::clone(&lost_place);
+                        async move {
+                            // Until the server has taken the COPY (or if it
+                            // refuses it), the connection's place is in doubt.
+                            let doubt = LostPlace(Some(lost_place));
+                            let sink = client.copy_in::<_, bytes::Bytes>(&copy.statement).await?;
+                            doubt.clear();
+                            let writer = BinaryCopyInWriter::new(sink, &copy.types);
+                            futures_util::pin_mut!(writer);
+                            for row in &batch.rows {
+                                let values: Vec<PgParam<'_>> =
+                                    row.iter().map(|value| PgParam(value.value())).collect();
+                                writer.as_mut().write_raw(values).await?;
+                            }
+                            writer.finish().await
                         }
-                        writer.finish().await
                     })),
                 }
             }
@@ -1158,7 +1216,7 @@ fn checked_sql(sql: &str, params: usize) -> Option<String> {
 /// `COPY t (c1, ..., cn) FROM STDIN (FORMAT BINARY)`. `None` for any other
 /// insert (a constant or an expression among the values, `ON CONFLICT`,
 /// `RETURNING`), which keeps its set-based form.
-fn copy_sql(sql: &str, params: usize) -> Option<String> {
+pub(crate) fn copy_sql(sql: &str, params: usize) -> Option<String> {
     let target = sql.strip_prefix("INSERT INTO ")?;
     let (target, values) = target.split_once(" VALUES (")?;
     let values = values.trim_end().strip_suffix(')')?;
@@ -1167,11 +1225,21 @@ fn copy_sql(sql: &str, params: usize) -> Option<String> {
         .map(str::trim)
         .enumerate()
         .all(|(i, value)| value.strip_prefix('$') == Some(&(i + 1).to_string()));
-    let columns = target.split_once('(')?.1.strip_suffix(')')?;
+    let (table, columns) = target.split_once(" (")?;
+    let columns = columns.strip_suffix(')')?;
+    // Plain names only: an alias (`t AS x`), a subscript or a field
+    // (`b[1]`, `b.f`) or a quoted name would not make a valid COPY.
+    let plain = |name: &str| {
+        let name = name.trim();
+        name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
     if params == 0
         || !numbered
         || values.split(',').count() != params
         || columns.split(',').count() != params
+        || !plain(table)
+        || !columns.split(',').all(plain)
         || sql.contains('\'')
     {
         return None;
@@ -1180,7 +1248,7 @@ fn copy_sql(sql: &str, params: usize) -> Option<String> {
 }
 
 /// `?N` to `$N` (and a bare `?` to the next number), outside string literals.
-fn placeholders(sql: &str) -> String {
+pub(crate) fn placeholders(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len() + 8);
     // SQLite numbers a bare `?` one past the largest number seen so far.
     let mut largest = 0u32;
@@ -1544,6 +1612,12 @@ pub(crate) mod tests {
             "INSERT INTO t VALUES ($1, $2)",
             // a string literal
             "INSERT INTO t (a, b) VALUES ($1, 'x')",
+            // an alias, a subscript, a field, a quoted name
+            "INSERT INTO t AS x (a, b) VALUES ($1, $2)",
+            "INSERT INTO t (a, b[1]) VALUES ($1, $2)",
+            "INSERT INTO t (a, b.f) VALUES ($1, $2)",
+            "INSERT INTO t (a, \"B\") VALUES ($1, $2)",
+            "INSERT INTO s.t (a, b) VALUES ($1, $2)",
             "UPDATE t SET a = $2 WHERE b = $1",
         ] {
             assert_eq!(copy_sql(sql, 2), None, "{sql}");
@@ -1556,15 +1630,18 @@ pub(crate) mod tests {
     }
 
     /// A deferred insert of [`COPY_MIN_ROWS`] rows or more goes out by
-    /// binary `COPY` on PostgreSQL, and what it wrote reads back exactly
-    /// (null, extreme integers, text with tabs, newlines, backslashes and
-    /// non-ASCII, bytes); a group whose `COPY` fails (a duplicate key)
-    /// commits nothing, not even the statements after it, and the
-    /// connection goes on.
+    /// binary `COPY` on PostgreSQL when it is the first batch of its round
+    /// trip, and what it wrote reads back exactly (null, extreme integers,
+    /// text with tabs, newlines, backslashes and non-ASCII, a text longer
+    /// than one `CopyData` message, bytes). A group whose `COPY` fails (a
+    /// duplicate key), or whose first statement fails before an insert that
+    /// would qualify, commits nothing, and the connection goes on.
     #[test]
     fn a_large_deferred_insert_is_copied_and_reads_back_exactly() {
         const INSERT: &str = "INSERT INTO c (k, n, t, b) VALUES (?1, ?2, ?3, ?4)";
+        const INSERT_D: &str = "INSERT INTO d (k, n, t, b) VALUES (?1, ?2, ?3, ?4)";
         const UPDATE: &str = "UPDATE u SET v = ?2 WHERE k = ?1";
+        let long = "long ".repeat(2_000);
         let texts = [
             "plain",
             "tab\there",
@@ -1572,6 +1649,7 @@ pub(crate) mod tests {
             "back\\slash \\N",
             "ünïcödé ✓",
             "",
+            long.as_str(),
         ];
         type Copied = (i64, Option<i64>, Option<String>, Vec<u8>);
         let row = |k: i64| -> Copied {
@@ -1581,47 +1659,58 @@ pub(crate) mod tests {
                 2 => Some(i64::MIN),
                 _ => Some(-k),
             };
-            let t = (k % 7 != 0).then(|| texts[k as usize % texts.len()].to_owned());
+            let t = (k % 5 != 0).then(|| texts[k as usize % texts.len()].to_owned());
             (k, n, t, vec![0, 255, k as u8, b'\\', b'\n'])
         };
         // Defer the rows of these keys (the first error ends it).
-        let insert = |connection: &Connection, keys: std::ops::RangeInclusive<i64>| -> Result<()> {
+        let insert = |connection: &Connection,
+                      sql: &'static str,
+                      keys: std::ops::RangeInclusive<i64>|
+         -> Result<()> {
             keys.into_iter().try_for_each(|k| {
                 let (k, n, t, b) = row(k);
                 connection.defer(
                     Shape::Insert,
-                    INSERT,
+                    sql,
                     params![k, n, t.as_deref(), b.as_slice()],
                 )
             })
         };
-        // The rows copied, and the value the group's update sets.
-        let counts = |connection: &Connection| -> (i64, i64) {
+        // The rows in each table, and the value the groups' update sets.
+        let counts = |connection: &Connection| -> (i64, i64, i64) {
             connection
                 .query_row(
-                    "SELECT (SELECT COUNT(*) FROM c), (SELECT v FROM u WHERE k = 2)",
+                    "SELECT (SELECT COUNT(*) FROM c), (SELECT COUNT(*) FROM d), \
+                     (SELECT v FROM u WHERE k = 2)",
                     [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .unwrap()
         };
+        let n = COPY_MIN_ROWS as i64;
         for (connection, place) in connections("copy") {
             connection
                 .execute_batch(
                     "CREATE TABLE c (k BIGINT PRIMARY KEY, n BIGINT, t TEXT, b BYTEA NOT NULL); \
+                     CREATE TABLE d (k BIGINT PRIMARY KEY, n BIGINT, t TEXT, b BYTEA NOT NULL); \
                      CREATE TABLE u (k BIGINT PRIMARY KEY, v BIGINT NOT NULL); \
                      INSERT INTO u VALUES (1, 0), (2, 0)",
                 )
                 .unwrap();
-            let rows = COPY_MIN_ROWS as i64 * 3;
+            let rows = n * 3;
             connection.begin().unwrap();
-            insert(&connection, 1..=rows).unwrap();
+            insert(&connection, INSERT, 1..=rows).unwrap();
             if let Kind::Postgres(pg) = &connection.kind {
                 let deferred = pg.deferred.borrow();
-                let outgoing = pg.batch_statement(&deferred[0]).unwrap();
+                let first = pg.batch_statement(&deferred[0], true).unwrap();
                 assert!(
-                    matches!(outgoing, Outgoing::Copy(_)),
-                    "a batch of {rows} rows goes out by COPY"
+                    matches!(first, Outgoing::Copy(_)),
+                    "a batch of {rows} rows first in its round trip goes out by COPY"
+                );
+                let later = pg.batch_statement(&deferred[0], false).unwrap();
+                assert!(
+                    matches!(later, Outgoing::Execute(_)),
+                    "the same batch after another statement does not"
                 );
             }
             connection
@@ -1639,32 +1728,77 @@ pub(crate) mod tests {
             drop(statement);
             let expected: Vec<_> = (1..=rows).map(row).collect();
             assert_eq!(read, expected, "every copied row reads back as it was sent");
+            let v1: i64 = connection
+                .query_row("SELECT v FROM u WHERE k = 1", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(v1, 11, "the update after the COPY committed with it");
+
+            // A group that must fail, and leave nothing behind.
+            let failed_whole = |connection: &Connection, failed: Result<()>, why: &str| {
+                assert!(failed.is_err(), "{why}");
+                let _ = connection.rollback();
+                assert_eq!(
+                    counts(connection),
+                    (rows, 0, 0),
+                    "nothing of the failed group committed"
+                );
+            };
 
             // A duplicate key among the copied rows: the group fails and
-            // nothing of it commits, neither the rows nor the update after.
+            // nothing of it commits, neither the rows, nor the second insert
+            // (sent after the COPY as a set-based insert), nor the update.
             // (SQLite runs each deferred write at once: its error comes there.)
             connection.begin().unwrap();
-            let failed = insert(&connection, rows..=rows + COPY_MIN_ROWS as i64 - 1)
+            let failed = insert(&connection, INSERT, rows..=rows + n - 1)
+                .and_then(|()| insert(&connection, INSERT_D, 1..=n))
                 .and_then(|()| connection.defer(Shape::UpdateByFirst, UPDATE, params![2i64, 22i64]))
                 .and_then(|()| connection.commit());
-            assert!(failed.is_err(), "a duplicate key fails the group");
-            let _ = connection.rollback();
-            let (count, v) = counts(&connection);
-            assert_eq!(
-                (count, v),
-                (rows, 0),
-                "nothing of the failed group committed"
+            failed_whole(&connection, failed, "a duplicate key fails the group");
+
+            // An update of a missing row first, then an insert that would
+            // qualify for a COPY (it goes out set-based, after the update).
+            connection.begin().unwrap();
+            let failed = connection
+                .defer(Shape::UpdateByFirst, UPDATE, params![99i64, 1i64])
+                .and_then(|()| connection.defer(Shape::UpdateByFirst, UPDATE, params![2i64, 5i64]))
+                .and_then(|()| insert(&connection, INSERT, rows + 1..=rows + n))
+                .and_then(|()| connection.commit());
+            failed_whole(
+                &connection,
+                failed,
+                "an update of a missing row fails the group",
             );
 
-            // The connection goes on: the next copied group commits.
+            // The connection goes on: the next group commits, both inserts.
             connection.begin().unwrap();
-            insert(&connection, rows + 1..=rows + COPY_MIN_ROWS as i64).unwrap();
+            insert(&connection, INSERT, rows + 1..=rows + n).unwrap();
+            insert(&connection, INSERT_D, 1..=n).unwrap();
             connection
                 .defer(Shape::UpdateByFirst, UPDATE, params![2i64, 22i64])
                 .unwrap();
             connection.commit().unwrap();
-            let (count, v) = counts(&connection);
-            assert_eq!((count, v), (rows + COPY_MIN_ROWS as i64, 22));
+            assert!(!connection.is_broken());
+            assert_eq!(counts(&connection), (rows + n, n, 22));
+
+            // PostgreSQL: a COPY refused before it takes its rows (its table
+            // renamed away) leaves the connection out of step. It says so,
+            // and every later call on it fails instead of reading answers
+            // meant for other statements.
+            if connection.dialect() == Dialect::Postgres {
+                connection
+                    .execute_batch("ALTER TABLE c RENAME TO c_gone")
+                    .unwrap();
+                connection.begin().unwrap();
+                let refused = insert(&connection, INSERT, 1_000..=1_000 + n)
+                    .and_then(|()| connection.commit());
+                assert!(refused.is_err(), "a COPY into a missing table fails");
+                assert!(
+                    connection.is_broken(),
+                    "the connection says it lost its place"
+                );
+                let later: Result<i64> = connection.query_row("SELECT 1", [], |r| r.get(0));
+                assert!(later.is_err(), "and is not used again: {later:?}");
+            }
             drop(connection);
             drop_database(place);
         }

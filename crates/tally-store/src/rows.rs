@@ -525,6 +525,14 @@ pub fn upsert_hold(connection: &Connection, hold: &Hold) -> db::Result<()> {
     Ok(())
 }
 
+/// The journal entry insert (deferred: set-based with the group's other
+/// entries on PostgreSQL, or a binary `COPY` for a large group).
+pub(crate) const INSERT_ENTRY: &str = concat!(
+    "INSERT INTO entries (",
+    entry_columns!(),
+    ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"
+);
+
 pub fn insert_entry(
     connection: &Connection,
     sequence: i64,
@@ -537,11 +545,7 @@ pub fn insert_entry(
     // Deferred: set-based with the group's other entries on PostgreSQL.
     connection.defer(
         db::Shape::Insert,
-        concat!(
-            "INSERT INTO entries (",
-            entry_columns!(),
-            ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"
-        ),
+        INSERT_ENTRY,
         params![
             sequence,
             draft.customer_id.as_str(),

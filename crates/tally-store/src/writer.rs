@@ -113,6 +113,12 @@ const LINGER_UNTIL: usize = 512;
 /// applied, and applying competes with PostgreSQL for the two cores), while
 /// groups of thousands of events gained 14–30% (BENCHMARKS.md).
 const SEND_AHEAD_FROM: usize = 256;
+/// An operation's row (deferred: set-based with the group's other
+/// operations on PostgreSQL, or a binary `COPY` for a large group; every
+/// value a parameter, so that it has a `COPY` form).
+const INSERT_OPERATION: &str = "INSERT INTO operations (sequence, kind, id, request_hash, ok, \
+     response, customer_id, amount, refunded, feature, recorded_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 /// Commands waiting beyond the open group that make it grow on.
 const BACKLOG: usize = 512;
 
@@ -1289,8 +1295,7 @@ impl Writer {
         // Deferred: set-based with the group's other operations on PostgreSQL.
         self.connection.defer(
             db::Shape::Insert,
-            "INSERT INTO operations (sequence, kind, id, request_hash, ok, response, customer_id, amount, \
-             refunded, feature, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            INSERT_OPERATION,
             params![
                 self.next_operation_sequence,
                 kind,
@@ -3027,6 +3032,17 @@ mod tests {
             }
             drop(connection);
             crate::db::tests::drop_database(place);
+        }
+    }
+
+    /// The two inserts of every charge have a binary `COPY` form (a
+    /// constant among their values would silently keep them set-based).
+    #[test]
+    fn the_entry_and_operation_inserts_have_a_copy_form() {
+        for sql in [crate::rows::INSERT_ENTRY, INSERT_OPERATION] {
+            let numbered = crate::db::placeholders(sql);
+            let params = numbered.matches('$').count();
+            assert!(crate::db::copy_sql(&numbered, params).is_some(), "{sql}");
         }
     }
 
