@@ -459,6 +459,17 @@ impl Connection {
         }
     }
 
+    /// Like [`Connection::is_broken`], after letting the connection read
+    /// what the server sent while it sat idle (a PostgreSQL connection
+    /// learns that the server closed it only when its runtime runs): for a
+    /// pooled connection before it is used.
+    pub fn is_stale(&self) -> bool {
+        if let Kind::Postgres(pg) = &self.kind {
+            pg.turn();
+        }
+        self.is_broken()
+    }
+
     pub fn dialect(&self) -> Dialect {
         match self.kind {
             Kind::Sqlite(_) => Dialect::Sqlite,
@@ -1834,6 +1845,15 @@ pub(crate) mod tests {
     /// A test's PostgreSQL database (server, name), dropped with this value:
     /// at the test's end, or while a failed test unwinds.
     pub(crate) struct Place(Option<(String, String)>);
+
+    impl Place {
+        /// The URL of the test's PostgreSQL database, if it has one.
+        pub(crate) fn url(&self) -> Option<String> {
+            self.0
+                .as_ref()
+                .map(|(server, database)| format!("{server}/{database}"))
+        }
+    }
 
     impl Drop for Place {
         fn drop(&mut self) {

@@ -113,17 +113,129 @@ pub fn insert_api_key(
     Ok(())
 }
 
+/// The PostgreSQL writer's thread: lead, write until the store closes, and
+/// lead again whenever the writer's connection is lost (the database
+/// restarted or failed over, the network dropped, a refused `COPY` left the
+/// connection out of step).
+///
+/// While it does not lead, this server answers writes 503 (`Store::execute`
+/// and the forwarding layer), and each command already queued is answered
+/// `Unavailable` unapplied. Nothing acknowledged is lost: a group counts
+/// only once its `COMMIT` returned, and the new writer loads its state from
+/// what is committed. If another server took the leader lock meanwhile, this
+/// one stops the process: its stream consumers and webhook deliveries run
+/// only on the leader, and a restart brings it back as a follower.
+#[allow(clippy::too_many_arguments)]
+fn write_postgres(
+    url: &str,
+    leader: &Leadership,
+    clock: Arc<dyn Clock>,
+    options: Options,
+    sync: &Arc<writer::SyncState>,
+    mut receiver: mpsc::Receiver<writer::Job>,
+    syncer: &std::sync::mpsc::SyncSender<writer::Durable>,
+) {
+    // This server's last writer session, once it has led.
+    let mut previous: Option<Session> = None;
+    let mut pause = LEAD_RETRY_FIRST;
+    loop {
+        match lead(url, leader, clock.clone(), options, sync, previous.as_ref()) {
+            Ok(Led::Writer(writer, session)) => {
+                previous = Some(session);
+                pause = LEAD_RETRY_FIRST;
+                match writer.run(&mut receiver, syncer, sync) {
+                    writer::Stopped::Closed => return,
+                    writer::Stopped::ConnectionLost(error) => {
+                        leader.is_leader.send_replace(false);
+                        tracing::error!(
+                            %error,
+                            "the writer lost its connection to PostgreSQL; writes are answered 503 until it leads again"
+                        );
+                    }
+                }
+            }
+            Ok(Led::TakenOver) => {
+                tracing::error!(
+                    "another server took the leader lock while this server's writer had lost its connection; \
+                     stopping, so that a restart runs this server as a follower"
+                );
+                std::process::abort();
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "cannot lead the PostgreSQL database yet");
+                if refuse_queued(&mut receiver, "the writer is reconnecting to PostgreSQL") {
+                    return;
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(LEAD_RETRY_MAX);
+            }
+        }
+        if refuse_queued(&mut receiver, "the writer is reconnecting to PostgreSQL") {
+            return;
+        }
+    }
+}
+
+/// First and longest pause between two attempts to lead the database.
+const LEAD_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const LEAD_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Answer every queued command `Unavailable`, unapplied; whether the store
+/// has closed (no command can come any more).
+fn refuse_queued(receiver: &mut mpsc::Receiver<writer::Job>, why: &str) -> bool {
+    loop {
+        match receiver.try_recv() {
+            Ok(job) => writer::fail_jobs([job], why),
+            Err(mpsc::error::TryRecvError::Empty) => return false,
+            Err(mpsc::error::TryRecvError::Disconnected) => return true,
+        }
+    }
+}
+
+/// A PostgreSQL session, told apart from a later one that reuses its
+/// process id.
+#[derive(Clone, Debug, PartialEq)]
+struct Session {
+    pid: i32,
+    /// `pg_stat_activity.backend_start`, as text.
+    started: String,
+}
+
+const SESSION_SQL: &str =
+    "SELECT pid, CAST(backend_start AS text) FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+
+/// The session holding the leader lock in this database, if any.
+const LOCK_HOLDER_SQL: &str = "SELECT a.pid, CAST(a.backend_start AS text) \
+     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND CAST(l.classid AS bigint) = ?1 AND CAST(l.objid AS bigint) = ?2";
+
+enum Led {
+    /// This server leads, with this writer on this session.
+    Writer(Box<writer::Writer>, Session),
+    /// Another server leads (after this one had led and lost its connection).
+    TakenOver,
+}
+
 /// Become the writer of a PostgreSQL database: wait for the leader lock
 /// (held by this connection's session for as long as it lives, so a writer
 /// whose connection is gone can no longer commit), record where this server
 /// listens, and load the writer's state from what is committed.
+///
+/// `previous`: this server's last writer session, when it led before and
+/// lost that connection. It does not wait for the lock then: if the lock is
+/// free it leads again; if its old session still holds it (PostgreSQL has
+/// not yet seen that connection end), it ends that session and tries again;
+/// if another server holds it, [`Led::TakenOver`].
 fn lead(
     url: &str,
     leader: &Leadership,
     clock: Arc<dyn Clock>,
     options: Options,
     sync: &writer::SyncState,
-) -> db::Result<writer::Writer> {
+    previous: Option<&Session>,
+) -> db::Result<Led> {
     let connection = Connection::postgres(url)?;
     // Waiting for the lock may take as long as another server lives, and the
     // session then holds it for this server's life: no timeout may end either.
@@ -131,7 +243,55 @@ fn lead(
         "SET lock_timeout = 0; SET statement_timeout = 0; \
          SET idle_in_transaction_session_timeout = 0",
     )?;
-    connection.query_row("SELECT pg_advisory_lock(?1)", [LEADER_LOCK], |_| Ok(()))?;
+    match previous {
+        None => {
+            connection.query_row("SELECT pg_advisory_lock(?1)", [LEADER_LOCK], |_| Ok(()))?;
+        }
+        Some(previous) => loop {
+            let locked: bool =
+                connection.query_row("SELECT pg_try_advisory_lock(?1)", [LEADER_LOCK], |row| {
+                    row.get(0)
+                })?;
+            if locked {
+                break;
+            }
+            let holder = connection
+                .query_row(
+                    LOCK_HOLDER_SQL,
+                    [LEADER_LOCK >> 32, LEADER_LOCK & 0xffff_ffff],
+                    |row| {
+                        Ok(Session {
+                            pid: row.get(0)?,
+                            started: row.get(1)?,
+                        })
+                    },
+                )
+                .optional()?;
+            match holder {
+                Some(holder) if holder == *previous => {
+                    tracing::warn!(
+                        pid = holder.pid,
+                        "the writer's lost session still holds the leader lock; ending it"
+                    );
+                    connection.query_row(
+                        "SELECT pg_terminate_backend(?1)",
+                        [i64::from(holder.pid)],
+                        |_| Ok(()),
+                    )?;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Some(_) => return Ok(Led::TakenOver),
+                // Released between the two statements: try again.
+                None => {}
+            }
+        },
+    }
+    let session = connection.query_row(SESSION_SQL, [], |row| {
+        Ok(Session {
+            pid: row.get(0)?,
+            started: row.get(1)?,
+        })
+    })?;
     let advertise = loop {
         if let Some(url) = leader.advertise.get() {
             break url.clone();
@@ -151,9 +311,15 @@ fn lead(
          ON CONFLICT (id) DO UPDATE SET url = excluded.url, since = excluded.since",
         params![advertise, now],
     )?;
-    tracing::info!(advertise, "this server now runs the writer (leader)");
+    match previous {
+        None => tracing::info!(advertise, "this server now runs the writer (leader)"),
+        Some(_) => tracing::warn!(
+            advertise,
+            "this server runs the writer again, on a new connection"
+        ),
+    }
     leader.is_leader.send_replace(true);
-    Ok(writer)
+    Ok(Led::Writer(Box::new(writer), session))
 }
 
 fn unavailable(error: db::Error) -> StoreError {
@@ -466,7 +632,13 @@ impl Store {
             .map_err(|e| StoreError::Unavailable(format!("spawn syncer: {e}")))?;
         std::thread::Builder::new()
             .name("tally-writer".into())
-            .spawn(move || abort_on_panic("writer", || writer.run(receiver, to_syncer, sync_state)))
+            .spawn(move || {
+                abort_on_panic("writer", || {
+                    let mut receiver = receiver;
+                    // Only a PostgreSQL writer loses its connection.
+                    let _ = writer.run(&mut receiver, &to_syncer, &sync_state);
+                })
+            })
             .map_err(|e| StoreError::Unavailable(format!("spawn writer: {e}")))?;
         let inner = Arc::new(Inner {
             sender,
@@ -528,15 +700,15 @@ impl Store {
             .name("tally-writer".into())
             .spawn(move || {
                 abort_on_panic("writer", || {
-                    let writer = lead(
+                    write_postgres(
                         &writer_url,
                         &writer_leader,
                         writer_clock,
                         options,
                         &writer_sync,
+                        receiver,
+                        &to_syncer,
                     )
-                    .unwrap_or_else(|error| panic!("cannot become the writer: {error}"));
-                    writer.run(receiver, to_syncer, writer_sync)
                 })
             })
             .map_err(|e| StoreError::Unavailable(format!("spawn writer: {e}")))?;
@@ -661,7 +833,15 @@ impl Store {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let pooled = inner.readers.lock().expect("reader pool").pop();
+            // A connection the server closed meanwhile (PostgreSQL
+            // restarted) is dropped, not tried.
+            let pooled = loop {
+                let next = inner.readers.lock().expect("reader pool").pop();
+                match next {
+                    Some(connection) if connection.is_stale() => drop(connection),
+                    next => break next,
+                }
+            };
             let connection = match pooled {
                 Some(connection) => connection,
                 None => {
@@ -1228,6 +1408,84 @@ fn simulate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that lost its connection leads again without waiting: if
+    /// its old session still holds the leader lock (PostgreSQL has not seen
+    /// that connection end), it ends that session and leads; if another
+    /// session holds the lock, another server leads (`Led::TakenOver`).
+    /// PostgreSQL only (`TALLY_TEST_DATABASE=postgres`).
+    #[test]
+    fn leading_again_ends_the_lost_session_and_yields_to_another_server() {
+        for (connection, place) in db::tests::connections("lead_again") {
+            let Some(url) = place.url() else {
+                continue;
+            };
+            drop(connection);
+            migrate(Location::Postgres(&url)).unwrap();
+            let leadership = || {
+                let leadership = Leadership {
+                    is_leader: tokio::sync::watch::channel(false).0,
+                    advertise: std::sync::OnceLock::new(),
+                };
+                leadership
+                    .advertise
+                    .set("http://127.0.0.1:9".into())
+                    .unwrap();
+                leadership
+            };
+            let session = |connection: &Connection| {
+                connection
+                    .query_row(SESSION_SQL, [], |row| {
+                        Ok(Session {
+                            pid: row.get(0)?,
+                            started: row.get(1)?,
+                        })
+                    })
+                    .unwrap()
+            };
+            let sync = writer::SyncState::new(0);
+            let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+
+            // The lost session: alive, holding the lock.
+            let old = Connection::postgres(&url).unwrap();
+            old.query_row("SELECT pg_advisory_lock(?1)", [LEADER_LOCK], |_| Ok(()))
+                .unwrap();
+            let lost = session(&old);
+            let first = leadership();
+            let led = lead(
+                &url,
+                &first,
+                clock.clone(),
+                Options::default(),
+                &sync,
+                Some(&lost),
+            );
+            let Ok(Led::Writer(writer, new)) = led else {
+                panic!("it leads again");
+            };
+            assert_ne!(new, lost, "on a new session");
+            assert!(*first.is_leader.borrow());
+            let ended: db::Result<i64> = old.query_row("SELECT 1", [], |row| row.get(0));
+            assert!(ended.is_err(), "the lost session was ended: {ended:?}");
+
+            // Now another session holds the lock: a server that lost its
+            // own session does not take it.
+            let second = leadership();
+            let led = lead(
+                &url,
+                &second,
+                clock.clone(),
+                Options::default(),
+                &sync,
+                Some(&lost),
+            );
+            assert!(matches!(led, Ok(Led::TakenOver)), "another server leads");
+            assert!(!*second.is_leader.borrow());
+            drop(writer);
+            drop(old);
+            db::tests::drop_database(place);
+        }
+    }
 
     #[test]
     fn checkpoints_back_off_while_idle_and_speed_up_once_the_log_grows() {

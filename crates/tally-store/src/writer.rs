@@ -82,6 +82,23 @@ pub type Answer = (
     Result<Executed, StoreError>,
 );
 
+/// Why [`Writer::run`] returned.
+pub enum Stopped {
+    /// The store closed (its command channel), or the syncer stopped.
+    Closed,
+    /// PostgreSQL: the writer's connection is gone. Every caller of a
+    /// command not known committed was answered `Unavailable`; the server
+    /// may lead again on a new connection.
+    ConnectionLost(db::Error),
+}
+
+/// Answer each job `Unavailable` without applying it.
+pub fn fail_jobs(jobs: impl IntoIterator<Item = Job>, why: &str) {
+    for job in jobs {
+        let _ = job.reply.send(Err(StoreError::Unavailable(why.to_owned())));
+    }
+}
+
 fn drain(receiver: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>) {
     drain_up_to(receiver, batch, MAX_BATCH);
 }
@@ -399,6 +416,10 @@ pub struct Writer {
     /// PostgreSQL: a commit sent ahead failed; the group open on top of it
     /// must fail too (its effects build on the lost group).
     lost: Option<db::Error>,
+    /// PostgreSQL: the connection is gone (closed, or out of step after a
+    /// refused `COPY`), found after a failed group: `run` returns, and the
+    /// server leads again on a new connection (lib.rs, `write_postgres`).
+    gone: Option<db::Error>,
     /// Every plan, by key.
     plans: HashMap<String, tally_core::Plan>,
     /// Every credit pack, by key.
@@ -698,6 +719,7 @@ impl Writer {
             stats: GroupStats::new(),
             committing: None,
             lost: None,
+            gone: None,
             operations,
             catalog,
             already_done: false,
@@ -728,10 +750,10 @@ impl Writer {
     /// added wait.
     pub fn run(
         mut self,
-        mut receiver: mpsc::Receiver<Job>,
-        syncer: std::sync::mpsc::SyncSender<Durable>,
-        state: Arc<SyncState>,
-    ) {
+        receiver: &mut mpsc::Receiver<Job>,
+        syncer: &std::sync::mpsc::SyncSender<Durable>,
+        state: &Arc<SyncState>,
+    ) -> Stopped {
         let _ = state.writer.set(std::thread::current());
         self.live = Some(state.live.clone());
         let postgres = self.connection.dialect() == db::Dialect::Postgres;
@@ -745,26 +767,30 @@ impl Writer {
                 // its callers as soon as it returns, or start the next
                 // group with the first command that comes meanwhile.
                 match self.connection.commit_outcome_or(receiver.recv()) {
-                    db::Waited::Committed(outcome) => self.settled(outcome, &state),
+                    db::Waited::Committed(outcome) => self.settled(outcome, state),
                     db::Waited::Other(Some(job)) => batch.push(job),
                     db::Waited::Other(None) => {
-                        self.settle_commit(&state, true);
-                        return;
+                        self.settle_commit(state, true);
+                        return Stopped::Closed;
                     }
                 }
                 if let Some(error) = self.lost.take() {
                     tracing::error!(%error, "a write group failed; rolled back");
                     self.reset_after_failure();
                 }
+                if let Some(error) = self.gone.take() {
+                    fail_jobs(batch, &error.to_string());
+                    return Stopped::ConnectionLost(error);
+                }
             }
             if batch.is_empty() {
                 let Some(first) = receiver.blocking_recv() else {
-                    return;
+                    return Stopped::Closed;
                 };
                 batch.push(first);
             }
-            drain(&mut receiver, &mut batch);
-            self.restart_log_if_long(&state);
+            drain(receiver, &mut batch);
+            self.restart_log_if_long(state);
             let mut group = self.begin_group();
             let mut closed = false;
             // Under sustained load a group also stays open for at least
@@ -790,7 +816,7 @@ impl Writer {
                 // Is the last group still being made durable? (SQLite: its
                 // fsync; PostgreSQL: its commit, sent ahead.)
                 let busy = match postgres {
-                    true => !self.settle_commit(&state, false),
+                    true => !self.settle_commit(state, false),
                     false => state.busy(),
                 };
                 if let Some(error) = self.lost.take() {
@@ -799,18 +825,18 @@ impl Writer {
                 }
                 if ripe && !backlog && !busy {
                     // Take what arrived while the last commands applied, then commit.
-                    drain_up_to(&mut receiver, &mut batch, MAX_BATCH - group.replies.len());
+                    drain_up_to(receiver, &mut batch, MAX_BATCH - group.replies.len());
                     self.apply_jobs(&mut group, &mut batch);
                     break;
                 }
                 if backlog {
-                    drain_up_to(&mut receiver, &mut batch, MAX_BATCH - group.replies.len());
+                    drain_up_to(receiver, &mut batch, MAX_BATCH - group.replies.len());
                     continue;
                 }
                 if postgres && busy {
                     // Wake on the last group's answer or on a new command.
                     match self.connection.commit_outcome_or(receiver.recv()) {
-                        db::Waited::Committed(outcome) => self.settled(outcome, &state),
+                        db::Waited::Committed(outcome) => self.settled(outcome, state),
                         db::Waited::Other(Some(job)) => batch.push(job),
                         db::Waited::Other(None) => closed = true,
                     }
@@ -818,15 +844,20 @@ impl Writer {
                     // The syncer wakes this thread when it is done.
                     std::thread::park_timeout(std::time::Duration::from_micros(100));
                 }
-                closed |= drain_up_to(&mut receiver, &mut batch, MAX_BATCH - group.replies.len());
+                closed |= drain_up_to(receiver, &mut batch, MAX_BATCH - group.replies.len());
                 quiet = batch.is_empty();
             }
             previous_group = group.replies.len();
-            if let Some(durable) = self.finish_group(group, &state) {
+            let finished = self.finish_group(group, state);
+            if let Some(error) = self.gone.take() {
+                fail_jobs(batch, &error.to_string());
+                return Stopped::ConnectionLost(error);
+            }
+            if let Some(durable) = finished {
                 // PostgreSQL made the group durable before its COMMIT
                 // returned: answer at once, without a hop to the syncer.
                 if postgres {
-                    deliver(durable, &state);
+                    deliver(durable, state);
                     continue;
                 }
                 state
@@ -834,7 +865,7 @@ impl Writer {
                     .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 if syncer.send(durable).is_err() {
                     tracing::error!("the syncer has stopped; stopping the writer");
-                    return;
+                    return Stopped::Closed;
                 }
             }
         }
@@ -1039,14 +1070,16 @@ impl Writer {
     }
 
     /// After a failed group: forget everything not known committed, and
-    /// continue from what the database holds.
+    /// continue from what the database holds. On PostgreSQL, if the
+    /// connection is gone (the state cannot be read back on it), set `gone`:
+    /// `run` returns and the server leads again on a new connection, loading
+    /// its state afresh. On SQLite a failed read stops the process (a
+    /// broken invariant: the file is local).
     fn reset_after_failure(&mut self) {
         let _ = self.connection.rollback();
         self.cache.clear();
         self.touched.clear();
         self.operations.rollback();
-        self.reload_sequences();
-        self.reload_configuration();
         self.group_changes.clear();
         self.group_notification = None;
         self.topup_checks.clear();
@@ -1058,36 +1091,30 @@ impl Writer {
             *frontier = None;
         }
         // `expiring_recent` stays: an id of a lot rolled back reads no row.
+        if let Err(error) = self.reload() {
+            if self.connection.dialect() != db::Dialect::Postgres {
+                panic!("cannot read the writer's state back after a rollback: {error}");
+            }
+            self.gone = Some(error);
+        }
     }
 
-    /// After a rollback: the price book, dead letters, plans and webhook
-    /// endpoints as the database holds them (the group may have changed
-    /// them). If a read fails, stop: a restart recovers.
-    fn reload_configuration(&mut self) {
-        let reload = |what: &str, error: db::Error| -> ! {
-            panic!("cannot read the {what} after a rollback: {error}")
-        };
-        self.catalog = Catalog::load(&self.connection).unwrap_or_else(|e| reload("price book", e));
-        self.letter_events =
-            pending_letter_events(&self.connection).unwrap_or_else(|e| reload("dead letters", e));
-        self.plans = load_plans(&self.connection).unwrap_or_else(|e| reload("plans", e));
-        self.packs = load_packs(&self.connection).unwrap_or_else(|e| reload("credit packs", e));
-        self.endpoints = notify::load_endpoints(&self.connection)
-            .unwrap_or_else(|e| reload("webhook endpoints", e));
-    }
-
-    /// After a rollback: continue from what the database holds. If even that
-    /// read fails, the writer cannot number entries safely: stop, and let a
-    /// restart recover.
-    fn reload_sequences(&mut self) {
-        let sequences = Sequences::read(&self.connection).unwrap_or_else(|error| {
-            panic!("cannot read the ledger's sequences after a rollback: {error}")
-        });
+    /// After a rollback: the sequences, price book, dead letters, plans and
+    /// webhook endpoints as the database holds them (the group may have
+    /// changed them).
+    fn reload(&mut self) -> db::Result<()> {
+        let sequences = Sequences::read(&self.connection)?;
         self.next_entry_sequence = sequences.next_entry;
         self.last_recorded_micros = sequences.last_recorded_micros;
         self.next_grant_sequence = sequences.next_grant;
         self.next_operation_sequence = sequences.next_operation;
         self.next_notification_sequence = sequences.next_notification;
+        self.catalog = Catalog::load(&self.connection)?;
+        self.letter_events = pending_letter_events(&self.connection)?;
+        self.plans = load_plans(&self.connection)?;
+        self.packs = load_packs(&self.connection)?;
+        self.endpoints = notify::load_endpoints(&self.connection)?;
+        Ok(())
     }
 
     /// Write every grant and hold the group changed.

@@ -2,7 +2,10 @@
 //! 64 clients spread over 3 servers, on one hot customer and on 10,000
 //! customers, never overspend and never charge twice; holds expire once
 //! however many servers run; when the server running the writer is killed,
-//! another takes over and nothing acknowledged is lost.
+//! another takes over and nothing acknowledged is lost; a writer whose
+//! database connection is lost (PostgreSQL restarted, the network dropped)
+//! leads again on a new one without a restart, or stops if another server
+//! took over meanwhile.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,7 +15,9 @@ use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::support::{assert_replayable, micros_of, Options, Reply, TestApp};
+use crate::support::{
+    assert_replayable, leader_lock_sessions, micros_of, terminate_sessions, Options, Reply, TestApp,
+};
 
 const CLIENTS: usize = 64;
 
@@ -221,6 +226,184 @@ async fn holds_expire_once_and_a_killed_writer_is_replaced() {
         micros_of(&servers[1].balance("c").await["available"]),
         20_000_000
     );
+    assert_replayable(&entries);
+}
+
+/// Charge `id` on `server` until it is acknowledged, retrying while the
+/// server answers 503 (at most about 10 s); how many 503s it took.
+async fn charge_until_acknowledged(server: &TestApp, customer: &str, id: &str) -> usize {
+    for unavailable in 0..100 {
+        let reply = server.charge(customer, id, "1").await;
+        if reply.status == StatusCode::OK {
+            assert_eq!(reply.str("id"), id);
+            return unavailable;
+        }
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{id}: {}",
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{id} was not acknowledged within about 10 s");
+}
+
+/// Every session of a server's database ends, as when PostgreSQL restarts:
+/// the server keeps running, reads work again at once (its pooled read
+/// connections are found closed and replaced), and writes after at most a
+/// few 503s (the writer finds its connection gone on its next group and
+/// leads again on a new one). Then the writer's session alone is ended
+/// under load from 8 clients: every charge is acknowledged in the end,
+/// exactly once, and the ledger replays.
+#[tokio::test]
+async fn a_lost_database_connection_is_ridden_out_without_a_restart() {
+    let mut app = TestApp::spawn_postgres(Options::default()).await;
+    let database = app.database_url.clone().expect("a PostgreSQL app");
+    app.customer("c").await;
+    app.grant("c", "g", "100").await;
+    assert_eq!(app.charge("c", "before", "1").await.status, StatusCode::OK);
+    // Reads at once: the pool keeps several read connections open.
+    let reads = || join_all((0..16).map(|_| app.get("/v1/customers/c/balance")));
+    for balance in reads().await {
+        assert_eq!(balance.status, StatusCode::OK, "{}", balance.body);
+    }
+
+    let ended = terminate_sessions(&database, "true");
+    assert!(
+        ended >= 4,
+        "the writer's and the readers' sessions ended: {ended}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for balance in reads().await {
+        assert_eq!(balance.status, StatusCode::OK, "{}", balance.body);
+        assert_eq!(micros_of(&balance.body["available"]), 99_000_000);
+    }
+    let refused = charge_until_acknowledged(&app, "c", "after").await;
+    assert!(
+        refused <= 3,
+        "{refused} charges answered 503 before the writer led again"
+    );
+    assert!(app.is_writer().await);
+    assert!(!app.has_exited(), "the server kept running");
+
+    // The writer's session alone, under load.
+    let app = Arc::new(app);
+    let load = (0..8).map(|client| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            for n in 0..10 {
+                charge_until_acknowledged(&app, "c", &format!("k-{client}-{n}")).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    });
+    let load: Vec<_> = load.collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        terminate_sessions(&database, &leader_lock_sessions(true)),
+        1,
+        "the writer's session ended"
+    );
+    for task in join_all(load).await {
+        task.unwrap();
+    }
+    let mut app = Arc::into_inner(app).expect("the clients are done");
+    assert!(!app.has_exited(), "the server kept running");
+    assert!(app.is_writer().await);
+    let entries = app.ledger_all("c").await;
+    let charges: Vec<&str> = entries
+        .iter()
+        .filter(|e| e["kind"] == "charge")
+        .map(|e| e["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        charges.len(),
+        82,
+        "each acknowledged charge once: {charges:?}"
+    );
+    assert_eq!(charges.iter().collect::<HashSet<_>>().len(), 82);
+    assert_eq!(micros_of(&app.balance("c").await["available"]), 18_000_000);
+    assert_replayable(&entries);
+}
+
+/// Two servers: the writer's session ends and the other server, waiting for
+/// the leader lock, takes it. The first server's writer finds its
+/// connection gone on its next group, sees the lock held by another
+/// server, and stops the process (a restart brings it back as a follower);
+/// writes go on through the new writer, each charged once. A follower whose
+/// own waiting session ends keeps waiting on a new one.
+#[tokio::test]
+async fn a_writer_that_lost_the_lock_to_another_server_stops() {
+    let mut first = TestApp::spawn_postgres(Options::default()).await;
+    let database = first.database_url.clone().expect("a PostgreSQL app");
+    let mut second = TestApp::spawn_beside(&first).await;
+    let mut third = TestApp::spawn_beside(&first).await;
+    first.customer("c").await;
+    first.grant("c", "g", "100").await;
+    assert_eq!(second.charge("c", "one", "1").await.status, StatusCode::OK);
+
+    // The followers' waiting sessions end: they wait again on new ones.
+    assert_eq!(
+        terminate_sessions(&database, &leader_lock_sessions(false)),
+        2,
+        "both followers were waiting for the lock"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.has_exited() && !third.has_exited(),
+        "the followers kept running"
+    );
+    // ...on new sessions, which end in turn.
+    assert_eq!(
+        terminate_sessions(&database, &leader_lock_sessions(false)),
+        2,
+        "both followers wait for the lock again"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.has_exited() && !third.has_exited(),
+        "the followers kept running"
+    );
+
+    // The writer's session ends; a follower takes the lock.
+    third.kill().await;
+    assert_eq!(
+        terminate_sessions(&database, &leader_lock_sessions(true)),
+        1,
+        "the writer's session ended"
+    );
+    second.wait_for_writer().await;
+    // The first server still believes it leads until its next group.
+    let answer = first
+        .client
+        .post(first.url("/v1/charges"))
+        .bearer_auth(crate::support::ADMIN_KEY)
+        .json(&json!({ "id": "two", "customer_id": "c", "amount": "1" }))
+        .send()
+        .await;
+    if let Ok(answer) = answer {
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let mut stopped = false;
+    for _ in 0..100 {
+        if first.has_exited() {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stopped, "the first server stopped within 10 s");
+    assert_eq!(charge_until_acknowledged(&second, "c", "two").await, 0);
+    assert!(second.charge("c", "two", "1").await.replayed());
+    let entries = second.ledger_all("c").await;
+    let mut charges: Vec<&str> = entries
+        .iter()
+        .filter(|e| e["kind"] == "charge")
+        .map(|e| e["reference"].as_str().unwrap())
+        .collect();
+    charges.sort_unstable();
+    assert_eq!(charges, ["one", "two"]);
     assert_replayable(&entries);
 }
 

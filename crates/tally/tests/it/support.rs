@@ -71,6 +71,40 @@ pub fn fresh_database(server: &str) -> String {
     format!("{server}/{name}")
 }
 
+/// End (`pg_terminate_backend`) the sessions on `database_url`'s database
+/// that `condition` selects (SQL on `pg_stat_activity`'s `pid`, with `$db`
+/// for the database's name), as a PostgreSQL restart or a dropped network
+/// ends them; how many it ended. Fails loudly when PostgreSQL is
+/// unreachable.
+pub fn terminate_sessions(database_url: &str, condition: &str) -> i64 {
+    let (server, name) = database_url.rsplit_once('/').expect("a database url");
+    let sql = format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = '{name}' AND pid <> pg_backend_pid() AND ({})",
+        condition.replace("$db", &format!("'{name}'"))
+    );
+    let server = server.to_owned();
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
+            .unwrap_or_else(|e| panic!("PostgreSQL at {server} is unreachable: {e}"));
+        let row = client
+            .query_one(&sql, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        row.get::<_, i64>(0)
+    })
+    .join()
+    .expect("the PostgreSQL statement failed")
+}
+
+/// The condition of [`terminate_sessions`] for the session that holds
+/// Tally's leader lock (the writer's), or waits for it (a follower's).
+pub fn leader_lock_sessions(granted: bool) -> String {
+    format!(
+        "pid IN (SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+         WHERE d.datname = $db AND l.locktype = 'advisory' AND l.granted = {granted})"
+    )
+}
+
 fn drop_database(url: &str) {
     let (server, name) = url.rsplit_once('/').expect("a database url");
     postgres_admin(
@@ -283,6 +317,12 @@ impl TestApp {
             .status()
             .expect("run kill");
         assert!(sent.success(), "kill -KILL {pid}");
+    }
+
+    /// Whether the server process has exited (without waiting).
+    pub fn has_exited(&mut self) -> bool {
+        let child = self.child.as_mut().expect("a started server");
+        child.try_wait().expect("poll the server").is_some()
     }
 
     /// Kill the server with SIGKILL (no graceful shutdown) and wait for it to die.
