@@ -61,6 +61,32 @@ fn postgres_message(error: &tokio_postgres::Error) -> String {
     }
 }
 
+impl Error {
+    /// Whether the error says the database could not be reached or the
+    /// connection went away (closed, reset, timed out; the server shutting
+    /// down, refusing connections or out of them), rather than anything
+    /// about the data or a statement: worth trying again on a new
+    /// connection.
+    pub fn is_connection_lost(&self) -> bool {
+        let Error::Postgres(error) = self else {
+            return false;
+        };
+        if error.is_closed() {
+            return true;
+        }
+        if let Some(code) = error.code() {
+            // Class 08: connection exception; 57P: the server shutting down
+            // or not accepting connections yet; 53300: too many connections.
+            let code = code.code();
+            return code.starts_with("08") || code.starts_with("57P") || code == "53300";
+        }
+        // Reaching the server, or talking to it, failed at the socket.
+        let io =
+            std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>());
+        io || error.to_string().starts_with("timeout")
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A value as a parameter.
@@ -404,6 +430,42 @@ pub struct Connection {
     kind: Kind,
 }
 
+/// How long connecting may take, unless the URL says (`connect_timeout`).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long data sent may go unacknowledged before the connection counts as
+/// lost, unless the URL says (`tcp_user_timeout`). Without it, a writer
+/// whose network to the database vanished without a reset (a partition,
+/// a host gone) would wait for its `COMMIT` until TCP gives up
+/// retransmitting, about 15 minutes on Linux, holding every write; with
+/// it, the group fails after this long and the writer leads again on a new
+/// connection. The database's own host acknowledges what it receives
+/// however busy the server is, so a slow statement does not trip it.
+const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Idle time before TCP keepalive probes start, unless the URL says
+/// (`keepalives_idle`; tokio-postgres's default is two hours): an idle
+/// connection to a vanished host is found dead within about a minute.
+const KEEPALIVES_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `url` as a client configuration, with Tally's defaults for what the URL
+/// leaves unset: [`CONNECT_TIMEOUT`], [`TCP_USER_TIMEOUT`] and
+/// [`KEEPALIVES_IDLE`].
+fn postgres_config(url: &str) -> Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    // tokio-postgres's default: the URL did not set it.
+    if config.get_keepalives_idle() == std::time::Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(KEEPALIVES_IDLE);
+    }
+    Ok(config)
+}
+
 impl Connection {
     pub fn sqlite(connection: rusqlite::Connection) -> Connection {
         Connection {
@@ -419,7 +481,7 @@ impl Connection {
             .build()
             .map_err(|e| Error::Corrupt(format!("a runtime for the connection: {e}")))?;
         let (client, connection) =
-            runtime.block_on(tokio_postgres::connect(url, tokio_postgres::NoTls))?;
+            runtime.block_on(postgres_config(url)?.connect(tokio_postgres::NoTls))?;
         runtime.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(
@@ -1813,6 +1875,33 @@ pub(crate) mod tests {
             drop(connection);
             drop_database(place);
         }
+    }
+
+    /// A URL's own timeouts are kept; what it leaves unset gets Tally's
+    /// defaults, so a connection to a vanished host fails in bounded time.
+    #[test]
+    fn postgres_connections_get_timeouts_unless_the_url_sets_them() {
+        let plain = postgres_config("postgres://tally@db.internal:5432/tally").unwrap();
+        assert_eq!(plain.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(plain.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert_eq!(plain.get_keepalives_idle(), KEEPALIVES_IDLE);
+        let set = postgres_config(
+            "postgres://tally@db.internal:5432/tally?connect_timeout=3&tcp_user_timeout=7&keepalives_idle=90",
+        )
+        .unwrap();
+        assert_eq!(
+            set.get_connect_timeout(),
+            Some(&std::time::Duration::from_secs(3))
+        );
+        assert_eq!(
+            set.get_tcp_user_timeout(),
+            Some(&std::time::Duration::from_secs(7))
+        );
+        assert_eq!(
+            set.get_keepalives_idle(),
+            std::time::Duration::from_secs(90)
+        );
+        assert!(postgres_config("postgres://tally@db:5432/tally?connect_timeout=soon").is_err());
     }
 
     /// The connections the suite runs on: SQLite always, and a fresh

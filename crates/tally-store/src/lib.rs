@@ -124,7 +124,9 @@ pub fn insert_api_key(
 /// only once its `COMMIT` returned, and the new writer loads its state from
 /// what is committed. If another server took the leader lock meanwhile, this
 /// one stops the process: its stream consumers and webhook deliveries run
-/// only on the leader, and a restart brings it back as a follower.
+/// only on the leader, and a restart brings it back as a follower. An error
+/// that is not about the connection (the state it loads is corrupt, say)
+/// stops the process too, as before it ever led.
 #[allow(clippy::too_many_arguments)]
 fn write_postgres(
     url: &str,
@@ -135,18 +137,17 @@ fn write_postgres(
     mut receiver: mpsc::Receiver<writer::Job>,
     syncer: &std::sync::mpsc::SyncSender<writer::Durable>,
 ) {
-    // This server's last writer session, once it has led.
-    let mut previous: Option<Session> = None;
+    let mut lead_state = LeadState::default();
     let mut pause = LEAD_RETRY_FIRST;
     loop {
-        match lead(url, leader, clock.clone(), options, sync, previous.as_ref()) {
-            Ok(Led::Writer(writer, session)) => {
-                previous = Some(session);
+        match lead(url, leader, clock.clone(), options, sync, &mut lead_state) {
+            Ok(Led::Writer(writer)) => {
                 pause = LEAD_RETRY_FIRST;
                 match writer.run(&mut receiver, syncer, sync) {
                     writer::Stopped::Closed => return,
                     writer::Stopped::ConnectionLost(error) => {
                         leader.is_leader.send_replace(false);
+                        sync.end_live_streams();
                         tracing::error!(
                             %error,
                             "the writer lost its connection to PostgreSQL; writes are answered 503 until it leads again"
@@ -161,7 +162,7 @@ fn write_postgres(
                 );
                 std::process::abort();
             }
-            Err(error) => {
+            Err(error) if error.is_connection_lost() => {
                 tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "cannot lead the PostgreSQL database yet");
                 if refuse_queued(&mut receiver, "the writer is reconnecting to PostgreSQL") {
                     return;
@@ -169,6 +170,7 @@ fn write_postgres(
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(LEAD_RETRY_MAX);
             }
+            Err(error) => panic!("cannot become the writer: {error}"),
         }
         if refuse_queued(&mut receiver, "the writer is reconnecting to PostgreSQL") {
             return;
@@ -179,6 +181,12 @@ fn write_postgres(
 /// First and longest pause between two attempts to lead the database.
 const LEAD_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
 const LEAD_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long leading again may spend ending this server's own lost session
+/// before it gives up: the process stops then, and a restart waits for the
+/// lock like any follower (ending a session takes milliseconds; one that
+/// outlives this is not PostgreSQL's usual behaviour).
+const END_LOST_SESSION_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Answer every queued command `Unavailable`, unapplied; whether the store
 /// has closed (no command can come any more).
@@ -192,49 +200,74 @@ fn refuse_queued(receiver: &mut mpsc::Receiver<writer::Job>, why: &str) -> bool 
     }
 }
 
+/// What this server's writer thread knows of its own leading.
+#[derive(Default)]
+struct LeadState {
+    /// The last session of this server that held the leader lock, recorded
+    /// as soon as it took it: if the connection is lost, PostgreSQL may not
+    /// have seen it end yet, and that session still holds the lock.
+    previous: Option<Session>,
+    /// Whether this server has led (its stream consumers and webhook
+    /// deliveries started): it may not wait behind another leader then.
+    has_led: bool,
+}
+
 /// A PostgreSQL session, told apart from a later one that reuses its
-/// process id.
+/// process id by when it started. On a direct connection (a pooler that
+/// hands one server session to several clients would defeat this, as it
+/// would the session-level leader lock itself).
 #[derive(Clone, Debug, PartialEq)]
 struct Session {
-    pid: i32,
-    /// `pg_stat_activity.backend_start`, as text.
-    started: String,
+    pid: i64,
+    /// `pg_stat_activity.backend_start` in µs since the epoch; `None` when
+    /// it is not visible (another role's session).
+    started: Option<i64>,
 }
 
 const SESSION_SQL: &str =
-    "SELECT pid, CAST(backend_start AS text) FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+    "SELECT pid, CAST(EXTRACT(EPOCH FROM backend_start) * 1000000 AS bigint) \
+     FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 /// The session holding the leader lock in this database, if any.
-const LOCK_HOLDER_SQL: &str = "SELECT a.pid, CAST(a.backend_start AS text) \
+const LOCK_HOLDER_SQL: &str =
+    "SELECT a.pid, CAST(EXTRACT(EPOCH FROM a.backend_start) * 1000000 AS bigint) \
      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
      AND CAST(l.classid AS bigint) = ?1 AND CAST(l.objid AS bigint) = ?2";
 
+fn read_session(row: &db::Row<'_>) -> db::Result<Session> {
+    Ok(Session {
+        pid: row.get(0)?,
+        started: row.get(1)?,
+    })
+}
+
 enum Led {
-    /// This server leads, with this writer on this session.
-    Writer(Box<writer::Writer>, Session),
-    /// Another server leads (after this one had led and lost its connection).
+    /// This server leads, with this writer.
+    Writer(Box<writer::Writer>),
+    /// Another server leads, and this one had led before.
     TakenOver,
 }
 
-/// Become the writer of a PostgreSQL database: wait for the leader lock
-/// (held by this connection's session for as long as it lives, so a writer
-/// whose connection is gone can no longer commit), record where this server
+/// Become the writer of a PostgreSQL database: take the leader lock (held by
+/// this connection's session for as long as it lives, so a writer whose
+/// connection is gone can no longer commit), record where this server
 /// listens, and load the writer's state from what is committed.
 ///
-/// `previous`: this server's last writer session, when it led before and
-/// lost that connection. It does not wait for the lock then: if the lock is
-/// free it leads again; if its old session still holds it (PostgreSQL has
-/// not yet seen that connection end), it ends that session and tries again;
-/// if another server holds it, [`Led::TakenOver`].
+/// The first time, and until this server has led, it waits for the lock.
+/// After that it does not wait: if the lock is free it leads again; if its
+/// own last session still holds it (PostgreSQL has not yet seen that
+/// connection end), it ends that session and tries again (when another
+/// server is waiting for the lock, that server gets it then); if another
+/// server holds it, [`Led::TakenOver`].
 fn lead(
     url: &str,
     leader: &Leadership,
     clock: Arc<dyn Clock>,
     options: Options,
     sync: &writer::SyncState,
-    previous: Option<&Session>,
+    state: &mut LeadState,
 ) -> db::Result<Led> {
     let connection = Connection::postgres(url)?;
     // Waiting for the lock may take as long as another server lives, and the
@@ -243,55 +276,58 @@ fn lead(
         "SET lock_timeout = 0; SET statement_timeout = 0; \
          SET idle_in_transaction_session_timeout = 0",
     )?;
-    match previous {
-        None => {
+    let session = connection.query_row(SESSION_SQL, [], read_session)?;
+    let deadline = std::time::Instant::now() + END_LOST_SESSION_WITHIN;
+    loop {
+        if state.previous.is_none() && !state.has_led {
             connection.query_row("SELECT pg_advisory_lock(?1)", [LEADER_LOCK], |_| Ok(()))?;
+            break;
         }
-        Some(previous) => loop {
-            let locked: bool =
-                connection.query_row("SELECT pg_try_advisory_lock(?1)", [LEADER_LOCK], |row| {
-                    row.get(0)
-                })?;
-            if locked {
-                break;
-            }
-            let holder = connection
-                .query_row(
-                    LOCK_HOLDER_SQL,
-                    [LEADER_LOCK >> 32, LEADER_LOCK & 0xffff_ffff],
-                    |row| {
-                        Ok(Session {
-                            pid: row.get(0)?,
-                            started: row.get(1)?,
-                        })
-                    },
-                )
-                .optional()?;
-            match holder {
-                Some(holder) if holder == *previous => {
-                    tracing::warn!(
-                        pid = holder.pid,
-                        "the writer's lost session still holds the leader lock; ending it"
-                    );
-                    connection.query_row(
-                        "SELECT pg_terminate_backend(?1)",
-                        [i64::from(holder.pid)],
-                        |_| Ok(()),
-                    )?;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+        let locked: bool =
+            connection.query_row("SELECT pg_try_advisory_lock(?1)", [LEADER_LOCK], |row| {
+                row.get(0)
+            })?;
+        if locked {
+            break;
+        }
+        let holder = connection
+            .query_row(
+                LOCK_HOLDER_SQL,
+                [LEADER_LOCK >> 32, LEADER_LOCK & 0xffff_ffff],
+                read_session,
+            )
+            .optional()?;
+        match holder {
+            Some(holder)
+                if Some(&holder) == state.previous.as_ref() && holder.started.is_some() =>
+            {
+                if std::time::Instant::now() >= deadline {
+                    return Err(db::Error::Corrupt(format!(
+                        "this server's lost session {} still holds the leader lock",
+                        holder.pid
+                    )));
                 }
-                Some(_) => return Ok(Led::TakenOver),
-                // Released between the two statements: try again.
-                None => {}
+                tracing::warn!(
+                    pid = holder.pid,
+                    "this server's lost writer session still holds the leader lock; ending it"
+                );
+                connection.query_row(
+                    "SELECT pg_terminate_backend(?1)",
+                    [holder.pid],
+                    |_| Ok(()),
+                )?;
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
-        },
+            // Another server's session.
+            Some(_) if state.has_led => return Ok(Led::TakenOver),
+            // Never led: wait for the lock like any follower.
+            Some(_) => state.previous = None,
+            // Released between the two statements: try again.
+            None => {}
+        }
     }
-    let session = connection.query_row(SESSION_SQL, [], |row| {
-        Ok(Session {
-            pid: row.get(0)?,
-            started: row.get(1)?,
-        })
-    })?;
+    // The lock is this session's from here until the connection ends.
+    state.previous = Some(session);
     let advertise = loop {
         if let Some(url) = leader.advertise.get() {
             break url.clone();
@@ -311,15 +347,16 @@ fn lead(
          ON CONFLICT (id) DO UPDATE SET url = excluded.url, since = excluded.since",
         params![advertise, now],
     )?;
-    match previous {
-        None => tracing::info!(advertise, "this server now runs the writer (leader)"),
-        Some(_) => tracing::warn!(
+    match state.has_led {
+        false => tracing::info!(advertise, "this server now runs the writer (leader)"),
+        true => tracing::warn!(
             advertise,
             "this server runs the writer again, on a new connection"
         ),
     }
+    state.has_led = true;
     leader.is_leader.send_replace(true);
-    Ok(Led::Writer(Box::new(writer), session))
+    Ok(Led::Writer(Box::new(writer)))
 }
 
 fn unavailable(error: db::Error) -> StoreError {
@@ -902,7 +939,7 @@ impl Store {
     /// that falls more than 4,096 changes behind gets `Lagged` and should
     /// re-read the balance.
     pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<BalanceChange> {
-        self.inner.sync.live.subscribe()
+        self.inner.sync.subscribe_live()
     }
 
     /// Deliveries due at the engine's now, the oldest first, of notifications
@@ -1433,16 +1470,6 @@ mod tests {
                     .unwrap();
                 leadership
             };
-            let session = |connection: &Connection| {
-                connection
-                    .query_row(SESSION_SQL, [], |row| {
-                        Ok(Session {
-                            pid: row.get(0)?,
-                            started: row.get(1)?,
-                        })
-                    })
-                    .unwrap()
-            };
             let sync = writer::SyncState::new(0);
             let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
@@ -1450,37 +1477,52 @@ mod tests {
             let old = Connection::postgres(&url).unwrap();
             old.query_row("SELECT pg_advisory_lock(?1)", [LEADER_LOCK], |_| Ok(()))
                 .unwrap();
-            let lost = session(&old);
+            let lost = old.query_row(SESSION_SQL, [], read_session).unwrap();
+            assert!(lost.started.is_some());
             let first = leadership();
+            let mut state = LeadState {
+                previous: Some(lost.clone()),
+                has_led: true,
+            };
             let led = lead(
                 &url,
                 &first,
                 clock.clone(),
                 Options::default(),
                 &sync,
-                Some(&lost),
+                &mut state,
             );
-            let Ok(Led::Writer(writer, new)) = led else {
+            let Ok(Led::Writer(writer)) = led else {
                 panic!("it leads again");
             };
+            let new = state.previous.clone().expect("the new session");
             assert_ne!(new, lost, "on a new session");
             assert!(*first.is_leader.borrow());
             let ended: db::Result<i64> = old.query_row("SELECT 1", [], |row| row.get(0));
             assert!(ended.is_err(), "the lost session was ended: {ended:?}");
 
             // Now another session holds the lock: a server that lost its
-            // own session does not take it.
+            // own session does not take it, nor end that one.
             let second = leadership();
+            let mut state = LeadState {
+                previous: Some(lost.clone()),
+                has_led: true,
+            };
             let led = lead(
                 &url,
                 &second,
                 clock.clone(),
                 Options::default(),
                 &sync,
-                Some(&lost),
+                &mut state,
             );
             assert!(matches!(led, Ok(Led::TakenOver)), "another server leads");
             assert!(!*second.is_leader.borrow());
+            let alive: i64 = writer
+                .connection()
+                .query_row("SELECT 1", [], |row| row.get(0))
+                .unwrap();
+            assert_eq!(alive, 1, "the leader's session lives on");
             drop(writer);
             drop(old);
             db::tests::drop_database(place);

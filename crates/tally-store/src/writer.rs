@@ -151,8 +151,9 @@ pub const MAX_GROUPS_IN_FLIGHT: usize = 16;
 pub struct SyncState {
     pending: std::sync::atomic::AtomicUsize,
     writer: std::sync::OnceLock<std::thread::Thread>,
-    /// Balance changes, published once durable (the customers' live streams).
-    pub live: tokio::sync::broadcast::Sender<BalanceChange>,
+    /// Balance changes, published once durable (the customers' live
+    /// streams). Replaced by [`SyncState::end_live_streams`].
+    live: std::sync::RwLock<tokio::sync::broadcast::Sender<BalanceChange>>,
     /// The last notification known durable: webhooks are sent only up to it,
     /// so none reports a change a crash could still lose.
     pub durable_notification: std::sync::atomic::AtomicI64,
@@ -176,10 +177,30 @@ impl SyncState {
         Arc::new(SyncState {
             pending: std::sync::atomic::AtomicUsize::new(0),
             writer: std::sync::OnceLock::new(),
-            live: tokio::sync::broadcast::channel(LIVE_CAPACITY).0,
+            live: std::sync::RwLock::new(tokio::sync::broadcast::channel(LIVE_CAPACITY).0),
             durable_notification: std::sync::atomic::AtomicI64::new(durable_notification),
             wal_frames: std::sync::atomic::AtomicI64::new(0),
         })
+    }
+
+    /// Follow the balance changes published from now on.
+    pub fn subscribe_live(&self) -> tokio::sync::broadcast::Receiver<BalanceChange> {
+        self.live.read().expect("live channel").subscribe()
+    }
+
+    fn live_sender(&self) -> tokio::sync::broadcast::Sender<BalanceChange> {
+        self.live.read().expect("live channel").clone()
+    }
+
+    /// End every live stream (its receiver reads `Closed` once the writer
+    /// that published to it is gone too), and publish on a new channel from
+    /// now on. For a writer that lost its connection: a group may have
+    /// committed without its answer, and so without its changes published;
+    /// a stream that went on would miss them for good, whereas a client
+    /// that opens a new one reads the balance afresh.
+    pub fn end_live_streams(&self) {
+        *self.live.write().expect("live channel") =
+            tokio::sync::broadcast::channel(LIVE_CAPACITY).0;
     }
 
     fn busy(&self) -> bool {
@@ -273,11 +294,13 @@ fn deliver(group: Durable, state: &SyncState) {
     for (reply, result) in group.answers {
         let _ = reply.send(result);
     }
-    if state.live.receiver_count() > 0 {
+    let live = state.live.read().expect("live channel");
+    if live.receiver_count() > 0 {
         for change in group.changes {
-            let _ = state.live.send(change);
+            let _ = live.send(change);
         }
     }
+    drop(live);
     if let Some(last) = group.last_notification {
         state
             .durable_notification
@@ -755,7 +778,7 @@ impl Writer {
         state: &Arc<SyncState>,
     ) -> Stopped {
         let _ = state.writer.set(std::thread::current());
-        self.live = Some(state.live.clone());
+        self.live = Some(state.live_sender());
         let postgres = self.connection.dialect() == db::Dialect::Postgres;
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
         let mut previous_group = 0;
@@ -1070,11 +1093,12 @@ impl Writer {
     }
 
     /// After a failed group: forget everything not known committed, and
-    /// continue from what the database holds. On PostgreSQL, if the
-    /// connection is gone (the state cannot be read back on it), set `gone`:
-    /// `run` returns and the server leads again on a new connection, loading
-    /// its state afresh. On SQLite a failed read stops the process (a
-    /// broken invariant: the file is local).
+    /// continue from what the database holds. On PostgreSQL, if the state
+    /// cannot be read back because the connection is gone (closed, reset,
+    /// or out of step after a refused `COPY`), set `gone`: `run` returns and
+    /// the server leads again on a new connection, loading its state
+    /// afresh. Any other failure to read it back stops the process (a
+    /// broken invariant; a restart recovers), as it does on SQLite.
     fn reset_after_failure(&mut self) {
         let _ = self.connection.rollback();
         self.cache.clear();
@@ -1092,7 +1116,10 @@ impl Writer {
         }
         // `expiring_recent` stays: an id of a lot rolled back reads no row.
         if let Err(error) = self.reload() {
-            if self.connection.dialect() != db::Dialect::Postgres {
+            // Anything else (a corrupt row, say) is a broken invariant.
+            let lost = self.connection.dialect() == db::Dialect::Postgres
+                && (error.is_connection_lost() || self.connection.is_stale());
+            if !lost {
                 panic!("cannot read the writer's state back after a rollback: {error}");
             }
             self.gone = Some(error);

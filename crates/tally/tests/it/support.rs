@@ -77,9 +77,19 @@ pub fn fresh_database(server: &str) -> String {
 /// ends them; how many it ended. Fails loudly when PostgreSQL is
 /// unreachable.
 pub fn terminate_sessions(database_url: &str, condition: &str) -> i64 {
+    sessions(database_url, condition, "count(pg_terminate_backend(pid))")
+}
+
+/// How many sessions on `database_url`'s database `condition` selects (as
+/// for [`terminate_sessions`]).
+pub fn count_sessions(database_url: &str, condition: &str) -> i64 {
+    sessions(database_url, condition, "count(*)")
+}
+
+fn sessions(database_url: &str, condition: &str, select: &str) -> i64 {
     let (server, name) = database_url.rsplit_once('/').expect("a database url");
     let sql = format!(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+        "SELECT {select} FROM pg_stat_activity \
          WHERE datname = '{name}' AND pid <> pg_backend_pid() AND ({})",
         condition.replace("$db", &format!("'{name}'"))
     );
@@ -319,10 +329,10 @@ impl TestApp {
         assert!(sent.success(), "kill -KILL {pid}");
     }
 
-    /// Whether the server process has exited (without waiting).
-    pub fn has_exited(&mut self) -> bool {
+    /// How the server process exited, if it has (without waiting).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         let child = self.child.as_mut().expect("a started server");
-        child.try_wait().expect("poll the server").is_some()
+        child.try_wait().expect("poll the server")
     }
 
     /// Kill the server with SIGKILL (no graceful shutdown) and wait for it to die.
