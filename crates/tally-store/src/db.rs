@@ -65,8 +65,7 @@ impl Error {
     /// Whether the error says the database could not be reached or the
     /// connection went away (closed, reset, timed out; the server shutting
     /// down, refusing connections or out of them), rather than anything
-    /// about the data or a statement: worth trying again on a new
-    /// connection.
+    /// about the data or a statement.
     pub fn is_connection_lost(&self) -> bool {
         let Error::Postgres(error) = self else {
             return false;
@@ -80,10 +79,29 @@ impl Error {
             let code = code.code();
             return code.starts_with("08") || code.starts_with("57P") || code == "53300";
         }
-        // Reaching the server, or talking to it, failed at the socket.
-        let io =
-            std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>());
-        io || error.to_string().starts_with("timeout")
+        // Reaching the server, or reading from or writing to its socket,
+        // failed (tokio-postgres's `Kind::Connect` and `Kind::Io`, a connect
+        // timeout among them).
+        let text = error.to_string();
+        text.starts_with("error connecting to server")
+            || text.starts_with("error communicating with the server")
+    }
+
+    /// Whether trying again on a new connection may succeed: the connection
+    /// was lost ([`Error::is_connection_lost`]), or the statement was
+    /// cancelled (an operator's `pg_cancel_backend`), or the server is a
+    /// read-only standby (a failover reached the old primary, or one not
+    /// yet promoted).
+    pub fn is_transient(&self) -> bool {
+        if self.is_connection_lost() {
+            return true;
+        }
+        let Error::Postgres(error) = self else {
+            return false;
+        };
+        error
+            .code()
+            .is_some_and(|code| ["57014", "25006"].contains(&code.code()))
     }
 }
 
@@ -443,14 +461,17 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// however busy the server is, so a slow statement does not trip it.
 const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Idle time before TCP keepalive probes start, unless the URL says
-/// (`keepalives_idle`; tokio-postgres's default is two hours): an idle
-/// connection to a vanished host is found dead within about a minute.
+/// Idle time before TCP keepalive probes start, and between two probes,
+/// unless the URL says (`keepalives_idle`, `keepalives_interval`;
+/// otherwise two hours and the system's 75 s): with [`TCP_USER_TIMEOUT`],
+/// an idle connection to a vanished host is closed after about 35 s (the
+/// first probe left unanswered past the user timeout).
 const KEEPALIVES_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `url` as a client configuration, with Tally's defaults for what the URL
-/// leaves unset: [`CONNECT_TIMEOUT`], [`TCP_USER_TIMEOUT`] and
-/// [`KEEPALIVES_IDLE`].
+/// leaves unset: [`CONNECT_TIMEOUT`], [`TCP_USER_TIMEOUT`],
+/// [`KEEPALIVES_IDLE`] and [`KEEPALIVES_INTERVAL`].
 fn postgres_config(url: &str) -> Result<tokio_postgres::Config> {
     let mut config: tokio_postgres::Config = url.parse()?;
     if config.get_connect_timeout().is_none() {
@@ -462,6 +483,9 @@ fn postgres_config(url: &str) -> Result<tokio_postgres::Config> {
     // tokio-postgres's default: the URL did not set it.
     if config.get_keepalives_idle() == std::time::Duration::from_secs(2 * 60 * 60) {
         config.keepalives_idle(KEEPALIVES_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVES_INTERVAL);
     }
     Ok(config)
 }
@@ -1885,10 +1909,15 @@ pub(crate) mod tests {
         assert_eq!(plain.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
         assert_eq!(plain.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
         assert_eq!(plain.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(plain.get_keepalives_interval(), Some(KEEPALIVES_INTERVAL));
         let set = postgres_config(
-            "postgres://tally@db.internal:5432/tally?connect_timeout=3&tcp_user_timeout=7&keepalives_idle=90",
+            "postgres://tally@db.internal:5432/tally?connect_timeout=3&tcp_user_timeout=7&keepalives_idle=90&keepalives_interval=11",
         )
         .unwrap();
+        assert_eq!(
+            set.get_keepalives_interval(),
+            Some(std::time::Duration::from_secs(11))
+        );
         assert_eq!(
             set.get_connect_timeout(),
             Some(&std::time::Duration::from_secs(3))

@@ -160,9 +160,9 @@ fn write_postgres(
                     "another server took the leader lock while this server's writer had lost its connection; \
                      stopping, so that a restart runs this server as a follower"
                 );
-                std::process::abort();
+                std::process::exit(EXIT_TAKEN_OVER);
             }
-            Err(error) if error.is_connection_lost() => {
+            Err(error) if error.is_transient() => {
                 tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "cannot lead the PostgreSQL database yet");
                 if refuse_queued(&mut receiver, "the writer is reconnecting to PostgreSQL") {
                     return;
@@ -177,6 +177,11 @@ fn write_postgres(
         }
     }
 }
+
+/// The exit code of a server that stops because another server took over
+/// the writer while its own connection was lost (`EX_TEMPFAIL`: a restart
+/// brings it back as a follower).
+pub const EXIT_TAKEN_OVER: i32 = 75;
 
 /// First and longest pause between two attempts to lead the database.
 const LEAD_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
@@ -323,7 +328,7 @@ fn lead(
             // Never led: wait for the lock like any follower.
             Some(_) => state.previous = None,
             // Released between the two statements: try again.
-            None => {}
+            None => std::thread::sleep(std::time::Duration::from_millis(10)),
         }
     }
     // The lock is this session's from here until the connection ends.
@@ -901,8 +906,18 @@ impl Store {
             };
             // One snapshot for everything the read looks at (grants and holds
             // read in separate statements would otherwise see different groups).
-            let result = connection.snapshot(read).map_err(unavailable);
+            let result = connection.snapshot(read);
             let mut pool = inner.readers.lock().expect("reader pool");
+            // The database went away (a failover to another host, say): the
+            // other pooled connections are likely gone too, and one to a
+            // vanished host would fail only after its timeouts.
+            if result.as_ref().is_err_and(db::Error::is_connection_lost) {
+                let stale = std::mem::take(&mut *pool);
+                drop(pool);
+                drop(stale);
+                pool = inner.readers.lock().expect("reader pool");
+            }
+            let result = result.map_err(unavailable);
             // A broken connection is dropped, not pooled.
             if pool.len() < inner.max_readers && !connection.is_broken() {
                 pool.push(connection);
@@ -1523,7 +1538,27 @@ mod tests {
                 .query_row("SELECT 1", [], |row| row.get(0))
                 .unwrap();
             assert_eq!(alive, 1, "the leader's session lives on");
+
+            // A server that never led (its session took the lock and was
+            // lost while loading) waits behind another leader instead.
+            let waiting = std::thread::spawn({
+                let url = url.clone();
+                move || {
+                    let never = leadership();
+                    let mut state = LeadState {
+                        previous: Some(lost),
+                        has_led: false,
+                    };
+                    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+                    let sync = writer::SyncState::new(0);
+                    let led = lead(&url, &never, clock, Options::default(), &sync, &mut state);
+                    matches!(led, Ok(Led::Writer(_))) && *never.is_leader.borrow()
+                }
+            });
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert!(!waiting.is_finished(), "it waits for the lock");
             drop(writer);
+            assert!(waiting.join().unwrap(), "and leads once the lock is free");
             drop(old);
             db::tests::drop_database(place);
         }

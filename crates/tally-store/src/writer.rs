@@ -1095,7 +1095,9 @@ impl Writer {
     /// After a failed group: forget everything not known committed, and
     /// continue from what the database holds. On PostgreSQL, if the state
     /// cannot be read back because the connection is gone (closed, reset,
-    /// or out of step after a refused `COPY`), set `gone`: `run` returns and
+    /// or out of step after a refused `COPY`), or for another reason a new
+    /// connection may not have (`Error::is_transient`: a cancelled
+    /// statement, a server turned read-only), set `gone`: `run` returns and
     /// the server leads again on a new connection, loading its state
     /// afresh. Any other failure to read it back stops the process (a
     /// broken invariant; a restart recovers), as it does on SQLite.
@@ -1118,7 +1120,7 @@ impl Writer {
         if let Err(error) = self.reload() {
             // Anything else (a corrupt row, say) is a broken invariant.
             let lost = self.connection.dialect() == db::Dialect::Postgres
-                && (error.is_connection_lost() || self.connection.is_stale());
+                && (error.is_transient() || self.connection.is_stale());
             if !lost {
                 panic!("cannot read the writer's state back after a rollback: {error}");
             }

@@ -296,11 +296,8 @@ async fn a_lost_database_connection_is_ridden_out_without_a_restart() {
         assert_eq!(balance.status, StatusCode::OK, "{}", balance.body);
         assert_eq!(micros_of(&balance.body["available"]), 99_000_000);
     }
-    let refused = charge_until_acknowledged(&app, "c", "after").await;
-    assert!(
-        refused <= 10,
-        "{refused} charges answered 503 before the writer led again"
-    );
+    // Within about 10 s (the helper's bound), however many 503s it takes.
+    charge_until_acknowledged(&app, "c", "after").await;
     assert!(app.is_writer().await);
     assert!(app.exited().is_none(), "the server kept running");
     // The stream ended (keep-alive comments aside).
@@ -431,11 +428,10 @@ async fn a_writer_that_lost_the_lock_to_another_server_stops() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let exit = exit.expect("the first server stopped within 10 s");
-    use std::os::unix::process::ExitStatusExt;
     assert_eq!(
-        exit.signal(),
-        Some(6),
-        "it stopped itself (abort): {exit:?}"
+        exit.code(),
+        Some(tally_store::EXIT_TAKEN_OVER),
+        "it stopped because another server took over: {exit:?}"
     );
     assert_eq!(charge_until_acknowledged(&second, "c", "two").await, 0);
     assert!(second.charge("c", "two", "1").await.replayed());
