@@ -127,7 +127,6 @@ pub fn insert_api_key(
 /// only on the leader, and a restart brings it back as a follower. An error
 /// that is not about the connection (the state it loads is corrupt, say)
 /// stops the process too, as before it ever led.
-#[allow(clippy::too_many_arguments)]
 fn write_postgres(
     url: &str,
     leader: &Leadership,
@@ -140,7 +139,7 @@ fn write_postgres(
     let mut lead_state = LeadState::default();
     let mut pause = LEAD_RETRY_FIRST;
     loop {
-        match lead(url, leader, clock.clone(), options, sync, &mut lead_state) {
+        let retry = match lead(url, leader, clock.clone(), options, sync, &mut lead_state) {
             Ok(Led::Writer(writer)) => {
                 pause = LEAD_RETRY_FIRST;
                 match writer.run(&mut receiver, syncer, sync) {
@@ -154,6 +153,7 @@ fn write_postgres(
                         );
                     }
                 }
+                false
             }
             Ok(Led::TakenOver) => {
                 tracing::error!(
@@ -164,16 +164,16 @@ fn write_postgres(
             }
             Err(error) if error.is_transient() => {
                 tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "cannot lead the PostgreSQL database yet");
-                if refuse_queued(&mut receiver, "the writer is reconnecting to PostgreSQL") {
-                    return;
-                }
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(LEAD_RETRY_MAX);
+                true
             }
             Err(error) => panic!("cannot become the writer: {error}"),
-        }
+        };
         if refuse_queued(&mut receiver, "the writer is reconnecting to PostgreSQL") {
             return;
+        }
+        if retry {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(LEAD_RETRY_MAX);
         }
     }
 }
@@ -307,10 +307,10 @@ fn lead(
                 if Some(&holder) == state.previous.as_ref() && holder.started.is_some() =>
             {
                 if std::time::Instant::now() >= deadline {
-                    return Err(db::Error::Corrupt(format!(
-                        "this server's lost session {} still holds the leader lock",
-                        holder.pid
-                    )));
+                    panic!(
+                        "this server's lost writer session {} still holds the leader lock after {:?}",
+                        holder.pid, END_LOST_SESSION_WITHIN
+                    );
                 }
                 tracing::warn!(
                     pid = holder.pid,
@@ -1487,6 +1487,22 @@ mod tests {
             };
             let sync = writer::SyncState::new(0);
             let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+            // Lead as a server that has led, whose last session was `lost`.
+            let lead_again = |leadership: &Leadership, lost: &Session| {
+                let mut state = LeadState {
+                    previous: Some(lost.clone()),
+                    has_led: true,
+                };
+                let led = lead(
+                    &url,
+                    leadership,
+                    clock.clone(),
+                    Options::default(),
+                    &sync,
+                    &mut state,
+                );
+                (led, state.previous)
+            };
 
             // The lost session: alive, holding the lock.
             let old = Connection::postgres(&url).unwrap();
@@ -1495,22 +1511,11 @@ mod tests {
             let lost = old.query_row(SESSION_SQL, [], read_session).unwrap();
             assert!(lost.started.is_some());
             let first = leadership();
-            let mut state = LeadState {
-                previous: Some(lost.clone()),
-                has_led: true,
-            };
-            let led = lead(
-                &url,
-                &first,
-                clock.clone(),
-                Options::default(),
-                &sync,
-                &mut state,
-            );
+            let (led, previous) = lead_again(&first, &lost);
             let Ok(Led::Writer(writer)) = led else {
                 panic!("it leads again");
             };
-            let new = state.previous.clone().expect("the new session");
+            let new = previous.expect("the new session");
             assert_ne!(new, lost, "on a new session");
             assert!(*first.is_leader.borrow());
             let ended: db::Result<i64> = old.query_row("SELECT 1", [], |row| row.get(0));
@@ -1519,18 +1524,7 @@ mod tests {
             // Now another session holds the lock: a server that lost its
             // own session does not take it, nor end that one.
             let second = leadership();
-            let mut state = LeadState {
-                previous: Some(lost.clone()),
-                has_led: true,
-            };
-            let led = lead(
-                &url,
-                &second,
-                clock.clone(),
-                Options::default(),
-                &sync,
-                &mut state,
-            );
+            let (led, _) = lead_again(&second, &lost);
             assert!(matches!(led, Ok(Led::TakenOver)), "another server leads");
             assert!(!*second.is_leader.borrow());
             let alive: i64 = writer

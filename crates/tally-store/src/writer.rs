@@ -439,9 +439,10 @@ pub struct Writer {
     /// PostgreSQL: a commit sent ahead failed; the group open on top of it
     /// must fail too (its effects build on the lost group).
     lost: Option<db::Error>,
-    /// PostgreSQL: the connection is gone (closed, or out of step after a
-    /// refused `COPY`), found after a failed group: `run` returns, and the
-    /// server leads again on a new connection (lib.rs, `write_postgres`).
+    /// PostgreSQL: the state could not be read back after a failed group
+    /// because the connection is gone (or for another reason a new one may
+    /// not have, `reset_after_failure`): `run` returns, and the server leads
+    /// again on a new connection (lib.rs, `write_postgres`).
     gone: Option<db::Error>,
     /// Every plan, by key.
     plans: HashMap<String, tally_core::Plan>,

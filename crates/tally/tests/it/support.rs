@@ -44,18 +44,29 @@ pub fn postgres_server() -> Option<String> {
 /// its own runtime, so it runs on a thread of its own (callable from async
 /// code and from Drop alike). Fails loudly when the server is unreachable.
 fn postgres_admin(server: &str, sql: String) {
+    on_postgres(server, move |client| {
+        client
+            .batch_execute(&sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+    });
+}
+
+/// Run `work` with a client of `server`'s `postgres` database, on a thread
+/// of its own (see [`postgres_admin`]).
+fn on_postgres<T: Send + 'static>(
+    server: &str,
+    work: impl FnOnce(&mut postgres::Client) -> T + Send + 'static,
+) -> T {
     let server = server.to_owned();
     std::thread::spawn(move || {
         let mut client = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
             .unwrap_or_else(|e| {
                 panic!("PostgreSQL at {server} (TALLY_TEST_POSTGRES) is unreachable: {e}")
             });
-        client
-            .batch_execute(&sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        work(&mut client)
     })
     .join()
-    .expect("the PostgreSQL admin statement failed");
+    .expect("the PostgreSQL admin statement failed")
 }
 
 /// A fresh PostgreSQL database for one test (dropped by [`TestApp`]'s drop);
@@ -93,17 +104,12 @@ fn sessions(database_url: &str, condition: &str, select: &str) -> i64 {
          WHERE datname = '{name}' AND pid <> pg_backend_pid() AND ({})",
         condition.replace("$db", &format!("'{name}'"))
     );
-    let server = server.to_owned();
-    std::thread::spawn(move || {
-        let mut client = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
-            .unwrap_or_else(|e| panic!("PostgreSQL at {server} is unreachable: {e}"));
+    on_postgres(server, move |client| {
         let row = client
             .query_one(&sql, &[])
             .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
         row.get::<_, i64>(0)
     })
-    .join()
-    .expect("the PostgreSQL statement failed")
 }
 
 /// The condition of [`terminate_sessions`] for the session that holds
