@@ -33,8 +33,6 @@ pub fn sign(secret: &str, timestamp: u64, body: &str) -> String {
 /// Deliver due webhooks forever.
 pub fn spawn_deliveries(state: AppState) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        // Several servers over one database: only the writer's delivers.
-        state.store.wait_until_leader().await;
         let client = match reqwest::Client::builder()
             .timeout(TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -47,6 +45,9 @@ pub fn spawn_deliveries(state: AppState) -> tokio::task::JoinHandle<()> {
             }
         };
         loop {
+            // Several servers over one database: only the server that runs
+            // the writer delivers, while it runs it.
+            state.store.wait_until_leader().await;
             match state.store.due_deliveries(BATCH).await {
                 Ok(due) if !due.is_empty() => {
                     let attempts = due.into_iter().map(|d| deliver(&client, &state, d));

@@ -103,6 +103,12 @@ impl Error {
             .code()
             .is_some_and(|code| ["57014", "25006"].contains(&code.code()))
     }
+
+    /// Whether a statement gave up waiting for a lock (`lock_timeout`).
+    pub fn is_lock_timeout(&self) -> bool {
+        matches!(self, Error::Postgres(error)
+            if error.code().is_some_and(|code| code.code() == "55P03"))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

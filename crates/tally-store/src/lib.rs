@@ -123,10 +123,10 @@ pub fn insert_api_key(
 /// `Unavailable` unapplied. Nothing acknowledged is lost: a group counts
 /// only once its `COMMIT` returned, and the new writer loads its state from
 /// what is committed. If another server took the leader lock meanwhile, this
-/// one stops the process: its stream consumers and webhook deliveries run
-/// only on the leader, and a restart brings it back as a follower. An error
-/// that is not about the connection (the state it loads is corrupt, say)
-/// stops the process too, as before it ever led.
+/// one follows it: it waits for the lock like any follower, and its stream
+/// consumers and webhook deliveries, which run only while it leads, stop
+/// until it leads again. An error that is not about the connection (the
+/// state it loads is corrupt, say) stops the process, as before it ever led.
 fn write_postgres(
     url: &str,
     leader: &Leadership,
@@ -139,7 +139,16 @@ fn write_postgres(
     let mut lead_state = LeadState::default();
     let mut pause = LEAD_RETRY_FIRST;
     loop {
-        let retry = match lead(url, leader, clock.clone(), options, sync, &mut lead_state) {
+        let led = lead(
+            url,
+            leader,
+            clock.clone(),
+            options,
+            sync,
+            &mut lead_state,
+            &mut || refuse_queued(&mut receiver, "this server does not run the writer"),
+        );
+        let retry = match led {
             Ok(Led::Writer(writer)) => {
                 pause = LEAD_RETRY_FIRST;
                 match writer.run(&mut receiver, syncer, sync) {
@@ -155,13 +164,7 @@ fn write_postgres(
                 }
                 false
             }
-            Ok(Led::TakenOver) => {
-                tracing::error!(
-                    "another server took the leader lock while this server's writer had lost its connection; \
-                     stopping, so that a restart runs this server as a follower"
-                );
-                std::process::exit(EXIT_TAKEN_OVER);
-            }
+            Ok(Led::Closed) => return,
             Err(error) if error.is_transient() => {
                 tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "cannot lead the PostgreSQL database yet");
                 true
@@ -177,11 +180,6 @@ fn write_postgres(
         }
     }
 }
-
-/// The exit code of a server that stops because another server took over
-/// the writer while its own connection was lost (`EX_TEMPFAIL`: a restart
-/// brings it back as a follower).
-pub const EXIT_TAKEN_OVER: i32 = 75;
 
 /// First and longest pause between two attempts to lead the database.
 const LEAD_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
@@ -212,8 +210,7 @@ struct LeadState {
     /// as soon as it took it: if the connection is lost, PostgreSQL may not
     /// have seen it end yet, and that session still holds the lock.
     previous: Option<Session>,
-    /// Whether this server has led (its stream consumers and webhook
-    /// deliveries started): it may not wait behind another leader then.
+    /// Whether this server has led before (for the log).
     has_led: bool,
 }
 
@@ -251,8 +248,34 @@ fn read_session(row: &db::Row<'_>) -> db::Result<Session> {
 enum Led {
     /// This server leads, with this writer.
     Writer(Box<writer::Writer>),
-    /// Another server leads, and this one had led before.
-    TakenOver,
+    /// The store closed while this server waited for the lock.
+    Closed,
+}
+
+/// How long one wait for the leader lock lasts before the commands queued
+/// meanwhile are answered and the wait starts again (`lock_timeout`).
+const LOCK_WAIT_STEP_MS: u32 = 500;
+
+/// Wait for the leader lock on `connection`, [`LOCK_WAIT_STEP_MS`] at a time:
+/// between two waits, `between` answers the commands queued meanwhile
+/// (`Unavailable`: a request that saw this server lead just before it
+/// stopped leading) and says whether the store has closed. Whether it took
+/// the lock (false: the store closed).
+fn wait_for_lock(connection: &Connection, between: &mut dyn FnMut() -> bool) -> db::Result<bool> {
+    connection.execute_batch(&format!("SET lock_timeout = {LOCK_WAIT_STEP_MS}"))?;
+    loop {
+        match connection.query_row("SELECT pg_advisory_lock(?1)", [LEADER_LOCK], |_| Ok(())) {
+            Ok(()) => break,
+            Err(error) if error.is_lock_timeout() => {
+                if between() {
+                    return Ok(false);
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    connection.execute_batch("SET lock_timeout = 0")?;
+    Ok(true)
 }
 
 /// Become the writer of a PostgreSQL database: take the leader lock (held by
@@ -260,12 +283,13 @@ enum Led {
 /// connection is gone can no longer commit), record where this server
 /// listens, and load the writer's state from what is committed.
 ///
-/// The first time, and until this server has led, it waits for the lock.
-/// After that it does not wait: if the lock is free it leads again; if its
-/// own last session still holds it (PostgreSQL has not yet seen that
-/// connection end), it ends that session and tries again (when another
-/// server is waiting for the lock, that server gets it then); if another
-/// server holds it, [`Led::TakenOver`].
+/// The first time, it waits for the lock ([`wait_for_lock`]). After its
+/// connection was lost it does not wait at first: if the lock is free it
+/// leads again; if its own last session still holds it (PostgreSQL has not
+/// yet seen that connection end), it ends that session and tries again
+/// (when another server is waiting for the lock, that server gets it then);
+/// if another server holds it, this server follows that one and waits for
+/// the lock like any follower.
 fn lead(
     url: &str,
     leader: &Leadership,
@@ -273,6 +297,7 @@ fn lead(
     options: Options,
     sync: &writer::SyncState,
     state: &mut LeadState,
+    between_waits: &mut dyn FnMut() -> bool,
 ) -> db::Result<Led> {
     let connection = Connection::postgres(url)?;
     // Waiting for the lock may take as long as another server lives, and the
@@ -284,8 +309,10 @@ fn lead(
     let session = connection.query_row(SESSION_SQL, [], read_session)?;
     let deadline = std::time::Instant::now() + END_LOST_SESSION_WITHIN;
     loop {
-        if state.previous.is_none() && !state.has_led {
-            connection.query_row("SELECT pg_advisory_lock(?1)", [LEADER_LOCK], |_| Ok(()))?;
+        if state.previous.is_none() {
+            if !wait_for_lock(&connection, between_waits)? {
+                return Ok(Led::Closed);
+            }
             break;
         }
         let locked: bool =
@@ -323,10 +350,16 @@ fn lead(
                 )?;
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            // Another server's session.
-            Some(_) if state.has_led => return Ok(Led::TakenOver),
-            // Never led: wait for the lock like any follower.
-            Some(_) => state.previous = None,
+            // Another server's session: follow it, and wait for the lock.
+            Some(_) => {
+                if state.has_led {
+                    tracing::warn!(
+                        "another server took over the writer while this server's connection was lost; \
+                         this server follows it and waits for the leader lock"
+                    );
+                }
+                state.previous = None;
+            }
             // Released between the two statements: try again.
             None => std::thread::sleep(std::time::Duration::from_millis(10)),
         }
@@ -785,6 +818,18 @@ impl Store {
         if let Backend::Postgres { leader, .. } = &self.inner.backend {
             let mut watch = leader.is_leader.subscribe();
             let _ = watch.wait_for(|leading| *leading).await;
+        }
+    }
+
+    /// Wait until this server no longer runs the writer (on PostgreSQL, its
+    /// connection was lost; never for the embedded store).
+    pub async fn wait_until_follower(&self) {
+        match &self.inner.backend {
+            Backend::Postgres { leader, .. } => {
+                let mut watch = leader.is_leader.subscribe();
+                let _ = watch.wait_for(|leading| !*leading).await;
+            }
+            Backend::Sqlite { .. } => std::future::pending().await,
         }
     }
 
@@ -1461,13 +1506,17 @@ fn simulate(
 mod tests {
     use super::*;
 
-    /// A writer that lost its connection leads again without waiting: if
-    /// its old session still holds the leader lock (PostgreSQL has not seen
-    /// that connection end), it ends that session and leads; if another
-    /// session holds the lock, another server leads (`Led::TakenOver`).
+    /// A writer that lost its connection leads again without waiting when it
+    /// can: if its old session still holds the leader lock (PostgreSQL has
+    /// not seen that connection end), it ends that session and leads. If
+    /// another session holds the lock, it follows that server: it waits for
+    /// the lock, answering queued commands between two waits, and leads once
+    /// the lock is free, as a server that never led does. A store that
+    /// closes while its server waits ends the wait.
     /// PostgreSQL only (`TALLY_TEST_DATABASE=postgres`).
     #[test]
-    fn leading_again_ends_the_lost_session_and_yields_to_another_server() {
+    fn leading_again_ends_the_lost_session_and_follows_another_server() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         for (connection, place) in db::tests::connections("lead_again") {
             let Some(url) = place.url() else {
                 continue;
@@ -1485,24 +1534,40 @@ mod tests {
                     .unwrap();
                 leadership
             };
-            let sync = writer::SyncState::new(0);
-            let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-            // Lead as a server that has led, whose last session was `lost`.
-            let lead_again = |leadership: &Leadership, lost: &Session| {
-                let mut state = LeadState {
-                    previous: Some(lost.clone()),
-                    has_led: true,
+            // Lead, in a thread of its own, as a server whose last session
+            // was `previous` (`None`: it never led); `between` is what it
+            // does between two waits for the lock. What came of it: "leads"
+            // or "closed", each only with the leadership flag to match.
+            let lead_in_thread =
+                |previous: Option<Session>, between: Box<dyn FnMut() -> bool + Send>| {
+                    let url = url.clone();
+                    std::thread::spawn(move || {
+                        let mut between = between;
+                        let leadership = leadership();
+                        let mut state = LeadState {
+                            has_led: previous.is_some(),
+                            previous,
+                        };
+                        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+                        let sync = writer::SyncState::new(0);
+                        let led = lead(
+                            &url,
+                            &leadership,
+                            clock,
+                            Options::default(),
+                            &sync,
+                            &mut state,
+                            &mut *between,
+                        );
+                        let leading = *leadership.is_leader.borrow();
+                        match led {
+                            Ok(Led::Writer(writer)) if leading => ("leads", Some(writer)),
+                            Ok(Led::Closed) if !leading => ("closed", None),
+                            Ok(_) => ("leadership flag out of step", None),
+                            Err(error) => panic!("lead: {error}"),
+                        }
+                    })
                 };
-                let led = lead(
-                    &url,
-                    leadership,
-                    clock.clone(),
-                    Options::default(),
-                    &sync,
-                    &mut state,
-                );
-                (led, state.previous)
-            };
 
             // The lost session: alive, holding the lock.
             let old = Connection::postgres(&url).unwrap();
@@ -1510,49 +1575,68 @@ mod tests {
                 .unwrap();
             let lost = old.query_row(SESSION_SQL, [], read_session).unwrap();
             assert!(lost.started.is_some());
-            let first = leadership();
-            let (led, previous) = lead_again(&first, &lost);
-            let Ok(Led::Writer(writer)) = led else {
-                panic!("it leads again");
-            };
-            let new = previous.expect("the new session");
+            let (led, writer) = lead_in_thread(Some(lost.clone()), Box::new(|| false))
+                .join()
+                .unwrap();
+            assert_eq!(led, "leads", "it leads again");
+            let writer = writer.unwrap();
+            let new = writer
+                .connection()
+                .query_row(SESSION_SQL, [], read_session)
+                .unwrap();
             assert_ne!(new, lost, "on a new session");
-            assert!(*first.is_leader.borrow());
             let ended: db::Result<i64> = old.query_row("SELECT 1", [], |row| row.get(0));
             assert!(ended.is_err(), "the lost session was ended: {ended:?}");
 
             // Now another session holds the lock: a server that lost its
-            // own session does not take it, nor end that one.
-            let second = leadership();
-            let (led, _) = lead_again(&second, &lost);
-            assert!(matches!(led, Ok(Led::TakenOver)), "another server leads");
-            assert!(!*second.is_leader.borrow());
+            // own session neither takes it nor ends that one; it waits,
+            // answering queued commands between waits. So does a server
+            // that never led, until its store closes.
+            let waits = Arc::new(AtomicUsize::new(0));
+            let follower = lead_in_thread(
+                Some(lost),
+                Box::new({
+                    let waits = waits.clone();
+                    move || {
+                        waits.fetch_add(1, Ordering::SeqCst);
+                        false
+                    }
+                }),
+            );
+            let close = Arc::new(AtomicBool::new(false));
+            let closing = lead_in_thread(
+                None,
+                Box::new({
+                    let close = close.clone();
+                    move || close.load(Ordering::SeqCst)
+                }),
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1_300));
+            assert!(
+                !follower.is_finished() && !closing.is_finished(),
+                "both wait"
+            );
+            assert!(
+                waits.load(Ordering::SeqCst) >= 2,
+                "queued commands are answered between waits"
+            );
             let alive: i64 = writer
                 .connection()
                 .query_row("SELECT 1", [], |row| row.get(0))
                 .unwrap();
             assert_eq!(alive, 1, "the leader's session lives on");
-
-            // A server that never led (its session took the lock and was
-            // lost while loading) waits behind another leader instead.
-            let waiting = std::thread::spawn({
-                let url = url.clone();
-                move || {
-                    let never = leadership();
-                    let mut state = LeadState {
-                        previous: Some(lost),
-                        has_led: false,
-                    };
-                    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-                    let sync = writer::SyncState::new(0);
-                    let led = lead(&url, &never, clock, Options::default(), &sync, &mut state);
-                    matches!(led, Ok(Led::Writer(_))) && *never.is_leader.borrow()
-                }
-            });
-            std::thread::sleep(std::time::Duration::from_millis(300));
-            assert!(!waiting.is_finished(), "it waits for the lock");
+            close.store(true, Ordering::SeqCst);
+            assert_eq!(
+                closing.join().unwrap().0,
+                "closed",
+                "a closed store stops waiting"
+            );
             drop(writer);
-            assert!(waiting.join().unwrap(), "and leads once the lock is free");
+            assert_eq!(
+                follower.join().unwrap().0,
+                "leads",
+                "and the follower leads once the lock is free"
+            );
             drop(old);
             db::tests::drop_database(place);
         }

@@ -645,12 +645,13 @@ mod kafka {
         let started = Instant::now();
         tally_server::streams::start(
             state.clone(),
-            StreamArgs {
+            &StreamArgs {
                 kafka_brokers: Some(brokers.to_owned()),
                 kafka_topic: Some(topic.to_owned()),
                 kafka_group: topic.to_owned(),
                 ..Default::default()
             },
+            &state.shutdown.subscribe(),
         )?;
         let mut first_charge = None;
         let mut progress = (0, Instant::now());

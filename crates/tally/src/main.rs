@@ -216,32 +216,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tally_server::spawn_ticker(state.clone());
     tally_server::webhooks::spawn_deliveries(state.clone());
     // The consumers' tasks, awaited after a graceful shutdown so that each
-    // commits or acks what it charged before the process exits.
-    let consumer_tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-    if state.store.is_shared() {
-        // Only the server that runs the writer consumes the streams.
-        let consumers = state.clone();
-        let tasks = consumer_tasks.clone();
-        tokio::spawn(async move {
-            consumers.store.wait_until_leader().await;
-            // Under the lock: either the shutdown below finds these tasks, or
-            // they are never started (the flag is set before it looks).
-            let mut tasks = tasks.lock().expect("not poisoned");
-            if *consumers.shutdown.borrow() {
-                return;
-            }
-            match tally_server::streams::start(consumers, streams) {
-                Ok(started) => tasks.extend(started),
-                Err(error) => {
-                    tracing::error!(%error, "cannot start the stream consumers");
-                    std::process::exit(2);
-                }
-            }
-        });
+    // commits or acks what it charged before the process exits. Several
+    // servers over one database: only the server that runs the writer
+    // consumes the streams, while it runs it.
+    let consumer_tasks = if state.store.is_shared() {
+        vec![tokio::spawn(tally_server::streams::while_leading(
+            state.clone(),
+            streams,
+        ))]
     } else {
-        let started = tally_server::streams::start(state.clone(), streams)?;
-        consumer_tasks.lock().expect("not poisoned").extend(started);
-    }
+        tally_server::streams::start(state.clone(), &streams, &state.shutdown.subscribe())?
+    };
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("listen on {listen}"))?;
@@ -287,9 +272,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("serve")?;
     // The stream consumers stop on the same signal: wait for their last
     // commits and acks (bounded by the exit timer above).
-    let consumers: Vec<_> = std::mem::take(&mut *consumer_tasks.lock().expect("not poisoned"));
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
-    for task in consumers {
+    for task in consumer_tasks {
         if tokio::time::timeout_at(deadline, task).await.is_err() {
             tracing::warn!("a stream consumer did not stop within 15 s; what it did not commit or ack will be delivered again");
             break;

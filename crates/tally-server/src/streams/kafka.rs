@@ -20,7 +20,8 @@
 //! - A message that is not an event (no payload, not JSON, missing fields,
 //!   unknown customer or feature...) is a dead letter with its reason, and its
 //!   offset is committed like any other: it never blocks its partition.
-//! - On a graceful shutdown (SIGTERM) the consumer stops taking messages,
+//! - On a graceful shutdown (SIGTERM), or when a server sharing a PostgreSQL
+//!   database stops running the writer, the consumer stops taking messages,
 //!   lets the ones being charged finish (up to [`STOP_WAIT`]), commits their
 //!   offsets synchronously and leaves the group, so a restart or another
 //!   member reads nothing again that was already charged, and the
@@ -74,7 +75,11 @@ type Kafka = StreamConsumer<Context>;
 /// tokio runtime. Fails at once on bad flags or a bad configuration; a broker
 /// that cannot be reached is retried in the background (and logged). The
 /// task returned ends after a graceful stop (see the module's notes).
-pub fn start(state: AppState, args: &StreamArgs) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+pub fn start(
+    state: AppState,
+    args: &StreamArgs,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let brokers = match args.kafka_brokers.as_deref().map(str::trim) {
         Some(brokers) if !brokers.is_empty() => brokers.to_owned(),
         _ => anyhow::bail!("--kafka-topic needs --kafka-brokers (host:port[,host:port])"),
@@ -131,9 +136,12 @@ pub fn start(state: AppState, args: &StreamArgs) -> anyhow::Result<tokio::task::
         .map_err(|e| anyhow::anyhow!("cannot subscribe to Kafka topic {topic:?}: {e}"))?;
     let consumer = Arc::new(consumer);
     tracing::info!(%brokers, %topic, %group, "consuming usage events from Kafka");
-    let stopping = state.shutdown.subscribe();
-    runtime.spawn(commit_loop(consumer.clone(), tracker.clone(), stopping));
-    Ok(runtime.spawn(consume(state, consumer, tracker)))
+    runtime.spawn(commit_loop(
+        consumer.clone(),
+        tracker.clone(),
+        stopping.clone(),
+    ));
+    Ok(runtime.spawn(consume(state, consumer, tracker, stopping)))
 }
 
 /// What is known of one assigned partition.
@@ -368,15 +376,19 @@ async fn commit_loop(
 }
 
 /// Receive messages and charge them, at most [`MAX_IN_FLIGHT`] at once,
-/// until a graceful shutdown; then [`stop`].
-async fn consume(state: AppState, consumer: Arc<Kafka>, tracker: Arc<Mutex<Tracker>>) {
+/// until `stopping` turns true (see [`start`]); then [`stop`].
+async fn consume(
+    state: AppState,
+    consumer: Arc<Kafka>,
+    tracker: Arc<Mutex<Tracker>>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let freed = Arc::new(Notify::new());
     let mut backlog: VecDeque<(OwnedMessage, Option<u64>)> = VecDeque::new();
     // The assignment generation the partitions were paused at, when paused.
     let mut paused: Option<u64> = None;
     let mut errors = 0u32;
-    let mut stopping = state.shutdown.subscribe();
     loop {
         if *stopping.borrow_and_update() {
             stop(consumer, tracker, slots, backlog.len()).await;
@@ -388,9 +400,10 @@ async fn consume(state: AppState, consumer: Arc<Kafka>, tracker: Arc<Mutex<Track
             };
             let (message, epoch) = backlog.pop_front().expect("not empty");
             let (state, tracker, freed) = (state.clone(), tracker.clone(), freed.clone());
+            let mut stopping = stopping.clone();
             tokio::spawn(async move {
-                process(&state, &message).await;
-                if let Some(epoch) = epoch {
+                let charged = process(&state, &message, &mut stopping).await;
+                if let (true, Some(epoch)) = (charged, epoch) {
                     lock(&tracker).done(message.partition(), epoch, message.offset());
                 }
                 drop(slot);
@@ -496,8 +509,14 @@ async fn stop(
 }
 
 /// Charge one message (or keep it as a dead letter), retrying while the
-/// store is unavailable: it returns only once the outcome is durable.
-async fn process(state: &AppState, message: &OwnedMessage) {
+/// store is unavailable, until the outcome is durable (true) or the consumer
+/// stops (false: the message is not done, and its offset stays
+/// uncommitted).
+async fn process(
+    state: &AppState,
+    message: &OwnedMessage,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
     let mut backoff = RETRY_FIRST;
     let mut attempt = 1u32;
     loop {
@@ -521,7 +540,7 @@ async fn process(state: &AppState, message: &OwnedMessage) {
             Ok(result) => {
                 let status = result.status();
                 state.metrics.events(SOURCE, status);
-                return;
+                return true;
             }
             Err(error) => {
                 if attempt <= 3 || attempt.is_power_of_two() {
@@ -534,7 +553,10 @@ async fn process(state: &AppState, message: &OwnedMessage) {
                         "kafka message not charged (store unavailable); retrying"
                     );
                 }
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = super::stopped(stopping) => return false,
+                }
                 backoff = (backoff * 2).min(RETRY_MAX);
                 attempt = attempt.saturating_add(1);
             }

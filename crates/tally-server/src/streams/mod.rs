@@ -30,24 +30,72 @@ pub struct StreamArgs {
     pub nats_subject: Option<String>,
 }
 
-/// Start the consumers the flags ask for. Each returns a task that ends
-/// once the consumer has stopped after a graceful shutdown
-/// ([`AppState::shutdown`]): wait for them before the process exits.
+/// Start the consumers the flags ask for, to run until `stop` turns true
+/// (a graceful shutdown, [`AppState::shutdown`]; or, on PostgreSQL, this
+/// server no longer running the writer: [`while_leading`]). Each returns a
+/// task that ends once its consumer has stopped, having committed or acked
+/// what it charged: wait for them.
 pub fn start(
     state: AppState,
-    args: StreamArgs,
+    args: &StreamArgs,
+    stop: &tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     if args.kafka_brokers.is_some() || args.kafka_topic.is_some() {
-        tasks.push(kafka::start(state.clone(), &args)?);
+        tasks.push(kafka::start(state.clone(), args, stop.clone())?);
     }
     if args.nats_url.is_some() || args.nats_stream.is_some() {
-        tasks.push(nats::start(state, &args)?);
+        tasks.push(nats::start(state, args, stop.clone())?);
     }
     Ok(tasks)
 }
 
-/// Resolves once a graceful shutdown has begun.
+/// Several servers over one PostgreSQL database: run the consumers only
+/// while this server runs the writer. They start once it leads, stop (as on
+/// a graceful shutdown) when it stops leading (its database connection was
+/// lost, or another server took over), and start again when it leads again.
+/// Returns after a graceful shutdown, once the consumers have stopped.
+///
+/// A consumer that cannot start (bad flags) stops the process: this is
+/// found only once the server first leads.
+pub async fn while_leading(state: AppState, args: StreamArgs) {
+    let mut shutdown = state.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stopped(&mut shutdown) => return,
+            _ = state.store.wait_until_leader() => {}
+        }
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let tasks = match start(state.clone(), &args, &stopping) {
+            Ok(tasks) => tasks,
+            Err(error) => {
+                tracing::error!(%error, "cannot start the stream consumers");
+                std::process::exit(2);
+            }
+        };
+        let shutting_down = tokio::select! {
+            biased;
+            _ = stopped(&mut shutdown) => true,
+            _ = state.store.wait_until_follower() => false,
+        };
+        if !shutting_down && !tasks.is_empty() {
+            tracing::warn!(
+                "this server no longer runs the writer: its stream consumers stop until it leads again"
+            );
+        }
+        stop.send_replace(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        if shutting_down {
+            return;
+        }
+    }
+}
+
+/// Resolves once `stopping` turns true (or its sender is gone): a graceful
+/// shutdown has begun, or the consumers are to stop.
 pub(crate) async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
     // (The guard `wait_for` returns is dropped here, not held across awaits.)
     let _ = stopping.wait_for(|stopping| *stopping).await;

@@ -91,7 +91,11 @@ struct Settings {
 /// consuming on the current tokio runtime. Fails at once on bad flags; a
 /// server or a stream that is not there yet is retried in the background.
 /// The task returned ends after a graceful stop (see [`run`]).
-pub fn start(state: AppState, args: &StreamArgs) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+pub fn start(
+    state: AppState,
+    args: &StreamArgs,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let settings = settings(args)?;
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|_| anyhow::anyhow!("the NATS consumer needs a tokio runtime"))?;
@@ -102,7 +106,7 @@ pub fn start(state: AppState, args: &StreamArgs) -> anyhow::Result<tokio::task::
         durable = DURABLE,
         "consuming usage events from NATS JetStream"
     );
-    Ok(runtime.spawn(run(state, settings)))
+    Ok(runtime.spawn(run(state, settings, stopping)))
 }
 
 fn settings(args: &StreamArgs) -> anyhow::Result<Settings> {
@@ -166,14 +170,19 @@ fn worth_logging(attempt: u64) -> bool {
     attempt <= 3 || attempt.is_power_of_two()
 }
 
-/// Connect (retrying until it works), then consume until a graceful
-/// shutdown: set the pull consumer up, take messages, and set it up again
-/// after any failure. On a graceful shutdown it takes no more messages, lets
-/// the ones being charged finish and ack (up to [`STOP_WAIT`]), and flushes
-/// the acks to the server; messages pulled but not started are not acked, so
-/// the server delivers them again after the ack wait.
-async fn run(state: AppState, settings: Settings) {
-    let mut stopping = state.shutdown.subscribe();
+/// Connect (retrying until it works), then consume until `stopping` turns
+/// true (a graceful shutdown, or this server no longer running the writer
+/// of a shared PostgreSQL database): set the pull consumer up, take
+/// messages, and set it up again after any failure. On a graceful stop it
+/// takes no more messages, lets the ones being charged finish and ack (up to
+/// [`STOP_WAIT`]), and flushes the acks to the server; messages pulled but
+/// not started are not acked, so the server delivers them again after the
+/// ack wait.
+async fn run(
+    state: AppState,
+    settings: Settings,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
     let client = tokio::select! {
         client = connect(&settings) => client,
         _ = super::stopped(&mut stopping) => return,

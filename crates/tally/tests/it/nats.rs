@@ -18,6 +18,10 @@
 //!   messages acked are then exactly the events charged, and a restart
 //!   charges the rest once each.
 //! - `bad_nats_flags_stop_the_server_at_once`.
+//! - `only_the_server_that_runs_the_writer_consumes`: two servers over one
+//!   PostgreSQL database; the consumer moves with the writer, from one
+//!   server to the other and back, without a restart, and no message is
+//!   delivered twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::IntoFuture;
@@ -31,7 +35,8 @@ use async_nats::jetstream::{self, stream};
 use serde_json::{json, Value};
 
 use crate::support::{
-    assert_replayable, decimal, fresh_dir, micros, micros_of, Options, TestApp, ADMIN_KEY,
+    assert_replayable, decimal, fresh_dir, leader_lock_sessions, micros, micros_of,
+    terminate_sessions, Options, TestApp, ADMIN_KEY,
 };
 
 const NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -972,5 +977,95 @@ async fn bad_nats_flags_stop_the_server_at_once() {
             stderr.contains(says),
             "tally serve {args:?} should name {says}: {stderr}"
         );
+    }
+}
+
+/// The events this server's NATS consumer charged, whatever their status.
+async fn charged_here(app: &TestApp) -> i64 {
+    processed(app).await.values().sum()
+}
+
+/// Two servers over one PostgreSQL database, both started with the NATS
+/// flags: only the server that runs the writer consumes. When the first
+/// server's writer session ends, the second takes the leader lock and its
+/// consumer starts; the first follows it without a restart and its consumer
+/// stops, so no message goes to a server that cannot charge it (nothing is
+/// delivered twice). When the second stops, the first leads again and
+/// consumes again. Every event is charged once.
+#[tokio::test]
+async fn only_the_server_that_runs_the_writer_consumes() {
+    ensure_nats();
+    let js = connect(NATS_URL).await;
+    let (name, prefix) = unique("leader");
+    let usage = format!("{prefix}.usage");
+    let (stream, _guard) = create_stream(&js, NATS_URL, &name, vec![format!("{prefix}.>")]).await;
+    let first = TestApp::spawn_postgres(Options {
+        extra_args: nats_args(NATS_URL, &name, None),
+        ..Options::default()
+    })
+    .await;
+    let database = first.database_url.clone().expect("a PostgreSQL app");
+    set_up(&first).await;
+    let mut second = TestApp::spawn_beside(&first).await;
+    assert!(!second.is_writer().await);
+
+    let mut expected: HashMap<String, HashMap<String, i64>> = HashMap::new();
+    let mut published = 0u64;
+    let mut round = async |round: &str| {
+        let mut messages = Vec::new();
+        for i in 0..40 {
+            let (customer, event, cost) = good_event(round, i);
+            expected
+                .entry(customer)
+                .or_default()
+                .insert(format!("{round}-{i}"), cost);
+            messages.push((usage.clone(), serde_json::to_vec(&event).unwrap()));
+        }
+        publish(&js, &messages, 10, Duration::ZERO).await;
+        published += 40;
+        let info = wait_drained(&stream, Duration::from_secs(30)).await;
+        assert_eq!(
+            (
+                info.delivered.stream_sequence,
+                info.delivered.consumer_sequence
+            ),
+            (published, published),
+            "every message delivered once"
+        );
+    };
+
+    round("a").await;
+    assert_eq!(charged_here(&first).await, 40);
+    assert_eq!(
+        charged_here(&second).await,
+        0,
+        "the follower does not consume"
+    );
+
+    // The first server's writer session ends: the second takes over.
+    assert_eq!(
+        terminate_sessions(&database, &leader_lock_sessions(true)),
+        1,
+        "the writer's session ended"
+    );
+    second.wait_for_writer().await;
+    first.wait_until_follower().await;
+    // Its consumer stops right after (a graceful stop of its own).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    round("b").await;
+    assert_eq!(
+        charged_here(&first).await,
+        40,
+        "the first server stopped consuming"
+    );
+    assert_eq!(charged_here(&second).await, 40);
+
+    // The second server stops: the first leads and consumes again.
+    second.kill().await;
+    first.wait_for_writer().await;
+    round("c").await;
+    assert_eq!(charged_here(&first).await, 80);
+    for (customer, events) in &expected {
+        assert_charged_once(&first, customer, events).await;
     }
 }

@@ -312,6 +312,18 @@ impl TestApp {
         panic!("the server did not start its writer within 30 s");
     }
 
+    /// Wait until this server no longer runs the writer (another server took
+    /// over, and this one follows it), for at most 10 s.
+    pub async fn wait_until_follower(&self) {
+        for _ in 0..100 {
+            if !self.is_writer().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the server still runs the writer after 10 s");
+    }
+
     /// The arguments that point a `tally` command at this test's store.
     pub fn storage_args(&self) -> Vec<std::ffi::OsString> {
         match &self.database_url {
