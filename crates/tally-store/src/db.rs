@@ -103,12 +103,6 @@ impl Error {
             .code()
             .is_some_and(|code| ["57014", "25006"].contains(&code.code()))
     }
-
-    /// Whether a statement gave up waiting for a lock (`lock_timeout`).
-    pub fn is_lock_timeout(&self) -> bool {
-        matches!(self, Error::Postgres(error)
-            if error.code().is_some_and(|code| code.code() == "55P03"))
-    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -805,6 +799,43 @@ impl Connection {
         f: impl FnOnce(&Row<'_>) -> Result<T>,
     ) -> Result<T> {
         self.prepare_cached(sql)?.query_row(params, f)
+    }
+
+    /// PostgreSQL: take the session advisory lock `key`, waiting for as long
+    /// as another session holds it. Every `every` while it waits, `between`
+    /// runs on this thread; when it says to stop, the wait is given up
+    /// (false) and the connection must be dropped (the lock may have been
+    /// granted meanwhile). True once this session holds the lock. One wait
+    /// from start to end: no statement times out, so nothing lands in the
+    /// server's log, and the session keeps its place in the lock's queue.
+    pub fn wait_for_advisory_lock(
+        &self,
+        key: i64,
+        every: std::time::Duration,
+        between: &mut dyn FnMut() -> bool,
+    ) -> Result<bool> {
+        let Kind::Postgres(pg) = &self.kind else {
+            return Err(Error::Corrupt(
+                "advisory locks are PostgreSQL's, not SQLite's".into(),
+            ));
+        };
+        pg.flush()?;
+        pg.ready()?;
+        pg.runtime.block_on(async {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
+            let lock = pg.client.query_one("SELECT pg_advisory_lock($1)", &params);
+            let mut lock = std::pin::pin!(lock);
+            loop {
+                tokio::select! {
+                    locked = &mut lock => return Ok(locked.map(|_| true)?),
+                    _ = tokio::time::sleep(every) => {
+                        if between() {
+                            return Ok(false);
+                        }
+                    }
+                }
+            }
+        })
     }
 
     /// A statement kept prepared on this connection.

@@ -252,30 +252,18 @@ enum Led {
     Closed,
 }
 
-/// How long one wait for the leader lock lasts before the commands queued
-/// meanwhile are answered and the wait starts again (`lock_timeout`).
-const LOCK_WAIT_STEP_MS: u32 = 500;
+/// How often a server waiting for the leader lock answers the commands
+/// queued meanwhile.
+const ANSWER_QUEUED_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Wait for the leader lock on `connection`, [`LOCK_WAIT_STEP_MS`] at a time:
-/// between two waits, `between` answers the commands queued meanwhile
-/// (`Unavailable`: a request that saw this server lead just before it
-/// stopped leading) and says whether the store has closed. Whether it took
-/// the lock (false: the store closed).
+/// Wait for the leader lock on `connection` (one `pg_advisory_lock`, pending
+/// for as long as another session holds it). Every [`ANSWER_QUEUED_EVERY`]
+/// meanwhile, `between` answers the commands queued since (`Unavailable`: a
+/// request that saw this server lead just before it stopped leading) and
+/// says whether the store has closed. Whether it took the lock (false: the
+/// store closed, and the connection is to be dropped).
 fn wait_for_lock(connection: &Connection, between: &mut dyn FnMut() -> bool) -> db::Result<bool> {
-    connection.execute_batch(&format!("SET lock_timeout = {LOCK_WAIT_STEP_MS}"))?;
-    loop {
-        match connection.query_row("SELECT pg_advisory_lock(?1)", [LEADER_LOCK], |_| Ok(())) {
-            Ok(()) => break,
-            Err(error) if error.is_lock_timeout() => {
-                if between() {
-                    return Ok(false);
-                }
-            }
-            Err(error) => return Err(error),
-        }
-    }
-    connection.execute_batch("SET lock_timeout = 0")?;
-    Ok(true)
+    connection.wait_for_advisory_lock(LEADER_LOCK, ANSWER_QUEUED_EVERY, between)
 }
 
 /// Become the writer of a PostgreSQL database: take the leader lock (held by
@@ -1510,7 +1498,7 @@ mod tests {
     /// can: if its old session still holds the leader lock (PostgreSQL has
     /// not seen that connection end), it ends that session and leads. If
     /// another session holds the lock, it follows that server: it waits for
-    /// the lock, answering queued commands between two waits, and leads once
+    /// the lock, answering queued commands while it waits, and leads once
     /// the lock is free, as a server that never led does. A store that
     /// closes while its server waits ends the wait.
     /// PostgreSQL only (`TALLY_TEST_DATABASE=postgres`).
@@ -1536,8 +1524,9 @@ mod tests {
             };
             // Lead, in a thread of its own, as a server whose last session
             // was `previous` (`None`: it never led); `between` is what it
-            // does between two waits for the lock. What came of it: "leads"
-            // or "closed", each only with the leadership flag to match.
+            // does every so often while it waits for the lock. What came of
+            // it: "leads" or "closed", each only with the leadership flag to
+            // match.
             let lead_in_thread =
                 |previous: Option<Session>, between: Box<dyn FnMut() -> bool + Send>| {
                     let url = url.clone();
@@ -1590,7 +1579,7 @@ mod tests {
 
             // Now another session holds the lock: a server that lost its
             // own session neither takes it nor ends that one; it waits,
-            // answering queued commands between waits. So does a server
+            // answering queued commands while it waits. So does a server
             // that never led, until its store closes.
             let waits = Arc::new(AtomicUsize::new(0));
             let follower = lead_in_thread(
@@ -1611,15 +1600,28 @@ mod tests {
                     move || close.load(Ordering::SeqCst)
                 }),
             );
-            std::thread::sleep(std::time::Duration::from_millis(1_300));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while waits.load(Ordering::SeqCst) < 2 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "queued commands are answered while it waits"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             assert!(
                 !follower.is_finished() && !closing.is_finished(),
                 "both wait"
             );
-            assert!(
-                waits.load(Ordering::SeqCst) >= 2,
-                "queued commands are answered between waits"
-            );
+            let queued: i64 = writer
+                .connection()
+                .query_row(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    [],
+                    |row| row.get(0),
+                )
+                .unwrap();
+            assert_eq!(queued, 2, "both wait in the lock's queue, in one wait each");
             let alive: i64 = writer
                 .connection()
                 .query_row("SELECT 1", [], |row| row.get(0))

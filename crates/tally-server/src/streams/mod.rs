@@ -50,11 +50,18 @@ pub fn start(
     Ok(tasks)
 }
 
+/// How long [`while_leading`] waits for its consumers to stop (each waits up
+/// to 10 s for what it is charging, then commits or flushes its acks).
+const STOP_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Several servers over one PostgreSQL database: run the consumers only
 /// while this server runs the writer. They start once it leads, stop (as on
 /// a graceful shutdown) when it stops leading (its database connection was
 /// lost, or another server took over), and start again when it leads again.
-/// Returns after a graceful shutdown, once the consumers have stopped.
+/// A loss ridden out before this task looks may go unseen: the consumers
+/// then run on, and what they charged meanwhile was refused and is retried.
+/// Returns after a graceful shutdown, once the consumers have stopped (or
+/// after [`STOP_WITHIN`]).
 ///
 /// A consumer that cannot start (bad flags) stops the process: this is
 /// found only once the server first leads.
@@ -85,8 +92,14 @@ pub async fn while_leading(state: AppState, args: StreamArgs) {
             );
         }
         stop.send_replace(true);
+        let deadline = tokio::time::Instant::now() + STOP_WITHIN;
         for task in tasks {
-            let _ = task.await;
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                tracing::warn!(
+                    "a stream consumer did not stop within {STOP_WITHIN:?}; it is left to finish on its own"
+                );
+                break;
+            }
         }
         if shutting_down {
             return;
