@@ -15,6 +15,10 @@
 //!   group's committed offsets then equal the events charged, and a restart
 //!   charges the rest once each.
 //! - `bad_kafka_flags_stop_serve_with_a_clear_message` (no broker needed).
+//! - `the_consumer_moves_with_the_writer`: two servers over one PostgreSQL
+//!   database; only the one that runs the writer is in the group, from one
+//!   server to the other and back without a restart, and nothing is charged
+//!   twice.
 //!
 //! Each test uses its own topic and consumer group. The group's first join
 //! takes about 5 s on tansu, and a restart after SIGKILL waits for the killed
@@ -33,7 +37,10 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 use serde_json::{json, Value};
 
-use crate::support::{assert_replayable, decimal, micros, micros_of, TestApp, ADMIN_KEY};
+use crate::support::{
+    assert_replayable, decimal, leader_lock_sessions, micros, micros_of, terminate_sessions,
+    TestApp, ADMIN_KEY,
+};
 
 const BROKERS: &str = "127.0.0.1:9092";
 const PARTITIONS: i32 = 4;
@@ -840,4 +847,94 @@ async fn bad_kafka_flags_stop_serve_with_a_clear_message() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two servers over one PostgreSQL database, both started with the Kafka
+/// flags: only the server that runs the writer consumes. When the first
+/// server's writer session ends, the second takes the leader lock and its
+/// consumer joins the group; the first follows it without a restart, and its
+/// consumer leaves the group (were it to stay, its partitions would stall:
+/// it cannot charge). When the second stops, the first leads and consumes
+/// again. Every event is charged once, by the server that led.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_moves_with_the_writer() {
+    ensure_broker();
+    let (topic, group) = (unique("leader"), unique("group"));
+    create_topic(&topic).await;
+    let (first, mut second, database) = TestApp::pair_on_postgres(kafka_args(&topic, &group)).await;
+    set_up(&first).await;
+
+    const EACH: usize = 200;
+    let mut expected: HashMap<String, i64> = HashMap::new();
+    let mut produced: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut round = async |prefix: &str| {
+        let messages: Vec<Message> = (0..EACH)
+            .map(|i| {
+                let (customer, event, cost) = good_event(prefix, i);
+                expected.insert(format!("{prefix}-{i}"), cost);
+                Message {
+                    key: customer,
+                    payload: Some(event.to_string().into_bytes()),
+                }
+            })
+            .collect();
+        for (partition, count) in produce(&topic, &messages).await {
+            *produced.entry(partition).or_insert(0) += count;
+        }
+        wait_until!(
+            Duration::from_secs(60),
+            format!("round {prefix}: the group's offsets reached the end of every partition"),
+            committed(&topic, &group).await == produced
+        );
+    };
+
+    round("a").await;
+    assert_eq!(total(&processed(&first).await), EACH as i64);
+    assert_eq!(
+        total(&processed(&second).await),
+        0,
+        "the follower does not consume"
+    );
+
+    // The first server's writer session ends: the second takes over. The
+    // second is frozen meanwhile (its session, waiting, takes the lock) and
+    // goes on once the first follows and its consumer has left the group:
+    // tansu keeps a leader that leaves the group while another member's
+    // join is pending as the group's leader, and the join never completes
+    // (a Kafka broker elects another).
+    second.freeze(true);
+    assert_eq!(
+        terminate_sessions(&database, &leader_lock_sessions(true)),
+        1,
+        "the writer's session ended"
+    );
+    first.wait_until_follower().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    second.freeze(false);
+    second.wait_for_writer().await;
+    round("b").await;
+    assert_eq!(
+        total(&processed(&first).await),
+        EACH as i64,
+        "the first server stopped consuming"
+    );
+    assert_eq!(total(&processed(&second).await), EACH as i64);
+
+    // The second server stops: the first leads and consumes again.
+    second.kill().await;
+    first.wait_for_writer().await;
+    round("c").await;
+    assert_eq!(total(&processed(&first).await), 2 * EACH as i64);
+
+    let mut charged = 0usize;
+    for c in 0..CUSTOMERS {
+        let (by_event, _) = charges(&first, &format!("c{c}")).await;
+        for (event, entries) in &by_event {
+            assert_eq!(entries.len(), 1, "{event} charged once");
+            let cost = expected.get(event).expect("a produced event");
+            assert_eq!(micros_of(&entries[0]["amount"]), *cost, "{event}");
+        }
+        charged += by_event.len();
+    }
+    assert_eq!(charged, 3 * EACH, "every event charged once");
 }

@@ -999,15 +999,9 @@ async fn only_the_server_that_runs_the_writer_consumes() {
     let (name, prefix) = unique("leader");
     let usage = format!("{prefix}.usage");
     let (stream, _guard) = create_stream(&js, NATS_URL, &name, vec![format!("{prefix}.>")]).await;
-    let first = TestApp::spawn_postgres(Options {
-        extra_args: nats_args(NATS_URL, &name, None),
-        ..Options::default()
-    })
-    .await;
-    let database = first.database_url.clone().expect("a PostgreSQL app");
+    let (first, mut second, database) =
+        TestApp::pair_on_postgres(nats_args(NATS_URL, &name, None)).await;
     set_up(&first).await;
-    let mut second = TestApp::spawn_beside(&first).await;
-    assert!(!second.is_writer().await);
 
     let mut expected: HashMap<String, HashMap<String, i64>> = HashMap::new();
     let mut published = 0u64;

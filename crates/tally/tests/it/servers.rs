@@ -439,6 +439,98 @@ async fn a_writer_that_lost_the_lock_to_another_server_follows_it() {
     assert!(first.exited().is_none());
 }
 
+/// A receiver that holds the first request it gets for `first` and every
+/// later one for `later` before it answers 200: the delivery ids it was
+/// sent, in order of arrival.
+async fn holding_receiver(
+    first: Duration,
+    later: Duration,
+) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    type Received = Arc<std::sync::Mutex<Vec<String>>>;
+    let received: Received = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let receive = move |axum::extract::State(received): axum::extract::State<Received>,
+                        headers: axum::http::HeaderMap| async move {
+        let id = headers
+            .get("tally-delivery-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let count = {
+            let mut received = received.lock().unwrap();
+            received.push(id);
+            received.len()
+        };
+        tokio::time::sleep(if count == 1 { first } else { later }).await;
+        axum::http::StatusCode::OK
+    };
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(receive))
+        .with_state(received.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{address}/hook"), received)
+}
+
+/// A server that stopped running the writer (another server took over)
+/// delivers no webhooks. The writer's server sends a delivery, and the
+/// receiver holds that attempt for 3 s; meanwhile another server takes
+/// over, so the attempt cannot be recorded and the delivery stays due. The
+/// new writer sends it (held 5 s); the old writer's server, now a follower,
+/// does not send it again, though it polled it as due before. The receiver
+/// gets exactly those two requests, for the one delivery.
+#[tokio::test]
+async fn a_server_that_follows_delivers_no_webhooks() {
+    let (first, second, database) = TestApp::pair_on_postgres(Vec::new()).await;
+    let (url, received) = holding_receiver(Duration::from_secs(3), Duration::from_secs(5)).await;
+    let endpoint = first
+        .post(
+            "/v1/webhook-endpoints",
+            json!({ "id": "wh", "url": url, "events": ["balance.low"] }),
+        )
+        .await;
+    assert_eq!(endpoint.status, StatusCode::OK, "{}", endpoint.body);
+    first.customer("c").await;
+    let alerts = first
+        .put("/v1/customers/c/alerts", json!({ "low_balance": ["100"] }))
+        .await;
+    assert_eq!(alerts.status, StatusCode::OK, "{}", alerts.body);
+    first.grant("c", "g", "150").await;
+    assert_eq!(first.charge("c", "one", "60").await.status, StatusCode::OK);
+    let arrived = |count: usize| {
+        let received = received.clone();
+        async move {
+            for _ in 0..100 {
+                if received.lock().unwrap().len() >= count {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("request {count} did not arrive within 10 s");
+        }
+    };
+    arrived(1).await;
+
+    // While that attempt is held, the second server takes over.
+    assert_eq!(
+        terminate_sessions(&database, &leader_lock_sessions(true)),
+        1,
+        "the first server's writer session ended"
+    );
+    second.wait_for_writer().await;
+    first.wait_until_follower().await;
+    arrived(2).await;
+    // Both attempts end (the first's at 3 s, unrecorded; the second's at
+    // about 5 s); a follower still polling would have sent it again.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 2, "{received:?}");
+    assert_eq!(
+        received[0], received[1],
+        "one delivery, sent by each writer"
+    );
+}
+
 /// Two schedulers over one database (issue 5): servers sharing a PostgreSQL
 /// database on one manual clock renew a monthly plan for a year while the
 /// server running the writer is killed twice and restarted (so the other

@@ -240,7 +240,12 @@ impl TestApp {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("TALLY_ADMIN_KEY", ADMIN_KEY)
-            .env("RUST_LOG", "warn")
+            // The servers' log filter: warnings, or `TALLY_TEST_LOG` when set
+            // (`info`, `debug`...) to see what a failing test's servers did.
+            .env(
+                "RUST_LOG",
+                std::env::var("TALLY_TEST_LOG").unwrap_or("warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
@@ -269,6 +274,20 @@ impl TestApp {
         if self.database_url.is_some() && self.wait_for_writer_on_start {
             self.wait_for_writer().await;
         }
+    }
+
+    /// Two servers over one fresh PostgreSQL database, both started with
+    /// `extra_args`; the first runs the writer. With the database's URL.
+    pub async fn pair_on_postgres(extra_args: Vec<String>) -> (TestApp, TestApp, String) {
+        let first = TestApp::spawn_postgres(Options {
+            extra_args,
+            ..Options::default()
+        })
+        .await;
+        let second = TestApp::spawn_beside(&first).await;
+        assert!(!second.is_writer().await, "the second server follows");
+        let database = first.database_url.clone().expect("a PostgreSQL app");
+        (first, second, database)
     }
 
     /// Another server over `first`'s PostgreSQL database (which `first` owns
@@ -334,17 +353,27 @@ impl TestApp {
 
     /// Send SIGKILL to the server without waiting (a server shared behind an `Arc`).
     pub fn sigkill(&self) {
+        self.signal("KILL");
+    }
+
+    /// Freeze the server (SIGSTOP: its connections stay open, it does
+    /// nothing), or let it go on (`false`, SIGCONT).
+    pub fn freeze(&self, frozen: bool) {
+        self.signal(if frozen { "STOP" } else { "CONT" });
+    }
+
+    fn signal(&self, signal: &str) {
         let pid = self
             .child
             .as_ref()
             .and_then(Child::id)
             .expect("a running server");
         let sent = std::process::Command::new("kill")
-            .arg("-KILL")
+            .arg(format!("-{signal}"))
             .arg(pid.to_string())
             .status()
             .expect("run kill");
-        assert!(sent.success(), "kill -KILL {pid}");
+        assert!(sent.success(), "kill -{signal} {pid}");
     }
 
     /// How the server process exited, if it has (without waiting).
