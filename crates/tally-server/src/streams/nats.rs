@@ -218,8 +218,16 @@ async fn run(
 }
 
 /// A graceful stop: wait (up to [`STOP_WAIT`]) until every message taken is
-/// charged and acked, then flush the acks to the server (up to
+/// charged and acked, then make sure the server has read the acks (up to
 /// [`FLUSH_WAIT`]: a server that is gone cannot take them anyway).
+///
+/// Flushing only hands the acks to the socket. Closing the connection right
+/// after can reset it (when messages the server pushed meanwhile are still
+/// unread here), and the server then drops what it had not yet read: acks
+/// of messages already charged, which come again as duplicates. So a
+/// request follows the flush (to JetStream's account info; only that an
+/// answer comes matters, even "no responders"): the server reads a
+/// connection in order, so its answer means it has read every ack before.
 async fn finish(slots: &Semaphore, client: &async_nats::Client) {
     let all = MAX_IN_FLIGHT as u32;
     if tokio::time::timeout(STOP_WAIT, slots.acquire_many(all))
@@ -231,14 +239,23 @@ async fn finish(slots: &Semaphore, client: &async_nats::Client) {
             "NATS messages still being charged at shutdown; they will be delivered again"
         );
     }
-    match tokio::time::timeout(FLUSH_WAIT, client.flush()).await {
+    let confirmed = tokio::time::timeout(FLUSH_WAIT, async {
+        client.flush().await.map_err(|error| error.to_string())?;
+        match client.request("$JS.API.INFO", Default::default()).await {
+            Ok(_) => Ok(()),
+            Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Err(error) => Err(error.to_string()),
+        }
+    })
+    .await;
+    match confirmed {
         Ok(Ok(())) => tracing::info!("NATS consumer stopped"),
         Ok(Err(error)) => tracing::warn!(
             %error,
-            "cannot flush the last NATS acks; those messages will be delivered again"
+            "cannot confirm the server took the last NATS acks; those messages may be delivered again"
         ),
         Err(_) => tracing::warn!(
-            "the last NATS acks were not flushed within {FLUSH_WAIT:?}; those messages will be delivered again"
+            "the server did not confirm the last NATS acks within {FLUSH_WAIT:?}; those messages may be delivered again"
         ),
     }
 }
