@@ -58,6 +58,9 @@ pub struct Metrics {
     events: Family<EventLabels, Counter>,
     /// Messages a stream consumer has not processed yet (Kafka lag, NATS pending).
     pub consumer_lag: Family<SourceLabels, prometheus_client::metrics::gauge::Gauge>,
+    /// Stream consumers running in this process (1 from start until it has
+    /// stopped and left its group; on PostgreSQL only the writer's server).
+    pub stream_consumers: Family<SourceLabels, prometheus_client::metrics::gauge::Gauge>,
     webhook_attempts: Family<EventLabels, Counter>,
     /// From an event's arrival (parsed) to its durable result, per source.
     event_latency: Family<SourceLabels, Histogram>,
@@ -101,6 +104,13 @@ impl Default for Metrics {
             "Messages a stream consumer has not processed yet",
             consumer_lag.clone(),
         );
+        let stream_consumers =
+            Family::<SourceLabels, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "stream_consumers",
+            "Stream consumers running in this process, by source (on PostgreSQL, only on the server that runs the writer)",
+            stream_consumers.clone(),
+        );
         let event_latency =
             Family::<SourceLabels, Histogram>::new_with_constructor(latency_histogram);
         registry.register(
@@ -122,6 +132,7 @@ impl Default for Metrics {
             latency,
             events,
             consumer_lag,
+            stream_consumers,
         }
     }
 }

@@ -383,6 +383,7 @@ async fn consume(
     tracker: Arc<Mutex<Tracker>>,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
+    let _running = super::Running::new(&state, SOURCE);
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let freed = Arc::new(Notify::new());
     let mut backlog: VecDeque<(OwnedMessage, Option<u64>)> = VecDeque::new();

@@ -107,6 +107,40 @@ pub async fn while_leading(state: AppState, args: StreamArgs) {
     }
 }
 
+/// `stream_consumers{source}` is 1 while this lives: from a consumer's start
+/// until it has stopped (acked or committed what it charged, and left its
+/// group).
+pub(crate) struct Running {
+    state: AppState,
+    source: &'static str,
+}
+
+impl Running {
+    pub(crate) fn new(state: &AppState, source: &'static str) -> Running {
+        state
+            .metrics
+            .stream_consumers
+            .get_or_create(&crate::metrics::SourceLabels { source })
+            .set(1);
+        Running {
+            state: state.clone(),
+            source,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.state
+            .metrics
+            .stream_consumers
+            .get_or_create(&crate::metrics::SourceLabels {
+                source: self.source,
+            })
+            .set(0);
+    }
+}
+
 /// Resolves once `stopping` turns true (or its sender is gone): a graceful
 /// shutdown has begun, or the consumers are to stop.
 pub(crate) async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {

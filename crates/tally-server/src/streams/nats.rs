@@ -183,6 +183,7 @@ async fn run(
     settings: Settings,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
+    let _running = super::Running::new(&state, SOURCE);
     let client = tokio::select! {
         client = connect(&settings) => client,
         _ = super::stopped(&mut stopping) => return,
@@ -194,7 +195,7 @@ async fn run(
     loop {
         let error = tokio::select! {
             error = consume(&state, &context, &settings, &slots, &mut failures) => error,
-            _ = super::stopped(&mut stopping) => return finish(&slots, &client).await,
+            _ = super::stopped(&mut stopping) => return finish(&slots, &client, &settings).await,
         };
         failures += 1;
         if failures == 1 {
@@ -211,7 +212,7 @@ async fn run(
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             // Messages of the failed pull may still be being charged.
-            _ = super::stopped(&mut stopping) => return finish(&slots, &client).await,
+            _ = super::stopped(&mut stopping) => return finish(&slots, &client, &settings).await,
         }
         backoff = (backoff * 2).min(RETRY_MAX);
     }
@@ -221,14 +222,15 @@ async fn run(
 /// charged and acked, then make sure the server has read the acks (up to
 /// [`FLUSH_WAIT`]: a server that is gone cannot take them anyway).
 ///
-/// Flushing only hands the acks to the socket. Closing the connection right
-/// after can reset it (when messages the server pushed meanwhile are still
-/// unread here), and the server then drops what it had not yet read: acks
-/// of messages already charged, which come again as duplicates. So a
-/// request follows the flush (to JetStream's account info; only that an
-/// answer comes matters, even "no responders"): the server reads a
-/// connection in order, so its answer means it has read every ack before.
-async fn finish(slots: &Semaphore, client: &async_nats::Client) {
+/// Flushing only hands the acks to the client's socket. Closing the
+/// connection right after, with messages the server pushed meanwhile still
+/// unread, resets it, and what had not left the client (or not yet been
+/// read by the server) is lost: acks of messages already charged, which
+/// then come again as duplicates. So a request follows the flush (the
+/// consumer's info, which the consumer may already ask for; only that an
+/// answer comes matters): the server reads a connection in order, so its
+/// answer means it has read every ack sent before.
+async fn finish(slots: &Semaphore, client: &async_nats::Client, settings: &Settings) {
     let all = MAX_IN_FLIGHT as u32;
     if tokio::time::timeout(STOP_WAIT, slots.acquire_many(all))
         .await
@@ -241,7 +243,8 @@ async fn finish(slots: &Semaphore, client: &async_nats::Client) {
     }
     let confirmed = tokio::time::timeout(FLUSH_WAIT, async {
         client.flush().await.map_err(|error| error.to_string())?;
-        match client.request("$JS.API.INFO", Default::default()).await {
+        let info = format!("$JS.API.CONSUMER.INFO.{}.{DURABLE}", settings.stream);
+        match client.request(info, Default::default()).await {
             Ok(_) => Ok(()),
             Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
             Err(error) => Err(error.to_string()),

@@ -890,6 +890,10 @@ async fn the_consumer_moves_with_the_writer() {
 
     round("a").await;
     assert_eq!(total(&processed(&first).await), EACH as i64);
+    assert!(first
+        .metrics()
+        .await
+        .contains("tally_stream_consumers{source=\"kafka\"} 1"));
     assert_eq!(
         total(&processed(&second).await),
         0,
@@ -909,7 +913,14 @@ async fn the_consumer_moves_with_the_writer() {
         "the writer's session ended"
     );
     first.wait_until_follower().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_until!(
+        Duration::from_secs(20),
+        "the first server's consumer stopped and left the group",
+        first
+            .metrics()
+            .await
+            .contains("tally_stream_consumers{source=\"kafka\"} 0")
+    );
     second.freeze(false);
     second.wait_for_writer().await;
     round("b").await;

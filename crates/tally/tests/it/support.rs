@@ -287,6 +287,17 @@ impl TestApp {
         let second = TestApp::spawn_beside(&first).await;
         assert!(!second.is_writer().await, "the second server follows");
         let database = first.database_url.clone().expect("a PostgreSQL app");
+        // Only once the second server waits for the leader lock can it take
+        // over when the first's session ends.
+        let mut waits = 0;
+        while count_sessions(&database, &leader_lock_sessions(false)) != 1 {
+            waits += 1;
+            assert!(
+                waits < 100,
+                "the second server waits for the lock within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         (first, second, database)
     }
 
