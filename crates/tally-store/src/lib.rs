@@ -253,25 +253,19 @@ enum Led {
 }
 
 /// How often a server waiting for the leader lock answers the commands
-/// queued meanwhile.
+/// queued meanwhile (`Unavailable`: a request that saw this server lead just
+/// before it stopped leading).
 const ANSWER_QUEUED_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Wait for the leader lock on `connection` (one `pg_advisory_lock`, pending
-/// for as long as another session holds it). Every [`ANSWER_QUEUED_EVERY`]
-/// meanwhile, `between` answers the commands queued since (`Unavailable`: a
-/// request that saw this server lead just before it stopped leading) and
-/// says whether the store has closed. Whether it took the lock (false: the
-/// store closed, and the connection is to be dropped).
-fn wait_for_lock(connection: &Connection, between: &mut dyn FnMut() -> bool) -> db::Result<bool> {
-    connection.wait_for_advisory_lock(LEADER_LOCK, ANSWER_QUEUED_EVERY, between)
-}
 
 /// Become the writer of a PostgreSQL database: take the leader lock (held by
 /// this connection's session for as long as it lives, so a writer whose
 /// connection is gone can no longer commit), record where this server
 /// listens, and load the writer's state from what is committed.
 ///
-/// The first time, it waits for the lock ([`wait_for_lock`]). After its
+/// The first time, it waits for the lock: one `pg_advisory_lock`, pending for
+/// as long as another session holds it, while `between_waits` answers the
+/// commands queued meanwhile every [`ANSWER_QUEUED_EVERY`] and says whether
+/// the store has closed ([`Led::Closed`]). After its
 /// connection was lost it does not wait at first: if the lock is free it
 /// leads again; if its own last session still holds it (PostgreSQL has not
 /// yet seen that connection end), it ends that session and tries again
@@ -298,7 +292,11 @@ fn lead(
     let deadline = std::time::Instant::now() + END_LOST_SESSION_WITHIN;
     loop {
         if state.previous.is_none() {
-            if !wait_for_lock(&connection, between_waits)? {
+            if !connection.wait_for_advisory_lock(
+                LEADER_LOCK,
+                ANSWER_QUEUED_EVERY,
+                between_waits,
+            )? {
                 return Ok(Led::Closed);
             }
             break;

@@ -272,12 +272,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("serve")?;
     // The stream consumers stop on the same signal: wait for their last
     // commits and acks (bounded by the exit timer above).
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
-    for task in consumer_tasks {
-        if tokio::time::timeout_at(deadline, task).await.is_err() {
-            tracing::warn!("a stream consumer did not stop within 15 s; what it did not commit or ack will be delivered again");
-            break;
-        }
-    }
+    tally_server::streams::wait_stopped(consumer_tasks).await;
     Ok(())
 }

@@ -50,9 +50,24 @@ pub fn start(
     Ok(tasks)
 }
 
-/// How long [`while_leading`] waits for its consumers to stop (each waits up
-/// to 10 s for what it is charging, then commits or flushes its acks).
+/// How long [`wait_stopped`] waits for the consumers to stop (each waits up
+/// to 10 s for what it is charging, then commits or confirms its acks).
 const STOP_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Wait, for at most [`STOP_WITHIN`] in all, until the consumers' tasks
+/// (told to stop) have ended; one still running then is left to finish on
+/// its own, and what it did not commit or ack is delivered again.
+pub async fn wait_stopped(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    let deadline = tokio::time::Instant::now() + STOP_WITHIN;
+    for task in tasks {
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            tracing::warn!(
+                "a stream consumer did not stop within {STOP_WITHIN:?}; what it did not commit or ack will be delivered again"
+            );
+            return;
+        }
+    }
+}
 
 /// Several servers over one PostgreSQL database: run the consumers only
 /// while this server runs the writer. They start once it leads, stop (as on
@@ -92,15 +107,7 @@ pub async fn while_leading(state: AppState, args: StreamArgs) {
             );
         }
         stop.send_replace(true);
-        let deadline = tokio::time::Instant::now() + STOP_WITHIN;
-        for task in tasks {
-            if tokio::time::timeout_at(deadline, task).await.is_err() {
-                tracing::warn!(
-                    "a stream consumer did not stop within {STOP_WITHIN:?}; it is left to finish on its own"
-                );
-                break;
-            }
-        }
+        wait_stopped(tasks).await;
         if shutting_down {
             return;
         }
@@ -110,34 +117,23 @@ pub async fn while_leading(state: AppState, args: StreamArgs) {
 /// `stream_consumers{source}` is 1 while this lives: from a consumer's start
 /// until it has stopped (acked or committed what it charged, and left its
 /// group).
-pub(crate) struct Running {
-    state: AppState,
-    source: &'static str,
-}
+pub(crate) struct Running(prometheus_client::metrics::gauge::Gauge);
 
 impl Running {
     pub(crate) fn new(state: &AppState, source: &'static str) -> Running {
-        state
+        let gauge = state
             .metrics
             .stream_consumers
             .get_or_create(&crate::metrics::SourceLabels { source })
-            .set(1);
-        Running {
-            state: state.clone(),
-            source,
-        }
+            .clone();
+        gauge.set(1);
+        Running(gauge)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.state
-            .metrics
-            .stream_consumers
-            .get_or_create(&crate::metrics::SourceLabels {
-                source: self.source,
-            })
-            .set(0);
+        self.0.set(0);
     }
 }
 

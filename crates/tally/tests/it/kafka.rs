@@ -39,7 +39,7 @@ use serde_json::{json, Value};
 
 use crate::support::{
     assert_replayable, decimal, leader_lock_sessions, micros, micros_of, terminate_sessions,
-    TestApp, ADMIN_KEY,
+    wait_until, TestApp, ADMIN_KEY,
 };
 
 const BROKERS: &str = "127.0.0.1:9092";
@@ -291,20 +291,6 @@ async fn charges(app: &TestApp, customer: &str) -> (HashMap<String, Vec<Value>>,
         }
     }
     (by_event, replayed)
-}
-
-/// Poll `done` every 100 ms until it holds, or fail after `limit` with `what`.
-macro_rules! wait_until {
-    ($limit:expr, $what:expr, $done:expr) => {{
-        let deadline = Instant::now() + $limit;
-        loop {
-            if $done {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{} within {:?}", $what, $limit);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }};
 }
 
 // ---------------------------------------------------------------- tests

@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 
 use crate::support::{
     assert_replayable, decimal, fresh_dir, leader_lock_sessions, micros, micros_of,
-    terminate_sessions, Options, TestApp, ADMIN_KEY,
+    terminate_sessions, wait_until, Options, TestApp, ADMIN_KEY,
 };
 
 const NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -1045,7 +1045,14 @@ async fn only_the_server_that_runs_the_writer_consumes() {
     second.wait_for_writer().await;
     first.wait_until_follower().await;
     // Its consumer stops right after (a graceful stop of its own).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until!(
+        Duration::from_secs(20),
+        "the first server's consumer stopped",
+        first
+            .metrics()
+            .await
+            .contains("tally_stream_consumers{source=\"nats\"} 0")
+    );
     round("b").await;
     assert_eq!(
         charged_here(&first).await,

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::support::{
     assert_replayable, count_sessions, leader_lock_sessions, micros_of, terminate_sessions,
-    Options, Reply, TestApp, ADMIN_KEY,
+    wait_until, Options, Reply, TestApp, ADMIN_KEY,
 };
 
 const CLIENTS: usize = 64;
@@ -377,13 +377,11 @@ async fn a_writer_that_lost_the_lock_to_another_server_follows_it() {
     // on new ones.
     let waiting = leader_lock_sessions(false);
     let both_wait = || async {
-        for _ in 0..100 {
-            if count_sessions(&database, &waiting) == 2 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("both followers wait for the lock within 10 s");
+        wait_until!(
+            Duration::from_secs(10),
+            "both followers wait for the lock",
+            count_sessions(&database, &waiting) == 2
+        );
     };
     for _ in 0..2 {
         both_wait().await;
@@ -500,13 +498,11 @@ async fn a_server_that_follows_delivers_no_webhooks() {
     let arrived = |count: usize| {
         let received = received.clone();
         async move {
-            for _ in 0..100 {
-                if received.lock().unwrap().len() >= count {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("request {count} did not arrive within 10 s");
+            wait_until!(
+                Duration::from_secs(10),
+                format!("request {count} arrives"),
+                received.lock().unwrap().len() >= count
+            );
         }
     };
     arrived(1).await;

@@ -13,6 +13,27 @@ use tokio::process::{Child, Command};
 
 pub const ADMIN_KEY: &str = "test-admin-key";
 
+/// Poll `done` (an expression, `.await` allowed) every 100 ms until it holds,
+/// or fail after `limit` saying `what` did not happen within it.
+macro_rules! wait_until {
+    ($limit:expr, $what:expr, $done:expr) => {{
+        let deadline = std::time::Instant::now() + $limit;
+        loop {
+            if $done {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} within {:?}",
+                $what,
+                $limit
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }};
+}
+pub(crate) use wait_until;
+
 static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
 
 /// A fresh, empty directory under the system temp dir, removed by [`TestApp`]'s drop.
@@ -289,15 +310,11 @@ impl TestApp {
         let database = first.database_url.clone().expect("a PostgreSQL app");
         // Only once the second server waits for the leader lock can it take
         // over when the first's session ends.
-        let mut waits = 0;
-        while count_sessions(&database, &leader_lock_sessions(false)) != 1 {
-            waits += 1;
-            assert!(
-                waits < 100,
-                "the second server waits for the lock within 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until!(
+            Duration::from_secs(10),
+            "the second server waits for the lock",
+            count_sessions(&database, &leader_lock_sessions(false)) == 1
+        );
         (first, second, database)
     }
 
@@ -345,13 +362,11 @@ impl TestApp {
     /// Wait until this server no longer runs the writer (another server took
     /// over, and this one follows it), for at most 10 s.
     pub async fn wait_until_follower(&self) {
-        for _ in 0..100 {
-            if !self.is_writer().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the server still runs the writer after 10 s");
+        wait_until!(
+            Duration::from_secs(10),
+            "the server stops running the writer",
+            !self.is_writer().await
+        );
     }
 
     /// The arguments that point a `tally` command at this test's store.
