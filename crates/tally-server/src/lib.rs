@@ -93,8 +93,16 @@ impl AppState {
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             max_in_flight: MAX_IN_FLIGHT,
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
+            // A leader that vanished without a reset (a partition, a host
+            // gone) fails a forwarded request after 30 s of its data going
+            // unacknowledged, and a pooled connection to it once a keepalive
+            // probe (after 10 s idle) goes unanswered as long, instead of
+            // after Linux's 15 minutes of retransmissions; a quiet live
+            // stream from a leader that is there is not cut.
             forwarder: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(2))
+                .tcp_keepalive(Duration::from_secs(10))
+                .tcp_user_timeout(Duration::from_secs(30))
                 .build()
                 .expect("an HTTP client with default settings"),
             leader_url: std::sync::RwLock::default(),

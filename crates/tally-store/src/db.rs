@@ -469,6 +469,56 @@ const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30)
 const KEEPALIVES_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 const KEEPALIVES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// What PostgreSQL's end of every store connection is told, unless the URL's
+/// `options` set it (`-c name=value`): TCP keepalive probes after 10 s
+/// without traffic, every 5 s; the connection closed once what the server
+/// sent (data or a probe) has gone unacknowledged for 30 s; and a running
+/// statement checking every 5 s that its client is still there.
+///
+/// These are the server's side of [`TCP_USER_TIMEOUT`] and the keepalives:
+/// the client's settings only make Tally give up on a connection. When the
+/// writer's host vanishes without a reset (a partition, a host that lost
+/// power), PostgreSQL keeps its session, and with it the leader lock, until
+/// its own end of the connection fails, which with the system's defaults
+/// (`tcp_keepalives_idle` 0: two hours, then nine probes 75 s apart) leaves
+/// every server without a writer for over two hours. With these, the
+/// session ends and the lock passes to a waiting server about 30 s after
+/// the last traffic (Linux applies the user timeout to unanswered keepalive
+/// probes too; `servers::a_writer_cut_off_from_the_database_is_replaced`
+/// sees the takeover 30.3-30.7 s after the link goes down). A follower whose
+/// host vanished while it waited for the lock leaves the lock's queue the
+/// same way (`client_connection_check_interval`, PostgreSQL 14 and later;
+/// a setting the server does not know is left out). They apply to TCP
+/// connections only; PostgreSQL ignores them on a Unix socket, where a
+/// client cannot vanish.
+const SERVER_SIDE_SETTINGS: &[(&str, &str)] = &[
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "30000"),
+    ("client_connection_check_interval", "5000"),
+];
+
+/// The statement that applies [`SERVER_SIDE_SETTINGS`] to a new session,
+/// leaving out those the URL's `options` set and those the server does not
+/// know (`set_config` of an unknown name would fail).
+fn server_side_settings(config: &tokio_postgres::Config) -> Option<String> {
+    let options = config.get_options().unwrap_or_default();
+    let values: Vec<String> = SERVER_SIDE_SETTINGS
+        .iter()
+        .filter(|(name, _)| !options.contains(name))
+        .map(|(name, value)| format!("('{name}', '{value}')"))
+        .collect();
+    if values.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "SELECT set_config(v.name, v.value, false) FROM (VALUES {}) AS v(name, value) \
+         WHERE v.name IN (SELECT name FROM pg_settings)",
+        values.join(", ")
+    ))
+}
+
 /// `url` as a client configuration, with Tally's defaults for what the URL
 /// leaves unset: [`CONNECT_TIMEOUT`], [`TCP_USER_TIMEOUT`],
 /// [`KEEPALIVES_IDLE`] and [`KEEPALIVES_INTERVAL`].
@@ -504,8 +554,8 @@ impl Connection {
             .enable_all()
             .build()
             .map_err(|e| Error::Corrupt(format!("a runtime for the connection: {e}")))?;
-        let (client, connection) =
-            runtime.block_on(postgres_config(url)?.connect(tokio_postgres::NoTls))?;
+        let config = postgres_config(url)?;
+        let (client, connection) = runtime.block_on(config.connect(tokio_postgres::NoTls))?;
         runtime.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(
@@ -518,7 +568,14 @@ impl Connection {
         // costed from missing statistics (a new database, before its first
         // ANALYZE) can cross `jit_above_cost` and spend 10-15 ms compiling
         // a statement that runs in microseconds, on the writer's thread.
-        runtime.block_on(client.batch_execute("SET jit = off"))?;
+        // And PostgreSQL's end of the connection is told to notice a client
+        // that vanished (`SERVER_SIDE_SETTINGS`).
+        let mut setup = String::from("SET jit = off");
+        if let Some(settings) = server_side_settings(&config) {
+            setup.push_str("; ");
+            setup.push_str(&settings);
+        }
+        runtime.block_on(client.batch_execute(&setup))?;
         Ok(Connection {
             kind: Kind::Postgres(Box::new(Pg {
                 runtime,
@@ -1968,6 +2025,54 @@ pub(crate) mod tests {
             std::time::Duration::from_secs(90)
         );
         assert!(postgres_config("postgres://tally@db:5432/tally?connect_timeout=soon").is_err());
+    }
+
+    /// PostgreSQL's end of a store connection is told to notice a client
+    /// that vanished (keepalives, a user timeout, checks while a statement
+    /// runs), but for what the URL's `options` set. The settings in effect
+    /// are read back from a session on the PostgreSQL pass of the suite.
+    #[test]
+    fn postgres_sessions_notice_a_vanished_client_unless_the_url_says() {
+        let plain = postgres_config("postgres://tally@db.internal:5432/tally").unwrap();
+        let all = server_side_settings(&plain).expect("every setting");
+        for (name, value) in SERVER_SIDE_SETTINGS {
+            assert!(all.contains(&format!("('{name}', '{value}')")), "{all}");
+        }
+        let some = postgres_config(
+            "postgres://tally@db:5432/tally?options=-c%20tcp_keepalives_idle%3D60%20-c%20tcp_user_timeout%3D0",
+        )
+        .unwrap();
+        let some = server_side_settings(&some).expect("the rest");
+        assert!(!some.contains("tcp_keepalives_idle") && !some.contains("tcp_user_timeout"));
+        assert!(some.contains("('tcp_keepalives_count', '3')"), "{some}");
+
+        for (connection, place) in connections("vanished") {
+            if connection.dialect() != Dialect::Postgres {
+                continue;
+            }
+            let read = |connection: &Connection, name: &str| -> String {
+                connection
+                    .query_row(
+                        "SELECT setting FROM pg_settings WHERE name = ?1",
+                        params![name],
+                        |row| row.get(0),
+                    )
+                    .unwrap()
+            };
+            // Over TCP (127.0.0.1 in the suite), every setting this server
+            // knows is in effect; PostgreSQL reads them as 0 on a Unix socket.
+            for (name, value) in SERVER_SIDE_SETTINGS {
+                assert_eq!(&read(&connection, name), value, "{name}");
+            }
+            let url = place.url().expect("a PostgreSQL database");
+            let own = Connection::postgres(&format!("{url}?options=-c%20tcp_keepalives_idle%3D60"))
+                .unwrap();
+            assert_eq!(read(&own, "tcp_keepalives_idle"), "60");
+            assert_eq!(read(&own, "tcp_keepalives_count"), "3");
+            drop(own);
+            drop(connection);
+            drop_database(place);
+        }
     }
 
     /// The connections the suite runs on: SQLite always, and a fresh

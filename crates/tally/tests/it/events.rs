@@ -192,6 +192,7 @@ async fn events_are_priced_at_their_own_timestamp() {
     let app = priced_app(Options {
         manual_clock: true,
         extra_args: vec!["--event-window-seconds".into(), "86400".into()],
+        ..Options::default()
     })
     .await;
     let clock = |reply: Reply| reply.body["now"].as_str().unwrap().to_string();

@@ -150,11 +150,273 @@ fn drop_database(url: &str) {
     );
 }
 
+/// A private PostgreSQL cluster on one end of a virtual link, and a network
+/// namespace holding the link's other end. A server started in the namespace
+/// ([`Partition::options`]) reaches the database only over that link, which
+/// [`Partition::cut`] takes down: from then on every packet either way is
+/// dropped, with no reset, as when a host is cut off or loses power.
+/// PostgreSQL then sees that server's sessions only as quiet. Servers started
+/// outside the namespace reach the cluster's address locally and are not
+/// cut off.
+///
+/// The cluster is made with `initdb` in a temporary directory and run as the
+/// `postgres` user, listening only on the link's address; the link is a
+/// `veth` pair, made and dropped with `ip`. That needs root, `ip` and
+/// PostgreSQL's server programs (`TALLY_TEST_PG_BIN`, or the newest
+/// `/usr/lib/postgresql/*/bin`): without them the test fails, saying which.
+/// Everything is removed on drop.
+pub struct Partition {
+    namespace: String,
+    /// The link's end inside the namespace.
+    inside: String,
+    outside: String,
+    dir: PathBuf,
+    bin: PathBuf,
+    /// The cluster's address (outside) and the namespace's.
+    host: String,
+    guest: String,
+}
+
+const PARTITION_PORT: u16 = 55432;
+
+fn run(program: &str, args: &[&str]) {
+    let status = std::process::Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("run {program} {args:?}: {e}"));
+    assert!(status.success(), "{program} {args:?}: {status}");
+}
+
+impl Partition {
+    pub fn new() -> Partition {
+        let pid = std::process::id();
+        let subnet = format!("10.251.{}", pid % 250);
+        let bin = match std::env::var_os("TALLY_TEST_PG_BIN") {
+            Some(dir) => PathBuf::from(dir),
+            None => {
+                let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+                    .expect("PostgreSQL's server programs under /usr/lib/postgresql (or set TALLY_TEST_PG_BIN)")
+                    .filter_map(|entry| entry.ok().map(|e| e.path().join("bin")))
+                    .filter(|bin| bin.join("initdb").exists())
+                    .collect();
+                found.sort_by_key(|bin| {
+                    bin.parent()
+                        .and_then(|v| v.file_name())
+                        .and_then(|v| v.to_str())
+                        .and_then(|v| v.parse::<u32>().ok())
+                });
+                found
+                    .pop()
+                    .expect("no /usr/lib/postgresql/*/bin/initdb (set TALLY_TEST_PG_BIN)")
+            }
+        };
+        let lab = Partition {
+            namespace: format!("tally-lab-{pid}"),
+            inside: format!("tlab{pid}i"),
+            outside: format!("tlab{pid}o"),
+            dir: std::env::temp_dir().join(format!("tally-lab-{pid}")),
+            bin,
+            host: format!("{subnet}.1"),
+            guest: format!("{subnet}.2"),
+        };
+        lab.remove();
+        let made = std::process::Command::new("ip")
+            .args(["netns", "add", &lab.namespace])
+            .status();
+        assert!(
+            made.as_ref().is_ok_and(|status| status.success()),
+            "a network namespace for the partition test ({made:?}): it needs root and `ip` (iproute2)"
+        );
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &lab.outside,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &lab.inside,
+            ],
+        );
+        run("ip", &["link", "set", &lab.inside, "netns", &lab.namespace]);
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", lab.host),
+                "dev",
+                &lab.outside,
+            ],
+        );
+        run("ip", &["link", "set", &lab.outside, "up"]);
+        let ns = ["netns", "exec", lab.namespace.as_str(), "ip"];
+        let inside_address = format!("{}/24", lab.guest);
+        run(
+            "ip",
+            &[
+                &ns[..],
+                &["addr", "add", &inside_address, "dev", &lab.inside],
+            ]
+            .concat(),
+        );
+        run(
+            "ip",
+            &[&ns[..], &["link", "set", &lab.inside, "up"]].concat(),
+        );
+        run("ip", &[&ns[..], &["link", "set", "lo", "up"]].concat());
+
+        std::fs::create_dir_all(&lab.dir).expect("the cluster's directory");
+        run("chown", &["postgres", lab.dir.to_str().unwrap()]);
+        let data = lab.dir.join("data");
+        lab.as_postgres(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        let mut hba = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("pg_hba.conf"))
+            .expect("pg_hba.conf");
+        use std::io::Write;
+        writeln!(hba, "host all all {subnet}.0/24 trust").expect("write pg_hba.conf");
+        let settings = format!(
+            "-p {PARTITION_PORT} -k {} -c listen_addresses={} -c fsync=off",
+            lab.dir.display(),
+            lab.host
+        );
+        let log = lab.dir.join("log");
+        lab.as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-w",
+                "-o",
+                &settings,
+                "-l",
+                log.to_str().unwrap(),
+                "start",
+            ],
+        );
+        postgres_admin(&lab.server(), "CREATE DATABASE tally".into());
+        lab
+    }
+
+    fn as_postgres(&self, program: &str, args: &[&str]) {
+        let program = self.bin.join(program);
+        run(
+            "runuser",
+            &[&["-u", "postgres", "--", program.to_str().unwrap()], args].concat(),
+        );
+    }
+
+    fn server(&self) -> String {
+        format!("postgres://postgres@{}:{PARTITION_PORT}", self.host)
+    }
+
+    /// The database's URL.
+    pub fn url(&self) -> String {
+        format!("{}/tally", self.server())
+    }
+
+    /// Options that start a server inside the namespace, listening on its
+    /// address (where the test and the other servers reach it).
+    pub fn options(&self) -> Options {
+        Options {
+            launcher: vec![
+                "ip".into(),
+                "netns".into(),
+                "exec".into(),
+                self.namespace.clone(),
+            ],
+            listen: Some(format!("{}:0", self.guest)),
+            ..Options::default()
+        }
+    }
+
+    /// Options that start a server outside the namespace, listening on the
+    /// cluster's address, which the servers inside reach over the link.
+    pub fn outside_options(&self) -> Options {
+        Options {
+            listen: Some(format!("{}:0", self.host)),
+            ..Options::default()
+        }
+    }
+
+    /// Take the link down (from inside): nothing crosses it either way.
+    pub fn cut(&self) {
+        self.set_link("down");
+    }
+
+    /// Bring the link back up.
+    pub fn mend(&self) {
+        self.set_link("up");
+    }
+
+    fn set_link(&self, state: &str) {
+        let ip = ["netns", "exec", &self.namespace, "ip", "link", "set"];
+        run("ip", &[&ip[..], &[&self.inside, state]].concat());
+    }
+
+    /// Stop the cluster and remove the link, the namespace and the directory
+    /// (what is there: also what an earlier run left).
+    fn remove(&self) {
+        let quiet = |program: &str, args: &[&str]| {
+            let _ = std::process::Command::new(program)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        };
+        let data = self.dir.join("data");
+        if data.exists() {
+            let pg_ctl = self.bin.join("pg_ctl");
+            quiet(
+                "runuser",
+                &[
+                    "-u",
+                    "postgres",
+                    "--",
+                    pg_ctl.to_str().unwrap(),
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-m",
+                    "immediate",
+                    "stop",
+                ],
+            );
+        }
+        quiet("ip", &["link", "del", &self.outside]);
+        quiet("ip", &["netns", "del", &self.namespace]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     pub manual_clock: bool,
     /// More `tally serve` arguments (`--pubsub-token`, `--max-in-flight`...).
     pub extra_args: Vec<String>,
+    /// A command the server runs under (`ip netns exec <namespace>`), if any.
+    pub launcher: Vec<String>,
+    /// The address to listen on, if not `127.0.0.1:0`.
+    pub listen: Option<String>,
 }
 
 /// A running `tally serve` with its own data directory.
@@ -233,10 +495,26 @@ impl TestApp {
     }
 
     async fn spawn_on(options: Options, database_url: Option<String>) -> TestApp {
+        let owns = database_url.is_some();
+        TestApp::spawn_with_database(options, database_url, owns, true).await
+    }
+
+    /// A server on the PostgreSQL database at `url`, which the test owns
+    /// otherwise (it is not dropped); it waits to run the writer if `lead`.
+    pub async fn spawn_on_database(options: Options, url: String, lead: bool) -> TestApp {
+        TestApp::spawn_with_database(options, Some(url), false, lead).await
+    }
+
+    async fn spawn_with_database(
+        options: Options,
+        database_url: Option<String>,
+        owns_database: bool,
+        wait_for_writer_on_start: bool,
+    ) -> TestApp {
         let data_dir = fresh_dir();
         let mut app = TestApp {
-            owns_database: database_url.is_some(),
-            wait_for_writer_on_start: true,
+            owns_database,
+            wait_for_writer_on_start,
             database_url,
             base: String::new(),
             client: reqwest::Client::builder()
@@ -253,11 +531,18 @@ impl TestApp {
 
     /// Start (or restart) the server process on the same data directory.
     pub async fn start(&mut self) {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+        let mut command = match self.options.launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(env!("CARGO_BIN_EXE_tally"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_tally")),
+        };
         command
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(self.options.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("TALLY_ADMIN_KEY", ADMIN_KEY)
