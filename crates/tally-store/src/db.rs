@@ -469,11 +469,13 @@ const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30)
 const KEEPALIVES_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 const KEEPALIVES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What PostgreSQL's end of every store connection is told, unless the URL's
-/// `options` set it (`-c name=value`): TCP keepalive probes after 10 s
-/// without traffic, every 5 s; the connection closed once what the server
-/// sent (data or a probe) has gone unacknowledged for 30 s; and a running
-/// statement checking every 5 s that its client is still there.
+/// What PostgreSQL's end of every store connection is told, unless something
+/// else set it for the session (the URL's `options`, `ALTER ROLE` or `ALTER
+/// DATABASE ... SET`, the server's configuration): TCP keepalive probes after
+/// 10 s without traffic, every 5 s; the connection closed once what the
+/// server sent (data or a probe) has gone unacknowledged for 30 s; and a
+/// running statement checking every 5 s whether its client's connection has
+/// closed.
 ///
 /// These are the server's side of [`TCP_USER_TIMEOUT`] and the keepalives:
 /// the client's settings only make Tally give up on a connection. When the
@@ -484,13 +486,11 @@ const KEEPALIVES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 /// every server without a writer for over two hours. With these, the
 /// session ends and the lock passes to a waiting server about 30 s after
 /// the last traffic (Linux applies the user timeout to unanswered keepalive
-/// probes too; `servers::a_writer_cut_off_from_the_database_is_replaced`
-/// sees the takeover 30.3-30.7 s after the link goes down). A follower whose
-/// host vanished while it waited for the lock leaves the lock's queue the
-/// same way (`client_connection_check_interval`, PostgreSQL 14 and later;
-/// a setting the server does not know is left out). They apply to TCP
-/// connections only; PostgreSQL ignores them on a Unix socket, where a
-/// client cannot vanish.
+/// probes too). The first three apply to TCP connections only (PostgreSQL
+/// ignores them on a Unix socket). The last does not probe anything itself:
+/// it lets a statement that is running, such as a follower's wait for the
+/// lock, notice a connection that the keepalives (or a reset) have closed,
+/// so a follower whose host vanished leaves the lock's queue.
 const SERVER_SIDE_SETTINGS: &[(&str, &str)] = &[
     ("tcp_keepalives_idle", "10"),
     ("tcp_keepalives_interval", "5"),
@@ -499,24 +499,25 @@ const SERVER_SIDE_SETTINGS: &[(&str, &str)] = &[
     ("client_connection_check_interval", "5000"),
 ];
 
-/// The statement that applies [`SERVER_SIDE_SETTINGS`] to a new session,
-/// leaving out those the URL's `options` set and those the server does not
-/// know (`set_config` of an unknown name would fail).
-fn server_side_settings(config: &tokio_postgres::Config) -> Option<String> {
-    let options = config.get_options().unwrap_or_default();
+/// The statement that applies [`SERVER_SIDE_SETTINGS`] to a new session: each
+/// one still at its built-in default (`pg_settings.source`), and known to
+/// the server; one the server refuses (`client_connection_check_interval`
+/// where it cannot check a socket, such as Windows) is left as it was rather
+/// than failing the connection.
+fn server_side_settings() -> String {
     let values: Vec<String> = SERVER_SIDE_SETTINGS
         .iter()
-        .filter(|(name, _)| !options.contains(name))
         .map(|(name, value)| format!("('{name}', '{value}')"))
         .collect();
-    if values.is_empty() {
-        return None;
-    }
-    Some(format!(
-        "SELECT set_config(v.name, v.value, false) FROM (VALUES {}) AS v(name, value) \
-         WHERE v.name IN (SELECT name FROM pg_settings)",
+    format!(
+        "DO $tally$ DECLARE s record; BEGIN \
+         FOR s IN SELECT v.name, v.value FROM (VALUES {}) AS v(name, value) \
+         JOIN pg_settings p ON p.name = v.name WHERE p.source = 'default' LOOP \
+         BEGIN PERFORM set_config(s.name, s.value, false); \
+         EXCEPTION WHEN OTHERS THEN NULL; END; \
+         END LOOP; END $tally$",
         values.join(", ")
-    ))
+    )
 }
 
 /// `url` as a client configuration, with Tally's defaults for what the URL
@@ -554,8 +555,8 @@ impl Connection {
             .enable_all()
             .build()
             .map_err(|e| Error::Corrupt(format!("a runtime for the connection: {e}")))?;
-        let config = postgres_config(url)?;
-        let (client, connection) = runtime.block_on(config.connect(tokio_postgres::NoTls))?;
+        let (client, connection) =
+            runtime.block_on(postgres_config(url)?.connect(tokio_postgres::NoTls))?;
         runtime.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(
@@ -570,11 +571,7 @@ impl Connection {
         // a statement that runs in microseconds, on the writer's thread.
         // And PostgreSQL's end of the connection is told to notice a client
         // that vanished (`SERVER_SIDE_SETTINGS`).
-        let mut setup = String::from("SET jit = off");
-        if let Some(settings) = server_side_settings(&config) {
-            setup.push_str("; ");
-            setup.push_str(&settings);
-        }
+        let setup = format!("SET jit = off; {}", server_side_settings());
         runtime.block_on(client.batch_execute(&setup))?;
         Ok(Connection {
             kind: Kind::Postgres(Box::new(Pg {
@@ -2029,46 +2026,59 @@ pub(crate) mod tests {
 
     /// PostgreSQL's end of a store connection is told to notice a client
     /// that vanished (keepalives, a user timeout, checks while a statement
-    /// runs), but for what the URL's `options` set. The settings in effect
-    /// are read back from a session on the PostgreSQL pass of the suite.
+    /// runs), but for what something else set for the session: the URL's
+    /// `options`, or the database's own settings. Read back from sessions on
+    /// the PostgreSQL pass of the suite.
     #[test]
-    fn postgres_sessions_notice_a_vanished_client_unless_the_url_says() {
-        let plain = postgres_config("postgres://tally@db.internal:5432/tally").unwrap();
-        let all = server_side_settings(&plain).expect("every setting");
-        for (name, value) in SERVER_SIDE_SETTINGS {
-            assert!(all.contains(&format!("('{name}', '{value}')")), "{all}");
-        }
-        let some = postgres_config(
-            "postgres://tally@db:5432/tally?options=-c%20tcp_keepalives_idle%3D60%20-c%20tcp_user_timeout%3D0",
-        )
-        .unwrap();
-        let some = server_side_settings(&some).expect("the rest");
-        assert!(!some.contains("tcp_keepalives_idle") && !some.contains("tcp_user_timeout"));
-        assert!(some.contains("('tcp_keepalives_count', '3')"), "{some}");
-
+    fn postgres_sessions_notice_a_vanished_client_unless_set_otherwise() {
         for (connection, place) in connections("vanished") {
             if connection.dialect() != Dialect::Postgres {
                 continue;
             }
-            let read = |connection: &Connection, name: &str| -> String {
+            // A setting's value, or None where the server does not know it.
+            let read = |connection: &Connection, name: &str| -> Option<String> {
                 connection
                     .query_row(
-                        "SELECT setting FROM pg_settings WHERE name = ?1",
+                        "SELECT max(setting) FROM pg_settings WHERE name = ?1",
                         params![name],
                         |row| row.get(0),
                     )
                     .unwrap()
             };
-            // Over TCP (127.0.0.1 in the suite), every setting this server
-            // knows is in effect; PostgreSQL reads them as 0 on a Unix socket.
+            // PostgreSQL reads the TCP settings as 0 on a Unix socket.
+            let tcp: bool = connection
+                .query_row("SELECT inet_client_addr() IS NOT NULL", [], |row| {
+                    row.get(0)
+                })
+                .unwrap();
             for (name, value) in SERVER_SIDE_SETTINGS {
-                assert_eq!(&read(&connection, name), value, "{name}");
+                if !tcp && name.starts_with("tcp_") {
+                    continue;
+                }
+                if let Some(setting) = read(&connection, name) {
+                    assert_eq!(&setting, value, "{name}");
+                }
+            }
+            if !tcp {
+                eprintln!("the suite's PostgreSQL is on a Unix socket: its TCP settings unchecked");
+                continue;
             }
             let url = place.url().expect("a PostgreSQL database");
-            let own = Connection::postgres(&format!("{url}?options=-c%20tcp_keepalives_idle%3D60"))
+            let database = url.rsplit('/').next().unwrap().to_owned();
+            connection
+                .execute_batch(&format!(
+                    "ALTER DATABASE {database} SET tcp_keepalives_count = 7"
+                ))
                 .unwrap();
-            assert_eq!(read(&own, "tcp_keepalives_idle"), "60");
-            assert_eq!(read(&own, "tcp_keepalives_count"), "3");
+            let separator = if url.contains('?') { '&' } else { '?' };
+            let own = Connection::postgres(&format!(
+                "{url}{separator}options=-c%20tcp_keepalives_idle%3D60"
+            ))
+            .unwrap();
+            assert_eq!(read(&own, "tcp_keepalives_idle").unwrap(), "60");
+            assert_eq!(read(&own, "tcp_keepalives_count").unwrap(), "7");
+            assert_eq!(read(&own, "tcp_keepalives_interval").unwrap(), "5");
+            assert_eq!(read(&own, "tcp_user_timeout").unwrap(), "30000");
             drop(own);
             drop(connection);
             drop_database(place);

@@ -1,5 +1,6 @@
 //! Starting the real `tally serve` for a test, and talking to it.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -159,12 +160,15 @@ fn drop_database(url: &str) {
 /// outside the namespace reach the cluster's address locally and are not
 /// cut off.
 ///
-/// The cluster is made with `initdb` in a temporary directory and run as the
-/// `postgres` user, listening only on the link's address; the link is a
-/// `veth` pair, made and dropped with `ip`. That needs root, `ip` and
-/// PostgreSQL's server programs (`TALLY_TEST_PG_BIN`, or the newest
+/// The cluster is made with `initdb` in `/tmp/tally-lab-<pid>` and run as the
+/// `postgres` user (with `runuser`), listening only on the link's address, in
+/// a 10.251.x.0/24 that nothing on the machine uses; the link is a `veth`
+/// pair, made and dropped with `ip`. That needs root, `ip`, a `postgres`
+/// user and PostgreSQL's server programs (`TALLY_TEST_PG_BIN`, or the newest
 /// `/usr/lib/postgresql/*/bin`): without them the test fails, saying which.
-/// Everything is removed on drop.
+/// Everything is removed on drop, and what a killed run left (its process
+/// gone) when the next one starts. One per test process: the names are the
+/// process id's.
 pub struct Partition {
     namespace: String,
     /// The link's end inside the namespace.
@@ -188,9 +192,20 @@ fn run(program: &str, args: &[&str]) {
 }
 
 impl Partition {
+    fn named(pid: u32, bin: PathBuf, subnet: &str) -> Partition {
+        Partition {
+            namespace: format!("tally-lab-{pid}"),
+            inside: format!("tlab{pid}i"),
+            outside: format!("tlab{pid}o"),
+            dir: PathBuf::from(format!("/tmp/tally-lab-{pid}")),
+            bin,
+            host: format!("{subnet}.1"),
+            guest: format!("{subnet}.2"),
+        }
+    }
+
     pub fn new() -> Partition {
         let pid = std::process::id();
-        let subnet = format!("10.251.{}", pid % 250);
         let bin = match std::env::var_os("TALLY_TEST_PG_BIN") {
             Some(dir) => PathBuf::from(dir),
             None => {
@@ -210,15 +225,43 @@ impl Partition {
                     .expect("no /usr/lib/postgresql/*/bin/initdb (set TALLY_TEST_PG_BIN)")
             }
         };
-        let lab = Partition {
-            namespace: format!("tally-lab-{pid}"),
-            inside: format!("tlab{pid}i"),
-            outside: format!("tlab{pid}o"),
-            dir: std::env::temp_dir().join(format!("tally-lab-{pid}")),
-            bin,
-            host: format!("{subnet}.1"),
-            guest: format!("{subnet}.2"),
-        };
+        // What runs of this test that were killed left behind: their
+        // clusters, links, namespaces and directories.
+        let netns = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default();
+        let dirs = std::fs::read_dir("/tmp")
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let leftovers = netns
+            .split_whitespace()
+            .chain(dirs.iter().map(String::as_str))
+            .filter_map(|name| name.strip_prefix("tally-lab-")?.parse::<u32>().ok())
+            .filter(|&other| other != pid && !PathBuf::from(format!("/proc/{other}")).exists());
+        for other in leftovers.collect::<HashSet<_>>() {
+            Partition::named(other, bin.clone(), "").remove();
+        }
+        // A /24 that no address or route of this machine is in.
+        let taken = ["addr", "route"]
+            .map(|what| {
+                std::process::Command::new("ip")
+                    .args(["-4", "-o", what, "show"])
+                    .output()
+                    .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                    .unwrap_or_default()
+            })
+            .concat();
+        let subnet = (0..250)
+            .map(|n| format!("10.251.{}", (pid + n) % 250))
+            .find(|subnet| !taken.contains(&format!("{subnet}.")))
+            .expect("a free 10.251.x.0/24 for the partition test");
+        let lab = Partition::named(pid, bin, &subnet);
         lab.remove();
         let made = std::process::Command::new("ip")
             .args(["netns", "add", &lab.namespace])
