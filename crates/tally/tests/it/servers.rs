@@ -540,6 +540,52 @@ async fn a_writer_cut_off_from_the_database_is_replaced() {
     );
 }
 
+/// A follower is cut off from PostgreSQL while its session waits for the
+/// leader lock. Once PostgreSQL's end of that connection has failed (the
+/// keepalives: about 30 s of silence), the check a running statement makes
+/// every 5 s (`client_connection_check_interval`) ends the wait, so the
+/// session leaves the lock's queue; without it, it stayed queued (seen for
+/// over 90 s), to be granted the lock it cannot use when the writer stops.
+/// Once the link is back, the follower waits again on a new session and
+/// forwards writes as before.
+#[tokio::test]
+async fn a_follower_cut_off_from_the_database_leaves_the_lock_queue() {
+    let lab = Partition::new();
+    let first = TestApp::spawn_on_database(lab.outside_options(), lab.url(), true).await;
+    let second = TestApp::spawn_on_database(lab.options(), lab.url(), false).await;
+    let waiting = leader_lock_sessions(false);
+    wait_until!(
+        Duration::from_secs(10),
+        "the follower waits for the lock",
+        count_sessions(&lab.url(), &waiting) == 1
+    );
+    lab.cut();
+    let cut = std::time::Instant::now();
+    wait_until!(
+        Duration::from_secs(90),
+        "the cut-off follower leaves the lock's queue",
+        count_sessions(&lab.url(), &waiting) == 0
+    );
+    eprintln!(
+        "the follower left the lock's queue {:?} after the cut",
+        cut.elapsed()
+    );
+    lab.mend();
+    wait_until!(
+        Duration::from_secs(60),
+        "the follower waits again once the link is back",
+        count_sessions(&lab.url(), &waiting) == 1
+    );
+    first.customer("c").await;
+    first.grant("c", "g", "10").await;
+    assert_eq!(
+        second.charge("c", "through", "1").await.status,
+        StatusCode::OK
+    );
+    assert!(first.is_writer().await && !second.is_writer().await);
+    assert_eq!(micros_of(&first.balance("c").await["available"]), 9_000_000);
+}
+
 /// A receiver that holds the first request it gets for `first` and every
 /// later one for `later` before it answers 200: the delivery ids it was
 /// sent, in order of arrival.

@@ -160,15 +160,15 @@ fn drop_database(url: &str) {
 /// outside the namespace reach the cluster's address locally and are not
 /// cut off.
 ///
-/// The cluster is made with `initdb` in `/tmp/tally-lab-<pid>` and run as the
+/// The cluster is made with `initdb` in `/tmp/tally-lab-<pid>-<n>` and run as the
 /// `postgres` user (with `runuser`), listening only on the link's address, in
 /// a 10.251.x.0/24 that nothing on the machine uses; the link is a `veth`
 /// pair, made and dropped with `ip`. That needs root, `ip`, a `postgres`
 /// user and PostgreSQL's server programs (`TALLY_TEST_PG_BIN`, or the newest
 /// `/usr/lib/postgresql/*/bin`): without them the test fails, saying which.
 /// Everything is removed on drop, and what a killed run left (its process
-/// gone) when the next one starts. One per test process: the names are the
-/// process id's.
+/// gone) when the next one starts. The names hold the process id and the
+/// lab's number in it.
 pub struct Partition {
     namespace: String,
     /// The link's end inside the namespace.
@@ -192,12 +192,13 @@ fn run(program: &str, args: &[&str]) {
 }
 
 impl Partition {
-    fn named(pid: u32, bin: PathBuf, subnet: &str) -> Partition {
+    /// The lab number `n` of process `pid`.
+    fn named(pid: u32, n: u32, bin: PathBuf, subnet: &str) -> Partition {
         Partition {
-            namespace: format!("tally-lab-{pid}"),
-            inside: format!("tlab{pid}i"),
-            outside: format!("tlab{pid}o"),
-            dir: PathBuf::from(format!("/tmp/tally-lab-{pid}")),
+            namespace: format!("tally-lab-{pid}-{n}"),
+            inside: format!("tl{pid}x{n}i"),
+            outside: format!("tl{pid}x{n}o"),
+            dir: PathBuf::from(format!("/tmp/tally-lab-{pid}-{n}")),
             bin,
             host: format!("{subnet}.1"),
             guest: format!("{subnet}.2"),
@@ -205,6 +206,12 @@ impl Partition {
     }
 
     pub fn new() -> Partition {
+        // One lab is made at a time (the choice of a free subnet looks at
+        // the addresses the others added), each with its own number.
+        static MADE: std::sync::Mutex<u32> = std::sync::Mutex::new(0);
+        let mut counter = MADE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *counter += 1;
+        let n = *counter;
         let pid = std::process::id();
         let bin = match std::env::var_os("TALLY_TEST_PG_BIN") {
             Some(dir) => PathBuf::from(dir),
@@ -242,10 +249,15 @@ impl Partition {
         let leftovers = netns
             .split_whitespace()
             .chain(dirs.iter().map(String::as_str))
-            .filter_map(|name| name.strip_prefix("tally-lab-")?.parse::<u32>().ok())
-            .filter(|&other| other != pid && !PathBuf::from(format!("/proc/{other}")).exists());
-        for other in leftovers.collect::<HashSet<_>>() {
-            Partition::named(other, bin.clone(), "").remove();
+            .filter_map(|name| {
+                let (other, number) = name.strip_prefix("tally-lab-")?.split_once('-')?;
+                Some((other.parse::<u32>().ok()?, number.parse::<u32>().ok()?))
+            })
+            .filter(|&(other, _)| {
+                other != pid && !PathBuf::from(format!("/proc/{other}")).exists()
+            });
+        for (other, number) in leftovers.collect::<HashSet<_>>() {
+            Partition::named(other, number, bin.clone(), "").remove();
         }
         // A /24 that no address or route of this machine is in.
         let taken = ["addr", "route"]
@@ -258,10 +270,10 @@ impl Partition {
             })
             .concat();
         let subnet = (0..250)
-            .map(|n| format!("10.251.{}", (pid + n) % 250))
+            .map(|k| format!("10.251.{}", (pid + n + k) % 250))
             .find(|subnet| !taken.contains(&format!("{subnet}.")))
             .expect("a free 10.251.x.0/24 for the partition test");
-        let lab = Partition::named(pid, bin, &subnet);
+        let lab = Partition::named(pid, n, bin, &subnet);
         lab.remove();
         let made = std::process::Command::new("ip")
             .args(["netns", "add", &lab.namespace])
