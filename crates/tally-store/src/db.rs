@@ -46,6 +46,13 @@ pub enum Error {
     /// The task sending a commit ahead panicked or was cancelled.
     #[error("the task sending a commit ended without an answer: {0}")]
     CommitTask(String),
+    /// The database was migrated by a newer build, whose schema this one
+    /// does not know.
+    #[error(
+        "the database's schema is at version {found}, and this build of Tally knows versions up \
+         to {known}: a newer Tally migrated it, so run that version or a newer one"
+    )]
+    NewerSchema { found: i64, known: i64 },
 }
 
 /// The server's own message (the client's Display says only "db error").

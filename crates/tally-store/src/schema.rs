@@ -415,6 +415,19 @@ fn apply(connection: &Connection, postgres: bool) -> db::Result<usize> {
     connection.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
     )?;
+    // A database a newer build migrated (a rollback of a rolling upgrade,
+    // say): this build would write rows without what the newer schema
+    // expects of them, so it does not start on it.
+    let found: Option<i64> =
+        connection.query_row("SELECT max(version) FROM schema_migrations", [], |row| {
+            row.get(0)
+        })?;
+    if let Some(found) = found.filter(|&found| found > latest_version()) {
+        return Err(db::Error::NewerSchema {
+            found,
+            known: latest_version(),
+        });
+    }
     let begin = if postgres { "BEGIN" } else { "BEGIN IMMEDIATE" };
     let mut applied = 0;
     for (version, sql) in MIGRATIONS {
@@ -464,6 +477,37 @@ pub fn latest_version() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database migrated by a newer build (its `schema_migrations` has a
+    /// version this build does not know) is refused, saying so, and left
+    /// as it is; on both stores.
+    #[test]
+    fn a_schema_newer_than_the_build_is_refused() {
+        for (connection, _place) in crate::db::tests::connections("newer_schema") {
+            assert_eq!(migrate(&connection).unwrap(), MIGRATIONS.len());
+            assert_eq!(migrate(&connection).unwrap(), 0, "nothing left to apply");
+            let newer = latest_version() + 1;
+            connection
+                .execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
+                    params![newer],
+                )
+                .unwrap();
+            let refused = migrate(&connection).unwrap_err();
+            assert!(
+                matches!(refused, db::Error::NewerSchema { found, known }
+                    if found == newer && known == latest_version()),
+                "{refused}"
+            );
+            assert!(refused.to_string().contains("a newer Tally migrated it"));
+            let versions: i64 = connection
+                .query_row("SELECT count(*) FROM schema_migrations", [], |row| {
+                    row.get(0)
+                })
+                .unwrap();
+            assert_eq!(versions, MIGRATIONS.len() as i64 + 1);
+        }
+    }
 
     #[test]
     fn the_postgres_schema_has_no_sqlite_types_left() {
