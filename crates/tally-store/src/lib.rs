@@ -352,6 +352,10 @@ fn lead(
     }
     // The lock is this session's from here until the connection ends.
     state.previous = Some(session);
+    // Newer servers may have migrated the database while this one ran (a
+    // rolling upgrade): this build must not write to it. The error stops the
+    // process, which releases the lock to a server that knows the schema.
+    schema::refuse_newer(&connection)?;
     let advertise = loop {
         if let Some(url) = leader.advertise.get() {
             break url.clone();

@@ -415,19 +415,7 @@ fn apply(connection: &Connection, postgres: bool) -> db::Result<usize> {
     connection.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
     )?;
-    // A database a newer build migrated (a rollback of a rolling upgrade,
-    // say): this build would write rows without what the newer schema
-    // expects of them, so it does not start on it.
-    let found: Option<i64> =
-        connection.query_row("SELECT max(version) FROM schema_migrations", [], |row| {
-            row.get(0)
-        })?;
-    if let Some(found) = found.filter(|&found| found > latest_version()) {
-        return Err(db::Error::NewerSchema {
-            found,
-            known: latest_version(),
-        });
-    }
+    refuse_newer(connection)?;
     let begin = if postgres { "BEGIN" } else { "BEGIN IMMEDIATE" };
     let mut applied = 0;
     for (version, sql) in MIGRATIONS {
@@ -467,6 +455,25 @@ fn apply(connection: &Connection, postgres: bool) -> db::Result<usize> {
         }
     }
     Ok(applied)
+}
+
+/// Fail with [`db::Error::NewerSchema`] if a newer build migrated the
+/// database (a rollback of a rolling upgrade, or an older server leading
+/// again after the newer ones migrated): this build would write rows without
+/// what the newer schema expects of them, so it neither starts on it nor
+/// runs its writer.
+pub fn refuse_newer(connection: &Connection) -> db::Result<()> {
+    let found: Option<i64> =
+        connection.query_row("SELECT max(version) FROM schema_migrations", [], |row| {
+            row.get(0)
+        })?;
+    match found.filter(|&found| found > latest_version()) {
+        Some(found) => Err(db::Error::NewerSchema {
+            found,
+            known: latest_version(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The highest migration this build knows.

@@ -16,8 +16,8 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::support::{
-    assert_replayable, count_sessions, leader_lock_sessions, micros_of, terminate_sessions,
-    wait_until, Options, Partition, Reply, TestApp, ADMIN_KEY,
+    assert_replayable, count_sessions, leader_lock_sessions, micros_of, run_on_database,
+    terminate_sessions, wait_until, Options, Partition, Reply, TestApp, ADMIN_KEY,
 };
 
 const CLIENTS: usize = 64;
@@ -584,6 +584,39 @@ async fn a_follower_cut_off_from_the_database_leaves_the_lock_queue() {
     );
     assert!(first.is_writer().await && !second.is_writer().await);
     assert_eq!(micros_of(&first.balance("c").await["available"]), 9_000_000);
+}
+
+/// A newer Tally migrated the database while this server ran its writer (a
+/// rolling upgrade: the new servers migrate, then the old ones stop). The
+/// old writer goes on until it next leads: then, after a lost connection, it
+/// does not run its writer on a schema it does not know, but stops the
+/// process (its error names both versions), which releases the lock to a
+/// server that knows it.
+#[tokio::test]
+async fn a_writer_does_not_lead_again_on_a_schema_a_newer_tally_migrated() {
+    let mut app = TestApp::spawn_postgres(Options::default()).await;
+    let database = app.database_url.clone().expect("a PostgreSQL app");
+    app.customer("c").await;
+    run_on_database(
+        &database,
+        "INSERT INTO schema_migrations (version, applied_at) \
+         SELECT max(version) + 1, 0 FROM schema_migrations",
+    );
+    // Still the writer until it leads again.
+    app.grant("c", "g", "10").await;
+    assert_eq!(
+        terminate_sessions(&database, &leader_lock_sessions(true)),
+        1,
+        "the writer's session ended"
+    );
+    wait_until!(
+        Duration::from_secs(10),
+        "the server stops rather than lead on a newer schema",
+        app.exited().is_some()
+    );
+    let status = app.exited().expect("exited");
+    assert!(!status.success(), "{status}");
+    assert_eq!(count_sessions(&database, &leader_lock_sessions(true)), 0);
 }
 
 /// A receiver that holds the first request it gets for `first` and every

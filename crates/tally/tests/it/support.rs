@@ -104,6 +104,20 @@ pub fn fresh_database(server: &str) -> String {
     format!("{server}/{name}")
 }
 
+/// Run `sql` on the PostgreSQL database at `database_url` (a test's own).
+pub fn run_on_database(database_url: &str, sql: &str) {
+    let (url, sql) = (database_url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("PostgreSQL at {url} is unreachable: {e}"));
+        client
+            .batch_execute(&sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    })
+    .join()
+    .expect("the statement failed");
+}
+
 /// End (`pg_terminate_backend`) the sessions on `database_url`'s database
 /// that `condition` selects (SQL on `pg_stat_activity`'s `pid`, with `$db`
 /// for the database's name), as a PostgreSQL restart or a dropped network
