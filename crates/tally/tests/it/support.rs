@@ -79,16 +79,23 @@ fn on_postgres<T: Send + 'static>(
     server: &str,
     work: impl FnOnce(&mut postgres::Client) -> T + Send + 'static,
 ) -> T {
-    let server = server.to_owned();
+    on_database(&format!("{server}/postgres"), work)
+}
+
+/// Run `work` with a client of the database at `url`, on a thread of its
+/// own (see [`postgres_admin`]).
+fn on_database<T: Send + 'static>(
+    url: &str,
+    work: impl FnOnce(&mut postgres::Client) -> T + Send + 'static,
+) -> T {
+    let url = url.to_owned();
     std::thread::spawn(move || {
-        let mut client = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
-            .unwrap_or_else(|e| {
-                panic!("PostgreSQL at {server} (TALLY_TEST_POSTGRES) is unreachable: {e}")
-            });
+        let mut client = postgres::Client::connect(&url, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("PostgreSQL at {url} is unreachable: {e}"));
         work(&mut client)
     })
     .join()
-    .expect("the PostgreSQL admin statement failed")
+    .expect("the PostgreSQL statement failed")
 }
 
 /// A fresh PostgreSQL database for one test (dropped by [`TestApp`]'s drop);
@@ -106,16 +113,12 @@ pub fn fresh_database(server: &str) -> String {
 
 /// Run `sql` on the PostgreSQL database at `database_url` (a test's own).
 pub fn run_on_database(database_url: &str, sql: &str) {
-    let (url, sql) = (database_url.to_owned(), sql.to_owned());
-    std::thread::spawn(move || {
-        let mut client = postgres::Client::connect(&url, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("PostgreSQL at {url} is unreachable: {e}"));
+    let sql = sql.to_owned();
+    on_database(database_url, move |client| {
         client
             .batch_execute(&sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    })
-    .join()
-    .expect("the statement failed");
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+    });
 }
 
 /// End (`pg_terminate_backend`) the sessions on `database_url`'s database
@@ -198,11 +201,15 @@ pub struct Partition {
 const PARTITION_PORT: u16 = 55432;
 
 fn run(program: &str, args: &[&str]) {
-    let status = std::process::Command::new(program)
-        .args(args)
+    check(std::process::Command::new(program).args(args));
+}
+
+/// Run `command`; fail the test unless it succeeds.
+fn check(command: &mut std::process::Command) {
+    let status = command
         .status()
-        .unwrap_or_else(|e| panic!("run {program} {args:?}: {e}"));
-    assert!(status.success(), "{program} {args:?}: {status}");
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    assert!(status.success(), "{command:?}: {status}");
 }
 
 impl Partition {
@@ -339,22 +346,14 @@ impl Partition {
 
         std::fs::create_dir_all(&lab.dir).expect("the cluster's directory");
         run("chown", &["postgres", lab.dir.to_str().unwrap()]);
-        let data = lab.dir.join("data");
-        lab.as_postgres(
+        let data = lab.data();
+        check(&mut lab.as_postgres(
             "initdb",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-            ],
-        );
+            &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"],
+        ));
         let mut hba = std::fs::OpenOptions::new()
             .append(true)
-            .open(data.join("pg_hba.conf"))
+            .open(lab.dir.join("data/pg_hba.conf"))
             .expect("pg_hba.conf");
         use std::io::Write;
         writeln!(hba, "host all all {subnet}.0/24 trust").expect("write pg_hba.conf");
@@ -363,30 +362,28 @@ impl Partition {
             lab.dir.display(),
             lab.host
         );
-        let log = lab.dir.join("log");
-        lab.as_postgres(
+        let log = format!("{}/log", lab.dir.display());
+        check(&mut lab.as_postgres(
             "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-w",
-                "-o",
-                &settings,
-                "-l",
-                log.to_str().unwrap(),
-                "start",
-            ],
-        );
+            &["-D", &data, "-w", "-o", &settings, "-l", &log, "start"],
+        ));
         postgres_admin(&lab.server(), "CREATE DATABASE tally".into());
         lab
     }
 
-    fn as_postgres(&self, program: &str, args: &[&str]) {
-        let program = self.bin.join(program);
-        run(
-            "runuser",
-            &[&["-u", "postgres", "--", program.to_str().unwrap()], args].concat(),
-        );
+    /// `program` of PostgreSQL's, run as the `postgres` user.
+    fn as_postgres(&self, program: &str, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new("runuser");
+        command
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(program))
+            .args(args);
+        command
+    }
+
+    /// The cluster's data directory.
+    fn data(&self) -> String {
+        format!("{}/data", self.dir.display())
     }
 
     fn server(&self) -> String {
@@ -440,33 +437,16 @@ impl Partition {
     /// Stop the cluster and remove the link, the namespace and the directory
     /// (what is there: also what an earlier run left).
     fn remove(&self) {
-        let quiet = |program: &str, args: &[&str]| {
-            let _ = std::process::Command::new(program)
-                .args(args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+        let quiet = |command: &mut std::process::Command| {
+            let _ = command.stdout(Stdio::null()).stderr(Stdio::null()).status();
         };
-        let data = self.dir.join("data");
-        if data.exists() {
-            let pg_ctl = self.bin.join("pg_ctl");
+        if self.dir.join("data").exists() {
             quiet(
-                "runuser",
-                &[
-                    "-u",
-                    "postgres",
-                    "--",
-                    pg_ctl.to_str().unwrap(),
-                    "-D",
-                    data.to_str().unwrap(),
-                    "-m",
-                    "immediate",
-                    "stop",
-                ],
+                &mut self.as_postgres("pg_ctl", &["-D", &self.data(), "-m", "immediate", "stop"]),
             );
         }
-        quiet("ip", &["link", "del", &self.outside]);
-        quiet("ip", &["netns", "del", &self.namespace]);
+        quiet(std::process::Command::new("ip").args(["link", "del", &self.outside]));
+        quiet(std::process::Command::new("ip").args(["netns", "del", &self.namespace]));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
