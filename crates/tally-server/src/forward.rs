@@ -13,9 +13,8 @@
 //! id is safe either way.
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderName, Method};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
@@ -49,10 +48,17 @@ fn needs_writer(request: &Request) -> bool {
     !read || request.uri().path().ends_with("/stream")
 }
 
-pub async fn to_leader(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// On a server that does not run the writer, a write's answer from the
+/// server that does (`Ok`); else the request back, for this server to
+/// answer (`Err`). Part of [`crate::edge::gate`].
+pub async fn to_leader(state: &AppState, request: Request) -> Result<Response, Request> {
     if state.store.is_leader() || !needs_writer(&request) {
-        return next.run(request).await;
+        return Err(request);
     }
+    Ok(forward(state, request).await)
+}
+
+async fn forward(state: &AppState, request: Request) -> Response {
     if request.headers().contains_key(FORWARDED) {
         let mut answer =
             unavailable("this server was sent a forwarded write but does not run the writer");
@@ -62,7 +68,7 @@ pub async fn to_leader(State(state): State<AppState>, request: Request, next: Ne
         return answer;
     }
     if let Some(declared) = crate::edge::declared_oversize(&request) {
-        return crate::edge::drain_and_refuse(&state, request, declared).await;
+        return crate::edge::drain_and_refuse(state, request, declared).await;
     }
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, crate::edge::MAX_BODY_BYTES).await {
@@ -79,7 +85,7 @@ pub async fn to_leader(State(state): State<AppState>, request: Request, next: Ne
     // The recorded leader may be stale (it died, another took over): look
     // again once before giving up.
     for attempt in 0..2 {
-        let leader = match leader_url(&state, attempt > 0).await {
+        let leader = match leader_url(state, attempt > 0).await {
             Some(url) => url,
             None => return unavailable("no server runs the writer yet"),
         };

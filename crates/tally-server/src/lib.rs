@@ -297,19 +297,10 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .fallback(|| async { ApiError::new("not_found", "no such route; see /docs") })
-        // Inside `track`, so that refused bodies are counted like any answer;
-        // a server that forwards writes refuses them in `to_leader` instead.
+        // Forwarding to the leader, request metrics, oversized bodies.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            edge::refuse_oversized,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            metrics::track,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            forward::to_leader,
+            edge::gate,
         ))
         .layer(DefaultBodyLimit::max(edge::MAX_BODY_BYTES))
         .with_state(state);

@@ -1,18 +1,12 @@
 //! Prometheus metrics: request counts and latencies per route.
 
 use std::sync::Mutex;
-use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-use crate::AppState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -167,6 +161,26 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Count and time a request by its route template (`edge::gate`).
+    pub fn request(
+        &self,
+        method: &str,
+        route: String,
+        status: axum::http::StatusCode,
+        took: std::time::Duration,
+    ) {
+        self.requests
+            .get_or_create(&RouteLabels {
+                method: method.to_owned(),
+                route: route.clone(),
+                status: status.as_u16(),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&LatencyLabels { route })
+            .observe(took.as_secs_f64());
+    }
+
     pub fn render(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(
@@ -176,32 +190,4 @@ impl Metrics {
         .expect("metrics encode");
         text
     }
-}
-
-/// Middleware: count and time every request by its route template.
-pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = request.method().to_string();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_string();
-    let response = next.run(request).await;
-    let status = response.status().as_u16();
-    state
-        .metrics
-        .requests
-        .get_or_create(&RouteLabels {
-            method,
-            route: route.clone(),
-            status,
-        })
-        .inc();
-    state
-        .metrics
-        .latency
-        .get_or_create(&LatencyLabels { route })
-        .observe(started.elapsed().as_secs_f64());
-    response
 }

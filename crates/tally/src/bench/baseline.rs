@@ -416,7 +416,10 @@ impl TallyServer {
     /// PostgreSQL, and a general-purpose client (a connection pool, a URL
     /// parsed per request, its connection in another task, the answer
     /// parsed into a `serde_json::Value`) cost as much CPU as the server
-    /// itself (BENCHMARKS.md, 2026-12-05, later).
+    /// itself (BENCHMARKS.md, 2026-12-05, later). All the clients run on one
+    /// thread of their own (a current-thread runtime), which took about a
+    /// tenth less CPU than the two shared workers of the bench's runtime
+    /// (BENCHMARKS.md, 2026-12-06, thirteenth session).
     async fn closed_loop(
         &self,
         clients: usize,
@@ -450,68 +453,88 @@ impl TallyServer {
         let host = HeaderValue::from_str(&address)?;
         let bearer = HeaderValue::from_str(&format!("Bearer {KEY}"))?;
         let json = HeaderValue::from_static("application/json");
-        let mut tasks = Vec::new();
-        for _ in 0..clients {
-            let (address, path, next, done, acknowledged, body) = (
-                address.clone(),
-                path.to_owned(),
-                self.next.clone(),
-                done.clone(),
-                self.acknowledged.clone(),
-                body.clone(),
-            );
-            let (host, bearer, json) = (host.clone(), bearer.clone(), json.clone());
-            tasks.push(tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(&address).await?;
-                stream.set_nodelay(true)?;
-                let (mut sender, connection) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        let (address, path, next, acknowledged, done_all) = (
+            address,
+            path.to_owned(),
+            self.next.clone(),
+            self.acknowledged.clone(),
+            done.clone(),
+        );
+        let generator = move || -> anyhow::Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let done = done_all;
+            runtime.block_on(async move {
+                let mut tasks = Vec::new();
+                for _ in 0..clients {
+                    let (address, path, next, done, acknowledged, body) = (
+                        address.clone(),
+                        path.clone(),
+                        next.clone(),
+                        done.clone(),
+                        acknowledged.clone(),
+                        body.clone(),
+                    );
+                    let (host, bearer, json) = (host.clone(), bearer.clone(), json.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let stream = tokio::net::TcpStream::connect(&address).await?;
+                        stream.set_nodelay(true)?;
+                        let (mut sender, connection) = hyper::client::conn::http1::handshake(
+                            hyper_util::rt::TokioIo::new(stream),
+                        )
                         .await?;
-                let requests = async move {
-                    while Instant::now() < deadline {
-                        let first = next.fetch_add(per_request, Ordering::Relaxed);
-                        let mut request = hyper::Request::post(path.as_str()).body(
-                            http_body_util::Full::new(hyper::body::Bytes::from(body(first))),
-                        )?;
-                        let headers = request.headers_mut();
-                        headers.insert(HOST, host.clone());
-                        headers.insert(AUTHORIZATION, bearer.clone());
-                        headers.insert(CONTENT_TYPE, json.clone());
-                        sender.ready().await?;
-                        let response = sender.send_request(request).await?;
-                        let status = response.status();
-                        let answer = response.into_body().collect().await?.to_bytes();
-                        ensure!(
-                            status.is_success(),
-                            "{path} answered {status}: {}",
-                            String::from_utf8_lossy(&answer)
-                        );
-                        // A batch answers each event; every one must be charged.
-                        if per_request > 1 {
-                            let parsed: Answer = serde_json::from_slice(&answer)?;
-                            let results = parsed.results.unwrap_or_default();
-                            ensure!(
-                                results.len() as u64 == per_request
-                                    && results.iter().all(|r| r.status == "charged"),
-                                "an event was not charged: {}",
-                                String::from_utf8_lossy(&answer)
-                            );
-                        }
-                        done.fetch_add(per_request, Ordering::Relaxed);
-                        acknowledged.fetch_add(per_request, Ordering::Relaxed);
-                    }
-                    // Dropping the sender ends the connection.
-                    Ok::<_, anyhow::Error>(())
-                };
-                let (connection, requests) = tokio::join!(connection, requests);
-                requests?;
-                connection?;
-                Ok::<_, anyhow::Error>(())
-            }));
-        }
-        for task in tasks {
-            task.await??;
-        }
+                        let requests = async move {
+                            while Instant::now() < deadline {
+                                let first = next.fetch_add(per_request, Ordering::Relaxed);
+                                let mut request = hyper::Request::post(path.as_str()).body(
+                                    http_body_util::Full::new(hyper::body::Bytes::from(body(
+                                        first,
+                                    ))),
+                                )?;
+                                let headers = request.headers_mut();
+                                headers.insert(HOST, host.clone());
+                                headers.insert(AUTHORIZATION, bearer.clone());
+                                headers.insert(CONTENT_TYPE, json.clone());
+                                sender.ready().await?;
+                                let response = sender.send_request(request).await?;
+                                let status = response.status();
+                                let answer = response.into_body().collect().await?.to_bytes();
+                                ensure!(
+                                    status.is_success(),
+                                    "{path} answered {status}: {}",
+                                    String::from_utf8_lossy(&answer)
+                                );
+                                // A batch answers each event; every one must be charged.
+                                if per_request > 1 {
+                                    let parsed: Answer = serde_json::from_slice(&answer)?;
+                                    let results = parsed.results.unwrap_or_default();
+                                    ensure!(
+                                        results.len() as u64 == per_request
+                                            && results.iter().all(|r| r.status == "charged"),
+                                        "an event was not charged: {}",
+                                        String::from_utf8_lossy(&answer)
+                                    );
+                                }
+                                done.fetch_add(per_request, Ordering::Relaxed);
+                                acknowledged.fetch_add(per_request, Ordering::Relaxed);
+                            }
+                            // Dropping the sender ends the connection.
+                            Ok::<_, anyhow::Error>(())
+                        };
+                        let (connection, requests) = tokio::join!(connection, requests);
+                        requests?;
+                        connection?;
+                        Ok::<_, anyhow::Error>(())
+                    }));
+                }
+                for task in tasks {
+                    task.await??;
+                }
+                Ok(())
+            })
+        };
+        blocking(generator).await?;
         Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
     }
 
