@@ -25,12 +25,13 @@ const MAX_DRAINED_BYTES: u64 = 64 * 1024 * 1024;
 /// How long reading an oversized body to its end may take.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Every request's way in, one layer around every route, in this order:
+/// The way in of every request to the API's routes and its fallback (not
+/// the docs, merged after it), one layer, in this order:
 /// - a server that does not run the writer forwards a write to the one that
 ///   does ([`crate::forward::to_leader`]; a body declared too long is refused
-///   there);
-/// - the request is counted and timed by its route template
-///   ([`crate::metrics::Metrics::request`]), whatever the answer;
+///   there), which counts it;
+/// - a request this server answers itself is counted and timed by its route
+///   template ([`crate::metrics::Metrics::request`]), whatever the answer;
 /// - a body whose `Content-Length` is over [`MAX_BODY_BYTES`] is refused
 ///   before the handler runs, with the same 400 `invalid_request` as a body
 ///   found too long while reading, and the rest of it read first if the
