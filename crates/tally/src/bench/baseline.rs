@@ -426,115 +426,42 @@ impl TallyServer {
         seconds: u64,
         path: &str,
         per_request: u64,
-        body: impl Fn(u64) -> String + Clone + Send + 'static,
+        body: impl Fn(u64) -> String + Clone + Send + Sync + 'static,
     ) -> anyhow::Result<f64> {
-        use http_body_util::BodyExt;
-        use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
-
-        /// What the bench reads of an answer: each event's status, for a
-        /// batch (`POST /v1/events`).
-        #[derive(serde::Deserialize)]
-        struct Answer {
-            results: Option<Vec<EventResult>>,
-        }
-        #[derive(serde::Deserialize)]
-        struct EventResult {
-            status: String,
-        }
-
         let done = Arc::new(AtomicU64::new(0));
-        let deadline = Instant::now() + Duration::from_secs(seconds);
         let started = Instant::now();
         let address = self
             .base
             .strip_prefix("http://")
             .context("the server's base URL")?
             .to_owned();
-        let host = HeaderValue::from_str(&address)?;
-        let bearer = HeaderValue::from_str(&format!("Bearer {KEY}"))?;
-        let json = HeaderValue::from_static("application/json");
-        let (address, path, next, acknowledged, done_all) = (
+        let client = LoopClient {
+            host: hyper::header::HeaderValue::from_str(&address)?,
+            bearer: hyper::header::HeaderValue::from_str(&format!("Bearer {KEY}"))?,
             address,
-            path.to_owned(),
-            self.next.clone(),
-            self.acknowledged.clone(),
-            done.clone(),
-        );
-        let generator = move || -> anyhow::Result<()> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let done = done_all;
-            runtime.block_on(async move {
-                let mut tasks = Vec::new();
-                for _ in 0..clients {
-                    let (address, path, next, done, acknowledged, body) = (
-                        address.clone(),
-                        path.clone(),
-                        next.clone(),
-                        done.clone(),
-                        acknowledged.clone(),
-                        body.clone(),
-                    );
-                    let (host, bearer, json) = (host.clone(), bearer.clone(), json.clone());
-                    tasks.push(tokio::spawn(async move {
-                        let stream = tokio::net::TcpStream::connect(&address).await?;
-                        stream.set_nodelay(true)?;
-                        let (mut sender, connection) = hyper::client::conn::http1::handshake(
-                            hyper_util::rt::TokioIo::new(stream),
-                        )
-                        .await?;
-                        let requests = async move {
-                            while Instant::now() < deadline {
-                                let first = next.fetch_add(per_request, Ordering::Relaxed);
-                                let mut request = hyper::Request::post(path.as_str()).body(
-                                    http_body_util::Full::new(hyper::body::Bytes::from(body(
-                                        first,
-                                    ))),
-                                )?;
-                                let headers = request.headers_mut();
-                                headers.insert(HOST, host.clone());
-                                headers.insert(AUTHORIZATION, bearer.clone());
-                                headers.insert(CONTENT_TYPE, json.clone());
-                                sender.ready().await?;
-                                let response = sender.send_request(request).await?;
-                                let status = response.status();
-                                let answer = response.into_body().collect().await?.to_bytes();
-                                ensure!(
-                                    status.is_success(),
-                                    "{path} answered {status}: {}",
-                                    String::from_utf8_lossy(&answer)
-                                );
-                                // A batch answers each event; every one must be charged.
-                                if per_request > 1 {
-                                    let parsed: Answer = serde_json::from_slice(&answer)?;
-                                    let results = parsed.results.unwrap_or_default();
-                                    ensure!(
-                                        results.len() as u64 == per_request
-                                            && results.iter().all(|r| r.status == "charged"),
-                                        "an event was not charged: {}",
-                                        String::from_utf8_lossy(&answer)
-                                    );
-                                }
-                                done.fetch_add(per_request, Ordering::Relaxed);
-                                acknowledged.fetch_add(per_request, Ordering::Relaxed);
-                            }
-                            // Dropping the sender ends the connection.
-                            Ok::<_, anyhow::Error>(())
-                        };
-                        let (connection, requests) = tokio::join!(connection, requests);
-                        requests?;
-                        connection?;
-                        Ok::<_, anyhow::Error>(())
-                    }));
-                }
-                for task in tasks {
-                    task.await??;
-                }
-                Ok(())
-            })
+            path: path.to_owned(),
+            per_request,
+            deadline: started + Duration::from_secs(seconds),
+            next: self.next.clone(),
+            done: done.clone(),
+            acknowledged: self.acknowledged.clone(),
+            body,
         };
-        blocking(generator).await?;
+        blocking(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async move {
+                    let tasks: Vec<_> = (0..clients)
+                        .map(|_| tokio::spawn(client.clone().run()))
+                        .collect();
+                    for task in tasks {
+                        task.await??;
+                    }
+                    Ok(())
+                })
+        })
+        .await?;
         Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
     }
 
@@ -577,6 +504,99 @@ impl TallyServer {
             "Tally balances moved {spent} but acknowledged charges sum to {charged}"
         );
         eprintln!("tally check: {charged} micro-credits acknowledged and spent");
+        Ok(())
+    }
+}
+
+/// One client of [`TallyServer::closed_loop`]: a keep-alive HTTP/1.1
+/// connection posting `body(n)` to `path` until `deadline`, one request at
+/// a time, each of `per_request` charges numbered from `n`.
+#[derive(Clone)]
+struct LoopClient<B> {
+    address: String,
+    host: hyper::header::HeaderValue,
+    bearer: hyper::header::HeaderValue,
+    path: String,
+    per_request: u64,
+    deadline: Instant,
+    next: Arc<AtomicU64>,
+    done: Arc<AtomicU64>,
+    acknowledged: Arc<AtomicU64>,
+    body: B,
+}
+
+impl<B: Fn(u64) -> String> LoopClient<B> {
+    async fn run(self) -> anyhow::Result<()> {
+        let stream = tokio::net::TcpStream::connect(&self.address).await?;
+        stream.set_nodelay(true)?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let requests = async move {
+            while Instant::now() < self.deadline {
+                self.one(&mut sender).await?;
+            }
+            // Dropping the sender ends the connection.
+            Ok::<_, anyhow::Error>(())
+        };
+        let (connection, requests) = tokio::join!(connection, requests);
+        requests?;
+        connection?;
+        Ok(())
+    }
+
+    /// Send one request and check its answer: every charge in it charged.
+    async fn one(
+        &self,
+        sender: &mut hyper::client::conn::http1::SendRequest<
+            http_body_util::Full<hyper::body::Bytes>,
+        >,
+    ) -> anyhow::Result<()> {
+        use http_body_util::BodyExt;
+        use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+
+        /// What the bench reads of an answer: each event's status, for a
+        /// batch (`POST /v1/events`).
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            results: Option<Vec<EventResult>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct EventResult {
+            status: String,
+        }
+
+        let first = self.next.fetch_add(self.per_request, Ordering::Relaxed);
+        let mut request = hyper::Request::post(self.path.as_str()).body(
+            http_body_util::Full::new(hyper::body::Bytes::from((self.body)(first))),
+        )?;
+        let headers = request.headers_mut();
+        headers.insert(HOST, self.host.clone());
+        headers.insert(AUTHORIZATION, self.bearer.clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let answer = response.into_body().collect().await?.to_bytes();
+        ensure!(
+            status.is_success(),
+            "{} answered {status}: {}",
+            self.path,
+            String::from_utf8_lossy(&answer)
+        );
+        // A batch answers each event; every one must be charged.
+        if self.per_request > 1 {
+            let parsed: Answer = serde_json::from_slice(&answer)?;
+            let results = parsed.results.unwrap_or_default();
+            ensure!(
+                results.len() as u64 == self.per_request
+                    && results.iter().all(|r| r.status == "charged"),
+                "an event was not charged: {}",
+                String::from_utf8_lossy(&answer)
+            );
+        }
+        self.done.fetch_add(self.per_request, Ordering::Relaxed);
+        self.acknowledged
+            .fetch_add(self.per_request, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -590,8 +590,7 @@ async fn a_follower_cut_off_from_the_database_leaves_the_lock_queue() {
 /// rolling upgrade: the new servers migrate, then the old ones stop). The
 /// old writer goes on until it next leads: then, after a lost connection, it
 /// does not run its writer on a schema it does not know, but stops the
-/// process (saying why on its standard error), which releases the lock to a
-/// server that knows it.
+/// process, which releases the lock to a server that knows it.
 #[tokio::test]
 async fn a_writer_does_not_lead_again_on_a_schema_a_newer_tally_migrated() {
     let mut app = TestApp::spawn_postgres(Options::default()).await;

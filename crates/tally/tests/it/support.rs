@@ -353,7 +353,7 @@ impl Partition {
         ));
         let mut hba = std::fs::OpenOptions::new()
             .append(true)
-            .open(lab.dir.join("data/pg_hba.conf"))
+            .open(format!("{data}/pg_hba.conf"))
             .expect("pg_hba.conf");
         use std::io::Write;
         writeln!(hba, "host all all {subnet}.0/24 trust").expect("write pg_hba.conf");
