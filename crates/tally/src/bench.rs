@@ -152,6 +152,7 @@ pub(crate) fn postgres_admin(server: &str, sql: String) -> anyhow::Result<()> {
 }
 
 mod baseline;
+mod cpu;
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let (true, Some(server)) = (args.baseline, &args.postgres) {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 
-use super::{postgres_admin, BenchArgs};
+use super::{cpu, postgres_admin, BenchArgs};
 
 /// Clients per run, as the issue asks.
 const CLIENTS: [usize; 3] = [1, 16, 64];
@@ -82,11 +82,14 @@ async fn compare(baseline_url: &str, tally_url: &str, args: &BenchArgs) -> anyho
         }
         for &clients in &counts {
             let base = baseline.run(clients, spread, seconds).await?;
-            eprintln!("baseline {workload} {clients} clients: {base:.0}/s");
+            eprintln!("baseline {workload} {clients} clients: {:.0}/s", base.rate);
             let ours = tally.run(clients, spread, seconds).await?;
-            eprintln!("tally {workload} {clients} clients: {ours:.0}/s");
+            eprintln!("tally {workload} {clients} clients: {:.0}/s", ours.rate);
             let batched = tally.run_batches(clients, spread, seconds).await?;
-            eprintln!("tally events {workload} {clients} clients: {batched:.0}/s");
+            eprintln!(
+                "tally events {workload} {clients} clients: {:.0}/s",
+                batched.rate
+            );
             rows.push((workload, clients, base, ours, batched));
         }
     }
@@ -99,14 +102,73 @@ async fn compare(baseline_url: &str, tally_url: &str, args: &BenchArgs) -> anyho
          | Tally, POST /v1/events ({EVENTS_PER_BATCH} per request) | events / baseline |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for (workload, clients, base, ours, batched) in rows {
+    for (workload, clients, base, ours, batched) in &rows {
         println!(
-            "| {workload} | {clients} | {base:.0} | {ours:.0} | {:.1}x | {batched:.0} | {:.1}x |",
-            ours / base.max(1.0),
-            batched / base.max(1.0)
+            "| {workload} | {clients} | {:.0} | {:.0} | {:.1}x | {:.0} | {:.1}x |",
+            base.rate,
+            ours.rate,
+            ours.rate / base.rate.max(1.0),
+            batched.rate,
+            batched.rate / base.rate.max(1.0),
         );
     }
+    print_cpu(&rows);
     Ok(())
+}
+
+/// One run: charges (or events) per second, and where its CPU went.
+struct Measured {
+    rate: f64,
+    /// `None` where `/proc` cannot be read.
+    spent: Option<cpu::Spent>,
+}
+
+impl Measured {
+    fn new(charges: u64, elapsed: f64, cpu: Option<(cpu::Sample, cpu::Sample)>) -> Measured {
+        Measured {
+            rate: charges as f64 / elapsed,
+            spent: cpu.map(|(before, after)| before.until(&after, charges)),
+        }
+    }
+}
+
+/// The CPU table: for each run, CPU time per charge (per event for the
+/// batches) of PostgreSQL, the Tally server and the bench process, and the
+/// machine's idle share (see [`cpu`]).
+fn print_cpu(rows: &[(&str, usize, Measured, Measured, Measured)]) {
+    if rows
+        .iter()
+        .any(|(_, _, a, b, c)| a.spent.is_none() || b.spent.is_none() || c.spent.is_none())
+    {
+        eprintln!("CPU per charge not measured: /proc cannot be read here");
+        return;
+    }
+    println!();
+    println!(
+        "| workload | clients | run | per second | CPU µs per charge: PostgreSQL | Tally server \
+         | bench process (baseline clients or HTTP load generator) | all three | machine idle |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (workload, clients, base, ours, batched) in rows {
+        for (run, measured) in [
+            ("baseline", base),
+            ("Tally, charges", ours),
+            ("Tally, events", batched),
+        ] {
+            let Some(spent) = measured.spent else {
+                continue;
+            };
+            println!(
+                "| {workload} | {clients} | {run} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0}% |",
+                measured.rate,
+                spent.postgres_us,
+                spent.server_us,
+                spent.bench_us,
+                spent.postgres_us + spent.server_us + spent.bench_us,
+                spent.idle_percent,
+            );
+        }
+    }
 }
 
 fn customer(index: usize) -> String {
@@ -152,7 +214,7 @@ impl Baseline {
     }
 
     /// Charges per second with `clients` connections over `spread` customers.
-    async fn run(&self, clients: usize, spread: usize, seconds: u64) -> anyhow::Result<f64> {
+    async fn run(&self, clients: usize, spread: usize, seconds: u64) -> anyhow::Result<Measured> {
         let done = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -199,9 +261,13 @@ impl Baseline {
             }
         })
         .await?;
+        let before = cpu::Sample::now(None);
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         let counted = done.load(Ordering::Relaxed);
         let elapsed = started.elapsed().as_secs_f64();
+        // While the clients' connections are still open: PostgreSQL's part
+        // is read from its backends, which end with them.
+        let after = cpu::Sample::now(None);
         stop.store(true, Ordering::Relaxed);
         for thread in threads {
             blocking(move || {
@@ -211,7 +277,7 @@ impl Baseline {
             })
             .await?;
         }
-        Ok(counted as f64 / elapsed)
+        Ok(Measured::new(counted, elapsed, before.zip(after)))
     }
 
     /// Every committed charge is in exactly one balance.
@@ -368,7 +434,7 @@ impl TallyServer {
         clients: usize,
         spread: usize,
         seconds: u64,
-    ) -> anyhow::Result<f64> {
+    ) -> anyhow::Result<Measured> {
         self.closed_loop(
             clients,
             seconds,
@@ -395,7 +461,7 @@ impl TallyServer {
 
     /// Charges per second through `POST /v1/charges`, `clients` connections
     /// each sending one charge at a time.
-    async fn run(&self, clients: usize, spread: usize, seconds: u64) -> anyhow::Result<f64> {
+    async fn run(&self, clients: usize, spread: usize, seconds: u64) -> anyhow::Result<Measured> {
         self.closed_loop(clients, seconds, "/v1/charges", 1, move |n| {
             format!(
                 r#"{{"id":"ch_{n}","customer_id":"{}","amount":"1.5"}}"#,
@@ -427,8 +493,10 @@ impl TallyServer {
         path: &str,
         per_request: u64,
         body: impl Fn(u64) -> String + Clone + Send + Sync + 'static,
-    ) -> anyhow::Result<f64> {
+    ) -> anyhow::Result<Measured> {
         let done = Arc::new(AtomicU64::new(0));
+        let server = Some(self.child.id());
+        let before = cpu::Sample::now(server);
         let started = Instant::now();
         let address = self
             .base
@@ -462,7 +530,13 @@ impl TallyServer {
                 })
         })
         .await?;
-        Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+        let elapsed = started.elapsed().as_secs_f64();
+        let after = cpu::Sample::now(server);
+        Ok(Measured::new(
+            done.load(Ordering::Relaxed),
+            elapsed,
+            before.zip(after),
+        ))
     }
 
     /// A handle sharing the client (not the child process).
