@@ -642,7 +642,7 @@ mod kafka {
 
         // 2. The consumer of `tally serve`, in a new group: it drains the backlog.
         let state = AppState::new(store.clone(), None, None);
-        let cpu_before = cpu_seconds();
+        let cpu_before = super::cpu::own_seconds();
         let started = Instant::now();
         tally_server::streams::start(
             state.clone(),
@@ -690,7 +690,7 @@ mod kafka {
                 second = (counts.charged, now);
             }
         };
-        let cpu = cpu_seconds()
+        let cpu = super::cpu::own_seconds()
             .zip(cpu_before)
             .map(|(after, before)| after - before);
         let first_charge = first_charge.expect("charged");
@@ -1011,16 +1011,5 @@ mod kafka {
             }
         }
         counts
-    }
-
-    /// User and system CPU seconds of this process so far (Linux).
-    fn cpu_seconds() -> Option<f64> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Fields after the command name (which may hold spaces), from field 3.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let utime: f64 = fields.get(11)?.parse().ok()?;
-        let stime: f64 = fields.get(12)?.parse().ok()?;
-        // USER_HZ, 100 on Linux.
-        Some((utime + stime) / 100.0)
     }
 }

@@ -158,13 +158,15 @@ fn print_cpu(rows: &[(&str, usize, Measured, Measured, Measured)]) {
             let Some(spent) = measured.spent else {
                 continue;
             };
+            let shown = |us: Option<f64>| us.map_or("–".to_owned(), |us| format!("{us:.1}"));
+            let all =
+                spent.postgres_us.unwrap_or(0.0) + spent.server_us.unwrap_or(0.0) + spent.bench_us;
             println!(
-                "| {workload} | {clients} | {run} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0}% |",
+                "| {workload} | {clients} | {run} | {:.0} | {} | {} | {:.1} | {all:.1} | {:.0}% |",
                 measured.rate,
-                spent.postgres_us,
-                spent.server_us,
+                shown(spent.postgres_us),
+                shown(spent.server_us),
                 spent.bench_us,
-                spent.postgres_us + spent.server_us + spent.bench_us,
                 spent.idle_percent,
             );
         }
@@ -265,8 +267,8 @@ impl Baseline {
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         let counted = done.load(Ordering::Relaxed);
         let elapsed = started.elapsed().as_secs_f64();
-        // While the clients' connections are still open: PostgreSQL's part
-        // is read from its backends, which end with them.
+        // While the clients' database connections are still open:
+        // PostgreSQL's part is read from its backends, which end with them.
         let after = cpu::Sample::now(None);
         stop.store(true, Ordering::Relaxed);
         for thread in threads {
