@@ -71,7 +71,8 @@ pub struct BenchArgs {
     postgres: Option<String>,
     /// With --postgres: Tally over HTTP (a `tally serve` child process)
     /// against the one-transaction-per-charge baseline, 1, 16 and 64
-    /// clients, hot and uniform, side by side on that server.
+    /// clients, hot and uniform, side by side on that server; then each
+    /// run's CPU per charge and the machine's idle share (Linux).
     #[arg(long, requires = "postgres")]
     baseline: bool,
     /// With --baseline: the client counts to run (default 1,16,64).
