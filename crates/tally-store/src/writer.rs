@@ -116,8 +116,9 @@ fn drain_up_to(receiver: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, limit: 
     false
 }
 
-/// How long a group under sustained load stays open at least: a bigger
-/// group shares its page writes among more commands (BENCHMARKS.md).
+/// How long a group under sustained load stays open at least (SQLite; see
+/// `run`): a bigger group shares its page writes among more commands
+/// (BENCHMARKS.md).
 const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
 /// Groups of at least this many commands mean sustained load (see `run`).
 const LINGER_ABOVE: usize = 32;
@@ -817,12 +818,18 @@ impl Writer {
             self.restart_log_if_long(state);
             let mut group = self.begin_group();
             let mut closed = false;
-            // Under sustained load a group also stays open for at least
-            // LINGER, so that it shares its page writes among more commands,
-            // but only while commands keep coming: once a wait brought
-            // nothing (every client is waiting for this group, as closed-loop
-            // clients do), lingering would only add latency.
-            let linger = previous_group >= LINGER_ABOVE;
+            // SQLite: under sustained load a group also stays open for at
+            // least LINGER, so that it shares its page writes among more
+            // commands, but only while commands keep coming: once a wait
+            // brought nothing (every client is waiting for this group, as
+            // closed-loop clients do), lingering would only add latency.
+            // Not on PostgreSQL: there the group waits for the last one's
+            // COMMIT, and commands keep coming all the while (the callers the
+            // last group answered), so a linger held every group open for
+            // up to LINGER after that, one group after another; without it,
+            // 13% more single charges over HTTP on one hot customer
+            // (BENCHMARKS.md, 2026-12-06, fourteenth session).
+            let linger = !postgres && previous_group >= LINGER_ABOVE;
             let mut quiet = false;
             loop {
                 self.apply_jobs(&mut group, &mut batch);
