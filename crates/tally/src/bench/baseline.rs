@@ -136,40 +136,38 @@ impl Measured {
 /// batches) of PostgreSQL, the Tally server and the bench process, and the
 /// machine's idle share (see [`cpu`]).
 fn print_cpu(rows: &[(&str, usize, Measured, Measured, Measured)]) {
-    if rows
+    let runs: Option<Vec<_>> = rows
         .iter()
-        .any(|(_, _, a, b, c)| a.spent.is_none() || b.spent.is_none() || c.spent.is_none())
-    {
+        .flat_map(|(workload, clients, base, ours, batched)| {
+            [
+                ("baseline", base),
+                ("Tally, charges", ours),
+                ("Tally, events", batched),
+            ]
+            .map(|(run, measured)| Some((workload, clients, run, measured.rate, measured.spent?)))
+        })
+        .collect();
+    let Some(runs) = runs else {
         eprintln!("CPU per charge not measured: /proc cannot be read here");
         return;
-    }
+    };
     println!();
     println!(
         "| workload | clients | run | per second | CPU µs per charge: PostgreSQL | Tally server \
          | bench process (baseline clients or HTTP load generator) | all three | machine idle |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for (workload, clients, base, ours, batched) in rows {
-        for (run, measured) in [
-            ("baseline", base),
-            ("Tally, charges", ours),
-            ("Tally, events", batched),
-        ] {
-            let Some(spent) = measured.spent else {
-                continue;
-            };
-            let shown = |us: Option<f64>| us.map_or("–".to_owned(), |us| format!("{us:.1}"));
-            let all =
-                spent.postgres_us.unwrap_or(0.0) + spent.server_us.unwrap_or(0.0) + spent.bench_us;
-            println!(
-                "| {workload} | {clients} | {run} | {:.0} | {} | {} | {:.1} | {all:.1} | {:.0}% |",
-                measured.rate,
-                shown(spent.postgres_us),
-                shown(spent.server_us),
-                spent.bench_us,
-                spent.idle_percent,
-            );
-        }
+    let shown = |us: Option<f64>| us.map_or("–".to_owned(), |us| format!("{us:.1}"));
+    for (workload, clients, run, rate, spent) in runs {
+        let all =
+            spent.postgres_us.unwrap_or(0.0) + spent.server_us.unwrap_or(0.0) + spent.bench_us;
+        println!(
+            "| {workload} | {clients} | {run} | {rate:.0} | {} | {} | {:.1} | {all:.1} | {:.0}% |",
+            shown(spent.postgres_us),
+            shown(spent.server_us),
+            spent.bench_us,
+            spent.idle_percent,
+        );
     }
 }
 

@@ -183,9 +183,6 @@ async fn consumer_info(stream: &jetstream::stream::Stream) -> Option<jetstream::
 /// first look is answered (a CI run counted 19 acks after it), so look
 /// until two looks 250 ms apart agree on how many were acked.
 async fn settled_after_kill(stream: &jetstream::stream::Stream) -> jetstream::consumer::Info {
-    let acked = |info: &jetstream::consumer::Info| {
-        info.delivered.consumer_sequence as i64 - info.num_ack_pending as i64
-    };
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = consumer_info(stream)
         .await
@@ -204,6 +201,11 @@ async fn settled_after_kill(stream: &jetstream::stream::Stream) -> jetstream::co
         );
         last = info;
     }
+}
+
+/// How many messages the consumer has acked: delivered and not pending.
+fn acked(info: &jetstream::consumer::Info) -> i64 {
+    info.delivered.consumer_sequence as i64 - info.num_ack_pending as i64
 }
 
 /// Wait until the consumer has acked every message of its filter.
@@ -518,8 +520,7 @@ async fn every_good_event_is_charged_once_across_a_sigkill() {
     app.kill().await;
     let producing_at_kill = !producer.is_finished();
     let at_kill = settled_after_kill(&stream).await;
-    let acked_before_kill =
-        at_kill.delivered.consumer_sequence as i64 - at_kill.num_ack_pending as i64;
+    let acked_before_kill = acked(&at_kill);
     assert!(
         producing_at_kill && acked_before_kill < total,
         "the kill came too late: {acked_before_kill} of {total} already acked"
