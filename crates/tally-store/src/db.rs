@@ -339,6 +339,18 @@ pub struct Pg {
     /// is then broken for good ([`Connection::is_broken`]): every call on
     /// it fails.
     lost_place: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Rows read ahead by [`Connection::prefetch`]: for each statement (by
+    /// its SQL) and parameter, its rows, each taken once by the
+    /// next read of that statement with that parameter.
+    prefetched: RefCell<Vec<Prefetched>>,
+}
+
+/// One statement's rows read ahead ([`Connection::prefetch`]).
+struct Prefetched {
+    /// Its SQL, as given to [`Connection::prepare_cached`].
+    statement: String,
+    param: String,
+    rows: Vec<tokio_postgres::Row>,
 }
 
 /// A prepared `COPY ... FROM STDIN (FORMAT BINARY)` and its columns' types.
@@ -594,6 +606,7 @@ impl Connection {
                 checked: RefCell::new(HashMap::new()),
                 copies: RefCell::new(HashMap::new()),
                 lost_place: Default::default(),
+                prefetched: RefCell::new(Vec::new()),
             })),
         })
     }
@@ -811,6 +824,7 @@ impl Connection {
             }
             Kind::Postgres(pg) => pg,
         };
+        pg.prefetched.borrow_mut().clear();
         let row: Vec<Owned> = params.values().map(Owned::of).collect();
         let full = {
             let mut deferred = pg.deferred.borrow_mut();
@@ -899,13 +913,73 @@ impl Connection {
         })
     }
 
+    /// PostgreSQL: run the `queries` (each a statement as given to
+    /// [`Connection::prepare_cached`], with the one parameter `param`)
+    /// together, in the same round trip as the owed `BEGIN` and deferred
+    /// writes, and keep their rows: the next read of each (the same
+    /// statement and parameter) takes them instead of a round trip of its
+    /// own. A write on this connection, or [`Connection::forget_prefetched`],
+    /// drops what was not taken. SQLite reads in process: nothing is done.
+    pub fn prefetch(&self, queries: &[&str], param: &str) -> Result<()> {
+        let Kind::Postgres(pg) = &self.kind else {
+            return Ok(());
+        };
+        pg.ready()?;
+        let statements = queries
+            .iter()
+            .map(|sql| pg.prepared(sql))
+            .collect::<Result<Vec<_>>>()?;
+        let owed = pg.pipeline_future(None)?;
+        let value = PgParam(Value::Text(param));
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&value];
+        let client = &*pg.client;
+        let reads = futures_util::future::try_join_all(
+            statements
+                .iter()
+                .map(|statement| client.query(statement, &params)),
+        );
+        let rows = pg.block_on(async {
+            match owed {
+                // Both go out in one round trip, what is owed first.
+                Some(owed) => {
+                    let (owed, reads) = futures_util::future::join(owed, reads).await;
+                    owed?;
+                    reads
+                }
+                None => reads.await,
+            }
+        })?;
+        let mut prefetched = pg.prefetched.borrow_mut();
+        for (sql, rows) in queries.iter().zip(rows) {
+            prefetched.push(Prefetched {
+                statement: (*sql).to_owned(),
+                param: param.to_owned(),
+                rows,
+            });
+        }
+        Ok(())
+    }
+
+    /// Drop the rows [`Connection::prefetch`] read that were not taken.
+    pub fn forget_prefetched(&self) {
+        if let Kind::Postgres(pg) = &self.kind {
+            pg.prefetched.borrow_mut().clear();
+        }
+    }
+
     /// A statement kept prepared on this connection.
     pub fn prepare_cached(&self, sql: &str) -> Result<Statement<'_>> {
         match &self.kind {
             Kind::Sqlite(connection) => Ok(Statement::Sqlite(connection.prepare_cached(sql)?)),
             Kind::Postgres(pg) => {
                 pg.flush()?;
-                Ok(Statement::Postgres(pg, pg.prepared(sql)?))
+                let prefetched = pg
+                    .prefetched
+                    .borrow()
+                    .iter()
+                    .any(|p| p.statement == sql)
+                    .then(|| sql.to_owned());
+                Ok(Statement::Postgres(pg, pg.prepared(sql)?, prefetched))
             }
         }
     }
@@ -917,7 +991,7 @@ impl Connection {
             Kind::Postgres(pg) => {
                 pg.flush()?;
                 let statement = pg.block_on(pg.client.prepare(&placeholders(sql)))?;
-                Ok(Statement::Postgres(pg, statement))
+                Ok(Statement::Postgres(pg, statement, None))
             }
         }
     }
@@ -1105,6 +1179,26 @@ impl Pg {
                     )
                 }
             })
+    }
+
+    /// The rows [`Connection::prefetch`] read for `statement` with
+    /// `params` (one text parameter), taken.
+    fn take_prefetched(&self, sql: &str, params: &impl Params) -> Option<Vec<tokio_postgres::Row>> {
+        let mut prefetched = self.prefetched.borrow_mut();
+        if prefetched.is_empty() {
+            return None;
+        }
+        let mut values = params.values();
+        let Some(Value::Text(param)) = values.next() else {
+            return None;
+        };
+        if values.next().is_some() {
+            return None;
+        }
+        let at = prefetched
+            .iter()
+            .position(|p| p.statement == sql && p.param == param)?;
+        Some(prefetched.swap_remove(at).rows)
     }
 
     /// Send what is owed before any other statement: the `BEGIN`, every
@@ -1477,7 +1571,9 @@ pub(crate) fn placeholders(sql: &str) -> String {
 pub enum Statement<'c> {
     Sqlite(rusqlite::CachedStatement<'c>),
     SqliteOnce(rusqlite::Statement<'c>),
-    Postgres(&'c Pg, tokio_postgres::Statement),
+    /// With the statement's SQL while rows read ahead for it may be waiting
+    /// ([`Connection::prefetch`]).
+    Postgres(&'c Pg, tokio_postgres::Statement, Option<String>),
 }
 
 /// The parameters as the postgres client takes them.
@@ -1508,16 +1604,23 @@ impl<'c> Statement<'c> {
                 statement.execute(rusqlite::params_from_iter(params.values().map(SqliteParam)))?
             );
         }
-        let Statement::Postgres(pg, statement) = self else {
+        let Statement::Postgres(pg, statement, _) = self else {
             unreachable!("not SQLite")
         };
+        pg.prefetched.borrow_mut().clear();
         let values = pg_params(&params);
         let count = pg.block_on(pg.client.execute(&*statement, &pg_refs(&values)))?;
         Ok(usize::try_from(count).unwrap_or(usize::MAX))
     }
 
     pub fn query(&mut self, params: impl Params) -> Result<Rows<'_>> {
-        if let Statement::Postgres(pg, statement) = self {
+        if let Statement::Postgres(pg, statement, sql) = self {
+            if let Some(rows) = sql
+                .as_deref()
+                .and_then(|sql| pg.take_prefetched(sql, &params))
+            {
+                return Ok(Rows::Postgres(rows.into_iter(), None));
+            }
             let values = pg_params(&params);
             let rows = pg.block_on(pg.client.query(&*statement, &pg_refs(&values)))?;
             return Ok(Rows::Postgres(rows.into_iter(), None));
@@ -2308,6 +2411,80 @@ pub(crate) mod tests {
             );
             assert_eq!(setting(&configured), "force_generic_plan");
             drop(configured);
+            drop(connection);
+            drop_database(place);
+        }
+    }
+
+    /// Rows read ahead (`prefetch`) are what a read of the same statement
+    /// and parameter then gets, once, without a round trip; they include the
+    /// writes owed before them; a write, or `forget_prefetched`, drops them.
+    /// On SQLite `prefetch` does nothing and every read reads.
+    #[test]
+    fn prefetched_rows_are_read_once_and_dropped_by_a_write() {
+        const READ: &str = "SELECT v FROM kv WHERE k = ?1 ORDER BY v";
+        const INSERT: &str = "INSERT INTO kv (k, v) VALUES (?1, ?2)";
+        for (connection, place) in connections("prefetch") {
+            connection
+                .execute_batch("CREATE TABLE kv (k TEXT NOT NULL, v BIGINT NOT NULL)")
+                .unwrap();
+            let values = |connection: &Connection| -> Vec<i64> {
+                let mut statement = connection.prepare_cached(READ).unwrap();
+                let rows = statement.query_map(["a"], |row| row.get(0)).unwrap();
+                rows.collect::<Result<_>>().unwrap()
+            };
+            // Another session's commit, seen by the next statement that
+            // reads (READ COMMITTED), not by rows already read.
+            let other = place.url().map(|url| Connection::postgres(&url).unwrap());
+            let insert_elsewhere = |v: i64| match &other {
+                Some(other) => {
+                    other.execute(INSERT, params!["a", v]).unwrap();
+                }
+                None => {
+                    connection.execute(INSERT, params!["a", v]).unwrap();
+                }
+            };
+
+            connection.begin().unwrap();
+            connection
+                .defer(Shape::Insert, INSERT, params!["a", 1i64])
+                .unwrap();
+            connection.prefetch(&[READ], "a").unwrap();
+            insert_elsewhere(2);
+            match connection.dialect() {
+                // Read ahead with the owed write, before the other commit;
+                // taken once, then read again.
+                Dialect::Postgres => {
+                    assert_eq!(values(&connection), [1]);
+                    assert_eq!(values(&connection), [1, 2]);
+                }
+                Dialect::Sqlite => assert_eq!(values(&connection), [1, 2]),
+            }
+
+            // Dropped by a write on this connection, and by forgetting.
+            connection.prefetch(&[READ], "a").unwrap();
+            connection
+                .defer(Shape::Insert, INSERT, params!["a", 3i64])
+                .unwrap();
+            assert_eq!(values(&connection), [1, 2, 3]);
+            connection.prefetch(&[READ], "a").unwrap();
+            insert_elsewhere(4);
+            connection.forget_prefetched();
+            assert_eq!(values(&connection), [1, 2, 3, 4]);
+
+            // Another parameter is not served from what was read for "a".
+            connection.prefetch(&[READ], "a").unwrap();
+            let mut statement = connection.prepare_cached(READ).unwrap();
+            let b: Vec<i64> = statement
+                .query_map(["b"], |row| row.get(0))
+                .unwrap()
+                .collect::<Result<_>>()
+                .unwrap();
+            assert!(b.is_empty());
+            drop(statement);
+            connection.forget_prefetched();
+            connection.commit().unwrap();
+            drop(other);
             drop(connection);
             drop_database(place);
         }

@@ -205,17 +205,7 @@ fn customer_row(
     customer_id: &str,
     settings: bool,
 ) -> db::Result<Option<CustomerRow>> {
-    macro_rules! by_id {
-        ($($columns:expr),+) => {
-            concat!($($columns,)+ " FROM customers c WHERE c.id = ?1")
-        };
-    }
-    let sql = match (connection.dialect(), settings) {
-        (Dialect::Sqlite, false) => by_id!(customer_columns!(Sqlite)),
-        (Dialect::Postgres, false) => by_id!(customer_columns!(Postgres)),
-        (Dialect::Sqlite, true) => by_id!(customer_columns!(Sqlite), customer_settings!()),
-        (Dialect::Postgres, true) => by_id!(customer_columns!(Postgres), customer_settings!()),
-    };
+    let sql = customer_sql(connection.dialect(), settings);
     let body = |row: &Row<'_>, column: usize| row.get::<_, Option<String>>(column);
     connection
         .prepare_cached(sql)?
@@ -253,6 +243,40 @@ fn customer_row(
         .optional()
 }
 
+/// The statement [`customer_row`] reads a customer by.
+fn customer_sql(dialect: Dialect, settings: bool) -> &'static str {
+    macro_rules! by_id {
+        ($($columns:expr),+) => {
+            concat!($($columns,)+ " FROM customers c WHERE c.id = ?1")
+        };
+    }
+    match (dialect, settings) {
+        (Dialect::Sqlite, false) => by_id!(customer_columns!(Sqlite)),
+        (Dialect::Postgres, false) => by_id!(customer_columns!(Postgres)),
+        (Dialect::Sqlite, true) => by_id!(customer_columns!(Sqlite), customer_settings!()),
+        (Dialect::Postgres, true) => by_id!(customer_columns!(Postgres), customer_settings!()),
+    }
+}
+
+/// A customer's grants with their balances and the entry each balance row
+/// last carried.
+const GRANTS_AND_HEAD: &str = concat!(
+    "SELECT ",
+    grant_columns!(),
+    ", b.last_entry FROM grants g JOIN grant_balances b ON b.sequence = g.sequence \
+     WHERE g.customer_id = ?1 ORDER BY g.sequence"
+);
+
+/// A customer's active holds.
+const ACTIVE_HOLDS: &str = concat!(
+    "SELECT ",
+    hold_columns!(),
+    " FROM holds WHERE customer_id = ?1 AND status = 'active'"
+);
+
+/// A customer's members, by id.
+const MEMBERS: &str = "SELECT body FROM members WHERE customer_id = ?1 ORDER BY id";
+
 /// A customer's grants with their balances, oldest first.
 pub fn customer_grants(connection: &Connection, customer_id: &str) -> db::Result<Vec<GrantRecord>> {
     Ok(grants_and_head(connection, customer_id)?.0)
@@ -264,13 +288,7 @@ fn grants_and_head(
     connection: &Connection,
     customer_id: &str,
 ) -> db::Result<(Vec<GrantRecord>, Option<i64>)> {
-    let sql = concat!(
-        "SELECT ",
-        grant_columns!(),
-        ", b.last_entry FROM grants g JOIN grant_balances b ON b.sequence = g.sequence \
-         WHERE g.customer_id = ?1 ORDER BY g.sequence"
-    );
-    let mut statement = connection.prepare_cached(sql)?;
+    let mut statement = connection.prepare_cached(GRANTS_AND_HEAD)?;
     let mut rows = statement.query([customer_id])?;
     let mut records = Vec::new();
     let mut head: Option<i64> = None;
@@ -283,12 +301,7 @@ fn grants_and_head(
 }
 
 pub fn active_holds(connection: &Connection, customer_id: &str) -> db::Result<Vec<Hold>> {
-    let sql = concat!(
-        "SELECT ",
-        hold_columns!(),
-        " FROM holds WHERE customer_id = ?1 AND status = 'active'"
-    );
-    let mut statement = connection.prepare_cached(sql)?;
+    let mut statement = connection.prepare_cached(ACTIVE_HOLDS)?;
     let rows = statement.query_map([customer_id], hold)?;
     rows.collect()
 }
@@ -380,7 +393,26 @@ pub fn load_ledger_with_settings(
     )
 }
 
+/// On PostgreSQL the four statements go out together, in one round trip
+/// ([`Connection::prefetch`]).
 fn load(
+    connection: &Connection,
+    customer_id: &Id,
+    settings: bool,
+) -> db::Result<Option<(LoadedLedger, Option<CustomerSettings>)>> {
+    let queries = [
+        customer_sql(connection.dialect(), settings),
+        GRANTS_AND_HEAD,
+        ACTIVE_HOLDS,
+        MEMBERS,
+    ];
+    connection.prefetch(&queries, customer_id.as_str())?;
+    let loaded = read_ledger(connection, customer_id, settings);
+    connection.forget_prefetched();
+    loaded
+}
+
+fn read_ledger(
     connection: &Connection,
     customer_id: &Id,
     settings: bool,
@@ -708,8 +740,7 @@ pub fn upsert_subscription(
 
 /// A customer's members, by id.
 pub fn members(connection: &Connection, customer_id: &str) -> db::Result<Vec<tally_core::Member>> {
-    let mut statement =
-        connection.prepare_cached("SELECT body FROM members WHERE customer_id = ?1 ORDER BY id")?;
+    let mut statement = connection.prepare_cached(MEMBERS)?;
     let rows = statement.query_map([customer_id], |row| json(&row.get::<_, String>(0)?))?;
     rows.collect()
 }
