@@ -918,12 +918,18 @@ impl Connection {
     /// together, in the same round trip as the owed `BEGIN` and deferred
     /// writes, and keep their rows: the next read of each (the same
     /// statement and parameter) takes them instead of a round trip of its
-    /// own. A write on this connection, or [`Connection::forget_prefetched`],
-    /// drops what was not taken. SQLite reads in process: nothing is done.
+    /// own. Whatever the connection sends next that is not a read (a
+    /// deferred write, a statement run with [`Statement::execute`], a batch
+    /// such as `COMMIT` or `ROLLBACK`, another `prefetch`), or
+    /// [`Connection::forget_prefetched`], drops what was not taken. (A write
+    /// sent as a query, with `RETURNING`, would not: the one caller,
+    /// `rows::load`, sends none in between.) SQLite reads in process:
+    /// nothing is done.
     pub fn prefetch(&self, queries: &[&str], param: &str) -> Result<()> {
         let Kind::Postgres(pg) = &self.kind else {
             return Ok(());
         };
+        pg.prefetched.borrow_mut().clear();
         pg.ready()?;
         let statements = queries
             .iter()
@@ -1233,6 +1239,8 @@ impl Pg {
         if !begin && batches.is_empty() && last.is_none() {
             return Ok(None);
         }
+        // Rows read ahead are not read after anything else is sent.
+        self.prefetched.borrow_mut().clear();
         let statements = batches
             .iter()
             .enumerate()
@@ -2471,6 +2479,30 @@ pub(crate) mod tests {
             insert_elsewhere(4);
             connection.forget_prefetched();
             assert_eq!(values(&connection), [1, 2, 3, 4]);
+            connection.prefetch(&[READ], "a").unwrap();
+            connection.execute(INSERT, params!["a", 5i64]).unwrap();
+            assert_eq!(values(&connection), [1, 2, 3, 4, 5]);
+
+            // Several statements read ahead together, each served once.
+            const COUNT: &str = "SELECT count(*) FROM kv WHERE k = ?1";
+            let count = |connection: &Connection| -> i64 {
+                connection
+                    .query_row(COUNT, ["a"], |row| row.get(0))
+                    .unwrap()
+            };
+            connection.prefetch(&[READ, COUNT], "a").unwrap();
+            insert_elsewhere(6);
+            match connection.dialect() {
+                Dialect::Postgres => {
+                    assert_eq!(count(&connection), 5);
+                    assert_eq!(values(&connection), [1, 2, 3, 4, 5]);
+                }
+                Dialect::Sqlite => {
+                    assert_eq!(count(&connection), 6);
+                    assert_eq!(values(&connection), [1, 2, 3, 4, 5, 6]);
+                }
+            }
+            assert_eq!(count(&connection), 6);
 
             // Another parameter is not served from what was read for "a".
             connection.prefetch(&[READ], "a").unwrap();
