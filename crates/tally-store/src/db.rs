@@ -824,7 +824,6 @@ impl Connection {
             }
             Kind::Postgres(pg) => pg,
         };
-        pg.prefetched.borrow_mut().clear();
         let row: Vec<Owned> = params.values().map(Owned::of).collect();
         let full = {
             let mut deferred = pg.deferred.borrow_mut();
@@ -918,9 +917,10 @@ impl Connection {
     /// together, in the same round trip as the owed `BEGIN` and deferred
     /// writes, and keep their rows: the next read of each (the same
     /// statement and parameter) takes them instead of a round trip of its
-    /// own. Whatever the connection sends next that is not a read (a
-    /// deferred write, a statement run with [`Statement::execute`], a batch
-    /// such as `COMMIT` or `ROLLBACK`, another `prefetch`), or
+    /// own. Whatever the connection sends next that is not a read (deferred
+    /// writes, sent before the next read is prepared; a statement run with
+    /// [`Statement::execute`]; a batch such as `COMMIT` or `ROLLBACK`;
+    /// another `prefetch`), or
     /// [`Connection::forget_prefetched`], drops what was not taken. (A write
     /// sent as a query, with `RETURNING`, would not: the one caller,
     /// `rows::load`, sends none in between.) SQLite reads in process:
