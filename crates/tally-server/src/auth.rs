@@ -136,7 +136,11 @@ impl FromRequestParts<AppState> for Caller {
         let key = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
+            // The scheme's name is case-insensitive (RFC 9110, 11.1).
+            .and_then(|v| {
+                let (scheme, key) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(key)
+            })
             .map(str::trim)
             .ok_or_else(missing)?;
         if key.is_empty() {

@@ -14,6 +14,19 @@ pub fn amount(a: Amount) -> String {
     a.to_string()
 }
 
+/// Millionths (of a credit or a unit), of any size, as a decimal string.
+pub fn micros(micros: i128) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let magnitude = micros.unsigned_abs();
+    let (whole, fraction) = (magnitude / 1_000_000, magnitude % 1_000_000);
+    if fraction == 0 {
+        format!("{sign}{whole}")
+    } else {
+        let digits = format!("{fraction:06}");
+        format!("{sign}{whole}.{}", digits.trim_end_matches('0'))
+    }
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct CustomerBody {
     pub id: String,

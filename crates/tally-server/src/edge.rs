@@ -52,19 +52,20 @@ pub async fn gate(
         Err(request) => request,
     };
     let started = std::time::Instant::now();
-    let method = request.method().clone();
-    let route = request
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
+    let method = crate::metrics::method_label(request.method());
+    let route = state.metrics.route_label(
+        request
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map_or("unmatched", |p| p.as_str()),
+    );
     let response = match declared_oversize(&request) {
         Some(declared) => drain_and_refuse(&state, request, declared).await,
         None => next.run(request).await,
     };
     state
         .metrics
-        .request(method.as_str(), route, response.status(), started.elapsed());
+        .request(method, route, response.status(), started.elapsed());
     response
 }
 
@@ -123,6 +124,47 @@ pub async fn drain_and_refuse(
         ),
     )
     .into_response()
+}
+
+/// A body read as bytes (to be parsed by the handler), refused unless it
+/// is sent as JSON (`Content-Type: application/json`, or another
+/// `application/*+json`) when it has any content: an empty body, where a
+/// route allows one, needs no type.
+pub struct JsonBytes(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let json = request
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(is_json);
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|e| ApiError::new("invalid_request", e.body_text()))?;
+        if !json && !bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::new(
+                "invalid_request",
+                "send the body as JSON with Content-Type: application/json",
+            ));
+        }
+        Ok(JsonBytes(bytes))
+    }
+}
+
+/// Whether a `Content-Type` names JSON: `application/json` or
+/// `application/<anything>+json`, with any parameters.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// A JSON body whose rejections are API errors.

@@ -206,6 +206,7 @@ pub fn router(state: AppState) -> Router {
             post(customers::create_grant).get(customers::list_grants),
         )
         .route("/v1/customers/{id}/ledger", get(ledger::customer_ledger))
+        .route("/v1/customers/{id}/usage", get(ledger::customer_usage))
         .route("/v1/grants/{grant_id}/void", post(customers::void_grant))
         .route(
             "/v1/grants/{grant_id}/expiry",

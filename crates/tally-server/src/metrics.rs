@@ -8,16 +8,38 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// A request's labels, without an allocation per request: the method's
+/// name and the route template are `'static` ([`method_label`],
+/// [`Metrics::route_label`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub method: String,
-    pub route: String,
+    pub method: &'static str,
+    pub route: &'static str,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
-    pub route: String,
+    pub route: &'static str,
+}
+
+/// A method's label: its name for the methods HTTP defines, `OTHER` for
+/// an extension method (which could otherwise add a label value per name a
+/// client makes up).
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,6 +69,10 @@ pub fn source_label(source: &str) -> &'static str {
 
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// The route templates seen, each kept once for the life of the
+    /// process: a route's label is then a `&'static str`. The templates are
+    /// the router's (plus `unmatched`), so this holds a few dozen at most.
+    routes: std::sync::RwLock<std::collections::HashSet<&'static str>>,
     requests: Family<RouteLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
     events: Family<EventLabels, Counter>,
@@ -119,6 +145,7 @@ impl Default for Metrics {
             webhook_attempts.clone(),
         );
         Metrics {
+            routes: Default::default(),
             event_latency,
             webhook_attempts,
             registry: Mutex::new(registry),
@@ -161,18 +188,34 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// A route template's label: `route` itself the first time it is seen
+    /// (kept for the life of the process), the same `&'static str` after.
+    /// Only the router's templates come here (`edge::gate`).
+    pub fn route_label(&self, route: &str) -> &'static str {
+        if let Some(&known) = self.routes.read().expect("routes").get(route) {
+            return known;
+        }
+        let mut routes = self.routes.write().expect("routes");
+        if let Some(&known) = routes.get(route) {
+            return known;
+        }
+        let kept: &'static str = Box::leak(route.to_owned().into_boxed_str());
+        routes.insert(kept);
+        kept
+    }
+
     /// Count and time a request by its route template (`edge::gate`).
     pub fn request(
         &self,
-        method: &str,
-        route: String,
+        method: &'static str,
+        route: &'static str,
         status: axum::http::StatusCode,
         took: std::time::Duration,
     ) {
         self.requests
             .get_or_create(&RouteLabels {
-                method: method.to_owned(),
-                route: route.clone(),
+                method,
+                route,
                 status: status.as_u16(),
             })
             .inc();

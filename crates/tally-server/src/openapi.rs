@@ -38,7 +38,7 @@ impl Modify for BearerAuth {
         customers::create_customer, customers::get_customer, customers::balance, customers::set_overage, customers::create_grant,
         customers::list_grants, customers::void_grant, customers::change_expiry,
         spend::create_charge, spend::create_hold, spend::get_hold, spend::capture_hold, spend::release_hold,
-        spend::create_refund, ledger::customer_ledger, ledger::get_entry,
+        spend::create_refund, ledger::customer_ledger, ledger::customer_usage, ledger::get_entry,
         pricebook::put_feature, pricebook::list_features, pricebook::create_pricebook, pricebook::list_pricebooks,
         pricebook::get_pricebook, pricebook::put_rules, pricebook::publish, pricebook::diff_pricebooks,
         pricebook::simulate, pricebook::put_contract, pricebook::get_contract, pricebook::list_contracts, pricebook::create_quote,

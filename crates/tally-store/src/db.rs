@@ -337,7 +337,8 @@ pub struct Pg {
     /// second `ReadyForQuery`, and every later answer on this connection
     /// would go to the request after the one it belongs to. The connection
     /// is then broken for good ([`Connection::is_broken`]): every call on
-    /// it fails.
+    /// it fails. Also set when a commit sent ahead ended without an answer
+    /// (`Pg::settle`).
     lost_place: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Rows read ahead by [`Connection::prefetch`]: for each statement (by
     /// its SQL) and parameter, its rows, each taken once by the
@@ -1044,7 +1045,7 @@ impl Pg {
         }
         if self.lost() {
             return Err(Error::Corrupt(
-                "this PostgreSQL connection lost its place after a refused COPY; it is not used again"
+                "this PostgreSQL connection lost its place (after a refused COPY, or a commit whose outcome is unknown); it is not used again"
                     .into(),
             ));
         }
@@ -1062,7 +1063,17 @@ impl Pg {
         let outcome = match joined {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(Error::from(error)),
-            Err(error) => Err(Error::CommitTask(error.to_string())),
+            Err(error) => {
+                // The task ended without an answer (it panicked, or was
+                // cancelled): whether its COMMIT took effect is unknown, so
+                // the connection is not trusted again. The writer then
+                // cannot read its state back on it and leads again on a new
+                // one, rebuilding what it holds in memory (the operation
+                // index among it) from what the database committed.
+                self.lost_place
+                    .store(true, std::sync::atomic::Ordering::Release);
+                Err(Error::CommitTask(error.to_string()))
+            }
         };
         if let Err(error) = &outcome {
             *self.failed.borrow_mut() = Some(error.to_string());

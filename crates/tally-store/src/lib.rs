@@ -288,6 +288,23 @@ fn lead(
         "SET lock_timeout = 0; SET statement_timeout = 0; \
          SET idle_in_transaction_session_timeout = 0",
     )?;
+    // A group's callers are answered once its COMMIT returns, which must
+    // mean the commit is durable: with `synchronous_commit = off` (set for
+    // the server, the database or the role) PostgreSQL answers before the
+    // WAL is flushed, and a crash could lose charges already acknowledged.
+    // Every other value (`local`, `on`, `remote_write`, `remote_apply`)
+    // flushes locally first, and is kept.
+    let synchronous: String =
+        connection.query_row("SELECT current_setting('synchronous_commit')", [], |row| {
+            row.get(0)
+        })?;
+    if synchronous == "off" {
+        tracing::warn!(
+            "synchronous_commit is off for this database or role; the writer's session sets it on, \
+             so that nothing acknowledged can be lost in a crash"
+        );
+        connection.execute_batch("SET synchronous_commit = on")?;
+    }
     let session = connection.query_row(SESSION_SQL, [], read_session)?;
     let deadline = std::time::Instant::now() + END_LOST_SESSION_WITHIN;
     loop {
@@ -1332,6 +1349,26 @@ impl Store {
             .await
     }
 
+    /// A customer's usage in `[query.from, query.to)`: the quantity and
+    /// credits of its charges and captures, per feature or member, per
+    /// bucket. `None` when the customer does not exist; `Err(BadWindow)` when
+    /// the window reaches further back than [`MAX_USAGE_WALK`] entries.
+    ///
+    /// Usage counts at its own time: an event's timestamp (a late event's
+    /// usage falls in the bucket of when it happened), else the entry's.
+    /// Refunds are not netted out: usage is what was consumed (a refund is in
+    /// the journal, against its charge). One statement walks the customer's
+    /// chain of entries from the newest, by primary key, until entries
+    /// recorded before the window could hold no usage in it.
+    pub async fn usage(
+        &self,
+        customer_id: Id,
+        query: UsageQuery,
+    ) -> Result<Option<Result<UsageReport, TooMuchUsage>>, StoreError> {
+        self.read(move |connection| usage(connection, &customer_id, query))
+            .await
+    }
+
     /// Every grant and every journal entry of a customer, oldest first (audits, tests).
     pub async fn audit(
         &self,
@@ -1354,7 +1391,103 @@ impl Store {
     }
 }
 
-/// Usage repriced under another version.
+/// At most this many journal entries are walked for one usage report.
+pub const MAX_USAGE_WALK: i64 = 200_000;
+
+/// A usage report whose window reaches past [`MAX_USAGE_WALK`] entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TooMuchUsage;
+
+fn usage(
+    connection: &Connection,
+    customer_id: &Id,
+    query: UsageQuery,
+) -> db::Result<Option<Result<UsageReport, TooMuchUsage>>> {
+    use std::collections::BTreeMap;
+    use tally_core::pricebook::Pricing;
+    let Some(head) = rows::customer_head(connection, customer_id.as_str())? else {
+        return Ok(None);
+    };
+    let mut lines: BTreeMap<(i64, Option<String>), UsageLine> = BTreeMap::new();
+    let Some(head) = head else {
+        return Ok(Some(Ok(UsageReport { lines: Vec::new() })));
+    };
+    // An event may be up to EVENT_FUTURE_SKEW_SECONDS ahead of the clock that
+    // recorded it, and an entry takes effect no later than it is recorded:
+    // entries recorded before `stop` hold no usage at or after `from`.
+    let stop = query
+        .from
+        .plus_seconds(-EVENT_FUTURE_SKEW_SECONDS)
+        .unwrap_or(Timestamp(i64::MIN));
+    let mut statement = connection.prepare(
+        "WITH RECURSIVE chain(sequence, previous, kind, feature, member_id, effective_at, \
+             recorded_at, pricing, amount, depth) AS ( \
+           SELECT sequence, previous, kind, feature, member_id, effective_at, recorded_at, \
+             pricing, amount, 1 FROM entries WHERE sequence = ?1 \
+           UNION ALL \
+           SELECT e.sequence, e.previous, e.kind, e.feature, e.member_id, e.effective_at, \
+             e.recorded_at, e.pricing, e.amount, c.depth + 1 \
+           FROM entries e JOIN chain c ON e.sequence = c.previous \
+           WHERE c.recorded_at >= ?2 AND c.depth <= ?3) \
+         SELECT kind, feature, member_id, effective_at, recorded_at, pricing, depth, amount \
+         FROM chain",
+    )?;
+    let mut rows = statement.query(params![head, stop.0, MAX_USAGE_WALK])?;
+    while let Some(row) = rows.next()? {
+        let depth: i64 = row.get(6)?;
+        let recorded_at: i64 = row.get(4)?;
+        if depth > MAX_USAGE_WALK {
+            if recorded_at >= stop.0 {
+                return Ok(Some(Err(TooMuchUsage)));
+            }
+            continue;
+        }
+        let kind: String = row.get(0)?;
+        if kind != "charge" && kind != "capture" {
+            continue;
+        }
+        let pricing: Option<Pricing> = row
+            .get::<_, Option<String>>(5)?
+            .map(|text| {
+                serde_json::from_str(&text)
+                    .map_err(|_| db::Error::Corrupt("bad pricing json".into()))
+            })
+            .transpose()?;
+        let at = pricing
+            .as_ref()
+            .and_then(|p| p.priced_at)
+            .unwrap_or(Timestamp(row.get(3)?));
+        if at < query.from || at >= query.to {
+            continue;
+        }
+        let group = match query.group_by {
+            UsageGroup::Feature => row
+                .get::<_, Option<String>>(1)?
+                .or_else(|| pricing.as_ref().map(|p| p.feature.clone())),
+            UsageGroup::Member => row.get::<_, Option<String>>(2)?,
+        };
+        // The entry's amount: the credits the charge or capture consumed.
+        let line = lines
+            .entry((query.granularity.bucket(at).0, group.clone()))
+            .or_insert_with(|| UsageLine {
+                bucket: query.granularity.bucket(at),
+                group,
+                quantity_micros: 0,
+                credits_micros: 0,
+                records: 0,
+            });
+        line.records += 1;
+        line.credits_micros += i128::from(row.get::<_, i64>(7)?);
+        if let Some(pricing) = pricing.filter(|p| !p.by_amount) {
+            line.quantity_micros += i128::from(pricing.quantity.micros());
+        }
+    }
+    Ok(Some(Ok(UsageReport {
+        lines: lines.into_values().collect(),
+    })))
+}
+
+/// Usage repriced under another version./// Usage repriced under another version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Simulation {
     pub pricebook: String,
@@ -1642,6 +1775,66 @@ mod tests {
                 "and the follower leads once the lock is free"
             );
             drop(old);
+            db::tests::drop_database(place);
+        }
+    }
+
+    /// The writer answers a group's callers once its COMMIT returns, so its
+    /// session commits durably even where the database turns
+    /// `synchronous_commit` off. PostgreSQL only
+    /// (`TALLY_TEST_DATABASE=postgres`).
+    #[test]
+    fn the_writer_commits_durably_whatever_the_database_says() {
+        let setting = |connection: &Connection| -> String {
+            connection
+                .query_row("SELECT current_setting('synchronous_commit')", [], |row| {
+                    row.get(0)
+                })
+                .unwrap()
+        };
+        for (connection, place) in db::tests::connections("sync_commit") {
+            let Some(url) = place.url() else {
+                continue;
+            };
+            let database = url.rsplit('/').next().unwrap().to_owned();
+            connection
+                .execute_batch(&format!(
+                    "ALTER DATABASE {database} SET synchronous_commit = off"
+                ))
+                .unwrap();
+            drop(connection);
+            migrate(Location::Postgres(&url)).unwrap();
+            let other = Connection::postgres(&url).unwrap();
+            assert_eq!(setting(&other), "off", "the database's own setting");
+            let leadership = Leadership {
+                is_leader: tokio::sync::watch::channel(false).0,
+                advertise: std::sync::OnceLock::new(),
+            };
+            leadership
+                .advertise
+                .set("http://127.0.0.1:9".into())
+                .unwrap();
+            let mut state = LeadState {
+                has_led: false,
+                previous: None,
+            };
+            let sync = writer::SyncState::new(0);
+            let led = lead(
+                &url,
+                &leadership,
+                Arc::new(SystemClock),
+                Options::default(),
+                &sync,
+                &mut state,
+                &mut || false,
+            )
+            .unwrap();
+            let Led::Writer(writer) = led else {
+                panic!("a lone server leads");
+            };
+            assert_eq!(setting(writer.connection()), "on", "the writer's session");
+            assert_eq!(setting(&other), "off", "other sessions keep theirs");
+            drop((writer, other));
             db::tests::drop_database(place);
         }
     }

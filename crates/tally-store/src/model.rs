@@ -866,3 +866,215 @@ pub struct ApiKeyRecord {
     pub id: String,
     pub scope: String,
 }
+
+/// What a usage report groups by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageGroup {
+    Feature,
+    Member,
+}
+
+/// The width of a usage report's buckets (UTC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Granularity {
+    Hour,
+    Day,
+    Month,
+}
+
+impl Granularity {
+    /// The start of the bucket that holds `at`: the hour, the day or the
+    /// first day of the month, in UTC.
+    pub fn bucket(self, at: Timestamp) -> Timestamp {
+        const HOUR: i64 = 3_600 * Timestamp::MICROS_PER_SECOND;
+        const DAY: i64 = 24 * HOUR;
+        match self {
+            Granularity::Hour => Timestamp(at.0.div_euclid(HOUR) * HOUR),
+            Granularity::Day => Timestamp(at.0.div_euclid(DAY) * DAY),
+            Granularity::Month => {
+                let days = at.0.div_euclid(DAY);
+                let (year, month, _) = civil_from_days(days);
+                Timestamp(days_from_civil(year, month, 1) * DAY)
+            }
+        }
+    }
+
+    /// The start of the bucket after the one that holds `at`.
+    pub fn next(self, at: Timestamp) -> Timestamp {
+        const DAY: i64 = 86_400 * Timestamp::MICROS_PER_SECOND;
+        let start = self.bucket(at);
+        let later = match self {
+            Granularity::Hour => start.0.saturating_add(DAY / 24),
+            Granularity::Day => start.0.saturating_add(DAY),
+            // Past the month's last day, then back to that month's first.
+            Granularity::Month => return self.bucket(Timestamp(start.0.saturating_add(32 * DAY))),
+        };
+        Timestamp(later)
+    }
+}
+
+/// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard
+/// Hinnant's algorithm): (year, month 1-12, day 1-31).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// The day counted from 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A usage report's window and shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UsageQuery {
+    pub group_by: UsageGroup,
+    pub granularity: Granularity,
+    /// Usage at or after this instant...
+    pub from: Timestamp,
+    /// ...and before this one.
+    pub to: Timestamp,
+}
+
+/// One group's usage in one bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageLine {
+    /// The bucket's start.
+    pub bucket: Timestamp,
+    /// The feature or member; `None` for usage without one (a charge by
+    /// amount without a feature, spend by no member).
+    pub group: Option<String>,
+    /// Units used, in millionths: the quantities of the charges and captures
+    /// priced from a quantity (by feature). Micro-units, `i128` so that no
+    /// sum overflows.
+    pub quantity_micros: i128,
+    /// Credits consumed by the charges and captures, in micro-credits.
+    pub credits_micros: i128,
+    /// Charges and captures counted.
+    pub records: u64,
+}
+
+/// A customer's usage, bucket by bucket (oldest first), each bucket's
+/// groups in order of their key (no group first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageReport {
+    pub lines: Vec<UsageLine>,
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+
+    fn at(text: &str) -> Timestamp {
+        let parsed =
+            time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                .unwrap();
+        Timestamp((parsed.unix_timestamp_nanos() / 1_000) as i64)
+    }
+
+    #[test]
+    fn buckets_start_on_the_hour_the_day_and_the_first_of_the_month_in_utc() {
+        use Granularity::*;
+        for (granularity, instant, start, next) in [
+            (
+                Hour,
+                "2040-01-01T00:59:59.999999Z",
+                "2040-01-01T00:00:00Z",
+                "2040-01-01T01:00:00Z",
+            ),
+            (
+                Hour,
+                "2040-01-01T01:00:00Z",
+                "2040-01-01T01:00:00Z",
+                "2040-01-01T02:00:00Z",
+            ),
+            (
+                Day,
+                "2039-12-31T23:59:59Z",
+                "2039-12-31T00:00:00Z",
+                "2040-01-01T00:00:00Z",
+            ),
+            (
+                Month,
+                "2040-02-29T12:00:00Z",
+                "2040-02-01T00:00:00Z",
+                "2040-03-01T00:00:00Z",
+            ),
+            (
+                Month,
+                "2041-02-28T23:59:59Z",
+                "2041-02-01T00:00:00Z",
+                "2041-03-01T00:00:00Z",
+            ),
+            (
+                Month,
+                "2040-12-31T23:59:59Z",
+                "2040-12-01T00:00:00Z",
+                "2041-01-01T00:00:00Z",
+            ),
+            (
+                Month,
+                "2100-03-01T00:00:00Z",
+                "2100-03-01T00:00:00Z",
+                "2100-04-01T00:00:00Z",
+            ),
+            (
+                Month,
+                "1969-12-31T23:00:00Z",
+                "1969-12-01T00:00:00Z",
+                "1970-01-01T00:00:00Z",
+            ),
+            (
+                Day,
+                "1969-12-31T23:00:00Z",
+                "1969-12-31T00:00:00Z",
+                "1970-01-01T00:00:00Z",
+            ),
+            (
+                Month,
+                "2000-02-29T00:00:00Z",
+                "2000-02-01T00:00:00Z",
+                "2000-03-01T00:00:00Z",
+            ),
+        ] {
+            assert_eq!(
+                granularity.bucket(at(instant)),
+                at(start),
+                "{granularity:?} {instant}"
+            );
+            assert_eq!(
+                granularity.next(at(instant)),
+                at(next),
+                "{granularity:?} {instant}"
+            );
+        }
+        // Every day of four years lands in its own month's bucket.
+        let mut day = at("2039-01-01T00:00:00Z");
+        let end = at("2043-01-01T00:00:00Z");
+        while day < end {
+            let start = Month.bucket(day);
+            let parsed = time::OffsetDateTime::from_unix_timestamp(day.0 / 1_000_000).unwrap();
+            let first = time::OffsetDateTime::from_unix_timestamp(start.0 / 1_000_000).unwrap();
+            assert_eq!(
+                (first.year(), first.month(), first.day()),
+                (parsed.year(), parsed.month(), 1)
+            );
+            assert_eq!(first.time(), time::Time::MIDNIGHT);
+            day = Timestamp(day.0 + 86_400 * 1_000_000);
+        }
+    }
+}

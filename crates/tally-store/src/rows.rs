@@ -274,6 +274,14 @@ const ACTIVE_HOLDS: &str = concat!(
     " FROM holds WHERE customer_id = ?1 AND status = 'active'"
 );
 
+/// The balance the customer's last entry reported: the entry at the head of
+/// its chain, as [`chain_head`] finds it (no row: no entries yet).
+const LAST_BALANCE: &str = "SELECT sequence, balance_after FROM entries WHERE sequence = ( \
+       SELECT MAX(head) FROM ( \
+         SELECT MAX(b.last_entry) AS head FROM grants g \
+           JOIN grant_balances b ON b.sequence = g.sequence WHERE g.customer_id = ?1 \
+         UNION ALL SELECT last_entry FROM customers WHERE id = ?1) heads)";
+
 /// A customer's members, by id.
 const MEMBERS: &str = "SELECT body FROM members WHERE customer_id = ?1 ORDER BY id";
 
@@ -375,22 +383,57 @@ pub fn load_ledger(connection: &Connection, customer_id: &Id) -> db::Result<Opti
     Ok(load(connection, customer_id, false)?.map(|(loaded, _)| loaded))
 }
 
-/// [`load_ledger`], and the customer's [`CustomerSettings`] read with its
-/// row, in the same four statements (the writer's cold load). Tested by the
-/// HTTP tests that restart a server, in `it::plans`, `it::overage`,
-/// `it::topups` and `it::notifications`: without any one setting, one fails.
+/// The writer's cold load: [`load_ledger`], the customer's
+/// [`CustomerSettings`] read with its row, and the balance its last entry
+/// reported (zero before any), in five statements that go out together on
+/// PostgreSQL. The settings are tested by the HTTP tests that restart a
+/// server, in `it::plans`, `it::overage`, `it::topups` and
+/// `it::notifications`: without any one setting, one fails.
 pub fn load_ledger_with_settings(
     connection: &Connection,
     customer_id: &Id,
-) -> db::Result<Option<(LoadedLedger, CustomerSettings)>> {
-    Ok(
-        load(connection, customer_id, true)?.map(|(loaded, settings)| {
-            (
-                loaded,
-                settings.expect("customer_row reads the settings when asked"),
-            )
-        }),
-    )
+) -> db::Result<Option<(LoadedLedger, CustomerSettings, Amount)>> {
+    let queries = [
+        customer_sql(connection.dialect(), true),
+        GRANTS_AND_HEAD,
+        ACTIVE_HOLDS,
+        MEMBERS,
+        LAST_BALANCE,
+    ];
+    connection.prefetch(&queries, customer_id.as_str())?;
+    let loaded = (|| {
+        let Some((loaded, settings)) = read_ledger(connection, customer_id, true)? else {
+            return Ok(None);
+        };
+        let settings = settings.expect("customer_row reads the settings when asked");
+        let last = last_balance(connection, customer_id)?;
+        let balance = match (loaded.head, last) {
+            (None, None) => Amount::ZERO,
+            (Some(head), Some((sequence, balance))) if head == sequence => balance,
+            (head, last) => {
+                return Err(corrupt(&format!(
+                    "customer {customer_id}: chain head {head:?}, last entry read {:?}",
+                    last.map(|(sequence, _)| sequence)
+                )))
+            }
+        };
+        Ok(Some((loaded, settings, balance)))
+    })();
+    connection.forget_prefetched();
+    loaded
+}
+
+/// The sequence and reported balance of the entry at the head of a
+/// customer's chain ([`LAST_BALANCE`]).
+fn last_balance(connection: &Connection, customer_id: &Id) -> db::Result<Option<(i64, Amount)>> {
+    connection
+        .prepare_cached(LAST_BALANCE)?
+        .query_row([customer_id.as_str()], |row| {
+            let balance =
+                Amount::from_micros(row.get(1)?).ok_or_else(|| corrupt("amount out of range"))?;
+            Ok((row.get(0)?, balance))
+        })
+        .optional()
 }
 
 /// On PostgreSQL the four statements go out together, in one round trip
@@ -763,15 +806,6 @@ pub fn upsert_member(
             now.micros()
         ])?;
     Ok(())
-}
-
-/// The balance an entry reported (the customer's balance after it).
-pub fn entry_balance_after(connection: &Connection, sequence: i64) -> db::Result<Amount> {
-    connection
-        .prepare_cached("SELECT balance_after FROM entries WHERE sequence = ?1")?
-        .query_row([sequence], |row| {
-            Amount::from_micros(row.get(0)?).ok_or_else(|| corrupt("amount out of range"))
-        })
 }
 
 /// Deliveries due at `now`, the oldest first, each with the body every

@@ -1405,17 +1405,15 @@ impl Writer {
                     ..
                 },
                 settings,
+                // What the last entry reported: lots that expired since but
+                // are not swept yet still count, so their expiry crosses
+                // thresholds.
+                last_net,
             )) = rows::load_ledger_with_settings(&self.connection, customer_id)?
             else {
                 return Err(Failure::Store(StoreError::NotFound(format!(
                     "customer {customer_id}"
                 ))));
-            };
-            // What the last entry reported: lots that expired since but are
-            // not swept yet still count, so their expiry crosses thresholds.
-            let last_net = match head {
-                Some(sequence) => rows::entry_balance_after(&self.connection, sequence)?,
-                None => tally_core::Amount::ZERO,
             };
             let stored = ledger
                 .grants()

@@ -122,10 +122,10 @@ pub struct EventBatchBody {
 pub async fn post_events(
     State(state): State<AppState>,
     caller: Caller,
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    body: crate::edge::JsonBytes,
 ) -> Result<Json<EventBatchBody>, ApiError> {
     caller.require(Scope::Ingest)?;
-    let bytes = body.map_err(|e| ApiError::new("invalid_request", e.body_text()))?;
+    let crate::edge::JsonBytes(bytes) = body;
     // Each event is kept as its own text and read once, by the ingest path.
     let body: RawBatch<'_> = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
@@ -420,7 +420,7 @@ pub async fn discard_dead_letter(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    body: crate::edge::JsonBytes,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
     let number = dead_letter_id(&id)?;

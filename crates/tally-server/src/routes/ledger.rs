@@ -78,6 +78,164 @@ pub async fn customer_ledger(
     }))
 }
 
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UsageParams {
+    /// `feature` (default) or `member`.
+    pub group_by: Option<String>,
+    /// `hour`, `day` (default) or `month`: buckets in UTC.
+    pub granularity: Option<String>,
+    /// Usage at or after this instant (RFC 3339); default: 24 hours, 30 days
+    /// or 12 months (by `granularity`) before `to`.
+    pub from: Option<String>,
+    /// Usage before this instant (RFC 3339); default: the end of the bucket
+    /// that holds the present, so that the present counts.
+    pub to: Option<String>,
+}
+
+/// One group's usage in one bucket.
+#[derive(Serialize, ToSchema)]
+pub struct UsageLineBody {
+    /// The bucket's start (RFC 3339, UTC).
+    pub bucket: String,
+    /// The feature or member; null for usage without one (a charge by amount
+    /// without a feature; spend by no member).
+    pub group: Option<String>,
+    /// Units used: the quantities of the charges and captures priced by
+    /// feature and quantity ("0" for usage charged by amount).
+    pub quantity: String,
+    /// Credits the charges and captures consumed.
+    pub credits: String,
+    /// How many charges and captures.
+    pub records: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UsageBody {
+    pub customer_id: String,
+    pub group_by: String,
+    pub granularity: String,
+    pub from: String,
+    pub to: String,
+    /// Oldest bucket first; within a bucket, by group (null first). Buckets
+    /// and groups without usage are left out.
+    pub data: Vec<UsageLineBody>,
+}
+
+/// A customer's usage: quantity and credits per feature (or member) per hour,
+/// day or month. Usage counts at its own time (a late event in the bucket of
+/// its timestamp). Charges and captures count; refunds are not netted out
+/// (they are in the ledger). At most 366 days per request.
+#[utoipa::path(get, path = "/v1/customers/{id}/usage", tag = "ledger", params(UsageParams),
+    responses((status = 200, body = UsageBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn customer_usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+    ApiQuery(params): ApiQuery<UsageParams>,
+) -> Result<Json<UsageBody>, ApiError> {
+    use tally_store::{Granularity, UsageGroup, UsageQuery};
+    caller.require(Scope::Read)?;
+    let id = edge::id(&customer_id, "id")?;
+    let (group_by, group_name) = match params.group_by.as_deref() {
+        None | Some("feature") => (UsageGroup::Feature, "feature"),
+        Some("member") => (UsageGroup::Member, "member"),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "group_by",
+                "group_by must be feature or member",
+            ))
+        }
+    };
+    let (granularity, granularity_name) = match params.granularity.as_deref() {
+        Some("hour") => (Granularity::Hour, "hour"),
+        None | Some("day") => (Granularity::Day, "day"),
+        Some("month") => (Granularity::Month, "month"),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "granularity",
+                "granularity must be hour, day or month",
+            ))
+        }
+    };
+    let to = match params.to.as_deref() {
+        Some(text) => edge::instant(text, "to")?,
+        None => granularity.next(state.store.now()),
+    };
+    let from = match params.from.as_deref() {
+        Some(text) => edge::instant(text, "from")?,
+        // The last 24 hours, 30 days or 12 months before `to`.
+        None => {
+            let buckets = match granularity {
+                Granularity::Hour => 24,
+                Granularity::Day => 30,
+                Granularity::Month => 12,
+            };
+            let mut from = to;
+            for _ in 0..buckets {
+                from = granularity.bucket(tally_core::Timestamp(from.0.saturating_sub(1)));
+            }
+            from
+        }
+    };
+    if from >= to {
+        return Err(ApiError::invalid("from", "from must be before to"));
+    }
+    if to
+        .plus_seconds(-MAX_USAGE_DAYS * DAY_SECONDS)
+        .is_some_and(|earliest| from < earliest)
+    {
+        return Err(ApiError::invalid(
+            "from",
+            format!("a usage window spans at most {MAX_USAGE_DAYS} days"),
+        ));
+    }
+    let query = UsageQuery {
+        group_by,
+        granularity,
+        from,
+        to,
+    };
+    let report = state
+        .store
+        .usage(id.clone(), query)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("customer {id}")))?
+        .map_err(|tally_store::TooMuchUsage| {
+            ApiError::invalid(
+                "from",
+                format!(
+                    "the window reaches back past the customer's last {} journal entries; \
+                     ask for a later from",
+                    tally_store::MAX_USAGE_WALK
+                ),
+            )
+        })?;
+    Ok(Json(UsageBody {
+        customer_id: id.to_string(),
+        group_by: group_name.into(),
+        granularity: granularity_name.into(),
+        from: edge::rfc3339(from),
+        to: edge::rfc3339(to),
+        data: report
+            .lines
+            .into_iter()
+            .map(|line| UsageLineBody {
+                bucket: edge::rfc3339(line.bucket),
+                group: line.group,
+                quantity: crate::dto::micros(line.quantity_micros),
+                credits: crate::dto::micros(line.credits_micros),
+                records: line.records,
+            })
+            .collect(),
+    }))
+}
+
+const DAY_SECONDS: i64 = 86_400;
+/// The widest usage window one request may ask for.
+const MAX_USAGE_DAYS: i64 = 366;
+
 #[derive(Serialize, ToSchema)]
 pub struct EntryDetail {
     #[serde(flatten)]

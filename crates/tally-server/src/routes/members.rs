@@ -71,7 +71,8 @@ fn member_body(customer_id: &str, member: &Member, now: Timestamp) -> MemberBody
 /// names the member counts against its budget in the same step that checks
 /// the shared balance; past it the spend is refused with 402
 /// `member_budget_exceeded`. A released or timed-out hold gives its credits
-/// back to the budget; a refund does not.
+/// back to the budget, and so does a refund, of what it refunds, if the
+/// budget counted that spend in its current window.
 #[utoipa::path(put, path = "/v1/customers/{id}/members/{member_id}", tag = "members", request_body = PutMember,
     responses((status = 200, body = MemberBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]

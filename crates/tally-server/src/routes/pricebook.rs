@@ -287,7 +287,7 @@ pub async fn publish(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    body: crate::edge::JsonBytes,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
     let id = edge::id(&id, "id")?.to_string();
@@ -389,15 +389,7 @@ pub struct SimulationBody {
 
 /// Micro-credits (any size) as a decimal string.
 fn credits(micros: i128) -> String {
-    let sign = if micros < 0 { "-" } else { "" };
-    let magnitude = micros.unsigned_abs();
-    let (whole, fraction) = (magnitude / 1_000_000, magnitude % 1_000_000);
-    if fraction == 0 {
-        format!("{sign}{whole}")
-    } else {
-        let digits = format!("{fraction:06}");
-        format!("{sign}{whole}.{}", digits.trim_end_matches('0'))
-    }
+    crate::dto::micros(micros)
 }
 
 fn render_line(line: &SimulationLine) -> SimulationLineBody {

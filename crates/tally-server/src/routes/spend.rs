@@ -1,7 +1,5 @@
 //! Charges, holds (place, capture, release) and refunds.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
@@ -300,10 +298,8 @@ pub async fn get_hold(
 
 /// Parse an optional JSON body: empty means the default.
 pub fn optional_body<T: DeserializeOwned + Default>(
-    bytes: Result<Bytes, BytesRejection>,
+    crate::edge::JsonBytes(bytes): crate::edge::JsonBytes,
 ) -> Result<T, ApiError> {
-    // An unreadable body (e.g. over the size limit) is a JSON error like any other.
-    let bytes = bytes.map_err(|e| ApiError::new("invalid_request", e.body_text()))?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -351,7 +347,7 @@ pub async fn capture_hold(
     State(state): State<AppState>,
     caller: Caller,
     Path(hold_id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: crate::edge::JsonBytes,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
     let body: CaptureHold = optional_body(body)?;
@@ -428,7 +424,7 @@ pub async fn release_hold(
     State(state): State<AppState>,
     caller: Caller,
     Path(hold_id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: crate::edge::JsonBytes,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
     let body: ReleaseHold = optional_body(body)?;

@@ -1,7 +1,5 @@
 //! Credit packs, top-ups (manual and automatic) and their payment step.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
@@ -247,7 +245,7 @@ pub async fn confirm_topup(
     State(state): State<AppState>,
     caller: Caller,
     Path(topup_id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: crate::edge::JsonBytes,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
     let body: ConfirmTopup = optional_body(body)?;

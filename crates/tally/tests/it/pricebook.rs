@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use reqwest::Method;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::support::{
@@ -2585,4 +2585,161 @@ async fn free_tiers_captures_and_contract_schedules() {
     );
     assert_eq!(ok(&app.get("/v1/customers/c/contract").await)["id"], "k2");
     assert_replayable(&app.ledger_all("c").await);
+}
+
+/// `GET /v1/customers/{id}/usage`: quantity and credits per feature or member
+/// per hour, day or month. A late event counts in the bucket of its own
+/// timestamp; captures count; charges by amount count under no feature;
+/// refunds do not take usage back; bad parameters are 400 and a missing
+/// customer 404.
+#[tokio::test]
+async fn usage_is_reported_per_group_per_bucket() {
+    let app = manual_app().await;
+    for key in ["f_a", "f_b"] {
+        feature(&app, key).await;
+    }
+    let rules = json!([
+        {"feature": "f_a", "credits_per_unit": "2"},
+        {"feature": "f_b", "credits_per_unit": "0.5"},
+    ]);
+    release(&app, "v1", None, &rules, None).await;
+    customer_with(&app, "u", None, None).await;
+    app.grant("u", "g-u", "10000").await;
+    customer_with(&app, "idle", None, None).await;
+    let member = app
+        .put("/v1/customers/u/members/m1", json!({ "name": "M1" }))
+        .await;
+    assert_eq!(member.status, StatusCode::OK, "{}", member.body);
+
+    // Hour 0 (T0 + 10 min): 3 units of f_a by m1 (6 credits), 1.5 credits by amount.
+    app.advance(600).await;
+    let mut by_m1 = usage("a1", "u", "f_a", "3", None);
+    by_m1["member_id"] = json!("m1");
+    assert_eq!(ok(&app.post("/v1/charges", by_m1).await)["amount"], "6");
+    fresh(&app.charge("u", "plain", "1.5").await);
+    // Hour 1 (T0 + 70 min): 1 unit of f_a (2 credits); a late event of 4 units
+    // of f_b from T0 + 20 min (2 credits, hour 0); a hold on 2 units of f_b
+    // captured whole (1 credit); a refund of the charge by amount.
+    app.advance(3_600).await;
+    fresh(&charge_usage(&app, "a2", "u", "f_a", "1", None).await);
+    let events = ok(&app
+        .post(
+            "/v1/events",
+            json!({ "events": [{ "id": "late", "customer_id": "u", "feature": "f_b",
+                                  "quantity": "4", "timestamp": "2040-01-01T00:20:00Z" }] }),
+        )
+        .await);
+    assert_eq!(events["results"][0]["status"], "charged", "{events}");
+    fresh(
+        &app.post(
+            "/v1/holds",
+            json!({"id": "h", "customer_id": "u", "feature": "f_b", "quantity": "2", "timeout_seconds": 600}),
+        )
+        .await,
+    );
+    fresh(&app.post("/v1/holds/h/capture", json!({})).await);
+    fresh(
+        &app.post(
+            "/v1/refunds",
+            json!({"id": "r", "charge_id": "plain", "reason": "goodwill"}),
+        )
+        .await,
+    );
+    // Day 1 (T0 + 1 day + 70 min): 1 more unit of f_a.
+    app.advance(86_400).await;
+    fresh(&charge_usage(&app, "a3", "u", "f_a", "1", None).await);
+
+    let line = |bucket: &str, group: Value, quantity: &str, credits: &str, records: u64| json!({"bucket": bucket, "group": group, "quantity": quantity, "credits": credits, "records": records});
+    let hourly = ok(&app
+        .get("/v1/customers/u/usage?granularity=hour&from=2040-01-01T00:00:00Z&to=2040-01-01T02:00:00Z")
+        .await);
+    assert_eq!(hourly["group_by"], "feature");
+    assert_eq!(hourly["granularity"], "hour");
+    assert_eq!(hourly["from"], "2040-01-01T00:00:00Z");
+    assert_eq!(hourly["to"], "2040-01-01T02:00:00Z");
+    assert_eq!(
+        hourly["data"],
+        json!([
+            line("2040-01-01T00:00:00Z", Value::Null, "0", "1.5", 1),
+            line("2040-01-01T00:00:00Z", json!("f_a"), "3", "6", 1),
+            line("2040-01-01T00:00:00Z", json!("f_b"), "4", "2", 1),
+            line("2040-01-01T01:00:00Z", json!("f_a"), "1", "2", 1),
+            line("2040-01-01T01:00:00Z", json!("f_b"), "2", "1", 1),
+        ]),
+        "{hourly}"
+    );
+    // The window cuts by the usage's own time: from 00:15 leaves out hour 0's
+    // charges at 00:10 but keeps the late event of 00:20.
+    let cut = ok(&app
+        .get("/v1/customers/u/usage?granularity=hour&from=2040-01-01T00:15:00Z&to=2040-01-01T01:00:00Z")
+        .await);
+    assert_eq!(
+        cut["data"],
+        json!([line("2040-01-01T00:00:00Z", json!("f_b"), "4", "2", 1)]),
+        "{cut}"
+    );
+    let daily = ok(&app
+        .get("/v1/customers/u/usage?from=2040-01-01T00:00:00Z&to=2040-01-03T00:00:00Z")
+        .await);
+    assert_eq!(daily["granularity"], "day");
+    assert_eq!(
+        daily["data"],
+        json!([
+            line("2040-01-01T00:00:00Z", Value::Null, "0", "1.5", 1),
+            line("2040-01-01T00:00:00Z", json!("f_a"), "4", "8", 2),
+            line("2040-01-01T00:00:00Z", json!("f_b"), "6", "3", 2),
+            line("2040-01-02T00:00:00Z", json!("f_a"), "1", "2", 1),
+        ]),
+        "{daily}"
+    );
+    // The default window ends with the bucket that holds the present (the
+    // charge of this very instant counts) and starts 12 months earlier.
+    let by_member = ok(&app
+        .get("/v1/customers/u/usage?group_by=member&granularity=month")
+        .await);
+    assert_eq!(by_member["group_by"], "member");
+    assert_eq!(by_member["to"], "2040-02-01T00:00:00Z");
+    assert_eq!(by_member["from"], "2039-02-01T00:00:00Z");
+    assert_eq!(
+        by_member["data"],
+        json!([
+            line("2040-01-01T00:00:00Z", Value::Null, "8", "8.5", 5),
+            line("2040-01-01T00:00:00Z", json!("m1"), "3", "6", 1),
+        ]),
+        "{by_member}"
+    );
+    // By day, the default is the 30 days up to the end of today.
+    let recent = ok(&app.get("/v1/customers/u/usage").await);
+    assert_eq!(recent["from"], "2039-12-04T00:00:00Z");
+    assert_eq!(recent["to"], "2040-01-03T00:00:00Z");
+    assert_eq!(recent["data"], daily["data"]);
+    let idle = ok(&app.get("/v1/customers/idle/usage").await);
+    assert_eq!(idle["data"], json!([]));
+
+    for (query, param) in [
+        ("group_by=plan", "group_by"),
+        ("granularity=week", "granularity"),
+        ("from=yesterday", "from"),
+        ("to=2040-13-01T00:00:00Z", "to"),
+        ("from=2040-01-02T00:00:00Z&to=2040-01-01T00:00:00Z", "from"),
+        ("from=2038-01-01T00:00:00Z&to=2040-01-01T00:00:00Z", "from"),
+    ] {
+        let reply = app.get(&format!("/v1/customers/u/usage?{query}")).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{query}: {}",
+            reply.body
+        );
+        assert_eq!(reply.code(), "invalid_request", "{query}");
+        assert_eq!(
+            reply.body["error"]["param"], param,
+            "{query}: {}",
+            reply.body
+        );
+    }
+    let unknown = app.get("/v1/customers/u/usage?bucket=day").await;
+    assert_eq!(unknown.status, StatusCode::BAD_REQUEST, "{}", unknown.body);
+    let missing = app.get("/v1/customers/ghost/usage").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND, "{}", missing.body);
 }

@@ -358,6 +358,51 @@ async fn customers_reject_bad_input() {
         )
         .await,
     );
+
+    // Routes that read their body themselves check its type too: events, and
+    // the writes whose body may be left out (capture, release, publish...).
+    app.grant("c_bad_currency", "g_types", "10").await;
+    let event = "{\"events\": [{\"id\": \"e_text\", \"customer_id\": \"c_bad_currency\", \"feature\": \"f\", \"quantity\": 1}]}";
+    let text_event = raw(&app, Method::POST, "/v1/events", Some("text/plain"), event).await;
+    assert_error(&text_event, 400, "invalid_request");
+    let untyped_event = raw(&app, Method::POST, "/v1/events", None, event).await;
+    assert_error(&untyped_event, 400, "invalid_request");
+    fresh(
+        &app.post(
+            "/v1/holds",
+            json!({ "id": "h_types", "customer_id": "c_bad_currency", "amount": "4", "timeout_seconds": 60 }),
+        )
+        .await,
+    );
+    for path in ["/v1/holds/h_types/capture", "/v1/holds/h_types/release"] {
+        let text = raw(
+            &app,
+            Method::POST,
+            path,
+            Some("text/plain"),
+            "{\"amount\": \"1\"}",
+        )
+        .await;
+        assert_error(&text, 400, "invalid_request");
+    }
+    assert_eq!(
+        app.balance("c_bad_currency").await["held"],
+        "4",
+        "the hold is untouched"
+    );
+    // An empty body needs no type; a JSON one with a `+json` type or parameters is JSON.
+    let released = raw(&app, Method::POST, "/v1/holds/h_types/release", None, "").await;
+    assert_eq!(released.status.as_u16(), 200, "{}", released.body);
+    let typed = raw(
+        &app,
+        Method::POST,
+        "/v1/events",
+        Some("application/vnd.tally+json; charset=utf-8"),
+        event,
+    )
+    .await;
+    assert_eq!(typed.status.as_u16(), 200, "{}", typed.body);
+    assert_eq!(typed.body["results"][0]["id"], "e_text");
 }
 
 // ---------------------------------------------------------------- auth
@@ -393,6 +438,17 @@ async fn requests_need_a_valid_key() {
         .await
         .expect("request");
     assert_eq!(basic.status().as_u16(), 401);
+    // The scheme's name is case-insensitive.
+    for scheme in ["bearer", "BEARER"] {
+        let read = app
+            .client
+            .get(app.url("/v1/customers/c"))
+            .header("authorization", format!("{scheme} {ADMIN_KEY}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(read.status().as_u16(), 200, "{scheme}");
+    }
     // Health needs no key.
     let health = app.send(Method::GET, "/healthz", None, None).await;
     assert_eq!(ok(&health)["status"], "ok");
@@ -2322,6 +2378,7 @@ async fn openapi_docs_metrics_and_unknown_routes() {
         ("/v1/holds/{id}/release", "post"),
         ("/v1/refunds", "post"),
         ("/v1/customers/{id}/ledger", "get"),
+        ("/v1/customers/{id}/usage", "get"),
         ("/v1/ledger/{entry_id}", "get"),
         ("/healthz", "get"),
         ("/metrics", "get"),
