@@ -167,6 +167,114 @@ fn is_json(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+/// Free-form JSON in a request (metadata, properties, rules, a plan's
+/// period) read like `serde_json::Value`, except that an object naming a key
+/// twice, at any depth, is refused: `serde_json::Value` keeps the last one
+/// silently, so `{"model": "a", "model": "b"}` would be read as `"b"`.
+pub struct StrictValue(pub serde_json::Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Self::Value, E> {
+        serde_json::Number::from_f64(value)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| E::custom("a number JSON cannot hold"))
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_string<E>(self, value: String) -> Result<Self::Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        StrictValue::deserialize(deserializer).map(|value| value.0)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
+            }
+            let StrictValue(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(serde_json::Value::Object(object))
+    }
+}
+
+/// `#[serde(deserialize_with)]` for a `serde_json::Value` field: [`StrictValue`].
+pub fn strict<'de, D: Deserializer<'de>>(deserializer: D) -> Result<serde_json::Value, D::Error> {
+    StrictValue::deserialize(deserializer).map(|value| value.0)
+}
+
+/// [`strict`] for an optional field (with `#[serde(default)]`).
+pub fn strict_opt<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    Option::<StrictValue>::deserialize(deserializer).map(|value| value.map(|v| v.0))
+}
+
+/// [`strict`] for a list.
+pub fn strict_vec<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<serde_json::Value>, D::Error> {
+    Vec::<StrictValue>::deserialize(deserializer)
+        .map(|values| values.into_iter().map(|v| v.0).collect())
+}
+
+/// [`strict`] for an optional list (with `#[serde(default)]`).
+pub fn strict_opt_vec<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<serde_json::Value>>, D::Error> {
+    Option::<Vec<StrictValue>>::deserialize(deserializer)
+        .map(|values| values.map(|values| values.into_iter().map(|v| v.0).collect()))
+}
+
 /// A JSON body whose rejections are API errors.
 pub struct ApiJson<T>(pub T);
 
@@ -384,6 +492,60 @@ pub fn cursor(value: Option<&str>, prefix: &str) -> Result<Option<i64>, ApiError
         })
         .transpose()
 }
+
+/// `?limit=&cursor=` of a list that is read whole and paged in memory (the
+/// price book's features and versions, plans, credit packs, webhook
+/// endpoints, a customer's members and contracts: configuration, not history).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// 1 to 1000, default 50.
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// One page of `items` (the whole list, in its order): up to `limit` items
+/// after the one the cursor names, and the cursor of the next page when
+/// there are more. A cursor names the last item of its page by its key
+/// (`key`), so an item added meanwhile shows on a later page if it sorts
+/// after it; a cursor whose item is not in the list is a 400.
+pub fn page<T>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> &str,
+    params: &ListParams,
+) -> Result<(Vec<T>, Option<String>), ApiError> {
+    let limit = limit(params.limit)?;
+    let bad = || {
+        ApiError::invalid(
+            "cursor",
+            "cursor is not one this API returned for this list",
+        )
+    };
+    let start = match params.cursor.as_deref() {
+        None => 0,
+        Some(cursor) => {
+            let after = cursor.strip_prefix(CURSOR_PREFIX).ok_or_else(bad)?;
+            items
+                .iter()
+                .position(|item| key(item) == after)
+                .ok_or_else(bad)?
+                + 1
+        }
+    };
+    let mut rest: Vec<T> = items.into_iter().skip(start).collect();
+    let next = if rest.len() > limit {
+        rest.truncate(limit);
+        rest.last()
+            .map(|item| format!("{CURSOR_PREFIX}{}", key(item)))
+    } else {
+        None
+    };
+    Ok((rest, next))
+}
+
+/// What starts a cursor of [`page`].
+const CURSOR_PREFIX: &str = "after:";
 
 /// The `limit` of a list: default 50, at most 1000.
 pub fn limit(value: Option<usize>) -> Result<usize, ApiError> {

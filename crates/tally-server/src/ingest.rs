@@ -23,6 +23,7 @@ struct EventInput {
     quantity: AmountInput,
     member_id: Option<String>,
     timestamp: Option<String>,
+    #[serde(default, deserialize_with = "crate::edge::strict_opt")]
     properties: Option<serde_json::Value>,
 }
 

@@ -1629,6 +1629,20 @@ fn simulate(
 mod tests {
     use super::*;
 
+    /// A server's leadership as `lead` takes it, not leading yet, advertising
+    /// an address nothing listens on.
+    fn test_leadership() -> Leadership {
+        let leadership = Leadership {
+            is_leader: tokio::sync::watch::channel(false).0,
+            advertise: std::sync::OnceLock::new(),
+        };
+        leadership
+            .advertise
+            .set("http://127.0.0.1:9".into())
+            .unwrap();
+        leadership
+    }
+
     /// A writer that lost its connection leads again without waiting when it
     /// can: if its old session still holds the leader lock (PostgreSQL has
     /// not seen that connection end), it ends that session and leads. If
@@ -1646,17 +1660,7 @@ mod tests {
             };
             drop(connection);
             migrate(Location::Postgres(&url)).unwrap();
-            let leadership = || {
-                let leadership = Leadership {
-                    is_leader: tokio::sync::watch::channel(false).0,
-                    advertise: std::sync::OnceLock::new(),
-                };
-                leadership
-                    .advertise
-                    .set("http://127.0.0.1:9".into())
-                    .unwrap();
-                leadership
-            };
+            let leadership = test_leadership;
             // Lead, in a thread of its own, as a server whose last session
             // was `previous` (`None`: it never led); `between` is what it
             // does every so often while it waits for the lock. What came of
@@ -1806,14 +1810,7 @@ mod tests {
             migrate(Location::Postgres(&url)).unwrap();
             let other = Connection::postgres(&url).unwrap();
             assert_eq!(setting(&other), "off", "the database's own setting");
-            let leadership = Leadership {
-                is_leader: tokio::sync::watch::channel(false).0,
-                advertise: std::sync::OnceLock::new(),
-            };
-            leadership
-                .advertise
-                .set("http://127.0.0.1:9".into())
-                .unwrap();
+            let leadership = test_leadership();
             let mut state = LeadState {
                 has_led: false,
                 previous: None,

@@ -25,6 +25,7 @@ pub struct CreateCustomer {
     /// ISO 4217 code of the money the customer pays in.
     pub currency: Option<String>,
     #[schema(value_type = Option<Object>)]
+    #[serde(default, deserialize_with = "crate::edge::strict_opt")]
     pub metadata: Option<serde_json::Value>,
     /// The overage policy (default: block).
     pub overage: Option<OverageBody>,
@@ -213,6 +214,7 @@ pub struct CreateGrant {
     /// Feature keys this grant may pay for; default: anything.
     pub scope: Option<Vec<String>>,
     #[schema(value_type = Option<Object>)]
+    #[serde(default, deserialize_with = "crate::edge::strict_opt")]
     pub metadata: Option<serde_json::Value>,
     /// E.g. the payment id.
     pub external_reference: Option<String>,

@@ -114,12 +114,13 @@ pub struct MemberList {
 }
 
 /// A customer's members with what each spent of its budget.
-#[utoipa::path(get, path = "/v1/customers/{id}/members", tag = "members",
+#[utoipa::path(get, path = "/v1/customers/{id}/members", tag = "members", params(edge::ListParams),
     responses((status = 200, body = MemberList), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn list_members(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
+    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<MemberList>, ApiError> {
     caller.require(Scope::Read)?;
     let id = edge::id(&customer_id, "id")?;
@@ -129,13 +130,15 @@ pub async fn list_members(
         .members(id.clone())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("customer {id}")))?;
-    Ok(Json(MemberList {
-        data: members
+    let (data, next_cursor) = edge::page(
+        members
             .iter()
             .map(|m| member_body(id.as_str(), m, now))
             .collect(),
-        next_cursor: None,
-    }))
+        |m| &m.id,
+        &params,
+    )?;
+    Ok(Json(MemberList { data, next_cursor }))
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -180,18 +180,21 @@ pub struct WebhookEndpointList {
 }
 
 /// The webhook endpoints (without their secrets).
-#[utoipa::path(get, path = "/v1/webhook-endpoints", tag = "notifications",
+#[utoipa::path(get, path = "/v1/webhook-endpoints", tag = "notifications", params(edge::ListParams),
     responses((status = 200, body = WebhookEndpointList)), security(("bearer" = [])))]
 pub async fn list_webhook_endpoints(
     State(state): State<AppState>,
     caller: Caller,
+    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<WebhookEndpointList>, ApiError> {
     caller.require(Scope::Admin)?;
     let endpoints = state.store.webhook_endpoints().await?;
-    Ok(Json(WebhookEndpointList {
-        data: endpoints.iter().map(|e| endpoint_body(e, false)).collect(),
-        next_cursor: None,
-    }))
+    let (data, next_cursor) = edge::page(
+        endpoints.iter().map(|e| endpoint_body(e, false)).collect(),
+        |e| &e.id,
+        &params,
+    )?;
+    Ok(Json(WebhookEndpointList { data, next_cursor }))
 }
 
 #[derive(Serialize, ToSchema)]

@@ -41,6 +41,7 @@ pub struct PutPlan {
     pub name: String,
     /// `"month"`, `"year"` or `{"days": n}`. Fixed once the plan exists.
     #[schema(value_type = Object, example = "month")]
+    #[serde(deserialize_with = "crate::edge::strict")]
     pub period: serde_json::Value,
     /// Credits granted at the start of every period (0 for pay as you go).
     #[schema(value_type = String, example = "10000")]
@@ -180,18 +181,21 @@ pub struct PlanList {
 }
 
 /// Every plan.
-#[utoipa::path(get, path = "/v1/plans", tag = "plans",
+#[utoipa::path(get, path = "/v1/plans", tag = "plans", params(edge::ListParams),
     responses((status = 200, body = PlanList)), security(("bearer" = [])))]
 pub async fn list_plans(
     State(state): State<AppState>,
     caller: Caller,
+    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<PlanList>, ApiError> {
     caller.require(Scope::Read)?;
     let plans = state.store.plans().await?;
-    Ok(Json(PlanList {
-        data: plans.iter().map(PlanBody::from).collect(),
-        next_cursor: None,
-    }))
+    let (data, next_cursor) = edge::page(
+        plans.iter().map(PlanBody::from).collect(),
+        |p| &p.key,
+        &params,
+    )?;
+    Ok(Json(PlanList { data, next_cursor }))
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -82,18 +82,21 @@ fn required_text(text: String, param: &str) -> Result<String, ApiError> {
 }
 
 /// Every feature.
-#[utoipa::path(get, path = "/v1/features", tag = "price book",
+#[utoipa::path(get, path = "/v1/features", tag = "price book", params(edge::ListParams),
     responses((status = 200, body = Page<FeatureBody>)), security(("bearer" = [])))]
 pub async fn list_features(
     State(state): State<AppState>,
     caller: Caller,
+    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<Page<FeatureBody>>, ApiError> {
     caller.require(Scope::Read)?;
     let features = state.store.features().await?;
-    Ok(Json(Page {
-        data: features.iter().map(FeatureBody::from).collect(),
-        next_cursor: None,
-    }))
+    let (data, next_cursor) = edge::page(
+        features.iter().map(FeatureBody::from).collect(),
+        |f| &f.key,
+        &params,
+    )?;
+    Ok(Json(Page { data, next_cursor }))
 }
 
 // ---------------------------------------------------------------------------
@@ -182,22 +185,25 @@ pub async fn create_pricebook(
 }
 
 /// Every version: published ones in order of publication, then drafts.
-#[utoipa::path(get, path = "/v1/pricebooks", tag = "price book",
+#[utoipa::path(get, path = "/v1/pricebooks", tag = "price book", params(edge::ListParams),
     responses((status = 200, body = Page<PricebookBody>)), security(("bearer" = [])))]
 pub async fn list_pricebooks(
     State(state): State<AppState>,
     caller: Caller,
+    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<Page<PricebookBody>>, ApiError> {
     caller.require(Scope::Read)?;
     let books = state.store.pricebooks().await?;
     let current = in_effect_now(&state, &books);
-    Ok(Json(Page {
-        data: books
+    let (data, next_cursor) = edge::page(
+        books
             .iter()
             .map(|b| render_book(b, current.as_deref()))
             .collect(),
-        next_cursor: None,
-    }))
+        |b| &b.id,
+        &params,
+    )?;
+    Ok(Json(Page { data, next_cursor }))
 }
 
 /// One version with its rules.
@@ -224,6 +230,7 @@ pub struct PutRules {
     /// Each rule: `{"feature", "plan"?, "region"?, "match"?: {...}}` and one price:
     /// `"credits_per_unit"`, `"block": {"size", "credits"}` or `"tiers": {"mode", "steps"}`.
     #[schema(value_type = Vec<Object>)]
+    #[serde(deserialize_with = "crate::edge::strict_vec")]
     pub rules: Vec<serde_json::Value>,
 }
 
@@ -450,6 +457,7 @@ pub struct PutContract {
     /// The customer's own prices, which win over every price book rule (no plan or region).
     /// A fixed price per N actions is a `block` rule.
     #[schema(value_type = Option<Vec<Object>>)]
+    #[serde(default, deserialize_with = "crate::edge::strict_opt_vec")]
     pub rules: Option<Vec<serde_json::Value>>,
     /// Multiplies price book prices (not the contract's own rules): "0.8" is 20% off.
     #[schema(value_type = Option<String>)]
@@ -564,20 +572,23 @@ pub async fn get_contract(
 
 /// Every contract of a customer, in the order they were set (past, current
 /// and scheduled).
-#[utoipa::path(get, path = "/v1/customers/{id}/contracts", tag = "price book",
+#[utoipa::path(get, path = "/v1/customers/{id}/contracts", tag = "price book", params(edge::ListParams),
     responses((status = 200, body = Page<ContractBody>)), security(("bearer" = [])))]
 pub async fn list_contracts(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
+    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<Page<ContractBody>>, ApiError> {
     caller.require(Scope::Read)?;
     let id = edge::id(&customer_id, "id")?;
     let all = state.store.contracts(id).await?;
-    Ok(Json(Page {
-        data: all.iter().map(render_contract).collect(),
-        next_cursor: None,
-    }))
+    let (data, next_cursor) = edge::page(
+        all.iter().map(render_contract).collect(),
+        |c| &c.id,
+        &params,
+    )?;
+    Ok(Json(Page { data, next_cursor }))
 }
 
 // ---------------------------------------------------------------------------
@@ -592,6 +603,7 @@ pub struct CreateQuote {
     #[schema(value_type = String)]
     pub quantity: AmountInput,
     #[schema(value_type = Option<Object>)]
+    #[serde(default, deserialize_with = "crate::edge::strict_opt")]
     pub properties: Option<serde_json::Value>,
     pub member_id: Option<String>,
 }

@@ -33,11 +33,13 @@ pub struct CreateCharge {
     #[schema(value_type = Option<String>)]
     pub quantity: Option<AmountInput>,
     #[schema(value_type = Option<Object>)]
+    #[serde(default, deserialize_with = "crate::edge::strict_opt")]
     pub properties: Option<serde_json::Value>,
     /// The teammate who spent it.
     pub member_id: Option<String>,
     pub reason: Option<String>,
     #[schema(value_type = Option<Object>)]
+    #[serde(default, deserialize_with = "crate::edge::strict_opt")]
     pub metadata: Option<serde_json::Value>,
 }
 
@@ -224,6 +226,7 @@ pub struct CreateHold {
     #[schema(value_type = Option<String>)]
     pub quantity: Option<AmountInput>,
     #[schema(value_type = Option<Object>)]
+    #[serde(default, deserialize_with = "crate::edge::strict_opt")]
     pub properties: Option<serde_json::Value>,
     /// After this many seconds the hold releases itself (1 to 2592000).
     pub timeout_seconds: i64,

@@ -106,18 +106,21 @@ pub struct CreditPackList {
 }
 
 /// Every credit pack.
-#[utoipa::path(get, path = "/v1/credit-packs", tag = "top-ups",
+#[utoipa::path(get, path = "/v1/credit-packs", tag = "top-ups", params(edge::ListParams),
     responses((status = 200, body = CreditPackList)), security(("bearer" = [])))]
 pub async fn list_credit_packs(
     State(state): State<AppState>,
     caller: Caller,
+    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<CreditPackList>, ApiError> {
     caller.require(Scope::Read)?;
     let packs = state.store.credit_packs().await?;
-    Ok(Json(CreditPackList {
-        data: packs.iter().map(CreditPackBody::from).collect(),
-        next_cursor: None,
-    }))
+    let (data, next_cursor) = edge::page(
+        packs.iter().map(CreditPackBody::from).collect(),
+        |p| &p.key,
+        &params,
+    )?;
+    Ok(Json(CreditPackList { data, next_cursor }))
 }
 
 #[derive(Deserialize, ToSchema)]

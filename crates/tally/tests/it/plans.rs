@@ -618,15 +618,19 @@ async fn bad_plans_and_subscriptions_are_refused_and_change_nothing() {
 
     app.customer("cus").await;
     let path = "/v1/customers/cus/subscription";
-    let reply = app.put(path, json!({ "id": "s1", "plan": "nope" })).await;
+    let reply = app.put(path, json!({ "id": "s0", "plan": "nope" })).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
     let reply = app
         .put(
             "/v1/customers/ghost/subscription",
-            json!({ "id": "s1", "plan": "pro" }),
+            json!({ "id": "s_ghost", "plan": "pro" }),
         )
         .await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
+    // A plan that did not exist keeps that outcome for its id.
+    let reply = app.put(path, json!({ "id": "s0", "plan": "nope" })).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
+    assert!(reply.replayed());
     let reply = app
         .put(
             path,

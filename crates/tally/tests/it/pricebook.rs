@@ -2743,3 +2743,202 @@ async fn usage_is_reported_per_group_per_bucket() {
     let missing = app.get("/v1/customers/ghost/usage").await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND, "{}", missing.body);
 }
+
+/// The lists read whole (features, versions, plans, credit packs, webhook
+/// endpoints, a customer's members and contracts) page like every list:
+/// `?limit=` (1 to 1000, default 50) and the `next_cursor` of the page
+/// before; the pages together are the whole list, in order; a bad limit, a
+/// cursor this list did not give or an unknown parameter is 400.
+#[tokio::test]
+async fn configuration_lists_page_with_limit_and_cursor() {
+    let app = manual_app().await;
+    for key in ["k1", "k2", "k3", "k4", "k5"] {
+        feature(&app, key).await;
+    }
+    let rules = json!([{"feature": "k1", "credits_per_unit": "1"}]);
+    release(&app, "v1", None, &rules, None).await;
+    new_draft(&app, "v2", Some("v1")).await;
+    new_draft(&app, "v3", Some("v1")).await;
+    customer_with(&app, "team", None, None).await;
+    for member in ["m1", "m2", "m3"] {
+        let reply = app
+            .put(&format!("/v1/customers/team/members/{member}"), json!({}))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    for (path, key, all) in [
+        ("/v1/features", "key", vec!["k1", "k2", "k3", "k4", "k5"]),
+        ("/v1/pricebooks", "id", vec!["v1", "v2", "v3"]),
+        ("/v1/customers/team/members", "id", vec!["m1", "m2", "m3"]),
+    ] {
+        let whole = ok(&app.get(path).await);
+        let keys = |page: &Value| -> Vec<String> {
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|item| item[key].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(keys(&whole), all, "{path}");
+        assert_eq!(whole["next_cursor"], Value::Null, "{path}");
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let url = match &cursor {
+                None => format!("{path}?limit=2"),
+                Some(cursor) => format!("{path}?limit=2&cursor={cursor}"),
+            };
+            let page = ok(&app.get(&url).await);
+            let got = keys(&page);
+            assert!(got.len() <= 2, "{url}: {page}");
+            seen.extend(got);
+            pages += 1;
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_string()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, all, "{path}: the pages together");
+        assert_eq!(pages, all.len().div_ceil(2), "{path}");
+        let one = ok(&app.get(&format!("{path}?limit=1000")).await);
+        assert_eq!(keys(&one), all, "{path}");
+    }
+    for path in [
+        "/v1/features",
+        "/v1/pricebooks",
+        "/v1/plans",
+        "/v1/credit-packs",
+        "/v1/webhook-endpoints",
+        "/v1/customers/team/members",
+        "/v1/customers/team/contracts",
+    ] {
+        for (query, param) in [
+            ("limit=0", Some("limit")),
+            ("limit=1001", Some("limit")),
+            ("limit=abc", None),
+            ("cursor=zzz", Some("cursor")),
+            ("cursor=after:nobody", Some("cursor")),
+            ("sort=asc", None),
+        ] {
+            let reply = app.get(&format!("{path}?{query}")).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::BAD_REQUEST,
+                "{path}?{query}: {}",
+                reply.body
+            );
+            assert_eq!(reply.code(), "invalid_request", "{path}?{query}");
+            if let Some(param) = param {
+                assert_eq!(reply.body["error"]["param"], param, "{path}?{query}");
+            }
+        }
+    }
+}
+
+/// Free-form JSON in a request (rules, properties, metadata) naming a key
+/// twice in one object is refused with a 400 and changes nothing, at any
+/// depth: read as a JSON value, the last of the two would win silently.
+#[tokio::test]
+async fn a_key_given_twice_in_nested_json_is_refused() {
+    let app = manual_app().await;
+    feature(&app, "f1").await;
+    let rules = json!([{"feature": "f1", "credits_per_unit": "1"}]);
+    release(&app, "v1", None, &rules, None).await;
+    new_draft(&app, "v2", Some("v1")).await;
+    customer_with(&app, "c", None, None).await;
+    app.grant("c", "g", "100").await;
+    let raw = |method: Method, path: &str, body: &str| {
+        app.client
+            .request(method, app.url(path))
+            .bearer_auth(ADMIN_KEY)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+    };
+    let cases = [
+        (
+            Method::PUT,
+            "/v1/pricebooks/v2/rules",
+            r#"{"rules": [{"feature": "f1", "credits_per_unit": "1", "credits_per_unit": "2"}]}"#,
+        ),
+        (
+            Method::PUT,
+            "/v1/pricebooks/v2/rules",
+            r#"{"rules": [{"feature": "f1", "match": {"model": "a", "model": "b"}, "credits_per_unit": "2"}]}"#,
+        ),
+        (
+            Method::POST,
+            "/v1/charges",
+            r#"{"id": "ch1", "customer_id": "c", "feature": "f1", "quantity": "1", "properties": {"model": "a", "model": "b"}}"#,
+        ),
+        (
+            Method::POST,
+            "/v1/charges",
+            r#"{"id": "ch2", "customer_id": "c", "amount": "1", "metadata": {"k": {"x": 1, "x": 2}}}"#,
+        ),
+        (
+            Method::POST,
+            "/v1/customers",
+            r#"{"id": "c2", "metadata": {"k": "first", "k": "second"}}"#,
+        ),
+        (
+            Method::POST,
+            "/v1/quotes",
+            r#"{"customer_id": "c", "feature": "f1", "quantity": "1", "properties": {"m": "a", "m": "a"}}"#,
+        ),
+    ];
+    for (method, path, body) in cases {
+        let reply = Reply::of(raw(method, path, body), path).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{path} {body}: {}",
+            reply.body
+        );
+        assert_eq!(reply.code(), "invalid_request", "{path} {body}");
+        assert!(
+            reply.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("duplicate key"),
+            "{path}: {}",
+            reply.body
+        );
+    }
+    // Nothing changed: the draft's rules, the balance, no customer c2.
+    assert_eq!(ok(&app.get("/v1/pricebooks/v2").await)["rules"], rules);
+    assert_eq!(app.balance("c").await["available"], "100");
+    assert_eq!(
+        app.get("/v1/customers/c2").await.status,
+        StatusCode::NOT_FOUND
+    );
+    // An event with a key given twice in its properties is rejected alone.
+    let events = Reply::of(
+        raw(
+            Method::POST,
+            "/v1/events",
+            r#"{"events": [{"id": "e1", "customer_id": "c", "feature": "f1", "quantity": 1, "properties": {"m": "a", "m": "b"}},
+                           {"id": "e2", "customer_id": "c", "feature": "f1", "quantity": 1, "properties": {"m": "a"}}]}"#,
+        ),
+        "/v1/events",
+    )
+    .await;
+    assert_eq!(events.status, StatusCode::OK, "{}", events.body);
+    assert_eq!(
+        events.body["results"][0]["status"], "rejected",
+        "{}",
+        events.body
+    );
+    assert_eq!(
+        events.body["results"][0]["error"]["code"], "invalid_event",
+        "{}",
+        events.body
+    );
+    assert_eq!(
+        events.body["results"][1]["status"], "charged",
+        "{}",
+        events.body
+    );
+    assert_eq!(app.balance("c").await["available"], "99");
+}

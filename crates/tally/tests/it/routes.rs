@@ -1079,6 +1079,65 @@ async fn a_failed_charge_keeps_failing() {
     assert_eq!(app.balance("c").await["available"], "950");
 }
 
+/// A charge, hold or grant for a customer that does not exist yet, or a
+/// refund of a charge that does not exist yet, is 404, and stays 404 for
+/// that id once the customer or the charge exists (the id's first outcome),
+/// with nothing changed; a new id then succeeds.
+#[tokio::test]
+async fn an_id_that_named_nothing_keeps_failing() {
+    let app = TestApp::spawn().await;
+    let early = [
+        (
+            "/v1/charges",
+            json!({ "id": "ch_early", "customer_id": "late", "amount": "1" }),
+        ),
+        (
+            "/v1/holds",
+            json!({ "id": "h_early", "customer_id": "late", "amount": "1", "timeout_seconds": 60 }),
+        ),
+        (
+            "/v1/customers/late/grants",
+            json!({ "id": "g_early", "amount": "5", "source": "promotion", "paid": false }),
+        ),
+        (
+            "/v1/refunds",
+            json!({ "id": "rf_early", "charge_id": "ch_later", "reason": "x" }),
+        ),
+    ];
+    let mut first = Vec::new();
+    for (path, body) in &early {
+        let reply = app.post(path, body.clone()).await;
+        assert_error(&reply, 404, "not_found");
+        first.push(reply.body);
+    }
+    app.customer("late").await;
+    app.grant("late", "g1", "100").await;
+    charge(&app, "late", "ch_later", "10").await;
+    let before = Snapshot::take(&app, "late").await;
+    for ((path, body), first) in early.iter().zip(&first) {
+        let retry = app.post(path, body.clone()).await;
+        assert_error(&retry, 404, "not_found");
+        assert_eq!(
+            &retry.body, first,
+            "{path}: the retry answers the first outcome"
+        );
+        assert!(retry.replayed(), "{path}");
+    }
+    before
+        .assert_unchanged(&app, "late", "retries of ids that named nothing")
+        .await;
+    // New ids go through.
+    charge(&app, "late", "ch_now", "1").await;
+    fresh(
+        &app.post(
+            "/v1/refunds",
+            json!({ "id": "rf_now", "charge_id": "ch_later", "reason": "x" }),
+        )
+        .await,
+    );
+    assert_eq!(app.balance("late").await["available"], "99");
+}
+
 #[tokio::test]
 async fn charge_input_errors_change_nothing() {
     let app = TestApp::spawn().await;
@@ -1182,10 +1241,19 @@ async fn charge_input_errors_change_nothing() {
     .await;
     assert_error(&malformed, 400, "invalid_request");
     before.assert_unchanged(&app, "c", "refused charges").await;
-    // An unknown-customer id was not burned: it works once the customer exists.
+    // The unknown customer's id keeps its outcome once the customer exists
+    // (an id whose first attempt failed keeps failing the same way); a new id works.
     app.customer("nobody").await;
     app.grant("nobody", "g_n", "5").await;
-    charge(&app, "nobody", "x14", "1").await;
+    let again = app
+        .post(
+            "/v1/charges",
+            json!({ "id": "x14", "customer_id": "nobody", "amount": "1" }),
+        )
+        .await;
+    assert_error(&again, 404, "not_found");
+    assert!(again.replayed());
+    charge(&app, "nobody", "x14b", "1").await;
 }
 
 #[tokio::test]

@@ -220,7 +220,10 @@ async fn bad_topup_input_is_refused_and_changes_nothing() {
             json!({ "id": "t", "pack": "p", "payment_timeout_seconds": 0 }),
             StatusCode::BAD_REQUEST,
         ),
-        (json!({ "id": "t", "pack": "nope" }), StatusCode::NOT_FOUND),
+        (
+            json!({ "id": "t_nope", "pack": "nope" }),
+            StatusCode::NOT_FOUND,
+        ),
         (
             json!({ "id": "t", "pack": "p", "extra": 1 }),
             StatusCode::BAD_REQUEST,
@@ -252,13 +255,22 @@ async fn bad_topup_input_is_refused_and_changes_nothing() {
     let unknown = app
         .post(
             "/v1/customers/nobody/topups",
-            json!({ "id": "t", "pack": "p" }),
+            json!({ "id": "t_nobody", "pack": "p" }),
         )
         .await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
     let listed = app.get("/v1/customers/cus/topups").await;
     assert_eq!(listed.body["data"], json!([]), "nothing was written");
-    // A refused top-up id is still free.
+    // A pack that does not exist keeps that outcome for its id; an id
+    // refused in parsing is still free.
+    let nope = app
+        .post(
+            "/v1/customers/cus/topups",
+            json!({ "id": "t_nope", "pack": "nope" }),
+        )
+        .await;
+    assert_eq!(nope.status, StatusCode::NOT_FOUND, "{}", nope.body);
+    assert!(nope.replayed());
     let ok = app
         .post(
             "/v1/customers/cus/topups",
