@@ -181,6 +181,9 @@ impl<'de> Deserialize<'de> for StrictValue {
 
 struct StrictVisitor;
 
+/// The key serde_json's `arbitrary_precision` numbers travel under.
+const PRIVATE_NUMBER: &str = "$serde_json::private::Number";
+
 impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     type Value = serde_json::Value;
 
@@ -237,6 +240,16 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut object = serde_json::Map::new();
         while let Some(key) = map.next_key::<String>()? {
+            // serde_json (built with `arbitrary_precision`) hands a number
+            // that is not a 64-bit integer to the visitor as a map of this
+            // one key to the number's text.
+            if key == PRIVATE_NUMBER && object.is_empty() {
+                let text: String = map.next_value()?;
+                let number = text
+                    .parse::<serde_json::Number>()
+                    .map_err(serde::de::Error::custom)?;
+                return Ok(serde_json::Value::Number(number));
+            }
             if object.contains_key(&key) {
                 return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
             }

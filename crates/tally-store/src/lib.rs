@@ -1355,7 +1355,8 @@ impl Store {
     /// the window reaches further back than [`MAX_USAGE_WALK`] entries.
     ///
     /// Usage counts at its own time: an event's timestamp (a late event's
-    /// usage falls in the bucket of when it happened), else the entry's.
+    /// usage falls in the bucket of when it happened), a capture's when it
+    /// captured, a charge's when it was charged.
     /// Refunds are not netted out: usage is what was consumed (a refund is in
     /// the journal, against its charge). One statement walks the customer's
     /// chain of entries from the newest, by primary key, until entries
@@ -1453,10 +1454,13 @@ fn usage(
                     .map_err(|_| db::Error::Corrupt("bad pricing json".into()))
             })
             .transpose()?;
-        let at = pricing
-            .as_ref()
-            .and_then(|p| p.priced_at)
-            .unwrap_or(Timestamp(row.get(3)?));
+        // A capture counts when it captured (its pricing's time is the
+        // hold's, whose price it locked).
+        let at = match kind.as_str() {
+            "capture" => None,
+            _ => pricing.as_ref().and_then(|p| p.priced_at),
+        }
+        .unwrap_or(Timestamp(row.get(3)?));
         if at < query.from || at >= query.to {
             continue;
         }

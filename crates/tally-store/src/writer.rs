@@ -1312,19 +1312,25 @@ impl Writer {
             }
             Err(Failure::Rejected(refusal)) => (Err(refusal), None),
             // What the command names does not exist (the customer, the
-            // charge to refund, the plan, the pack...): kept as the id's
-            // outcome like any refusal, so that a retry after it was created
-            // still fails the same way (API.md: an id whose first attempt
-            // failed keeps failing the same way). Not for a capture, release
-            // or top-up resolution, whose id is the hold's or top-up's own.
-            Err(Failure::Store(StoreError::NotFound(what))) if !RESOLUTIONS.contains(&kind) => (
-                Err(Refusal {
-                    code: "not_found".into(),
-                    message: format!("{what} not found"),
-                    available: None,
-                }),
-                None,
-            ),
+            // plan, the pack...): kept as the id's outcome like any refusal,
+            // so that a retry after it was created still fails the same way
+            // (API.md: an id whose first attempt failed keeps failing the
+            // same way). Not for a capture, release or top-up resolution,
+            // whose id is the hold's or top-up's own, nor for a refund: the
+            // charge it names may be a usage event still on its way from a
+            // stream, and the refund's retry must work once it is charged.
+            Err(Failure::Store(StoreError::NotFound(what)))
+                if !RESOLUTIONS.contains(&kind) && kind != "refund" =>
+            {
+                (
+                    Err(Refusal {
+                        code: "not_found".into(),
+                        message: format!("{what} not found"),
+                        available: None,
+                    }),
+                    None,
+                )
+            }
             Err(other) => return Err(other),
         };
         self.insert_operation(kind, id, hash, &result, charge)?;

@@ -124,7 +124,7 @@ pub struct UsageBody {
 
 /// A customer's usage: quantity and credits per feature (or member) per hour,
 /// day or month. Usage counts at its own time (a late event in the bucket of
-/// its timestamp). Charges and captures count; refunds are not netted out
+/// its timestamp, a capture when it captured). Charges and captures count; refunds are not netted out
 /// (they are in the ledger). At most 366 days per request.
 #[utoipa::path(get, path = "/v1/customers/{id}/usage", tag = "ledger", params(UsageParams),
     responses((status = 200, body = UsageBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
@@ -206,8 +206,8 @@ pub async fn customer_usage(
             ApiError::invalid(
                 "from",
                 format!(
-                    "the window reaches back past the customer's last {} journal entries; \
-                     ask for a later from",
+                    "the window lies behind more than {} of the customer's journal entries \
+                     (counted from the newest); ask for a more recent window",
                     tally_store::MAX_USAGE_WALK
                 ),
             )

@@ -2617,9 +2617,17 @@ async fn usage_is_reported_per_group_per_bucket() {
     by_m1["member_id"] = json!("m1");
     assert_eq!(ok(&app.post("/v1/charges", by_m1).await)["amount"], "6");
     fresh(&app.charge("u", "plain", "1.5").await);
+    // A hold on 2 units of f_b, placed in hour 0...
+    fresh(
+        &app.post(
+            "/v1/holds",
+            json!({"id": "h", "customer_id": "u", "feature": "f_b", "quantity": "2", "timeout_seconds": 7200}),
+        )
+        .await,
+    );
     // Hour 1 (T0 + 70 min): 1 unit of f_a (2 credits); a late event of 4 units
-    // of f_b from T0 + 20 min (2 credits, hour 0); a hold on 2 units of f_b
-    // captured whole (1 credit); a refund of the charge by amount.
+    // of f_b from T0 + 20 min (2 credits, hour 0); the hold captured whole
+    // (1 credit, hour 1: when it captured); a refund of the charge by amount.
     app.advance(3_600).await;
     fresh(&charge_usage(&app, "a2", "u", "f_a", "1", None).await);
     let events = ok(&app
@@ -2630,13 +2638,6 @@ async fn usage_is_reported_per_group_per_bucket() {
         )
         .await);
     assert_eq!(events["results"][0]["status"], "charged", "{events}");
-    fresh(
-        &app.post(
-            "/v1/holds",
-            json!({"id": "h", "customer_id": "u", "feature": "f_b", "quantity": "2", "timeout_seconds": 600}),
-        )
-        .await,
-    );
     fresh(&app.post("/v1/holds/h/capture", json!({})).await);
     fresh(
         &app.post(
@@ -2906,6 +2907,68 @@ async fn a_key_given_twice_in_nested_json_is_refused() {
             reply.body
         );
     }
+    // Numbers that are not 64-bit integers (decimals, -0, past u64) are
+    // read as the numbers they are, not as objects.
+    let charged = Reply::of(
+        raw(
+            Method::POST,
+            "/v1/charges",
+            r#"{"id": "ch_num", "customer_id": "c", "amount": "1", "metadata": {"t": 0.7, "big": 18446744073709551616, "z": -0, "n": {"x": 1.5}}}"#,
+        ),
+        "/v1/charges",
+    )
+    .await;
+    assert_eq!(charged.status, StatusCode::OK, "{}", charged.body);
+    let created = Reply::of(
+        raw(
+            Method::POST,
+            "/v1/customers",
+            r#"{"id": "c3", "metadata": {"t": 0.7, "big": 18446744073709551616, "n": {"x": 1.5}}}"#,
+        ),
+        "/v1/customers",
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::OK, "{}", created.body);
+    let metadata = &ok(&app.get("/v1/customers/c3").await)["metadata"];
+    assert_eq!(metadata["t"].to_string(), "0.7", "{metadata}");
+    assert_eq!(
+        metadata["big"].to_string(),
+        "18446744073709551616",
+        "{metadata}"
+    );
+    assert_eq!(metadata["n"]["x"].to_string(), "1.5", "{metadata}");
+    let quoted = Reply::of(
+        raw(
+            Method::POST,
+            "/v1/quotes",
+            r#"{"customer_id": "c", "feature": "f1", "quantity": "1", "properties": {"temperature": 0.7}}"#,
+        ),
+        "/v1/quotes",
+    )
+    .await;
+    assert_eq!(quoted.status, StatusCode::OK, "{}", quoted.body);
+    for body in [
+        r#"{"id": "c4", "metadata": 1.5}"#,
+        r#"{"id": "c4", "metadata": 18446744073709551616}"#,
+    ] {
+        let reply = Reply::of(raw(Method::POST, "/v1/customers", body), "/v1/customers").await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            reply.body
+        );
+    }
+    assert_eq!(app.balance("c").await["available"], "99");
+    let refunded = fresh(
+        &app.post(
+            "/v1/refunds",
+            json!({"id": "r_num", "charge_id": "ch_num", "reason": "test"}),
+        )
+        .await,
+    );
+    assert_eq!(refunded["amount"], "1");
+
     // Nothing changed: the draft's rules, the balance, no customer c2.
     assert_eq!(ok(&app.get("/v1/pricebooks/v2").await)["rules"], rules);
     assert_eq!(app.balance("c").await["available"], "100");
