@@ -129,11 +129,20 @@ pub async fn drain_and_refuse(
 /// A body read as bytes (to be parsed by the handler), refused unless it
 /// is sent as JSON (`Content-Type: application/json`, or another
 /// `application/*+json`) when it has any content: an empty body, where a
-/// route allows one, needs no type.
-pub struct JsonBytes(pub axum::body::Bytes);
+/// route allows one, needs no type. The refusal is handed to the handler
+/// (which takes it with [`JsonBytes::bytes`] after checking the caller's
+/// scope), so that a key without the scope hears 403 whatever it sent.
+pub struct JsonBytes(Result<axum::body::Bytes, ApiError>);
+
+impl JsonBytes {
+    /// The body, or why it is refused.
+    pub fn bytes(self) -> Result<axum::body::Bytes, ApiError> {
+        self.0
+    }
+}
 
 impl<S: Send + Sync> FromRequest<S> for JsonBytes {
-    type Rejection = ApiError;
+    type Rejection = std::convert::Infallible;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         let json = request
@@ -141,16 +150,22 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|value| value.to_str().ok())
             .is_some_and(is_json);
-        let bytes = axum::body::Bytes::from_request(request, state)
-            .await
-            .map_err(|e| ApiError::new("invalid_request", e.body_text()))?;
+        let bytes = match axum::body::Bytes::from_request(request, state).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                return Ok(JsonBytes(Err(ApiError::new(
+                    "invalid_request",
+                    e.body_text(),
+                ))))
+            }
+        };
         if !json && !bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::new(
+            return Ok(JsonBytes(Err(ApiError::new(
                 "invalid_request",
                 "send the body as JSON with Content-Type: application/json",
-            ));
+            ))));
         }
-        Ok(JsonBytes(bytes))
+        Ok(JsonBytes(Ok(bytes)))
     }
 }
 

@@ -125,7 +125,7 @@ pub async fn post_events(
     body: crate::edge::JsonBytes,
 ) -> Result<Json<EventBatchBody>, ApiError> {
     caller.require(Scope::Ingest)?;
-    let crate::edge::JsonBytes(bytes) = body;
+    let bytes = body.bytes()?;
     // Each event is kept as its own text and read once, by the ingest path.
     let body: RawBatch<'_> = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(

@@ -301,8 +301,9 @@ pub async fn get_hold(
 
 /// Parse an optional JSON body: empty means the default.
 pub fn optional_body<T: DeserializeOwned + Default>(
-    crate::edge::JsonBytes(bytes): crate::edge::JsonBytes,
+    body: crate::edge::JsonBytes,
 ) -> Result<T, ApiError> {
+    let bytes = body.bytes()?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }

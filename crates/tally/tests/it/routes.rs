@@ -403,6 +403,20 @@ async fn customers_reject_bad_input() {
     .await;
     assert_eq!(typed.status.as_u16(), 200, "{}", typed.body);
     assert_eq!(typed.body["results"][0]["id"], "e_text");
+    // A key without the route's scope hears 403, whatever the body's type.
+    let reader = create_key(&app, "k_types", "read").await;
+    for path in ["/v1/events", "/v1/holds/h_types/capture"] {
+        let refused = app
+            .client
+            .post(app.url(path))
+            .bearer_auth(&reader)
+            .header("content-type", "text/plain")
+            .body(event)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(refused.status().as_u16(), 403, "{path}");
+    }
 }
 
 // ---------------------------------------------------------------- auth
