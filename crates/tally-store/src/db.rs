@@ -924,7 +924,7 @@ impl Connection {
     /// another `prefetch`), or
     /// [`Connection::forget_prefetched`], drops what was not taken. (A write
     /// sent as a query, with `RETURNING`, would not: the one caller,
-    /// `rows::load`, sends none in between.) SQLite reads in process:
+    /// `rows::read_ahead`, sends none in between.) SQLite reads in process:
     /// nothing is done.
     pub fn prefetch(&self, queries: &[&str], param: &str) -> Result<()> {
         let Kind::Postgres(pg) = &self.kind else {

@@ -1351,8 +1351,8 @@ impl Store {
 
     /// A customer's usage in `[query.from, query.to)`: the quantity and
     /// credits of its charges and captures, per feature or member, per
-    /// bucket. `None` when the customer does not exist; `Err(BadWindow)` when
-    /// the window reaches further back than [`MAX_USAGE_WALK`] entries.
+    /// bucket. `None` when the customer does not exist; `Err(TooMuchUsage)`
+    /// when the window lies behind more than [`MAX_USAGE_WALK`] entries.
     ///
     /// Usage counts at its own time: an event's timestamp (a late event's
     /// usage falls in the bucket of when it happened), a capture's when it
@@ -1409,10 +1409,10 @@ fn usage(
     let Some(head) = rows::customer_head(connection, customer_id.as_str())? else {
         return Ok(None);
     };
-    let mut lines: BTreeMap<(i64, Option<String>), UsageLine> = BTreeMap::new();
     let Some(head) = head else {
         return Ok(Some(Ok(UsageReport { lines: Vec::new() })));
     };
+    let mut lines: BTreeMap<(Timestamp, Option<String>), UsageLine> = BTreeMap::new();
     // An event may be up to EVENT_FUTURE_SKEW_SECONDS ahead of the clock that
     // recorded it, and an entry takes effect no later than it is recorded:
     // entries recorded before `stop` hold no usage at or after `from`.
@@ -1471,10 +1471,11 @@ fn usage(
             UsageGroup::Member => row.get::<_, Option<String>>(2)?,
         };
         // The entry's amount: the credits the charge or capture consumed.
+        let bucket = query.granularity.bucket(at);
         let line = lines
-            .entry((query.granularity.bucket(at).0, group.clone()))
+            .entry((bucket, group.clone()))
             .or_insert_with(|| UsageLine {
-                bucket: query.granularity.bucket(at),
+                bucket,
                 group,
                 quantity_micros: 0,
                 credits_micros: 0,
@@ -1491,7 +1492,7 @@ fn usage(
     })))
 }
 
-/// Usage repriced under another version./// Usage repriced under another version.
+/// Usage repriced under another version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Simulation {
     pub pricebook: String,

@@ -884,18 +884,14 @@ pub enum Granularity {
 
 impl Granularity {
     /// The start of the bucket that holds `at`: the hour, the day or the
-    /// first day of the month, in UTC.
+    /// first day of the month, in UTC (days and months as a member budget's
+    /// windows are: [`tally_core::BudgetPeriod::window_start`]).
     pub fn bucket(self, at: Timestamp) -> Timestamp {
         const HOUR: i64 = 3_600 * Timestamp::MICROS_PER_SECOND;
-        const DAY: i64 = 24 * HOUR;
         match self {
             Granularity::Hour => Timestamp(at.0.div_euclid(HOUR) * HOUR),
-            Granularity::Day => Timestamp(at.0.div_euclid(DAY) * DAY),
-            Granularity::Month => {
-                let days = at.0.div_euclid(DAY);
-                let (year, month, _) = civil_from_days(days);
-                Timestamp(days_from_civil(year, month, 1) * DAY)
-            }
+            Granularity::Day => tally_core::BudgetPeriod::Day.window_start(at),
+            Granularity::Month => tally_core::BudgetPeriod::Month.window_start(at),
         }
     }
 
@@ -903,40 +899,13 @@ impl Granularity {
     pub fn next(self, at: Timestamp) -> Timestamp {
         const DAY: i64 = 86_400 * Timestamp::MICROS_PER_SECOND;
         let start = self.bucket(at);
-        let later = match self {
-            Granularity::Hour => start.0.saturating_add(DAY / 24),
-            Granularity::Day => start.0.saturating_add(DAY),
+        match self {
+            Granularity::Hour => Timestamp(start.0.saturating_add(DAY / 24)),
+            Granularity::Day => Timestamp(start.0.saturating_add(DAY)),
             // Past the month's last day, then back to that month's first.
-            Granularity::Month => return self.bucket(Timestamp(start.0.saturating_add(32 * DAY))),
-        };
-        Timestamp(later)
+            Granularity::Month => self.bucket(Timestamp(start.0.saturating_add(32 * DAY))),
+        }
     }
-}
-
-/// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard
-/// Hinnant's algorithm): (year, month 1-12, day 1-31).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// The day counted from 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year.rem_euclid(400);
-    let mp = if month > 2 { month - 3 } else { month + 9 };
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// A usage report's window and shape.

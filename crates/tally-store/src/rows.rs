@@ -274,13 +274,25 @@ const ACTIVE_HOLDS: &str = concat!(
     " FROM holds WHERE customer_id = ?1 AND status = 'active'"
 );
 
+/// The candidates for the head of customer `?1`'s entry chain, as a table
+/// `heads(head)`: the last entry each grant's balance row carried, and the
+/// customer row's own (an aggregate over a union: the same SQL on both
+/// databases). The head is the largest.
+macro_rules! chain_heads {
+    () => {
+        "(SELECT MAX(b.last_entry) AS head FROM grants g \
+           JOIN grant_balances b ON b.sequence = g.sequence WHERE g.customer_id = ?1 \
+         UNION ALL SELECT last_entry FROM customers WHERE id = ?1) heads"
+    };
+}
+
 /// The balance the customer's last entry reported: the entry at the head of
 /// its chain, as [`chain_head`] finds it (no row: no entries yet).
-const LAST_BALANCE: &str = "SELECT sequence, balance_after FROM entries WHERE sequence = ( \
-       SELECT MAX(head) FROM ( \
-         SELECT MAX(b.last_entry) AS head FROM grants g \
-           JOIN grant_balances b ON b.sequence = g.sequence WHERE g.customer_id = ?1 \
-         UNION ALL SELECT last_entry FROM customers WHERE id = ?1) heads)";
+const LAST_BALANCE: &str = concat!(
+    "SELECT sequence, balance_after FROM entries WHERE sequence = (SELECT MAX(head) FROM ",
+    chain_heads!(),
+    ")"
+);
 
 /// A customer's members, by id.
 const MEMBERS: &str = "SELECT body FROM members WHERE customer_id = ?1 ORDER BY id";
@@ -338,15 +350,11 @@ pub fn customer_head(
 
 /// The head of an existing customer's entry chain (`None`: no entries yet).
 pub fn chain_head(connection: &Connection, customer_id: &str) -> db::Result<Option<i64>> {
-    // The largest over the grants' balance rows and the customer row (an
-    // aggregate over a union: the same SQL on both databases).
     connection
-        .prepare_cached(
-            "SELECT COALESCE(MAX(head), 0) FROM ( \
-               SELECT MAX(b.last_entry) AS head FROM grants g \
-                 JOIN grant_balances b ON b.sequence = g.sequence WHERE g.customer_id = ?1 \
-               UNION ALL SELECT last_entry FROM customers WHERE id = ?1) heads",
-        )?
+        .prepare_cached(concat!(
+            "SELECT COALESCE(MAX(head), 0) FROM ",
+            chain_heads!()
+        ))?
         .query_row([customer_id], |row| row.get::<_, i64>(0))
         .map(|head| (head > 0).then_some(head))
 }
@@ -380,15 +388,22 @@ pub struct LoadedLedger {
 /// statements: the customer (with its debt), its grants (with the chain
 /// head), its active holds and its members.
 pub fn load_ledger(connection: &Connection, customer_id: &Id) -> db::Result<Option<LoadedLedger>> {
-    Ok(load(connection, customer_id, false)?.map(|(loaded, _)| loaded))
+    let queries = [
+        customer_sql(connection.dialect(), false),
+        GRANTS_AND_HEAD,
+        ACTIVE_HOLDS,
+        MEMBERS,
+    ];
+    read_ahead(connection, customer_id, &queries, || {
+        Ok(read_ledger(connection, customer_id, false)?.map(|(loaded, _)| loaded))
+    })
 }
 
 /// The writer's cold load: [`load_ledger`], the customer's
 /// [`CustomerSettings`] read with its row, and the balance its last entry
-/// reported (zero before any), in five statements that go out together on
-/// PostgreSQL. The settings are tested by the HTTP tests that restart a
-/// server, in `it::plans`, `it::overage`, `it::topups` and
-/// `it::notifications`: without any one setting, one fails.
+/// reported (zero before any), in five statements. The settings are tested
+/// by the HTTP tests that restart a server, in `it::plans`, `it::overage`,
+/// `it::topups` and `it::notifications`: without any one setting, one fails.
 pub fn load_ledger_with_settings(
     connection: &Connection,
     customer_id: &Id,
@@ -400,14 +415,12 @@ pub fn load_ledger_with_settings(
         MEMBERS,
         LAST_BALANCE,
     ];
-    connection.prefetch(&queries, customer_id.as_str())?;
-    let loaded = (|| {
+    read_ahead(connection, customer_id, &queries, || {
         let Some((loaded, settings)) = read_ledger(connection, customer_id, true)? else {
             return Ok(None);
         };
         let settings = settings.expect("customer_row reads the settings when asked");
-        let last = last_balance(connection, customer_id)?;
-        let balance = match (loaded.head, last) {
+        let balance = match (loaded.head, last_balance(connection, customer_id)?) {
             (None, None) => Amount::ZERO,
             (Some(head), Some((sequence, balance))) if head == sequence => balance,
             (head, last) => {
@@ -418,9 +431,22 @@ pub fn load_ledger_with_settings(
             }
         };
         Ok(Some((loaded, settings, balance)))
-    })();
+    })
+}
+
+/// `read`, with the `queries` (each with the one parameter `customer_id`)
+/// sent ahead together: on PostgreSQL in one round trip
+/// ([`Connection::prefetch`]); what `read` did not take is dropped after it.
+fn read_ahead<T>(
+    connection: &Connection,
+    customer_id: &Id,
+    queries: &[&str],
+    read: impl FnOnce() -> db::Result<T>,
+) -> db::Result<T> {
+    connection.prefetch(queries, customer_id.as_str())?;
+    let read = read();
     connection.forget_prefetched();
-    loaded
+    read
 }
 
 /// The sequence and reported balance of the entry at the head of a
@@ -434,25 +460,6 @@ fn last_balance(connection: &Connection, customer_id: &Id) -> db::Result<Option<
             Ok((row.get(0)?, balance))
         })
         .optional()
-}
-
-/// On PostgreSQL the four statements go out together, in one round trip
-/// ([`Connection::prefetch`]).
-fn load(
-    connection: &Connection,
-    customer_id: &Id,
-    settings: bool,
-) -> db::Result<Option<(LoadedLedger, Option<CustomerSettings>)>> {
-    let queries = [
-        customer_sql(connection.dialect(), settings),
-        GRANTS_AND_HEAD,
-        ACTIVE_HOLDS,
-        MEMBERS,
-    ];
-    connection.prefetch(&queries, customer_id.as_str())?;
-    let loaded = read_ledger(connection, customer_id, settings);
-    connection.forget_prefetched();
-    loaded
 }
 
 fn read_ledger(

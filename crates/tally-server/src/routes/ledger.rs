@@ -124,8 +124,9 @@ pub struct UsageBody {
 
 /// A customer's usage: quantity and credits per feature (or member) per hour,
 /// day or month. Usage counts at its own time (a late event in the bucket of
-/// its timestamp, a capture when it captured). Charges and captures count; refunds are not netted out
-/// (they are in the ledger). At most 366 days per request.
+/// its timestamp, a capture when it captured). Charges and captures count;
+/// refunds are not netted out (they are in the ledger). At most 366 days per
+/// request.
 #[utoipa::path(get, path = "/v1/customers/{id}/usage", tag = "ledger", params(UsageParams),
     responses((status = 200, body = UsageBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]

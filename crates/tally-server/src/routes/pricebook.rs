@@ -394,20 +394,15 @@ pub struct SimulationBody {
     pub by_customer: Vec<SimulationLineBody>,
 }
 
-/// Micro-credits (any size) as a decimal string.
-fn credits(micros: i128) -> String {
-    crate::dto::micros(micros)
-}
-
 fn render_line(line: &SimulationLine) -> SimulationLineBody {
     SimulationLineBody {
         key: line.key.clone(),
         events: line.events,
         unpriced: line.unpriced,
-        quantity: credits(line.quantity_micros),
-        recorded: credits(line.recorded_micros),
-        simulated: credits(line.simulated_micros),
-        difference: credits(line.simulated_micros - line.recorded_micros),
+        quantity: crate::dto::micros(line.quantity_micros),
+        recorded: crate::dto::micros(line.recorded_micros),
+        simulated: crate::dto::micros(line.simulated_micros),
+        difference: crate::dto::micros(line.simulated_micros - line.recorded_micros),
     }
 }
 
