@@ -126,6 +126,16 @@ pub struct Grant {
 pub type BurnKey = (Reverse<i32>, i64, bool, i64);
 
 impl Grant {
+    /// Expired before its `expires_at`: ended early by a plan change or a
+    /// cancellation ([`crate::CustomerLedger::end_grant`]), not by time.
+    pub fn ended_early(&self) -> bool {
+        match (self.expired_at, self.expires_at) {
+            (Some(expired), Some(expires)) => expired < expires,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+
     pub fn burn_key(&self) -> BurnKey {
         (
             Reverse(self.priority),

@@ -639,6 +639,36 @@ impl CustomerLedger {
         entry
     }
 
+    /// End an active grant before its time: what remains expires now, in an
+    /// `expire` entry with `reason` (a plan's allocation when its period ends
+    /// early, by a plan change or a cancellation). Credits a hold reserved
+    /// from it follow to `expired` when the hold gives them back, as for any
+    /// expired grant.
+    pub fn end_grant(
+        &mut self,
+        grant_id: &Id,
+        reason: String,
+        now: Timestamp,
+    ) -> Result<EntryDraft, LedgerError> {
+        let index = self
+            .grant_index(grant_id)
+            .ok_or_else(|| LedgerError::GrantNotFound(grant_id.clone()))?;
+        let grant = &self.grants[index];
+        if grant.status != GrantStatus::Active {
+            return Err(LedgerError::GrantNotActive {
+                grant_id: grant_id.clone(),
+                status: grant.status.as_str(),
+            });
+        }
+        // `expires_at` stays as it was: an `expired_at` before it says the
+        // grant ended early ([`Grant::ended_early`]).
+        let mut entry = self.expire_grant(grant_id, now, now);
+        entry.reason = Some(reason);
+        entry.balance_after = self.net(now);
+        self.next_due = self.compute_next_due();
+        Ok(entry)
+    }
+
     fn expire_grant(&mut self, grant_id: &Id, at: Timestamp, now: Timestamp) -> EntryDraft {
         let index = self.grant_index(grant_id).expect("due grant exists");
         let grant = &mut self.grants[index];

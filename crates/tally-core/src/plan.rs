@@ -433,12 +433,44 @@ fn plan_lot(
     }
 }
 
-/// Change an active subscription's plan at `now`: the new plan's first
-/// period starts now with its full allocation; credits already granted keep
-/// their expiry (the old allocation runs to its own period end and does not
-/// roll over). On an upgrade, lots that expired within the new plan's
-/// `upgrade_grace_days` before now are reinstated until the new period ends.
-/// The caller has renewed what was due first.
+/// End what is left of the subscription's plan allocations now, because the
+/// period they belong to ends early (a plan change now, or a cancellation
+/// now): each remaining allocation expires in an entry with `reason`. Lots
+/// rolled over from earlier periods, and every other grant, are untouched.
+/// Without this, changing plans back and forth, or cancelling and
+/// subscribing again, would add a whole allocation each time.
+pub fn end_allocations(
+    ledger: &mut CustomerLedger,
+    subscription: &Subscription,
+    reason: &str,
+    now: Timestamp,
+) -> Result<Vec<Step>, LedgerError> {
+    let prefix = format!("plan:{}:", subscription.id);
+    let ending: Vec<Id> = ledger
+        .grants()
+        .iter()
+        .filter(|g| g.status == GrantStatus::Active && g.source == Source::PlanAllocation)
+        .filter(|g| g.id.as_str().starts_with(&prefix))
+        .map(|g| g.id.clone())
+        .collect();
+    ending
+        .iter()
+        .map(|id| {
+            ledger
+                .end_grant(id, reason.to_string(), now)
+                .map(Step::Entry)
+        })
+        .collect()
+}
+
+/// Change an active subscription's plan at `now`: the old period ends now,
+/// and so does what is left of the subscription's plan allocations
+/// ([`end_allocations`]; nothing of them rolls over), and the new plan's first
+/// period starts now with its full allocation. Other credits (purchases,
+/// rollover lots, promotions) keep their expiry. On an upgrade, lots that
+/// expired within the new plan's `upgrade_grace_days` before now are
+/// reinstated until the new period ends. The caller has renewed what was due
+/// first.
 pub fn change_plan_now(
     ledger: &mut CustomerLedger,
     subscription: &mut Subscription,
@@ -459,12 +491,37 @@ pub fn change_plan_now(
         subscription.next_plan = None;
         return Ok(Vec::new());
     }
+    // What the grace may reinstate is what expired by time before the change:
+    // not the allocations this change ends, nor those an earlier change or
+    // cancellation ended (changing plans back and forth would bring them back).
+    let grace: Vec<Id> = if upgrade && to.upgrade_grace_days > 0 {
+        let since = now.micros() - i64::from(to.upgrade_grace_days) * MICROS_PER_DAY;
+        ledger
+            .grants()
+            .iter()
+            .filter(|g| g.status == GrantStatus::Expired && !g.ended_early())
+            .filter(|g| g.expired_at.is_some_and(|at| at.micros() >= since))
+            .filter(|g| g.expired_amount.is_positive())
+            .map(|g| g.id.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut steps = end_allocations(
+        ledger,
+        subscription,
+        &format!(
+            "plan change from {} to {} ({reference}) ends period {}",
+            from.key, to.key, subscription.period
+        ),
+        now,
+    )?;
     subscription.plan = to.key.clone();
     subscription.next_plan = None;
     subscription.cancel_at_period_end = false;
     subscription.begin_period(to, now)?;
     let period = subscription.period;
-    let mut steps = vec![Step::Renewed { period, at: now }];
+    steps.push(Step::Renewed { period, at: now });
     if to.included_credits.is_positive() {
         let expires = match to.allocation_expires_after_periods {
             Some(n) => Some(subscription.boundary(to, period + i64::from(n))?),
@@ -486,17 +543,8 @@ pub fn change_plan_now(
         let entry = ledger.add_grant(lot.clone(), Some(reason), now)?;
         steps.push(Step::NewGrant(entry, lot));
     }
-    if upgrade && to.upgrade_grace_days > 0 {
-        let since = now.micros() - i64::from(to.upgrade_grace_days) * MICROS_PER_DAY;
-        let expired: Vec<Id> = ledger
-            .grants()
-            .iter()
-            .filter(|g| g.status == GrantStatus::Expired)
-            .filter(|g| g.expired_at.is_some_and(|at| at.micros() >= since))
-            .filter(|g| g.expired_amount.is_positive())
-            .map(|g| g.id.clone())
-            .collect();
-        for grant_id in expired {
+    if !grace.is_empty() {
+        for grant_id in grace {
             let reason = format!(
                 "upgrade grace: {} to {} reinstates credits expired within {} days",
                 from.key, to.key, to.upgrade_grace_days

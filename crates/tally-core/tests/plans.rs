@@ -301,8 +301,12 @@ fn credits_expired_yesterday_come_back_on_an_upgrade_within_the_grace() {
         .as_deref()
         .unwrap()
         .contains("upgrade grace"));
-    // Pro's 10,000, Basic's April 1,000 (runs to its own end), March's 600 back.
-    assert_eq!(ledger.balance(april_2).available, credits(11_600));
+    // Pro's 10,000 and March's 600 back. Basic's April 1,000 ended with the
+    // Basic period the upgrade ended (an expiry entry that says so).
+    assert_eq!(ledger.balance(april_2).available, credits(10_600));
+    let april = ledger.grant(&sub_allocation(&sub, 1)).unwrap();
+    assert_eq!(april.status, GrantStatus::Expired);
+    assert_eq!(april.expired_amount, credits(1000));
     assert_eq!(sub.period_start, april_2);
     assert_eq!(sub.period_end, at("2026-05-02T09:00:00Z"));
     let back = ledger.grant(&sub.allocation_id(0)).unwrap();
@@ -328,7 +332,58 @@ fn credits_expired_yesterday_come_back_on_an_upgrade_within_the_grace() {
         april_2,
     )
     .unwrap();
-    assert_eq!(ledger.balance(april_2).available, credits(11_000));
+    assert_eq!(ledger.balance(april_2).available, credits(10_000));
+}
+
+fn sub_allocation(sub: &Subscription, n: i64) -> Id {
+    sub.allocation_id(n)
+}
+
+/// Changing plans back and forth, now, grants each plan's allocation once per
+/// change but ends the one before: the customer holds one plan's credits at a
+/// time, plus what it bought, never a pile of allocations.
+#[test]
+fn changing_plans_back_and_forth_never_piles_up_allocations() {
+    let mut context = plans(vec![
+        plan("basic", 100, None, 3),
+        plan("pro", 1000, None, 3),
+    ]);
+    let start = at("2026-03-01T00:00:00Z");
+    let mut ledger = CustomerLedger::new(id("cus"));
+    let mut sub = Subscription::starting(id("s"), id("cus"), "basic".into(), start);
+    renew_due(&mut ledger, &mut sub, &mut context, start).unwrap();
+    let spend = Spend {
+        reference: id("c1"),
+        amount: credits(30),
+        feature: None,
+        member_id: None,
+        reason: None,
+    };
+    ledger.charge(&spend, start).unwrap();
+    let mut now = start;
+    for round in 0..3 {
+        for (key, expected) in [("pro", 1000), ("basic", 100)] {
+            now = now.plus_seconds(60).unwrap();
+            let to = context.plans[key].clone();
+            let steps = change_plan_now(
+                &mut ledger,
+                &mut sub,
+                &to,
+                &id(&format!("chg{round}{key}")),
+                &mut context,
+                now,
+            )
+            .unwrap();
+            let ended: Vec<_> = entries(steps)
+                .into_iter()
+                .filter(|e| e.kind == EntryKind::Expire)
+                .collect();
+            assert_eq!(ended.len(), 1, "the allocation before ends");
+            assert!(ended[0].reason.as_deref().unwrap().contains("plan change"));
+            assert_eq!(ledger.balance(now).available, credits(expected), "{key}");
+            ledger.check_invariants().unwrap();
+        }
+    }
 }
 
 #[test]

@@ -303,17 +303,29 @@ pub fn strict_opt_vec<'de, D: Deserializer<'de>>(
         .map(|values| values.map(|values| values.into_iter().map(|v| v.0).collect()))
 }
 
-/// A JSON body whose rejections are API errors.
-pub struct ApiJson<T>(pub T);
+/// A JSON body whose rejections are API errors. The refusal is handed to the
+/// handler, which takes the body with [`ApiJson::read`] after checking the
+/// caller's scope: a key without the scope hears 403 whatever it sent, before
+/// any 400 about the body (API.md).
+pub struct ApiJson<T>(Result<T, ApiError>);
+
+impl<T> ApiJson<T> {
+    /// The body, or why it cannot be read.
+    pub fn read(self) -> Result<T, ApiError> {
+        self.0
+    }
+}
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
+    type Rejection = std::convert::Infallible;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(request, state).await {
-            Ok(axum::Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(json_error(rejection)),
-        }
+        Ok(ApiJson(
+            match axum::Json::<T>::from_request(request, state).await {
+                Ok(axum::Json(value)) => Ok(value),
+                Err(rejection) => Err(json_error(rejection)),
+            },
+        ))
     }
 }
 
@@ -327,13 +339,52 @@ fn json_error(rejection: JsonRejection) -> ApiError {
         }
         JsonRejection::JsonDataError(_) => {
             let text = rejection.body_text();
-            text.strip_prefix("Failed to deserialize the JSON body into the target type: ")
+            let message = text
+                .strip_prefix("Failed to deserialize the JSON body into the target type: ")
                 .unwrap_or(&text)
-                .to_string()
+                .to_string();
+            if let Some(param) = data_error_param(&rejection) {
+                return ApiError::invalid(&param, message);
+            }
+            message
         }
         _ => rejection.body_text(),
     };
     ApiError::new("invalid_request", message)
+}
+
+/// The field a JSON body's data error is about, as a path (`amount`,
+/// `events[2].quantity`, `from.customer_id`): where the deserializer stopped,
+/// and for a missing or unknown field, that field's name below it.
+fn data_error_param(rejection: &JsonRejection) -> Option<String> {
+    use std::error::Error as _;
+    let mut source = rejection.source();
+    let error = loop {
+        let current = source?;
+        if let Some(found) = current.downcast_ref::<serde_path_to_error::Error<serde_json::Error>>()
+        {
+            break found;
+        }
+        source = current.source();
+    };
+    let path = error.path().to_string();
+    let path = (path != "." && !path.contains('?')).then_some(path);
+    let inner = error.inner().to_string();
+    let named = ["missing field `", "unknown field `", "duplicate field `"]
+        .iter()
+        .find_map(|prefix| inner.strip_prefix(prefix))
+        .and_then(|rest| rest.split('`').next())
+        .filter(|name| !name.is_empty());
+    match (path, named) {
+        // An unknown field's path already ends with it; a missing one's does not.
+        (Some(path), Some(name)) if path == name || path.ends_with(&format!(".{name}")) => {
+            Some(path)
+        }
+        (Some(path), Some(name)) => Some(format!("{path}.{name}")),
+        (Some(path), None) => Some(path),
+        (None, Some(name)) => Some(name.to_string()),
+        (None, None) => None,
+    }
 }
 
 /// A query string whose rejections are API errors.

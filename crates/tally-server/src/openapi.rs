@@ -27,6 +27,48 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Every route that takes a key may answer 401 (no key, or a bad one) and 403
+/// (a key without the route's scope), with the usual error body.
+struct AuthResponses;
+
+impl Modify for AuthResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let answer = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                if operation.security.as_ref().is_none_or(|s| s.is_empty()) {
+                    continue;
+                }
+                let responses = &mut operation.responses.responses;
+                responses
+                    .entry("401".into())
+                    .or_insert_with(|| answer("no key, or not a valid one").into());
+                responses
+                    .entry("403".into())
+                    .or_insert_with(|| answer("the key lacks the route's scope").into());
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Tally", description = "The credits engine: grants, charges, holds, refunds, expiry, the ledger and the price book. \
@@ -53,7 +95,7 @@ impl Modify for BearerAuth {
         topups::get_topup, topups::confirm_topup, topups::fail_topup, topups::put_auto_topup,
         topups::get_auto_topup,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &AuthResponses),
     tags(
         (name = "customers"), (name = "grants"), (name = "charges"), (name = "holds"), (name = "refunds"),
         (name = "ledger"), (name = "price book"), (name = "events"), (name = "plans"), (name = "notifications"), (name = "members"), (name = "top-ups"), (name = "system"),

@@ -206,12 +206,11 @@ fn pricebook_row(row: &Row) -> db::Result<PricebookRecord> {
     })
 }
 
-/// Every version: published ones by publication order, then drafts by creation.
+/// Every version, drafts and published alike, in order of creation: a draft
+/// published between two pages of the list keeps its place, so paging never
+/// skips it (`published_seq` says the order of publication).
 pub fn pricebooks(connection: &Connection) -> db::Result<Vec<PricebookRecord>> {
-    let sql = format!(
-        "SELECT {PRICEBOOK_COLUMNS} FROM pricebooks \
-         ORDER BY published_seq IS NULL, published_seq, created_at, id"
-    );
+    let sql = format!("SELECT {PRICEBOOK_COLUMNS} FROM pricebooks ORDER BY created_at, id");
     let mut statement = connection.prepare_cached(&sql)?;
     let rows = statement.query_map([], pricebook_row)?;
     rows.collect()

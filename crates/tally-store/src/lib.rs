@@ -1026,9 +1026,10 @@ impl Store {
     pub async fn deliveries(
         &self,
         endpoint_id: String,
+        before: i64,
         limit: i64,
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
-        self.read(move |c| rows::deliveries(c, &endpoint_id, limit))
+        self.read(move |c| rows::deliveries(c, &endpoint_id, before, limit))
             .await
     }
 

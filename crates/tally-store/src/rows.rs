@@ -850,19 +850,21 @@ pub fn due_deliveries(
     rows.collect()
 }
 
-/// An endpoint's deliveries, the newest first.
+/// An endpoint's deliveries, the newest first, of notifications before
+/// `before` (a page's cursor: one delivery per notification and endpoint).
 pub fn deliveries(
     connection: &Connection,
     endpoint_id: &str,
+    before: i64,
     limit: i64,
 ) -> db::Result<Vec<crate::model::DeliveryRecord>> {
     let mut statement = connection.prepare_cached(
         "SELECT d.id, d.endpoint_id, d.notification, n.type, n.customer_id, d.status, d.attempts, \
          d.last_status, d.last_error, d.next_attempt_at, d.delivered_at, d.created_at \
          FROM webhook_deliveries d JOIN notifications n ON n.sequence = d.notification \
-         WHERE d.endpoint_id = ?1 ORDER BY d.notification DESC LIMIT ?2",
+         WHERE d.endpoint_id = ?1 AND d.notification < ?2 ORDER BY d.notification DESC LIMIT ?3",
     )?;
-    let rows = statement.query_map(params![endpoint_id, limit], |row| {
+    let rows = statement.query_map(params![endpoint_id, before, limit], |row| {
         Ok(crate::model::DeliveryRecord {
             id: row.get(0)?,
             endpoint_id: row.get(1)?,

@@ -52,6 +52,15 @@ const MAX_TICK_CUSTOMERS: i64 = 1000;
 /// refusal is not their id's outcome, since the id names the thing resolved.
 const RESOLUTIONS: [&str; 2] = ["hold_resolution", "topup_resolution"];
 
+/// The codes of refusals of a request's own content (answered 400), never kept
+/// under its id.
+const INPUT_REFUSALS: [&str; 4] = [
+    "invalid_request",
+    "invalid_amount",
+    "invalid_expiry",
+    "invalid_id",
+];
+
 pub struct Job {
     pub command: Command,
     pub actor: Option<String>,
@@ -1333,6 +1342,14 @@ impl Writer {
             }
             Err(other) => return Err(other),
         };
+        // Bad input (a 400: a bad amount, an expiry in the past, contract dates the wrong way
+        // round) changes nothing, not even the id: fixed and sent again under the same id, it
+        // works. What the state refused (credits, conflicts, what is missing) stays the id's.
+        if let Err(refusal) = &result {
+            if INPUT_REFUSALS.contains(&refusal.code.as_str()) {
+                return Err(Failure::Store(StoreError::Rejected(refusal.clone())));
+            }
+        }
         self.insert_operation(kind, id, hash, &result, charge)?;
         Ok(Executed {
             result,

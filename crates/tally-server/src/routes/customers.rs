@@ -38,9 +38,10 @@ pub struct CreateCustomer {
 pub async fn create_customer(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreateCustomer>,
+    body: ApiJson<CreateCustomer>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let command = Command::CreateCustomer(NewCustomer {
         id: edge::id(&body.id, "id")?,
         name: edge::text(body.name, "name", 256)?,
@@ -82,9 +83,10 @@ pub async fn set_overage(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    ApiJson(body): ApiJson<OverageBody>,
+    body: ApiJson<OverageBody>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let command = Command::SetOverage {
         customer_id: edge::id(&customer_id, "id")?,
         overage: body.policy("policy")?,
@@ -229,9 +231,10 @@ pub async fn create_grant(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    ApiJson(body): ApiJson<CreateGrant>,
+    body: ApiJson<CreateGrant>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let source = Source::parse(&body.source).ok_or_else(|| {
         ApiError::invalid(
             "source",
@@ -381,9 +384,10 @@ pub async fn void_grant(
     State(state): State<AppState>,
     caller: Caller,
     Path(grant_id): Path<String>,
-    ApiJson(body): ApiJson<VoidGrant>,
+    body: ApiJson<VoidGrant>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let command = Command::Void {
         id: edge::id(&body.id, "id")?,
         grant_id: edge::id(&grant_id, "grant_id")?,
@@ -447,9 +451,10 @@ pub async fn change_expiry(
     State(state): State<AppState>,
     caller: Caller,
     Path(grant_id): Path<String>,
-    ApiJson(body): ApiJson<ChangeExpiry>,
+    body: ApiJson<ChangeExpiry>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let command = Command::ChangeExpiry {
         id: edge::id(&body.id, "id")?,
         grant_id: edge::id(&grant_id, "grant_id")?,

@@ -67,6 +67,11 @@ pub async fn customer_ledger(
         start,
         limit,
     };
+    if let (Some(from), Some(to)) = (query.from, query.to) {
+        if to < from {
+            return Err(ApiError::invalid("to", "to must not be before from"));
+        }
+    }
     let page = state
         .store
         .ledger(id.clone(), query)

@@ -80,9 +80,10 @@ pub async fn put_member(
     State(state): State<AppState>,
     caller: Caller,
     Path((customer_id, member_id)): Path<(String, String)>,
-    ApiJson(body): ApiJson<PutMember>,
+    body: ApiJson<PutMember>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let budget = match body.budget {
         Some(b) => Some(Budget {
             amount: edge::positive(b.amount, "budget.amount")?,
@@ -187,14 +188,16 @@ pub struct TransferBody {
 /// one customer; exactly once by its id.
 #[utoipa::path(post, path = "/v1/transfers", tag = "members", request_body = CreateTransfer,
     responses((status = 200, body = TransferBody), (status = 400, body = ErrorBody), (status = 402, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, description = "member_without_budget", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn create_transfer(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreateTransfer>,
+    body: ApiJson<CreateTransfer>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let member = |m: Option<String>, param: &str| m.map(|m| edge::id(&m, param)).transpose();
     let command = Command::Transfer(tally_store::NewTransfer {
         id: edge::id(&body.id, "id")?,

@@ -45,9 +45,10 @@ pub async fn put_alerts(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    ApiJson(body): ApiJson<PutAlerts>,
+    body: ApiJson<PutAlerts>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     if body.low_balance.len() > 10 {
         return Err(ApiError::invalid(
             "low_balance",
@@ -134,9 +135,10 @@ fn endpoint_body(e: &tally_store::WebhookEndpointRecord, secret: bool) -> Webhoo
 pub async fn create_webhook_endpoint(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreateWebhookEndpoint>,
+    body: ApiJson<CreateWebhookEndpoint>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
+    let body = body.read()?;
     let url = reqwest::Url::parse(&body.url)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
@@ -227,11 +229,14 @@ pub struct DeliveryList {
 pub struct DeliveryParams {
     /// At most this many, newest first (default 50, max 1000).
     pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
 }
 
-/// An endpoint's delivery log, newest first.
+/// An endpoint's delivery log, newest first, a page at a time.
 #[utoipa::path(get, path = "/v1/webhook-endpoints/{id}/deliveries", tag = "notifications",
-    params(("limit" = Option<i64>, Query, description = "default 50, max 1000")),
+    params(("limit" = Option<i64>, Query, description = "default 50, max 1000"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
     responses((status = 200, body = DeliveryList), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn list_deliveries(
     State(state): State<AppState>,
@@ -249,7 +254,16 @@ pub async fn list_deliveries(
     if !endpoints.iter().any(|e| e.id == id) {
         return Err(ApiError::not_found(format!("webhook endpoint {id}")));
     }
-    let deliveries = state.store.deliveries(id.to_string(), limit).await?;
+    let before = edge::cursor(params.cursor.as_deref(), "evt_")?.unwrap_or(i64::MAX);
+    let mut deliveries = state
+        .store
+        .deliveries(id.to_string(), before, limit + 1)
+        .await?;
+    let more = deliveries.len() > limit as usize;
+    deliveries.truncate(limit as usize);
+    let next_cursor = more
+        .then(|| deliveries.last().map(|d| format!("evt_{}", d.notification)))
+        .flatten();
     Ok(Json(DeliveryList {
         data: deliveries
             .into_iter()
@@ -267,7 +281,7 @@ pub async fn list_deliveries(
                 created_at: edge::rfc3339(d.created_at),
             })
             .collect(),
-        next_cursor: None,
+        next_cursor,
     }))
 }
 

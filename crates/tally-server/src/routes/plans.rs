@@ -124,9 +124,10 @@ pub async fn put_plan(
     State(state): State<AppState>,
     caller: Caller,
     Path(key): Path<String>,
-    ApiJson(body): ApiJson<PutPlan>,
+    body: ApiJson<PutPlan>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
+    let body = body.read()?;
     let key = plan_key(&key)?;
     let rollover = body.rollover.map(|r| Rollover {
         max_percent: r.max_percent,
@@ -255,10 +256,12 @@ impl From<&Subscription> for SubscriptionBody {
 /// Start a subscription, or change the plan of the active one.
 ///
 /// A start grants the plan's first allocation at `start_at`. A change `now`
-/// starts a new period at once with the new plan's full allocation (credits
-/// already granted keep their expiry); on an upgrade, the new plan's
-/// `upgrade_grace_days` reinstates credits that expired within that many
-/// days. A change at `period_end` takes effect at the next renewal.
+/// ends the current period and what is left of its allocation (an `expire`
+/// entry), and starts a new period at once with the new plan's full
+/// allocation; other credits keep their expiry. On an upgrade, the new plan's
+/// `upgrade_grace_days` reinstates credits that expired by time within that
+/// many days. A change at `period_end` takes effect at the next renewal. The
+/// body's `id` is the change's own idempotency key; the subscription keeps its id.
 #[utoipa::path(put, path = "/v1/customers/{id}/subscription", tag = "plans", request_body = PutSubscription,
     responses((status = 200, body = SubscriptionBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)),
@@ -267,9 +270,10 @@ pub async fn put_subscription(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    ApiJson(body): ApiJson<PutSubscription>,
+    body: ApiJson<PutSubscription>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let change = match body.change.as_deref() {
         None | Some("now") => PlanChange::Now,
         Some("period_end") => PlanChange::PeriodEnd,
@@ -320,7 +324,8 @@ pub async fn get_subscription(
 #[serde(deny_unknown_fields)]
 pub struct CancelParams {
     /// `true`: cancel at the end of the current period (no further renewal);
-    /// `false` (default): now. Credits already granted keep their expiry.
+    /// `false` (default): now, and what is left of the current period's plan
+    /// allocation expires with it; other credits keep their expiry.
     pub at_period_end: Option<bool>,
 }
 

@@ -60,9 +60,10 @@ pub async fn put_feature(
     State(state): State<AppState>,
     caller: Caller,
     Path(key): Path<String>,
-    ApiJson(body): ApiJson<PutFeature>,
+    body: ApiJson<PutFeature>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
+    let body = body.read()?;
     let key = edge::id(&key, "key")?.to_string();
     let name = required_text(body.name, "name")?;
     let unit = required_text(body.unit, "unit")?;
@@ -167,9 +168,10 @@ pub struct CreatePricebook {
 pub async fn create_pricebook(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreatePricebook>,
+    body: ApiJson<CreatePricebook>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
+    let body = body.read()?;
     let id = edge::id(&body.id, "id")?;
     let from = body
         .from
@@ -184,7 +186,8 @@ pub async fn create_pricebook(
     }))
 }
 
-/// Every version: published ones in order of publication, then drafts.
+/// Every version, drafts and published alike, in order of creation (a draft published while a
+/// client pages keeps its place).
 #[utoipa::path(get, path = "/v1/pricebooks", tag = "price book", params(edge::ListParams),
     responses((status = 200, body = Page<PricebookBody>)), security(("bearer" = [])))]
 pub async fn list_pricebooks(
@@ -265,9 +268,10 @@ pub async fn put_rules(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    ApiJson(body): ApiJson<PutRules>,
+    body: ApiJson<PutRules>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
+    let body = body.read()?;
     let id = edge::id(&id, "id")?.to_string();
     let rules = parse_rules(body.rules, "rules")?;
     let executed = state
@@ -414,9 +418,10 @@ pub async fn simulate(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    ApiJson(body): ApiJson<Simulate>,
+    body: ApiJson<Simulate>,
 ) -> Result<Json<SimulationBody>, ApiError> {
     caller.require(Scope::Read)?;
+    let body = body.read()?;
     let from = edge::instant(&body.from, "from")?;
     let to = edge::instant(&body.to, "to")?;
     if to <= from {
@@ -503,9 +508,10 @@ pub async fn put_contract(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    ApiJson(body): ApiJson<PutContract>,
+    body: ApiJson<PutContract>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
+    let body = body.read()?;
     let customer_id = edge::id(&customer_id, "id")?;
     let id = edge::id(&body.id, "id")?;
     let instant = |value: Option<String>, param: &str| {
@@ -568,7 +574,7 @@ pub async fn get_contract(
 /// Every contract of a customer, in the order they were set (past, current
 /// and scheduled).
 #[utoipa::path(get, path = "/v1/customers/{id}/contracts", tag = "price book", params(edge::ListParams),
-    responses((status = 200, body = Page<ContractBody>)), security(("bearer" = [])))]
+    responses((status = 200, body = Page<ContractBody>), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn list_contracts(
     State(state): State<AppState>,
     caller: Caller,
@@ -577,7 +583,10 @@ pub async fn list_contracts(
 ) -> Result<Json<Page<ContractBody>>, ApiError> {
     caller.require(Scope::Read)?;
     let id = edge::id(&customer_id, "id")?;
-    let all = state.store.contracts(id).await?;
+    let all = state.store.contracts(id.clone()).await?;
+    if all.is_empty() && state.store.customer(id.clone()).await?.is_none() {
+        return Err(ApiError::not_found(format!("customer {id}")));
+    }
     let (data, next_cursor) = edge::page(
         all.iter().map(render_contract).collect(),
         |c| &c.id,
@@ -655,9 +664,10 @@ fn render_quote(
 pub async fn create_quote(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreateQuote>,
+    body: ApiJson<CreateQuote>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
+    let body = body.read()?;
     let customer_id = edge::id(&body.customer_id, "customer_id")?;
     let feature = edge::id(&body.feature, "feature")?.to_string();
     let quantity = edge::positive(body.quantity, "quantity")?;

@@ -167,13 +167,15 @@ fn member(value: Option<String>) -> Result<Option<Id>, ApiError> {
 /// Spend credits now.
 #[utoipa::path(post, path = "/v1/charges", tag = "charges", request_body = CreateCharge,
     responses((status = 200, body = ChargeBody), (status = 400, body = ErrorBody), (status = 402, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, description = "unknown_feature or no_price", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn create_charge(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreateCharge>,
+    body: ApiJson<CreateCharge>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let id = edge::id(&body.id, "id")?;
     let customer_id = edge::id(&body.customer_id, "customer_id")?;
     let feature = feature(body.feature)?;
@@ -237,13 +239,15 @@ pub struct CreateHold {
 /// Reserve credits; they count against the available balance at once.
 #[utoipa::path(post, path = "/v1/holds", tag = "holds", request_body = CreateHold,
     responses((status = 200, body = HoldBody), (status = 400, body = ErrorBody), (status = 402, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, description = "unknown_feature or no_price", body = ErrorBody)), security(("bearer" = [])))]
 pub async fn create_hold(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreateHold>,
+    body: ApiJson<CreateHold>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let id = edge::id(&body.id, "id")?;
     let customer_id = edge::id(&body.customer_id, "customer_id")?;
     if !(1..=MAX_HOLD_SECONDS).contains(&body.timeout_seconds) {
@@ -485,9 +489,10 @@ pub struct RefundBody {
 pub async fn create_refund(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreateRefund>,
+    body: ApiJson<CreateRefund>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let (charge_id, hold_id) = match (body.charge_id, body.hold_id) {
         (Some(charge), None) => (Some(edge::id(&charge, "charge_id")?), None),
         (None, Some(hold)) => (None, Some(edge::id(&hold, "hold_id")?)),

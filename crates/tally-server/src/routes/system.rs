@@ -82,9 +82,10 @@ pub struct AdvanceClock {
 pub async fn advance_clock(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<AdvanceClock>,
+    body: ApiJson<AdvanceClock>,
 ) -> Result<Json<ClockBody>, ApiError> {
     caller.require(Scope::Admin)?;
+    let body = body.read()?;
     let Some(clock) = state.manual_clock.clone() else {
         return Err(ApiError::new(
             "manual_clock_disabled",
@@ -152,9 +153,10 @@ pub struct ApiKeyBody {
 pub async fn create_api_key(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreateApiKey>,
+    body: ApiJson<CreateApiKey>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
+    let body = body.read()?;
     let id: Id = edge::id(&body.id, "id")?;
     let scope = Scope::parse(&body.scope)
         .ok_or_else(|| ApiError::invalid("scope", "scope must be admin, write, ingest or read"))?;

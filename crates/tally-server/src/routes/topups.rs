@@ -77,9 +77,10 @@ pub async fn put_credit_pack(
     State(state): State<AppState>,
     caller: Caller,
     Path(key): Path<String>,
-    ApiJson(body): ApiJson<PutCreditPack>,
+    body: ApiJson<PutCreditPack>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
+    let body = body.read()?;
     let key = edge::id(&key, "key")?.to_string();
     let pack = CreditPack {
         key,
@@ -209,9 +210,10 @@ pub async fn create_topup(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    ApiJson(body): ApiJson<CreateTopup>,
+    body: ApiJson<CreateTopup>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let id = edge::id(&body.id, "id")?;
     let quantity = body.quantity.unwrap_or(1);
     let timeout = body
@@ -277,9 +279,10 @@ pub async fn fail_topup(
     State(state): State<AppState>,
     caller: Caller,
     Path(topup_id): Path<String>,
-    ApiJson(body): ApiJson<FailTopup>,
+    body: ApiJson<FailTopup>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let reason = edge::text(Some(body.reason), "reason", 1024)?
         .filter(|r| !r.trim().is_empty())
         .ok_or_else(|| ApiError::invalid("reason", "reason must not be empty"))?;
@@ -418,9 +421,10 @@ pub async fn put_auto_topup(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    ApiJson(body): ApiJson<PutAutoTopup>,
+    body: ApiJson<PutAutoTopup>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let body = body.read()?;
     let customer = edge::id(&customer_id, "id")?;
     let config = AutoTopup {
         pack: edge::id(&body.pack, "pack")?.to_string(),

@@ -283,14 +283,26 @@ impl Writer {
             ))));
         };
         subscription.next_plan = None;
+        let mut steps = Vec::new();
         if at_period_end && subscription.period >= 0 {
             subscription.cancel_at_period_end = true;
         } else {
+            // The period ends now, and with it what is left of the
+            // subscription's allocations (on a copy: a refusal changes nothing).
+            let mut ledger = cached.ledger.clone();
+            steps = plan::end_allocations(
+                &mut ledger,
+                subscription,
+                &format!("subscription {} canceled now", subscription.id),
+                now,
+            )
+            .map_err(Failure::Refused)?;
+            cached.ledger = ledger;
             subscription.status = SubscriptionStatus::Canceled;
             subscription.canceled_at = Some(now);
         }
         let subscription = subscription.clone();
-        self.subscription_changed(customer_id, Vec::new(), None)?;
+        self.subscription_changed(customer_id, steps, None)?;
         Ok(Outcome::Subscription(subscription))
     }
 }

@@ -173,3 +173,126 @@ async fn grants_are_listed_in_pages() {
         );
     }
 }
+
+/// A body the server cannot read as the route's shape names the field in
+/// `param`, at any depth: a missing field, an unknown one, a value of the
+/// wrong kind, an amount with too many digits. It used to name none.
+#[tokio::test]
+async fn a_body_that_cannot_be_read_names_the_field() {
+    let app = TestApp::spawn().await;
+    app.customer("c").await;
+    for (path, body, param) in [
+        (
+            "/v1/refunds",
+            json!({"id": "r1", "charge_id": "x"}),
+            "reason",
+        ),
+        (
+            "/v1/refunds",
+            json!({"id": "r1", "charge_id": "x", "reason": "a", "bogus": 1}),
+            "bogus",
+        ),
+        (
+            "/v1/charges",
+            json!({"id": "c1", "customer_id": "c", "amount": "1.0000001"}),
+            "amount",
+        ),
+        (
+            "/v1/charges",
+            json!({"id": "c1", "customer_id": 7, "amount": "1"}),
+            "customer_id",
+        ),
+        (
+            "/v1/transfers",
+            json!({"id": "t1", "from": {"customer_id": "c"}, "to": {}, "amount": "1"}),
+            "to.customer_id",
+        ),
+        (
+            "/v1/transfers",
+            json!({"id": "t1", "from": {"customer_id": "c", "x": 1}, "to": {"customer_id": "c"}, "amount": "1"}),
+            "from.x",
+        ),
+    ] {
+        let reply = app.post(path, body.clone()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            reply.body
+        );
+        assert_eq!(reply.code(), "invalid_request", "{body}");
+        assert_eq!(
+            reply.body["error"]["param"], param,
+            "{body}: {}",
+            reply.body
+        );
+    }
+    assert_eq!(app.balance("c").await["available"], "0");
+}
+
+/// Bad input refused by the writer (a 400) changes nothing, not even the id:
+/// the same id with the input fixed works. It used to keep the 400 as the id's
+/// outcome, so the fixed request was a 409 `idempotency_conflict`.
+#[tokio::test]
+async fn bad_input_leaves_the_id_free() {
+    let app = TestApp::spawn().await;
+    app.customer("q").await;
+    let now = app.get("/v1/clock").await.body["now"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let wrong_way = json!({
+        "id": "k5",
+        "effective_from": "2999-02-01T00:00:00Z",
+        "effective_to": "2999-01-01T00:00:00Z",
+    });
+    let reply = app.put("/v1/customers/q/contract", wrong_way).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    let fixed = json!({"id": "k5", "multiplier": "1"});
+    let reply = app.put("/v1/customers/q/contract", fixed).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert!(!reply.replayed());
+
+    let past = json!({"id": "gg4", "amount": "5", "source": "promotion", "paid": false,
+        "expires_at": "2000-01-01T00:00:00Z"});
+    let reply = app.post("/v1/customers/q/grants", past).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.code(), "invalid_expiry", "{now}");
+    assert_eq!(app.balance("q").await["available"], "0");
+    let fixed = json!({"id": "gg4", "amount": "5", "source": "promotion", "paid": false});
+    let reply = app.post("/v1/customers/q/grants", fixed).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(app.balance("q").await["available"], "5");
+
+    // A refusal by the state stays the id's: 6 credits on a balance of 5.
+    let charge = json!({"id": "ch1", "customer_id": "q", "amount": "6"});
+    let reply = app.post("/v1/charges", charge.clone()).await;
+    assert_eq!(reply.status, StatusCode::PAYMENT_REQUIRED, "{}", reply.body);
+    app.grant("q", "more", "5").await;
+    let reply = app.post("/v1/charges", charge).await;
+    assert_eq!(reply.status, StatusCode::PAYMENT_REQUIRED, "{}", reply.body);
+    assert!(reply.replayed());
+}
+
+/// The contracts of a customer that does not exist are a 404, as every other
+/// list under a missing customer (it was an empty 200); a ledger window that
+/// ends before it starts is a 400, as the usage report's (it was an empty 200).
+#[tokio::test]
+async fn lists_refuse_what_cannot_be_listed() {
+    let app = TestApp::spawn().await;
+    let reply = app.get("/v1/customers/nobody/contracts").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
+    app.customer("c").await;
+    let reply = app.get("/v1/customers/c/contracts").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["data"], json!([]));
+    let reply = app
+        .get("/v1/customers/c/ledger?from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z")
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.body["error"]["param"], "to");
+    let reply = app
+        .get("/v1/customers/c/ledger?from=2026-01-01T00:00:00Z&to=2026-01-01T00:00:00Z")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+}

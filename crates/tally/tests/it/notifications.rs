@@ -230,6 +230,28 @@ async fn webhooks_are_signed_retried_and_delivered_once_per_delivery_id() {
     let mut want = expected.to_vec();
     want.sort();
     assert_eq!(types, want, "every notification, once each");
+    // The log pages, newest first: the pages together are the whole list.
+    let whole: Vec<Value> = delivered.iter().map(|(_, d)| d["id"].clone()).collect();
+    let mut paged = Vec::new();
+    let mut url = "/v1/webhook-endpoints/wh1/deliveries?limit=3".to_string();
+    loop {
+        let page = app.get(&url).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        let data = page.body["data"].as_array().unwrap();
+        assert!(data.len() <= 3);
+        paged.extend(data.iter().map(|d| d["id"].clone()));
+        match page.body["next_cursor"].as_str() {
+            Some(cursor) => {
+                url = format!("/v1/webhook-endpoints/wh1/deliveries?limit=3&cursor={cursor}")
+            }
+            None => break,
+        }
+    }
+    assert_eq!(paged, whole);
+    let bad = app
+        .get("/v1/webhook-endpoints/wh1/deliveries?cursor=nonsense")
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
     assert!(
         delivered
             .iter()

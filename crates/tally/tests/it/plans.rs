@@ -38,6 +38,16 @@ async fn advance_to(app: &TestApp, to: &str) {
     assert_eq!(reply.status, StatusCode::OK, "advance: {}", reply.body);
 }
 
+/// The allocation `lot` ended early: an `expire` entry of `amount` whose reason says `why`.
+fn assert_ended(entries: &[Value], lot: &str, amount: &str, why: &str) {
+    let ended = entries
+        .iter()
+        .find(|e| e["kind"] == "expire" && e["reference"] == lot)
+        .unwrap_or_else(|| panic!("no end of {lot}"));
+    assert_eq!(ended["amount"], amount, "{ended}");
+    assert!(ended["reason"].as_str().unwrap().contains(why), "{ended}");
+}
+
 fn grants_with_prefix<'a>(entries: &'a [Value], kind: &str, prefix: &str) -> Vec<&'a Value> {
     entries
         .iter()
@@ -283,10 +293,11 @@ async fn credits_that_expired_yesterday_come_back_with_an_upgrade_today() {
     let upgraded = subscribe(&app, "cus", json!({ "id": "up1", "plan": "pro" })).await;
     assert_eq!(upgraded["plan"], "pro");
     assert_eq!(upgraded["id"], "s1", "the same subscription continues");
-    // Pro's 10,000 + Basic's current 1,000 (runs to its own end) + the 600 back.
+    // Pro's 10,000 + the 600 back. Basic's current 1,000 ended with the Basic period.
     let balance = app.balance("cus").await;
-    assert_eq!(micros_of(&balance["available"]), micros("11600"));
+    assert_eq!(micros_of(&balance["available"]), micros("10600"));
     let entries = app.ledger_all("cus").await;
+    assert_ended(&entries, "plan:s1:1", "1000", "plan change");
     assert_replayable(&entries);
     let reinstated = entries
         .iter()
@@ -308,7 +319,7 @@ async fn credits_that_expired_yesterday_come_back_with_an_upgrade_today() {
     assert!(again.replayed());
     assert_eq!(
         micros_of(&app.balance("cus").await["available"]),
-        micros("11600")
+        micros("10600")
     );
 }
 
@@ -379,7 +390,8 @@ async fn changes_and_cancellation_at_the_period_end() {
         )
         .await;
     assert_eq!(none.status, StatusCode::NOT_FOUND, "{}", none.body);
-    // A new subscription may start later; an immediate cancellation keeps the credits.
+    // A new subscription may start later; an immediate cancellation ends its period and what is
+    // left of its allocation (subscribing again and again would otherwise pile them up).
     let later = subscribe(
         &app,
         "cus",
@@ -402,11 +414,10 @@ async fn changes_and_cancellation_at_the_period_end() {
         )
         .await;
     assert_eq!(now.body["status"], "canceled");
-    assert_eq!(
-        micros_of(&app.balance("cus").await["available"]),
-        micros("100")
-    );
-    assert_replayable(&app.ledger_all("cus").await);
+    assert_eq!(micros_of(&app.balance("cus").await["available"]), 0);
+    let entries = app.ledger_all("cus").await;
+    assert_ended(&entries, "plan:s2:0", "100", "canceled now");
+    assert_replayable(&entries);
 }
 
 /// Renewals missed while the server was down (killed with SIGKILL) are
@@ -645,7 +656,8 @@ async fn bad_plans_and_subscriptions_are_refused_and_change_nothing() {
         )
         .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
-    // That id failed; it keeps failing the same way.
+    // Bad input changed nothing, not even the id: sent again, it is refused again (not
+    // replayed), and once fixed, the same id starts the subscription.
     let reply = app
         .put(
             path,
@@ -653,11 +665,12 @@ async fn bad_plans_and_subscriptions_are_refused_and_change_nothing() {
         )
         .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
-    assert!(reply.replayed());
-    let reply = app.put(path, json!({ "id": "s1", "plan": "pro" })).await;
-    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
+    assert!(!reply.replayed());
     assert_eq!(app.get(path).await.status, StatusCode::NOT_FOUND);
     assert_eq!(micros_of(&app.balance("cus").await["available"]), 0);
+    let reply = app.put(path, json!({ "id": "s1", "plan": "pro" })).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(app.get(path).await.body["id"], "s1");
     // Reserved grant ids.
     for id in ["plan:x:0", "rollover:x:1"] {
         let reply = app
@@ -773,4 +786,68 @@ async fn a_refused_renewal_blocks_nothing_and_a_scheduled_cancel_keeps_the_plan(
         app.get("/v1/customers/ent").await.body["plan"],
         "enterprise"
     );
+}
+
+/// Changing plans back and forth, or cancelling now and subscribing again,
+/// never piles up allocations: each change ends what is left of the one
+/// before (an `expire` entry that names the change), so the customer holds
+/// one plan's credits at a time. Without that, every switch granted a whole
+/// allocation on top of the last.
+#[tokio::test]
+async fn changing_plans_back_and_forth_does_not_create_credits() {
+    let app = manual_app().await;
+    put_plan(
+        &app,
+        "basic",
+        json!({ "name": "Basic", "period": "month", "included_credits": "100", "upgrade_grace_days": 3 }),
+    )
+    .await;
+    put_plan(
+        &app,
+        "pro",
+        json!({ "name": "Pro", "period": "month", "included_credits": "1000", "upgrade_grace_days": 3 }),
+    )
+    .await;
+    app.customer("cus").await;
+    app.grant("cus", "bought", "50").await;
+    subscribe(&app, "cus", json!({ "id": "s1", "plan": "basic" })).await;
+    assert_eq!(app.charge("cus", "c1", "30").await.status, StatusCode::OK);
+    for round in 0..3 {
+        for (plan, available) in [("pro", "1050"), ("basic", "150")] {
+            app.advance(60).await;
+            let id = format!("chg_{round}_{plan}");
+            subscribe(&app, "cus", json!({ "id": id, "plan": plan })).await;
+            assert_eq!(
+                micros_of(&app.balance("cus").await["available"]),
+                micros(available),
+                "after {id}"
+            );
+        }
+    }
+    let entries = app.ledger_all("cus").await;
+    assert_eq!(grants_with_prefix(&entries, "expire", "plan:s1:").len(), 6);
+    // Cancelling now and subscribing again: the same.
+    for n in 2..5 {
+        let canceled = app
+            .send(
+                Method::DELETE,
+                "/v1/customers/cus/subscription",
+                Some(ADMIN_KEY),
+                None,
+            )
+            .await;
+        assert_eq!(canceled.status, StatusCode::OK, "{}", canceled.body);
+        assert_eq!(
+            micros_of(&app.balance("cus").await["available"]),
+            micros("50"),
+            "the bought credits stay"
+        );
+        app.advance(60).await;
+        subscribe(&app, "cus", json!({ "id": format!("s{n}"), "plan": "pro" })).await;
+        assert_eq!(
+            micros_of(&app.balance("cus").await["available"]),
+            micros("1050")
+        );
+    }
+    assert_replayable(&app.ledger_all("cus").await);
 }

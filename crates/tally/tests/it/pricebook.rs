@@ -2253,7 +2253,7 @@ async fn diff_and_history() {
         "invalid_request",
     );
 
-    // History: published versions in order of publication, then drafts.
+    // History: every version in order of creation, drafts among them.
     let summary = |list: &Value| -> Vec<Value> {
         list["data"]
             .as_array()
@@ -2301,8 +2301,8 @@ async fn diff_and_history() {
         vec![
             json!(["v1", "published", T0, T0, admin, true, null]),
             json!(["v2", "published", at(3600), at(10), admin, false, "v1"]),
-            json!(["v4", "published", at(3600), at(20), admin, false, null]),
             json!(["v3", "draft", null, null, null, false, "v2"]),
+            json!(["v4", "published", at(3600), at(20), admin, false, null]),
         ]
     );
     advance_to(&app, &at(3600)).await;
@@ -2315,7 +2315,7 @@ async fn diff_and_history() {
         .collect();
     assert_eq!(
         in_effect,
-        [&json!(false), &json!(false), &json!(true), &json!(false)]
+        [&json!(false), &json!(false), &json!(false), &json!(true)]
     );
     customer_with(&app, "z", None, None).await;
     app.grant("z", "gz", "10").await;
@@ -2836,6 +2836,29 @@ async fn configuration_lists_page_with_limit_and_cursor() {
             }
         }
     }
+
+    // A draft published between two pages keeps its place: the client that paged past v2
+    // still sees v3 on its next page, published now, and v4 after it.
+    new_draft(&app, "v4", Some("v1")).await;
+    let first = ok(&app.get("/v1/pricebooks?limit=2").await);
+    let ids = |page: &Value| -> Vec<Value> {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].clone())
+            .collect()
+    };
+    assert_eq!(ids(&first), vec![json!("v1"), json!("v2")]);
+    let published = publish(&app, "v3", None).await;
+    assert_eq!(ok(&published)["status"], "published");
+    let cursor = first["next_cursor"].as_str().expect("a next page");
+    let second = ok(&app
+        .get(&format!("/v1/pricebooks?limit=2&cursor={cursor}"))
+        .await);
+    assert_eq!(ids(&second), vec![json!("v3"), json!("v4")]);
+    assert_eq!(second["data"][0]["status"], "published");
+    assert_eq!(second["next_cursor"], Value::Null);
 }
 
 /// Free-form JSON in a request (rules, properties, metadata) naming a key

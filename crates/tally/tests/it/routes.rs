@@ -529,6 +529,32 @@ async fn key_scopes_limit_what_a_key_may_do() {
         "forbidden",
     );
 
+    // A key without the scope hears 403 whatever the body holds: the scope is
+    // checked before the body is read (a malformed body used to be a 400).
+    for (path, body) in [
+        ("/v1/charges", json!({ "id": "x" })),
+        ("/v1/customers", json!({ "nonsense": true })),
+        ("/v1/refunds", json!([])),
+    ] {
+        assert_error(&post_as(&app, &read, path, body).await, 403, "forbidden");
+    }
+    assert_error(
+        &post_as(&app, &write, "/v1/api-keys", json!({ "scope": "read" })).await,
+        403,
+        "forbidden",
+    );
+    assert_error(
+        &app.send(
+            Method::PUT,
+            "/v1/plans/zz",
+            Some(&read),
+            Some(&json!({ "name": "z" })),
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+
     // write: reads and writes, but no keys and no clock.
     ok(&get_as(&app, &write, "/v1/customers/c/balance").await);
     fresh(&post_as(&app, &write, "/v1/charges", charge_body("ch_write")).await);
