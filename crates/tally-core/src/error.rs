@@ -34,6 +34,10 @@ pub enum LedgerError {
     AmountNotPositive,
     #[error("the resulting balance would exceed the maximum amount")]
     AmountOverflow,
+    #[error(
+        "the lot's money value (amount times cost_basis.amount) would exceed the maximum amount"
+    )]
+    CostBasisOverflow,
     #[error("both members need a budget to move budget between them")]
     NoBudget,
     #[error("member {member_id} has spent {spent} of its {budget} budget in this period; {required} more would pass it")]

@@ -772,7 +772,7 @@ impl CustomerLedger {
         // (which values at most this much) can always report it.
         if let Some(basis) = &grant.cost_basis {
             if basis.value_of(grant.amount).is_none() {
-                return Err(LedgerError::AmountOverflow);
+                return Err(LedgerError::CostBasisOverflow);
             }
         }
         if let Some(expiry) = grant.expires_at {

@@ -433,41 +433,36 @@ fn plan_lot(
     }
 }
 
-/// End what is left of the subscription's plan allocations now, because the
-/// period they belong to ends early (a plan change now, or a cancellation
-/// now): each remaining allocation expires in an entry with `reason`. Lots
-/// rolled over from earlier periods, and every other grant, are untouched.
-/// Without this, changing plans back and forth, or cancelling and
-/// subscribing again, would add a whole allocation each time.
-pub fn end_allocations(
+/// End what is left of the current period's plan allocation now, because the
+/// period ends early (a plan change now, or a cancellation now): it expires
+/// in an entry with `reason`. Allocations of earlier periods that live on
+/// (`allocation_expires_after_periods` above 1, or never), rollover lots and
+/// every other grant are untouched. Without this, changing plans back and
+/// forth, or cancelling and subscribing again, would add a whole allocation
+/// each time.
+pub fn end_allocation(
     ledger: &mut CustomerLedger,
     subscription: &Subscription,
     reason: &str,
     now: Timestamp,
 ) -> Result<Vec<Step>, LedgerError> {
-    let prefix = format!("plan:{}:", subscription.id);
-    let ending: Vec<Id> = ledger
-        .grants()
-        .iter()
-        .filter(|g| g.status == GrantStatus::Active && g.source == Source::PlanAllocation)
-        .filter(|g| g.id.as_str().starts_with(&prefix))
-        .map(|g| g.id.clone())
-        .collect();
-    ending
-        .iter()
-        .map(|id| {
-            ledger
-                .end_grant(id, reason.to_string(), now)
-                .map(Step::Entry)
-        })
-        .collect()
+    if subscription.period < 0 {
+        return Ok(Vec::new());
+    }
+    let id = subscription.allocation_id(subscription.period);
+    match ledger.grant(&id) {
+        Some(lot) if lot.status == GrantStatus::Active => ledger
+            .end_grant(&id, reason.to_string(), now)
+            .map(|entry| vec![Step::Entry(entry)]),
+        _ => Ok(Vec::new()),
+    }
 }
 
 /// Change an active subscription's plan at `now`: the old period ends now,
-/// and so does what is left of the subscription's plan allocations
-/// ([`end_allocations`]; nothing of them rolls over), and the new plan's first
+/// and so does what is left of its allocation ([`end_allocation`]; nothing
+/// of it rolls over), and the new plan's first
 /// period starts now with its full allocation. Other credits (purchases,
-/// rollover lots, promotions) keep their expiry. On an upgrade, lots that
+/// rollover lots, promotions, earlier periods' allocations) keep their expiry. On an upgrade, lots that
 /// expired within the new plan's `upgrade_grace_days` before now are
 /// reinstated until the new period ends. The caller has renewed what was due
 /// first.
@@ -507,7 +502,7 @@ pub fn change_plan_now(
     } else {
         Vec::new()
     };
-    let mut steps = end_allocations(
+    let mut steps = end_allocation(
         ledger,
         subscription,
         &format!(

@@ -441,3 +441,33 @@ fn an_allocation_that_outlives_its_period_does_not_roll_over() {
     ledger.expire_due(later);
     assert_eq!(ledger.balance(later).available, credits(200));
 }
+
+/// A change now ends only the current period's allocation: allocations of
+/// earlier periods that outlive their period (here each lives three) keep
+/// their expiry, as credits already earned.
+#[test]
+fn a_change_now_ends_only_the_current_periods_allocation() {
+    let mut long = plan("long", 500, None, 0);
+    long.allocation_expires_after_periods = Some(3);
+    let mut context = plans(vec![long, plan("other", 100, None, 0)]);
+    let start = at("2026-03-01T00:00:00Z");
+    let mut ledger = CustomerLedger::new(id("cus"));
+    let mut sub = Subscription::starting(id("s"), id("cus"), "long".into(), start);
+    let may = at("2026-05-02T00:00:00Z");
+    renew_due(&mut ledger, &mut sub, &mut context, may).unwrap();
+    ledger.expire_due(may);
+    assert_eq!(ledger.balance(may).available, credits(1500));
+    let other = context.plans["other"].clone();
+    change_plan_now(&mut ledger, &mut sub, &other, &id("chg"), &mut context, may).unwrap();
+    assert_eq!(ledger.balance(may).available, credits(1100));
+    let ended = ledger.grant(&sub_allocation(&sub, 2)).unwrap();
+    assert_eq!(ended.status, GrantStatus::Expired);
+    assert!(ended.ended_early());
+    for n in [0, 1] {
+        assert_eq!(
+            ledger.grant(&sub_allocation(&sub, n)).unwrap().status,
+            GrantStatus::Active
+        );
+    }
+    ledger.check_invariants().unwrap();
+}

@@ -303,6 +303,14 @@ pub fn strict_opt_vec<'de, D: Deserializer<'de>>(
         .map(|values| values.map(|values| values.into_iter().map(|v| v.0).collect()))
 }
 
+/// `#[serde(default, deserialize_with = "present")]` on an `Option<Option<T>>`
+/// field: `None` when the field is left out, `Some(None)` when it is `null`.
+pub fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
 /// A JSON body whose rejections are API errors. The refusal is handed to the
 /// handler, which takes the body with [`ApiJson::read`] after checking the
 /// caller's scope: a key without the scope hears 403 whatever it sent, before

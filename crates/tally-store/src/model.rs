@@ -123,8 +123,10 @@ pub enum Command {
     PutMember {
         customer_id: Id,
         member_id: Id,
-        name: Option<String>,
-        budget: Option<tally_core::Budget>,
+        /// `None`: kept as it is; `Some(None)`: removed.
+        name: Option<Option<String>>,
+        /// `None`: kept as it is (with what it counted); `Some(None)`: removed.
+        budget: Option<Option<tally_core::Budget>>,
     },
     /// Set a customer's alert thresholds (a PUT).
     PutAlerts {
@@ -777,7 +779,7 @@ impl From<&LedgerError> for Refusal {
             LedgerError::InvalidExpiry(_) => "invalid_expiry",
             LedgerError::ReinstateWindowPassed(_) => "reinstate_window_passed",
             LedgerError::AmountNotPositive => "invalid_amount",
-            LedgerError::AmountOverflow => "amount_too_large",
+            LedgerError::AmountOverflow | LedgerError::CostBasisOverflow => "amount_too_large",
             LedgerError::MemberBudgetExceeded { .. } => "member_budget_exceeded",
             LedgerError::NoBudget => "member_without_budget",
         };

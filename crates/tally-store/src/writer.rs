@@ -52,15 +52,6 @@ const MAX_TICK_CUSTOMERS: i64 = 1000;
 /// refusal is not their id's outcome, since the id names the thing resolved.
 const RESOLUTIONS: [&str; 2] = ["hold_resolution", "topup_resolution"];
 
-/// The codes of refusals of a request's own content (answered 400), never kept
-/// under its id.
-const INPUT_REFUSALS: [&str; 4] = [
-    "invalid_request",
-    "invalid_amount",
-    "invalid_expiry",
-    "invalid_id",
-];
-
 pub struct Job {
     pub command: Command,
     pub actor: Option<String>,
@@ -466,6 +457,9 @@ pub struct Writer {
     group_changes: Vec<BalanceChange>,
     /// Subscriptions renewed since the tick began.
     renewals: usize,
+    /// Renewals the core refused, by subscription and the period end they are
+    /// due at: each is logged once, not at every tick while it stays due.
+    refused_renewals: std::collections::HashSet<(Id, i64)>,
     /// Customers with an automatic top-up whose balance changed in the
     /// command being applied: checked once it is complete.
     topup_checks: Vec<Id>,
@@ -733,6 +727,7 @@ impl Writer {
             live: None,
             group_changes: Vec::new(),
             renewals: 0,
+            refused_renewals: std::collections::HashSet::new(),
             topup_checks: Vec::new(),
             group_notification: None,
             next_prune_at: 0,
@@ -1342,14 +1337,6 @@ impl Writer {
             }
             Err(other) => return Err(other),
         };
-        // Bad input (a 400: a bad amount, an expiry in the past, contract dates the wrong way
-        // round) changes nothing, not even the id: fixed and sent again under the same id, it
-        // works. What the state refused (credits, conflicts, what is missing) stays the id's.
-        if let Err(refusal) = &result {
-            if INPUT_REFUSALS.contains(&refusal.code.as_str()) {
-                return Err(Failure::Store(StoreError::Rejected(refusal.clone())));
-            }
-        }
         self.insert_operation(kind, id, hash, &result, charge)?;
         Ok(Executed {
             result,
@@ -1703,7 +1690,10 @@ impl Writer {
             Command::CancelSubscription {
                 customer_id,
                 at_period_end,
-            } => Ok((self.cancel_subscription(customer_id, *at_period_end)?, None)),
+            } => Ok((
+                self.cancel_subscription(customer_id, *at_period_end, actor)?,
+                None,
+            )),
             Command::ApplyDue { customer_id } => {
                 let before = self.next_entry_sequence;
                 self.prepare(customer_id)?;
@@ -1722,9 +1712,17 @@ impl Writer {
                 budget,
             } => {
                 self.prepare(customer_id)?;
-                let member =
-                    self.ledger(customer_id)
-                        .set_member(member_id, name.clone(), *budget, now);
+                let ledger = self.ledger(customer_id);
+                let current = ledger.members().find(|m| &m.id == member_id);
+                let name = match name {
+                    Some(name) => name.clone(),
+                    None => current.and_then(|m| m.name.clone()),
+                };
+                let budget = match budget {
+                    Some(budget) => *budget,
+                    None => current.and_then(|m| m.budget),
+                };
+                let member = ledger.set_member(member_id, name, budget, now);
                 Ok((Outcome::Member(member), None))
             }
             Command::CreateWebhookEndpoint(endpoint) => {
@@ -2626,9 +2624,9 @@ impl Writer {
             return Err(Failure::Rejected(Refusal {
                 code: "invalid_request".into(),
                 message: format!(
-                    "effective_at is in the past (the engine's clock is at {} µs); publish now or later, \
+                    "effective_at is in the past (the engine's clock is at {}); publish now or later, \
                      since charges already made cannot be repriced",
-                    now.0
+                    now.rfc3339()
                 ),
                 available: None,
             }));

@@ -301,6 +301,21 @@ pub async fn create_grant(
         external_reference: edge::text(body.external_reference, "external_reference", 256)?,
         reason: edge::text(body.reason, "reason", 1024)?,
     });
+    // Checked on the request alone, so that it is bad input (the id stays free). An expiry
+    // in the past is the engine's to refuse, by its clock, and that refusal is the id's.
+    if let Command::Grant(NewGrant {
+        effective_at: Some(from),
+        expires_at: Some(to),
+        ..
+    }) = &command
+    {
+        if to <= from {
+            return Err(ApiError::invalid(
+                "expires_at",
+                "expires_at must be after effective_at",
+            ));
+        }
+    }
     let executed = state.execute(command, &caller).await?;
     let now = state.store.now();
     Ok(reply(executed, |outcome| match outcome {

@@ -27,10 +27,15 @@ pub struct BudgetInput {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutMember {
-    pub name: Option<String>,
-    /// At most this much per window, inside the customer's shared balance
-    /// (omit or null: no budget).
-    pub budget: Option<BudgetInput>,
+    /// Omitted: kept as it is; `null`: removed.
+    #[serde(default, deserialize_with = "crate::edge::present")]
+    #[schema(value_type = Option<String>)]
+    pub name: Option<Option<String>>,
+    /// At most this much per window, inside the customer's shared balance.
+    /// Omitted: kept as it is (with what it counted); `null`: no budget.
+    #[serde(default, deserialize_with = "crate::edge::present")]
+    #[schema(value_type = Option<BudgetInput>)]
+    pub budget: Option<Option<BudgetInput>>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -67,7 +72,8 @@ fn member_body(customer_id: &str, member: &Member, now: Timestamp) -> MemberBody
     }
 }
 
-/// Add or update a member and its budget. Every charge, hold or event that
+/// Add or update a member and its budget: a field left out keeps its value, a
+/// `null` removes it (a rename keeps the budget and what it counted). Every charge, hold or event that
 /// names the member counts against its budget in the same step that checks
 /// the shared balance; past it the spend is refused with 402
 /// `member_budget_exceeded`. A released or timed-out hold gives its credits
@@ -85,19 +91,23 @@ pub async fn put_member(
     caller.require(Scope::Write)?;
     let body = body.read()?;
     let budget = match body.budget {
-        Some(b) => Some(Budget {
+        Some(Some(b)) => Some(Some(Budget {
             amount: edge::positive(b.amount, "budget.amount")?,
             period: BudgetPeriod::parse(&b.period).ok_or_else(|| {
                 ApiError::invalid("budget.period", "budget.period must be day, month or year")
             })?,
-        }),
+        })),
+        Some(None) => Some(None),
         None => None,
     };
     let customer = edge::id(&customer_id, "id")?;
     let command = Command::PutMember {
         customer_id: customer.clone(),
         member_id: edge::id(&member_id, "member_id")?,
-        name: edge::text(body.name, "name", 256)?,
+        name: match body.name {
+            Some(name) => Some(edge::text(name, "name", 256)?),
+            None => None,
+        },
         budget,
     };
     let now = state.store.now();

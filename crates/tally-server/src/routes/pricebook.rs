@@ -541,6 +541,16 @@ pub async fn put_contract(
             .map(|p| edge::id(&p, "pinned_pricebook").map(|p| p.to_string()))
             .transpose()?,
     };
+    // Checked here, on the request alone, so that it is bad input (the id stays free) and
+    // not a refusal kept under the id.
+    if let (Some(from), Some(to)) = (contract.effective_from, contract.effective_to) {
+        if to <= from {
+            return Err(ApiError::invalid(
+                "effective_to",
+                "effective_to must be after effective_from",
+            ));
+        }
+    }
     let command = Command::PutContract {
         id,
         customer_id,

@@ -76,7 +76,11 @@ impl Writer {
                 self.subscription_changed(customer_id, steps, None)
             }
             Err(error) => {
-                tracing::error!(subscription = %subscription.id, %error, "a subscription renewal was refused; it stays due");
+                let key = (subscription.id.clone(), subscription.period_end.micros());
+                if self.refused_renewals.insert(key) {
+                    tracing::error!(subscription = %subscription.id, %error,
+                        "a subscription renewal was refused; it stays due (logged once per period)");
+                }
                 Ok(())
             }
         }
@@ -273,6 +277,7 @@ impl Writer {
         &mut self,
         customer_id: &Id,
         at_period_end: bool,
+        actor: Option<&str>,
     ) -> Result<Outcome, Failure> {
         self.prepare(customer_id)?;
         let now = self.now;
@@ -290,7 +295,7 @@ impl Writer {
             // The period ends now, and with it what is left of the
             // subscription's allocations (on a copy: a refusal changes nothing).
             let mut ledger = cached.ledger.clone();
-            steps = plan::end_allocations(
+            steps = plan::end_allocation(
                 &mut ledger,
                 subscription,
                 &format!("subscription {} canceled now", subscription.id),
@@ -302,7 +307,7 @@ impl Writer {
             subscription.canceled_at = Some(now);
         }
         let subscription = subscription.clone();
-        self.subscription_changed(customer_id, steps, None)?;
+        self.subscription_changed(customer_id, steps, actor)?;
         Ok(Outcome::Subscription(subscription))
     }
 }

@@ -230,9 +230,12 @@ async fn a_body_that_cannot_be_read_names_the_field() {
     assert_eq!(app.balance("c").await["available"], "0");
 }
 
-/// Bad input refused by the writer (a 400) changes nothing, not even the id:
-/// the same id with the input fixed works. It used to keep the 400 as the id's
-/// outcome, so the fixed request was a 409 `idempotency_conflict`.
+/// Input that is wrong on its own (contract dates the wrong way round, an
+/// expiry before the grant takes effect) is a 400 that changes nothing, not
+/// even the id: the same id with the input fixed works. It used to be refused
+/// by the writer and kept as the id's outcome, so the fixed request was a 409
+/// `idempotency_conflict`. What the engine refuses by its clock or state (an
+/// expiry already past, too few credits) stays the id's.
 #[tokio::test]
 async fn bad_input_leaves_the_id_free() {
     let app = TestApp::spawn().await;
@@ -248,21 +251,30 @@ async fn bad_input_leaves_the_id_free() {
     });
     let reply = app.put("/v1/customers/q/contract", wrong_way).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.body["error"]["param"], "effective_to");
     let fixed = json!({"id": "k5", "multiplier": "1"});
     let reply = app.put("/v1/customers/q/contract", fixed).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     assert!(!reply.replayed());
 
-    let past = json!({"id": "gg4", "amount": "5", "source": "promotion", "paid": false,
-        "expires_at": "2000-01-01T00:00:00Z"});
-    let reply = app.post("/v1/customers/q/grants", past).await;
+    let backwards = json!({"id": "gg4", "amount": "5", "source": "promotion", "paid": false,
+        "effective_at": "2999-02-01T00:00:00Z", "expires_at": "2999-01-01T00:00:00Z"});
+    let reply = app.post("/v1/customers/q/grants", backwards).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
-    assert_eq!(reply.code(), "invalid_expiry", "{now}");
+    assert_eq!(reply.body["error"]["param"], "expires_at");
     assert_eq!(app.balance("q").await["available"], "0");
     let fixed = json!({"id": "gg4", "amount": "5", "source": "promotion", "paid": false});
     let reply = app.post("/v1/customers/q/grants", fixed).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     assert_eq!(app.balance("q").await["available"], "5");
+    // An expiry already past is the engine's refusal, by its clock: kept under the id.
+    let past = json!({"id": "gg5", "amount": "5", "source": "promotion", "paid": false,
+        "expires_at": "2000-01-01T00:00:00Z"});
+    let reply = app.post("/v1/customers/q/grants", past).await;
+    assert_eq!(reply.code(), "invalid_expiry", "{now}: {}", reply.body);
+    let fixed = json!({"id": "gg5", "amount": "5", "source": "promotion", "paid": false});
+    let reply = app.post("/v1/customers/q/grants", fixed).await;
+    assert_eq!(reply.code(), "idempotency_conflict", "{}", reply.body);
 
     // A refusal by the state stays the id's: 6 credits on a balance of 5.
     let charge = json!({"id": "ch1", "customer_id": "q", "amount": "6"});
@@ -295,4 +307,20 @@ async fn lists_refuse_what_cannot_be_listed() {
         .get("/v1/customers/c/ledger?from=2026-01-01T00:00:00Z&to=2026-01-01T00:00:00Z")
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+}
+
+/// A lot whose money value (amount times cost basis) passes the largest
+/// amount is refused with a message that says so, not one about the balance.
+#[tokio::test]
+async fn a_cost_basis_too_large_says_so() {
+    let app = TestApp::spawn().await;
+    app.customer("c").await;
+    let body = json!({"id": "g", "amount": "1000000", "source": "purchase", "paid": true,
+        "cost_basis": {"amount": "1000000000000", "currency": "USD"}});
+    let reply = app.post("/v1/customers/c/grants", body).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.code(), "amount_too_large");
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("cost_basis"), "{message}");
+    assert_eq!(app.balance("c").await["available"], "0");
 }

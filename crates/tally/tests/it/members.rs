@@ -143,6 +143,18 @@ async fn a_member_budget_stops_the_second_teammate_before_the_pool_is_empty() {
         charge(&app, "d_after", "dave", "50").await.code(),
         "member_budget_exceeded"
     );
+    // A rename keeps the budget and what it counted (a field left out is kept).
+    let renamed = app
+        .put("/v1/customers/team/members/dave", json!({ "name": "Dave" }))
+        .await;
+    assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
+    assert_eq!(renamed.body["name"], "Dave");
+    assert_eq!(renamed.body["budget"]["amount"], "1000", "{}", renamed.body);
+    assert_eq!(renamed.body["budget"]["spent"], "1000");
+    assert_eq!(
+        charge(&app, "d_renamed", "dave", "50").await.code(),
+        "member_budget_exceeded"
+    );
     let balance = micros_of(&app.balance("team").await["available"]);
     assert_eq!(balance, (10_000 - 2500 - 600 - 100 - 1000) * 1_000_000);
     // A new month: every budget starts afresh.
@@ -156,6 +168,17 @@ async fn a_member_budget_stops_the_second_teammate_before_the_pool_is_empty() {
     );
     assert_eq!(
         charge(&app, "a_next", "alice", "3000").await.status,
+        StatusCode::OK
+    );
+    // `null` removes the budget, and keeps the name.
+    let removed = app
+        .put("/v1/customers/team/members/dave", json!({ "budget": null }))
+        .await;
+    assert_eq!(removed.status, StatusCode::OK, "{}", removed.body);
+    assert_eq!(removed.body["budget"], serde_json::Value::Null);
+    assert_eq!(removed.body["name"], "Dave");
+    assert_eq!(
+        charge(&app, "d_free", "dave", "50").await.status,
         StatusCode::OK
     );
 }
