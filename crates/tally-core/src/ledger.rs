@@ -776,14 +776,16 @@ impl CustomerLedger {
             }
         }
         if let Some(expiry) = grant.expires_at {
-            if expiry <= grant.effective_at {
-                return Err(LedgerError::InvalidExpiry(
-                    "expires_at must be after effective_at",
-                ));
-            }
+            // The clock first: without an `effective_at` (now), an expiry in the
+            // past is "in the past", not "before effective_at".
             if expiry <= now {
                 return Err(LedgerError::InvalidExpiry(
                     "expires_at must be in the future",
+                ));
+            }
+            if expiry <= grant.effective_at {
+                return Err(LedgerError::InvalidExpiry(
+                    "expires_at must be after effective_at",
                 ));
             }
         }

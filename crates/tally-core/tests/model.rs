@@ -422,14 +422,14 @@ impl Model {
             return Err(LedgerError::AmountNotPositive);
         }
         if let Some(expiry) = grant.expires_at {
-            if expiry <= grant.effective_at {
-                return Err(LedgerError::InvalidExpiry(
-                    "expires_at must be after effective_at",
-                ));
-            }
             if expiry.0 <= now {
                 return Err(LedgerError::InvalidExpiry(
                     "expires_at must be in the future",
+                ));
+            }
+            if expiry <= grant.effective_at {
+                return Err(LedgerError::InvalidExpiry(
+                    "expires_at must be after effective_at",
                 ));
             }
         }

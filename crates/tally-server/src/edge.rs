@@ -328,12 +328,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = std::convert::Infallible;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        Ok(ApiJson(
-            match axum::Json::<T>::from_request(request, state).await {
-                Ok(axum::Json(value)) => Ok(value),
-                Err(rejection) => Err(json_error(rejection)),
-            },
-        ))
+        let Ok(JsonBytes(bytes)) = JsonBytes::from_request(request, state).await;
+        Ok(ApiJson(bytes.and_then(|bytes| {
+            // A JSON array would otherwise fill the struct's fields by position.
+            match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+                Some(b'{') => {}
+                _ => {
+                    return Err(ApiError::new(
+                        "invalid_request",
+                        "send a JSON object as the body, with Content-Type: application/json",
+                    ))
+                }
+            }
+            axum::Json::<T>::from_bytes(&bytes)
+                .map(|axum::Json(value)| value)
+                .map_err(json_error)
+        })))
     }
 }
 
@@ -395,17 +405,28 @@ fn data_error_param(rejection: &JsonRejection) -> Option<String> {
     }
 }
 
-/// A query string whose rejections are API errors.
-pub struct ApiQuery<T>(pub T);
+/// A query string whose rejections are API errors, handed to the handler as
+/// [`ApiJson`] hands a body: read with [`ApiQuery::read`] after the scope is
+/// checked, so that a key without the scope hears 403 whatever it asked.
+pub struct ApiQuery<T>(Result<T, ApiError>);
+
+impl<T> ApiQuery<T> {
+    /// The query, or why it cannot be read.
+    pub fn read(self) -> Result<T, ApiError> {
+        self.0
+    }
+}
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = ApiError;
+    type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
-            Err(rejection) => Err(query_error(rejection)),
-        }
+        Ok(ApiQuery(
+            match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+                Ok(axum::extract::Query(value)) => Ok(value),
+                Err(rejection) => Err(query_error(rejection)),
+            },
+        ))
     }
 }
 

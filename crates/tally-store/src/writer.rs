@@ -2535,14 +2535,27 @@ impl Writer {
                 .clone(),
             None => Vec::new(),
         };
+        // Each version is created after every other, by at least a microsecond, so that
+        // the list's creation order is strict: two versions made in one group, on a frozen
+        // manual clock or after a takeover by a server whose clock lags, still list in the
+        // order they were made, and a new one always lists after the last page a client read.
+        let after = self
+            .catalog
+            .books
+            .values()
+            .map(|b| b.created_at.micros())
+            .max()
+            .and_then(|last| last.checked_add(1))
+            .unwrap_or(i64::MIN);
+        let created_at = Timestamp(self.now.micros().max(after));
         let record = PricebookRecord {
             id: id.to_string(),
             status: PricebookStatus::Draft,
             copied_from: from.map(str::to_owned),
             rules,
-            created_at: self.now,
+            created_at,
             created_by: actor.map(str::to_owned),
-            updated_at: self.now,
+            updated_at: created_at,
             effective_at: None,
             published_at: None,
             published_by: None,

@@ -341,9 +341,10 @@ pub async fn list_grants(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    edge::ApiQuery(params): edge::ApiQuery<GrantListParams>,
+    params: edge::ApiQuery<GrantListParams>,
 ) -> Result<Json<crate::dto::Page<GrantBody>>, ApiError> {
     caller.require(Scope::Read)?;
+    let params = params.read()?;
     let id = edge::id(&customer_id, "id")?;
     let limit = edge::limit(params.limit)?;
     // The cursor is the creation sequence of the first grant of the page.

@@ -198,9 +198,10 @@ pub struct PubsubMessage {
     responses((status = 204), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn pubsub_push(
     State(state): State<AppState>,
-    ApiQuery(params): ApiQuery<PubsubParams>,
+    params: ApiQuery<PubsubParams>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    let params = params.read()?;
     let Some(expected) = state.pubsub_token.as_deref() else {
         return Err(ApiError::new(
             "not_found",
@@ -302,9 +303,10 @@ pub struct DeadLetterParams {
 pub async fn list_dead_letters(
     State(state): State<AppState>,
     caller: Caller,
-    ApiQuery(params): ApiQuery<DeadLetterParams>,
+    params: ApiQuery<DeadLetterParams>,
 ) -> Result<Json<Page<DeadLetterBody>>, ApiError> {
     caller.require(Scope::Read)?;
+    let params = params.read()?;
     let status = match params.status.as_deref().unwrap_or("pending") {
         "all" => None,
         text => Some(DeadLetterStatus::parse(text).ok_or_else(|| {

@@ -36,9 +36,10 @@ pub async fn customer_ledger(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    ApiQuery(params): ApiQuery<LedgerParams>,
+    params: ApiQuery<LedgerParams>,
 ) -> Result<Json<Page<EntryBody>>, ApiError> {
     caller.require(Scope::Read)?;
+    let params = params.read()?;
     let id = edge::id(&customer_id, "id")?;
     let limit = edge::limit(params.limit)?;
     let start = edge::cursor(params.cursor.as_deref(), "ent_")?;
@@ -139,10 +140,11 @@ pub async fn customer_usage(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    ApiQuery(params): ApiQuery<UsageParams>,
+    params: ApiQuery<UsageParams>,
 ) -> Result<Json<UsageBody>, ApiError> {
     use tally_store::{Granularity, UsageGroup, UsageQuery};
     caller.require(Scope::Read)?;
+    let params = params.read()?;
     let id = edge::id(&customer_id, "id")?;
     let (group_by, group_name) = match params.group_by.as_deref() {
         None | Some("feature") => (UsageGroup::Feature, "feature"),

@@ -131,9 +131,10 @@ pub async fn list_members(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
+    params: edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<MemberList>, ApiError> {
     caller.require(Scope::Read)?;
+    let params = params.read()?;
     let id = edge::id(&customer_id, "id")?;
     let now = state.store.now();
     let members = state

@@ -187,9 +187,10 @@ pub struct WebhookEndpointList {
 pub async fn list_webhook_endpoints(
     State(state): State<AppState>,
     caller: Caller,
-    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
+    params: edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<WebhookEndpointList>, ApiError> {
     caller.require(Scope::Admin)?;
+    let params = params.read()?;
     let endpoints = state.store.webhook_endpoints().await?;
     let (data, next_cursor) = edge::page(
         endpoints.iter().map(|e| endpoint_body(e, false)).collect(),
@@ -242,9 +243,10 @@ pub async fn list_deliveries(
     State(state): State<AppState>,
     caller: Caller,
     Path(endpoint_id): Path<String>,
-    ApiQuery(params): ApiQuery<DeliveryParams>,
+    params: ApiQuery<DeliveryParams>,
 ) -> Result<Json<DeliveryList>, ApiError> {
     caller.require(Scope::Admin)?;
+    let params = params.read()?;
     let limit = params.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::invalid("limit", "limit must be 1 to 1000"));

@@ -187,9 +187,10 @@ pub struct PlanList {
 pub async fn list_plans(
     State(state): State<AppState>,
     caller: Caller,
-    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
+    params: edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<PlanList>, ApiError> {
     caller.require(Scope::Read)?;
+    let params = params.read()?;
     let plans = state.store.plans().await?;
     let (data, next_cursor) = edge::page(
         plans.iter().map(PlanBody::from).collect(),
@@ -337,9 +338,10 @@ pub async fn cancel_subscription(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    ApiQuery(params): ApiQuery<CancelParams>,
+    params: ApiQuery<CancelParams>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
+    let params = params.read()?;
     let command = Command::CancelSubscription {
         customer_id: edge::id(&customer_id, "id")?,
         at_period_end: params.at_period_end.unwrap_or(false),

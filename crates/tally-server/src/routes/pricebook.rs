@@ -88,9 +88,10 @@ fn required_text(text: String, param: &str) -> Result<String, ApiError> {
 pub async fn list_features(
     State(state): State<AppState>,
     caller: Caller,
-    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
+    params: edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<Page<FeatureBody>>, ApiError> {
     caller.require(Scope::Read)?;
+    let params = params.read()?;
     let features = state.store.features().await?;
     let (data, next_cursor) = edge::page(
         features.iter().map(FeatureBody::from).collect(),
@@ -193,9 +194,10 @@ pub async fn create_pricebook(
 pub async fn list_pricebooks(
     State(state): State<AppState>,
     caller: Caller,
-    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
+    params: edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<Page<PricebookBody>>, ApiError> {
     caller.require(Scope::Read)?;
+    let params = params.read()?;
     let books = state.store.pricebooks().await?;
     let current = in_effect_now(&state, &books);
     let (data, next_cursor) = edge::page(
@@ -344,9 +346,10 @@ pub async fn diff_pricebooks(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    ApiQuery(params): ApiQuery<DiffParams>,
+    params: ApiQuery<DiffParams>,
 ) -> Result<Json<DiffBody>, ApiError> {
     caller.require(Scope::Read)?;
+    let params = params.read()?;
     let books = state.store.pricebooks().await?;
     let find = |wanted: &str| {
         books
@@ -551,6 +554,16 @@ pub async fn put_contract(
             ));
         }
     }
+    if let Some(n) = contract
+        .rules
+        .iter()
+        .position(|r| r.plan.is_some() || r.region.is_some())
+    {
+        return Err(ApiError::invalid(
+            &format!("rules[{n}]"),
+            "a contract's rules are the customer's own: they take no plan or region",
+        ));
+    }
     let command = Command::PutContract {
         id,
         customer_id,
@@ -589,9 +602,10 @@ pub async fn list_contracts(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
+    params: edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<Page<ContractBody>>, ApiError> {
     caller.require(Scope::Read)?;
+    let params = params.read()?;
     let id = edge::id(&customer_id, "id")?;
     let all = state.store.contracts(id.clone()).await?;
     if all.is_empty() && state.store.customer(id.clone()).await?.is_none() {

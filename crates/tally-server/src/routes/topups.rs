@@ -112,9 +112,10 @@ pub struct CreditPackList {
 pub async fn list_credit_packs(
     State(state): State<AppState>,
     caller: Caller,
-    edge::ApiQuery(params): edge::ApiQuery<edge::ListParams>,
+    params: edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<CreditPackList>, ApiError> {
     caller.require(Scope::Read)?;
+    let params = params.read()?;
     let packs = state.store.credit_packs().await?;
     let (data, next_cursor) = edge::page(
         packs.iter().map(CreditPackBody::from).collect(),
@@ -329,9 +330,10 @@ pub async fn list_topups(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    edge::ApiQuery(params): edge::ApiQuery<TopupListParams>,
+    params: edge::ApiQuery<TopupListParams>,
 ) -> Result<Json<crate::dto::Page<TopupBody>>, ApiError> {
     caller.require(Scope::Read)?;
+    let params = params.read()?;
     let id = edge::id(&customer_id, "id")?;
     let limit = edge::limit(params.limit)?;
     let before = edge::cursor(params.cursor.as_deref(), "tpu_")?;

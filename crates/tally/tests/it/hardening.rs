@@ -257,6 +257,20 @@ async fn bad_input_leaves_the_id_free() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     assert!(!reply.replayed());
 
+    // A contract rule with a plan: the request alone is at fault.
+    let planned =
+        json!({"id": "k6", "rules": [{"feature": "f1", "plan": "pro", "credits_per_unit": "2"}]});
+    let reply = app.put("/v1/customers/q/contract", planned).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.body["error"]["param"], "rules[0]");
+    let reply = app
+        .put(
+            "/v1/customers/q/contract",
+            json!({"id": "k6", "multiplier": "2"}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+
     let backwards = json!({"id": "gg4", "amount": "5", "source": "promotion", "paid": false,
         "effective_at": "2999-02-01T00:00:00Z", "expires_at": "2999-01-01T00:00:00Z"});
     let reply = app.post("/v1/customers/q/grants", backwards).await;
@@ -272,6 +286,8 @@ async fn bad_input_leaves_the_id_free() {
         "expires_at": "2000-01-01T00:00:00Z"});
     let reply = app.post("/v1/customers/q/grants", past).await;
     assert_eq!(reply.code(), "invalid_expiry", "{now}: {}", reply.body);
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("in the future"), "{message}");
     let fixed = json!({"id": "gg5", "amount": "5", "source": "promotion", "paid": false});
     let reply = app.post("/v1/customers/q/grants", fixed).await;
     assert_eq!(reply.code(), "idempotency_conflict", "{}", reply.body);

@@ -2859,6 +2859,12 @@ async fn configuration_lists_page_with_limit_and_cursor() {
     assert_eq!(ids(&second), vec![json!("v3"), json!("v4")]);
     assert_eq!(second["data"][0]["status"], "published");
     assert_eq!(second["next_cursor"], Value::Null);
+    // Versions made at one instant of the (frozen) clock list in the order they were made,
+    // not by id, and a new one lists after the page a client already read.
+    new_draft(&app, "a0", None).await;
+    new_draft(&app, "0a", None).await;
+    let after = ok(&app.get("/v1/pricebooks?limit=2&cursor=after:v4").await);
+    assert_eq!(ids(&after), vec![json!("a0"), json!("0a")]);
 }
 
 /// Free-form JSON in a request (rules, properties, metadata) naming a key

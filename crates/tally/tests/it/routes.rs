@@ -554,6 +554,32 @@ async fn key_scopes_limit_what_a_key_may_do() {
         403,
         "forbidden",
     );
+    // The same for a query string it cannot read.
+    assert_error(
+        &app.send(
+            Method::DELETE,
+            "/v1/customers/c/subscription?at_period_end=maybe",
+            Some(&read),
+            None,
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+    assert_error(
+        &get_as(&app, &read, "/v1/webhook-endpoints/x/deliveries?limit=abc").await,
+        403,
+        "forbidden",
+    );
+    // A body must be a JSON object: an array would fill the fields by position.
+    let reply = app
+        .post(
+            "/v1/customers",
+            json!(["arrcust", null, null, null, null, null, null]),
+        )
+        .await;
+    assert_error(&reply, 400, "invalid_request");
+    assert_eq!(app.get("/v1/customers/arrcust").await.status.as_u16(), 404);
 
     // write: reads and writes, but no keys and no clock.
     ok(&get_as(&app, &write, "/v1/customers/c/balance").await);
