@@ -310,10 +310,10 @@ pub async fn create_grant(
     }) = &command
     {
         if to <= from {
-            return Err(ApiError::invalid(
-                "expires_at",
-                "expires_at must be after effective_at",
-            ));
+            return Err(ApiError {
+                param: Some("expires_at".into()),
+                ..ApiError::new("invalid_expiry", "expires_at must be after effective_at")
+            });
         }
     }
     let executed = state.execute(command, &caller).await?;
