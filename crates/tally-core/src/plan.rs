@@ -460,10 +460,10 @@ pub fn end_allocation(
 
 /// Change an active subscription's plan at `now`: the old period ends now,
 /// and so does what is left of its allocation ([`end_allocation`]; nothing
-/// of it rolls over), and the new plan's first
-/// period starts now with its full allocation. Other credits (purchases,
-/// rollover lots, promotions, earlier periods' allocations) keep their expiry. On an upgrade, lots that
-/// expired within the new plan's `upgrade_grace_days` before now are
+/// of it rolls over), and the new plan's first period starts now with its
+/// full allocation. Other credits (purchases, rollover lots, promotions,
+/// earlier periods' allocations) keep their expiry. On an upgrade, lots that
+/// expired by time within the new plan's `upgrade_grace_days` before now are
 /// reinstated until the new period ends. The caller has renewed what was due
 /// first.
 pub fn change_plan_now(
@@ -538,21 +538,19 @@ pub fn change_plan_now(
         let entry = ledger.add_grant(lot.clone(), Some(reason), now)?;
         steps.push(Step::NewGrant(entry, lot));
     }
-    if !grace.is_empty() {
-        for grant_id in grace {
-            let reason = format!(
-                "upgrade grace: {} to {} reinstates credits expired within {} days",
-                from.key, to.key, to.upgrade_grace_days
-            );
-            let (_, entry) = ledger.change_expiry(
-                &grant_id,
-                Some(subscription.period_end),
-                reference,
-                Some(reason),
-                now,
-            )?;
-            steps.push(Step::Entry(entry));
-        }
+    for grant_id in grace {
+        let reason = format!(
+            "upgrade grace: {} to {} reinstates credits expired within {} days",
+            from.key, to.key, to.upgrade_grace_days
+        );
+        let (_, entry) = ledger.change_expiry(
+            &grant_id,
+            Some(subscription.period_end),
+            reference,
+            Some(reason),
+            now,
+        )?;
+        steps.push(Step::Entry(entry));
     }
     Ok(steps)
 }

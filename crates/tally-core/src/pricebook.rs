@@ -88,6 +88,30 @@ pub struct Contract {
 }
 
 impl Contract {
+    /// What is wrong with the contract's terms on their own, if anything, as
+    /// the field at fault and why: its window the wrong way round, or a rule
+    /// with a plan or region. (Whether its features and pinned version exist
+    /// is the catalog's to say.)
+    pub fn fault(&self) -> Option<(String, &'static str)> {
+        if let (Some(from), Some(to)) = (self.effective_from, self.effective_to) {
+            if to <= from {
+                return Some((
+                    "effective_to".into(),
+                    "effective_to must be after effective_from",
+                ));
+            }
+        }
+        self.rules
+            .iter()
+            .position(|r| r.plan.is_some() || r.region.is_some())
+            .map(|n| {
+                (
+                    format!("rules[{n}]"),
+                    "a contract's rules are the customer's own: they take no plan or region",
+                )
+            })
+    }
+
     pub fn in_effect(&self, at: Timestamp) -> bool {
         self.effective_from.is_none_or(|from| from <= at)
             && self.effective_to.is_none_or(|to| at < to)

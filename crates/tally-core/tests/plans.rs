@@ -304,7 +304,7 @@ fn credits_expired_yesterday_come_back_on_an_upgrade_within_the_grace() {
     // Pro's 10,000 and March's 600 back. Basic's April 1,000 ended with the
     // Basic period the upgrade ended (an expiry entry that says so).
     assert_eq!(ledger.balance(april_2).available, credits(10_600));
-    let april = ledger.grant(&sub_allocation(&sub, 1)).unwrap();
+    let april = ledger.grant(&sub.allocation_id(1)).unwrap();
     assert_eq!(april.status, GrantStatus::Expired);
     assert_eq!(april.expired_amount, credits(1000));
     assert_eq!(sub.period_start, april_2);
@@ -333,10 +333,6 @@ fn credits_expired_yesterday_come_back_on_an_upgrade_within_the_grace() {
     )
     .unwrap();
     assert_eq!(ledger.balance(april_2).available, credits(10_000));
-}
-
-fn sub_allocation(sub: &Subscription, n: i64) -> Id {
-    sub.allocation_id(n)
 }
 
 /// Changing plans back and forth, now, grants each plan's allocation once per
@@ -460,12 +456,12 @@ fn a_change_now_ends_only_the_current_periods_allocation() {
     let other = context.plans["other"].clone();
     change_plan_now(&mut ledger, &mut sub, &other, &id("chg"), &mut context, may).unwrap();
     assert_eq!(ledger.balance(may).available, credits(1100));
-    let ended = ledger.grant(&sub_allocation(&sub, 2)).unwrap();
+    let ended = ledger.grant(&sub.allocation_id(2)).unwrap();
     assert_eq!(ended.status, GrantStatus::Expired);
     assert!(ended.ended_early());
     for n in [0, 1] {
         assert_eq!(
-            ledger.grant(&sub_allocation(&sub, n)).unwrap().status,
+            ledger.grant(&sub.allocation_id(n)).unwrap().status,
             GrantStatus::Active
         );
     }

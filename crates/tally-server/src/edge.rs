@@ -172,14 +172,18 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
 /// Whether a `Content-Type` names JSON: `application/json` or
 /// `application/<anything>+json`, with any parameters.
 fn is_json(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    // Case-insensitive, without a lowercased copy: this runs for every body.
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json")
+            || subtype
+                .len()
+                .checked_sub(5)
+                .and_then(|at| subtype.get(at..))
+                .is_some_and(|end| end.eq_ignore_ascii_case("+json")))
 }
 
 /// Free-form JSON in a request (metadata, properties, rules, a plan's
@@ -348,10 +352,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 }
 
 fn json_error(rejection: JsonRejection) -> ApiError {
+    // (The content type is `JsonBytes`'s to check, before.)
     let message = match &rejection {
-        JsonRejection::MissingJsonContentType(_) => {
-            "send the body as JSON with Content-Type: application/json".into()
-        }
         JsonRejection::JsonSyntaxError(_) => {
             format!("the body is not valid JSON: {}", rejection.body_text())
         }
@@ -684,6 +686,28 @@ mod tests {
         assert!(parse("1.0000001").is_err());
         assert!(parse("1e3").is_err());
         assert!(parse("true").is_err());
+    }
+
+    #[test]
+    fn json_content_types_are_recognised_in_any_case() {
+        for yes in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/vnd.tally+json",
+            " application/problem+JSON ",
+        ] {
+            assert!(is_json(yes), "{yes}");
+        }
+        for no in [
+            "text/plain",
+            "application/jsonx",
+            "text/json",
+            "application",
+            "json",
+            "application/x+jso",
+        ] {
+            assert!(!is_json(no), "{no}");
+        }
     }
 
     #[test]

@@ -2690,19 +2690,10 @@ impl Writer {
                 available: None,
             })
         };
-        if let (Some(from), Some(to)) = (contract.effective_from, contract.effective_to) {
-            if to <= from {
-                return Err(refuse("effective_to must be after effective_from".into()));
-            }
-        }
-        if contract
-            .rules
-            .iter()
-            .any(|r| r.plan.is_some() || r.region.is_some())
-        {
-            return Err(refuse(
-                "a contract's rules are the customer's own: they take no plan or region".into(),
-            ));
+        // The HTTP handler refuses these first (so that the id stays free);
+        // the store keeps its own guard for every other caller.
+        if let Some((_, problem)) = contract.fault() {
+            return Err(refuse(problem.into()));
         }
         self.check_rules(
             &contract.rules,

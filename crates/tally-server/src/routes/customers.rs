@@ -278,6 +278,24 @@ pub async fn create_grant(
             format!("grant ids starting with {prefix:?} are reserved for grants Tally creates"),
         ));
     }
+    let instant = |value: Option<String>, param: &str| {
+        value
+            .as_deref()
+            .map(|t| edge::instant(t, param))
+            .transpose()
+    };
+    let effective_at = instant(body.effective_at, "effective_at")?;
+    let expires_at = instant(body.expires_at, "expires_at")?;
+    // Checked on the request alone, so that it is bad input (the id stays free). An expiry
+    // in the past is the engine's to refuse, by its clock, and that refusal is the id's.
+    if let (Some(from), Some(to)) = (effective_at, expires_at) {
+        if to <= from {
+            return Err(ApiError {
+                param: Some("expires_at".into()),
+                ..ApiError::new("invalid_expiry", "expires_at must be after effective_at")
+            });
+        }
+    }
     let command = Command::Grant(NewGrant {
         id: grant_id,
         customer_id: edge::id(&customer_id, "customer_id")?,
@@ -286,36 +304,13 @@ pub async fn create_grant(
         paid: body.paid,
         cost_basis,
         priority: body.priority.unwrap_or(0),
-        effective_at: body
-            .effective_at
-            .as_deref()
-            .map(|t| edge::instant(t, "effective_at"))
-            .transpose()?,
-        expires_at: body
-            .expires_at
-            .as_deref()
-            .map(|t| edge::instant(t, "expires_at"))
-            .transpose()?,
+        effective_at,
+        expires_at,
         scope: body.scope,
         metadata: edge::metadata(body.metadata)?,
         external_reference: edge::text(body.external_reference, "external_reference", 256)?,
         reason: edge::text(body.reason, "reason", 1024)?,
     });
-    // Checked on the request alone, so that it is bad input (the id stays free). An expiry
-    // in the past is the engine's to refuse, by its clock, and that refusal is the id's.
-    if let Command::Grant(NewGrant {
-        effective_at: Some(from),
-        expires_at: Some(to),
-        ..
-    }) = &command
-    {
-        if to <= from {
-            return Err(ApiError {
-                param: Some("expires_at".into()),
-                ..ApiError::new("invalid_expiry", "expires_at must be after effective_at")
-            });
-        }
-    }
     let executed = state.execute(command, &caller).await?;
     let now = state.store.now();
     Ok(reply(executed, |outcome| match outcome {

@@ -73,8 +73,9 @@ fn member_body(customer_id: &str, member: &Member, now: Timestamp) -> MemberBody
 }
 
 /// Add or update a member and its budget: a field left out keeps its value, a
-/// `null` removes it (a rename keeps the budget and what it counted). Every charge, hold or event that
-/// names the member counts against its budget in the same step that checks
+/// `null` removes it (a rename keeps the budget and what it counted). Every
+/// charge, hold or event that names the member counts against its budget in
+/// the same step that checks
 /// the shared balance; past it the spend is refused with 402
 /// `member_budget_exceeded`. A released or timed-out hold gives its credits
 /// back to the budget, and so does a refund, of what it refunds, if the

@@ -546,23 +546,8 @@ pub async fn put_contract(
     };
     // Checked here, on the request alone, so that it is bad input (the id stays free) and
     // not a refusal kept under the id.
-    if let (Some(from), Some(to)) = (contract.effective_from, contract.effective_to) {
-        if to <= from {
-            return Err(ApiError::invalid(
-                "effective_to",
-                "effective_to must be after effective_from",
-            ));
-        }
-    }
-    if let Some(n) = contract
-        .rules
-        .iter()
-        .position(|r| r.plan.is_some() || r.region.is_some())
-    {
-        return Err(ApiError::invalid(
-            &format!("rules[{n}]"),
-            "a contract's rules are the customer's own: they take no plan or region",
-        ));
+    if let Some((param, problem)) = contract.fault() {
+        return Err(ApiError::invalid(&param, problem));
     }
     let command = Command::PutContract {
         id,

@@ -292,17 +292,14 @@ impl Writer {
         if at_period_end && subscription.period >= 0 {
             subscription.cancel_at_period_end = true;
         } else {
-            // The period ends now, and with it what is left of the
-            // subscription's allocations (on a copy: a refusal changes nothing).
-            let mut ledger = cached.ledger.clone();
+            // The period ends now, and with it what is left of its allocation.
             steps = plan::end_allocation(
-                &mut ledger,
+                &mut cached.ledger,
                 subscription,
                 &format!("subscription {} canceled now", subscription.id),
                 now,
             )
             .map_err(Failure::Refused)?;
-            cached.ledger = ledger;
             subscription.status = SubscriptionStatus::Canceled;
             subscription.canceled_at = Some(now);
         }
