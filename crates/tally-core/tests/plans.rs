@@ -382,6 +382,78 @@ fn changing_plans_back_and_forth_never_piles_up_allocations() {
     }
 }
 
+/// The grace revives what expired on the plan an upgrade leaves, once: a
+/// downgrade and an upgrade back after each renewal do not bring back the
+/// allocations that expired under the higher plan, period after period
+/// (a probe took a 1,000-credit plan to 4,000 credits in three periods this
+/// way). Nor does a downgrade scheduled for the period's end.
+#[test]
+fn a_round_trip_through_a_lower_plan_revives_nothing() {
+    let mut context = plans(vec![plan("tiny", 10, None, 0), plan("big", 1000, None, 5)]);
+    let start = at("2026-03-01T00:00:00Z");
+    let mut ledger = CustomerLedger::new(id("cus"));
+    let mut sub = Subscription::starting(id("s"), id("cus"), "big".into(), start);
+    renew_due(&mut ledger, &mut sub, &mut context, start).unwrap();
+    let mut now = start;
+    for round in 0..3 {
+        now = now.plus_seconds(32 * 86_400).unwrap();
+        renew_due(&mut ledger, &mut sub, &mut context, now).unwrap();
+        ledger.expire_due(now);
+        assert_eq!(ledger.balance(now).available, credits(1000));
+        for key in ["tiny", "big"] {
+            let to = context.plans[key].clone();
+            let steps = change_plan_now(
+                &mut ledger,
+                &mut sub,
+                &to,
+                &id(&format!("chg{round}{key}")),
+                &mut context,
+                now,
+            )
+            .unwrap();
+            assert!(
+                entries(steps)
+                    .iter()
+                    .all(|e| e.kind != EntryKind::Reinstate),
+                "round {round}: nothing expired on the plan {key} leaves"
+            );
+        }
+        assert_eq!(
+            ledger.balance(now).available,
+            credits(1000),
+            "round {round}"
+        );
+        ledger.check_invariants().unwrap();
+    }
+
+    // A downgrade at the period's end, then an upgrade the next day: the
+    // allocation that ended with the big period stays expired.
+    let mut ledger = CustomerLedger::new(id("cus"));
+    let mut sub = Subscription::starting(id("s2"), id("cus"), "big".into(), start);
+    renew_due(&mut ledger, &mut sub, &mut context, start).unwrap();
+    sub.next_plan = Some("tiny".into());
+    let april_2 = at("2026-04-02T00:00:00Z");
+    renew_due(&mut ledger, &mut sub, &mut context, april_2).unwrap();
+    ledger.expire_due(april_2);
+    assert_eq!(sub.plan, "tiny");
+    assert_eq!(ledger.balance(april_2).available, credits(10));
+    let big = context.plans["big"].clone();
+    let steps = change_plan_now(
+        &mut ledger,
+        &mut sub,
+        &big,
+        &id("up"),
+        &mut context,
+        april_2,
+    )
+    .unwrap();
+    assert!(entries(steps)
+        .iter()
+        .all(|e| e.kind != EntryKind::Reinstate));
+    assert_eq!(ledger.balance(april_2).available, credits(1000));
+    ledger.check_invariants().unwrap();
+}
+
 #[test]
 fn a_downtime_catches_up_every_missed_renewal_at_its_own_instant() {
     let mut context = plans(vec![plan("pro", 500, None, 0)]);

@@ -5,7 +5,7 @@
 
 use base64::Engine;
 use serde::Deserialize;
-use tally_core::Amount;
+use tally_core::{Amount, Timestamp};
 use tally_store::{Command, EventOutcome, NewDeadLetter, NewEvent, Outcome, Refusal, StoreError};
 
 use crate::edge::{self, AmountInput};
@@ -74,6 +74,7 @@ pub fn parse_event(text: &str, source: &str) -> Result<NewEvent, ApiError> {
             .map_err(invalid)?,
         properties: properties_of(input.properties).map_err(invalid)?,
         source: source.to_owned(),
+        received_at: None,
     })
 }
 
@@ -129,8 +130,20 @@ pub async fn ingest_text(
     text: &str,
     source: &str,
 ) -> Result<EventResult, ApiError> {
+    ingest_text_received(state, text, source, None).await
+}
+
+/// [`ingest_text`] for an event that first arrived at `received_at` (a
+/// dead letter's replay): without a timestamp of its own it is charged as
+/// of then, not of now.
+pub async fn ingest_text_received(
+    state: &AppState,
+    text: &str,
+    source: &str,
+    received_at: Option<Timestamp>,
+) -> Result<EventResult, ApiError> {
     let arrived = std::time::Instant::now();
-    let result = ingest_parsed(state, text, source).await;
+    let result = ingest_parsed(state, text, source, received_at).await;
     if result.is_ok() {
         state.metrics.event_latency(source, arrived.elapsed());
     }
@@ -141,9 +154,20 @@ async fn ingest_parsed(
     state: &AppState,
     text: &str,
     source: &str,
+    received_at: Option<Timestamp>,
 ) -> Result<EventResult, ApiError> {
     match parse_event(text, source) {
-        Ok(event) => charge(state, event, text).await,
+        Ok(event) => {
+            charge(
+                state,
+                NewEvent {
+                    received_at,
+                    ..event
+                },
+                text,
+            )
+            .await
+        }
         Err(error) => {
             // Only a malformed event pays for a second, loose reading.
             let (event_id, customer_id) = identity(text);

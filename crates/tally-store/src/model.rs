@@ -179,8 +179,14 @@ pub struct NewEvent {
     pub feature: String,
     pub quantity: Amount,
     pub member_id: Option<Id>,
-    /// When the usage happened (default: when it is charged).
+    /// When the usage happened (default: when it arrived, see `received_at`).
     pub timestamp: Option<Timestamp>,
+    /// When an event without a `timestamp` first arrived, if that was before
+    /// it is charged now (a dead letter's replay): what its timestamp
+    /// defaults to, so that it is priced, checked for age and reported as of
+    /// its arrival, not of the replay. Not part of the event's identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<Timestamp>,
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
     /// Where it came from: `http`, `kafka`, `nats`, `pubsub`, `replay`. Not

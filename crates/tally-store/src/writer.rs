@@ -463,6 +463,10 @@ pub struct Writer {
     /// Customers with an automatic top-up whose balance changed in the
     /// command being applied: checked once it is complete.
     topup_checks: Vec<Id>,
+    /// Customers whose balance the command being applied changed (while a
+    /// webhook endpoint exists): the balance before its first entry and its
+    /// last entry, for the threshold alerts checked once it is complete.
+    balance_checks: FastMap<Id, (tally_core::Amount, i64)>,
     /// The last notification the open group wrote.
     group_notification: Option<i64>,
     /// When the tick next prunes old notifications (engine time, µs).
@@ -729,6 +733,7 @@ impl Writer {
             renewals: 0,
             refused_renewals: std::collections::HashSet::new(),
             topup_checks: Vec::new(),
+            balance_checks: FastMap::default(),
             group_notification: None,
             next_prune_at: 0,
             expiring_sweep: None,
@@ -1121,6 +1126,7 @@ impl Writer {
         self.group_changes.clear();
         self.group_notification = None;
         self.topup_checks.clear();
+        self.balance_checks.clear();
         self.next_prune_at = 0;
         self.expiring_sweep = None;
         // The frontiers start again at their horizons (lots that came
@@ -1237,12 +1243,14 @@ impl Writer {
         if matches!(executed, Err(Failure::Fatal(_))) {
             // The group rolls back: nothing it saw may start a top-up.
             self.topup_checks.clear();
+            self.balance_checks.clear();
             return executed;
         }
-        // Automatic top-ups look at the balance a whole command left (a
-        // renewal's expiry and grant, or several expiries, pass through
-        // balances no reader ever sees).
+        // Automatic top-ups and balance alerts look at the balance a whole
+        // command left (a renewal's expiry and grant, or several expiries,
+        // pass through balances no reader ever sees).
         self.check_topups().map_err(Failure::Fatal)?;
+        self.check_balance_alerts().map_err(Failure::Fatal)?;
         executed
     }
 
@@ -1292,6 +1300,22 @@ impl Writer {
                 result,
                 replayed: true,
             });
+        }
+        // A usage event and a single charge are both charges, and a refund
+        // names either by its id: one id is one of them, or a second request
+        // would charge again under an id already charged (and only one of the
+        // two could ever be refunded).
+        let other = match kind {
+            "charge" => Some(("event", "a usage event's")),
+            "event" => Some(("charge", "a charge's")),
+            _ => None,
+        };
+        if let Some((other, whose)) = other {
+            if self.find_operation(other, id)?.is_some() {
+                return Err(Failure::Store(StoreError::IdempotencyConflict(format!(
+                    "{id} ({whose})"
+                ))));
+            }
         }
         if let Command::Event(event) = command {
             return self.apply_event(event, hash, actor);
@@ -2256,14 +2280,20 @@ impl Writer {
             Ok((outcome, columns)) => {
                 let result = Ok(outcome);
                 self.insert_operation("event", &event.id, hash, &result, Some(columns))?;
-                // A dead letter of this event is settled by its charge.
+                // A dead letter of this event is settled by its charge: a
+                // later delivery of the same event, not another customer's
+                // event that reuses the id.
                 if self.letter_events.remove(event.id.as_str()) {
                     self.connection
                         .prepare_cached(
                             "UPDATE dead_letters SET status = 'replayed', resolved_at = ?2, note = 'charged' \
-                             WHERE key = ?1 AND status = 'pending'",
+                             WHERE key = ?1 AND status = 'pending' AND customer_id = ?3",
                         )?
-                        .execute(params![format!("event:{}", event.id), self.now.micros()])?;
+                        .execute(params![
+                            format!("event:{}", event.id),
+                            self.now.micros(),
+                            event.customer_id.as_str()
+                        ])?;
                 }
                 return Ok(Executed {
                     result,
@@ -2287,7 +2317,7 @@ impl Writer {
         actor: Option<&str>,
     ) -> Result<(Outcome, ChargeColumns), Failure> {
         let now = self.now;
-        let at = event.timestamp.unwrap_or(now);
+        let at = event.timestamp.or(event.received_at).unwrap_or(now);
         let refuse = |code: &str, message: String| {
             Failure::Rejected(Refusal {
                 code: code.into(),
@@ -2980,6 +3010,7 @@ fn request_hash(command: &Command) -> Vec<u8> {
         // An event is the same event whatever its source or wire form.
         Command::Event(event) => serde_json::to_vec(&Command::Event(NewEvent {
             source: String::new(),
+            received_at: None,
             ..event.clone()
         })),
         other => serde_json::to_vec(other),

@@ -356,7 +356,8 @@ pub struct ReplayBody {
 }
 
 /// Send a dead letter's event through again (after fixing its cause: creating
-/// the customer or feature, publishing a price, adding credits).
+/// the customer or feature, publishing a price, adding credits). An event
+/// without a `timestamp` is charged as of when it first arrived.
 #[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", tag = "events",
     responses((status = 200, body = ReplayBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("bearer" = [])))]
@@ -378,7 +379,10 @@ pub async fn replay_dead_letter(
             format!("dead letter {id} was discarded"),
         ));
     }
-    let result = ingest::ingest_bytes(&state, letter.payload.as_bytes(), "replay").await?;
+    // An event without a timestamp is charged as of when it first arrived.
+    let result =
+        ingest::ingest_text_received(&state, &letter.payload, "replay", Some(letter.first_seen))
+            .await?;
     state.metrics.events("replay", result.status());
     let event_id = letter.event_id.clone();
     if let EventResult::Charged(_) | EventResult::Duplicate(_) = &result {

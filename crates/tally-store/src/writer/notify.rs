@@ -155,10 +155,6 @@ impl Writer {
             return Ok(());
         }
         let after = draft.balance_after;
-        let alerts = self
-            .cache
-            .get(&draft.customer_id)
-            .and_then(|c| c.alerts.as_ref());
         let reference = draft.reference.as_ref().map(Id::to_string);
         let mut notes = Vec::new();
         match draft.kind {
@@ -174,25 +170,62 @@ impl Writer {
             )),
             _ => {}
         }
-        if let Some(alerts) = alerts {
-            for threshold in &alerts.low_balance {
-                if before >= *threshold && after < *threshold {
-                    notes.push((
-                        "balance.low",
-                        json!({ "threshold": threshold.to_string(), "balance": after.to_string(),
-                                "entry_id": format!("ent_{sequence}") }),
-                    ));
-                }
-            }
-        }
-        if before.is_positive() && !after.is_positive() {
-            notes.push((
-                "balance.depleted",
-                json!({ "balance": after.to_string(), "entry_id": format!("ent_{sequence}") }),
-            ));
-        }
         for (kind, data) in notes {
             self.notify(kind, Some(&draft.customer_id), data)?;
+        }
+        // Thresholds are crossed by what a whole command does, checked once
+        // it is complete (`check_balance_alerts`): a renewal expires the old
+        // allocation before it grants the new one, and a balance that passes
+        // through zero on the way is not low.
+        match self.balance_checks.get_mut(&draft.customer_id) {
+            Some((_, last)) => *last = sequence,
+            None => {
+                self.balance_checks
+                    .insert(draft.customer_id.clone(), (before, sequence));
+            }
+        }
+        Ok(())
+    }
+
+    /// After a command: `balance.low` for each threshold the command took a
+    /// customer's balance below, and `balance.depleted` if it took a
+    /// positive balance to zero or less, naming the command's last entry.
+    pub(super) fn check_balance_alerts(&mut self) -> db::Result<()> {
+        if self.balance_checks.is_empty() {
+            return Ok(());
+        }
+        let mut checks: Vec<(Id, (tally_core::Amount, i64))> =
+            std::mem::take(&mut self.balance_checks)
+                .into_iter()
+                .collect();
+        // In the order of their entries.
+        checks.sort_by_key(|(_, (_, last))| *last);
+        for (customer_id, (before, sequence)) in checks {
+            let Some(cached) = self.cache.get(&customer_id) else {
+                continue;
+            };
+            let after = cached.last_net;
+            let mut notes = Vec::new();
+            if let Some(alerts) = cached.alerts.as_ref() {
+                for threshold in &alerts.low_balance {
+                    if before >= *threshold && after < *threshold {
+                        notes.push((
+                            "balance.low",
+                            json!({ "threshold": threshold.to_string(), "balance": after.to_string(),
+                                    "entry_id": format!("ent_{sequence}") }),
+                        ));
+                    }
+                }
+            }
+            if before.is_positive() && !after.is_positive() {
+                notes.push((
+                    "balance.depleted",
+                    json!({ "balance": after.to_string(), "entry_id": format!("ent_{sequence}") }),
+                ));
+            }
+            for (kind, data) in notes {
+                self.notify(kind, Some(&customer_id), data)?;
+            }
         }
         Ok(())
     }

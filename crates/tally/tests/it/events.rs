@@ -795,3 +795,131 @@ async fn http_and_pubsub_events_survive_a_sigkill_each_charged_once() {
         )));
     }
 }
+
+/// A usage event and a single charge never share an id: both are charges a
+/// refund names by id, so the second of the two is a conflict, charged
+/// nothing (a probe charged the same id twice, once each way, and could
+/// refund only one of them).
+#[tokio::test]
+async fn an_event_and_a_charge_never_share_an_id() {
+    let app = priced_app(Options::default()).await;
+    let charged = app
+        .post(
+            "/v1/charges",
+            json!({ "id": "s2", "customer_id": "c1", "amount": "1" }),
+        )
+        .await;
+    assert_eq!(charged.status, StatusCode::OK, "{}", charged.body);
+    let results = events(
+        &app,
+        json!([{ "id": "s2", "customer_id": "c1", "feature": "api", "quantity": 2 }]),
+    )
+    .await;
+    assert_eq!(
+        statuses(&results),
+        [("rejected".to_string(), "idempotency_conflict".to_string())]
+    );
+    assert_eq!(available(&app, "c1").await, micros("99"));
+
+    let results = events(
+        &app,
+        json!([{ "id": "e_first", "customer_id": "c1", "feature": "api", "quantity": 2 }]),
+    )
+    .await;
+    assert_eq!(results[0]["status"], "charged");
+    let reply = app
+        .post(
+            "/v1/charges",
+            json!({ "id": "e_first", "customer_id": "c1", "amount": "1" }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
+    assert_eq!(reply.code(), "idempotency_conflict");
+    assert_eq!(available(&app, "c1").await, micros("98"));
+
+    // Each id refunds the one charge it names.
+    for (refund, charge, back) in [("r1", "s2", "99"), ("r2", "e_first", "100")] {
+        let reply = app
+            .post(
+                "/v1/refunds",
+                json!({ "id": refund, "charge_id": charge, "reason": "test" }),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(available(&app, "c1").await, micros(back));
+    }
+    assert_replayable(&app.ledger_all("c1").await);
+}
+
+/// A dead letter of an event without a timestamp is charged, on replay, as
+/// of when the event first arrived: priced by the version in effect then
+/// (not the one published since), and still the same event, so that its
+/// producer's redelivery is a duplicate. Another customer's event that
+/// reuses the id does not settle it.
+#[tokio::test]
+async fn a_replayed_dead_letter_is_charged_as_of_its_arrival() {
+    let app = priced_app(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let start = app.get("/v1/clock").await.body["now"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let event = json!({ "id": "late1", "customer_id": "late_c", "feature": "api", "quantity": 4 });
+    let ghost = json!({ "id": "xx1", "customer_id": "ghost", "feature": "api", "quantity": 1 });
+    let results = events(&app, json!([event.clone(), ghost])).await;
+    assert_eq!(results[0]["error"]["code"], "not_found");
+    assert_eq!(results[1]["error"]["code"], "not_found");
+    // v2 doubles the price from one hour after the event arrived.
+    app.publish_version(
+        "v2",
+        json!([
+            { "feature": "api", "credits_per_unit": "1" },
+            { "feature": "ai", "plan": "pro", "credits_per_unit": "6" },
+        ]),
+        Some(&time_plus(&start, 3600)),
+    )
+    .await;
+    let reply = app
+        .post("/v1/clock/advance", json!({ "seconds": 7200 }))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // Another customer's event under the same id is its own charge; the
+    // dead letter stays pending.
+    let results = events(
+        &app,
+        json!([{ "id": "xx1", "customer_id": "c1", "feature": "api", "quantity": 1 }]),
+    )
+    .await;
+    assert_eq!(results[0]["status"], "charged");
+    let letters = dead_letters(&app, "status=pending").await;
+    let pending: Vec<&str> = letters
+        .iter()
+        .map(|l| l["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(pending, ["late1", "xx1"], "{letters:?}");
+    let letter = letters[0]["id"].as_str().unwrap().to_string();
+
+    app.customer("late_c").await;
+    app.grant("late_c", "gl", "10").await;
+    let replay = app
+        .post(&format!("/v1/dead-letters/{letter}/replay"), json!({}))
+        .await;
+    assert_eq!(replay.status, StatusCode::OK, "{}", replay.body);
+    assert_eq!(
+        replay.body["result"]["status"], "charged",
+        "{}",
+        replay.body
+    );
+    assert_eq!(replay.body["result"]["pricebook"], "v1");
+    assert_eq!(
+        replay.body["result"]["cost"], "2",
+        "4 × 0.5, as of its arrival"
+    );
+    assert_eq!(replay.body["dead_letter"]["status"], "replayed");
+    let again = events(&app, json!([event])).await;
+    assert_eq!(again[0]["status"], "duplicate", "{again:?}");
+    assert_eq!(available(&app, "late_c").await, micros("8"));
+}

@@ -703,3 +703,86 @@ async fn alerts_set_before_a_restart_still_fire_after_it() {
     }
     assert_eq!(low(), 1, "one balance.low after the restart");
 }
+
+/// Thresholds are crossed by what a whole command does: a renewal expires
+/// the old allocation before it grants the new one, and a change now ends
+/// one plan's allocation before it grants the next; neither takes the
+/// balance below a threshold, so neither sends `balance.low` or
+/// `balance.depleted` (a probe got three alerts at every renewal of a
+/// customer who never spent). A spend that does cross still sends them.
+#[tokio::test]
+async fn a_renewal_that_passes_through_zero_sends_no_balance_alert() {
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    // An endpoint that refuses everything keeps every delivery listed.
+    let endpoint = app
+        .post(
+            "/v1/webhook-endpoints",
+            json!({ "id": "wh1", "url": "http://127.0.0.1:9/h", "events": ["*"] }),
+        )
+        .await;
+    assert_eq!(endpoint.status, StatusCode::OK, "{}", endpoint.body);
+    for (key, credits) in [("big", "1000"), ("small", "1000")] {
+        let plan = app
+            .put(
+                &format!("/v1/plans/{key}"),
+                json!({ "name": key, "period": "month", "included_credits": credits }),
+            )
+            .await;
+        assert_eq!(plan.status, StatusCode::OK, "{}", plan.body);
+    }
+    app.customer("cus").await;
+    let alerts = app
+        .put(
+            "/v1/customers/cus/alerts",
+            json!({ "low_balance": ["500", "100"] }),
+        )
+        .await;
+    assert_eq!(alerts.status, StatusCode::OK, "{}", alerts.body);
+    let sub = app
+        .put(
+            "/v1/customers/cus/subscription",
+            json!({ "id": "s1", "plan": "big" }),
+        )
+        .await;
+    assert_eq!(sub.status, StatusCode::OK, "{}", sub.body);
+    let alerts_sent = || async {
+        let log = app
+            .get("/v1/webhook-endpoints/wh1/deliveries?limit=1000")
+            .await;
+        assert_eq!(log.status, StatusCode::OK, "{}", log.body);
+        log.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["type"].as_str().unwrap().to_string())
+            .filter(|t| t.starts_with("balance."))
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..2 {
+        let reply = app
+            .post("/v1/clock/advance", json!({ "seconds": 32 * 86_400 }))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(app.balance("cus").await["available"], "1000");
+    }
+    let change = app
+        .put(
+            "/v1/customers/cus/subscription",
+            json!({ "id": "s2", "plan": "small" }),
+        )
+        .await;
+    assert_eq!(change.status, StatusCode::OK, "{}", change.body);
+    assert_eq!(app.balance("cus").await["available"], "1000");
+    assert_eq!(alerts_sent().await, Vec::<String>::new());
+
+    // 1,000 → 50 crosses both thresholds in one charge; 50 → 0 depletes.
+    assert_eq!(app.charge("cus", "c1", "950").await.status, StatusCode::OK);
+    assert_eq!(app.charge("cus", "c2", "50").await.status, StatusCode::OK);
+    let mut sent = alerts_sent().await;
+    sent.sort();
+    assert_eq!(sent, ["balance.depleted", "balance.low", "balance.low"]);
+}

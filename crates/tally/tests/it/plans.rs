@@ -849,3 +849,49 @@ async fn changing_plans_back_and_forth_does_not_create_credits() {
     }
     assert_replayable(&app.ledger_all("cus").await);
 }
+
+/// A downgrade and an upgrade back, just after each renewal, revive none of
+/// the allocations that expired under the higher plan, also after a restart
+/// (the time of the last plan change is kept with the subscription). A
+/// probe took a 1,000-credit plan to 2,000, 3,000 and 4,000 credits in three
+/// periods this way: the grace reinstated every earlier allocation again.
+#[tokio::test]
+async fn a_round_trip_through_a_lower_plan_revives_no_expired_allocation() {
+    let mut app = manual_app().await;
+    put_plan(
+        &app,
+        "big",
+        json!({ "name": "Big", "period": "month", "included_credits": "1000", "upgrade_grace_days": 5 }),
+    )
+    .await;
+    put_plan(
+        &app,
+        "tiny",
+        json!({ "name": "Tiny", "period": "month", "included_credits": "10" }),
+    )
+    .await;
+    app.customer("g1").await;
+    subscribe(&app, "g1", json!({ "id": "sub_g1", "plan": "big" })).await;
+    for round in 0..3 {
+        app.advance(32 * DAY).await;
+        for plan in ["tiny", "big"] {
+            let id = format!("g1_{plan}_{round}");
+            subscribe(&app, "g1", json!({ "id": id, "plan": plan })).await;
+        }
+        assert_eq!(
+            micros_of(&app.balance("g1").await["available"]),
+            micros("1000"),
+            "round {round}"
+        );
+        if round == 1 {
+            app.kill().await;
+            app.start().await;
+        }
+    }
+    let entries = app.ledger_all("g1").await;
+    assert!(
+        entries.iter().all(|e| e["kind"] != "reinstate"),
+        "{entries:?}"
+    );
+    assert_replayable(&entries);
+}
