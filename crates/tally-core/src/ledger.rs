@@ -124,6 +124,8 @@ pub struct CustomerLedger {
     /// Members with a budget or a name (spends may name any member).
     members: BTreeMap<Id, Member>,
     dirty_members: BTreeSet<Id>,
+    /// Lots made here with sequence 0, not yet numbered by the store.
+    unnumbered: Vec<Id>,
 }
 
 impl CustomerLedger {
@@ -151,6 +153,7 @@ impl CustomerLedger {
             overage: OveragePolicy::Block,
             members: BTreeMap::new(),
             dirty_members: BTreeSet::new(),
+            unnumbered: Vec::new(),
         };
         ledger.next_due = ledger.compute_next_due();
         ledger
@@ -191,6 +194,22 @@ impl CustomerLedger {
 
     pub fn active_holds(&self) -> impl Iterator<Item = &Hold> {
         self.active_holds.values()
+    }
+
+    /// Number the lots the ledger made on its own (credits released into a
+    /// voided lot: sequence 0) from `next`, in burn order, and put them in
+    /// their place in it. Whether there were any.
+    pub fn number_new_lots(&mut self, next: &mut i64) -> bool {
+        if self.unnumbered.is_empty() {
+            return false;
+        }
+        let new = std::mem::take(&mut self.unnumbered);
+        for grant in self.grants.iter_mut().filter(|g| new.contains(&g.id)) {
+            grant.sequence = *next;
+            *next += 1;
+        }
+        self.grants.sort_by_key(Grant::burn_key);
+        true
     }
 
     /// The rows changed since the last call.
@@ -619,7 +638,7 @@ impl CustomerLedger {
             .active_holds
             .remove(hold_id)
             .expect("due hold is active");
-        let mut postings = self.return_reservations(&hold);
+        let mut postings = self.return_reservations(&hold, at, now);
         self.repay_debt(at, &mut postings);
         self.return_member_spend(hold.member_id.as_ref(), &hold.id, hold.amount, at);
         hold.status = HoldStatus::Expired;
@@ -702,13 +721,15 @@ impl CustomerLedger {
     }
 
     /// Return every credit a hold reserved to the grants it came from.
-    fn return_reservations(&mut self, hold: &Hold) -> Vec<Posting> {
+    /// The credits `hold` reserved come back at `at` (a sweep at `now`).
+    fn return_reservations(&mut self, hold: &Hold, at: Timestamp, now: Timestamp) -> Vec<Posting> {
         let mut postings = Vec::with_capacity(hold.reservations.len());
         for draw in &hold.reservations {
             self.return_credits(
-                Account::Hold(hold.id.clone()),
+                &hold.id,
                 &draw.grant_id,
                 draw.amount,
+                (at, now),
                 &mut postings,
             );
         }
@@ -717,14 +738,61 @@ impl CustomerLedger {
 
     /// Give credits back to a grant; a grant that is no longer active passes them
     /// on to where its own remaining went (expired or voided).
+    /// Credits a hold reserved from `grant_id` come back at `at` (released,
+    /// timed out, or not captured), seen from `now` (a sweep's instant). To
+    /// the lot while it is active; into its expiry if it expired meanwhile
+    /// (they would have expired with it). If it was voided meanwhile (a
+    /// purchase refunded while the hold was open) and its expiry, if any, is
+    /// still ahead of `now`, they come back as a new lot
+    /// `release:<hold>:<lot>` with the voided
+    /// lot's source, paid flag, cost basis, priority, scope and expiry: the
+    /// void took back and reported the money of what was left then, and
+    /// voiding these too would destroy paid credits without reporting their
+    /// money (a capture and a refund instead give them back as a refund lot,
+    /// so both ways end alike). Its `sequence` is 0 until the store numbers
+    /// it ([`CustomerLedger::number_new_lots`]).
     fn return_credits(
         &mut self,
-        from: Account,
+        hold_id: &Id,
         grant_id: &Id,
         amount: Amount,
+        (at, now): (Timestamp, Timestamp),
         postings: &mut Vec<Posting>,
     ) {
+        let from = Account::Hold(hold_id.clone());
         let index = self.grant_index(grant_id).expect("reserved grant exists");
+        let voided = &self.grants[index];
+        if voided.status == GrantStatus::Voided && voided.expires_at.is_none_or(|t| t > now) {
+            let id = Id::derived(&format!("release:{hold_id}:{grant_id}"));
+            let lot = Grant {
+                id: id.clone(),
+                customer_id: self.customer_id.clone(),
+                amount,
+                remaining: amount,
+                source: voided.source,
+                paid: voided.paid,
+                cost_basis: voided.cost_basis.clone(),
+                priority: voided.priority,
+                effective_at: at,
+                expires_at: voided.expires_at,
+                scope: voided.scope.clone(),
+                status: GrantStatus::Active,
+                expired_amount: Amount::ZERO,
+                expired_at: None,
+                sequence: 0,
+            };
+            postings.push(Posting {
+                from,
+                to: Account::Grant(id.clone()),
+                amount,
+            });
+            let expires_at = lot.expires_at;
+            self.insert_sorted(lot);
+            self.lower_next_due(expires_at);
+            self.dirty_grants.insert(id.clone());
+            self.unnumbered.push(id);
+            return;
+        }
         let grant = &mut self.grants[index];
         let to = Account::Grant(grant.id.clone());
         postings.push(Posting {
@@ -1156,7 +1224,7 @@ impl CustomerLedger {
             self.owe(left);
         }
         for (grant_id, rest) in &releases {
-            self.return_credits(hold_account.clone(), grant_id, *rest, &mut postings);
+            self.return_credits(&hold.id, grant_id, *rest, (now, now), &mut postings);
         }
         self.repay_debt(now, &mut postings);
         let released = held.checked_sub(capture).expect("capture is at most held");
@@ -1194,7 +1262,7 @@ impl CustomerLedger {
         now: Timestamp,
     ) -> Result<(Amount, EntryDraft), LedgerError> {
         let mut hold = self.take_active_hold(hold_id)?;
-        let mut postings = self.return_reservations(&hold);
+        let mut postings = self.return_reservations(&hold, now, now);
         self.repay_debt(now, &mut postings);
         self.return_member_spend(hold.member_id.as_ref(), &hold.id, hold.amount, now);
         hold.status = HoldStatus::Released;

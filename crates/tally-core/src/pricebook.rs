@@ -248,7 +248,10 @@ impl Pricing {
                 ));
             }
             if let Some(m) = multiplier {
-                text.push_str(&format!(", times {m} by contract"));
+                text.push_str(&format!(
+                    ", times {m} by contract {}",
+                    contract_id.as_deref().unwrap_or("?")
+                ));
             }
         }
         text.push_str(&format!(" = {} credits", self.cost));

@@ -305,6 +305,8 @@ struct Model {
     /// Active holds.
     holds: BTreeMap<Id, Hold>,
     next_sequence: i64,
+    /// Lots made by a hold giving back to a voided lot, not yet numbered.
+    new_lots: Vec<Id>,
 }
 
 impl Model {
@@ -365,16 +367,48 @@ impl Model {
         Ok(())
     }
 
-    /// Credits coming back to a lot: spendable again while it is active, else
-    /// they follow its remaining to `expired` (counted for a reinstatement) or `voided`.
-    fn give_back(&mut self, grant_id: &Id, micros: i64) {
+    /// Credits a hold gives back to a lot at `at`: spendable again while it
+    /// is active; if it expired, they follow its remaining to `expired`
+    /// (counted for a reinstatement); if it was voided, they come back as a
+    /// new lot `release:<hold>:<lot>` like it (sequence 0 until numbered),
+    /// unless its expiry has passed (then they are voided with it).
+    fn give_back(&mut self, hold_id: &Id, grant_id: &Id, micros: i64, (at, now): (i64, i64)) {
         let grant = self.grant_mut(grant_id);
         match grant.status {
             GrantStatus::Active => grant.remaining = amount(grant.remaining.micros() + micros),
             GrantStatus::Expired => {
                 grant.expired_amount = amount(grant.expired_amount.micros() + micros)
             }
+            GrantStatus::Voided if grant.expires_at.is_none_or(|t| t.0 > now) => {
+                let like = grant.clone();
+                let id = Id::derived(&format!("release:{hold_id}:{grant_id}"));
+                self.new_lots.push(id.clone());
+                self.grants.push(Grant {
+                    id,
+                    amount: amount(micros),
+                    remaining: amount(micros),
+                    effective_at: Timestamp(at),
+                    status: GrantStatus::Active,
+                    expired_amount: Amount::ZERO,
+                    expired_at: None,
+                    sequence: 0,
+                    ..like
+                });
+            }
             GrantStatus::Voided => {}
+        }
+    }
+
+    /// As the store numbers the ledger's new lots: in burn order.
+    fn number_new_lots(&mut self, next: &mut i64) {
+        let lots = std::mem::take(&mut self.new_lots);
+        let mut new: Vec<usize> = (0..self.grants.len())
+            .filter(|&i| lots.contains(&self.grants[i].id))
+            .collect();
+        new.sort_by(|&a, &b| burns_before(&self.grants[a], &self.grants[b]));
+        for i in new {
+            self.grants[i].sequence = *next;
+            *next += 1;
         }
     }
 
@@ -401,7 +435,7 @@ impl Model {
             if what == 0 {
                 let hold = self.holds.remove(&due_id).unwrap();
                 for draw in &hold.reservations {
-                    self.give_back(&draw.grant_id, draw.amount.micros());
+                    self.give_back(&hold.id, &draw.grant_id, draw.amount.micros(), (at, now));
                 }
                 entries.push((EntryKind::HoldExpired, due_id, hold.amount));
             } else {
@@ -479,7 +513,12 @@ impl Model {
         }
     }
 
-    fn capture(&mut self, hold_id: &Id, requested: Option<i64>) -> Result<Captured, LedgerError> {
+    fn capture(
+        &mut self,
+        hold_id: &Id,
+        requested: Option<i64>,
+        now: i64,
+    ) -> Result<Captured, LedgerError> {
         let held = match self.holds.get(hold_id) {
             Some(hold) => hold.amount.micros(),
             None => return Err(LedgerError::HoldNotFound(hold_id.clone())),
@@ -507,7 +546,12 @@ impl Model {
                 });
             }
             if draw.amount.micros() > take {
-                self.give_back(&draw.grant_id, draw.amount.micros() - take);
+                self.give_back(
+                    hold_id,
+                    &draw.grant_id,
+                    draw.amount.micros() - take,
+                    (now, now),
+                );
             }
         }
         Ok(Captured {
@@ -517,13 +561,13 @@ impl Model {
         })
     }
 
-    fn release(&mut self, hold_id: &Id) -> Result<Amount, LedgerError> {
+    fn release(&mut self, hold_id: &Id, now: i64) -> Result<Amount, LedgerError> {
         let hold = self
             .holds
             .remove(hold_id)
             .ok_or_else(|| LedgerError::HoldNotFound(hold_id.clone()))?;
         for draw in &hold.reservations {
-            self.give_back(&draw.grant_id, draw.amount.micros());
+            self.give_back(hold_id, &draw.grant_id, draw.amount.micros(), (now, now));
         }
         Ok(hold.amount)
     }
@@ -564,7 +608,8 @@ impl Model {
             left -= give;
             let original = self.grant(&draw.grant_id).clone();
             if original.status == GrantStatus::Active {
-                self.give_back(&draw.grant_id, give);
+                let grant = self.grant_mut(&draw.grant_id);
+                grant.remaining = amount(grant.remaining.micros() + give);
                 returned.push(Draw {
                     grant_id: draw.grant_id.clone(),
                     amount: amount(give),
@@ -767,6 +812,13 @@ impl Harness {
     /// Apply the rows the ledger reports changed; with `refused`, a row that
     /// differs from what the store already holds is an error.
     fn store_changes(&mut self, refused: bool) {
+        // The store numbers the lots the ledger made on its own, and so does the model.
+        let first = self.next_sequence;
+        self.ledger.number_new_lots(&mut self.next_sequence);
+        let mut model_next = first;
+        self.model.number_new_lots(&mut model_next);
+        assert_eq!(model_next, self.next_sequence, "new lots numbered alike");
+        self.model.next_sequence = self.next_sequence;
         let changes = self.ledger.take_changes();
         for grant in changes.grants {
             if refused {
@@ -1013,7 +1065,7 @@ impl Harness {
             } => {
                 let (hold_id, held) = self.pick_hold(hold, *prefer_active)?;
                 let requested = part.of(held);
-                let expected = self.model.capture(&hold_id, requested);
+                let expected = self.model.capture(&hold_id, requested, now);
                 let actual =
                     self.ledger
                         .capture(&hold_id, requested.map(amount), None, Timestamp(now));
@@ -1046,7 +1098,7 @@ impl Harness {
                 prefer_active,
             } => {
                 let (hold_id, _) = self.pick_hold(hold, *prefer_active)?;
-                let expected = self.model.release(&hold_id);
+                let expected = self.model.release(&hold_id, now);
                 let actual = self.ledger.release(&hold_id, None, Timestamp(now));
                 Some(match (actual, expected) {
                     (Ok((released, entry)), Ok(model_released)) => {

@@ -795,3 +795,79 @@ fn balances_near_the_maximum_are_refused_not_overflowed() {
         customer.check();
     }
 }
+
+/// Bugs 2 and 3 together: a purchase is voided while a hold still reserves
+/// part of it. The void takes back and values what was left then; the held
+/// credits, when the hold gives them back (released, not captured, or timed
+/// out), return as a new lot with the purchase's paid flag, cost basis and
+/// expiry instead of being voided unreported, so voiding that lot in turn
+/// values them too and the money adds up to the payment (a probe saw 30 paid
+/// credits voided with no money reported when the hold was released).
+#[test]
+fn credits_a_hold_gives_back_to_a_voided_purchase_are_not_lost() {
+    for how in ["release", "capture 10", "timeout"] {
+        let mut customer = Customer::new(&[Lot {
+            id: "purchase",
+            amount: "100",
+            paid: true,
+            cost_basis: Some(("1", "USD")),
+            ..LOT
+        }]);
+        customer.hold("h1", "30", None, 60 * 1_000_000);
+        let now = customer.tick(0);
+        let (voided, entry) = customer
+            .ledger
+            .void(&id("purchase"), &id("void1"), None, now)
+            .unwrap();
+        customer.journal.push(entry);
+        assert_eq!(voided.voided, credits("70"), "{how}");
+        assert_eq!(voided.refundable_money, Some((credits("70"), "USD".into())));
+        let back = match how {
+            "release" => {
+                let now = customer.tick(1);
+                let (_, entry) = customer.ledger.release(&id("h1"), None, now).unwrap();
+                customer.journal.push(entry);
+                "30"
+            }
+            "capture 10" => {
+                let now = customer.tick(1);
+                let (_, entry) = customer
+                    .ledger
+                    .capture(&id("h1"), Some(credits("10")), None, now)
+                    .unwrap();
+                customer.journal.push(entry);
+                "20"
+            }
+            _ => {
+                customer.tick(61 * 1_000_000);
+                "30"
+            }
+        };
+        let lot = customer.grant("release:h1:purchase").clone();
+        assert_eq!(
+            (lot.remaining, lot.paid, lot.status, lot.sequence),
+            (credits(back), true, GrantStatus::Active, 0),
+            "{how}"
+        );
+        assert_eq!(lot.cost_basis, customer.grant("purchase").cost_basis);
+        assert_eq!(customer.available(), credits(back), "{how}");
+        // The store numbers it, after every lot it had.
+        let mut next = 1_000;
+        assert!(customer.ledger.number_new_lots(&mut next));
+        assert_eq!(customer.grant("release:h1:purchase").sequence, 1_000);
+        assert!(!customer.ledger.number_new_lots(&mut next), "numbered once");
+        customer.check();
+        let now = customer.tick(0);
+        let (again, entry) = customer
+            .ledger
+            .void(&id("release:h1:purchase"), &id("void2"), None, now)
+            .unwrap();
+        customer.journal.push(entry);
+        assert_eq!(
+            again.refundable_money,
+            Some((credits(back), "USD".into())),
+            "{how}: with the 70 before, the money adds up to what was not used"
+        );
+        customer.check();
+    }
+}

@@ -450,6 +450,9 @@ struct Inner {
     opened_readers: std::sync::atomic::AtomicUsize,
     backend: Backend,
     clock: Arc<dyn Clock>,
+    /// How late a usage event may come (`Options::event_window_seconds`):
+    /// how far after a window a price simulation looks for its usage.
+    event_window_seconds: i64,
     /// Shared with the writer and the syncer: the live stream's channel and
     /// the last durable notification (the webhook worker reads up to it).
     sync: Arc<writer::SyncState>,
@@ -733,6 +736,7 @@ impl Store {
                 _lock: lock,
             },
             clock,
+            event_window_seconds: options.event_window_seconds,
             sync,
         });
         spawn_checkpointer(Arc::downgrade(&inner), path, options.wal_restart_frames)?;
@@ -806,6 +810,7 @@ impl Store {
                     leader,
                 },
                 clock,
+                event_window_seconds: options.event_window_seconds,
                 sync: sync_state,
             }),
         })
@@ -1338,15 +1343,19 @@ impl Store {
     /// customer's contract still applying, and total the difference per feature
     /// and per customer. Reads only; `None` when the version does not exist.
     ///
-    /// It scans the journal's priced entries in the window: the cost grows with
-    /// the size of the journal, so keep windows to what a decision needs.
+    /// Usage counts at its own time, as in [`Store::usage`]: a late event's
+    /// timestamp, not when it was recorded. It scans the journal's priced
+    /// entries recorded from the window's start to the event window after its
+    /// end: the cost grows with the size of the journal, so keep windows to
+    /// what a decision needs.
     pub async fn simulate(
         &self,
         id: String,
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Option<Simulation>, StoreError> {
-        self.read(move |connection| simulate(connection, &id, from, to))
+        let late = self.inner.event_window_seconds;
+        self.read(move |connection| simulate(connection, &id, from, to, late))
             .await
     }
 
@@ -1538,6 +1547,7 @@ fn simulate(
     id: &str,
     from: Timestamp,
     to: Timestamp,
+    late_seconds: i64,
 ) -> db::Result<Option<Simulation>> {
     use std::collections::{BTreeMap, HashMap};
     use tally_core::pricebook::{price_usage, PriceBook, Pricing, Usage, Version};
@@ -1564,18 +1574,29 @@ fn simulate(
     };
     let mut by_feature: BTreeMap<String, SimulationLine> = BTreeMap::new();
     let mut by_customer: BTreeMap<String, SimulationLine> = BTreeMap::new();
+    // Usage is selected and repriced at its own time (a late event's, not its
+    // entry's). An event is at most EVENT_FUTURE_SKEW_SECONDS ahead of the
+    // entry that charged it, and at most the event window behind it.
+    let first = from
+        .plus_seconds(-EVENT_FUTURE_SKEW_SECONDS)
+        .unwrap_or(Timestamp(i64::MIN));
+    let last = to
+        .plus_seconds(late_seconds.saturating_add(EVENT_FUTURE_SKEW_SECONDS))
+        .unwrap_or(Timestamp(i64::MAX));
     let mut statement = connection.prepare(
         "SELECT customer_id, effective_at, pricing FROM entries \
-         WHERE pricing IS NOT NULL AND kind IN ('charge', 'capture') AND effective_at >= ?1 AND effective_at < ?2",
+         WHERE pricing IS NOT NULL AND kind IN ('charge', 'capture') AND effective_at >= ?1 AND effective_at <= ?2",
     )?;
-    let mut rows = statement.query(params![from.0, to.0])?;
+    let mut rows = statement.query(params![first.0, last.0])?;
     while let Some(row) = rows.next()? {
         let customer_id: String = row.get(0)?;
         let text: String = row.get(2)?;
         let recorded: Pricing = serde_json::from_str(&text)
             .map_err(|_| db::Error::Corrupt("bad pricing json".into()))?;
-        // Usage is repriced at its own time (a late event's, not its entry's).
         let at = recorded.priced_at.unwrap_or(Timestamp(row.get(1)?));
+        if at < from || at >= to {
+            continue;
+        }
         if !terms.contains_key(&customer_id) {
             let customer = rows::customer(connection, &customer_id)?;
             let plan_region = customer.map_or((None, None), |c| (c.plan, c.region));

@@ -1173,6 +1173,7 @@ impl Writer {
             let Some(cached) = self.cache.get_mut(&customer_id) else {
                 continue;
             };
+            cached.ledger.number_new_lots(&mut self.next_grant_sequence);
             let changes = cached.ledger.take_changes();
             for grant in &changes.grants {
                 let lifecycle = rows::lifecycle(grant);

@@ -99,9 +99,16 @@ pub async fn set_overage(
 }
 
 /// The prefixes of grant ids Tally derives itself: refund grants, plan
-/// allocations, rolled-over plan credits, transferred credits and top-ups.
-pub const DERIVED_GRANT_PREFIXES: [&str; 5] =
-    ["refund:", "plan:", "rollover:", "transfer:", "topup:"];
+/// allocations, rolled-over plan credits, transferred credits, top-ups and
+/// credits a hold gave back to a voided lot.
+pub const DERIVED_GRANT_PREFIXES: [&str; 6] = [
+    "refund:",
+    "plan:",
+    "rollover:",
+    "transfer:",
+    "topup:",
+    "release:",
+];
 
 pub fn unexpected() -> ApiError {
     ApiError::new("internal", "unexpected outcome for this request")
@@ -382,6 +389,9 @@ pub struct VoidBody {
     /// Credits taken back.
     pub voided: String,
     /// Their value at the grant's cost basis: what to refund to the payer.
+    /// Credits a hold reserves from the lot are not taken: when the hold
+    /// gives them back, they come back as a lot `release:<hold>:<lot>` like
+    /// this one, which can be voided in turn.
     pub refundable_money: Option<MoneyBody>,
     pub balance_after: String,
     pub entry_id: String,

@@ -368,7 +368,9 @@ pub async fn diff_pricebooks(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Simulate {
-    /// Start of the window of recorded usage (RFC 3339, inclusive).
+    /// Start of the window of recorded usage (RFC 3339, inclusive). Usage
+    /// counts at its own time, as in the usage report: a late event's
+    /// timestamp, not when it was recorded.
     pub from: String,
     /// End of the window (exclusive).
     pub to: String,

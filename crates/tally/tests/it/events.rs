@@ -923,3 +923,88 @@ async fn a_replayed_dead_letter_is_charged_as_of_its_arrival() {
     assert_eq!(again[0]["status"], "duplicate", "{again:?}");
     assert_eq!(available(&app, "late_c").await, micros("8"));
 }
+
+/// A simulation counts usage at its own time, as the usage report does: a
+/// late event recorded after the window but timestamped inside it is in the
+/// window, and one recorded inside it but timestamped before it is not.
+#[tokio::test]
+async fn a_simulation_counts_late_events_at_their_own_time() {
+    let app = priced_app(Options {
+        manual_clock: true,
+        extra_args: vec!["--event-window-seconds".into(), "86400".into()],
+        ..Options::default()
+    })
+    .await;
+    let start = app.get("/v1/clock").await.body["now"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reply = app
+        .post("/v1/clock/advance", json!({ "seconds": 7200 }))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let results = events(
+        &app,
+        json!([
+            // Recorded now (two hours in), happened half an hour in.
+            { "id": "late", "customer_id": "c1", "feature": "api", "quantity": 2, "timestamp": time_plus(&start, 1800) },
+            // Recorded now, happened now.
+            { "id": "now", "customer_id": "c1", "feature": "api", "quantity": 6 },
+        ]),
+    )
+    .await;
+    assert!(
+        results.iter().all(|r| r["status"] == "charged"),
+        "{results:?}"
+    );
+    let draft = app.post("/v1/pricebooks", json!({ "id": "v9" })).await;
+    assert_eq!(draft.status, StatusCode::OK, "{}", draft.body);
+    let rules = app
+        .put(
+            "/v1/pricebooks/v9/rules",
+            json!({ "rules": [{ "feature": "api", "credits_per_unit": "1" }] }),
+        )
+        .await;
+    assert_eq!(rules.status, StatusCode::OK, "{}", rules.body);
+    let simulate = |from: i64, to: i64| {
+        let body = json!({ "from": time_plus(&start, from), "to": time_plus(&start, to) });
+        let app = &app;
+        async move {
+            let reply = app.post("/v1/pricebooks/v9/simulate", body).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+            let total = &reply.body["total"];
+            (
+                total["events"].as_u64().unwrap(),
+                total["quantity"].as_str().unwrap().to_string(),
+                total["recorded"].as_str().unwrap().to_string(),
+                total["simulated"].as_str().unwrap().to_string(),
+            )
+        }
+    };
+    // The first hour holds the late event only (recorded an hour after it).
+    assert_eq!(
+        simulate(0, 3600).await,
+        (1, "2".into(), "1".into(), "2".into())
+    );
+    // The second hour and on hold the event of now only.
+    assert_eq!(
+        simulate(3600, 7300).await,
+        (1, "6".into(), "3".into(), "6".into())
+    );
+    // The usage report agrees.
+    let usage = app
+        .get(&format!(
+            "/v1/customers/c1/usage?from={}&to={}",
+            time_plus(&start, 0),
+            time_plus(&start, 3600)
+        ))
+        .await;
+    assert_eq!(usage.status, StatusCode::OK, "{}", usage.body);
+    let quantity: Vec<&str> = usage.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|line| line["quantity"].as_str().unwrap())
+        .collect();
+    assert_eq!(quantity, ["2"], "{}", usage.body);
+}

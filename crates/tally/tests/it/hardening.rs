@@ -340,3 +340,87 @@ async fn a_cost_basis_too_large_says_so() {
     assert!(message.contains("cost_basis"), "{message}");
     assert_eq!(app.balance("c").await["available"], "0");
 }
+
+/// A purchase voided while a hold still reserves part of it: the credits
+/// the hold gives back (released, or not captured) come back as a paid lot
+/// `release:<hold>:<lot>` with the purchase's cost basis, so voiding it
+/// reports their money too and the two voids add up to what was not used.
+/// Before, a release voided them with no money reported, while a capture
+/// and a refund gave them back: the client's choice decided what finance saw.
+/// The lot is stored (it survives a restart) and its id prefix is reserved.
+#[tokio::test]
+async fn credits_a_hold_returns_to_a_voided_purchase_keep_their_money() {
+    let mut app = TestApp::spawn().await;
+    for (customer, captured) in [("a", None), ("b", Some("10"))] {
+        app.customer(customer).await;
+        let grant = app
+            .post(
+                &format!("/v1/customers/{customer}/grants"),
+                json!({"id": format!("{customer}g"), "amount": "100", "source": "purchase", "paid": true,
+                       "cost_basis": {"amount": "1", "currency": "USD"}}),
+            )
+            .await;
+        assert_eq!(grant.status, StatusCode::OK, "{}", grant.body);
+        let hold = app
+            .post(
+                "/v1/holds",
+                json!({"id": format!("{customer}h"), "customer_id": customer, "amount": "30", "timeout_seconds": 600}),
+            )
+            .await;
+        assert_eq!(hold.status, StatusCode::OK, "{}", hold.body);
+        let void = app
+            .post(
+                &format!("/v1/grants/{customer}g/void"),
+                json!({"id": format!("{customer}v"), "reason": "refund unused"}),
+            )
+            .await;
+        assert_eq!(void.status, StatusCode::OK, "{}", void.body);
+        assert_eq!(void.body["refundable_money"]["amount"], "70");
+        let resolved = match captured {
+            None => {
+                app.post(&format!("/v1/holds/{customer}h/release"), json!({}))
+                    .await
+            }
+            Some(amount) => {
+                app.post(
+                    &format!("/v1/holds/{customer}h/capture"),
+                    json!({"amount": amount}),
+                )
+                .await
+            }
+        };
+        assert_eq!(resolved.status, StatusCode::OK, "{}", resolved.body);
+    }
+    app.kill().await;
+    app.start().await;
+    for (customer, back) in [("a", "30"), ("b", "20")] {
+        assert_eq!(
+            micros_of(&app.balance(customer).await["available"]),
+            micros(back),
+            "{customer}"
+        );
+        let lot = format!("release:{customer}h:{customer}g");
+        let void = app
+            .post(
+                &format!("/v1/grants/{lot}/void"),
+                json!({"id": format!("{customer}v2"), "reason": "refund the rest"}),
+            )
+            .await;
+        assert_eq!(void.status, StatusCode::OK, "{}", void.body);
+        assert_eq!(void.body["refundable_money"]["amount"], back, "{customer}");
+        assert_eq!(void.body["refundable_money"]["currency"], "USD");
+        assert_eq!(micros_of(&app.balance(customer).await["available"]), 0);
+    }
+    let reserved = app
+        .post(
+            "/v1/customers/a/grants",
+            json!({"id": "release:x:y", "amount": "5", "source": "promotion", "paid": false}),
+        )
+        .await;
+    assert_eq!(
+        reserved.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        reserved.body
+    );
+}

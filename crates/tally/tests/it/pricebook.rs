@@ -905,7 +905,7 @@ async fn locked_contract_survives_a_price_increase() {
         entry["explanation"]
             .as_str()
             .unwrap_or("")
-            .contains("times 0.8 by contract"),
+            .contains("times 0.8 by contract kc"),
         "{}",
         entry["explanation"]
     );
