@@ -106,6 +106,28 @@ pub struct Changes {
     pub members: Vec<Member>,
 }
 
+/// The sequence of a lot the ledger made on its own until the store numbers
+/// it: after every other, as the number it gets will be.
+pub const UNNUMBERED: i64 = i64::MAX;
+
+/// The id of a lot Tally makes from another operation's id:
+/// `<prefix>:<reference>:<n>`. When that would pass the length of an id a
+/// request may name (so that the lot could not be voided or extended), the
+/// reference is replaced by a 64-bit FNV-1a hash of it, in hex.
+pub fn derived_lot_id(prefix: &str, reference: &Id, n: usize) -> Id {
+    let plain = format!("{prefix}:{reference}:{n}");
+    if plain.len() <= crate::id::MAX_ID_LENGTH {
+        return Id::derived(&plain);
+    }
+    let hash = reference
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    Id::derived(&format!("{prefix}:{hash:016x}:{n}"))
+}
+
 /// One customer's grants and active holds.
 #[derive(Clone, Debug)]
 pub struct CustomerLedger {
@@ -124,7 +146,7 @@ pub struct CustomerLedger {
     /// Members with a budget or a name (spends may name any member).
     members: BTreeMap<Id, Member>,
     dirty_members: BTreeSet<Id>,
-    /// Lots made here with sequence 0, not yet numbered by the store.
+    /// Lots made here with sequence [`UNNUMBERED`], not yet numbered by the store.
     unnumbered: Vec<Id>,
 }
 
@@ -197,8 +219,8 @@ impl CustomerLedger {
     }
 
     /// Number the lots the ledger made on its own (credits released into a
-    /// voided lot: sequence 0) from `next`, in burn order, and put them in
-    /// their place in it. Whether there were any.
+    /// voided lot: sequence [`UNNUMBERED`]) from `next`, in burn order, and
+    /// put them in their place in it. Whether there were any.
     pub fn number_new_lots(&mut self, next: &mut i64) -> bool {
         if self.unnumbered.is_empty() {
             return false;
@@ -736,21 +758,20 @@ impl CustomerLedger {
         postings
     }
 
-    /// Give credits back to a grant; a grant that is no longer active passes them
-    /// on to where its own remaining went (expired or voided).
     /// Credits a hold reserved from `grant_id` come back at `at` (released,
     /// timed out, or not captured), seen from `now` (a sweep's instant). To
     /// the lot while it is active; into its expiry if it expired meanwhile
     /// (they would have expired with it). If it was voided meanwhile (a
     /// purchase refunded while the hold was open) and its expiry, if any, is
     /// still ahead of `now`, they come back as a new lot
-    /// `release:<hold>:<lot>` with the voided
+    /// `release:<hold>:<n>` with the voided
     /// lot's source, paid flag, cost basis, priority, scope and expiry: the
     /// void took back and reported the money of what was left then, and
     /// voiding these too would destroy paid credits without reporting their
     /// money (a capture and a refund instead give them back as a refund lot,
-    /// so both ways end alike). Its `sequence` is 0 until the store numbers
-    /// it ([`CustomerLedger::number_new_lots`]).
+    /// so both ways end alike). Its `sequence` is [`UNNUMBERED`] (it burns
+    /// after every lot like it, as it will once numbered) until the store
+    /// numbers it ([`CustomerLedger::number_new_lots`]).
     fn return_credits(
         &mut self,
         hold_id: &Id,
@@ -763,7 +784,11 @@ impl CustomerLedger {
         let index = self.grant_index(grant_id).expect("reserved grant exists");
         let voided = &self.grants[index];
         if voided.status == GrantStatus::Voided && voided.expires_at.is_none_or(|t| t > now) {
-            let id = Id::derived(&format!("release:{hold_id}:{grant_id}"));
+            let id = (1..)
+                .map(|n| derived_lot_id("release", hold_id, n))
+                .find(|id| self.grant_index(id).is_none())
+                .expect("a free id");
+            let voided = &self.grants[index];
             let lot = Grant {
                 id: id.clone(),
                 customer_id: self.customer_id.clone(),
@@ -779,7 +804,7 @@ impl CustomerLedger {
                 status: GrantStatus::Active,
                 expired_amount: Amount::ZERO,
                 expired_at: None,
-                sequence: 0,
+                sequence: UNNUMBERED,
             };
             postings.push(Posting {
                 from,
@@ -1457,7 +1482,7 @@ impl CustomerLedger {
         next_sequence: &mut i64,
         now: Timestamp,
     ) -> Id {
-        let id = Id::derived(&format!("refund:{refund_id}:{n}"));
+        let id = derived_lot_id("refund", refund_id, n);
         let grant = Grant {
             id: id.clone(),
             customer_id: self.customer_id.clone(),

@@ -214,11 +214,16 @@ pub struct Subscription {
     pub cancel_at_period_end: bool,
     pub started_at: Timestamp,
     pub canceled_at: Option<Timestamp>,
-    /// When the plan last changed (a change now, or one taking effect at a
-    /// period's end). An upgrade's grace reinstates only lots that expired
-    /// after it: lots that expired under an earlier plan stay expired, or a
-    /// downgrade and an upgrade back, repeated, would revive them again and
-    /// again. Absent in subscriptions stored before it was kept.
+    /// When the subscription started or last moved to a plan that is not an
+    /// upgrade (a downgrade now, or one taking effect at a period's end). An
+    /// upgrade's grace reinstates only lots that expired after it: a lot that
+    /// expired before a downgrade expired under a plan at least as high as
+    /// the one an upgrade back leaves, and one that expired before the
+    /// subscription started (say, under a subscription cancelled since) was
+    /// not this subscription's; otherwise a downgrade (or a cancellation and
+    /// a new subscription) and an upgrade back, after each renewal, revived
+    /// every earlier allocation again. Absent in subscriptions stored before
+    /// it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_changed_at: Option<Timestamp>,
 }
@@ -240,7 +245,7 @@ impl Subscription {
             cancel_at_period_end: false,
             started_at: start,
             canceled_at: None,
-            plan_changed_at: None,
+            plan_changed_at: Some(start),
         }
     }
 
@@ -351,7 +356,10 @@ pub fn renew_due(
             }
             _ => None,
         };
-        if subscription.period >= 0 && next_plan.key != plan.key {
+        if subscription.period >= 0
+            && next_plan.key != plan.key
+            && !next_plan.is_upgrade_from(&plan)
+        {
             subscription.plan_changed_at = Some(at);
         }
         subscription.plan = next_plan.key.clone();
@@ -500,10 +508,10 @@ pub fn change_plan_now(
     // What the grace may reinstate is what expired by time before the change:
     // not the allocations this change ends, nor those an earlier change or
     // cancellation ended (changing plans back and forth would bring them back),
-    // and only what expired on the plan this change leaves: a lot that
-    // expired before the last plan change (a downgrade, then this upgrade)
-    // expired under a plan at least as high, so no upgrade revives it, and a
-    // reinstated lot that expired again is not revived by the next round trip.
+    // and only what expired since the subscription started or last moved to
+    // a plan that is not an upgrade (`Subscription::plan_changed_at`): a
+    // downgrade and an upgrade back revive nothing that expired before the
+    // downgrade, under the higher plan.
     let grace: Vec<Id> = if upgrade && to.upgrade_grace_days > 0 {
         let since = now.micros() - i64::from(to.upgrade_grace_days) * MICROS_PER_DAY;
         let since = match subscription.plan_changed_at {
@@ -531,7 +539,9 @@ pub fn change_plan_now(
         now,
     )?;
     subscription.plan = to.key.clone();
-    subscription.plan_changed_at = Some(now);
+    if !upgrade {
+        subscription.plan_changed_at = Some(now);
+    }
     subscription.next_plan = None;
     subscription.cancel_at_period_end = false;
     subscription.begin_period(to, now)?;

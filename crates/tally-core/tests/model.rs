@@ -370,7 +370,7 @@ impl Model {
     /// Credits a hold gives back to a lot at `at`: spendable again while it
     /// is active; if it expired, they follow its remaining to `expired`
     /// (counted for a reinstatement); if it was voided, they come back as a
-    /// new lot `release:<hold>:<lot>` like it (sequence 0 until numbered),
+    /// new lot `release:<hold>:<n>` like it (unnumbered until the store numbers it),
     /// unless its expiry has passed (then they are voided with it).
     fn give_back(&mut self, hold_id: &Id, grant_id: &Id, micros: i64, (at, now): (i64, i64)) {
         let grant = self.grant_mut(grant_id);
@@ -381,7 +381,10 @@ impl Model {
             }
             GrantStatus::Voided if grant.expires_at.is_none_or(|t| t.0 > now) => {
                 let like = grant.clone();
-                let id = Id::derived(&format!("release:{hold_id}:{grant_id}"));
+                let id = (1..)
+                    .map(|n| tally_core::ledger::derived_lot_id("release", hold_id, n))
+                    .find(|id| self.grants.iter().all(|g| &g.id != id))
+                    .expect("a free id");
                 self.new_lots.push(id.clone());
                 self.grants.push(Grant {
                     id,
@@ -391,7 +394,7 @@ impl Model {
                     status: GrantStatus::Active,
                     expired_amount: Amount::ZERO,
                     expired_at: None,
-                    sequence: 0,
+                    sequence: tally_core::ledger::UNNUMBERED,
                     ..like
                 });
             }

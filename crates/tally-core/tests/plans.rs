@@ -454,6 +454,74 @@ fn a_round_trip_through_a_lower_plan_revives_nothing() {
     ledger.check_invariants().unwrap();
 }
 
+/// The grace's bound moves only on a downgrade (or a new subscription): a
+/// subscription cancelled and started again on a lower plan, then upgraded,
+/// revives nothing of the old one's allocations; but credits that expired at
+/// a scheduled upgrade's boundary still come back on a further upgrade the
+/// next day ("my credits expired yesterday and I upgraded today").
+#[test]
+fn the_grace_bound_moves_on_downgrades_and_new_subscriptions_only() {
+    let mut context = plans(vec![
+        plan("basic", 100, None, 0),
+        plan("pro", 1000, None, 7),
+        plan("ent", 5000, None, 7),
+    ]);
+    let start = at("2026-03-01T00:00:00Z");
+    let april_1 = at("2026-04-01T00:00:00Z");
+    let april_2 = at("2026-04-02T00:00:00Z");
+
+    // Pro, renewed on April 1st (March's allocation expires then); on April
+    // 2nd cancelled (by the store: a new subscription follows) and started
+    // again on Basic, then upgraded to Pro.
+    let mut ledger = CustomerLedger::new(id("cus"));
+    let mut sub = Subscription::starting(id("s1"), id("cus"), "pro".into(), start);
+    renew_due(&mut ledger, &mut sub, &mut context, april_2).unwrap();
+    ledger.expire_due(april_2);
+    let mut again = Subscription::starting(id("s2"), id("cus"), "basic".into(), april_2);
+    renew_due(&mut ledger, &mut again, &mut context, april_2).unwrap();
+    let pro = context.plans["pro"].clone();
+    let steps = change_plan_now(
+        &mut ledger,
+        &mut again,
+        &pro,
+        &id("up"),
+        &mut context,
+        april_2,
+    )
+    .unwrap();
+    assert!(entries(steps)
+        .iter()
+        .all(|e| e.kind != EntryKind::Reinstate));
+
+    // Basic with Pro scheduled for April 1st, then Enterprise on April 2nd:
+    // Basic's March allocation, expired at the boundary, comes back.
+    let mut ledger = CustomerLedger::new(id("cus"));
+    let mut sub = Subscription::starting(id("s3"), id("cus"), "basic".into(), start);
+    renew_due(&mut ledger, &mut sub, &mut context, start).unwrap();
+    sub.next_plan = Some("pro".into());
+    renew_due(&mut ledger, &mut sub, &mut context, april_2).unwrap();
+    ledger.expire_due(april_2);
+    assert_eq!(sub.plan, "pro");
+    assert_eq!(sub.period_start, april_1);
+    let ent = context.plans["ent"].clone();
+    let steps = change_plan_now(
+        &mut ledger,
+        &mut sub,
+        &ent,
+        &id("up2"),
+        &mut context,
+        april_2,
+    )
+    .unwrap();
+    let reinstated: Vec<_> = entries(steps)
+        .into_iter()
+        .filter(|e| e.kind == EntryKind::Reinstate)
+        .collect();
+    assert_eq!(reinstated.len(), 1);
+    assert_eq!(reinstated[0].amount, credits(100));
+    ledger.check_invariants().unwrap();
+}
+
 #[test]
 fn a_downtime_catches_up_every_missed_renewal_at_its_own_instant() {
     let mut context = plans(vec![plan("pro", 500, None, 0)]);

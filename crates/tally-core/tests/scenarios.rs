@@ -843,10 +843,15 @@ fn credits_a_hold_gives_back_to_a_voided_purchase_are_not_lost() {
                 "30"
             }
         };
-        let lot = customer.grant("release:h1:purchase").clone();
+        let lot = customer.grant("release:h1:1").clone();
         assert_eq!(
             (lot.remaining, lot.paid, lot.status, lot.sequence),
-            (credits(back), true, GrantStatus::Active, 0),
+            (
+                credits(back),
+                true,
+                GrantStatus::Active,
+                tally_core::ledger::UNNUMBERED
+            ),
             "{how}"
         );
         assert_eq!(lot.cost_basis, customer.grant("purchase").cost_basis);
@@ -854,13 +859,13 @@ fn credits_a_hold_gives_back_to_a_voided_purchase_are_not_lost() {
         // The store numbers it, after every lot it had.
         let mut next = 1_000;
         assert!(customer.ledger.number_new_lots(&mut next));
-        assert_eq!(customer.grant("release:h1:purchase").sequence, 1_000);
+        assert_eq!(customer.grant("release:h1:1").sequence, 1_000);
         assert!(!customer.ledger.number_new_lots(&mut next), "numbered once");
         customer.check();
         let now = customer.tick(0);
         let (again, entry) = customer
             .ledger
-            .void(&id("release:h1:purchase"), &id("void2"), None, now)
+            .void(&id("release:h1:1"), &id("void2"), None, now)
             .unwrap();
         customer.journal.push(entry);
         assert_eq!(
@@ -870,4 +875,21 @@ fn credits_a_hold_gives_back_to_a_voided_purchase_are_not_lost() {
         );
         customer.check();
     }
+}
+
+/// A lot id derived from a long hold or refund id stays short enough for a
+/// request to name it, and distinct per reference and number.
+#[test]
+fn derived_lot_ids_fit_in_a_request() {
+    use tally_core::ledger::derived_lot_id;
+    let long = id(&"h".repeat(128));
+    let other = id(&format!("{}x", "h".repeat(127)));
+    let a = derived_lot_id("release", &long, 1);
+    assert!(Id::parse(a.as_str()).is_ok(), "{a}");
+    assert_ne!(a, derived_lot_id("release", &other, 1));
+    assert_ne!(a, derived_lot_id("release", &long, 2));
+    assert_eq!(
+        derived_lot_id("refund", &id("r1"), 2).as_str(),
+        "refund:r1:2"
+    );
 }

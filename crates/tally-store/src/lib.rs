@@ -1584,7 +1584,7 @@ fn simulate(
         .plus_seconds(late_seconds.saturating_add(EVENT_FUTURE_SKEW_SECONDS))
         .unwrap_or(Timestamp(i64::MAX));
     let mut statement = connection.prepare(
-        "SELECT customer_id, effective_at, pricing FROM entries \
+        "SELECT customer_id, effective_at, pricing, kind FROM entries \
          WHERE pricing IS NOT NULL AND kind IN ('charge', 'capture') AND effective_at >= ?1 AND effective_at <= ?2",
     )?;
     let mut rows = statement.query(params![first.0, last.0])?;
@@ -1593,8 +1593,15 @@ fn simulate(
         let text: String = row.get(2)?;
         let recorded: Pricing = serde_json::from_str(&text)
             .map_err(|_| db::Error::Corrupt("bad pricing json".into()))?;
-        let at = recorded.priced_at.unwrap_or(Timestamp(row.get(1)?));
-        if at < from || at >= to {
+        let effective = Timestamp(row.get(1)?);
+        let at = recorded.priced_at.unwrap_or(effective);
+        // A capture counts when it captured (its price is the hold's, from
+        // when it was placed), as in the usage report.
+        let counted = match row.get::<_, String>(3)?.as_str() {
+            "capture" => effective,
+            _ => at,
+        };
+        if counted < from || counted >= to {
             continue;
         }
         if !terms.contains_key(&customer_id) {

@@ -1249,9 +1249,10 @@ impl Writer {
         }
         // Automatic top-ups and balance alerts look at the balance a whole
         // command left (a renewal's expiry and grant, or several expiries,
-        // pass through balances no reader ever sees).
-        self.check_topups().map_err(Failure::Fatal)?;
+        // pass through balances no reader ever sees). The alert first: it is
+        // what a top-up it starts answers.
         self.check_balance_alerts().map_err(Failure::Fatal)?;
+        self.check_topups().map_err(Failure::Fatal)?;
         executed
     }
 
@@ -2404,7 +2405,7 @@ impl Writer {
                 "INSERT INTO dead_letters (key, source, event_id, customer_id, payload, code, message, \
                  attempts, first_seen, last_seen, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8, 'pending') \
                  ON CONFLICT(key) DO UPDATE SET payload = excluded.payload, \
-                 code = excluded.code, message = excluded.message, attempts = dead_letters.attempts + 1, \
+                 customer_id = excluded.customer_id, source = excluded.source, code = excluded.code, message = excluded.message, attempts = dead_letters.attempts + 1, \
                  last_seen = excluded.last_seen, status = 'pending', resolved_at = NULL, note = NULL",
             )?
             .execute(params![

@@ -390,7 +390,7 @@ pub struct VoidBody {
     pub voided: String,
     /// Their value at the grant's cost basis: what to refund to the payer.
     /// Credits a hold reserves from the lot are not taken: when the hold
-    /// gives them back, they come back as a lot `release:<hold>:<lot>` like
+    /// gives them back, they come back as a lot `release:<hold>:<n>` like
     /// this one, which can be voided in turn.
     pub refundable_money: Option<MoneyBody>,
     pub balance_after: String,

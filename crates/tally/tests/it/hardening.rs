@@ -343,7 +343,7 @@ async fn a_cost_basis_too_large_says_so() {
 
 /// A purchase voided while a hold still reserves part of it: the credits
 /// the hold gives back (released, or not captured) come back as a paid lot
-/// `release:<hold>:<lot>` with the purchase's cost basis, so voiding it
+/// `release:<hold>:<n>` with the purchase's cost basis, so voiding it
 /// reports their money too and the two voids add up to what was not used.
 /// Before, a release voided them with no money reported, while a capture
 /// and a refund gave them back: the client's choice decided what finance saw.
@@ -399,7 +399,7 @@ async fn credits_a_hold_returns_to_a_voided_purchase_keep_their_money() {
             micros(back),
             "{customer}"
         );
-        let lot = format!("release:{customer}h:{customer}g");
+        let lot = format!("release:{customer}h:1");
         let void = app
             .post(
                 &format!("/v1/grants/{lot}/void"),
