@@ -261,8 +261,8 @@ impl From<&Subscription> for SubscriptionBody {
 /// entry), and starts a new period at once with the new plan's full
 /// allocation; other credits keep their expiry. On an upgrade, the new plan's
 /// `upgrade_grace_days` reinstates credits that expired by time within that
-/// many days, on the plan the upgrade leaves (not before the last plan
-/// change). A change at `period_end` takes effect at the next renewal. The
+/// many days, since the subscription started or last moved to a lower plan.
+/// A change at `period_end` takes effect at the next renewal. The
 /// body's `id` is the change's own idempotency key; the subscription keeps its id.
 #[utoipa::path(put, path = "/v1/customers/{id}/subscription", tag = "plans", request_body = PutSubscription,
     responses((status = 200, body = SubscriptionBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
