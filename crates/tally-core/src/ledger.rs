@@ -112,8 +112,10 @@ pub const UNNUMBERED: i64 = i64::MAX;
 
 /// The id of a lot Tally makes from another operation's id:
 /// `<prefix>:<reference>:<n>`. When that would pass the length of an id a
-/// request may name (so that the lot could not be voided or extended), the
-/// reference is replaced by a 64-bit FNV-1a hash of it, in hex.
+/// request may name (so that the lot could not be voided or extended), it is
+/// `<prefix>:<hash>.<n>` instead, with a 64-bit FNV-1a hash of the
+/// reference in hex: after its last `:` it is not all digits, so it is never
+/// the plain id of another reference (say, a hold whose id is that hash).
 pub fn derived_lot_id(prefix: &str, reference: &Id, n: usize) -> Id {
     let plain = format!("{prefix}:{reference}:{n}");
     if plain.len() <= crate::id::MAX_ID_LENGTH {
@@ -125,7 +127,7 @@ pub fn derived_lot_id(prefix: &str, reference: &Id, n: usize) -> Id {
         .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
             (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
         });
-    Id::derived(&format!("{prefix}:{hash:016x}:{n}"))
+    Id::derived(&format!("{prefix}:{hash:016x}.{n}"))
 }
 
 /// One customer's grants and active holds.
@@ -771,7 +773,9 @@ impl CustomerLedger {
     /// money (a capture and a refund instead give them back as a refund lot,
     /// so both ways end alike). Its `sequence` is [`UNNUMBERED`] (it burns
     /// after every lot like it, as it will once numbered) until the store
-    /// numbers it ([`CustomerLedger::number_new_lots`]).
+    /// numbers it ([`CustomerLedger::number_new_lots`]). If the voided lot's
+    /// expiry has passed by `now`, they would have expired with it: they go
+    /// to `expired` (breakage), not to `voided` unreported.
     fn return_credits(
         &mut self,
         hold_id: &Id,
@@ -783,7 +787,16 @@ impl CustomerLedger {
         let from = Account::Hold(hold_id.clone());
         let index = self.grant_index(grant_id).expect("reserved grant exists");
         let voided = &self.grants[index];
-        if voided.status == GrantStatus::Voided && voided.expires_at.is_none_or(|t| t > now) {
+        if voided.status == GrantStatus::Voided && voided.expires_at.is_some_and(|t| t <= now) {
+            // They would have expired with the lot by now: breakage, not a void.
+            postings.push(Posting {
+                from,
+                to: Account::Expired,
+                amount,
+            });
+            return;
+        }
+        if voided.status == GrantStatus::Voided {
             let id = (1..)
                 .map(|n| derived_lot_id("release", hold_id, n))
                 .find(|id| self.grant_index(id).is_none())

@@ -892,4 +892,36 @@ fn derived_lot_ids_fit_in_a_request() {
         derived_lot_id("refund", &id("r1"), 2).as_str(),
         "refund:r1:2"
     );
+    // A hold whose id is that hash gets another id than the long hold's lot.
+    let hash = a.as_str()["release:".len()..].split('.').next().unwrap();
+    assert_ne!(a, derived_lot_id("release", &id(hash), 1));
+}
+
+/// Credits a hold gives back to a voided lot whose expiry has passed by the
+/// time the hold's timeout is swept would have expired with it: they go to
+/// `expired`, and no lot is made for them.
+#[test]
+fn credits_returned_to_a_voided_lot_past_its_expiry_expire() {
+    let mut customer = Customer::new(&[Lot {
+        id: "purchase",
+        amount: "500",
+        paid: true,
+        cost_basis: Some(("0.01", "USD")),
+        expires_after: Some(300 * 1_000_000),
+        ..LOT
+    }]);
+    customer.hold("h1", "200", None, 3_600 * 1_000_000);
+    let now = customer.tick(0);
+    let (voided, entry) = customer
+        .ledger
+        .void(&id("purchase"), &id("void1"), None, now)
+        .unwrap();
+    customer.journal.push(entry);
+    assert_eq!(voided.voided, credits("300"));
+    customer.tick(3_700 * 1_000_000);
+    assert!(customer.ledger.grant(&id("release:h1:1")).is_none());
+    assert_eq!(customer.account(Account::Expired), credits("200"));
+    assert_eq!(customer.account(Account::Voided), credits("300"));
+    assert_eq!(customer.available(), Amount::ZERO);
+    customer.check();
 }

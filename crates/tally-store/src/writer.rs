@@ -2405,6 +2405,8 @@ impl Writer {
                 "INSERT INTO dead_letters (key, source, event_id, customer_id, payload, code, message, \
                  attempts, first_seen, last_seen, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8, 'pending') \
                  ON CONFLICT(key) DO UPDATE SET payload = excluded.payload, \
+                 first_seen = CASE WHEN COALESCE(dead_letters.customer_id, '') = COALESCE(excluded.customer_id, '') \
+                   THEN dead_letters.first_seen ELSE excluded.first_seen END, \
                  customer_id = excluded.customer_id, source = excluded.source, code = excluded.code, message = excluded.message, attempts = dead_letters.attempts + 1, \
                  last_seen = excluded.last_seen, status = 'pending', resolved_at = NULL, note = NULL",
             )?

@@ -1008,3 +1008,55 @@ async fn a_simulation_counts_late_events_at_their_own_time() {
         .collect();
     assert_eq!(quantity, ["2"], "{}", usage.body);
 }
+
+/// One event id refused for one customer, then for another: the dead letter
+/// holds the later event, and its arrival is the later one's, so a replay
+/// prices it by the version in effect when that event came (a probe saw the
+/// second customer charged at the first one's older price).
+#[tokio::test]
+async fn a_dead_letter_taken_over_by_another_customer_keeps_that_ones_arrival() {
+    let app = priced_app(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let first = json!({ "id": "dev3", "customer_id": "d1", "feature": "api", "quantity": 2 });
+    assert_eq!(
+        events(&app, json!([first])).await[0]["error"]["code"],
+        "not_found"
+    );
+    let reply = app
+        .post("/v1/clock/advance", json!({ "seconds": 3600 }))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    app.publish_version(
+        "v2",
+        json!([
+            { "feature": "api", "credits_per_unit": "5" },
+            { "feature": "ai", "plan": "pro", "credits_per_unit": "6" },
+        ]),
+        None,
+    )
+    .await;
+    let second = json!({ "id": "dev3", "customer_id": "d2", "feature": "api", "quantity": 2 });
+    assert_eq!(
+        events(&app, json!([second])).await[0]["error"]["code"],
+        "not_found"
+    );
+    let letters = dead_letters(&app, "").await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["customer_id"], "d2");
+    app.customer("d2").await;
+    app.grant("d2", "g2", "100").await;
+    let id = letters[0]["id"].as_str().unwrap();
+    let replay = app
+        .post(&format!("/v1/dead-letters/{id}/replay"), json!({}))
+        .await;
+    assert_eq!(
+        replay.body["result"]["status"], "charged",
+        "{}",
+        replay.body
+    );
+    assert_eq!(replay.body["result"]["pricebook"], "v2");
+    assert_eq!(replay.body["result"]["cost"], "10");
+}
