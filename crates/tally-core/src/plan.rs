@@ -387,7 +387,7 @@ pub fn renew_due(
                 context,
             );
             let reason = format!(
-                "rollover of {amount} unused credits of {from} into period {period} (plan {})",
+                "rollover of {amount} unused credits of {from} into period {period}, by the rollover rule of plan {}",
                 plan.key
             );
             let entry = ledger.roll_over(&from, lot.clone(), Some(reason), before)?;
