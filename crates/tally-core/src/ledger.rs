@@ -770,8 +770,8 @@ impl CustomerLedger {
     /// lot's source, paid flag, cost basis, priority, scope and expiry: the
     /// void took back and reported the money of what was left then, and
     /// voiding these too would destroy paid credits without reporting their
-    /// money (a capture and a refund instead give them back as a refund lot,
-    /// so both ways end alike). Its `sequence` is [`UNNUMBERED`] (it burns
+    /// money (a capture and a refund give them back as a refund lot, so both
+    /// ways now leave the customer the credits, with their cost basis). Its `sequence` is [`UNNUMBERED`] (it burns
     /// after every lot like it, as it will once numbered) until the store
     /// numbers it ([`CustomerLedger::number_new_lots`]). If the voided lot's
     /// expiry has passed by `now`, they would have expired with it: they go
@@ -786,80 +786,83 @@ impl CustomerLedger {
     ) {
         let from = Account::Hold(hold_id.clone());
         let index = self.grant_index(grant_id).expect("reserved grant exists");
-        let voided = &self.grants[index];
-        if voided.status == GrantStatus::Voided && voided.expires_at.is_some_and(|t| t <= now) {
-            // They would have expired with the lot by now: breakage, not a void.
-            postings.push(Posting {
-                from,
-                to: Account::Expired,
-                amount,
-            });
-            return;
-        }
-        if voided.status == GrantStatus::Voided {
-            let id = (1..)
-                .map(|n| derived_lot_id("release", hold_id, n))
-                .find(|id| self.grant_index(id).is_none())
-                .expect("a free id");
-            let voided = &self.grants[index];
-            let lot = Grant {
-                id: id.clone(),
-                customer_id: self.customer_id.clone(),
-                amount,
-                remaining: amount,
-                source: voided.source,
-                paid: voided.paid,
-                cost_basis: voided.cost_basis.clone(),
-                priority: voided.priority,
-                effective_at: at,
-                expires_at: voided.expires_at,
-                scope: voided.scope.clone(),
-                status: GrantStatus::Active,
-                expired_amount: Amount::ZERO,
-                expired_at: None,
-                sequence: UNNUMBERED,
-            };
-            postings.push(Posting {
-                from,
-                to: Account::Grant(id.clone()),
-                amount,
-            });
-            let expires_at = lot.expires_at;
-            self.insert_sorted(lot);
-            self.lower_next_due(expires_at);
-            self.dirty_grants.insert(id.clone());
-            self.unnumbered.push(id);
-            return;
-        }
         let grant = &mut self.grants[index];
         let to = Account::Grant(grant.id.clone());
-        postings.push(Posting {
-            from,
-            to: to.clone(),
-            amount,
-        });
         match grant.status {
-            GrantStatus::Active => grant.remaining = add(grant.remaining, amount),
+            GrantStatus::Active => {
+                postings.push(Posting { from, to, amount });
+                grant.remaining = add(grant.remaining, amount);
+                assert!(
+                    grant.remaining <= grant.amount,
+                    "grant {} over its amount",
+                    grant.id
+                );
+                self.dirty_grants.insert(grant_id.clone());
+            }
             GrantStatus::Expired => {
-                grant.expired_amount = add(grant.expired_amount, amount);
+                postings.push(Posting {
+                    from,
+                    to: to.clone(),
+                    amount,
+                });
                 postings.push(Posting {
                     from: to,
                     to: Account::Expired,
                     amount,
                 });
+                grant.expired_amount = add(grant.expired_amount, amount);
+                self.dirty_grants.insert(grant_id.clone());
             }
-            GrantStatus::Voided => postings.push(Posting {
-                from: to,
-                to: Account::Voided,
-                amount,
-            }),
+            // They would have expired with the lot by now: breakage, not a void.
+            GrantStatus::Voided if grant.expires_at.is_some_and(|t| t <= now) => {
+                postings.push(Posting {
+                    from,
+                    to: Account::Expired,
+                    amount,
+                });
+            }
+            GrantStatus::Voided => {
+                let id = self.released_lot(index, hold_id, amount, at);
+                postings.push(Posting {
+                    from,
+                    to: Account::Grant(id),
+                    amount,
+                });
+            }
         }
-        assert!(
-            grant.remaining <= grant.amount,
-            "grant {} over its amount",
-            grant.id
-        );
-        self.dirty_grants.insert(grant_id.clone());
+    }
+
+    /// A new lot `release:<hold>:<n>` of `amount` credits `hold_id` gave
+    /// back at `at` to the voided lot at `index`, like it (see
+    /// [`CustomerLedger::return_credits`]).
+    fn released_lot(&mut self, index: usize, hold_id: &Id, amount: Amount, at: Timestamp) -> Id {
+        let id = (1..)
+            .map(|n| derived_lot_id("release", hold_id, n))
+            .find(|id| self.grant_index(id).is_none())
+            .expect("a free id");
+        let voided = &self.grants[index];
+        let lot = Grant {
+            id: id.clone(),
+            customer_id: self.customer_id.clone(),
+            amount,
+            remaining: amount,
+            source: voided.source,
+            paid: voided.paid,
+            cost_basis: voided.cost_basis.clone(),
+            priority: voided.priority,
+            effective_at: at,
+            expires_at: voided.expires_at,
+            scope: voided.scope.clone(),
+            status: GrantStatus::Active,
+            expired_amount: Amount::ZERO,
+            expired_at: None,
+            sequence: UNNUMBERED,
+        };
+        self.lower_next_due(lot.expires_at);
+        self.insert_sorted(lot);
+        self.dirty_grants.insert(id.clone());
+        self.unnumbered.push(id.clone());
+        id
     }
 
     /// Add a grant. The caller sets `sequence`; `remaining` starts at `amount`.

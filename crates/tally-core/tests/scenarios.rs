@@ -173,6 +173,17 @@ impl Customer {
         refunded.returned
     }
 
+    /// Void what remains of a lot now.
+    fn void(&mut self, grant_id: &str, void_id: &str) -> Voided {
+        let now = self.tick(0);
+        let (voided, entry) = self
+            .ledger
+            .void(&id(grant_id), &id(void_id), None, now)
+            .expect("void fits");
+        self.journal.push(entry);
+        voided
+    }
+
     fn record(&mut self, result: Result<EntryDraft, LedgerError>) -> Result<(), LedgerError> {
         let entry = result?;
         self.journal.push(entry);
@@ -814,12 +825,7 @@ fn credits_a_hold_gives_back_to_a_voided_purchase_are_not_lost() {
             ..LOT
         }]);
         customer.hold("h1", "30", None, 60 * 1_000_000);
-        let now = customer.tick(0);
-        let (voided, entry) = customer
-            .ledger
-            .void(&id("purchase"), &id("void1"), None, now)
-            .unwrap();
-        customer.journal.push(entry);
+        let voided = customer.void("purchase", "void1");
         assert_eq!(voided.voided, credits("70"), "{how}");
         assert_eq!(voided.refundable_money, Some((credits("70"), "USD".into())));
         let back = match how {
@@ -862,12 +868,7 @@ fn credits_a_hold_gives_back_to_a_voided_purchase_are_not_lost() {
         assert_eq!(customer.grant("release:h1:1").sequence, 1_000);
         assert!(!customer.ledger.number_new_lots(&mut next), "numbered once");
         customer.check();
-        let now = customer.tick(0);
-        let (again, entry) = customer
-            .ledger
-            .void(&id("release:h1:1"), &id("void2"), None, now)
-            .unwrap();
-        customer.journal.push(entry);
+        let again = customer.void("release:h1:1", "void2");
         assert_eq!(
             again.refundable_money,
             Some((credits(back), "USD".into())),
@@ -911,13 +912,7 @@ fn credits_returned_to_a_voided_lot_past_its_expiry_expire() {
         ..LOT
     }]);
     customer.hold("h1", "200", None, 3_600 * 1_000_000);
-    let now = customer.tick(0);
-    let (voided, entry) = customer
-        .ledger
-        .void(&id("purchase"), &id("void1"), None, now)
-        .unwrap();
-    customer.journal.push(entry);
-    assert_eq!(voided.voided, credits("300"));
+    assert_eq!(customer.void("purchase", "void1").voided, credits("300"));
     customer.tick(3_700 * 1_000_000);
     assert!(customer.ledger.grant(&id("release:h1:1")).is_none());
     assert_eq!(customer.account(Account::Expired), credits("200"));
