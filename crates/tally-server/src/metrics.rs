@@ -84,6 +84,11 @@ pub struct Metrics {
     webhook_attempts: Family<EventLabels, Counter>,
     /// From an event's arrival (parsed) to its durable result, per source.
     event_latency: Family<SourceLabels, Histogram>,
+    /// The writer's failures ([`tally_store::WriteFailures`]), read at
+    /// each scrape.
+    write_groups_failed: prometheus_client::metrics::gauge::Gauge,
+    write_commands_failed: prometheus_client::metrics::gauge::Gauge,
+    tick_quarantined: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Buckets from 0.5 ms to 2.5 s, for request and event latencies.
@@ -144,7 +149,28 @@ impl Default for Metrics {
             "Webhook delivery attempts by result (ok, failed)",
             webhook_attempts.clone(),
         );
+        let write_groups_failed = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "write_groups_failed",
+            "Write groups the database refused as they first ran, since this process started; their commands were applied again in smaller groups",
+            write_groups_failed.clone(),
+        );
+        let write_commands_failed = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "write_commands_failed",
+            "Commands the database refused even on their own (answered 503 unavailable), since this process started",
+            write_commands_failed.clone(),
+        );
+        let tick_quarantined = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "tick_quarantined_customers",
+            "Customers whose expiries and renewals could not be written, left out of ticks for ten minutes",
+            tick_quarantined.clone(),
+        );
         Metrics {
+            write_groups_failed,
+            write_commands_failed,
+            tick_quarantined,
             routes: Default::default(),
             event_latency,
             webhook_attempts,
@@ -222,6 +248,15 @@ impl Metrics {
         self.latency
             .get_or_create(&LatencyLabels { route })
             .observe(took.as_secs_f64());
+    }
+
+    /// Show the writer's failures (at each scrape).
+    pub fn write_failures(&self, failures: tally_store::WriteFailures) {
+        let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        self.write_groups_failed.set(gauge(failures.groups));
+        self.write_commands_failed.set(gauge(failures.commands));
+        self.tick_quarantined
+            .set(gauge(failures.quarantined as u64));
     }
 
     pub fn render(&self) -> String {

@@ -624,6 +624,20 @@ fn next_checkpoint_interval(
     }
 }
 
+/// Failures of the writer since the store opened. A write group the
+/// database refuses is applied again in smaller groups, so that only the
+/// command it cannot take fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteFailures {
+    /// Write groups that failed as they first ran.
+    pub groups: u64,
+    /// Commands that failed even on their own (answered `Unavailable`).
+    pub commands: u64,
+    /// Customers left out of ticks for now, because writing their
+    /// expiries or renewals failed on its own (retried after ten minutes).
+    pub quarantined: usize,
+}
+
 /// The handle to an open store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -881,6 +895,18 @@ impl Store {
     /// The engine's clock.
     pub fn now(&self) -> Timestamp {
         self.inner.clock.now()
+    }
+
+    /// What failed in the writer since this store opened (see
+    /// [`WriteFailures`]).
+    pub fn write_failures(&self) -> WriteFailures {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sync = &self.inner.sync;
+        WriteFailures {
+            groups: sync.failed_groups.load(Relaxed),
+            commands: sync.failed_commands.load(Relaxed),
+            quarantined: sync.quarantined.load(Relaxed),
+        }
     }
 
     /// Apply one command; answers once it is durable (or refused).

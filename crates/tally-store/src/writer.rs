@@ -15,6 +15,7 @@
 //! nothing is lost, and a retry with the same id starts afresh.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use crate::db::{self, params, Connection, OptionalExtension};
@@ -161,6 +162,15 @@ pub struct SyncState {
     /// Frames in the SQLite write-ahead log at the checkpointer's last pass
     /// (see `Writer::restart_log_if_long`).
     pub wal_frames: std::sync::atomic::AtomicI64,
+    /// Write groups that failed as they first ran (their commands were
+    /// applied again in smaller groups), since the store opened.
+    pub failed_groups: std::sync::atomic::AtomicU64,
+    /// Commands answered `Unavailable` because they failed even on their
+    /// own, since the store opened.
+    pub failed_commands: std::sync::atomic::AtomicU64,
+    /// Customers whose part of a tick failed on its own, left out of ticks
+    /// for now (see `TickScope`).
+    pub quarantined: std::sync::atomic::AtomicUsize,
 }
 
 /// A committed group waiting for its fsync: the answers, and the balance
@@ -180,6 +190,9 @@ impl SyncState {
             writer: std::sync::OnceLock::new(),
             live: std::sync::RwLock::new(tokio::sync::broadcast::channel(LIVE_CAPACITY).0),
             durable_notification: std::sync::atomic::AtomicI64::new(durable_notification),
+            failed_groups: std::sync::atomic::AtomicU64::new(0),
+            failed_commands: std::sync::atomic::AtomicU64::new(0),
+            quarantined: std::sync::atomic::AtomicUsize::new(0),
             wal_frames: std::sync::atomic::AtomicI64::new(0),
         })
     }
@@ -312,6 +325,8 @@ fn deliver(group: Durable, state: &SyncState) {
 /// A group whose commit was sent to PostgreSQL ahead of its answer.
 struct Committing {
     durable: Durable,
+    /// The group's commands, applied again if its commit fails.
+    parked: Vec<Parked>,
     commands: usize,
     started: std::time::Instant,
     applied: std::time::Duration,
@@ -324,10 +339,69 @@ struct Committing {
 struct Group {
     replies: Vec<oneshot::Sender<Result<Executed, StoreError>>>,
     results: Vec<Result<Executed, StoreError>>,
+    /// Each command as it came, kept until the group is durable: if the
+    /// group fails, its commands are applied again in smaller groups
+    /// (`Writer::retries`).
+    parked: Vec<Parked>,
     started: std::time::Instant,
     /// The first database failure: every command of the group then fails.
     failed: Option<db::Error>,
+    /// A part of a failed group applied again: committed at once (never
+    /// sent ahead), and split in two again if it fails.
+    retry: Option<TickScope>,
 }
+
+/// A command of a group, without its reply (see `Group::parked`).
+struct Parked {
+    command: Command,
+    actor: Option<String>,
+    hash: Vec<u8>,
+}
+
+/// Rebuild the jobs of a failed group from its replies and commands.
+fn unpark(
+    replies: impl IntoIterator<Item = oneshot::Sender<Result<Executed, StoreError>>>,
+    parked: Vec<Parked>,
+) -> Vec<Job> {
+    replies
+        .into_iter()
+        .zip(parked)
+        .map(|(reply, p)| Job {
+            command: p.command,
+            actor: p.actor,
+            hash: p.hash,
+            reply,
+        })
+        .collect()
+}
+
+/// What a tick applied again after a failure covers. A tick's group that
+/// fails on its own is applied again one customer at a time, so that one
+/// customer whose expiry or renewal cannot be written (a defect, a
+/// constraint the data breaks) does not stop every other customer's; that
+/// customer is then left out of ticks for [`QUARANTINE_MICROS`].
+#[derive(Clone, PartialEq, Eq, Debug)]
+enum TickScope {
+    /// Not a tick, or the whole tick.
+    Whole,
+    /// Only this customer's due holds, lots and renewals.
+    Customer(String),
+    /// Only the work that belongs to no customer (overdue top-up payments,
+    /// `grant.expiring` warnings, pruning).
+    Housekeeping,
+}
+
+/// A part of a failed group waiting to be applied again.
+struct Retry {
+    jobs: Vec<Job>,
+    scope: TickScope,
+}
+
+/// How long (engine time) a customer whose tick failed on its own is left
+/// out of ticks before it is tried again: ten minutes.
+const QUARANTINE_MICROS: i64 = 10 * 60 * 1_000_000;
+/// The key of the housekeeping part of a tick in `Writer::quarantine`.
+const HOUSEKEEPING: &str = "";
 
 /// Why one command did not produce an outcome.
 enum Failure {
@@ -485,6 +559,20 @@ pub struct Writer {
     /// frontier). At most `EXPIRING_RECENT_CAP`; beyond that, the sweep
     /// finds them.
     expiring_recent: std::collections::VecDeque<Id>,
+    /// Parts of failed groups, to be applied again before anything new
+    /// (see `split_for_retry`).
+    retries: std::collections::VecDeque<Retry>,
+    /// What the tick being applied covers (see [`TickScope`]).
+    tick_scope: TickScope,
+    /// Customers (and [`HOUSEKEEPING`]) whose part of a tick failed on its
+    /// own, left out of ticks until the engine time given.
+    quarantine: HashMap<String, i64>,
+    /// How many more parts of failed groups may fail before every command
+    /// waiting to be applied again is given up (see `split_for_retry`).
+    retry_budget: usize,
+    /// The state shared with the store (its failure counters), once `run`
+    /// has started.
+    shared: Option<Arc<SyncState>>,
     operations: OperationIndex,
     catalog: Catalog,
     /// Set by a command that found its work already done (a repeated publish).
@@ -739,6 +827,11 @@ impl Writer {
             expiring_sweep: None,
             expiring_frontiers,
             expiring_recent: std::collections::VecDeque::new(),
+            retries: std::collections::VecDeque::new(),
+            tick_scope: TickScope::Whole,
+            quarantine: HashMap::new(),
+            retry_budget: 0,
+            shared: None,
             connection,
             clock,
             cache: FastMap::default(),
@@ -790,6 +883,7 @@ impl Writer {
     ) -> Stopped {
         let _ = state.writer.set(std::thread::current());
         self.live = Some(state.live_sender());
+        self.shared = Some(state.clone());
         let postgres = self.connection.dialect() == db::Dialect::Postgres;
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
         let mut previous_group = 0;
@@ -803,10 +897,12 @@ impl Writer {
                 match self.connection.commit_outcome_or(receiver.recv()) {
                     db::Waited::Committed(outcome) => self.settled(outcome, state),
                     db::Waited::Other(Some(job)) => batch.push(job),
-                    db::Waited::Other(None) => {
+                    db::Waited::Other(None) if self.retries.is_empty() => {
                         self.settle_commit(state, true);
                         return Stopped::Closed;
                     }
+                    // Closed, but failed commands wait to be applied again.
+                    db::Waited::Other(None) => {}
                 }
                 if let Some(error) = self.lost.take() {
                     tracing::error!(%error, "a write group failed; rolled back");
@@ -814,8 +910,24 @@ impl Writer {
                 }
                 if let Some(error) = self.gone.take() {
                     fail_jobs(batch, &error.to_string());
+                    self.fail_retries(&error.to_string());
                     return Stopped::ConnectionLost(error);
                 }
+            }
+            // The parts of failed groups go first, each committed before
+            // the next (none is in flight once a group has failed).
+            if let Some(retry) = self.retries.pop_front() {
+                self.settle_commit(state, true);
+                if let Some(stopped) = self.run_retry(retry, state, syncer) {
+                    if let Stopped::ConnectionLost(error) = &stopped {
+                        fail_jobs(batch, &error.to_string());
+                    }
+                    return stopped;
+                }
+                if self.retries.is_empty() {
+                    self.retry_budget = 0;
+                }
+                continue;
             }
             if batch.is_empty() {
                 let Some(first) = receiver.blocking_recv() else {
@@ -889,24 +1001,11 @@ impl Writer {
             }
             previous_group = group.replies.len();
             let finished = self.finish_group(group, state);
-            if let Some(error) = self.gone.take() {
-                fail_jobs(batch, &error.to_string());
-                return Stopped::ConnectionLost(error);
-            }
-            if let Some(durable) = finished {
-                // PostgreSQL made the group durable before its COMMIT
-                // returned: answer at once, without a hop to the syncer.
-                if postgres {
-                    deliver(durable, state);
-                    continue;
+            if let Some(stopped) = self.hand_on(finished, state, syncer) {
+                if let Stopped::ConnectionLost(error) = &stopped {
+                    fail_jobs(batch, &error.to_string());
                 }
-                state
-                    .pending
-                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                if syncer.send(durable).is_err() {
-                    tracing::error!("the syncer has stopped; stopping the writer");
-                    return Stopped::Closed;
-                }
+                return stopped;
             }
         }
     }
@@ -944,10 +1043,16 @@ impl Writer {
                 deliver(committing.durable, state);
             }
             Err(error) => {
-                tracing::error!(%error, group = committing.commands, "a write group sent ahead failed");
-                for (reply, _) in committing.durable.answers {
-                    let _ = reply.send(Err(StoreError::Unavailable(error.to_string())));
-                }
+                tracing::error!(%error, group = committing.commands, "a write group sent ahead failed; its commands are applied again in smaller groups");
+                self.count_failure(|shared| {
+                    shared.failed_groups.fetch_add(1, Relaxed);
+                });
+                let replies = committing
+                    .durable
+                    .answers
+                    .into_iter()
+                    .map(|(reply, _)| reply);
+                self.split_for_retry(unpark(replies, committing.parked), None, &error);
                 self.lost = Some(error);
             }
         }
@@ -1010,8 +1115,10 @@ impl Writer {
         Group {
             replies: Vec::new(),
             results: Vec::new(),
+            parked: Vec::new(),
             started,
             failed,
+            retry: None,
         }
     }
 
@@ -1033,6 +1140,11 @@ impl Writer {
                 }
             }
             group.replies.push(job.reply);
+            group.parked.push(Parked {
+                command: job.command,
+                actor: job.actor,
+                hash: job.hash,
+            });
         }
     }
 
@@ -1059,7 +1171,7 @@ impl Writer {
                 if let Some(error) = self.lost.take() {
                     return Err(error);
                 }
-                if group.replies.len() < SEND_AHEAD_FROM {
+                if group.replies.len() < SEND_AHEAD_FROM || group.retry.is_some() {
                     return self.connection.commit();
                 }
                 sent = self.connection.commit_async()?;
@@ -1087,6 +1199,7 @@ impl Writer {
                 }
                 self.committing = Some(Committing {
                     durable,
+                    parked: group.parked,
                     commands,
                     started: group.started,
                     applied,
@@ -1101,9 +1214,13 @@ impl Writer {
                 self.lost = None;
                 tracing::error!(%error, group = group.replies.len(), "write group failed; rolled back");
                 self.reset_after_failure();
-                for reply in group.replies {
-                    let _ = reply.send(Err(StoreError::Unavailable(error.to_string())));
+                if group.retry.is_none() {
+                    self.count_failure(|shared| {
+                        shared.failed_groups.fetch_add(1, Relaxed);
+                    });
                 }
+                let jobs = unpark(group.replies, group.parked);
+                self.split_for_retry(jobs, group.retry, &error);
                 None
             }
         }
@@ -2831,6 +2948,11 @@ impl Writer {
 
     /// Expire what is due for customers with due holds or grants
     /// ([`DUE_CUSTOMERS`]).
+    ///
+    /// Applied again after a failure (`tick_scope`), it covers one
+    /// customer, or only the housekeeping; a whole tick leaves out the
+    /// customers (and the housekeeping) whose part failed on its own in the
+    /// last [`QUARANTINE_MICROS`].
     fn tick(&mut self) -> db::Result<Outcome> {
         let now = self.now.micros();
         self.connection
@@ -2839,10 +2961,19 @@ impl Writer {
                  DO UPDATE SET micros = excluded.micros WHERE engine_clock.micros < excluded.micros",
             )?
             .execute([now])?;
-        let due: Vec<String> = {
-            let mut statement = self.connection.prepare_cached(DUE_CUSTOMERS)?;
-            let rows = statement.query_map(params![now, MAX_TICK_CUSTOMERS], |row| row.get(0))?;
-            rows.collect::<db::Result<_>>()?
+        if !self.quarantine.is_empty() {
+            self.quarantine.retain(|_, until| *until > now);
+            self.count_failure(|_| {});
+        }
+        let scope = self.tick_scope.clone();
+        let due: Vec<String> = match &scope {
+            TickScope::Whole => {
+                let mut due = self.due_customers()?;
+                due.retain(|customer| !self.quarantine.contains_key(customer));
+                due
+            }
+            TickScope::Customer(customer) => vec![customer.clone()],
+            TickScope::Housekeeping => Vec::new(),
         };
         let before = self.next_entry_sequence;
         self.renewals = 0;
@@ -2852,14 +2983,216 @@ impl Writer {
                 Err(Failure::Fatal(error)) => return Err(error),
             }
         }
-        let overdue = self.expire_topup_payments()?;
+        let housekeeping = match scope {
+            TickScope::Whole => !self.quarantine.contains_key(HOUSEKEEPING),
+            TickScope::Customer(_) => false,
+            TickScope::Housekeeping => true,
+        };
+        let overdue = match housekeeping {
+            true => self.expire_topup_payments()?,
+            false => 0,
+        };
         // Renewals of plans without credits write no entry, but are work done.
         let entries = usize::try_from(self.next_entry_sequence - before).unwrap_or(0)
             + self.renewals
             + overdue;
-        self.notify_expiring()?;
-        self.prune_notifications()?;
+        if housekeeping {
+            self.notify_expiring()?;
+            self.prune_notifications()?;
+        }
         Ok(Outcome::Tick { entries })
+    }
+
+    /// The customers a tick visits now ([`DUE_CUSTOMERS`]).
+    fn due_customers(&mut self) -> db::Result<Vec<String>> {
+        let now = self.now.micros();
+        let mut statement = self.connection.prepare_cached(DUE_CUSTOMERS)?;
+        let rows = statement.query_map(params![now, MAX_TICK_CUSTOMERS], |row| row.get(0))?;
+        rows.collect::<db::Result<_>>()
+    }
+
+    /// A failed group's commands, to be applied again in smaller groups
+    /// (`retries`), so that one command the database refuses (a defect, a
+    /// constraint its data breaks) fails alone instead of failing every
+    /// command that shared its group, again and again as callers retry. A
+    /// group of more than one command is split in two; a command that fails
+    /// on its own is tried once more by itself (it may have failed only
+    /// because the group under it did), then answered `Unavailable`,
+    /// except a tick, whose customers are then applied one at a time (see
+    /// [`TickScope`]). One poisoned command in a group of `n` costs about
+    /// `2 log2 n` more commits.
+    fn split_for_retry(&mut self, mut jobs: Vec<Job>, scope: Option<TickScope>, error: &db::Error) {
+        match scope {
+            // One poisoned command fails about log2 n parts on its way down.
+            None => {
+                self.retry_budget += 2 * (usize::BITS - jobs.len().leading_zeros()) as usize + 4
+            }
+            Some(_) if self.retry_budget > 0 => self.retry_budget -= 1,
+            // So many parts failed that the fault is not one command's (a
+            // full disk, a table that cannot be written): give up on all.
+            Some(_) => {
+                tracing::error!(%error, "parts of failed write groups keep failing; every command waiting to be applied again is answered unavailable");
+                let waiting = self.retries.drain(..).flat_map(|retry| retry.jobs);
+                let all: Vec<Job> = jobs.into_iter().chain(waiting).collect();
+                let answered = all.iter().filter(|job| !job.reply.is_closed()).count() as u64;
+                self.count_failure(|shared| {
+                    shared.failed_commands.fetch_add(answered, Relaxed);
+                });
+                fail_jobs(all, &error.to_string());
+                return;
+            }
+        }
+        if jobs.len() > 1 {
+            let second = jobs.split_off(jobs.len() / 2);
+            let scope = scope.unwrap_or(TickScope::Whole);
+            let halves = [jobs, second].map(|jobs| Retry {
+                jobs,
+                scope: scope.clone(),
+            });
+            for half in halves.into_iter().rev() {
+                self.retries.push_front(half);
+            }
+            return;
+        }
+        let Some(job) = jobs.pop() else { return };
+        match scope {
+            None => self.retries.push_back(Retry {
+                jobs: vec![job],
+                scope: TickScope::Whole,
+            }),
+            Some(TickScope::Whole) if matches!(job.command, Command::Tick) => {
+                self.tick_apart(job, error)
+            }
+            Some(TickScope::Whole) => {
+                tracing::error!(%error, "a command failed on its own; answered unavailable");
+                self.count_failure(|shared| {
+                    shared.failed_commands.fetch_add(1, Relaxed);
+                });
+                let _ = job
+                    .reply
+                    .send(Err(StoreError::Unavailable(error.to_string())));
+            }
+            Some(TickScope::Customer(customer)) => {
+                tracing::error!(%error, customer = %customer, "this customer's expiries and renewals cannot be written; left out of ticks for ten minutes");
+                self.quarantine.insert(
+                    customer,
+                    self.now.micros().saturating_add(QUARANTINE_MICROS),
+                );
+                self.count_failure(|_| {});
+            }
+            Some(TickScope::Housekeeping) => {
+                tracing::error!(%error, "a tick's housekeeping (overdue top-up payments, expiry warnings, pruning) cannot be written; left out of ticks for ten minutes");
+                self.quarantine.insert(
+                    HOUSEKEEPING.to_owned(),
+                    self.now.micros().saturating_add(QUARANTINE_MICROS),
+                );
+                self.count_failure(|shared| {
+                    shared.failed_commands.fetch_add(1, Relaxed);
+                });
+                let _ = job
+                    .reply
+                    .send(Err(StoreError::Unavailable(error.to_string())));
+            }
+        }
+    }
+
+    /// A tick failed on its own: apply it again one due customer at a time,
+    /// then its housekeeping, which answers the tick's caller.
+    fn tick_apart(&mut self, job: Job, error: &db::Error) {
+        tracing::warn!(%error, "a tick failed on its own; applying it again one customer at a time");
+        self.now = self.now.max(self.clock.now());
+        let due = match self.due_customers() {
+            Ok(due) => due,
+            Err(error) => {
+                let _ = job
+                    .reply
+                    .send(Err(StoreError::Unavailable(error.to_string())));
+                return;
+            }
+        };
+        let mut parts: Vec<Retry> = due
+            .into_iter()
+            .filter(|customer| !self.quarantine.contains_key(customer))
+            .map(|customer| Retry {
+                jobs: vec![Job {
+                    command: Command::Tick,
+                    actor: None,
+                    hash: Vec::new(),
+                    reply: oneshot::channel().0,
+                }],
+                scope: TickScope::Customer(customer),
+            })
+            .collect();
+        parts.push(Retry {
+            jobs: vec![job],
+            scope: TickScope::Housekeeping,
+        });
+        for part in parts.into_iter().rev() {
+            self.retries.push_front(part);
+        }
+    }
+
+    /// Apply one part of a failed group again as a group of its own
+    /// (committed before the next begins), and hand on its answers.
+    fn run_retry(
+        &mut self,
+        retry: Retry,
+        state: &Arc<SyncState>,
+        syncer: &std::sync::mpsc::SyncSender<Durable>,
+    ) -> Option<Stopped> {
+        let Retry { mut jobs, scope } = retry;
+        let mut group = self.begin_group();
+        group.retry = Some(scope.clone());
+        self.tick_scope = scope;
+        self.apply_jobs(&mut group, &mut jobs);
+        self.tick_scope = TickScope::Whole;
+        let finished = self.finish_group(group, state);
+        self.hand_on(finished, state, syncer)
+    }
+
+    /// After a group: answer its callers (PostgreSQL) or pass it to the
+    /// syncer (SQLite), or stop if the connection is gone.
+    fn hand_on(
+        &mut self,
+        finished: Option<Durable>,
+        state: &Arc<SyncState>,
+        syncer: &std::sync::mpsc::SyncSender<Durable>,
+    ) -> Option<Stopped> {
+        if let Some(error) = self.gone.take() {
+            self.fail_retries(&error.to_string());
+            return Some(Stopped::ConnectionLost(error));
+        }
+        let durable = finished?;
+        // PostgreSQL made the group durable before its COMMIT returned:
+        // answer at once, without a hop to the syncer.
+        if self.connection.dialect() == db::Dialect::Postgres {
+            deliver(durable, state);
+            return None;
+        }
+        state
+            .pending
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if syncer.send(durable).is_err() {
+            tracing::error!("the syncer has stopped; stopping the writer");
+            self.fail_retries("the syncer has stopped");
+            return Some(Stopped::Closed);
+        }
+        None
+    }
+
+    /// Answer every command waiting to be applied again `Unavailable`.
+    fn fail_retries(&mut self, why: &str) {
+        fail_jobs(self.retries.drain(..).flat_map(|retry| retry.jobs), why);
+    }
+
+    /// Count a failure in the figures the store shows (`Store::write_failures`).
+    fn count_failure(&self, counter: impl FnOnce(&SyncState)) {
+        if let Some(shared) = &self.shared {
+            counter(shared);
+            shared
+                .quarantined
+                .store(self.quarantine.len(), std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

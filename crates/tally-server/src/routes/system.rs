@@ -35,6 +35,7 @@ pub async fn healthz(State(state): State<AppState>) -> Json<Health> {
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", tag = "system", responses((status = 200, description = "Prometheus text format")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.write_failures(state.store.write_failures());
     let text = state.metrics.render();
     (
         [(

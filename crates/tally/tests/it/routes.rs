@@ -2555,6 +2555,14 @@ async fn openapi_docs_metrics_and_unknown_routes() {
     let text = metrics.text().await.expect("metrics body");
     assert!(text.contains("tally_http_requests"), "{text}");
     assert!(text.contains("/v1/customers"), "{text}");
+    // The writer's failures, none here.
+    for gauge in [
+        "tally_write_groups_failed 0",
+        "tally_write_commands_failed 0",
+        "tally_tick_quarantined_customers 0",
+    ] {
+        assert!(text.contains(gauge), "{gauge} in {text}");
+    }
 
     let unknown = app.get("/v1/nothing-here").await;
     assert_error(&unknown, 404, "not_found");
