@@ -170,7 +170,11 @@ pub struct HoldBody {
     /// `active`, `captured`, `released` or `expired`.
     pub status: String,
     pub captured: String,
-    /// The grants the held credits were reserved from.
+    /// What went back to the balance: the rest of a partial capture, or
+    /// all of a released or expired hold (`0` while active).
+    pub released: String,
+    /// The grants the held credits were reserved from (when the hold was
+    /// placed; a capture draws on them in this order).
     pub drawn: Vec<DrawBody>,
     pub feature: Option<String>,
     pub member_id: Option<String>,
@@ -195,6 +199,13 @@ impl HoldBody {
             amount: amount(hold.amount),
             status: hold.status.as_str().to_string(),
             captured: amount(hold.captured),
+            released: amount(match hold.status {
+                tally_core::HoldStatus::Active => Amount::ZERO,
+                _ => hold
+                    .amount
+                    .checked_sub(hold.captured)
+                    .expect("captured is at most held"),
+            }),
             drawn: draws(&hold.reservations),
             feature: hold.feature.clone(),
             member_id: hold.member_id.as_ref().map(ToString::to_string),

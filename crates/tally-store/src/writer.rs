@@ -47,6 +47,9 @@ type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 pub const MAX_BATCH: usize = 4096;
 /// The most customer ledgers kept in memory before the cache is emptied.
 const MAX_CACHED_CUSTOMERS: usize = 200_000;
+/// The most refused renewals remembered for logging once (see
+/// `Writer::refused_renewals`).
+const REFUSED_RENEWALS_KEPT: usize = 10_000;
 /// The most customers one tick expires (the next tick continues).
 const MAX_TICK_CUSTOMERS: i64 = 1000;
 /// Operation kinds that resolve something (a hold, a top-up's payment): a
@@ -533,6 +536,7 @@ pub struct Writer {
     renewals: usize,
     /// Renewals the core refused, by subscription and the period end they are
     /// due at: each is logged once, not at every tick while it stays due.
+    /// At most [`REFUSED_RENEWALS_KEPT`].
     refused_renewals: std::collections::HashSet<(Id, i64)>,
     /// Customers with an automatic top-up whose balance changed in the
     /// command being applied: checked once it is complete.

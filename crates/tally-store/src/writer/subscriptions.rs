@@ -14,7 +14,7 @@ use crate::db::params;
 use tally_core::plan::{self, RenewalContext, Step};
 use tally_core::{Id, Plan, Subscription, SubscriptionStatus};
 
-use super::{Failure, Writer};
+use super::{Failure, Writer, REFUSED_RENEWALS_KEPT};
 use crate::model::{NewSubscription, Outcome, PlanChange, Refusal, StoreError};
 use crate::rows;
 
@@ -77,6 +77,10 @@ impl Writer {
             }
             Err(error) => {
                 let key = (subscription.id.clone(), subscription.period_end.micros());
+                // Bounded: past this many, each is logged once more.
+                if self.refused_renewals.len() >= REFUSED_RENEWALS_KEPT {
+                    self.refused_renewals.clear();
+                }
                 if self.refused_renewals.insert(key) {
                     tracing::error!(subscription = %subscription.id, %error,
                         "a subscription renewal was refused; it stays due (logged once per period)");

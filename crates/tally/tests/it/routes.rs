@@ -1494,6 +1494,19 @@ async fn partial_capture_releases_the_rest_and_over_capture_is_refused() {
     let balance = app.balance("c").await;
     assert_eq!(balance["available"], "75");
     assert_eq!(balance["held"], "10");
+    // Read back: what was held, captured and given back.
+    let read = app.get("/v1/holds/h_part").await;
+    let read = ok(&read);
+    assert_eq!(
+        [
+            &read["status"],
+            &read["amount"],
+            &read["captured"],
+            &read["released"]
+        ],
+        ["captured", "40", "15", "25"]
+    );
+    assert_eq!(ok(&app.get("/v1/holds/h_over").await)["released"], "0");
 
     let before = Snapshot::take(&app, "c").await;
     let too_much = app
