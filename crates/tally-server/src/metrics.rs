@@ -86,8 +86,8 @@ pub struct Metrics {
     event_latency: Family<SourceLabels, Histogram>,
     /// The writer's failures ([`tally_store::WriteFailures`]), read at
     /// each scrape.
-    write_groups_failed: prometheus_client::metrics::gauge::Gauge,
-    write_commands_failed: prometheus_client::metrics::gauge::Gauge,
+    write_groups_failed: Counter,
+    write_commands_failed: Counter,
     tick_quarantined: prometheus_client::metrics::gauge::Gauge,
 }
 
@@ -149,13 +149,13 @@ impl Default for Metrics {
             "Webhook delivery attempts by result (ok, failed)",
             webhook_attempts.clone(),
         );
-        let write_groups_failed = prometheus_client::metrics::gauge::Gauge::default();
+        let write_groups_failed = Counter::default();
         registry.register(
             "write_groups_failed",
             "Write groups the database refused as they first ran, since this process started; their commands were applied again in smaller groups",
             write_groups_failed.clone(),
         );
-        let write_commands_failed = prometheus_client::metrics::gauge::Gauge::default();
+        let write_commands_failed = Counter::default();
         registry.register(
             "write_commands_failed",
             "Commands the database refused even on their own (answered 503 unavailable), since this process started",
@@ -252,11 +252,17 @@ impl Metrics {
 
     /// Show the writer's failures (at each scrape).
     pub fn write_failures(&self, failures: tally_store::WriteFailures) {
-        let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
-        self.write_groups_failed.set(gauge(failures.groups));
-        self.write_commands_failed.set(gauge(failures.commands));
+        // The store counts; each scrape adds what it counted since the last
+        // (under the registry's lock, so two scrapes do not both add it).
+        let _registry = self.registry.lock().expect("registry");
+        for (counter, total) in [
+            (&self.write_groups_failed, failures.groups),
+            (&self.write_commands_failed, failures.commands),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
         self.tick_quarantined
-            .set(gauge(failures.quarantined as u64));
+            .set(i64::try_from(failures.quarantined).unwrap_or(i64::MAX));
     }
 
     pub fn render(&self) -> String {

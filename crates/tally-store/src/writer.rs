@@ -9,10 +9,12 @@
 //! Throughput therefore grows with load instead of being capped by the fsync
 //! rate.
 //!
-//! If any write fails the whole group is rolled back, the cache is dropped
-//! (it may hold changes that never reached the disk) and every caller in the
-//! group is told the store is unavailable; nothing was acknowledged, so
-//! nothing is lost, and a retry with the same id starts afresh.
+//! If any write fails the whole group is rolled back and the cache is
+//! dropped (it may hold changes that never reached the disk); nothing was
+//! acknowledged, so nothing is lost. The group's commands are then applied
+//! again in halves, so that only a command the database refuses by itself
+//! is told the store is unavailable (`Writer::split_for_retry`); a retry
+//! with its id starts afresh.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
@@ -347,7 +349,8 @@ struct Group {
     /// (`Writer::retries`).
     parked: Vec<Parked>,
     started: std::time::Instant,
-    /// The first database failure: every command of the group then fails.
+    /// The first database failure: the group is rolled back, and its
+    /// commands are applied again in smaller groups.
     failed: Option<db::Error>,
     /// A part of a failed group applied again: committed at once (never
     /// sent ahead), and split in two again if it fails.
@@ -379,20 +382,50 @@ fn unpark(
 }
 
 /// What a tick applied again after a failure covers. A tick's group that
-/// fails on its own is applied again one customer at a time, so that one
-/// customer whose expiry or renewal cannot be written (a defect, a
-/// constraint the data breaks) does not stop every other customer's; that
+/// fails by itself is applied again for its due customers in halves, so
+/// that one customer whose expiry or renewal cannot be written (a defect,
+/// a constraint the data breaks) does not stop every other customer's; that
 /// customer is then left out of ticks for [`QUARANTINE_MICROS`].
 #[derive(Clone, PartialEq, Eq, Debug)]
 enum TickScope {
     /// Not a tick, or the whole tick.
     Whole,
-    /// Only this customer's due holds, lots and renewals.
-    Customer(String),
+    /// Only these customers' due holds, lots and renewals.
+    Customers(Vec<String>),
     /// Only the work that belongs to no customer (overdue top-up payments,
     /// `grant.expiring` warnings, pruning).
     Housekeeping,
 }
+
+/// A tick for a part of a split tick: its answer goes nowhere (the tick's
+/// caller is answered by the housekeeping part).
+fn tick_job() -> Job {
+    Job {
+        command: Command::Tick,
+        actor: None,
+        hash: Vec::new(),
+        reply: oneshot::channel().0,
+    }
+}
+
+/// What happened since a group first failed, until every part of it has
+/// been applied again (see `Writer::split_for_retry`).
+#[derive(Default)]
+struct Round {
+    /// Parts that committed.
+    committed: usize,
+    /// Commands (and tick parts) that failed by themselves.
+    alone: usize,
+    /// Customers (and [`HOUSEKEEPING`]) whose tick part failed by itself:
+    /// left out of ticks once the round ends, if some part committed.
+    suspects: Vec<String>,
+    /// Customers a split tick visits (its caller's `entries`).
+    visited: usize,
+}
+
+/// Commands that fail by themselves, with no part committed, after which
+/// the fault is taken for the store's, not theirs.
+const GIVE_UP_AFTER: usize = 3;
 
 /// A part of a failed group waiting to be applied again.
 struct Retry {
@@ -571,9 +604,8 @@ pub struct Writer {
     /// Customers (and [`HOUSEKEEPING`]) whose part of a tick failed on its
     /// own, left out of ticks until the engine time given.
     quarantine: HashMap<String, i64>,
-    /// How many more parts of failed groups may fail before every command
-    /// waiting to be applied again is given up (see `split_for_retry`).
-    retry_budget: usize,
+    /// Since a group first failed, until its parts are all applied again.
+    round: Option<Round>,
     /// The state shared with the store (its failure counters), once `run`
     /// has started.
     shared: Option<Arc<SyncState>>,
@@ -834,7 +866,7 @@ impl Writer {
             retries: std::collections::VecDeque::new(),
             tick_scope: TickScope::Whole,
             quarantine: HashMap::new(),
-            retry_budget: 0,
+            round: None,
             shared: None,
             connection,
             clock,
@@ -888,6 +920,7 @@ impl Writer {
         let _ = state.writer.set(std::thread::current());
         self.live = Some(state.live_sender());
         self.shared = Some(state.clone());
+        self.show_quarantine();
         let postgres = self.connection.dialect() == db::Dialect::Postgres;
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
         let mut previous_group = 0;
@@ -929,7 +962,7 @@ impl Writer {
                     return stopped;
                 }
                 if self.retries.is_empty() {
-                    self.retry_budget = 0;
+                    self.end_round();
                 }
                 continue;
             }
@@ -1029,8 +1062,9 @@ impl Writer {
         }
     }
 
-    /// The group sent ahead committed (answer its callers) or failed (tell
-    /// them, and fail the group applied on top of it: `lost`).
+    /// The group sent ahead committed (answer its callers) or failed (queue
+    /// its commands to be applied again, and fail the group applied on top
+    /// of it: `lost`).
     fn settled(&mut self, outcome: db::Result<()>, state: &SyncState) {
         let committing = self
             .committing
@@ -1153,7 +1187,8 @@ impl Writer {
     }
 
     /// Commit the group; what to answer and publish once it is durable, or
-    /// `None` when the group failed and its callers were already told, or
+    /// `None` when the group failed (its commands are queued to be applied
+    /// again, `split_for_retry`), or
     /// when its commit was sent ahead (PostgreSQL: `self.committing`
     /// answers it when the COMMIT returns). A group is committed or sent
     /// only once the group before it has committed.
@@ -2953,8 +2988,8 @@ impl Writer {
     /// Expire what is due for customers with due holds or grants
     /// ([`DUE_CUSTOMERS`]).
     ///
-    /// Applied again after a failure (`tick_scope`), it covers one
-    /// customer, or only the housekeeping; a whole tick leaves out the
+    /// Applied again after a failure (`tick_scope`), it covers some of the
+    /// customers, or only the housekeeping; a whole tick leaves out the
     /// customers (and the housekeeping) whose part failed on its own in the
     /// last [`QUARANTINE_MICROS`].
     fn tick(&mut self) -> db::Result<Outcome> {
@@ -2967,16 +3002,12 @@ impl Writer {
             .execute([now])?;
         if !self.quarantine.is_empty() {
             self.quarantine.retain(|_, until| *until > now);
-            self.count_failure(|_| {});
+            self.show_quarantine();
         }
         let scope = self.tick_scope.clone();
         let due: Vec<String> = match &scope {
-            TickScope::Whole => {
-                let mut due = self.due_customers()?;
-                due.retain(|customer| !self.quarantine.contains_key(customer));
-                due
-            }
-            TickScope::Customer(customer) => vec![customer.clone()],
+            TickScope::Whole => self.due_customers()?,
+            TickScope::Customers(customers) => customers.clone(),
             TickScope::Housekeeping => Vec::new(),
         };
         let before = self.next_entry_sequence;
@@ -2988,18 +3019,24 @@ impl Writer {
             }
         }
         let housekeeping = match scope {
-            TickScope::Whole => !self.quarantine.contains_key(HOUSEKEEPING),
-            TickScope::Customer(_) => false,
-            TickScope::Housekeeping => true,
+            TickScope::Customers(_) => false,
+            TickScope::Whole | TickScope::Housekeeping => {
+                !self.quarantine.contains_key(HOUSEKEEPING)
+            }
         };
         let overdue = match housekeeping {
             true => self.expire_topup_payments()?,
             false => 0,
         };
         // Renewals of plans without credits write no entry, but are work done.
-        let entries = usize::try_from(self.next_entry_sequence - before).unwrap_or(0)
+        let mut entries = usize::try_from(self.next_entry_sequence - before).unwrap_or(0)
             + self.renewals
             + overdue;
+        if scope == TickScope::Housekeeping {
+            // The customers the split tick visited: its caller (`run_due`)
+            // then ticks again, as after a whole tick that did work.
+            entries += self.round.as_ref().map_or(0, |round| round.visited);
+        }
         if housekeeping {
             self.notify_expiring()?;
             self.prune_notifications()?;
@@ -3007,68 +3044,109 @@ impl Writer {
         Ok(Outcome::Tick { entries })
     }
 
-    /// The customers a tick visits now ([`DUE_CUSTOMERS`]).
+    /// The customers a whole tick visits now ([`DUE_CUSTOMERS`]), less the
+    /// quarantined ones (which stay due, so the query takes that many more).
     fn due_customers(&mut self) -> db::Result<Vec<String>> {
         let now = self.now.micros();
+        let limit = MAX_TICK_CUSTOMERS.saturating_add(self.quarantine.len() as i64);
         let mut statement = self.connection.prepare_cached(DUE_CUSTOMERS)?;
-        let rows = statement.query_map(params![now, MAX_TICK_CUSTOMERS], |row| row.get(0))?;
-        rows.collect::<db::Result<_>>()
+        let rows = statement.query_map(params![now, limit], |row| row.get(0))?;
+        let mut due = rows.collect::<db::Result<Vec<String>>>()?;
+        due.retain(|customer| !self.quarantine.contains_key(customer));
+        due.truncate(MAX_TICK_CUSTOMERS as usize);
+        Ok(due)
     }
 
     /// A failed group's commands, to be applied again in smaller groups
     /// (`retries`), so that one command the database refuses (a defect, a
     /// constraint its data breaks) fails alone instead of failing every
-    /// command that shared its group, again and again as callers retry. A
-    /// group of more than one command is split in two; a command that fails
-    /// on its own is tried once more by itself (it may have failed only
-    /// because the group under it did), then answered `Unavailable`,
-    /// except a tick, whose customers are then applied one at a time (see
+    /// command that shared its group, again and again as callers retry.
+    ///
+    /// A group that failed as it first ran goes to the back of the queue
+    /// whole if it held one command (it may have failed only because the
+    /// group under it did), else in two halves, so that the commands keep
+    /// the order they came in. A part of a failed group that fails again is
+    /// halved in its place at the front; a command that fails by itself is
+    /// answered `Unavailable`, except a whole tick, whose customers are
+    /// then applied in halves the same way, then its housekeeping (see
     /// [`TickScope`]). One poisoned command in a group of `n` costs about
     /// `2 log2 n` more commits.
+    ///
+    /// Until some part commits, a fault may not be any one command's (a
+    /// full disk, a table that cannot be written): once [`GIVE_UP_AFTER`]
+    /// commands have failed by themselves with no part committed, every
+    /// command still waiting is answered `Unavailable` at once.
     fn split_for_retry(&mut self, mut jobs: Vec<Job>, scope: Option<TickScope>, error: &db::Error) {
-        match scope {
-            // One poisoned command fails about log2 n parts on its way down.
-            None => {
-                self.retry_budget += 2 * (usize::BITS - jobs.len().leading_zeros()) as usize + 4
-            }
-            Some(_) if self.retry_budget > 0 => self.retry_budget -= 1,
-            // So many parts failed that the fault is not one command's (a
-            // full disk, a table that cannot be written): give up on all.
-            Some(_) => {
-                tracing::error!(%error, "parts of failed write groups keep failing; every command waiting to be applied again is answered unavailable");
-                let waiting = self.retries.drain(..).flat_map(|retry| retry.jobs);
-                let all: Vec<Job> = jobs.into_iter().chain(waiting).collect();
-                let answered = all.iter().filter(|job| !job.reply.is_closed()).count() as u64;
-                self.count_failure(|shared| {
-                    shared.failed_commands.fetch_add(answered, Relaxed);
+        let Some(scope) = scope else {
+            // As it first ran.
+            self.round.get_or_insert_with(Round::default);
+            let parts = match jobs.len() {
+                0 => return,
+                1 => vec![jobs],
+                n => {
+                    let second = jobs.split_off(n / 2);
+                    vec![jobs, second]
+                }
+            };
+            for jobs in parts {
+                self.retries.push_back(Retry {
+                    jobs,
+                    scope: TickScope::Whole,
                 });
-                fail_jobs(all, &error.to_string());
-                return;
             }
-        }
-        if jobs.len() > 1 {
-            let second = jobs.split_off(jobs.len() / 2);
-            let scope = scope.unwrap_or(TickScope::Whole);
-            let halves = [jobs, second].map(|jobs| Retry {
-                jobs,
-                scope: scope.clone(),
-            });
+            return;
+        };
+        let round = self.round.get_or_insert_with(Round::default);
+        let customers = match &scope {
+            TickScope::Customers(customers) => customers.len(),
+            _ => 0,
+        };
+        if jobs.len() > 1 || customers > 1 {
+            let halves: Vec<Retry> = match scope {
+                TickScope::Customers(mut first) => {
+                    let second = first.split_off(first.len() / 2);
+                    [first, second]
+                        .into_iter()
+                        .map(|customers| Retry {
+                            jobs: vec![tick_job()],
+                            scope: TickScope::Customers(customers),
+                        })
+                        .collect()
+                }
+                scope => {
+                    let second = jobs.split_off(jobs.len() / 2);
+                    [jobs, second]
+                        .into_iter()
+                        .map(|jobs| Retry {
+                            jobs,
+                            scope: scope.clone(),
+                        })
+                        .collect()
+                }
+            };
             for half in halves.into_iter().rev() {
                 self.retries.push_front(half);
             }
             return;
         }
         let Some(job) = jobs.pop() else { return };
+        round.alone += 1;
+        if round.committed == 0 && round.alone >= GIVE_UP_AFTER {
+            tracing::error!(%error, "commands keep failing by themselves and nothing commits: every command waiting to be applied again is answered unavailable");
+            let waiting: Vec<Job> = std::iter::once(job)
+                .chain(self.retries.drain(..).flat_map(|retry| retry.jobs))
+                .collect();
+            let answered = waiting.iter().filter(|job| !job.reply.is_closed()).count();
+            self.count_failure(|shared| {
+                shared.failed_commands.fetch_add(answered as u64, Relaxed);
+            });
+            fail_jobs(waiting, &error.to_string());
+            return;
+        }
         match scope {
-            None => self.retries.push_back(Retry {
-                jobs: vec![job],
-                scope: TickScope::Whole,
-            }),
-            Some(TickScope::Whole) if matches!(job.command, Command::Tick) => {
-                self.tick_apart(job, error)
-            }
-            Some(TickScope::Whole) => {
-                tracing::error!(%error, "a command failed on its own; answered unavailable");
+            TickScope::Whole if matches!(job.command, Command::Tick) => self.tick_apart(job, error),
+            TickScope::Whole => {
+                tracing::error!(%error, "a command failed by itself; answered unavailable");
                 self.count_failure(|shared| {
                     shared.failed_commands.fetch_add(1, Relaxed);
                 });
@@ -3076,20 +3154,13 @@ impl Writer {
                     .reply
                     .send(Err(StoreError::Unavailable(error.to_string())));
             }
-            Some(TickScope::Customer(customer)) => {
-                tracing::error!(%error, customer = %customer, "this customer's expiries and renewals cannot be written; left out of ticks for ten minutes");
-                self.quarantine.insert(
-                    customer,
-                    self.now.micros().saturating_add(QUARANTINE_MICROS),
-                );
-                self.count_failure(|_| {});
+            TickScope::Customers(customers) => {
+                tracing::error!(%error, customer = %customers[0], "this customer's expiries and renewals cannot be written");
+                round.suspects.extend(customers);
             }
-            Some(TickScope::Housekeeping) => {
-                tracing::error!(%error, "a tick's housekeeping (overdue top-up payments, expiry warnings, pruning) cannot be written; left out of ticks for ten minutes");
-                self.quarantine.insert(
-                    HOUSEKEEPING.to_owned(),
-                    self.now.micros().saturating_add(QUARANTINE_MICROS),
-                );
+            TickScope::Housekeeping => {
+                tracing::error!(%error, "a tick's housekeeping (overdue top-up payments, expiry warnings, pruning) cannot be written");
+                round.suspects.push(HOUSEKEEPING.to_owned());
                 self.count_failure(|shared| {
                     shared.failed_commands.fetch_add(1, Relaxed);
                 });
@@ -3100,10 +3171,10 @@ impl Writer {
         }
     }
 
-    /// A tick failed on its own: apply it again one due customer at a time,
+    /// A tick failed by itself: apply its due customers again in halves,
     /// then its housekeeping, which answers the tick's caller.
     fn tick_apart(&mut self, job: Job, error: &db::Error) {
-        tracing::warn!(%error, "a tick failed on its own; applying it again one customer at a time");
+        tracing::warn!(%error, "a tick failed by itself; applying its customers again in smaller groups");
         self.now = self.now.max(self.clock.now());
         let due = match self.due_customers() {
             Ok(due) => due,
@@ -3114,26 +3185,44 @@ impl Writer {
                 return;
             }
         };
-        let mut parts: Vec<Retry> = due
-            .into_iter()
-            .filter(|customer| !self.quarantine.contains_key(customer))
-            .map(|customer| Retry {
-                jobs: vec![Job {
-                    command: Command::Tick,
-                    actor: None,
-                    hash: Vec::new(),
-                    reply: oneshot::channel().0,
-                }],
-                scope: TickScope::Customer(customer),
-            })
-            .collect();
-        parts.push(Retry {
+        if let Some(round) = &mut self.round {
+            round.visited = round.visited.max(due.len());
+        }
+        self.retries.push_front(Retry {
             jobs: vec![job],
             scope: TickScope::Housekeeping,
         });
-        for part in parts.into_iter().rev() {
-            self.retries.push_front(part);
+        if !due.is_empty() {
+            self.retries.push_front(Retry {
+                jobs: vec![tick_job()],
+                scope: TickScope::Customers(due),
+            });
         }
+    }
+
+    /// Every part of the failed groups has been applied again (or given
+    /// up): quarantine the customers (and housekeeping) whose part failed by
+    /// itself, if anything else committed meanwhile; if nothing did, the
+    /// fault was not theirs, and they are tried again at the next tick.
+    fn end_round(&mut self) {
+        let Some(round) = self.round.take() else {
+            return;
+        };
+        if round.committed == 0 {
+            if !round.suspects.is_empty() {
+                tracing::error!(
+                    parts = round.alone,
+                    "no part of the failed write groups committed; nobody is left out of ticks"
+                );
+            }
+            return;
+        }
+        let until = self.now.micros().saturating_add(QUARANTINE_MICROS);
+        for suspect in round.suspects {
+            tracing::error!(customer = %suspect, "left out of ticks for ten minutes (empty: the housekeeping)");
+            self.quarantine.insert(suspect, until);
+        }
+        self.show_quarantine();
     }
 
     /// Apply one part of a failed group again as a group of its own
@@ -3151,6 +3240,11 @@ impl Writer {
         self.apply_jobs(&mut group, &mut jobs);
         self.tick_scope = TickScope::Whole;
         let finished = self.finish_group(group, state);
+        if finished.is_some() {
+            if let Some(round) = &mut self.round {
+                round.committed += 1;
+            }
+        }
         self.hand_on(finished, state, syncer)
     }
 
@@ -3187,15 +3281,22 @@ impl Writer {
     /// Answer every command waiting to be applied again `Unavailable`.
     fn fail_retries(&mut self, why: &str) {
         fail_jobs(self.retries.drain(..).flat_map(|retry| retry.jobs), why);
+        self.round = None;
     }
 
     /// Count a failure in the figures the store shows (`Store::write_failures`).
     fn count_failure(&self, counter: impl FnOnce(&SyncState)) {
         if let Some(shared) = &self.shared {
             counter(shared);
-            shared
-                .quarantined
-                .store(self.quarantine.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Show how many customers are left out of ticks now.
+    fn show_quarantine(&self) {
+        if let Some(shared) = &self.shared {
+            let customers =
+                self.quarantine.len() - usize::from(self.quarantine.contains_key(HOUSEKEEPING));
+            shared.quarantined.store(customers, Relaxed);
         }
     }
 }

@@ -183,6 +183,26 @@ impl TestStore {
         }
     }
 
+    /// PostgreSQL only: the single `bigint` that `sql` selects, from a
+    /// connection of the test's own; `None` on the embedded store.
+    #[allow(dead_code)]
+    pub fn count(&self, sql: &str) -> Option<i64> {
+        let (server, database) = self.postgres.as_ref()?;
+        let url = format!("{server}/{database}");
+        let sql = sql.to_owned();
+        let value = std::thread::spawn(move || {
+            let mut client = postgres::Client::connect(&url, postgres::NoTls)
+                .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
+            let row = client
+                .query_one(sql.as_str(), &[])
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            row.get::<_, i64>(0)
+        })
+        .join()
+        .expect("admin thread");
+        Some(value)
+    }
+
     /// PostgreSQL only: hold an `EXCLUSIVE` lock on `table` for `hold` from
     /// a session of the test's own (writes to it wait, reads do not).
     /// Returns once the lock is taken; `None` on the embedded store.

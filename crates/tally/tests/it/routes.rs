@@ -2570,8 +2570,8 @@ async fn openapi_docs_metrics_and_unknown_routes() {
     assert!(text.contains("/v1/customers"), "{text}");
     // The writer's failures, none here.
     for gauge in [
-        "tally_write_groups_failed 0",
-        "tally_write_commands_failed 0",
+        "tally_write_groups_failed_total 0",
+        "tally_write_commands_failed_total 0",
         "tally_tick_quarantined_customers 0",
     ] {
         assert!(text.contains(gauge), "{gauge} in {text}");
