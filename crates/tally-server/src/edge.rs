@@ -607,9 +607,11 @@ pub fn cursor(value: Option<&str>, prefix: &str) -> Result<Option<i64>, ApiError
 /// price book's features and versions, plans, credit packs, webhook
 /// endpoints, a customer's members and contracts: configuration, not history).
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     /// 1 to 1000, default 50.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,

@@ -168,6 +168,7 @@ pub async fn post_events(
 // ---------------------------------------------------------------------------
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PubsubParams {
     /// Must equal the server's `--pubsub-token`.
     pub token: Option<String>,
@@ -288,11 +289,13 @@ fn dead_letter_id(text: &str) -> Result<i64, ApiError> {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterParams {
     /// `pending` (default), `replayed`, `discarded` or `all`.
     pub status: Option<String>,
     pub source: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     pub cursor: Option<String>,
 }

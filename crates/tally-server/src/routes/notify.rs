@@ -229,6 +229,7 @@ pub struct DeliveryList {
 #[serde(deny_unknown_fields)]
 pub struct DeliveryParams {
     /// At most this many, newest first (default 50, max 1000).
+    #[schema(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,

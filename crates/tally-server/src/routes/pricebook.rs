@@ -322,6 +322,7 @@ pub async fn publish(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DiffParams {
     /// The version to compare with (the "before").

@@ -2538,6 +2538,69 @@ async fn openapi_docs_metrics_and_unknown_routes() {
             "openapi lacks {method} {path}"
         );
     }
+    // Every parameter is where it is sent: a path parameter is one of the
+    // path's `{...}`, and each of those is declared; filters and paging
+    // are optional query parameters (all but a diff's `against`).
+    let mut query_parameters = 0;
+    for (path, operations) in paths {
+        let in_template: std::collections::BTreeSet<&str> = path
+            .split('/')
+            .filter_map(|part| part.strip_prefix('{')?.strip_suffix('}'))
+            .collect();
+        for (method, operation) in operations.as_object().expect("operations") {
+            let parameters = operation["parameters"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let mut declared = std::collections::BTreeSet::new();
+            for parameter in &parameters {
+                let name = parameter["name"].as_str().expect("a parameter's name");
+                match parameter["in"].as_str() {
+                    Some("path") => {
+                        assert!(
+                            in_template.contains(name),
+                            "{method} {path}: path parameter {name} is not in the path"
+                        );
+                        declared.insert(name.to_owned());
+                    }
+                    Some("query") => {
+                        query_parameters += 1;
+                        // The one query parameter a route cannot do without.
+                        let required =
+                            (path.as_str(), name) == ("/v1/pricebooks/{id}/diff", "against");
+                        assert_eq!(
+                            parameter["required"] == true,
+                            required,
+                            "{method} {path}: query parameter {name}"
+                        );
+                    }
+                    other => panic!("{method} {path}: parameter {name} in {other:?}"),
+                }
+            }
+            for name in &in_template {
+                assert!(
+                    declared.contains(*name),
+                    "{method} {path}: {{{name}}} is not declared"
+                );
+            }
+        }
+    }
+    assert!(
+        query_parameters >= 30,
+        "{query_parameters} query parameters"
+    );
+    let ledger = &paths["/v1/customers/{id}/ledger"]["get"]["parameters"];
+    let limit = ledger
+        .as_array()
+        .expect("the ledger's parameters")
+        .iter()
+        .find(|p| p["name"] == "limit")
+        .expect("limit");
+    assert_eq!(limit["in"], "query");
+    assert_eq!(
+        [&limit["schema"]["minimum"], &limit["schema"]["maximum"]],
+        [1, 1000]
+    );
 
     let docs = app
         .client
