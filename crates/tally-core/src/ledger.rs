@@ -1543,7 +1543,10 @@ impl CustomerLedger {
         let voided = grant.remaining;
         grant.remaining = Amount::ZERO;
         grant.status = GrantStatus::Voided;
-        let refundable_money = grant.cost_basis.as_ref().map(|basis: &CostBasis| {
+        // Unpaid credits are never refundable (the API refuses a cost basis
+        // on them; a lot stored before that may have one).
+        let paid_basis = grant.cost_basis.as_ref().filter(|_| grant.paid);
+        let refundable_money = paid_basis.map(|basis: &CostBasis| {
             (
                 basis.value_of(voided).expect("money value within range"),
                 basis.currency.clone(),

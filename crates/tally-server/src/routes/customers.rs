@@ -213,6 +213,8 @@ pub struct CreateGrant {
     /// `purchase`, `plan_allocation`, `promotion`, `refund`, `adjustment` or `transfer`.
     pub source: String,
     pub paid: bool,
+    /// Money paid per credit (paid grants only): a void reports what it
+    /// is worth as refundable.
     pub cost_basis: Option<CostBasisInput>,
     /// Higher is spent first. Default 0.
     pub priority: Option<i32>,
@@ -257,6 +259,14 @@ pub async fn create_grant(
                 ));
             }
             let currency = currency(Some(basis.currency), "cost_basis.currency")?.expect("given");
+            // A cost basis is money paid per credit: a void reports it as
+            // refundable, which unpaid credits never are.
+            if !body.paid {
+                return Err(ApiError::invalid(
+                    "cost_basis",
+                    "cost_basis is what was paid per credit; a grant with \"paid\": false has none",
+                ));
+            }
             Some(CostBasis {
                 per_credit: basis.amount.0,
                 currency,

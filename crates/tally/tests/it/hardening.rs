@@ -341,6 +341,40 @@ async fn a_cost_basis_too_large_says_so() {
     assert_eq!(app.balance("c").await["available"], "0");
 }
 
+/// A cost basis is money paid per credit: an unpaid grant with one is
+/// refused (a void would report its value as refundable money), and
+/// nothing is granted.
+#[tokio::test]
+async fn unpaid_credits_have_no_cost_basis() {
+    let app = TestApp::spawn().await;
+    app.customer("c").await;
+    let body = json!({"id": "promo", "amount": "1000", "source": "promotion", "paid": false,
+        "cost_basis": {"amount": "0.05", "currency": "USD"}});
+    let reply = app.post("/v1/customers/c/grants", body).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.code(), "invalid_request");
+    assert_eq!(reply.body["error"]["param"], "cost_basis");
+    assert_eq!(app.balance("c").await["available"], "0");
+    // Without it, the promotion is granted, and its void reports no money.
+    let body = json!({"id": "promo", "amount": "1000", "source": "promotion", "paid": false});
+    let reply = app.post("/v1/customers/c/grants", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let void = app
+        .post(
+            "/v1/grants/promo/void",
+            json!({"id": "v", "reason": "withdrawn"}),
+        )
+        .await;
+    assert_eq!(void.status, StatusCode::OK, "{}", void.body);
+    assert!(
+        void.body
+            .get("refundable_money")
+            .is_none_or(|m| m.is_null()),
+        "{}",
+        void.body
+    );
+}
+
 /// A purchase voided while a hold still reserves part of it: the credits
 /// the hold gives back (released, or not captured) come back as a paid lot
 /// `release:<hold>:<n>` with the purchase's cost basis, so voiding it
