@@ -268,7 +268,7 @@ impl CustomerLedger {
     }
 
     /// Add or update a member (its name and budget); what it spent in the
-    /// current window stays counted.
+    /// current window stays counted (a new period counts its own window).
     pub fn set_member(
         &mut self,
         member_id: &Id,
@@ -288,6 +288,10 @@ impl CustomerLedger {
                 spent: Amount::ZERO,
                 holds: BTreeMap::new(),
                 extra: Amount::ZERO,
+                counted_days: BTreeMap::new(),
+                counted_months: BTreeMap::new(),
+                hold_days: BTreeMap::new(),
+                counted_from: None,
             });
         member.name = name;
         match (member.budget, budget) {
@@ -295,19 +299,26 @@ impl CustomerLedger {
             (None, Some(new)) => {
                 member.window_start = new.period.window_start(now);
                 member.counting_since = now;
+                member.counted_from = Some(now);
                 member.spent = Amount::ZERO;
                 member.holds.clear();
+                member.hold_days.clear();
+                member.counted_days.clear();
+                member.counted_months.clear();
             }
             (Some(_), None) => {
                 member.window_start = Timestamp(i64::MIN);
+                member.counted_from = None;
                 member.spent = Amount::ZERO;
                 member.holds.clear();
+                member.hold_days.clear();
+                member.counted_days.clear();
+                member.counted_months.clear();
             }
-            // Another period: what was counted stays counted, in the new
-            // period's current window.
+            // Another period: what was spent in the new period's current
+            // window counts (see `Member::change_period`).
             (Some(old), Some(new)) if old.period != new.period => {
-                member.roll(now);
-                member.window_start = new.period.window_start(now);
+                member.change_period(old.period, new.period, now);
             }
             _ => {}
         }
@@ -347,13 +358,7 @@ impl CustomerLedger {
         if let Some(member) = member_id.and_then(|m| self.members.get_mut(m)) {
             if member.budget.is_some() {
                 member.roll(now);
-                member.spent = member
-                    .spent
-                    .checked_add(amount)
-                    .expect("spent within range");
-                if let Some(hold) = hold {
-                    member.holds.insert(hold.clone(), amount);
-                }
+                member.count(amount, hold, now);
                 self.dirty_members.insert(member.id.clone());
             }
         }
@@ -371,10 +376,8 @@ impl CustomerLedger {
         if let Some(member) = member_id.and_then(|m| self.members.get_mut(m)) {
             member.roll(now);
             if member.holds.remove(hold).is_some() {
-                member.spent = member
-                    .spent
-                    .checked_sub(unused.min(member.spent))
-                    .expect("at most spent");
+                let day = member.hold_days.remove(hold).unwrap_or(member.window_start);
+                member.give_back(unused, day);
                 self.dirty_members.insert(member.id.clone());
             }
         }
@@ -402,9 +405,8 @@ impl CustomerLedger {
         if spent_at < member.window_start || spent_at < member.counting_since {
             return Amount::ZERO;
         }
-        let give = amount.min(member.spent);
+        let give = member.give_back(amount, spent_at);
         if give.is_positive() {
-            member.spent = member.spent.checked_sub(give).expect("at most spent");
             self.dirty_members.insert(member.id.clone());
         }
         give

@@ -4,6 +4,8 @@
 //! as the pool and grant-scope checks of a charge or hold, so two teammates
 //! can never both pass a budget or the pool at once.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{Amount, Id, Timestamp};
@@ -86,6 +88,21 @@ pub struct Member {
     /// spends counted since).
     #[serde(default = "the_beginning")]
     pub counting_since: Timestamp,
+    /// What the budget counted (less what it gave back), by UTC day for
+    /// the current month (keyed by the day's start), and by month for the
+    /// current year's earlier months (keyed by the month's start): a change
+    /// of period recounts the new period's window from them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counted_days: BTreeMap<Timestamp, Amount>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counted_months: BTreeMap<Timestamp, Amount>,
+    /// The day each hold in `holds` was counted on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hold_days: BTreeMap<Id, Timestamp>,
+    /// Since when the day and month counts are complete (`None`: a member
+    /// stored before they were kept).
+    #[serde(default)]
+    pub counted_from: Option<Timestamp>,
 }
 
 fn the_beginning() -> Timestamp {
@@ -129,7 +146,113 @@ impl Member {
                 self.spent = Amount::ZERO;
                 self.extra = Amount::ZERO;
                 self.holds.clear();
+                self.hold_days.clear();
             }
         }
+    }
+
+    /// Count `amount` spent at `now` (its day's count; `roll` first).
+    pub(crate) fn count(&mut self, amount: Amount, hold: Option<&Id>, now: Timestamp) {
+        self.spent = self.spent.checked_add(amount).expect("spent within range");
+        self.fold_counts(now);
+        let day = BudgetPeriod::Day.window_start(now);
+        let counted = self.counted_days.entry(day).or_insert(Amount::ZERO);
+        *counted = counted.checked_add(amount).expect("within spent");
+        if let Some(hold) = hold {
+            self.holds.insert(hold.clone(), amount);
+            self.hold_days.insert(hold.clone(), day);
+        }
+    }
+
+    /// Give back up to `amount` of what was counted at `spent_at` (in this
+    /// window); what was given back.
+    pub(crate) fn give_back(&mut self, amount: Amount, spent_at: Timestamp) -> Amount {
+        let give = amount.min(self.spent);
+        self.spent = self.spent.checked_sub(give).expect("at most spent");
+        let day = BudgetPeriod::Day.window_start(spent_at);
+        let month = BudgetPeriod::Month.window_start(spent_at);
+        let counted = match self.counted_days.get_mut(&day) {
+            Some(counted) => Some(counted),
+            None => self.counted_months.get_mut(&month),
+        };
+        if let Some(counted) = counted {
+            *counted = counted
+                .checked_sub(give.min(*counted))
+                .expect("at most counted");
+        }
+        give
+    }
+
+    /// Keep the day counts of `now`'s month only (earlier days of the year
+    /// add to their month's count) and the month counts of its year only.
+    fn fold_counts(&mut self, now: Timestamp) {
+        let month = BudgetPeriod::Month.window_start(now);
+        let year = BudgetPeriod::Year.window_start(now);
+        while let Some(entry) = self.counted_days.first_entry() {
+            if *entry.key() >= month {
+                break;
+            }
+            let (day, counted) = entry.remove_entry();
+            let into = self
+                .counted_months
+                .entry(BudgetPeriod::Month.window_start(day))
+                .or_insert(Amount::ZERO);
+            *into = into.checked_add(counted).expect("within spent");
+        }
+        self.counted_months.retain(|start, _| *start >= year);
+    }
+
+    /// What the day and month counts hold for `period`'s window at `now`
+    /// (`None` unless they are complete for it).
+    fn recount(&mut self, period: BudgetPeriod, now: Timestamp) -> Option<Amount> {
+        let start = period.window_start(now);
+        let complete = self
+            .counted_from
+            .is_some_and(|from| from <= start.max(self.counting_since));
+        if !complete {
+            return None;
+        }
+        self.fold_counts(now);
+        let days = self.counted_days.range(start..).map(|(_, amount)| *amount);
+        let months = self
+            .counted_months
+            .range(start..)
+            .map(|(_, amount)| *amount);
+        Some(
+            days.chain(months)
+                .try_fold(Amount::ZERO, |sum, amount| sum.checked_add(amount))
+                .expect("within range"),
+        )
+    }
+
+    /// The budget's period changes at `now` (from `old`): count what was
+    /// spent in the new period's window, from the day and month counts
+    /// where they are complete for it (a member stored before they were
+    /// kept carries what it counted in the old window); budget moved by
+    /// transfers was for the old window, and holds placed before the new
+    /// window no longer give back.
+    pub(crate) fn change_period(&mut self, old: BudgetPeriod, new: BudgetPeriod, now: Timestamp) {
+        let old_start = old.window_start(now);
+        let in_old_window = old_start <= self.window_start;
+        let start = new.window_start(now);
+        match self.recount(new, now) {
+            Some(spent) => {
+                self.spent = spent;
+                let hold_days = &self.hold_days;
+                self.holds
+                    .retain(|hold, _| hold_days.get(hold).is_some_and(|day| *day >= start));
+                let holds = &self.holds;
+                self.hold_days.retain(|hold, _| holds.contains_key(hold));
+            }
+            None if !in_old_window => {
+                // The old window ended unseen: nothing of it counts.
+                self.spent = Amount::ZERO;
+                self.holds.clear();
+                self.hold_days.clear();
+            }
+            None => {}
+        }
+        self.extra = Amount::ZERO;
+        self.window_start = start;
     }
 }

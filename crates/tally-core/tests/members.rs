@@ -1,6 +1,7 @@
 //! Member budgets in the core: the budget counts charges and holds in its
-//! window, gives back only what it counted, survives a change of period,
-//! starts afresh with the next window, and a refusal changes nothing.
+//! window, gives back only what it counted, counts its own window after a
+//! change of period, starts afresh with the next window, and a refusal
+//! changes nothing.
 
 use tally_core::{
     Amount, Budget, BudgetPeriod, CustomerLedger, Grant, GrantStatus, Id, LedgerError, Source,
@@ -183,4 +184,138 @@ fn a_refund_gives_back_to_the_budget_only_what_it_counted_in_this_window() {
         ledger.refund_member_spend(&id("bob"), credits(1), april, april),
         Amount::ZERO
     );
+}
+
+fn budget(units: i64, period: BudgetPeriod) -> Option<Budget> {
+    Some(Budget {
+        amount: credits(units),
+        period,
+    })
+}
+
+fn alice(ledger: &CustomerLedger) -> tally_core::Member {
+    ledger
+        .members()
+        .find(|m| m.id.as_str() == "alice")
+        .expect("alice")
+        .clone()
+}
+
+/// A probe changed a monthly budget to a daily one the next day and was
+/// refused for yesterday's spend; and a daily budget to a monthly one, and
+/// spent past it, since only today's spend was carried over.
+#[test]
+fn a_new_period_counts_what_was_spent_in_its_own_window() {
+    let day1 = Timestamp(NOW);
+    let day2 = Timestamp(NOW + DAY);
+
+    // Month to day: yesterday's spend is not today's.
+    let mut ledger = ledger_with(10_000);
+    ledger.set_member(&id("alice"), None, budget(1000, BudgetPeriod::Month), day1);
+    ledger.charge(&spend("a1", "alice", 500), day1).unwrap();
+    ledger.set_member(&id("alice"), None, budget(100, BudgetPeriod::Day), day2);
+    assert_eq!(alice(&ledger).spent_at(day2), Amount::ZERO);
+    ledger.charge(&spend("a2", "alice", 100), day2).unwrap();
+    assert!(matches!(
+        ledger.charge(&spend("a3", "alice", 1), day2),
+        Err(LedgerError::MemberBudgetExceeded { .. })
+    ));
+
+    // Day to month: yesterday's spend is this month's too.
+    let mut ledger = ledger_with(10_000);
+    ledger.set_member(&id("alice"), None, budget(100, BudgetPeriod::Day), day1);
+    ledger.charge(&spend("a1", "alice", 100), day1).unwrap();
+    ledger.charge(&spend("a2", "alice", 100), day2).unwrap();
+    ledger.set_member(&id("alice"), None, budget(250, BudgetPeriod::Month), day2);
+    assert_eq!(alice(&ledger).spent_at(day2), credits(200));
+    ledger.charge(&spend("a3", "alice", 50), day2).unwrap();
+    assert!(ledger.charge(&spend("a4", "alice", 1), day2).is_err());
+
+    // Month to year, across months: February's spend counts in the year;
+    // what a refund gave back does not.
+    let february = Timestamp(NOW - 20 * DAY);
+    let mut ledger = ledger_with(10_000);
+    ledger.set_member(
+        &id("alice"),
+        None,
+        budget(500, BudgetPeriod::Month),
+        february,
+    );
+    ledger.charge(&spend("f1", "alice", 300), february).unwrap();
+    assert_eq!(
+        ledger.refund_member_spend(&id("alice"), credits(50), february, february),
+        credits(50),
+        "refunded in February, counted in February"
+    );
+    ledger.charge(&spend("m1", "alice", 200), day1).unwrap();
+    ledger.set_member(&id("alice"), None, budget(500, BudgetPeriod::Year), day1);
+    assert_eq!(alice(&ledger).spent_at(day1), credits(450));
+    ledger.charge(&spend("m2", "alice", 50), day1).unwrap();
+    assert!(ledger.charge(&spend("m3", "alice", 1), day1).is_err());
+    ledger.check_invariants().unwrap();
+}
+
+/// A hold placed before the new window no longer gives back to it (as
+/// after the window ends), and one placed in it does; budget moved in by a
+/// transfer was for the old window.
+#[test]
+fn a_new_period_keeps_the_holds_placed_in_its_window() {
+    let day1 = Timestamp(NOW);
+    let day2 = Timestamp(NOW + DAY);
+    let expires = Timestamp(NOW + 3 * DAY);
+    let mut ledger = ledger_with(10_000);
+    ledger.set_member(&id("alice"), None, budget(1000, BudgetPeriod::Month), day1);
+    ledger
+        .place_hold(&spend("h1", "alice", 300), expires, day1)
+        .unwrap();
+    ledger
+        .place_hold(&spend("h2", "alice", 40), expires, day2)
+        .unwrap();
+    ledger.set_member(&id("alice"), None, budget(100, BudgetPeriod::Day), day2);
+    assert_eq!(alice(&ledger).spent_at(day2), credits(40));
+    ledger.release(&id("h1"), None, day2).unwrap();
+    assert_eq!(
+        alice(&ledger).spent_at(day2),
+        credits(40),
+        "h1 was yesterday's"
+    );
+    ledger.release(&id("h2"), None, day2).unwrap();
+    assert_eq!(alice(&ledger).spent_at(day2), Amount::ZERO);
+    ledger.charge(&spend("a1", "alice", 100), day2).unwrap();
+    assert!(ledger.charge(&spend("a2", "alice", 1), day2).is_err());
+    ledger.check_invariants().unwrap();
+}
+
+/// The counts are part of the stored member, and a member stored before
+/// they were kept carries what it counted, as it did.
+#[test]
+fn the_counts_are_stored_and_old_members_carry_their_spend() {
+    let day1 = Timestamp(NOW);
+    let day2 = Timestamp(NOW + DAY);
+    let mut ledger = ledger_with(10_000);
+    ledger.set_member(&id("alice"), None, budget(1000, BudgetPeriod::Month), day1);
+    ledger.charge(&spend("a1", "alice", 500), day1).unwrap();
+    let member = alice(&ledger);
+    let stored = serde_json::to_string(&member).unwrap();
+    let read: tally_core::Member = serde_json::from_str(&stored).unwrap();
+    assert_eq!(read, member);
+    assert_eq!(
+        read.counted_days.values().copied().collect::<Vec<_>>(),
+        [credits(500)]
+    );
+
+    // As stored before: no counts.
+    let mut old: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    for field in [
+        "counted_days",
+        "counted_months",
+        "hold_days",
+        "counted_from",
+    ] {
+        old.as_object_mut().unwrap().remove(field);
+    }
+    let old: tally_core::Member = serde_json::from_value(old).unwrap();
+    let mut ledger = ledger_with(10_000).with_members(vec![old]);
+    ledger.set_member(&id("alice"), None, budget(600, BudgetPeriod::Day), day2);
+    assert_eq!(alice(&ledger).spent_at(day2), credits(500), "carried");
 }

@@ -460,3 +460,74 @@ async fn a_refund_gives_back_to_the_members_budget() {
         9_300_000_000
     );
 }
+
+async fn put_budget(app: &TestApp, member: &str, amount: &str, period: &str) -> serde_json::Value {
+    let reply = app
+        .put(
+            &format!("/v1/customers/team/members/{member}"),
+            json!({ "budget": { "amount": amount, "period": period } }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    reply.body["budget"].clone()
+}
+
+/// A budget's period changed: what the member spent in the new period's
+/// window counts, no more and no less. A probe changed a monthly budget to
+/// a daily one the next day and was refused for the day before, and a daily
+/// one to a monthly one and spent past it (only that day's spend had
+/// carried over). The counts per day survive a restart.
+#[tokio::test]
+async fn a_new_budget_period_counts_its_own_window() {
+    let mut app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    // The 10th of a month: a day later is the same month.
+    let moved = app
+        .post("/v1/clock/advance", json!({ "to": "2099-03-10T12:00:00Z" }))
+        .await;
+    assert_eq!(moved.status, StatusCode::OK, "{}", moved.body);
+    app.customer("team").await;
+    app.grant("team", "pool", "10000").await;
+    put_budget(&app, "alice", "100", "day").await;
+    put_budget(&app, "bob", "1000", "month").await;
+    assert_eq!(
+        charge(&app, "a1", "alice", "100").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        charge(&app, "b1", "bob", "500").await.status,
+        StatusCode::OK
+    );
+    app.advance(86_400).await;
+    assert_eq!(
+        charge(&app, "a2", "alice", "100").await.status,
+        StatusCode::OK
+    );
+    app.kill().await;
+    app.start().await;
+
+    // Day to month: both days' spend.
+    let alice = put_budget(&app, "alice", "250", "month").await;
+    assert_eq!(alice["spent"], "200");
+    assert_eq!(alice["window_start"], "2099-03-01T00:00:00Z");
+    assert_eq!(
+        charge(&app, "a3", "alice", "50").await.status,
+        StatusCode::OK
+    );
+    let over = charge(&app, "a4", "alice", "1").await;
+    assert_eq!(over.status, StatusCode::PAYMENT_REQUIRED, "{}", over.body);
+    assert_eq!(over.code(), "member_budget_exceeded");
+
+    // Month to day: yesterday's spend is not today's.
+    let bob = put_budget(&app, "bob", "100", "day").await;
+    assert_eq!(bob["spent"], "0");
+    assert_eq!(
+        charge(&app, "b2", "bob", "100").await.status,
+        StatusCode::OK
+    );
+    let over = charge(&app, "b3", "bob", "1").await;
+    assert_eq!(over.status, StatusCode::PAYMENT_REQUIRED, "{}", over.body);
+}
