@@ -21,7 +21,7 @@ pub enum LedgerError {
     HoldAlreadyResolved(Id),
     #[error("capture of {requested} exceeds the {held} held")]
     CaptureExceedsHold { requested: Amount, held: Amount },
-    #[error("refund of {requested} exceeds the {refundable} still refundable on this charge")]
+    #[error("{}", refund_exceeds(*requested, *refundable))]
     RefundExceedsCharge {
         requested: Amount,
         refundable: Amount,
@@ -47,4 +47,12 @@ pub enum LedgerError {
         spent: Amount,
         required: Amount,
     },
+}
+
+/// The message of [`LedgerError::RefundExceedsCharge`].
+fn refund_exceeds(requested: Amount, refundable: Amount) -> String {
+    if refundable.is_zero() {
+        return "this charge has nothing left to refund: it was refunded in full".into();
+    }
+    format!("refund of {requested} exceeds the {refundable} still refundable on this charge")
 }

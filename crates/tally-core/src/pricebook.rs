@@ -171,6 +171,11 @@ pub struct Pricing {
     /// priced from `quantity`, which is then the quantity the hold priced.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub by_amount: bool,
+    /// What the rule priced, when more than `cost`: a hold's captured
+    /// quantity is charged at most what the hold reserved (fewer units can
+    /// cost more under volume tiers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncapped: Option<Amount>,
 }
 
 impl Pricing {
@@ -211,6 +216,7 @@ impl Pricing {
             quantity,
             cost,
             by_amount: false,
+            uncapped: None,
             ..self.clone()
         })
     }
@@ -254,7 +260,13 @@ impl Pricing {
                 ));
             }
         }
-        text.push_str(&format!(" = {} credits", self.cost));
+        match self.uncapped {
+            Some(priced) => text.push_str(&format!(
+                " = {priced} credits, capped at the {} the hold reserved",
+                self.cost
+            )),
+            None => text.push_str(&format!(" = {} credits", self.cost)),
+        }
         text
     }
 }
@@ -352,6 +364,7 @@ pub fn price_usage(
         rule: rule.clone(),
         priced_at: Some(usage.at),
         by_amount: false,
+        uncapped: None,
     };
     if let Some(contract) = contract {
         match pricing::price(&contract.rules, usage.feature, usage.quantity, &ctx) {

@@ -67,6 +67,16 @@ impl From<tally_core::OveragePolicy> for OverageBody {
 impl OverageBody {
     /// The policy this body describes, or a 400 naming `param`.
     pub fn policy(&self, param: &str) -> Result<tally_core::OveragePolicy, crate::error::ApiError> {
+        // A negative limit is the limit's fault, not the policy's.
+        let limit_param;
+        let param = match self.limit.is_some_and(|l| l.0.is_negative()) {
+            false => param,
+            true if param == "policy" => "limit",
+            true => {
+                limit_param = format!("{param}.limit");
+                &limit_param
+            }
+        };
         tally_core::OveragePolicy::from_parts(&self.policy, self.limit.map(|l| l.0))
             .map_err(|message| crate::error::ApiError::invalid(param, message))
     }

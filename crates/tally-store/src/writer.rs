@@ -2218,8 +2218,9 @@ impl Writer {
                 let mut pricing = locked.reprice(quantity).map_err(pricing_refusal)?;
                 // Fewer units can cost more under volume tiers: the hold's
                 // amount is the most its usage is charged.
-                if let Some(held) = held {
-                    pricing.cost = pricing.cost.min(held);
+                if let Some(held) = held.filter(|held| *held < pricing.cost) {
+                    pricing.uncapped = Some(pricing.cost);
+                    pricing.cost = held;
                 }
                 (Some(pricing.cost), Some(pricing))
             }

@@ -335,6 +335,18 @@ async fn bad_overage_input_is_refused_and_changes_nothing() {
             reply.body
         );
     }
+    // A negative limit names the limit, not the policy.
+    let negative = json!({ "policy": "allow_negative", "limit": "-5" });
+    let reply = put_overage(&app, "c1", negative.clone()).await;
+    assert_eq!(reply.body["error"]["param"], "limit", "{}", reply.body);
+    let reply = app
+        .post("/v1/customers", json!({ "id": "bad", "overage": negative }))
+        .await;
+    assert_eq!(
+        reply.body["error"]["param"], "overage.limit",
+        "{}",
+        reply.body
+    );
     let customer = app.get("/v1/customers/c1").await;
     assert_eq!(customer.body["overage"], json!({ "policy": "block" }));
     let reply = put_overage(&app, "nobody", json!({ "policy": "block" })).await;

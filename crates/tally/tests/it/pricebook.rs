@@ -2511,6 +2511,18 @@ async fn free_tiers_captures_and_contract_schedules() {
         .await);
     assert_eq!(captured["captured"], "75");
     assert_eq!(captured["quantity"], "100");
+    // The explanation says what the rule priced and that it was capped.
+    let entry = ok(&app
+        .get(&format!(
+            "/v1/ledger/{}",
+            captured["entry_id"].as_str().unwrap()
+        ))
+        .await);
+    let explanation = entry["explanation"].as_str().unwrap();
+    assert!(
+        explanation.ends_with("= 100 credits, capped at the 75 the hold reserved."),
+        "{explanation}"
+    );
 
     // A capture by amount keeps the version and rule the hold locked.
     ok(&app

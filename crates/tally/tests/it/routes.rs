@@ -1771,10 +1771,11 @@ async fn refunds_full_partial_and_never_more_than_charged() {
         if !amount.is_null() {
             body["amount"] = amount;
         }
-        assert_error(
-            &app.post("/v1/refunds", body).await,
-            422,
-            "refund_exceeds_charge",
+        let reply = app.post("/v1/refunds", body).await;
+        assert_error(&reply, 422, "refund_exceeds_charge");
+        assert_eq!(
+            reply.body["error"]["message"],
+            "this charge has nothing left to refund: it was refunded in full"
         );
     }
     let conflict = app
