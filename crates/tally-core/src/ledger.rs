@@ -375,9 +375,13 @@ impl CustomerLedger {
     ) {
         if let Some(member) = member_id.and_then(|m| self.members.get_mut(m)) {
             member.roll(now);
-            if member.holds.remove(hold).is_some() {
-                let day = member.hold_days.remove(hold).unwrap_or(member.window_start);
-                member.give_back(unused, day);
+            let in_window = member.holds.remove(hold).is_some();
+            // The day it was counted on (none for a hold placed before the
+            // budget existed, or before the counts were kept).
+            let day = member.hold_days.remove(hold);
+            if in_window || day.is_some() {
+                let at = day.unwrap_or(member.window_start);
+                member.give_back(unused, at, in_window, day.is_some());
                 self.dirty_members.insert(member.id.clone());
             }
         }
@@ -402,13 +406,15 @@ impl CustomerLedger {
             return Amount::ZERO;
         }
         member.roll(now);
-        if spent_at < member.window_start || spent_at < member.counting_since {
+        if spent_at < member.counting_since {
             return Amount::ZERO;
         }
-        let give = member.give_back(amount, spent_at);
-        if give.is_positive() {
-            self.dirty_members.insert(member.id.clone());
-        }
+        // Always to its day's count (a longer period may count that day
+        // again); to `spent` only if this window counted it.
+        let in_window = spent_at >= member.window_start;
+        let counted = member.counted_from.is_some_and(|from| spent_at >= from);
+        let give = member.give_back(amount, spent_at, in_window, counted);
+        self.dirty_members.insert(member.id.clone());
         give
     }
 

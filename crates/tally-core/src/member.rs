@@ -145,8 +145,15 @@ impl Member {
                 self.window_start = start;
                 self.spent = Amount::ZERO;
                 self.extra = Amount::ZERO;
+                // They no longer give back to `spent`, but still to their
+                // day's count (`hold_days` stays until each hold ends).
                 self.holds.clear();
-                self.hold_days.clear();
+                // A member stored before the counts were kept: nothing is
+                // counted in the new window yet, so from here they are
+                // complete.
+                if self.counted_from.is_none() {
+                    self.counted_from = Some(start);
+                }
             }
         }
     }
@@ -157,28 +164,41 @@ impl Member {
         self.fold_counts(now);
         let day = BudgetPeriod::Day.window_start(now);
         let counted = self.counted_days.entry(day).or_insert(Amount::ZERO);
-        *counted = counted.checked_add(amount).expect("within spent");
+        *counted = capped_sum(*counted, amount);
         if let Some(hold) = hold {
             self.holds.insert(hold.clone(), amount);
             self.hold_days.insert(hold.clone(), day);
         }
     }
 
-    /// Give back up to `amount` of what was counted at `spent_at` (in this
-    /// window); what was given back.
-    pub(crate) fn give_back(&mut self, amount: Amount, spent_at: Timestamp) -> Amount {
-        let give = amount.min(self.spent);
-        self.spent = self.spent.checked_sub(give).expect("at most spent");
-        let day = BudgetPeriod::Day.window_start(spent_at);
-        let month = BudgetPeriod::Month.window_start(spent_at);
-        let counted = match self.counted_days.get_mut(&day) {
-            Some(counted) => Some(counted),
-            None => self.counted_months.get_mut(&month),
+    /// Give back up to `amount` of a spend made at `spent_at`: to `spent`
+    /// if it was counted in this window (`in_window`), and to its day's (or
+    /// month's) count if the counts hold it (`counted`: it was made since
+    /// the budget started counting). What went back to `spent`.
+    pub(crate) fn give_back(
+        &mut self,
+        amount: Amount,
+        spent_at: Timestamp,
+        in_window: bool,
+        counted: bool,
+    ) -> Amount {
+        let give = match in_window {
+            true => amount.min(self.spent),
+            false => Amount::ZERO,
         };
-        if let Some(counted) = counted {
-            *counted = counted
-                .checked_sub(give.min(*counted))
-                .expect("at most counted");
+        self.spent = self.spent.checked_sub(give).expect("at most spent");
+        if counted {
+            let day = BudgetPeriod::Day.window_start(spent_at);
+            let month = BudgetPeriod::Month.window_start(spent_at);
+            let count = match self.counted_days.get_mut(&day) {
+                Some(count) => Some(count),
+                None => self.counted_months.get_mut(&month),
+            };
+            if let Some(count) = count {
+                *count = count
+                    .checked_sub(amount.min(*count))
+                    .expect("at most counted");
+            }
         }
         give
     }
@@ -197,9 +217,10 @@ impl Member {
                 .counted_months
                 .entry(BudgetPeriod::Month.window_start(day))
                 .or_insert(Amount::ZERO);
-            *into = into.checked_add(counted).expect("within spent");
+            *into = capped_sum(*into, counted);
         }
         self.counted_months.retain(|start, _| *start >= year);
+        self.hold_days.retain(|_, day| *day >= year);
     }
 
     /// What the day and month counts hold for `period`'s window at `now`
@@ -218,19 +239,17 @@ impl Member {
             .counted_months
             .range(start..)
             .map(|(_, amount)| *amount);
-        Some(
-            days.chain(months)
-                .try_fold(Amount::ZERO, |sum, amount| sum.checked_add(amount))
-                .expect("within range"),
-        )
+        Some(days.chain(months).fold(Amount::ZERO, capped_sum))
     }
 
     /// The budget's period changes at `now` (from `old`): count what was
     /// spent in the new period's window, from the day and month counts
     /// where they are complete for it (a member stored before they were
-    /// kept carries what it counted in the old window); budget moved by
-    /// transfers was for the old window, and holds placed before the new
-    /// window no longer give back.
+    /// kept carries what it counted in the old window, until its window
+    /// next rolls). Budget moved in by transfers was for the old window;
+    /// budget moved out stays moved, so that a change of period never
+    /// gives it back. Holds placed before the new window no longer give
+    /// back to it (only to their day's count).
     pub(crate) fn change_period(&mut self, old: BudgetPeriod, new: BudgetPeriod, now: Timestamp) {
         let old_start = old.window_start(now);
         let in_old_window = old_start <= self.window_start;
@@ -241,18 +260,26 @@ impl Member {
                 let hold_days = &self.hold_days;
                 self.holds
                     .retain(|hold, _| hold_days.get(hold).is_some_and(|day| *day >= start));
-                let holds = &self.holds;
-                self.hold_days.retain(|hold, _| holds.contains_key(hold));
             }
             None if !in_old_window => {
                 // The old window ended unseen: nothing of it counts.
                 self.spent = Amount::ZERO;
                 self.holds.clear();
-                self.hold_days.clear();
             }
             None => {}
         }
-        self.extra = Amount::ZERO;
+        self.extra = match in_old_window {
+            true => self.extra.min(Amount::ZERO),
+            false => Amount::ZERO,
+        };
         self.window_start = start;
     }
+}
+
+/// `a + b`, at most the largest amount: a count of several days may pass
+/// what one amount can be, and an overstated count only refuses more.
+fn capped_sum(a: Amount, b: Amount) -> Amount {
+    a.checked_add(b).unwrap_or_else(|| {
+        Amount::from_micros(crate::amount::MAX_AMOUNT_MICROS).expect("the largest amount")
+    })
 }
