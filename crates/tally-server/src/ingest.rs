@@ -99,28 +99,7 @@ pub async fn ingest_bytes(
     bytes: &[u8],
     source: &str,
 ) -> Result<EventResult, ApiError> {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => ingest_text(state, text, source).await,
-        Err(_) => {
-            dead_letter(
-                state,
-                NewDeadLetter {
-                    source: source.to_owned(),
-                    event_id: None,
-                    customer_id: None,
-                    // Kept exactly, as base64: replaying it is refused again
-                    // rather than charging a changed event.
-                    payload: format!(
-                        "base64:{}",
-                        base64::engine::general_purpose::STANDARD.encode(bytes)
-                    ),
-                    code: "invalid_event".into(),
-                    message: "the message is not UTF-8 text (its bytes are kept as base64)".into(),
-                },
-            )
-            .await
-        }
-    }
+    send_bytes(state, bytes, source).await.finish(state).await
 }
 
 /// Charge one event given as its JSON text (a message, or one element of a
@@ -142,55 +121,156 @@ pub async fn ingest_text_received(
     source: &str,
     received_at: Option<Timestamp>,
 ) -> Result<EventResult, ApiError> {
-    let arrived = std::time::Instant::now();
-    let result = ingest_parsed(state, text, source, received_at).await;
-    if result.is_ok() {
-        state.metrics.event_latency(source, arrived.elapsed());
-    }
-    result
+    send_text(state, text, source, received_at)
+        .await
+        .finish(state)
+        .await
 }
 
-async fn ingest_parsed(
+/// An event on its way: in the writer's queue (or set aside as a dead
+/// letter), its outcome still to come ([`Sent::finish`]). Events sent one
+/// after another, each send awaited before the next, are charged in that
+/// order: the first of two with one id is the one charged, and the last
+/// ones of a batch are the ones refused when credits run out. (Sent all at
+/// once, a batch of 128 or more was charged out of order: the runtime's
+/// budget paused the sends after 127, and the rest went in reverse.)
+pub struct Sent<'a> {
+    step: Step<'a>,
+    source: &'static str,
+    arrived: std::time::Instant,
+}
+
+enum Step<'a> {
+    /// In the writer's queue.
+    Charging {
+        answer: tally_store::Pending,
+        event: NewEvent,
+        payload: std::borrow::Cow<'a, str>,
+    },
+    /// Not an event: kept as a dead letter once finished.
+    Letter(NewDeadLetter),
+    /// The store is unavailable.
+    Failed(ApiError),
+}
+
+/// Read one event given as its JSON text and put it in the writer's queue.
+pub async fn send_text<'a>(
     state: &AppState,
-    text: &str,
+    text: &'a str,
     source: &str,
     received_at: Option<Timestamp>,
-) -> Result<EventResult, ApiError> {
-    match parse_event(text, source) {
+) -> Sent<'a> {
+    let arrived = std::time::Instant::now();
+    let step = match parse_event(text, source) {
         Ok(event) => {
-            charge(
-                state,
-                NewEvent {
-                    received_at,
-                    ..event
+            let event = NewEvent {
+                received_at,
+                ..event
+            };
+            match state
+                .store
+                .submit(Command::Event(event.clone()), None)
+                .await
+            {
+                Ok(answer) => Step::Charging {
+                    answer,
+                    event,
+                    payload: std::borrow::Cow::Borrowed(text),
                 },
-                text,
-            )
-            .await
+                Err(error) => Step::Failed(error.into()),
+            }
         }
         Err(error) => {
             // Only a malformed event pays for a second, loose reading.
             let (event_id, customer_id) = identity(text);
-            dead_letter(
-                state,
-                NewDeadLetter {
-                    source: source.to_owned(),
-                    event_id,
-                    customer_id,
-                    payload: text.to_owned(),
-                    code: error.code,
-                    message: error.message,
-                },
-            )
-            .await
+            Step::Letter(NewDeadLetter {
+                source: source.to_owned(),
+                event_id,
+                customer_id,
+                payload: text.to_owned(),
+                code: error.code,
+                message: error.message,
+            })
         }
+    };
+    Sent {
+        step,
+        source: crate::metrics::source_label(source),
+        arrived,
     }
 }
 
-/// Charge a well-formed event; a refused one becomes a dead letter (durable
-/// before this returns) keeping `payload`, the event as received.
-pub async fn charge(
+/// [`send_text`] for an event given as JSON bytes (a stream message).
+pub async fn send_bytes(state: &AppState, bytes: &[u8], source: &str) -> Sent<'static> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => {
+            let sent = send_text(state, text, source, None).await;
+            Sent {
+                step: match sent.step {
+                    Step::Charging {
+                        answer,
+                        event,
+                        payload,
+                    } => Step::Charging {
+                        answer,
+                        event,
+                        payload: std::borrow::Cow::Owned(payload.into_owned()),
+                    },
+                    Step::Letter(letter) => Step::Letter(letter),
+                    Step::Failed(error) => Step::Failed(error),
+                },
+                source: sent.source,
+                arrived: sent.arrived,
+            }
+        }
+        Err(_) => Sent {
+            step: Step::Letter(NewDeadLetter {
+                source: source.to_owned(),
+                event_id: None,
+                customer_id: None,
+                // Kept exactly, as base64: replaying it is refused again
+                // rather than charging a changed event.
+                payload: format!(
+                    "base64:{}",
+                    base64::engine::general_purpose::STANDARD.encode(bytes)
+                ),
+                code: "invalid_event".into(),
+                message: "the message is not UTF-8 text (its bytes are kept as base64)".into(),
+            }),
+            source: crate::metrics::source_label(source),
+            arrived: std::time::Instant::now(),
+        },
+    }
+}
+
+impl Sent<'_> {
+    /// What became of the event, once durable: charged, a duplicate, or
+    /// refused and kept as a dead letter (durable before this returns).
+    /// `Err` only when the store is unavailable.
+    pub async fn finish(self, state: &AppState) -> Result<EventResult, ApiError> {
+        let result = match self.step {
+            Step::Charging {
+                answer,
+                event,
+                payload,
+            } => settle(state, answer.answer().await, event, &payload).await,
+            Step::Letter(letter) => dead_letter(state, letter).await,
+            Step::Failed(error) => Err(error),
+        };
+        if result.is_ok() {
+            state
+                .metrics
+                .event_latency(self.source, self.arrived.elapsed());
+        }
+        result
+    }
+}
+
+/// The writer's answer to an event: a refused one becomes a dead letter
+/// (durable before this returns) keeping `payload`, the event as received.
+async fn settle(
     state: &AppState,
+    answer: Result<tally_store::Executed, StoreError>,
     event: NewEvent,
     payload: &str,
 ) -> Result<EventResult, ApiError> {
@@ -203,11 +283,7 @@ pub async fn charge(
         message: String::new(),
     };
     let mut letter = None;
-    let result = match state
-        .store
-        .execute(Command::Event(event.clone()), None)
-        .await
-    {
+    let result = match answer {
         Ok(executed) => match executed.result {
             Ok(Outcome::Event(outcome)) if executed.replayed => EventResult::Duplicate(outcome),
             Ok(Outcome::Event(outcome)) => EventResult::Charged(outcome),

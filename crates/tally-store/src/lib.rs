@@ -638,6 +638,18 @@ pub struct WriteFailures {
     pub quarantined: usize,
 }
 
+/// A command in the writer's queue ([`Store::submit`]).
+pub struct Pending(oneshot::Receiver<Result<Executed, StoreError>>);
+
+impl Pending {
+    /// The command's outcome, once durable (or refused).
+    pub async fn answer(self) -> Result<Executed, StoreError> {
+        self.0
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
+    }
+}
+
 /// The handle to an open store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -915,6 +927,18 @@ impl Store {
         command: Command,
         actor: Option<String>,
     ) -> Result<Executed, StoreError> {
+        self.submit(command, actor).await?.answer().await
+    }
+
+    /// Put one command in the writer's queue, and return once it is there:
+    /// commands submitted one after another (each awaited before the next)
+    /// are applied in that order. [`Pending::answer`] waits for the outcome,
+    /// as [`Store::execute`] does.
+    pub async fn submit(
+        &self,
+        command: Command,
+        actor: Option<String>,
+    ) -> Result<Pending, StoreError> {
         if !self.is_leader() {
             return Err(StoreError::Unavailable(
                 "this server does not run the writer; send writes to the leader".into(),
@@ -926,9 +950,7 @@ impl Store {
             .send(writer::Job::new(command, actor, reply))
             .await
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?
+        Ok(Pending(answer))
     }
 
     /// Read connections this store has opened since it opened: at most one

@@ -141,12 +141,16 @@ pub async fn post_events(
     }
     // Room for the whole batch, or nothing is applied.
     let _permit = state.admit(body.events.len())?;
-    // Every event goes to the writer at once, so a batch shares its group commits.
-    let pending = body
-        .events
-        .iter()
-        .map(|event| ingest::ingest_text(&state, event.get(), "http"));
-    let results = futures_util::future::join_all(pending).await;
+    // Every event goes into the writer's queue in request order (each send
+    // awaited before the next: the first of two with one id is the one
+    // charged), and then all are awaited together, so a batch shares its
+    // group commits.
+    let mut sent = Vec::with_capacity(body.events.len());
+    for event in &body.events {
+        sent.push(ingest::send_text(&state, event.get(), "http", None).await);
+    }
+    let results =
+        futures_util::future::join_all(sent.into_iter().map(|sent| sent.finish(&state))).await;
     let mut rendered = Vec::with_capacity(results.len());
     for (raw, result) in body.events.iter().zip(results) {
         let id = match &result {

@@ -400,10 +400,16 @@ async fn consume(
                 break;
             };
             let (message, epoch) = backlog.pop_front().expect("not empty");
+            // Into the writer's queue here, in the order of the partition,
+            // and only then waited for on a task of its own.
+            let sent = match message.payload() {
+                Some(bytes) => Some(ingest::send_bytes(&state, bytes, SOURCE).await),
+                None => None,
+            };
             let (state, tracker, freed) = (state.clone(), tracker.clone(), freed.clone());
             let mut stopping = stopping.clone();
             tokio::spawn(async move {
-                let charged = process(&state, &message, &mut stopping).await;
+                let charged = process(&state, &message, sent, &mut stopping).await;
                 if let (true, Some(epoch)) = (charged, epoch) {
                     lock(&tracker).done(message.partition(), epoch, message.offset());
                 }
@@ -509,19 +515,22 @@ async fn stop(
     );
 }
 
-/// Charge one message (or keep it as a dead letter), retrying while the
-/// store is unavailable, until the outcome is durable (true) or the consumer
+/// Charge one message (`sent`: already in the writer's queue, or kept as a
+/// dead letter), retrying while the store is unavailable, until the outcome is durable (true) or the consumer
 /// stops (false: the message is not done, and its offset stays
 /// uncommitted).
 async fn process(
     state: &AppState,
     message: &OwnedMessage,
+    mut sent: Option<ingest::Sent<'static>>,
     stopping: &mut tokio::sync::watch::Receiver<bool>,
 ) -> bool {
     let mut backoff = RETRY_FIRST;
     let mut attempt = 1u32;
     loop {
         let result = match message.payload() {
+            // The first attempt was sent in order by the receiving loop.
+            Some(_) if sent.is_some() => sent.take().expect("sent").finish(state).await,
             Some(bytes) => ingest::ingest_bytes(state, bytes, SOURCE).await,
             None => {
                 let key = message

@@ -476,7 +476,13 @@ async fn consume(
             .expect("the semaphore is never closed");
         match messages.next().await {
             Some(Ok(message)) => {
-                tokio::spawn(process(state.clone(), message, slot));
+                // Into the writer's queue here, in the order the stream
+                // delivers, and only then waited for on a task of its own.
+                let sent = match message.payload.is_empty() {
+                    true => None,
+                    false => Some(ingest::send_bytes(state, &message.payload, SOURCE).await),
+                };
+                tokio::spawn(process(state.clone(), message, sent, slot));
             }
             Some(Err(error)) => return format!("pulling messages failed: {error}"),
             None => return "the pull ended".to_owned(),
@@ -512,20 +518,26 @@ static UNAVAILABLE: AtomicU64 = AtomicU64::new(0);
 
 /// Charge one message (or keep it as a dead letter) and ack it once that is
 /// durable; when the store is unavailable, nak it with a delay instead.
-async fn process(state: AppState, message: jetstream::Message, slot: OwnedSemaphorePermit) {
+async fn process(
+    state: AppState,
+    message: jetstream::Message,
+    sent: Option<ingest::Sent<'static>>,
+    slot: OwnedSemaphorePermit,
+) {
     let (sequence, delivered) = match message.info() {
         Ok(info) => (info.stream_sequence, info.delivered.max(1)),
         Err(_) => (0, 1),
     };
-    let result = if message.payload.is_empty() {
-        let payload = format!(
-            "nats message {}#{sequence} on {} without a payload",
-            message.info().map(|i| i.stream).unwrap_or("?"),
-            message.subject
-        );
-        ingest::ingest_invalid(&state, payload, SOURCE, "the message has no payload").await
-    } else {
-        ingest::ingest_bytes(&state, &message.payload, SOURCE).await
+    let result = match sent {
+        Some(sent) => sent.finish(&state).await,
+        None => {
+            let payload = format!(
+                "nats message {}#{sequence} on {} without a payload",
+                message.info().map(|i| i.stream).unwrap_or("?"),
+                message.subject
+            );
+            ingest::ingest_invalid(&state, payload, SOURCE, "the message has no payload").await
+        }
     };
     match result {
         Ok(result) => {

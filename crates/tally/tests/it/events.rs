@@ -187,6 +187,52 @@ async fn a_batch_charges_each_event_once_and_keeps_the_bad_ones() {
     assert_replayable(&app.ledger_all("c1").await);
 }
 
+/// A batch is charged in request order, however long: the first of two
+/// events with one id is the one charged, and when credits run out the
+/// last ones are refused. A probe found batches of 128 or more charged out
+/// of order (127 in order, then the rest from the end).
+#[tokio::test]
+async fn a_long_batch_is_charged_in_request_order() {
+    let app = priced_app(Options::default()).await;
+    // c1 has 100 credits: 200 events of 0.5 use them up, 100 more are refused.
+    let mut batch: Vec<Value> = (0..300)
+        .map(|n| json!({ "id": format!("o{n}"), "customer_id": "c1", "feature": "api", "quantity": 1 }))
+        .collect();
+    batch[150] = json!({ "id": "twice", "customer_id": "c1", "feature": "api", "quantity": 1 });
+    batch[160] = json!({ "id": "twice", "customer_id": "c1", "feature": "api", "quantity": 1 });
+    batch[170] = json!({ "id": "clash", "customer_id": "c1", "feature": "api", "quantity": 1 });
+    batch[180] = json!({ "id": "clash", "customer_id": "c1", "feature": "api", "quantity": 2 });
+    let results = events(&app, Value::Array(batch)).await;
+    let status = |n: usize| results[n]["status"].as_str().unwrap().to_owned();
+    assert_eq!(status(150), "charged");
+    assert_eq!(status(160), "duplicate");
+    assert_eq!(status(170), "charged");
+    assert_eq!(status(180), "rejected");
+    assert_eq!(
+        results[180]["error"]["code"], "idempotency_conflict",
+        "{}",
+        results[180]
+    );
+    // 297 distinct charges of 0.5 tried against 100 credits: the first
+    // 200 of them (in request order) are charged.
+    let charged: Vec<usize> = (0..300)
+        .filter(|n| *n != 160 && *n != 180 && status(*n) == "charged")
+        .collect();
+    assert_eq!(charged.len(), 200);
+    assert_eq!(charged.last(), Some(&201), "the first 200 distinct ones");
+    for (n, result) in results.iter().enumerate().skip(202) {
+        assert_eq!(result["status"], "rejected", "event {n}: {result}");
+        assert_eq!(result["error"]["code"], "insufficient_credits");
+    }
+    // Each charged event leaves less than the one before it.
+    let after: Vec<i64> = charged
+        .iter()
+        .map(|n| micros(results[*n]["balance_after"].as_str().unwrap()))
+        .collect();
+    assert!(after.windows(2).all(|w| w[1] < w[0]), "{after:?}");
+    assert_eq!(available(&app, "c1").await, 0);
+}
+
 #[tokio::test]
 async fn events_are_priced_at_their_own_timestamp() {
     let app = priced_app(Options {
