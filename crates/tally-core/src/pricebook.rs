@@ -85,6 +85,11 @@ pub struct Contract {
     pub multiplier: Option<Amount>,
     /// Price book rates locked to this version for the contract's window.
     pub pinned_pricebook: Option<String>,
+    /// Price book rates locked to the version in effect at
+    /// `effective_from` (a start still to come when the contract was set:
+    /// a version published before then, in effect by then, is the one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lock_rates: bool,
 }
 
 impl Contract {
@@ -382,7 +387,17 @@ pub fn price_usage(
             Err(other) => return Err(other),
         }
     }
-    let pinned = contract.and_then(|c| c.pinned_pricebook.as_deref());
+    // Published versions never change and none takes effect in the past,
+    // so once the contract has started, the version in effect at its start
+    // is settled.
+    let locked = contract
+        .filter(|c| c.lock_rates)
+        .and_then(|c| c.effective_from)
+        .and_then(|from| book.in_effect(from))
+        .map(|version| version.id.as_str());
+    let pinned = contract
+        .and_then(|c| c.pinned_pricebook.as_deref())
+        .or(locked);
     let version = match pinned {
         Some(id) => book.get(id).ok_or_else(|| PricingError::NoPrice {
             feature: format!(
@@ -567,6 +582,7 @@ mod tests {
             rules: vec![unit("x", "0.5")],
             multiplier: None,
             pinned_pricebook: None,
+            lock_rates: false,
         };
         let none = BTreeMap::new();
         // (plan, region, contract, at, expected cost)
@@ -625,6 +641,7 @@ mod tests {
             )],
             multiplier: Some(a("0.5")),
             pinned_pricebook: Some("v1".into()),
+            lock_rates: false,
         };
         let at = |feature, t| {
             price_usage(&book, None, Some(&locked), &usage(feature, &none, None, t)).unwrap()
@@ -654,6 +671,7 @@ mod tests {
             rules: Vec::new(),
             multiplier: Some(a("3")),
             pinned_pricebook: None,
+            lock_rates: false,
         };
         let none = BTreeMap::new();
         let mut u = usage("r", &none, None, 0);

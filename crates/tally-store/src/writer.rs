@@ -2897,8 +2897,11 @@ impl Writer {
                     "give lock_rates or pinned_pricebook, not both".into(),
                 ));
             }
-            // The version in effect when the contract starts, as published now
-            // (a start in the past pins what applied then).
+            // The version in effect when the contract starts. A start now
+            // or past pins what applied then, which no later publication
+            // can change; a start to come is resolved when prices are taken
+            // (`Contract::lock_rates`), since a version may still be
+            // published to take effect before it.
             let start = contract.effective_from.unwrap_or(self.now);
             let version = self.catalog.published.in_effect(start).ok_or_else(|| {
                 refuse(
@@ -2906,7 +2909,11 @@ impl Writer {
                         .into(),
                 )
             })?;
-            contract.pinned_pricebook = Some(version.id.clone());
+            if start <= self.now {
+                contract.pinned_pricebook = Some(version.id.clone());
+            } else {
+                contract.lock_rates = true;
+            }
         }
         if let Some(pinned) = &contract.pinned_pricebook {
             if self.catalog.published.get(pinned).is_none() {

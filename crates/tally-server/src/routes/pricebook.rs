@@ -484,7 +484,12 @@ pub struct ContractBody {
     #[schema(value_type = Vec<Object>)]
     pub rules: Vec<Rule>,
     pub multiplier: Option<String>,
+    /// The version whose rates the contract locks (`lock_rates` with a
+    /// start now or past: the version in effect then).
     pub pinned_pricebook: Option<String>,
+    /// Rates locked to the version in effect at `effective_from`, a start
+    /// still to come when the contract was set: charges name the version.
+    pub lock_rates: bool,
     pub updated_at: String,
     pub updated_by: Option<String>,
 }
@@ -499,6 +504,7 @@ fn render_contract(record: &ContractRecord) -> ContractBody {
         rules: c.rules.clone(),
         multiplier: c.multiplier.map(amount),
         pinned_pricebook: c.pinned_pricebook.clone(),
+        lock_rates: c.lock_rates,
         updated_at: rfc3339(record.updated_at),
         updated_by: record.updated_by.clone(),
     }
@@ -546,6 +552,7 @@ pub async fn put_contract(
             .pinned_pricebook
             .map(|p| edge::id(&p, "pinned_pricebook").map(|p| p.to_string()))
             .transpose()?,
+        lock_rates: false,
     };
     // Checked here, on the request alone, so that it is bad input (the id stays free) and
     // not a refusal kept under the id.

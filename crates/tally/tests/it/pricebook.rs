@@ -773,7 +773,12 @@ async fn locked_contract_survives_a_price_increase() {
         )
         .await,
     );
-    assert_eq!(e["pinned_pricebook"], "v2");
+    // Its start is still to come: the version in effect then (v2 as
+    // published now) is resolved when it prices.
+    assert_eq!(
+        (&e["pinned_pricebook"], &e["lock_rates"]),
+        (&Value::Null, &json!(true))
+    );
     // C: a fixed price per 1000 actions (its own rule, never multiplied), and
     // 20% off the price book.
     let c = fresh(
@@ -3045,4 +3050,81 @@ async fn a_key_given_twice_in_nested_json_is_refused() {
         events.body
     );
     assert_eq!(app.balance("c").await["available"], "99");
+}
+
+/// `lock_rates` with a start still to come locks the version in effect at
+/// that start, including one published after the contract was set. A probe
+/// found the version in effect when it was set pinned instead.
+#[tokio::test]
+async fn lock_rates_locks_the_version_in_effect_when_the_contract_starts() {
+    let app = manual_app().await;
+    feature(&app, "f").await;
+    customer_with(&app, "c", None, None).await;
+    app.grant("c", "g", "10000").await;
+    let book = |price: &str| json!([{"feature": "f", "credits_per_unit": price}]);
+    release(&app, "kv1", None, &book("1"), None).await;
+    let contract = fresh(
+        &app.put(
+            "/v1/customers/c/contract",
+            json!({"id": "k", "lock_rates": true, "effective_from": at(3600)}),
+        )
+        .await,
+    );
+    assert_eq!(contract["lock_rates"], true);
+    // Published after the contract, in effect before it starts: locked.
+    release(&app, "kv2", Some("kv1"), &book("100"), Some(&at(1800))).await;
+    // In effect after it starts: not for this customer.
+    release(&app, "kv3", Some("kv2"), &book("1000"), Some(&at(5400))).await;
+    // Before the start, the price book as usual.
+    charge_priced(
+        &app,
+        "c0",
+        "c",
+        "f",
+        "1",
+        None,
+        "1",
+        Some("kv1"),
+        "kv1 rule 0",
+    )
+    .await;
+    advance_to(&app, &at(7200)).await;
+    let charged = charge_priced(
+        &app,
+        "c1",
+        "c",
+        "f",
+        "1",
+        None,
+        "100",
+        Some("kv2"),
+        "kv2 rule 0",
+    )
+    .await;
+    let entry = ok(&app
+        .get(&format!(
+            "/v1/ledger/{}",
+            charged["entry_id"].as_str().unwrap()
+        ))
+        .await);
+    let explanation = entry["explanation"].as_str().unwrap();
+    assert!(
+        explanation.contains("rates locked by contract k"),
+        "{explanation}"
+    );
+    // Others pay the version in effect now.
+    customer_with(&app, "d", None, None).await;
+    app.grant("d", "gd", "10000").await;
+    charge_priced(
+        &app,
+        "d1",
+        "d",
+        "f",
+        "1",
+        None,
+        "1000",
+        Some("kv3"),
+        "kv3 rule 0",
+    )
+    .await;
 }
