@@ -1774,13 +1774,17 @@ impl Writer {
                     .void(grant_id, id, Some(reason.clone()), now)
                     .map_err(Failure::Refused)?;
                 let entry_id = self.record_entry(&draft, actor)?;
+                let refundable_money = match self.topup_refund(grant_id, voided.voided)? {
+                    Some(exact) => Some(exact),
+                    None => voided.refundable_money,
+                };
                 Ok((
                     Outcome::Void(VoidOutcome {
                         id: id.clone(),
                         grant_id: grant_id.clone(),
                         customer_id,
                         voided: voided.voided,
-                        refundable_money: voided.refundable_money,
+                        refundable_money,
                         balance_after: draft.balance_after,
                         entry_id,
                     }),
@@ -3050,6 +3054,36 @@ impl Writer {
             self.prune_notifications()?;
         }
         Ok(Outcome::Tick { entries })
+    }
+
+    /// A top-up's lot `topup:<id>` voided: what `voided` of its credits
+    /// are worth at the exact price paid for the top-up (its price times
+    /// `voided` over its credits, rounded half up to the micro-unit), so that
+    /// voiding all of an unused top-up refunds exactly its payment, and what
+    /// was spent and what is refunded add up to it. The lot's cost basis is
+    /// the price per credit rounded to the micro-unit: 3 credits for 1 USD
+    /// gave 0.999999. `None` for any other lot.
+    fn topup_refund(
+        &self,
+        grant_id: &Id,
+        voided: tally_core::Amount,
+    ) -> Result<Option<(tally_core::Amount, String)>, Failure> {
+        let Some(topup_id) = grant_id.as_str().strip_prefix("topup:") else {
+            return Ok(None);
+        };
+        let Some(topup) = rows::topup(&self.connection, topup_id)? else {
+            return Ok(None);
+        };
+        if topup.grant_id.as_ref() != Some(grant_id) || !topup.credits.is_positive() {
+            return Ok(None);
+        }
+        let credits = i128::from(topup.credits.micros());
+        let value = (i128::from(topup.price.micros()) * i128::from(voided.micros()) + credits / 2)
+            / credits;
+        Ok(i64::try_from(value)
+            .ok()
+            .and_then(tally_core::Amount::from_micros)
+            .map(|money| (money, topup.currency)))
     }
 
     /// The customers a whole tick visits now ([`DUE_CUSTOMERS`]), less the

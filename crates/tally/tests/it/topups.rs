@@ -712,3 +712,57 @@ async fn transfers_out_start_the_senders_automatic_topup() {
         micros("3600")
     );
 }
+
+/// Bug 3 of PRODUCT.md for a top-up whose price does not divide evenly:
+/// voiding what is unused refunds an amount that, with what the spent
+/// credits were worth, makes exactly the payment. A probe found 3 credits
+/// for 1 USD voided unused reported 0.999999 USD (the per-credit cost basis,
+/// rounded to 0.333333, times 3).
+#[tokio::test]
+async fn voiding_a_topup_reconciles_with_its_exact_payment() {
+    let app = manual_app().await;
+    let pack = put_pack(
+        &app,
+        "thirds",
+        json!({ "name": "3 credits", "credits": "3", "price": "1", "currency": "USD" }),
+    )
+    .await;
+    assert_eq!(pack["price_per_credit"], "0.333333");
+    for (customer, spend) in [("unused", None), ("used", Some("1"))] {
+        app.customer(customer).await;
+        let topup = format!("tp_{customer}");
+        let created = app
+            .post(
+                &format!("/v1/customers/{customer}/topups"),
+                json!({ "id": topup, "pack": "thirds", "quantity": 1 }),
+            )
+            .await;
+        assert_eq!(created.status, StatusCode::OK, "{}", created.body);
+        let confirmed = app
+            .post(&format!("/v1/topups/{topup}/confirm"), json!({}))
+            .await;
+        assert_eq!(confirmed.status, StatusCode::OK, "{}", confirmed.body);
+        if let Some(amount) = spend {
+            charge_ok(&app, customer, &format!("c_{customer}"), amount).await;
+        }
+        let void = app
+            .post(
+                &format!("/v1/grants/topup:{topup}/void"),
+                json!({ "id": format!("v_{customer}"), "reason": "refund the rest" }),
+            )
+            .await;
+        assert_eq!(void.status, StatusCode::OK, "{}", void.body);
+        let expected = match spend {
+            None => ("3", "1"),
+            // 2 of 3 credits: 0.666667 back, so 0.333333 was spent.
+            Some(_) => ("2", "0.666667"),
+        };
+        assert_eq!(void.body["voided"], expected.0, "{}", void.body);
+        assert_eq!(
+            void.body["refundable_money"],
+            json!({ "amount": expected.1, "currency": "USD" }),
+            "{}",
+            void.body
+        );
+    }
+}
