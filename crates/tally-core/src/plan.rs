@@ -149,6 +149,16 @@ pub fn validate_plan(plan: &Plan) -> Result<(), (&'static str, &'static str)> {
         ));
     }
     if let Some(rollover) = &plan.rollover {
+        // Rollover carries what an allocation leaves when its period ends;
+        // an allocation that outlives its period is still there to spend,
+        // and expired later with nothing carried (a probe found such a plan
+        // accepted and its rollover never applied).
+        if plan.allocation_expires_after_periods != Some(1) {
+            return Err((
+                "rollover",
+                "rollover carries what an allocation leaves at the end of its period: it needs allocation_expires_after_periods 1 (the default)",
+            ));
+        }
         if rollover.max_percent.is_some_and(|p| p > 100) {
             return Err(("rollover.max_percent", "max_percent must be 0 to 100"));
         }

@@ -590,6 +590,16 @@ async fn bad_plans_and_subscriptions_are_refused_and_change_nothing() {
             "rollover.expires_after_periods",
         ),
         (
+            json!({ "name": "x", "period": "month", "included_credits": "1",
+                    "allocation_expires_after_periods": 2, "rollover": { "max_percent": 50 } }),
+            "rollover",
+        ),
+        (
+            json!({ "name": "x", "period": "month", "included_credits": "1",
+                    "allocation_expires_after_periods": null, "rollover": { "max_percent": 50 } }),
+            "rollover",
+        ),
+        (
             json!({ "name": "x", "period": "month", "included_credits": "1", "overage": { "policy": "sometimes" } }),
             "overage",
         ),
