@@ -156,7 +156,7 @@ pub fn validate_plan(plan: &Plan) -> Result<(), (&'static str, &'static str)> {
         if plan.allocation_expires_after_periods != Some(1) {
             return Err((
                 "rollover",
-                "rollover carries what an allocation leaves at the end of its period: it needs allocation_expires_after_periods 1 (the default)",
+                "rollover carries what an allocation leaves at the end of its period: it needs allocation_expires_after_periods 1 (the default); remove the rollover or set allocation_expires_after_periods to 1",
             ));
         }
         if rollover.max_percent.is_some_and(|p| p > 100) {

@@ -3383,7 +3383,14 @@ fn load_packs(connection: &Connection) -> db::Result<HashMap<String, tally_core:
 }
 
 fn load_plans(connection: &Connection) -> db::Result<HashMap<String, tally_core::Plan>> {
-    Ok(rows::plans(connection)?
+    let plans = rows::plans(connection)?;
+    for plan in &plans {
+        // Stored before such plans were refused: the rollover never applies.
+        if plan.rollover.is_some() && plan.allocation_expires_after_periods != Some(1) {
+            tracing::warn!(plan = %plan.key, "this plan's rollover never applies: its allocations do not end with their period (set allocation_expires_after_periods to 1, or remove the rollover)");
+        }
+    }
+    Ok(plans
         .into_iter()
         .map(|plan| (plan.key.clone(), plan))
         .collect())

@@ -126,6 +126,18 @@ pub async fn post_events(
 ) -> Result<Json<EventBatchBody>, ApiError> {
     caller.require(Scope::Ingest)?;
     let bytes = body.bytes()?;
+    // On a task of its own: once an event is in the writer's queue it is
+    // charged whether or not the client still waits, so a refused one must
+    // still become a dead letter if the client goes away meanwhile.
+    tokio::spawn(charge_batch(state, bytes))
+        .await
+        .map_err(|_| ApiError::new("unavailable", "the batch's task failed"))?
+}
+
+async fn charge_batch(
+    state: AppState,
+    bytes: axum::body::Bytes,
+) -> Result<Json<EventBatchBody>, ApiError> {
     // Each event is kept as its own text and read once, by the ingest path.
     let body: RawBatch<'_> = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(

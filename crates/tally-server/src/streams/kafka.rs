@@ -65,6 +65,9 @@ const RESUME_AT: usize = 10_000;
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
 /// How long a graceful shutdown waits for the messages being charged.
 const STOP_WAIT: Duration = Duration::from_secs(10);
+/// How long the receiving loop waits for room in the writer's queue before
+/// it polls Kafka again (and then tries again).
+const SEND_WAIT: Duration = Duration::from_millis(50);
 /// Retry backoff when the store is unavailable.
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -390,20 +393,36 @@ async fn consume(
     // The assignment generation the partitions were paused at, when paused.
     let mut paused: Option<u64> = None;
     let mut errors = 0u32;
+    let mut writer_full: bool;
     loop {
         if *stopping.borrow_and_update() {
             stop(consumer, tracker, slots, backlog.len()).await;
             return;
         }
+        writer_full = false;
         while !backlog.is_empty() {
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 break;
             };
             let (message, epoch) = backlog.pop_front().expect("not empty");
             // Into the writer's queue here, in the order of the partition,
-            // and only then waited for on a task of its own.
+            // and only then waited for on a task of its own. A full queue
+            // is waited for only briefly: then the message goes back to the
+            // head of the backlog and the loop polls Kafka (rebalances,
+            // `stopping`) before it tries again.
             let sent = match message.payload() {
-                Some(bytes) => Some(ingest::send_bytes(&state, bytes, SOURCE).await),
+                Some(bytes) => {
+                    let send = ingest::send_bytes(&state, bytes, SOURCE);
+                    match tokio::time::timeout(SEND_WAIT, send).await {
+                        Ok(sent) => Some(sent),
+                        // Not queued: a send cut short queues nothing.
+                        Err(_) => {
+                            backlog.push_front((message, epoch));
+                            writer_full = true;
+                            break;
+                        }
+                    }
+                }
                 None => None,
             };
             let (state, tracker, freed) = (state.clone(), tracker.clone(), freed.clone());
@@ -459,6 +478,7 @@ async fn consume(
                 }
             },
             _ = freed.notified(), if !backlog.is_empty() => {}
+            _ = tokio::time::sleep(SEND_WAIT), if writer_full => {}
             _ = stopping.changed() => {}
         }
     }
