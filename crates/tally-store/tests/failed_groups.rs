@@ -236,6 +236,19 @@ fn expiring_grant(grant_id: &str, customer: &str, expires_at: Timestamp) -> Comm
     })
 }
 
+/// Customers `names`, each with a lot `g_<name>` of 100 expiring at `expires_at`.
+async fn with_expiring_grants(store: &Store, names: &[impl AsRef<str>], expires_at: Timestamp) {
+    for name in names {
+        let name = name.as_ref();
+        for command in [
+            customer_named(name),
+            expiring_grant(&format!("g_{name}"), name, expires_at),
+        ] {
+            store.execute(command, None).await.unwrap().result.unwrap();
+        }
+    }
+}
+
 fn advance(clock: &ManualClock, micros: i64) {
     clock.advance_to(Timestamp(clock.now().micros() + micros));
 }
@@ -280,20 +293,7 @@ async fn a_customer_whose_expiry_cannot_be_written_does_not_stop_the_others() {
     let clock = Arc::new(ManualClock::new(START));
     let store = place.open(clock.clone()).await;
     let expires_at = Timestamp(START.micros() + 60 * MINUTE);
-    for name in ["a", "p", "z"] {
-        store
-            .execute(customer_named(name), None)
-            .await
-            .unwrap()
-            .result
-            .unwrap();
-        store
-            .execute(expiring_grant(&format!("g_{name}"), name, expires_at), None)
-            .await
-            .unwrap()
-            .result
-            .unwrap();
-    }
+    with_expiring_grants(&store, &["a", "p", "z"], expires_at).await;
     // Nothing of customer p's can be written any more.
     place.tamper(
         "CREATE TRIGGER injected BEFORE INSERT ON entries WHEN NEW.customer_id = 'p' \
@@ -434,20 +434,7 @@ async fn a_tick_that_fails_for_everyone_leaves_nobody_out() {
     let store = place.open(clock.clone()).await;
     let expires_at = Timestamp(START.micros() + 60 * MINUTE);
     let names: Vec<String> = (0..20).map(|n| format!("c{n:02}")).collect();
-    for name in &names {
-        store
-            .execute(customer_named(name), None)
-            .await
-            .unwrap()
-            .result
-            .unwrap();
-        store
-            .execute(expiring_grant(&format!("g_{name}"), name, expires_at), None)
-            .await
-            .unwrap()
-            .result
-            .unwrap();
-    }
+    with_expiring_grants(&store, &names, expires_at).await;
     // No entry can be written for anyone: the fault is the store's.
     place.tamper(
         "CREATE TRIGGER injected BEFORE INSERT ON entries \
