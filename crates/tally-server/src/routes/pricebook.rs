@@ -484,11 +484,11 @@ pub struct ContractBody {
     #[schema(value_type = Vec<Object>)]
     pub rules: Vec<Rule>,
     pub multiplier: Option<String>,
-    /// The version whose rates the contract locks (`lock_rates` with a
-    /// start now or past: the version in effect then).
+    /// The version whose rates the contract locks (with `lock_rates`, the
+    /// version in effect at its start, shown once the start has come).
     pub pinned_pricebook: Option<String>,
     /// Rates locked to the version in effect at `effective_from`, a start
-    /// still to come when the contract was set: charges name the version.
+    /// still to come when the contract was set.
     pub lock_rates: bool,
     pub updated_at: String,
     pub updated_by: Option<String>,
@@ -586,7 +586,48 @@ pub async fn get_contract(
     let all = state.store.contracts(id.clone()).await?;
     let record = tally_store::catalog::contract_at(&all, state.store.now())
         .ok_or_else(|| ApiError::not_found(format!("contract in effect for customer {id}")))?;
-    Ok(Json(render_contract(record)))
+    let mut body = render_contract(record);
+    show_locks(
+        &state,
+        std::slice::from_mut(&mut body),
+        std::slice::from_ref(record),
+    )
+    .await?;
+    Ok(Json(body))
+}
+
+/// A `lock_rates` contract whose start has come shows the version it locks
+/// as `pinned_pricebook` (no version can take effect before now any more).
+async fn show_locks(
+    state: &AppState,
+    bodies: &mut [ContractBody],
+    records: &[ContractRecord],
+) -> Result<(), ApiError> {
+    let now = state.store.now();
+    let started = |record: &ContractRecord| {
+        record.contract.lock_rates
+            && record
+                .contract
+                .effective_from
+                .is_some_and(|from| from <= now)
+    };
+    if !records.iter().any(started) {
+        return Ok(());
+    }
+    let books = state.store.pricebooks().await?;
+    for (body, record) in bodies.iter_mut().zip(records) {
+        let Some(from) = record.contract.effective_from.filter(|_| started(record)) else {
+            continue;
+        };
+        body.pinned_pricebook = books
+            .iter()
+            .filter(|b| b.status == tally_store::catalog::PricebookStatus::Published)
+            .filter_map(|b| Some((b.effective_at?, b.published_seq, b)))
+            .filter(|(at, _, _)| *at <= from)
+            .max_by_key(|(at, seq, _)| (*at, *seq))
+            .map(|(_, _, b)| b.id.clone());
+    }
+    Ok(())
 }
 
 /// Every contract of a customer, in the order they were set (past, current
@@ -606,11 +647,9 @@ pub async fn list_contracts(
     if all.is_empty() && state.store.customer(id.clone()).await?.is_none() {
         return Err(ApiError::not_found(format!("customer {id}")));
     }
-    let (data, next_cursor) = edge::page(
-        all.iter().map(render_contract).collect(),
-        |c| &c.id,
-        &params,
-    )?;
+    let mut bodies: Vec<ContractBody> = all.iter().map(render_contract).collect();
+    show_locks(&state, &mut bodies, &all).await?;
+    let (data, next_cursor) = edge::page(bodies, |c| &c.id, &params)?;
     Ok(Json(Page { data, next_cursor }))
 }
 

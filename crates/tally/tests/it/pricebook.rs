@@ -3112,6 +3112,14 @@ async fn lock_rates_locks_the_version_in_effect_when_the_contract_starts() {
         explanation.contains("rates locked by contract k"),
         "{explanation}"
     );
+    // Once started, the contract shows the version it locks.
+    let shown = ok(&app.get("/v1/customers/c/contract").await);
+    assert_eq!(
+        (&shown["pinned_pricebook"], &shown["lock_rates"]),
+        (&json!("kv2"), &json!(true))
+    );
+    let listed = ok(&app.get("/v1/customers/c/contracts").await);
+    assert_eq!(listed["data"][0]["pinned_pricebook"], "kv2");
     // Others pay the version in effect now.
     customer_with(&app, "d", None, None).await;
     app.grant("d", "gd", "10000").await;
