@@ -203,26 +203,7 @@ pub async fn send_text<'a>(
 /// [`send_text`] for an event given as JSON bytes (a stream message).
 pub async fn send_bytes(state: &AppState, bytes: &[u8], source: &str) -> Sent<'static> {
     match std::str::from_utf8(bytes) {
-        Ok(text) => {
-            let sent = send_text(state, text, source, None).await;
-            Sent {
-                step: match sent.step {
-                    Step::Charging {
-                        answer,
-                        event,
-                        payload,
-                    } => Step::Charging {
-                        answer,
-                        event,
-                        payload: std::borrow::Cow::Owned(payload.into_owned()),
-                    },
-                    Step::Letter(letter) => Step::Letter(letter),
-                    Step::Failed(error) => Step::Failed(error),
-                },
-                source: sent.source,
-                arrived: sent.arrived,
-            }
-        }
+        Ok(text) => send_text(state, text, source, None).await.into_owned(),
         Err(_) => Sent {
             step: Step::Letter(NewDeadLetter {
                 source: source.to_owned(),
@@ -244,6 +225,29 @@ pub async fn send_bytes(state: &AppState, bytes: &[u8], source: &str) -> Sent<'s
 }
 
 impl Sent<'_> {
+    /// The same, keeping its own copy of the event's text (for a task of
+    /// its own, after the message it came in is gone).
+    fn into_owned(self) -> Sent<'static> {
+        let step = match self.step {
+            Step::Charging {
+                answer,
+                event,
+                payload,
+            } => Step::Charging {
+                answer,
+                event,
+                payload: std::borrow::Cow::Owned(payload.into_owned()),
+            },
+            Step::Letter(letter) => Step::Letter(letter),
+            Step::Failed(error) => Step::Failed(error),
+        };
+        Sent {
+            step,
+            source: self.source,
+            arrived: self.arrived,
+        }
+    }
+
     /// What became of the event, once durable: charged, a duplicate, or
     /// refused and kept as a dead letter (durable before this returns).
     /// `Err` only when the store is unavailable.

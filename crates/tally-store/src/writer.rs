@@ -423,6 +423,12 @@ struct Round {
     visited: usize,
 }
 
+/// `items` in two halves, in order (the first the smaller).
+fn halve<T>(mut items: Vec<T>) -> [Vec<T>; 2] {
+    let second = items.split_off(items.len() / 2);
+    [items, second]
+}
+
 /// Commands that fail by themselves, with no part committed, after which
 /// the fault is taken for the store's, not theirs.
 const GIVE_UP_AFTER: usize = 3;
@@ -3119,59 +3125,54 @@ impl Writer {
     /// commands have failed by themselves with no part committed, every
     /// command still waiting is answered `Unavailable` at once.
     fn split_for_retry(&mut self, mut jobs: Vec<Job>, scope: Option<TickScope>, error: &db::Error) {
-        let Some(scope) = scope else {
-            // As it first ran.
-            self.round.get_or_insert_with(Round::default);
-            let parts = match jobs.len() {
-                0 => return,
-                1 => vec![jobs],
-                n => {
-                    let second = jobs.split_off(n / 2);
-                    vec![jobs, second]
-                }
-            };
-            for jobs in parts {
-                self.retries.push_back(Retry {
-                    jobs,
-                    scope: TickScope::Whole,
-                });
+        let first_run = scope.is_none();
+        let scope = scope.unwrap_or(TickScope::Whole);
+        self.round.get_or_insert_with(Round::default);
+        // A tick part of several customers is halved by its customers.
+        let parts: Vec<Retry> = match scope {
+            TickScope::Customers(customers) if customers.len() > 1 => halve(customers)
+                .into_iter()
+                .map(|customers| Retry {
+                    jobs: vec![tick_job()],
+                    scope: TickScope::Customers(customers),
+                })
+                .collect(),
+            // As it first ran: applied again whole if alone (it may have
+            // failed only because the group under it did), else halved.
+            scope if jobs.len() > 1 || (first_run && !jobs.is_empty()) => {
+                let halves = match jobs.len() {
+                    1 => vec![jobs],
+                    _ => halve(jobs).into(),
+                };
+                halves
+                    .into_iter()
+                    .map(|jobs| Retry {
+                        jobs,
+                        scope: scope.clone(),
+                    })
+                    .collect()
             }
-            return;
-        };
-        let round = self.round.get_or_insert_with(Round::default);
-        let customers = match &scope {
-            TickScope::Customers(customers) => customers.len(),
-            _ => 0,
-        };
-        if jobs.len() > 1 || customers > 1 {
-            let halves: Vec<Retry> = match scope {
-                TickScope::Customers(mut first) => {
-                    let second = first.split_off(first.len() / 2);
-                    [first, second]
-                        .into_iter()
-                        .map(|customers| Retry {
-                            jobs: vec![tick_job()],
-                            scope: TickScope::Customers(customers),
-                        })
-                        .collect()
-                }
-                scope => {
-                    let second = jobs.split_off(jobs.len() / 2);
-                    [jobs, second]
-                        .into_iter()
-                        .map(|jobs| Retry {
-                            jobs,
-                            scope: scope.clone(),
-                        })
-                        .collect()
-                }
-            };
-            for half in halves.into_iter().rev() {
-                self.retries.push_front(half);
+            scope => {
+                let Some(job) = jobs.pop() else { return };
+                return self.failed_alone(job, scope, error);
             }
-            return;
+        };
+        if first_run {
+            // Behind the parts of earlier groups: the commands keep their order.
+            self.retries.extend(parts);
+        } else {
+            // In the place of the part that failed.
+            for part in parts.into_iter().rev() {
+                self.retries.push_front(part);
+            }
         }
-        let Some(job) = jobs.pop() else { return };
+    }
+
+    /// A command (or tick part) that failed by itself: answered, unless so
+    /// many have failed with nothing committed that every command waiting
+    /// is given up.
+    fn failed_alone(&mut self, job: Job, scope: TickScope, error: &db::Error) {
+        let round = self.round.get_or_insert_with(Round::default);
         round.alone += 1;
         if round.committed == 0 && round.alone >= GIVE_UP_AFTER {
             tracing::error!(%error, "commands keep failing by themselves and nothing commits: every command waiting to be applied again is answered unavailable");

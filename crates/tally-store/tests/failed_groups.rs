@@ -366,21 +366,7 @@ async fn a_fault_of_every_command_fails_each_one_once_and_nothing_stays() {
     let place = TestStore::new("failed_everything");
     let clock = Arc::new(ManualClock::new(START));
     let store = place.open(clock.clone()).await;
-    store
-        .execute(Command::CreateCustomer(NewCustomer::with_id(id("c"))), None)
-        .await
-        .unwrap()
-        .result
-        .unwrap();
-    store
-        .execute(
-            expiring_grant("g", "c", Timestamp(START.micros() + (1 << 40))),
-            None,
-        )
-        .await
-        .unwrap()
-        .result
-        .unwrap();
+    with_expiring_grants(&store, &["c"], Timestamp(START.micros() + (1 << 40))).await;
     // No charge can be written: not one poisoned command but a broken table.
     place.tamper(
         "CREATE TRIGGER injected BEFORE INSERT ON operations WHEN NEW.id LIKE 'ch_%' \
