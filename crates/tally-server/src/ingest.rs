@@ -109,19 +109,20 @@ pub async fn ingest_text(
     text: &str,
     source: &str,
 ) -> Result<EventResult, ApiError> {
-    ingest_text_received(state, text, source, None).await
+    ingest_text_received(state, text, source, None, None).await
 }
 
 /// [`ingest_text`] for an event that first arrived at `received_at` (a
 /// dead letter's replay): without a timestamp of its own it is charged as
-/// of then, not of now.
+/// of then, not of now. `actor` as in [`send_text`].
 pub async fn ingest_text_received(
     state: &AppState,
     text: &str,
     source: &str,
     received_at: Option<Timestamp>,
+    actor: Option<String>,
 ) -> Result<EventResult, ApiError> {
-    send_text(state, text, source, received_at)
+    send_text(state, text, source, received_at, actor)
         .await
         .finish(state)
         .await
@@ -154,11 +155,14 @@ enum Step<'a> {
 }
 
 /// Read one event given as its JSON text and put it in the writer's queue.
+/// Its entry's actor is `actor` (the API key that sent or replayed it), or
+/// else the source it came from (`source:kafka`).
 pub async fn send_text<'a>(
     state: &AppState,
     text: &'a str,
     source: &str,
     received_at: Option<Timestamp>,
+    actor: Option<String>,
 ) -> Sent<'a> {
     let arrived = std::time::Instant::now();
     let step = match parse_event(text, source) {
@@ -169,7 +173,10 @@ pub async fn send_text<'a>(
             };
             match state
                 .store
-                .submit(Command::Event(event.clone()), None)
+                .submit(
+                    Command::Event(event.clone()),
+                    actor.or_else(|| Some(format!("source:{source}"))),
+                )
                 .await
             {
                 Ok(answer) => Step::Charging {
@@ -203,7 +210,9 @@ pub async fn send_text<'a>(
 /// [`send_text`] for an event given as JSON bytes (a stream message).
 pub async fn send_bytes(state: &AppState, bytes: &[u8], source: &str) -> Sent<'static> {
     match std::str::from_utf8(bytes) {
-        Ok(text) => send_text(state, text, source, None).await.into_owned(),
+        Ok(text) => send_text(state, text, source, None, None)
+            .await
+            .into_owned(),
         Err(_) => Sent {
             step: Step::Letter(NewDeadLetter {
                 source: source.to_owned(),

@@ -2559,12 +2559,22 @@ impl Writer {
         if let Some(id) = &letter.event_id {
             self.letter_events.insert(id.clone());
         }
+        let payload_key = || hex::encode(Sha256::digest(letter.payload.as_bytes()));
         let key = match &letter.event_id {
-            Some(id) => format!("event:{id}"),
-            None => format!(
-                "payload:{}",
-                hex::encode(Sha256::digest(letter.payload.as_bytes()))
-            ),
+            Some(id) => {
+                let key = format!("event:{id}");
+                // A letter whose event was charged stays as it was settled:
+                // the id is taken for good, so what is refused under it now
+                // is another event (a conflict), kept as a letter of its own
+                // (one per payload, so its redeliveries count as attempts).
+                match rows::dead_letter_by_key(&self.connection, &key)? {
+                    Some(settled) if settled.status == DeadLetterStatus::Replayed => {
+                        format!("{key}:{}", &payload_key()[..32])
+                    }
+                    _ => key,
+                }
+            }
+            None => format!("payload:{}", payload_key()),
         };
         let now = self.now.micros();
         self.connection

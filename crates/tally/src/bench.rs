@@ -469,6 +469,10 @@ async fn http_events(store: &Store, args: &BenchArgs) -> anyhow::Result<()> {
     let state = tally_server::AppState::new(store.clone(), Some(key), None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
+    // As `tally serve` does.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+        let _ = stream.set_nodelay(true);
+    });
     tokio::spawn(async move {
         let _ = axum::serve(listener, tally_server::router(state)).await;
     });

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 use tally_core::Clock;
 use tally_server::AppState;
@@ -231,6 +232,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listen on {listen}"))?;
     let address = listener.local_addr()?;
+    // Answers go out as soon as they are written: without TCP_NODELAY a
+    // write behind one not yet acknowledged (an answer larger than one
+    // segment, a forwarded write's) waits for the peer's delayed ACK.
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY on an accepted connection");
+        }
+    });
     anyhow::ensure!(
         advertise_url.is_some() || !state.store.is_shared() || !address.ip().is_unspecified(),
         "--listen {address} with --database-url needs --advertise-url: the URL the other servers reach this one at"

@@ -129,7 +129,7 @@ pub async fn post_events(
     // On a task of its own: once an event is in the writer's queue it is
     // charged whether or not the client still waits, so a refused one must
     // still become a dead letter if the client goes away meanwhile.
-    tokio::spawn(charge_batch(state, bytes))
+    tokio::spawn(charge_batch(state, bytes, caller.actor()))
         .await
         .map_err(|_| ApiError::new("unavailable", "the batch's task failed"))?
 }
@@ -137,6 +137,7 @@ pub async fn post_events(
 async fn charge_batch(
     state: AppState,
     bytes: axum::body::Bytes,
+    actor: Option<String>,
 ) -> Result<Json<EventBatchBody>, ApiError> {
     // Each event is kept as its own text and read once, by the ingest path.
     let body: RawBatch<'_> = serde_json::from_slice(&bytes).map_err(|e| {
@@ -159,7 +160,7 @@ async fn charge_batch(
     // group commits.
     let mut sent = Vec::with_capacity(body.events.len());
     for event in &body.events {
-        sent.push(ingest::send_text(&state, event.get(), "http", None).await);
+        sent.push(ingest::send_text(&state, event.get(), "http", None, actor.clone()).await);
     }
     let results =
         futures_util::future::join_all(sent.into_iter().map(|sent| sent.finish(&state))).await;
@@ -399,9 +400,14 @@ pub async fn replay_dead_letter(
         ));
     }
     // An event without a timestamp is charged as of when it first arrived.
-    let result =
-        ingest::ingest_text_received(&state, &letter.payload, "replay", Some(letter.first_seen))
-            .await?;
+    let result = ingest::ingest_text_received(
+        &state,
+        &letter.payload,
+        "replay",
+        Some(letter.first_seen),
+        caller.actor(),
+    )
+    .await?;
     state.metrics.events("replay", result.status());
     let event_id = letter.event_id.clone();
     if let EventResult::Charged(_) | EventResult::Duplicate(_) = &result {

@@ -438,6 +438,48 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
     assert_replayable(&app.ledger_all("c1").await);
 }
 
+/// A dead letter settled by its event's charge stays as it was settled: an
+/// event of another customer that later reuses the id is refused as a
+/// conflict and kept as a letter of its own (its redeliveries counted there).
+#[tokio::test]
+async fn a_settled_dead_letter_is_not_rewritten_by_a_later_conflict() {
+    let app = priced_app(Options::default()).await;
+    let first = json!({ "id": "x", "customer_id": "later", "feature": "api", "quantity": 4 });
+    assert_eq!(events(&app, json!([first])).await[0]["status"], "rejected");
+    app.customer("later").await;
+    app.grant("later", "gl", "10").await;
+    assert_eq!(events(&app, json!([first])).await[0]["status"], "charged");
+    let settled = dead_letters(&app, "status=all").await;
+    assert_eq!(settled.len(), 1, "{settled:?}");
+    let settled = settled[0].clone();
+    assert_eq!(settled["status"], "replayed");
+    assert_eq!(settled["note"], "charged");
+
+    let other = json!({ "id": "x", "customer_id": "c1", "feature": "api", "quantity": 2 });
+    for attempt in 1..=2 {
+        let results = events(&app, json!([other])).await;
+        assert_eq!(results[0]["status"], "rejected");
+        assert_eq!(results[0]["error"]["code"], "idempotency_conflict");
+        let letters = dead_letters(&app, "status=all").await;
+        assert_eq!(letters.len(), 2, "{letters:?}");
+        let kept = letters
+            .iter()
+            .find(|l| l["id"] == settled["id"])
+            .expect("the settled letter is still listed");
+        assert_eq!(kept, &settled, "the settled letter is unchanged");
+        let conflict = letters
+            .iter()
+            .find(|l| l["id"] != settled["id"])
+            .expect("the conflict's own letter");
+        assert_eq!(conflict["status"], "pending");
+        assert_eq!(conflict["customer_id"], "c1");
+        assert_eq!(conflict["code"], "idempotency_conflict");
+        assert_eq!(conflict["attempts"], attempt);
+    }
+    assert_eq!(available(&app, "later").await, micros("8"));
+    assert_eq!(available(&app, "c1").await, micros("100"));
+}
+
 #[tokio::test]
 async fn pubsub_push_charges_once_and_checks_its_token() {
     let app = priced_app(Options {
@@ -470,6 +512,13 @@ async fn pubsub_push_charges_once_and_checks_its_token() {
     let reply = push("s3cret", envelope(event)).await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT);
     assert_eq!(available(&app, "c1").await, micros("98"));
+    // No API key sent it: its entry names its source.
+    let ledger = app.ledger_all("c1").await;
+    let entry = ledger
+        .iter()
+        .find(|e| e["reference"] == "p1")
+        .expect("the event's entry");
+    assert_eq!(entry["actor"], "source:pubsub");
     // A wrong token: 401, nothing done.
     let other = r#"{"id":"p2","customer_id":"c1","feature":"api","quantity":4}"#;
     let reply = push("wrong", envelope(other)).await;
@@ -567,7 +616,14 @@ async fn events_need_the_ingest_scope() {
     let app = priced_app(Options::default()).await;
     let key = |scope: &str| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args(["keys", "create", "--scope", scope])
+            .args([
+                "keys",
+                "create",
+                "--scope",
+                scope,
+                "--id",
+                &format!("k_{scope}"),
+            ])
             .args(app.storage_args())
             .output()
             .expect("run tally keys create");
@@ -601,6 +657,13 @@ async fn events_need_the_ingest_scope() {
         .await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
     assert_eq!(available(&app, "c1").await, micros("99"));
+    // The event's entry names the key that sent it, as a charge's does.
+    let ledger = app.ledger_all("c1").await;
+    let entry = ledger
+        .iter()
+        .find(|e| e["reference"] == "s1")
+        .expect("the event's entry");
+    assert_eq!(entry["actor"], "key:k_ingest");
 }
 
 /// The HTTP and Pub/Sub push sources end to end (issue 4): producers send

@@ -3136,3 +3136,70 @@ async fn lock_rates_locks_the_version_in_effect_when_the_contract_starts() {
     )
     .await;
 }
+
+/// API.md: "requests accept a string or a JSON number". A rule's credits
+/// given as JSON numbers (1.5, 0.5, 0.333333) are read exactly, stored and
+/// shown as decimal strings, and price as the same rules given as strings.
+#[tokio::test]
+async fn rule_prices_accept_json_numbers() {
+    let app = manual_app().await;
+    for key in ["per_unit", "blocks", "graduated"] {
+        feature(&app, key).await;
+    }
+    new_draft(&app, "v1", None).await;
+    let reply = app
+        .put(
+            "/v1/pricebooks/v1/rules",
+            json!({ "rules": [
+                {"feature": "per_unit", "credits_per_unit": 1.5},
+                {"feature": "blocks", "block": {"size": 10, "credits": 0.333333}},
+                {"feature": "graduated", "tiers": {"mode": "graduated", "steps": [
+                    {"up_to": 2, "credits_per_unit": 2},
+                    {"up_to": null, "credits_per_unit": 0.5},
+                ]}},
+            ]}),
+        )
+        .await;
+    let book = ok(&reply);
+    assert_eq!(book["rules"][0]["credits_per_unit"], "1.5");
+    assert_eq!(book["rules"][1]["block"]["credits"], "0.333333");
+    assert_eq!(
+        book["rules"][2]["tiers"]["steps"][1]["credits_per_unit"],
+        "0.5"
+    );
+    // A number with more than six decimals is refused, naming the rules.
+    let refused = app
+        .put(
+            "/v1/pricebooks/v1/rules",
+            json!({ "rules": [{"feature": "per_unit", "credits_per_unit": 0.1234567}]}),
+        )
+        .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::BAD_REQUEST,
+        "{:?}",
+        refused.body
+    );
+    assert_eq!(refused.body["error"]["param"], "rules");
+    assert_eq!(
+        pricebook(&app, "v1").await["rules"][0]["credits_per_unit"],
+        "1.5",
+        "a refused replacement changes nothing"
+    );
+    assert!(publish(&app, "v1", None).await.status.is_success());
+    customer_with(&app, "c", None, None).await;
+    grant_body(
+        &app,
+        "c",
+        json!({"id": "g", "amount": "100", "source": "promotion", "paid": false}),
+    )
+    .await;
+    for (id, feature, quantity, cost) in [
+        ("a", "per_unit", "3", "4.5"),
+        ("b", "blocks", "25", "0.999999"),
+        ("d", "graduated", "4", "5"),
+    ] {
+        let charged = ok(&charge_usage(&app, id, "c", feature, quantity, None).await);
+        assert_eq!(charged["amount"], cost, "{feature} x {quantity}");
+    }
+}
