@@ -260,7 +260,9 @@ pub struct EntryBody {
     pub member_id: Option<String>,
     pub feature: Option<String>,
     pub reason: Option<String>,
-    /// Who caused it: `key:<id>`, or null for the engine itself (expiries).
+    /// Who caused it: `key:<id>` (the API key that sent it), `source:<name>` for usage
+    /// events from a stream (`kafka`, `nats`, `pubsub`), or null for the engine itself
+    /// (expiries).
     pub actor: Option<String>,
     pub effective_at: String,
     pub recorded_at: String,
