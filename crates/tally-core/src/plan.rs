@@ -366,6 +366,13 @@ pub fn renew_due(
             }
             _ => None,
         };
+        // A change scheduled for the period's end that is an upgrade gets
+        // the new plan's grace, as a change now does (below, once the
+        // boundary's expiries are in).
+        let upgrade = subscription.period >= 0
+            && next_plan.key != plan.key
+            && next_plan.is_upgrade_from(&plan);
+        let grace_since = subscription.plan_changed_at;
         if subscription.period >= 0
             && next_plan.key != plan.key
             && !next_plan.is_upgrade_from(&plan)
@@ -430,8 +437,59 @@ pub fn renew_due(
             let entry = ledger.add_grant(lot.clone(), Some(reason), at)?;
             steps.push(Step::NewGrant(entry, lot));
         }
+        if upgrade && next_plan.upgrade_grace_days > 0 {
+            // Not the allocation the boundary just ended: its unused credits
+            // are the rollover's to decide, as a change now ends it.
+            let ended = (ending >= 0).then(|| subscription.allocation_id(ending));
+            let reference = subscription.id.clone();
+            for grant_id in graced(ledger, &next_plan, grace_since, at)
+                .into_iter()
+                .filter(|id| Some(id) != ended.as_ref())
+            {
+                let reason = format!(
+                    "upgrade grace: {} to {} at the end of period {ending} reinstates credits expired within {} days",
+                    plan.key, next_plan.key, next_plan.upgrade_grace_days
+                );
+                let (_, entry) = ledger.change_expiry(
+                    &grant_id,
+                    Some(subscription.period_end),
+                    &reference,
+                    Some(reason),
+                    at,
+                )?;
+                steps.push(Step::Entry(entry));
+            }
+        }
     }
     Ok(steps)
+}
+
+/// The lots an upgrade to `to` at `at` reinstates: those that expired by
+/// time within its `upgrade_grace_days` before `at`, and since the
+/// subscription last moved to a plan that is not an upgrade (`changed_at`,
+/// [`Subscription::plan_changed_at`]): not lots a change or cancellation
+/// ended early (changing plans back and forth would bring them back), and
+/// nothing a downgrade and an upgrade back would revive from before the
+/// downgrade.
+fn graced(
+    ledger: &CustomerLedger,
+    to: &Plan,
+    changed_at: Option<Timestamp>,
+    at: Timestamp,
+) -> Vec<Id> {
+    let since = at.micros() - i64::from(to.upgrade_grace_days) * MICROS_PER_DAY;
+    let since = match changed_at {
+        Some(changed) => since.max(changed.micros() + 1),
+        None => since,
+    };
+    ledger
+        .grants()
+        .iter()
+        .filter(|g| g.status == GrantStatus::Expired && !g.ended_early())
+        .filter(|g| g.expired_at.is_some_and(|at| at.micros() >= since))
+        .filter(|g| g.expired_amount.is_positive())
+        .map(|g| g.id.clone())
+        .collect()
 }
 
 fn plan_lot(
@@ -515,27 +573,10 @@ pub fn change_plan_now(
         subscription.next_plan = None;
         return Ok(Vec::new());
     }
-    // What the grace may reinstate is what expired by time before the change:
-    // not the allocations this change ends, nor those an earlier change or
-    // cancellation ended (changing plans back and forth would bring them back),
-    // and only what expired since the subscription started or last moved to
-    // a plan that is not an upgrade (`Subscription::plan_changed_at`): a
-    // downgrade and an upgrade back revive nothing that expired before the
-    // downgrade, under the higher plan.
+    // What the grace may reinstate is what expired by time before the change
+    // ([`graced`]), not the allocation this change ends.
     let grace: Vec<Id> = if upgrade && to.upgrade_grace_days > 0 {
-        let since = now.micros() - i64::from(to.upgrade_grace_days) * MICROS_PER_DAY;
-        let since = match subscription.plan_changed_at {
-            Some(changed) => since.max(changed.micros() + 1),
-            None => since,
-        };
-        ledger
-            .grants()
-            .iter()
-            .filter(|g| g.status == GrantStatus::Expired && !g.ended_early())
-            .filter(|g| g.expired_at.is_some_and(|at| at.micros() >= since))
-            .filter(|g| g.expired_amount.is_positive())
-            .map(|g| g.id.clone())
-            .collect()
+        graced(ledger, to, subscription.plan_changed_at, now)
     } else {
         Vec::new()
     };

@@ -323,6 +323,84 @@ async fn credits_that_expired_yesterday_come_back_with_an_upgrade_today() {
     );
 }
 
+/// An upgrade scheduled for the period's end gets the new plan's grace too
+/// (bug 4 of PRODUCT.md): what was left of a promotion that expired the day
+/// before the switch comes back until the new period ends. The allocation the boundary ends
+/// does not: it expires as at any renewal.
+#[tokio::test]
+async fn an_upgrade_at_the_period_end_reinstates_what_expired_within_its_grace() {
+    let app = manual_app().await;
+    put_plan(
+        &app,
+        "basic",
+        json!({ "name": "Basic", "period": "month", "included_credits": "100" }),
+    )
+    .await;
+    put_plan(
+        &app,
+        "pro",
+        json!({ "name": "Pro", "period": "month", "included_credits": "300", "upgrade_grace_days": 3 }),
+    )
+    .await;
+    app.customer("cus").await;
+    let sub = subscribe(&app, "cus", json!({ "id": "s1", "plan": "basic" })).await;
+    let period_end = sub["current_period_end"].as_str().unwrap().to_string();
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let end = time::OffsetDateTime::parse(&period_end, rfc3339).unwrap();
+    let day_before = (end - time::Duration::seconds(DAY))
+        .format(rfc3339)
+        .unwrap();
+    let reply = app
+        .post(
+            "/v1/customers/cus/grants",
+            json!({ "id": "promo", "amount": "40", "source": "promotion", "paid": false,
+                    "expires_at": day_before }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(app.charge("cus", "c1", "30").await.status, StatusCode::OK);
+    let scheduled = subscribe(
+        &app,
+        "cus",
+        json!({ "id": "up1", "plan": "pro", "change": "period_end" }),
+    )
+    .await;
+    assert_eq!(scheduled["plan"], "basic");
+    advance_to(&app, &period_end).await;
+    app.advance(3600).await;
+    let balance = app.balance("cus").await;
+    // The charge burned the promotion first (it expired first): its 10 left
+    // come back beside Pro's 300; Basic's unused 100 expired at the boundary.
+    assert_eq!(micros_of(&balance["available"]), micros("310"), "{balance}");
+    let entries = app.ledger_all("cus").await;
+    assert_replayable(&entries);
+    let reinstated: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "reinstate")
+        .collect();
+    assert_eq!(reinstated.len(), 1, "{reinstated:?}");
+    // It belongs to the subscription (no request made the change at the boundary).
+    assert_eq!(reinstated[0]["reference"], "s1");
+    assert_eq!(reinstated[0]["grant_ids"], json!(["promo"]));
+    assert_eq!(reinstated[0]["amount"], "10");
+    assert!(reinstated[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("upgrade grace"));
+    let promo = app.get("/v1/customers/cus/grants").await;
+    let promo = promo.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == "promo")
+        .cloned()
+        .unwrap();
+    assert_eq!(promo["status"], "active");
+    let sub = app.get("/v1/customers/cus/subscription").await;
+    assert_eq!(sub.body["plan"], "pro");
+    assert_eq!(promo["expires_at"], sub.body["current_period_end"]);
+}
+
 /// A downgrade at the period end applies at the renewal; a cancellation at
 /// the period end stops the next one; a cancellation now ends it at once.
 #[tokio::test]
