@@ -426,17 +426,31 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         Ok(ApiQuery(
             match axum::extract::Query::<T>::from_request_parts(parts, state).await {
                 Ok(axum::extract::Query(value)) => Ok(value),
-                Err(rejection) => Err(query_error(rejection)),
+                Err(rejection) => Err(query_error::<T>(rejection, parts.uri.query())),
             },
         ))
     }
 }
 
-fn query_error(rejection: QueryRejection) -> ApiError {
-    ApiError::new(
-        "invalid_request",
-        format!("bad query string: {}", rejection.body_text()),
-    )
+/// The query parameter a query string's error is about (`limit` in
+/// `?limit=abc`), read again with the path kept.
+fn query_param<T: DeserializeOwned>(query: Option<&str>) -> Option<String> {
+    let parse = form_urlencoded::parse(query.unwrap_or_default().as_bytes());
+    match serde_path_to_error::deserialize::<_, T>(serde_urlencoded::Deserializer::new(parse)) {
+        Err(error) => {
+            let path = error.path().to_string();
+            (!path.is_empty() && path != ".").then_some(path)
+        }
+        Ok(_) => None,
+    }
+}
+
+fn query_error<T: DeserializeOwned>(rejection: QueryRejection, query: Option<&str>) -> ApiError {
+    let message = format!("bad query string: {}", rejection.body_text());
+    match query_param::<T>(query) {
+        Some(param) => ApiError::invalid(&param, message),
+        None => ApiError::new("invalid_request", message),
+    }
 }
 
 /// Path parameters whose rejections (e.g. a segment that is not UTF-8) are API errors.

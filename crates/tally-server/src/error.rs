@@ -94,7 +94,17 @@ impl ApiError {
 
 impl From<&Refusal> for ApiError {
     fn from(refusal: &Refusal) -> ApiError {
-        ApiError::new(&refusal.code, refusal.message.clone())
+        // The field a stored refusal is about, where its code and message tell
+        // (refusals are kept without it, as a retry's answer).
+        let param = match refusal.code.as_str() {
+            "invalid_expiry" if refusal.message.contains("timeout") => Some("timeout_seconds"),
+            "invalid_expiry" => Some("expires_at"),
+            _ => None,
+        };
+        ApiError {
+            param: param.map(str::to_owned),
+            ..ApiError::new(&refusal.code, refusal.message.clone())
+        }
     }
 }
 

@@ -2835,7 +2835,7 @@ async fn configuration_lists_page_with_limit_and_cursor() {
         for (query, param) in [
             ("limit=0", Some("limit")),
             ("limit=1001", Some("limit")),
-            ("limit=abc", None),
+            ("limit=abc", Some("limit")),
             ("cursor=zzz", Some("cursor")),
             ("cursor=after:nobody", Some("cursor")),
             ("sort=asc", None),

@@ -975,13 +975,11 @@ async fn grant_errors_replays_and_conflicts() {
     }
     before.assert_unchanged(&app, "c", "refused grants").await;
 
-    // A refused id keeps its outcome.
+    // A refused id keeps its outcome, and the error names the field.
     let past = bad(json!({"id": "g_past", "expires_at": "2000-01-01T00:00:00Z"}));
-    assert_error(
-        &app.post("/v1/customers/c/grants", past).await,
-        400,
-        "invalid_expiry",
-    );
+    let reply = app.post("/v1/customers/c/grants", past).await;
+    assert_error(&reply, 400, "invalid_expiry");
+    assert_eq!(reply.body["error"]["param"], "expires_at", "{}", reply.body);
 
     let unknown = app
         .post(
