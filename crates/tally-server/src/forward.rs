@@ -58,6 +58,9 @@ pub async fn to_leader(state: &AppState, request: Request) -> Result<Response, R
     Ok(forward(state, request).await)
 }
 
+/// How long a forwarded request waits for the leader's answer to begin.
+const FORWARD_ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn forward(state: &AppState, request: Request) -> Response {
     if request.headers().contains_key(FORWARDED) {
         let mut answer =
@@ -99,7 +102,20 @@ async fn forward(state: &AppState, request: Request) -> Response {
                 forwarded = forwarded.header(name, value);
             }
         }
-        match forwarded.send().await {
+        // A leader whose process stalled (stopped, a paused VM) still has
+        // its kernel acknowledge every byte, so no TCP timeout ends the
+        // wait: bound it here. Only until the answer's head arrives, so a
+        // forwarded live stream is not cut.
+        let sent = match tokio::time::timeout(FORWARD_ANSWER_WITHIN, forwarded.send()).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                tracing::warn!(%leader, "the leader did not answer a forwarded request in time");
+                return unavailable(
+                    "the server that runs the writer did not answer within 30 s; retry with the same id",
+                );
+            }
+        };
+        match sent {
             // A stale address (the old leader restarted there as a
             // follower): look up the leader again.
             Ok(answer) if answer.headers().contains_key(NOT_LEADER) => {

@@ -375,6 +375,57 @@ async fn a_lost_database_connection_is_ridden_out_without_a_restart() {
 /// sees the lock held by another server, and follows it without a restart:
 /// it answers `"writer": false`, forwards writes to the new writer, and
 /// leads again once that one stops. Each charge is charged once.
+/// A writer whose process stalls (SIGSTOP: its kernel still acknowledges
+/// every byte, so no TCP timeout fires) does not hang a follower's
+/// forwarded write for ever: it is answered 503 with Retry-After after 30 s,
+/// and once the writer goes on, the retry with the same id is charged once.
+#[tokio::test]
+async fn a_forwarded_write_to_a_stalled_writer_is_answered_503() {
+    let first = TestApp::spawn_postgres(Options::default()).await;
+    let second = TestApp::spawn_beside(&first).await;
+    assert!(first.is_writer().await);
+    first.customer("c").await;
+    first.grant("c", "g", "10").await;
+    first.freeze(true);
+    let started = std::time::Instant::now();
+    let charge = json!({ "id": "stalled", "customer_id": "c", "amount": "1" });
+    let reply = tokio::time::timeout(
+        Duration::from_secs(60),
+        second.post("/v1/charges", charge.clone()),
+    )
+    .await;
+    let waited = started.elapsed();
+    first.freeze(false);
+    let reply = reply.expect("answered within 60 s, not held for ever");
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.body
+    );
+    assert_eq!(reply.code(), "unavailable");
+    assert!(reply.headers.contains_key("retry-after"));
+    assert!(
+        waited >= Duration::from_secs(25),
+        "a live writer gets its 30 s: answered after {waited:?}"
+    );
+    let mut charged = None;
+    for _ in 0..100 {
+        let reply = second.post("/v1/charges", charge.clone()).await;
+        if reply.status == StatusCode::OK {
+            charged = Some(reply);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let charged = charged.expect("the retry is charged once the writer goes on");
+    assert_eq!(charged.str("id"), "stalled");
+    let balance = second.balance("c").await;
+    assert_eq!(micros_of(&balance["available"]), 9_000_000, "{balance}");
+    let entries = second.ledger_all("c").await;
+    assert_eq!(charge_references(&entries), vec!["stalled"]);
+}
+
 #[tokio::test]
 async fn a_writer_that_lost_the_lock_to_another_server_follows_it() {
     let mut first = TestApp::spawn_postgres(Options::default()).await;
