@@ -16,6 +16,10 @@ use crate::{Amount, Id, Source, Timestamp};
 pub enum Account {
     /// A customer's lot of credits.
     Grant(Id),
+    /// A lot's credits before it takes effect (issued with an `effective_at`
+    /// ahead): they move to the lot's `grant:` account, in a
+    /// `grant_effective` entry, when it takes effect.
+    Pending(Id),
     /// Credits reserved by a hold.
     Hold(Id),
     /// Where granted credits come from, per source.
@@ -37,6 +41,7 @@ impl fmt::Display for Account {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Account::Grant(id) => write!(f, "grant:{id}"),
+            Account::Pending(id) => write!(f, "pending:{id}"),
             Account::Hold(id) => write!(f, "hold:{id}"),
             Account::Issued(source) => write!(f, "issued:{}", source.as_str()),
             Account::Consumed(None) => f.write_str("consumed"),
@@ -66,6 +71,7 @@ impl TryFrom<String> for Account {
             None if text == "voided" => Account::Voided,
             None if text == "debt" => Account::Debt,
             Some(("grant", id)) => Account::Grant(Id::derived(id)),
+            Some(("pending", id)) => Account::Pending(Id::derived(id)),
             Some(("hold", id)) => Account::Hold(Id::derived(id)),
             Some(("transfer", id)) => Account::Transfer(Id::derived(id)),
             Some(("issued", source)) => Account::Issued(Source::parse(source).ok_or_else(bad)?),
@@ -108,10 +114,13 @@ pub enum EntryKind {
     TransferIn,
     /// Budget moved between two members (no credits move).
     BudgetTransfer,
+    /// A lot issued with an `effective_at` ahead took effect: its credits
+    /// move from `pending:` to `grant:` and count in the balance from then.
+    GrantEffective,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 16] = [
+    pub const ALL: [EntryKind; 17] = [
         EntryKind::Grant,
         EntryKind::Charge,
         EntryKind::Hold,
@@ -128,6 +137,7 @@ impl EntryKind {
         EntryKind::TransferOut,
         EntryKind::TransferIn,
         EntryKind::BudgetTransfer,
+        EntryKind::GrantEffective,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -148,6 +158,7 @@ impl EntryKind {
             EntryKind::TransferOut => "transfer_out",
             EntryKind::TransferIn => "transfer_in",
             EntryKind::BudgetTransfer => "budget_transfer",
+            EntryKind::GrantEffective => "grant_effective",
         }
     }
 
@@ -221,6 +232,7 @@ mod tests {
             Account::Voided,
             Account::Debt,
             Account::Transfer(Id::parse("t1").unwrap()),
+            Account::Pending(Id::parse("g:2").unwrap()),
         ];
         for account in accounts {
             assert_eq!(Account::try_from(account.to_string()), Ok(account));

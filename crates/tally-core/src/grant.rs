@@ -119,6 +119,13 @@ pub struct Grant {
     pub expired_at: Option<Timestamp>,
     /// Creation order within the whole ledger: the last tie-break of the burn order.
     pub sequence: i64,
+    /// Issued with `effective_at` ahead and not yet taken effect in the
+    /// ledger: its credits sit in `pending:<id>` until a sweep at or after
+    /// `effective_at` moves them to `grant:<id>` in a `grant_effective` entry
+    /// (so the balance history shows when they came). Lots stored before
+    /// this existed read as false.
+    #[serde(default)]
+    pub awaiting_effect: bool,
 }
 
 /// The sort key of the burn order: higher priority first, then the earliest
@@ -192,6 +199,7 @@ mod tests {
             expired_amount: Amount::ZERO,
             expired_at: None,
             sequence,
+            awaiting_effect: false,
         }
     }
 

@@ -523,18 +523,51 @@ impl CustomerLedger {
     }
 
     /// The available balance in the middle of a sweep of what fell due by
-    /// `now`: lots not yet swept still count, so each expiry entry's
-    /// `balance_after` follows from the one before (several lots expiring in
-    /// one sweep each take their own step), and the last one equals the
-    /// balance at `now`.
+    /// `now`: lots not yet swept still count, and lots not yet swept into
+    /// effect do not, so each entry's `balance_after` follows from the one
+    /// before (several lots expiring or taking effect in one sweep each take
+    /// their own step), and the last one equals the balance at `now`.
     fn available_while_sweeping(&self, now: Timestamp) -> Amount {
         checked_sum(
             self.grants
                 .iter()
-                .filter(|g| g.status == GrantStatus::Active && g.effective_at <= now)
+                .filter(|g| {
+                    g.status == GrantStatus::Active && g.effective_at <= now && !g.awaiting_effect
+                })
                 .map(|g| g.remaining),
         )
         .expect("balance within range")
+    }
+
+    /// In a sweep: the lot `grant_id`, issued with `effective_at` ahead, took
+    /// effect at `at`; its credits move from `pending:` into the lot.
+    fn take_effect(&mut self, grant_id: &Id, at: Timestamp, now: Timestamp) -> EntryDraft {
+        let index = self.grant_index(grant_id).expect("due grant exists");
+        let grant = &mut self.grants[index];
+        grant.awaiting_effect = false;
+        let amount = grant.remaining;
+        let postings = if amount.is_positive() {
+            vec![Posting {
+                from: Account::Pending(grant.id.clone()),
+                to: Account::Grant(grant.id.clone()),
+                amount,
+            }]
+        } else {
+            Vec::new()
+        };
+        self.dirty_grants.insert(grant_id.clone());
+        EntryDraft {
+            kind: EntryKind::GrantEffective,
+            customer_id: self.customer_id.clone(),
+            amount,
+            postings,
+            reference: Some(grant_id.clone()),
+            member_id: None,
+            feature: None,
+            reason: Some("grant reached effective_at".into()),
+            effective_at: at,
+            balance_after: self.net_while_sweeping(now),
+        }
     }
 
     /// Every lot's remaining plus what active holds reserve: what the balance
@@ -563,7 +596,20 @@ impl CustomerLedger {
             .filter_map(|g| g.expires_at);
         let hold_due = self.active_holds.values().map(|h| h.expires_at);
         let repay_due = self.repayers().map(|g| g.effective_at);
-        grant_due.chain(hold_due).chain(repay_due).min()
+        let effect_due = self.awaiting().map(|g| g.effective_at);
+        grant_due
+            .chain(hold_due)
+            .chain(repay_due)
+            .chain(effect_due)
+            .min()
+    }
+
+    /// The lots issued with an `effective_at` ahead whose taking effect the
+    /// ledger has not recorded yet.
+    fn awaiting(&self) -> impl Iterator<Item = &Grant> {
+        self.grants
+            .iter()
+            .filter(|g| g.status == GrantStatus::Active && g.awaiting_effect)
     }
 
     /// While in debt: the grants whose credits repay it once in effect.
@@ -593,7 +639,8 @@ impl CustomerLedger {
         if self.next_due.is_none_or(|due| due > now) {
             return Vec::new();
         }
-        // (instant, 0 = hold / 1 = grant / 2 = grant taking effect while in debt, id)
+        // (instant, 0 = hold / 1 = grant expiring / 2 = grant taking effect /
+        // 3 = grant taking effect while in debt, id)
         let mut due: Vec<(Timestamp, u8, Id)> = self
             .active_holds
             .values()
@@ -611,9 +658,14 @@ impl CustomerLedger {
                 }),
         );
         due.extend(
-            self.repayers()
+            self.awaiting()
                 .filter(|g| g.effective_at <= now)
                 .map(|g| (g.effective_at, 2, g.id.clone())),
+        );
+        due.extend(
+            self.repayers()
+                .filter(|g| g.effective_at <= now)
+                .map(|g| (g.effective_at, 3, g.id.clone())),
         );
         due.sort();
         let mut entries = Vec::with_capacity(due.len());
@@ -621,6 +673,7 @@ impl CustomerLedger {
             let entry = match what {
                 0 => self.expire_hold(&id, at, now),
                 1 => self.expire_grant(&id, at, now),
+                2 => self.take_effect(&id, at, now),
                 _ => match self.repay_from_sweep(&id, at, now) {
                     Some(entry) => entry,
                     None => continue,
@@ -865,6 +918,7 @@ impl CustomerLedger {
             expired_amount: Amount::ZERO,
             expired_at: None,
             sequence: UNNUMBERED,
+            awaiting_effect: false,
         };
         self.lower_next_due(lot.expires_at);
         self.insert_sorted(lot);
@@ -911,14 +965,24 @@ impl CustomerLedger {
         grant.status = GrantStatus::Active;
         grant.expired_amount = Amount::ZERO;
         grant.expired_at = None;
+        // Credits that take effect later wait in their own account; the
+        // sweep at `effective_at` moves them into the lot ([`Self::expire_due`]).
+        grant.awaiting_effect = grant.effective_at > now;
         let mut postings = vec![Posting {
             from: Account::Issued(grant.source),
-            to: Account::Grant(grant.id.clone()),
+            to: if grant.awaiting_effect {
+                Account::Pending(grant.id.clone())
+            } else {
+                Account::Grant(grant.id.clone())
+            },
             amount: grant.amount,
         }];
         let entry_amount = grant.amount;
         let grant_id = grant.id.clone();
         self.lower_next_due(grant.expires_at);
+        if grant.awaiting_effect {
+            self.lower_next_due(Some(grant.effective_at));
+        }
         self.insert_sorted(grant);
         self.dirty_grants.insert(grant_id.clone());
         // Debt is repaid first; a grant that takes effect later repays it then.
@@ -1523,6 +1587,7 @@ impl CustomerLedger {
             expired_amount: Amount::ZERO,
             expired_at: None,
             sequence: *next_sequence,
+            awaiting_effect: false,
         };
         *next_sequence += 1;
         self.insert_sorted(grant);
@@ -1551,6 +1616,12 @@ impl CustomerLedger {
         let voided = grant.remaining;
         grant.remaining = Amount::ZERO;
         grant.status = GrantStatus::Voided;
+        // A lot voided before it took effect: its credits are still pending.
+        let from = if std::mem::take(&mut grant.awaiting_effect) {
+            Account::Pending(grant_id.clone())
+        } else {
+            Account::Grant(grant_id.clone())
+        };
         // Unpaid credits are never refundable (the API refuses a cost basis
         // on them; a lot stored before that may have one).
         let paid_basis = grant.cost_basis.as_ref().filter(|_| grant.paid);
@@ -1562,7 +1633,7 @@ impl CustomerLedger {
         });
         let postings = if voided.is_positive() {
             vec![Posting {
-                from: Account::Grant(grant_id.clone()),
+                from,
                 to: Account::Voided,
                 amount: voided,
             }]

@@ -517,6 +517,7 @@ fn plan_lot(
         expired_amount: Amount::ZERO,
         expired_at: None,
         sequence: context.next_grant_sequence(),
+        awaiting_effect: false,
     }
 }
 

@@ -38,6 +38,7 @@ fn ledger_with(units: i64) -> CustomerLedger {
         expired_amount: Amount::ZERO,
         expired_at: None,
         sequence: 1,
+        awaiting_effect: false,
     };
     ledger.add_grant(grant, None, Timestamp(NOW)).unwrap();
     ledger
@@ -427,6 +428,7 @@ fn counts_past_the_largest_amount_stop_there() {
         expired_amount: Amount::ZERO,
         expired_at: None,
         sequence: 2,
+        awaiting_effect: false,
     };
     ledger.add_grant(grant, None, february).unwrap();
     ledger

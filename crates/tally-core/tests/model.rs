@@ -430,6 +430,9 @@ impl Model {
             if let Some(expiry) = grant.expires_at.filter(|e| e.0 <= now) {
                 due.push((expiry.0, 1, grant.id.to_string()));
             }
+            if grant.awaiting_effect && grant.effective_at.0 <= now {
+                due.push((grant.effective_at.0, 2, grant.id.to_string()));
+            }
         }
         due.sort();
         let mut entries = Vec::new();
@@ -441,6 +444,10 @@ impl Model {
                     self.give_back(&hold.id, &draw.grant_id, draw.amount.micros(), (at, now));
                 }
                 entries.push((EntryKind::HoldExpired, due_id, hold.amount));
+            } else if what == 2 {
+                let grant = self.grant_mut(&due_id);
+                grant.awaiting_effect = false;
+                entries.push((EntryKind::GrantEffective, due_id, grant.remaining));
             } else {
                 let grant = self.grant_mut(&due_id);
                 let expired = grant.remaining;
@@ -471,7 +478,10 @@ impl Model {
             }
         }
         self.room_for(grant.amount.micros())?;
-        self.grants.push(grant.clone());
+        // A lot that takes effect later waits for a sweep to record it.
+        let mut grant = grant.clone();
+        grant.awaiting_effect = grant.effective_at.0 > now;
+        self.grants.push(grant);
         Ok(())
     }
 
@@ -659,6 +669,8 @@ impl Model {
         let voided = grant.remaining;
         grant.remaining = Amount::ZERO;
         grant.status = GrantStatus::Voided;
+        // Voided before it took effect: nothing is left to take effect.
+        grant.awaiting_effect = false;
         let refundable_money = grant.cost_basis.as_ref().map(|basis| {
             (
                 amount(money(voided.micros(), basis.per_credit.micros())),
@@ -966,6 +978,7 @@ impl Harness {
                     expired_amount: Amount::ZERO,
                     expired_at: None,
                     sequence: self.next_sequence,
+                    awaiting_effect: false,
                 };
                 let expected = self.model.add_grant(&grant, now);
                 let actual =
@@ -980,7 +993,13 @@ impl Harness {
                         assert_eq!(entry.amount, grant.amount);
                         assert_eq!(entry.postings.len(), 1);
                         assert_eq!(entry.postings[0].from, Account::Issued(grant.source));
-                        assert_eq!(entry.postings[0].to, Account::Grant(grant_id));
+                        // Credits that take effect later wait in `pending:`.
+                        let into = if grant.effective_at.0 > now {
+                            Account::Pending(grant_id)
+                        } else {
+                            Account::Grant(grant_id)
+                        };
+                        assert_eq!(entry.postings[0].to, into);
                         Ok(entry)
                     }
                     (Err(actual), Err(expected)) => {
@@ -1405,9 +1424,14 @@ impl Harness {
         let (mut issued, mut consumed) = (0, 0);
         for (account, &micros) in &self.accounts {
             match account {
-                Account::Grant(grant_id) => {
+                Account::Grant(grant_id) | Account::Pending(grant_id) => {
                     let grant = self.ledger.grant(grant_id).expect("posted grant exists");
-                    let expected = if grant.status == GrantStatus::Active {
+                    // A lot's credits wait in `pending:` until the ledger
+                    // records it taking effect, then sit in `grant:`.
+                    let waiting = matches!(account, Account::Pending(_));
+                    let expected = if grant.status == GrantStatus::Active
+                        && grant.awaiting_effect == waiting
+                    {
                         grant.remaining.micros()
                     } else {
                         0
@@ -1445,6 +1469,7 @@ impl Harness {
             assert_eq!(
                 grant.remaining.micros(),
                 self.balance_of(&Account::Grant(grant.id.clone()))
+                    + self.balance_of(&Account::Pending(grant.id.clone()))
             );
         }
         for hold in self.ledger.active_holds() {

@@ -81,6 +81,7 @@ impl Customer {
             expired_amount: Amount::ZERO,
             expired_at: None,
             sequence: self.next_sequence,
+            awaiting_effect: false,
         };
         self.next_sequence += 1;
         let entry = self.ledger.add_grant(grant, None, now)?;
@@ -196,10 +197,15 @@ impl Customer {
             "the debt account is minus the debt"
         );
         for grant in self.ledger.grants() {
+            // In `pending:` until it takes effect, in `grant:` after.
             let posted = accounts
                 .get(&Account::Grant(grant.id.clone()))
                 .copied()
-                .unwrap_or(0);
+                .unwrap_or(0)
+                + accounts
+                    .get(&Account::Pending(grant.id.clone()))
+                    .copied()
+                    .unwrap_or(0);
             if grant.status == GrantStatus::Active {
                 assert_eq!(posted, grant.remaining.micros(), "grant {}", grant.id);
             }
@@ -219,7 +225,7 @@ impl Customer {
     }
 
     /// The last entry's balance_after is the balance now (valid right after
-    /// an operation wrote it: pending grants take effect without an entry).
+    /// an operation wrote it, which sweeps what took effect first).
     fn check_last_entry(&self) {
         if let Some(last) = self.journal.last() {
             assert_eq!(last.balance_after, self.net(), "balance_after of {last:?}");

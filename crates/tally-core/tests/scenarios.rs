@@ -97,6 +97,7 @@ impl Customer {
             expired_amount: Amount::ZERO,
             expired_at: None,
             sequence: self.next_sequence,
+            awaiting_effect: false,
         };
         self.next_sequence += 1;
         let entry = self.ledger.add_grant(grant, None, now)?;

@@ -249,8 +249,10 @@ pub struct PostingBody {
 pub struct EntryBody {
     /// `ent_<sequence>`.
     pub id: String,
-    /// `grant`, `charge`, `hold`, `capture`, `release`, `hold_expired`, `refund`, `void`,
-    /// `expire`, `expiry_extended` or `reinstate`.
+    /// `grant`, `grant_effective` (a lot issued with its `effective_at` ahead took effect),
+    /// `charge`, `hold`, `capture`, `release`, `hold_expired`, `refund`, `void`, `expire`,
+    /// `expiry_extended`, `reinstate`, `debt_repaid`, `rollover`, `transfer_out`, `transfer_in`
+    /// or `budget_transfer`.
     pub kind: String,
     pub customer_id: String,
     pub amount: String,

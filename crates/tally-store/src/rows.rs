@@ -18,7 +18,7 @@ macro_rules! grant_columns {
     () => {
         "g.id, g.customer_id, g.amount, b.remaining, g.source, g.paid, g.cost_per_credit, g.cost_currency, \
      g.priority, g.effective_at, g.expires_at, g.scope, g.status, b.expired_amount, g.expired_at, g.sequence, \
-     g.metadata, g.external_reference, g.created_at"
+     g.metadata, g.external_reference, g.created_at, g.awaiting_effect"
     };
 }
 
@@ -90,6 +90,7 @@ pub fn grant_record(row: &Row) -> db::Result<GrantRecord> {
         expired_amount: amount(row, 13)?,
         expired_at: row.get::<_, Option<i64>>(14)?.map(Timestamp),
         sequence: row.get(15)?,
+        awaiting_effect: row.get(19)?,
     };
     Ok(GrantRecord {
         grant,
@@ -314,8 +315,8 @@ fn grants_and_head(
     let mut head: Option<i64> = None;
     while let Some(row) = rows.next()? {
         records.push(grant_record(&row)?);
-        // `b.last_entry`, the column after the 19 of `grant_columns!`.
-        head = head.max(row.get::<_, Option<i64>>(19)?);
+        // `b.last_entry`, the column after the 20 of `grant_columns!`.
+        head = head.max(row.get::<_, Option<i64>>(20)?);
     }
     Ok((records, head))
 }
@@ -509,8 +510,8 @@ pub fn insert_grant(
     connection
         .prepare_cached(
             "INSERT INTO grants (id, customer_id, amount, source, paid, cost_per_credit, cost_currency, priority, \
-             effective_at, expires_at, scope, status, expired_at, sequence, metadata, external_reference, created_at) \
-             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)",
+             effective_at, expires_at, scope, status, expired_at, sequence, metadata, external_reference, created_at, \
+             awaiting_effect) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)",
         )?
         .execute(params![
             grant.id.as_str(),
@@ -530,6 +531,7 @@ pub fn insert_grant(
             record.and_then(|r| r.metadata.as_deref()),
             record.and_then(|r| r.external_reference.as_deref()),
             record.map_or(now, |r| r.created_at).micros(),
+            grant.awaiting_effect,
         ])?;
     connection
         .prepare_cached(
@@ -549,10 +551,16 @@ pub type GrantLifecycle = (
     tally_core::GrantStatus,
     Option<Timestamp>,
     Option<Timestamp>,
+    bool,
 );
 
 pub fn lifecycle(grant: &Grant) -> GrantLifecycle {
-    (grant.status, grant.expires_at, grant.expired_at)
+    (
+        grant.status,
+        grant.expires_at,
+        grant.expired_at,
+        grant.awaiting_effect,
+    )
 }
 
 /// Write what spending changes (remaining, expired amount, chain head), and,
@@ -572,13 +580,15 @@ pub fn update_grant(
     if lifecycle_changed {
         connection
             .prepare_cached(
-                "UPDATE grants SET status = ?2, expires_at = ?3, expired_at = ?4 WHERE id = ?1",
+                "UPDATE grants SET status = ?2, expires_at = ?3, expired_at = ?4, awaiting_effect = ?5 \
+                 WHERE id = ?1",
             )?
             .execute(params![
                 grant.id.as_str(),
                 grant.status.as_str(),
                 grant.expires_at.map(Timestamp::micros),
                 grant.expired_at.map(Timestamp::micros),
+                grant.awaiting_effect,
             ])?;
     }
     Ok(())

@@ -363,6 +363,17 @@ DROP INDEX grants_due;
 CREATE INDEX grants_due ON grants(status, expires_at, id);
 "#,
     ),
+    (
+        14,
+        r#"
+-- A lot issued with its effective_at ahead: 1 until the ledger records it
+-- taking effect (a `grant_effective` entry moves its credits from
+-- `pending:<id>` into the lot). The tick finds such lots through the partial
+-- index, which holds only them. Lots stored before read 0: nothing owed.
+ALTER TABLE grants ADD COLUMN awaiting_effect INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX grants_taking_effect ON grants(effective_at) WHERE awaiting_effect = 1;
+"#,
+    ),
 ];
 
 /// The key of the advisory lock that serializes migrations on PostgreSQL

@@ -2083,6 +2083,7 @@ impl Writer {
             expired_amount: tally_core::Amount::ZERO,
             expired_at: None,
             sequence: self.next_grant_sequence,
+            awaiting_effect: false,
         };
         let draft = self
             .ledger(&request.customer_id)
@@ -3369,6 +3370,7 @@ impl Writer {
 pub(crate) const DUE_CUSTOMERS: &str = "\
      SELECT customer_id FROM holds WHERE status = 'active' AND expires_at <= ?1 \
      UNION SELECT customer_id FROM grants WHERE status = 'active' AND expires_at <= ?1 \
+     UNION SELECT customer_id FROM grants WHERE awaiting_effect = 1 AND effective_at <= ?1 \
      UNION SELECT c.id FROM customers c WHERE c.debt > 0 \
        AND (SELECT 1 FROM grants g JOIN grant_balances b ON b.sequence = g.sequence \
          WHERE g.customer_id = c.id AND g.status || '' = 'active' AND g.scope IS NULL \

@@ -344,6 +344,10 @@ pub fn explain(entry: &EntryDraft) -> String {
             "transfer {reference} moved {} of budget between members",
             amount(entry.amount)
         ),
+        EntryKind::GrantEffective => format!(
+            "grant {reference} took effect: its {} credits became available",
+            amount(entry.amount)
+        ),
         EntryKind::Rollover => format!(
             "{} unused plan credits rolled over into grant {reference}",
             amount(entry.amount)

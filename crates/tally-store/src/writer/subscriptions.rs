@@ -391,6 +391,7 @@ impl Writer {
                     expired_amount: tally_core::Amount::ZERO,
                     expired_at: None,
                     sequence,
+                    awaiting_effect: false,
                 }
             })
             .collect();

@@ -2929,3 +2929,122 @@ async fn refunds_after_expiry_become_new_grants() {
     let spent = charge(&app, "c", "ch_2", "3").await;
     assert_eq!(spent["drawn"], json!([{"grant_id": new_id, "amount": "3"}]));
 }
+
+/// A grant issued with its `effective_at` ahead (invariant 7 of PRODUCT.md:
+/// the balance at any past instant can be recomputed): its credits wait in
+/// `pending:<id>`, and a `grant_effective` entry at `effective_at` moves them
+/// into the lot, so the history replays from the postings and shows them
+/// arriving. A lot voided before it takes effect never does; what is still
+/// to take effect survives a restart. (Before, the chain jumped from 5 to 49
+/// on a charge of 6, and the balance just after `effective_at` read 5.)
+#[tokio::test]
+async fn a_grant_that_takes_effect_later_enters_the_history_when_it_does() {
+    let mut app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let start = app.get("/v1/clock").await.str("now").to_string();
+    let start = time::OffsetDateTime::parse(&start, rfc3339).unwrap();
+    let at = |millis: i64| {
+        (start + time::Duration::milliseconds(millis))
+            .format(rfc3339)
+            .unwrap()
+    };
+    const DAY_MS: i64 = 86_400_000;
+    app.customer("c").await;
+    for (id, amount, effective_at) in [
+        ("later", "50", Some(at(DAY_MS))),
+        ("dropped", "20", Some(at(2 * DAY_MS))),
+        ("now", "5", None),
+    ] {
+        let mut body = json!({ "id": id, "amount": amount, "source": "promotion", "paid": false });
+        if let Some(effective_at) = effective_at {
+            body["effective_at"] = json!(effective_at);
+        }
+        let reply = app.post("/v1/customers/c/grants", body).await;
+        assert_eq!(reply.status, reqwest::StatusCode::OK, "{}", reply.body);
+    }
+    let balance = app.balance("c").await;
+    assert_eq!(balance["available"], "5");
+    assert_eq!(balance["pending"], "70");
+    let ledger = app.ledger_all("c").await;
+    let issued = ledger
+        .iter()
+        .find(|e| e["kind"] == "grant" && e["reference"] == "later")
+        .expect("the issuance");
+    assert_eq!(issued["postings"][0]["to"], "pending:later", "{issued}");
+    assert_eq!(issued["balance_after"], "0");
+    let void = app
+        .post(
+            "/v1/grants/dropped/void",
+            json!({ "id": "v1", "reason": "test" }),
+        )
+        .await;
+    assert_eq!(void.status, reqwest::StatusCode::OK, "{}", void.body);
+
+    // The lot still to take effect is kept across a restart.
+    app.kill().await;
+    app.start().await;
+    app.advance(3 * 86_400).await;
+
+    let ledger = app.ledger_all("c").await;
+    crate::support::assert_replayable(&ledger);
+    let effective: Vec<&Value> = ledger
+        .iter()
+        .filter(|e| e["kind"] == "grant_effective")
+        .collect();
+    assert_eq!(
+        effective.len(),
+        1,
+        "only `later` took effect: {effective:?}"
+    );
+    let entry = effective[0];
+    assert_eq!(entry["reference"], "later");
+    assert_eq!(entry["amount"], "50");
+    assert_eq!(entry["balance_after"], "55");
+    assert_eq!(entry["postings"][0]["from"], "pending:later");
+    assert_eq!(entry["postings"][0]["to"], "grant:later");
+    let effective_at =
+        time::OffsetDateTime::parse(entry["effective_at"].as_str().unwrap(), rfc3339).unwrap();
+    assert_eq!(effective_at, start + time::Duration::milliseconds(DAY_MS));
+    let voided = ledger
+        .iter()
+        .find(|e| e["kind"] == "void")
+        .expect("the void");
+    assert_eq!(voided["postings"][0]["from"], "pending:dropped", "{voided}");
+
+    // The balance just after `later` took effect, from the ledger alone.
+    let reply = app
+        .get(&format!(
+            "/v1/customers/c/ledger?to={}",
+            at(DAY_MS + 500).replace('+', "%2B")
+        ))
+        .await;
+    assert_eq!(reply.status, reqwest::StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["data"][0]["kind"], "grant_effective");
+    assert_eq!(reply.body["data"][0]["balance_after"], "55");
+    let charge = app
+        .post(
+            "/v1/charges",
+            json!({ "id": "ch", "customer_id": "c", "amount": "6" }),
+        )
+        .await;
+    assert_eq!(charge.status, reqwest::StatusCode::OK, "{}", charge.body);
+    assert_eq!(charge.body["balance_after"], "49");
+    // Recorded once: not again after another restart and more sweeps.
+    app.kill().await;
+    app.start().await;
+    app.advance(86_400).await;
+    let ledger = app.ledger_all("c").await;
+    crate::support::assert_replayable(&ledger);
+    assert_eq!(
+        ledger
+            .iter()
+            .filter(|e| e["kind"] == "grant_effective")
+            .count(),
+        1
+    );
+    assert_eq!(app.balance("c").await["available"], "49");
+}
