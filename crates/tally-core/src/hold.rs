@@ -62,3 +62,40 @@ pub struct Hold {
     #[serde(default)]
     pub overdraft: Amount,
 }
+
+impl Hold {
+    /// How a capture of `capture` takes from the reservations, in their
+    /// (burn) order: what it takes from each (zero past the capture), and
+    /// what is left beyond them all (taken from the overdraft as debt).
+    pub fn takes(&self, capture: Amount) -> (Vec<Amount>, Amount) {
+        let mut left = capture;
+        let takes = self
+            .reservations
+            .iter()
+            .map(|draw| {
+                let take = draw.amount.min(left);
+                left = left.checked_sub(take).expect("take is at most left");
+                take
+            })
+            .collect();
+        (takes, left)
+    }
+
+    /// The lots a captured hold's credits were spent from, and how much of
+    /// each (what the capture's answer called `drawn`); empty unless captured.
+    pub fn captured_draws(&self) -> Vec<Draw> {
+        if self.status != HoldStatus::Captured {
+            return Vec::new();
+        }
+        let (takes, _) = self.takes(self.captured);
+        self.reservations
+            .iter()
+            .zip(takes)
+            .filter(|(_, take)| take.is_positive())
+            .map(|(draw, take)| Draw {
+                grant_id: draw.grant_id.clone(),
+                amount: take,
+            })
+            .collect()
+    }
+}

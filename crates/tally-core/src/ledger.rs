@@ -1300,13 +1300,11 @@ impl CustomerLedger {
         let mut hold = self.take_active_hold(hold_id)?;
         let hold_account = Account::Hold(hold.id.clone());
         let consumed = Account::Consumed(hold.feature.clone());
-        let mut left = capture;
+        let (takes, left) = hold.takes(capture);
         let mut drawn = Vec::new();
         let mut postings = Vec::new();
         let mut releases = Vec::new();
-        for draw in &hold.reservations {
-            let take = draw.amount.min(left);
-            left = left.checked_sub(take).expect("take is at most left");
+        for (draw, take) in hold.reservations.iter().zip(takes) {
             if take.is_positive() {
                 drawn.push(Draw {
                     grant_id: draw.grant_id.clone(),

@@ -253,6 +253,11 @@ pub struct EntryDetail {
     pub entry: EntryBody,
     /// Why the entry exists, in words.
     pub explanation: String,
+    /// For a capture: the lots its credits were spent from, and how much of
+    /// each (its postings move them out of the hold, which reserved them from
+    /// these lots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paid_from: Option<Vec<crate::dto::DrawBody>>,
 }
 
 /// One journal entry with its postings and why it happened.
@@ -270,12 +275,36 @@ pub async fn get_entry(
         .and_then(|s| s.parse::<i64>().ok())
         .ok_or_else(not_found)?;
     let record = state.store.entry(sequence).await?.ok_or_else(not_found)?;
+    let mut explanation = match &record.pricing {
+        Some(pricing) => format!("{} {}.", explain(&record.draft), pricing.describe()),
+        None => explain(&record.draft),
+    };
+    let paid_from = match (&record.draft.kind, &record.draft.reference) {
+        (EntryKind::Capture, Some(hold_id)) => {
+            let paid = state
+                .store
+                .hold(hold_id.clone())
+                .await?
+                .map(|hold| hold.captured_draws())
+                .unwrap_or_default();
+            if !paid.is_empty() {
+                let lots: Vec<String> = paid
+                    .iter()
+                    .map(|d| format!("{} from grant {}", amount(d.amount), d.grant_id))
+                    .collect();
+                explanation = format!(
+                    "{explanation} The hold had reserved them: {}.",
+                    lots.join(", ")
+                );
+            }
+            Some(crate::dto::draws(&paid))
+        }
+        _ => None,
+    };
     Ok(Json(EntryDetail {
-        explanation: match &record.pricing {
-            Some(pricing) => format!("{} {}.", explain(&record.draft), pricing.describe()),
-            None => explain(&record.draft),
-        },
+        explanation,
         entry: EntryBody::from(&record),
+        paid_from,
     }))
 }
 

@@ -3048,3 +3048,82 @@ async fn a_grant_that_takes_effect_later_enters_the_history_when_it_does() {
     );
     assert_eq!(app.balance("c").await["available"], "49");
 }
+
+/// `GET /v1/ledger/{id}` of a capture names the lots that paid (PRODUCT.md:
+/// "the ledger records exactly which"): its postings only move credits out
+/// of the hold, so the detail adds `paid_from`, the hold's reservations
+/// taken in burn order up to what was captured.
+#[tokio::test]
+async fn a_captures_detail_names_the_lots_that_paid() {
+    let app = TestApp::spawn().await;
+    app.customer("c").await;
+    for (id, amount, expires_at) in [
+        ("late", "100", "2099-01-01T00:00:00Z"),
+        ("soon", "10", "2098-01-01T00:00:00Z"),
+    ] {
+        let reply = app
+            .post(
+                "/v1/customers/c/grants",
+                json!({ "id": id, "amount": amount, "source": "promotion", "paid": false,
+                        "expires_at": expires_at }),
+            )
+            .await;
+        assert_eq!(reply.status, reqwest::StatusCode::OK, "{}", reply.body);
+    }
+    for (hold, capture, paid) in [
+        (
+            "h1",
+            None,
+            json!([{"grant_id": "soon", "amount": "10"}, {"grant_id": "late", "amount": "2"}]),
+        ),
+        (
+            "h2",
+            Some("5"),
+            json!([{"grant_id": "late", "amount": "5"}]),
+        ),
+    ] {
+        let reply = app
+            .post(
+                "/v1/holds",
+                json!({ "id": hold, "customer_id": "c", "amount": "12", "timeout_seconds": 60 }),
+            )
+            .await;
+        assert_eq!(reply.status, reqwest::StatusCode::OK, "{}", reply.body);
+        let body = match capture {
+            Some(amount) => json!({ "amount": amount }),
+            None => json!({}),
+        };
+        let captured = app.post(&format!("/v1/holds/{hold}/capture"), body).await;
+        assert_eq!(
+            captured.status,
+            reqwest::StatusCode::OK,
+            "{}",
+            captured.body
+        );
+        let ledger = app.ledger_all("c").await;
+        let entry = ledger
+            .iter()
+            .find(|e| e["kind"] == "capture" && e["reference"] == hold)
+            .expect("the capture's entry");
+        let detail = app
+            .get(&format!("/v1/ledger/{}", entry["id"].as_str().unwrap()))
+            .await;
+        assert_eq!(detail.status, reqwest::StatusCode::OK, "{}", detail.body);
+        assert_eq!(detail.body["paid_from"], paid, "{hold}: {}", detail.body);
+        assert!(
+            detail.body["explanation"]
+                .as_str()
+                .unwrap()
+                .contains("The hold had reserved them"),
+            "{}",
+            detail.body
+        );
+    }
+    // Other entries have no `paid_from`.
+    let ledger = app.ledger_all("c").await;
+    let grant = ledger.iter().find(|e| e["kind"] == "grant").unwrap();
+    let detail = app
+        .get(&format!("/v1/ledger/{}", grant["id"].as_str().unwrap()))
+        .await;
+    assert!(detail.body.get("paid_from").is_none(), "{}", detail.body);
+}
