@@ -2820,7 +2820,9 @@ impl Writer {
         self.check_rules(rules, &format!("The rules of price book {id}"))?;
         let mut record = book.clone();
         record.rules = rules.to_vec();
-        record.updated_at = self.now;
+        // Never before its creation, which may run a microsecond or more
+        // ahead of the clock (see `create_pricebook`).
+        record.updated_at = self.now.max(record.created_at);
         catalog::save_pricebook(&self.connection, &record)?;
         self.catalog.books.insert(record.id.clone(), record.clone());
         Ok(Outcome::Pricebook(record))
@@ -2872,7 +2874,7 @@ impl Writer {
         record.published_at = Some(now);
         record.published_by = actor.map(str::to_owned);
         record.published_seq = Some(self.catalog.next_published_seq());
-        record.updated_at = now;
+        record.updated_at = now.max(record.created_at);
         catalog::save_pricebook(&self.connection, &record)?;
         self.catalog.published.publish(
             record

@@ -3203,3 +3203,40 @@ async fn rule_prices_accept_json_numbers() {
         assert_eq!(charged["amount"], cost, "{feature} x {quantity}");
     }
 }
+
+/// Drafts made in one instant of a frozen clock are numbered a microsecond
+/// apart; editing or publishing one then never dates its `updated_at`
+/// before its `created_at`.
+#[tokio::test]
+async fn a_drafts_update_is_never_dated_before_its_creation() {
+    let app = manual_app().await;
+    feature(&app, "api").await;
+    new_draft(&app, "v1", None).await;
+    set_rules(
+        &app,
+        "v1",
+        &json!([{"feature": "api", "credits_per_unit": "1"}]),
+    )
+    .await;
+    for id in ["v2", "v3"] {
+        new_draft(&app, id, Some("v1")).await;
+    }
+    let edited = set_rules(
+        &app,
+        "v3",
+        &json!([{"feature": "api", "credits_per_unit": "2"}]),
+    )
+    .await;
+    assert!(publish(&app, "v3", None).await.status.is_success());
+    let published = pricebook(&app, "v3").await;
+    for book in [&edited, &published] {
+        let created = book["created_at"].as_str().unwrap();
+        let updated = book["updated_at"].as_str().unwrap();
+        let rfc3339 = &time::format_description::well_known::Rfc3339;
+        assert!(
+            time::OffsetDateTime::parse(updated, rfc3339).unwrap()
+                >= time::OffsetDateTime::parse(created, rfc3339).unwrap(),
+            "{book}"
+        );
+    }
+}
