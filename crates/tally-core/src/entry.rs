@@ -205,7 +205,7 @@ impl EntryDraft {
         let mut ids: Vec<Id> = Vec::new();
         for posting in &self.postings {
             for account in [&posting.from, &posting.to] {
-                if let Account::Grant(id) = account {
+                if let Account::Grant(id) | Account::Pending(id) = account {
                     if !ids.contains(id) {
                         ids.push(id.clone());
                     }

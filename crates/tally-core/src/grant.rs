@@ -161,9 +161,13 @@ impl Grant {
         }
     }
 
-    /// Active, already in effect and not yet expired at `now`.
+    /// Active, already in effect and not yet expired at `now`. A lot whose
+    /// taking effect the ledger has not recorded yet (`awaiting_effect`) is
+    /// not: its credits are still in `pending:` until the sweep moves them
+    /// (every command sweeps first, so this only orders a sweep's steps).
     pub fn in_effect(&self, now: Timestamp) -> bool {
         self.status == GrantStatus::Active
+            && !self.awaiting_effect
             && self.effective_at <= now
             && self.expires_at.is_none_or(|expiry| now < expiry)
     }

@@ -781,9 +781,16 @@ impl CustomerLedger {
         grant.expired_amount = expired;
         grant.expired_at = Some(at);
         grant.remaining = Amount::ZERO;
+        // A lot ended before it took effect (no caller does this today):
+        // its credits are still pending.
+        let from = if std::mem::take(&mut grant.awaiting_effect) {
+            Account::Pending(grant.id.clone())
+        } else {
+            Account::Grant(grant.id.clone())
+        };
         let postings = if expired.is_positive() {
             vec![Posting {
-                from: Account::Grant(grant.id.clone()),
+                from,
                 to: Account::Expired,
                 amount: expired,
             }]
@@ -1782,6 +1789,17 @@ impl CustomerLedger {
                     grant.status.as_str(),
                     grant.id,
                     grant.remaining
+                ));
+            }
+            if grant.awaiting_effect
+                && (grant.status != GrantStatus::Active || grant.remaining != grant.amount)
+            {
+                return Err(format!(
+                    "grant {} is {} with {} of {} while its taking effect is still to record",
+                    grant.id,
+                    grant.status.as_str(),
+                    grant.remaining,
+                    grant.amount
                 ));
             }
         }

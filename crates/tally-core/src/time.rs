@@ -44,4 +44,9 @@ pub trait Clock: Send + Sync {
     /// told to (a manual clock resuming where another server's left off);
     /// a real clock ignores it.
     fn catch_up(&self, _instant: Timestamp) {}
+
+    /// Whether this clock moves only when told to (`--manual-clock`).
+    fn is_manual(&self) -> bool {
+        false
+    }
 }

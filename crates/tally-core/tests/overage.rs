@@ -198,14 +198,24 @@ impl Customer {
         );
         for grant in self.ledger.grants() {
             // In `pending:` until it takes effect, in `grant:` after.
-            let posted = accounts
+            let in_lot = accounts
                 .get(&Account::Grant(grant.id.clone()))
                 .copied()
-                .unwrap_or(0)
-                + accounts
-                    .get(&Account::Pending(grant.id.clone()))
-                    .copied()
-                    .unwrap_or(0);
+                .unwrap_or(0);
+            let pending = accounts
+                .get(&Account::Pending(grant.id.clone()))
+                .copied()
+                .unwrap_or(0);
+            let (posted, other) = if grant.awaiting_effect {
+                (pending, in_lot)
+            } else {
+                (in_lot, pending)
+            };
+            assert_eq!(
+                other, 0,
+                "grant {}: the other account of its credits",
+                grant.id
+            );
             if grant.status == GrantStatus::Active {
                 assert_eq!(posted, grant.remaining.micros(), "grant {}", grant.id);
             }
@@ -636,4 +646,42 @@ fn holds_past_the_credits_never_push_the_outstanding_total_past_the_maximum() {
     let balance = c.ledger.balance(Timestamp(c.now));
     assert_eq!(balance.held, max);
     c.check();
+}
+
+/// A hold that times out at the instant a lot takes effect, while the
+/// customer owes: the hold's return repays what it can, then the lot takes
+/// effect (its credits move out of `pending:` whole), then it repays the
+/// rest. (Before, the timeout's repayment drew on the lot while its credits
+/// were still pending, and `pending:` kept that much for ever.)
+#[test]
+fn a_lot_taking_effect_as_a_hold_times_out_repays_debt_only_once_in_effect() {
+    let mut c = Customer::new(OveragePolicy::AllowNegative { limit: credits(50) });
+    c.grant("g1", credits(10), 0, None, None).unwrap();
+    c.hold("h", credits(10)).unwrap();
+    c.charge("c", credits(20), None, false).unwrap();
+    assert_eq!(c.ledger.debt(), credits(20));
+    c.grant("later", credits(100), 60 * SECOND, None, None)
+        .unwrap();
+    c.check();
+    c.tick(61 * SECOND);
+    c.check();
+    c.check_last_entry();
+    assert_eq!(c.ledger.debt(), Amount::ZERO);
+    let kinds: Vec<EntryKind> = c
+        .journal
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            EntryKind::HoldExpired,
+            EntryKind::GrantEffective,
+            EntryKind::DebtRepaid
+        ]
+    );
+    assert_eq!(c.net(), credits(90));
 }

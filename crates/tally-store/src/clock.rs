@@ -81,4 +81,8 @@ impl Clock for ManualClock {
             self.advance_to(instant);
         }
     }
+
+    fn is_manual(&self) -> bool {
+        true
+    }
 }

@@ -53,6 +53,15 @@ pub enum Error {
          to {known}: a newer Tally migrated it, so run that version or a newer one"
     )]
     NewerSchema { found: i64, known: i64 },
+    /// The engine's clock recorded in the database is ahead of this server's
+    /// real clock by more than [`crate::writer::CLOCK_AHEAD_TOLERANCE`]:
+    /// writing on would move the engine's time back.
+    #[error(
+        "the database's engine clock is at {engine}, ahead of this server's clock ({now}): it was \
+         run with --manual-clock, so start this server with --manual-clock too (or the clock of \
+         the server that last ran its writer was fast); going on would move the engine's time back"
+    )]
+    ClockBehind { engine: String, now: String },
 }
 
 /// The server's own message (the client's Display says only "db error").

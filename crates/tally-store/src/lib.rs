@@ -782,9 +782,16 @@ impl Store {
         // The sync client runs its own runtime: keep it off the caller's
         // (which may be async).
         let migrate_url = url.to_owned();
-        std::thread::spawn(move || migrate(Location::Postgres(&migrate_url)))
-            .join()
-            .map_err(|_| StoreError::Unavailable("migration thread panicked".into()))??;
+        let start_clock = clock.clone();
+        std::thread::spawn(move || {
+            let (connection, _) = Location::Postgres(&migrate_url).connect_migrated()?;
+            // A real clock far behind the engine's (a server without
+            // --manual-clock joining a manual-clock database) is refused
+            // now, not at the takeover that would move time back.
+            writer::check_engine_clock(&connection, &*start_clock).map_err(unavailable)
+        })
+        .join()
+        .map_err(|_| StoreError::Unavailable("migration thread panicked".into()))??;
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let (to_syncer, syncer_groups) =
             std::sync::mpsc::sync_channel(writer::MAX_GROUPS_IN_FLIGHT);

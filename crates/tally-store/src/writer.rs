@@ -850,8 +850,9 @@ impl Writer {
             .map(|days| (days, None))
             .collect();
         // A manual clock resumes where the last writer's was (a restart, or
-        // another server taking over a shared database).
-        if let Some(instant) = engine_clock(&connection)? {
+        // another server taking over a shared database); a real clock far
+        // behind it refuses to write (`check_engine_clock`).
+        if let Some(instant) = check_engine_clock(&connection, &*clock)? {
             clock.catch_up(instant);
         }
         Ok(Writer {
@@ -3372,13 +3373,44 @@ impl Writer {
 pub(crate) const DUE_CUSTOMERS: &str = "\
      SELECT customer_id FROM holds WHERE status = 'active' AND expires_at <= ?1 \
      UNION SELECT customer_id FROM grants WHERE status = 'active' AND expires_at <= ?1 \
-     UNION SELECT customer_id FROM grants WHERE awaiting_effect = 1 AND effective_at <= ?1 \
+     UNION SELECT customer_id FROM grants WHERE awaiting_effect = 1 AND status || '' = 'active' \
+       AND effective_at <= ?1 \
      UNION SELECT c.id FROM customers c WHERE c.debt > 0 \
        AND (SELECT 1 FROM grants g JOIN grant_balances b ON b.sequence = g.sequence \
          WHERE g.customer_id = c.id AND g.status || '' = 'active' AND g.scope IS NULL \
          AND g.effective_at <= ?1 AND b.remaining > 0 LIMIT 1) IS NOT NULL \
      UNION SELECT customer_id FROM subscriptions WHERE status = 'active' AND period_end <= ?1 \
      LIMIT ?2";
+
+/// How far the engine's recorded clock may run ahead of a server's real
+/// clock: the clocks of servers sharing a database differ a little; a
+/// manual clock run ahead differs by days.
+pub(crate) const CLOCK_AHEAD_TOLERANCE: i64 = 5 * 60 * 1_000_000;
+
+/// The engine's clock as the last tick recorded it, or
+/// [`db::Error::ClockBehind`] when `clock` is a real clock more than
+/// [`CLOCK_AHEAD_TOLERANCE`] behind it: a server started without
+/// `--manual-clock` on a database a manual clock ran ahead (a probe saw a
+/// takeover by one move the engine four days back: grants already in effect
+/// became pending again, and a balance of 999 read 0).
+pub(crate) fn check_engine_clock(
+    connection: &Connection,
+    clock: &dyn Clock,
+) -> db::Result<Option<Timestamp>> {
+    let recorded = engine_clock(connection)?;
+    if let Some(engine) = recorded {
+        let now = clock.now();
+        if !clock.is_manual()
+            && engine.micros() > now.micros().saturating_add(CLOCK_AHEAD_TOLERANCE)
+        {
+            return Err(db::Error::ClockBehind {
+                engine: engine.rfc3339(),
+                now: now.rfc3339(),
+            });
+        }
+    }
+    Ok(recorded)
+}
 
 /// The engine's clock as the last tick recorded it.
 pub(crate) fn engine_clock(connection: &Connection) -> db::Result<Option<Timestamp>> {
@@ -3607,6 +3639,8 @@ mod tests {
                 let text = plan.join("\n");
                 assert!(text.contains("customers_in_debt"), "{text}");
                 assert!(text.contains("grants_by_customer"), "{text}");
+                // Lots still to take effect through their own partial index.
+                assert!(text.contains("grants_taking_effect"), "{text}");
                 assert!(!text.contains("Seq Scan on grants"), "{text}");
                 // `grants_due` only ever narrowed by expiry (the due lots): on
                 // SQLite in the same line, on PostgreSQL in the line below.

@@ -2975,6 +2975,7 @@ async fn a_grant_that_takes_effect_later_enters_the_history_when_it_does() {
         .find(|e| e["kind"] == "grant" && e["reference"] == "later")
         .expect("the issuance");
     assert_eq!(issued["postings"][0]["to"], "pending:later", "{issued}");
+    assert_eq!(issued["grant_ids"], json!(["later"]));
     assert_eq!(issued["balance_after"], "0");
     let void = app
         .post(
@@ -3014,6 +3015,7 @@ async fn a_grant_that_takes_effect_later_enters_the_history_when_it_does() {
         .find(|e| e["kind"] == "void")
         .expect("the void");
     assert_eq!(voided["postings"][0]["from"], "pending:dropped", "{voided}");
+    assert_eq!(voided["grant_ids"], json!(["dropped"]));
 
     // The balance just after `later` took effect, from the ledger alone.
     let reply = app
@@ -3126,4 +3128,46 @@ async fn a_captures_detail_names_the_lots_that_paid() {
         .get(&format!("/v1/ledger/{}", grant["id"].as_str().unwrap()))
         .await;
     assert!(detail.body.get("paid_from").is_none(), "{}", detail.body);
+}
+
+/// A server on the real clock will not run on a database whose engine clock
+/// a manual clock ran days ahead (a probe's server without `--manual-clock`
+/// took over such a database and moved the engine four days back: grants in
+/// effect became pending again). It exits at start saying why; with
+/// `--manual-clock` the server resumes where the engine's clock was.
+#[tokio::test]
+async fn a_real_clock_refuses_a_database_a_manual_clock_ran_ahead() {
+    let mut app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    app.customer("c").await;
+    let ahead = app.advance(4 * 86_400).await;
+    app.kill().await;
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+    serve
+        .arg("serve")
+        .args(app.storage_args())
+        .args(["--listen", "127.0.0.1:0"])
+        .env("TALLY_ADMIN_KEY", ADMIN_KEY)
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(30), serve.output())
+        .await
+        .expect("the server exits instead of serving")
+        .expect("run tally serve");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("engine clock") && stderr.contains("--manual-clock"),
+        "{stderr}"
+    );
+    app.start().await;
+    let now = app.get("/v1/clock").await.str("now").to_string();
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    assert!(
+        time::OffsetDateTime::parse(&now, rfc3339).unwrap()
+            >= time::OffsetDateTime::parse(&ahead, rfc3339).unwrap(),
+        "{now} resumes at {ahead} or later"
+    );
 }
