@@ -126,6 +126,21 @@ pub struct Grant {
     /// this existed read as false.
     #[serde(default)]
     pub awaiting_effect: bool,
+    /// For a lot the ledger made from another's credits (a refund's or a
+    /// hold's return to a lot voided or expired meanwhile): the lot they were
+    /// bought or granted in, the first of such a chain. Its payment (a
+    /// top-up's) prices what voiding this lot gives back, with the lot's own,
+    /// so the refunds of a purchase add up to its payment exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Id>,
+}
+
+impl Grant {
+    /// The lot this one's credits were first granted in: its `origin`, or
+    /// itself.
+    pub fn root(&self) -> &Id {
+        self.origin.as_ref().unwrap_or(&self.id)
+    }
 }
 
 /// The sort key of the burn order: higher priority first, then the earliest
@@ -204,6 +219,7 @@ mod tests {
             expired_at: None,
             sequence,
             awaiting_effect: false,
+            origin: None,
         }
     }
 

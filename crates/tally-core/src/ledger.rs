@@ -926,6 +926,7 @@ impl CustomerLedger {
             expired_at: None,
             sequence: UNNUMBERED,
             awaiting_effect: false,
+            origin: Some(voided.root().clone()),
         };
         self.lower_next_due(lot.expires_at);
         self.insert_sorted(lot);
@@ -1593,6 +1594,7 @@ impl CustomerLedger {
             expired_at: None,
             sequence: *next_sequence,
             awaiting_effect: false,
+            origin: like.map(|g| g.root().clone()),
         };
         *next_sequence += 1;
         self.insert_sorted(grant);

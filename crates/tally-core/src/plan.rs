@@ -518,6 +518,7 @@ fn plan_lot(
         expired_at: None,
         sequence: context.next_grant_sequence(),
         awaiting_effect: false,
+        origin: None,
     }
 }
 

@@ -39,6 +39,7 @@ fn ledger_with(units: i64) -> CustomerLedger {
         expired_at: None,
         sequence: 1,
         awaiting_effect: false,
+        origin: None,
     };
     ledger.add_grant(grant, None, Timestamp(NOW)).unwrap();
     ledger
@@ -429,6 +430,7 @@ fn counts_past_the_largest_amount_stop_there() {
         expired_at: None,
         sequence: 2,
         awaiting_effect: false,
+        origin: None,
     };
     ledger.add_grant(grant, None, february).unwrap();
     ledger

@@ -395,6 +395,8 @@ impl Model {
                     expired_amount: Amount::ZERO,
                     expired_at: None,
                     sequence: tally_core::ledger::UNNUMBERED,
+                    // Made from the voided lot's credits: priced by its payment.
+                    origin: Some(like.root().clone()),
                     ..like
                 });
             }
@@ -640,6 +642,7 @@ impl Model {
                     expired_amount: Amount::ZERO,
                     expired_at: None,
                     sequence: self.next_sequence,
+                    origin: Some(original.root().clone()),
                     ..original
                 });
                 self.next_sequence += 1;
@@ -979,6 +982,7 @@ impl Harness {
                     expired_at: None,
                     sequence: self.next_sequence,
                     awaiting_effect: false,
+                    origin: None,
                 };
                 let expected = self.model.add_grant(&grant, now);
                 let actual =

@@ -82,6 +82,7 @@ impl Customer {
             expired_at: None,
             sequence: self.next_sequence,
             awaiting_effect: false,
+            origin: None,
         };
         self.next_sequence += 1;
         let entry = self.ledger.add_grant(grant, None, now)?;

@@ -125,8 +125,14 @@ pub struct GrantBody {
     pub expired_amount: String,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
+    /// The payment or other outside reference (a top-up's payment; a lot made
+    /// from another's credits carries that lot's).
     pub external_reference: Option<String>,
     pub created_at: String,
+    /// For a lot the ledger made from another's credits (a refund, or a
+    /// hold's return, after that lot was voided or expired): the lot they
+    /// were first granted in. A void of it is priced by that lot's payment.
+    pub origin: Option<String>,
 }
 
 impl GrantBody {
@@ -152,6 +158,7 @@ impl GrantBody {
             metadata: metadata_value(&record.metadata),
             external_reference: record.external_reference.clone(),
             created_at: rfc3339(record.created_at),
+            origin: g.origin.as_ref().map(ToString::to_string),
         }
     }
 }

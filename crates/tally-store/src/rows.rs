@@ -18,7 +18,7 @@ macro_rules! grant_columns {
     () => {
         "g.id, g.customer_id, g.amount, b.remaining, g.source, g.paid, g.cost_per_credit, g.cost_currency, \
      g.priority, g.effective_at, g.expires_at, g.scope, g.status, b.expired_amount, g.expired_at, g.sequence, \
-     g.metadata, g.external_reference, g.created_at, g.awaiting_effect"
+     g.metadata, g.external_reference, g.created_at, g.awaiting_effect, g.origin"
     };
 }
 
@@ -91,6 +91,9 @@ pub fn grant_record(row: &Row) -> db::Result<GrantRecord> {
         expired_at: row.get::<_, Option<i64>>(14)?.map(Timestamp),
         sequence: row.get(15)?,
         awaiting_effect: row.get(19)?,
+        origin: row
+            .get::<_, Option<String>>(20)?
+            .map(|origin| Id::derived(&origin)),
     };
     Ok(GrantRecord {
         grant,
@@ -315,8 +318,8 @@ fn grants_and_head(
     let mut head: Option<i64> = None;
     while let Some(row) = rows.next()? {
         records.push(grant_record(&row)?);
-        // `b.last_entry`, the column after the 20 of `grant_columns!`.
-        head = head.max(row.get::<_, Option<i64>>(20)?);
+        // `b.last_entry`, the column after the 21 of `grant_columns!`.
+        head = head.max(row.get::<_, Option<i64>>(21)?);
     }
     Ok((records, head))
 }
@@ -511,7 +514,8 @@ pub fn insert_grant(
         .prepare_cached(
             "INSERT INTO grants (id, customer_id, amount, source, paid, cost_per_credit, cost_currency, priority, \
              effective_at, expires_at, scope, status, expired_at, sequence, metadata, external_reference, created_at, \
-             awaiting_effect) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)",
+             awaiting_effect, origin) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,\
+             COALESCE(?16, (SELECT o.external_reference FROM grants o WHERE o.id = ?19)),?17,?18,?19)",
         )?
         .execute(params![
             grant.id.as_str(),
@@ -532,6 +536,7 @@ pub fn insert_grant(
             record.and_then(|r| r.external_reference.as_deref()),
             record.map_or(now, |r| r.created_at).micros(),
             grant.awaiting_effect,
+            grant.origin.as_ref().map(Id::as_str),
         ])?;
     connection
         .prepare_cached(

@@ -372,6 +372,13 @@ CREATE INDEX grants_due ON grants(status, expires_at, id);
 -- index, which holds only them. Lots stored before read 0: nothing owed.
 ALTER TABLE grants ADD COLUMN awaiting_effect INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX grants_taking_effect ON grants(effective_at) WHERE awaiting_effect = 1;
+-- A lot the ledger made from another's credits (a refund's, a hold's return to
+-- a voided lot): the lot they were first granted in (`Grant::origin`).
+ALTER TABLE grants ADD COLUMN origin TEXT;
+-- The credits of a top-up voided so far, in its lot and in lots made from it:
+-- each void gives back the part of the price that brings the total to the
+-- price of all voided so far, so the parts add up to the payment exactly.
+ALTER TABLE topups ADD COLUMN voided_credits INTEGER NOT NULL DEFAULT 0;
 "#,
     ),
 ];

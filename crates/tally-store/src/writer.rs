@@ -1776,15 +1776,18 @@ impl Writer {
             } => {
                 let customer_id = self.grant_customer(grant_id)?;
                 self.prepare(&customer_id)?;
-                let (voided, draft) = self
-                    .ledger(&customer_id)
+                let ledger = self.ledger(&customer_id);
+                let root = ledger.grant(grant_id).map(|g| g.root().clone());
+                let (voided, draft) = ledger
                     .void(grant_id, id, Some(reason.clone()), now)
                     .map_err(Failure::Refused)?;
                 let entry_id = self.record_entry(&draft, actor)?;
-                let refundable_money = match self.topup_refund(grant_id, voided.voided)? {
-                    Some(exact) => Some(exact),
-                    None => voided.refundable_money,
+                let paid = voided.refundable_money.is_some();
+                let exact = match (&root, paid) {
+                    (Some(root), true) => self.topup_refund(root, voided.voided)?,
+                    _ => None,
                 };
+                let refundable_money = exact.or(voided.refundable_money);
                 Ok((
                     Outcome::Void(VoidOutcome {
                         id: id.clone(),
@@ -2085,6 +2088,7 @@ impl Writer {
             expired_at: None,
             sequence: self.next_grant_sequence,
             awaiting_effect: false,
+            origin: None,
         };
         let draft = self
             .ledger(&request.customer_id)
@@ -3076,30 +3080,46 @@ impl Writer {
         Ok(Outcome::Tick { entries })
     }
 
-    /// A top-up's lot `topup:<id>` voided: what `voided` of its credits
-    /// are worth at the exact price paid for the top-up (its price times
-    /// `voided` over its credits, rounded half up to the micro-unit), so that
-    /// voiding all of an unused top-up refunds exactly its payment, and what
-    /// was spent and what is refunded add up to it. The lot's cost basis is
-    /// the price per credit rounded to the micro-unit: 3 credits for 1 USD
-    /// gave 0.999999. `None` for any other lot.
+    /// What voiding `voided` credits of a lot first granted in `root` gives
+    /// back, when `root` is a top-up's lot: the part of the top-up's exact
+    /// price that brings what its voids gave back so far to the price of all
+    /// its credits voided so far (its price times those over its credits,
+    /// rounded half up to the micro-unit), recorded in
+    /// `topups.voided_credits`. So voiding all of an unused top-up refunds
+    /// exactly its payment, and so do its lot and the lots made from it (a
+    /// hold's return after the void, a refund) voided one after another:
+    /// each void rounding its own part gave 0.333333 and 0.666666 of 1 USD.
+    /// The lots' cost basis is the price per credit rounded to the
+    /// micro-unit (3 credits for 1 USD gave 0.999999). `None` for any other
+    /// lot.
     fn topup_refund(
         &self,
-        grant_id: &Id,
+        root: &Id,
         voided: tally_core::Amount,
     ) -> Result<Option<(tally_core::Amount, String)>, Failure> {
-        let Some(topup_id) = grant_id.as_str().strip_prefix("topup:") else {
+        let Some(topup_id) = root.as_str().strip_prefix("topup:") else {
             return Ok(None);
         };
         let Some(topup) = rows::topup(&self.connection, topup_id)? else {
             return Ok(None);
         };
-        if topup.grant_id.as_ref() != Some(grant_id) || !topup.credits.is_positive() {
+        if topup.grant_id.as_ref() != Some(root) || !topup.credits.is_positive() {
             return Ok(None);
         }
+        let before: i64 = self.connection.query_row(
+            "SELECT voided_credits FROM topups WHERE id = ?1",
+            params![topup_id],
+            |row| row.get(0),
+        )?;
+        let after = before.saturating_add(voided.micros());
         let credits = i128::from(topup.credits.micros());
-        let value = (i128::from(topup.price.micros()) * i128::from(voided.micros()) + credits / 2)
-            / credits;
+        let price = i128::from(topup.price.micros());
+        let worth = |voided: i64| (price * i128::from(voided) + credits / 2) / credits;
+        let value = worth(after) - worth(before);
+        self.connection.execute(
+            "UPDATE topups SET voided_credits = ?2 WHERE id = ?1",
+            params![topup_id, after],
+        )?;
         Ok(i64::try_from(value)
             .ok()
             .and_then(tally_core::Amount::from_micros)

@@ -392,6 +392,7 @@ impl Writer {
                     expired_at: None,
                     sequence,
                     awaiting_effect: false,
+                    origin: None,
                 }
             })
             .collect();

@@ -766,3 +766,97 @@ async fn voiding_a_topup_reconciles_with_its_exact_payment() {
         );
     }
 }
+
+/// Bug 3 of PRODUCT.md with a hold open, and with a refund: a top-up's lot
+/// voided while a hold reserves part of it, then the lot the hold's release
+/// makes, voided too, give back exactly the payment between them (1 USD for
+/// 3 credits: 0.333333 and 0.666667; each rounding its own part gave
+/// 0.999999). Likewise a charge refunded after the void. The lots made from
+/// the top-up carry its payment reference.
+#[tokio::test]
+async fn a_topups_lot_and_the_lots_made_from_it_refund_exactly_its_payment() {
+    let app = manual_app().await;
+    put_pack(
+        &app,
+        "thirds",
+        json!({ "name": "3 credits", "credits": "3", "price": "1", "currency": "USD" }),
+    )
+    .await;
+    for customer in ["held", "refunded"] {
+        app.customer(customer).await;
+        let topup = format!("tp_{customer}");
+        let created = app
+            .post(
+                &format!("/v1/customers/{customer}/topups"),
+                json!({ "id": topup, "pack": "thirds", "quantity": 1 }),
+            )
+            .await;
+        assert_eq!(created.status, StatusCode::OK, "{}", created.body);
+        let confirmed = app
+            .post(
+                &format!("/v1/topups/{topup}/confirm"),
+                json!({ "payment_reference": format!("pi_{customer}") }),
+            )
+            .await;
+        assert_eq!(confirmed.status, StatusCode::OK, "{}", confirmed.body);
+        let void = |id: String, lot: String| {
+            let app = &app;
+            async move {
+                let reply = app
+                    .post(
+                        &format!("/v1/grants/{lot}/void"),
+                        json!({ "id": id, "reason": "refund the rest" }),
+                    )
+                    .await;
+                assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+                reply.body
+            }
+        };
+        if customer == "held" {
+            let hold = app
+                .post(
+                    "/v1/holds",
+                    json!({ "id": "h", "customer_id": customer, "amount": "2", "timeout_seconds": 60 }),
+                )
+                .await;
+            assert_eq!(hold.status, StatusCode::OK, "{}", hold.body);
+        } else {
+            charge_ok(&app, customer, "c", "2").await;
+        }
+        let first = void(format!("v1_{customer}"), format!("topup:{topup}")).await;
+        assert_eq!(first["voided"], "1");
+        assert_eq!(first["refundable_money"]["amount"], "0.333333");
+        let made = if customer == "held" {
+            let released = app.post("/v1/holds/h/release", json!({})).await;
+            assert_eq!(released.status, StatusCode::OK, "{}", released.body);
+            "release:h:1".to_string()
+        } else {
+            let refund = app
+                .post(
+                    "/v1/refunds",
+                    json!({ "id": "rf", "charge_id": "c", "reason": "failed" }),
+                )
+                .await;
+            assert_eq!(refund.status, StatusCode::OK, "{}", refund.body);
+            "refund:rf:1".to_string()
+        };
+        let grants = app.get(&format!("/v1/customers/{customer}/grants")).await;
+        let lot = grants.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["id"] == made.as_str())
+            .unwrap_or_else(|| panic!("the lot {made}: {}", grants.body))
+            .clone();
+        assert_eq!(lot["remaining"], "2");
+        assert_eq!(lot["external_reference"], format!("pi_{customer}"), "{lot}");
+        assert_eq!(lot["origin"], format!("topup:{topup}"), "{lot}");
+        let second = void(format!("v2_{customer}"), made).await;
+        assert_eq!(second["voided"], "2");
+        assert_eq!(
+            second["refundable_money"],
+            json!({ "amount": "0.666667", "currency": "USD" }),
+            "0.333333 + 0.666667 is the payment"
+        );
+    }
+}
