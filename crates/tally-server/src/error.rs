@@ -99,6 +99,8 @@ impl From<&Refusal> for ApiError {
         let param = match refusal.code.as_str() {
             "invalid_expiry" if refusal.message.contains("timeout") => Some("timeout_seconds"),
             "invalid_expiry" => Some("expires_at"),
+            "unknown_feature" | "no_price" => Some("feature"),
+            "capture_exceeds_hold" | "refund_exceeds_charge" => Some("amount"),
             _ => None,
         };
         ApiError {

@@ -46,24 +46,45 @@ impl Modify for AuthResponses {
                 .build()
         };
         for item in openapi.paths.paths.values_mut() {
+            // (whether the method writes, the operation)
             let operations = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
+                (false, &mut item.get),
+                (true, &mut item.put),
+                (true, &mut item.post),
+                (true, &mut item.delete),
+                (true, &mut item.patch),
             ];
-            for operation in operations.into_iter().flatten() {
+            for (writes, operation) in operations {
+                let Some(operation) = operation.as_mut() else {
+                    continue;
+                };
                 if operation.security.as_ref().is_none_or(|s| s.is_empty()) {
                     continue;
                 }
+                let takes_input = operation.request_body.is_some()
+                    || operation.parameters.as_ref().is_some_and(|p| !p.is_empty());
                 let responses = &mut operation.responses.responses;
                 responses
                     .entry("401".into())
                     .or_insert_with(|| answer("no key, or not a valid one").into());
-                responses
-                    .entry("403".into())
-                    .or_insert_with(|| answer("the key lacks the route's scope").into());
+                responses.entry("403".into()).or_insert_with(|| {
+                    answer("the key lacks the scope this operation's security names").into()
+                });
+                if takes_input {
+                    responses.entry("400".into()).or_insert_with(|| {
+                        answer("bad input (`param` names the field): nothing changed").into()
+                    });
+                }
+                if writes {
+                    responses.entry("503".into()).or_insert_with(|| {
+                        answer(
+                            "`overloaded` (too many writes in flight) or `unavailable` (the store, \
+                             or no server runs the writer): nothing is lost, retry with the same \
+                             id after `Retry-After` seconds",
+                        )
+                        .into()
+                    });
+                }
             }
         }
     }
@@ -74,7 +95,10 @@ impl Modify for AuthResponses {
     info(title = "Tally", description = "The credits engine: grants, charges, holds, refunds, expiry, the ledger and the price book. \
         Amounts are decimal strings with at most 6 fractional digits. Every create or state change carries a \
         client-chosen id that is its idempotency key forever: a retry returns the original result with \
-        `Idempotent-Replayed: true`; the same id with other content is 409 `idempotency_conflict`."),
+        `Idempotent-Replayed: true`; the same id with other content is 409 `idempotency_conflict`. \
+        Keys have a scope, which each operation's security names: `read`; `write` (includes read); \
+        `admin` (includes write); `ingest` (usage events only: `POST /v1/events`, which write and admin \
+        keys may call too). A method a route does not have is 405 `method_not_allowed` with `Allow`."),
     paths(
         system::healthz, system::metrics, system::clock, system::advance_clock, system::create_api_key,
         customers::create_customer, customers::get_customer, customers::balance, customers::set_overage, customers::create_grant,

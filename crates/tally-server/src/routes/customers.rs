@@ -34,7 +34,7 @@ pub struct CreateCustomer {
 /// Create a customer.
 #[utoipa::path(post, path = "/v1/customers", tag = "customers", request_body = CreateCustomer,
     responses((status = 200, body = CustomerBody), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn create_customer(
     State(state): State<AppState>,
     caller: Caller,
@@ -78,7 +78,7 @@ fn currency(value: Option<String>, param: &str) -> Result<Option<String>, ApiErr
 /// repaid by the next credits; the policy governs spends from now on.
 #[utoipa::path(put, path = "/v1/customers/{id}/overage", tag = "customers", request_body = OverageBody,
     responses((status = 200, body = CustomerBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn set_overage(
     State(state): State<AppState>,
     caller: Caller,
@@ -116,7 +116,7 @@ pub fn unexpected() -> ApiError {
 
 /// Get a customer.
 #[utoipa::path(get, path = "/v1/customers/{id}", tag = "customers",
-    responses((status = 200, body = CustomerBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = CustomerBody), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn get_customer(
     State(state): State<AppState>,
     caller: Caller,
@@ -158,7 +158,7 @@ pub struct BalanceBody {
 
 /// A customer's balance.
 #[utoipa::path(get, path = "/v1/customers/{id}/balance", tag = "customers",
-    responses((status = 200, body = BalanceBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = BalanceBody), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn balance(
     State(state): State<AppState>,
     caller: Caller,
@@ -235,7 +235,7 @@ pub struct CreateGrant {
 /// Grant credits to a customer.
 #[utoipa::path(post, path = "/v1/customers/{id}/grants", tag = "grants", request_body = CreateGrant,
     responses((status = 200, body = GrantBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 409, body = ErrorBody)), security(("bearer" = ["write"])))]
 pub async fn create_grant(
     State(state): State<AppState>,
     caller: Caller,
@@ -244,12 +244,15 @@ pub async fn create_grant(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
     let body = body.read()?;
-    let source = Source::parse(&body.source).ok_or_else(|| {
-        ApiError::invalid(
-            "source",
-            "source must be one of purchase, plan_allocation, promotion, refund, adjustment, transfer",
-        )
-    })?;
+    // `rollover` lots are the engine's own (a plan's renewal makes them).
+    let source = Source::parse(&body.source)
+        .filter(|source| *source != Source::Rollover)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "source",
+                "source must be one of purchase, plan_allocation, promotion, refund, adjustment, transfer",
+            )
+        })?;
     let cost_basis = match body.cost_basis {
         Some(basis) => {
             if basis.amount.0.is_negative() {
@@ -350,7 +353,7 @@ pub struct GrantListParams {
 /// A customer's grants, oldest first, with remaining and status.
 #[utoipa::path(get, path = "/v1/customers/{id}/grants", tag = "grants", params(GrantListParams),
     responses((status = 200, body = crate::dto::Page<GrantBody>), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn list_grants(
     State(state): State<AppState>,
     caller: Caller,
@@ -412,7 +415,7 @@ pub struct VoidBody {
 /// Take back what remains of a grant (e.g. refund the unused part of a purchase).
 #[utoipa::path(post, path = "/v1/grants/{grant_id}/void", tag = "grants", request_body = VoidGrant,
     responses((status = 200, body = VoidBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn void_grant(
     State(state): State<AppState>,
     caller: Caller,
@@ -479,7 +482,7 @@ pub struct ExpiryBody {
 /// Extend a grant's expiry, or reinstate an expired grant (within 90 days of its expiry).
 #[utoipa::path(post, path = "/v1/grants/{grant_id}/expiry", tag = "grants", request_body = ChangeExpiry,
     responses((status = 200, body = ExpiryBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 409, body = ErrorBody)), security(("bearer" = ["write"])))]
 pub async fn change_expiry(
     State(state): State<AppState>,
     caller: Caller,

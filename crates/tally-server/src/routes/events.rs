@@ -118,7 +118,7 @@ pub struct EventBatchBody {
 /// event never fails its neighbours, and no event is half applied.
 #[utoipa::path(post, path = "/v1/events", tag = "events", request_body = EventBatch,
     responses((status = 200, body = EventBatchBody), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["ingest"])))]
 pub async fn post_events(
     State(state): State<AppState>,
     caller: Caller,
@@ -319,7 +319,7 @@ pub struct DeadLetterParams {
 
 /// Dead letters, oldest first.
 #[utoipa::path(get, path = "/v1/dead-letters", tag = "events", params(DeadLetterParams),
-    responses((status = 200, body = Page<DeadLetterBody>), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = Page<DeadLetterBody>), (status = 400, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn list_dead_letters(
     State(state): State<AppState>,
     caller: Caller,
@@ -351,7 +351,7 @@ pub async fn list_dead_letters(
 
 /// One dead letter.
 #[utoipa::path(get, path = "/v1/dead-letters/{id}", tag = "events",
-    responses((status = 200, body = DeadLetterBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = DeadLetterBody), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn get_dead_letter(
     State(state): State<AppState>,
     caller: Caller,
@@ -380,7 +380,7 @@ pub struct ReplayBody {
 /// without a `timestamp` is charged as of when it first arrived.
 #[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", tag = "events",
     responses((status = 200, body = ReplayBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn replay_dead_letter(
     State(state): State<AppState>,
     caller: Caller,
@@ -446,7 +446,7 @@ pub struct DiscardBody {
 /// Give up on a dead letter (it stays listed with `status=discarded`).
 #[utoipa::path(post, path = "/v1/dead-letters/{id}/discard", tag = "events", request_body = DiscardBody,
     responses((status = 200, body = DeadLetterBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn discard_dead_letter(
     State(state): State<AppState>,
     caller: Caller,

@@ -33,7 +33,7 @@ pub struct LedgerParams {
 /// A customer's journal entries, newest first.
 #[utoipa::path(get, path = "/v1/customers/{id}/ledger", tag = "ledger", params(LedgerParams),
     responses((status = 200, body = Page<EntryBody>), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["read"])))]
 pub async fn customer_ledger(
     State(state): State<AppState>,
     caller: Caller,
@@ -138,7 +138,7 @@ pub struct UsageBody {
 /// request.
 #[utoipa::path(get, path = "/v1/customers/{id}/usage", tag = "ledger", params(UsageParams),
     responses((status = 200, body = UsageBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["read"])))]
 pub async fn customer_usage(
     State(state): State<AppState>,
     caller: Caller,
@@ -262,7 +262,7 @@ pub struct EntryDetail {
 
 /// One journal entry with its postings and why it happened.
 #[utoipa::path(get, path = "/v1/ledger/{entry_id}", tag = "ledger",
-    responses((status = 200, body = EntryDetail), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = EntryDetail), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn get_entry(
     State(state): State<AppState>,
     caller: Caller,

@@ -82,7 +82,7 @@ fn member_body(customer_id: &str, member: &Member, now: Timestamp) -> MemberBody
 /// budget counted that spend in its current window.
 #[utoipa::path(put, path = "/v1/customers/{id}/members/{member_id}", tag = "members", request_body = PutMember,
     responses((status = 200, body = MemberBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn put_member(
     State(state): State<AppState>,
     caller: Caller,
@@ -127,7 +127,7 @@ pub struct MemberList {
 
 /// A customer's members with what each spent of its budget.
 #[utoipa::path(get, path = "/v1/customers/{id}/members", tag = "members", params(edge::ListParams),
-    responses((status = 200, body = MemberList), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = MemberList), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn list_members(
     State(state): State<AppState>,
     caller: Caller,
@@ -202,7 +202,7 @@ pub struct TransferBody {
     responses((status = 200, body = TransferBody), (status = 400, body = ErrorBody), (status = 402, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 422, description = "member_without_budget", body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn create_transfer(
     State(state): State<AppState>,
     caller: Caller,

@@ -27,6 +27,7 @@ pub struct PutAlerts {
     #[schema(value_type = Vec<String>)]
     pub low_balance: Vec<AmountInput>,
     /// `grant.expiring` is sent this many days (1–90) before a lot expires, once per lot.
+    #[schema(minimum = 1, maximum = 90)]
     pub grant_expiring_days: Option<u32>,
 }
 
@@ -40,7 +41,7 @@ pub struct AlertsBody {
 /// Set a customer's alert thresholds (replacing the ones before).
 #[utoipa::path(put, path = "/v1/customers/{id}/alerts", tag = "notifications", request_body = PutAlerts,
     responses((status = 200, body = AlertsBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn put_alerts(
     State(state): State<AppState>,
     caller: Caller,
@@ -99,7 +100,8 @@ pub struct CreateWebhookEndpoint {
     /// `http://` or `https://` URL that receives the POSTs.
     pub url: String,
     /// Notification types: `balance.low`, `balance.depleted`, `grant.expiring`,
-    /// `grant.expired`, `hold.expired`, `subscription.renewed`, or `*`.
+    /// `grant.expired`, `hold.expired`, `subscription.renewed`, `topup.created`,
+    /// `topup.succeeded`, `topup.failed`, or `*`.
     pub events: Vec<String>,
 }
 
@@ -128,10 +130,10 @@ fn endpoint_body(e: &tally_store::WebhookEndpointRecord, secret: bool) -> Webhoo
 /// Register a webhook endpoint. Deliveries are POSTs with the headers
 /// `Tally-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`
 /// and `Tally-Delivery-Id` (stable across retries), retried with backoff
-/// until a 2xx answer (10 attempts at most).
+/// until a 2xx answer (20 attempts at most, about 8 hours).
 #[utoipa::path(post, path = "/v1/webhook-endpoints", tag = "notifications", request_body = CreateWebhookEndpoint,
     responses((status = 200, body = WebhookEndpointBody), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["admin"])))]
 pub async fn create_webhook_endpoint(
     State(state): State<AppState>,
     caller: Caller,
@@ -183,7 +185,7 @@ pub struct WebhookEndpointList {
 
 /// The webhook endpoints (without their secrets).
 #[utoipa::path(get, path = "/v1/webhook-endpoints", tag = "notifications", params(edge::ListParams),
-    responses((status = 200, body = WebhookEndpointList)), security(("bearer" = [])))]
+    responses((status = 200, body = WebhookEndpointList)), security(("bearer" = ["admin"])))]
 pub async fn list_webhook_endpoints(
     State(state): State<AppState>,
     caller: Caller,
@@ -209,7 +211,7 @@ pub struct DeliveryBody {
     #[serde(rename = "type")]
     pub kind: String,
     pub customer_id: Option<String>,
-    /// `pending`, `delivered` or `failed` (gave up after 10 attempts).
+    /// `pending`, `delivered` or `failed` (gave up after 20 attempts).
     pub status: String,
     pub attempts: i64,
     pub last_status: Option<i64>,
@@ -239,7 +241,7 @@ pub struct DeliveryParams {
 #[utoipa::path(get, path = "/v1/webhook-endpoints/{id}/deliveries", tag = "notifications",
     params(("limit" = Option<i64>, Query, description = "default 50, max 1000"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
-    responses((status = 200, body = DeliveryList), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = DeliveryList), (status = 404, body = ErrorBody)), security(("bearer" = ["admin"])))]
 pub async fn list_deliveries(
     State(state): State<AppState>,
     caller: Caller,
@@ -306,7 +308,7 @@ pub struct BalanceChangeBody {
 /// should read the balance again.
 #[utoipa::path(get, path = "/v1/customers/{id}/stream", tag = "notifications",
     responses((status = 200, description = "text/event-stream"), (status = 404, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["read"])))]
 pub async fn stream(
     State(state): State<AppState>,
     caller: Caller,

@@ -40,7 +40,7 @@ pub struct RolloverBody {
 pub struct PutPlan {
     pub name: String,
     /// `"month"`, `"year"` or `{"days": n}`. Fixed once the plan exists.
-    #[schema(value_type = Object, example = "month")]
+    #[schema(value_type = Value, example = "month")]
     #[serde(deserialize_with = "crate::edge::strict")]
     pub period: serde_json::Value,
     /// Credits granted at the start of every period (0 for pay as you go).
@@ -63,7 +63,8 @@ pub struct PutPlan {
 pub struct PlanBody {
     pub key: String,
     pub name: String,
-    #[schema(value_type = Object)]
+    /// `"month"`, `"year"` or `{"days": n}`.
+    #[schema(value_type = Value)]
     pub period: serde_json::Value,
     pub included_credits: String,
     pub allocation_expires_after_periods: Option<u32>,
@@ -119,7 +120,7 @@ fn plan_key(text: &str) -> Result<String, ApiError> {
 /// period (the overage policy at once); the period itself is fixed.
 #[utoipa::path(put, path = "/v1/plans/{key}", tag = "plans", request_body = PutPlan,
     responses((status = 200, body = PlanBody), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["admin"])))]
 pub async fn put_plan(
     State(state): State<AppState>,
     caller: Caller,
@@ -159,7 +160,7 @@ pub async fn put_plan(
 
 /// A plan.
 #[utoipa::path(get, path = "/v1/plans/{key}", tag = "plans",
-    responses((status = 200, body = PlanBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = PlanBody), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn get_plan(
     State(state): State<AppState>,
     caller: Caller,
@@ -183,7 +184,7 @@ pub struct PlanList {
 
 /// Every plan.
 #[utoipa::path(get, path = "/v1/plans", tag = "plans", params(edge::ListParams),
-    responses((status = 200, body = PlanList)), security(("bearer" = [])))]
+    responses((status = 200, body = PlanList)), security(("bearer" = ["read"])))]
 pub async fn list_plans(
     State(state): State<AppState>,
     caller: Caller,
@@ -267,7 +268,7 @@ impl From<&Subscription> for SubscriptionBody {
 #[utoipa::path(put, path = "/v1/customers/{id}/subscription", tag = "plans", request_body = PutSubscription,
     responses((status = 200, body = SubscriptionBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn put_subscription(
     State(state): State<AppState>,
     caller: Caller,
@@ -307,7 +308,7 @@ pub async fn put_subscription(
 
 /// A customer's subscription: the active (or scheduled) one, else the latest.
 #[utoipa::path(get, path = "/v1/customers/{id}/subscription", tag = "plans",
-    responses((status = 200, body = SubscriptionBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = SubscriptionBody), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn get_subscription(
     State(state): State<AppState>,
     caller: Caller,
@@ -334,7 +335,7 @@ pub struct CancelParams {
 /// Cancel the active subscription.
 #[utoipa::path(delete, path = "/v1/customers/{id}/subscription", tag = "plans",
     params(("at_period_end" = Option<bool>, Query, description = "cancel at the period end instead of now")),
-    responses((status = 200, body = SubscriptionBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = SubscriptionBody), (status = 404, body = ErrorBody)), security(("bearer" = ["write"])))]
 pub async fn cancel_subscription(
     State(state): State<AppState>,
     caller: Caller,

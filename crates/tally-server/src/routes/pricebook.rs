@@ -55,7 +55,7 @@ impl From<&FeatureRecord> for FeatureBody {
 
 /// Create or update a feature.
 #[utoipa::path(put, path = "/v1/features/{key}", tag = "price book", request_body = PutFeature,
-    responses((status = 200, body = FeatureBody), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = FeatureBody), (status = 400, body = ErrorBody)), security(("bearer" = ["admin"])))]
 pub async fn put_feature(
     State(state): State<AppState>,
     caller: Caller,
@@ -84,7 +84,7 @@ fn required_text(text: String, param: &str) -> Result<String, ApiError> {
 
 /// Every feature.
 #[utoipa::path(get, path = "/v1/features", tag = "price book", params(edge::ListParams),
-    responses((status = 200, body = Page<FeatureBody>)), security(("bearer" = [])))]
+    responses((status = 200, body = Page<FeatureBody>)), security(("bearer" = ["read"])))]
 pub async fn list_features(
     State(state): State<AppState>,
     caller: Caller,
@@ -165,7 +165,7 @@ pub struct CreatePricebook {
 /// Start a draft version.
 #[utoipa::path(post, path = "/v1/pricebooks", tag = "price book", request_body = CreatePricebook,
     responses((status = 200, body = PricebookBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 409, body = ErrorBody)), security(("bearer" = ["admin"])))]
 pub async fn create_pricebook(
     State(state): State<AppState>,
     caller: Caller,
@@ -190,7 +190,7 @@ pub async fn create_pricebook(
 /// Every version, drafts and published alike, in order of creation (a draft published while a
 /// client pages keeps its place).
 #[utoipa::path(get, path = "/v1/pricebooks", tag = "price book", params(edge::ListParams),
-    responses((status = 200, body = Page<PricebookBody>)), security(("bearer" = [])))]
+    responses((status = 200, body = Page<PricebookBody>)), security(("bearer" = ["read"])))]
 pub async fn list_pricebooks(
     State(state): State<AppState>,
     caller: Caller,
@@ -213,7 +213,7 @@ pub async fn list_pricebooks(
 
 /// One version with its rules.
 #[utoipa::path(get, path = "/v1/pricebooks/{id}", tag = "price book",
-    responses((status = 200, body = PricebookBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = PricebookBody), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn get_pricebook(
     State(state): State<AppState>,
     caller: Caller,
@@ -268,7 +268,7 @@ fn parse_rules(values: Vec<serde_json::Value>, param: &str) -> Result<Vec<Rule>,
 /// Replace a draft's rules (published versions never change).
 #[utoipa::path(put, path = "/v1/pricebooks/{id}/rules", tag = "price book", request_body = PutRules,
     responses((status = 200, body = PricebookBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = ["admin"])))]
 pub async fn put_rules(
     State(state): State<AppState>,
     caller: Caller,
@@ -298,7 +298,7 @@ pub struct Publish {
 /// Publish a draft: from `effective_at` it prices all usage.
 #[utoipa::path(post, path = "/v1/pricebooks/{id}/publish", tag = "price book", request_body = Publish,
     responses((status = 200, body = PricebookBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = ["admin"])))]
 pub async fn publish(
     State(state): State<AppState>,
     caller: Caller,
@@ -345,7 +345,7 @@ pub struct DiffBody {
 
 /// What changed between two versions.
 #[utoipa::path(get, path = "/v1/pricebooks/{id}/diff", tag = "price book", params(DiffParams),
-    responses((status = 200, body = DiffBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = DiffBody), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn diff_pricebooks(
     State(state): State<AppState>,
     caller: Caller,
@@ -422,7 +422,7 @@ fn render_line(line: &SimulationLine) -> SimulationLineBody {
 /// Reprice recorded usage under this version (a draft, usually), touching nothing.
 #[utoipa::path(post, path = "/v1/pricebooks/{id}/simulate", tag = "price book", request_body = Simulate,
     responses((status = 200, body = SimulationBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["read"])))]
 pub async fn simulate(
     State(state): State<AppState>,
     caller: Caller,
@@ -518,7 +518,7 @@ fn render_contract(record: &ContractRecord) -> ContractBody {
 /// before it starts and a new open-ended contract replaces the ones before.
 #[utoipa::path(put, path = "/v1/customers/{id}/contract", tag = "price book", request_body = PutContract,
     responses((status = 200, body = ContractBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = ["admin"])))]
 pub async fn put_contract(
     State(state): State<AppState>,
     caller: Caller,
@@ -578,7 +578,7 @@ pub async fn put_contract(
 /// The contract that applies to a customer now: the most recently set one
 /// whose window contains now.
 #[utoipa::path(get, path = "/v1/customers/{id}/contract", tag = "price book",
-    responses((status = 200, body = ContractBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = ContractBody), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn get_contract(
     State(state): State<AppState>,
     caller: Caller,
@@ -636,7 +636,7 @@ async fn show_locks(
 /// Every contract of a customer, in the order they were set (past, current
 /// and scheduled).
 #[utoipa::path(get, path = "/v1/customers/{id}/contracts", tag = "price book", params(edge::ListParams),
-    responses((status = 200, body = Page<ContractBody>), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = Page<ContractBody>), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn list_contracts(
     State(state): State<AppState>,
     caller: Caller,
@@ -721,7 +721,7 @@ fn render_quote(
 /// What a charge would do now: cost, rule, version, grants and balance after. Writes nothing.
 #[utoipa::path(post, path = "/v1/quotes", tag = "charges", request_body = CreateQuote,
     responses((status = 200, body = QuoteBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 422, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn create_quote(
     State(state): State<AppState>,
     caller: Caller,

@@ -168,7 +168,7 @@ fn member(value: Option<String>) -> Result<Option<Id>, ApiError> {
 #[utoipa::path(post, path = "/v1/charges", tag = "charges", request_body = CreateCharge,
     responses((status = 200, body = ChargeBody), (status = 400, body = ErrorBody), (status = 402, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-        (status = 422, description = "unknown_feature or no_price", body = ErrorBody)), security(("bearer" = [])))]
+        (status = 422, description = "unknown_feature or no_price", body = ErrorBody)), security(("bearer" = ["write"])))]
 pub async fn create_charge(
     State(state): State<AppState>,
     caller: Caller,
@@ -231,6 +231,7 @@ pub struct CreateHold {
     #[serde(default, deserialize_with = "crate::edge::strict_opt")]
     pub properties: Option<serde_json::Value>,
     /// After this many seconds the hold releases itself (1 to 2592000).
+    #[schema(minimum = 1, maximum = 2592000)]
     pub timeout_seconds: i64,
     pub member_id: Option<String>,
     pub reason: Option<String>,
@@ -240,7 +241,7 @@ pub struct CreateHold {
 #[utoipa::path(post, path = "/v1/holds", tag = "holds", request_body = CreateHold,
     responses((status = 200, body = HoldBody), (status = 400, body = ErrorBody), (status = 402, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-        (status = 422, description = "unknown_feature or no_price", body = ErrorBody)), security(("bearer" = [])))]
+        (status = 422, description = "unknown_feature or no_price", body = ErrorBody)), security(("bearer" = ["write"])))]
 pub async fn create_hold(
     State(state): State<AppState>,
     caller: Caller,
@@ -281,7 +282,7 @@ pub async fn create_hold(
 
 /// Get a hold.
 #[utoipa::path(get, path = "/v1/holds/{id}", tag = "holds",
-    responses((status = 200, body = HoldBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = HoldBody), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn get_hold(
     State(state): State<AppState>,
     caller: Caller,
@@ -350,7 +351,7 @@ pub struct CaptureBody {
 /// Capture a hold (all, or part: the rest is released).
 #[utoipa::path(post, path = "/v1/holds/{id}/capture", tag = "holds", request_body = CaptureHold,
     responses((status = 200, body = CaptureBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-        (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 422, body = ErrorBody)), security(("bearer" = ["write"])))]
 pub async fn capture_hold(
     State(state): State<AppState>,
     caller: Caller,
@@ -427,7 +428,7 @@ pub struct ReleaseBody {
 /// Release a hold: every reserved credit goes back.
 #[utoipa::path(post, path = "/v1/holds/{id}/release", tag = "holds", request_body = ReleaseHold,
     responses((status = 200, body = ReleaseBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn release_hold(
     State(state): State<AppState>,
     caller: Caller,
@@ -485,7 +486,7 @@ pub struct RefundBody {
 /// Give back all or part of a charge, at most what was charged.
 #[utoipa::path(post, path = "/v1/refunds", tag = "refunds", request_body = CreateRefund,
     responses((status = 200, body = RefundBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = ["write"])))]
 pub async fn create_refund(
     State(state): State<AppState>,
     caller: Caller,

@@ -55,7 +55,7 @@ pub struct ClockBody {
 }
 
 /// The engine's time.
-#[utoipa::path(get, path = "/v1/clock", tag = "system", responses((status = 200, body = ClockBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/clock", tag = "system", responses((status = 200, body = ClockBody)), security(("bearer" = ["read"])))]
 pub async fn clock(
     State(state): State<AppState>,
     caller: Caller,
@@ -79,7 +79,7 @@ pub struct AdvanceClock {
 /// Move the manual clock forward and apply everything that fell due.
 #[utoipa::path(post, path = "/v1/clock/advance", tag = "system", request_body = AdvanceClock,
     responses((status = 200, body = ClockBody), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["admin"])))]
 pub async fn advance_clock(
     State(state): State<AppState>,
     caller: Caller,
@@ -150,7 +150,7 @@ pub struct ApiKeyBody {
 /// Create an API key (admin).
 #[utoipa::path(post, path = "/v1/api-keys", tag = "system", request_body = CreateApiKey,
     responses((status = 200, body = ApiKeyBody), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["admin"])))]
 pub async fn create_api_key(
     State(state): State<AppState>,
     caller: Caller,

@@ -72,7 +72,7 @@ impl From<&CreditPack> for CreditPackBody {
 /// when it started (credits, price, expiry, priority).
 #[utoipa::path(put, path = "/v1/credit-packs/{key}", tag = "top-ups", request_body = PutCreditPack,
     responses((status = 200, body = CreditPackBody), (status = 400, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["admin"])))]
 pub async fn put_credit_pack(
     State(state): State<AppState>,
     caller: Caller,
@@ -108,7 +108,7 @@ pub struct CreditPackList {
 
 /// Every credit pack.
 #[utoipa::path(get, path = "/v1/credit-packs", tag = "top-ups", params(edge::ListParams),
-    responses((status = 200, body = CreditPackList)), security(("bearer" = [])))]
+    responses((status = 200, body = CreditPackList)), security(("bearer" = ["read"])))]
 pub async fn list_credit_packs(
     State(state): State<AppState>,
     caller: Caller,
@@ -134,6 +134,7 @@ pub struct CreateTopup {
     /// The credit pack to buy.
     pub pack: String,
     /// How many packs (default 1).
+    #[schema(minimum = 1, maximum = 10000)]
     pub quantity: Option<u32>,
     /// The top-up fails (`payment_timeout`) if its payment is not confirmed
     /// within this long (default 86400, at most 30 days).
@@ -206,7 +207,7 @@ fn render_topup(outcome: &Outcome) -> Result<TopupBody, ApiError> {
 #[utoipa::path(post, path = "/v1/customers/{id}/topups", tag = "top-ups", request_body = CreateTopup,
     responses((status = 200, body = TopupBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn create_topup(
     State(state): State<AppState>,
     caller: Caller,
@@ -246,7 +247,7 @@ pub struct ConfirmTopup {
 /// cannot be confirmed (409 `topup_not_pending`).
 #[utoipa::path(post, path = "/v1/topups/{id}/confirm", tag = "top-ups", request_body = ConfirmTopup,
     responses((status = 200, body = TopupBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn confirm_topup(
     State(state): State<AppState>,
     caller: Caller,
@@ -275,7 +276,7 @@ pub struct FailTopup {
 #[utoipa::path(post, path = "/v1/topups/{id}/fail", tag = "top-ups", request_body = FailTopup,
     responses((status = 200, body = TopupBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn fail_topup(
     State(state): State<AppState>,
     caller: Caller,
@@ -297,7 +298,7 @@ pub async fn fail_topup(
 
 /// A top-up.
 #[utoipa::path(get, path = "/v1/topups/{id}", tag = "top-ups",
-    responses((status = 200, body = TopupBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = TopupBody), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn get_topup(
     State(state): State<AppState>,
     caller: Caller,
@@ -327,7 +328,7 @@ pub struct TopupListParams {
 /// A customer's top-ups, newest first.
 #[utoipa::path(get, path = "/v1/customers/{id}/topups", tag = "top-ups", params(TopupListParams),
     responses((status = 200, body = crate::dto::Page<TopupBody>), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+        (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn list_topups(
     State(state): State<AppState>,
     caller: Caller,
@@ -420,7 +421,7 @@ fn auto_body(customer_id: &str, state: &AutoTopupState, now: Timestamp) -> AutoT
 /// if the balance is already below the threshold, a top-up starts at once.
 #[utoipa::path(put, path = "/v1/customers/{id}/auto-topup", tag = "top-ups", request_body = PutAutoTopup,
     responses((status = 200, body = AutoTopupBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
-    security(("bearer" = [])))]
+    security(("bearer" = ["write"])))]
 pub async fn put_auto_topup(
     State(state): State<AppState>,
     caller: Caller,
@@ -457,7 +458,7 @@ pub async fn put_auto_topup(
 
 /// A customer's automatic top-up and where it stands.
 #[utoipa::path(get, path = "/v1/customers/{id}/auto-topup", tag = "top-ups",
-    responses((status = 200, body = AutoTopupBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = AutoTopupBody), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
 pub async fn get_auto_topup(
     State(state): State<AppState>,
     caller: Caller,

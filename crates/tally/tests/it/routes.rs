@@ -954,6 +954,8 @@ async fn grant_errors_replays_and_conflicts() {
             "invalid_request",
         ),
         (bad(json!({"priority": 1.5})), 400, "invalid_request"),
+        // Rollover lots are the engine's own.
+        (bad(json!({"source": "rollover"})), 400, "invalid_request"),
         (
             bad(json!({"id": "g_past", "expires_at": "2000-01-01T00:00:00Z"})),
             400,
@@ -2383,9 +2385,12 @@ async fn ledger_entries_explain_themselves_with_positive_postings() {
                 "explanation of {id} names {reference}: {explanation}"
             );
         }
-        // The detail is the list entry plus the explanation.
+        // The detail is the list entry plus the explanation (and, for a
+        // capture, the lots that paid).
         let mut without = detail.clone();
         without.as_object_mut().unwrap().remove("explanation");
+        let paid_from = without.as_object_mut().unwrap().remove("paid_from");
+        assert_eq!(paid_from.is_some(), entry["kind"] == "capture", "{detail}");
         assert_eq!(&without, entry, "detail of {id}");
         let postings = detail["postings"].as_array().expect("postings");
         if entry["kind"] != "expiry_extended" {
@@ -2588,6 +2593,40 @@ async fn openapi_docs_metrics_and_unknown_routes() {
         query_parameters >= 30,
         "{query_parameters} query parameters"
     );
+    // Each operation that takes a key names the scope it needs, and a write
+    // declares its 503 (overloaded, or no writer) beside 401 and 403.
+    let scope_of = |path: &str, method: &str| paths[path][method]["security"][0]["bearer"].clone();
+    assert_eq!(scope_of("/v1/charges", "post"), json!(["write"]));
+    assert_eq!(scope_of("/v1/events", "post"), json!(["ingest"]));
+    assert_eq!(
+        scope_of("/v1/customers/{id}/balance", "get"),
+        json!(["read"])
+    );
+    assert_eq!(scope_of("/v1/webhook-endpoints", "get"), json!(["admin"]));
+    let mut secured = 0;
+    for (path, operations) in paths {
+        for (method, operation) in operations.as_object().expect("operations") {
+            let Some(security) = operation["security"].as_array() else {
+                continue;
+            };
+            secured += 1;
+            let scopes = &security[0]["bearer"];
+            assert!(
+                ["read", "write", "admin", "ingest"]
+                    .iter()
+                    .any(|scope| scopes == &json!([scope])),
+                "{method} {path}: scopes {scopes}"
+            );
+            let responses = &operation["responses"];
+            for status in ["401", "403"] {
+                assert!(responses.get(status).is_some(), "{method} {path}: {status}");
+            }
+            if method != "get" {
+                assert!(responses.get("503").is_some(), "{method} {path}: 503");
+            }
+        }
+    }
+    assert!(secured >= 60, "{secured} operations take a key");
     let ledger = &paths["/v1/customers/{id}/ledger"]["get"]["parameters"];
     let limit = ledger
         .as_array()
