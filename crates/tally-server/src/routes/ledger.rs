@@ -275,10 +275,7 @@ pub async fn get_entry(
         .and_then(|s| s.parse::<i64>().ok())
         .ok_or_else(not_found)?;
     let record = state.store.entry(sequence).await?.ok_or_else(not_found)?;
-    let mut explanation = match &record.pricing {
-        Some(pricing) => format!("{} {}.", explain(&record.draft), pricing.describe()),
-        None => explain(&record.draft),
-    };
+    let mut explanation = explain(&record.draft);
     let paid_from = match (&record.draft.kind, &record.draft.reference) {
         (EntryKind::Capture, Some(hold_id)) => {
             let paid = state
@@ -301,6 +298,9 @@ pub async fn get_entry(
         }
         _ => None,
     };
+    if let Some(pricing) = &record.pricing {
+        explanation = format!("{explanation} {}.", pricing.describe());
+    }
     Ok(Json(EntryDetail {
         explanation,
         entry: EntryBody::from(&record),
