@@ -441,27 +441,44 @@ pub fn renew_due(
             // Not the allocation the boundary just ended: its unused credits
             // are the rollover's to decide, as a change now ends it.
             let ended = (ending >= 0).then(|| subscription.allocation_id(ending));
-            let reference = subscription.id.clone();
-            for grant_id in graced(ledger, &next_plan, grace_since, at)
+            let lots: Vec<Id> = graced(ledger, &next_plan, grace_since, at)
                 .into_iter()
                 .filter(|id| Some(id) != ended.as_ref())
-            {
-                let reason = format!(
-                    "upgrade grace: {} to {} at the end of period {ending} reinstates credits expired within {} days",
-                    plan.key, next_plan.key, next_plan.upgrade_grace_days
-                );
-                let (_, entry) = ledger.change_expiry(
-                    &grant_id,
-                    Some(subscription.period_end),
-                    &reference,
-                    Some(reason),
-                    at,
-                )?;
-                steps.push(Step::Entry(entry));
-            }
+                .collect();
+            let reason = format!(
+                "upgrade grace: {} to {} at the end of period {ending} reinstates credits expired within {} days",
+                plan.key, next_plan.key, next_plan.upgrade_grace_days
+            );
+            let until = subscription.period_end;
+            let reference = subscription.id.clone();
+            steps.extend(reinstate(ledger, lots, until, &reference, &reason, at)?);
         }
     }
     Ok(steps)
+}
+
+/// Reinstate the expired `lots` until `until`, at `at`, each in an entry
+/// belonging to `reference` that gives `reason`.
+fn reinstate(
+    ledger: &mut CustomerLedger,
+    lots: Vec<Id>,
+    until: Timestamp,
+    reference: &Id,
+    reason: &str,
+    at: Timestamp,
+) -> Result<Vec<Step>, LedgerError> {
+    lots.iter()
+        .map(|grant_id| {
+            let (_, entry) = ledger.change_expiry(
+                grant_id,
+                Some(until),
+                reference,
+                Some(reason.to_owned()),
+                at,
+            )?;
+            Ok(Step::Entry(entry))
+        })
+        .collect()
 }
 
 /// The lots an upgrade to `to` at `at` reinstates: those that expired by
@@ -621,19 +638,17 @@ pub fn change_plan_now(
         let entry = ledger.add_grant(lot.clone(), Some(reason), now)?;
         steps.push(Step::NewGrant(entry, lot));
     }
-    for grant_id in grace {
-        let reason = format!(
-            "upgrade grace: {} to {} reinstates credits expired within {} days",
-            from.key, to.key, to.upgrade_grace_days
-        );
-        let (_, entry) = ledger.change_expiry(
-            &grant_id,
-            Some(subscription.period_end),
-            reference,
-            Some(reason),
-            now,
-        )?;
-        steps.push(Step::Entry(entry));
-    }
+    let reason = format!(
+        "upgrade grace: {} to {} reinstates credits expired within {} days",
+        from.key, to.key, to.upgrade_grace_days
+    );
+    steps.extend(reinstate(
+        ledger,
+        grace,
+        subscription.period_end,
+        reference,
+        &reason,
+        now,
+    )?);
     Ok(steps)
 }
