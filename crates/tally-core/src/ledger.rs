@@ -667,19 +667,27 @@ impl CustomerLedger {
                 .filter(|g| g.effective_at <= now)
                 .map(|g| (g.effective_at, 3, g.id.clone())),
         );
-        due.sort();
         let mut entries = Vec::with_capacity(due.len());
-        for (at, what, id) in due {
+        let mut due: std::collections::BinaryHeap<std::cmp::Reverse<(Timestamp, u8, Id)>> =
+            due.into_iter().map(std::cmp::Reverse).collect();
+        while let Some(std::cmp::Reverse((at, what, id))) = due.pop() {
+            let made = self.unnumbered.len();
             let entry = match what {
-                0 => self.expire_hold(&id, at, now),
-                1 => self.expire_grant(&id, at, now),
-                2 => self.take_effect(&id, at, now),
-                _ => match self.repay_from_sweep(&id, at, now) {
-                    Some(entry) => entry,
-                    None => continue,
-                },
+                0 => Some(self.expire_hold(&id, at, now)),
+                1 => Some(self.expire_grant(&id, at, now)),
+                2 => Some(self.take_effect(&id, at, now)),
+                _ => self.repay_from_sweep(&id, at, now),
             };
-            entries.push(entry);
+            // A lot the step made (a hold's credits given back, at `at`, to
+            // a lot voided meanwhile) that expires by `now` expires in this
+            // sweep, in its turn: a late sweep books what a timely one would.
+            for lot in &self.unnumbered[made..] {
+                let expiry = self.grant(lot).and_then(|g| g.expires_at);
+                if let Some(expiry) = expiry.filter(|expiry| *expiry <= now) {
+                    due.push(std::cmp::Reverse((expiry, 1, lot.clone())));
+                }
+            }
+            entries.extend(entry);
         }
         self.next_due = self.compute_next_due();
         entries
@@ -723,7 +731,7 @@ impl CustomerLedger {
             .active_holds
             .remove(hold_id)
             .expect("due hold is active");
-        let mut postings = self.return_reservations(&hold, at, now);
+        let mut postings = self.return_reservations(&hold, at);
         self.repay_debt(at, &mut postings);
         self.return_member_spend(hold.member_id.as_ref(), &hold.id, hold.amount, at);
         hold.status = HoldStatus::Expired;
@@ -813,27 +821,21 @@ impl CustomerLedger {
     }
 
     /// Return every credit a hold reserved to the grants it came from.
-    /// The credits `hold` reserved come back at `at` (a sweep at `now`).
-    fn return_reservations(&mut self, hold: &Hold, at: Timestamp, now: Timestamp) -> Vec<Posting> {
+    /// The credits `hold` reserved come back at `at`.
+    fn return_reservations(&mut self, hold: &Hold, at: Timestamp) -> Vec<Posting> {
         let mut postings = Vec::with_capacity(hold.reservations.len());
         for draw in &hold.reservations {
-            self.return_credits(
-                &hold.id,
-                &draw.grant_id,
-                draw.amount,
-                (at, now),
-                &mut postings,
-            );
+            self.return_credits(&hold.id, &draw.grant_id, draw.amount, at, &mut postings);
         }
         postings
     }
 
     /// Credits a hold reserved from `grant_id` come back at `at` (released,
-    /// timed out, or not captured), seen from `now` (a sweep's instant). To
+    /// timed out, or not captured). To
     /// the lot while it is active; into its expiry if it expired meanwhile
     /// (they would have expired with it). If it was voided meanwhile (a
     /// purchase refunded while the hold was open) and its expiry, if any, is
-    /// still ahead of `now`, they come back as a new lot
+    /// still ahead of `at`, they come back as a new lot
     /// `release:<hold>:<n>` with the voided
     /// lot's source, paid flag, cost basis, priority, scope and expiry: the
     /// void took back and reported the money of what was left then, and
@@ -842,14 +844,16 @@ impl CustomerLedger {
     /// ways now leave the customer the credits, with their cost basis). Its `sequence` is [`UNNUMBERED`] (it burns
     /// after every lot like it, as it will once numbered) until the store
     /// numbers it ([`CustomerLedger::number_new_lots`]). If the voided lot's
-    /// expiry has passed by `now`, they would have expired with it: they go
-    /// to `expired` (breakage), not to `voided` unreported.
+    /// expiry had passed by `at`, they would have expired with it: they go
+    /// to `expired` (breakage), not to `voided` unreported. (A sweep that
+    /// comes late makes the new lot all the same, and expires it at its
+    /// expiry in the same sweep: see [`CustomerLedger::expire_due`].)
     fn return_credits(
         &mut self,
         hold_id: &Id,
         grant_id: &Id,
         amount: Amount,
-        (at, now): (Timestamp, Timestamp),
+        at: Timestamp,
         postings: &mut Vec<Posting>,
     ) {
         let from = Account::Hold(hold_id.clone());
@@ -881,8 +885,10 @@ impl CustomerLedger {
                 grant.expired_amount = add(grant.expired_amount, amount);
                 self.dirty_grants.insert(grant_id.clone());
             }
-            // They would have expired with the lot by now: breakage, not a void.
-            GrantStatus::Voided if grant.expires_at.is_some_and(|t| t <= now) => {
+            // They would have expired with the lot by the time they come back:
+            // breakage, not a void. (Judged at `at`, not at the sweep's `now`:
+            // a late sweep makes the lot too, and expires it in its turn.)
+            GrantStatus::Voided if grant.expires_at.is_some_and(|t| t <= at) => {
                 postings.push(Posting {
                     from,
                     to: Account::Expired,
@@ -1343,7 +1349,7 @@ impl CustomerLedger {
             self.owe(left);
         }
         for (grant_id, rest) in &releases {
-            self.return_credits(&hold.id, grant_id, *rest, (now, now), &mut postings);
+            self.return_credits(&hold.id, grant_id, *rest, now, &mut postings);
         }
         self.repay_debt(now, &mut postings);
         let released = held.checked_sub(capture).expect("capture is at most held");
@@ -1381,7 +1387,7 @@ impl CustomerLedger {
         now: Timestamp,
     ) -> Result<(Amount, EntryDraft), LedgerError> {
         let mut hold = self.take_active_hold(hold_id)?;
-        let mut postings = self.return_reservations(&hold, now, now);
+        let mut postings = self.return_reservations(&hold, now);
         self.repay_debt(now, &mut postings);
         self.return_member_spend(hold.member_id.as_ref(), &hold.id, hold.amount, now);
         hold.status = HoldStatus::Released;

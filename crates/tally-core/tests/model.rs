@@ -371,15 +371,15 @@ impl Model {
     /// is active; if it expired, they follow its remaining to `expired`
     /// (counted for a reinstatement); if it was voided, they come back as a
     /// new lot `release:<hold>:<n>` like it (unnumbered until the store numbers it),
-    /// unless its expiry has passed (then they are voided with it).
-    fn give_back(&mut self, hold_id: &Id, grant_id: &Id, micros: i64, (at, now): (i64, i64)) {
+    /// unless its expiry had passed by `at` (then they expire with it).
+    fn give_back(&mut self, hold_id: &Id, grant_id: &Id, micros: i64, at: i64) {
         let grant = self.grant_mut(grant_id);
         match grant.status {
             GrantStatus::Active => grant.remaining = amount(grant.remaining.micros() + micros),
             GrantStatus::Expired => {
                 grant.expired_amount = amount(grant.expired_amount.micros() + micros)
             }
-            GrantStatus::Voided if grant.expires_at.is_none_or(|t| t.0 > now) => {
+            GrantStatus::Voided if grant.expires_at.is_none_or(|t| t.0 > at) => {
                 let like = grant.clone();
                 let id = (1..)
                     .map(|n| tally_core::ledger::derived_lot_id("release", hold_id, n))
@@ -436,14 +436,24 @@ impl Model {
                 due.push((grant.effective_at.0, 2, grant.id.to_string()));
             }
         }
-        due.sort();
+        let mut due: std::collections::BinaryHeap<std::cmp::Reverse<(i64, u8, String)>> =
+            due.into_iter().map(std::cmp::Reverse).collect();
         let mut entries = Vec::new();
-        for (at, what, text) in due {
+        while let Some(std::cmp::Reverse((at, what, text))) = due.pop() {
             let due_id = Id::derived(&text);
             if what == 0 {
                 let hold = self.holds.remove(&due_id).unwrap();
+                let made = self.new_lots.len();
                 for draw in &hold.reservations {
-                    self.give_back(&hold.id, &draw.grant_id, draw.amount.micros(), (at, now));
+                    self.give_back(&hold.id, &draw.grant_id, draw.amount.micros(), at);
+                }
+                // A lot the timeout made that expires by now expires in this
+                // sweep, in its turn.
+                for lot in self.new_lots[made..].to_vec() {
+                    let expiry = self.grant_mut(&lot).expires_at;
+                    if let Some(expiry) = expiry.filter(|e| e.0 <= now) {
+                        due.push(std::cmp::Reverse((expiry.0, 1, lot.to_string())));
+                    }
                 }
                 entries.push((EntryKind::HoldExpired, due_id, hold.amount));
             } else if what == 2 {
@@ -561,12 +571,7 @@ impl Model {
                 });
             }
             if draw.amount.micros() > take {
-                self.give_back(
-                    hold_id,
-                    &draw.grant_id,
-                    draw.amount.micros() - take,
-                    (now, now),
-                );
+                self.give_back(hold_id, &draw.grant_id, draw.amount.micros() - take, now);
             }
         }
         Ok(Captured {
@@ -582,7 +587,7 @@ impl Model {
             .remove(hold_id)
             .ok_or_else(|| LedgerError::HoldNotFound(hold_id.clone()))?;
         for draw in &hold.reservations {
-            self.give_back(hold_id, &draw.grant_id, draw.amount.micros(), (now, now));
+            self.give_back(hold_id, &draw.grant_id, draw.amount.micros(), now);
         }
         Ok(hold.amount)
     }

@@ -332,9 +332,11 @@ pub async fn create_grant(
         reason: edge::text(body.reason, "reason", 1024)?,
     });
     let executed = state.execute(command, &caller).await?;
-    let now = state.store.now();
+    // As of when it was granted, so that a retry gets the first answer
+    // again (`pending` for a lot that takes effect later), not the stored
+    // lot seen at another time.
     Ok(reply(executed, |outcome| match outcome {
-        Outcome::Grant { grant, .. } => Ok(GrantBody::render(grant, now)),
+        Outcome::Grant { grant, .. } => Ok(GrantBody::render(grant, grant.created_at)),
         _ => Err(unexpected()),
     }))
 }

@@ -3023,6 +3023,8 @@ async fn a_grant_that_takes_effect_later_enters_the_history_when_it_does() {
         )
         .await;
     assert_eq!(void.status, reqwest::StatusCode::OK, "{}", void.body);
+    let first_answer = json!({ "id": "later", "amount": "50", "source": "promotion", "paid": false,
+                               "effective_at": at(DAY_MS) });
 
     // The lot still to take effect is kept across a restart.
     app.kill().await;
@@ -3074,6 +3076,11 @@ async fn a_grant_that_takes_effect_later_enters_the_history_when_it_does() {
         .await;
     assert_eq!(charge.status, reqwest::StatusCode::OK, "{}", charge.body);
     assert_eq!(charge.body["balance_after"], "49");
+    // A retry of the grant, long after, is its first answer again: pending.
+    let retried = app.post("/v1/customers/c/grants", first_answer).await;
+    assert!(retried.replayed(), "{}", retried.body);
+    assert_eq!(retried.body["status"], "pending", "{}", retried.body);
+    assert_eq!(retried.body["remaining"], "50");
     // Recorded once: not again after another restart and more sweeps.
     app.kill().await;
     app.start().await;
@@ -3209,4 +3216,81 @@ async fn a_real_clock_refuses_a_database_a_manual_clock_ran_ahead() {
             >= time::OffsetDateTime::parse(&ahead, rfc3339).unwrap(),
         "{now} resumes at {ahead} or later"
     );
+}
+
+/// A hold whose lot was voided while it was open gives its credits back, at
+/// its timeout, as a lot `release:<hold>:1` that expires with the voided
+/// lot's expiry. A sweep that comes late (one clock jump past both) books
+/// the same history as a timely one: before, it sent the credits straight to
+/// `expired` at the timeout, and the balance read between the two instants
+/// was 0 instead of 4 (probe).
+#[tokio::test]
+async fn a_late_sweep_books_a_voided_lots_return_as_a_timely_one_would() {
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let start = app.get("/v1/clock").await.str("now").to_string();
+    let start = time::OffsetDateTime::parse(&start, rfc3339).unwrap();
+    let at = |seconds: i64| {
+        (start + time::Duration::seconds(seconds))
+            .format(rfc3339)
+            .unwrap()
+    };
+    app.customer("c").await;
+    let steps = [
+        (
+            "/v1/customers/c/grants",
+            json!({ "id": "L", "amount": "10", "source": "promotion", "paid": false,
+                    "expires_at": at(3 * 3600) }),
+        ),
+        (
+            "/v1/holds",
+            json!({ "id": "h", "customer_id": "c", "amount": "4", "timeout_seconds": 3600 }),
+        ),
+        ("/v1/grants/L/void", json!({ "id": "v", "reason": "test" })),
+    ];
+    for (path, body) in steps {
+        let reply = app.post(path, body).await;
+        assert_eq!(
+            reply.status,
+            reqwest::StatusCode::OK,
+            "{path}: {}",
+            reply.body
+        );
+    }
+    app.advance(5 * 3600).await;
+    let ledger = app.ledger_all("c").await;
+    crate::support::assert_replayable(&ledger);
+    let timed_out = ledger
+        .iter()
+        .find(|e| e["kind"] == "hold_expired")
+        .expect("the hold's timeout");
+    assert_eq!(
+        timed_out["postings"][0]["to"], "grant:release:h:1",
+        "{timed_out}"
+    );
+    assert_eq!(timed_out["balance_after"], "4");
+    let expired = ledger
+        .iter()
+        .find(|e| e["kind"] == "expire" && e["reference"] == "release:h:1")
+        .expect("the returned lot expires");
+    assert_eq!(expired["amount"], "4");
+    let expired_at =
+        time::OffsetDateTime::parse(expired["effective_at"].as_str().unwrap(), rfc3339).unwrap();
+    assert_eq!(expired_at, start + time::Duration::seconds(3 * 3600));
+    let between = app
+        .get(&format!(
+            "/v1/customers/c/ledger?to={}",
+            at(2 * 3600).replace('+', "%2B")
+        ))
+        .await;
+    assert_eq!(
+        between.body["data"][0]["balance_after"], "4",
+        "{}",
+        between.body
+    );
+    assert_eq!(app.balance("c").await["available"], "0");
 }
