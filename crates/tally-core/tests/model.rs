@@ -449,8 +449,12 @@ impl Model {
                 }
                 // A lot the timeout made that expires by now expires in this
                 // sweep, in its turn.
-                for lot in self.new_lots[made..].to_vec() {
-                    let expiry = self.grant_mut(&lot).expires_at;
+                for lot in &self.new_lots[made..] {
+                    let expiry = self
+                        .grants
+                        .iter()
+                        .find(|g| &g.id == lot)
+                        .and_then(|g| g.expires_at);
                     if let Some(expiry) = expiry.filter(|e| e.0 <= now) {
                         due.push(std::cmp::Reverse((expiry.0, 1, lot.to_string())));
                     }
