@@ -368,15 +368,11 @@ pub fn renew_due(
         };
         // A change scheduled for the period's end that is an upgrade gets
         // the new plan's grace, as a change now does (below, once the
-        // boundary's expiries are in).
-        let upgrade = subscription.period >= 0
-            && next_plan.key != plan.key
-            && next_plan.is_upgrade_from(&plan);
+        // boundary's expiries are in); any other change moves the bound.
+        let changes = subscription.period >= 0 && next_plan.key != plan.key;
+        let upgrade = changes && next_plan.is_upgrade_from(&plan);
         let grace_since = subscription.plan_changed_at;
-        if subscription.period >= 0
-            && next_plan.key != plan.key
-            && !next_plan.is_upgrade_from(&plan)
-        {
+        if changes && !upgrade {
             subscription.plan_changed_at = Some(at);
         }
         subscription.plan = next_plan.key.clone();

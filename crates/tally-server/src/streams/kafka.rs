@@ -393,13 +393,12 @@ async fn consume(
     // The assignment generation the partitions were paused at, when paused.
     let mut paused: Option<u64> = None;
     let mut errors = 0u32;
-    let mut writer_full: bool;
     loop {
         if *stopping.borrow_and_update() {
             stop(consumer, tracker, slots, backlog.len()).await;
             return;
         }
-        writer_full = false;
+        let mut writer_full = false;
         while !backlog.is_empty() {
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 break;

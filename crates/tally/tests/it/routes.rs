@@ -2969,6 +2969,26 @@ async fn refunds_after_expiry_become_new_grants() {
     assert_eq!(spent["drawn"], json!([{"grant_id": new_id, "amount": "3"}]));
 }
 
+/// A server on the manual clock, and the engine's instant it starts at.
+async fn manual_clock_app() -> (TestApp, time::OffsetDateTime) {
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let now = app.get("/v1/clock").await.str("now").to_string();
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let start = time::OffsetDateTime::parse(&now, rfc3339).unwrap();
+    (app, start)
+}
+
+/// `millis` after `start`, as RFC 3339.
+fn later(start: time::OffsetDateTime, millis: i64) -> String {
+    (start + time::Duration::milliseconds(millis))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
 /// A grant issued with its `effective_at` ahead (invariant 7 of PRODUCT.md:
 /// the balance at any past instant can be recomputed): its credits wait in
 /// `pending:<id>`, and a `grant_effective` entry at `effective_at` moves them
@@ -2978,19 +2998,9 @@ async fn refunds_after_expiry_become_new_grants() {
 /// on a charge of 6, and the balance just after `effective_at` read 5.)
 #[tokio::test]
 async fn a_grant_that_takes_effect_later_enters_the_history_when_it_does() {
-    let mut app = TestApp::spawn_with(Options {
-        manual_clock: true,
-        ..Options::default()
-    })
-    .await;
+    let (mut app, start) = manual_clock_app().await;
     let rfc3339 = &time::format_description::well_known::Rfc3339;
-    let start = app.get("/v1/clock").await.str("now").to_string();
-    let start = time::OffsetDateTime::parse(&start, rfc3339).unwrap();
-    let at = |millis: i64| {
-        (start + time::Duration::milliseconds(millis))
-            .format(rfc3339)
-            .unwrap()
-    };
+    let at = |millis: i64| later(start, millis);
     const DAY_MS: i64 = 86_400_000;
     app.customer("c").await;
     for (id, amount, effective_at) in [
@@ -3226,19 +3236,9 @@ async fn a_real_clock_refuses_a_database_a_manual_clock_ran_ahead() {
 /// was 0 instead of 4 (probe).
 #[tokio::test]
 async fn a_late_sweep_books_a_voided_lots_return_as_a_timely_one_would() {
-    let app = TestApp::spawn_with(Options {
-        manual_clock: true,
-        ..Options::default()
-    })
-    .await;
+    let (app, start) = manual_clock_app().await;
     let rfc3339 = &time::format_description::well_known::Rfc3339;
-    let start = app.get("/v1/clock").await.str("now").to_string();
-    let start = time::OffsetDateTime::parse(&start, rfc3339).unwrap();
-    let at = |seconds: i64| {
-        (start + time::Duration::seconds(seconds))
-            .format(rfc3339)
-            .unwrap()
-    };
+    let at = |seconds: i64| later(start, seconds * 1000);
     app.customer("c").await;
     let steps = [
         (

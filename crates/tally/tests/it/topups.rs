@@ -713,6 +713,25 @@ async fn transfers_out_start_the_senders_automatic_topup() {
     );
 }
 
+/// A new customer buys one `pack` in a top-up `tp_<customer>`, confirmed
+/// with `confirmation`; the top-up's id.
+async fn buy_a_pack(app: &TestApp, customer: &str, pack: &str, confirmation: Value) -> String {
+    app.customer(customer).await;
+    let topup = format!("tp_{customer}");
+    let created = app
+        .post(
+            &format!("/v1/customers/{customer}/topups"),
+            json!({ "id": topup, "pack": pack, "quantity": 1 }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{}", created.body);
+    let confirmed = app
+        .post(&format!("/v1/topups/{topup}/confirm"), confirmation)
+        .await;
+    assert_eq!(confirmed.status, StatusCode::OK, "{}", confirmed.body);
+    topup
+}
+
 /// Bug 3 of PRODUCT.md for a top-up whose price does not divide evenly:
 /// voiding what is unused refunds an amount that, with what the spent
 /// credits were worth, makes exactly the payment. A probe found 3 credits
@@ -729,19 +748,7 @@ async fn voiding_a_topup_reconciles_with_its_exact_payment() {
     .await;
     assert_eq!(pack["price_per_credit"], "0.333333");
     for (customer, spend) in [("unused", None), ("used", Some("1"))] {
-        app.customer(customer).await;
-        let topup = format!("tp_{customer}");
-        let created = app
-            .post(
-                &format!("/v1/customers/{customer}/topups"),
-                json!({ "id": topup, "pack": "thirds", "quantity": 1 }),
-            )
-            .await;
-        assert_eq!(created.status, StatusCode::OK, "{}", created.body);
-        let confirmed = app
-            .post(&format!("/v1/topups/{topup}/confirm"), json!({}))
-            .await;
-        assert_eq!(confirmed.status, StatusCode::OK, "{}", confirmed.body);
+        let topup = buy_a_pack(&app, customer, "thirds", json!({})).await;
         if let Some(amount) = spend {
             charge_ok(&app, customer, &format!("c_{customer}"), amount).await;
         }
@@ -783,22 +790,8 @@ async fn a_topups_lot_and_the_lots_made_from_it_refund_exactly_its_payment() {
     )
     .await;
     for customer in ["held", "refunded"] {
-        app.customer(customer).await;
-        let topup = format!("tp_{customer}");
-        let created = app
-            .post(
-                &format!("/v1/customers/{customer}/topups"),
-                json!({ "id": topup, "pack": "thirds", "quantity": 1 }),
-            )
-            .await;
-        assert_eq!(created.status, StatusCode::OK, "{}", created.body);
-        let confirmed = app
-            .post(
-                &format!("/v1/topups/{topup}/confirm"),
-                json!({ "payment_reference": format!("pi_{customer}") }),
-            )
-            .await;
-        assert_eq!(confirmed.status, StatusCode::OK, "{}", confirmed.body);
+        let payment = json!({ "payment_reference": format!("pi_{customer}") });
+        let topup = buy_a_pack(&app, customer, "thirds", payment).await;
         let void = |id: String, lot: String| {
             let app = &app;
             async move {
