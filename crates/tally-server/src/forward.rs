@@ -106,10 +106,29 @@ async fn forward(state: &AppState, request: Request) -> Response {
         // its kernel acknowledge every byte, so no TCP timeout ends the
         // wait: bound it here. Only until the answer's head arrives, so a
         // forwarded live stream is not cut.
-        let sent = match tokio::time::timeout(FORWARD_ANSWER_WITHIN, forwarded.send()).await {
+        let sent = tokio::select! {
+            sent = tokio::time::timeout(FORWARD_ANSWER_WITHIN, forwarded.send()) => sent,
+            // This server took over from a leader that stalled: the stalled
+            // one can no longer commit what it was sent (its session ended).
+            () = state.store.wait_until_leader() => {
+                return unavailable(
+                    "the server that ran the writer stalled and this one took over; retry with the same id",
+                );
+            }
+            // Or another server did: the same, and the next request goes there.
+            () = leader_moved(state, &leader) => {
+                return unavailable(
+                    "the server that ran the writer stalled and another took over; retry with the same id",
+                );
+            }
+        };
+        let sent = match sent {
             Ok(sent) => sent,
             Err(_) => {
                 tracing::warn!(%leader, "the leader did not answer a forwarded request in time");
+                // Another server may be taking over from it: look the leader
+                // up again for the next request.
+                *state.leader_url.write().expect("leader url") = None;
                 return unavailable(
                     "the server that runs the writer did not answer within 30 s; retry with the same id",
                 );
@@ -137,6 +156,27 @@ async fn forward(state: &AppState, request: Request) -> Response {
     }
     unavailable("the server that runs the writer cannot be reached")
 }
+
+/// Once a forwarded request has waited [`LOOK_FOR_A_NEW_LEADER_AFTER`],
+/// wait until the database names another leader than `from`. A new leader
+/// holds the lock, so the session of the one the request went to has ended,
+/// and that server can no longer commit it.
+async fn leader_moved(state: &AppState, from: &str) {
+    tokio::time::sleep(LOOK_FOR_A_NEW_LEADER_AFTER).await;
+    loop {
+        if let Ok(Some(url)) = state.store.leader_url().await {
+            if url != from {
+                *state.leader_url.write().expect("leader url") = Some(url);
+                return;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// A forwarded write that takes this long is rare (a leader's answer comes
+/// in milliseconds): only then is the leader looked up, once a second.
+const LOOK_FOR_A_NEW_LEADER_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn leader_url(state: &AppState, refresh: bool) -> Option<String> {
     if !refresh {

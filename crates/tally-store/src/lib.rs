@@ -309,6 +309,7 @@ fn lead(
     let deadline = std::time::Instant::now() + END_LOST_SESSION_WITHIN;
     loop {
         if state.previous.is_none() {
+            let _watch = SilentLeaderWatch::start(url);
             if !connection.wait_for_advisory_lock(
                 LEADER_LOCK,
                 ANSWER_QUEUED_EVERY,
@@ -392,6 +393,12 @@ fn lead(
          ON CONFLICT (id) DO UPDATE SET url = excluded.url, since = excluded.since",
         params![advertise, now],
     )?;
+    // From here the followers' watch judges this session: a live writer
+    // speaks to the database every half second (not while it loads, which
+    // may keep it busy in this process for longer).
+    writer
+        .connection()
+        .execute_batch(&format!("SET application_name = '{WRITER_APPLICATION}'"))?;
     match state.has_led {
         false => tracing::info!(advertise, "this server now runs the writer (leader)"),
         true => tracing::warn!(
@@ -402,6 +409,116 @@ fn lead(
     state.has_led = true;
     leader.is_leader.send_replace(true);
     Ok(Led::Writer(Box::new(writer)))
+}
+
+/// How long the leader's session may send PostgreSQL nothing before a
+/// follower ends it and takes the lock. A live leader is never this quiet:
+/// its tick runs a statement every half second even when no request comes.
+const LEADER_SILENT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The `application_name` of a writer's session once it has loaded its
+/// state and leads.
+const WRITER_APPLICATION: &str = "tally-writer";
+
+/// How often a waiting follower looks at the leader's session.
+const WATCH_LEADER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The leader's session: its process, how long ago (ms, by PostgreSQL's
+/// clock, so no server's clock is involved) it last began or ended a
+/// statement, and whether it is idle, waiting for its client's next one (in
+/// a transaction or not), once it leads. A session running a statement is
+/// not judged, even one waiting to send rows, nor one still loading the
+/// writer's state (named otherwise): either may take longer than the limit.
+const SILENT_HOLDER_SQL: &str =
+    "SELECT a.pid, CAST(EXTRACT(EPOCH FROM clock_timestamp() - a.state_change) * 1000 AS bigint), \
+     a.state LIKE 'idle%' AND a.application_name = ?3 \
+     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND CAST(l.classid AS bigint) = ?1 AND CAST(l.objid AS bigint) = ?2";
+
+/// A follower's watch on the leader, while it waits for the leader lock.
+///
+/// A leader whose process stalled (stopped, a paused VM, cut off from the
+/// network) keeps its PostgreSQL session, and with it the lock, for as long
+/// as its kernel answers, or until TCP gives up (hours by default): no other
+/// server could write meanwhile. A follower that sees the leader's session
+/// waiting on its client and silent for [`LEADER_SILENT_LIMIT`] ends that
+/// session. This is safe whatever the leader was doing: the lock is the
+/// session's, so the ended session can no longer commit (a group it had
+/// open rolls back, unanswered, and its callers' retries go to the new
+/// leader), and when the stalled process goes on it finds its connection
+/// gone and follows like any server whose connection was lost.
+struct SilentLeaderWatch {
+    url: String,
+    connection: Option<Connection>,
+}
+
+/// Ends the watch's thread when dropped (the wait for the lock is over).
+struct WatchGuard {
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl SilentLeaderWatch {
+    /// Watch from a thread of its own (the waiting connection's thread is
+    /// inside its runtime), until the guard is dropped.
+    fn start(url: &str) -> WatchGuard {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let mut watch = SilentLeaderWatch {
+            url: url.to_owned(),
+            connection: None,
+        };
+        let spawned = std::thread::Builder::new()
+            .name("tally-leader-watch".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(WATCH_LEADER_EVERY)
+                {
+                    if let Err(error) = watch.end_silent_leader() {
+                        // Looked at again next time, on a new connection.
+                        tracing::debug!(%error, "cannot look at the leader's session");
+                        watch.connection = None;
+                    }
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start the thread that watches the leader");
+        }
+        WatchGuard { _stop: stop }
+    }
+
+    fn end_silent_leader(&mut self) -> db::Result<()> {
+        let connection = match &mut self.connection {
+            Some(connection) => connection,
+            empty => empty.insert(Connection::postgres(&self.url)?),
+        };
+        let holder: Option<(i64, Option<i64>, Option<bool>)> = connection
+            .query_row(
+                SILENT_HOLDER_SQL,
+                params![
+                    LEADER_LOCK >> 32,
+                    LEADER_LOCK & 0xffff_ffff,
+                    WRITER_APPLICATION
+                ],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .optional()?;
+        // Another role's session shows no state: it cannot be judged.
+        let Some((pid, Some(silent_ms), Some(true))) = holder else {
+            return Ok(());
+        };
+        let limit = i64::try_from(LEADER_SILENT_LIMIT.as_millis()).unwrap_or(i64::MAX);
+        if silent_ms < limit {
+            return Ok(());
+        }
+        tracing::warn!(
+            pid,
+            silent_ms,
+            "the leader's PostgreSQL session has been silent too long (its server stalled or is cut off); ending it so that a live server takes over"
+        );
+        connection.query_row("SELECT pg_terminate_backend(?1)", [pid], |_| Ok(()))?;
+        Ok(())
+    }
 }
 
 fn unavailable(error: db::Error) -> StoreError {
