@@ -1739,7 +1739,8 @@ fn simulate(
             .collect(),
     );
     let contracts = catalog::contracts_by_customer(connection)?;
-    let mut terms: HashMap<String, (Option<String>, Option<String>)> = HashMap::new();
+    type Terms = (Option<String>, Option<String>, model::PlanHistory);
+    let mut terms: HashMap<String, Terms> = HashMap::new();
     let mut total = SimulationLine {
         key: "total".into(),
         ..Default::default()
@@ -1778,15 +1779,17 @@ fn simulate(
         }
         if !terms.contains_key(&customer_id) {
             let customer = rows::customer(connection, &customer_id)?;
-            let plan_region = customer.map_or((None, None), |c| (c.plan, c.region));
-            terms.insert(customer_id.clone(), plan_region);
+            let history = rows::plan_history(connection, &customer_id)?;
+            let (plan, region) = customer.map_or((None, None), |c| (c.plan, c.region));
+            terms.insert(customer_id.clone(), (plan, region, history));
         }
-        let (plan, region) = &terms[&customer_id];
+        let (plan, region, history) = &terms[&customer_id];
         let usage = Usage {
             feature: &recorded.feature,
             quantity: recorded.quantity,
             properties: &recorded.properties,
-            plan: plan.as_deref(),
+            // The plan the customer was on when the usage happened.
+            plan: history.at(at, plan.as_deref()),
             region: region.as_deref(),
             at,
         };

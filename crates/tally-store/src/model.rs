@@ -358,6 +358,58 @@ pub struct TopupRecord {
     pub resolved_at: Option<Timestamp>,
 }
 
+/// The plans a customer was on over time, which price its usage by the
+/// usage's own timestamp (a late event by the plan it was on then). Empty
+/// until its plan first changes: the present plan applies at every time.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PlanHistory(Vec<PlanSpan>);
+
+/// From `since` on (until the next span; `None`: from the start), the
+/// customer was on `plan`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanSpan {
+    pub since: Option<Timestamp>,
+    pub plan: Option<String>,
+}
+
+impl PlanHistory {
+    /// The plan in force at `at`; `present` when the plan never changed.
+    pub fn at<'a>(&'a self, at: Timestamp, present: Option<&'a str>) -> Option<&'a str> {
+        match self
+            .0
+            .iter()
+            .rev()
+            .find(|span| span.since.is_none_or(|since| since <= at))
+        {
+            Some(span) => span.plan.as_deref(),
+            None => present,
+        }
+    }
+
+    /// The plan changed from `before` to `after` at `at` (a renewal applied
+    /// late changes it at its boundary, in the past). Spans recorded from
+    /// `at` on are replaced.
+    pub fn change(&mut self, at: Timestamp, before: Option<String>, after: Option<String>) {
+        if self.0.is_empty() {
+            self.0.push(PlanSpan {
+                since: None,
+                plan: before,
+            });
+        }
+        self.0
+            .retain(|span| span.since.is_none_or(|since| since < at));
+        self.0.push(PlanSpan {
+            since: Some(at),
+            plan: after,
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// A customer's alert settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Alerts {

@@ -175,7 +175,7 @@ macro_rules! customer_settings {
         ", c.overage, \
          (SELECT s.body FROM subscriptions s WHERE s.customer_id = c.id AND s.status = 'active'), \
          (SELECT a.body FROM customer_alerts a WHERE a.customer_id = c.id), \
-         (SELECT t.body FROM auto_topups t WHERE t.customer_id = c.id)"
+         (SELECT t.body FROM auto_topups t WHERE t.customer_id = c.id), c.plan_history"
     };
 }
 
@@ -200,6 +200,8 @@ pub struct CustomerSettings {
     /// Its alert settings, if it set any.
     pub alerts: Option<crate::model::Alerts>,
     pub auto_topup: Option<tally_core::AutoTopupState>,
+    /// The plans it was on before its present one.
+    pub plan_history: crate::model::PlanHistory,
 }
 
 /// A customer's record, what it owes, and the chain head kept on its own
@@ -235,6 +237,10 @@ fn customer_row(
                     subscription: body(row, 11)?.map(|t| json(&t)).transpose()?,
                     alerts: body(row, 12)?.map(|t| json(&t)).transpose()?,
                     auto_topup: body(row, 13)?.map(|t| json(&t)).transpose()?,
+                    plan_history: body(row, 14)?
+                        .map(|t| json(&t))
+                        .transpose()?
+                        .unwrap_or_default(),
                 }),
             };
             Ok(CustomerRow {
@@ -245,6 +251,19 @@ fn customer_row(
             })
         })
         .optional()
+}
+
+/// The plans a customer was on before its present one.
+pub fn plan_history(
+    connection: &Connection,
+    customer_id: &str,
+) -> db::Result<crate::model::PlanHistory> {
+    let text: Option<String> = connection
+        .prepare_cached("SELECT plan_history FROM customers WHERE id = ?1")?
+        .query_row([customer_id], |row| row.get(0))
+        .optional()?
+        .flatten();
+    Ok(text.map(|t| json(&t)).transpose()?.unwrap_or_default())
 }
 
 /// The statement [`customer_row`] reads a customer by.

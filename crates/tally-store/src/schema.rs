@@ -381,6 +381,16 @@ ALTER TABLE grants ADD COLUMN origin TEXT;
 ALTER TABLE topups ADD COLUMN voided_credits INTEGER NOT NULL DEFAULT 0;
 "#,
     ),
+    (
+        15,
+        r#"
+-- The plans a customer had before its present one, as JSON
+-- ([{"since": µs, "plan": key or null}], oldest first): a late usage event is
+-- priced by the plan in force at its timestamp. NULL until the plan first
+-- changes (the present plan then applies at every time).
+ALTER TABLE customers ADD COLUMN plan_history TEXT;
+"#,
+    ),
 ];
 
 /// The key of the advisory lock that serializes migrations on PostgreSQL

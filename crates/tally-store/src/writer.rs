@@ -524,6 +524,8 @@ struct Cached {
     /// The customer's plan and region, which pricing resolves by.
     plan: Option<String>,
     region: Option<String>,
+    /// The plans it was on before (usage is priced by the plan at its time).
+    plan_history: crate::model::PlanHistory,
     /// The active subscription (started or scheduled), renewed when due.
     subscription: Option<tally_core::Subscription>,
     /// The overage policy the customer set itself (else its plan's applies).
@@ -1642,6 +1644,7 @@ impl Writer {
                     stored,
                     plan: customer.plan,
                     region: customer.region,
+                    plan_history: settings.plan_history,
                     subscription: settings.subscription,
                     overage_override: settings.overage_override,
                     alerts: settings.alerts,
@@ -2002,6 +2005,7 @@ impl Writer {
                 stored: FastMap::default(),
                 plan: customer.plan.clone(),
                 region: customer.region.clone(),
+                plan_history: crate::model::PlanHistory::default(),
                 subscription: None,
                 overage_override: customer.overage,
                 alerts: None,
@@ -2709,7 +2713,8 @@ impl Writer {
             feature: &usage.feature,
             quantity: usage.quantity,
             properties: &usage.properties,
-            plan: customer.plan.as_deref(),
+            // The plan it was on when the usage happened (a late event's).
+            plan: customer.plan_history.at(at, customer.plan.as_deref()),
             region: customer.region.as_deref(),
             at,
         };

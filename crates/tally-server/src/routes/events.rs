@@ -43,6 +43,8 @@ fn event_id(text: &str) -> Option<String> {
 #[serde(deny_unknown_fields)]
 pub struct EventBatch {
     /// Up to 10,000 events: `{id, customer_id, feature, quantity, member_id?, timestamp?, properties?}`.
+    /// Each is priced at its `timestamp` (default: when it arrived): by the price book version, the
+    /// customer's contract and the customer's plan in force then.
     #[schema(value_type = Vec<Object>)]
     pub events: Vec<serde_json::Value>,
 }

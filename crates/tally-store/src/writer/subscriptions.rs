@@ -98,6 +98,16 @@ impl Writer {
         steps: Vec<Step>,
         actor: Option<&str>,
     ) -> Result<(), Failure> {
+        // When the plan changed: at the first period boundary the steps
+        // crossed (a renewal applied late changes it at its boundary), else
+        // now (a change or cancellation applied at once).
+        let changed_at = steps
+            .iter()
+            .find_map(|step| match step {
+                Step::Renewed { at, .. } | Step::Ended { at } => Some(*at),
+                _ => None,
+            })
+            .unwrap_or(self.now);
         for step in steps {
             match step {
                 Step::Entry(draft) | Step::NewGrant(draft, _) => {
@@ -135,9 +145,13 @@ impl Writer {
             (_, false) => None,
         };
         if let Some(plan) = plan.filter(|p| *p != cached.plan) {
+            cached
+                .plan_history
+                .change(changed_at, cached.plan.clone(), plan.clone());
+            let history = serde_json::to_string(&cached.plan_history).expect("history serializes");
             self.connection
-                .prepare_cached("UPDATE customers SET plan = ?1 WHERE id = ?2")?
-                .execute(params![plan, customer_id.as_str()])?;
+                .prepare_cached("UPDATE customers SET plan = ?1, plan_history = ?2 WHERE id = ?3")?
+                .execute(params![plan, history, customer_id.as_str()])?;
             cached.plan = plan;
         }
         if subscription.status == SubscriptionStatus::Canceled {

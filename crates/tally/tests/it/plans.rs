@@ -983,3 +983,149 @@ async fn a_round_trip_through_a_lower_plan_revives_no_expired_allocation() {
     );
     assert_replayable(&entries);
 }
+
+/// Usage is priced by the plan the customer was on when it happened: late
+/// events from before, during and after each plan (none, lite, pro, none
+/// again after a cancellation) get each plan's price, across a restart, and
+/// a simulation reprices them the same way.
+#[tokio::test]
+async fn late_usage_is_priced_by_the_plan_it_happened_on() {
+    let mut app = manual_app().await;
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let start = time::OffsetDateTime::parse(app.get("/v1/clock").await.str("now"), rfc3339)
+        .expect("the clock's time");
+    let at = |hours: i64| {
+        (start + time::Duration::hours(hours))
+            .format(rfc3339)
+            .unwrap()
+    };
+    app.features(&["ai"]).await;
+    app.publish_version(
+        "v1",
+        json!([
+            { "feature": "ai", "credits_per_unit": "1" },
+            { "feature": "ai", "plan": "lite", "credits_per_unit": "2" },
+            { "feature": "ai", "plan": "pro", "credits_per_unit": "3" },
+        ]),
+        None,
+    )
+    .await;
+    for (key, credits) in [("lite", "10"), ("pro", "20")] {
+        put_plan(
+            &app,
+            key,
+            json!({ "name": key, "period": { "days": 30 }, "included_credits": credits }),
+        )
+        .await;
+    }
+    app.customer("cus").await;
+    app.grant("cus", "g", "1000").await;
+    // No plan for a day, lite for a day, pro for a day, then none again.
+    app.advance(DAY).await;
+    subscribe(&app, "cus", json!({ "id": "s1", "plan": "lite" })).await;
+    app.advance(DAY).await;
+    let upgraded = subscribe(&app, "cus", json!({ "id": "up", "plan": "pro" })).await;
+    assert_eq!(upgraded["plan"], "pro", "{upgraded}");
+    app.advance(DAY).await;
+    let canceled = app
+        .send(
+            Method::DELETE,
+            "/v1/customers/cus/subscription",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(canceled.status, StatusCode::OK, "{}", canceled.body);
+    app.advance(DAY).await;
+    assert_eq!(app.get("/v1/customers/cus").await.body["plan"], Value::Null);
+
+    let send = |id: &str, hours: i64| {
+        json!({ "id": id, "customer_id": "cus", "feature": "ai", "quantity": 1,
+                "timestamp": at(hours) })
+    };
+    let costs = |reply: crate::support::Reply| -> Vec<i64> {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply.body["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|r| {
+                assert_eq!(r["status"], "charged", "{r}");
+                micros_of(&r["cost"])
+            })
+            .collect()
+    };
+    let events = json!({ "events": [
+        send("none", 12),
+        send("lite", 36),
+        send("pro", 60),
+        send("none-again", 84),
+    ] });
+    assert_eq!(
+        costs(app.post("/v1/events", events).await),
+        vec![micros("1"), micros("2"), micros("3"), micros("1")],
+        "each event at the price of the plan it happened on"
+    );
+    // The history is stored: after a restart a late lite event is still lite's.
+    app.kill().await;
+    app.start().await;
+    let events = json!({ "events": [send("lite-after-restart", 37)] });
+    assert_eq!(
+        costs(app.post("/v1/events", events).await),
+        vec![micros("2")]
+    );
+
+    // A simulation reprices each at its plan's new price: 10 + 20 + 30 + 10 + 20.
+    let draft = app.post("/v1/pricebooks", json!({ "id": "v2" })).await;
+    assert_eq!(draft.status, StatusCode::OK, "{}", draft.body);
+    let rules = json!({ "rules": [
+        { "feature": "ai", "credits_per_unit": "10" },
+        { "feature": "ai", "plan": "lite", "credits_per_unit": "20" },
+        { "feature": "ai", "plan": "pro", "credits_per_unit": "30" },
+    ] });
+    let put = app
+        .send(
+            Method::PUT,
+            "/v1/pricebooks/v2/rules",
+            Some(ADMIN_KEY),
+            Some(&rules),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.body);
+    let simulation = app
+        .post(
+            "/v1/pricebooks/v2/simulate",
+            json!({ "from": at(0), "to": at(96) }),
+        )
+        .await;
+    assert_eq!(simulation.status, StatusCode::OK, "{}", simulation.body);
+    let total = &simulation.body["total"];
+    assert_eq!(total["events"], 5, "{total}");
+    assert_eq!(micros_of(&total["recorded"]), micros("9"), "{total}");
+    assert_eq!(micros_of(&total["simulated"]), micros("90"), "{total}");
+    assert_replayable(&app.ledger_all("cus").await);
+
+    // A change scheduled for the period's end takes effect at that boundary,
+    // however late the renewal that applies it runs (here: on the next
+    // touch, 31 days on).
+    app.customer("sched").await;
+    subscribe(&app, "sched", json!({ "id": "s2", "plan": "lite" })).await;
+    subscribe(
+        &app,
+        "sched",
+        json!({ "id": "s2-up", "plan": "pro", "change": "period_end" }),
+    )
+    .await;
+    app.advance(31 * DAY).await;
+    let boundary = 4 * 24 + 30 * 24;
+    let events = json!({ "events": [
+        { "id": "sched-before", "customer_id": "sched", "feature": "ai", "quantity": 1,
+          "timestamp": at(boundary - 1) },
+        { "id": "sched-after", "customer_id": "sched", "feature": "ai", "quantity": 1,
+          "timestamp": at(boundary + 1) },
+    ] });
+    assert_eq!(
+        costs(app.post("/v1/events", events).await),
+        vec![micros("2"), micros("3")]
+    );
+}
