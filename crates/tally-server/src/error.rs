@@ -92,17 +92,21 @@ impl ApiError {
     }
 }
 
+/// The field a stored refusal is about, where its code and message tell
+/// (refusals are kept without it, as a retry's answer).
+pub fn refusal_param(code: &str, message: &str) -> Option<&'static str> {
+    match code {
+        "invalid_expiry" if message.contains("timeout") => Some("timeout_seconds"),
+        "invalid_expiry" => Some("expires_at"),
+        "unknown_feature" | "no_price" => Some("feature"),
+        "capture_exceeds_hold" | "refund_exceeds_charge" => Some("amount"),
+        _ => None,
+    }
+}
+
 impl From<&Refusal> for ApiError {
     fn from(refusal: &Refusal) -> ApiError {
-        // The field a stored refusal is about, where its code and message tell
-        // (refusals are kept without it, as a retry's answer).
-        let param = match refusal.code.as_str() {
-            "invalid_expiry" if refusal.message.contains("timeout") => Some("timeout_seconds"),
-            "invalid_expiry" => Some("expires_at"),
-            "unknown_feature" | "no_price" => Some("feature"),
-            "capture_exceeds_hold" | "refund_exceeds_charge" => Some("amount"),
-            _ => None,
-        };
+        let param = refusal_param(&refusal.code, &refusal.message);
         ApiError {
             param: param.map(str::to_owned),
             ..ApiError::new(&refusal.code, refusal.message.clone())

@@ -51,8 +51,21 @@ impl EventResult {
 
 /// Read one event; a malformed one is an error with a code and a message.
 pub fn parse_event(text: &str, source: &str) -> Result<NewEvent, ApiError> {
-    let input: EventInput = serde_json::from_str(text)
-        .map_err(|e| ApiError::new("invalid_event", format!("the event is not valid: {e}")))?;
+    let input: EventInput = serde_json::from_str(text).map_err(|e| {
+        // Read again only when it failed, to name the field (tracking the
+        // path costs every event something).
+        let path = serde_path_to_error::deserialize::<_, EventInput>(
+            &mut serde_json::Deserializer::from_str(text),
+        )
+        .err()
+        .map(|e| e.path().to_string())
+        .filter(|path| !path.is_empty() && path != ".");
+        let message = match path {
+            Some(path) => format!("the event is not valid: {path}: {e}"),
+            None => format!("the event is not valid: {e}"),
+        };
+        ApiError::new("invalid_event", message)
+    })?;
     let invalid = |e: ApiError| ApiError::new("invalid_event", e.message);
     let quantity: Amount = edge::positive(input.quantity, "quantity").map_err(invalid)?;
     Ok(NewEvent {

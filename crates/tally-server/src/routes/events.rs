@@ -71,10 +71,45 @@ pub struct EventResultBody {
     pub rule: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entry_id: Option<String>,
-    /// Why it was rejected: `{code, message}`. Rejected events are kept as dead letters.
+    /// Why it was rejected: `{code, message, param?}` (`param`: the event's field it is about,
+    /// where known). Rejected events are kept as dead letters.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub error: Option<serde_json::Value>,
+}
+
+/// The field of the event a rejection is about, where its code and message
+/// tell (a rejection is kept, as a dead letter and as a retry's answer, with
+/// only the two).
+fn event_param(code: &str, message: &str) -> Option<&'static str> {
+    const FIELDS: [&str; 7] = [
+        "id",
+        "customer_id",
+        "feature",
+        "quantity",
+        "member_id",
+        "timestamp",
+        "properties",
+    ];
+    let named = |text: &str| FIELDS.into_iter().find(|field| text == *field);
+    match code {
+        "event_too_old" | "event_in_future" => Some("timestamp"),
+        "idempotency_conflict" => Some("id"),
+        "not_found" if message.starts_with("customer ") => Some("customer_id"),
+        // A field's own check names it first (`quantity must be ...`); serde
+        // names it in backquotes (missing field `feature`).
+        "invalid_event" => {
+            let text = message
+                .strip_prefix("the event is not valid: ")
+                .unwrap_or(message);
+            let first = text.split([' ', ':']).next().unwrap_or_default();
+            named(first).or_else(|| {
+                let quoted = text.split('`').nth(1)?;
+                named(quoted)
+            })
+        }
+        _ => crate::error::refusal_param(code, message),
+    }
 }
 
 pub fn render_result(id: Option<String>, result: &EventResult) -> EventResultBody {
@@ -105,7 +140,12 @@ pub fn render_result(id: Option<String>, result: &EventResult) -> EventResultBod
             pricebook: None,
             rule: None,
             entry_id: None,
-            error: Some(serde_json::json!({ "code": code, "message": message })),
+            error: Some(match event_param(code, message) {
+                Some(param) => {
+                    serde_json::json!({ "code": code, "message": message, "param": param })
+                }
+                None => serde_json::json!({ "code": code, "message": message }),
+            }),
         },
     }
 }

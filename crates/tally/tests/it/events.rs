@@ -97,6 +97,30 @@ async fn a_batch_charges_each_event_once_and_keeps_the_bad_ones() {
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
     assert_eq!(statuses(&results), expected, "{results:?}");
+    // Each rejection names the event's field it is about, where one is to blame.
+    let params: Vec<&str> = results
+        .iter()
+        .map(|r| r["error"]["param"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        params,
+        vec![
+            "",
+            "",
+            "",
+            "",
+            "quantity",
+            "quantity",
+            "customer_id",
+            "feature",
+            "feature",
+            "timestamp",
+            "timestamp",
+            "",
+            ""
+        ],
+        "{results:?}"
+    );
     // Costs: 3 × 0.5 = 1.5; 2 × 6 = 12 (plan pro); 0.5 × 0.5 = 0.25.
     assert_eq!(results[0]["cost"], "1.5");
     assert_eq!(results[0]["rule"], "v1 rule 0");
