@@ -390,11 +390,7 @@ fn data_error_param(rejection: &JsonRejection) -> Option<String> {
     let path = error.path().to_string();
     let path = (path != "." && !path.contains('?')).then_some(path);
     let inner = error.inner().to_string();
-    let named = ["missing field `", "unknown field `", "duplicate field `"]
-        .iter()
-        .find_map(|prefix| inner.strip_prefix(prefix))
-        .and_then(|rest| rest.split('`').next())
-        .filter(|name| !name.is_empty());
+    let named = named_field(&inner);
     match (path, named) {
         // An unknown field's path already ends with it; a missing one's does not.
         (Some(path), Some(name)) if path == name || path.ends_with(&format!(".{name}")) => {
@@ -405,6 +401,15 @@ fn data_error_param(rejection: &JsonRejection) -> Option<String> {
         (None, Some(name)) => Some(name.to_string()),
         (None, None) => None,
     }
+}
+
+/// The field a deserializer's message names: a missing, unknown or repeated one.
+pub fn named_field(message: &str) -> Option<&str> {
+    ["missing field `", "unknown field `", "duplicate field `"]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix))
+        .and_then(|rest| rest.split('`').next())
+        .filter(|name| !name.is_empty())
 }
 
 /// A query string whose rejections are API errors, handed to the handler as
@@ -439,7 +444,11 @@ fn query_param<T: DeserializeOwned>(query: Option<&str>) -> Option<String> {
     match serde_path_to_error::deserialize::<_, T>(serde_urlencoded::Deserializer::new(parse)) {
         Err(error) => {
             let path = error.path().to_string();
-            (!path.is_empty() && path != ".").then_some(path)
+            match !path.is_empty() && path != "." {
+                true => Some(path),
+                // A parameter missing or not known: its name, from the message.
+                false => named_field(&error.inner().to_string()).map(str::to_owned),
+            }
         }
         Ok(_) => None,
     }

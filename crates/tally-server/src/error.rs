@@ -98,6 +98,7 @@ pub fn refusal_param(code: &str, message: &str) -> Option<&'static str> {
     match code {
         "invalid_expiry" if message.contains("timeout") => Some("timeout_seconds"),
         "invalid_expiry" => Some("expires_at"),
+        "invalid_request" if message.starts_with("effective_at") => Some("effective_at"),
         "unknown_feature" | "no_price" => Some("feature"),
         "capture_exceeds_hold" | "refund_exceeds_charge" => Some("amount"),
         _ => None,

@@ -312,8 +312,20 @@ pub fn optional_body<T: DeserializeOwned + Default>(
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new("invalid_request", format!("the body is not valid: {e}")))
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes)).map_err(
+        |e| {
+            let message = format!("the body is not valid: {}", e.inner());
+            let path = e.path().to_string();
+            let param = match !path.is_empty() && path != "." {
+                true => Some(path),
+                false => crate::edge::named_field(&e.inner().to_string()).map(str::to_owned),
+            };
+            match param {
+                Some(param) => ApiError::invalid(&param, message),
+                None => ApiError::new("invalid_request", message),
+            }
+        },
+    )
 }
 
 #[derive(Deserialize, ToSchema, Default)]

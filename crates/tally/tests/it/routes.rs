@@ -1473,6 +1473,17 @@ async fn holds_reserve_then_capture_in_full() {
         404,
         "not_found",
     );
+    // An optional body's field that is not known, or of the wrong type, is named.
+    let unknown = app
+        .post("/v1/holds/nope/capture", json!({ "amout": "1" }))
+        .await;
+    assert_error(&unknown, 400, "invalid_request");
+    assert_eq!(unknown.body["error"]["param"], "amout", "{}", unknown.body);
+    let wrong = app
+        .post("/v1/holds/nope/capture", json!({ "quantity": [1] }))
+        .await;
+    assert_error(&wrong, 400, "invalid_request");
+    assert_eq!(wrong.body["error"]["param"], "quantity", "{}", wrong.body);
 }
 
 #[tokio::test]
