@@ -33,7 +33,14 @@ struct AuthResponses;
 
 impl Modify for AuthResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, ResponseBuilder};
+        let header = |kind: Type, description: &str| {
+            HeaderBuilder::new()
+                .schema(ObjectBuilder::new().schema_type(kind))
+                .description(Some(description))
+                .build()
+        };
         let answer = |description: &str| {
             ResponseBuilder::new()
                 .description(description)
@@ -77,16 +84,83 @@ impl Modify for AuthResponses {
                 }
                 if writes {
                     responses.entry("503".into()).or_insert_with(|| {
-                        answer(
+                        let mut unavailable = answer(
                             "`overloaded` (too many writes in flight) or `unavailable` (the store, \
                              or no server runs the writer): nothing is lost, retry with the same \
                              id after `Retry-After` seconds",
-                        )
-                        .into()
+                        );
+                        unavailable.headers.insert(
+                            "Retry-After".into(),
+                            header(
+                                Type::Integer,
+                                "seconds to wait before retrying with the same id",
+                            ),
+                        );
+                        unavailable.into()
                     });
+                    // A write's answer may be the first answer to its id, replayed.
+                    for (status, response) in responses.iter_mut() {
+                        if !status.starts_with('2') {
+                            continue;
+                        }
+                        if let utoipa::openapi::RefOr::T(response) = response {
+                            response.headers.insert(
+                                "Idempotent-Replayed".into(),
+                                header(
+                                    Type::String,
+                                    "`true` when this answer is the first answer to this id (or \
+                                     this event), replayed: nothing was applied again",
+                                ),
+                            );
+                        }
+                    }
                 }
             }
         }
+    }
+}
+
+/// The document's own routes, which the Swagger UI serves: `/openapi.json`
+/// and `/docs/` (`/docs` redirects there).
+struct DocsPaths;
+
+impl Modify for DocsPaths {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{HttpMethod, OperationBuilder, PathItem};
+        use utoipa::openapi::{ContentBuilder, ResponseBuilder};
+        let page = |summary: &str, id: &str, what: &str, media: &str| {
+            let operation = OperationBuilder::new()
+                .summary(Some(summary))
+                .operation_id(Some(id))
+                .tag("system")
+                .response(
+                    "200",
+                    ResponseBuilder::new()
+                        .description(what)
+                        .content(media, ContentBuilder::new().build())
+                        .build(),
+                )
+                .build();
+            PathItem::new(HttpMethod::Get, operation)
+        };
+        openapi.paths.paths.insert(
+            "/openapi.json".into(),
+            page(
+                "This OpenAPI document",
+                "openapi_document",
+                "the document (no key needed)",
+                "application/json",
+            ),
+        );
+        openapi.paths.paths.insert(
+            "/docs/".into(),
+            page(
+                "Browsable API documentation (Swagger UI)",
+                "docs",
+                "the page (no key needed)",
+                "text/html",
+            ),
+        );
     }
 }
 
@@ -119,7 +193,7 @@ impl Modify for AuthResponses {
         topups::get_topup, topups::confirm_topup, topups::fail_topup, topups::put_auto_topup,
         topups::get_auto_topup,
     ),
-    modifiers(&BearerAuth, &AuthResponses),
+    modifiers(&BearerAuth, &AuthResponses, &DocsPaths),
     tags(
         (name = "customers"), (name = "grants"), (name = "charges"), (name = "holds"), (name = "refunds"),
         (name = "ledger"), (name = "price book"), (name = "events"), (name = "plans"), (name = "notifications"), (name = "members"), (name = "top-ups"), (name = "system"),

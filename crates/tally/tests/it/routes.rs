@@ -2638,6 +2638,21 @@ async fn openapi_docs_metrics_and_unknown_routes() {
         }
     }
     assert!(secured >= 60, "{secured} operations take a key");
+    // The headers a client acts on, and the document's own routes.
+    let charge = &paths["/v1/charges"]["post"]["responses"];
+    assert!(
+        charge["200"]["headers"]
+            .get("Idempotent-Replayed")
+            .is_some(),
+        "{charge}"
+    );
+    assert_eq!(
+        charge["503"]["headers"]["Retry-After"]["schema"]["type"], "integer",
+        "{charge}"
+    );
+    for path in ["/openapi.json", "/docs/"] {
+        assert!(paths[path].get("get").is_some(), "openapi lacks GET {path}");
+    }
     let ledger = &paths["/v1/customers/{id}/ledger"]["get"]["parameters"];
     let limit = ledger
         .as_array()
