@@ -486,6 +486,33 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AmountInput(pub Amount);
 
+/// In the OpenAPI document: a decimal string (at most 6 fractional digits,
+/// never rounded) or a JSON number with the same digits.
+impl utoipa::PartialSchema for AmountInput {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(r"^-?[0-9]+(\.[0-9]{1,6})?$"))
+                    .examples(["1.5"]),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Number)
+                    .examples([1.5]),
+            )
+            .description(Some(
+                "an amount: a decimal string such as \"1.5\" (preferred: JSON numbers lose digits in \
+                 many clients) or a number; at most 6 fractional digits, never rounded",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for AmountInput {}
+
 impl<'de> Deserialize<'de> for AmountInput {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;

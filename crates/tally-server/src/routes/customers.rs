@@ -199,7 +199,7 @@ pub async fn balance(
 #[serde(deny_unknown_fields)]
 pub struct CostBasisInput {
     /// Money paid per credit.
-    #[schema(value_type = String)]
+    #[schema(value_type = AmountInput)]
     pub amount: AmountInput,
     pub currency: String,
 }
@@ -208,7 +208,7 @@ pub struct CostBasisInput {
 #[serde(deny_unknown_fields)]
 pub struct CreateGrant {
     pub id: String,
-    #[schema(value_type = String, example = "10000")]
+    #[schema(value_type = AmountInput, example = "10000")]
     pub amount: AmountInput,
     /// `purchase`, `plan_allocation`, `promotion`, `refund`, `adjustment` or `transfer`.
     pub source: String,

@@ -18,7 +18,7 @@ use crate::{reply, AppState};
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetInput {
-    #[schema(value_type = String, example = "3000")]
+    #[schema(value_type = AmountInput, example = "3000")]
     pub amount: AmountInput,
     /// `day`, `month` or `year`: UTC calendar windows.
     pub period: String,
@@ -168,7 +168,7 @@ pub struct CreateTransfer {
     pub id: String,
     pub from: TransferParty,
     pub to: TransferParty,
-    #[schema(value_type = String, example = "500")]
+    #[schema(value_type = AmountInput, example = "500")]
     pub amount: AmountInput,
     pub reason: Option<String>,
 }

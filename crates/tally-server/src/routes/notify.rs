@@ -24,7 +24,7 @@ use crate::{reply, AppState};
 pub struct PutAlerts {
     /// `balance.low` is sent each time the balance falls below one of these (at most 10).
     #[serde(default)]
-    #[schema(value_type = Vec<String>)]
+    #[schema(value_type = Vec<AmountInput>)]
     pub low_balance: Vec<AmountInput>,
     /// `grant.expiring` is sent this many days (1–90) before a lot expires, once per lot.
     #[schema(minimum = 1, maximum = 90)]

@@ -27,7 +27,7 @@ pub struct RolloverBody {
     pub max_percent: Option<u32>,
     /// At most this many credits roll over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<AmountInput>)]
     pub max_amount: Option<AmountInput>,
     /// The rolled-over credits expire this many periods later (default 1:
     /// at the end of the next period). They never roll over again.
@@ -44,7 +44,7 @@ pub struct PutPlan {
     #[serde(deserialize_with = "crate::edge::strict")]
     pub period: serde_json::Value,
     /// Credits granted at the start of every period (0 for pay as you go).
-    #[schema(value_type = String, example = "10000")]
+    #[schema(value_type = AmountInput, example = "10000")]
     pub included_credits: AmountInput,
     /// Each allocation expires this many periods after its period starts
     /// (default 1: at the end of its period; `null`: never).

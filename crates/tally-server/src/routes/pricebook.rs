@@ -469,7 +469,7 @@ pub struct PutContract {
     #[serde(default, deserialize_with = "crate::edge::strict_opt_vec")]
     pub rules: Option<Vec<serde_json::Value>>,
     /// Multiplies price book prices (not the contract's own rules): "0.8" is 20% off.
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<AmountInput>)]
     pub multiplier: Option<AmountInput>,
     /// Price by this published version for the contract's window (rates locked).
     pub pinned_pricebook: Option<String>,
@@ -665,7 +665,7 @@ pub async fn list_contracts(
 pub struct CreateQuote {
     pub customer_id: String,
     pub feature: String,
-    #[schema(value_type = String)]
+    #[schema(value_type = AmountInput)]
     pub quantity: AmountInput,
     #[schema(value_type = Option<Object>)]
     #[serde(default, deserialize_with = "crate::edge::strict_opt")]

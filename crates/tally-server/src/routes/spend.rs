@@ -26,11 +26,11 @@ pub struct CreateCharge {
     pub id: String,
     pub customer_id: String,
     /// Credits to charge. Or give `feature` and `quantity` to have the price book price it.
-    #[schema(value_type = Option<String>, example = "1.5")]
+    #[schema(value_type = Option<AmountInput>, example = "1.5")]
     pub amount: Option<AmountInput>,
     /// The feature paid for: decides which scoped grants may pay, and the price with `quantity`.
     pub feature: Option<String>,
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<AmountInput>)]
     pub quantity: Option<AmountInput>,
     #[schema(value_type = Option<Object>)]
     #[serde(default, deserialize_with = "crate::edge::strict_opt")]
@@ -222,10 +222,10 @@ fn amount_text(a: Amount) -> String {
 pub struct CreateHold {
     pub id: String,
     pub customer_id: String,
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<AmountInput>)]
     pub amount: Option<AmountInput>,
     pub feature: Option<String>,
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<AmountInput>)]
     pub quantity: Option<AmountInput>,
     #[schema(value_type = Option<Object>)]
     #[serde(default, deserialize_with = "crate::edge::strict_opt")]
@@ -332,11 +332,11 @@ pub fn optional_body<T: DeserializeOwned + Default>(
 #[serde(deny_unknown_fields)]
 pub struct CaptureHold {
     /// What to capture; default all. The rest is released.
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<AmountInput>)]
     pub amount: Option<AmountInput>,
     /// For a hold placed by feature and quantity: the quantity actually used,
     /// priced at the price the hold locked.
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<AmountInput>)]
     pub quantity: Option<AmountInput>,
     pub reason: Option<String>,
 }
@@ -475,7 +475,7 @@ pub struct CreateRefund {
     pub charge_id: Option<String>,
     pub hold_id: Option<String>,
     /// Default: all that is still refundable.
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<AmountInput>)]
     pub amount: Option<AmountInput>,
     pub reason: String,
 }

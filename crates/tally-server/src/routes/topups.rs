@@ -21,10 +21,10 @@ use crate::{reply, AppState};
 pub struct PutCreditPack {
     pub name: String,
     /// Credits in one pack.
-    #[schema(value_type = String, example = "1000")]
+    #[schema(value_type = AmountInput, example = "1000")]
     pub credits: AmountInput,
     /// What one pack costs, in `currency` (a decimal string, never rounded).
-    #[schema(value_type = String, example = "10.00")]
+    #[schema(value_type = AmountInput, example = "10.00")]
     pub price: AmountInput,
     /// ISO 4217, upper case.
     #[schema(example = "USD")]
@@ -363,10 +363,10 @@ pub struct PutAutoTopup {
     /// The credit pack it buys.
     pub pack: String,
     /// When the balance (available less debt) falls below this...
-    #[schema(value_type = String, example = "500")]
+    #[schema(value_type = AmountInput, example = "500")]
     pub threshold: AmountInput,
     /// ...buy enough packs to bring it to at least this.
-    #[schema(value_type = String, example = "5000")]
+    #[schema(value_type = AmountInput, example = "5000")]
     pub target: AmountInput,
     /// At most this many automatic top-ups start in any 24 hours (default 3).
     pub max_per_day: Option<u32>,

@@ -2638,6 +2638,45 @@ async fn openapi_docs_metrics_and_unknown_routes() {
         }
     }
     assert!(secured >= 60, "{secured} operations take a key");
+    // Every reference resolves to a schema the document holds.
+    fn refs<'a>(value: &'a Value, found: &mut Vec<&'a str>) {
+        match value {
+            Value::Object(map) => {
+                if let Some(Value::String(target)) = map.get("$ref") {
+                    found.push(target);
+                }
+                map.values().for_each(|v| refs(v, found));
+            }
+            Value::Array(items) => items.iter().for_each(|v| refs(v, found)),
+            _ => {}
+        }
+    }
+    let mut targets = Vec::new();
+    refs(&spec, &mut targets);
+    assert!(targets.len() > 50, "{} references", targets.len());
+    for target in targets {
+        let name = target
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("a reference outside the schemas: {target}"));
+        assert!(
+            spec["components"]["schemas"].get(name).is_some(),
+            "{target} does not resolve"
+        );
+    }
+    // An amount is a decimal string or a number.
+    let amount = &spec["components"]["schemas"]["CreateCharge"]["properties"]["amount"];
+    assert!(
+        amount
+            .to_string()
+            .contains("#/components/schemas/AmountInput"),
+        "{amount}"
+    );
+    let kinds = &spec["components"]["schemas"]["AmountInput"]["oneOf"];
+    assert_eq!(
+        [&kinds[0]["type"], &kinds[1]["type"]],
+        ["string", "number"],
+        "{kinds}"
+    );
     // The headers a client acts on, and the document's own routes.
     let charge = &paths["/v1/charges"]["post"]["responses"];
     assert!(
