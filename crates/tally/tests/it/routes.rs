@@ -2652,7 +2652,7 @@ async fn openapi_docs_metrics_and_unknown_routes() {
         }
     }
     let mut targets = Vec::new();
-    refs(&spec, &mut targets);
+    refs(spec, &mut targets);
     assert!(targets.len() > 50, "{} references", targets.len());
     for target in targets {
         let name = target
