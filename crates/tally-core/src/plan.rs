@@ -576,7 +576,6 @@ pub fn change_plan_now(
     context: &mut dyn RenewalContext,
     now: Timestamp,
 ) -> Result<Vec<Step>, LedgerError> {
-    assert!(!subscription.due(now), "renew what is due first");
     let from = context
         .plan(&subscription.plan)
         .cloned()
@@ -588,6 +587,7 @@ pub fn change_plan_now(
         subscription.next_plan = None;
         return Ok(Vec::new());
     }
+    assert!(!subscription.due(now), "renew what is due first");
     // What the grace may reinstate is what expired by time before the change
     // ([`graced`]), not the allocation this change ends.
     let grace: Vec<Id> = if upgrade && to.upgrade_grace_days > 0 {

@@ -266,6 +266,21 @@ impl Writer {
                         subscription.cancel_at_period_end = false;
                         Vec::new()
                     }
+                    // Its renewal is due but the ledger refused it (say, the
+                    // allocation would pass the maximum balance): the period
+                    // it would end has not begun.
+                    PlanChange::Now if subscription.period >= 0 && subscription.due(now) => {
+                        return Err(Failure::Rejected(Refusal {
+                            code: "renewal_refused".into(),
+                            message: format!(
+                                "subscription {}'s renewal at {} is refused by the ledger (see the server's log), \
+                                 so its plan cannot change now; change it at the period end, or cancel it",
+                                subscription.id,
+                                subscription.period_end.rfc3339()
+                            ),
+                            available: None,
+                        }))
+                    }
                     PlanChange::Now => plan::change_plan_now(
                         &mut ledger,
                         subscription,

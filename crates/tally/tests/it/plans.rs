@@ -872,6 +872,48 @@ async fn a_refused_renewal_blocks_nothing_and_a_scheduled_cancel_keeps_the_plan(
         app.get("/v1/customers/ent").await.body["plan"],
         "enterprise"
     );
+
+    // A running subscription whose renewal is refused (its allocation, which
+    // never expires, would pass the maximum balance): its plan cannot change
+    // now (409; this stopped the writer before), but it can change at the
+    // period end, or be canceled.
+    put_plan(
+        &app,
+        "keep",
+        json!({ "name": "Keep", "period": { "days": 30 }, "included_credits": "100",
+                "allocation_expires_after_periods": null }),
+    )
+    .await;
+    app.customer("full").await;
+    subscribe(&app, "full", json!({ "id": "s_keep", "plan": "keep" })).await;
+    app.grant("full", "g_full", "999999999850").await;
+    app.advance(31 * DAY).await;
+    let switch = app
+        .put(
+            "/v1/customers/full/subscription",
+            json!({ "id": "s_switch", "plan": "big" }),
+        )
+        .await;
+    assert_eq!(switch.status, StatusCode::CONFLICT, "{}", switch.body);
+    assert_eq!(switch.code(), "renewal_refused");
+    let later = subscribe(
+        &app,
+        "full",
+        json!({ "id": "s_switch_later", "plan": "big", "change": "period_end" }),
+    )
+    .await;
+    assert_eq!(later["next_plan"], "big");
+    let canceled = app
+        .send(
+            Method::DELETE,
+            "/v1/customers/full/subscription",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(canceled.status, StatusCode::OK, "{}", canceled.body);
+    assert_eq!(canceled.body["status"], "canceled");
+    assert_replayable(&app.ledger_all("full").await);
 }
 
 /// Changing plans back and forth, or cancelling now and subscribing again,
