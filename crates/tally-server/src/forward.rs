@@ -107,6 +107,8 @@ async fn forward(state: &AppState, request: Request) -> Response {
         // wait: bound it here. Only until the answer's head arrives, so a
         // forwarded live stream is not cut.
         let sent = tokio::select! {
+            // The leader's answer first, when it comes with a takeover.
+            biased;
             sent = tokio::time::timeout(FORWARD_ANSWER_WITHIN, forwarded.send()) => sent,
             // This server took over from a leader that stalled: the stalled
             // one can no longer commit what it was sent (its session ended).
@@ -164,18 +166,35 @@ async fn forward(state: &AppState, request: Request) -> Response {
 async fn leader_moved(state: &AppState, from: &str) {
     tokio::time::sleep(LOOK_FOR_A_NEW_LEADER_AFTER).await;
     loop {
-        if let Ok(Some(url)) = state.store.leader_url().await {
-            if url != from {
-                *state.leader_url.write().expect("leader url") = Some(url);
-                return;
-            }
+        if latest_leader(state).await.is_some_and(|url| url != from) {
+            return;
         }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        tokio::time::sleep(LOOK_FOR_A_NEW_LEADER_EVERY).await;
     }
 }
 
+/// The leader as the database records it, read at most once every
+/// [`LOOK_FOR_A_NEW_LEADER_EVERY`] by this server however many forwards
+/// wait (the others take what the last read found).
+async fn latest_leader(state: &AppState) -> Option<String> {
+    let due = {
+        let mut last = state.leader_read_at.lock().expect("leader read");
+        let due = last.is_none_or(|at| at.elapsed() >= LOOK_FOR_A_NEW_LEADER_EVERY);
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due
+    };
+    match due {
+        true => leader_url(state, true).await,
+        false => state.leader_url.read().expect("leader url").clone(),
+    }
+}
+
+const LOOK_FOR_A_NEW_LEADER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A forwarded write that takes this long is rare (a leader's answer comes
-/// in milliseconds): only then is the leader looked up, once a second.
+/// in milliseconds): only then is the leader looked up.
 const LOOK_FOR_A_NEW_LEADER_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn leader_url(state: &AppState, refresh: bool) -> Option<String> {

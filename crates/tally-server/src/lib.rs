@@ -72,6 +72,9 @@ pub struct Shared {
     pub forwarder: reqwest::Client,
     /// Where that server listens, as last read from the database.
     pub leader_url: std::sync::RwLock<Option<String>>,
+    /// When a forward waiting on a silent leader last read the leader from
+    /// the database (`forward::latest_leader`).
+    pub leader_read_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Default bound of [`AppState::in_flight`]: the writer's queue.
@@ -108,6 +111,7 @@ impl AppState {
                 .build()
                 .expect("an HTTP client with default settings"),
             leader_url: std::sync::RwLock::default(),
+            leader_read_at: std::sync::Mutex::default(),
         };
         AppState {
             shared: Arc::new(shared),

@@ -791,6 +791,24 @@ impl Connection {
         }
     }
 
+    /// PostgreSQL: wait for `future` on this connection's runtime, at most
+    /// `limit` (`None`: the limit passed first). No commit may be in flight.
+    pub fn wait_at_most<F: Future>(
+        &self,
+        future: F,
+        limit: std::time::Duration,
+    ) -> Option<F::Output> {
+        let Kind::Postgres(pg) = &self.kind else {
+            panic!("wait_at_most on SQLite: it has no runtime of its own");
+        };
+        assert!(
+            pg.in_flight.borrow().is_none(),
+            "wait_at_most with a commit in flight"
+        );
+        pg.runtime
+            .block_on(async { tokio::time::timeout(limit, future).await.ok() })
+    }
+
     /// Roll back the open transaction, dropping deferred writes unsent.
     /// On PostgreSQL, a commit sent ahead must have been settled (its
     /// outcome taken with [`Connection::commit_outcome`]); a failed one no

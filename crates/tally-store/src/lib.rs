@@ -411,9 +411,9 @@ fn lead(
     Ok(Led::Writer(Box::new(writer)))
 }
 
-/// How long the leader's session may send PostgreSQL nothing before a
-/// follower ends it and takes the lock. A live leader is never this quiet:
-/// its tick runs a statement every half second even when no request comes.
+/// How long the leader's session may wait on its server, unchanged, before
+/// a follower ends it and takes the lock. A live leader is never this quiet:
+/// its writer speaks to the database at least once a second.
 const LEADER_SILENT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The `application_name` of a writer's session once it has loaded its
@@ -423,35 +423,52 @@ const WRITER_APPLICATION: &str = "tally-writer";
 /// How often a waiting follower looks at the leader's session.
 const WATCH_LEADER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The leader's session: its process, how long ago (ms, by PostgreSQL's
-/// clock, so no server's clock is involved) it last began or ended a
-/// statement, and whether it is idle, waiting for its client's next one (in
-/// a transaction or not), once it leads. A session running a statement is
-/// not judged, even one waiting to send rows, nor one still loading the
-/// writer's state (named otherwise): either may take longer than the limit.
-const SILENT_HOLDER_SQL: &str =
-    "SELECT a.pid, CAST(EXTRACT(EPOCH FROM clock_timestamp() - a.state_change) * 1000 AS bigint), \
-     a.state LIKE 'idle%' AND a.application_name = ?3 \
+/// The leader's session once it leads: its process, when it started and
+/// when its state last changed (µs since the epoch, told apart only by
+/// equality), and whether it is waiting for its client: idle (in a
+/// transaction or not), or in a statement waiting for the client's next
+/// bytes (a `COPY` or a message cut off). A session still loading the
+/// writer's state is named otherwise and not judged.
+const LEADER_SESSION_SQL: &str =
+    "SELECT a.pid, CAST(EXTRACT(EPOCH FROM a.backend_start) * 1000000 AS bigint), \
+     CAST(EXTRACT(EPOCH FROM a.state_change) * 1000000 AS bigint), \
+     (a.state LIKE 'idle%' OR (a.state = 'active' AND a.wait_event = 'ClientRead')) \
      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-     AND CAST(l.classid AS bigint) = ?1 AND CAST(l.objid AS bigint) = ?2";
+     AND CAST(l.classid AS bigint) = ?1 AND CAST(l.objid AS bigint) = ?2 \
+     AND a.application_name = ?3";
+
+/// End session `?1` only if it is still the one seen: the same start and
+/// the same last change of state.
+const END_SILENT_SESSION_SQL: &str =
+    "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.pid = ?1 \
+     AND CAST(EXTRACT(EPOCH FROM a.backend_start) * 1000000 AS bigint) = ?2 \
+     AND CAST(EXTRACT(EPOCH FROM a.state_change) * 1000000 AS bigint) = ?3";
 
 /// A follower's watch on the leader, while it waits for the leader lock.
 ///
 /// A leader whose process stalled (stopped, a paused VM, cut off from the
 /// network) keeps its PostgreSQL session, and with it the lock, for as long
-/// as its kernel answers, or until TCP gives up (hours by default): no other
-/// server could write meanwhile. A follower that sees the leader's session
-/// waiting on its client and silent for [`LEADER_SILENT_LIMIT`] ends that
-/// session. This is safe whatever the leader was doing: the lock is the
-/// session's, so the ended session can no longer commit (a group it had
-/// open rolls back, unanswered, and its callers' retries go to the new
-/// leader), and when the stalled process goes on it finds its connection
-/// gone and follows like any server whose connection was lost.
+/// as its kernel answers, or until TCP gives up: no other server could write
+/// meanwhile. A live leader speaks to the database at least once a second
+/// (its writer pings when idle). So a follower that sees the leader's session
+/// waiting on its client with the same state, unchanged, for
+/// [`LEADER_SILENT_LIMIT`] by this follower's own monotonic clock (no wall
+/// clock is involved, the database's included) ends that session. This is
+/// safe whatever the leader was doing: the lock is the session's, so the
+/// ended session can no longer commit (a group it had open rolls back,
+/// unanswered, and its callers' retries go to the new leader), and when the
+/// stalled process goes on it finds its connection gone and follows like any
+/// server whose connection was lost.
 struct SilentLeaderWatch {
     url: String,
     connection: Option<Connection>,
+    /// The leader's session as last seen waiting on its client
+    /// `(pid, started, state changed)`, and since when (this server's clock).
+    seen: Option<((i64, i64, i64), std::time::Instant)>,
+    /// The last error logged, so that a lasting one is logged once.
+    logged: Option<String>,
 }
 
 /// Ends the watch's thread when dropped (the wait for the lock is over).
@@ -467,6 +484,8 @@ impl SilentLeaderWatch {
         let mut watch = SilentLeaderWatch {
             url: url.to_owned(),
             connection: None,
+            seen: None,
+            logged: None,
         };
         let spawned = std::thread::Builder::new()
             .name("tally-leader-watch".into())
@@ -474,11 +493,7 @@ impl SilentLeaderWatch {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(WATCH_LEADER_EVERY)
                 {
-                    if let Err(error) = watch.end_silent_leader() {
-                        // Looked at again next time, on a new connection.
-                        tracing::debug!(%error, "cannot look at the leader's session");
-                        watch.connection = None;
-                    }
+                    watch.look();
                 }
             });
         if let Err(error) = spawned {
@@ -487,36 +502,72 @@ impl SilentLeaderWatch {
         WatchGuard { _stop: stop }
     }
 
+    fn look(&mut self) {
+        match self.end_silent_leader() {
+            Ok(()) => self.logged = None,
+            Err(error) => {
+                let lost = error.is_transient()
+                    || self.connection.as_ref().is_none_or(Connection::is_stale);
+                if lost {
+                    // Looked at again next time, on a new connection.
+                    self.connection = None;
+                }
+                let message = error.to_string();
+                if self.logged.as_ref() != Some(&message) {
+                    tracing::warn!(%error, "cannot look at the leader's session (a stalled leader would not be replaced)");
+                    self.logged = Some(message);
+                }
+            }
+        }
+    }
+
     fn end_silent_leader(&mut self) -> db::Result<()> {
         let connection = match &mut self.connection {
             Some(connection) => connection,
             empty => empty.insert(Connection::postgres(&self.url)?),
         };
-        let holder: Option<(i64, Option<i64>, Option<bool>)> = connection
+        type Seen = (i64, Option<i64>, Option<i64>, Option<bool>);
+        let session: Option<Seen> = connection
             .query_row(
-                SILENT_HOLDER_SQL,
+                LEADER_SESSION_SQL,
                 params![
                     LEADER_LOCK >> 32,
                     LEADER_LOCK & 0xffff_ffff,
                     WRITER_APPLICATION
                 ],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
             )
             .optional()?;
         // Another role's session shows no state: it cannot be judged.
-        let Some((pid, Some(silent_ms), Some(true))) = holder else {
+        let Some((pid, Some(started), Some(changed), Some(true))) = session else {
+            self.seen = None;
             return Ok(());
         };
-        let limit = i64::try_from(LEADER_SILENT_LIMIT.as_millis()).unwrap_or(i64::MAX);
-        if silent_ms < limit {
+        let now = std::time::Instant::now();
+        let since = match self.seen {
+            Some((seen, since)) if seen == (pid, started, changed) => since,
+            _ => {
+                self.seen = Some(((pid, started, changed), now));
+                return Ok(());
+            }
+        };
+        let silent = now.duration_since(since);
+        if silent < LEADER_SILENT_LIMIT {
             return Ok(());
         }
         tracing::warn!(
             pid,
-            silent_ms,
-            "the leader's PostgreSQL session has been silent too long (its server stalled or is cut off); ending it so that a live server takes over"
+            silent_ms = silent.as_millis() as u64,
+            "the leader's PostgreSQL session has been waiting on its server too long (the server stalled or is cut off); ending it so that a live server takes over"
         );
-        connection.query_row("SELECT pg_terminate_backend(?1)", [pid], |_| Ok(()))?;
+        connection
+            .query_row(
+                END_SILENT_SESSION_SQL,
+                params![pid, started, changed],
+                |_| Ok(()),
+            )
+            .optional()?;
+        self.seen = None;
         Ok(())
     }
 }
@@ -1723,6 +1774,13 @@ fn simulate(
 ) -> db::Result<Option<Simulation>> {
     use std::collections::{BTreeMap, HashMap};
     use tally_core::pricebook::{price_usage, PriceBook, Pricing, Usage, Version};
+    // Late events a longer window let in, before it was shortened, count too.
+    let widest: Option<i64> = connection
+        .query_row("SELECT seconds FROM event_window WHERE id = 1", [], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    let late_seconds = late_seconds.max(widest.unwrap_or(0));
     let Some(book) = catalog::pricebook(connection, id)? else {
         return Ok(None);
     };
@@ -1757,7 +1815,7 @@ fn simulate(
         .plus_seconds(late_seconds.saturating_add(EVENT_FUTURE_SKEW_SECONDS))
         .unwrap_or(Timestamp(i64::MAX));
     let mut statement = connection.prepare(
-        "SELECT customer_id, effective_at, pricing, kind FROM entries \
+        "SELECT customer_id, effective_at, pricing, kind, recorded_at FROM entries \
          WHERE pricing IS NOT NULL AND kind IN ('charge', 'capture') AND effective_at >= ?1 AND effective_at <= ?2",
     )?;
     let mut rows = statement.query(params![first.0, last.0])?;
@@ -1788,8 +1846,10 @@ fn simulate(
             feature: &recorded.feature,
             quantity: recorded.quantity,
             properties: &recorded.properties,
-            // The plan the customer was on when the usage happened.
-            plan: history.at(at, plan.as_deref()),
+            // The plan the customer was on when the usage happened, as the
+            // writer priced it: an event stamped ahead of the clock (by up
+            // to EVENT_FUTURE_SKEW_SECONDS) by the plan when it came.
+            plan: history.at(at.min(Timestamp(row.get(4)?)), plan.as_deref()),
             region: region.as_deref(),
             at,
         };

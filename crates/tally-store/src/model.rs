@@ -388,9 +388,15 @@ impl PlanHistory {
     }
 
     /// The plan changed from `before` to `after` at `at` (a renewal applied
-    /// late changes it at its boundary, in the past). Spans recorded from
-    /// `at` on are replaced.
+    /// late changes it at its boundary, in the past). Never before the last
+    /// change (a writer whose clock is behind the last one's): the spans
+    /// stay in order, and a change at the same instant as the last replaces
+    /// it.
     pub fn change(&mut self, at: Timestamp, before: Option<String>, after: Option<String>) {
+        let at = match self.0.last().and_then(|span| span.since) {
+            Some(last) => at.max(last),
+            None => at,
+        };
         if self.0.is_empty() {
             self.0.push(PlanSpan {
                 since: None,

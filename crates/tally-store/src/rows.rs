@@ -200,7 +200,8 @@ pub struct CustomerSettings {
     /// Its alert settings, if it set any.
     pub alerts: Option<crate::model::Alerts>,
     pub auto_topup: Option<tally_core::AutoTopupState>,
-    /// The plans it was on before its present one.
+    /// The plans it was on, its present one last (empty until it first
+    /// changed).
     pub plan_history: crate::model::PlanHistory,
 }
 
@@ -253,7 +254,7 @@ fn customer_row(
         .optional()
 }
 
-/// The plans a customer was on before its present one.
+/// The plans a customer was on (empty until its plan first changed).
 pub fn plan_history(
     connection: &Connection,
     customer_id: &str,

@@ -384,11 +384,24 @@ ALTER TABLE topups ADD COLUMN voided_credits INTEGER NOT NULL DEFAULT 0;
     (
         15,
         r#"
--- The plans a customer had before its present one, as JSON
--- ([{"since": µs, "plan": key or null}], oldest first): a late usage event is
--- priced by the plan in force at its timestamp. NULL until the plan first
--- changes (the present plan then applies at every time).
+-- The plans a customer was on, as JSON ([{"since": time or null, "plan": key
+-- or null}], oldest first, the present one last): a late usage event is priced
+-- by the plan in force at its timestamp. NULL until the plan first changes
+-- after this migration (the present plan then applies at every time; a change
+-- made before it is not known, and the plan of that time applies before it).
 ALTER TABLE customers ADD COLUMN plan_history TEXT;
+"#,
+    ),
+    (
+        16,
+        r#"
+-- The longest event window (`--event-window-seconds`) any writer ran with: a
+-- simulation looks that far past its window for late events, so that events a
+-- longer window once let in still count after the window is shortened.
+CREATE TABLE event_window (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seconds INTEGER NOT NULL
+);
 "#,
     ),
 ];

@@ -126,6 +126,10 @@ fn drain_up_to(receiver: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, limit: 
 /// `run`): a bigger group shares its page writes among more commands
 /// (BENCHMARKS.md).
 const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
+
+/// PostgreSQL: how long an idle writer goes without a statement (see
+/// `Writer::idle_until_a_command`).
+const KEEPALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Groups of at least this many commands mean sustained load (see `run`).
 const LINGER_ABOVE: usize = 32;
 /// A group this large commits as soon as the syncer is free.
@@ -524,7 +528,7 @@ struct Cached {
     /// The customer's plan and region, which pricing resolves by.
     plan: Option<String>,
     region: Option<String>,
-    /// The plans it was on before (usage is priced by the plan at its time).
+    /// The plans it was on (a late event is priced by the plan at its time).
     plan_history: crate::model::PlanHistory,
     /// The active subscription (started or scheduled), renewed when due.
     subscription: Option<tally_core::Subscription>,
@@ -857,6 +861,11 @@ impl Writer {
         if let Some(instant) = check_engine_clock(&connection, &*clock)? {
             clock.catch_up(instant);
         }
+        connection.execute(
+            "INSERT INTO event_window (id, seconds) VALUES (1, ?1) ON CONFLICT (id) \
+             DO UPDATE SET seconds = excluded.seconds WHERE event_window.seconds < excluded.seconds",
+            [options.event_window_seconds],
+        )?;
         Ok(Writer {
             plans,
             packs,
@@ -976,7 +985,17 @@ impl Writer {
                 continue;
             }
             if batch.is_empty() {
-                let Some(first) = receiver.blocking_recv() else {
+                let first = match postgres {
+                    true => match self.idle_until_a_command(receiver) {
+                        Ok(first) => first,
+                        Err(error) => {
+                            self.fail_retries(&error.to_string());
+                            return Stopped::ConnectionLost(error);
+                        }
+                    },
+                    false => receiver.blocking_recv(),
+                };
+                let Some(first) = first else {
                     return Stopped::Closed;
                 };
                 batch.push(first);
@@ -1053,6 +1072,26 @@ impl Writer {
                 }
                 return stopped;
             }
+        }
+    }
+
+    /// PostgreSQL: wait for the next command (`None`: the store closed),
+    /// showing the database this writer is alive meanwhile: a statement
+    /// every [`KEEPALIVE_EVERY`] while no command comes. A follower ends a
+    /// leader's session that waits on its server for 10 s
+    /// (`SilentLeaderWatch`), as a stalled server's would.
+    fn idle_until_a_command(
+        &mut self,
+        receiver: &mut mpsc::Receiver<Job>,
+    ) -> db::Result<Option<Job>> {
+        loop {
+            if let Some(received) = self
+                .connection
+                .wait_at_most(receiver.recv(), KEEPALIVE_EVERY)
+            {
+                return Ok(received);
+            }
+            self.connection.execute_batch("SELECT 1")?;
         }
     }
 
@@ -2713,8 +2752,13 @@ impl Writer {
             feature: &usage.feature,
             quantity: usage.quantity,
             properties: &usage.properties,
-            // The plan it was on when the usage happened (a late event's).
-            plan: customer.plan_history.at(at, customer.plan.as_deref()),
+            // The plan it was on when the usage happened (a late event's);
+            // usage now is priced by the present plan, whatever a clock
+            // behind the last writer's says.
+            plan: match at < self.now {
+                true => customer.plan_history.at(at, customer.plan.as_deref()),
+                false => customer.plan.as_deref(),
+            },
             region: customer.region.as_deref(),
             at,
         };

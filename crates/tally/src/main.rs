@@ -180,7 +180,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         event_window_seconds > 0,
         "--event-window-seconds must be greater than zero"
     );
-    let manual = if manual_clock {
+    let manual = if manual_clock && storage.database_url.is_some() {
+        // The database records the clock (`engine_clock`) and every server
+        // over it resumes from there: a file in the data directory, which
+        // another database's servers may share, would carry its instant to
+        // them.
+        Some(Arc::new(ManualClock::new(SystemClock.now())))
+    } else if manual_clock {
         std::fs::create_dir_all(&storage.data_dir)
             .with_context(|| format!("create the data directory {:?}", storage.data_dir))?;
         let file = storage.data_dir.join("manual-clock");

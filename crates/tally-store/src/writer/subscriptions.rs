@@ -43,6 +43,21 @@ fn invalid(message: impl Into<String>) -> Failure {
     })
 }
 
+/// A subscription whose renewal is due but refused by the ledger: its
+/// period end is past, so what would take effect there cannot be asked for.
+fn renewal_refused(subscription: &Subscription, what: &str) -> Failure {
+    Failure::Rejected(Refusal {
+        code: "renewal_refused".into(),
+        message: format!(
+            "subscription {}'s renewal at {} is refused by the ledger (see the server's log), so {what}; \
+             cancel it now, or make room for the renewal",
+            subscription.id,
+            subscription.period_end.rfc3339()
+        ),
+        available: None,
+    })
+}
+
 /// The longest id that starts a subscription: its lots' ids
 /// (`rollover:<id>:<period>`) must stay within the 128 characters the API
 /// takes back in `/v1/grants/{id}/...`.
@@ -267,19 +282,12 @@ impl Writer {
                         Vec::new()
                     }
                     // Its renewal is due but the ledger refused it (say, the
-                    // allocation would pass the maximum balance): the period
-                    // it would end has not begun.
-                    PlanChange::Now if subscription.period >= 0 && subscription.due(now) => {
-                        return Err(Failure::Rejected(Refusal {
-                            code: "renewal_refused".into(),
-                            message: format!(
-                                "subscription {}'s renewal at {} is refused by the ledger (see the server's log), \
-                                 so its plan cannot change now; change it at the period end, or cancel it",
-                                subscription.id,
-                                subscription.period_end.rfc3339()
-                            ),
-                            available: None,
-                        }))
+                    // allocation would pass the maximum balance): a change
+                    // now would end a period that has not begun, and one at
+                    // the period end would take effect at that boundary, in
+                    // the past, repricing usage already charged.
+                    _ if subscription.period >= 0 && subscription.due(now) => {
+                        return Err(renewal_refused(subscription, "its plan cannot change"));
                     }
                     PlanChange::Now => plan::change_plan_now(
                         &mut ledger,
@@ -320,6 +328,12 @@ impl Writer {
                 "active subscription of customer {customer_id}"
             ))));
         };
+        if at_period_end && subscription.period >= 0 && subscription.due(now) {
+            return Err(renewal_refused(
+                subscription,
+                "it cannot be canceled at the period end (that is past)",
+            ));
+        }
         subscription.next_plan = None;
         let mut steps = Vec::new();
         if at_period_end && subscription.period >= 0 {

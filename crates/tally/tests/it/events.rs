@@ -1193,3 +1193,56 @@ async fn a_dead_letter_taken_over_by_another_customer_keeps_that_ones_arrival() 
     assert_eq!(replay.body["result"]["pricebook"], "v2");
     assert_eq!(replay.body["result"]["cost"], "10");
 }
+
+/// A simulation counts a late event that a longer event window let in, after
+/// the window is shortened: it looks as far past its window as the widest
+/// window any writer ran with.
+#[tokio::test]
+async fn a_shortened_event_window_keeps_late_events_in_simulations() {
+    let sixty_days = ["--event-window-seconds".to_string(), "5184000".to_string()];
+    let mut app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        extra_args: sixty_days.to_vec(),
+        ..Options::default()
+    })
+    .await;
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let start = time::OffsetDateTime::parse(app.get("/v1/clock").await.str("now"), rfc3339)
+        .expect("the clock's time");
+    let at = |hours: i64| {
+        (start + time::Duration::hours(hours))
+            .format(rfc3339)
+            .unwrap()
+    };
+    app.features(&["api"]).await;
+    app.publish_version(
+        "v1",
+        json!([{ "feature": "api", "credits_per_unit": "3" }]),
+        None,
+    )
+    .await;
+    app.customer("c").await;
+    app.grant("c", "g", "100").await;
+    app.advance(47 * 86_400).await;
+    let late = json!([{ "id": "late", "customer_id": "c", "feature": "api", "quantity": 1,
+                        "timestamp": at(1) }]);
+    let results = events(&app, late).await;
+    assert_eq!(results[0]["status"], "charged", "{results:?}");
+    let window = json!({ "from": at(0), "to": at(2) });
+    let counted = |reply: Reply| {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply.body["total"]["events"].clone()
+    };
+    assert_eq!(
+        counted(app.post("/v1/pricebooks/v1/simulate", window.clone()).await),
+        1
+    );
+    app.kill().await;
+    app.options.extra_args.clear();
+    app.start().await;
+    assert_eq!(
+        counted(app.post("/v1/pricebooks/v1/simulate", window).await),
+        1,
+        "still counted with the default 30-day window"
+    );
+}

@@ -875,8 +875,9 @@ async fn a_refused_renewal_blocks_nothing_and_a_scheduled_cancel_keeps_the_plan(
 
     // A running subscription whose renewal is refused (its allocation, which
     // never expires, would pass the maximum balance): its plan cannot change
-    // now (409; this stopped the writer before), but it can change at the
-    // period end, or be canceled.
+    // now (409; this stopped the writer before), nor at the period end, nor
+    // can it be canceled then (all would take effect at the past boundary,
+    // repricing usage already charged); it can be canceled now.
     put_plan(
         &app,
         "keep",
@@ -896,13 +897,27 @@ async fn a_refused_renewal_blocks_nothing_and_a_scheduled_cancel_keeps_the_plan(
         .await;
     assert_eq!(switch.status, StatusCode::CONFLICT, "{}", switch.body);
     assert_eq!(switch.code(), "renewal_refused");
-    let later = subscribe(
-        &app,
-        "full",
-        json!({ "id": "s_switch_later", "plan": "big", "change": "period_end" }),
-    )
-    .await;
-    assert_eq!(later["next_plan"], "big");
+    let later = app
+        .put(
+            "/v1/customers/full/subscription",
+            json!({ "id": "s_switch_later", "plan": "big", "change": "period_end" }),
+        )
+        .await;
+    assert_eq!(later.status, StatusCode::CONFLICT, "{}", later.body);
+    assert_eq!(later.code(), "renewal_refused");
+    let at_end = app
+        .send(
+            Method::DELETE,
+            "/v1/customers/full/subscription?at_period_end=true",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(at_end.status, StatusCode::CONFLICT, "{}", at_end.body);
+    assert_eq!(
+        app.get("/v1/customers/full/subscription").await.body["plan"],
+        "keep"
+    );
     let canceled = app
         .send(
             Method::DELETE,

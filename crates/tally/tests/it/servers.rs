@@ -886,3 +886,43 @@ fn instant(text: &str) -> time::OffsetDateTime {
     time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|e| panic!("{text}: {e}"))
 }
+
+/// A manual clock over PostgreSQL lives in the database, not in the data
+/// directory: a server on a fresh database starts at the real time even with
+/// the data directory of a server whose database's clock ran years ahead
+/// (such a file once carried that instant over, and the new database's
+/// renewals and event windows jumped with it).
+#[tokio::test]
+async fn a_manual_clock_over_postgresql_is_the_databases_not_the_data_directorys() {
+    let manual = Options {
+        manual_clock: true,
+        ..Options::default()
+    };
+    let mut first = TestApp::spawn_postgres(manual.clone()).await;
+    let advanced = first
+        .post("/v1/clock/advance", json!({ "to": "2031-01-01T00:00:00Z" }))
+        .await;
+    assert_eq!(advanced.status, StatusCode::OK, "{}", advanced.body);
+    first.kill().await;
+    // Restarted over its own database, it resumes from the database's clock.
+    first.start().await;
+    assert_eq!(
+        first.get("/v1/clock").await.str("now"),
+        "2031-01-01T00:00:00Z"
+    );
+    first.kill().await;
+
+    let mut second = TestApp::spawn_postgres(manual).await;
+    second.kill().await;
+    second.data_dir = first.data_dir.clone();
+    second.start().await;
+    let now = second.get("/v1/clock").await;
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let started = time::OffsetDateTime::parse(now.str("now"), rfc3339).expect("an instant");
+    let real = time::OffsetDateTime::now_utc();
+    assert!(
+        (real - started).abs() < time::Duration::hours(1),
+        "a fresh database starts at the real time ({real}): {}",
+        now.body
+    );
+}
