@@ -587,12 +587,15 @@ pub fn instant(text: &str, param: &str) -> Result<Timestamp, ApiError> {
 /// An instant as RFC 3339 UTC text with microseconds when they are not zero.
 pub fn rfc3339(at: Timestamp) -> String {
     let nanos = i128::from(at.micros()) * 1000;
-    let time =
-        OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    // Instants come from `instant` or the clock, within years 0000-9999; if one
-    // ever is not, show the raw microseconds rather than fail the response.
+    // Instants come from `instant` or the clock, within years 0000-9999; one
+    // computed past them (a period end after year 9999) shows its raw
+    // microseconds rather than a wrong date or a failed response.
+    let raw = || format!("@{}us", at.micros());
+    let Ok(time) = OffsetDateTime::from_unix_timestamp_nanos(nanos) else {
+        return raw();
+    };
     let Ok(mut text) = time.format(&Rfc3339) else {
-        return format!("@{}us", at.micros());
+        return raw();
     };
     if text.ends_with("+00:00") {
         text.truncate(text.len() - 6);

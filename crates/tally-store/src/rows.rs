@@ -784,16 +784,13 @@ pub fn subscriptions(
     connection: &Connection,
     customer_id: &str,
 ) -> db::Result<Vec<tally_core::Subscription>> {
-    let mut statement = connection.prepare_cached(match connection.dialect() {
-        Dialect::Sqlite => {
-            "SELECT body FROM subscriptions WHERE customer_id = ?1 \
-             ORDER BY status = 'active' DESC, json_extract(body, '$.started_at') DESC"
-        }
-        Dialect::Postgres => {
-            "SELECT body FROM subscriptions WHERE customer_id = ?1 \
-             ORDER BY status = 'active' DESC, body::jsonb -> 'started_at' DESC"
-        }
-    })?;
+    // The active one, else the one changed last (not the one starting last:
+    // a canceled subscription that was to start in years would hide a newer
+    // one).
+    let mut statement = connection.prepare_cached(
+        "SELECT body FROM subscriptions WHERE customer_id = ?1 \
+         ORDER BY status = 'active' DESC, updated_at DESC, id DESC",
+    )?;
     let rows = statement.query_map([customer_id], |row| json(&row.get::<_, String>(0)?))?;
     rows.collect()
 }

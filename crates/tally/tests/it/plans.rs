@@ -496,6 +496,35 @@ async fn changes_and_cancellation_at_the_period_end() {
     let entries = app.ledger_all("cus").await;
     assert_ended(&entries, "plan:s2:0", "100", "canceled now");
     assert_replayable(&entries);
+
+    // With none active, the subscription shown is the one changed last, not
+    // the one that was to start last.
+    let cancel = || async {
+        let reply = app
+            .send(
+                Method::DELETE,
+                "/v1/customers/cus/subscription",
+                Some(ADMIN_KEY),
+                None,
+            )
+            .await;
+        assert_eq!(reply.body["status"], "canceled", "{}", reply.body);
+    };
+    app.advance(DAY).await;
+    subscribe(
+        &app,
+        "cus",
+        json!({ "id": "s3", "plan": "lite", "start_at": "3100-01-01T00:00:00Z" }),
+    )
+    .await;
+    cancel().await;
+    app.advance(DAY).await;
+    subscribe(&app, "cus", json!({ "id": "s4", "plan": "lite" })).await;
+    cancel().await;
+    assert_eq!(
+        app.get("/v1/customers/cus/subscription").await.body["id"],
+        "s4"
+    );
 }
 
 /// Renewals missed while the server was down (killed with SIGKILL) are
