@@ -284,10 +284,10 @@ fn lead(
     let connection = Connection::postgres(url)?;
     // Waiting for the lock may take as long as another server lives, and the
     // session then holds it for this server's life: no timeout may end either.
-    connection.execute_batch(
+    connection.execute_batch(&format!(
         "SET lock_timeout = 0; SET statement_timeout = 0; \
-         SET idle_in_transaction_session_timeout = 0",
-    )?;
+         SET idle_in_transaction_session_timeout = 0; SET application_name = '{STARTING_APPLICATION}'"
+    ))?;
     // A group's callers are answered once its COMMIT returns, which must
     // mean the commit is durable: with `synchronous_commit = off` (set for
     // the server, the database or the role) PostgreSQL answers before the
@@ -420,24 +420,36 @@ const LEADER_SILENT_LIMIT: std::time::Duration = std::time::Duration::from_secs(
 /// state and leads.
 const WRITER_APPLICATION: &str = "tally-writer";
 
+/// The `application_name` of a session that waits for the leader lock, or
+/// has taken it and loads the writer's state.
+const STARTING_APPLICATION: &str = "tally-writer-starting";
+
+/// How long a session that took the lock but does not lead yet may wait on
+/// its server, unchanged: loading a large database may keep its server busy
+/// between two statements for longer than [`LEADER_SILENT_LIMIT`]. A
+/// follower whose process stopped while it waited in the lock's queue is
+/// granted the lock all the same, and holds it this long at most.
+const STARTING_SILENT_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How often a waiting follower looks at the leader's session.
 const WATCH_LEADER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The leader's session once it leads: its process, when it started and
-/// when its state last changed (µs since the epoch, told apart only by
-/// equality), and whether it is waiting for its client: idle (in a
-/// transaction or not), or in a statement waiting for the client's next
-/// bytes (a `COPY` or a message cut off). A session still loading the
-/// writer's state is named otherwise and not judged.
+/// The session holding the leader lock, if it is a Tally writer's: its
+/// process, when it started and when its state last changed (µs since the
+/// epoch, told apart only by equality), whether it is waiting for its
+/// client (idle, in a transaction or not, or in a statement waiting for the
+/// client's next bytes: a `COPY` or a message cut off), and whether it leads
+/// (else it took the lock and loads, or has yet to).
 const LEADER_SESSION_SQL: &str =
     "SELECT a.pid, CAST(EXTRACT(EPOCH FROM a.backend_start) * 1000000 AS bigint), \
      CAST(EXTRACT(EPOCH FROM a.state_change) * 1000000 AS bigint), \
-     (a.state LIKE 'idle%' OR (a.state = 'active' AND a.wait_event = 'ClientRead')) \
+     (a.state LIKE 'idle%' OR (a.state = 'active' AND a.wait_event = 'ClientRead')), \
+     a.application_name = ?3 \
      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
      AND CAST(l.classid AS bigint) = ?1 AND CAST(l.objid AS bigint) = ?2 \
-     AND a.application_name = ?3";
+     AND a.application_name IN (?3, ?4)";
 
 /// End session `?1` only if it is still the one seen: the same start and
 /// the same last change of state.
@@ -526,20 +538,29 @@ impl SilentLeaderWatch {
             Some(connection) => connection,
             empty => empty.insert(Connection::postgres(&self.url)?),
         };
-        type Seen = (i64, Option<i64>, Option<i64>, Option<bool>);
+        type Seen = (i64, Option<i64>, Option<i64>, Option<bool>, bool);
         let session: Option<Seen> = connection
             .query_row(
                 LEADER_SESSION_SQL,
                 params![
                     LEADER_LOCK >> 32,
                     LEADER_LOCK & 0xffff_ffff,
-                    WRITER_APPLICATION
+                    WRITER_APPLICATION,
+                    STARTING_APPLICATION
                 ],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+                |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                    ))
+                },
             )
             .optional()?;
         // Another role's session shows no state: it cannot be judged.
-        let Some((pid, Some(started), Some(changed), Some(true))) = session else {
+        let Some((pid, Some(started), Some(changed), Some(true), leads)) = session else {
             self.seen = None;
             return Ok(());
         };
@@ -552,7 +573,11 @@ impl SilentLeaderWatch {
             }
         };
         let silent = now.duration_since(since);
-        if silent < LEADER_SILENT_LIMIT {
+        let limit = match leads {
+            true => LEADER_SILENT_LIMIT,
+            false => STARTING_SILENT_LIMIT,
+        };
+        if silent < limit {
             return Ok(());
         }
         tracing::warn!(

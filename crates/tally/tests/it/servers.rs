@@ -439,6 +439,61 @@ async fn a_stalled_writer_is_superseded_and_follows_when_it_goes_on() {
     );
 }
 
+/// A follower whose process stopped while it waited for the leader lock is
+/// granted the lock all the same when the writer goes: such a session,
+/// which took the lock but never leads, is ended after 60 s silent, and the
+/// next server in the queue takes over (it was never judged, and every write
+/// waited for as long as the follower stayed stopped). When the stopped
+/// server goes on, it follows.
+#[tokio::test]
+async fn a_follower_stopped_at_the_head_of_the_lock_queue_does_not_block_a_takeover() {
+    let mut first = TestApp::spawn_postgres(Options::default()).await;
+    let database = first.database_url.clone().expect("a PostgreSQL app");
+    let waiting = leader_lock_sessions(false);
+    let second = TestApp::spawn_beside(&first).await;
+    wait_until!(
+        Duration::from_secs(10),
+        "the second server waits for the lock",
+        count_sessions(&database, &waiting) == 1
+    );
+    let third = TestApp::spawn_beside(&first).await;
+    wait_until!(
+        Duration::from_secs(10),
+        "both followers wait for the lock",
+        count_sessions(&database, &waiting) == 2
+    );
+    first.customer("c").await;
+    first.grant("c", "g", "10").await;
+    // The head of the queue stops; then the writer dies, and PostgreSQL
+    // grants the lock to the stopped server's session.
+    second.freeze(true);
+    first.kill().await;
+    let killed = std::time::Instant::now();
+    wait_until!(
+        Duration::from_secs(120),
+        "the third server takes over",
+        third.is_writer().await
+    );
+    eprintln!(
+        "the third server led {:?} after the writer died",
+        killed.elapsed()
+    );
+    let charged = third.charge("c", "after", "1").await;
+    assert_eq!(charged.status, StatusCode::OK, "{}", charged.body);
+    second.freeze(false);
+    let through_second = second.charge("c", "through-second", "1").await;
+    assert!(
+        [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE].contains(&through_second.status),
+        "{}",
+        through_second.body
+    );
+    // Retried until acknowledged (a 503 while it finds its session gone).
+    charge_until_acknowledged(&second, "c", "through-second").await;
+    assert!(third.is_writer().await && !second.is_writer().await);
+    let balance = third.balance("c").await;
+    assert_eq!(micros_of(&balance["available"]), 8_000_000, "{balance}");
+}
+
 #[tokio::test]
 async fn a_writer_that_lost_the_lock_to_another_server_follows_it() {
     let mut first = TestApp::spawn_postgres(Options::default()).await;
