@@ -1206,14 +1206,7 @@ async fn a_shortened_event_window_keeps_late_events_in_simulations() {
         ..Options::default()
     })
     .await;
-    let rfc3339 = &time::format_description::well_known::Rfc3339;
-    let start = time::OffsetDateTime::parse(app.get("/v1/clock").await.str("now"), rfc3339)
-        .expect("the clock's time");
-    let at = |hours: i64| {
-        (start + time::Duration::hours(hours))
-            .format(rfc3339)
-            .unwrap()
-    };
+    let at = app.hours_from_now().await;
     app.features(&["api"]).await;
     app.publish_version(
         "v1",

@@ -8,7 +8,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::support::{assert_replayable, micros, micros_of, Options, TestApp, ADMIN_KEY};
+use crate::support::{assert_replayable, micros, micros_of, Options, Reply, TestApp, ADMIN_KEY};
 
 const DAY: i64 = 86_400;
 
@@ -31,6 +31,18 @@ async fn subscribe(app: &TestApp, customer: &str, body: Value) -> Value {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "subscribe: {}", reply.body);
     reply.body
+}
+
+/// Cancel `customer`'s subscription (`?at_period_end=true` with `at_end`).
+async fn cancel(app: &TestApp, customer: &str, at_end: bool) -> Reply {
+    let query = if at_end { "?at_period_end=true" } else { "" };
+    app.send(
+        Method::DELETE,
+        &format!("/v1/customers/{customer}/subscription{query}"),
+        Some(ADMIN_KEY),
+        None,
+    )
+    .await
 }
 
 async fn advance_to(app: &TestApp, to: &str) {
@@ -440,14 +452,7 @@ async fn changes_and_cancellation_at_the_period_end() {
     let sub = app.get("/v1/customers/cus/subscription").await.body;
     assert_eq!(sub["plan"], "lite");
     assert_eq!(sub["period"], 1);
-    let canceled = app
-        .send(
-            Method::DELETE,
-            "/v1/customers/cus/subscription?at_period_end=true",
-            Some(ADMIN_KEY),
-            None,
-        )
-        .await;
+    let canceled = cancel(&app, "cus", true).await;
     assert_eq!(canceled.status, StatusCode::OK, "{}", canceled.body);
     assert_eq!(canceled.body["cancel_at_period_end"], true);
     app.advance(30 * DAY).await;
@@ -459,14 +464,7 @@ async fn changes_and_cancellation_at_the_period_end() {
     assert_eq!(grants_with_prefix(&entries, "grant", "plan:").len(), 2);
     assert_eq!(app.get("/v1/customers/cus").await.body["plan"], Value::Null);
     // Nothing to cancel any more.
-    let none = app
-        .send(
-            Method::DELETE,
-            "/v1/customers/cus/subscription",
-            Some(ADMIN_KEY),
-            None,
-        )
-        .await;
+    let none = cancel(&app, "cus", false).await;
     assert_eq!(none.status, StatusCode::NOT_FOUND, "{}", none.body);
     // A new subscription may start later; an immediate cancellation ends its period and what is
     // left of its allocation (subscribing again and again would otherwise pile them up).
@@ -483,14 +481,7 @@ async fn changes_and_cancellation_at_the_period_end() {
         micros_of(&app.balance("cus").await["available"]),
         micros("100")
     );
-    let now = app
-        .send(
-            Method::DELETE,
-            "/v1/customers/cus/subscription",
-            Some(ADMIN_KEY),
-            None,
-        )
-        .await;
+    let now = cancel(&app, "cus", false).await;
     assert_eq!(now.body["status"], "canceled");
     assert_eq!(micros_of(&app.balance("cus").await["available"]), 0);
     let entries = app.ledger_all("cus").await;
@@ -499,15 +490,8 @@ async fn changes_and_cancellation_at_the_period_end() {
 
     // With none active, the subscription shown is the one changed last, not
     // the one that was to start last.
-    let cancel = || async {
-        let reply = app
-            .send(
-                Method::DELETE,
-                "/v1/customers/cus/subscription",
-                Some(ADMIN_KEY),
-                None,
-            )
-            .await;
+    let cancel_now = || async {
+        let reply = cancel(&app, "cus", false).await;
         assert_eq!(reply.body["status"], "canceled", "{}", reply.body);
     };
     app.advance(DAY).await;
@@ -517,10 +501,10 @@ async fn changes_and_cancellation_at_the_period_end() {
         json!({ "id": "s3", "plan": "lite", "start_at": "3100-01-01T00:00:00Z" }),
     )
     .await;
-    cancel().await;
+    cancel_now().await;
     app.advance(DAY).await;
     subscribe(&app, "cus", json!({ "id": "s4", "plan": "lite" })).await;
-    cancel().await;
+    cancel_now().await;
     assert_eq!(
         app.get("/v1/customers/cus/subscription").await.body["id"],
         "s4"
@@ -888,14 +872,7 @@ async fn a_refused_renewal_blocks_nothing_and_a_scheduled_cancel_keeps_the_plan(
         json!({ "id": "s_ent", "plan": "big", "start_at": "3000-01-01T00:00:00Z" }),
     )
     .await;
-    let canceled = app
-        .send(
-            Method::DELETE,
-            "/v1/customers/ent/subscription",
-            Some(ADMIN_KEY),
-            None,
-        )
-        .await;
+    let canceled = cancel(&app, "ent", false).await;
     assert_eq!(canceled.body["status"], "canceled");
     assert_eq!(
         app.get("/v1/customers/ent").await.body["plan"],
@@ -934,27 +911,13 @@ async fn a_refused_renewal_blocks_nothing_and_a_scheduled_cancel_keeps_the_plan(
         .await;
     assert_eq!(later.status, StatusCode::CONFLICT, "{}", later.body);
     assert_eq!(later.code(), "renewal_refused");
-    let at_end = app
-        .send(
-            Method::DELETE,
-            "/v1/customers/full/subscription?at_period_end=true",
-            Some(ADMIN_KEY),
-            None,
-        )
-        .await;
+    let at_end = cancel(&app, "full", true).await;
     assert_eq!(at_end.status, StatusCode::CONFLICT, "{}", at_end.body);
     assert_eq!(
         app.get("/v1/customers/full/subscription").await.body["plan"],
         "keep"
     );
-    let canceled = app
-        .send(
-            Method::DELETE,
-            "/v1/customers/full/subscription",
-            Some(ADMIN_KEY),
-            None,
-        )
-        .await;
+    let canceled = cancel(&app, "full", false).await;
     assert_eq!(canceled.status, StatusCode::OK, "{}", canceled.body);
     assert_eq!(canceled.body["status"], "canceled");
     assert_replayable(&app.ledger_all("full").await);
@@ -1000,14 +963,7 @@ async fn changing_plans_back_and_forth_does_not_create_credits() {
     assert_eq!(grants_with_prefix(&entries, "expire", "plan:s1:").len(), 6);
     // Cancelling now and subscribing again: the same.
     for n in 2..5 {
-        let canceled = app
-            .send(
-                Method::DELETE,
-                "/v1/customers/cus/subscription",
-                Some(ADMIN_KEY),
-                None,
-            )
-            .await;
+        let canceled = cancel(&app, "cus", false).await;
         assert_eq!(canceled.status, StatusCode::OK, "{}", canceled.body);
         assert_eq!(
             micros_of(&app.balance("cus").await["available"]),
@@ -1077,14 +1033,7 @@ async fn a_round_trip_through_a_lower_plan_revives_no_expired_allocation() {
 #[tokio::test]
 async fn late_usage_is_priced_by_the_plan_it_happened_on() {
     let mut app = manual_app().await;
-    let rfc3339 = &time::format_description::well_known::Rfc3339;
-    let start = time::OffsetDateTime::parse(app.get("/v1/clock").await.str("now"), rfc3339)
-        .expect("the clock's time");
-    let at = |hours: i64| {
-        (start + time::Duration::hours(hours))
-            .format(rfc3339)
-            .unwrap()
-    };
+    let at = app.hours_from_now().await;
     app.features(&["ai"]).await;
     app.publish_version(
         "v1",
@@ -1113,14 +1062,7 @@ async fn late_usage_is_priced_by_the_plan_it_happened_on() {
     let upgraded = subscribe(&app, "cus", json!({ "id": "up", "plan": "pro" })).await;
     assert_eq!(upgraded["plan"], "pro", "{upgraded}");
     app.advance(DAY).await;
-    let canceled = app
-        .send(
-            Method::DELETE,
-            "/v1/customers/cus/subscription",
-            Some(ADMIN_KEY),
-            None,
-        )
-        .await;
+    let canceled = cancel(&app, "cus", false).await;
     assert_eq!(canceled.status, StatusCode::OK, "{}", canceled.body);
     app.advance(DAY).await;
     assert_eq!(app.get("/v1/customers/cus").await.body["plan"], Value::Null);

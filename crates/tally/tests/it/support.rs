@@ -833,6 +833,19 @@ impl TestApp {
         reply.str("now").to_string()
     }
 
+    /// The engine's clock as it reads now, as a function of hours from it to
+    /// an RFC 3339 instant (a manual-clock app: `at(0)` stays that instant).
+    pub async fn hours_from_now(&self) -> impl Fn(i64) -> String {
+        let rfc3339 = &time::format_description::well_known::Rfc3339;
+        let start = time::OffsetDateTime::parse(self.get("/v1/clock").await.str("now"), rfc3339)
+            .expect("the clock's time");
+        move |hours| {
+            (start + time::Duration::hours(hours))
+                .format(rfc3339)
+                .expect("an instant within years 0000-9999")
+        }
+    }
+
     /// Charge `amount` credits to `customer` under `id`.
     pub async fn charge(&self, customer: &str, id: &str, amount: &str) -> Reply {
         let body = serde_json::json!({ "id": id, "customer_id": customer, "amount": amount });
