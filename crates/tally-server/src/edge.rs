@@ -404,12 +404,22 @@ fn data_error_param(rejection: &JsonRejection) -> Option<String> {
 }
 
 /// The field a deserializer's message names: a missing, unknown or repeated one.
-pub fn named_field(message: &str) -> Option<&str> {
+fn named_field(message: &str) -> Option<&str> {
     ["missing field `", "unknown field `", "duplicate field `"]
         .iter()
         .find_map(|prefix| message.strip_prefix(prefix))
         .and_then(|rest| rest.split('`').next())
         .filter(|name| !name.is_empty())
+}
+
+/// The field a deserializer stopped at (`limit`, `from.customer_id`), or for
+/// a field missing or not known at the top, its name from the message.
+pub fn error_param<E: std::fmt::Display>(error: &serde_path_to_error::Error<E>) -> Option<String> {
+    let path = error.path().to_string();
+    match !path.is_empty() && path != "." {
+        true => Some(path),
+        false => named_field(&error.inner().to_string()).map(str::to_owned),
+    }
 }
 
 /// A query string whose rejections are API errors, handed to the handler as
@@ -442,14 +452,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 fn query_param<T: DeserializeOwned>(query: Option<&str>) -> Option<String> {
     let parse = form_urlencoded::parse(query.unwrap_or_default().as_bytes());
     match serde_path_to_error::deserialize::<_, T>(serde_urlencoded::Deserializer::new(parse)) {
-        Err(error) => {
-            let path = error.path().to_string();
-            match !path.is_empty() && path != "." {
-                true => Some(path),
-                // A parameter missing or not known: its name, from the message.
-                false => named_field(&error.inner().to_string()).map(str::to_owned),
-            }
-        }
+        Err(error) => error_param(&error),
         Ok(_) => None,
     }
 }

@@ -108,8 +108,8 @@ impl Modify for AuthResponses {
                                 "Idempotent-Replayed".into(),
                                 header(
                                     Type::String,
-                                    "`true` when this answer is the first answer to this id (or \
-                                     this event), replayed: nothing was applied again",
+                                    "`true` when this answer is the first answer to this id, \
+                                     replayed: nothing was applied again",
                                 ),
                             );
                         }

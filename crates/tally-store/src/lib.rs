@@ -230,13 +230,23 @@ const SESSION_SQL: &str =
     "SELECT pid, CAST(EXTRACT(EPOCH FROM backend_start) * 1000000 AS bigint) \
      FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
+/// The sessions holding advisory lock `(?1, ?2)` in this database, joined
+/// to their activity (`a`): the rest of a statement that reads the leader
+/// lock's holder.
+macro_rules! lock_holder_from {
+    () => {
+        " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND CAST(l.classid AS bigint) = ?1 AND CAST(l.objid AS bigint) = ?2"
+    };
+}
+
 /// The session holding the leader lock in this database, if any.
-const LOCK_HOLDER_SQL: &str =
-    "SELECT a.pid, CAST(EXTRACT(EPOCH FROM a.backend_start) * 1000000 AS bigint) \
-     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-     AND CAST(l.classid AS bigint) = ?1 AND CAST(l.objid AS bigint) = ?2";
+const LOCK_HOLDER_SQL: &str = concat!(
+    "SELECT a.pid, CAST(EXTRACT(EPOCH FROM a.backend_start) * 1000000 AS bigint)",
+    lock_holder_from!()
+);
 
 fn read_session(row: &db::Row<'_>) -> db::Result<Session> {
     Ok(Session {
@@ -393,9 +403,9 @@ fn lead(
          ON CONFLICT (id) DO UPDATE SET url = excluded.url, since = excluded.since",
         params![advertise, now],
     )?;
-    // From here the followers' watch judges this session: a live writer
-    // speaks to the database every half second (not while it loads, which
-    // may keep it busy in this process for longer).
+    // From here the followers' watch judges this session as a leader's (10 s
+    // silent), no longer as a starting one's (60 s: loading may keep this
+    // process busy between two statements for longer).
     writer
         .connection()
         .execute_batch(&format!("SET application_name = '{WRITER_APPLICATION}'"))?;
@@ -440,16 +450,14 @@ const WATCH_LEADER_EVERY: std::time::Duration = std::time::Duration::from_secs(1
 /// client (idle, in a transaction or not, or in a statement waiting for the
 /// client's next bytes: a `COPY` or a message cut off), and whether it leads
 /// (else it took the lock and loads, or has yet to).
-const LEADER_SESSION_SQL: &str =
+const LEADER_SESSION_SQL: &str = concat!(
     "SELECT a.pid, CAST(EXTRACT(EPOCH FROM a.backend_start) * 1000000 AS bigint), \
      CAST(EXTRACT(EPOCH FROM a.state_change) * 1000000 AS bigint), \
      (a.state LIKE 'idle%' OR (a.state = 'active' AND a.wait_event = 'ClientRead')), \
-     a.application_name = ?3 \
-     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-     AND CAST(l.classid AS bigint) = ?1 AND CAST(l.objid AS bigint) = ?2 \
-     AND a.application_name IN (?3, ?4)";
+     a.application_name = ?3",
+    lock_holder_from!(),
+    " AND a.application_name IN (?3, ?4)"
+);
 
 /// End session `?1` only if it is still the one seen: the same start and
 /// the same last change of state.

@@ -410,10 +410,6 @@ impl PlanHistory {
             plan: after,
         });
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// A customer's alert settings.

@@ -126,7 +126,6 @@ fn drain_up_to(receiver: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, limit: 
 /// `run`): a bigger group shares its page writes among more commands
 /// (BENCHMARKS.md).
 const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
-
 /// PostgreSQL: how long an idle writer goes without a statement (see
 /// `Writer::idle_until_a_command`).
 const KEEPALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -986,12 +985,10 @@ impl Writer {
             }
             if batch.is_empty() {
                 let first = match postgres {
+                    // (No retry is left here: they go first, above.)
                     true => match self.idle_until_a_command(receiver) {
                         Ok(first) => first,
-                        Err(error) => {
-                            self.fail_retries(&error.to_string());
-                            return Stopped::ConnectionLost(error);
-                        }
+                        Err(error) => return Stopped::ConnectionLost(error),
                     },
                     false => receiver.blocking_recv(),
                 };

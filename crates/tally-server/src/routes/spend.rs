@@ -315,12 +315,7 @@ pub fn optional_body<T: DeserializeOwned + Default>(
     serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes)).map_err(
         |e| {
             let message = format!("the body is not valid: {}", e.inner());
-            let path = e.path().to_string();
-            let param = match !path.is_empty() && path != "." {
-                true => Some(path),
-                false => crate::edge::named_field(&e.inner().to_string()).map(str::to_owned),
-            };
-            match param {
+            match crate::edge::error_param(&e) {
                 Some(param) => ApiError::invalid(&param, message),
                 None => ApiError::new("invalid_request", message),
             }

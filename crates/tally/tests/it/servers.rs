@@ -368,17 +368,13 @@ async fn a_lost_database_connection_is_ridden_out_without_a_restart() {
     assert_replayable(&entries);
 }
 
-/// Three servers. The followers' sessions waiting for the leader lock end:
-/// each waits again on a new one. Then the writer's session ends and a
-/// follower, waiting for the lock, takes it. The first server's writer
-/// finds its connection gone on its next group (the tick's, or a charge's),
-/// sees the lock held by another server, and follows it without a restart:
-/// it answers `"writer": false`, forwards writes to the new writer, and
-/// leads again once that one stops. Each charge is charged once.
 /// A writer whose process stalls (SIGSTOP: its kernel still acknowledges
-/// every byte, so no TCP timeout fires) does not hang a follower's
-/// forwarded write for ever: it is answered 503 with Retry-After after 30 s,
-/// and once the writer goes on, the retry with the same id is charged once.
+/// every byte, so no TCP timeout fires) keeps its session and the leader
+/// lock; the follower ends that session once it has waited on its server
+/// for 10 s and takes over. The write it was forwarding meanwhile is
+/// answered 503 with Retry-After as it takes over (not at the forward's 30 s
+/// limit), the retry is charged, and the stalled server, once it goes on,
+/// follows. An idle writer is not taken for a stalled one.
 #[tokio::test]
 async fn a_stalled_writer_is_superseded_and_follows_when_it_goes_on() {
     let first = TestApp::spawn_postgres(Options::default()).await;
@@ -386,8 +382,8 @@ async fn a_stalled_writer_is_superseded_and_follows_when_it_goes_on() {
     assert!(first.is_writer().await);
     first.customer("c").await;
     first.grant("c", "g", "10").await;
-    // A live writer with nothing to do is not taken for a stalled one: its
-    // tick keeps its session busy.
+    // A live writer with nothing to do is not taken for a stalled one: it
+    // speaks to the database at least once a second.
     tokio::time::sleep(Duration::from_secs(12)).await;
     assert!(first.is_writer().await, "an idle writer keeps the lock");
     assert!(!second.is_writer().await);
@@ -494,6 +490,13 @@ async fn a_follower_stopped_at_the_head_of_the_lock_queue_does_not_block_a_takeo
     assert_eq!(micros_of(&balance["available"]), 8_000_000, "{balance}");
 }
 
+/// Three servers. The followers' sessions waiting for the leader lock end:
+/// each waits again on a new one. Then the writer's session ends and a
+/// follower, waiting for the lock, takes it. The first server's writer
+/// finds its connection gone on its next group (the tick's, or a charge's),
+/// sees the lock held by another server, and follows it without a restart:
+/// it answers `"writer": false`, forwards writes to the new writer, and
+/// leads again once that one stops. Each charge is charged once.
 #[tokio::test]
 async fn a_writer_that_lost_the_lock_to_another_server_follows_it() {
     let mut first = TestApp::spawn_postgres(Options::default()).await;
