@@ -264,6 +264,31 @@ impl Subscription {
         self.status == SubscriptionStatus::Active && self.period_end <= now
     }
 
+    /// When its renewal number `k` from now takes place (0: the end of this
+    /// period, or the start of one not started), under `current` (its plan)
+    /// and then `next` (the plan scheduled for the period's end, else
+    /// `current`), as `renew_due` would date it. `None` if there is no such
+    /// renewal (the subscription ends at this period's end, or is not
+    /// active) or it lies past what the calendar reaches.
+    pub fn renewal_at(&self, current: &Plan, next: &Plan, k: i64) -> Option<Timestamp> {
+        if self.status != SubscriptionStatus::Active || k < 0 {
+            return None;
+        }
+        if k == 0 {
+            return Some(self.period_end);
+        }
+        if self.cancel_at_period_end {
+            return None;
+        }
+        if self.period < 0 || next.period != current.period {
+            // The first renewal starts a period anchored at its own instant.
+            next.period.boundary(self.period_end, k)
+        } else {
+            next.period
+                .boundary(self.anchor, self.period + 1 + k - self.anchor_period)
+        }
+    }
+
     /// The id of period `n`'s allocation.
     pub fn allocation_id(&self, n: i64) -> Id {
         Id::derived(&format!("plan:{}:{n}", self.id))

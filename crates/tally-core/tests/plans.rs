@@ -607,3 +607,62 @@ fn a_change_now_ends_only_the_current_periods_allocation() {
     }
     ledger.check_invariants().unwrap();
 }
+
+/// `Subscription::renewal_at` dates each coming renewal as `renew_due` then
+/// does: calendar months from a month's last day, a subscription not yet
+/// started, a change at the period's end to a plan of the same period and
+/// to one of another, and a cancellation at the period's end.
+#[test]
+fn renewal_instants_are_foretold_as_renewals_then_date_them() {
+    let monthly = plan("monthly", 10, None, 0);
+    let other_monthly = plan("other", 20, None, 0);
+    let mut weekly = plan("weekly", 5, None, 0);
+    weekly.period = Period::Days(7);
+    let plans_by_key: HashMap<String, Plan> = [&monthly, &other_monthly, &weekly]
+        .into_iter()
+        .map(|p| (p.key.clone(), p.clone()))
+        .collect();
+    let start = at("2026-01-31T12:00:00Z");
+    let until = at("2027-03-01T00:00:00Z");
+    type Schedule = fn(&mut Subscription);
+    let cases: [(&str, Schedule); 5] = [
+        ("not started", |_| {}),
+        ("started", |_| {}),
+        ("to the same period", |s| s.next_plan = Some("other".into())),
+        ("to another period", |s| s.next_plan = Some("weekly".into())),
+        ("canceled at the end", |s| s.cancel_at_period_end = true),
+    ];
+    for (case, (name, change)) in cases.iter().enumerate() {
+        let mut context = plans(vec![monthly.clone(), other_monthly.clone(), weekly.clone()]);
+        let mut ledger = CustomerLedger::new(id("cus"));
+        let mut sub = Subscription::starting(id("s"), id("cus"), "monthly".into(), start);
+        if case > 0 {
+            // Started, then the change is scheduled during its first period.
+            renew_due(&mut ledger, &mut sub, &mut context, start).unwrap();
+            assert_eq!(sub.period, 0);
+        }
+        change(&mut sub);
+        let current = &plans_by_key[&sub.plan];
+        let next = &plans_by_key[sub.next_plan.as_deref().unwrap_or(&sub.plan)];
+        let foretold: Vec<Timestamp> = (0..200)
+            .map_while(|k| sub.renewal_at(current, next, k))
+            .take_while(|instant| *instant <= until)
+            .collect();
+        let dated: Vec<Timestamp> = renew_due(&mut ledger, &mut sub, &mut context, until)
+            .unwrap()
+            .into_iter()
+            .filter_map(|step| match step {
+                Step::Renewed { at, .. } | Step::Ended { at } => Some(at),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(foretold, dated, "{name}");
+        assert!(!foretold.is_empty(), "{name}: something renews");
+        assert_eq!(
+            foretold.len() == 1,
+            *name == "canceled at the end",
+            "{name}: {} renewals",
+            foretold.len()
+        );
+    }
+}

@@ -1368,6 +1368,19 @@ impl Store {
         self.read(rows::plans).await
     }
 
+    /// The active subscription that would renew more than `limit` times by
+    /// `to`, soonest, and the instant of its renewal past the limit (see
+    /// `rows::renewing_more_than`): a manual clock moves in steps that
+    /// renew no subscription more than so many times.
+    pub async fn renewing_more_than(
+        &self,
+        limit: i64,
+        to: Timestamp,
+    ) -> Result<Option<(tally_core::Subscription, Timestamp)>, StoreError> {
+        self.read(move |c| rows::renewing_more_than(c, limit, to))
+            .await
+    }
+
     /// A customer's subscriptions (renewed if due), the active one first, then the latest.
     pub async fn subscriptions(
         &self,
@@ -1438,6 +1451,15 @@ impl Store {
             else {
                 return Ok(None);
             };
+            // Not before an expiry the rows already show: a server whose
+            // clock trails the writer's (a follower, until its next tick
+            // brings a manual clock's step; real clocks skewed by a few
+            // milliseconds) would otherwise see the allocation that ended at
+            // a boundary expired and the next one not yet in effect.
+            let now = records
+                .iter()
+                .filter_map(|record| record.grant.expired_at)
+                .fold(now, Timestamp::max);
             ledger.expire_due(now);
             let grants = records
                 .into_iter()

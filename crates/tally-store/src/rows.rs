@@ -795,6 +795,48 @@ pub fn subscriptions(
     rows.collect()
 }
 
+/// The active subscription that would renew more than `limit` times by
+/// `to` (its renewal number `limit` from now, counted from 0, falls at or
+/// before `to`) soonest, and the instant of that renewal, as the writer
+/// dates renewals (`Subscription::renewal_at`).
+pub fn renewing_more_than(
+    connection: &Connection,
+    limit: i64,
+    to: Timestamp,
+) -> db::Result<Option<(tally_core::Subscription, Timestamp)>> {
+    let plans: std::collections::HashMap<String, tally_core::Plan> = plans(connection)?
+        .into_iter()
+        .map(|plan| (plan.key.clone(), plan))
+        .collect();
+    let mut statement = connection.prepare_cached(
+        "SELECT body FROM subscriptions WHERE status = 'active' AND period_end <= ?1",
+    )?;
+    let rows = statement.query_map([to.micros()], |row| {
+        json::<tally_core::Subscription>(&row.get::<_, String>(0)?)
+    })?;
+    let mut soonest: Option<(tally_core::Subscription, Timestamp)> = None;
+    for subscription in rows {
+        let subscription = subscription?;
+        let next = subscription
+            .next_plan
+            .as_deref()
+            .unwrap_or(&subscription.plan);
+        let (Some(current), Some(next)) = (plans.get(&subscription.plan), plans.get(next)) else {
+            continue;
+        };
+        let Some(at) = subscription
+            .renewal_at(current, next, limit)
+            .filter(|at| *at <= to)
+        else {
+            continue;
+        };
+        if soonest.as_ref().is_none_or(|(_, earliest)| at < *earliest) {
+            soonest = Some((subscription, at));
+        }
+    }
+    Ok(soonest)
+}
+
 pub fn upsert_subscription(
     connection: &Connection,
     subscription: &tally_core::Subscription,

@@ -76,7 +76,14 @@ pub struct AdvanceClock {
     pub to: Option<String>,
 }
 
+/// The most renewals of one subscription a step of the manual clock may
+/// cross (`POST /v1/clock/advance`): over two and a half years of a daily plan.
+pub const MAX_RENEWALS_PER_ADVANCE: i64 = 1_000;
+
 /// Move the manual clock forward and apply everything that fell due.
+///
+/// A step renews any one subscription at most 1,000 times: a longer step is
+/// refused (400, naming the subscription and the instant to stop before).
 #[utoipa::path(post, path = "/v1/clock/advance", tag = "system", request_body = AdvanceClock,
     responses((status = 200, body = ClockBody), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
     security(("bearer" = ["admin"])))]
@@ -94,16 +101,18 @@ pub async fn advance_clock(
         ));
     };
     let now = state.store.now();
-    let target = match (body.seconds, body.to) {
-        (Some(seconds), None) if seconds >= 0 => now
-            .plus_seconds(seconds)
-            .filter(|target| *target <= edge::MAX_INSTANT)
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    "seconds",
-                    "seconds is too large: the clock cannot pass 9999-12-31T23:59:59Z",
-                )
-            })?,
+    let (target, param) = match (body.seconds, body.to) {
+        (Some(seconds), None) if seconds >= 0 => (
+            now.plus_seconds(seconds)
+                .filter(|target| *target <= edge::MAX_INSTANT)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "seconds",
+                        "seconds is too large: the clock cannot pass 9999-12-31T23:59:59Z",
+                    )
+                })?,
+            "seconds",
+        ),
         (Some(_), None) => {
             return Err(ApiError::invalid("seconds", "seconds must not be negative"))
         }
@@ -112,7 +121,7 @@ pub async fn advance_clock(
             if to < now {
                 return Err(ApiError::invalid("to", "the clock never moves backwards"));
             }
-            to
+            (to, "to")
         }
         _ => {
             return Err(ApiError::invalid(
@@ -121,6 +130,25 @@ pub async fn advance_clock(
             ))
         }
     };
+    // Every renewal a step crosses is applied in the writer, one customer's
+    // at a time: a daily plan moved thousands of years would hold every
+    // write for hours. Like Stripe's test clocks, a step is bounded.
+    if let Some((subscription, at)) = state
+        .store
+        .renewing_more_than(MAX_RENEWALS_PER_ADVANCE, target)
+        .await?
+    {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "the clock moves at most {MAX_RENEWALS_PER_ADVANCE} renewals of any subscription in one step: \
+                 subscription {} (plan {}) would renew more often; advance to before {} first, then again",
+                subscription.id,
+                subscription.plan,
+                edge::rfc3339(at)
+            ),
+        ));
+    }
     let now: Timestamp = clock.advance_to(target);
     state.run_due().await?;
     Ok(Json(ClockBody {

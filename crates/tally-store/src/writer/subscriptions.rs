@@ -87,7 +87,13 @@ impl Writer {
             Ok(steps) => {
                 cached.ledger = ledger;
                 cached.subscription = Some(subscription);
-                self.renewals += 1;
+                // Work done, for the tick's bound: each period renewed (with
+                // its notification), even of a plan without credits.
+                self.renewals += steps
+                    .iter()
+                    .filter(|step| matches!(step, Step::Renewed { .. } | Step::Ended { .. }))
+                    .count()
+                    .max(1);
                 self.subscription_changed(customer_id, steps, None)
             }
             Err(error) => {

@@ -1157,3 +1157,65 @@ async fn late_usage_is_priced_by_the_plan_it_happened_on() {
         vec![micros("2"), micros("3")]
     );
 }
+
+/// A step of the manual clock renews no subscription more than 1,000 times
+/// (a daily plan moved thousands of years made one renewal run that held
+/// the writer for hours): 1,001 days of a daily plan in one call is refused,
+/// naming the field, the subscription and the instant to stop before, and
+/// nothing moves; 1,000 days go through, and each renewal took place.
+#[tokio::test]
+async fn a_clock_step_renews_a_subscription_at_most_a_thousand_times() {
+    let app = manual_app().await;
+    put_plan(
+        &app,
+        "daily",
+        json!({ "name": "Daily", "period": { "days": 1 }, "included_credits": "10",
+                "allocation_expires_after_periods": 1 }),
+    )
+    .await;
+    app.customer("c").await;
+    subscribe(&app, "c", json!({ "id": "sub_c", "plan": "daily" })).await;
+    let start = app.get("/v1/clock").await.str("now").to_owned();
+    let at = app.hours_from_now().await;
+
+    for body in [
+        json!({ "seconds": 1_001 * DAY }),
+        json!({ "to": at(1_001 * 24) }),
+    ] {
+        let param = if body.get("to").is_some() {
+            "to"
+        } else {
+            "seconds"
+        };
+        let refused = app.post("/v1/clock/advance", body.clone()).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+        assert_eq!(refused.body["error"]["param"], param, "{}", refused.body);
+        let message = refused.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("1000 renewals") && message.contains("sub_c"),
+            "{message}"
+        );
+        // The 1,001st renewal's instant (to the minute): the step may go
+        // to just before it.
+        let limit = at(1_001 * 24);
+        assert!(message.contains(&limit[..16]), "{message} names {limit}");
+        assert_eq!(app.get("/v1/clock").await.str("now"), start, "{body}");
+        let sub = app.get("/v1/customers/c/subscription").await;
+        assert_eq!(sub.body["period"], 0, "{}", sub.body);
+    }
+
+    let moved = app
+        .post("/v1/clock/advance", json!({ "seconds": 1_000 * DAY }))
+        .await;
+    assert_eq!(moved.status, StatusCode::OK, "{}", moved.body);
+    let sub = app.get("/v1/customers/c/subscription").await;
+    assert_eq!(sub.body["period"], 1_000, "{}", sub.body);
+    assert_eq!(app.balance("c").await["available"], "10");
+    // Another step of up to 1,000 renewals goes on from there.
+    let again = app
+        .post("/v1/clock/advance", json!({ "seconds": 1_000 * DAY }))
+        .await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    let sub = app.get("/v1/customers/c/subscription").await;
+    assert_eq!(sub.body["period"], 2_000, "{}", sub.body);
+}

@@ -984,3 +984,46 @@ async fn a_manual_clock_over_postgresql_is_the_databases_not_the_data_directorys
         now.body
     );
 }
+
+/// A follower's clock trails the writer's until its next tick (a manual
+/// clock's step, or real clocks a few milliseconds apart). Read then, a
+/// customer's balance showed the allocation that ended at a boundary as
+/// expired and the next one as not yet in effect: 0 available, a balance
+/// that never was. The read is now as of no earlier than an expiry its rows
+/// show.
+#[tokio::test]
+async fn a_follower_behind_the_writers_clock_never_shows_a_balance_between_two_periods() {
+    let first = TestApp::spawn_postgres(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let second = TestApp::spawn_beside(&first).await;
+    let plan = first
+        .put(
+            "/v1/plans/daily",
+            json!({ "name": "Daily", "period": { "days": 1 }, "included_credits": "100",
+                    "allocation_expires_after_periods": 1 }),
+        )
+        .await;
+    assert_eq!(plan.status, StatusCode::OK, "{}", plan.body);
+    first.customer("c").await;
+    let subscribed = first
+        .put(
+            "/v1/customers/c/subscription",
+            json!({ "id": "sub_c", "plan": "daily" }),
+        )
+        .await;
+    assert_eq!(subscribed.status, StatusCode::OK, "{}", subscribed.body);
+    for day in 1..=3 {
+        first.advance(86_400).await;
+        // At once, before the follower's tick brings the step.
+        let balance = second.get("/v1/customers/c/balance").await;
+        assert_eq!(balance.status, StatusCode::OK, "{}", balance.body);
+        assert_eq!(
+            balance.body["available"], "100",
+            "day {day}: {}",
+            balance.body
+        );
+    }
+}
