@@ -289,6 +289,35 @@ impl Subscription {
         }
     }
 
+    /// How many of its renewals fall at or before `at` (`renewal_at` from
+    /// 0 on): those already due and not applied (a renewal the writer
+    /// refused stays due).
+    pub fn renewals_by(&self, current: &Plan, next: &Plan, at: Timestamp) -> i64 {
+        let by = |k: i64| self.renewal_at(current, next, k).is_some_and(|t| t <= at);
+        if !by(0) {
+            return 0;
+        }
+        // Renewal instants grow with k: double past `at`, then halve back.
+        let (mut low, mut high) = (0_i64, 1_i64);
+        while by(high) {
+            low = high;
+            match high.checked_mul(2) {
+                Some(next) => high = next,
+                None => return high,
+            }
+        }
+        // by(low) and not by(high).
+        while high - low > 1 {
+            let middle = low + (high - low) / 2;
+            if by(middle) {
+                low = middle;
+            } else {
+                high = middle;
+            }
+        }
+        low + 1
+    }
+
     /// The id of period `n`'s allocation.
     pub fn allocation_id(&self, n: i64) -> Id {
         Id::derived(&format!("plan:{}:{n}", self.id))

@@ -648,6 +648,29 @@ fn renewal_instants_are_foretold_as_renewals_then_date_them() {
             .map_while(|k| sub.renewal_at(current, next, k))
             .take_while(|instant| *instant <= until)
             .collect();
+        // How many fall by an instant: none before the first, k + 1 at the
+        // k-th and until just before the next.
+        assert_eq!(
+            sub.renewals_by(current, next, Timestamp(foretold[0].0 - 1)),
+            0,
+            "{name}"
+        );
+        for (k, instant) in foretold.iter().enumerate() {
+            let count = i64::try_from(k).unwrap() + 1;
+            assert_eq!(
+                sub.renewals_by(current, next, *instant),
+                count,
+                "{name}: {k}"
+            );
+            let before_next = foretold
+                .get(k + 1)
+                .map_or(until, |next| Timestamp(next.0 - 1));
+            assert_eq!(
+                sub.renewals_by(current, next, before_next),
+                count,
+                "{name}: {k}"
+            );
+        }
         let dated: Vec<Timestamp> = renew_due(&mut ledger, &mut sub, &mut context, until)
             .unwrap()
             .into_iter()

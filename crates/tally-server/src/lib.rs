@@ -159,8 +159,11 @@ impl AppState {
 
     /// Apply every hold timeout and grant expiry due at the engine's now.
     pub async fn run_due(&self) -> Result<(), ApiError> {
-        // Each tick handles a bounded number of customers; repeat until quiet.
-        for _ in 0..10_000 {
+        // Each tick handles a bounded amount of work (about 1,000 entries
+        // and renewed periods, at most 1,000 customers); repeat until quiet.
+        // Every tick that reports work made progress, so the bound only
+        // stops a defect from looping for ever.
+        for _ in 0..1_000_000 {
             let executed = self.store.execute(Command::Tick, None).await?;
             match executed.result {
                 Ok(Outcome::Tick { entries: 0 }) => return Ok(()),

@@ -1377,7 +1377,8 @@ impl Store {
         limit: i64,
         to: Timestamp,
     ) -> Result<Option<(tally_core::Subscription, Timestamp)>, StoreError> {
-        self.read(move |c| rows::renewing_more_than(c, limit, to))
+        let now = self.now();
+        self.read(move |c| rows::renewing_more_than(c, limit, now, to))
             .await
     }
 
@@ -1441,6 +1442,7 @@ impl Store {
         // the ending allocation expired without the next one.
         let now = self.now();
         let key = customer_id.clone();
+        let follower = !self.is_leader();
         self.read_renewed(&customer_id, now, move |connection| {
             let Some(rows::LoadedLedger {
                 mut ledger,
@@ -1456,10 +1458,23 @@ impl Store {
             // brings a manual clock's step; real clocks skewed by a few
             // milliseconds) would otherwise see the allocation that ended at
             // a boundary expired and the next one not yet in effect.
-            let now = records
+            let floor = records
                 .iter()
                 .filter_map(|record| record.grant.expired_at)
-                .fold(now, Timestamp::max);
+                .max();
+            let mut now = floor.map_or(now, |floor| floor.max(now));
+            // Nor after a renewal the rows do not show yet. Only the writer
+            // renews (the leader's read has it renew first); a follower's
+            // read past a boundary whose renewal is still to come (its
+            // clock ahead of the writer's ticks, which take customers a
+            // batch at a time) would show the ending allocation expired and
+            // no next one: it is read as of just before the boundary.
+            if follower {
+                if let Some(boundary) = rows::unrenewed_boundary(connection, key.as_str(), now)? {
+                    let before = Timestamp(boundary.micros() - 1);
+                    now = floor.map_or(before, |floor| floor.max(before));
+                }
+            }
             ledger.expire_due(now);
             let grants = records
                 .into_iter()

@@ -795,13 +795,16 @@ pub fn subscriptions(
     rows.collect()
 }
 
-/// The active subscription that would renew more than `limit` times by
-/// `to` (its renewal number `limit` from now, counted from 0, falls at or
-/// before `to`) soonest, and the instant of that renewal, as the writer
-/// dates renewals (`Subscription::renewal_at`).
+/// The active subscription that would renew more than `limit` times after
+/// `now` and by `to` (its renewal number `limit` after `now`, counted from
+/// 0, falls at or before `to`) soonest, and the instant of that renewal, as
+/// the writer dates renewals (`Subscription::renewal_at`). Renewals due by
+/// `now` and not applied (refused ones) do not count: a step does not add
+/// them.
 pub fn renewing_more_than(
     connection: &Connection,
     limit: i64,
+    now: Timestamp,
     to: Timestamp,
 ) -> db::Result<Option<(tally_core::Subscription, Timestamp)>> {
     let plans: std::collections::HashMap<String, tally_core::Plan> = plans(connection)?
@@ -824,8 +827,10 @@ pub fn renewing_more_than(
         let (Some(current), Some(next)) = (plans.get(&subscription.plan), plans.get(next)) else {
             continue;
         };
-        let Some(at) = subscription
-            .renewal_at(current, next, limit)
+        let overdue = subscription.renewals_by(current, next, now);
+        let Some(at) = overdue
+            .checked_add(limit)
+            .and_then(|k| subscription.renewal_at(current, next, k))
             .filter(|at| *at <= to)
         else {
             continue;
@@ -984,6 +989,24 @@ pub fn renewal_due(connection: &Connection, customer_id: &str, now: Timestamp) -
              AND status = 'active' AND period_end <= ?2)",
         )?
         .query_row(params![customer_id, now.micros()], |row| row.get(0))
+}
+
+/// The end of the customer's active subscription's period if it is over by
+/// `now` (a renewal due and not applied).
+pub fn unrenewed_boundary(
+    connection: &Connection,
+    customer_id: &str,
+    now: Timestamp,
+) -> db::Result<Option<Timestamp>> {
+    connection
+        .prepare_cached(
+            "SELECT period_end FROM subscriptions WHERE customer_id = ?1 \
+             AND status = 'active' AND period_end <= ?2",
+        )?
+        .query_row(params![customer_id, now.micros()], |row| {
+            Ok(Timestamp(row.get(0)?))
+        })
+        .optional()
 }
 
 pub fn credit_packs(connection: &Connection) -> db::Result<Vec<tally_core::CreditPack>> {

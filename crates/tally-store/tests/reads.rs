@@ -66,6 +66,64 @@ async fn a_read_after_the_period_ended_shows_the_renewal() {
     assert_eq!(again.grants.len(), 2);
 }
 
+/// A read past a period's end whose renewal the rows do not show yet never
+/// shows the ending allocation expired without the next one (0 available).
+/// On PostgreSQL the reader is a second server, which cannot renew, with
+/// its clock past the boundary while the writer's has not reached it (as a
+/// follower's is while the writer's ticks work through the customers due):
+/// it reads as of just before the boundary. On the embedded store the one
+/// server renews before it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_past_a_boundary_not_yet_renewed_shows_a_balance_that_was() {
+    let place = TestStore::new("unrenewed");
+    let clock = Arc::new(ManualClock::new(START));
+    let store = place.open(clock.clone()).await;
+    ok(
+        &store,
+        Command::PutPlan(Plan {
+            key: "monthly".into(),
+            name: "Monthly".into(),
+            period: Period::Days(30),
+            included_credits: amount("100"),
+            allocation_expires_after_periods: Some(1),
+            rollover: None,
+            overage: None,
+            upgrade_grace_days: 0,
+        }),
+    )
+    .await;
+    ok(&store, customer()).await;
+    ok(
+        &store,
+        Command::Subscribe(NewSubscription {
+            id: id("sub"),
+            customer_id: id("c"),
+            plan: "monthly".into(),
+            start_at: None,
+            change: PlanChange::Now,
+        }),
+    )
+    .await;
+    ok(&store, charge("ch", "30")).await;
+    let boundary = START.plus_seconds(30 * 24 * 3600).unwrap();
+    let later = START.plus_seconds(30 * 24 * 3600 + 60).unwrap();
+    let (reader, expected, as_of) = match place.open_follower(Arc::new(ManualClock::new(later))) {
+        Some(follower) => (follower, "70", Timestamp(boundary.micros() - 1)),
+        None => {
+            clock.advance_to(later);
+            (store.clone(), "100", later)
+        }
+    };
+    let view = reader.balance(id("c")).await.unwrap().unwrap();
+    assert_eq!(
+        view.balance.available,
+        amount(expected),
+        "{:?}",
+        view.balance
+    );
+    assert_eq!(view.now, as_of);
+}
+
 /// A tick writes about a group's worth of renewals and leaves the customers
 /// still due to the next tick, so that commands queued behind it go between
 /// (one step renewing a year of daily plans for every customer made a single

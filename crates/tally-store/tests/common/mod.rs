@@ -161,6 +161,22 @@ impl TestStore {
 }
 
 impl TestStore {
+    /// PostgreSQL only: a second store over the test's database on `clock`,
+    /// which follows the one opened first (it does not run the writer);
+    /// `None` on the embedded store, which one process alone opens.
+    #[allow(dead_code)]
+    pub fn open_follower(&self, clock: Arc<dyn Clock>) -> Option<Store> {
+        let (server, database) = self.postgres.as_ref()?;
+        let store = Store::open_postgres(
+            &format!("{server}/{database}"),
+            clock,
+            tally_store::Options::default(),
+        )
+        .expect("open a second store");
+        assert!(!store.is_leader(), "the first store runs the writer");
+        Some(store)
+    }
+
     /// Run `sqlite` (on the embedded store's file) or `postgres` (on the
     /// test's database) from a connection of the test's own, beside the
     /// store's: to change the database under a running store.

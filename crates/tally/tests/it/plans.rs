@@ -1219,3 +1219,37 @@ async fn a_clock_step_renews_a_subscription_at_most_a_thousand_times() {
     let sub = app.get("/v1/customers/c/subscription").await;
     assert_eq!(sub.body["period"], 2_000, "{}", sub.body);
 }
+
+/// A renewal the ledger refuses leaves its subscription due, and its periods
+/// pile up behind the clock; they are not the step's to count, or once a
+/// thousand had piled up no step, however short, could move the clock.
+#[tokio::test]
+async fn refused_renewals_do_not_count_against_a_clock_step() {
+    let app = manual_app().await;
+    // 10 billion credits a period that never expire: the balance would
+    // pass the ledger's maximum after about a hundred periods, and every
+    // renewal from there on is refused.
+    put_plan(
+        &app,
+        "huge",
+        json!({ "name": "Huge", "period": { "days": 1 }, "included_credits": "10000000000",
+                "allocation_expires_after_periods": null }),
+    )
+    .await;
+    app.customer("c").await;
+    subscribe(&app, "c", json!({ "id": "sub_c", "plan": "huge" })).await;
+    for step in 1..=3 {
+        let moved = app
+            .post("/v1/clock/advance", json!({ "seconds": 600 * DAY }))
+            .await;
+        assert_eq!(moved.status, StatusCode::OK, "step {step}: {}", moved.body);
+    }
+    let sub = app.get("/v1/customers/c/subscription").await;
+    let period = sub.body["period"].as_i64().unwrap();
+    assert!(period < 200, "renewals stopped where refused: {}", sub.body);
+    // Still bounded: 1,001 days more is refused as for any subscription.
+    let refused = app
+        .post("/v1/clock/advance", json!({ "seconds": 1_001 * DAY }))
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+}
