@@ -13,15 +13,8 @@ use tally_store::{Command, ManualClock, NewSubscription, PlanChange};
 
 const START: Timestamp = Timestamp(1_800_000_000_000_000);
 
-/// A read of a customer's credits renews a subscription whose period has
-/// ended before it answers, and reads the renewed state. The store has no
-/// tick of its own (the server's runs every 500 ms), so here only the read's
-/// own check can show the new period's allocation.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_after_the_period_ended_shows_the_renewal() {
-    let place = TestStore::new("renewed_reads");
-    let clock = Arc::new(ManualClock::new(START));
-    let store = place.open(clock.clone()).await;
+/// Customer `c` on a 30-day plan of 100 credits from now, 30 of them charged.
+async fn subscribed_and_charged(store: &tally_store::Store) {
     ok(
         &store,
         Command::PutPlan(Plan {
@@ -49,6 +42,18 @@ async fn a_read_after_the_period_ended_shows_the_renewal() {
     )
     .await;
     ok(&store, charge("ch", "30")).await;
+}
+
+/// A read of a customer's credits renews a subscription whose period has
+/// ended before it answers, and reads the renewed state. The store has no
+/// tick of its own (the server's runs every 500 ms), so here only the read's
+/// own check can show the new period's allocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_the_period_ended_shows_the_renewal() {
+    let place = TestStore::new("renewed_reads");
+    let clock = Arc::new(ManualClock::new(START));
+    let store = place.open(clock.clone()).await;
+    subscribed_and_charged(&store).await;
     let before = store.balance(id("c")).await.unwrap().unwrap();
     assert_eq!(before.balance.available, amount("70"));
 
@@ -78,33 +83,7 @@ async fn a_read_past_a_boundary_not_yet_renewed_shows_a_balance_that_was() {
     let place = TestStore::new("unrenewed");
     let clock = Arc::new(ManualClock::new(START));
     let store = place.open(clock.clone()).await;
-    ok(
-        &store,
-        Command::PutPlan(Plan {
-            key: "monthly".into(),
-            name: "Monthly".into(),
-            period: Period::Days(30),
-            included_credits: amount("100"),
-            allocation_expires_after_periods: Some(1),
-            rollover: None,
-            overage: None,
-            upgrade_grace_days: 0,
-        }),
-    )
-    .await;
-    ok(&store, customer()).await;
-    ok(
-        &store,
-        Command::Subscribe(NewSubscription {
-            id: id("sub"),
-            customer_id: id("c"),
-            plan: "monthly".into(),
-            start_at: None,
-            change: PlanChange::Now,
-        }),
-    )
-    .await;
-    ok(&store, charge("ch", "30")).await;
+    subscribed_and_charged(&store).await;
     let boundary = START.plus_seconds(30 * 24 * 3600).unwrap();
     let later = START.plus_seconds(30 * 24 * 3600 + 60).unwrap();
     let (reader, expected, as_of) = match place.open_follower(Arc::new(ManualClock::new(later))) {
