@@ -16,7 +16,7 @@ const START: Timestamp = Timestamp(1_800_000_000_000_000);
 /// Customer `c` on a 30-day plan of 100 credits from now, 30 of them charged.
 async fn subscribed_and_charged(store: &tally_store::Store) {
     ok(
-        &store,
+        store,
         Command::PutPlan(Plan {
             key: "monthly".into(),
             name: "Monthly".into(),
@@ -29,9 +29,9 @@ async fn subscribed_and_charged(store: &tally_store::Store) {
         }),
     )
     .await;
-    ok(&store, customer()).await;
+    ok(store, customer()).await;
     ok(
-        &store,
+        store,
         Command::Subscribe(NewSubscription {
             id: id("sub"),
             customer_id: id("c"),
@@ -41,7 +41,7 @@ async fn subscribed_and_charged(store: &tally_store::Store) {
         }),
     )
     .await;
-    ok(&store, charge("ch", "30")).await;
+    ok(store, charge("ch", "30")).await;
 }
 
 /// A read of a customer's credits renews a subscription whose period has
