@@ -603,18 +603,21 @@ pub fn update_grant(
         params![grant.sequence, grant.remaining.micros(), grant.expired_amount.micros(), head],
     )?;
     if lifecycle_changed {
-        connection
-            .prepare_cached(
-                "UPDATE grants SET status = ?2, expires_at = ?3, expired_at = ?4, awaiting_effect = ?5 \
-                 WHERE id = ?1",
-            )?
-            .execute(params![
+        // Deferred too (a lot's expiry in a tick's renewals was a round trip
+        // of its own on PostgreSQL); the grant's row was inserted by an
+        // earlier statement, which ran at once.
+        connection.defer(
+            db::Shape::UpdateByFirst,
+            "UPDATE grants SET status = ?2, expires_at = ?3, expired_at = ?4, awaiting_effect = ?5 \
+             WHERE id = ?1",
+            params![
                 grant.id.as_str(),
                 grant.status.as_str(),
                 grant.expires_at.map(Timestamp::micros),
                 grant.expired_at.map(Timestamp::micros),
                 grant.awaiting_effect,
-            ])?;
+            ],
+        )?;
     }
     Ok(())
 }

@@ -3791,8 +3791,13 @@ mod tests {
     /// The two inserts of every charge have a binary `COPY` form (a
     /// constant among their values would silently keep them set-based).
     #[test]
-    fn the_entry_and_operation_inserts_have_a_copy_form() {
-        for sql in [crate::rows::INSERT_ENTRY, INSERT_OPERATION] {
+    fn the_deferred_inserts_have_a_copy_form() {
+        for sql in [
+            crate::rows::INSERT_ENTRY,
+            INSERT_OPERATION,
+            notify::INSERT_NOTIFICATION,
+            notify::INSERT_DELIVERY,
+        ] {
             let numbered = crate::db::placeholders(sql);
             let params = numbered.matches('$').count();
             assert!(crate::db::copy_sql(&numbered, params).is_some(), "{sql}");
