@@ -330,8 +330,14 @@ pub struct Pg {
     /// round trip (a group that only defers writes costs one round trip).
     begin_pending: Cell<bool>,
     /// Deferred writes not yet sent, one batch per statement, in the order
-    /// each statement was first deferred.
+    /// each statement was first deferred on this connection (`ranks`).
     deferred: RefCell<Vec<Batch>>,
+    /// Every statement ever deferred on this connection, in the order it
+    /// first was: a batch begun after a send (a full batch sends the queue
+    /// at any point) takes its place by it, not at the queue's end, so a
+    /// statement whose rows reference another's (a webhook delivery its
+    /// notification) still goes out after it.
+    ranks: RefCell<Vec<&'static str>>,
     /// The set-based form of each deferred statement, prepared.
     bulk: RefCell<HashMap<&'static str, tokio_postgres::Statement>>,
     /// The checked one-row form of each deferred update ([`checked_sql`]),
@@ -612,6 +618,7 @@ impl Connection {
                 statements: RefCell::new(HashMap::new()),
                 begin_pending: Cell::new(false),
                 deferred: RefCell::new(Vec::new()),
+                ranks: RefCell::new(Vec::new()),
                 bulk: RefCell::new(HashMap::new()),
                 checked: RefCell::new(HashMap::new()),
                 copies: RefCell::new(HashMap::new()),
@@ -837,8 +844,10 @@ impl Connection {
     /// any other statement runs on this connection, the commit included: the
     /// connection reads its own writes, and a group of many commands costs
     /// a few round trips instead of one per row. Batches of different
-    /// statements are sent in the order each was first deferred, so a
-    /// deferred statement must not depend on another deferred one.
+    /// statements are sent in the order each statement was first deferred
+    /// on this connection (even after a full batch sent the queue midway),
+    /// so a deferred statement may depend only on statements deferred
+    /// before it the first time (a delivery on its notification).
     pub fn defer(&self, shape: Shape, sql: &'static str, params: impl Params) -> Result<()> {
         let pg = match &self.kind {
             Kind::Sqlite(_) => {
@@ -858,13 +867,30 @@ impl Connection {
             let index = match deferred.iter().position(|b| b.sql == sql) {
                 Some(index) => index,
                 None => {
-                    deferred.push(Batch {
-                        sql,
-                        shape,
-                        rows: Vec::new(),
-                        keys: HashMap::new(),
-                    });
-                    deferred.len() - 1
+                    let mut ranks = pg.ranks.borrow_mut();
+                    let mine = match ranks.iter().position(|known| *known == sql) {
+                        Some(mine) => mine,
+                        None => {
+                            ranks.push(sql);
+                            ranks.len() - 1
+                        }
+                    };
+                    // Before the first batch of a statement first deferred
+                    // later (a few statements: a short walk).
+                    let at = deferred
+                        .iter()
+                        .position(|b| ranks.iter().position(|k| *k == b.sql) > Some(mine))
+                        .unwrap_or(deferred.len());
+                    deferred.insert(
+                        at,
+                        Batch {
+                            sql,
+                            shape,
+                            rows: Vec::new(),
+                            keys: HashMap::new(),
+                        },
+                    );
+                    at
                 }
             };
             let batch = &mut deferred[index];
@@ -2738,6 +2764,42 @@ pub(crate) mod tests {
     /// keeps a generic plan that scans the table), the table grows to
     /// 10,000 rows, and within that many more runs the update reads its row
     /// through the primary key again. PostgreSQL only.
+    /// A full batch sends the queue midway through a group, and the batches
+    /// begun after it keep each statement's first place: rows that
+    /// reference another deferred statement's rows (a webhook delivery, its
+    /// notification) still go out after them. Without it the child batch,
+    /// begun first after the send, went out first and broke the foreign key.
+    #[test]
+    fn batches_begun_after_a_full_one_was_sent_keep_their_order() {
+        const PARENT: &str = "INSERT INTO parent (id) VALUES (?1)";
+        const CHILD: &str = "INSERT INTO child (id, parent) VALUES (?1, ?2)";
+        for (connection, place) in connections("deferred_order") {
+            connection
+                .execute_batch(
+                    "CREATE TABLE parent (id BIGINT PRIMARY KEY); \
+                     CREATE TABLE child (id BIGINT PRIMARY KEY, parent BIGINT NOT NULL REFERENCES parent(id))",
+                )
+                .unwrap();
+            connection.begin().unwrap();
+            // The parent batch fills at its MAX_BULK_ROWS-th row and sends
+            // the queue before that parent's child is deferred.
+            let rows = MAX_BULK_ROWS as i64 + 10;
+            for k in 0..rows {
+                connection.defer(Shape::Insert, PARENT, params![k]).unwrap();
+                connection
+                    .defer(Shape::Insert, CHILD, params![k, k])
+                    .unwrap();
+            }
+            connection.commit().unwrap();
+            let children: i64 = connection
+                .query_row("SELECT COUNT(*) FROM child", [], |row| row.get(0))
+                .unwrap();
+            assert_eq!(children, rows, "{:?}", connection.dialect());
+            drop(connection);
+            drop_database(place);
+        }
+    }
+
     #[test]
     fn a_one_row_update_is_planned_again_as_its_table_grows() {
         const UPDATE: &str = "UPDATE grown SET v = ?2 WHERE k = ?1";
