@@ -2759,11 +2759,6 @@ pub(crate) mod tests {
         }
     }
 
-    /// A one-row update is prepared again every [`REPREPARE_AFTER`] runs:
-    /// its first eight run while the table holds two rows (PostgreSQL then
-    /// keeps a generic plan that scans the table), the table grows to
-    /// 10,000 rows, and within that many more runs the update reads its row
-    /// through the primary key again. PostgreSQL only.
     /// A full batch sends the queue midway through a group, and the batches
     /// begun after it keep each statement's first place: rows that
     /// reference another deferred statement's rows (a webhook delivery, its
@@ -2800,6 +2795,11 @@ pub(crate) mod tests {
         }
     }
 
+    /// A one-row update is prepared again every [`REPREPARE_AFTER`] runs:
+    /// its first eight run while the table holds two rows (PostgreSQL then
+    /// keeps a generic plan that scans the table), the table grows to
+    /// 10,000 rows, and within that many more runs the update reads its row
+    /// through the primary key again. PostgreSQL only.
     #[test]
     fn a_one_row_update_is_planned_again_as_its_table_grows() {
         const UPDATE: &str = "UPDATE grown SET v = ?2 WHERE k = ?1";

@@ -1416,7 +1416,7 @@ impl Store {
             let (key, first) = (customer_id.clone(), read.clone());
             let unless_due = self
                 .read(move |c| {
-                    if rows::renewal_due(c, key.as_str(), now)? {
+                    if rows::unrenewed_boundary(c, key.as_str(), now)?.is_some() {
                         return Ok(None);
                     }
                     first(c).map(Some)

@@ -984,16 +984,6 @@ pub fn webhook_endpoints(
     rows.collect()
 }
 
-/// Whether the customer's active subscription has a period that ended by `now`.
-pub fn renewal_due(connection: &Connection, customer_id: &str, now: Timestamp) -> db::Result<bool> {
-    connection
-        .prepare_cached(
-            "SELECT EXISTS(SELECT 1 FROM subscriptions WHERE customer_id = ?1 \
-             AND status = 'active' AND period_end <= ?2)",
-        )?
-        .query_row(params![customer_id, now.micros()], |row| row.get(0))
-}
-
 /// The end of the customer's active subscription's period if it is over by
 /// `now` (a renewal due and not applied).
 pub fn unrenewed_boundary(

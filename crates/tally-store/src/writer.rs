@@ -57,8 +57,8 @@ const MAX_TICK_CUSTOMERS: i64 = 1000;
 
 /// The journal entries and renewals one tick writes, about, before it leaves
 /// the customers still due to the next tick (it finishes the customer it is
-/// at): a clock step that renews every subscription a year's worth made one
-/// group of 8 s on PostgreSQL, with every charge waiting behind it.
+/// at): a clock step that renewed a year of daily plans for 57 customers took
+/// 8.3 s on PostgreSQL, and a charge sent meanwhile waited 8.2 s (a probe).
 const MAX_TICK_WORK: usize = 1000;
 /// Operation kinds that resolve something (a hold, a top-up's payment): a
 /// refusal is not their id's outcome, since the id names the thing resolved.

@@ -105,8 +105,8 @@ async fn a_read_past_a_boundary_not_yet_renewed_shows_a_balance_that_was() {
 
 /// A tick writes about a group's worth of renewals and leaves the customers
 /// still due to the next tick, so that commands queued behind it go between
-/// (one step renewing a year of daily plans for every customer made a single
-/// group of 8 s on PostgreSQL). Every renewal still happens, once.
+/// (a charge waited 8.2 s behind one step renewing a year of daily plans on
+/// PostgreSQL). Every renewal still happens, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_renews_a_groups_worth_and_leaves_the_rest_to_the_next() {
     const CUSTOMERS: usize = 20;

@@ -131,8 +131,9 @@ pub async fn advance_clock(
         }
     };
     // Every renewal a step crosses is applied in the writer, one customer's
-    // at a time: a daily plan moved thousands of years would hold every
-    // write for hours. Like Stripe's test clocks, a step is bounded.
+    // at a time: a daily plan moved to year 9999 made one catch-up of
+    // millions of periods, holding every write behind it. Like Stripe's test
+    // clocks, a step is bounded.
     if let Some((subscription, at)) = state
         .store
         .renewing_more_than(MAX_RENEWALS_PER_ADVANCE, target)
