@@ -375,9 +375,36 @@ pub fn renew_due(
     context: &mut dyn RenewalContext,
     now: Timestamp,
 ) -> Result<Vec<Step>, LedgerError> {
+    let mut reached = subscription.period_end;
+    renew_until(ledger, subscription, context, now, &mut reached)
+}
+
+/// [`renew_due`], whose refusal also names the boundary refused. Every
+/// boundary before that one renews: [`renew_due`] on fresh copies with
+/// `now` a microsecond before it applies them (a long catch-up is not
+/// all or nothing because one late period cannot be granted).
+pub fn renew_due_or_refused_at(
+    ledger: &mut CustomerLedger,
+    subscription: &mut Subscription,
+    context: &mut dyn RenewalContext,
+    now: Timestamp,
+) -> Result<Vec<Step>, (Timestamp, LedgerError)> {
+    let mut reached = subscription.period_end;
+    renew_until(ledger, subscription, context, now, &mut reached).map_err(|e| (reached, e))
+}
+
+/// The renewals of [`renew_due`]; `reached` is the boundary being renewed.
+fn renew_until(
+    ledger: &mut CustomerLedger,
+    subscription: &mut Subscription,
+    context: &mut dyn RenewalContext,
+    now: Timestamp,
+    reached: &mut Timestamp,
+) -> Result<Vec<Step>, LedgerError> {
     let mut steps = Vec::new();
     while subscription.due(now) {
         let at = subscription.period_end;
+        *reached = at;
         let before = Timestamp(at.micros() - 1);
         steps.extend(ledger.expire_due(before).into_iter().map(Step::Entry));
         let Some(plan) = context.plan(&subscription.plan).cloned() else {

@@ -45,6 +45,14 @@ pub trait Clock: Send + Sync {
     /// a real clock ignores it.
     fn catch_up(&self, _instant: Timestamp) {}
 
+    /// Start at `instant`, earlier or later than now, if this clock only
+    /// moves when told to: a server joining a database whose servers share a
+    /// manual clock takes theirs, not the instant it happened to start at
+    /// (ahead of theirs, it would see their lots expired and their pending
+    /// grants in effect). Called once, before the clock is used; a real
+    /// clock ignores it.
+    fn resume(&self, _instant: Timestamp) {}
+
     /// Whether this clock moves only when told to (`--manual-clock`).
     fn is_manual(&self) -> bool {
         false

@@ -57,6 +57,12 @@ impl ManualClock {
     pub fn advance_to(&self, to: Timestamp) -> Timestamp {
         let previous = self.micros.fetch_max(to.micros(), Ordering::SeqCst);
         let now = Timestamp(previous.max(to.micros()));
+        self.keep();
+        now
+    }
+
+    /// Write the instant to the clock's file, if it has one.
+    fn keep(&self) {
         if let Some(file) = &self.file {
             let file = file.lock().expect("manual clock file");
             let latest = self.micros.load(Ordering::SeqCst);
@@ -67,7 +73,6 @@ impl ManualClock {
                 tracing::warn!(%error, ?file, "could not keep the manual clock's instant");
             }
         }
-        now
     }
 }
 
@@ -80,6 +85,11 @@ impl Clock for ManualClock {
         if instant.micros() > self.micros.load(Ordering::SeqCst) {
             self.advance_to(instant);
         }
+    }
+
+    fn resume(&self, instant: Timestamp) {
+        self.micros.store(instant.micros(), Ordering::SeqCst);
+        self.keep();
     }
 
     fn is_manual(&self) -> bool {

@@ -989,7 +989,15 @@ impl Store {
             // A real clock far behind the engine's (a server without
             // --manual-clock joining a manual-clock database) is refused
             // now, not at the takeover that would move time back.
-            writer::check_engine_clock(&connection, &*start_clock).map_err(unavailable)
+            let recorded =
+                writer::check_engine_clock(&connection, &*start_clock).map_err(unavailable)?;
+            // A manual clock starts where the servers over this database
+            // have taken it (README: a server starting resumes from it),
+            // even when that is behind the instant this one started at.
+            if let Some(instant) = recorded {
+                start_clock.resume(instant);
+            }
+            Ok::<_, StoreError>(())
         })
         .join()
         .map_err(|_| StoreError::Unavailable("migration thread panicked".into()))??;

@@ -464,8 +464,12 @@ pub fn required_reason(reason: String) -> Result<String, ApiError> {
 pub struct ChangeExpiry {
     /// The id of this change (idempotency key).
     pub id: String,
-    /// The new expiry; null for never. Must be in the future and later than the current one.
-    pub expires_at: Option<String>,
+    /// The new expiry; null for never. Must be in the future and later than
+    /// the current one. Required: left out, the request is refused (400), so
+    /// that a forgotten field never makes a lot last forever.
+    #[serde(default, deserialize_with = "crate::edge::present")]
+    #[schema(value_type = Option<String>, required = true)]
+    pub expires_at: Option<Option<String>>,
     pub reason: String,
 }
 
@@ -498,6 +502,12 @@ pub async fn change_expiry(
         grant_id: edge::id(&grant_id, "grant_id")?,
         expires_at: body
             .expires_at
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "expires_at",
+                    "expires_at is required: the new expiry, or null for never",
+                )
+            })?
             .as_deref()
             .map(|t| edge::instant(t, "expires_at"))
             .transpose()?,

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use crate::db::params;
 use tally_core::plan::{self, RenewalContext, Step};
-use tally_core::{Id, Plan, Subscription, SubscriptionStatus};
+use tally_core::{Id, Plan, Subscription, SubscriptionStatus, Timestamp};
 
 use super::{Failure, Writer, REFUSED_RENEWALS_KEPT};
 use crate::model::{NewSubscription, Outcome, PlanChange, Refusal, StoreError};
@@ -76,39 +76,60 @@ impl Writer {
         }
         // On copies: a renewal the core refuses (an allocation past the
         // maximum balance, a boundary past year 9999) changes nothing, and
-        // neither blocks the customer's other operations nor the tick.
-        let mut subscription = subscription.clone();
+        // neither blocks the customer's other operations nor the tick. The
+        // boundaries before a refused one still renew.
+        let original = subscription.clone();
+        let mut subscription = original.clone();
         let mut ledger = cached.ledger.clone();
         let mut context = Renewals {
             plans: &self.plans,
             next_grant_sequence: &mut self.next_grant_sequence,
         };
-        match plan::renew_due(&mut ledger, &mut subscription, &mut context, now) {
-            Ok(steps) => {
-                cached.ledger = ledger;
-                cached.subscription = Some(subscription);
-                // Work done, for the tick's bound: each period renewed (with
-                // its notification), even of a plan without credits.
-                self.renewals += steps
-                    .iter()
-                    .filter(|step| matches!(step, Step::Renewed { .. } | Step::Ended { .. }))
-                    .count()
-                    .max(1);
-                self.subscription_changed(customer_id, steps, None)
+        let (renewed, refused) = match plan::renew_due_or_refused_at(
+            &mut ledger,
+            &mut subscription,
+            &mut context,
+            now,
+        ) {
+            Ok(steps) => (Some((ledger, subscription, steps)), None),
+            Err((at, error)) if at > original.period_end => {
+                // Again on fresh copies, up to just before the refused
+                // boundary: the same renewals, which the core granted.
+                let mut subscription = original.clone();
+                let mut ledger = cached.ledger.clone();
+                let before = Timestamp(at.micros() - 1);
+                match plan::renew_due(&mut ledger, &mut subscription, &mut context, before) {
+                    Ok(steps) => (Some((ledger, subscription, steps)), Some((at, error))),
+                    Err(again) => (None, Some((original.period_end, again))),
+                }
             }
-            Err(error) => {
-                let key = (subscription.id.clone(), subscription.period_end.micros());
-                // Bounded: past this many, each is logged once more.
-                if self.refused_renewals.len() >= REFUSED_RENEWALS_KEPT {
-                    self.refused_renewals.clear();
-                }
-                if self.refused_renewals.insert(key) {
-                    tracing::error!(subscription = %subscription.id, %error,
-                        "a subscription renewal was refused; it stays due (logged once per period)");
-                }
-                Ok(())
+            Err(refusal) => (None, Some(refusal)),
+        };
+        if let Some((at, error)) = refused {
+            let key = (original.id.clone(), at.micros());
+            // Bounded: past this many, each is logged once more.
+            if self.refused_renewals.len() >= REFUSED_RENEWALS_KEPT {
+                self.refused_renewals.clear();
+            }
+            if self.refused_renewals.insert(key) {
+                tracing::error!(subscription = %original.id, at = %at.rfc3339(), %error,
+                    "a subscription renewal was refused; it stays due (logged once per period)");
             }
         }
+        let Some((ledger, subscription, steps)) = renewed else {
+            return Ok(());
+        };
+        let cached = self.cache.get_mut(customer_id).expect("loaded");
+        cached.ledger = ledger;
+        cached.subscription = Some(subscription);
+        // Work done, for the tick's bound: each period renewed (with its
+        // notification), even of a plan without credits.
+        self.renewals += steps
+            .iter()
+            .filter(|step| matches!(step, Step::Renewed { .. } | Step::Ended { .. }))
+            .count()
+            .max(1);
+        self.subscription_changed(customer_id, steps, None)
     }
 
     /// Record what a renewal or plan change did, store the subscription, and

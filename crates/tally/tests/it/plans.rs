@@ -923,6 +923,53 @@ async fn a_refused_renewal_blocks_nothing_and_a_scheduled_cancel_keeps_the_plan(
     assert_replayable(&app.ledger_all("full").await);
 }
 
+/// A catch-up over several periods renews every boundary before the one the
+/// ledger refuses: one late allocation that would pass the maximum balance
+/// does not take the earlier ones with it (it was all or nothing). The
+/// refused boundary renews, with the rest, once there is room.
+#[tokio::test]
+async fn a_catch_up_renews_the_periods_before_a_refused_one() {
+    let app = manual_app().await;
+    put_plan(
+        &app,
+        "keep",
+        json!({ "name": "Keep", "period": { "days": 30 }, "included_credits": "100",
+                "allocation_expires_after_periods": null }),
+    )
+    .await;
+    app.customer("full").await;
+    subscribe(&app, "full", json!({ "id": "s_keep", "plan": "keep" })).await;
+    // 250 below the maximum balance: room for two more allocations.
+    app.grant("full", "g_full", "999999999650").await;
+    app.advance(121 * DAY).await;
+    let sub = app.get("/v1/customers/full/subscription").await.body;
+    assert_eq!(sub["status"], "active", "{sub}");
+    assert_eq!(
+        sub["period"], 2,
+        "days 30 and 60 renewed, day 90 refused: {sub}"
+    );
+    assert_eq!(
+        micros_of(&app.balance("full").await["available"]),
+        micros("999999999950")
+    );
+    // Still refused before this charge (the renewal comes first); with room
+    // after it, the next tick renews day 90 and is refused at day 120.
+    assert_eq!(app.charge("full", "c1", "100").await.status, StatusCode::OK);
+    app.advance(0).await;
+    let sub = app.get("/v1/customers/full/subscription").await.body;
+    assert_eq!(sub["period"], 3, "{sub}");
+    assert_eq!(
+        micros_of(&app.balance("full").await["available"]),
+        micros("999999999950")
+    );
+    assert_eq!(app.charge("full", "c2", "1").await.status, StatusCode::OK);
+    assert_eq!(
+        app.get("/v1/customers/full/subscription").await.body["period"],
+        3
+    );
+    assert_replayable(&app.ledger_all("full").await);
+}
+
 /// Changing plans back and forth, or cancelling now and subscribing again,
 /// never piles up allocations: each change ends what is left of the one
 /// before (an `expire` entry that names the change), so the customer holds

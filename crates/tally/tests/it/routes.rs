@@ -2016,6 +2016,56 @@ async fn void_takes_back_the_unused_paid_remainder() {
     assert_eq!(bought["remaining"], "0");
 }
 
+/// A void or an expiry change that names a lot not granted yet is refused
+/// (404) without keeping that answer under its id: once the lot's grant is
+/// in, the same request works (README). The 404 was stored before, and the
+/// retry replayed it for good. An expiry change must say the new expiry:
+/// left out, it is a 400 (it made the lot never expire).
+#[tokio::test]
+async fn a_void_or_expiry_change_sent_before_its_lot_works_on_a_retry() {
+    let app = TestApp::spawn().await;
+    app.customer("c").await;
+    let void = json!({ "id": "v1", "reason": "unused" });
+    let extend = json!({ "id": "x1", "expires_at": "2099-06-01T00:00:00Z", "reason": "goodwill" });
+    for (path, body) in [
+        ("/v1/grants/later/void", &void),
+        ("/v1/grants/later2/expiry", &extend),
+    ] {
+        let reply = app.post(path, body.clone()).await;
+        assert_error(&reply, 404, "not_found");
+    }
+    for id in ["later", "later2"] {
+        grant_with(
+            &app,
+            "c",
+            json!({ "id": id, "amount": "10", "source": "purchase", "paid": true,
+                    "expires_at": "2099-01-01T00:00:00Z" }),
+        )
+        .await;
+    }
+    let voided = app.post("/v1/grants/later/void", void).await;
+    assert_eq!(fresh(&voided)["voided"], "10");
+    let extended = app.post("/v1/grants/later2/expiry", extend).await;
+    assert_eq!(fresh(&extended)["expires_at"], "2099-06-01T00:00:00Z");
+
+    let before = Snapshot::take(&app, "c").await;
+    let forgotten = app
+        .post(
+            "/v1/grants/later2/expiry",
+            json!({ "id": "x2", "reason": "forgot the date" }),
+        )
+        .await;
+    assert_error(&forgotten, 400, "invalid_request");
+    assert_eq!(
+        forgotten.body["error"]["param"], "expires_at",
+        "{}",
+        forgotten.body
+    );
+    before
+        .assert_unchanged(&app, "c", "an expiry change without expires_at")
+        .await;
+}
+
 #[tokio::test]
 async fn expiry_extends_later_only() {
     let app = TestApp::spawn().await;

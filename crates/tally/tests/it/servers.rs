@@ -985,6 +985,47 @@ async fn a_manual_clock_over_postgresql_is_the_databases_not_the_data_directorys
     );
 }
 
+/// A server joining a database whose servers run on a manual clock takes
+/// their clock, not the instant it started at. It started ahead of them
+/// before (a probe's follower read 4 s ahead and stayed there): it showed a
+/// lot expiring in between as expired and a pending grant as in effect,
+/// and refused a charge for credits it had just reported.
+#[tokio::test]
+async fn a_server_joining_a_manual_clock_takes_the_clock_its_database_keeps() {
+    let first = TestApp::spawn_postgres(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    // Recorded by the writer's tick; the joining server starts later.
+    let shared = first.advance(0).await;
+    let second = TestApp::spawn_beside(&first).await;
+    assert_eq!(second.get("/v1/clock").await.str("now"), shared);
+    assert_eq!(first.get("/v1/clock").await.str("now"), shared);
+    // A lot expiring a millisecond after the shared instant is in effect on
+    // both servers until the clock moves past it.
+    first.customer("c").await;
+    let at = |ms: i64| {
+        (instant(&shared) + time::Duration::milliseconds(ms))
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("an instant")
+    };
+    let granted = second
+        .post(
+            "/v1/customers/c/grants",
+            json!({ "id": "g", "amount": "100", "source": "promotion", "paid": false,
+                    "expires_at": at(1) }),
+        )
+        .await;
+    assert_eq!(granted.status, StatusCode::OK, "{}", granted.body);
+    for server in [&first, &second] {
+        let balance = server.get("/v1/customers/c/balance").await;
+        assert_eq!(balance.body["available"], "100", "{}", balance.body);
+    }
+    let charged = second.charge("c", "ch", "60").await;
+    assert_eq!(charged.status, StatusCode::OK, "{}", charged.body);
+}
+
 /// A follower's clock trails the writer's until its next tick (a manual
 /// clock's step, or real clocks a few milliseconds apart). Read then, a
 /// customer's balance showed the allocation that ended at a boundary as
