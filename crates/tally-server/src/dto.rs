@@ -283,6 +283,20 @@ pub struct EntryBody {
     pub rule: Option<String>,
     /// The quantity priced.
     pub quantity: Option<String>,
+    /// A transfer's other customer (only on `transfer_out` and `transfer_in`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counterparty_customer_id: Option<String>,
+    /// An expiry change (only on `expiry_extended` and `reinstate` entries
+    /// made by one): the lot's expiry before and after it, null for never.
+    /// The lot is in `grant_ids`, even when the entry moved no credits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expiry_change: Option<ExpiryChangeBody>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ExpiryChangeBody {
+    pub before: Option<String>,
+    pub after: Option<String>,
 }
 
 pub fn entry_id(sequence: i64) -> String {
@@ -298,7 +312,17 @@ impl From<&EntryRecord> for EntryBody {
             customer_id: d.customer_id.to_string(),
             amount: amount(d.amount),
             reference: d.reference.as_ref().map(ToString::to_string),
-            grant_ids: d.grant_ids().iter().map(ToString::to_string).collect(),
+            grant_ids: {
+                let mut ids: Vec<String> = d.grant_ids().iter().map(ToString::to_string).collect();
+                // The lot an entry changed without moving credits (an expiry
+                // change, a void of an empty lot) is named too.
+                if let Some(id) = record.facts.as_ref().and_then(|f| f.grant_id.as_ref()) {
+                    if !ids.contains(id) {
+                        ids.push(id.clone());
+                    }
+                }
+                ids
+            },
             member_id: d.member_id.as_ref().map(ToString::to_string),
             feature: d.feature.clone(),
             reason: d.reason.clone(),
@@ -321,6 +345,15 @@ impl From<&EntryRecord> for EntryBody {
                 .and_then(|p| p.pricebook().map(str::to_owned)),
             rule: record.pricing.as_ref().map(|p| p.rule_label()),
             quantity: record.pricing.as_ref().map(|p| amount(p.quantity)),
+            counterparty_customer_id: record.facts.as_ref().and_then(|f| f.counterparty.clone()),
+            expiry_change: record
+                .facts
+                .as_ref()
+                .and_then(|f| f.expiry.as_ref())
+                .map(|e| ExpiryChangeBody {
+                    before: e.before.map(rfc3339),
+                    after: e.after.map(rfc3339),
+                }),
         }
     }
 }

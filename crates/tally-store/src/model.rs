@@ -901,6 +901,29 @@ pub struct EntryRecord {
     pub recorded_at: Timestamp,
     /// What priced it (charges and captures by feature and quantity).
     pub pricing: Option<Pricing>,
+    /// What the entry is about beyond its postings (support's audit trail).
+    pub facts: Option<EntryFacts>,
+}
+
+/// What an entry is about that its postings do not say: the lot an expiry
+/// change or a void of an empty lot changed (they move no credits), the
+/// expiry before and after a change, the other side of a transfer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryFacts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<ExpiryFacts>,
+    /// A transfer's other customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counterparty: Option<String>,
+}
+
+/// A lot's expiry before and after an expiry change (`None`: never).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiryFacts {
+    pub before: Option<Timestamp>,
+    pub after: Option<Timestamp>,
 }
 
 /// Filters for a customer's ledger.

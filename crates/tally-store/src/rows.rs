@@ -31,7 +31,7 @@ macro_rules! hold_columns {
 macro_rules! entry_columns {
     () => {
         "sequence, customer_id, kind, amount, reference, member_id, feature, reason, actor, \
-     postings, effective_at, recorded_at, balance_after, previous, pricing"
+     postings, effective_at, recorded_at, balance_after, previous, pricing, facts"
     };
 }
 pub const ENTRY_COLUMNS: &str = entry_columns!();
@@ -140,6 +140,10 @@ pub fn entry(row: &Row) -> db::Result<EntryRecord> {
         recorded_at: Timestamp(row.get(11)?),
         pricing: row
             .get::<_, Option<String>>(14)?
+            .map(|text| json(&text))
+            .transpose()?,
+        facts: row
+            .get::<_, Option<String>>(15)?
             .map(|text| json(&text))
             .transpose()?,
     })
@@ -650,7 +654,7 @@ pub fn upsert_hold(connection: &Connection, hold: &Hold) -> db::Result<()> {
 pub(crate) const INSERT_ENTRY: &str = concat!(
     "INSERT INTO entries (",
     entry_columns!(),
-    ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"
+    ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)"
 );
 
 pub fn insert_entry(
@@ -660,7 +664,10 @@ pub fn insert_entry(
     actor: Option<&str>,
     recorded_at: Timestamp,
     previous: Option<i64>,
-    pricing: Option<&tally_core::pricebook::Pricing>,
+    (pricing, facts): (
+        Option<&tally_core::pricebook::Pricing>,
+        Option<&crate::model::EntryFacts>,
+    ),
 ) -> db::Result<()> {
     // Deferred: set-based with the group's other entries on PostgreSQL.
     connection.defer(
@@ -682,6 +689,7 @@ pub fn insert_entry(
             draft.balance_after.micros(),
             previous,
             pricing.map(|p| serde_json::to_string(p).expect("pricing serializes")),
+            facts.map(|f| serde_json::to_string(f).expect("facts serialize")),
         ],
     )
 }

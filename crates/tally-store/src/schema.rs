@@ -404,6 +404,15 @@ CREATE TABLE event_window (
 );
 "#,
     ),
+    (
+        17,
+        r#"
+-- What an entry is about that its postings do not say, as JSON (support's
+-- audit trail): the lot an expiry change or a void of an empty lot changed,
+-- the expiry before and after, a transfer's other customer. NULL for the rest.
+ALTER TABLE entries ADD COLUMN facts TEXT;
+"#,
+    ),
 ];
 
 /// The key of the advisory lock that serializes migrations on PostgreSQL

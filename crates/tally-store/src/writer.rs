@@ -1730,6 +1730,26 @@ impl Writer {
         actor: Option<&str>,
         pricing: Option<&Pricing>,
     ) -> db::Result<i64> {
+        self.record_entry_with(draft, actor, pricing, None)
+    }
+
+    /// Append a journal entry with what it is about beyond its postings.
+    fn record_entry_about(
+        &mut self,
+        draft: &EntryDraft,
+        actor: Option<&str>,
+        facts: crate::model::EntryFacts,
+    ) -> db::Result<i64> {
+        self.record_entry_with(draft, actor, None, Some(&facts))
+    }
+
+    fn record_entry_with(
+        &mut self,
+        draft: &EntryDraft,
+        actor: Option<&str>,
+        pricing: Option<&Pricing>,
+        facts: Option<&crate::model::EntryFacts>,
+    ) -> db::Result<i64> {
         let recorded = self.now.micros().max(self.last_recorded_micros + 1);
         self.last_recorded_micros = recorded;
         let sequence = self.next_entry_sequence;
@@ -1749,7 +1769,7 @@ impl Writer {
             actor,
             Timestamp(recorded),
             previous,
-            pricing,
+            (pricing, facts),
         )?;
         self.after_entry(draft, sequence, Timestamp(recorded), before, auto_topup)?;
         Ok(sequence)
@@ -1826,7 +1846,11 @@ impl Writer {
                 let (voided, draft) = ledger
                     .void(grant_id, id, Some(reason.clone()), now)
                     .map_err(Failure::Refused)?;
-                let entry_id = self.record_entry(&draft, actor)?;
+                let facts = crate::model::EntryFacts {
+                    grant_id: Some(grant_id.to_string()),
+                    ..Default::default()
+                };
+                let entry_id = self.record_entry_about(&draft, actor, facts)?;
                 let paid = voided.refundable_money.is_some();
                 let exact = match (&root, paid) {
                     (Some(root), true) => self.topup_refund(root, voided.voided)?,
@@ -1854,11 +1878,23 @@ impl Writer {
             } => {
                 let customer_id = self.grant_customer(grant_id)?;
                 self.prepare(&customer_id)?;
+                let before = self
+                    .ledger(&customer_id)
+                    .grant(grant_id)
+                    .and_then(|g| g.expires_at);
                 let (reinstated, draft) = self
                     .ledger(&customer_id)
                     .change_expiry(grant_id, *expires_at, id, Some(reason.clone()), now)
                     .map_err(Failure::Refused)?;
-                let entry_id = self.record_entry(&draft, actor)?;
+                let facts = crate::model::EntryFacts {
+                    grant_id: Some(grant_id.to_string()),
+                    expiry: Some(crate::model::ExpiryFacts {
+                        before,
+                        after: *expires_at,
+                    }),
+                    ..Default::default()
+                };
+                let entry_id = self.record_entry_about(&draft, actor, facts)?;
                 // A lot warned about before its old expiry is warned again
                 // ahead of the new one (`grant.expiring` is once per expiry).
                 self.connection
@@ -2665,7 +2701,7 @@ impl Writer {
     ) -> Result<Outcome, Failure> {
         let Some(record) = rows::dead_letter(&self.connection, id)? else {
             return Err(Failure::Store(StoreError::NotFound(format!(
-                "dead letter {id}"
+                "dead letter dl_{id}"
             ))));
         };
         if record.status != DeadLetterStatus::Pending {
@@ -2675,7 +2711,7 @@ impl Writer {
             }
             return Err(Failure::Rejected(Refusal {
                 code: "dead_letter_resolved".into(),
-                message: format!("dead letter {id} is already {}", record.status.as_str()),
+                message: format!("dead letter dl_{id} is already {}", record.status.as_str()),
                 available: None,
             }));
         }

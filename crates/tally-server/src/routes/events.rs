@@ -341,6 +341,9 @@ pub fn render_dead_letter(d: &DeadLetterRecord) -> DeadLetterBody {
     }
 }
 
+/// Where a dead letter can come from (its `source`).
+const DEAD_LETTER_SOURCES: [&str; 5] = ["http", "kafka", "nats", "pubsub", "replay"];
+
 fn dead_letter_id(text: &str) -> Result<i64, ApiError> {
     text.strip_prefix("dl_")
         .and_then(|n| n.parse::<i64>().ok())
@@ -353,6 +356,7 @@ fn dead_letter_id(text: &str) -> Result<i64, ApiError> {
 pub struct DeadLetterParams {
     /// `pending` (default), `replayed`, `discarded` or `all`.
     pub status: Option<String>,
+    /// Only letters from this source: `http`, `kafka`, `nats`, `pubsub` or `replay`.
     pub source: Option<String>,
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
@@ -378,6 +382,14 @@ pub async fn list_dead_letters(
             )
         })?),
     };
+    if let Some(source) = params.source.as_deref() {
+        if !DEAD_LETTER_SOURCES.contains(&source) {
+            return Err(ApiError::invalid(
+                "source",
+                "source must be http, kafka, nats, pubsub or replay",
+            ));
+        }
+    }
     let limit = edge::limit(params.limit)?;
     let after = edge::cursor(params.cursor.as_deref(), "dl_")?.unwrap_or(0);
     let letters = state

@@ -275,7 +275,7 @@ pub async fn get_entry(
         .and_then(|s| s.parse::<i64>().ok())
         .ok_or_else(not_found)?;
     let record = state.store.entry(sequence).await?.ok_or_else(not_found)?;
-    let mut explanation = explain(&record.draft);
+    let mut explanation = explain(&record.draft, record.facts.as_ref());
     let paid_from = match (&record.draft.kind, &record.draft.reference) {
         (EntryKind::Capture, Some(hold_id)) => {
             let paid = state
@@ -309,7 +309,15 @@ pub async fn get_entry(
 }
 
 /// A sentence for what an entry did, then each posting.
-pub fn explain(entry: &EntryDraft) -> String {
+pub fn explain(entry: &EntryDraft, facts: Option<&tally_store::EntryFacts>) -> String {
+    let lot = facts
+        .and_then(|f| f.grant_id.as_deref())
+        .map_or("a grant".to_owned(), |id| format!("grant {id}"));
+    let never_or =
+        |at: Option<tally_core::Timestamp>| at.map_or("never".to_owned(), |t| t.rfc3339());
+    let other = facts
+        .and_then(|f| f.counterparty.as_deref())
+        .map_or("another customer".to_owned(), |c| format!("customer {c}"));
     let reference = entry
         .reference
         .as_ref()
@@ -345,28 +353,49 @@ pub fn explain(entry: &EntryDraft) -> String {
             amount(entry.amount)
         ),
         EntryKind::Refund => format!("refund {reference} gave back {}", amount(entry.amount)),
-        EntryKind::Void => format!("void {reference} took back {}", amount(entry.amount)),
+        EntryKind::Void => match facts.and_then(|f| f.grant_id.as_deref()) {
+            Some(id) => format!(
+                "void {reference} took back {} of grant {id}",
+                amount(entry.amount)
+            ),
+            None => format!("void {reference} took back {}", amount(entry.amount)),
+        },
         EntryKind::Expire => format!(
             "grant {reference} expired with {} unused",
             amount(entry.amount)
         ),
-        EntryKind::ExpiryExtended => {
-            format!("expiry change {reference} moved a grant's expiry later")
-        }
-        EntryKind::Reinstate => format!(
-            "expiry change {reference} reinstated {} expired credits",
-            amount(entry.amount)
-        ),
+        EntryKind::ExpiryExtended => match facts.and_then(|f| f.expiry.as_ref()) {
+            Some(change) => format!(
+                "expiry change {reference} moved the expiry of {lot} from {} to {}",
+                never_or(change.before),
+                never_or(change.after)
+            ),
+            None => format!("expiry change {reference} moved {lot}'s expiry later"),
+        },
+        EntryKind::Reinstate => match facts.and_then(|f| f.expiry.as_ref()) {
+            Some(change) => format!(
+                "expiry change {reference} reinstated {} expired credits of {lot} (it expired at {}), {}",
+                amount(entry.amount),
+                never_or(change.before),
+                change
+                    .after
+                    .map_or("with no expiry now".to_owned(), |t| format!("until {}", t.rfc3339()))
+            ),
+            None => format!(
+                "expiry change {reference} reinstated {} expired credits",
+                amount(entry.amount)
+            ),
+        },
         EntryKind::DebtRepaid => format!(
             "grant {reference} took effect and repaid {} of debt",
             amount(entry.amount)
         ),
         EntryKind::TransferOut => format!(
-            "transfer {reference} sent {} to another customer",
+            "transfer {reference} sent {} to {other}",
             amount(entry.amount)
         ),
         EntryKind::TransferIn => format!(
-            "transfer {reference} brought {} from another customer",
+            "transfer {reference} brought {} from {other}",
             amount(entry.amount)
         ),
         EntryKind::BudgetTransfer => format!(

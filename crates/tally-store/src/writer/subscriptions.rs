@@ -478,8 +478,14 @@ impl Writer {
             .get_mut(&request.to_customer)
             .expect("prepared")
             .ledger = receiver;
-        let from_entry = self.record_entry(&out, actor)?;
-        let to_entry = self.record_entry(&into, actor)?;
+        let counterparty = |customer: &Id| crate::model::EntryFacts {
+            counterparty: Some(customer.to_string()),
+            ..Default::default()
+        };
+        let from_entry =
+            self.record_entry_about(&out, actor, counterparty(&request.to_customer))?;
+        let to_entry =
+            self.record_entry_about(&into, actor, counterparty(&request.from_customer))?;
         Ok(Outcome::Transfer(crate::model::TransferOutcome {
             id: request.id.clone(),
             kind: "credits".into(),

@@ -428,8 +428,38 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
     assert_eq!(dead_letters(&app, "status=discarded").await.len(), 1);
     let bad = app.get("/v1/dead-letters?status=lost").await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    // An unknown source is a 400 too (it listed nothing, with 200).
+    let bad = app.get("/v1/dead-letters?source=bogus").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
+    assert_eq!(bad.body["error"]["param"], "source");
+    let by_source = [
+        dead_letters(&app, "status=all&source=http").await.len(),
+        dead_letters(&app, "status=all&source=replay").await.len(),
+        dead_letters(&app, "status=all&source=kafka").await.len(),
+    ];
+    assert_eq!(by_source[0] + by_source[1], 4, "{by_source:?}");
+    assert_eq!(by_source[2], 0);
     let missing = app.get("/v1/dead-letters/dl_999").await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    // Answers name a letter by the id the client sent (they said "414").
+    let again = app
+        .post(&format!("/v1/dead-letters/{c}/discard"), json!({}))
+        .await;
+    assert_eq!(
+        again.status,
+        StatusCode::OK,
+        "a discard again is its answer again"
+    );
+    let resolved = app
+        .post(&format!("/v1/dead-letters/{b}/discard"), json!({}))
+        .await;
+    assert_eq!(resolved.code(), "dead_letter_resolved");
+    let message = resolved.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("dead letter {b} ")), "{message}");
+    let missing = app.post("/v1/dead-letters/dl_999/discard", json!({})).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let message = missing.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("dead letter dl_999 "), "{message}");
 
     // The CLI lists and replays through the API.
     let cli = |args: &[&str]| {

@@ -281,12 +281,22 @@ async fn transfers_move_credits_between_customers_and_budget_between_members() {
             replayed,
             micros_of(&app.balance(customer).await["available"])
         );
-        let kinds: Vec<&str> = entries.iter().filter_map(|e| e["kind"].as_str()).collect();
-        assert!(kinds.contains(&if customer == "parent" {
-            "transfer_out"
-        } else {
-            "transfer_in"
-        }));
+        let (kind, other, words) = match customer {
+            "parent" => ("transfer_out", "child", "sent 300 to customer child"),
+            _ => ("transfer_in", "parent", "brought 300 from customer parent"),
+        };
+        // The entry names the other side, so either side's ledger can be
+        // followed to the other's.
+        let entry = entries
+            .iter()
+            .find(|e| e["kind"] == kind)
+            .unwrap_or_else(|| panic!("{customer}: no {kind}"));
+        assert_eq!(entry["counterparty_customer_id"], other, "{entry}");
+        let detail = app
+            .get(&format!("/v1/ledger/{}", entry["id"].as_str().unwrap()))
+            .await;
+        let explanation = detail.body["explanation"].as_str().unwrap_or_default();
+        assert!(explanation.contains(words), "{}", detail.body);
     }
     // Budget between two members of one customer.
     for (member, budget) in [("alice", "1000"), ("bob", "100")] {

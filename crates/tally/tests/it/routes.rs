@@ -2047,6 +2047,33 @@ async fn a_void_or_expiry_change_sent_before_its_lot_works_on_a_retry() {
     assert_eq!(fresh(&voided)["voided"], "10");
     let extended = app.post("/v1/grants/later2/expiry", extend).await;
     assert_eq!(fresh(&extended)["expires_at"], "2099-06-01T00:00:00Z");
+    // The audit trail says which lot, and from when to when, though the
+    // change moved no credits (it said "a grant" and named none).
+    let entry = app
+        .get(&format!(
+            "/v1/ledger/{}",
+            extended.body["entry_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(entry.body["grant_ids"], json!(["later2"]), "{}", entry.body);
+    assert_eq!(
+        entry.body["expiry_change"],
+        json!({ "before": "2099-01-01T00:00:00Z", "after": "2099-06-01T00:00:00Z" })
+    );
+    assert!(
+        entry.body["explanation"].as_str().unwrap().contains(
+            "moved the expiry of grant later2 from 2099-01-01T00:00:00Z to 2099-06-01T00:00:00Z"
+        ),
+        "{}",
+        entry.body
+    );
+    let entry = app
+        .get(&format!(
+            "/v1/ledger/{}",
+            voided.body["entry_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(entry.body["grant_ids"], json!(["later"]), "{}", entry.body);
 
     let before = Snapshot::take(&app, "c").await;
     let forgotten = app
