@@ -67,9 +67,15 @@ impl From<tally_core::OveragePolicy> for OverageBody {
 impl OverageBody {
     /// The policy this body describes, or a 400 naming `param`.
     pub fn policy(&self, param: &str) -> Result<tally_core::OveragePolicy, crate::error::ApiError> {
-        // A negative limit is the limit's fault, not the policy's.
+        // A limit negative, missing where the policy needs one or given
+        // where it takes none is the limit's fault, not the policy's.
         let limit_param;
-        let param = match self.limit.is_some_and(|l| l.0.is_negative()) {
+        let about_limit = match (self.policy.as_str(), self.limit) {
+            (_, Some(limit)) if limit.0.is_negative() => true,
+            ("allow_negative", None) | ("block", Some(_)) => true,
+            _ => false,
+        };
+        let param = match about_limit {
             false => param,
             true if param == "policy" => "limit",
             true => {

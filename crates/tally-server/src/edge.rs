@@ -522,7 +522,20 @@ impl<'de> Deserialize<'de> for AmountInput {
         // serde_json's arbitrary_precision keeps a number's exact text.
         let text = match serde_json::Value::deserialize(deserializer)? {
             serde_json::Value::String(text) => text,
-            serde_json::Value::Number(number) => number.to_string(),
+            serde_json::Value::Number(number) => {
+                let text = number.to_string();
+                // A number in exponent form (`1e-05`, as Python writes
+                // 0.00001) is the same number: written out in full, exactly.
+                match text.contains(['e', 'E']) {
+                    true => written_out(&text).ok_or_else(|| {
+                        D::Error::custom(format!(
+                            "amount {text:?}: amount must be a decimal number within 1,000,000,000,000 \
+                             with at most 6 fractional digits"
+                        ))
+                    })?,
+                    false => text,
+                }
+            }
             _ => {
                 return Err(D::Error::custom(
                     "amount must be a decimal string such as \"1.5\" or a number",
@@ -533,6 +546,48 @@ impl<'de> Deserialize<'de> for AmountInput {
             .map(AmountInput)
             .map_err(|e| D::Error::custom(format!("amount {text:?}: {e}")))
     }
+}
+
+/// A JSON number in exponent form (`1.5e3`, `1e-05`) written out as a plain
+/// decimal with the same value (`1500`, `0.00001`), trailing fractional
+/// zeros dropped; `None` if it is not such a number or would need more than
+/// 40 digits either side of the point (far past any amount).
+fn written_out(text: &str) -> Option<String> {
+    let (mantissa, exponent) = text.split_once(['e', 'E'])?;
+    let exponent: i32 = exponent
+        .strip_prefix('+')
+        .unwrap_or(exponent)
+        .parse()
+        .ok()?;
+    let (negative, mantissa) = match mantissa.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, mantissa),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits_only = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits_only(whole) || !digits_only(fraction) {
+        return None;
+    }
+    // The digits, and where the point falls among them.
+    let digits = format!("{whole}{fraction}");
+    let point = i32::try_from(whole.len()).ok()?.checked_add(exponent)?;
+    if !(-40..=40).contains(&point) || digits.len() > 80 {
+        return None;
+    }
+    let (whole, fraction) = if point <= 0 {
+        let zeros = "0".repeat(usize::try_from(-point).ok()?);
+        ("0".to_owned(), format!("{zeros}{digits}"))
+    } else {
+        let point = usize::try_from(point).ok()?;
+        let padded = format!("{digits:0<point$}");
+        (padded[..point].to_owned(), padded[point..].to_owned())
+    };
+    let fraction = fraction.trim_end_matches('0');
+    let sign = if negative { "-" } else { "" };
+    Some(match fraction.is_empty() {
+        true => format!("{sign}{whole}"),
+        false => format!("{sign}{whole}.{fraction}"),
+    })
 }
 
 /// Written back as a decimal string, as every amount in a response.
@@ -742,8 +797,20 @@ mod tests {
         assert_eq!(parse("0.1").unwrap(), 100_000);
         assert_eq!(parse("12").unwrap(), 12_000_000);
         assert!(parse("1.0000001").is_err());
-        assert!(parse("1e3").is_err());
         assert!(parse("true").is_err());
+        // Exponent forms are the same numbers (Python writes 0.00001 as
+        // 1e-05; they were refused): exact, and held to the same digits.
+        assert_eq!(parse("1e3").unwrap(), 1_000_000_000);
+        assert_eq!(parse("1E+3").unwrap(), 1_000_000_000);
+        assert_eq!(parse("1e-05").unwrap(), 10);
+        assert_eq!(parse("-2.5e-1").unwrap(), -250_000);
+        assert_eq!(parse("1.500e2").unwrap(), 150_000_000);
+        assert_eq!(parse("123456e-6").unwrap(), 123_456);
+        assert_eq!(parse("1e12").unwrap(), 1_000_000_000_000_000_000);
+        assert!(parse("1e-07").is_err(), "7 fractional digits");
+        assert!(parse("1e13").is_err(), "past the largest amount");
+        assert!(parse("1e400").is_err());
+        assert!(parse("1e-400").is_err());
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub fn refusal_param(code: &str, message: &str) -> Option<&'static str> {
         "invalid_expiry" => Some("expires_at"),
         "invalid_request" if message.starts_with("effective_at") => Some("effective_at"),
         "unknown_feature" | "no_price" => Some("feature"),
+        // A capture by quantity is refused in units.
+        "capture_exceeds_hold" if message.contains(" units") => Some("quantity"),
         "capture_exceeds_hold" | "refund_exceeds_charge" => Some("amount"),
         _ => None,
     }

@@ -33,10 +33,12 @@ impl ManualClock {
         }
     }
 
-    /// A manual clock kept in `file`: it starts at the later of `floor` and
-    /// the instant it last reached, so a restarted test server does not go
-    /// back in time (renewals and expiries already applied stay in the past).
-    pub fn persistent(file: std::path::PathBuf, floor: Timestamp) -> std::io::Result<ManualClock> {
+    /// A manual clock kept in `file`: it starts at the instant it last
+    /// reached, so a restarted test server neither goes back in time
+    /// (renewals and expiries already applied stay in the past) nor jumps
+    /// to the real time (it moves only when told to); at `start` when the
+    /// file does not exist yet, which it then records.
+    pub fn persistent(file: std::path::PathBuf, start: Timestamp) -> std::io::Result<ManualClock> {
         let stored = match std::fs::read_to_string(&file) {
             Ok(text) => text.trim().parse::<i64>().map_err(|_| {
                 std::io::Error::new(
@@ -44,11 +46,18 @@ impl ManualClock {
                     format!("{file:?} does not hold an instant"),
                 )
             })?,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => i64::MIN,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let clock = ManualClock {
+                    micros: AtomicI64::new(start.micros()),
+                    file: Some(std::sync::Mutex::new(file)),
+                };
+                clock.keep();
+                return Ok(clock);
+            }
             Err(error) => return Err(error),
         };
         Ok(ManualClock {
-            micros: AtomicI64::new(stored.max(floor.micros())),
+            micros: AtomicI64::new(stored),
             file: Some(std::sync::Mutex::new(file)),
         })
     }

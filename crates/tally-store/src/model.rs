@@ -919,11 +919,15 @@ pub struct EntryFacts {
     pub counterparty: Option<String>,
 }
 
-/// A lot's expiry before and after an expiry change (`None`: never).
+/// A lot's expiry before and after an expiry change (`None`: never), and
+/// for a reinstatement when it expired (a lot ended early, by a plan change
+/// or a cancellation, expired before its `expires_at`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExpiryFacts {
     pub before: Option<Timestamp>,
     pub after: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<Timestamp>,
 }
 
 /// Filters for a customer's ledger.

@@ -866,6 +866,14 @@ impl Writer {
         if let Some(instant) = check_engine_clock(&connection, &*clock)? {
             clock.catch_up(instant);
         }
+        // Recorded at once, not only at the first tick: a server that opens
+        // the database meanwhile starts its manual clock there (`resume`),
+        // not at its own later start.
+        connection.execute(
+            "INSERT INTO engine_clock (id, micros) VALUES (1, ?1) ON CONFLICT (id) \
+             DO UPDATE SET micros = excluded.micros WHERE engine_clock.micros < excluded.micros",
+            [clock.now().micros()],
+        )?;
         connection.execute(
             "INSERT INTO event_window (id, seconds) VALUES (1, ?1) ON CONFLICT (id) \
              DO UPDATE SET seconds = excluded.seconds WHERE event_window.seconds < excluded.seconds",
@@ -1878,10 +1886,10 @@ impl Writer {
             } => {
                 let customer_id = self.grant_customer(grant_id)?;
                 self.prepare(&customer_id)?;
-                let before = self
+                let (before, expired_at) = self
                     .ledger(&customer_id)
                     .grant(grant_id)
-                    .and_then(|g| g.expires_at);
+                    .map_or((None, None), |g| (g.expires_at, g.expired_at));
                 let (reinstated, draft) = self
                     .ledger(&customer_id)
                     .change_expiry(grant_id, *expires_at, id, Some(reason.clone()), now)
@@ -1891,6 +1899,7 @@ impl Writer {
                     expiry: Some(crate::model::ExpiryFacts {
                         before,
                         after: *expires_at,
+                        expired_at,
                     }),
                     ..Default::default()
                 };

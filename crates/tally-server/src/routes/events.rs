@@ -255,7 +255,9 @@ pub struct PubsubMessage {
 /// event is charged (or kept as a dead letter), so Pub/Sub redelivers on
 /// anything else.
 #[utoipa::path(post, path = "/v1/ingest/pubsub", tag = "events", params(PubsubParams), request_body = PubsubEnvelope,
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    responses((status = 204), (status = 401, body = ErrorBody),
+        (status = 404, description = "Pub/Sub push is not enabled on this server (no --pubsub-token)", body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn pubsub_push(
     State(state): State<AppState>,
     params: ApiQuery<PubsubParams>,

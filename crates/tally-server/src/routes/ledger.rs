@@ -376,13 +376,15 @@ pub fn explain(entry: &EntryDraft, facts: Option<&tally_store::EntryFacts>) -> S
             Some(change) => format!(
                 "expiry change {reference} reinstated {} expired credits of {lot} (it expired at {}), {}",
                 amount(entry.amount),
-                never_or(change.before),
+                never_or(change.expired_at.or(change.before)),
                 change
                     .after
                     .map_or("with no expiry now".to_owned(), |t| format!("until {}", t.rfc3339()))
             ),
+            // An upgrade's grace (its reference is the subscription), or
+            // an expiry change recorded before entries kept their facts.
             None => format!(
-                "expiry change {reference} reinstated {} expired credits",
+                "{reference} reinstated {} expired credits",
                 amount(entry.amount)
             ),
         },

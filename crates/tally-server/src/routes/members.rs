@@ -211,7 +211,7 @@ pub async fn create_transfer(
     caller.require(Scope::Write)?;
     let body = body.read()?;
     let member = |m: Option<String>, param: &str| m.map(|m| edge::id(&m, param)).transpose();
-    let command = Command::Transfer(tally_store::NewTransfer {
+    let transfer = tally_store::NewTransfer {
         id: edge::id(&body.id, "id")?,
         from_customer: edge::id(&body.from.customer_id, "from.customer_id")?,
         from_member: member(body.from.member_id, "from.member_id")?,
@@ -219,7 +219,32 @@ pub async fn create_transfer(
         to_member: member(body.to.member_id, "to.member_id")?,
         amount: edge::positive(body.amount, "amount")?,
         reason: edge::text(body.reason, "reason", 1024)?,
-    });
+    };
+    // Wrong on its own, so refused here, before the writer: the id stays
+    // free for the corrected request (README).
+    if transfer.from_customer == transfer.to_customer {
+        match (&transfer.from_member, &transfer.to_member) {
+            (Some(from), Some(to)) if from == to => {
+                return Err(ApiError::invalid(
+                    "to.member_id",
+                    "from and to are the same member",
+                ))
+            }
+            (Some(_), Some(_)) => {}
+            (from, _) => {
+                return Err(ApiError::invalid(
+                    if from.is_none() {
+                        "from.member_id"
+                    } else {
+                        "to.member_id"
+                    },
+                    "a transfer within one customer moves budget between two members: \
+                     give from.member_id and to.member_id",
+                ))
+            }
+        }
+    }
+    let command = Command::Transfer(transfer);
     let executed = state.execute(command, &caller).await?;
     Ok(reply(executed, |outcome| match outcome {
         Outcome::Transfer(t) => Ok(TransferBody {

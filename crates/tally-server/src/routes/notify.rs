@@ -307,7 +307,8 @@ pub struct BalanceChangeBody {
 /// id as the event id. A client too slow to keep up gets `lagged` and
 /// should read the balance again.
 #[utoipa::path(get, path = "/v1/customers/{id}/stream", tag = "notifications",
-    responses((status = 200, description = "text/event-stream"), (status = 404, body = ErrorBody)),
+    responses((status = 200, description = "server-sent events, one per change of the customer's balance",
+        content_type = "text/event-stream", body = String), (status = 404, body = ErrorBody)),
     security(("bearer" = ["read"])))]
 pub async fn stream(
     State(state): State<AppState>,

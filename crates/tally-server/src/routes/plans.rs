@@ -24,6 +24,7 @@ fn one() -> Option<u32> {
 pub struct RolloverBody {
     /// At most this percentage (0–100) of the plan's included credits rolls over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 100)]
     pub max_percent: Option<u32>,
     /// At most this many credits roll over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -32,6 +33,7 @@ pub struct RolloverBody {
     /// The rolled-over credits expire this many periods later (default 1:
     /// at the end of the next period). They never roll over again.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 120)]
     pub expires_after_periods: Option<u32>,
 }
 
@@ -49,6 +51,7 @@ pub struct PutPlan {
     /// Each allocation expires this many periods after its period starts
     /// (default 1: at the end of its period; `null`: never).
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 120)]
     pub allocation_expires_after_periods: Option<u32>,
     pub rollover: Option<RolloverBody>,
     /// The overage policy of subscribers that have none of their own.
@@ -56,6 +59,7 @@ pub struct PutPlan {
     /// On an upgrade to this plan, credits that expired within this many
     /// days before it are reinstated (0–90, default 0).
     #[serde(default)]
+    #[schema(maximum = 90)]
     pub upgrade_grace_days: u32,
 }
 

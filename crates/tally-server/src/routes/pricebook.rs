@@ -687,7 +687,9 @@ pub struct QuoteBody {
     pub rule: String,
     /// The grants it would draw on, in burn order.
     pub drawn: Vec<DrawBody>,
-    /// Available after it (unchanged when it does not fit).
+    /// The balance after it, as every entry's `balance_after`: the credits
+    /// available less any debt, negative while the customer owes
+    /// (unchanged when it does not fit).
     pub balance_after: String,
     /// Available now.
     pub available: String,

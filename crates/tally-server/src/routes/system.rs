@@ -178,7 +178,8 @@ pub struct ApiKeyBody {
 
 /// Create an API key (admin).
 #[utoipa::path(post, path = "/v1/api-keys", tag = "system", request_body = CreateApiKey,
-    responses((status = 200, body = ApiKeyBody), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = ApiKeyBody), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, description = "idempotency_conflict: the key id is taken with another scope", body = ErrorBody)),
     security(("bearer" = ["admin"])))]
 pub async fn create_api_key(
     State(state): State<AppState>,

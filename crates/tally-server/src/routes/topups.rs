@@ -31,6 +31,7 @@ pub struct PutCreditPack {
     pub currency: String,
     /// The credits expire this many days after the payment is confirmed
     /// (default: never).
+    #[schema(minimum = 1, maximum = 3660)]
     pub expires_after_days: Option<u32>,
     /// The burn-order priority of the credits (default 0).
     #[serde(default)]
@@ -138,6 +139,7 @@ pub struct CreateTopup {
     pub quantity: Option<u32>,
     /// The top-up fails (`payment_timeout`) if its payment is not confirmed
     /// within this long (default 86400, at most 30 days).
+    #[schema(minimum = 1, maximum = 2592000)]
     pub payment_timeout_seconds: Option<u32>,
 }
 
@@ -369,12 +371,15 @@ pub struct PutAutoTopup {
     #[schema(value_type = AmountInput, example = "5000")]
     pub target: AmountInput,
     /// At most this many automatic top-ups start in any 24 hours (default 3).
+    #[schema(minimum = 1, maximum = 1000)]
     pub max_per_day: Option<u32>,
     /// Suspended after this many failed payments in a row (default 3);
     /// setting it again resumes it.
+    #[schema(minimum = 1, maximum = 100)]
     pub max_failures: Option<u32>,
     /// An automatic top-up's payment fails if not confirmed within this long
     /// (default 3600).
+    #[schema(minimum = 1, maximum = 2592000)]
     pub payment_timeout_seconds: Option<u32>,
     /// Default true.
     pub enabled: Option<bool>,

@@ -292,6 +292,38 @@ async fn bad_input_leaves_the_id_free() {
     let reply = app.post("/v1/customers/q/grants", fixed).await;
     assert_eq!(reply.code(), "idempotency_conflict", "{}", reply.body);
 
+    // A transfer to the same customer without two members: the request
+    // alone is at fault (the writer kept it under the id: a probe's fixed
+    // request was a 409).
+    app.customer("q2").await;
+    for (to, param) in [
+        (json!({"customer_id": "q"}), "from.member_id"),
+        (
+            json!({"customer_id": "q", "member_id": "m"}),
+            "from.member_id",
+        ),
+    ] {
+        let same = json!({"id": "tq", "from": {"customer_id": "q"}, "to": to, "amount": "1"});
+        let reply = app.post("/v1/transfers", same).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+        assert_eq!(reply.body["error"]["param"], param, "{}", reply.body);
+    }
+    let same_member = json!({"id": "tq", "from": {"customer_id": "q", "member_id": "m"},
+        "to": {"customer_id": "q", "member_id": "m"}, "amount": "1"});
+    let reply = app.post("/v1/transfers", same_member).await;
+    assert_eq!(
+        reply.body["error"]["param"], "to.member_id",
+        "{}",
+        reply.body
+    );
+    let fixed = json!({"id": "tq", "from": {"customer_id": "q"}, "to": {"customer_id": "q2"},
+        "amount": "1"});
+    let reply = app.post("/v1/transfers", fixed).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert!(!reply.replayed());
+    assert_eq!(app.balance("q2").await["available"], "1");
+    app.grant("q", "back", "1").await;
+
     // A refusal by the state stays the id's: 6 credits on a balance of 5.
     let charge = json!({"id": "ch1", "customer_id": "q", "amount": "6"});
     let reply = app.post("/v1/charges", charge.clone()).await;

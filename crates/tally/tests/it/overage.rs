@@ -335,7 +335,19 @@ async fn bad_overage_input_is_refused_and_changes_nothing() {
             reply.body
         );
     }
-    // A negative limit names the limit, not the policy.
+    // A limit negative, missing or not taken names the limit, not the policy.
+    for (overage, param) in [
+        (json!({ "policy": "allow_negative" }), "limit"),
+        (json!({ "policy": "block", "limit": "5" }), "limit"),
+        (json!({ "policy": "sometimes" }), "policy"),
+    ] {
+        let reply = put_overage(&app, "c1", overage.clone()).await;
+        assert_eq!(
+            reply.body["error"]["param"], param,
+            "{overage}: {}",
+            reply.body
+        );
+    }
     let negative = json!({ "policy": "allow_negative", "limit": "-5" });
     let reply = put_overage(&app, "c1", negative.clone()).await;
     assert_eq!(reply.body["error"]["param"], "limit", "{}", reply.body);

@@ -970,6 +970,69 @@ async fn a_catch_up_renews_the_periods_before_a_refused_one() {
     assert_replayable(&app.ledger_all("full").await);
 }
 
+/// A lot ended early (its subscription canceled now) and reinstated by an
+/// expiry change: the entry names the lot, its expiry before and after, and
+/// the explanation says when it expired, not the period end it was due at.
+#[tokio::test]
+async fn reinstating_an_allocation_ended_early_says_when_it_ended() {
+    let app = manual_app().await;
+    put_plan(
+        &app,
+        "keep",
+        json!({ "name": "Keep", "period": { "days": 30 }, "included_credits": "100",
+                "allocation_expires_after_periods": null }),
+    )
+    .await;
+    app.customer("c").await;
+    subscribe(&app, "c", json!({ "id": "s1", "plan": "keep" })).await;
+    let ended = app.advance(60).await;
+    assert_eq!(cancel(&app, "c", false).await.status, StatusCode::OK);
+    assert_eq!(app.balance("c").await["available"], "0");
+    let reinstated = app
+        .post(
+            "/v1/grants/plan:s1:0/expiry",
+            json!({ "id": "r1", "expires_at": null, "reason": "goodwill" }),
+        )
+        .await;
+    assert_eq!(reinstated.status, StatusCode::OK, "{}", reinstated.body);
+    assert_eq!(reinstated.body["reinstated"], "100");
+    let entry = app
+        .get(&format!("/v1/ledger/{}", reinstated.str("entry_id")))
+        .await;
+    assert_eq!(entry.body["kind"], "reinstate");
+    assert_eq!(entry.body["grant_ids"], json!(["plan:s1:0"]));
+    assert_eq!(
+        entry.body["expiry_change"],
+        json!({ "before": null, "after": null }),
+        "{}",
+        entry.body
+    );
+    let explanation = entry.body["explanation"].as_str().unwrap();
+    assert!(
+        explanation.contains(&format!(
+            "of grant plan:s1:0 (it expired at {ended}), with no expiry now"
+        )),
+        "{explanation}"
+    );
+}
+
+/// A manual clock moves only when told to, across restarts too: a
+/// restarted server resumes at the instant it had reached, whether it was
+/// advanced or not (it jumped to the real time when that was later: on the
+/// embedded store, and over PostgreSQL before the first tick recorded it).
+#[tokio::test]
+async fn a_restarted_manual_clock_resumes_where_it_was() {
+    let mut app = manual_app().await;
+    let started = app.get("/v1/clock").await.str("now").to_owned();
+    app.kill().await;
+    app.start().await;
+    assert_eq!(app.get("/v1/clock").await.str("now"), started);
+    let advanced = app.advance(3_600).await;
+    app.kill().await;
+    app.start().await;
+    assert_eq!(app.get("/v1/clock").await.str("now"), advanced);
+}
+
 /// Changing plans back and forth, or cancelling now and subscribing again,
 /// never piles up allocations: each change ends what is left of the one
 /// before (an `expire` entry that names the change), so the customer holds

@@ -2517,6 +2517,8 @@ async fn free_tiers_captures_and_contract_schedules() {
         .await;
     assert_error(&over, 422, "capture_exceeds_hold");
     assert!(message(&over).contains("151 units"), "{}", message(&over));
+    // About the quantity sent, not an amount (it named `amount`).
+    assert_eq!(over.body["error"]["param"], "quantity", "{}", over.body);
     let captured = ok(&app
         .post("/v1/holds/hv/capture", json!({"quantity": 100}))
         .await);
