@@ -100,6 +100,13 @@ pub fn refusal_param(code: &str, message: &str) -> Option<&'static str> {
         "invalid_expiry" if message.contains("timeout") => Some("timeout_seconds"),
         "invalid_expiry" => Some("expires_at"),
         "invalid_request" if message.starts_with("effective_at") => Some("effective_at"),
+        "invalid_request" if message.starts_with("start_at") => Some("start_at"),
+        "invalid_request"
+            if message.starts_with("pinned_pricebook")
+                || message.starts_with("give lock_rates or pinned_pricebook") =>
+        {
+            Some("pinned_pricebook")
+        }
         "unknown_feature" | "no_price" => Some("feature"),
         // A capture by quantity is refused in units.
         "capture_exceeds_hold" if message.contains(" units") => Some("quantity"),

@@ -81,7 +81,7 @@ pub struct EventResultBody {
 /// The field of the event a rejection is about, where its code and message
 /// tell (a rejection is kept, as a dead letter and as a retry's answer, with
 /// only the two).
-fn event_param(code: &str, message: &str) -> Option<&'static str> {
+fn event_param(code: &str, message: &str) -> Option<String> {
     const FIELDS: [&str; 7] = [
         "id",
         "customer_id",
@@ -92,10 +92,18 @@ fn event_param(code: &str, message: &str) -> Option<&'static str> {
         "properties",
     ];
     let named = |text: &str| FIELDS.into_iter().find(|field| text == *field);
-    match code {
+    let param = match code {
         "event_too_old" | "event_in_future" => Some("timestamp"),
         "idempotency_conflict" => Some("id"),
         "not_found" if message.starts_with("customer ") => Some("customer_id"),
+        // A field the event has no use for is named as sent.
+        "invalid_event" if message.contains("unknown field `") => {
+            return message
+                .split('`')
+                .nth(1)
+                .filter(|field| !field.is_empty())
+                .map(str::to_owned);
+        }
         // A field's own check names it first (`quantity must be ...`); serde
         // names it in backquotes (missing field `feature`).
         "invalid_event" => {
@@ -109,7 +117,8 @@ fn event_param(code: &str, message: &str) -> Option<&'static str> {
             })
         }
         _ => crate::error::refusal_param(code, message),
-    }
+    };
+    param.map(str::to_owned)
 }
 
 pub fn render_result(id: Option<String>, result: &EventResult) -> EventResultBody {
@@ -183,10 +192,20 @@ async fn charge_batch(
 ) -> Result<Json<EventBatchBody>, ApiError> {
     // Each event is kept as its own text and read once, by the ingest path.
     let body: RawBatch<'_> = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            "invalid_request",
-            format!("the body is not a batch of events ({{\"events\": [...]}}): {e}"),
+        let message = format!("the body is not a batch of events ({{\"events\": [...]}}): {e}");
+        // The field at fault: the path where reading stopped, else the
+        // field serde names (a missing or unknown one).
+        let path = serde_path_to_error::deserialize::<_, RawBatch<'_>>(
+            &mut serde_json::Deserializer::from_slice(&bytes),
         )
+        .err()
+        .map(|e| e.path().to_string())
+        .filter(|path| !path.is_empty() && path != ".");
+        let quoted = e.to_string().split('`').nth(1).map(str::to_owned);
+        match path.or(quoted) {
+            Some(param) => ApiError::invalid(&param, message),
+            None => ApiError::new("invalid_request", message),
+        }
     })?;
     if body.events.len() > MAX_BATCH_EVENTS {
         return Err(ApiError::invalid(

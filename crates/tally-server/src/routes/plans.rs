@@ -141,7 +141,8 @@ pub async fn put_plan(
     });
     let plan = Plan {
         key,
-        name: edge::text(Some(body.name), "name", 256)?.unwrap_or_default(),
+        // A plan's name shows on invoices and pages: not blank (as a feature's).
+        name: super::pricebook::required_text(body.name, "name")?,
         period: period(&body.period)?,
         included_credits: body.included_credits.0,
         allocation_expires_after_periods: body.allocation_expires_after_periods,

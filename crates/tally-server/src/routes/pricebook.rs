@@ -76,7 +76,7 @@ pub async fn put_feature(
     }))
 }
 
-fn required_text(text: String, param: &str) -> Result<String, ApiError> {
+pub(crate) fn required_text(text: String, param: &str) -> Result<String, ApiError> {
     edge::text(Some(text), param, 256)?
         .filter(|t| !t.trim().is_empty())
         .ok_or_else(|| ApiError::invalid(param, format!("{param} must not be blank")))

@@ -191,8 +191,28 @@ async fn a_batch_charges_each_event_once_and_keeps_the_bad_ones() {
         .collect();
     let reply = app.post("/v1/events", json!({ "events": many })).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
-    let reply = app.post("/v1/events", json!({ "event": [] })).await;
-    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    // Each names the field at fault (they named none).
+    for (body, param) in [
+        (json!({ "event": [] }), "event"),
+        (json!({}), "events"),
+        (json!({ "events": "x" }), "events"),
+    ] {
+        let reply = app.post("/v1/events", body.clone()).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+        assert_eq!(
+            reply.body["error"]["param"], param,
+            "{body}: {}",
+            reply.body
+        );
+    }
+    // An event with a field it has no use for is rejected naming it.
+    let results = events(
+        &app,
+        json!([{ "id": "u1", "customer_id": "c1", "feature": "api", "quantity": 1, "bogus": 1 }]),
+    )
+    .await;
+    assert_eq!(results[0]["status"], "rejected");
+    assert_eq!(results[0]["error"]["param"], "bogus", "{}", results[0]);
     assert_eq!(available(&app, "c1").await, micros("86.25"));
 
     // An event's charge is refunded by the event's id, at most once.

@@ -699,6 +699,11 @@ async fn bad_plans_and_subscriptions_are_refused_and_change_nothing() {
             "",
         ),
         (json!({ "period": "month", "included_credits": "1" }), ""),
+        // A blank name (a feature's was refused, a plan's taken).
+        (
+            json!({ "name": " ", "period": "month", "included_credits": "1" }),
+            "name",
+        ),
     ];
     for (body, param) in bad_plans {
         let reply = app.put("/v1/plans/other", body.clone()).await;
@@ -757,6 +762,7 @@ async fn bad_plans_and_subscriptions_are_refused_and_change_nothing() {
         )
         .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.body["error"]["param"], "start_at", "{}", reply.body);
     // That id failed; it keeps failing the same way.
     let reply = app
         .put(
