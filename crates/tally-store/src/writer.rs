@@ -2528,12 +2528,25 @@ impl Writer {
             .prepare_cached("SELECT customer_id FROM grants WHERE id = ?1")?
             .query_row([grant_id.as_str()], |row| row.get(0))
             .optional()?;
+        if let Some(customer) = customer {
+            return Ok(Id::derived(&customer));
+        }
+        // A lot the core made earlier in this group (a transfer's, a hold's
+        // returned credits, a renewal's) has its row written when the group
+        // is: it is in the ledger of a customer the group touched.
+        if let Some(customer) = self.touched.iter().find(|customer| {
+            self.cache
+                .get(*customer)
+                .is_some_and(|cached| cached.ledger.grant(grant_id).is_some())
+        }) {
+            return Ok(customer.clone());
+        }
         // The ledger's own "no such lot", which is not kept as the id's
         // outcome: a void or expiry change sent before its lot's grant
         // works on a retry (README, ARCHITECTURE).
-        customer
-            .map(|c| Id::derived(&c))
-            .ok_or_else(|| Failure::Refused(LedgerError::GrantNotFound(grant_id.clone())))
+        Err(Failure::Refused(LedgerError::GrantNotFound(
+            grant_id.clone(),
+        )))
     }
 
     /// An event not seen before: charged and recorded under its id, or

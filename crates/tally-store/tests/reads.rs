@@ -222,3 +222,64 @@ async fn readers_at_once_share_the_pooled_connections() {
         CALLERS
     );
 }
+
+/// A void of a lot the core made earlier in the same write group (here a
+/// transfer's lot) finds it: such a lot's row is written with the group, so
+/// the look-up by id found no row and answered 404. On PostgreSQL a lock
+/// holds the writer's group before them, so that the transfer and the void
+/// queue into one group behind it; the embedded store has no such lever,
+/// and there they may go in two groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_void_finds_a_lot_made_earlier_in_its_group() {
+    let place = TestStore::new("void_in_group");
+    let store = place.open(Arc::new(ManualClock::new(START))).await;
+    ok(&store, customer()).await;
+    ok(
+        &store,
+        Command::CreateCustomer(tally_store::NewCustomer::with_id(id("d"))),
+    )
+    .await;
+    ok(&store, grant("bought", "100", None)).await;
+    let lock = place.lock_for("grant_balances", std::time::Duration::from_millis(300));
+    // Held by the lock (on PostgreSQL) while the next two queue behind it.
+    let first = store.submit(charge("ch", "1"), None).await.unwrap();
+    let transfer = store
+        .submit(
+            Command::Transfer(tally_store::NewTransfer {
+                id: id("t1"),
+                from_customer: id("c"),
+                from_member: None,
+                to_customer: id("d"),
+                to_member: None,
+                amount: amount("40"),
+                reason: None,
+            }),
+            None,
+        )
+        .await
+        .unwrap();
+    let void = store
+        .submit(
+            Command::Void {
+                id: id("v1"),
+                grant_id: id("transfer:t1:0"),
+                reason: "unused".into(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    for pending in [first, transfer] {
+        pending.answer().await.unwrap().result.expect("applied");
+    }
+    let voided = void.answer().await.expect("store answers").result;
+    match voided {
+        Ok(tally_store::Outcome::Void(v)) => assert_eq!(v.voided, amount("40")),
+        other => panic!("the void of the transfer's lot: {other:?}"),
+    }
+    if let Some(lock) = lock {
+        lock.join().expect("the lock holder");
+    }
+    let d = store.balance(id("d")).await.unwrap().unwrap();
+    assert_eq!(d.balance.available, amount("0"));
+}
