@@ -45,6 +45,17 @@ async fn cancel(app: &TestApp, customer: &str, at_end: bool) -> Reply {
     .await
 }
 
+/// Plan `keep`: 100 credits every 30 days, allocations that never expire.
+async fn put_keep_plan(app: &TestApp) {
+    put_plan(
+        app,
+        "keep",
+        json!({ "name": "Keep", "period": { "days": 30 }, "included_credits": "100",
+                "allocation_expires_after_periods": null }),
+    )
+    .await;
+}
+
 async fn advance_to(app: &TestApp, to: &str) {
     let reply = app.post("/v1/clock/advance", json!({ "to": to })).await;
     assert_eq!(reply.status, StatusCode::OK, "advance: {}", reply.body);
@@ -890,13 +901,7 @@ async fn a_refused_renewal_blocks_nothing_and_a_scheduled_cancel_keeps_the_plan(
     // now (409; this stopped the writer before), nor at the period end, nor
     // can it be canceled then (all would take effect at the past boundary,
     // repricing usage already charged); it can be canceled now.
-    put_plan(
-        &app,
-        "keep",
-        json!({ "name": "Keep", "period": { "days": 30 }, "included_credits": "100",
-                "allocation_expires_after_periods": null }),
-    )
-    .await;
+    put_keep_plan(&app).await;
     app.customer("full").await;
     subscribe(&app, "full", json!({ "id": "s_keep", "plan": "keep" })).await;
     app.grant("full", "g_full", "999999999850").await;
@@ -936,13 +941,7 @@ async fn a_refused_renewal_blocks_nothing_and_a_scheduled_cancel_keeps_the_plan(
 #[tokio::test]
 async fn a_catch_up_renews_the_periods_before_a_refused_one() {
     let app = manual_app().await;
-    put_plan(
-        &app,
-        "keep",
-        json!({ "name": "Keep", "period": { "days": 30 }, "included_credits": "100",
-                "allocation_expires_after_periods": null }),
-    )
-    .await;
+    put_keep_plan(&app).await;
     app.customer("full").await;
     subscribe(&app, "full", json!({ "id": "s_keep", "plan": "keep" })).await;
     // 250 below the maximum balance: room for two more allocations.
@@ -982,13 +981,7 @@ async fn a_catch_up_renews_the_periods_before_a_refused_one() {
 #[tokio::test]
 async fn reinstating_an_allocation_ended_early_says_when_it_ended() {
     let app = manual_app().await;
-    put_plan(
-        &app,
-        "keep",
-        json!({ "name": "Keep", "period": { "days": 30 }, "included_credits": "100",
-                "allocation_expires_after_periods": null }),
-    )
-    .await;
+    put_keep_plan(&app).await;
     app.customer("c").await;
     subscribe(&app, "c", json!({ "id": "s1", "plan": "keep" })).await;
     let ended = app.advance(60).await;
