@@ -40,11 +40,16 @@ pub enum LedgerError {
     CostBasisOverflow,
     #[error("both members need a budget to move budget between them")]
     NoBudget,
-    #[error("member {member_id} has spent {spent} of its {budget} budget in this period; {required} more would pass it")]
+    #[error("member {member_id} has {remaining} of its budget left in this period ({budget} a period, {spent} spent{moved}); {required} would pass it", moved = moved_text(*moved))]
     MemberBudgetExceeded {
         member_id: Id,
         budget: Amount,
         spent: Amount,
+        /// Budget moved in (positive) or out (negative) by transfers.
+        moved: Amount,
+        /// What the member may still spend: the budget and what transfers
+        /// moved, less what it spent (never below zero).
+        remaining: Amount,
         required: Amount,
     },
 }
@@ -55,4 +60,17 @@ fn refund_exceeds(requested: Amount, refundable: Amount) -> String {
         return "this charge has nothing left to refund: it was refunded in full".into();
     }
     format!("refund of {requested} exceeds the {refundable} still refundable on this charge")
+}
+
+/// ", 40 moved out by transfers" when a budget transfer moved some of the
+/// member's budget in or out in this period, else nothing.
+fn moved_text(moved: Amount) -> String {
+    if moved.is_positive() {
+        format!(", {moved} moved in by transfers")
+    } else if moved.is_negative() {
+        let out = moved.checked_neg().unwrap_or(Amount::ZERO);
+        format!(", {out} moved out by transfers")
+    } else {
+        String::new()
+    }
 }

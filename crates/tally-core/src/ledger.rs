@@ -341,6 +341,8 @@ impl CustomerLedger {
                 member_id: member.id.clone(),
                 budget: budget.amount,
                 spent: member.spent_at(now),
+                moved: member.extra_at(now),
+                remaining: room,
                 required: spend.amount,
             });
         }

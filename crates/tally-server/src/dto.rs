@@ -350,7 +350,13 @@ impl From<&EntryRecord> for EntryBody {
                 .as_ref()
                 .and_then(|p| p.pricebook().map(str::to_owned)),
             rule: record.pricing.as_ref().map(|p| p.rule_label()),
-            quantity: record.pricing.as_ref().map(|p| amount(p.quantity)),
+            // A capture by amount says which rule the hold locked, but not
+            // how many units it used (as the usage report counts none).
+            quantity: record
+                .pricing
+                .as_ref()
+                .filter(|p| !p.by_amount)
+                .map(|p| amount(p.quantity)),
             counterparty_customer_id: record.facts.as_ref().and_then(|f| f.counterparty.clone()),
             expiry_change: record
                 .facts

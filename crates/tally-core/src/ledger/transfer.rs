@@ -136,6 +136,8 @@ impl CustomerLedger {
                 member_id: from.clone(),
                 budget: member.budget.map_or(Amount::ZERO, |b| b.amount),
                 spent: member.spent_at(now),
+                moved: member.extra_at(now),
+                remaining: from_room,
                 required: amount,
             });
         }

@@ -352,6 +352,8 @@ pub struct CaptureBody {
     /// The version and rule the hold locked (holds by feature and quantity).
     pub pricebook: Option<String>,
     pub rule: Option<String>,
+    /// The quantity captured, priced by the locked rule; null for a capture
+    /// by amount, whose units are not known (the usage report counts none).
     pub quantity: Option<String>,
 }
 
@@ -409,7 +411,11 @@ pub async fn capture_hold(
                 .as_ref()
                 .and_then(|p| p.pricebook().map(str::to_owned)),
             rule: c.pricing.as_ref().map(|p| p.rule_label()),
-            quantity: c.pricing.as_ref().map(|p| amount(p.quantity)),
+            quantity: c
+                .pricing
+                .as_ref()
+                .filter(|p| !p.by_amount)
+                .map(|p| amount(p.quantity)),
         }),
         _ => Err(unexpected()),
     }))

@@ -326,9 +326,14 @@ async fn transfers_move_credits_between_customers_and_budget_between_members() {
         )
     };
     assert_eq!(charge("b1", "bob", "500").await.status, StatusCode::OK);
-    assert_eq!(
-        charge("a1", "alice", "601").await.code(),
-        "member_budget_exceeded"
+    let over = charge("a1", "alice", "601").await;
+    assert_eq!(over.code(), "member_budget_exceeded");
+    // The message counts the budget moved out: alice has 600 left, not the
+    // 1000 of "spent 0 of its 1000 budget" it said.
+    let message = over.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("alice has 600 of its budget left in this period (1000 a period, 0 spent, 400 moved out by transfers); 601 would pass it"),
+        "{message}"
     );
     // Bad transfers change nothing.
     let bad = [
