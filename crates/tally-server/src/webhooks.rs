@@ -3,6 +3,9 @@
 //! through the writer (which schedules retries with backoff on the engine's
 //! clock and gives up after a bounded number of attempts).
 
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -11,14 +14,19 @@ use tally_store::{Command, DueDelivery};
 
 use crate::AppState;
 
-/// How often the worker looks for due deliveries when there were none.
+/// How often the worker looks for due deliveries when none has finished.
 const POLL: Duration = Duration::from_millis(200);
+/// After a delivery finishes, the worker waits this long for others to
+/// finish before it looks again (one read for several).
+const SETTLE: Duration = Duration::from_millis(5);
 /// A receiver has this long to answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// A receiver that does not accept the connection within this is retried later.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Deliveries attempted at once.
-const BATCH: i64 = 64;
+/// Deliveries in flight to one endpoint at once. Each endpoint has its own:
+/// one whose receiver hangs holds up none of the others' (it held up every
+/// endpoint's next deliveries by the 10 s timeout, a probe found).
+const PER_ENDPOINT: usize = 16;
 
 /// `v1` of `Tally-Signature`: hex HMAC-SHA256 of `"<t>.<body>"` under the
 /// endpoint's secret.
@@ -33,9 +41,12 @@ pub fn sign(secret: &str, timestamp: u64, body: &str) -> String {
 /// Deliver due webhooks forever.
 pub fn spawn_deliveries(state: AppState) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // A redirect is not followed: it is not a 2xx (retried), and the
+        // signed body and its headers go to the endpoint's URL only.
         let client = match reqwest::Client::builder()
             .timeout(TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
         {
             Ok(client) => client,
@@ -44,26 +55,113 @@ pub fn spawn_deliveries(state: AppState) -> tokio::task::JoinHandle<()> {
                 return;
             }
         };
+        let worker = Worker {
+            client,
+            state,
+            in_flight: Default::default(),
+            finished: Default::default(),
+            unrecorded: Default::default(),
+        };
+        let worker = std::sync::Arc::new(worker);
         loop {
             // Several servers over one database: only the server that runs
             // the writer delivers, while it runs it.
-            state.store.wait_until_leader().await;
-            match state.store.due_deliveries(BATCH).await {
-                Ok(due) if !due.is_empty() => {
-                    let attempts = due.into_iter().map(|d| deliver(&client, &state, d));
-                    let recorded = futures_util::future::join_all(attempts).await;
-                    if recorded.iter().all(|r| *r) {
-                        continue;
-                    }
-                    // The store could not record an attempt: those deliveries
-                    // are still due; wait before sending them again.
-                }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "cannot read due webhook deliveries"),
+            worker.state.store.wait_until_leader().await;
+            // The store could not record an attempt: those deliveries are
+            // still due; wait the full interval before sending them again.
+            if worker.unrecorded.swap(false, Ordering::Relaxed) {
+                tokio::time::sleep(POLL).await;
             }
-            tokio::time::sleep(POLL).await;
+            worker.clone().start_due().await;
+            // Until a delivery finishes (a slot is free), at most POLL.
+            let _ = tokio::time::timeout(POLL, worker.finished.notified()).await;
+            tokio::time::sleep(SETTLE).await;
         }
     })
+}
+
+/// The delivery worker's state: what is in flight, per endpoint.
+struct Worker {
+    client: reqwest::Client,
+    state: AppState,
+    /// Delivery ids in flight, per endpoint id.
+    in_flight: Mutex<HashMap<String, HashSet<String>>>,
+    finished: tokio::sync::Notify,
+    unrecorded: AtomicBool,
+}
+
+impl Worker {
+    /// Start each endpoint's due deliveries, up to [`PER_ENDPOINT`] in
+    /// flight for each.
+    async fn start_due(self: std::sync::Arc<Self>) {
+        let endpoints = match self.state.store.webhook_endpoints().await {
+            Ok(endpoints) => endpoints,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the webhook endpoints");
+                return;
+            }
+        };
+        for endpoint in endpoints {
+            let endpoint_id = endpoint.id.to_string();
+            let busy = self.busy(&endpoint_id);
+            if busy.len() >= PER_ENDPOINT {
+                continue;
+            }
+            // Those in flight are still due until their attempt is recorded.
+            let limit = i64::try_from(PER_ENDPOINT + busy.len()).unwrap_or(i64::MAX);
+            let due = match self
+                .state
+                .store
+                .due_deliveries_of(endpoint_id.clone(), limit)
+                .await
+            {
+                Ok(due) => due,
+                Err(error) => {
+                    tracing::warn!(%error, endpoint = %endpoint_id, "cannot read due webhook deliveries");
+                    continue;
+                }
+            };
+            let new: Vec<DueDelivery> = due
+                .into_iter()
+                .filter(|d| !busy.contains(&d.id))
+                .take(PER_ENDPOINT - busy.len())
+                .collect();
+            for delivery in new {
+                self.in_flight
+                    .lock()
+                    .expect("in flight")
+                    .entry(endpoint_id.clone())
+                    .or_default()
+                    .insert(delivery.id.clone());
+                let worker = self.clone();
+                tokio::spawn(async move {
+                    let (endpoint, id) = (delivery.endpoint_id.clone(), delivery.id.clone());
+                    let recorded = deliver(&worker.client, &worker.state, delivery).await;
+                    if !recorded {
+                        worker.unrecorded.store(true, Ordering::Relaxed);
+                    }
+                    if let Some(ids) = worker
+                        .in_flight
+                        .lock()
+                        .expect("in flight")
+                        .get_mut(&endpoint)
+                    {
+                        ids.remove(&id);
+                    }
+                    worker.finished.notify_one();
+                });
+            }
+        }
+    }
+
+    fn busy(&self, endpoint_id: &str) -> HashSet<String> {
+        self.in_flight
+            .lock()
+            .expect("in flight")
+            .get(endpoint_id)
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 /// Send one delivery and record the attempt; false when it could not be recorded.
@@ -86,6 +184,14 @@ async fn deliver(client: &reqwest::Client, state: &AppState, delivery: DueDelive
             let error = (!status.is_success()).then(|| format!("the receiver answered {status}"));
             (status.is_success(), Some(status.as_u16()), error)
         }
+        Err(error) if error.is_timeout() => (
+            false,
+            None,
+            Some(format!(
+                "the receiver did not answer within {} s",
+                TIMEOUT.as_secs()
+            )),
+        ),
         Err(error) => (false, None, Some(error.to_string())),
     };
     state.metrics.webhook_attempt(ok);

@@ -1291,6 +1291,22 @@ impl Store {
             .await
     }
 
+    /// [`Store::due_deliveries`] of one endpoint.
+    pub async fn due_deliveries_of(
+        &self,
+        endpoint_id: String,
+        limit: i64,
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        let now = self.now();
+        let durable = self
+            .inner
+            .sync
+            .durable_notification
+            .load(std::sync::atomic::Ordering::Acquire);
+        self.read(move |c| rows::due_deliveries_of(c, &endpoint_id, now, durable, limit))
+            .await
+    }
+
     /// An endpoint's deliveries, the newest first.
     pub async fn deliveries(
         &self,

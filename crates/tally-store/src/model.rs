@@ -445,6 +445,7 @@ pub struct WebhookEndpointRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DueDelivery {
     pub id: String,
+    pub endpoint_id: String,
     pub attempts: i64,
     pub url: String,
     pub secret: String,

@@ -914,30 +914,60 @@ pub fn due_deliveries(
     limit: i64,
 ) -> db::Result<Vec<crate::model::DueDelivery>> {
     let mut statement = connection.prepare_cached(
-        "SELECT d.id, d.attempts, e.url, e.secret, n.sequence, n.type, n.customer_id, n.payload, n.created_at \
+        "SELECT d.id, d.attempts, e.url, e.secret, n.sequence, n.type, n.customer_id, n.payload, n.created_at, \
+         d.endpoint_id \
          FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
          JOIN notifications n ON n.sequence = d.notification \
          WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 AND d.notification <= ?3 \
          ORDER BY d.next_attempt_at LIMIT ?2",
     )?;
-    let rows = statement.query_map(params![now.micros(), limit, durable], |row| {
-        let data: serde_json::Value = json(&row.get::<_, String>(7)?)?;
-        let body = serde_json::json!({
-            "id": format!("evt_{}", row.get::<_, i64>(4)?),
-            "type": row.get::<_, String>(5)?,
-            "customer_id": row.get::<_, Option<String>>(6)?,
-            "created_at": Timestamp(row.get(8)?).rfc3339(),
-            "data": data,
-        });
-        Ok(crate::model::DueDelivery {
-            id: row.get(0)?,
-            attempts: row.get(1)?,
-            url: row.get(2)?,
-            secret: row.get(3)?,
-            body: body.to_string(),
-        })
-    })?;
+    let rows = statement.query_map(params![now.micros(), limit, durable], due_delivery)?;
     rows.collect()
+}
+
+/// [`due_deliveries`] of one endpoint (`webhook_deliveries_pending_by_endpoint`):
+/// the worker reads each endpoint's apart, so that one whose receiver hangs
+/// never holds up another's.
+pub fn due_deliveries_of(
+    connection: &Connection,
+    endpoint_id: &str,
+    now: Timestamp,
+    durable: i64,
+    limit: i64,
+) -> db::Result<Vec<crate::model::DueDelivery>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT d.id, d.attempts, e.url, e.secret, n.sequence, n.type, n.customer_id, n.payload, n.created_at, \
+         d.endpoint_id \
+         FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
+         JOIN notifications n ON n.sequence = d.notification \
+         WHERE d.endpoint_id = ?4 AND d.status = 'pending' AND d.next_attempt_at <= ?1 \
+         AND d.notification <= ?3 \
+         ORDER BY d.next_attempt_at LIMIT ?2",
+    )?;
+    let rows = statement.query_map(
+        params![now.micros(), limit, durable, endpoint_id],
+        due_delivery,
+    )?;
+    rows.collect()
+}
+
+fn due_delivery(row: &Row) -> db::Result<crate::model::DueDelivery> {
+    let data: serde_json::Value = json(&row.get::<_, String>(7)?)?;
+    let body = serde_json::json!({
+        "id": format!("evt_{}", row.get::<_, i64>(4)?),
+        "type": row.get::<_, String>(5)?,
+        "customer_id": row.get::<_, Option<String>>(6)?,
+        "created_at": Timestamp(row.get(8)?).rfc3339(),
+        "data": data,
+    });
+    Ok(crate::model::DueDelivery {
+        id: row.get(0)?,
+        endpoint_id: row.get(9)?,
+        attempts: row.get(1)?,
+        url: row.get(2)?,
+        secret: row.get(3)?,
+        body: body.to_string(),
+    })
 }
 
 /// An endpoint's deliveries, the newest first, of notifications before

@@ -413,6 +413,15 @@ CREATE TABLE event_window (
 ALTER TABLE entries ADD COLUMN facts TEXT;
 "#,
     ),
+    (
+        18,
+        r#"
+-- Each endpoint's due deliveries, read apart by the delivery worker, so that
+-- an endpoint whose receiver hangs never holds up the others.
+CREATE INDEX webhook_deliveries_pending_by_endpoint
+    ON webhook_deliveries(endpoint_id, next_attempt_at) WHERE status = 'pending';
+"#,
+    ),
 ];
 
 /// The key of the advisory lock that serializes migrations on PostgreSQL

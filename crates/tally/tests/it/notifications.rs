@@ -786,3 +786,122 @@ async fn a_renewal_that_passes_through_zero_sends_no_balance_alert() {
     sent.sort();
     assert_eq!(sent, ["balance.depleted", "balance.low", "balance.low"]);
 }
+
+/// A receiver's redirect is not a delivery: it is not followed (the signed
+/// body and headers go to the endpoint's URL only) and the attempt is
+/// recorded as the 3xx it was, to be retried; it was followed as a GET
+/// without the body and logged `delivered` (a probe). And one endpoint
+/// whose receiver hangs holds up no other endpoint: a second notification
+/// reaches a quick receiver while the hung one's first attempt is still in
+/// flight (it waited for that attempt's 10 s timeout).
+#[tokio::test]
+async fn a_redirect_is_not_a_delivery_and_a_hanging_receiver_holds_up_no_other() {
+    use axum::response::IntoResponse;
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let landed = Arc::new(Mutex::new(0usize));
+    let (release, released) = tokio::sync::watch::channel(false);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let receiver = axum::Router::new()
+        .route(
+            "/redirect",
+            axum::routing::post(|| async {
+                (
+                    AxumStatus::FOUND,
+                    [(axum::http::header::LOCATION, "/landing")],
+                )
+                    .into_response()
+            }),
+        )
+        .route(
+            "/landing",
+            axum::routing::any({
+                let landed = landed.clone();
+                move || async move {
+                    *landed.lock().unwrap() += 1;
+                    AxumStatus::OK
+                }
+            }),
+        )
+        .route(
+            "/hang",
+            axum::routing::post(move || {
+                let mut released = released.clone();
+                async move {
+                    let _ = released.wait_for(|done| *done).await;
+                    AxumStatus::OK
+                }
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+    for (id, path) in [("redirected", "/redirect"), ("hung", "/hang")] {
+        let endpoint = app
+            .post(
+                "/v1/webhook-endpoints",
+                json!({ "id": id, "url": format!("{base}{path}"), "events": ["*"] }),
+            )
+            .await;
+        assert_eq!(endpoint.status, StatusCode::OK, "{}", endpoint.body);
+    }
+    let good = accepting_endpoint(&app, "good", json!(["*"])).await;
+    app.customer("cus").await;
+    app.grant("cus", "g1", "100").await;
+    let alerts = app
+        .put(
+            "/v1/customers/cus/alerts",
+            json!({ "low_balance": ["90", "50"] }),
+        )
+        .await;
+    assert_eq!(alerts.status, StatusCode::OK, "{}", alerts.body);
+    let log = |endpoint: &'static str| {
+        let app = &app;
+        async move {
+            let reply = app
+                .get(&format!("/v1/webhook-endpoints/{endpoint}/deliveries"))
+                .await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+            reply.body["data"].as_array().unwrap().clone()
+        }
+    };
+    let received = |count: usize| {
+        let good = good.clone();
+        async move {
+            for _ in 0..200 {
+                if good.lock().unwrap().requests.len() >= count {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        }
+    };
+    app.charge("cus", "c1", "15").await; // balance.low at 90, to all three
+    assert!(received(1).await, "the quick receiver got the first");
+    app.charge("cus", "c2", "40").await; // balance.low at 50
+    assert!(received(2).await, "the quick receiver got the second");
+    // ...while the hung receiver's first attempt was still in flight: not
+    // recorded yet (the old worker recorded it, failed, before it sent the
+    // second anywhere).
+    let hung = log("hung").await;
+    let first = hung.last().expect("the hung endpoint's first delivery");
+    assert_eq!(first["attempts"], 0, "{hung:?}");
+    let mut redirected = log("redirected").await;
+    for _ in 0..200 {
+        if redirected.len() == 2 && redirected.iter().all(|d| d["attempts"] != 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        redirected = log("redirected").await;
+    }
+    assert_eq!(redirected.len(), 2, "{redirected:?}");
+    for delivery in &redirected {
+        assert_eq!(delivery["status"], "pending", "{delivery}");
+        assert_eq!(delivery["last_status"], 302, "{delivery}");
+    }
+    assert_eq!(*landed.lock().unwrap(), 0, "the redirect was not followed");
+    release.send(true).unwrap();
+}
