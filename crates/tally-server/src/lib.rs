@@ -292,6 +292,12 @@ pub fn router(state: AppState) -> Router {
             post(notify::create_webhook_endpoint).get(notify::list_webhook_endpoints),
         )
         .route(
+            "/v1/webhook-endpoints/{id}",
+            get(notify::get_webhook_endpoint)
+                .patch(notify::update_webhook_endpoint)
+                .delete(notify::delete_webhook_endpoint),
+        )
+        .route(
             "/v1/webhook-endpoints/{id}/deliveries",
             get(notify::list_deliveries),
         )

@@ -187,6 +187,7 @@ impl Modify for DocsPaths {
         plans::put_plan, plans::get_plan, plans::list_plans, plans::put_subscription, plans::get_subscription,
         plans::cancel_subscription,
         notify::put_alerts, notify::create_webhook_endpoint, notify::list_webhook_endpoints,
+        notify::get_webhook_endpoint, notify::update_webhook_endpoint, notify::delete_webhook_endpoint,
         notify::list_deliveries, notify::stream, members::put_member, members::list_members,
         members::create_transfer,
         topups::put_credit_pack, topups::list_credit_packs, topups::create_topup, topups::list_topups,

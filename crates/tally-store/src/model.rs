@@ -135,6 +135,18 @@ pub enum Command {
     },
     /// Register a webhook endpoint.
     CreateWebhookEndpoint(NewWebhookEndpoint),
+    /// Change an endpoint's URL or notification types (`None`: kept as it
+    /// is). Its pending deliveries go to the new URL.
+    UpdateWebhookEndpoint {
+        id: Id,
+        url: Option<String>,
+        events: Option<Vec<String>>,
+    },
+    /// Delete an endpoint: no notification goes to it any more, and its
+    /// pending deliveries fail. Its id stays taken.
+    DeleteWebhookEndpoint {
+        id: Id,
+    },
     /// The result of one delivery attempt (sent by the delivery worker).
     RecordDelivery {
         delivery_id: String,
@@ -298,6 +310,8 @@ impl Command {
             | Command::ApplyDue { .. }
             | Command::PutAlerts { .. }
             | Command::PutMember { .. }
+            | Command::UpdateWebhookEndpoint { .. }
+            | Command::DeleteWebhookEndpoint { .. }
             | Command::RecordDelivery { .. }
             | Command::PutCreditPack(_)
             | Command::PutAutoTopup { .. }

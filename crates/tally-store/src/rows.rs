@@ -1008,7 +1008,8 @@ pub fn webhook_endpoints(
     connection: &Connection,
 ) -> db::Result<Vec<crate::model::WebhookEndpointRecord>> {
     let mut statement = connection.prepare_cached(
-        "SELECT id, url, events, secret, created_at FROM webhook_endpoints ORDER BY id",
+        "SELECT id, url, events, secret, created_at FROM webhook_endpoints \
+         WHERE deleted_at IS NULL ORDER BY id",
     )?;
     let rows = statement.query_map([], |row| {
         Ok(crate::model::WebhookEndpointRecord {

@@ -2014,6 +2014,11 @@ impl Writer {
             Command::CreateWebhookEndpoint(endpoint) => {
                 Ok((self.create_webhook_endpoint(endpoint)?, None))
             }
+            Command::UpdateWebhookEndpoint { id, url, events } => Ok((
+                self.update_webhook_endpoint(id, url.as_deref(), events.as_deref())?,
+                None,
+            )),
+            Command::DeleteWebhookEndpoint { id } => Ok((self.delete_webhook_endpoint(id)?, None)),
             Command::RecordDelivery {
                 delivery_id,
                 ok,

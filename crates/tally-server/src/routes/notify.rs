@@ -141,15 +141,35 @@ pub async fn create_webhook_endpoint(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
     let body = body.read()?;
-    let url = reqwest::Url::parse(&body.url)
+    let url = endpoint_url(&body.url)?;
+    let events = endpoint_events(body.events)?;
+    let command = Command::CreateWebhookEndpoint(NewWebhookEndpoint {
+        id: edge::id(&body.id, "id")?,
+        url,
+        events,
+        secret: format!("whsec_{}", &crate::auth::generate_key()[3..]),
+    });
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, true)),
+        _ => Err(unexpected()),
+    }))
+}
+
+/// An endpoint's URL, or a 400 naming `url`.
+fn endpoint_url(text: &str) -> Result<String, ApiError> {
+    reqwest::Url::parse(text)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-        .ok_or_else(|| {
-            ApiError::invalid("url", "url must be an absolute http:// or https:// URL")
-        })?;
-    if body.events.is_empty()
-        || body
-            .events
+        .map(|u| u.to_string())
+        .ok_or_else(|| ApiError::invalid("url", "url must be an absolute http:// or https:// URL"))
+}
+
+/// An endpoint's notification types, sorted and without repeats, or a 400
+/// naming `events`.
+fn endpoint_events(mut events: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if events.is_empty()
+        || events
             .iter()
             .any(|e| e != "*" && !NOTIFICATION_TYPES.contains(&e.as_str()))
     {
@@ -161,18 +181,82 @@ pub async fn create_webhook_endpoint(
             ),
         ));
     }
-    let mut events = body.events.clone();
     events.sort();
     events.dedup();
-    let command = Command::CreateWebhookEndpoint(NewWebhookEndpoint {
-        id: edge::id(&body.id, "id")?,
-        url: url.to_string(),
-        events,
-        secret: format!("whsec_{}", &crate::auth::generate_key()[3..]),
-    });
+    Ok(events)
+}
+
+/// One webhook endpoint (without its secret).
+#[utoipa::path(get, path = "/v1/webhook-endpoints/{id}", tag = "notifications",
+    responses((status = 200, body = WebhookEndpointBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["admin"])))]
+pub async fn get_webhook_endpoint(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(endpoint_id): Path<String>,
+) -> Result<Json<WebhookEndpointBody>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let id = edge::id(&endpoint_id, "id")?;
+    let endpoints = state.store.webhook_endpoints().await?;
+    endpoints
+        .iter()
+        .find(|e| e.id == id)
+        .map(|e| Json(endpoint_body(e, false)))
+        .ok_or_else(|| ApiError::not_found(format!("webhook endpoint {id}")))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateWebhookEndpoint {
+    /// A new URL; its pending deliveries go there.
+    pub url: Option<String>,
+    /// New notification types (as when created), for notifications made from now on.
+    pub events: Option<Vec<String>>,
+}
+
+/// Change an endpoint's URL or notification types; what is left out is kept.
+#[utoipa::path(patch, path = "/v1/webhook-endpoints/{id}", tag = "notifications",
+    request_body = UpdateWebhookEndpoint,
+    responses((status = 200, body = WebhookEndpointBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["admin"])))]
+pub async fn update_webhook_endpoint(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(endpoint_id): Path<String>,
+    body: ApiJson<UpdateWebhookEndpoint>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    let body = body.read()?;
+    let command = Command::UpdateWebhookEndpoint {
+        id: edge::id(&endpoint_id, "id")?,
+        url: body.url.as_deref().map(endpoint_url).transpose()?,
+        events: body.events.map(endpoint_events).transpose()?,
+    };
     let executed = state.execute(command, &caller).await?;
     Ok(reply(executed, |outcome| match outcome {
-        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, true)),
+        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, false)),
+        _ => Err(unexpected()),
+    }))
+}
+
+/// Delete an endpoint: no notification goes to it any more, and its pending
+/// deliveries are given up. Its id stays taken, and its delivery log is no
+/// longer listed.
+#[utoipa::path(delete, path = "/v1/webhook-endpoints/{id}", tag = "notifications",
+    responses((status = 200, body = WebhookEndpointBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["admin"])))]
+pub async fn delete_webhook_endpoint(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(endpoint_id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    let command = Command::DeleteWebhookEndpoint {
+        id: edge::id(&endpoint_id, "id")?,
+    };
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, false)),
         _ => Err(unexpected()),
     }))
 }

@@ -578,6 +578,53 @@ impl Writer {
         }))
     }
 
+    /// A live (not deleted) endpoint by id, or not found.
+    fn live_endpoint(&self, id: &Id) -> Result<WebhookEndpointRecord, Failure> {
+        crate::rows::webhook_endpoints(&self.connection)?
+            .into_iter()
+            .find(|e| e.id == *id)
+            .ok_or_else(|| Failure::Store(StoreError::NotFound(format!("webhook endpoint {id}"))))
+    }
+
+    pub(super) fn update_webhook_endpoint(
+        &mut self,
+        id: &Id,
+        url: Option<&str>,
+        events: Option<&[String]>,
+    ) -> Result<Outcome, Failure> {
+        let mut endpoint = self.live_endpoint(id)?;
+        if let Some(url) = url {
+            endpoint.url = url.to_owned();
+        }
+        if let Some(events) = events {
+            endpoint.events = events.to_vec();
+        }
+        let events = serde_json::to_string(&endpoint.events).expect("events serialize");
+        self.connection
+            .prepare_cached("UPDATE webhook_endpoints SET url = ?2, events = ?3 WHERE id = ?1")?
+            .execute(params![id.as_str(), endpoint.url, events])?;
+        if let Some(cached) = self.endpoints.iter_mut().find(|e| e.id == id.as_str()) {
+            cached.events = endpoint.events.clone();
+        }
+        Ok(Outcome::WebhookEndpoint(endpoint))
+    }
+
+    pub(super) fn delete_webhook_endpoint(&mut self, id: &Id) -> Result<Outcome, Failure> {
+        let endpoint = self.live_endpoint(id)?;
+        let now = self.now.micros();
+        self.connection
+            .prepare_cached("UPDATE webhook_endpoints SET deleted_at = ?2 WHERE id = ?1")?
+            .execute(params![id.as_str(), now])?;
+        self.connection
+            .prepare_cached(
+                "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, \
+                 last_error = 'the endpoint was deleted' WHERE endpoint_id = ?1 AND status = 'pending'",
+            )?
+            .execute([id.as_str()])?;
+        self.endpoints.retain(|e| e.id != id.as_str());
+        Ok(Outcome::WebhookEndpoint(endpoint))
+    }
+
     /// Record one attempt: delivered, retried later (exponential backoff on
     /// the engine's clock), or given up after [`MAX_DELIVERY_ATTEMPTS`].
     pub(super) fn record_delivery(

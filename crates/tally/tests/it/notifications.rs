@@ -905,3 +905,162 @@ async fn a_redirect_is_not_a_delivery_and_a_hanging_receiver_holds_up_no_other()
     assert_eq!(*landed.lock().unwrap(), 0, "the redirect was not followed");
     release.send(true).unwrap();
 }
+
+/// An endpoint can be read, changed and deleted (there was no way to fix a
+/// URL or stop a dead endpoint, which cost 20 attempts for every event). A
+/// new URL takes the pending deliveries; new types apply to notifications
+/// made from then on; a deleted endpoint gets nothing more, its pending
+/// deliveries fail saying why, and its id stays taken.
+#[tokio::test]
+async fn an_endpoint_is_changed_and_deleted() {
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}/hook", closed.local_addr().unwrap());
+    drop(closed);
+    let created = app
+        .post(
+            "/v1/webhook-endpoints",
+            json!({ "id": "wh", "url": dead_url, "events": ["balance.low"] }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{}", created.body);
+    let secret = created.str("secret").to_string();
+    let one = app.get("/v1/webhook-endpoints/wh").await;
+    assert_eq!(one.status, StatusCode::OK, "{}", one.body);
+    assert_eq!(one.body["url"], dead_url.as_str());
+    assert!(one.body.get("secret").is_none(), "{}", one.body);
+
+    app.customer("cus").await;
+    app.grant("cus", "g1", "100").await;
+    let alerts = app
+        .put("/v1/customers/cus/alerts", json!({ "low_balance": ["50"] }))
+        .await;
+    assert_eq!(alerts.status, StatusCode::OK);
+    app.charge("cus", "c1", "60").await; // balance.low: pending, its receiver down
+    let log = || async {
+        let reply = app.get("/v1/webhook-endpoints/wh/deliveries").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply.body["data"].as_array().unwrap().clone()
+    };
+    for _ in 0..100 {
+        if log().await.first().is_some_and(|d| d["attempts"] != 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(log().await[0]["status"], "pending");
+
+    // Bad changes are refused and change nothing.
+    for (body, param) in [
+        (json!({ "url": "ftp://example.com/h" }), "url"),
+        (json!({ "events": [] }), "events"),
+        (json!({ "events": ["balance.lower"] }), "events"),
+        (json!({ "secret": "x" }), "secret"),
+    ] {
+        let reply = app
+            .send(
+                Method::PATCH,
+                "/v1/webhook-endpoints/wh",
+                Some(ADMIN_KEY),
+                Some(&body),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            reply.body
+        );
+        assert_eq!(reply.body["error"]["param"], param, "{}", reply.body);
+    }
+    let missing = app
+        .send(
+            Method::PATCH,
+            "/v1/webhook-endpoints/nope",
+            Some(ADMIN_KEY),
+            Some(&json!({})),
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND, "{}", missing.body);
+
+    // The receiver comes back at another address: the pending delivery goes there.
+    let received = Arc::new(Mutex::new(Received {
+        always_accept: true,
+        secret,
+        ..Received::default()
+    }));
+    let url = start_receiver(received.clone()).await;
+    let changed = app
+        .send(
+            Method::PATCH,
+            "/v1/webhook-endpoints/wh",
+            Some(ADMIN_KEY),
+            Some(&json!({ "url": url, "events": ["balance.low", "balance.depleted"] })),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
+    assert_eq!(changed.body["url"], url.as_str());
+    assert_eq!(
+        changed.body["events"],
+        json!(["balance.depleted", "balance.low"])
+    );
+    app.advance(3_600).await; // its retry is due
+    for _ in 0..100 {
+        if !received.lock().unwrap().requests.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(received.lock().unwrap().requests.len(), 1);
+    for _ in 0..100 {
+        if log().await[0]["status"] == "delivered" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(log().await[0]["status"], "delivered");
+
+    // Deleted: nothing more goes to it.
+    let deleted = app
+        .send(
+            Method::DELETE,
+            "/v1/webhook-endpoints/wh",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.body);
+    assert_eq!(
+        app.get("/v1/webhook-endpoints/wh").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let listed = app.get("/v1/webhook-endpoints").await;
+    assert_eq!(listed.body["data"], json!([]), "{}", listed.body);
+    app.charge("cus", "c2", "40").await; // balance.depleted: no endpoint wants it now
+    let again = app
+        .send(
+            Method::DELETE,
+            "/v1/webhook-endpoints/wh",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND, "{}", again.body);
+    let reused = app
+        .post(
+            "/v1/webhook-endpoints",
+            json!({ "id": "wh", "url": url, "events": ["*"] }),
+        )
+        .await;
+    assert_eq!(reused.status, StatusCode::CONFLICT, "{}", reused.body);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        received.lock().unwrap().requests.len(),
+        1,
+        "nothing after the delete"
+    );
+}
