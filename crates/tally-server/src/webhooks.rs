@@ -27,6 +27,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// one whose receiver hangs holds up none of the others' (it held up every
 /// endpoint's next deliveries by the 10 s timeout, a probe found).
 const PER_ENDPOINT: usize = 16;
+/// Deliveries in flight at once over all endpoints (sockets are bounded).
+const IN_FLIGHT: usize = 256;
 
 /// `v1` of `Tally-Signature`: hex HMAC-SHA256 of `"<t>.<body>"` under the
 /// endpoint's secret.
@@ -47,6 +49,7 @@ pub fn spawn_deliveries(state: AppState) -> tokio::task::JoinHandle<()> {
             .timeout(TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(4)
             .build()
         {
             Ok(client) => client,
@@ -59,6 +62,7 @@ pub fn spawn_deliveries(state: AppState) -> tokio::task::JoinHandle<()> {
             client,
             state,
             in_flight: Default::default(),
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
             finished: Default::default(),
             unrecorded: Default::default(),
         };
@@ -86,23 +90,26 @@ struct Worker {
     state: AppState,
     /// Delivery ids in flight, per endpoint id.
     in_flight: Mutex<HashMap<String, HashSet<String>>>,
+    /// At most [`IN_FLIGHT`] at once, over all endpoints.
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
     finished: tokio::sync::Notify,
     unrecorded: AtomicBool,
 }
 
 impl Worker {
     /// Start each endpoint's due deliveries, up to [`PER_ENDPOINT`] in
-    /// flight for each.
+    /// flight for each and [`IN_FLIGHT`] in all.
     async fn start_due(self: std::sync::Arc<Self>) {
-        let endpoints = match self.state.store.webhook_endpoints().await {
+        // Only the endpoints with something due are read (one query), then
+        // each one's due deliveries.
+        let endpoints = match self.state.store.due_endpoints().await {
             Ok(endpoints) => endpoints,
             Err(error) => {
-                tracing::warn!(%error, "cannot read the webhook endpoints");
+                tracing::warn!(%error, "cannot read due webhook deliveries");
                 return;
             }
         };
-        for endpoint in endpoints {
-            let endpoint_id = endpoint.id.to_string();
+        for endpoint_id in endpoints {
             let busy = self.busy(&endpoint_id);
             if busy.len() >= PER_ENDPOINT {
                 continue;
@@ -121,34 +128,38 @@ impl Worker {
                     continue;
                 }
             };
-            let new: Vec<DueDelivery> = due
+            let new = due
                 .into_iter()
                 .filter(|d| !busy.contains(&d.id))
-                .take(PER_ENDPOINT - busy.len())
-                .collect();
+                .take(PER_ENDPOINT - busy.len());
             for delivery in new {
+                // A server that no longer runs the writer sends nothing more
+                // (the new writer sends what is still pending).
+                if !self.state.store.is_leader() {
+                    return;
+                }
+                let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                    return;
+                };
                 self.in_flight
                     .lock()
                     .expect("in flight")
                     .entry(endpoint_id.clone())
                     .or_default()
                     .insert(delivery.id.clone());
-                let worker = self.clone();
+                let done = Done {
+                    worker: self.clone(),
+                    endpoint_id: delivery.endpoint_id.clone(),
+                    delivery_id: delivery.id.clone(),
+                    _slot: slot,
+                };
                 tokio::spawn(async move {
-                    let (endpoint, id) = (delivery.endpoint_id.clone(), delivery.id.clone());
-                    let recorded = deliver(&worker.client, &worker.state, delivery).await;
+                    let recorded = deliver(&done.worker.client, &done.worker.state, delivery).await;
                     if !recorded {
-                        worker.unrecorded.store(true, Ordering::Relaxed);
+                        done.worker.unrecorded.store(true, Ordering::Relaxed);
                     }
-                    if let Some(ids) = worker
-                        .in_flight
-                        .lock()
-                        .expect("in flight")
-                        .get_mut(&endpoint)
-                    {
-                        ids.remove(&id);
-                    }
-                    worker.finished.notify_one();
+                    // `done` drops here (or when the task panics): the
+                    // delivery leaves the in-flight set and frees its slot.
                 });
             }
         }
@@ -161,6 +172,26 @@ impl Worker {
             .get(endpoint_id)
             .cloned()
             .unwrap_or_default()
+    }
+}
+
+/// A delivery in flight: when dropped (its task ended, even by a panic), it
+/// leaves the in-flight set, frees its slot and wakes the worker.
+struct Done {
+    worker: std::sync::Arc<Worker>,
+    endpoint_id: String,
+    delivery_id: String,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let Ok(mut in_flight) = self.worker.in_flight.lock() {
+            if let Some(ids) = in_flight.get_mut(&self.endpoint_id) {
+                ids.remove(&self.delivery_id);
+            }
+        }
+        self.worker.finished.notify_one();
     }
 }
 

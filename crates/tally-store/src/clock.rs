@@ -51,7 +51,9 @@ impl ManualClock {
                     micros: AtomicI64::new(start.micros()),
                     file: Some(std::sync::Mutex::new(file)),
                 };
-                clock.keep();
+                // Written now, or refused: without it the next start would
+                // take the real time again.
+                clock.write()?;
                 return Ok(clock);
             }
             Err(error) => return Err(error),
@@ -70,18 +72,25 @@ impl ManualClock {
         now
     }
 
-    /// Write the instant to the clock's file, if it has one.
+    /// Write the instant to the clock's file, if it has one; a failure is
+    /// logged (the clock goes on).
     fn keep(&self) {
-        if let Some(file) = &self.file {
-            let file = file.lock().expect("manual clock file");
-            let latest = self.micros.load(Ordering::SeqCst);
-            let temporary = file.with_extension("tmp");
-            let written = std::fs::write(&temporary, latest.to_string())
-                .and_then(|()| std::fs::rename(&temporary, &*file));
-            if let Err(error) = written {
-                tracing::warn!(%error, ?file, "could not keep the manual clock's instant");
-            }
+        if let Err(error) = self.write() {
+            tracing::warn!(%error, "could not keep the manual clock's instant");
         }
+    }
+
+    /// Write the instant to the clock's file, if it has one.
+    fn write(&self) -> std::io::Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let file = file.lock().expect("manual clock file");
+        let latest = self.micros.load(Ordering::SeqCst);
+        let temporary = file.with_extension("tmp");
+        std::fs::write(&temporary, latest.to_string())
+            .and_then(|()| std::fs::rename(&temporary, &*file))
+            .map_err(|error| std::io::Error::new(error.kind(), format!("{file:?}: {error}")))
     }
 }
 

@@ -1291,6 +1291,18 @@ impl Store {
             .await
     }
 
+    /// The endpoints with deliveries due now.
+    pub async fn due_endpoints(&self) -> Result<Vec<String>, StoreError> {
+        let now = self.now();
+        let durable = self
+            .inner
+            .sync
+            .durable_notification
+            .load(std::sync::atomic::Ordering::Acquire);
+        self.read(move |c| rows::due_endpoints(c, now, durable))
+            .await
+    }
+
     /// [`Store::due_deliveries`] of one endpoint.
     pub async fn due_deliveries_of(
         &self,

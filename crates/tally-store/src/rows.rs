@@ -951,6 +951,20 @@ pub fn due_deliveries_of(
     rows.collect()
 }
 
+/// The endpoints with deliveries due at `now` (`webhook_deliveries_due`).
+pub fn due_endpoints(
+    connection: &Connection,
+    now: Timestamp,
+    durable: i64,
+) -> db::Result<Vec<String>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT DISTINCT endpoint_id FROM webhook_deliveries \
+         WHERE status = 'pending' AND next_attempt_at <= ?1 AND notification <= ?2",
+    )?;
+    let rows = statement.query_map(params![now.micros(), durable], |row| row.get(0))?;
+    rows.collect()
+}
+
 fn due_delivery(row: &Row) -> db::Result<crate::model::DueDelivery> {
     let data: serde_json::Value = json(&row.get::<_, String>(7)?)?;
     let body = serde_json::json!({

@@ -420,6 +420,11 @@ ALTER TABLE entries ADD COLUMN facts TEXT;
 -- an endpoint whose receiver hangs never holds up the others.
 CREATE INDEX webhook_deliveries_pending_by_endpoint
     ON webhook_deliveries(endpoint_id, next_attempt_at) WHERE status = 'pending';
+"#,
+    ),
+    (
+        19,
+        r#"
 -- When an endpoint was deleted (`DELETE /v1/webhook-endpoints/{id}`): it gets
 -- no more notifications and its id stays taken. NULL while it is live.
 ALTER TABLE webhook_endpoints ADD COLUMN deleted_at INTEGER;

@@ -2539,10 +2539,13 @@ impl Writer {
         // A lot the core made earlier in this group (a transfer's, a hold's
         // returned credits, a renewal's) has its row written when the group
         // is: it is in the ledger of a customer the group touched.
+        // Only customers with lots not written yet are looked into.
         if let Some(customer) = self.touched.iter().find(|customer| {
-            self.cache
-                .get(*customer)
-                .is_some_and(|cached| cached.ledger.grant(grant_id).is_some())
+            self.cache.get(*customer).is_some_and(|cached| {
+                cached.ledger.grants().len() != cached.stored.len()
+                    && !cached.stored.contains_key(grant_id)
+                    && cached.ledger.grant(grant_id).is_some()
+            })
         }) {
             return Ok(customer.clone());
         }

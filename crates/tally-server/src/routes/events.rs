@@ -200,8 +200,13 @@ async fn charge_batch(
         )
         .err()
         .map(|e| e.path().to_string())
-        .filter(|path| !path.is_empty() && path != ".");
-        let quoted = e.to_string().split('`').nth(1).map(str::to_owned);
+        .filter(|path| !path.is_empty() && path != "." && !path.contains('?'));
+        // serde names a missing or unknown field in backquotes (and quotes
+        // other things, such as the type it found, the same way).
+        let text = e.to_string();
+        let quoted = (text.starts_with("missing field") || text.starts_with("unknown field"))
+            .then(|| text.split('`').nth(1).map(str::to_owned))
+            .flatten();
         match path.or(quoted) {
             Some(param) => ApiError::invalid(&param, message),
             None => ApiError::new("invalid_request", message),
