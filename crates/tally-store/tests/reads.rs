@@ -13,6 +13,16 @@ use tally_store::{Command, ManualClock, NewSubscription, PlanChange};
 
 const START: Timestamp = Timestamp(1_800_000_000_000_000);
 
+/// A clock that reads one instant and is not a manual clock: a server's real
+/// clock, stopped for the test.
+struct Stopped(Timestamp);
+
+impl tally_core::Clock for Stopped {
+    fn now(&self) -> Timestamp {
+        self.0
+    }
+}
+
 /// Customer `c` on a 30-day plan of 100 credits from now, 30 of them charged.
 async fn subscribed_and_charged(store: &tally_store::Store) {
     ok(
@@ -86,7 +96,10 @@ async fn a_read_past_a_boundary_not_yet_renewed_shows_a_balance_that_was() {
     subscribed_and_charged(&store).await;
     let boundary = START.plus_seconds(30 * 24 * 3600).unwrap();
     let later = START.plus_seconds(30 * 24 * 3600 + 60).unwrap();
-    let (reader, expected, as_of) = match place.open_follower(Arc::new(ManualClock::new(later))) {
+    // The follower's clock is a real one running ahead of the writer's (a
+    // manual one would start at the writer's instant, which the database
+    // records): here one stopped at `later`.
+    let (reader, expected, as_of) = match place.open_follower(Arc::new(Stopped(later))) {
         Some(follower) => (follower, "70", Timestamp(boundary.micros() - 1)),
         None => {
             clock.advance_to(later);
