@@ -18,7 +18,7 @@ use crate::AppState;
 const POLL: Duration = Duration::from_millis(200);
 /// After a delivery finishes, the worker waits this long for others to
 /// finish before it looks again (one read for several).
-const SETTLE: Duration = Duration::from_millis(5);
+const SETTLE: Duration = Duration::from_millis(1);
 /// A receiver has this long to answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// A receiver that does not accept the connection within this is retried later.
