@@ -1278,43 +1278,30 @@ impl Store {
         self.inner.sync.subscribe_live()
     }
 
-    /// Deliveries due at the engine's now, the oldest first, of notifications
-    /// already durable (a read can see a group committed but not yet fsynced).
-    pub async fn due_deliveries(&self, limit: i64) -> Result<Vec<DueDelivery>, StoreError> {
-        let now = self.now();
-        let durable = self
-            .inner
-            .sync
-            .durable_notification
-            .load(std::sync::atomic::Ordering::Acquire);
-        self.read(move |c| rows::due_deliveries(c, now, durable, limit))
-            .await
-    }
-
-    /// The endpoints with deliveries due now.
+    /// The endpoints with deliveries due now (of notifications already
+    /// durable: a read can see a group committed but not yet fsynced).
     pub async fn due_endpoints(&self) -> Result<Vec<String>, StoreError> {
-        let now = self.now();
-        let durable = self
-            .inner
-            .sync
-            .durable_notification
-            .load(std::sync::atomic::Ordering::Acquire);
+        let (now, durable) = (self.now(), self.durable_notification());
         self.read(move |c| rows::due_endpoints(c, now, durable))
             .await
     }
 
-    /// [`Store::due_deliveries`] of one endpoint.
+    /// The last notification made durable: deliveries of later ones wait.
+    fn durable_notification(&self) -> i64 {
+        self.inner
+            .sync
+            .durable_notification
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// One endpoint's deliveries due now (of notifications made durable),
+    /// the oldest first.
     pub async fn due_deliveries_of(
         &self,
         endpoint_id: String,
         limit: i64,
     ) -> Result<Vec<DueDelivery>, StoreError> {
-        let now = self.now();
-        let durable = self
-            .inner
-            .sync
-            .durable_notification
-            .load(std::sync::atomic::Ordering::Acquire);
+        let (now, durable) = (self.now(), self.durable_notification());
         self.read(move |c| rows::due_deliveries_of(c, &endpoint_id, now, durable, limit))
             .await
     }

@@ -905,29 +905,10 @@ pub fn upsert_member(
     Ok(())
 }
 
-/// Deliveries due at `now`, the oldest first, each with the body every
-/// attempt sends (built from the stored row, so it never changes).
-pub fn due_deliveries(
-    connection: &Connection,
-    now: Timestamp,
-    durable: i64,
-    limit: i64,
-) -> db::Result<Vec<crate::model::DueDelivery>> {
-    let mut statement = connection.prepare_cached(
-        "SELECT d.id, d.attempts, e.url, e.secret, n.sequence, n.type, n.customer_id, n.payload, n.created_at, \
-         d.endpoint_id \
-         FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
-         JOIN notifications n ON n.sequence = d.notification \
-         WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 AND d.notification <= ?3 \
-         ORDER BY d.next_attempt_at LIMIT ?2",
-    )?;
-    let rows = statement.query_map(params![now.micros(), limit, durable], due_delivery)?;
-    rows.collect()
-}
-
-/// [`due_deliveries`] of one endpoint (`webhook_deliveries_pending_by_endpoint`):
-/// the worker reads each endpoint's apart, so that one whose receiver hangs
-/// never holds up another's.
+/// One endpoint's deliveries due at `now`, the oldest first, each with the
+/// body every attempt sends (built from the stored row, so it never
+/// changes); `webhook_deliveries_pending_by_endpoint`. The worker reads each
+/// endpoint's apart, so that one whose receiver hangs never holds up another's.
 pub fn due_deliveries_of(
     connection: &Connection,
     endpoint_id: &str,

@@ -32,7 +32,7 @@ async fn warned(store: &Store, count: usize) -> Vec<String> {
 
 async fn warned_now(store: &Store) -> Vec<String> {
     let mut lots: Vec<String> = store
-        .due_deliveries(1_000)
+        .due_deliveries_of("wh".into(), 1_000)
         .await
         .unwrap()
         .iter()

@@ -91,6 +91,12 @@ pub(crate) async fn start_receiver(received: Arc<Mutex<Received>>) -> String {
     format!("http://{address}/hook")
 }
 
+/// A URL on 127.0.0.1 where nothing listens (a port bound, then let go).
+fn nobody_listens() -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}/hook", closed.local_addr().unwrap())
+}
+
 /// A receiver that accepts every correctly signed request, registered as
 /// webhook endpoint `id` for `events`: what it receives.
 pub(crate) async fn accepting_endpoint(
@@ -389,9 +395,7 @@ async fn settled_notifications_are_pruned_after_their_retention() {
     .await;
     accepting_endpoint(&app, "good", json!(["balance.low"])).await;
     // Nothing listens there: its deliveries stay pending, retried.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_url = format!("http://{}/hook", closed.local_addr().unwrap());
-    drop(closed);
+    let dead_url = nobody_listens();
     let dead = app
         .post(
             "/v1/webhook-endpoints",
@@ -918,9 +922,7 @@ async fn an_endpoint_is_changed_and_deleted() {
         ..Options::default()
     })
     .await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_url = format!("http://{}/hook", closed.local_addr().unwrap());
-    drop(closed);
+    let dead_url = nobody_listens();
     let created = app
         .post(
             "/v1/webhook-endpoints",
