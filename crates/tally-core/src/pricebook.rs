@@ -207,6 +207,12 @@ impl Pricing {
         }
     }
 
+    /// The quantity used: none for a capture by amount, whose units are not
+    /// known (`quantity` is then the hold's).
+    pub fn used_quantity(&self) -> Option<Quantity> {
+        (!self.by_amount).then_some(self.quantity)
+    }
+
     /// Price another quantity by the same rule (a hold's captured quantity:
     /// the price was locked when the hold was placed).
     pub fn reprice(&self, quantity: Quantity) -> Result<Pricing, PricingError> {

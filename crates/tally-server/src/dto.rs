@@ -355,8 +355,8 @@ impl From<&EntryRecord> for EntryBody {
             quantity: record
                 .pricing
                 .as_ref()
-                .filter(|p| !p.by_amount)
-                .map(|p| amount(p.quantity)),
+                .and_then(|p| p.used_quantity())
+                .map(amount),
             counterparty_customer_id: record.facts.as_ref().and_then(|f| f.counterparty.clone()),
             expiry_change: record
                 .facts

@@ -1809,8 +1809,8 @@ fn usage(
             });
         line.records += 1;
         line.credits_micros += i128::from(row.get::<_, i64>(7)?);
-        if let Some(pricing) = pricing.filter(|p| !p.by_amount) {
-            line.quantity_micros += i128::from(pricing.quantity.micros());
+        if let Some(quantity) = pricing.and_then(|p| p.used_quantity()) {
+            line.quantity_micros += i128::from(quantity.micros());
         }
     }
     Ok(Some(Ok(UsageReport {

@@ -60,6 +60,9 @@ const MAX_TICK_CUSTOMERS: i64 = 1000;
 /// at): a clock step that renewed a year of daily plans for 57 customers took
 /// 8.3 s on PostgreSQL, and a charge sent meanwhile waited 8.2 s (a probe).
 const MAX_TICK_WORK: usize = 1000;
+/// Record the writer's instant as the engine's clock (never moving it back).
+const RECORD_ENGINE_CLOCK: &str = "INSERT INTO engine_clock (id, micros) VALUES (1, ?1) \
+     ON CONFLICT (id) DO UPDATE SET micros = excluded.micros WHERE engine_clock.micros < excluded.micros";
 /// Operation kinds that resolve something (a hold, a top-up's payment): a
 /// refusal is not their id's outcome, since the id names the thing resolved.
 const RESOLUTIONS: [&str; 2] = ["hold_resolution", "topup_resolution"];
@@ -869,11 +872,7 @@ impl Writer {
         // Recorded at once, not only at the first tick: a server that opens
         // the database meanwhile starts its manual clock there (`resume`),
         // not at its own later start.
-        connection.execute(
-            "INSERT INTO engine_clock (id, micros) VALUES (1, ?1) ON CONFLICT (id) \
-             DO UPDATE SET micros = excluded.micros WHERE engine_clock.micros < excluded.micros",
-            [clock.now().micros()],
-        )?;
+        connection.execute(RECORD_ENGINE_CLOCK, [clock.now().micros()])?;
         connection.execute(
             "INSERT INTO event_window (id, seconds) VALUES (1, ?1) ON CONFLICT (id) \
              DO UPDATE SET seconds = excluded.seconds WHERE event_window.seconds < excluded.seconds",
@@ -3152,10 +3151,7 @@ impl Writer {
     fn tick(&mut self) -> db::Result<Outcome> {
         let now = self.now.micros();
         self.connection
-            .prepare_cached(
-                "INSERT INTO engine_clock (id, micros) VALUES (1, ?1) ON CONFLICT (id) \
-                 DO UPDATE SET micros = excluded.micros WHERE engine_clock.micros < excluded.micros",
-            )?
+            .prepare_cached(RECORD_ENGINE_CLOCK)?
             .execute([now])?;
         if !self.quarantine.is_empty() {
             self.quarantine.retain(|_, until| *until > now);

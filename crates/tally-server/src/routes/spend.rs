@@ -414,8 +414,8 @@ pub async fn capture_hold(
             quantity: c
                 .pricing
                 .as_ref()
-                .filter(|p| !p.by_amount)
-                .map(|p| amount(p.quantity)),
+                .and_then(|p| p.used_quantity())
+                .map(amount),
         }),
         _ => Err(unexpected()),
     }))
