@@ -432,8 +432,13 @@ impl CustomerLedger {
         {
             if grant.in_effect(now) {
                 available = add(available, grant.remaining);
-            } else if now < grant.effective_at {
-                pending = add(pending, grant.remaining);
+            } else {
+                if now < grant.effective_at {
+                    pending = add(pending, grant.remaining);
+                }
+                // Only credits the customer can spend now count toward
+                // the next expiry: a pending lot's are not theirs yet.
+                continue;
             }
             if let (Some(expiry), true) = (grant.expires_at, grant.remaining.is_positive()) {
                 next_expiry = match next_expiry {
@@ -580,7 +585,7 @@ impl CustomerLedger {
     }
 
     /// Refuse adding `amount` new credits when the outstanding total would pass the maximum.
-    fn room_for(&self, amount: Amount) -> Result<(), LedgerError> {
+    pub fn room_for(&self, amount: Amount) -> Result<(), LedgerError> {
         match self
             .outstanding()
             .and_then(|total| total.checked_add(amount))

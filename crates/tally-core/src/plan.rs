@@ -46,12 +46,17 @@ impl Period {
         }
     }
 
-    /// Roughly how many days a period lasts (to compare plans, never to date).
-    pub fn nominal_days(self) -> i64 {
+    /// How long a period lasts on average, in millionths of a day (to
+    /// compare plans, never to date): a year of the Gregorian calendar is
+    /// 365.2425 days and a month a twelfth of it, so twelve months are a
+    /// year exactly (with 30 and 365 days, a monthly plan and a yearly one
+    /// within 1.4% of each other compared the wrong way round).
+    pub fn average_micro_days(self) -> i64 {
+        const YEAR: i64 = 365_242_500;
         match self {
-            Period::Month => 30,
-            Period::Year => 365,
-            Period::Days(days) => i64::from(days),
+            Period::Month => YEAR / 12,
+            Period::Year => YEAR,
+            Period::Days(days) => i64::from(days) * 1_000_000,
         }
     }
 
@@ -179,10 +184,11 @@ pub fn validate_plan(plan: &Plan) -> Result<(), (&'static str, &'static str)> {
 
 impl Plan {
     /// Whether moving from `from` to this plan is an upgrade: more credits
-    /// per day of period.
+    /// per day of period, on average ([`Period::average_micro_days`]).
     pub fn is_upgrade_from(&self, from: &Plan) -> bool {
-        i128::from(self.included_credits.micros()) * i128::from(from.period.nominal_days())
-            > i128::from(from.included_credits.micros()) * i128::from(self.period.nominal_days())
+        i128::from(self.included_credits.micros()) * i128::from(from.period.average_micro_days())
+            > i128::from(from.included_credits.micros())
+                * i128::from(self.period.average_micro_days())
     }
 }
 
@@ -236,6 +242,29 @@ pub struct Subscription {
     /// it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_changed_at: Option<Timestamp>,
+    /// The terms the current period's allocation was granted under: its
+    /// rollover follows them though the plan was changed since (a change
+    /// applies from the next period). Absent before the first period, and
+    /// in subscriptions stored before it was kept (the plan's terms of the
+    /// boundary then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_terms: Option<PeriodTerms>,
+}
+
+/// What of a plan decides what becomes of a period's allocation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeriodTerms {
+    pub included_credits: Amount,
+    pub rollover: Option<Rollover>,
+}
+
+impl PeriodTerms {
+    pub fn of(plan: &Plan) -> PeriodTerms {
+        PeriodTerms {
+            included_credits: plan.included_credits,
+            rollover: plan.rollover.clone(),
+        }
+    }
 }
 
 impl Subscription {
@@ -256,6 +285,7 @@ impl Subscription {
             started_at: start,
             canceled_at: None,
             plan_changed_at: Some(start),
+            period_terms: None,
         }
     }
 
@@ -429,8 +459,13 @@ fn renew_until(
                 .unwrap_or_else(|| panic!("plan {key} is missing")),
             None => plan.clone(),
         };
-        // Rollover of the ending allocation, by the rule of the plan it was granted under.
-        let rolled = match (&plan.rollover, ending >= 0) {
+        // Rollover of the ending allocation, by the rule of the plan as it
+        // was when the allocation was granted.
+        let terms = subscription
+            .period_terms
+            .take()
+            .unwrap_or_else(|| PeriodTerms::of(&plan));
+        let rolled = match (&terms.rollover, ending >= 0) {
             (Some(rule), true) => {
                 let allocation = subscription.allocation_id(ending);
                 // Only credits about to expire at this boundary roll over: an
@@ -440,7 +475,7 @@ fn renew_until(
                     .filter(|g| g.status == GrantStatus::Active && g.in_effect(before))
                     .filter(|g| g.expires_at == Some(at))
                     .map_or(Amount::ZERO, |g| g.remaining);
-                let amount = rule.amount(unused, plan.included_credits);
+                let amount = rule.amount(unused, terms.included_credits);
                 amount
                     .is_positive()
                     .then(|| (allocation, amount, rule.clone()))
@@ -465,6 +500,7 @@ fn renew_until(
             subscription.period_end = subscription.boundary(&next_plan, subscription.period + 1)?;
         }
         let period = subscription.period;
+        subscription.period_terms = Some(PeriodTerms::of(&next_plan));
         if let Some((from, amount, rule)) = rolled {
             let expires = subscription
                 .boundary(&next_plan, period + i64::from(rule.expires_after_periods))?;
@@ -692,6 +728,7 @@ pub fn change_plan_now(
     subscription.next_plan = None;
     subscription.cancel_at_period_end = false;
     subscription.begin_period(to, now)?;
+    subscription.period_terms = Some(PeriodTerms::of(to));
     let period = subscription.period;
     steps.push(Step::Renewed { period, at: now });
     if to.included_credits.is_positive() {

@@ -126,8 +126,18 @@ pub fn validate_pack(pack: &CreditPack) -> Result<(), (&'static str, String)> {
     if pack.price.is_negative() {
         return Err(("price", "price must not be negative".into()));
     }
-    if pack.cost_basis().is_none() {
-        return Err(("price", "the price per credit is too large".into()));
+    match pack.cost_basis() {
+        None => return Err(("price", "the price per credit is too large".into())),
+        // Paid credits valued at nothing would report nothing to refund.
+        Some(basis) if pack.price.is_positive() && basis.per_credit.is_zero() => {
+            return Err((
+                "price",
+                "the price per credit rounds to 0 at 6 decimal places: a paid pack's credits \
+                 must be worth at least 0.000001 each"
+                    .into(),
+            ))
+        }
+        Some(_) => {}
     }
     let currency_ok =
         pack.currency.len() == 3 && pack.currency.bytes().all(|b| b.is_ascii_uppercase());
@@ -219,6 +229,21 @@ pub struct AutoTopupState {
     pub pending: Option<Id>,
     /// When the automatic top-ups of the last day started (the rate limit).
     pub recent: Vec<Timestamp>,
+    /// Why the last top-up that was due did not start (its order past the
+    /// largest amount, its pack gone), until one starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refusal: Option<AutoTopupRefusal>,
+    /// The top-up whose failure suspended it: only its money coming late
+    /// lifts the suspension (not another's, with later ones declined).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended_by: Option<Id>,
+}
+
+/// A due automatic top-up that could not start, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoTopupRefusal {
+    pub at: Timestamp,
+    pub message: String,
 }
 
 /// Whether an automatic top-up starts now.
@@ -245,6 +270,8 @@ impl AutoTopupState {
             consecutive_failures: 0,
             pending: None,
             recent: Vec::new(),
+            last_refusal: None,
+            suspended_by: None,
         }
     }
 
@@ -283,14 +310,35 @@ impl AutoTopupState {
         self.recent.retain(|t| t.micros() > since);
         self.recent.push(now);
         self.pending = Some(id);
+        self.last_refusal = None;
     }
 
-    /// The pending top-up's payment succeeded.
+    /// A due top-up could not start; true when this is news (a refusal
+    /// already recorded with the same message is not written again).
+    pub fn refused(&mut self, message: String, now: Timestamp) -> bool {
+        if self
+            .last_refusal
+            .as_ref()
+            .is_some_and(|r| r.message == message)
+        {
+            return false;
+        }
+        self.last_refusal = Some(AutoTopupRefusal { at: now, message });
+        true
+    }
+
+    /// The pending top-up's payment succeeded (or a failed one's money came
+    /// late): the failures in a row end, and a suspension this top-up's
+    /// failure caused is lifted.
     pub fn succeeded(&mut self, id: &Id) {
         if self.pending.as_ref() == Some(id) {
             self.pending = None;
         }
         self.consecutive_failures = 0;
+        if self.status == AutoTopupStatus::Suspended && self.suspended_by.as_ref() == Some(id) {
+            self.status = AutoTopupStatus::Active;
+            self.suspended_by = None;
+        }
     }
 
     /// The pending top-up's payment failed; true when this suspends it.
@@ -303,6 +351,7 @@ impl AutoTopupState {
             && self.consecutive_failures >= self.config.max_failures
         {
             self.status = AutoTopupStatus::Suspended;
+            self.suspended_by = Some(id.clone());
             return true;
         }
         false
@@ -339,6 +388,32 @@ mod tests {
             payment_timeout_seconds: 3600,
             enabled: true,
         })
+    }
+
+    /// Money coming late lifts the suspension only when it is for the
+    /// top-up whose failure suspended it: an earlier one's, with the card
+    /// declined twice since, does not.
+    #[test]
+    fn only_the_top_up_that_suspended_it_lifts_the_suspension() {
+        let mut state = state();
+        let id = |n: &str| Id::parse(n).unwrap();
+        let now = Timestamp(1_000_000);
+        for n in ["auto_1", "auto_2", "auto_3"] {
+            state.started(id(n), now);
+            state.failed(&id(n));
+        }
+        assert_eq!(state.status, AutoTopupStatus::Suspended);
+        assert_eq!(state.suspended_by, Some(id("auto_3")));
+        state.succeeded(&id("auto_1"));
+        assert_eq!(
+            state.status,
+            AutoTopupStatus::Suspended,
+            "auto_3 was declined"
+        );
+        assert_eq!(state.consecutive_failures, 0);
+        state.succeeded(&id("auto_3"));
+        assert_eq!(state.status, AutoTopupStatus::Active);
+        assert_eq!(state.suspended_by, None);
     }
 
     #[test]

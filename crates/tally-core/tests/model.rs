@@ -336,9 +336,9 @@ impl Model {
             let remaining = grant.remaining.micros();
             if grant.effective_at.0 > now {
                 pending += remaining;
-            } else {
-                available += remaining;
+                continue;
             }
+            available += remaining;
             if let (Some(expiry), true) = (grant.expires_at, remaining > 0) {
                 *expiries.entry(expiry.0).or_default() += remaining;
             }

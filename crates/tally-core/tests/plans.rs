@@ -99,6 +99,31 @@ fn entries(steps: Vec<Step>) -> Vec<EntryDraft> {
         .collect()
 }
 
+/// An upgrade is more credits per average day, twelve months being a
+/// year: 1,000 a month is 12,000 a year, so 12,100 a year is more and
+/// 12,000 a year the same (with months of 30 days and years of 365, the
+/// monthly plan counted as the higher of the first pair).
+#[test]
+fn monthly_and_yearly_plans_compare_by_the_same_year() {
+    let monthly = plan("mo", 1_000, None, 3);
+    let yearly = |key: &str, included: i64| Plan {
+        period: Period::Year,
+        ..plan(key, included, None, 3)
+    };
+    let more = yearly("yr_more", 12_100);
+    let same = yearly("yr_same", 12_000);
+    assert!(more.is_upgrade_from(&monthly));
+    assert!(!monthly.is_upgrade_from(&more));
+    assert!(!same.is_upgrade_from(&monthly) && !monthly.is_upgrade_from(&same));
+    let thirty_days = Plan {
+        period: Period::Days(30),
+        ..plan("d30", 1_000, None, 3)
+    };
+    // 1,000 every 30 days is more than 1,000 a month of 30.44 days on average.
+    assert!(thirty_days.is_upgrade_from(&monthly));
+    assert!(!monthly.is_upgrade_from(&thirty_days));
+}
+
 #[test]
 fn calendar_months_keep_the_day_of_month_from_the_anchor() {
     let anchor = at("2026-01-31T10:00:00Z");

@@ -88,6 +88,13 @@ pub struct KeyCache {
     entries: Mutex<HashMap<String, (String, Scope, Instant)>>,
 }
 
+impl KeyCache {
+    /// Forget every key looked up (a key was revoked).
+    pub fn clear(&self) {
+        self.entries.lock().expect("key cache").clear();
+    }
+}
+
 /// The authenticated caller.
 #[derive(Clone, Debug)]
 pub struct Caller {

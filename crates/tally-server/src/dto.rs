@@ -292,6 +292,10 @@ pub struct EntryBody {
     /// A transfer's other customer (only on `transfer_out` and `transfer_in`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub counterparty_customer_id: Option<String>,
+    /// What a refund gave back: the charge, usage event or captured hold
+    /// it named (only on `refund` entries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refund_of: Option<String>,
     /// An expiry change (only on `expiry_extended` and `reinstate` entries
     /// made by one): the lot's expiry before and after it, null for never.
     /// The lot is in `grant_ids`, even when the entry moved no credits.
@@ -358,6 +362,7 @@ impl From<&EntryRecord> for EntryBody {
                 .and_then(|p| p.used_quantity())
                 .map(amount),
             counterparty_customer_id: record.facts.as_ref().and_then(|f| f.counterparty.clone()),
+            refund_of: record.facts.as_ref().and_then(|f| f.refund_of.clone()),
             expiry_change: record
                 .facts
                 .as_ref()

@@ -101,6 +101,8 @@ pub fn refusal_param(code: &str, message: &str) -> Option<&'static str> {
         "invalid_expiry" => Some("expires_at"),
         "invalid_request" if message.starts_with("effective_at") => Some("effective_at"),
         "invalid_request" if message.starts_with("start_at") => Some("start_at"),
+        "invalid_request" if message.starts_with("change:") => Some("change"),
+        "invalid_request" if message.starts_with("the id that starts") => Some("id"),
         "invalid_request"
             if message.starts_with("pinned_pricebook")
                 || message.starts_with("give lock_rates or pinned_pricebook") =>

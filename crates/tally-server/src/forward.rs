@@ -143,6 +143,18 @@ async fn forward(state: &AppState, request: Request) -> Response {
                 tracing::warn!(%leader, "the recorded leader no longer runs the writer");
                 continue;
             }
+            Ok(answer) if path == CLOCK_ADVANCE && answer.status().is_success() => {
+                return clock_stepped(state, answer).await
+            }
+            // A key revoked through this server is refused here at once too.
+            Ok(answer)
+                if parts.method == Method::DELETE
+                    && path.starts_with("/v1/api-keys/")
+                    && answer.status().is_success() =>
+            {
+                state.key_cache.clear();
+                return relay(answer);
+            }
             Ok(answer) => return relay(answer),
             Err(error) if error.is_connect() => {
                 tracing::warn!(%leader, %error, "the leader is unreachable");
@@ -206,6 +218,33 @@ async fn leader_url(state: &AppState, refresh: bool) -> Option<String> {
     let url = state.store.leader_url().await.ok().flatten();
     *state.leader_url.write().expect("leader url") = url.clone();
     url
+}
+
+const CLOCK_ADVANCE: &str = "/v1/clock/advance";
+
+/// The leader's answer to a step of the manual clock: this server's clock
+/// moves there too before the client hears of it, so that what it reads
+/// next here is not from before the step (the clock would otherwise follow
+/// only at the next tick).
+async fn clock_stepped(state: &AppState, answer: reqwest::Response) -> Response {
+    let status = answer.status().as_u16();
+    let Ok(body) = answer.bytes().await else {
+        return unavailable(
+            "the leader's answer was cut off; read GET /v1/clock to see where the clock is",
+        );
+    };
+    let now = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["now"].as_str().map(str::to_owned))
+        .and_then(|now| crate::edge::instant(&now, "now").ok());
+    if let (Some(clock), Some(now)) = (&state.manual_clock, now) {
+        clock.advance_to(now);
+    }
+    Response::builder()
+        .status(status)
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .unwrap_or_else(|_| unavailable("the leader's answer could not be relayed"))
 }
 
 fn relay(answer: reqwest::Response) -> Response {

@@ -75,6 +75,10 @@ pub struct Shared {
     /// When a forward waiting on a silent leader last read the leader from
     /// the database (`forward::latest_leader`).
     pub leader_read_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Held by a step of the manual clock from reading the clock to having
+    /// applied what fell due: concurrent steps of `seconds` add up instead
+    /// of each moving from the same instant.
+    pub clock_steps: tokio::sync::Mutex<()>,
 }
 
 /// Default bound of [`AppState::in_flight`]: the writer's queue.
@@ -112,6 +116,7 @@ impl AppState {
                 .expect("an HTTP client with default settings"),
             leader_url: std::sync::RwLock::default(),
             leader_read_at: std::sync::Mutex::default(),
+            clock_steps: tokio::sync::Mutex::new(()),
         };
         AppState {
             shared: Arc::new(shared),
@@ -207,7 +212,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/customers", post(customers::create_customer))
         .route("/v1/customers/{id}", get(customers::get_customer))
         .route("/v1/customers/{id}/balance", get(customers::balance))
-        .route("/v1/customers/{id}/overage", put(customers::set_overage))
+        .route(
+            "/v1/customers/{id}/overage",
+            put(customers::set_overage).delete(customers::clear_overage),
+        )
         .route(
             "/v1/customers/{id}/grants",
             post(customers::create_grant).get(customers::list_grants),
@@ -275,7 +283,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/customers/{id}/stream", get(notify::stream))
         .route("/v1/credit-packs", get(topups::list_credit_packs))
-        .route("/v1/credit-packs/{key}", put(topups::put_credit_pack))
+        .route(
+            "/v1/credit-packs/{key}",
+            put(topups::put_credit_pack).get(topups::get_credit_pack),
+        )
         .route(
             "/v1/customers/{id}/topups",
             post(topups::create_topup).get(topups::list_topups),
@@ -303,7 +314,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/clock", get(system::clock))
         .route("/v1/clock/advance", post(system::advance_clock))
-        .route("/v1/api-keys", post(system::create_api_key))
+        .route(
+            "/v1/api-keys",
+            post(system::create_api_key).get(system::list_api_keys),
+        )
+        .route(
+            "/v1/api-keys/{id}",
+            axum::routing::delete(system::revoke_api_key),
+        )
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 "method_not_allowed",

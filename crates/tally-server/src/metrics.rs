@@ -81,6 +81,10 @@ pub struct Metrics {
     /// Stream consumers running in this process (1 from start until it has
     /// stopped and left its group; on PostgreSQL only the writer's server).
     pub stream_consumers: Family<SourceLabels, prometheus_client::metrics::gauge::Gauge>,
+    /// Errors a stream consumer met (its broker unreachable, a stream
+    /// missing, a fetch failed): a consumer that runs but does not consume
+    /// shows here, and in the rate of `events`.
+    pub stream_errors: Family<SourceLabels, Counter>,
     webhook_attempts: Family<EventLabels, Counter>,
     /// From an event's arrival (parsed) to its durable result, per source.
     event_latency: Family<SourceLabels, Histogram>,
@@ -136,6 +140,12 @@ impl Default for Metrics {
             "Stream consumers running in this process, by source (on PostgreSQL, only on the server that runs the writer)",
             stream_consumers.clone(),
         );
+        let stream_errors = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "stream_errors",
+            "Errors a stream consumer met (broker unreachable, stream missing, fetch failed), by source",
+            stream_errors.clone(),
+        );
         let event_latency =
             Family::<SourceLabels, Histogram>::new_with_constructor(latency_histogram);
         registry.register(
@@ -180,6 +190,7 @@ impl Default for Metrics {
             events,
             consumer_lag,
             stream_consumers,
+            stream_errors,
         }
     }
 }

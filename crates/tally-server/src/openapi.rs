@@ -52,7 +52,10 @@ impl Modify for AuthResponses {
                 )
                 .build()
         };
-        for item in openapi.paths.paths.values_mut() {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            // Writes that take no id: nothing to replay (a quote writes
+            // nothing; a clock step is a step each time).
+            let replayable = !["/v1/quotes", "/v1/clock/advance"].contains(&path.as_str());
             // (whether the method writes, the operation)
             let operations = [
                 (false, &mut item.get),
@@ -100,7 +103,7 @@ impl Modify for AuthResponses {
                     });
                     // A write's answer may be the first answer to its id, replayed.
                     for (status, response) in responses.iter_mut() {
-                        if !status.starts_with('2') {
+                        if !status.starts_with('2') || !replayable {
                             continue;
                         }
                         if let utoipa::openapi::RefOr::T(response) = response {
@@ -123,6 +126,37 @@ impl Modify for AuthResponses {
 /// The document's own routes, which the Swagger UI serves: `/openapi.json`
 /// and `/docs/` (`/docs` redirects there).
 struct DocsPaths;
+
+/// Routes whose body may be left out (every field has a default): their
+/// request body is not required.
+struct OptionalBodies;
+
+const OPTIONAL_BODIES: [&str; 5] = [
+    "/v1/holds/{id}/capture",
+    "/v1/holds/{id}/release",
+    "/v1/topups/{id}/confirm",
+    "/v1/dead-letters/{id}/discard",
+    "/v1/pricebooks/{id}/publish",
+];
+
+impl Modify for OptionalBodies {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::Required;
+        for path in OPTIONAL_BODIES {
+            let item = openapi
+                .paths
+                .paths
+                .get_mut(path)
+                .unwrap_or_else(|| panic!("{path} is in the OpenAPI document"));
+            let body = item
+                .post
+                .as_mut()
+                .and_then(|operation| operation.request_body.as_mut())
+                .unwrap_or_else(|| panic!("POST {path} has a request body"));
+            body.required = Some(Required::False);
+        }
+    }
+}
 
 impl Modify for DocsPaths {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
@@ -174,8 +208,8 @@ impl Modify for DocsPaths {
         `admin` (includes write); `ingest` (usage events only: `POST /v1/events`, which write and admin \
         keys may call too). A method a route does not have is 405 `method_not_allowed` with `Allow`."),
     paths(
-        system::healthz, system::metrics, system::clock, system::advance_clock, system::create_api_key,
-        customers::create_customer, customers::get_customer, customers::balance, customers::set_overage, customers::create_grant,
+        system::healthz, system::metrics, system::clock, system::advance_clock, system::create_api_key, system::list_api_keys, system::revoke_api_key,
+        customers::create_customer, customers::get_customer, customers::balance, customers::set_overage, customers::clear_overage, customers::create_grant,
         customers::list_grants, customers::void_grant, customers::change_expiry,
         spend::create_charge, spend::create_hold, spend::get_hold, spend::capture_hold, spend::release_hold,
         spend::create_refund, ledger::customer_ledger, ledger::customer_usage, ledger::get_entry,
@@ -190,11 +224,11 @@ impl Modify for DocsPaths {
         notify::get_webhook_endpoint, notify::update_webhook_endpoint, notify::delete_webhook_endpoint,
         notify::list_deliveries, notify::stream, members::put_member, members::list_members,
         members::create_transfer,
-        topups::put_credit_pack, topups::list_credit_packs, topups::create_topup, topups::list_topups,
+        topups::put_credit_pack, topups::get_credit_pack, topups::list_credit_packs, topups::create_topup, topups::list_topups,
         topups::get_topup, topups::confirm_topup, topups::fail_topup, topups::put_auto_topup,
         topups::get_auto_topup,
     ),
-    modifiers(&BearerAuth, &AuthResponses, &DocsPaths),
+    modifiers(&BearerAuth, &AuthResponses, &DocsPaths, &OptionalBodies),
     tags(
         (name = "customers"), (name = "grants"), (name = "charges"), (name = "holds"), (name = "refunds"),
         (name = "ledger"), (name = "price book"), (name = "events"), (name = "plans"), (name = "notifications"), (name = "members"), (name = "top-ups"), (name = "system"),

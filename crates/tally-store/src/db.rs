@@ -62,6 +62,10 @@ pub enum Error {
          the server that last ran its writer was fast); going on would move the engine's time back"
     )]
     ClockBehind { engine: String, now: String },
+    /// No PostgreSQL finished the start-up exchange in time (an address
+    /// that accepts and never answers, or none reachable).
+    #[error("postgres: no PostgreSQL answered within {0:?} (connect_timeout in the URL bounds each address tried)")]
+    ConnectTimeout(std::time::Duration),
 }
 
 /// The server's own message (the client's Display says only "db error").
@@ -73,7 +77,12 @@ fn postgres_message(error: &tokio_postgres::Error) -> String {
             db.code().code(),
             db.detail().unwrap_or("")
         ),
-        None => error.to_string(),
+        // The client's own errors say what failed ("error connecting to
+        // server"), their source why ("Connection refused").
+        None => match std::error::Error::source(error) {
+            Some(source) => format!("{error}: {source}"),
+            None => error.to_string(),
+        },
     }
 }
 
@@ -83,8 +92,10 @@ impl Error {
     /// down, refusing connections or out of them), rather than anything
     /// about the data or a statement.
     pub fn is_connection_lost(&self) -> bool {
-        let Error::Postgres(error) = self else {
-            return false;
+        let error = match self {
+            Error::Postgres(error) => error,
+            Error::ConnectTimeout(_) => return true,
+            _ => return false,
         };
         if error.is_closed() {
             return true;
@@ -590,8 +601,23 @@ impl Connection {
             .enable_all()
             .build()
             .map_err(|e| Error::Corrupt(format!("a runtime for the connection: {e}")))?;
-        let (client, connection) =
-            runtime.block_on(postgres_config(url)?.connect(tokio_postgres::NoTls))?;
+        let config = postgres_config(url)?;
+        // `connect_timeout` bounds reaching each address, in turn; the whole
+        // start-up exchange is bounded too, or a port that accepts and never
+        // answers would hold the caller (`tally migrate`) for ever. The bound
+        // leaves each host (of a multi-host URL, tried one after another)
+        // two addresses' worth of time and the exchange as long again.
+        let each = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(CONNECT_TIMEOUT);
+        let hosts = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+        let limit = each.saturating_mul(hosts.saturating_mul(2).saturating_add(1));
+        let (client, connection) = runtime
+            .block_on(async {
+                tokio::time::timeout(limit, config.connect(tokio_postgres::NoTls)).await
+            })
+            .map_err(|_| Error::ConnectTimeout(limit))??;
         runtime.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(

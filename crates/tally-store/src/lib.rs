@@ -113,6 +113,24 @@ pub fn insert_api_key(
     Ok(())
 }
 
+/// Every API key, read directly (the CLI, with or without a server running).
+pub fn list_api_keys(location: Location<'_>) -> Result<Vec<ApiKeyInfo>, StoreError> {
+    let (connection, _) = location.connect_migrated()?;
+    rows::api_keys(&connection).map_err(unavailable)
+}
+
+/// Revoke an API key directly (the CLI); `None` if there is no such key.
+/// Servers that looked the key up in the last 10 s may still take it
+/// until their cache of keys expires.
+pub fn revoke_api_key(
+    location: Location<'_>,
+    id: &str,
+    now: Timestamp,
+) -> Result<Option<ApiKeyInfo>, StoreError> {
+    let (connection, _) = location.connect_migrated()?;
+    rows::revoke_api_key(&connection, id, now).map_err(unavailable)
+}
+
 /// The PostgreSQL writer's thread: lead, write until the store closes, and
 /// lead again whenever the writer's connection is lost (the database
 /// restarted or failed over, the network dropped, a refused `COPY` left the
@@ -169,7 +187,14 @@ fn write_postgres(
                 tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "cannot lead the PostgreSQL database yet");
                 true
             }
-            Err(error) => panic!("cannot become the writer: {error}"),
+            // A refusal this server expects (a newer schema, the engine's
+            // clock ahead of its own): it stops with the reason and exit
+            // status 1, not by a panic's abort (status 134, a core dump).
+            Err(error) => {
+                tracing::error!(%error, "cannot become the writer; stopping the process");
+                eprintln!("Error: cannot become the writer: {error}");
+                std::process::exit(1);
+            }
         };
         if refuse_queued(&mut receiver, "the writer is reconnecting to PostgreSQL") {
             return;
@@ -1589,7 +1614,9 @@ impl Store {
     pub async fn api_key(&self, key_hash: String) -> Result<Option<ApiKeyRecord>, StoreError> {
         self.read(move |connection| {
             connection
-                .prepare_cached("SELECT id, scope FROM api_keys WHERE key_hash = ?1")?
+                .prepare_cached(
+                    "SELECT id, scope FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
+                )?
                 .query_row([key_hash], |row| {
                     Ok(ApiKeyRecord {
                         id: row.get(0)?,
@@ -1599,6 +1626,11 @@ impl Store {
                 .optional()
         })
         .await
+    }
+
+    /// Every API key (never the keys themselves), oldest first.
+    pub async fn api_keys(&self) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        self.read(rows::api_keys).await
     }
 
     /// The price a hold placed by feature and quantity locked.

@@ -56,10 +56,11 @@ pub enum Command {
     },
     /// Apply hold timeouts and grant expiries that are due.
     Tick,
-    /// Set a customer's overage policy (idempotent by nature: a PUT).
+    /// Set a customer's overage policy (idempotent by nature: a PUT), or
+    /// with `None` remove it: the plan's (else block) governs again.
     SetOverage {
         customer_id: Id,
-        overage: OveragePolicy,
+        overage: Option<OveragePolicy>,
     },
     /// Create or update a feature.
     PutFeature {
@@ -145,6 +146,11 @@ pub enum Command {
     /// Delete an endpoint: no notification goes to it any more, and its
     /// pending deliveries fail. Its id stays taken.
     DeleteWebhookEndpoint {
+        id: Id,
+    },
+    /// Revoke an API key: it authenticates nothing from then on (a
+    /// revoked key stays revoked; revoking it again changes nothing).
+    RevokeApiKey {
         id: Id,
     },
     /// The result of one delivery attempt (sent by the delivery worker).
@@ -312,6 +318,7 @@ impl Command {
             | Command::PutMember { .. }
             | Command::UpdateWebhookEndpoint { .. }
             | Command::DeleteWebhookEndpoint { .. }
+            | Command::RevokeApiKey { .. }
             | Command::RecordDelivery { .. }
             | Command::PutCreditPack(_)
             | Command::PutAutoTopup { .. }
@@ -765,6 +772,7 @@ pub enum Outcome {
         id: Id,
         scope: String,
     },
+    ApiKeyInfo(ApiKeyInfo),
     Tick {
         entries: usize,
     },
@@ -922,7 +930,8 @@ pub struct EntryRecord {
 
 /// What an entry is about that its postings do not say: the lot an expiry
 /// change or a void of an empty lot changed (they move no credits), the
-/// expiry before and after a change, the other side of a transfer.
+/// expiry before and after a change, the other side of a transfer, what a
+/// refund gave back.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryFacts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -932,6 +941,10 @@ pub struct EntryFacts {
     /// A transfer's other customer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counterparty: Option<String>,
+    /// The charge, usage event or captured hold a refund gave back (by the
+    /// id the refund named it with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_of: Option<String>,
 }
 
 /// A lot's expiry before and after an expiry change (`None`: never), and
@@ -969,6 +982,15 @@ pub struct LedgerPage {
 pub struct ApiKeyRecord {
     pub id: String,
     pub scope: String,
+}
+
+/// An API key as listed (never the key itself: only its hash is stored).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub scope: String,
+    pub created_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
 }
 
 /// What a usage report groups by.

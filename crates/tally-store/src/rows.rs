@@ -1166,6 +1166,55 @@ pub fn resolve_topup(connection: &Connection, topup: &crate::model::TopupRecord)
     Ok(())
 }
 
+/// The credits of a customer's top-ups that may still be granted: those
+/// awaiting their payment, and those whose payment deadline passed (a late
+/// confirmation still grants them).
+pub fn unresolved_topup_credits(
+    connection: &Connection,
+    customer_id: &str,
+) -> db::Result<Vec<i64>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT credits FROM topups WHERE customer_id = ?1 AND (status = 'pending_payment' \
+         OR (status = 'failed' AND failure_reason = 'payment_timeout'))",
+    )?;
+    let rows = statement.query_map([customer_id], |row| row.get(0))?;
+    rows.collect()
+}
+
+fn api_key_row(row: &Row<'_>) -> db::Result<crate::model::ApiKeyInfo> {
+    Ok(crate::model::ApiKeyInfo {
+        id: row.get(0)?,
+        scope: row.get(1)?,
+        created_at: Timestamp(row.get(2)?),
+        revoked_at: row.get::<_, Option<i64>>(3)?.map(Timestamp),
+    })
+}
+
+/// Every API key, oldest first.
+pub fn api_keys(connection: &Connection) -> db::Result<Vec<crate::model::ApiKeyInfo>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT id, scope, created_at, revoked_at FROM api_keys ORDER BY created_at, id",
+    )?;
+    let rows = statement.query_map([], api_key_row)?;
+    rows.collect()
+}
+
+/// Revoke key `id` at `now` (a key revoked before keeps its instant); the
+/// key as it is then, `None` if there is no such key.
+pub fn revoke_api_key(
+    connection: &Connection,
+    id: &str,
+    now: Timestamp,
+) -> db::Result<Option<crate::model::ApiKeyInfo>> {
+    connection
+        .prepare_cached("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")?
+        .execute(params![id, now.micros()])?;
+    connection
+        .prepare_cached("SELECT id, scope, created_at, revoked_at FROM api_keys WHERE id = ?1")?
+        .query_row([id], api_key_row)
+        .optional()
+}
+
 /// The top-ups whose payment is overdue, oldest first.
 pub fn overdue_topups(
     connection: &Connection,

@@ -430,6 +430,18 @@ CREATE INDEX webhook_deliveries_pending_by_endpoint
 ALTER TABLE webhook_endpoints ADD COLUMN deleted_at INTEGER;
 "#,
     ),
+    (
+        20,
+        r#"
+-- When an API key was revoked (`DELETE /v1/api-keys/{id}`, `tally keys
+-- revoke`): it authenticates nothing from then on. NULL while it is valid.
+ALTER TABLE api_keys ADD COLUMN revoked_at INTEGER;
+-- A top-up's start counts the credits of the customer's top-ups a payment
+-- may still complete (`rows::unresolved_topup_credits`): only those rows.
+CREATE INDEX topups_unresolved_by_customer ON topups(customer_id)
+    WHERE status IN ('pending_payment', 'failed');
+"#,
+    ),
 ];
 
 /// The key of the advisory lock that serializes migrations on PostgreSQL

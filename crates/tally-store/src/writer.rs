@@ -158,8 +158,11 @@ const INSERT_OPERATION: &str = "INSERT INTO operations (sequence, kind, id, requ
 /// Commands waiting beyond the open group that make it grow on.
 const BACKLOG: usize = 512;
 
-/// Balance changes a slow live-stream subscriber may lag behind by.
-const LIVE_CAPACITY: usize = 4096;
+/// Balance changes (over all customers) a live-stream subscriber may lag
+/// behind by: room for several of the largest event batches at once (4,096
+/// dropped streams of idle customers whenever two batches of 10,000 events
+/// came in together).
+const LIVE_CAPACITY: usize = 65_536;
 
 /// Groups committed but not yet fsynced, at most; then the writer waits.
 pub const MAX_GROUPS_IN_FLIGHT: usize = 16;
@@ -2018,6 +2021,14 @@ impl Writer {
                 None,
             )),
             Command::DeleteWebhookEndpoint { id } => Ok((self.delete_webhook_endpoint(id)?, None)),
+            Command::RevokeApiKey { id } => {
+                match rows::revoke_api_key(&self.connection, id.as_str(), now)? {
+                    Some(key) => Ok((Outcome::ApiKeyInfo(key), None)),
+                    None => Err(Failure::Store(StoreError::NotFound(format!(
+                        "API key {id}"
+                    )))),
+                }
+            }
             Command::RecordDelivery {
                 delivery_id,
                 ok,
@@ -2117,25 +2128,26 @@ impl Writer {
         }))
     }
 
-    /// Set a customer's overage policy; the debt already owed stays owed.
+    /// Set a customer's overage policy, or remove it (`None`: its plan's,
+    /// else block, governs again); the debt already owed stays owed.
     fn set_overage(
         &mut self,
         customer_id: &Id,
-        overage: tally_core::OveragePolicy,
+        overage: Option<tally_core::OveragePolicy>,
     ) -> Result<Outcome, Failure> {
         let changed = self
             .connection
             .prepare_cached("UPDATE customers SET overage = ?1 WHERE id = ?2")?
-            .execute(params![overage_column(Some(overage)), customer_id.as_str()])?;
+            .execute(params![overage_column(overage), customer_id.as_str()])?;
         if changed == 0 {
             return Err(Failure::Store(StoreError::NotFound(format!(
                 "customer {customer_id}"
             ))));
         }
         if let Some(cached) = self.cache.get_mut(customer_id) {
-            cached.overage_override = Some(overage);
-            cached.ledger.set_overage(overage);
+            cached.overage_override = overage;
         }
+        self.refresh_overage(customer_id);
         let record = rows::customer(&self.connection, customer_id.as_str())?
             .expect("the customer was just updated");
         Ok(Outcome::Customer(record))
@@ -2479,7 +2491,7 @@ impl Writer {
         self.prepare(&customer_id)?;
         let now = self.now;
         let mut next_sequence = self.next_grant_sequence;
-        let (refunded_now, draft) = self
+        let (refunded_now, mut draft) = self
             .ledger(&customer_id)
             .refund(
                 &record,
@@ -2491,6 +2503,9 @@ impl Writer {
             )
             .map_err(Failure::Refused)?;
         self.next_grant_sequence = next_sequence;
+        // The refund belongs to the member the spend was attributed to (its
+        // budget gets the credits back), and names what it gave back.
+        draft.member_id = spender.as_ref().map(|(member_id, _)| member_id.clone());
         if let Some((member_id, spent_at)) = spender {
             self.ledger(&customer_id).refund_member_spend(
                 &member_id,
@@ -2513,7 +2528,11 @@ impl Writer {
         self.connection
             .prepare_cached("UPDATE operations SET refunded = refunded + ?1 WHERE sequence = ?2")?
             .execute(params![refunded_now.amount.micros(), operation])?;
-        let entry_id = self.record_entry(&draft, actor)?;
+        let facts = crate::model::EntryFacts {
+            refund_of: Some(charge_id.to_string()),
+            ..Default::default()
+        };
+        let entry_id = self.record_entry_about(&draft, actor, facts)?;
         Ok(Outcome::Refund(RefundOutcome {
             id: request.id.clone(),
             charge_id: charge_id.clone(),

@@ -18,17 +18,17 @@ use tally_store::{Command, NewCharge, NewCustomer, NewGrant, Store, SystemClock,
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Customers for the uniform run.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = at_least_one)]
     customers: usize,
     /// Seconds per throughput run.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: u64,
     /// Charges in flight at once.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     concurrency: usize,
     /// Offer this many charges/s in the latency run (default: half the lower
     /// measured rate; with --kafka-events, events/s).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_rate)]
     latency_rate: Option<f64>,
     /// Give charges random ids (like UUIDs from real clients) instead of sequential ones.
     #[arg(long)]
@@ -59,7 +59,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 50)]
     kafka_sample: u64,
     /// Events per batch (with --http-events).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = at_least_one)]
     batch: usize,
     /// Where to put the temporary database (default: the system temp dir).
     #[arg(long)]
@@ -76,11 +76,30 @@ pub struct BenchArgs {
     #[arg(long, requires = "postgres")]
     baseline: bool,
     /// With --baseline: the client counts to run (default 1,16,64).
-    #[arg(long, value_delimiter = ',', requires = "baseline")]
+    #[arg(long, value_delimiter = ',', requires = "baseline", value_parser = at_least_one)]
     clients: Vec<usize>,
     /// With --baseline: only this workload (hot or uniform; default both).
-    #[arg(long, requires = "baseline")]
+    #[arg(long, requires = "baseline", value_parser = ["hot", "uniform"])]
     workload: Option<String>,
+}
+
+/// A count of at least one (0 customers, clients or charges in flight
+/// measured nothing, or divided by zero).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A rate above zero (a rate, not an amount: a float is fine here).
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 1.0 => Ok(rate),
+        Ok(_) => Err("must be at least 1 per second".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The store under measurement and how to remove it afterwards.

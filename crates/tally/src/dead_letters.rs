@@ -101,6 +101,30 @@ impl Api {
     }
 }
 
+/// A dead letter's id as given on the command line: `dl_<n>`. Anything
+/// else is refused before a request is built from it (a `/` or `?` in it
+/// would name another route: `dl_2/discard?` replayed as a discard).
+fn letter_id(id: &str) -> anyhow::Result<&str> {
+    let number = id.strip_prefix("dl_").unwrap_or("");
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        bail!("{id:?} is not a dead letter id (they look like dl_12; tally dead-letters list shows them)");
+    }
+    Ok(id)
+}
+
+/// A query value, percent-encoded.
+fn query_value(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
 fn line(letter: &Value) -> String {
     let text = |field: &str| letter[field].as_str().unwrap_or("-").to_string();
     format!(
@@ -128,16 +152,21 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
     match args.command {
         DeadLetterCommand::List { status, source } => {
             let mut cursor: Option<String> = None;
-            println!("id\tstatus\tsource\tevent\tcustomer\tcode\tattempts\tmessage");
             loop {
-                let mut path = format!("/v1/dead-letters?status={status}&limit=1000");
+                let mut path = format!(
+                    "/v1/dead-letters?status={}&limit=1000",
+                    query_value(&status)
+                );
                 if let Some(source) = &source {
-                    path.push_str(&format!("&source={source}"));
+                    path.push_str(&format!("&source={}", query_value(source)));
                 }
                 if let Some(c) = &cursor {
-                    path.push_str(&format!("&cursor={c}"));
+                    path.push_str(&format!("&cursor={}", query_value(c)));
                 }
                 let page = api.call(reqwest::Method::GET, &path, None).await?;
+                if cursor.is_none() {
+                    println!("id\tstatus\tsource\tevent\tcustomer\tcode\tattempts\tmessage");
+                }
                 for letter in page["data"].as_array().into_iter().flatten() {
                     println!("{}", line(letter));
                 }
@@ -157,37 +186,58 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
             } else if ids.is_empty() {
                 bail!("give dead letter ids (dl_1 ...) or --all");
             } else {
+                for id in &ids {
+                    letter_id(id)?;
+                }
                 ids
             };
-            let (mut charged, mut rejected) = (0, 0);
+            // Each letter on its own: one that fails (a 503 while the
+            // writer fails over, a 409 for one discarded meanwhile) is
+            // reported and the others are still tried.
+            let (mut charged, mut duplicate, mut rejected, mut failed) = (0, 0, 0, 0);
             for id in &ids {
-                let replay = api
+                let replay = match api
                     .call(
                         reqwest::Method::POST,
                         &format!("/v1/dead-letters/{id}/replay"),
                         None,
                     )
                     .await
-                    .with_context(|| format!("replay {id}"))?;
+                {
+                    Ok(replay) => replay,
+                    Err(error) => {
+                        failed += 1;
+                        println!("{id}\tfailed\t{error:#}");
+                        continue;
+                    }
+                };
                 let status = replay["result"]["status"].as_str().unwrap_or("?");
-                if status == "rejected" {
-                    rejected += 1;
-                    println!(
+                match status {
+                    "charged" => charged += 1,
+                    "duplicate" => duplicate += 1,
+                    _ => rejected += 1,
+                }
+                match status {
+                    "rejected" => println!(
                         "{id}\trejected\t{}",
                         replay["result"]["error"]["code"].as_str().unwrap_or("?")
-                    );
-                } else {
-                    charged += 1;
-                    println!("{id}\t{status}");
+                    ),
+                    _ => println!("{id}\t{status}"),
                 }
             }
             eprintln!(
-                "{} replayed: {charged} charged, {rejected} still rejected",
+                "{} dead letter(s): {charged} charged, {duplicate} already charged, {rejected} still rejected, {failed} not replayed",
                 ids.len()
             );
+            if failed > 0 {
+                bail!(
+                    "{failed} dead letter(s) could not be replayed; run the command again for them"
+                );
+            }
             Ok(())
         }
         DeadLetterCommand::Discard { id, note } => {
+            let id = letter_id(&id)?;
             let body = serde_json::json!({ "note": note });
             let letter = api
                 .call(

@@ -38,8 +38,17 @@ struct StorageArgs {
 }
 
 impl StorageArgs {
+    /// The PostgreSQL URL, if one is given: an empty `TALLY_DATABASE_URL`
+    /// (as compose files leave unset variables) counts as none.
+    fn postgres_url(&self) -> Option<&str> {
+        self.database_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+    }
+
     fn location(&self) -> tally_store::Location<'_> {
-        match &self.database_url {
+        match self.postgres_url() {
             Some(url) => tally_store::Location::Postgres(url),
             None => tally_store::Location::Embedded(&self.data_dir),
         }
@@ -106,6 +115,19 @@ enum KeyCommands {
         #[command(flatten)]
         storage: StorageArgs,
     },
+    /// List the keys: id, scope, created, revoked (never the keys themselves).
+    List {
+        #[command(flatten)]
+        storage: StorageArgs,
+    },
+    /// Revoke a key: it authenticates nothing from then on (servers that
+    /// looked it up in the last 10 s may take it until then).
+    Revoke {
+        /// The key's id.
+        id: String,
+        #[command(flatten)]
+        storage: StorageArgs,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -145,6 +167,13 @@ fn main() -> anyhow::Result<()> {
             if tally_core::Id::parse(&id).is_err() {
                 bail!("--id must be 1 to 128 characters of A-Z, a-z, 0-9, '_', '.', ':' or '-'");
             }
+            if tally_store::list_api_keys(storage.location())
+                .context("read the keys")?
+                .iter()
+                .any(|key| key.id == id)
+            {
+                bail!("a key with id {id} exists; choose another id (tally keys list shows them)");
+            }
             let now = SystemClock.now();
             tally_store::insert_api_key(
                 storage.location(),
@@ -160,6 +189,41 @@ fn main() -> anyhow::Result<()> {
                 scope.as_str()
             );
             Ok(())
+        }
+        Commands::Keys {
+            command: KeyCommands::List { storage },
+        } => {
+            let keys = tally_store::list_api_keys(storage.location()).context("list the keys")?;
+            println!("id\tscope\tcreated_at\trevoked_at");
+            for key in keys {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    key.id,
+                    key.scope,
+                    key.created_at.rfc3339(),
+                    key.revoked_at.map_or("-".to_owned(), |t| t.rfc3339())
+                );
+            }
+            Ok(())
+        }
+        Commands::Keys {
+            command: KeyCommands::Revoke { id, storage },
+        } => {
+            let now = SystemClock.now();
+            match tally_store::revoke_api_key(storage.location(), &id, now)
+                .context("revoke the key")?
+            {
+                Some(key) => {
+                    eprintln!(
+                        "key {} ({}) is revoked since {}",
+                        key.id,
+                        key.scope,
+                        key.revoked_at.map_or("now".to_owned(), |t| t.rfc3339())
+                    );
+                    Ok(())
+                }
+                None => bail!("there is no key {id}"),
+            }
         }
         Commands::Bench(args) => runtime.block_on(bench::run(args)),
     }
@@ -180,7 +244,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         event_window_seconds > 0,
         "--event-window-seconds must be greater than zero"
     );
-    let manual = if manual_clock && storage.database_url.is_some() {
+    if let Some(url) = &advertise_url {
+        // Followers forward writes there: a URL they cannot use would turn
+        // every forwarded write into a 503 long after the start.
+        let usable = reqwest::Url::parse(url).is_ok_and(|u| {
+            matches!(u.scheme(), "http" | "https")
+                && u.host().is_some()
+                && u.path() == "/"
+                && u.query().is_none()
+                && u.fragment().is_none()
+                && u.username().is_empty()
+                && u.password().is_none()
+        });
+        anyhow::ensure!(
+            usable,
+            "--advertise-url must be an http:// or https:// URL with a host and no path, such as http://10.0.0.5:8080 (got {url:?})"
+        );
+    }
+    // Forwarded paths are appended to it.
+    let advertise_url = advertise_url.map(|url| url.trim_end_matches('/').to_owned());
+    let manual = if manual_clock && storage.postgres_url().is_some() {
         // The database records the clock (`engine_clock`) and every server
         // over it resumes from there: a file in the data directory, which
         // another database's servers may share, would carry its instant to
@@ -204,7 +287,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         event_window_seconds,
         ..tally_store::Options::default()
     };
-    let store = match &storage.database_url {
+    let store = match storage.postgres_url() {
         Some(url) => Store::open_postgres(url, clock, options)
             .context("open the PostgreSQL database (--database-url)")?,
         None => Store::open_with(&storage.data_dir, clock, options)

@@ -87,15 +87,40 @@ pub async fn set_overage(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
     let body = body.read()?;
+    let overage = body.policy("policy")?;
+    overage_command(&state, &caller, &customer_id, Some(overage)).await
+}
+
+/// Set (`Some`) or remove (`None`) a customer's own overage policy.
+async fn overage_command(
+    state: &AppState,
+    caller: &Caller,
+    customer_id: &str,
+    overage: Option<tally_core::OveragePolicy>,
+) -> Result<Response, ApiError> {
     let command = Command::SetOverage {
-        customer_id: edge::id(&customer_id, "id")?,
-        overage: body.policy("policy")?,
+        customer_id: edge::id(customer_id, "id")?,
+        overage,
     };
-    let executed = state.execute(command, &caller).await?;
+    let executed = state.execute(command, caller).await?;
     Ok(reply(executed, |outcome| match outcome {
         Outcome::Customer(customer) => Ok(CustomerBody::from(customer)),
         _ => Err(unexpected()),
     }))
+}
+
+/// Remove a customer's own overage policy: its plan's (else `block`)
+/// governs spends from now on. The debt already owed stays owed.
+#[utoipa::path(delete, path = "/v1/customers/{id}/overage", tag = "customers",
+    responses((status = 200, body = CustomerBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["write"])))]
+pub async fn clear_overage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    overage_command(&state, &caller, &customer_id, None).await
 }
 
 /// The prefixes of grant ids Tally derives itself: refund grants, plan
@@ -132,6 +157,8 @@ pub async fn get_customer(
     Ok(Json(CustomerBody::from(&customer)))
 }
 
+/// The earliest instant at which credits in effect expire, and how many
+/// of them (pending grants do not count until they take effect).
 #[derive(serde::Serialize, ToSchema)]
 pub struct NextExpiry {
     pub at: String,
@@ -154,6 +181,11 @@ pub struct BalanceBody {
     pub next_expiry: Option<NextExpiry>,
     /// The engine instant this balance is computed at.
     pub as_of: String,
+    /// The customer's last ledger entry recorded when this balance was read
+    /// (null before the first). Expiries and grants taking effect that are
+    /// due but not yet swept count in the balance before their entries are
+    /// recorded.
+    pub last_entry_id: Option<String>,
 }
 
 /// A customer's balance.
@@ -192,6 +224,7 @@ pub async fn balance(
             amount: amount(total),
         }),
         as_of: edge::rfc3339(view.now),
+        last_entry_id: view.last_entry.map(crate::dto::entry_id),
     }))
 }
 

@@ -187,6 +187,12 @@ pub async fn customer_usage(
             for _ in 0..buckets {
                 from = granularity.bucket(tally_core::Timestamp(from.0.saturating_sub(1)));
             }
+            if from < edge::MIN_INSTANT {
+                return Err(ApiError::invalid(
+                    "to",
+                    "to is too early for the default window before it (from would fall before year 0000); give from",
+                ));
+            }
             from
         }
     };
@@ -352,7 +358,17 @@ pub fn explain(entry: &EntryDraft, facts: Option<&tally_store::EntryFacts>) -> S
             "hold {reference} timed out, returning {}",
             amount(entry.amount)
         ),
-        EntryKind::Refund => format!("refund {reference} gave back {}", amount(entry.amount)),
+        EntryKind::Refund => match facts.and_then(|f| f.refund_of.as_deref()) {
+            Some(of) => format!(
+                "refund {reference} of {of}{} gave back {}",
+                entry
+                    .member_id
+                    .as_ref()
+                    .map_or(String::new(), |m| format!(" (spent by member {m})")),
+                amount(entry.amount)
+            ),
+            None => format!("refund {reference} gave back {}", amount(entry.amount)),
+        },
         EntryKind::Void => match facts.and_then(|f| f.grant_id.as_deref()) {
             Some(id) => format!(
                 "void {reference} took back {} of grant {id}",
@@ -422,6 +438,16 @@ pub fn explain(entry: &EntryDraft, facts: Option<&tally_store::EntryFacts>) -> S
     } else {
         lead
     };
+    // A hold past the credits reserves the rest of its amount against the
+    // overage limit: no credits move for that part (a capture takes it as
+    // debt), so its postings add up to less than the entry's amount.
+    let lead = match overage_reserved(entry) {
+        Some(part) if part.is_positive() => format!(
+            "{lead}, {} of it against the overage limit (no credits move for that part)",
+            amount(part)
+        ),
+        _ => lead,
+    };
     let moves: Vec<String> = entry
         .postings
         .iter()
@@ -436,4 +462,24 @@ pub fn explain(entry: &EntryDraft, facts: Option<&tally_store::EntryFacts>) -> S
     } else {
         format!("{lead}{reason}: {}.", moves.join("; "))
     }
+}
+
+/// What of a hold's, a release's or a timed-out hold's amount is the
+/// hold's reservation against the overage limit: the amount less the
+/// credits moved into (or out of) the hold's account.
+fn overage_reserved(entry: &EntryDraft) -> Option<tally_core::Amount> {
+    let hold = tally_core::Account::Hold(entry.reference.clone()?);
+    let into = match entry.kind {
+        EntryKind::Hold => true,
+        EntryKind::Release | EntryKind::HoldExpired => false,
+        _ => return None,
+    };
+    let moved = tally_core::amount::checked_sum(
+        entry
+            .postings
+            .iter()
+            .filter(|p| if into { p.to == hold } else { p.from == hold })
+            .map(|p| p.amount),
+    )?;
+    entry.amount.checked_sub(moved)
 }

@@ -425,6 +425,7 @@ pub async fn stream(
             "customer_id": id.to_string(),
             "available": amount(view.balance.available),
             "held": amount(view.balance.held),
+            "pending": amount(view.balance.pending),
             "debt": amount(view.balance.debt),
             "as_of": edge::rfc3339(view.now),
             "last_entry_id": view.last_entry.map(|e| format!("ent_{e}")),

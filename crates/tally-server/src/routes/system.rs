@@ -100,6 +100,7 @@ pub async fn advance_clock(
             "the clock can only be advanced when tally serve runs with --manual-clock",
         ));
     };
+    let _step = state.clock_steps.lock().await;
     let now = state.store.now();
     let (target, param) = match (body.seconds, body.to) {
         (Some(seconds), None) if seconds >= 0 => (
@@ -206,6 +207,72 @@ pub async fn create_api_key(
             scope: scope.clone(),
             key: (!replayed).then(|| key.clone()),
         }),
+        _ => Err(super::customers::unexpected()),
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ApiKeyInfoBody {
+    pub id: String,
+    pub scope: String,
+    pub created_at: String,
+    /// When it was revoked; null while it is valid.
+    pub revoked_at: Option<String>,
+}
+
+impl From<&tally_store::ApiKeyInfo> for ApiKeyInfoBody {
+    fn from(key: &tally_store::ApiKeyInfo) -> Self {
+        ApiKeyInfoBody {
+            id: key.id.clone(),
+            scope: key.scope.clone(),
+            created_at: edge::rfc3339(key.created_at),
+            revoked_at: key.revoked_at.map(edge::rfc3339),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ApiKeyList {
+    pub data: Vec<ApiKeyInfoBody>,
+}
+
+/// Every API key, oldest first: id, scope and when it was created and
+/// revoked (never the key itself, which is stored only as a hash). Admin.
+#[utoipa::path(get, path = "/v1/api-keys", tag = "system",
+    responses((status = 200, body = ApiKeyList), (status = 403, body = ErrorBody)),
+    security(("bearer" = ["admin"])))]
+pub async fn list_api_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<ApiKeyList>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let keys = state.store.api_keys().await?;
+    Ok(Json(ApiKeyList {
+        data: keys.iter().map(ApiKeyInfoBody::from).collect(),
+    }))
+}
+
+/// Revoke an API key: it authenticates nothing from then on (on this
+/// server at once; on the others of a PostgreSQL deployment within 10 s,
+/// as they cache keys they looked up that long). Revoking it again answers
+/// the same. Admin. The bootstrap admin key (`TALLY_ADMIN_KEY`) is not
+/// stored and cannot be revoked: change the variable and restart.
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "system",
+    responses((status = 200, body = ApiKeyInfoBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["admin"])))]
+pub async fn revoke_api_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    edge::Path(id): edge::Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    let command = Command::RevokeApiKey {
+        id: edge::id(&id, "id")?,
+    };
+    let executed = state.execute(command, &caller).await?;
+    state.key_cache.clear();
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::ApiKeyInfo(key) => Ok(ApiKeyInfoBody::from(key)),
         _ => Err(super::customers::unexpected()),
     }))
 }

@@ -83,6 +83,9 @@ pub async fn put_credit_pack(
     caller.require(Scope::Admin)?;
     let body = body.read()?;
     let key = edge::id(&key, "key")?.to_string();
+    if body.name.trim().is_empty() {
+        return Err(ApiError::invalid("name", "name must not be blank"));
+    }
     let pack = CreditPack {
         key,
         name: edge::text(Some(body.name), "name", 256)?.unwrap_or_default(),
@@ -99,6 +102,25 @@ pub async fn put_credit_pack(
         Outcome::CreditPack(pack) => Ok(CreditPackBody::from(pack)),
         _ => Err(unexpected()),
     }))
+}
+
+/// One credit pack.
+#[utoipa::path(get, path = "/v1/credit-packs/{key}", tag = "top-ups",
+    responses((status = 200, body = CreditPackBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["read"])))]
+pub async fn get_credit_pack(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> Result<Json<CreditPackBody>, ApiError> {
+    caller.require(Scope::Read)?;
+    let key = edge::id(&key, "key")?.to_string();
+    let packs = state.store.credit_packs().await?;
+    packs
+        .iter()
+        .find(|pack| pack.key == key)
+        .map(|pack| Json(CreditPackBody::from(pack)))
+        .ok_or_else(|| ApiError::not_found(format!("credit pack {key}")))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -245,8 +267,10 @@ pub struct ConfirmTopup {
 
 /// The payment step succeeded: the pack's credits are granted as a paid
 /// purchase lot `topup:<id>` with the pack's price per credit as its cost
-/// basis. A retry returns the same answer; a failed or timed-out top-up
-/// cannot be confirmed (409 `topup_not_pending`).
+/// basis. A retry returns the same answer. A top-up declined with `fail`
+/// cannot be confirmed (409 `topup_not_pending`); one whose payment timed
+/// out still can (the money came late: `"late":true` in `topup.succeeded`).
+/// The body may be left out.
 #[utoipa::path(post, path = "/v1/topups/{id}/confirm", tag = "top-ups", request_body = ConfirmTopup,
     responses((status = 200, body = TopupBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("bearer" = ["write"])))]
@@ -403,6 +427,15 @@ pub struct AutoTopupBody {
     pub pending_topup: Option<String>,
     /// Automatic top-ups started in the last 24 hours (the rate limit counts these).
     pub started_last_24h: usize,
+    /// Why the last top-up that was due could not start (its order past the
+    /// largest amount, its pack gone); cleared when one starts.
+    pub last_refusal: Option<AutoTopupRefusalBody>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AutoTopupRefusalBody {
+    pub at: String,
+    pub message: String,
 }
 
 fn auto_body(customer_id: &str, state: &AutoTopupState, now: Timestamp) -> AutoTopupBody {
@@ -419,6 +452,10 @@ fn auto_body(customer_id: &str, state: &AutoTopupState, now: Timestamp) -> AutoT
         consecutive_failures: state.consecutive_failures,
         pending_topup: state.pending.as_ref().map(ToString::to_string),
         started_last_24h: state.started_in_window(now),
+        last_refusal: state.last_refusal.as_ref().map(|r| AutoTopupRefusalBody {
+            at: edge::rfc3339(r.at),
+            message: r.message.clone(),
+        }),
     }
 }
 

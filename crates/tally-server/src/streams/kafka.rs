@@ -121,7 +121,18 @@ pub fn start(
             let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| anyhow::anyhow!("TALLY_KAFKA_CONFIG: {pair:?} is not key=value"))?;
-            config.set(key.trim(), value.trim());
+            let key = key.trim();
+            // What exactly-once rests on, or what the flags already say.
+            anyhow::ensure!(
+                !OWN_KAFKA_SETTINGS.contains(&key),
+                "TALLY_KAFKA_CONFIG cannot set {key}: Tally sets it itself ({})",
+                match key {
+                    "bootstrap.servers" | "metadata.broker.list" => "use --kafka-brokers",
+                    "group.id" => "use --kafka-group",
+                    _ => "offsets are stored and committed only once their events are durable",
+                }
+            );
+            config.set(key, value.trim());
         }
     }
 
@@ -130,6 +141,7 @@ pub fn start(
         state: state.clone(),
         topic: topic.clone(),
         tracker: tracker.clone(),
+        errors: Mutex::default(),
     };
     let consumer: Kafka = config
         .create_with_context(context)
@@ -254,11 +266,55 @@ impl Tracker {
     }
 }
 
+/// Consumer settings `TALLY_KAFKA_CONFIG` may not change.
+const OWN_KAFKA_SETTINGS: [&str; 5] = [
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+];
+
 /// librdkafka's callbacks: rebalances, commit results, statistics.
 struct Context {
     state: AppState,
     topic: String,
     tracker: Arc<Mutex<Tracker>>,
+    /// The last client error logged, when, and how many like it since.
+    errors: Mutex<ErrorLog>,
+}
+
+/// librdkafka reports an unreachable broker about every 100 ms: each kind
+/// of error (its code; the texts carry changing counts and times) is logged
+/// at once, then at most every [`ERROR_LOG_EVERY`] with how many of that
+/// kind came in between (all of them count in `tally_stream_errors`).
+#[derive(Default)]
+struct ErrorLog {
+    /// By kind: when it was last logged, and how many since.
+    kinds: std::collections::HashMap<String, (std::time::Instant, u64)>,
+}
+
+const ERROR_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl ErrorLog {
+    /// Whether to log an error of `kind` now, and how many of that kind
+    /// went unlogged before it.
+    fn note(&mut self, kind: String, now: std::time::Instant) -> Option<u64> {
+        match self.kinds.get_mut(&kind) {
+            Some((at, repeated)) if now.duration_since(*at) < ERROR_LOG_EVERY => {
+                *repeated += 1;
+                None
+            }
+            Some((at, repeated)) => {
+                *at = now;
+                Some(std::mem::take(repeated))
+            }
+            None => {
+                self.kinds.insert(kind, (now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 impl Context {
@@ -306,7 +362,20 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "kafka client error");
+        self.state
+            .metrics
+            .stream_errors
+            .get_or_create(&SourceLabels { source: SOURCE })
+            .inc();
+        let kind = format!("{:?}", error.rdkafka_error_code());
+        let logged = self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .note(kind, std::time::Instant::now());
+        if let Some(repeated) = logged {
+            tracing::warn!(%error, reason, repeated_since_last_logged = repeated, "kafka client error");
+        }
     }
 }
 
@@ -596,6 +665,25 @@ async fn process(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each kind of client error is logged at once, then once per
+    /// [`ERROR_LOG_EVERY`] with the count of those not logged; kinds
+    /// interleaving do not reset each other.
+    #[test]
+    fn client_errors_are_logged_once_per_kind_and_interval() {
+        let mut log = ErrorLog::default();
+        let start = std::time::Instant::now();
+        let at = |ms: u64| start + std::time::Duration::from_millis(ms);
+        assert_eq!(log.note("Transport".into(), at(0)), Some(0));
+        assert_eq!(log.note("AllBrokersDown".into(), at(1)), Some(0));
+        for ms in (100..29_900).step_by(100) {
+            assert_eq!(log.note("Transport".into(), at(ms)), None);
+            assert_eq!(log.note("AllBrokersDown".into(), at(ms + 1)), None);
+        }
+        assert_eq!(log.note("Transport".into(), at(30_000)), Some(298));
+        assert_eq!(log.note("Transport".into(), at(30_100)), None);
+        assert_eq!(log.note("AllBrokersDown".into(), at(30_001)), Some(298));
+    }
 
     fn offsets(list: Option<TopicPartitionList>) -> Vec<(i32, i64)> {
         let mut out: Vec<(i32, i64)> = list

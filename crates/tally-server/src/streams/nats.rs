@@ -198,6 +198,11 @@ async fn run(
             _ = super::stopped(&mut stopping) => return finish(&slots, &client, &settings).await,
         };
         failures += 1;
+        state
+            .metrics
+            .stream_errors
+            .get_or_create(&crate::metrics::SourceLabels { source: "nats" })
+            .inc();
         if failures == 1 {
             backoff = RETRY_FIRST;
         }

@@ -277,9 +277,23 @@ impl Writer {
         let steps = match current.as_mut() {
             None => {
                 if request.id.as_str().len() > MAX_SUBSCRIPTION_ID {
-                    return Err(invalid(
-                        "the id that starts a subscription must be at most 100 characters (its grants are named after it)",
-                    ));
+                    // Wrong on its own: not kept as the id's outcome.
+                    return Err(Failure::Store(StoreError::Rejected(Refusal {
+                        code: "invalid_request".into(),
+                        message: "the id that starts a subscription must be at most 100 characters (its grants are named after it)".into(),
+                        available: None,
+                    })));
+                }
+                if request.change == PlanChange::PeriodEnd {
+                    // Not kept as the id's outcome: the same id may start
+                    // the subscription once `change` is left out.
+                    return Err(Failure::Store(StoreError::Rejected(Refusal {
+                        code: "invalid_request".into(),
+                        message: format!(
+                            "change: period_end changes a subscription at its period's end, and customer {customer_id} has none; leave change out to start one"
+                        ),
+                        available: None,
+                    })));
                 }
                 let start = request.start_at.unwrap_or(now);
                 if start < now {

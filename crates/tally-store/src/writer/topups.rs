@@ -85,16 +85,40 @@ impl Writer {
         })?;
         let now = self.now;
         // Refuse now what the grant would refuse once the money is taken:
-        // its lot id taken, or a balance past the largest amount.
+        // its lot id taken, the lot's money value past the largest amount,
+        // or the credits past it once added to everything the customer
+        // holds or may still be granted (every lot's remaining, pending
+        // ones too, what holds reserve, and the other top-ups that a
+        // payment may still complete). Grants made while the payment is
+        // under way can still use the room up: the confirmation then
+        // refuses, and the top-up stays unresolved.
         self.ensure_unused("grants", &Id::derived(&format!("topup:{id}")))?;
-        let room = self
-            .cache
-            .get(customer_id)
-            .and_then(|c| c.ledger.net(now).checked_add(order.credits));
-        if room.is_none() {
+        let terms = CreditPack {
+            credits: order.credits,
+            price: order.price,
+            ..pack.clone()
+        };
+        if terms
+            .cost_basis()
+            .is_some_and(|basis| basis.value_of(order.credits).is_none())
+        {
             return Err(refusal(
                 "amount_too_large",
-                "these credits would take the balance past the largest amount",
+                "the lot's money value (credits times the price per credit) would pass the largest amount",
+            ));
+        }
+        let unresolved = rows::unresolved_topup_credits(&self.connection, customer_id.as_str())?
+            .into_iter()
+            .try_fold(order.credits, |total, micros| {
+                Amount::from_micros(micros).and_then(|credits| total.checked_add(credits))
+            });
+        let room = unresolved
+            .zip(self.cache.get(customer_id))
+            .is_some_and(|(credits, customer)| customer.ledger.room_for(credits).is_ok());
+        if !room {
+            return Err(refusal(
+                "amount_too_large",
+                "these credits, with the customer's lots, holds and unresolved top-ups, would pass the largest amount",
             ));
         }
         let record = TopupRecord {
@@ -380,8 +404,8 @@ impl Writer {
             return Ok(());
         };
         let Some(pack) = self.packs.get(&state.config.pack).cloned() else {
-            tracing::warn!(customer = %customer_id, pack = %state.config.pack, "automatic top-up names a pack that no longer exists");
-            return Ok(());
+            let message = format!("credit pack {} does not exist", state.config.pack);
+            return self.auto_topup_refused(customer_id, message);
         };
         let now = self.now;
         let quantity = match state.decide(&pack, balance, now) {
@@ -403,13 +427,26 @@ impl Writer {
             Err(Failure::Fatal(error)) => return Err(error),
             Err(other) => {
                 // Only an order past the largest amount: nothing to buy.
-                tracing::warn!(customer = %customer_id, "automatic top-up not started: {}", failure_text(&other));
-                return Ok(());
+                return self.auto_topup_refused(customer_id, failure_text(&other));
             }
         }
         if let Some(state) = self.auto_state_mut(customer_id) {
             state.started(id, now);
         }
+        self.save_auto_topup(customer_id)
+    }
+
+    /// A due automatic top-up could not start: say why in its state (shown
+    /// by `GET /v1/customers/{id}/auto-topup`) and in the log.
+    fn auto_topup_refused(&mut self, customer_id: &Id, message: String) -> db::Result<()> {
+        let now = self.now;
+        let news = self
+            .auto_state_mut(customer_id)
+            .is_some_and(|state| state.refused(message.clone(), now));
+        if !news {
+            return Ok(());
+        }
+        tracing::warn!(customer = %customer_id, "automatic top-up not started: {message}");
         self.save_auto_topup(customer_id)
     }
 

@@ -514,6 +514,45 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
     );
     let letter = app.get(&format!("/v1/dead-letters/{d}")).await;
     assert_eq!(letter.body["attempts"], 2);
+    // An id that is not a dead letter's is refused before any request (one
+    // with a path in it named another route: a replay ran as a discard).
+    let raw = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .arg("dead-letters")
+            .args(args)
+            .args(["--url", &app.base, "--key", ADMIN_KEY])
+            .output()
+            .expect("run tally dead-letters")
+    };
+    let sneaky = format!("{d}/discard?");
+    for args in [
+        vec!["replay", sneaky.as_str()],
+        vec!["discard", sneaky.as_str()],
+    ] {
+        let output = raw(&args);
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("is not a dead letter id"), "{stderr}");
+    }
+    let letter = app.get(&format!("/v1/dead-letters/{d}")).await;
+    assert_eq!(letter.body["status"], "pending", "{}", letter.body);
+    assert_eq!(letter.body["attempts"], 2);
+    // One that fails does not stop the others; the command then fails.
+    let output = raw(&["replay", "dl_999999", &d]);
+    assert!(!output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("dl_999999\tfailed"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{d}\trejected\tunknown_feature")),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "2 dead letter(s): 0 charged, 0 already charged, 1 still rejected, 1 not replayed"
+        ),
+        "{stderr}"
+    );
     assert_replayable(&app.ledger_all("c1").await);
 }
 

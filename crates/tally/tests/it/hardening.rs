@@ -78,6 +78,103 @@ async fn an_api_key_id_taken_by_the_cli_is_a_conflict() {
     app.customer("after").await;
 }
 
+/// Settings a server could only fail on later are refused at its start: an
+/// `--advertise-url` followers cannot forward to (every forwarded write was
+/// a 503), and benchmark counts of zero (a panic, or a run measuring nothing).
+#[test]
+fn unusable_settings_are_refused_at_the_start() {
+    let dir = crate::support::fresh_dir();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run tally")
+    };
+    let data_dir = dir.to_str().unwrap();
+    for bad in ["notaurl", "ftp://10.0.0.5", "http://10.0.0.5:8080/tally"] {
+        let output = run(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir,
+            "--advertise-url",
+            bad,
+        ]);
+        assert!(!output.status.success(), "{bad} accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("--advertise-url must be an http:// or https:// URL"),
+            "{stderr}"
+        );
+    }
+    for (flag, value) in [
+        ("--seconds", "0"),
+        ("--customers", "0"),
+        ("--concurrency", "0"),
+        ("--latency-rate", "0"),
+    ] {
+        let output = run(&["bench", flag, value, "--dir", data_dir]);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("invalid value '{value}' for '{flag}")),
+            "{stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A PostgreSQL address that accepts connections and never answers (a
+/// wrong port, a stuck proxy) fails `tally migrate` after the connect
+/// timeout, with a message saying so; it waited for ever.
+#[test]
+fn a_database_that_never_answers_fails_the_cli_instead_of_hanging() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        // Accept and keep the connections open without a word.
+        let mut open = Vec::new();
+        for stream in listener.incoming().take(2) {
+            open.push(stream);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        drop(open);
+    });
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "migrate",
+            "--database-url",
+            &format!("postgres://postgres@127.0.0.1:{port}/x?connect_timeout=1"),
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tally migrate");
+    // A guard against the hang itself, not a measure of time.
+    let mut status = None;
+    for _ in 0..250 {
+        if let Some(done) = child.try_wait().expect("wait") {
+            status = Some(done);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let Some(status) = status else {
+        child.kill().ok();
+        panic!("tally migrate still waits on a database that never answers after 25 s");
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("no PostgreSQL answered within 3s"),
+        "{stderr}"
+    );
+    drop(held);
+}
+
 /// A balance is read from one snapshot: while holds of the whole balance are
 /// placed and released concurrently, available + held is always the total
 /// (it used to read grants and holds from different commits).

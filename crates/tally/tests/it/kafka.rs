@@ -832,7 +832,70 @@ async fn bad_kafka_flags_stop_serve_with_a_clear_message() {
             "tally serve {args:?} says {says:?}: {stderr}"
         );
     }
+    // Settings exactly-once rests on cannot be overridden.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .args(["--kafka-brokers", BROKERS, "--kafka-topic", "t"])
+        .env("TALLY_ADMIN_KEY", ADMIN_KEY)
+        .env(
+            "TALLY_KAFKA_CONFIG",
+            "security.protocol=plaintext,enable.auto.commit=true",
+        )
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output)
+        .await
+        .expect("tally serve with a refused setting did not stop")
+        .expect("run tally serve");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("TALLY_KAFKA_CONFIG cannot set enable.auto.commit"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A consumer whose broker cannot be reached runs without consuming: it
+/// says so in `tally_stream_errors_total` (how often its log repeats an
+/// error is `ErrorLog`'s unit test).
+#[tokio::test]
+async fn an_unreachable_broker_counts_its_errors() {
+    let unreachable = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = unreachable.local_addr().unwrap();
+    drop(unreachable);
+    let app = TestApp::spawn_with(crate::support::Options {
+        extra_args: vec![
+            "--kafka-brokers".into(),
+            address.to_string(),
+            "--kafka-topic".into(),
+            "nowhere".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let mut errors = 0.0;
+    for _ in 0..100 {
+        let metrics = app
+            .client
+            .get(format!("{}/metrics", app.base))
+            .send()
+            .await
+            .unwrap();
+        let text = metrics.text().await.unwrap();
+        errors = text
+            .lines()
+            .find(|l| l.starts_with("tally_stream_errors_total{source=\"kafka\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if errors >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(errors >= 3.0, "kafka errors counted: {errors}");
 }
 
 /// Two servers over one PostgreSQL database, both started with the Kafka

@@ -453,6 +453,32 @@ async fn a_refund_gives_back_to_the_members_budget() {
         .await;
     assert_eq!(refund.status, StatusCode::OK, "{}", refund.body);
     assert_eq!(remaining("bob").await, "2000");
+    // Each refund's entry names what it gave back and whose spend it was.
+    for (refund, of, member) in [("r1", "a1", "alice"), ("r2", "h1", "bob")] {
+        let entries = app
+            .get("/v1/customers/team/ledger?kind=refund&limit=100")
+            .await;
+        assert_eq!(entries.status, StatusCode::OK, "{}", entries.body);
+        let entry = entries.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "refund" && e["reference"] == refund)
+            .unwrap_or_else(|| panic!("{refund} under member {member}: {}", entries.body))
+            .clone();
+        assert_eq!(entry["refund_of"], of, "{entry}");
+        assert_eq!(entry["member_id"], member, "{entry}");
+        let detail = app
+            .get(&format!("/v1/ledger/{}", entry["id"].as_str().unwrap()))
+            .await;
+        let explanation = detail.body["explanation"].as_str().unwrap();
+        assert!(
+            explanation.starts_with(&format!(
+                "refund {refund} of {of} (spent by member {member}) gave back"
+            )),
+            "{explanation}"
+        );
+    }
 
     // Next month: refunding the rest of a1 gives this month's budget nothing.
     app.advance(32 * 86_400).await;

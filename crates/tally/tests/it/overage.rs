@@ -433,3 +433,53 @@ async fn a_customer_without_grants_can_owe_and_its_ledger_survives_a_restart() {
     assert_eq!(entries.len(), 5);
     assert_eq!(assert_replayable(&entries), -UNIT);
 }
+
+/// A hold past the credits reserves the rest against the overage limit: no
+/// credits move for that part, and the hold's entry (and its release's)
+/// says so, since its postings add up to less than its amount.
+#[tokio::test]
+async fn a_hold_past_the_credits_explains_what_it_reserves_against_the_limit() {
+    let app = TestApp::spawn().await;
+    customer_allowed_negative(&app, "ng", "100").await;
+    app.grant("ng", "g", "3").await;
+    let held = app
+        .post(
+            "/v1/holds",
+            json!({ "id": "h", "customer_id": "ng", "amount": "5", "timeout_seconds": 100 }),
+        )
+        .await;
+    assert_eq!(held.status, StatusCode::OK, "{}", held.body);
+    let balance = app.balance("ng").await;
+    assert_eq!(
+        (balance["held"].as_str(), balance["debt"].as_str()),
+        (Some("5"), Some("0"))
+    );
+    let explained = |kind: &'static str| {
+        let app = &app;
+        async move {
+            let entries = app.ledger_all("ng").await;
+            let entry = entries
+                .iter()
+                .find(|e| e["kind"] == kind)
+                .unwrap_or_else(|| panic!("no {kind} entry"));
+            let detail = app
+                .get(&format!("/v1/ledger/{}", entry["id"].as_str().unwrap()))
+                .await;
+            assert_eq!(detail.status, StatusCode::OK, "{}", detail.body);
+            detail.body["explanation"].as_str().unwrap().to_owned()
+        }
+    };
+    let hold = explained("hold").await;
+    assert!(
+        hold.contains("reserved 5, 2 of it against the overage limit (no credits move for that part): 3 from grant:g to hold:h"),
+        "{hold}"
+    );
+    let released = app.post("/v1/holds/h/release", json!({})).await;
+    assert_eq!(released.status, StatusCode::OK, "{}", released.body);
+    let release = explained("release").await;
+    assert!(
+        release.contains("returning 5, 2 of it against the overage limit"),
+        "{release}"
+    );
+    assert_eq!(app.balance("ng").await["available"], "3");
+}

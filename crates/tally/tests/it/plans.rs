@@ -637,6 +637,32 @@ async fn subscribers_inherit_the_plans_overage_policy() {
         app.get("/v1/customers/a").await.body["overage"]["policy"],
         "allow_negative"
     );
+    // b removes its own policy: the plan's governs again.
+    let removed = app
+        .send(
+            Method::DELETE,
+            "/v1/customers/b/overage",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::OK, "{}", removed.body);
+    assert_eq!(
+        app.get("/v1/customers/b").await.body["overage"]["policy"],
+        "allow_negative"
+    );
+    let reply = app.charge("b", "b3", "11").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["on_debt"], "1");
+    let ghost = app
+        .send(
+            Method::DELETE,
+            "/v1/customers/ghost/overage",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(ghost.status, StatusCode::NOT_FOUND, "{}", ghost.body);
     // The plan tightens: a is blocked from now on, its debt stays owed.
     put_plan(
         &app,
@@ -785,6 +811,32 @@ async fn bad_plans_and_subscriptions_are_refused_and_change_nothing() {
     assert!(reply.replayed());
     let reply = app.put(path, json!({ "id": "s1", "plan": "pro" })).await;
     assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
+    // A change at the period end of no subscription starts none.
+    let reply = app
+        .put(
+            path,
+            json!({ "id": "s_later", "plan": "pro", "change": "period_end" }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.body["error"]["param"], "change", "{}", reply.body);
+    // Not kept as the id's outcome: the same id may start it without `change`.
+    let reply = app
+        .put(
+            path,
+            json!({ "id": "s_later", "plan": "pro", "change": "period_end" }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert!(!reply.replayed());
+    // An id too long to name grants is wrong on its own: it is not taken.
+    let long = "s".repeat(101);
+    let reply = app.put(path, json!({ "id": long, "plan": "pro" })).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.body["error"]["param"], "id", "{}", reply.body);
+    let reply = app.put(path, json!({ "id": long, "plan": "pro" })).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert!(!reply.replayed(), "not kept as the id's outcome");
     assert_eq!(app.get(path).await.status, StatusCode::NOT_FOUND);
     assert_eq!(micros_of(&app.balance("cus").await["available"]), 0);
     // Reserved grant ids.
@@ -1361,4 +1413,38 @@ async fn refused_renewals_do_not_count_against_a_clock_step() {
         .post("/v1/clock/advance", json!({ "seconds": 1_001 * DAY }))
         .await;
     assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+}
+
+/// A plan changed during a period applies from the next one: the allocation
+/// granted before the change rolls over by the terms it was granted under
+/// (it rolled over by the plan's new terms, so lowering the included
+/// credits mid-period cut what the customer kept of credits already theirs).
+#[tokio::test]
+async fn a_plan_changed_mid_period_rolls_over_the_allocation_by_its_own_terms() {
+    let app = manual_app().await;
+    let plan = |included: &str| {
+        json!({ "name": "Upd", "period": { "days": 30 }, "included_credits": included,
+                "rollover": { "max_percent": 50 } })
+    };
+    put_plan(&app, "upd", plan("1000")).await;
+    app.customer("c").await;
+    subscribe(&app, "c", json!({ "id": "s1", "plan": "upd" })).await;
+    app.advance(DAY).await;
+    put_plan(&app, "upd", plan("200")).await;
+    app.advance(30 * DAY).await;
+    let entries = app.ledger_all("c").await;
+    let rolled = grants_with_prefix(&entries, "rollover", "rollover:s1:1");
+    assert_eq!(rolled.len(), 1, "{entries:?}");
+    assert_eq!(
+        rolled[0]["amount"], "500",
+        "50% of the 1,000 granted: {}",
+        rolled[0]
+    );
+    // The next period is on the new terms: 200 granted, at most 100 rolls.
+    assert_eq!(app.balance("c").await["available"], "700");
+    app.advance(30 * DAY).await;
+    let entries = app.ledger_all("c").await;
+    let rolled = grants_with_prefix(&entries, "rollover", "rollover:s1:2");
+    assert_eq!(rolled[0]["amount"], "100", "{}", rolled[0]);
+    assert_replayable(&entries);
 }

@@ -2762,6 +2762,8 @@ async fn usage_is_reported_per_group_per_bucket() {
         ("to=2040-13-01T00:00:00Z", "to"),
         ("from=2040-01-02T00:00:00Z&to=2040-01-01T00:00:00Z", "from"),
         ("from=2038-01-01T00:00:00Z&to=2040-01-01T00:00:00Z", "from"),
+        // The 30 days before it would fall before year 0000.
+        ("to=0000-01-01T00:00:00Z", "to"),
     ] {
         let reply = app.get(&format!("/v1/customers/u/usage?{query}")).await;
         assert_eq!(

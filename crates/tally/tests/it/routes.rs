@@ -698,6 +698,137 @@ async fn cli_creates_a_key_a_running_server_accepts() {
     );
 }
 
+/// Keys are listed (never the keys themselves) and revoked, over HTTP and
+/// from the command line: a revoked key authenticates nothing, revoking it
+/// again answers the same, and an id already taken is refused clearly.
+#[tokio::test]
+async fn keys_are_listed_and_revoked_over_http_and_from_the_cli() {
+    let app = TestApp::spawn().await;
+    app.customer("c").await;
+    let made = app
+        .post("/v1/api-keys", json!({ "id": "reader", "scope": "read" }))
+        .await;
+    let reader = fresh(&made)["key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        ok(&get_as(&app, &reader, "/v1/customers/c/balance").await)["available"],
+        "0"
+    );
+    let listed = app.get("/v1/api-keys").await;
+    let listed = ok(&listed);
+    let row = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == "reader")
+        .unwrap_or_else(|| panic!("reader listed: {listed}"))
+        .clone();
+    assert_eq!(row["scope"], "read");
+    assert!(row["revoked_at"].is_null());
+    assert!(row.get("key").is_none(), "{row}");
+    // Only an admin lists or revokes.
+    assert_error(
+        &get_as(&app, &reader, "/v1/api-keys").await,
+        403,
+        "forbidden",
+    );
+
+    let revoked = app
+        .send(Method::DELETE, "/v1/api-keys/reader", Some(ADMIN_KEY), None)
+        .await;
+    let revoked_at = ok(&revoked)["revoked_at"].as_str().unwrap().to_owned();
+    assert_error(
+        &get_as(&app, &reader, "/v1/customers/c/balance").await,
+        401,
+        "unauthorized",
+    );
+    let again = app
+        .send(Method::DELETE, "/v1/api-keys/reader", Some(ADMIN_KEY), None)
+        .await;
+    assert_eq!(ok(&again)["revoked_at"], revoked_at.as_str());
+    let missing = app
+        .send(Method::DELETE, "/v1/api-keys/nobody", Some(ADMIN_KEY), None)
+        .await;
+    assert_error(&missing, 404, "not_found");
+
+    let tally = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+        command
+            .args(args)
+            .args(app.storage_args())
+            .env("RUST_LOG", "warn");
+        command
+    };
+    let created = tally(&["keys", "create", "--scope", "write", "--id", "cli_w"])
+        .output()
+        .await
+        .expect("run tally keys create");
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let writer = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    assert_eq!(
+        ok(&get_as(&app, &writer, "/v1/customers/c/balance").await)["available"],
+        "0"
+    );
+    let taken = tally(&["keys", "create", "--scope", "read", "--id", "cli_w"])
+        .output()
+        .await
+        .expect("run tally keys create");
+    assert!(!taken.status.success());
+    let stderr = String::from_utf8_lossy(&taken.stderr);
+    assert!(stderr.contains("a key with id cli_w exists"), "{stderr}");
+    let list = tally(&["keys", "list"])
+        .output()
+        .await
+        .expect("run tally keys list");
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let table = String::from_utf8(list.stdout).unwrap();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("cli_w\twrite\t") && l.ends_with("\t-")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("reader\tread\t") && !l.ends_with("\t-")),
+        "{table}"
+    );
+    let revoke = tally(&["keys", "revoke", "cli_w"])
+        .output()
+        .await
+        .expect("run tally keys revoke");
+    assert!(
+        revoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
+    // The server looked the key up moments ago: it forgets it within 10 s.
+    let mut refused = false;
+    for _ in 0..120 {
+        let reply = get_as(&app, &writer, "/v1/customers/c/balance").await;
+        if reply.status == reqwest::StatusCode::UNAUTHORIZED {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the revoked key still works after 12 s");
+    let unknown = tally(&["keys", "revoke", "nobody"])
+        .output()
+        .await
+        .expect("run tally keys revoke");
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("there is no key nobody"));
+}
+
 #[tokio::test]
 async fn cli_refuses_an_unknown_scope() {
     let dir = fresh_dir();
@@ -2191,6 +2322,55 @@ async fn expiry_extends_later_only() {
     assert_eq!(kinds, ["expiry_extended", "expiry_extended", "grant"]);
 }
 
+/// `next_expiry` tells what the customer can spend now and will lose: a
+/// pending grant's credits, though they expire sooner, count only once they
+/// take effect.
+#[tokio::test]
+async fn the_next_expiry_counts_only_credits_in_effect() {
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    app.customer("c").await;
+    grant_with(
+        &app,
+        "c",
+        json!({ "id": "g_now", "amount": "100", "source": "promotion", "paid": false,
+                "expires_at": "2099-06-01T00:00:00Z" }),
+    )
+    .await;
+    grant_with(
+        &app,
+        "c",
+        json!({ "id": "g_soon", "amount": "20", "source": "promotion", "paid": false,
+                "effective_at": "2099-01-01T00:00:00Z", "expires_at": "2099-02-01T00:00:00Z" }),
+    )
+    .await;
+    let balance = app.balance("c").await;
+    assert_eq!(balance["pending"], "20");
+    assert_eq!(
+        balance["next_expiry"],
+        json!({"at": "2099-06-01T00:00:00Z", "amount": "100"}),
+        "{balance}"
+    );
+    let advanced = app
+        .post("/v1/clock/advance", json!({ "to": "2099-01-01T00:00:00Z" }))
+        .await;
+    ok(&advanced);
+    let balance = app.balance("c").await;
+    assert_eq!(balance["available"], "120");
+    assert_eq!(
+        balance["next_expiry"],
+        json!({"at": "2099-02-01T00:00:00Z", "amount": "20"}),
+        "{balance}"
+    );
+    // The balance names the last entry it includes: the grant taking effect.
+    let newest = ledger(&app, "c").await[0].clone();
+    assert_eq!(newest["kind"], "grant_effective");
+    assert_eq!(balance["last_entry_id"], newest["id"], "{balance}");
+}
+
 #[tokio::test]
 async fn grants_expire_and_can_be_reinstated_within_the_window() {
     let app = TestApp::spawn_with(Options {
@@ -2623,6 +2803,10 @@ async fn openapi_docs_metrics_and_unknown_routes() {
         ("/v1/clock", "get"),
         ("/v1/clock/advance", "post"),
         ("/v1/api-keys", "post"),
+        ("/v1/api-keys", "get"),
+        ("/v1/api-keys/{id}", "delete"),
+        ("/v1/customers/{id}/overage", "delete"),
+        ("/v1/credit-packs/{key}", "get"),
     ];
     for (path, method) in expected {
         assert!(
@@ -2769,6 +2953,21 @@ async fn openapi_docs_metrics_and_unknown_routes() {
     for path in ["/openapi.json", "/docs/"] {
         assert!(paths[path].get("get").is_some(), "openapi lacks GET {path}");
     }
+    // A write without an id is never a replay; a body that may be left out
+    // is not required.
+    let quote = &paths["/v1/quotes"]["post"]["responses"]["200"];
+    assert!(
+        quote["headers"].get("Idempotent-Replayed").is_none(),
+        "{quote}"
+    );
+    for path in ["/v1/topups/{id}/confirm", "/v1/holds/{id}/release"] {
+        let body = &paths[path]["post"]["requestBody"];
+        assert_eq!(body["required"], false, "{path}: {body}");
+    }
+    assert_eq!(
+        paths["/v1/charges"]["post"]["requestBody"]["required"],
+        true
+    );
     let ledger = &paths["/v1/customers/{id}/ledger"]["get"]["parameters"];
     let limit = ledger
         .as_array()

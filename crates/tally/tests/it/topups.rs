@@ -191,6 +191,7 @@ async fn bad_topup_input_is_refused_and_changes_nothing() {
         json!({ "name": "P", "credits": "10", "price": "1.0000001", "currency": "EUR" }),
         json!({ "name": "P", "credits": "10", "price": "1", "currency": "EUR", "colour": "red" }),
         json!({ "credits": "10", "price": "1", "currency": "EUR" }),
+        json!({ "name": " ", "credits": "10", "price": "1", "currency": "EUR" }),
     ];
     app.assert_each_answered(
         Method::PUT,
@@ -202,6 +203,14 @@ async fn bad_topup_input_is_refused_and_changes_nothing() {
     let packs = app.get("/v1/credit-packs").await;
     assert_eq!(packs.body["data"].as_array().unwrap().len(), 1);
     assert_eq!(packs.body["data"][0]["credits"], "100", "unchanged");
+    let one = app.get("/v1/credit-packs/p").await;
+    assert_eq!(one.status, StatusCode::OK, "{}", one.body);
+    assert_eq!(one.body["credits"], "100");
+    assert_eq!(one.body["price_per_credit"], "0.01");
+    assert_eq!(
+        app.get("/v1/credit-packs/nope").await.status,
+        StatusCode::NOT_FOUND
+    );
 
     let bad_topups = [
         (
@@ -242,7 +251,7 @@ async fn bad_topup_input_is_refused_and_changes_nothing() {
     put_pack(
         &app,
         "huge",
-        json!({ "name": "H", "credits": "1000000000", "price": "1", "currency": "EUR" }),
+        json!({ "name": "H", "credits": "1000000000", "price": "1000", "currency": "EUR" }),
     )
     .await;
     let big = json!({ "id": "big", "pack": "huge", "quantity": 10000 });
@@ -852,4 +861,169 @@ async fn a_topups_lot_and_the_lots_made_from_it_refund_exactly_its_payment() {
             "0.333333 + 0.666667 is the payment"
         );
     }
+}
+
+/// What the grant would refuse once the money is taken is refused when the
+/// top-up starts: the credits past the largest amount once added to the
+/// other unresolved top-ups, the pending lots and the holds, or a lot whose
+/// money value would be. A pack whose price per credit rounds to nothing is
+/// refused. A payment that comes late ends the suspension its timeout
+/// caused, and a due automatic top-up that cannot start says why.
+#[tokio::test]
+async fn a_topup_that_could_never_be_granted_is_refused_when_it_starts() {
+    let app = manual_app().await;
+    let too_large = |reply: &crate::support::Reply| {
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+        assert_eq!(reply.code(), "amount_too_large", "{}", reply.body);
+    };
+    // Half the largest amount, at 0.000001 each.
+    put_pack(
+        &app,
+        "half",
+        json!({ "name": "Half", "credits": "600000000000", "price": "600000", "currency": "USD" }),
+    )
+    .await;
+    app.customer("two").await;
+    let first = app
+        .post(
+            "/v1/customers/two/topups",
+            json!({ "id": "h1", "pack": "half" }),
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    // The first one's payment may still come: the second could never be granted.
+    too_large(
+        &app.post(
+            "/v1/customers/two/topups",
+            json!({ "id": "h2", "pack": "half" }),
+        )
+        .await,
+    );
+    let paid = app.post("/v1/topups/h1/confirm", json!({})).await;
+    assert_eq!(paid.status, StatusCode::OK, "{}", paid.body);
+    assert_eq!(paid.body["balance_after"], "600000000000");
+
+    // Credits that take effect later count too.
+    app.customer("later").await;
+    let pending = app
+        .post(
+            "/v1/customers/later/grants",
+            json!({ "id": "soon", "amount": "600000000000", "source": "promotion", "paid": false,
+                    "effective_at": "2099-01-01T00:00:00Z" }),
+        )
+        .await;
+    assert_eq!(pending.status, StatusCode::OK, "{}", pending.body);
+    too_large(
+        &app.post(
+            "/v1/customers/later/topups",
+            json!({ "id": "l1", "pack": "half" }),
+        )
+        .await,
+    );
+
+    // Six credits at 166,666,666,666.666667 each are worth past the largest amount.
+    put_pack(
+        &app,
+        "pricey",
+        json!({ "name": "Pricey", "credits": "6", "price": "999999999999.999999", "currency": "USD" }),
+    )
+    .await;
+    app.customer("rich").await;
+    too_large(
+        &app.post(
+            "/v1/customers/rich/topups",
+            json!({ "id": "r1", "pack": "pricey" }),
+        )
+        .await,
+    );
+    for (customer, id) in [("later", "l1"), ("rich", "r1"), ("two", "h2")] {
+        let listed = app.get(&format!("/v1/customers/{customer}/topups")).await;
+        assert!(
+            listed.body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|t| t["id"] != id),
+            "{id} was not started: {}",
+            listed.body
+        );
+    }
+
+    // 1 USD for 3,000,000 credits: 0.00000033 each, 0 at 6 decimal places.
+    let worthless = app
+        .put(
+            "/v1/credit-packs/tokens",
+            json!({ "name": "Tokens", "credits": "3000000", "price": "1", "currency": "USD" }),
+        )
+        .await;
+    assert_eq!(
+        worthless.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        worthless.body
+    );
+    assert_eq!(
+        worthless.body["error"]["param"], "price",
+        "{}",
+        worthless.body
+    );
+    let free = put_pack(
+        &app,
+        "free",
+        json!({ "name": "Free", "credits": "10", "price": "0", "currency": "USD" }),
+    )
+    .await;
+    assert_eq!(free["price"], "0", "a free pack is still allowed");
+
+    // Suspended by a timed-out payment, resumed by its money coming late.
+    put_pack(
+        &app,
+        "k1",
+        json!({ "name": "1,000 credits", "credits": "1000", "price": "10", "currency": "USD" }),
+    )
+    .await;
+    app.customer("late").await;
+    app.grant("late", "start", "600").await;
+    let set = app
+        .put(
+            "/v1/customers/late/auto-topup",
+            json!({ "pack": "k1", "threshold": "500", "target": "2500", "max_failures": 1,
+                    "payment_timeout_seconds": 60 }),
+        )
+        .await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.body);
+    charge_ok(&app, "late", "late_1", "200").await;
+    let due = auto_topup(&app, "late").await["pending_topup"]
+        .as_str()
+        .expect("below the threshold: one started")
+        .to_string();
+    app.advance(120).await;
+    let state = auto_topup(&app, "late").await;
+    assert_eq!(state["status"], "suspended", "{state}");
+    let paid = app
+        .post(&format!("/v1/topups/{due}/confirm"), json!({}))
+        .await;
+    assert_eq!(paid.status, StatusCode::OK, "{}", paid.body);
+    let state = auto_topup(&app, "late").await;
+    assert_eq!(
+        state["status"], "active",
+        "the payment came after all: {state}"
+    );
+    assert_eq!(state["consecutive_failures"], 0);
+    assert!(state["last_refusal"].is_null(), "{state}");
+
+    // Due, but its order could never be granted: the state says so.
+    app.customer("stuck").await;
+    app.grant("stuck", "big", "600000000000").await;
+    let set = app
+        .put(
+            "/v1/customers/stuck/auto-topup",
+            json!({ "pack": "half", "threshold": "700000000000", "target": "999000000000" }),
+        )
+        .await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.body);
+    let state = auto_topup(&app, "stuck").await;
+    assert!(state["pending_topup"].is_null(), "{state}");
+    let message = state["last_refusal"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("largest amount"), "{state}");
 }
