@@ -541,8 +541,16 @@ fn renew_until(
                 expires,
                 context,
             );
+            let switched = if changes {
+                format!(
+                    ", on the switch from plan {} scheduled for the end of period {ending}",
+                    plan.key
+                )
+            } else {
+                String::new()
+            };
             let reason = format!(
-                "plan {} allocation for period {period} ({} to {})",
+                "plan {} allocation for period {period} ({} to {}){switched}",
                 next_plan.key,
                 at.rfc3339(),
                 subscription.period_end.rfc3339()

@@ -632,7 +632,12 @@ impl Connection {
         // a statement that runs in microseconds, on the writer's thread.
         // And PostgreSQL's end of the connection is told to notice a client
         // that vanished (`SERVER_SIDE_SETTINGS`).
-        let setup = format!("SET jit = off; {}", server_side_settings());
+        // Notices ("relation ... already exists, skipping" from every
+        // migration check) are not worth a log line each: warnings are.
+        let setup = format!(
+            "SET jit = off; SET client_min_messages = warning; {}",
+            server_side_settings()
+        );
         runtime.block_on(client.batch_execute(&setup))?;
         Ok(Connection {
             kind: Kind::Postgres(Box::new(Pg {

@@ -85,6 +85,11 @@ struct ServeArgs {
 #[derive(Subcommand)]
 enum Commands {
     /// Run the HTTP API (and the stream consumers given).
+    #[command(after_help = "Environment:\n  \
+        TALLY_ADMIN_KEY     a key with the admin scope, not stored (every server of a \
+        database needs the same one)\n  \
+        TALLY_KAFKA_CONFIG  more librdkafka settings, key=value,... (TLS, SASL)\n  \
+        RUST_LOG            the log's filter (default info)")]
     Serve(ServeArgs),
     /// Create or upgrade the database schema.
     Migrate {
@@ -263,6 +268,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Forwarded paths are appended to it.
     let advertise_url = advertise_url.map(|url| url.trim_end_matches('/').to_owned());
+    // The address first: a port in use is refused before the data
+    // directory is created or any database is opened and migrated.
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("listen on {listen}"))?;
     let manual = if manual_clock && storage.postgres_url().is_some() {
         // The database records the clock (`engine_clock`) and every server
         // over it resumes from there: a file in the data directory, which
@@ -317,9 +327,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         tally_server::streams::start(state.clone(), &streams, &state.shutdown.subscribe())?
     };
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .with_context(|| format!("listen on {listen}"))?;
     let address = listener.local_addr()?;
     // Answers go out as soon as they are written: without TCP_NODELAY a
     // write behind one not yet acknowledged (an answer larger than one
@@ -337,7 +344,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .store
         .advertise(advertise_url.unwrap_or_else(|| format!("http://{address}")));
     println!("tally listening on http://{address}");
-    tracing::info!(%address, data_dir = ?storage.data_dir, manual_clock, "serving");
+    tracing::info!(%address, store = %storage.location(), manual_clock, "serving");
     let shutdown = state.shutdown.clone();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("listen for SIGTERM")?;

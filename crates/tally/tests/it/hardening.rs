@@ -109,6 +109,25 @@ fn unusable_settings_are_refused_at_the_start() {
             "{stderr}"
         );
     }
+    // A port in use is refused before the data directory is made.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().unwrap().to_string();
+    let unmade = dir.join("never-made");
+    let output = run(&[
+        "serve",
+        "--listen",
+        &port,
+        "--data-dir",
+        unmade.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("listen on {port}")), "{stderr}");
+    assert!(
+        !unmade.exists(),
+        "the data directory was made for a server that could not listen"
+    );
+    drop(taken);
     for (flag, value) in [
         ("--seconds", "0"),
         ("--customers", "0"),

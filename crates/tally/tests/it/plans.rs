@@ -463,6 +463,17 @@ async fn changes_and_cancellation_at_the_period_end() {
     let sub = app.get("/v1/customers/cus/subscription").await.body;
     assert_eq!(sub["plan"], "lite");
     assert_eq!(sub["period"], 1);
+    // The ledger says why the allocation is smaller.
+    let entries = app.ledger_all("cus").await;
+    let second = grants_with_prefix(&entries, "grant", "plan:s1:1");
+    assert!(
+        second[0]["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("on the switch from plan pro scheduled for the end of period 0"),
+        "{}",
+        second[0]
+    );
     let canceled = cancel(&app, "cus", true).await;
     assert_eq!(canceled.status, StatusCode::OK, "{}", canceled.body);
     assert_eq!(canceled.body["cancel_at_period_end"], true);
