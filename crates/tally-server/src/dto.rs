@@ -271,6 +271,9 @@ pub struct EntryBody {
     pub amount: String,
     /// The charge, hold, refund, grant, void or expiry change this entry belongs to.
     pub reference: Option<String>,
+    /// The lots the entry moved credits into or out of, the lot an expiry
+    /// change or void changed, and for a capture the lots it spent from
+    /// (through the hold).
     pub grant_ids: Vec<String>,
     pub member_id: Option<String>,
     pub feature: Option<String>,
@@ -325,10 +328,13 @@ impl From<&EntryRecord> for EntryBody {
             grant_ids: {
                 let mut ids: Vec<String> = d.grant_ids().iter().map(ToString::to_string).collect();
                 // The lot an entry changed without moving credits (an expiry
-                // change, a void of an empty lot) is named too.
-                if let Some(id) = record.facts.as_ref().and_then(|f| f.grant_id.as_ref()) {
-                    if !ids.contains(id) {
-                        ids.push(id.clone());
+                // change, a void of an empty lot) is named too, and so are
+                // the lots a capture spent from (through the hold).
+                if let Some(facts) = &record.facts {
+                    for id in facts.grant_id.iter().chain(&facts.spent_from) {
+                        if !ids.contains(id) {
+                            ids.push(id.clone());
+                        }
                     }
                 }
                 ids

@@ -53,6 +53,7 @@ pub fn classify(code: &str) -> (StatusCode, &'static str) {
         | "pricebook_not_draft"
         | "dead_letter_resolved"
         | "plan_period_fixed"
+        | "plan_set_by_subscription"
         | "renewal_refused"
         | "topup_not_pending" => (StatusCode::CONFLICT, "conflict_error"),
         "insufficient_credits" | "member_budget_exceeded" => {

@@ -210,7 +210,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))
         .route("/v1/customers", post(customers::create_customer))
-        .route("/v1/customers/{id}", get(customers::get_customer))
+        .route(
+            "/v1/customers/{id}",
+            get(customers::get_customer).patch(customers::update_customer),
+        )
         .route("/v1/customers/{id}/balance", get(customers::balance))
         .route(
             "/v1/customers/{id}/overage",

@@ -209,7 +209,7 @@ impl Modify for DocsPaths {
         keys may call too). A method a route does not have is 405 `method_not_allowed` with `Allow`."),
     paths(
         system::healthz, system::metrics, system::clock, system::advance_clock, system::create_api_key, system::list_api_keys, system::revoke_api_key,
-        customers::create_customer, customers::get_customer, customers::balance, customers::set_overage, customers::clear_overage, customers::create_grant,
+        customers::create_customer, customers::get_customer, customers::update_customer, customers::balance, customers::set_overage, customers::clear_overage, customers::create_grant,
         customers::list_grants, customers::void_grant, customers::change_expiry,
         spend::create_charge, spend::create_hold, spend::get_hold, spend::capture_hold, spend::release_hold,
         spend::create_refund, ledger::customer_ledger, ledger::customer_usage, ledger::get_entry,

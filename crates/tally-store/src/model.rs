@@ -153,6 +153,9 @@ pub enum Command {
     RevokeApiKey {
         id: Id,
     },
+    /// Change a customer's name, plan, region or metadata (`None`: kept;
+    /// `Some(None)`: removed).
+    UpdateCustomer(CustomerUpdate),
     /// The result of one delivery attempt (sent by the delivery worker).
     RecordDelivery {
         delivery_id: String,
@@ -319,6 +322,7 @@ impl Command {
             | Command::UpdateWebhookEndpoint { .. }
             | Command::DeleteWebhookEndpoint { .. }
             | Command::RevokeApiKey { .. }
+            | Command::UpdateCustomer(_)
             | Command::RecordDelivery { .. }
             | Command::PutCreditPack(_)
             | Command::PutAutoTopup { .. }
@@ -569,6 +573,18 @@ pub struct NewCustomer {
     /// The customer's overage policy (none: block).
     #[serde(default)]
     pub overage: Option<OveragePolicy>,
+}
+
+/// What `PATCH /v1/customers/{id}` changes: each field left out (`None`)
+/// is kept, and `Some(None)` removes it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CustomerUpdate {
+    pub customer_id: Id,
+    pub name: Option<Option<String>>,
+    pub plan: Option<Option<String>>,
+    pub region: Option<Option<String>>,
+    /// JSON object text.
+    pub metadata: Option<Option<String>>,
 }
 
 impl NewCustomer {
@@ -945,6 +961,10 @@ pub struct EntryFacts {
     /// id the refund named it with).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refund_of: Option<String>,
+    /// The lots a capture spent from (its postings move credits out of the
+    /// hold, which took them from these lots when it was placed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spent_from: Vec<String>,
 }
 
 /// A lot's expiry before and after an expiry change (`None`: never), and

@@ -2021,6 +2021,7 @@ impl Writer {
                 None,
             )),
             Command::DeleteWebhookEndpoint { id } => Ok((self.delete_webhook_endpoint(id)?, None)),
+            Command::UpdateCustomer(update) => Ok((self.update_customer(update)?, None)),
             Command::RevokeApiKey { id } => {
                 match rows::revoke_api_key(&self.connection, id.as_str(), now)? {
                     Some(key) => Ok((Outcome::ApiKeyInfo(key), None)),
@@ -2126,6 +2127,64 @@ impl Writer {
             created_at: self.now,
             overage,
         }))
+    }
+
+    /// Change a customer's name, plan, region or metadata. The plan follows
+    /// a subscription while there is one (refused here); a new plan prices
+    /// what happens from now on (a late event by the plan at its time), a
+    /// new region everything priced from now on.
+    fn update_customer(
+        &mut self,
+        update: &crate::model::CustomerUpdate,
+    ) -> Result<Outcome, Failure> {
+        let customer_id = &update.customer_id;
+        self.load(customer_id)?;
+        let now = self.now;
+        let cached = self.cache.get_mut(customer_id).expect("loaded");
+        if let Some(plan) = &update.plan {
+            if let Some(subscription) = &cached.subscription {
+                return Err(Failure::Rejected(Refusal {
+                    code: "plan_set_by_subscription".into(),
+                    message: format!(
+                        "customer {customer_id}'s plan follows its subscription {} (plan {}); change the subscription (PUT /v1/customers/{customer_id}/subscription) instead",
+                        subscription.id, subscription.plan
+                    ),
+                    available: None,
+                }));
+            }
+            if *plan != cached.plan {
+                cached
+                    .plan_history
+                    .change(now, cached.plan.clone(), plan.clone());
+                let history =
+                    serde_json::to_string(&cached.plan_history).expect("history serializes");
+                self.connection
+                    .prepare_cached(
+                        "UPDATE customers SET plan = ?1, plan_history = ?2 WHERE id = ?3",
+                    )?
+                    .execute(params![plan, history, customer_id.as_str()])?;
+                cached.plan = plan.clone();
+            }
+        }
+        if let Some(region) = &update.region {
+            self.connection
+                .prepare_cached("UPDATE customers SET region = ?1 WHERE id = ?2")?
+                .execute(params![region, customer_id.as_str()])?;
+            cached.region = region.clone();
+        }
+        if let Some(name) = &update.name {
+            self.connection
+                .prepare_cached("UPDATE customers SET name = ?1 WHERE id = ?2")?
+                .execute(params![name, customer_id.as_str()])?;
+        }
+        if let Some(metadata) = &update.metadata {
+            self.connection
+                .prepare_cached("UPDATE customers SET metadata = ?1 WHERE id = ?2")?
+                .execute(params![metadata, customer_id.as_str()])?;
+        }
+        let record = rows::customer(&self.connection, customer_id.as_str())?
+            .expect("the customer was just loaded");
+        Ok(Outcome::Customer(record))
     }
 
     /// Set a customer's overage policy, or remove it (`None`: its plan's,
@@ -2374,8 +2433,17 @@ impl Writer {
         let (captured, draft) = ledger
             .capture(hold_id, amount, reason, now)
             .map_err(Failure::Refused)?;
-        // A full capture of a priced hold keeps the price and quantity it locked.
-        let entry_id = self.record_priced_entry(&draft, actor, pricing.as_ref())?;
+        // A full capture of a priced hold keeps the price and quantity it
+        // locked, and its entry names the lots it spent from.
+        let facts = crate::model::EntryFacts {
+            spent_from: captured
+                .drawn
+                .iter()
+                .map(|d| d.grant_id.to_string())
+                .collect(),
+            ..Default::default()
+        };
+        let entry_id = self.record_entry_with(&draft, actor, pricing.as_ref(), Some(&facts))?;
         let columns = ChargeColumns {
             customer_id: customer_id.clone(),
             amount: captured.captured.micros(),

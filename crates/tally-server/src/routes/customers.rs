@@ -62,6 +62,59 @@ pub async fn create_customer(
     }))
 }
 
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateCustomer {
+    /// A field left out is kept; `null` removes it.
+    #[serde(default, deserialize_with = "crate::edge::present")]
+    pub name: Option<Option<String>>,
+    /// The plan that prices the customer (a subscription sets it while it
+    /// runs: refused then, 409 `plan_set_by_subscription`).
+    #[serde(default, deserialize_with = "crate::edge::present")]
+    pub plan: Option<Option<String>>,
+    #[serde(default, deserialize_with = "crate::edge::present")]
+    pub region: Option<Option<String>>,
+    #[schema(value_type = Option<Object>)]
+    #[serde(default, deserialize_with = "crate::edge::present")]
+    pub metadata: Option<Option<crate::edge::StrictValue>>,
+}
+
+/// Change a customer's name, plan, region or metadata: a field left out is
+/// kept, `null` removes it. A new plan prices what happens from now on (a
+/// late event is priced by the plan it happened on); a new region prices
+/// everything priced from now on. The currency and id never change.
+#[utoipa::path(patch, path = "/v1/customers/{id}", tag = "customers", request_body = UpdateCustomer,
+    responses((status = 200, body = CustomerBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "plan_set_by_subscription: the customer has a subscription", body = ErrorBody)),
+    security(("bearer" = ["write"])))]
+pub async fn update_customer(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+    body: ApiJson<UpdateCustomer>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let body = body.read()?;
+    let text = |value: Option<Option<String>>, param: &str, max: usize| {
+        value.map(|inner| edge::text(inner, param, max)).transpose()
+    };
+    let command = Command::UpdateCustomer(tally_store::CustomerUpdate {
+        customer_id: edge::id(&customer_id, "id")?,
+        name: text(body.name, "name", 256)?,
+        plan: text(body.plan, "plan", 128)?,
+        region: text(body.region, "region", 128)?,
+        metadata: body
+            .metadata
+            .map(|value| edge::metadata(value.map(|v| v.0)))
+            .transpose()?,
+    });
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::Customer(customer) => Ok(CustomerBody::from(customer)),
+        _ => Err(unexpected()),
+    }))
+}
+
 fn currency(value: Option<String>, param: &str) -> Result<Option<String>, ApiError> {
     match value {
         Some(code) if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) => {

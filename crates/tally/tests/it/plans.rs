@@ -1459,3 +1459,79 @@ async fn a_plan_changed_mid_period_rolls_over_the_allocation_by_its_own_terms() 
     assert_eq!(rolled[0]["amount"], "100", "{}", rolled[0]);
     assert_replayable(&entries);
 }
+
+/// A customer's name, plan, region and metadata change with `PATCH`: left
+/// out is kept, `null` removes. Its plan follows a subscription while one
+/// runs (409), and is its own again once the subscription is cancelled
+/// (a cancellation left it on no plan, with no way to set one).
+#[tokio::test]
+async fn a_customer_is_changed_and_its_plan_is_its_own_without_a_subscription() {
+    let app = manual_app().await;
+    put_plan(
+        &app,
+        "b1",
+        json!({ "name": "B1", "period": "month", "included_credits": "10" }),
+    )
+    .await;
+    let made = app
+        .post(
+            "/v1/customers",
+            json!({ "id": "cp", "name": "Acme", "plan": "met", "region": "eu", "metadata": {"a": 1} }),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::OK, "{}", made.body);
+    let patch = |body: Value| {
+        let app = &app;
+        async move {
+            app.send(
+                Method::PATCH,
+                "/v1/customers/cp",
+                Some(ADMIN_KEY),
+                Some(&body),
+            )
+            .await
+        }
+    };
+    let changed = patch(json!({ "name": "Acme Inc", "region": null })).await;
+    assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
+    assert_eq!(changed.body["name"], "Acme Inc");
+    assert!(changed.body["region"].is_null(), "{}", changed.body);
+    assert_eq!(changed.body["plan"], "met", "left out, kept");
+    assert_eq!(changed.body["metadata"], json!({"a": 1}));
+
+    subscribe(&app, "cp", json!({ "id": "s_cp", "plan": "b1" })).await;
+    let refused = patch(json!({ "plan": "met" })).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
+    assert_eq!(refused.code(), "plan_set_by_subscription");
+    assert_eq!(app.get("/v1/customers/cp").await.body["plan"], "b1");
+    assert_eq!(cancel(&app, "cp", false).await.status, StatusCode::OK);
+    assert!(app.get("/v1/customers/cp").await.body["plan"].is_null());
+    let back = patch(json!({ "plan": "met", "metadata": {"b": 2} })).await;
+    assert_eq!(back.status, StatusCode::OK, "{}", back.body);
+    assert_eq!(back.body["plan"], "met");
+    assert_eq!(back.body["metadata"], json!({"b": 2}));
+
+    for bad in [
+        json!({ "colour": "red" }),
+        json!({ "metadata": [1] }),
+        json!({ "name": "x".repeat(257) }),
+    ] {
+        let reply = patch(bad.clone()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{bad}: {}",
+            reply.body
+        );
+    }
+    assert_eq!(app.get("/v1/customers/cp").await.body["name"], "Acme Inc");
+    let ghost = app
+        .send(
+            Method::PATCH,
+            "/v1/customers/ghost",
+            Some(ADMIN_KEY),
+            Some(&json!({ "name": "x" })),
+        )
+        .await;
+    assert_eq!(ghost.status, StatusCode::NOT_FOUND, "{}", ghost.body);
+}

@@ -2659,6 +2659,14 @@ async fn ledger_entries_explain_themselves_with_positive_postings() {
         without.as_object_mut().unwrap().remove("explanation");
         let paid_from = without.as_object_mut().unwrap().remove("paid_from");
         assert_eq!(paid_from.is_some(), entry["kind"] == "capture", "{detail}");
+        // A capture names the lots it spent from among its grant_ids.
+        for lot in paid_from.iter().flat_map(|p| p.as_array().unwrap()) {
+            let lot = &lot["grant_id"];
+            assert!(
+                entry["grant_ids"].as_array().unwrap().contains(lot),
+                "{lot} in the grant_ids of {entry}"
+            );
+        }
         assert_eq!(&without, entry, "detail of {id}");
         let postings = detail["postings"].as_array().expect("postings");
         if entry["kind"] != "expiry_extended" {
