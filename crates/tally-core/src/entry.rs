@@ -200,6 +200,31 @@ impl EntryDraft {
         .expect("entry amounts within range")
     }
 
+    /// What of a hold's amount (on its `hold`, `release` or `hold_expired`
+    /// entry) is reserved against the overage limit rather than taken from
+    /// lots: the amount less the credits moved into (or out of) the hold's
+    /// account. Zero for any other entry.
+    pub fn overage_reserved(&self) -> Amount {
+        let into = match self.kind {
+            EntryKind::Hold => true,
+            EntryKind::Release | EntryKind::HoldExpired => false,
+            _ => return Amount::ZERO,
+        };
+        let Some(hold) = self.reference.clone().map(Account::Hold) else {
+            return Amount::ZERO;
+        };
+        let moved = crate::amount::checked_sum(
+            self.postings
+                .iter()
+                .filter(|p| if into { p.to == hold } else { p.from == hold })
+                .map(|p| p.amount),
+        )
+        .expect("entry amounts within range");
+        self.amount
+            .checked_sub(moved)
+            .expect("entry amounts within range")
+    }
+
     /// The grant lots this entry touches, in posting order, without repeats.
     pub fn grant_ids(&self) -> Vec<Id> {
         let mut ids: Vec<Id> = Vec::new();

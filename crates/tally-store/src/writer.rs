@@ -2140,6 +2140,8 @@ impl Writer {
         let customer_id = &update.customer_id;
         self.load(customer_id)?;
         let now = self.now;
+        let mut record = rows::customer(&self.connection, customer_id.as_str())?
+            .expect("the customer was just loaded");
         let cached = self.cache.get_mut(customer_id).expect("loaded");
         if let Some(plan) = &update.plan {
             if let Some(subscription) = &cached.subscription {
@@ -2156,34 +2158,35 @@ impl Writer {
                 cached
                     .plan_history
                     .change(now, cached.plan.clone(), plan.clone());
-                let history =
-                    serde_json::to_string(&cached.plan_history).expect("history serializes");
-                self.connection
-                    .prepare_cached(
-                        "UPDATE customers SET plan = ?1, plan_history = ?2 WHERE id = ?3",
-                    )?
-                    .execute(params![plan, history, customer_id.as_str()])?;
                 cached.plan = plan.clone();
             }
         }
         if let Some(region) = &update.region {
-            self.connection
-                .prepare_cached("UPDATE customers SET region = ?1 WHERE id = ?2")?
-                .execute(params![region, customer_id.as_str()])?;
             cached.region = region.clone();
         }
-        if let Some(name) = &update.name {
-            self.connection
-                .prepare_cached("UPDATE customers SET name = ?1 WHERE id = ?2")?
-                .execute(params![name, customer_id.as_str()])?;
-        }
-        if let Some(metadata) = &update.metadata {
-            self.connection
-                .prepare_cached("UPDATE customers SET metadata = ?1 WHERE id = ?2")?
-                .execute(params![metadata, customer_id.as_str()])?;
-        }
-        let record = rows::customer(&self.connection, customer_id.as_str())?
-            .expect("the customer was just loaded");
+        let changed = |field: &Option<Option<String>>, old: &mut Option<String>| {
+            if let Some(new) = field {
+                *old = new.clone();
+            }
+        };
+        changed(&update.name, &mut record.name);
+        changed(&update.metadata, &mut record.metadata);
+        record.plan = cached.plan.clone();
+        record.region = cached.region.clone();
+        let history = serde_json::to_string(&cached.plan_history).expect("history serializes");
+        self.connection
+            .prepare_cached(
+                "UPDATE customers SET name = ?1, plan = ?2, plan_history = ?3, region = ?4, \
+                 metadata = ?5 WHERE id = ?6",
+            )?
+            .execute(params![
+                record.name,
+                record.plan,
+                history,
+                record.region,
+                record.metadata,
+                customer_id.as_str()
+            ])?;
         Ok(Outcome::Customer(record))
     }
 

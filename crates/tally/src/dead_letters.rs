@@ -59,11 +59,13 @@ impl Api {
         &self,
         method: reqwest::Method,
         path: &str,
+        query: &[(&str, &str)],
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
         let mut request = self
             .client
             .request(method, format!("{}{path}", self.url.trim_end_matches('/')))
+            .query(query)
             .bearer_auth(&self.key);
         if let Some(body) = body {
             request = request.json(&body);
@@ -83,19 +85,26 @@ impl Api {
         Ok(body)
     }
 
-    async fn pending(&self) -> anyhow::Result<Vec<Value>> {
-        let mut all = Vec::new();
+    /// The dead letters of `status` (and `source`), oldest first, a page
+    /// at a time to `each_page`.
+    async fn letters(
+        &self,
+        status: &str,
+        source: Option<&str>,
+        mut each_page: impl FnMut(&[Value]),
+    ) -> anyhow::Result<()> {
         let mut cursor: Option<String> = None;
         loop {
-            let mut path = "/v1/dead-letters?status=pending&limit=1000".to_string();
-            if let Some(c) = &cursor {
-                path.push_str(&format!("&cursor={c}"));
-            }
-            let page = self.call(reqwest::Method::GET, &path, None).await?;
-            all.extend(page["data"].as_array().cloned().unwrap_or_default());
+            let mut query = vec![("status", status), ("limit", "1000")];
+            query.extend(source.map(|source| ("source", source)));
+            query.extend(cursor.as_deref().map(|cursor| ("cursor", cursor)));
+            let page = self
+                .call(reqwest::Method::GET, "/v1/dead-letters", &query, None)
+                .await?;
+            each_page(page["data"].as_array().map_or(&[], Vec::as_slice));
             match page["next_cursor"].as_str() {
                 Some(next) => cursor = Some(next.to_string()),
-                None => return Ok(all),
+                None => return Ok(()),
             }
         }
     }
@@ -110,19 +119,6 @@ fn letter_id(id: &str) -> anyhow::Result<&str> {
         bail!("{id:?} is not a dead letter id (they look like dl_12; tally dead-letters list shows them)");
     }
     Ok(id)
-}
-
-/// A query value, percent-encoded.
-fn query_value(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                char::from(b).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
 }
 
 fn line(letter: &Value) -> String {
@@ -151,38 +147,29 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
     };
     match args.command {
         DeadLetterCommand::List { status, source } => {
-            let mut cursor: Option<String> = None;
-            loop {
-                let mut path = format!(
-                    "/v1/dead-letters?status={}&limit=1000",
-                    query_value(&status)
-                );
-                if let Some(source) = &source {
-                    path.push_str(&format!("&source={}", query_value(source)));
-                }
-                if let Some(c) = &cursor {
-                    path.push_str(&format!("&cursor={}", query_value(c)));
-                }
-                let page = api.call(reqwest::Method::GET, &path, None).await?;
-                if cursor.is_none() {
+            // The header once the first page came (not before an error).
+            let mut first = true;
+            api.letters(&status, source.as_deref(), |page| {
+                if std::mem::take(&mut first) {
                     println!("id\tstatus\tsource\tevent\tcustomer\tcode\tattempts\tmessage");
                 }
-                for letter in page["data"].as_array().into_iter().flatten() {
+                for letter in page {
                     println!("{}", line(letter));
                 }
-                match page["next_cursor"].as_str() {
-                    Some(next) => cursor = Some(next.to_string()),
-                    None => return Ok(()),
-                }
-            }
+            })
+            .await
         }
         DeadLetterCommand::Replay { ids, all } => {
             let ids: Vec<String> = if all {
-                api.pending()
-                    .await?
-                    .iter()
-                    .filter_map(|l| l["id"].as_str().map(str::to_owned))
-                    .collect()
+                let mut pending = Vec::new();
+                api.letters("pending", None, |page| {
+                    pending.extend(
+                        page.iter()
+                            .filter_map(|l| l["id"].as_str().map(str::to_owned)),
+                    )
+                })
+                .await?;
+                pending
             } else if ids.is_empty() {
                 bail!("give dead letter ids (dl_1 ...) or --all");
             } else {
@@ -200,6 +187,7 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
                     .call(
                         reqwest::Method::POST,
                         &format!("/v1/dead-letters/{id}/replay"),
+                        &[],
                         None,
                     )
                     .await
@@ -211,18 +199,22 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
                         continue;
                     }
                 };
-                let status = replay["result"]["status"].as_str().unwrap_or("?");
-                match status {
-                    "charged" => charged += 1,
-                    "duplicate" => duplicate += 1,
-                    _ => rejected += 1,
-                }
-                match status {
-                    "rejected" => println!(
-                        "{id}\trejected\t{}",
-                        replay["result"]["error"]["code"].as_str().unwrap_or("?")
-                    ),
-                    _ => println!("{id}\t{status}"),
+                match replay["result"]["status"].as_str().unwrap_or("?") {
+                    "charged" => {
+                        charged += 1;
+                        println!("{id}\tcharged");
+                    }
+                    "duplicate" => {
+                        duplicate += 1;
+                        println!("{id}\tduplicate");
+                    }
+                    status => {
+                        rejected += 1;
+                        println!(
+                            "{id}\t{status}\t{}",
+                            replay["result"]["error"]["code"].as_str().unwrap_or("?")
+                        );
+                    }
                 }
             }
             eprintln!(
@@ -243,6 +235,7 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
                 .call(
                     reqwest::Method::POST,
                     &format!("/v1/dead-letters/{id}/discard"),
+                    &[],
                     Some(body),
                 )
                 .await?;

@@ -441,12 +441,14 @@ pub fn explain(entry: &EntryDraft, facts: Option<&tally_store::EntryFacts>) -> S
     // A hold past the credits reserves the rest of its amount against the
     // overage limit: no credits move for that part (a capture takes it as
     // debt), so its postings add up to less than the entry's amount.
-    let lead = match overage_reserved(entry) {
-        Some(part) if part.is_positive() => format!(
+    let reserved = entry.overage_reserved();
+    let lead = if reserved.is_positive() {
+        format!(
             "{lead}, {} of it against the overage limit (no credits move for that part)",
-            amount(part)
-        ),
-        _ => lead,
+            amount(reserved)
+        )
+    } else {
+        lead
     };
     let moves: Vec<String> = entry
         .postings
@@ -462,24 +464,4 @@ pub fn explain(entry: &EntryDraft, facts: Option<&tally_store::EntryFacts>) -> S
     } else {
         format!("{lead}{reason}: {}.", moves.join("; "))
     }
-}
-
-/// What of a hold's, a release's or a timed-out hold's amount is the
-/// hold's reservation against the overage limit: the amount less the
-/// credits moved into (or out of) the hold's account.
-fn overage_reserved(entry: &EntryDraft) -> Option<tally_core::Amount> {
-    let hold = tally_core::Account::Hold(entry.reference.clone()?);
-    let into = match entry.kind {
-        EntryKind::Hold => true,
-        EntryKind::Release | EntryKind::HoldExpired => false,
-        _ => return None,
-    };
-    let moved = tally_core::amount::checked_sum(
-        entry
-            .postings
-            .iter()
-            .filter(|p| if into { p.to == hold } else { p.from == hold })
-            .map(|p| p.amount),
-    )?;
-    entry.amount.checked_sub(moved)
 }
