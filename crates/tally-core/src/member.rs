@@ -126,14 +126,17 @@ impl Member {
         }
     }
 
-    /// What the budget still allows at `now` (`None`: no budget).
+    /// What the budget still allows at `now` (`None`: no budget): its
+    /// amount plus what transfers moved in (less what they moved out) less
+    /// what was spent, never below zero and at most the largest amount (a
+    /// budget of 10^12 with more moved in is not a sum out of range).
     pub fn room_at(&self, now: Timestamp) -> Option<Amount> {
         self.budget.map(|b| {
-            b.amount
-                .checked_add(self.extra_at(now))
-                .and_then(|limit| limit.checked_sub(self.spent_at(now)))
-                .filter(|room| !room.is_negative())
-                .unwrap_or(Amount::ZERO)
+            let room = i128::from(b.amount.micros()) + i128::from(self.extra_at(now).micros())
+                - i128::from(self.spent_at(now).micros());
+            let room = room.clamp(0, i128::from(crate::amount::MAX_AMOUNT_MICROS));
+            Amount::from_micros(i64::try_from(room).expect("clamped to the amount range"))
+                .expect("clamped to the amount range")
         })
     }
 

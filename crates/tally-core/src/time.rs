@@ -17,15 +17,39 @@ impl Timestamp {
         self.0
     }
 
-    /// RFC 3339 text in UTC (`2026-11-25T08:00:00Z`, with the fraction when there is one).
+    /// RFC 3339 text in UTC (`2026-11-25T08:00:00Z`), with six digits of
+    /// microseconds when they are not zero (`2026-11-25T08:00:00.500000Z`),
+    /// so that instants sort as text. An instant outside years 0000-9999
+    /// (one computed past them, say a period end) shows its raw
+    /// microseconds (`@<micros>us`) rather than a wrong date.
     pub fn rfc3339(self) -> String {
-        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1000)
+        let fraction = self.0.rem_euclid(Self::MICROS_PER_SECOND);
+        let seconds = self.0.div_euclid(Self::MICROS_PER_SECOND);
+        let whole = time::OffsetDateTime::from_unix_timestamp(seconds)
             .ok()
             .and_then(|t| {
                 t.format(&time::format_description::well_known::Rfc3339)
                     .ok()
-            })
-            .unwrap_or_else(|| self.0.to_string())
+            });
+        let Some(mut text) = whole else {
+            return format!("@{}us", self.0);
+        };
+        let offset = text
+            .strip_suffix("+00:00")
+            .or_else(|| text.strip_suffix('Z'));
+        if let Some(stripped) = offset {
+            text.truncate(stripped.len());
+        }
+        if fraction != 0 {
+            text.push_str(&format!(".{fraction:06}"));
+        }
+        text.push('Z');
+        text
+    }
+
+    /// `micros` microseconds later, `None` past the end of time.
+    pub fn plus_micros(self, micros: i64) -> Option<Timestamp> {
+        self.0.checked_add(micros).map(Timestamp)
     }
 
     pub fn plus_seconds(self, seconds: i64) -> Option<Timestamp> {

@@ -325,20 +325,7 @@ impl From<&EntryRecord> for EntryBody {
             customer_id: d.customer_id.to_string(),
             amount: amount(d.amount),
             reference: d.reference.as_ref().map(ToString::to_string),
-            grant_ids: {
-                let mut ids: Vec<String> = d.grant_ids().iter().map(ToString::to_string).collect();
-                // The lot an entry changed without moving credits (an expiry
-                // change, a void of an empty lot) is named too, and so are
-                // the lots a capture spent from (through the hold).
-                if let Some(facts) = &record.facts {
-                    for id in facts.grant_id.iter().chain(&facts.spent_from) {
-                        if !ids.contains(id) {
-                            ids.push(id.clone());
-                        }
-                    }
-                }
-                ids
-            },
+            grant_ids: record.lots(),
             member_id: d.member_id.as_ref().map(ToString::to_string),
             feature: d.feature.clone(),
             reason: d.reason.clone(),

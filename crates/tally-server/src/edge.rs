@@ -315,6 +315,19 @@ pub fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
+/// A [`present`] field that may be left out but not be `null` (a PATCH
+/// keeps what is left out; `null` would say to remove what cannot be).
+pub fn not_null<T>(field: Option<Option<T>>, param: &str) -> Result<Option<T>, ApiError> {
+    match field {
+        Some(None) => Err(ApiError::invalid(
+            param,
+            format!("{param} may not be null; leave it out to keep it"),
+        )),
+        Some(Some(value)) => Ok(Some(value)),
+        None => Ok(None),
+    }
+}
+
 /// A JSON body whose rejections are API errors. The refusal is handed to the
 /// handler, which takes the body with [`ApiJson::read`] after checking the
 /// caller's scope: a key without the scope hears 403 whatever it sent, before
@@ -448,20 +461,31 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 }
 
 /// The query parameter a query string's error is about (`limit` in
-/// `?limit=abc`), read again with the path kept.
-fn query_param<T: DeserializeOwned>(query: Option<&str>) -> Option<String> {
+/// `?limit=abc`) and what is wrong with it, read again with the path kept.
+fn query_param<T: DeserializeOwned>(query: Option<&str>) -> Option<(Option<String>, String)> {
     let parse = form_urlencoded::parse(query.unwrap_or_default().as_bytes());
     match serde_path_to_error::deserialize::<_, T>(serde_urlencoded::Deserializer::new(parse)) {
-        Err(error) => error_param(&error),
+        Err(error) => Some((error_param(&error), error.inner().to_string())),
         Ok(_) => None,
     }
 }
 
 fn query_error<T: DeserializeOwned>(rejection: QueryRejection, query: Option<&str>) -> ApiError {
-    let message = format!("bad query string: {}", rejection.body_text());
     match query_param::<T>(query) {
-        Some(param) => ApiError::invalid(&param, message),
-        None => ApiError::new("invalid_request", message),
+        // Every list's `limit` says the same, whatever the text was.
+        Some((Some(param), _)) if param == "limit" => {
+            ApiError::invalid("limit", "limit must be a whole number between 1 and 1000")
+        }
+        Some((Some(param), detail)) => {
+            ApiError::invalid(&param, format!("bad query string: {param}: {detail}"))
+        }
+        Some((None, detail)) => {
+            ApiError::new("invalid_request", format!("bad query string: {detail}"))
+        }
+        None => ApiError::new(
+            "invalid_request",
+            format!("bad query string: {}", rejection.body_text()),
+        ),
     }
 }
 
@@ -642,24 +666,9 @@ pub fn instant(text: &str, param: &str) -> Result<Timestamp, ApiError> {
         })
 }
 
-/// An instant as RFC 3339 UTC text with microseconds when they are not zero.
+/// An instant as RFC 3339 UTC text ([`Timestamp::rfc3339`]).
 pub fn rfc3339(at: Timestamp) -> String {
-    let nanos = i128::from(at.micros()) * 1000;
-    // Instants come from `instant` or the clock, within years 0000-9999; one
-    // computed past them (a period end after year 9999) shows its raw
-    // microseconds rather than a wrong date or a failed response.
-    let raw = || format!("@{}us", at.micros());
-    let Ok(time) = OffsetDateTime::from_unix_timestamp_nanos(nanos) else {
-        return raw();
-    };
-    let Ok(mut text) = time.format(&Rfc3339) else {
-        return raw();
-    };
-    if text.ends_with("+00:00") {
-        text.truncate(text.len() - 6);
-        text.push('Z');
-    }
-    text
+    at.rfc3339()
 }
 
 /// A free-text field with a bounded length.
@@ -775,11 +784,11 @@ pub fn limit(value: Option<usize>) -> Result<usize, ApiError> {
     match value.unwrap_or(50) {
         0 => Err(ApiError::invalid(
             "limit",
-            "limit must be between 1 and 1000",
+            "limit must be a whole number between 1 and 1000",
         )),
         n if n > 1000 => Err(ApiError::invalid(
             "limit",
-            "limit must be between 1 and 1000",
+            "limit must be a whole number between 1 and 1000",
         )),
         n => Ok(n),
     }
@@ -838,7 +847,10 @@ mod tests {
     #[test]
     fn instants_round_trip() {
         let at = instant("2026-11-25T10:00:00.5Z", "t").unwrap();
-        assert_eq!(rfc3339(at), "2026-11-25T10:00:00.5Z");
+        assert_eq!(rfc3339(at), "2026-11-25T10:00:00.500000Z");
+        let at = instant("1969-12-31T23:59:59.000001Z", "t").unwrap();
+        assert_eq!(rfc3339(at), "1969-12-31T23:59:59.000001Z");
+        assert_eq!(rfc3339(Timestamp(0)), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(MAX_INSTANT), "9999-12-31T23:59:59.999999Z");
         assert_eq!(
             instant("9999-12-31T23:59:59.999999Z", "t").unwrap(),

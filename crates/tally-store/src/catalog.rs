@@ -73,6 +73,15 @@ pub struct Catalog {
     pub published: PriceBook,
     /// Each customer's contracts, in the order they were set.
     pub contracts: HashMap<String, Vec<ContractRecord>>,
+    /// The latest instant usage was priced at (an event stamped ahead of
+    /// the clock is priced at its stamp): a version published later takes
+    /// effect after it, so that no two uses at one instant are priced by
+    /// two versions, and none priced already falls under a later version.
+    pub priced_through: Option<Timestamp>,
+    /// What the database holds of `priced_through`: written only when usage
+    /// was priced ahead of the engine's clock (what is priced at or before
+    /// the clock is behind any publication's `effective_at` anyway).
+    pub priced_mark: Option<Timestamp>,
 }
 
 impl Catalog {
@@ -87,6 +96,15 @@ impl Catalog {
                 .filter_map(PricebookRecord::version)
                 .collect(),
         );
+        let priced_mark = connection
+            .query_row(
+                "SELECT priced_through FROM engine_clock WHERE id = 1",
+                [],
+                |row| row.get::<_, Option<i64>>(0),
+            )
+            .optional()?
+            .flatten()
+            .map(Timestamp);
         Ok(Catalog {
             features: features(connection)?
                 .into_iter()
@@ -95,7 +113,16 @@ impl Catalog {
             books,
             published,
             contracts: contracts_by_customer(connection)?,
+            priced_through: priced_mark,
+            priced_mark,
         })
+    }
+
+    /// Usage was priced at `at`.
+    pub fn priced(&mut self, at: Timestamp) {
+        if self.priced_through.is_none_or(|through| through < at) {
+            self.priced_through = Some(at);
+        }
     }
 
     pub fn next_published_seq(&self) -> i64 {

@@ -104,7 +104,18 @@ impl Error {
             // Class 08: connection exception; 57P: the server shutting down
             // or not accepting connections yet; 53300: too many connections.
             let code = code.code();
-            return code.starts_with("08") || code.starts_with("57P") || code == "53300";
+            // 55000 at connect: the database is not accepting connections
+            // for now (`ALTER DATABASE ... ALLOW_CONNECTIONS false`, an
+            // operator's maintenance); the same code from a statement is
+            // about something else.
+            let refused_for_now = code == "55000"
+                && error
+                    .as_db_error()
+                    .is_some_and(|db| db.message().contains("not currently accepting connections"));
+            return code.starts_with("08")
+                || code.starts_with("57P")
+                || code == "53300"
+                || refused_for_now;
         }
         // Reaching the server, or reading from or writing to its socket,
         // failed (tokio-postgres's `Kind::Connect` and `Kind::Io`, a connect

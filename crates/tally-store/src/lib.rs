@@ -1582,7 +1582,7 @@ impl Store {
                         .from
                         .is_none_or(|from| record.draft.effective_at >= from)
                         && query.to.is_none_or(|to| record.draft.effective_at < to);
-                    if in_window && query.kind.is_none_or(|kind| record.draft.kind == kind) {
+                    if in_window && query.matches(&record) {
                         entries.push(record);
                     }
                 }

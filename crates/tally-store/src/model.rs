@@ -736,7 +736,12 @@ pub struct ReleaseOutcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefundOutcome {
     pub id: Id,
+    /// What was refunded: the charge or event id, or the captured hold's id
+    /// (then `hold_id` is set too).
     pub charge_id: Id,
+    /// The captured hold refunded, when the refund named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_id: Option<Id>,
     pub customer_id: Id,
     pub amount: Amount,
     pub returned: Vec<Draw>,
@@ -944,6 +949,28 @@ pub struct EntryRecord {
     pub facts: Option<EntryFacts>,
 }
 
+impl EntryRecord {
+    /// The lots the entry moved credits into or out of, then the lot it
+    /// changed without moving credits (an expiry change, a void of an empty
+    /// lot) and the lots a capture spent from (through the hold).
+    pub fn lots(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .draft
+            .grant_ids()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        if let Some(facts) = &self.facts {
+            for id in facts.grant_id.iter().chain(&facts.spent_from) {
+                if !ids.contains(id) {
+                    ids.push(id.clone());
+                }
+            }
+        }
+        ids
+    }
+}
+
 /// What an entry is about that its postings do not say: the lot an expiry
 /// change or a void of an empty lot changed (they move no credits), the
 /// expiry before and after a change, the other side of a transfer, what a
@@ -984,9 +1011,36 @@ pub struct LedgerQuery {
     pub from: Option<Timestamp>,
     pub to: Option<Timestamp>,
     pub kind: Option<tally_core::EntryKind>,
+    /// Only entries of this member.
+    pub member_id: Option<Id>,
+    /// Only entries priced for this feature.
+    pub feature: Option<String>,
+    /// Only entries that moved credits into or out of this lot, or changed it.
+    pub grant_id: Option<String>,
     /// Start the walk at this entry (a cursor from an earlier page); default: the newest.
     pub start: Option<i64>,
     pub limit: usize,
+}
+
+impl LedgerQuery {
+    /// Whether an entry passes the kind, member, feature and lot filters
+    /// (the time window is the walk's).
+    pub fn matches(&self, record: &EntryRecord) -> bool {
+        let draft = &record.draft;
+        self.kind.is_none_or(|kind| draft.kind == kind)
+            && self
+                .member_id
+                .as_ref()
+                .is_none_or(|member| draft.member_id.as_ref() == Some(member))
+            && self
+                .feature
+                .as_ref()
+                .is_none_or(|feature| draft.feature.as_ref() == Some(feature))
+            && self
+                .grant_id
+                .as_ref()
+                .is_none_or(|lot| record.lots().contains(lot))
+    }
 }
 
 /// A page of a customer's journal.

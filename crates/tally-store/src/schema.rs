@@ -442,6 +442,15 @@ CREATE INDEX topups_unresolved_by_customer ON topups(customer_id)
     WHERE status IN ('pending_payment', 'failed');
 "#,
     ),
+    (
+        21,
+        r#"
+-- The latest instant usage was priced at, when that was ahead of the
+-- engine's clock (an event stamped up to 5 minutes ahead): a price book
+-- published later takes effect after it. NULL until then.
+ALTER TABLE engine_clock ADD COLUMN priced_through INTEGER;
+"#,
+    ),
 ];
 
 /// The key of the advisory lock that serializes migrations on PostgreSQL

@@ -1373,7 +1373,13 @@ impl Writer {
         self.next_grant_sequence = sequences.next_grant;
         self.next_operation_sequence = sequences.next_operation;
         self.next_notification_sequence = sequences.next_notification;
+        // What this writer priced stays counted (a publication after it
+        // takes effect after it); what the database holds is reread.
+        let priced = self.catalog.priced_through;
         self.catalog = Catalog::load(&self.connection)?;
+        if let Some(at) = priced {
+            self.catalog.priced(at);
+        }
         self.letter_events = pending_letter_events(&self.connection)?;
         self.plans = load_plans(&self.connection)?;
         self.packs = load_packs(&self.connection)?;
@@ -1383,6 +1389,19 @@ impl Writer {
 
     /// Write every grant and hold the group changed.
     fn flush(&mut self) -> db::Result<()> {
+        // Usage priced ahead of the clock: its instant is kept with it, so
+        // that a publication after a restart still takes effect after it.
+        if let Some(through) = self.catalog.priced_through {
+            if through > self.now && self.catalog.priced_mark.is_none_or(|mark| mark < through) {
+                self.connection
+                    .prepare_cached(
+                        "UPDATE engine_clock SET priced_through = ?1 WHERE id = 1 \
+                         AND (priced_through IS NULL OR priced_through < ?1)",
+                    )?
+                    .execute([through.micros()])?;
+                self.catalog.priced_mark = Some(through);
+            }
+        }
         // Drained, not replaced: a fresh set would regrow (rehashing) in
         // every group.
         let mut touched = std::mem::take(&mut self.touched);
@@ -1797,7 +1816,11 @@ impl Writer {
             Command::Charge(charge) => {
                 self.prepare(&charge.customer_id)?;
                 let pricing = match &charge.usage {
-                    Some(usage) => Some(self.price(&charge.customer_id, usage)?),
+                    Some(usage) => {
+                        let pricing = self.price(&charge.customer_id, usage)?;
+                        self.catalog.priced(now);
+                        Some(pricing)
+                    }
                     None => None,
                 };
                 let amount = pricing
@@ -2296,7 +2319,11 @@ impl Writer {
                 "timeout_seconds is too large",
             )))?;
         let pricing = match &request.usage {
-            Some(usage) => Some(self.price(&request.customer_id, usage)?),
+            Some(usage) => {
+                let pricing = self.price(&request.customer_id, usage)?;
+                self.catalog.priced(now);
+                Some(pricing)
+            }
             None => None,
         };
         let amount = pricing
@@ -2607,6 +2634,7 @@ impl Writer {
         Ok(Outcome::Refund(RefundOutcome {
             id: request.id.clone(),
             charge_id: charge_id.clone(),
+            hold_id: (kind == "hold_resolution").then(|| charge_id.clone()),
             customer_id,
             amount: refunded_now.amount,
             returned: refunded_now.returned,
@@ -2732,6 +2760,7 @@ impl Writer {
             properties: event.properties.clone(),
         };
         let pricing = self.price_at(&event.customer_id, &usage, at)?;
+        self.catalog.priced(at);
         let spend = Spend {
             reference: event.id.clone(),
             amount: pricing.cost,
@@ -2787,26 +2816,46 @@ impl Writer {
             None => format!("payload:{}", payload_key()),
         };
         let now = self.now.micros();
-        self.connection
+        // The letter of an event seen before is updated in place, and only a
+        // new one is inserted: an insert that turns into an update would use
+        // up a number of PostgreSQL's identity sequence, and the letters'
+        // ids would drift from SQLite's.
+        let updated = self
+            .connection
             .prepare_cached(
-                "INSERT INTO dead_letters (key, source, event_id, customer_id, payload, code, message, \
-                 attempts, first_seen, last_seen, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8, 'pending') \
-                 ON CONFLICT(key) DO UPDATE SET payload = excluded.payload, \
-                 first_seen = CASE WHEN COALESCE(dead_letters.customer_id, '') = COALESCE(excluded.customer_id, '') \
-                   THEN dead_letters.first_seen ELSE excluded.first_seen END, \
-                 customer_id = excluded.customer_id, source = excluded.source, code = excluded.code, message = excluded.message, attempts = dead_letters.attempts + 1, \
-                 last_seen = excluded.last_seen, status = 'pending', resolved_at = NULL, note = NULL",
+                "UPDATE dead_letters SET payload = ?2, \
+                 first_seen = CASE WHEN COALESCE(customer_id, '') = COALESCE(?4, '') \
+                   THEN first_seen ELSE ?7 END, \
+                 customer_id = ?4, source = ?1, code = ?5, message = ?6, attempts = attempts + 1, \
+                 last_seen = ?7, status = 'pending', resolved_at = NULL, note = NULL WHERE key = ?3",
             )?
             .execute(params![
-                key,
                 letter.source,
-                letter.event_id,
-                letter.customer_id,
                 letter.payload,
+                key,
+                letter.customer_id,
                 letter.code,
                 letter.message,
                 now
             ])?;
+        if updated == 0 {
+            self.connection
+                .prepare_cached(
+                    "INSERT INTO dead_letters (key, source, event_id, customer_id, payload, code, \
+                     message, attempts, first_seen, last_seen, status) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8, 'pending')",
+                )?
+                .execute(params![
+                    key,
+                    letter.source,
+                    letter.event_id,
+                    letter.customer_id,
+                    letter.payload,
+                    letter.code,
+                    letter.message,
+                    now
+                ])?;
+        }
         let record = rows::dead_letter_by_key(&self.connection, &key)?
             .expect("the dead letter was just written");
         Ok(record)
@@ -3059,9 +3108,28 @@ impl Writer {
             return Err(not_draft(id));
         }
         let now = self.now;
-        // Now or later. (A charge already made at this very instant keeps the
-        // version that priced it: its entry records it.)
-        let effective_at = effective_at.unwrap_or(now);
+        // Now, or just after the latest instant usage was priced at (an
+        // event stamped ahead of the clock, or a charge at this very
+        // instant): no use already priced falls under the new version.
+        let after_priced = self
+            .catalog
+            .priced_through
+            .and_then(|through| through.plus_micros(1));
+        let effective_at =
+            effective_at.unwrap_or_else(|| after_priced.map_or(now, |after| after.max(now)));
+        if let Some(through) = self.catalog.priced_through {
+            if effective_at <= through && effective_at >= now {
+                return Err(Failure::Rejected(Refusal {
+                    code: "invalid_request".into(),
+                    message: format!(
+                        "usage stamped up to {} is already priced (events may be stamped ahead of \
+                         the clock); give an effective_at after it, or none to take effect just after it",
+                        through.rfc3339()
+                    ),
+                    available: None,
+                }));
+            }
+        }
         if effective_at < now {
             return Err(Failure::Rejected(Refusal {
                 code: "invalid_request".into(),

@@ -241,15 +241,35 @@ pub struct BalanceBody {
     pub last_entry_id: Option<String>,
 }
 
-/// A customer's balance.
+/// The balance takes no query parameters: one sent is a 400, not ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceParams {}
+
+/// A customer's balance now. (A past balance, as recorded: `balance_after`
+/// of the first entry of `GET /v1/customers/{id}/ledger?to=<instant>`.)
 #[utoipa::path(get, path = "/v1/customers/{id}/balance", tag = "customers",
-    responses((status = 200, body = BalanceBody), (status = 404, body = ErrorBody)), security(("bearer" = ["read"])))]
+    responses((status = 200, body = BalanceBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["read"])))]
 pub async fn balance(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
+    params: edge::ApiQuery<BalanceParams>,
 ) -> Result<Json<BalanceBody>, ApiError> {
     caller.require(Scope::Read)?;
+    params
+        .read()
+        .map_err(|error| {
+            match error.param.as_deref() {
+        Some("as_of") => ApiError::invalid(
+            "as_of",
+            "the balance is the balance now; a past balance, as recorded, is the balance_after \
+             of the first entry of GET /v1/customers/{id}/ledger?to=<instant>",
+        ),
+        _ => error,
+    }
+        })?;
     let id = edge::id(&customer_id, "id")?;
     let view = state
         .store

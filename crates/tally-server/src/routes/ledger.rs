@@ -28,6 +28,13 @@ pub struct LedgerParams {
     pub to: Option<String>,
     /// Only entries of this kind.
     pub kind: Option<String>,
+    /// Only entries of this member.
+    pub member_id: Option<String>,
+    /// Only entries priced for this feature.
+    pub feature: Option<String>,
+    /// Only entries that moved credits into or out of this lot (grant id),
+    /// changed it (an expiry change, a void), or for a capture spent from it.
+    pub grant_id: Option<String>,
 }
 
 /// A customer's journal entries, newest first.
@@ -67,6 +74,21 @@ pub async fn customer_ledger(
             .map(|t| edge::instant(t, "to"))
             .transpose()?,
         kind,
+        member_id: params
+            .member_id
+            .as_deref()
+            .map(|m| edge::id(m, "member_id"))
+            .transpose()?,
+        feature: params
+            .feature
+            .as_deref()
+            .map(|f| edge::id(f, "feature").map(|f| f.to_string()))
+            .transpose()?,
+        grant_id: params
+            .grant_id
+            .as_deref()
+            .map(|g| edge::id(g, "grant_id").map(|g| g.to_string()))
+            .transpose()?,
         start,
         limit,
     };
@@ -135,7 +157,8 @@ pub struct UsageBody {
 /// day or month. Usage counts at its own time (a late event in the bucket of
 /// its timestamp, a capture when it captured). Charges and captures count;
 /// refunds are not netted out (they are in the ledger). At most 366 days per
-/// request.
+/// request, and at most 200,000 of the customer's journal entries recorded
+/// since 5 minutes before `from` (else 400 naming `from`).
 #[utoipa::path(get, path = "/v1/customers/{id}/usage", tag = "ledger", params(UsageParams),
     responses((status = 200, body = UsageBody), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = ["read"])))]
@@ -223,8 +246,9 @@ pub async fn customer_usage(
             ApiError::invalid(
                 "from",
                 format!(
-                    "the window lies behind more than {} of the customer's journal entries \
-                     (counted from the newest); ask for a more recent window",
+                    "this report would read more than {} of the customer's journal entries \
+                     (every entry recorded since 5 minutes before from); ask for a window that \
+                     starts later",
                     tally_store::MAX_USAGE_WALK
                 ),
             )

@@ -208,10 +208,15 @@ pub async fn get_webhook_endpoint(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateWebhookEndpoint {
-    /// A new URL; its pending deliveries go there.
-    pub url: Option<String>,
-    /// New notification types (as when created), for notifications made from now on.
-    pub events: Option<Vec<String>>,
+    /// A new URL; its pending deliveries go there. Not null.
+    #[serde(default, deserialize_with = "crate::edge::present")]
+    #[schema(value_type = Option<String>)]
+    pub url: Option<Option<String>>,
+    /// New notification types (as when created), for notifications made
+    /// from now on. Not null.
+    #[serde(default, deserialize_with = "crate::edge::present")]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub events: Option<Option<Vec<String>>>,
 }
 
 /// Change an endpoint's URL or notification types; what is left out is kept.
@@ -229,8 +234,13 @@ pub async fn update_webhook_endpoint(
     let body = body.read()?;
     let command = Command::UpdateWebhookEndpoint {
         id: edge::id(&endpoint_id, "id")?,
-        url: body.url.as_deref().map(endpoint_url).transpose()?,
-        events: body.events.map(endpoint_events).transpose()?,
+        url: edge::not_null(body.url, "url")?
+            .as_deref()
+            .map(endpoint_url)
+            .transpose()?,
+        events: edge::not_null(body.events, "events")?
+            .map(endpoint_events)
+            .transpose()?,
     };
     let executed = state.execute(command, &caller).await?;
     Ok(reply(executed, |outcome| match outcome {
@@ -316,7 +326,7 @@ pub struct DeliveryList {
 pub struct DeliveryParams {
     /// At most this many, newest first (default 50, max 1000).
     #[schema(minimum = 1, maximum = 1000)]
-    pub limit: Option<i64>,
+    pub limit: Option<usize>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
 }
@@ -334,10 +344,7 @@ pub async fn list_deliveries(
 ) -> Result<Json<DeliveryList>, ApiError> {
     caller.require(Scope::Admin)?;
     let params = params.read()?;
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid("limit", "limit must be 1 to 1000"));
-    }
+    let limit = edge::limit(params.limit)?;
     let id = edge::id(&endpoint_id, "id")?;
     let endpoints = state.store.webhook_endpoints().await?;
     if !endpoints.iter().any(|e| e.id == id) {
@@ -346,10 +353,10 @@ pub async fn list_deliveries(
     let before = edge::cursor(params.cursor.as_deref(), "evt_")?.unwrap_or(i64::MAX);
     let mut deliveries = state
         .store
-        .deliveries(id.to_string(), before, limit + 1)
+        .deliveries(id.to_string(), before, limit as i64 + 1)
         .await?;
-    let more = deliveries.len() > limit as usize;
-    deliveries.truncate(limit as usize);
+    let more = deliveries.len() > limit;
+    deliveries.truncate(limit);
     let next_cursor = more
         .then(|| deliveries.last().map(|d| format!("evt_{}", d.notification)))
         .flatten();
@@ -386,10 +393,14 @@ pub struct BalanceChangeBody {
 /// The customer's balance changes as they happen (server-sent events).
 ///
 /// The first event, `balance`, is the balance now (with `last_entry_id`,
-/// the last entry it includes); then one
+/// the last entry it includes, also its event id); then one
 /// `balance.changed` per journal entry once it is durable, with the entry
 /// id as the event id. A client too slow to keep up gets `lagged` and
-/// should read the balance again.
+/// should read the balance again. A client that reconnects with
+/// `Last-Event-ID` (as a browser's `EventSource` does) gets the changes it
+/// missed, oldest first, instead of `balance`, then the live ones; when it
+/// missed more than 1,000 (or the id is not one of this customer's
+/// entries) it gets `balance` as on a first connection.
 #[utoipa::path(get, path = "/v1/customers/{id}/stream", tag = "notifications",
     responses((status = 200, description = "server-sent events, one per change of the customer's balance",
         content_type = "text/event-stream", body = String), (status = 404, body = ErrorBody)),
@@ -398,9 +409,17 @@ pub async fn stream(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     caller.require(Scope::Read)?;
     let id = edge::id(&customer_id, "id")?;
+    // `ent_<n>`: the last change a reconnecting client saw.
+    let resume_after = headers
+        .get("last-event-id")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.trim().strip_prefix("ent_"))
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n > 0);
     // Subscribe before reading the balance, so no change falls in between.
     // The writer queues changes only while someone listens: a round trip
     // through it makes sure a group that was open before this subscription
@@ -420,6 +439,14 @@ pub async fn stream(
         .balance(id.clone())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("customer {id}")))?;
+    // The changes a reconnecting client missed, oldest first, when they are
+    // few enough to send; else the balance, as on a first connection.
+    let missed = match (resume_after, view.last_entry) {
+        (Some(after), Some(last)) if after <= last => {
+            missed_changes(&state, &id, after, last).await?
+        }
+        _ => None,
+    };
     let first = Event::default().event("balance").data(
         serde_json::json!({
             "customer_id": id.to_string(),
@@ -432,6 +459,14 @@ pub async fn stream(
         })
         .to_string(),
     );
+    let first = match view.last_entry {
+        Some(last) => first.id(crate::dto::entry_id(last)),
+        None => first,
+    };
+    let opening: Vec<Event> = match missed {
+        Some(missed) => missed,
+        None => vec![first],
+    };
     // Changes this balance already includes are not sent again.
     let seen = view.last_entry.unwrap_or(0);
     let changes = futures_util::stream::unfold(receiver, move |mut receiver| {
@@ -440,17 +475,13 @@ pub async fn stream(
             loop {
                 match receiver.recv().await {
                     Ok(change) if change.customer_id == id && change.entry_id > seen => {
-                        let body = BalanceChangeBody {
-                            entry_id: format!("ent_{}", change.entry_id),
+                        let event = change_event(BalanceChangeBody {
+                            entry_id: crate::dto::entry_id(change.entry_id),
                             kind: change.kind.as_str().to_string(),
                             amount: amount(change.amount),
                             balance_after: amount(change.balance_after),
                             recorded_at: edge::rfc3339(change.recorded_at),
-                        };
-                        let event = Event::default()
-                            .event("balance.changed")
-                            .id(body.entry_id.clone())
-                            .data(serde_json::to_string(&body).expect("serializes"));
+                        });
                         return Some((Ok(event), receiver));
                     }
                     Ok(_) => continue,
@@ -465,7 +496,7 @@ pub async fn stream(
     });
     let mut shutdown = state.shutdown.subscribe();
     let stream = futures_util::StreamExt::chain(
-        futures_util::stream::once(async move { Ok(first) }),
+        futures_util::stream::iter(opening.into_iter().map(Ok)),
         changes,
     );
     // The stream ends when the server shuts down.
@@ -473,4 +504,65 @@ pub async fn stream(
         let _ = shutdown.wait_for(|stopping| *stopping).await;
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// At most this many missed changes are sent to a reconnecting client.
+const MAX_MISSED_CHANGES: usize = 1_000;
+
+fn change_event(body: BalanceChangeBody) -> Event {
+    Event::default()
+        .event("balance.changed")
+        .id(body.entry_id.clone())
+        .data(serde_json::to_string(&body).expect("serializes"))
+}
+
+/// The customer's entries after `after` up to `last`, oldest first, as the
+/// changes the stream sent for them; `None` when there are more than
+/// [`MAX_MISSED_CHANGES`] or `after` is not one of the customer's entries
+/// (a client of another database, or one that made its id up).
+async fn missed_changes(
+    state: &AppState,
+    customer_id: &tally_core::Id,
+    after: i64,
+    last: i64,
+) -> Result<Option<Vec<Event>>, ApiError> {
+    if after == last {
+        return Ok(Some(Vec::new()));
+    }
+    let page = state
+        .store
+        .ledger(
+            customer_id.clone(),
+            tally_store::LedgerQuery {
+                start: Some(last),
+                limit: MAX_MISSED_CHANGES + 1,
+                ..tally_store::LedgerQuery::default()
+            },
+        )
+        .await?;
+    let Some(page) = page else {
+        return Ok(None);
+    };
+    // Newest first: the walk must reach `after` itself.
+    let Some(reached) = page.entries.iter().position(|e| e.sequence <= after) else {
+        return Ok(None);
+    };
+    if page.entries[reached].sequence != after || reached > MAX_MISSED_CHANGES {
+        return Ok(None);
+    }
+    Ok(Some(
+        page.entries[..reached]
+            .iter()
+            .rev()
+            .map(|record| {
+                change_event(BalanceChangeBody {
+                    entry_id: crate::dto::entry_id(record.sequence),
+                    kind: record.draft.kind.as_str().to_string(),
+                    amount: amount(record.draft.amount),
+                    balance_after: amount(record.draft.balance_after),
+                    recorded_at: edge::rfc3339(record.recorded_at),
+                })
+            })
+            .collect(),
+    ))
 }

@@ -484,8 +484,11 @@ pub struct CreateRefund {
 #[derive(Serialize, ToSchema)]
 pub struct RefundBody {
     pub id: String,
-    /// The refunded charge (or captured hold) id.
-    pub charge_id: String,
+    /// The refunded charge (or usage event) id; null when the refund named a
+    /// captured hold.
+    pub charge_id: Option<String>,
+    /// The refunded captured hold, when the refund named one.
+    pub hold_id: Option<String>,
     pub customer_id: String,
     pub amount: String,
     /// Where the credits went back: the original grants while they are active,
@@ -531,7 +534,8 @@ pub async fn create_refund(
     Ok(reply(executed, |outcome| match outcome {
         Outcome::Refund(r) => Ok(RefundBody {
             id: r.id.to_string(),
-            charge_id: r.charge_id.to_string(),
+            charge_id: r.hold_id.is_none().then(|| r.charge_id.to_string()),
+            hold_id: r.hold_id.as_ref().map(ToString::to_string),
             customer_id: r.customer_id.to_string(),
             amount: amount(r.amount),
             returned: draws(&r.returned),

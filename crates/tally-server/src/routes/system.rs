@@ -234,22 +234,29 @@ impl From<&tally_store::ApiKeyInfo> for ApiKeyInfoBody {
 #[derive(Serialize, ToSchema)]
 pub struct ApiKeyList {
     pub data: Vec<ApiKeyInfoBody>,
+    pub next_cursor: Option<String>,
 }
 
-/// Every API key, oldest first: id, scope and when it was created and
-/// revoked (never the key itself, which is stored only as a hash). Admin.
-#[utoipa::path(get, path = "/v1/api-keys", tag = "system",
-    responses((status = 200, body = ApiKeyList), (status = 403, body = ErrorBody)),
+/// The API keys, oldest first, a page at a time: id, scope and when it was
+/// created and revoked (never the key itself, which is stored only as a
+/// hash). Admin.
+#[utoipa::path(get, path = "/v1/api-keys", tag = "system", params(edge::ListParams),
+    responses((status = 200, body = ApiKeyList), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
     security(("bearer" = ["admin"])))]
 pub async fn list_api_keys(
     State(state): State<AppState>,
     caller: Caller,
+    params: edge::ApiQuery<edge::ListParams>,
 ) -> Result<Json<ApiKeyList>, ApiError> {
     caller.require(Scope::Admin)?;
+    let params = params.read()?;
     let keys = state.store.api_keys().await?;
-    Ok(Json(ApiKeyList {
-        data: keys.iter().map(ApiKeyInfoBody::from).collect(),
-    }))
+    let (data, next_cursor) = edge::page(
+        keys.iter().map(ApiKeyInfoBody::from).collect(),
+        |k| &k.id,
+        &params,
+    )?;
+    Ok(Json(ApiKeyList { data, next_cursor }))
 }
 
 /// Revoke an API key: it authenticates nothing from then on (on this

@@ -460,7 +460,7 @@ impl Writer {
                 let sequence = self.next_grant_sequence;
                 self.next_grant_sequence += 1;
                 tally_core::Grant {
-                    id: Id::derived(&format!("transfer:{}:{n}", request.id)),
+                    id: tally_core::ledger::derived_lot_id("transfer", &request.id, n),
                     customer_id: request.to_customer.clone(),
                     amount: lot.amount,
                     remaining: lot.amount,

@@ -1333,3 +1333,32 @@ async fn a_shortened_event_window_keeps_late_events_in_simulations() {
         "still counted with the default 30-day window"
     );
 }
+
+/// A letter's id is the next number whatever happened to earlier letters:
+/// an event rejected again updates its letter, and takes no number (on
+/// PostgreSQL an insert that became an update used one up, so the ids
+/// drifted from SQLite's for the same requests).
+#[tokio::test]
+async fn dead_letter_ids_are_numbered_alike_on_both_stores() {
+    let app = priced_app(Options::default()).await;
+    let rejected = json!([{ "id": "x", "customer_id": "c1", "feature": "nope", "quantity": 1 }]);
+    for _ in 0..5 {
+        let results = events(&app, rejected.clone()).await;
+        assert_eq!(results[0]["status"], "rejected", "{results:?}");
+    }
+    let other = json!([{ "id": "y", "customer_id": "c1", "feature": "nope", "quantity": 1 }]);
+    assert_eq!(events(&app, other).await[0]["status"], "rejected");
+    let letters = dead_letters(&app, "").await;
+    let number = |event: &str| -> i64 {
+        let letter = letters
+            .iter()
+            .find(|l| l["event_id"] == event)
+            .unwrap_or_else(|| panic!("no dead letter for {event}: {letters:?}"));
+        letter["id"].as_str().unwrap()["dl_".len()..]
+            .parse()
+            .unwrap()
+    };
+    let x = letters.iter().find(|l| l["event_id"] == "x").unwrap();
+    assert_eq!(x["attempts"], 5, "{x}");
+    assert_eq!(number("y"), number("x") + 1, "{letters:?}");
+}

@@ -372,6 +372,31 @@ async fn transfers_move_credits_between_customers_and_budget_between_members() {
     }
     assert_eq!(app.balance("parent").await["available"], "200");
     assert_eq!(app.balance("child").await["available"], "300");
+
+    // A transfer id as long as a request may send makes lots the API can
+    // still name: the receiver can void the rest it was sent.
+    let long = "t".repeat(128);
+    let sent = app
+        .post(
+            "/v1/transfers",
+            json!({ "id": long, "from": { "customer_id": "parent" },
+                    "to": { "customer_id": "child" }, "amount": "50" }),
+        )
+        .await;
+    assert_eq!(sent.status, StatusCode::OK, "{}", sent.body);
+    let lots = sent.body["grants"].as_array().expect("grants").clone();
+    assert_eq!(lots.len(), 1, "{}", sent.body);
+    let lot = lots[0].as_str().unwrap();
+    assert!(lot.len() <= 128, "{lot}");
+    assert!(lot.starts_with("transfer:"), "{lot}");
+    let void = app
+        .post(
+            &format!("/v1/grants/{lot}/void"),
+            json!({ "id": "v-long", "reason": "sent by mistake" }),
+        )
+        .await;
+    assert_eq!(void.status, StatusCode::OK, "{}", void.body);
+    assert_eq!(app.balance("child").await["available"], "300");
 }
 
 /// Bug 2 of PRODUCT.md for a team: the action failed and its charge was
@@ -571,4 +596,158 @@ async fn a_new_budget_period_counts_its_own_window() {
     );
     let over = charge(&app, "b3", "bob", "1").await;
     assert_eq!(over.status, StatusCode::PAYMENT_REQUIRED, "{}", over.body);
+}
+
+#[tokio::test]
+async fn the_ledger_filters_by_member_feature_and_lot() {
+    let app = TestApp::spawn().await;
+    app.customer("team").await;
+    app.grant("team", "pool", "1000").await;
+    app.grant("team", "extra", "500").await;
+    for member in ["alice", "bob"] {
+        let reply = app
+            .put(
+                &format!("/v1/customers/team/members/{member}"),
+                json!({ "budget": { "amount": "5000", "period": "month" } }),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    for (id, member, feature, amount) in [
+        ("c1", "alice", Some("search"), "300"),
+        ("c2", "bob", Some("export"), "200"),
+        ("c3", "alice", None, "900"),
+        ("c4", "bob", Some("search"), "50"),
+    ] {
+        let mut body =
+            json!({ "id": id, "customer_id": "team", "amount": amount, "member_id": member });
+        if let Some(feature) = feature {
+            body["feature"] = json!(feature);
+        }
+        let reply = app.post("/v1/charges", body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    let all = app.get("/v1/customers/team/ledger?limit=1000").await;
+    let all = all.body["data"].as_array().expect("entries").clone();
+    let ids = |entries: &[serde_json::Value]| -> Vec<String> {
+        entries
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let filtered = |query: &str| {
+        let app = &app;
+        let query = query.to_string();
+        async move {
+            // Walk every page one entry at a time, so the filter holds across pages.
+            let mut found = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let path = match &cursor {
+                    Some(c) => format!("/v1/customers/team/ledger?{query}&limit=1&cursor={c}"),
+                    None => format!("/v1/customers/team/ledger?{query}&limit=1"),
+                };
+                let reply = app.get(&path).await;
+                assert_eq!(reply.status, StatusCode::OK, "{query}: {}", reply.body);
+                found.extend(reply.body["data"].as_array().unwrap().clone());
+                match reply.body["next_cursor"].as_str() {
+                    Some(next) => cursor = Some(next.to_string()),
+                    None => break,
+                }
+            }
+            found
+        }
+    };
+    let lots_of = |e: &serde_json::Value| -> Vec<String> {
+        e["grant_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_str().unwrap().to_string())
+            .collect()
+    };
+    for (query, expected) in [
+        ("member_id=alice", vec!["c1", "c3"]),
+        ("member_id=bob", vec!["c2", "c4"]),
+        ("feature=search", vec!["c1", "c4"]),
+        ("feature=export", vec!["c2"]),
+        ("member_id=alice&feature=search", vec!["c1"]),
+        ("member_id=carol", vec![]),
+    ] {
+        let found = filtered(query).await;
+        let references: Vec<&str> = found
+            .iter()
+            .map(|e| e["reference"].as_str().unwrap())
+            .collect();
+        let mut expected = expected;
+        expected.reverse(); // newest first
+        assert_eq!(references, expected, "{query}");
+    }
+    for lot in ["pool", "extra"] {
+        let expected: Vec<serde_json::Value> = all
+            .iter()
+            .filter(|e| lots_of(e).contains(&lot.to_string()))
+            .cloned()
+            .collect();
+        // Each lot has its grant entry and at least one charge, and not every entry.
+        assert!(expected.len() >= 2, "{lot}: {expected:?}");
+        assert!(expected.len() < all.len(), "{lot}");
+        let found = filtered(&format!("grant_id={lot}")).await;
+        assert_eq!(ids(&found), ids(&expected), "grant_id={lot}");
+        let charges = filtered(&format!("grant_id={lot}&kind=charge")).await;
+        assert!(charges.iter().all(|e| e["kind"] == "charge"));
+        assert_eq!(
+            charges.len(),
+            expected.len() - 1,
+            "{lot}: all but its grant"
+        );
+    }
+    for query in ["member_id=a%20b", "feature=", "grant_id=%2F"] {
+        let reply = app.get(&format!("/v1/customers/team/ledger?{query}")).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{query}: {}",
+            reply.body
+        );
+    }
+}
+
+/// A budget of the largest amount (a team's "unlimited") with budget moved
+/// in by a transfer is capped at the largest amount, not a sum out of range
+/// that left the member no room at all.
+#[tokio::test]
+async fn a_largest_budget_with_budget_moved_in_still_spends() {
+    let app = TestApp::spawn().await;
+    app.customer("team").await;
+    app.grant("team", "pool", "100").await;
+    for (member, budget) in [("x", "1000000000000"), ("y", "10")] {
+        let reply = app
+            .put(
+                &format!("/v1/customers/team/members/{member}"),
+                json!({ "budget": { "amount": budget, "period": "month" } }),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    assert_eq!(charge(&app, "c0", "x", "1").await.status, StatusCode::OK);
+    let moved = app
+        .post(
+            "/v1/transfers",
+            json!({ "id": "t", "from": { "customer_id": "team", "member_id": "y" },
+                    "to": { "customer_id": "team", "member_id": "x" }, "amount": "1" }),
+        )
+        .await;
+    assert_eq!(moved.status, StatusCode::OK, "{}", moved.body);
+    let spent = charge(&app, "c1", "x", "1").await;
+    assert_eq!(spent.status, StatusCode::OK, "{}", spent.body);
+    let members = app.get("/v1/customers/team/members").await;
+    let x = members.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "x")
+        .expect("member x")
+        .clone();
+    assert_eq!(x["budget"]["remaining"], "999999999999", "{x}");
 }

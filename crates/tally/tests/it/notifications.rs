@@ -301,6 +301,8 @@ async fn webhooks_are_signed_retried_and_delivered_once_per_delivery_id() {
 struct Events {
     response: reqwest::Response,
     buffer: String,
+    /// The `id:` of the last event read, if it had one.
+    last_id: Option<String>,
 }
 
 impl Events {
@@ -310,16 +312,20 @@ impl Events {
                 let block: String = self.buffer.drain(..end + 2).collect();
                 let mut kind = String::new();
                 let mut data = String::new();
+                let mut id = None;
                 for line in block.lines() {
                     if let Some(k) = line.strip_prefix("event: ") {
                         kind = k.to_string();
                     } else if let Some(d) = line.strip_prefix("data: ") {
                         data.push_str(d);
+                    } else if let Some(i) = line.strip_prefix("id: ") {
+                        id = Some(i.to_string());
                     }
                 }
                 if data.is_empty() {
                     continue; // a keep-alive comment
                 }
+                self.last_id = id;
                 return (kind, serde_json::from_str(&data).unwrap());
             }
             let chunk = tokio::time::timeout(Duration::from_secs(10), self.response.chunk())
@@ -333,17 +339,24 @@ impl Events {
 }
 
 async fn open_stream(app: &TestApp, customer: &str) -> Events {
-    let response = app
+    resume_stream(app, customer, None).await
+}
+
+/// Open the stream as a client reconnecting after `last_event_id`.
+async fn resume_stream(app: &TestApp, customer: &str, last_event_id: Option<&str>) -> Events {
+    let mut request = app
         .client
         .get(app.url(&format!("/v1/customers/{customer}/stream")))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
+        .bearer_auth(ADMIN_KEY);
+    if let Some(id) = last_event_id {
+        request = request.header("Last-Event-ID", id);
+    }
+    let response = request.send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     Events {
         response,
         buffer: String::new(),
+        last_id: None,
     }
 }
 
@@ -382,6 +395,71 @@ async fn the_live_stream_shows_every_balance_change_of_its_customer() {
     let (_, two) = events.next().await;
     assert_eq!(two["balance_after"], "50");
     assert!(entry_number(&two["entry_id"]) > entry_number(&one["entry_id"]));
+}
+
+/// A client that reconnects with `Last-Event-ID` (as `EventSource` does)
+/// gets the changes it missed, oldest first, then the live ones, and no
+/// change twice; an id that is not the customer's starts afresh.
+#[tokio::test]
+async fn a_reconnecting_stream_gets_the_changes_it_missed() {
+    let app = TestApp::spawn().await;
+    app.customer("live").await;
+    app.grant("live", "g1", "100").await;
+    let mut events = open_stream(&app, "live").await;
+    let (kind, first) = events.next().await;
+    assert_eq!(kind, "balance");
+    // The snapshot's id is its last entry, so a reconnect after it alone resumes.
+    assert_eq!(events.last_id.as_deref(), first["last_entry_id"].as_str());
+    app.charge("live", "c1", "10").await;
+    let (_, one) = events.next().await;
+    assert_eq!(one["balance_after"], "90");
+    let seen = events.last_id.clone().expect("a change has an id");
+    assert_eq!(seen, one["entry_id"].as_str().unwrap());
+    drop(events);
+
+    // Missed while away.
+    app.charge("live", "c2", "20").await;
+    app.charge("live", "c3", "30").await;
+    let mut events = resume_stream(&app, "live", Some(&seen)).await;
+    let mut replayed = Vec::new();
+    for _ in 0..2 {
+        let (kind, change) = events.next().await;
+        assert_eq!(kind, "balance.changed", "no snapshot on a resume: {change}");
+        replayed.push(change["balance_after"].as_str().unwrap().to_string());
+        assert_eq!(events.last_id.as_deref(), change["entry_id"].as_str());
+    }
+    assert_eq!(replayed, ["70", "40"]);
+    // Then live, once.
+    app.charge("live", "c4", "5").await;
+    let (kind, live) = events.next().await;
+    assert_eq!(kind, "balance.changed");
+    assert_eq!(live["balance_after"], "35");
+    // The changes replayed are the ledger's entries.
+    let ledger = app.ledger_all("live").await;
+    let c2 = ledger.iter().find(|e| e["reference"] == "c2").unwrap();
+    assert_eq!(c2["balance_after"], "70");
+    drop(events);
+
+    // Nothing missed: straight to live.
+    let last = live["entry_id"].as_str().unwrap().to_string();
+    let mut events = resume_stream(&app, "live", Some(&last)).await;
+    app.charge("live", "c5", "1").await;
+    let (kind, next) = events.next().await;
+    assert_eq!(kind, "balance.changed");
+    assert_eq!(next["balance_after"], "34");
+    drop(events);
+
+    // An id that is not this customer's entry, or not an entry id: afresh.
+    app.customer("other").await;
+    app.grant("other", "g2", "7").await;
+    let others = app.ledger_all("other").await;
+    let foreign = others[0]["id"].as_str().unwrap().to_string();
+    for id in [foreign.as_str(), "ent_999999", "garbage"] {
+        let mut events = resume_stream(&app, "live", Some(id)).await;
+        let (kind, snapshot) = events.next().await;
+        assert_eq!(kind, "balance", "{id}");
+        assert_eq!(snapshot["available"], "34", "{id}");
+    }
 }
 
 /// Settled notifications are pruned with their delivery log 30 days after
@@ -962,6 +1040,8 @@ async fn an_endpoint_is_changed_and_deleted() {
         (json!({ "events": [] }), "events"),
         (json!({ "events": ["balance.lower"] }), "events"),
         (json!({ "secret": "x" }), "secret"),
+        (json!({ "url": null }), "url"),
+        (json!({ "events": null }), "events"),
     ] {
         let reply = app
             .send(

@@ -3263,3 +3263,70 @@ async fn a_drafts_update_is_never_dated_before_its_creation() {
         );
     }
 }
+
+/// An event may be stamped up to five minutes ahead of the clock, and is
+/// priced by the version in effect at its stamp. A version published after
+/// such an event was priced takes effect after it: one given an earlier
+/// `effective_at` is refused, and one published now takes effect just
+/// after it, also after a restart. So two events with the same stamp never
+/// cost two prices.
+#[tokio::test]
+async fn a_publication_takes_effect_after_usage_already_priced() {
+    let mut app = manual_app().await;
+    feature(&app, "m").await;
+    customer_with(&app, "fut", None, None).await;
+    app.grant("fut", "g", "100000").await;
+    release(
+        &app,
+        "v1",
+        None,
+        &json!([{"feature": "m", "credits_per_unit": "1000"}]),
+        None,
+    )
+    .await;
+    let event = |id: &str, stamp: &str| {
+        json!({ "events": [{ "id": id, "customer_id": "fut", "feature": "m",
+                             "quantity": "1", "timestamp": stamp }] })
+    };
+    let cost = |reply: &Value| reply["results"][0]["cost"].as_str().unwrap().to_string();
+    let ahead = at(240);
+    let first = ok(&app.post("/v1/events", event("fut1", &ahead)).await).clone();
+    assert_eq!(cost(&first), "1000", "{first}");
+
+    new_draft(&app, "v2", None).await;
+    set_rules(
+        &app,
+        "v2",
+        &json!([{"feature": "m", "credits_per_unit": "5"}]),
+    )
+    .await;
+    let refused = publish(&app, "v2", Some(&at(60))).await;
+    assert_error(&refused, 400, "invalid_request");
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("usage stamped up to {ahead} is already priced")),
+        "{}",
+        refused.body
+    );
+    assert_eq!(pricebook(&app, "v2").await["status"], "draft");
+
+    // After a restart, the instant priced ahead of the clock still counts.
+    app.kill().await;
+    app.start().await;
+    advance_to(&app, T0).await;
+    let published = fresh(&publish(&app, "v2", None).await);
+    assert_eq!(
+        published["effective_at"], "2040-01-01T00:04:00.000001Z",
+        "just after the event priced ahead: {published}"
+    );
+    let second = ok(&app.post("/v1/events", event("fut2", &ahead)).await).clone();
+    assert_eq!(
+        cost(&second),
+        "1000",
+        "the same stamp, the same price: {second}"
+    );
+    let later = ok(&app.post("/v1/events", event("fut3", &at(241))).await).clone();
+    assert_eq!(cost(&later), "5", "{later}");
+}

@@ -725,6 +725,44 @@ async fn keys_are_listed_and_revoked_over_http_and_from_the_cli() {
     assert_eq!(row["scope"], "read");
     assert!(row["revoked_at"].is_null());
     assert!(row.get("key").is_none(), "{row}");
+    // The list pages like every other: one key a page walks them all once.
+    for id in ["pager1", "pager2"] {
+        let made = app
+            .post("/v1/api-keys", json!({ "id": id, "scope": "read" }))
+            .await;
+        ok(&made);
+    }
+    let listed = app.get("/v1/api-keys").await;
+    let all: Vec<Value> = ok(&listed)["data"].as_array().unwrap().clone();
+    assert_eq!(all.len(), 3, "{}", listed.body);
+    let mut walked = Vec::new();
+    let mut path = "/v1/api-keys?limit=1".to_string();
+    loop {
+        let page = app.get(&path).await;
+        let page = ok(&page).clone();
+        assert_eq!(page["data"].as_array().unwrap().len(), 1, "{page}");
+        walked.extend(page["data"].as_array().unwrap().clone());
+        match page["next_cursor"].as_str() {
+            Some(next) => path = format!("/v1/api-keys?limit=1&cursor={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(walked, all);
+    for query in [
+        "limit=0",
+        "limit=1001",
+        "limit=x",
+        "cursor=zzz",
+        "colour=red",
+    ] {
+        let reply = app.get(&format!("/v1/api-keys?{query}")).await;
+        assert_eq!(
+            reply.status,
+            reqwest::StatusCode::BAD_REQUEST,
+            "{query}: {}",
+            reply.body
+        );
+    }
     // Only an admin lists or revokes.
     assert_error(
         &get_as(&app, &reader, "/v1/api-keys").await,
@@ -1958,7 +1996,8 @@ async fn refunds_of_captured_holds_and_refund_errors() {
         )
         .await;
     let refund = fresh(&refund);
-    assert_eq!(refund["charge_id"], "h1");
+    assert_eq!(refund["hold_id"], "h1");
+    assert!(refund["charge_id"].is_null(), "{refund}");
     assert_eq!(refund["amount"], "20");
     assert_eq!(app.balance("c").await["available"], "80");
     let over = app
@@ -2574,8 +2613,37 @@ async fn ledger_pages_newest_first_without_gaps() {
     ] {
         let reply = app.get(&format!("/v1/customers/c/ledger?{query}")).await;
         assert_error(&reply, 400, "invalid_request");
+        // Every bad limit says the same, naming the parameter, not the parser.
+        if query.starts_with("limit=") {
+            assert_eq!(reply.body["error"]["param"], "limit", "{query}");
+            assert_eq!(
+                reply.body["error"]["message"], "limit must be a whole number between 1 and 1000",
+                "{query}"
+            );
+        }
     }
     ok(&app.get("/v1/customers/c/ledger?limit=1000").await);
+    // The balance takes no query: `as_of` is refused with where a past
+    // balance is, not ignored.
+    let as_of = app
+        .get("/v1/customers/c/balance?as_of=2026-01-01T00:00:00Z")
+        .await;
+    assert_error(&as_of, 400, "invalid_request");
+    assert_eq!(as_of.body["error"]["param"], "as_of");
+    assert!(
+        as_of.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ledger?to="),
+        "{}",
+        as_of.body
+    );
+    assert_error(
+        &app.get("/v1/customers/c/balance?colour=red").await,
+        400,
+        "invalid_request",
+    );
+    ok(&app.get("/v1/customers/c/balance").await);
     assert_error(
         &app.get("/v1/customers/nobody/ledger").await,
         404,

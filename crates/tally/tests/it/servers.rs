@@ -16,8 +16,8 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::support::{
-    assert_replayable, count_sessions, leader_lock_sessions, micros_of, run_on_database,
-    terminate_sessions, wait_until, Options, Partition, Reply, TestApp, ADMIN_KEY,
+    allow_connections, assert_replayable, count_sessions, leader_lock_sessions, micros_of,
+    run_on_database, terminate_sessions, wait_until, Options, Partition, Reply, TestApp, ADMIN_KEY,
 };
 
 const CLIENTS: usize = 64;
@@ -366,6 +366,30 @@ async fn a_lost_database_connection_is_ridden_out_without_a_restart() {
     assert_eq!(charges.iter().collect::<HashSet<_>>().len(), 82);
     assert_eq!(micros_of(&app.balance("c").await["available"]), 18_000_000);
     assert_replayable(&entries);
+}
+
+/// A database that refuses new connections for a while (an operator's
+/// `ALLOW_CONNECTIONS false`, answered with 55000 at connect) with every
+/// session ended is ridden out like a restart: the server keeps trying to
+/// lead and writes again once connections are allowed (it used to stop the
+/// process, on every server at once).
+#[tokio::test]
+async fn a_database_closed_to_new_connections_for_a_while_is_ridden_out() {
+    let mut app = TestApp::spawn_postgres(Options::default()).await;
+    let database = app.database_url.clone().expect("a PostgreSQL app");
+    app.customer("c").await;
+    app.grant("c", "g", "100").await;
+    assert_eq!(app.charge("c", "before", "1").await.status, StatusCode::OK);
+    allow_connections(&database, false);
+    let ended = terminate_sessions(&database, "true");
+    assert!(ended >= 1, "the writer's session ended: {ended}");
+    // Long enough for the writer to try to lead again, and be refused.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(app.exited().is_none(), "the server kept running");
+    allow_connections(&database, true);
+    charge_until_acknowledged(&app, "c", "after").await;
+    assert!(app.exited().is_none(), "the server kept running");
+    assert_eq!(micros_of(&app.balance("c").await["available"]), 98_000_000);
 }
 
 /// A writer whose process stalls (SIGSTOP: its kernel still acknowledges

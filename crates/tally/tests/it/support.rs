@@ -130,6 +130,16 @@ pub fn terminate_sessions(database_url: &str, condition: &str) -> i64 {
     sessions(database_url, condition, "count(pg_terminate_backend(pid))")
 }
 
+/// Let `database_url`'s database take new connections or not (`ALTER
+/// DATABASE ... ALLOW_CONNECTIONS`), as an operator's maintenance does.
+pub fn allow_connections(database_url: &str, allow: bool) {
+    let (server, name) = database_url.rsplit_once('/').expect("a database url");
+    postgres_admin(
+        server,
+        format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allow}"),
+    );
+}
+
 /// How many sessions on `database_url`'s database `condition` selects (as
 /// for [`terminate_sessions`]).
 pub fn count_sessions(database_url: &str, condition: &str) -> i64 {
