@@ -128,13 +128,16 @@ impl Member {
 
     /// What the budget still allows at `now` (`None`: no budget): its
     /// amount plus what transfers moved in (less what they moved out) less
-    /// what was spent, never below zero and at most the largest amount (a
-    /// budget of 10^12 with more moved in is not a sum out of range).
+    /// what was spent, never below zero, and never more than takes what was
+    /// spent in the window to the largest amount (a budget of 10^12 with
+    /// more moved in is not a sum out of range, nor room for a spend the
+    /// window's count could not hold).
     pub fn room_at(&self, now: Timestamp) -> Option<Amount> {
         self.budget.map(|b| {
-            let room = i128::from(b.amount.micros()) + i128::from(self.extra_at(now).micros())
-                - i128::from(self.spent_at(now).micros());
-            let room = room.clamp(0, i128::from(crate::amount::MAX_AMOUNT_MICROS));
+            let spent = i128::from(self.spent_at(now).micros());
+            let room =
+                i128::from(b.amount.micros()) + i128::from(self.extra_at(now).micros()) - spent;
+            let room = room.clamp(0, i128::from(crate::amount::MAX_AMOUNT_MICROS) - spent);
             Amount::from_micros(i64::try_from(room).expect("clamped to the amount range"))
                 .expect("clamped to the amount range")
         })

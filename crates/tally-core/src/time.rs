@@ -18,8 +18,8 @@ impl Timestamp {
     }
 
     /// RFC 3339 text in UTC (`2026-11-25T08:00:00Z`), with six digits of
-    /// microseconds when they are not zero (`2026-11-25T08:00:00.500000Z`),
-    /// so that instants sort as text. An instant outside years 0000-9999
+    /// microseconds when they are not zero (`2026-11-25T08:00:00.500000Z`):
+    /// one width for every fraction. An instant outside years 0000-9999
     /// (one computed past them, say a period end) shows its raw
     /// microseconds (`@<micros>us`) rather than a wrong date.
     pub fn rfc3339(self) -> String {

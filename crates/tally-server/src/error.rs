@@ -52,6 +52,7 @@ pub fn classify(code: &str) -> (StatusCode, &'static str) {
         | "reinstate_window_passed"
         | "pricebook_not_draft"
         | "dead_letter_resolved"
+        | "dead_letter_not_replayable"
         | "plan_period_fixed"
         | "plan_set_by_subscription"
         | "renewal_refused"

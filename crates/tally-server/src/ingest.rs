@@ -49,6 +49,12 @@ impl EventResult {
     }
 }
 
+/// The code of a dead letter that holds no event text to replay: a message
+/// without a payload, one that is not UTF-8 (kept as base64), a Pub/Sub
+/// push that is not an envelope. Its payload describes or keeps the message
+/// as received; replaying it is refused (`dead_letter_not_replayable`).
+pub const UNREADABLE: &str = "unreadable_message";
+
 /// Read one event; a malformed one is an error with a code and a message.
 pub fn parse_event(text: &str, source: &str) -> Result<NewEvent, ApiError> {
     let input: EventInput = serde_json::from_str(text).map_err(|e| {
@@ -237,7 +243,7 @@ pub async fn send_bytes(state: &AppState, bytes: &[u8], source: &str) -> Sent<'s
                     "base64:{}",
                     base64::engine::general_purpose::STANDARD.encode(bytes)
                 ),
-                code: "invalid_event".into(),
+                code: UNREADABLE.into(),
                 message: "the message is not UTF-8 text (its bytes are kept as base64)".into(),
             }),
             source: crate::metrics::source_label(source),
@@ -371,7 +377,7 @@ pub async fn ingest_invalid(
             event_id: None,
             customer_id: None,
             payload,
-            code: "invalid_event".into(),
+            code: UNREADABLE.into(),
             message: why.to_owned(),
         },
     )

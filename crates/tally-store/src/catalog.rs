@@ -78,9 +78,8 @@ pub struct Catalog {
     /// effect after it, so that no two uses at one instant are priced by
     /// two versions, and none priced already falls under a later version.
     pub priced_through: Option<Timestamp>,
-    /// What the database holds of `priced_through`: written only when usage
-    /// was priced ahead of the engine's clock (what is priced at or before
-    /// the clock is behind any publication's `effective_at` anyway).
+    /// What the database holds of `priced_through` (written with the group
+    /// that advanced it).
     pub priced_mark: Option<Timestamp>,
 }
 

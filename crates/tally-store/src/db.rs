@@ -66,6 +66,11 @@ pub enum Error {
     /// that accepts and never answers, or none reachable).
     #[error("postgres: no PostgreSQL answered within {0:?} (connect_timeout in the URL bounds each address tried)")]
     ConnectTimeout(std::time::Duration),
+    /// The database refused a new connection for now (55000 at connect:
+    /// `ALTER DATABASE ... ALLOW_CONNECTIONS false`, an operator's
+    /// maintenance). Told apart at connect, whatever the server's language.
+    #[error("postgres: the database takes no new connections for now: {0}")]
+    NotAccepting(String),
 }
 
 /// The server's own message (the client's Display says only "db error").
@@ -94,7 +99,7 @@ impl Error {
     pub fn is_connection_lost(&self) -> bool {
         let error = match self {
             Error::Postgres(error) => error,
-            Error::ConnectTimeout(_) => return true,
+            Error::ConnectTimeout(_) | Error::NotAccepting(_) => return true,
             _ => return false,
         };
         if error.is_closed() {
@@ -104,18 +109,7 @@ impl Error {
             // Class 08: connection exception; 57P: the server shutting down
             // or not accepting connections yet; 53300: too many connections.
             let code = code.code();
-            // 55000 at connect: the database is not accepting connections
-            // for now (`ALTER DATABASE ... ALLOW_CONNECTIONS false`, an
-            // operator's maintenance); the same code from a statement is
-            // about something else.
-            let refused_for_now = code == "55000"
-                && error
-                    .as_db_error()
-                    .is_some_and(|db| db.message().contains("not currently accepting connections"));
-            return code.starts_with("08")
-                || code.starts_with("57P")
-                || code == "53300"
-                || refused_for_now;
+            return code.starts_with("08") || code.starts_with("57P") || code == "53300";
         }
         // Reaching the server, or reading from or writing to its socket,
         // failed (tokio-postgres's `Kind::Connect` and `Kind::Io`, a connect
@@ -628,7 +622,15 @@ impl Connection {
             .block_on(async {
                 tokio::time::timeout(limit, config.connect(tokio_postgres::NoTls)).await
             })
-            .map_err(|_| Error::ConnectTimeout(limit))??;
+            .map_err(|_| Error::ConnectTimeout(limit))?
+            .map_err(|error| match error.code() {
+                // At connect, 55000 is the database taking no new
+                // connections for now (from a statement it means others).
+                Some(code) if code.code() == "55000" => {
+                    Error::NotAccepting(postgres_message(&error))
+                }
+                _ => Error::from(error),
+            })?;
         runtime.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(

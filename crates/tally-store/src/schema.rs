@@ -445,9 +445,9 @@ CREATE INDEX topups_unresolved_by_customer ON topups(customer_id)
     (
         21,
         r#"
--- The latest instant usage was priced at, when that was ahead of the
--- engine's clock (an event stamped up to 5 minutes ahead): a price book
--- published later takes effect after it. NULL until then.
+-- The latest instant usage was priced at (an event's stamp may be up to 5
+-- minutes ahead of the clock): a price book published later takes effect
+-- after it. NULL until usage is priced.
 ALTER TABLE engine_clock ADD COLUMN priced_through INTEGER;
 "#,
     ),

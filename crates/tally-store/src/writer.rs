@@ -1389,10 +1389,12 @@ impl Writer {
 
     /// Write every grant and hold the group changed.
     fn flush(&mut self) -> db::Result<()> {
-        // Usage priced ahead of the clock: its instant is kept with it, so
-        // that a publication after a restart still takes effect after it.
+        // The latest instant usage was priced at is kept with it, so that a
+        // publication after a restart, or on another server taking over
+        // (whose clock may be behind this one's), still takes effect after
+        // it: one single-row update in a group that priced usage.
         if let Some(through) = self.catalog.priced_through {
-            if through > self.now && self.catalog.priced_mark.is_none_or(|mark| mark < through) {
+            if self.catalog.priced_mark.is_none_or(|mark| mark < through) {
                 self.connection
                     .prepare_cached(
                         "UPDATE engine_clock SET priced_through = ?1 WHERE id = 1 \

@@ -18,7 +18,7 @@ pub struct DeadLetterArgs {
     )]
     url: String,
     /// An API key (read scope to list, write to replay or discard).
-    #[arg(long, env = "TALLY_API_KEY", global = true)]
+    #[arg(long, env = "TALLY_API_KEY", global = true, hide_env_values = true)]
     key: Option<String>,
 }
 
@@ -47,6 +47,35 @@ enum DeadLetterCommand {
         note: Option<String>,
     },
 }
+
+/// The server answered with an error.
+#[derive(Debug)]
+struct Refused {
+    status: reqwest::StatusCode,
+    code: String,
+    message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl Refused {
+    /// Whether the same request may succeed later (the server unavailable,
+    /// overloaded or failing over), rather than being refused for good.
+    fn may_pass_later(&self) -> bool {
+        self.status.is_server_error()
+            || self.status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            || self.status == reqwest::StatusCode::REQUEST_TIMEOUT
+    }
+}
+
+/// The code of a letter that holds no event to replay (the server refuses it).
+const UNREADABLE: &str = "unreadable_message";
 
 struct Api {
     client: reqwest::Client,
@@ -77,10 +106,15 @@ impl Api {
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
-            bail!(
-                "{status}: {}",
-                body["error"]["message"].as_str().unwrap_or("no message")
-            );
+            return Err(Refused {
+                status,
+                code: body["error"]["code"].as_str().unwrap_or("").to_owned(),
+                message: body["error"]["message"]
+                    .as_str()
+                    .unwrap_or("no message")
+                    .to_owned(),
+            }
+            .into());
         }
         Ok(body)
     }
@@ -151,22 +185,29 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
             let mut first = true;
             api.letters(&status, source.as_deref(), |page| {
                 if std::mem::take(&mut first) {
-                    println!("id\tstatus\tsource\tevent\tcustomer\tcode\tattempts\tmessage");
+                    crate::print_line(
+                        "id\tstatus\tsource\tevent\tcustomer\tcode\tattempts\tmessage",
+                    );
                 }
                 for letter in page {
-                    println!("{}", line(letter));
+                    crate::print_line(line(letter));
                 }
             })
             .await
         }
         DeadLetterCommand::Replay { ids, all } => {
+            let mut unreadable = 0;
             let ids: Vec<String> = if all {
                 let mut pending = Vec::new();
                 api.letters("pending", None, |page| {
-                    pending.extend(
-                        page.iter()
-                            .filter_map(|l| l["id"].as_str().map(str::to_owned)),
-                    )
+                    for letter in page {
+                        // Nothing to send again: left for `discard`.
+                        if letter["code"] == UNREADABLE {
+                            unreadable += 1;
+                            continue;
+                        }
+                        pending.extend(letter["id"].as_str().map(str::to_owned));
+                    }
                 })
                 .await?;
                 pending
@@ -181,7 +222,8 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
             // Each letter on its own: one that fails (a 503 while the
             // writer fails over, a 409 for one discarded meanwhile) is
             // reported and the others are still tried.
-            let (mut charged, mut duplicate, mut rejected, mut failed) = (0, 0, 0, 0);
+            let (mut charged, mut duplicate, mut rejected) = (0, 0, 0);
+            let (mut failed, mut refused) = (0, 0);
             for id in &ids {
                 let replay = match api
                     .call(
@@ -194,39 +236,64 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
                 {
                     Ok(replay) => replay,
                     Err(error) => {
-                        failed += 1;
-                        println!("{id}\tfailed\t{error:#}");
+                        // Refused for good (not found, discarded, nothing
+                        // to replay, no permission), or maybe not.
+                        match error.downcast_ref::<Refused>() {
+                            Some(answer) if !answer.may_pass_later() => {
+                                refused += 1;
+                                crate::print_line(format_args!(
+                                    "{id}\trefused\t{}\t{}",
+                                    answer.code, answer.message
+                                ));
+                            }
+                            _ => {
+                                failed += 1;
+                                crate::print_line(format_args!("{id}\tfailed\t{error:#}"));
+                            }
+                        }
                         continue;
                     }
                 };
                 match replay["result"]["status"].as_str().unwrap_or("?") {
                     "charged" => {
                         charged += 1;
-                        println!("{id}\tcharged");
+                        crate::print_line(format_args!("{id}\tcharged"));
                     }
                     "duplicate" => {
                         duplicate += 1;
-                        println!("{id}\tduplicate");
+                        crate::print_line(format_args!("{id}\tduplicate"));
                     }
                     status => {
                         rejected += 1;
-                        println!(
+                        crate::print_line(format_args!(
                             "{id}\t{status}\t{}",
                             replay["result"]["error"]["code"].as_str().unwrap_or("?")
-                        );
+                        ));
                     }
                 }
             }
             eprintln!(
-                "{} dead letter(s): {charged} charged, {duplicate} already charged, {rejected} still rejected, {failed} not replayed",
+                "{} dead letter(s): {charged} charged, {duplicate} already charged, {rejected} still rejected, \
+                 {refused} refused by the server, {failed} not replayed",
                 ids.len()
             );
-            if failed > 0 {
-                bail!(
-                    "{failed} dead letter(s) could not be replayed; run the command again for them"
+            if unreadable > 0 {
+                eprintln!(
+                    "{unreadable} pending dead letter(s) hold no event to replay ({UNREADABLE}): \
+                     discard them with tally dead-letters discard"
                 );
             }
-            Ok(())
+            match (failed, refused) {
+                (0, 0) => Ok(()),
+                (0, refused) => bail!(
+                    "{refused} dead letter(s) were refused by the server (see their lines); running \
+                     the command again will not change that"
+                ),
+                (failed, _) => bail!(
+                    "{failed} dead letter(s) could not be replayed for now (the server unreachable \
+                     or unavailable); run the command again for them"
+                ),
+            }
         }
         DeadLetterCommand::Discard { id, note } => {
             let id = letter_id(&id)?;
@@ -239,7 +306,7 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
                     Some(body),
                 )
                 .await?;
-            println!("{}", line(&letter));
+            crate::print_line(line(&letter));
             Ok(())
         }
     }

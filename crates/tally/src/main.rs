@@ -33,7 +33,7 @@ struct StorageArgs {
     data_dir: PathBuf,
     /// Use PostgreSQL instead of the embedded database
     /// (postgres://user@host:port/database); several servers may share it.
-    #[arg(long, env = "TALLY_DATABASE_URL")]
+    #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
 }
 
@@ -76,7 +76,7 @@ struct ServeArgs {
     #[arg(long, env = "TALLY_MAX_IN_FLIGHT", default_value_t = tally_server::MAX_IN_FLIGHT)]
     max_in_flight: usize,
     /// Accept Google Pub/Sub push at POST /v1/ingest/pubsub?token=<this>.
-    #[arg(long, env = "TALLY_PUBSUB_TOKEN")]
+    #[arg(long, env = "TALLY_PUBSUB_TOKEN", hide_env_values = true)]
     pubsub_token: Option<String>,
     #[command(flatten)]
     streams: tally_server::streams::StreamArgs,
@@ -135,11 +135,23 @@ enum KeyCommands {
     },
 }
 
+/// Print a line of a listing. A reader that went away (`tally ... | head`)
+/// ends the command quietly, as it does any Unix tool (`println!` panics).
+pub(crate) fn print_line(text: impl std::fmt::Display) {
+    use std::io::Write;
+    if let Err(error) = writeln!(std::io::stdout().lock(), "{text}") {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        panic!("cannot write to stdout: {error}");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tally=info".into()),
+                .unwrap_or_else(|_| "info,tally=info,async_nats=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -199,15 +211,15 @@ fn main() -> anyhow::Result<()> {
             command: KeyCommands::List { storage },
         } => {
             let keys = tally_store::list_api_keys(storage.location()).context("list the keys")?;
-            println!("id\tscope\tcreated_at\trevoked_at");
+            print_line("id\tscope\tcreated_at\trevoked_at");
             for key in keys {
-                println!(
+                print_line(format_args!(
                     "{}\t{}\t{}\t{}",
                     key.id,
                     key.scope,
                     key.created_at.rfc3339(),
                     key.revoked_at.map_or("-".to_owned(), |t| t.rfc3339())
-                );
+                ));
             }
             Ok(())
         }

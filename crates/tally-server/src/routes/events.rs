@@ -479,11 +479,22 @@ pub async fn replay_dead_letter(
             format!("dead letter {id} was discarded"),
         ));
     }
+    if letter.code == ingest::UNREADABLE {
+        return Err(ApiError::new(
+            "dead_letter_not_replayable",
+            format!(
+                "dead letter {id} holds no event to charge ({}); discard it, and send the event \
+                 again if it can be had",
+                letter.message
+            ),
+        ));
+    }
     // An event without a timestamp is charged as of when it first arrived.
+    // Refused again, its letter keeps the source it came from.
     let result = ingest::ingest_text_received(
         &state,
         &letter.payload,
-        "replay",
+        &letter.source,
         Some(letter.first_seen),
         caller.actor(),
     )

@@ -178,7 +178,17 @@ struct Tracker {
     partitions: HashMap<i32, Partition>,
     /// Bumped on every assignment change.
     generation: u64,
+    /// Since when this consumer has held no partition (as the statistics
+    /// saw it; reset at each warning), `None` while it holds some.
+    unassigned_since: Option<std::time::Instant>,
 }
+
+/// A consumer that holds no partition this long is counted in
+/// `tally_stream_errors_total` and warned about, again every such period:
+/// the one consumer of Tally's group should hold every partition, and one
+/// without any consumes nothing while its lag reads 0 (a rebalance stuck
+/// at the broker, a topic deleted and made again).
+const UNASSIGNED_ALERT: std::time::Duration = std::time::Duration::from_secs(30);
 
 static NEXT_EPOCH: AtomicU64 = AtomicU64::new(1);
 
@@ -195,6 +205,21 @@ impl Tracker {
                 });
         }
         self.generation += 1;
+    }
+
+    /// Whether this consumer has now held no partition for
+    /// [`UNASSIGNED_ALERT`] (since it was last told so).
+    fn unassigned_too_long(&mut self, now: std::time::Instant) -> bool {
+        if !self.partitions.is_empty() {
+            self.unassigned_since = None;
+            return false;
+        }
+        let since = *self.unassigned_since.get_or_insert(now);
+        if now.duration_since(since) < UNASSIGNED_ALERT {
+            return false;
+        }
+        self.unassigned_since = Some(now);
+        true
     }
 
     fn revoke(&mut self, partitions: impl IntoIterator<Item = i32>) {
@@ -333,6 +358,7 @@ fn partitions_of(list: &TopicPartitionList, topic: &str) -> Vec<i32> {
 
 impl ClientContext for Context {
     fn stats(&self, statistics: Statistics) {
+        self.check_assignment(std::time::Instant::now());
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
@@ -376,6 +402,28 @@ impl ClientContext for Context {
         if let Some(repeated) = logged {
             tracing::warn!(%error, reason, repeated_since_last_logged = repeated, "kafka client error");
         }
+    }
+}
+
+impl Context {
+    /// Count and warn about a consumer that has held no partition for
+    /// [`UNASSIGNED_ALERT`] (see there).
+    fn check_assignment(&self, now: std::time::Instant) {
+        if !self.tracker().unassigned_too_long(now) {
+            return;
+        }
+        self.state
+            .metrics
+            .stream_errors
+            .get_or_create(&SourceLabels { source: SOURCE })
+            .inc();
+        tracing::warn!(
+            topic = %self.topic,
+            seconds = UNASSIGNED_ALERT.as_secs(),
+            "kafka consumer holds no partition of its topic: nothing is consumed (the group's \
+             rebalance may be stuck at the broker, or the topic was made again); a restart of \
+             this server joins the group afresh"
+        );
     }
 }
 
@@ -699,6 +747,25 @@ mod tests {
             .unwrap_or_default();
         out.sort();
         out
+    }
+
+    #[test]
+    fn a_consumer_without_partitions_is_told_every_alert_period() {
+        let start = std::time::Instant::now();
+        let at = |s: u64| start + std::time::Duration::from_secs(s);
+        let mut tracker = Tracker::default();
+        assert!(!tracker.unassigned_too_long(at(0)));
+        assert!(!tracker.unassigned_too_long(at(29)));
+        assert!(tracker.unassigned_too_long(at(30)));
+        assert!(!tracker.unassigned_too_long(at(31)), "once per period");
+        assert!(tracker.unassigned_too_long(at(60)));
+        // Holding a partition clears it; losing them all starts over.
+        tracker.assign([0]);
+        assert!(!tracker.unassigned_too_long(at(100)));
+        tracker.revoke([0]);
+        assert!(!tracker.unassigned_too_long(at(101)));
+        assert!(!tracker.unassigned_too_long(at(130)));
+        assert!(tracker.unassigned_too_long(at(131)));
     }
 
     #[test]

@@ -185,7 +185,7 @@ async fn run(
 ) {
     let _running = super::Running::new(&state, SOURCE);
     let client = tokio::select! {
-        client = connect(&settings) => client,
+        client = connect(&state, &settings) => client,
         _ = super::stopped(&mut stopping) => return,
     };
     let context = jetstream::new(client.clone());
@@ -270,7 +270,7 @@ async fn finish(slots: &Semaphore, client: &async_nats::Client, settings: &Setti
 
 /// Connect to the servers, retrying with backoff until one answers. The
 /// client then reconnects by itself after a connection loss.
-async fn connect(settings: &Settings) -> async_nats::Client {
+async fn connect(state: &AppState, settings: &Settings) -> async_nats::Client {
     let mut backoff = RETRY_FIRST;
     let mut attempt = 0u64;
     loop {
@@ -302,6 +302,14 @@ async fn connect(settings: &Settings) -> async_nats::Client {
                 return client;
             }
             Err(error) => {
+                // A consumer that cannot reach its broker shows in the
+                // metrics from its first attempt, not only once it had
+                // connected.
+                state
+                    .metrics
+                    .stream_errors
+                    .get_or_create(&crate::metrics::SourceLabels { source: "nats" })
+                    .inc();
                 if worth_logging(attempt) {
                     tracing::warn!(
                         servers = %settings.display,

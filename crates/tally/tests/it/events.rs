@@ -537,11 +537,12 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
     let letter = app.get(&format!("/v1/dead-letters/{d}")).await;
     assert_eq!(letter.body["status"], "pending", "{}", letter.body);
     assert_eq!(letter.body["attempts"], 2);
-    // One that fails does not stop the others; the command then fails.
+    // One the server refuses does not stop the others; the command then
+    // fails, and does not say that running it again would help.
     let output = raw(&["replay", "dl_999999", &d]);
     assert!(!output.status.success());
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("dl_999999\tfailed"), "{stdout}");
+    assert!(stdout.contains("dl_999999\trefused\tnot_found"), "{stdout}");
     assert!(
         stdout.contains(&format!("{d}\trejected\tunknown_feature")),
         "{stdout}"
@@ -549,9 +550,37 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains(
-            "2 dead letter(s): 0 charged, 0 already charged, 1 still rejected, 1 not replayed"
+            "2 dead letter(s): 0 charged, 0 already charged, 1 still rejected, 1 refused by the \
+             server, 0 not replayed"
         ),
         "{stderr}"
+    );
+    assert!(
+        stderr.contains("running the command again will not change that"),
+        "{stderr}"
+    );
+    // A server that cannot be reached: worth running again.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["dead-letters", "replay", &d])
+        .args(["--url", "http://127.0.0.1:1", "--key", ADMIN_KEY])
+        .output()
+        .expect("run tally dead-letters");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("run the command again for them"),
+        "{stderr}"
+    );
+    // The key's value is not shown in the help.
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["dead-letters", "replay", "--help"])
+        .env("TALLY_API_KEY", "sekrit-value")
+        .output()
+        .expect("run tally dead-letters --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("TALLY_API_KEY") && !help.contains("sekrit-value"),
+        "{help}"
     );
     assert_replayable(&app.ledger_all("c1").await);
 }
@@ -650,8 +679,43 @@ async fn pubsub_push_charges_once_and_checks_its_token() {
     assert_eq!(reply.status, StatusCode::NO_CONTENT);
     let letters = dead_letters(&app, "source=pubsub").await;
     assert_eq!(letters.len(), 2, "{letters:?}");
-    assert!(letters.iter().all(|l| l["code"] == "invalid_event"));
+    let code_of = |payload_has: &str| {
+        letters
+            .iter()
+            .find(|l| l["payload"].as_str().unwrap().contains(payload_has))
+            .unwrap_or_else(|| panic!("{payload_has}: {letters:?}"))
+            .clone()
+    };
+    let bad_json = code_of("{not json");
+    assert_eq!(bad_json["code"], "invalid_event", "{bad_json}");
+    let no_data = code_of("\"message\"");
+    assert_eq!(no_data["code"], "unreadable_message", "{no_data}");
     assert_eq!(available(&app, "c1").await, micros("98"));
+    // A letter with no event in it cannot be replayed; one whose event is
+    // refused again keeps its source (and its reason).
+    let id = |letter: &Value| letter["id"].as_str().unwrap().to_string();
+    let refused = app
+        .post(
+            &format!("/v1/dead-letters/{}/replay", id(&no_data)),
+            json!({}),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
+    assert_eq!(refused.code(), "dead_letter_not_replayable");
+    let again = app
+        .post(
+            &format!("/v1/dead-letters/{}/replay", id(&bad_json)),
+            json!({}),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    let letter = app
+        .get(&format!("/v1/dead-letters/{}", id(&bad_json)))
+        .await;
+    assert_eq!(letter.body["source"], "pubsub", "{}", letter.body);
+    assert_eq!(letter.body["attempts"], 2, "{}", letter.body);
+    assert_eq!(letter.body["code"], "invalid_event", "{}", letter.body);
+    assert_eq!(dead_letters(&app, "source=pubsub").await.len(), 2);
 
     // A server without --pubsub-token has no push endpoint.
     let plain = TestApp::spawn().await;

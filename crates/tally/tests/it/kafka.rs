@@ -357,7 +357,7 @@ async fn every_good_event_is_charged_once_across_a_sigkill() {
                     let event = json!({ "id": id, "customer_id": key, "feature": "api" });
                     (Some(event.to_string().into_bytes()), id, "invalid_event")
                 }
-                _ => (None, format!("empty-{n}"), "invalid_event"),
+                _ => (None, format!("empty-{n}"), "unreadable_message"),
             };
             bad.push((id, code));
             messages.push(Message { key, payload });

@@ -845,6 +845,61 @@ async fn the_consumer_reconnects_after_the_nats_server_dies() {
     nats.kill().await;
 }
 
+/// `tally_stream_errors_total{source="nats"}`, when reported.
+async fn stream_errors(app: &TestApp) -> Option<i64> {
+    app.metrics().await.lines().find_map(|line| {
+        let rest = line.strip_prefix("tally_stream_errors_total{")?;
+        if !rest.contains("source=\"nats\"") {
+            return None;
+        }
+        line.rsplit(' ')
+            .next()?
+            .parse::<f64>()
+            .ok()
+            .map(|v| v as i64)
+    })
+}
+
+/// A NATS server unreachable when Tally starts shows in the metrics at once
+/// (it used to count only failures after a first connection, so an alert
+/// on the counter stayed silent), and once the server comes the consumer
+/// connects and charges.
+#[tokio::test]
+async fn an_unreachable_nats_server_at_start_shows_in_the_metrics() {
+    ensure_nats();
+    let mut nats = PrivateNats::start(fresh_dir()).await;
+    let url = nats.url();
+    nats.kill().await;
+    let (name, prefix) = unique("unreachable");
+    let app = TestApp::spawn_with(Options {
+        extra_args: nats_args(&url, &name, None),
+        ..Default::default()
+    })
+    .await;
+    wait_until!(
+        Duration::from_secs(10),
+        "the stream errors counted",
+        stream_errors(&app).await.is_some_and(|n| n >= 1)
+    );
+    set_up(&app).await;
+    nats.restart().await;
+    let js = connect(&url).await;
+    let (stream, _guard) = create_stream(&js, &url, &name, vec![format!("{prefix}.>")]).await;
+    let (customer, event, cost) = good_event(&prefix, 0);
+    let id = event["id"].as_str().unwrap().to_owned();
+    publish(
+        &js,
+        &[(format!("{prefix}.usage"), event.to_string().into_bytes())],
+        1,
+        Duration::ZERO,
+    )
+    .await;
+    wait_drained(&stream, Duration::from_secs(30)).await;
+    assert_charged_once(&app, &customer, &HashMap::from([(id, cost)])).await;
+    drop(app);
+    nats.kill().await;
+}
+
 /// A graceful stop (SIGTERM) midway: the events being charged finish and
 /// their acks reach the server before the process exits, so the messages
 /// acked are exactly the events charged; the rest come again to a restart,

@@ -403,8 +403,11 @@ async fn the_live_stream_shows_every_balance_change_of_its_customer() {
 #[tokio::test]
 async fn a_reconnecting_stream_gets_the_changes_it_missed() {
     let app = TestApp::spawn().await;
+    // Another customer's entry, older than all of this one's but its grant.
+    app.customer("other").await;
     app.customer("live").await;
     app.grant("live", "g1", "100").await;
+    app.grant("other", "g2", "7").await;
     let mut events = open_stream(&app, "live").await;
     let (kind, first) = events.next().await;
     assert_eq!(kind, "balance");
@@ -449,9 +452,8 @@ async fn a_reconnecting_stream_gets_the_changes_it_missed() {
     assert_eq!(next["balance_after"], "34");
     drop(events);
 
-    // An id that is not this customer's entry, or not an entry id: afresh.
-    app.customer("other").await;
-    app.grant("other", "g2", "7").await;
+    // An id that is not this customer's entry (one between its entries,
+    // one past them), or not an entry id: afresh.
     let others = app.ledger_all("other").await;
     let foreign = others[0]["id"].as_str().unwrap().to_string();
     for id in [foreign.as_str(), "ent_999999", "garbage"] {
