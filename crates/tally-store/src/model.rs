@@ -858,6 +858,8 @@ pub struct QuoteOutcome {
     /// Available credits after it (unchanged when it does not fit).
     pub balance_after: Amount,
     pub available: Amount,
+    /// Why it would be refused, when it does not fit (the charge's answer).
+    pub refusal: Option<Refusal>,
 }
 
 /// A refusal that is part of an id's permanent history (a retry gets it again).

@@ -3284,20 +3284,22 @@ impl Writer {
         } else {
             copy.charge(&spend, now)
         };
-        let (fits, drawn, balance_after) = match charged {
-            Ok((drawn, draft)) => (true, drawn, draft.balance_after),
+        let (refusal, drawn, balance_after) = match charged {
+            Ok((drawn, draft)) => (None, drawn, draft.balance_after),
             Err(
-                LedgerError::InsufficientCredits { .. } | LedgerError::MemberBudgetExceeded { .. },
-            ) => (false, Vec::new(), net),
+                error @ (LedgerError::InsufficientCredits { .. }
+                | LedgerError::MemberBudgetExceeded { .. }),
+            ) => (Some(Refusal::from(&error)), Vec::new(), net),
             Err(other) => return Err(Failure::Refused(other)),
         };
         Ok(Outcome::Quote(QuoteOutcome {
             customer_id: customer_id.clone(),
             pricing,
-            fits,
+            fits: refusal.is_none(),
             drawn,
             balance_after,
             available,
+            refusal,
         }))
     }
 

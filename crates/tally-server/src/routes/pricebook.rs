@@ -5,8 +5,8 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use tally_core::pricebook::{diff, Contract, Pricing, RuleChange};
-use tally_core::{Amount, Id, Rule};
+use tally_core::pricebook::{diff, Contract, RuleChange};
+use tally_core::Rule;
 use tally_store::catalog::{ContractRecord, FeatureRecord, PricebookRecord, PricebookStatus};
 use tally_store::{Command, Outcome, SimulationLine, UsageInput};
 use utoipa::{IntoParams, ToSchema};
@@ -682,6 +682,11 @@ pub struct QuoteBody {
     pub cost: String,
     /// Whether it would be accepted now.
     pub fits: bool,
+    /// Why it would be refused, when it does not fit: the charge's error
+    /// (`insufficient_credits`, `member_budget_exceeded`) as `{code,
+    /// message}`; null when it fits.
+    #[schema(value_type = Option<Object>)]
+    pub refusal: Option<serde_json::Value>,
     /// The version that would price it (null when the contract's own rule does).
     pub pricebook: Option<String>,
     pub rule: String,
@@ -697,20 +702,24 @@ pub struct QuoteBody {
     pub explanation: String,
 }
 
-fn render_quote(
-    customer_id: &Id,
-    pricing: &Pricing,
-    fits: bool,
-    drawn: &[tally_core::Draw],
-    after: Amount,
-    available: Amount,
-) -> QuoteBody {
+fn render_quote(q: &tally_store::QuoteOutcome) -> QuoteBody {
+    let (customer_id, pricing, drawn, after, available) = (
+        &q.customer_id,
+        &q.pricing,
+        &q.drawn,
+        q.balance_after,
+        q.available,
+    );
     QuoteBody {
         customer_id: customer_id.to_string(),
         feature: pricing.feature.clone(),
         quantity: amount(pricing.quantity),
         cost: amount(pricing.cost),
-        fits,
+        fits: q.fits,
+        refusal: q
+            .refusal
+            .as_ref()
+            .map(|r| serde_json::json!({ "code": r.code, "message": r.message })),
         pricebook: pricing.pricebook().map(str::to_owned),
         rule: pricing.rule_label(),
         drawn: draws(drawn),
@@ -750,14 +759,7 @@ pub async fn create_quote(
     };
     let executed = state.execute(command, &caller).await?;
     Ok(reply(executed, |outcome| match outcome {
-        Outcome::Quote(q) => Ok(render_quote(
-            &q.customer_id,
-            &q.pricing,
-            q.fits,
-            &q.drawn,
-            q.balance_after,
-            q.available,
-        )),
+        Outcome::Quote(q) => Ok(render_quote(q)),
         _ => Err(unexpected()),
     }))
 }

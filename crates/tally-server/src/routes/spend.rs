@@ -128,7 +128,7 @@ pub fn properties_of(
     if map.len() > MAX_PROPERTIES {
         return Err(ApiError::invalid(
             "properties",
-            format!("at most {MAX_PROPERTIES} properties"),
+            format!("properties may hold at most {MAX_PROPERTIES} entries"),
         ));
     }
     for (key, value) in map {
@@ -139,14 +139,14 @@ pub fn properties_of(
             _ => {
                 return Err(ApiError::invalid(
                     "properties",
-                    format!("property {key} must be a string, number or boolean"),
+                    format!("properties: {key} must be a string, number or boolean"),
                 ))
             }
         };
         if key.is_empty() || key.len() > 256 || text.len() > 256 {
             return Err(ApiError::invalid(
                 "properties",
-                "property names must be 1 to 256 characters and values at most 256",
+                "properties: names must be 1 to 256 characters and values at most 256",
             ));
         }
         properties.insert(key, text);

@@ -1426,3 +1426,26 @@ async fn dead_letter_ids_are_numbered_alike_on_both_stores() {
     assert_eq!(x["attempts"], 5, "{x}");
     assert_eq!(number("y"), number("x") + 1, "{letters:?}");
 }
+
+/// An event refused for its properties names them as the field at fault,
+/// however it was wrong.
+#[tokio::test]
+async fn an_event_refused_for_its_properties_names_them() {
+    let app = priced_app(Options::default()).await;
+    let many: serde_json::Map<String, Value> =
+        (0..33).map(|n| (format!("k{n}"), json!("v"))).collect();
+    let results = events(
+        &app,
+        json!([
+            { "id": "p1", "customer_id": "c1", "feature": "api", "quantity": 1, "properties": many },
+            { "id": "p2", "customer_id": "c1", "feature": "api", "quantity": 1, "properties": { "m": [1] } },
+            { "id": "p3", "customer_id": "c1", "feature": "api", "quantity": 1, "properties": { "": "x" } },
+        ]),
+    )
+    .await;
+    for result in &results {
+        assert_eq!(result["status"], "rejected", "{result}");
+        assert_eq!(result["error"]["code"], "invalid_event", "{result}");
+        assert_eq!(result["error"]["param"], "properties", "{result}");
+    }
+}

@@ -477,7 +477,7 @@ async fn every_good_event_is_charged_once_across_a_sigkill() {
         }
         if i % 700 == 42 {
             messages.push((usage.clone(), Vec::new()));
-            bad.push((None, "invalid_event"));
+            bad.push((None, "unreadable_message"));
         }
         if i % 400 == 5 {
             // Another subject of the stream: outside the filter, never charged.

@@ -1940,6 +1940,7 @@ async fn quote_equals_the_charge_that_follows() {
         assert_eq!(quote["quantity"], decimal(quantity as i64), "{context}");
         assert_eq!(quote["available"], balance["available"], "{context}");
         if quote["fits"] == true {
+            assert!(quote["refusal"].is_null(), "{context}");
             fitted += 1;
             let charge = fresh(&charge);
             assert_eq!(charge["amount"], quote["cost"], "{context}");
@@ -1957,6 +1958,15 @@ async fn quote_equals_the_charge_that_follows() {
             assert_eq!(quote["fits"], false, "{context}");
             refused += 1;
             assert_error(&charge, 402, "insufficient_credits");
+            // The quote says why, as the charge does.
+            assert_eq!(
+                quote["refusal"]["code"], "insufficient_credits",
+                "{context}"
+            );
+            assert_eq!(
+                quote["refusal"]["message"], charge.body["error"]["message"],
+                "{context}"
+            );
             assert_eq!(quote["drawn"], json!([]), "{context}");
             assert_eq!(quote["balance_after"], quote["available"], "{context}");
             assert_eq!(
