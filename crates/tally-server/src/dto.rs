@@ -299,6 +299,15 @@ pub struct EntryBody {
     /// it named (only on `refund` entries).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refund_of: Option<String>,
+    /// A budget transfer's receiving member (only on `budget_transfer`
+    /// entries; `member_id` is the sending one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counterparty_member_id: Option<String>,
+    /// What `refund_of` names: `charge` (a charge or usage event) or `hold`
+    /// (a captured hold; a hold and a charge may share an id). Only on
+    /// `refund` entries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refund_of_kind: Option<String>,
     /// An expiry change (only on `expiry_extended` and `reinstate` entries
     /// made by one): the lot's expiry before and after it, null for never.
     /// The lot is in `grant_ids`, even when the entry moved no credits.
@@ -356,6 +365,15 @@ impl From<&EntryRecord> for EntryBody {
                 .map(amount),
             counterparty_customer_id: record.facts.as_ref().and_then(|f| f.counterparty.clone()),
             refund_of: record.facts.as_ref().and_then(|f| f.refund_of.clone()),
+            counterparty_member_id: record
+                .facts
+                .as_ref()
+                .and_then(|f| f.counterparty_member.clone()),
+            refund_of_kind: record
+                .facts
+                .as_ref()
+                .filter(|f| f.refund_of.is_some())
+                .map(|f| if f.refund_of_hold { "hold" } else { "charge" }.to_owned()),
             expiry_change: record
                 .facts
                 .as_ref()

@@ -141,6 +141,24 @@ impl JsonBytes {
     }
 }
 
+/// Whether JSON text holds the NUL character: the escape `\u0000` (a raw
+/// NUL byte is not JSON at all, and fails to parse), not counting an
+/// escaped backslash followed by `u0000`.
+fn holds_nul(json: &[u8]) -> bool {
+    let mut at = 0;
+    while at < json.len() {
+        if json[at] == b'\\' {
+            if json[at + 1..].starts_with(b"u0000") {
+                return true;
+            }
+            at += 2; // the escaped character, whatever it is
+        } else {
+            at += 1;
+        }
+    }
+    false
+}
+
 impl<S: Send + Sync> FromRequest<S> for JsonBytes {
     type Rejection = std::convert::Infallible;
 
@@ -163,6 +181,14 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
             return Ok(JsonBytes(Err(ApiError::new(
                 "invalid_request",
                 "send the body as JSON with Content-Type: application/json",
+            ))));
+        }
+        // PostgreSQL's text cannot hold it (SQLite's can): refused on both
+        // stores alike, before anything is done.
+        if holds_nul(&bytes) {
+            return Ok(JsonBytes(Err(ApiError::new(
+                "invalid_request",
+                "text in the body may not hold the NUL character (\\u0000)",
             ))));
         }
         Ok(JsonBytes(Ok(bytes)))
@@ -472,8 +498,13 @@ fn query_param<T: DeserializeOwned>(query: Option<&str>) -> Option<(Option<Strin
 
 fn query_error<T: DeserializeOwned>(rejection: QueryRejection, query: Option<&str>) -> ApiError {
     match query_param::<T>(query) {
-        // Every list's `limit` says the same, whatever the text was.
-        Some((Some(param), _)) if param == "limit" => {
+        // Every list's `limit` says the same, whatever the text was (but
+        // a `limit` where none is taken, or given twice, says so).
+        Some((Some(param), detail))
+            if param == "limit"
+                && !detail.starts_with("unknown field")
+                && !detail.starts_with("duplicate field") =>
+        {
             ApiError::invalid("limit", "limit must be a whole number between 1 and 1000")
         }
         Some((Some(param), detail)) => {
@@ -842,6 +873,22 @@ mod tests {
         ] {
             assert!(!is_json(no), "{no}");
         }
+    }
+
+    #[test]
+    fn the_nul_character_is_found_only_as_an_escape() {
+        assert!(holds_nul(br#"{"name":"a\u0000b"}"#));
+        assert!(
+            holds_nul(br#"{"name":"\\\u0000"}"#),
+            "a backslash, then NUL"
+        );
+        assert!(
+            !holds_nul(br#"{"name":"\\u0000"}"#),
+            "a backslash, then u0000"
+        );
+        assert!(holds_nul(br#"{"name":"\u00001"}"#), "NUL, then 1");
+        assert!(!holds_nul(br#"{"name":"\u0001 u0000"}"#));
+        assert!(!holds_nul(br#"{"name":"trailing\"#));
     }
 
     #[test]

@@ -1506,10 +1506,23 @@ impl Store {
             // brings a manual clock's step; real clocks skewed by a few
             // milliseconds) would otherwise see the allocation that ended at
             // a boundary expired and the next one not yet in effect.
-            let floor = records
+            let mut floor = records
                 .iter()
                 .filter_map(|record| record.grant.expired_at)
                 .max();
+            // Nor before the customer's last entry was recorded: a follower
+            // whose clock trails the writer's would otherwise show a grant
+            // just made through it (or one the writer just put in effect)
+            // as pending, against the entry the balance names.
+            if follower {
+                if let Some(sequence) = last_entry {
+                    let recorded: Option<i64> = connection
+                        .prepare_cached("SELECT recorded_at FROM entries WHERE sequence = ?1")?
+                        .query_row([sequence], |row| row.get(0))
+                        .optional()?;
+                    floor = floor.max(recorded.map(Timestamp));
+                }
+            }
             let mut now = floor.map_or(now, |floor| floor.max(now));
             // Nor after a renewal the rows do not show yet. Only the writer
             // renews (the leader's read has it renew first); a follower's

@@ -990,6 +990,14 @@ pub struct EntryFacts {
     /// id the refund named it with).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refund_of: Option<String>,
+    /// A budget transfer's receiving member (the entry's `member_id` is the
+    /// sending one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counterparty_member: Option<String>,
+    /// That `refund_of` names a captured hold (a hold and a charge may
+    /// share an id).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refund_of_hold: bool,
     /// The lots a capture spent from (its postings move credits out of the
     /// hold, which took them from these lots when it was placed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1013,7 +1021,8 @@ pub struct LedgerQuery {
     pub from: Option<Timestamp>,
     pub to: Option<Timestamp>,
     pub kind: Option<tally_core::EntryKind>,
-    /// Only entries of this member.
+    /// Only entries of this member (a budget transfer is the entry of both
+    /// its members).
     pub member_id: Option<Id>,
     /// Only entries priced for this feature.
     pub feature: Option<String>,
@@ -1030,10 +1039,14 @@ impl LedgerQuery {
     pub fn matches(&self, record: &EntryRecord) -> bool {
         let draft = &record.draft;
         self.kind.is_none_or(|kind| draft.kind == kind)
-            && self
-                .member_id
-                .as_ref()
-                .is_none_or(|member| draft.member_id.as_ref() == Some(member))
+            && self.member_id.as_ref().is_none_or(|member| {
+                draft.member_id.as_ref() == Some(member)
+                    || record
+                        .facts
+                        .as_ref()
+                        .and_then(|f| f.counterparty_member.as_deref())
+                        == Some(member.as_str())
+            })
             && self
                 .feature
                 .as_ref()

@@ -1781,6 +1781,19 @@ impl Writer {
         pricing: Option<&Pricing>,
         facts: Option<&crate::model::EntryFacts>,
     ) -> db::Result<i64> {
+        // An expiry of a lot whose credits were all held moves none: its
+        // entry names the lot all the same (as a void of an empty lot does).
+        let named;
+        let facts = match facts {
+            None if draft.kind == tally_core::EntryKind::Expire && draft.postings.is_empty() => {
+                named = crate::model::EntryFacts {
+                    grant_id: draft.reference.as_ref().map(ToString::to_string),
+                    ..Default::default()
+                };
+                Some(&named)
+            }
+            other => other,
+        };
         let recorded = self.now.micros().max(self.last_recorded_micros + 1);
         self.last_recorded_micros = recorded;
         let sequence = self.next_entry_sequence;
@@ -2630,6 +2643,7 @@ impl Writer {
             .execute(params![refunded_now.amount.micros(), operation])?;
         let facts = crate::model::EntryFacts {
             refund_of: Some(charge_id.to_string()),
+            refund_of_hold: kind == "hold_resolution",
             ..Default::default()
         };
         let entry_id = self.record_entry_about(&draft, actor, facts)?;
@@ -2797,6 +2811,22 @@ impl Writer {
     /// Keep an event that could not be charged; a repeat of the same event
     /// (or the same unreadable payload) counts as another attempt.
     fn dead_letter(&mut self, letter: &NewDeadLetter) -> db::Result<DeadLetterRecord> {
+        // What a stream brought is kept whatever it holds, but PostgreSQL's
+        // text cannot hold the NUL character (a message that held one was
+        // refused by the database, and delivered again for ever): it is
+        // kept as U+FFFD, on both stores alike.
+        let clean = |text: &str| match text.contains('\0') {
+            true => text.replace('\0', "\u{FFFD}"),
+            false => text.to_owned(),
+        };
+        let letter = &NewDeadLetter {
+            source: clean(&letter.source),
+            event_id: letter.event_id.as_deref().map(clean),
+            customer_id: letter.customer_id.as_deref().map(clean),
+            payload: clean(&letter.payload),
+            code: clean(&letter.code),
+            message: clean(&letter.message),
+        };
         if let Some(id) = &letter.event_id {
             self.letter_events.insert(id.clone());
         }
@@ -3124,8 +3154,8 @@ impl Writer {
                 return Err(Failure::Rejected(Refusal {
                     code: "invalid_request".into(),
                     message: format!(
-                        "usage stamped up to {} is already priced (events may be stamped ahead of \
-                         the clock); give an effective_at after it, or none to take effect just after it",
+                        "effective_at must be after {}: usage stamped up to then is already priced \
+                         (events may be stamped ahead of the clock); give none to take effect just after it",
                         through.rfc3339()
                     ),
                     available: None,

@@ -104,7 +104,15 @@ impl Api {
             .await
             .with_context(|| format!("cannot reach the server at {}", self.url))?;
         let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let body: Option<Value> = response.json().await.ok();
+        if status.is_success() && !body.as_ref().is_some_and(Value::is_object) {
+            // Another server than Tally (a wrong --url): nothing it said counts.
+            bail!(
+                "the server at {} answered {status} without a JSON object: is --url a Tally server?",
+                self.url
+            );
+        }
+        let body = body.unwrap_or(Value::Null);
         if !status.is_success() {
             return Err(Refused {
                 status,

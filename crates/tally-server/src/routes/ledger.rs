@@ -28,7 +28,8 @@ pub struct LedgerParams {
     pub to: Option<String>,
     /// Only entries of this kind.
     pub kind: Option<String>,
-    /// Only entries of this member.
+    /// Only entries of this member (a budget transfer shows for the member
+    /// that sent and the one that received it).
     pub member_id: Option<String>,
     /// Only entries priced for this feature.
     pub feature: Option<String>,
@@ -37,7 +38,9 @@ pub struct LedgerParams {
     pub grant_id: Option<String>,
 }
 
-/// A customer's journal entries, newest first.
+/// A customer's journal entries, newest first. A page reads at most 10,000
+/// entries: a filtered page may hold fewer than `limit`, even none, and
+/// still have a `next_cursor`; follow it until it is null.
 #[utoipa::path(get, path = "/v1/customers/{id}/ledger", tag = "ledger", params(LedgerParams),
     responses((status = 200, body = Page<EntryBody>), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = ["read"])))]
@@ -384,7 +387,11 @@ pub fn explain(entry: &EntryDraft, facts: Option<&tally_store::EntryFacts>) -> S
         ),
         EntryKind::Refund => match facts.and_then(|f| f.refund_of.as_deref()) {
             Some(of) => format!(
-                "refund {reference} of {of}{} gave back {}",
+                "refund {reference} of {}{of}{} gave back {}",
+                match facts.is_some_and(|f| f.refund_of_hold) {
+                    true => "captured hold ",
+                    false => "",
+                },
                 entry
                     .member_id
                     .as_ref()
@@ -440,10 +447,19 @@ pub fn explain(entry: &EntryDraft, facts: Option<&tally_store::EntryFacts>) -> S
             "transfer {reference} brought {} from {other}",
             amount(entry.amount)
         ),
-        EntryKind::BudgetTransfer => format!(
-            "transfer {reference} moved {} of budget between members",
-            amount(entry.amount)
-        ),
+        EntryKind::BudgetTransfer => match (
+            entry.member_id.as_ref(),
+            facts.and_then(|f| f.counterparty_member.as_deref()),
+        ) {
+            (Some(from), Some(to)) => format!(
+                "transfer {reference} moved {} of budget from member {from} to member {to}",
+                amount(entry.amount)
+            ),
+            _ => format!(
+                "transfer {reference} moved {} of budget between members",
+                amount(entry.amount)
+            ),
+        },
         EntryKind::GrantEffective => format!(
             "grant {reference} took effect: its {} credits became available",
             amount(entry.amount)

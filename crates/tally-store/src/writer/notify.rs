@@ -182,6 +182,24 @@ impl Writer {
             )),
             _ => {}
         }
+        // Credits a hold gives back (released, timed out, captured for
+        // less) to a lot that expired meanwhile expire as they come back:
+        // told as the lot's expiry too, so that the notifications add up to
+        // every credit that expired.
+        if draft.kind != EntryKind::Expire {
+            for posting in &draft.postings {
+                if let (tally_core::Account::Grant(lot), tally_core::Account::Expired) =
+                    (&posting.from, &posting.to)
+                {
+                    notes.push((
+                        "grant.expired",
+                        json!({ "grant_id": lot.to_string(), "amount": posting.amount.to_string(),
+                                "expired_at": draft.effective_at.rfc3339(),
+                                "balance": after.to_string() }),
+                    ));
+                }
+            }
+        }
         for (kind, data) in notes {
             self.notify(kind, Some(&draft.customer_id), data)?;
         }

@@ -421,7 +421,12 @@ impl Writer {
                 .ledger(&request.from_customer)
                 .transfer_budget(&request.id, from, to, request.amount, reason, now)
                 .map_err(Failure::Refused)?;
-            let entry = self.record_entry(&draft, actor)?;
+            // The entry is the sending member's; it names the receiving one.
+            let facts = crate::model::EntryFacts {
+                counterparty_member: Some(to.to_string()),
+                ..Default::default()
+            };
+            let entry = self.record_entry_about(&draft, actor, facts)?;
             return Ok(Outcome::Transfer(crate::model::TransferOutcome {
                 id: request.id.clone(),
                 kind: "budget".into(),

@@ -1449,3 +1449,78 @@ async fn an_event_refused_for_its_properties_names_them() {
         assert_eq!(result["error"]["param"], "properties", "{result}");
     }
 }
+
+/// The NUL character: in a JSON body it is a 400 that changes nothing, on
+/// both stores (PostgreSQL's text cannot hold it: it was a 503 there, and an
+/// event batch charged the events before it); in a stream message it is
+/// kept in its dead letter as U+FFFD (the database refused the letter, and
+/// the message came again for ever).
+#[tokio::test]
+async fn the_nul_character_is_refused_in_bodies_and_kept_safely_from_streams() {
+    let app = priced_app(Options {
+        extra_args: vec!["--pubsub-token".into(), "s3cret".into()],
+        ..Options::default()
+    })
+    .await;
+    let before = available(&app, "c1").await;
+    let batch = r#"{"events":[
+        {"id":"n_ok","customer_id":"c1","feature":"api","quantity":1},
+        {"id":"n_bad\u0000","customer_id":"c1","feature":"api","quantity":1}]}"#;
+    for (path, body) in [
+        ("/v1/events", batch.to_string()),
+        (
+            "/v1/customers",
+            r#"{"id":"nul","name":"a\u0000b"}"#.to_string(),
+        ),
+        (
+            "/v1/charges",
+            r#"{"id":"x13","customer_id":"c1","amount":"1","reason":"a\u0000b"}"#.to_string(),
+        ),
+    ] {
+        let request = app
+            .client
+            .post(app.url(path))
+            .bearer_auth(crate::support::ADMIN_KEY)
+            .header("content-type", "application/json")
+            .body(body);
+        let reply = Reply::of(request, path).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{path}: {}",
+            reply.body
+        );
+        assert!(
+            reply.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("NUL"),
+            "{}",
+            reply.body
+        );
+    }
+    assert_eq!(available(&app, "c1").await, before, "nothing charged");
+    assert_eq!(
+        app.get("/v1/customers/nul").await.status,
+        StatusCode::NOT_FOUND
+    );
+    // A stream message whose text holds a raw NUL: not JSON, a dead letter.
+    use base64::Engine;
+    let data = base64::engine::general_purpose::STANDARD
+        .encode(b"{\"id\":\"raw\0nul\",\"customer_id\":\"c1\",\"feature\":\"api\",\"quantity\":1}");
+    let request = app
+        .client
+        .post(app.url("/v1/ingest/pubsub?token=s3cret"))
+        .json(&json!({ "message": { "data": data, "messageId": "m-nul" } }));
+    let reply = Reply::of(request, "/v1/ingest/pubsub").await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.body);
+    let letters = dead_letters(&app, "source=pubsub").await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(
+        letters[0]["payload"]
+            .as_str()
+            .unwrap()
+            .contains("raw\u{FFFD}nul"),
+        "{letters:?}"
+    );
+}

@@ -479,7 +479,8 @@ async fn a_refund_gives_back_to_the_members_budget() {
     assert_eq!(refund.status, StatusCode::OK, "{}", refund.body);
     assert_eq!(remaining("bob").await, "2000");
     // Each refund's entry names what it gave back and whose spend it was.
-    for (refund, of, member) in [("r1", "a1", "alice"), ("r2", "h1", "bob")] {
+    for (refund, of, member, what) in [("r1", "a1", "alice", "charge"), ("r2", "h1", "bob", "hold")]
+    {
         let entries = app
             .get("/v1/customers/team/ledger?kind=refund&limit=100")
             .await;
@@ -492,6 +493,7 @@ async fn a_refund_gives_back_to_the_members_budget() {
             .unwrap_or_else(|| panic!("{refund} under member {member}: {}", entries.body))
             .clone();
         assert_eq!(entry["refund_of"], of, "{entry}");
+        assert_eq!(entry["refund_of_kind"], what, "{entry}");
         assert_eq!(entry["member_id"], member, "{entry}");
         let detail = app
             .get(&format!("/v1/ledger/{}", entry["id"].as_str().unwrap()))
@@ -499,7 +501,8 @@ async fn a_refund_gives_back_to_the_members_budget() {
         let explanation = detail.body["explanation"].as_str().unwrap();
         assert!(
             explanation.starts_with(&format!(
-                "refund {refund} of {of} (spent by member {member}) gave back"
+                "refund {refund} of {}{of} (spent by member {member}) gave back",
+                if what == "hold" { "captured hold " } else { "" }
             )),
             "{explanation}"
         );
@@ -627,8 +630,20 @@ async fn the_ledger_filters_by_member_feature_and_lot() {
         let reply = app.post("/v1/charges", body).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     }
+    // Budget from alice to bob: the entry of both.
+    let moved = app
+        .post(
+            "/v1/transfers",
+            json!({ "id": "bt", "from": { "customer_id": "team", "member_id": "alice" },
+                    "to": { "customer_id": "team", "member_id": "bob" }, "amount": "5" }),
+        )
+        .await;
+    assert_eq!(moved.status, StatusCode::OK, "{}", moved.body);
     let all = app.get("/v1/customers/team/ledger?limit=1000").await;
     let all = all.body["data"].as_array().expect("entries").clone();
+    let bt = all.iter().find(|e| e["reference"] == "bt").expect("bt");
+    assert_eq!(bt["member_id"], "alice", "{bt}");
+    assert_eq!(bt["counterparty_member_id"], "bob", "{bt}");
     let ids = |entries: &[serde_json::Value]| -> Vec<String> {
         entries
             .iter()
@@ -667,8 +682,8 @@ async fn the_ledger_filters_by_member_feature_and_lot() {
             .collect()
     };
     for (query, expected) in [
-        ("member_id=alice", vec!["c1", "c3"]),
-        ("member_id=bob", vec!["c2", "c4"]),
+        ("member_id=alice", vec!["c1", "c3", "bt"]),
+        ("member_id=bob", vec!["c2", "c4", "bt"]),
         ("feature=search", vec!["c1", "c4"]),
         ("feature=export", vec!["c2"]),
         ("member_id=alice&feature=search", vec!["c1"]),

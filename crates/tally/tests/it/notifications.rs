@@ -16,7 +16,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use crate::support::{Options, TestApp, ADMIN_KEY};
+use crate::support::{wait_until, Options, TestApp, ADMIN_KEY};
 
 #[derive(Default)]
 pub(crate) struct Received {
@@ -1147,4 +1147,67 @@ async fn an_endpoint_is_changed_and_deleted() {
         1,
         "nothing after the delete"
     );
+}
+
+/// A lot whose credits are all held when it expires expires 0: its entry
+/// names it all the same. The credits the hold then gives back expire as
+/// they come back, and `grant.expired` tells them too, so that its amounts
+/// add up to every credit that expired (it said 0, and nothing more).
+#[tokio::test]
+async fn credits_a_hold_returns_to_an_expired_lot_are_told_as_expired() {
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let received = accepting_endpoint(&app, "exp", json!(["grant.expired"])).await;
+    let moved = app
+        .post("/v1/clock/advance", json!({ "to": "2030-01-01T00:00:00Z" }))
+        .await;
+    assert_eq!(moved.status, StatusCode::OK, "{}", moved.body);
+    app.customer("c").await;
+    let grant = app
+        .post(
+            "/v1/customers/c/grants",
+            json!({ "id": "a", "amount": "10", "source": "promotion", "paid": false,
+                    "expires_at": "2030-01-01T01:00:00Z" }),
+        )
+        .await;
+    assert_eq!(grant.status, StatusCode::OK, "{}", grant.body);
+    let hold = app
+        .post(
+            "/v1/holds",
+            json!({ "id": "h", "customer_id": "c", "amount": "10", "timeout_seconds": 86_400 }),
+        )
+        .await;
+    assert_eq!(hold.status, StatusCode::OK, "{}", hold.body);
+    let moved = app
+        .post("/v1/clock/advance", json!({ "to": "2030-01-01T02:00:00Z" }))
+        .await;
+    assert_eq!(moved.status, StatusCode::OK, "{}", moved.body);
+    let ledger = app.ledger_all("c").await;
+    let expire = ledger
+        .iter()
+        .find(|e| e["kind"] == "expire")
+        .expect("an expire entry");
+    assert_eq!(expire["amount"], "0", "{expire}");
+    assert_eq!(expire["grant_ids"], json!(["a"]), "{expire}");
+    let released = app.post("/v1/holds/h/release", json!({})).await;
+    assert_eq!(released.status, StatusCode::OK, "{}", released.body);
+    wait_until!(
+        Duration::from_secs(10),
+        "two grant.expired deliveries",
+        received.lock().unwrap().requests.len() >= 2
+    );
+    let mut amounts: Vec<String> = received
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .map(|(_, body, _)| serde_json::from_str::<Value>(body).unwrap())
+        .inspect(|b| assert_eq!(b["data"]["grant_id"], "a", "{b}"))
+        .map(|b| b["data"]["amount"].as_str().unwrap().to_string())
+        .collect();
+    amounts.sort(); // deliveries may come in either order
+    assert_eq!(amounts, ["0", "10"]);
 }

@@ -3312,11 +3312,18 @@ async fn a_publication_takes_effect_after_usage_already_priced() {
     .await;
     let refused = publish(&app, "v2", Some(&at(60))).await;
     assert_error(&refused, 400, "invalid_request");
+    assert_eq!(
+        refused.body["error"]["param"], "effective_at",
+        "{}",
+        refused.body
+    );
     assert!(
         refused.body["error"]["message"]
             .as_str()
             .unwrap()
-            .contains(&format!("usage stamped up to {ahead} is already priced")),
+            .contains(&format!(
+                "effective_at must be after {ahead}: usage stamped up to then is already priced"
+            )),
         "{}",
         refused.body
     );

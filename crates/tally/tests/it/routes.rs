@@ -2643,6 +2643,20 @@ async fn ledger_pages_newest_first_without_gaps() {
         400,
         "invalid_request",
     );
+    // A limit where none is taken, or one given twice, says that, not the
+    // range of a limit.
+    for (path, says) in [
+        ("/v1/customers/c/balance?limit=5", "unknown field `limit`"),
+        (
+            "/v1/customers/c/ledger?limit=2&limit=3",
+            "duplicate field `limit`",
+        ),
+    ] {
+        let reply = app.get(path).await;
+        assert_error(&reply, 400, "invalid_request");
+        let message = reply.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{path}: {message}");
+    }
     ok(&app.get("/v1/customers/c/balance").await);
     assert_error(
         &app.get("/v1/customers/nobody/ledger").await,

@@ -1131,3 +1131,40 @@ async fn a_follower_behind_the_writers_clock_never_shows_a_balance_between_two_p
         );
     }
 }
+
+/// Read through a follower whose clock trails the writer's, a grant just
+/// made through it (in effect at the writer's instant) read as pending, and
+/// so did one the writer had just put in effect: a balance against the very
+/// entry it named. The read is now as of no earlier than the customer's
+/// last entry.
+#[tokio::test]
+async fn a_follower_behind_the_writers_clock_shows_what_its_last_entry_says() {
+    let first = TestApp::spawn_postgres(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let second = TestApp::spawn_beside(&first).await;
+    first.customer("fr").await;
+    for step in 1..=3 {
+        first.advance(3_600).await;
+        // At once, through the follower, before its tick brings the step.
+        let id = format!("g{step}");
+        let body = json!({ "id": id, "amount": "100", "source": "purchase", "paid": true });
+        let made = second.post("/v1/customers/fr/grants", body).await;
+        assert_eq!(made.status, StatusCode::OK, "{}", made.body);
+        let balance = second.get("/v1/customers/fr/balance").await;
+        assert_eq!(balance.status, StatusCode::OK, "{}", balance.body);
+        assert_eq!(
+            micros_of(&balance.body["available"]),
+            100_000_000 * step,
+            "step {step}: {}",
+            balance.body
+        );
+        assert_eq!(
+            balance.body["pending"], "0",
+            "step {step}: {}",
+            balance.body
+        );
+    }
+}
