@@ -414,13 +414,7 @@ async fn a_refund_gives_back_to_the_members_budget() {
     app.customer("team").await;
     app.grant("team", "pool", "10000").await;
     for (member, budget) in [("alice", "3000"), ("bob", "2000")] {
-        let reply = app
-            .put(
-                &format!("/v1/customers/team/members/{member}"),
-                json!({ "budget": { "amount": budget, "period": "month" } }),
-            )
-            .await;
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        put_budget(&app, member, budget, "month").await;
     }
     let remaining = |member: &'static str| {
         let app = &app;
@@ -608,13 +602,7 @@ async fn the_ledger_filters_by_member_feature_and_lot() {
     app.grant("team", "pool", "1000").await;
     app.grant("team", "extra", "500").await;
     for member in ["alice", "bob"] {
-        let reply = app
-            .put(
-                &format!("/v1/customers/team/members/{member}"),
-                json!({ "budget": { "amount": "5000", "period": "month" } }),
-            )
-            .await;
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        put_budget(&app, member, "5000", "month").await;
     }
     for (id, member, feature, amount) in [
         ("c1", "alice", Some("search"), "300"),
@@ -737,13 +725,7 @@ async fn a_largest_budget_with_budget_moved_in_still_spends() {
     app.customer("team").await;
     app.grant("team", "pool", "100").await;
     for (member, budget) in [("x", "1000000000000"), ("y", "10")] {
-        let reply = app
-            .put(
-                &format!("/v1/customers/team/members/{member}"),
-                json!({ "budget": { "amount": budget, "period": "month" } }),
-            )
-            .await;
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        put_budget(&app, member, budget, "month").await;
     }
     assert_eq!(charge(&app, "c0", "x", "1").await.status, StatusCode::OK);
     let moved = app

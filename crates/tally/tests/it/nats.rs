@@ -313,10 +313,11 @@ async fn processed(app: &TestApp) -> BTreeMap<String, i64> {
     counts
 }
 
-/// `consumer_lag{source="nats"}`, when reported.
-async fn lag(app: &TestApp) -> Option<i64> {
+/// The `nats` value of the metric `name` (`tally_consumer_lag`...), when reported.
+async fn nats_metric(app: &TestApp, name: &str) -> Option<i64> {
+    let prefix = format!("{name}{{");
     app.metrics().await.lines().find_map(|line| {
-        let rest = line.strip_prefix("tally_consumer_lag{")?;
+        let rest = line.strip_prefix(&prefix)?;
         if !rest.contains("source=\"nats\"") {
             return None;
         }
@@ -326,6 +327,11 @@ async fn lag(app: &TestApp) -> Option<i64> {
             .ok()
             .map(|v| v as i64)
     })
+}
+
+/// `consumer_lag{source="nats"}`, when reported.
+async fn lag(app: &TestApp) -> Option<i64> {
+    nats_metric(app, "tally_consumer_lag").await
 }
 
 /// Every dead letter of the `nats` source.
@@ -847,17 +853,7 @@ async fn the_consumer_reconnects_after_the_nats_server_dies() {
 
 /// `tally_stream_errors_total{source="nats"}`, when reported.
 async fn stream_errors(app: &TestApp) -> Option<i64> {
-    app.metrics().await.lines().find_map(|line| {
-        let rest = line.strip_prefix("tally_stream_errors_total{")?;
-        if !rest.contains("source=\"nats\"") {
-            return None;
-        }
-        line.rsplit(' ')
-            .next()?
-            .parse::<f64>()
-            .ok()
-            .map(|v| v as i64)
-    })
+    nats_metric(app, "tally_stream_errors_total").await
 }
 
 /// A NATS server unreachable when Tally starts shows in the metrics at once
