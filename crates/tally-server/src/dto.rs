@@ -305,7 +305,7 @@ pub struct EntryBody {
     pub counterparty_member_id: Option<String>,
     /// What `refund_of` names: `charge` (a charge or usage event) or `hold`
     /// (a captured hold; a hold and a charge may share an id). Only on
-    /// `refund` entries.
+    /// `refund` entries recorded since it is kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refund_of_kind: Option<String>,
     /// An expiry change (only on `expiry_extended` and `reinstate` entries
@@ -373,7 +373,8 @@ impl From<&EntryRecord> for EntryBody {
                 .facts
                 .as_ref()
                 .filter(|f| f.refund_of.is_some())
-                .map(|f| if f.refund_of_hold { "hold" } else { "charge" }.to_owned()),
+                .and_then(|f| f.refund_of_hold)
+                .map(|hold| if hold { "hold" } else { "charge" }.to_owned()),
             expiry_change: record
                 .facts
                 .as_ref()

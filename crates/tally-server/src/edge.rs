@@ -135,9 +135,28 @@ pub async fn drain_and_refuse(
 pub struct JsonBytes(Result<axum::body::Bytes, ApiError>);
 
 impl JsonBytes {
-    /// The body, or why it is refused.
+    /// The body, or why it is refused (one holding the NUL character too).
     pub fn bytes(self) -> Result<axum::body::Bytes, ApiError> {
+        self.0.and_then(refuse_nul)
+    }
+
+    /// The body as sent, NUL and all: a batch of usage events refuses each
+    /// bad event on its own (its ids are checked, and a dead letter keeps
+    /// the NUL as U+FFFD), so that one never fails its neighbours.
+    pub fn bytes_as_sent(self) -> Result<axum::body::Bytes, ApiError> {
         self.0
+    }
+}
+
+/// PostgreSQL's text cannot hold the NUL character (SQLite's can): a body
+/// holding one is refused on both stores alike, before anything is done.
+fn refuse_nul(bytes: axum::body::Bytes) -> Result<axum::body::Bytes, ApiError> {
+    match holds_nul(&bytes) {
+        true => Err(ApiError::new(
+            "invalid_request",
+            "text in the body may not hold the NUL character (\\u0000)",
+        )),
+        false => Ok(bytes),
     }
 }
 
@@ -181,14 +200,6 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
             return Ok(JsonBytes(Err(ApiError::new(
                 "invalid_request",
                 "send the body as JSON with Content-Type: application/json",
-            ))));
-        }
-        // PostgreSQL's text cannot hold it (SQLite's can): refused on both
-        // stores alike, before anything is done.
-        if holds_nul(&bytes) {
-            return Ok(JsonBytes(Err(ApiError::new(
-                "invalid_request",
-                "text in the body may not hold the NUL character (\\u0000)",
             ))));
         }
         Ok(JsonBytes(Ok(bytes)))
@@ -371,8 +382,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = std::convert::Infallible;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let Ok(JsonBytes(bytes)) = JsonBytes::from_request(request, state).await;
-        Ok(ApiJson(bytes.and_then(|bytes| {
+        let Ok(body) = JsonBytes::from_request(request, state).await;
+        Ok(ApiJson(body.bytes().and_then(|bytes| {
             // A JSON array would otherwise fill the struct's fields by position.
             match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
                 Some(b'{') => {}

@@ -1506,21 +1506,24 @@ impl Store {
             // brings a manual clock's step; real clocks skewed by a few
             // milliseconds) would otherwise see the allocation that ended at
             // a boundary expired and the next one not yet in effect.
-            let mut floor = records
+            let expired = records
                 .iter()
                 .filter_map(|record| record.grant.expired_at)
                 .max();
-            // Nor before the customer's last entry was recorded: a follower
+            // Nor before the customer's last entry took effect: a follower
             // whose clock trails the writer's would otherwise show a grant
             // just made through it (or one the writer just put in effect)
-            // as pending, against the entry the balance names.
+            // as pending, against the entry the balance names. (Its
+            // `effective_at`, never ahead of the writer's clock, unlike its
+            // `recorded_at`, which moves a microsecond an entry.)
+            let mut floor = expired;
             if follower {
                 if let Some(sequence) = last_entry {
-                    let recorded: Option<i64> = connection
-                        .prepare_cached("SELECT recorded_at FROM entries WHERE sequence = ?1")?
+                    let effective: Option<i64> = connection
+                        .prepare_cached("SELECT effective_at FROM entries WHERE sequence = ?1")?
                         .query_row([sequence], |row| row.get(0))
                         .optional()?;
-                    floor = floor.max(recorded.map(Timestamp));
+                    floor = floor.max(effective.map(Timestamp));
                 }
             }
             let mut now = floor.map_or(now, |floor| floor.max(now));
@@ -1533,7 +1536,7 @@ impl Store {
             if follower {
                 if let Some(boundary) = rows::unrenewed_boundary(connection, key.as_str(), now)? {
                     let before = Timestamp(boundary.micros() - 1);
-                    now = floor.map_or(before, |floor| floor.max(before));
+                    now = expired.map_or(before, |floor| floor.max(before));
                 }
             }
             ledger.expire_due(now);

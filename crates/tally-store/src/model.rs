@@ -994,10 +994,10 @@ pub struct EntryFacts {
     /// sending one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counterparty_member: Option<String>,
-    /// That `refund_of` names a captured hold (a hold and a charge may
-    /// share an id).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub refund_of_hold: bool,
+    /// Whether `refund_of` names a captured hold (a hold and a charge may
+    /// share an id); `None` on entries recorded before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_of_hold: Option<bool>,
     /// The lots a capture spent from (its postings move credits out of the
     /// hold, which took them from these lots when it was placed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -2643,7 +2643,7 @@ impl Writer {
             .execute(params![refunded_now.amount.micros(), operation])?;
         let facts = crate::model::EntryFacts {
             refund_of: Some(charge_id.to_string()),
-            refund_of_hold: kind == "hold_resolution",
+            refund_of_hold: Some(kind == "hold_resolution"),
             ..Default::default()
         };
         let entry_id = self.record_entry_about(&draft, actor, facts)?;

@@ -249,14 +249,15 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
                         match error.downcast_ref::<Refused>() {
                             Some(answer) if !answer.may_pass_later() => {
                                 refused += 1;
-                                crate::print_line(format_args!(
+                                let _ = crate::print_report(format_args!(
                                     "{id}\trefused\t{}\t{}",
                                     answer.code, answer.message
                                 ));
                             }
                             _ => {
                                 failed += 1;
-                                crate::print_line(format_args!("{id}\tfailed\t{error:#}"));
+                                let _ =
+                                    crate::print_report(format_args!("{id}\tfailed\t{error:#}"));
                             }
                         }
                         continue;
@@ -265,15 +266,15 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
                 match replay["result"]["status"].as_str().unwrap_or("?") {
                     "charged" => {
                         charged += 1;
-                        crate::print_line(format_args!("{id}\tcharged"));
+                        let _ = crate::print_report(format_args!("{id}\tcharged"));
                     }
                     "duplicate" => {
                         duplicate += 1;
-                        crate::print_line(format_args!("{id}\tduplicate"));
+                        let _ = crate::print_report(format_args!("{id}\tduplicate"));
                     }
                     status => {
                         rejected += 1;
-                        crate::print_line(format_args!(
+                        let _ = crate::print_report(format_args!(
                             "{id}\t{status}\t{}",
                             replay["result"]["error"]["code"].as_str().unwrap_or("?")
                         ));

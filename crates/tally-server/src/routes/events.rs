@@ -176,7 +176,7 @@ pub async fn post_events(
     body: crate::edge::JsonBytes,
 ) -> Result<Json<EventBatchBody>, ApiError> {
     caller.require(Scope::Ingest)?;
-    let bytes = body.bytes()?;
+    let bytes = body.bytes_as_sent()?;
     // On a task of its own: once an event is in the writer's queue it is
     // charged whether or not the client still waits, so a refused one must
     // still become a dead letter if the client goes away meanwhile.

@@ -388,7 +388,7 @@ pub fn explain(entry: &EntryDraft, facts: Option<&tally_store::EntryFacts>) -> S
         EntryKind::Refund => match facts.and_then(|f| f.refund_of.as_deref()) {
             Some(of) => format!(
                 "refund {reference} of {}{of}{} gave back {}",
-                match facts.is_some_and(|f| f.refund_of_hold) {
+                match facts.is_some_and(|f| f.refund_of_hold == Some(true)) {
                     true => "captured hold ",
                     false => "",
                 },

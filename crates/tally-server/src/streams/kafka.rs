@@ -129,6 +129,9 @@ pub fn start(
                 match key {
                     "bootstrap.servers" | "metadata.broker.list" => "use --kafka-brokers",
                     "group.id" => "use --kafka-group",
+                    "statistics.interval.ms" => {
+                        "the consumer's lag and its no-partition alert are read from its statistics"
+                    }
                     _ => "offsets are stored and committed only once their events are durable",
                 }
             );
@@ -292,12 +295,13 @@ impl Tracker {
 }
 
 /// Consumer settings `TALLY_KAFKA_CONFIG` may not change.
-const OWN_KAFKA_SETTINGS: [&str; 5] = [
+const OWN_KAFKA_SETTINGS: [&str; 6] = [
     "bootstrap.servers",
     "metadata.broker.list",
     "group.id",
     "enable.auto.commit",
     "enable.auto.offset.store",
+    "statistics.interval.ms",
 ];
 
 /// librdkafka's callbacks: rebalances, commit results, statistics.

@@ -1451,8 +1451,9 @@ async fn an_event_refused_for_its_properties_names_them() {
 }
 
 /// The NUL character: in a JSON body it is a 400 that changes nothing, on
-/// both stores (PostgreSQL's text cannot hold it: it was a 503 there, and an
-/// event batch charged the events before it); in a stream message it is
+/// both stores (PostgreSQL's text cannot hold it: it was a 503 there); in a
+/// batch of events only the event holding it is refused (the batch was a
+/// 503 after charging the events before it), and in a stream message it is
 /// kept in its dead letter as U+FFFD (the database refused the letter, and
 /// the message came again for ever).
 #[tokio::test]
@@ -1463,11 +1464,7 @@ async fn the_nul_character_is_refused_in_bodies_and_kept_safely_from_streams() {
     })
     .await;
     let before = available(&app, "c1").await;
-    let batch = r#"{"events":[
-        {"id":"n_ok","customer_id":"c1","feature":"api","quantity":1},
-        {"id":"n_bad\u0000","customer_id":"c1","feature":"api","quantity":1}]}"#;
     for (path, body) in [
-        ("/v1/events", batch.to_string()),
         (
             "/v1/customers",
             r#"{"id":"nul","name":"a\u0000b"}"#.to_string(),
@@ -1503,6 +1500,35 @@ async fn the_nul_character_is_refused_in_bodies_and_kept_safely_from_streams() {
     assert_eq!(
         app.get("/v1/customers/nul").await.status,
         StatusCode::NOT_FOUND
+    );
+    // In a batch of events, the event holding it is refused on its own (a
+    // dead letter keeps it as U+FFFD), and its neighbours are charged.
+    let batch = r#"{"events":[
+        {"id":"n_ok","customer_id":"c1","feature":"api","quantity":1},
+        {"id":"n_bad\u0000","customer_id":"c1","feature":"api","quantity":1}]}"#;
+    let request = app
+        .client
+        .post(app.url("/v1/events"))
+        .bearer_auth(crate::support::ADMIN_KEY)
+        .header("content-type", "application/json")
+        .body(batch);
+    let reply = Reply::of(request, "/v1/events").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(
+        reply.body["results"][0]["status"], "charged",
+        "{}",
+        reply.body
+    );
+    assert_eq!(
+        reply.body["results"][1]["status"], "rejected",
+        "{}",
+        reply.body
+    );
+    assert!(available(&app, "c1").await < before, "n_ok charged");
+    let letters = dead_letters(&app, "source=http").await;
+    assert!(
+        letters.iter().any(|l| l["event_id"] == "n_bad\u{FFFD}"),
+        "{letters:?}"
     );
     // A stream message whose text holds a raw NUL: not JSON, a dead letter.
     use base64::Engine;
