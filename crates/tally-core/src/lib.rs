@@ -7,6 +7,7 @@
 //! [`LedgerError`] values; broken invariants are assertions.
 
 pub mod amount;
+pub mod currency;
 pub mod entry;
 pub mod error;
 pub mod grant;

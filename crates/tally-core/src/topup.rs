@@ -139,12 +139,10 @@ pub fn validate_pack(pack: &CreditPack) -> Result<(), (&'static str, String)> {
         }
         Some(_) => {}
     }
-    let currency_ok =
-        pack.currency.len() == 3 && pack.currency.bytes().all(|b| b.is_ascii_uppercase());
-    if !currency_ok {
+    if !crate::currency::is_iso_4217(&pack.currency) {
         return Err((
             "currency",
-            "currency must be a three-letter ISO 4217 code in upper case".into(),
+            "currency must be an ISO 4217 currency code in upper case, such as USD".into(),
         ));
     }
     if pack

@@ -117,12 +117,10 @@ pub async fn update_customer(
 
 fn currency(value: Option<String>, param: &str) -> Result<Option<String>, ApiError> {
     match value {
-        Some(code) if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) => {
-            Err(ApiError::invalid(
-                param,
-                format!("{param} must be a 3-letter ISO 4217 code such as USD"),
-            ))
-        }
+        Some(code) if !tally_core::currency::is_iso_4217(&code) => Err(ApiError::invalid(
+            param,
+            format!("{param} must be an ISO 4217 currency code in upper case, such as USD (not {code:?})"),
+        )),
         other => Ok(other),
     }
 }

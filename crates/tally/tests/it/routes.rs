@@ -294,6 +294,8 @@ async fn customers_reject_bad_input() {
         json!({ "id": "c_bad_currency", "currency": "usd" }),
         json!({ "id": "c_bad_currency2", "currency": "EURO" }),
         json!({ "id": "c_bad_currency3", "currency": "U1D" }),
+        // Three upper-case letters that are no currency (a typo of USD).
+        json!({ "id": "c_bad_currency4", "currency": "USB" }),
         json!({ "id": "c_bad_metadata", "metadata": ["not", "an", "object"] }),
         json!({ "id": "c_bad_name", "name": "n".repeat(257) }),
         json!(["id", "c_array"]),
@@ -340,6 +342,7 @@ async fn customers_reject_bad_input() {
     for id in [
         "c_unknown_field",
         "c_bad_currency",
+        "c_bad_currency4",
         "c_bad_metadata",
         "c_text",
         "c1",
