@@ -84,7 +84,7 @@ pub struct Metrics {
     /// Errors a stream consumer met (its broker unreachable, a stream
     /// missing, a fetch failed): a consumer that runs but does not consume
     /// shows here, and in the rate of `events`.
-    pub stream_errors: Family<SourceLabels, Counter>,
+    stream_errors: Family<SourceLabels, Counter>,
     webhook_attempts: Family<EventLabels, Counter>,
     /// From an event's arrival (parsed) to its durable result, per source.
     event_latency: Family<SourceLabels, Histogram>,
@@ -217,6 +217,13 @@ impl Metrics {
     }
 
     /// Record how long one event from `source` took to its durable result.
+    /// A stream consumer of `source` met an error (see `stream_errors`).
+    pub fn stream_error(&self, source: &'static str) {
+        self.stream_errors
+            .get_or_create(&SourceLabels { source })
+            .inc();
+    }
+
     pub fn event_latency(&self, source: &str, took: std::time::Duration) {
         self.event_latency
             .get_or_create(&SourceLabels {

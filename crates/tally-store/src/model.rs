@@ -851,14 +851,12 @@ pub struct EventOutcome {
 pub struct QuoteOutcome {
     pub customer_id: Id,
     pub pricing: Pricing,
-    /// Whether the charge would be accepted.
-    pub fits: bool,
     /// The grants it would draw on, in burn order (empty when it does not fit).
     pub drawn: Vec<Draw>,
     /// Available credits after it (unchanged when it does not fit).
     pub balance_after: Amount,
     pub available: Amount,
-    /// Why it would be refused, when it does not fit (the charge's answer).
+    /// Why it would be refused (the charge's answer); `None`: it fits.
     pub refusal: Option<Refusal>,
 }
 
@@ -954,7 +952,9 @@ pub struct EntryRecord {
 impl EntryRecord {
     /// The lots the entry moved credits into or out of, then the lot it
     /// changed without moving credits (an expiry change, a void of an empty
-    /// lot) and the lots a capture spent from (through the hold).
+    /// lot, an expiry of a lot whose credits were all held: an `expire`
+    /// entry's reference is its lot) and the lots a capture spent from
+    /// (through the hold).
     pub fn lots(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
             .draft
@@ -962,11 +962,20 @@ impl EntryRecord {
             .iter()
             .map(ToString::to_string)
             .collect();
-        if let Some(facts) = &self.facts {
-            for id in facts.grant_id.iter().chain(&facts.spent_from) {
-                if !ids.contains(id) {
-                    ids.push(id.clone());
-                }
+        let expired = match self.draft.kind {
+            tally_core::EntryKind::Expire => self.draft.reference.as_ref().map(ToString::to_string),
+            _ => None,
+        };
+        let facts = self.facts.as_ref();
+        let named = facts.and_then(|f| f.grant_id.clone());
+        let spent = facts.map_or(&[][..], |f| f.spent_from.as_slice());
+        for id in expired
+            .into_iter()
+            .chain(named)
+            .chain(spent.iter().cloned())
+        {
+            if !ids.contains(&id) {
+                ids.push(id);
             }
         }
         ids

@@ -1781,19 +1781,6 @@ impl Writer {
         pricing: Option<&Pricing>,
         facts: Option<&crate::model::EntryFacts>,
     ) -> db::Result<i64> {
-        // An expiry of a lot whose credits were all held moves none: its
-        // entry names the lot all the same (as a void of an empty lot does).
-        let named;
-        let facts = match facts {
-            None if draft.kind == tally_core::EntryKind::Expire && draft.postings.is_empty() => {
-                named = crate::model::EntryFacts {
-                    grant_id: draft.reference.as_ref().map(ToString::to_string),
-                    ..Default::default()
-                };
-                Some(&named)
-            }
-            other => other,
-        };
         let recorded = self.now.micros().max(self.last_recorded_micros + 1);
         self.last_recorded_micros = recorded;
         let sequence = self.next_entry_sequence;
@@ -1831,11 +1818,7 @@ impl Writer {
             Command::Charge(charge) => {
                 self.prepare(&charge.customer_id)?;
                 let pricing = match &charge.usage {
-                    Some(usage) => {
-                        let pricing = self.price(&charge.customer_id, usage)?;
-                        self.catalog.priced(now);
-                        Some(pricing)
-                    }
+                    Some(usage) => Some(self.price_use(&charge.customer_id, usage, now)?),
                     None => None,
                 };
                 let amount = pricing
@@ -2334,11 +2317,7 @@ impl Writer {
                 "timeout_seconds is too large",
             )))?;
         let pricing = match &request.usage {
-            Some(usage) => {
-                let pricing = self.price(&request.customer_id, usage)?;
-                self.catalog.priced(now);
-                Some(pricing)
-            }
+            Some(usage) => Some(self.price_use(&request.customer_id, usage, now)?),
             None => None,
         };
         let amount = pricing
@@ -2775,8 +2754,7 @@ impl Writer {
             quantity: event.quantity,
             properties: event.properties.clone(),
         };
-        let pricing = self.price_at(&event.customer_id, &usage, at)?;
-        self.catalog.priced(at);
+        let pricing = self.price_use(&event.customer_id, &usage, at)?;
         let spend = Spend {
             reference: event.id.clone(),
             amount: pricing.cost,
@@ -2956,9 +2934,24 @@ impl Writer {
         Failure::Refused(error)
     }
 
-    /// Price usage for a customer now, by the version in effect and its contract.
+    /// Price usage for a customer now, by the version in effect and its
+    /// contract, without recording it (a quote).
     fn price(&self, customer_id: &Id, usage: &UsageInput) -> Result<Pricing, Failure> {
         self.price_at(customer_id, usage, self.now)
+    }
+
+    /// Price usage that happened at `at` and is being spent (a charge, a
+    /// hold, an event): the instant counts as priced, so that a version
+    /// published later takes effect after it (`Catalog::priced_through`).
+    fn price_use(
+        &mut self,
+        customer_id: &Id,
+        usage: &UsageInput,
+        at: Timestamp,
+    ) -> Result<Pricing, Failure> {
+        let pricing = self.price_at(customer_id, usage, at)?;
+        self.catalog.priced(at);
+        Ok(pricing)
     }
 
     /// Price usage that happened at `at`.
@@ -3325,7 +3318,6 @@ impl Writer {
         Ok(Outcome::Quote(QuoteOutcome {
             customer_id: customer_id.clone(),
             pricing,
-            fits: refusal.is_none(),
             drawn,
             balance_after,
             available,

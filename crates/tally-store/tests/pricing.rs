@@ -234,14 +234,18 @@ async fn run_case(steps: Vec<Step>, contract: bool) -> Result<(), TestCaseError>
                 };
                 match charge {
                     Ok(Outcome::Charge(charge)) => {
-                        prop_assert!(quote.fits, "charged but the quote said it would not fit");
+                        prop_assert!(
+                            quote.refusal.is_none(),
+                            "charged but the quote said it would not fit"
+                        );
                         prop_assert_eq!(Some(&quote.pricing), charge.pricing.as_ref());
                         prop_assert_eq!(quote.pricing.cost, charge.amount);
                         prop_assert_eq!(&quote.drawn, &charge.drawn);
                         prop_assert_eq!(quote.balance_after, charge.balance_after);
                     }
                     Err(refusal) if refusal.code == "insufficient_credits" => {
-                        prop_assert!(!quote.fits, "refused but the quote said it fits");
+                        // The quote's refusal is the charge's, word for word.
+                        prop_assert_eq!(quote.refusal.as_ref(), Some(&refusal));
                         // Nothing would be drawn and the balance would not move.
                         prop_assert!(quote.drawn.is_empty());
                         prop_assert_eq!(quote.balance_after, quote.available);

@@ -4,6 +4,8 @@
 
 use anyhow::{bail, Context};
 use serde_json::Value;
+// The code of a letter that holds no event to replay (the server refuses it).
+use tally_server::ingest::UNREADABLE;
 
 #[derive(clap::Args)]
 pub struct DeadLetterArgs {
@@ -73,9 +75,6 @@ impl Refused {
             || self.status == reqwest::StatusCode::REQUEST_TIMEOUT
     }
 }
-
-/// The code of a letter that holds no event to replay (the server refuses it).
-const UNREADABLE: &str = "unreadable_message";
 
 struct Api {
     client: reqwest::Client,
@@ -249,15 +248,14 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
                         match error.downcast_ref::<Refused>() {
                             Some(answer) if !answer.may_pass_later() => {
                                 refused += 1;
-                                let _ = crate::print_report(format_args!(
+                                crate::print_report(format_args!(
                                     "{id}\trefused\t{}\t{}",
                                     answer.code, answer.message
                                 ));
                             }
                             _ => {
                                 failed += 1;
-                                let _ =
-                                    crate::print_report(format_args!("{id}\tfailed\t{error:#}"));
+                                crate::print_report(format_args!("{id}\tfailed\t{error:#}"));
                             }
                         }
                         continue;
@@ -266,15 +264,15 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
                 match replay["result"]["status"].as_str().unwrap_or("?") {
                     "charged" => {
                         charged += 1;
-                        let _ = crate::print_report(format_args!("{id}\tcharged"));
+                        crate::print_report(format_args!("{id}\tcharged"));
                     }
                     "duplicate" => {
                         duplicate += 1;
-                        let _ = crate::print_report(format_args!("{id}\tduplicate"));
+                        crate::print_report(format_args!("{id}\tduplicate"));
                     }
                     status => {
                         rejected += 1;
-                        let _ = crate::print_report(format_args!(
+                        crate::print_report(format_args!(
                             "{id}\t{status}\t{}",
                             replay["result"]["error"]["code"].as_str().unwrap_or("?")
                         ));

@@ -138,15 +138,20 @@ enum KeyCommands {
 /// Print a line of a listing. A reader that went away (`tally ... | head`)
 /// ends the command quietly, as it does any Unix tool (`println!` panics).
 pub(crate) fn print_line(text: impl std::fmt::Display) {
-    if !print_report(text) {
+    if !written(text) {
         std::process::exit(0);
     }
 }
 
 /// Print a line of a command that changes things (`replay`), whether or not
 /// anyone reads it: the command goes on, and its summary and exit status
-/// still tell how it went. False when the reader went away.
-pub(crate) fn print_report(text: impl std::fmt::Display) -> bool {
+/// still tell how it went.
+pub(crate) fn print_report(text: impl std::fmt::Display) {
+    written(text);
+}
+
+/// Write a line to stdout; false when the reader went away.
+fn written(text: impl std::fmt::Display) -> bool {
     use std::io::Write;
     match writeln!(std::io::stdout().lock(), "{text}") {
         Ok(()) => true,

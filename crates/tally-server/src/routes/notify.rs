@@ -543,11 +543,12 @@ async fn missed_changes(
     let Some(page) = page else {
         return Ok(None);
     };
-    // Newest first: the walk must reach `after` itself.
+    // Newest first: the walk must reach `after` itself (a page of more than
+    // the limit's worth of later entries does not, and says so).
     let Some(reached) = page.entries.iter().position(|e| e.sequence <= after) else {
         return Ok(None);
     };
-    if page.entries[reached].sequence != after || reached > MAX_MISSED_CHANGES {
+    if page.entries[reached].sequence != after {
         return Ok(None);
     }
     Ok(Some(

@@ -715,7 +715,7 @@ fn render_quote(q: &tally_store::QuoteOutcome) -> QuoteBody {
         feature: pricing.feature.clone(),
         quantity: amount(pricing.quantity),
         cost: amount(pricing.cost),
-        fits: q.fits,
+        fits: q.refusal.is_none(),
         refusal: q
             .refusal
             .as_ref()

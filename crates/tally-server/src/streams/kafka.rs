@@ -392,11 +392,7 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        self.state
-            .metrics
-            .stream_errors
-            .get_or_create(&SourceLabels { source: SOURCE })
-            .inc();
+        self.state.metrics.stream_error(SOURCE);
         let kind = format!("{:?}", error.rdkafka_error_code());
         let logged = self
             .errors
@@ -416,11 +412,7 @@ impl Context {
         if !self.tracker().unassigned_too_long(now) {
             return;
         }
-        self.state
-            .metrics
-            .stream_errors
-            .get_or_create(&SourceLabels { source: SOURCE })
-            .inc();
+        self.state.metrics.stream_error(SOURCE);
         tracing::warn!(
             topic = %self.topic,
             seconds = UNASSIGNED_ALERT.as_secs(),

@@ -198,11 +198,7 @@ async fn run(
             _ = super::stopped(&mut stopping) => return finish(&slots, &client, &settings).await,
         };
         failures += 1;
-        state
-            .metrics
-            .stream_errors
-            .get_or_create(&crate::metrics::SourceLabels { source: "nats" })
-            .inc();
+        state.metrics.stream_error(SOURCE);
         if failures == 1 {
             backoff = RETRY_FIRST;
         }
@@ -305,11 +301,7 @@ async fn connect(state: &AppState, settings: &Settings) -> async_nats::Client {
                 // A consumer that cannot reach its broker shows in the
                 // metrics from its first attempt, not only once it had
                 // connected.
-                state
-                    .metrics
-                    .stream_errors
-                    .get_or_create(&crate::metrics::SourceLabels { source: "nats" })
-                    .inc();
+                state.metrics.stream_error(SOURCE);
                 if worth_logging(attempt) {
                     tracing::warn!(
                         servers = %settings.display,
