@@ -189,6 +189,9 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
             .is_some_and(is_json);
         let bytes = match axum::body::Bytes::from_request(request, state).await {
             Ok(bytes) => bytes,
+            Err(e) if crate::serve::body_timed_out(&e) => {
+                return Ok(JsonBytes(Err(body_timeout())));
+            }
             Err(e) => {
                 return Ok(JsonBytes(Err(ApiError::new(
                     "invalid_request",
@@ -204,6 +207,14 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
         }
         Ok(JsonBytes(Ok(bytes)))
     }
+}
+
+/// The 408 for a body that paused longer than the read timeout.
+pub fn body_timeout() -> ApiError {
+    ApiError::new(
+        "request_timeout",
+        "the request body stopped arriving before its end; send it again",
+    )
 }
 
 /// Whether a `Content-Type` names JSON: `application/json` or

@@ -42,6 +42,7 @@ pub fn classify(code: &str) -> (StatusCode, &'static str) {
         "invalid_request" | "invalid_amount" | "invalid_expiry" | "amount_too_large"
         | "invalid_id" => (StatusCode::BAD_REQUEST, "invalid_request_error"),
         "method_not_allowed" => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error"),
+        "request_timeout" => (StatusCode::REQUEST_TIMEOUT, "invalid_request_error"),
         "unauthorized" => (StatusCode::UNAUTHORIZED, "authentication_error"),
         "forbidden" | "manual_clock_disabled" => (StatusCode::FORBIDDEN, "permission_error"),
         "not_found" => (StatusCode::NOT_FOUND, "not_found_error"),

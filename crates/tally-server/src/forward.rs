@@ -76,6 +76,9 @@ async fn forward(state: &AppState, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, crate::edge::MAX_BODY_BYTES).await {
         Ok(body) => body,
+        Err(error) if crate::serve::body_timed_out(&error) => {
+            return crate::edge::body_timeout().into_response()
+        }
         Err(_) => {
             return ApiError::invalid("body", "the request body is too large or was cut off")
                 .into_response()

@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
+pub mod serve;
 pub mod streams;
 pub mod webhooks;
 

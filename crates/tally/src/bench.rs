@@ -489,12 +489,12 @@ async fn http_events(store: &Store, args: &BenchArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     // As `tally serve` does.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
-        let _ = stream.set_nodelay(true);
-    });
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, tally_server::router(state)).await;
-    });
+    tokio::spawn(tally_server::serve::serve(
+        listener,
+        tally_server::router(state),
+        tally_server::serve::READ_TIMEOUT,
+        std::future::pending(),
+    ));
     let url = format!("http://{address}/v1/events");
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)

@@ -13,7 +13,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 use tally_core::Clock;
 use tally_server::AppState;
@@ -78,6 +77,11 @@ struct ServeArgs {
     /// Accept Google Pub/Sub push at POST /v1/ingest/pubsub?token=<this>.
     #[arg(long, env = "TALLY_PUBSUB_TOKEN", hide_env_values = true)]
     pubsub_token: Option<String>,
+    /// A request's line and headers must arrive within this many seconds of
+    /// its connection falling idle (an idle keep-alive connection is closed
+    /// then), and its body must not pause longer (408 `request_timeout`).
+    #[arg(long, env = "TALLY_READ_TIMEOUT_SECONDS", default_value_t = tally_server::serve::READ_TIMEOUT.as_secs())]
+    read_timeout_seconds: u64,
     #[command(flatten)]
     streams: tally_server::streams::StreamArgs,
 }
@@ -268,11 +272,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         event_window_seconds,
         pubsub_token,
         max_in_flight,
+        read_timeout_seconds,
         streams,
     } = args;
     anyhow::ensure!(
         event_window_seconds > 0,
         "--event-window-seconds must be greater than zero"
+    );
+    anyhow::ensure!(
+        (1..=3600).contains(&read_timeout_seconds),
+        "--read-timeout-seconds must be from 1 to 3600 (got {read_timeout_seconds})"
     );
     if let Some(url) = &advertise_url {
         // Followers forward writes there: a URL they cannot use would turn
@@ -353,14 +362,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tally_server::streams::start(state.clone(), &streams, &state.shutdown.subscribe())?
     };
     let address = listener.local_addr()?;
-    // Answers go out as soon as they are written: without TCP_NODELAY a
-    // write behind one not yet acknowledged (an answer larger than one
-    // segment, a forwarded write's) waits for the peer's delayed ACK.
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "TCP_NODELAY on an accepted connection");
-        }
-    });
     anyhow::ensure!(
         advertise_url.is_some() || !state.store.is_shared() || !address.ip().is_unspecified(),
         "--listen {address} with --database-url needs --advertise-url: the URL the other servers reach this one at"
@@ -373,8 +374,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = state.shutdown.clone();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("listen for SIGTERM")?;
-    axum::serve(listener, tally_server::router(state))
-        .with_graceful_shutdown(async move {
+    tally_server::serve::serve(
+        listener,
+        tally_server::router(state),
+        std::time::Duration::from_secs(read_timeout_seconds),
+        async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = terminate.recv() => {}
@@ -397,9 +401,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 }
                 std::process::exit(1);
             });
-        })
-        .await
-        .context("serve")?;
+        },
+    )
+    .await;
     // The stream consumers stop on the same signal: wait for their last
     // commits and acks (bounded by the exit timer above).
     tally_server::streams::wait_stopped(consumer_tasks).await;

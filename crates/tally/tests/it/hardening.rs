@@ -606,3 +606,88 @@ async fn credits_a_hold_returns_to_a_voided_purchase_keep_their_money() {
         reserved.body
     );
 }
+
+/// A client that stops in the middle of a request's head, or of its body, or
+/// that keeps an idle connection, is cut off after `--read-timeout-seconds`
+/// (it held a connection and a task forever), while a live stream that runs
+/// longer is not. The reads below wait up to 30 s so that a server that never
+/// cuts off fails the test instead of hanging it.
+#[tokio::test]
+async fn stalled_clients_are_cut_off_after_the_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(crate::support::Options {
+        extra_args: vec!["--read-timeout-seconds".into(), "1".into()],
+        ..Default::default()
+    })
+    .await;
+    app.customer("slow").await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let read_all = |mut stream: tokio::net::TcpStream| async move {
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            stream.read_to_end(&mut answer),
+        )
+        .await
+        .expect("the server kept a stalled connection open")
+        .expect("read");
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    // Half a head: closed without an answer.
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_all(stream).await, "");
+    // An idle keep-alive connection: answered, then closed.
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_all(stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A body that stops: 408, nothing charged, and the connection closed.
+    let key = crate::support::ADMIN_KEY;
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST /v1/customers/slow/grants HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"id\":\"g\","
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let answer = read_all(stream).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    let balance = app.get("/v1/customers/slow/balance").await;
+    assert_eq!(balance.str("available"), "0");
+    // A live stream outlasts the timeout: a grant made 2 s after it opened
+    // still arrives on it.
+    let mut stream = app
+        .client
+        .get(app.url("/v1/customers/slow/stream"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    use futures_util::StreamExt;
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("event: balance"));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    app.grant("slow", "g_late", "5").await;
+    let mut seen = String::new();
+    while !seen.contains("balance.changed") {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(30), stream.next())
+            .await
+            .expect("the stream stayed silent")
+            .expect("the stream ended")
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
