@@ -206,7 +206,8 @@ impl Modify for DocsPaths {
         `Idempotent-Replayed: true`; the same id with other content is 409 `idempotency_conflict`. \
         Keys have a scope, which each operation's security names: `read`; `write` (includes read); \
         `admin` (includes write); `ingest` (usage events only: `POST /v1/events`, which write and admin \
-        keys may call too). A method a route does not have is 405 `method_not_allowed` with `Allow`."),
+        keys may call too). A method a route does not have is 405 `method_not_allowed` with `Allow`; a body that pauses \
+        longer than the server's read timeout (30 s by default) is 408 `request_timeout`."),
     paths(
         system::healthz, system::metrics, system::clock, system::advance_clock, system::create_api_key, system::list_api_keys, system::revoke_api_key,
         customers::create_customer, customers::get_customer, customers::update_customer, customers::balance, customers::set_overage, customers::clear_overage, customers::create_grant,
