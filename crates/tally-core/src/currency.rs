@@ -28,9 +28,42 @@ pub fn is_iso_4217(code: &str) -> bool {
     CODES.binary_search(&code).is_ok()
 }
 
+/// How many decimal places the currency's smallest unit has (ISO 4217's
+/// minor unit): 0 for JPY, 3 for BHD, 2 for most; 6 (the micro-unit every
+/// amount has) for the codes the list gives none (`XAU`, `XDR`...).
+pub fn minor_units(code: &str) -> u32 {
+    match code {
+        "BIF" | "CLP" | "DJF" | "GNF" | "ISK" | "JPY" | "KMF" | "KRW" | "PYG" | "RWF" | "UGX"
+        | "UYI" | "VND" | "VUV" | "XAF" | "XOF" | "XPF" => 0,
+        "BHD" | "IQD" | "JOD" | "KWD" | "LYD" | "OMR" | "TND" => 3,
+        "CLF" | "UYW" => 4,
+        "XAG" | "XAU" | "XDR" | "XPD" | "XPT" | "XSU" | "XUA" => 6,
+        _ => 2,
+    }
+}
+
+/// The currency's smallest unit in micro-units: 1,000,000 for JPY, 10,000
+/// for USD, 1,000 for BHD.
+pub fn minor_unit_micros(code: &str) -> i64 {
+    10_i64.pow(6 - minor_units(code).min(6))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn minor_units_follow_iso_4217() {
+        assert_eq!(minor_unit_micros("JPY"), 1_000_000);
+        assert_eq!(minor_unit_micros("USD"), 10_000);
+        assert_eq!(minor_unit_micros("BHD"), 1_000);
+        assert_eq!(minor_unit_micros("CLF"), 100);
+        assert_eq!(minor_unit_micros("XAU"), 1);
+        // Every code named above is in the list.
+        for code in ["BIF", "VND", "XPF", "BHD", "TND", "CLF", "UYW", "XAU", "XUA"] {
+            assert!(is_iso_4217(code), "{code}");
+        }
+    }
 
     #[test]
     fn the_list_is_sorted_and_of_three_upper_case_letters() {

@@ -56,6 +56,24 @@ pub struct CostBasis {
 }
 
 impl CostBasis {
+    /// The money value of `credits` at this cost basis, rounded half up to
+    /// the currency's smallest unit (a cent, a yen); `None` on overflow.
+    /// What voiding the credits of one purchase gives back is the difference
+    /// of two such values (all its credits voided so far, with and without
+    /// these), so that its voids add up to the purchase's value.
+    pub fn payable_value_of(&self, credits: Amount) -> Option<Amount> {
+        let product =
+            i128::from(credits.micros()).checked_mul(i128::from(self.per_credit.micros()))?;
+        // In 10^-12 of the currency, as the product is.
+        let step = i128::from(crate::currency::minor_unit_micros(&self.currency))
+            * i128::from(crate::amount::MICROS_PER_UNIT);
+        let units = (product + step / 2).div_euclid(step);
+        let micros = units.checked_mul(i128::from(crate::currency::minor_unit_micros(
+            &self.currency,
+        )))?;
+        Amount::from_micros(i64::try_from(micros).ok()?)
+    }
+
     /// The money value of `credits` at this cost basis, rounded half up to the
     /// micro-unit of the currency; `None` on overflow.
     pub fn value_of(&self, credits: Amount) -> Option<Amount> {

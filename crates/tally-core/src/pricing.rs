@@ -831,7 +831,15 @@ mod wire {
             match map.next_key::<String>()? {
                 Some(key) if key == SERDE_JSON_NUMBER => {
                     let text: String = map.next_value()?;
-                    parse(&text)
+                    // A number in exponent form (`1e3`) is the same number
+                    // written out, as for every other amount (`edge::AmountInput`).
+                    match text.contains(['e', 'E']) {
+                        true => match crate::amount::written_out(&text) {
+                            Some(written) => parse(&written),
+                            None => parse(&text),
+                        },
+                        false => parse(&text),
+                    }
                 }
                 _ => Err(de::Error::invalid_type(de::Unexpected::Map, &self)),
             }
@@ -1075,6 +1083,16 @@ mod wire {
                 Credits::deserialize(deserializer),
                 Ok(Credits(a("0.000001")))
             );
+            // A number in exponent form, as every other amount takes it.
+            for (text, written) in [("1e3", "1000"), ("1e+3", "1000"), ("15e-1", "1.5")] {
+                let number = BTreeMap::from([(SERDE_JSON_NUMBER, text)]);
+                let deserializer = IntoDeserializer::<Error>::into_deserializer(number);
+                assert_eq!(
+                    Credits::deserialize(deserializer),
+                    Ok(Credits(a(written))),
+                    "{text}"
+                );
+            }
             let other = BTreeMap::from([("x", "1")]);
             assert!(
                 Credits::deserialize(IntoDeserializer::<Error>::into_deserializer(other)).is_err()

@@ -126,6 +126,23 @@ pub fn validate_pack(pack: &CreditPack) -> Result<(), (&'static str, String)> {
     if pack.price.is_negative() {
         return Err(("price", "price must not be negative".into()));
     }
+    if !crate::currency::is_iso_4217(&pack.currency) {
+        return Err((
+            "currency",
+            "currency must be an ISO 4217 currency code in upper case, such as USD".into(),
+        ));
+    }
+    // A price no payment can be made in (1000.5 JPY, 1.005 USD).
+    let places = crate::currency::minor_units(&pack.currency);
+    if pack.price.micros() % crate::currency::minor_unit_micros(&pack.currency) != 0 {
+        return Err((
+            "price",
+            format!(
+                "price must be in whole units of {}'s smallest unit (at most {places} decimal places)",
+                pack.currency
+            ),
+        ));
+    }
     match pack.cost_basis() {
         None => return Err(("price", "the price per credit is too large".into())),
         // Paid credits valued at nothing would report nothing to refund.
@@ -138,12 +155,6 @@ pub fn validate_pack(pack: &CreditPack) -> Result<(), (&'static str, String)> {
             ))
         }
         Some(_) => {}
-    }
-    if !crate::currency::is_iso_4217(&pack.currency) {
-        return Err((
-            "currency",
-            "currency must be an ISO 4217 currency code in upper case, such as USD".into(),
-        ));
     }
     if pack
         .expires_after_days

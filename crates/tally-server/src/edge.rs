@@ -3,7 +3,7 @@
 //! Everything a client sends is checked here and turned into domain values;
 //! a bad value becomes a 400 naming the parameter, before anything is changed.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
@@ -405,49 +405,37 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                     ))
                 }
             }
-            axum::Json::<T>::from_bytes(&bytes)
-                .map(|axum::Json(value)| value)
-                .map_err(json_error)
+            parse_body(&bytes)
         })))
     }
 }
 
-fn json_error(rejection: JsonRejection) -> ApiError {
+/// A JSON body read into `T`: its structs take only objects, at any depth
+/// ([`crate::objects`]), and nothing may follow the document.
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    crate::objects::from_slice(bytes).map_err(|error| json_error(&error))
+}
+
+fn json_error(error: &serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     // (The content type is `JsonBytes`'s to check, before.)
-    let message = match &rejection {
-        JsonRejection::JsonSyntaxError(_) => {
-            format!("the body is not valid JSON: {}", rejection.body_text())
-        }
-        JsonRejection::JsonDataError(_) => {
-            let text = rejection.body_text();
-            let message = text
-                .strip_prefix("Failed to deserialize the JSON body into the target type: ")
-                .unwrap_or(&text)
-                .to_string();
-            if let Some(param) = data_error_param(&rejection) {
-                return ApiError::invalid(&param, message);
-            }
-            message
-        }
-        _ => rejection.body_text(),
-    };
-    ApiError::new("invalid_request", message)
+    match error.inner().classify() {
+        serde_json::error::Category::Data => match data_error_param(error) {
+            Some(param) => ApiError::invalid(&param, error.to_string()),
+            None => ApiError::new("invalid_request", error.to_string()),
+        },
+        _ => ApiError::new(
+            "invalid_request",
+            format!(
+                "the body is not valid JSON: Failed to parse the request body as JSON: {error}"
+            ),
+        ),
+    }
 }
 
 /// The field a JSON body's data error is about, as a path (`amount`,
 /// `events[2].quantity`, `from.customer_id`): where the deserializer stopped,
 /// and for a missing or unknown field, that field's name below it.
-fn data_error_param(rejection: &JsonRejection) -> Option<String> {
-    use std::error::Error as _;
-    let mut source = rejection.source();
-    let error = loop {
-        let current = source?;
-        if let Some(found) = current.downcast_ref::<serde_path_to_error::Error<serde_json::Error>>()
-        {
-            break found;
-        }
-        source = current.source();
-    };
+fn data_error_param(error: &serde_path_to_error::Error<serde_json::Error>) -> Option<String> {
     let path = error.path().to_string();
     let path = (path != "." && !path.contains('?')).then_some(path);
     let inner = error.inner().to_string();
@@ -604,7 +592,7 @@ impl<'de> Deserialize<'de> for AmountInput {
                 // A number in exponent form (`1e-05`, as Python writes
                 // 0.00001) is the same number: written out in full, exactly.
                 match text.contains(['e', 'E']) {
-                    true => written_out(&text).ok_or_else(|| {
+                    true => tally_core::amount::written_out(&text).ok_or_else(|| {
                         D::Error::custom(format!(
                             "amount {text:?}: amount must be a decimal number within 1,000,000,000,000 \
                              with at most 6 fractional digits"
@@ -623,48 +611,6 @@ impl<'de> Deserialize<'de> for AmountInput {
             .map(AmountInput)
             .map_err(|e| D::Error::custom(format!("amount {text:?}: {e}")))
     }
-}
-
-/// A JSON number in exponent form (`1.5e3`, `1e-05`) written out as a plain
-/// decimal with the same value (`1500`, `0.00001`), trailing fractional
-/// zeros dropped; `None` if it is not such a number or would need more than
-/// 40 digits either side of the point (far past any amount).
-fn written_out(text: &str) -> Option<String> {
-    let (mantissa, exponent) = text.split_once(['e', 'E'])?;
-    let exponent: i32 = exponent
-        .strip_prefix('+')
-        .unwrap_or(exponent)
-        .parse()
-        .ok()?;
-    let (negative, mantissa) = match mantissa.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, mantissa),
-    };
-    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let digits_only = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if whole.is_empty() || !digits_only(whole) || !digits_only(fraction) {
-        return None;
-    }
-    // The digits, and where the point falls among them.
-    let digits = format!("{whole}{fraction}");
-    let point = i32::try_from(whole.len()).ok()?.checked_add(exponent)?;
-    if !(-40..=40).contains(&point) || digits.len() > 80 {
-        return None;
-    }
-    let (whole, fraction) = if point <= 0 {
-        let zeros = "0".repeat(usize::try_from(-point).ok()?);
-        ("0".to_owned(), format!("{zeros}{digits}"))
-    } else {
-        let point = usize::try_from(point).ok()?;
-        let padded = format!("{digits:0<point$}");
-        (padded[..point].to_owned(), padded[point..].to_owned())
-    };
-    let fraction = fraction.trim_end_matches('0');
-    let sign = if negative { "-" } else { "" };
-    Some(match fraction.is_empty() {
-        true => format!("{sign}{whole}"),
-        false => format!("{sign}{whole}.{fraction}"),
-    })
 }
 
 /// Written back as a decimal string, as every amount in a response.

@@ -57,13 +57,12 @@ pub const UNREADABLE: &str = "unreadable_message";
 
 /// Read one event; a malformed one is an error with a code and a message.
 pub fn parse_event(text: &str, source: &str) -> Result<NewEvent, ApiError> {
-    let input: EventInput = serde_json::from_str(text).map_err(|e| {
+    // Its structs take only objects: an array would fill them by position.
+    let input: EventInput = crate::objects::from_slice_untracked(text.as_bytes()).map_err(|e| {
         // Read again only when it failed, to name the field (tracking the
         // path costs every event something).
-        let path = serde_path_to_error::deserialize::<_, EventInput>(
-            &mut serde_json::Deserializer::from_str(text),
-        )
-        .err()
+        let path = crate::objects::from_slice::<EventInput>(text.as_bytes())
+            .err()
         .map(|e| e.path().to_string())
         .filter(|path| !path.is_empty() && path != ".");
         let message = match path {

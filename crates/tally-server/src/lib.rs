@@ -12,6 +12,7 @@ pub mod error;
 pub mod forward;
 pub mod ingest;
 pub mod metrics;
+pub mod objects;
 pub mod openapi;
 pub mod routes;
 pub mod serve;

@@ -53,18 +53,24 @@ impl Modify for AuthResponses {
                 .build()
         };
         for (path, item) in openapi.paths.paths.iter_mut() {
-            // Writes that take no id: nothing to replay (a quote writes
-            // nothing; a clock step is a step each time).
-            let replayable = !["/v1/quotes", "/v1/clock/advance"].contains(&path.as_str());
-            // (whether the method writes, the operation)
+            // Writes whose answer may be an earlier one replayed: those that
+            // take an id. Not a quote or a simulation (they write nothing),
+            // a clock step (a step each time), a batch of events (each
+            // event says `duplicate` instead), the settings a PUT or PATCH
+            // sets again (the same answer anyway) or the overage's DELETE.
+            let reads_only = path == "/v1/quotes" || path.ends_with("/simulate");
+            let post_replays = !reads_only && !["/v1/clock/advance", "/v1/events"].contains(&path.as_str());
+            let put_replays = path.ends_with("/subscription");
+            let delete_replays = !path.ends_with("/overage");
+            // (whether the method writes, whether it replays, the operation)
             let operations = [
-                (false, &mut item.get),
-                (true, &mut item.put),
-                (true, &mut item.post),
-                (true, &mut item.delete),
-                (true, &mut item.patch),
+                (false, false, &mut item.get),
+                (true, put_replays, &mut item.put),
+                (true, post_replays, &mut item.post),
+                (true, delete_replays, &mut item.delete),
+                (true, false, &mut item.patch),
             ];
-            for (writes, operation) in operations {
+            for (writes, replayable, operation) in operations {
                 let Some(operation) = operation.as_mut() else {
                     continue;
                 };

@@ -62,6 +62,20 @@ pub enum Error {
          the server that last ran its writer was fast); going on would move the engine's time back"
     )]
     ClockBehind { engine: String, now: String },
+    /// A server on one clock over a PostgreSQL database whose writer ran on
+    /// the other within [`crate::writer::CLOCK_MODE_FRESH`]: a manual clock
+    /// taking over from a real one stops the engine's time, and followers
+    /// on the real clock would not follow it.
+    #[error(
+        "the server that runs this database's writer is on {writer}, and this one on {this}: \
+         servers sharing a database must all be started with --manual-clock or all without it \
+         (to switch, stop every server for {fresh_seconds} s first)"
+    )]
+    ClockModeDiffers {
+        writer: &'static str,
+        this: &'static str,
+        fresh_seconds: i64,
+    },
     /// No PostgreSQL finished the start-up exchange in time (an address
     /// that accepts and never answers, or none reachable).
     #[error("postgres: no PostgreSQL answered within {0:?} (connect_timeout in the URL bounds each address tried)")]
@@ -497,6 +511,14 @@ enum Kind {
 
 pub struct Connection {
     kind: Kind,
+}
+
+impl Connection {
+    /// Whether this is a connection to PostgreSQL (a database several
+    /// servers may share).
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.kind, Kind::Postgres(_))
+    }
 }
 
 /// How long connecting may take, unless the URL says (`connect_timeout`).

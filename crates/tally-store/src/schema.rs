@@ -451,6 +451,24 @@ CREATE INDEX topups_unresolved_by_customer ON topups(customer_id)
 ALTER TABLE engine_clock ADD COLUMN priced_through INTEGER;
 "#,
     ),
+    (
+        22,
+        r#"
+-- The credits voided so far of each paid lot bought outside a top-up and of
+-- the lots made from its credits (release, refund and transfer lots, whose
+-- `origin` it is): what a void gives back is priced from the total, so the
+-- voids of one purchase add up to its value in whole minor units.
+CREATE TABLE lot_voids (
+    root TEXT PRIMARY KEY,
+    voided_credits INTEGER NOT NULL
+);
+-- On PostgreSQL, the clock the writer runs on (1: --manual-clock, 0: the
+-- real clock) and the wall-clock instant its last tick said so: a server on
+-- the other clock is refused while that is recent (`check_engine_clock`).
+ALTER TABLE engine_clock ADD COLUMN manual INTEGER;
+ALTER TABLE engine_clock ADD COLUMN mode_seen_at INTEGER;
+"#,
+    ),
 ];
 
 /// The key of the advisory lock that serializes migrations on PostgreSQL

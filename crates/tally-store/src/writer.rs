@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use crate::clock::SystemClock;
 use crate::db::{self, params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 use tally_core::{
@@ -876,6 +877,12 @@ impl Writer {
         // the database meanwhile starts its manual clock there (`resume`),
         // not at its own later start.
         connection.execute(RECORD_ENGINE_CLOCK, [clock.now().micros()])?;
+        if connection.is_postgres() {
+            connection.execute(
+                RECORD_CLOCK_MODE,
+                [i64::from(clock.is_manual()), SystemClock.now().micros()],
+            )?;
+        }
         connection.execute(
             "INSERT INTO event_window (id, seconds) VALUES (1, ?1) ON CONFLICT (id) \
              DO UPDATE SET seconds = excluded.seconds WHERE event_window.seconds < excluded.seconds",
@@ -1873,7 +1880,9 @@ impl Writer {
                 let customer_id = self.grant_customer(grant_id)?;
                 self.prepare(&customer_id)?;
                 let ledger = self.ledger(&customer_id);
-                let root = ledger.grant(grant_id).map(|g| g.root().clone());
+                let lot = ledger
+                    .grant(grant_id)
+                    .map(|g| (g.root().clone(), g.cost_basis.clone()));
                 let (voided, draft) = ledger
                     .void(grant_id, id, Some(reason.clone()), now)
                     .map_err(Failure::Refused)?;
@@ -1883,8 +1892,10 @@ impl Writer {
                 };
                 let entry_id = self.record_entry_about(&draft, actor, facts)?;
                 let paid = voided.refundable_money.is_some();
-                let exact = match (&root, paid) {
-                    (Some(root), true) => self.topup_refund(root, voided.voided)?,
+                let exact = match (&lot, paid) {
+                    (Some((root, Some(basis))), true) => {
+                        self.purchase_refund(root, voided.voided, basis)?
+                    }
                     _ => None,
                 };
                 let refundable_money = exact.or(voided.refundable_money);
@@ -2261,6 +2272,20 @@ impl Writer {
         self.ensure_unused("grants", &request.id)?;
         self.prepare(&request.customer_id)?;
         let now = self.now;
+        // The ledger is not backdated: a grant that said it took effect
+        // yesterday counted from now in the ledger, and the two disagreed
+        // about yesterday's balance.
+        if request.effective_at.is_some_and(|at| at < now) {
+            return Err(Failure::Rejected(Refusal {
+                code: "invalid_request".into(),
+                message: format!(
+                    "effective_at must not be in the past (the engine's clock is at {}): \
+                     the ledger is never backdated; leave effective_at out for now",
+                    now.rfc3339()
+                ),
+                available: None,
+            }));
+        }
         let grant = Grant {
             id: request.id.clone(),
             customer_id: request.customer_id.clone(),
@@ -3337,6 +3362,12 @@ impl Writer {
         self.connection
             .prepare_cached(RECORD_ENGINE_CLOCK)?
             .execute([now])?;
+        if self.connection.is_postgres() {
+            self.connection.prepare_cached(RECORD_CLOCK_MODE)?.execute([
+                i64::from(self.clock.is_manual()),
+                SystemClock.now().micros(),
+            ])?;
+        }
         if !self.quarantine.is_empty() {
             self.quarantine.retain(|_, until| *until > now);
             self.show_quarantine();
@@ -3390,18 +3421,55 @@ impl Writer {
         Ok(Outcome::Tick { entries })
     }
 
-    /// What voiding `voided` credits of a lot first granted in `root` gives
-    /// back, when `root` is a top-up's lot: the part of the top-up's exact
-    /// price that brings what its voids gave back so far to the price of all
-    /// its credits voided so far (its price times those over its credits,
-    /// rounded half up to the micro-unit), recorded in
-    /// `topups.voided_credits`. So voiding all of an unused top-up refunds
-    /// exactly its payment, and so do its lot and the lots made from it (a
-    /// hold's return after the void, a refund) voided one after another:
-    /// each void rounding its own part gave 0.333333 and 0.666666 of 1 USD.
-    /// The lots' cost basis is the price per credit rounded to the
-    /// micro-unit (3 credits for 1 USD gave 0.999999). `None` for any other
-    /// lot.
+    /// What voiding `voided` credits of a paid lot first granted in `root`
+    /// gives back: the part of the purchase's value that brings what its
+    /// voids gave back so far to the value of all its credits voided so far,
+    /// in the currency's smallest unit (a cent, a yen). For a top-up's lot,
+    /// the value is its exact price times those credits over its credits
+    /// (`topups.voided_credits`); for another, their value at the cost basis
+    /// (`lot_voids`). So voiding all of an unused top-up refunds exactly its
+    /// payment, and so do its lot and the lots made from it (a hold's return
+    /// after the void, a refund, a transfer to another customer) voided one
+    /// after another: each void rounding its own part gave 0.333333 and
+    /// 0.666666 of 1 USD, 666.666667 JPY, and two halves of one micro-unit
+    /// each rounded up. The lots' cost basis is the price per credit rounded
+    /// to the micro-unit (3 credits for 1 USD gave 0.999999). `None` if a
+    /// value overflows (the lot's own rounded one is given then).
+    fn purchase_refund(
+        &self,
+        root: &Id,
+        voided: tally_core::Amount,
+        basis: &tally_core::CostBasis,
+    ) -> Result<Option<(tally_core::Amount, String)>, Failure> {
+        if let Some(exact) = self.topup_refund(root, voided)? {
+            return Ok(Some(exact));
+        }
+        let before: i64 = self
+            .connection
+            .prepare_cached("SELECT voided_credits FROM lot_voids WHERE root = ?1")?
+            .query_row([root.as_str()], |row| row.get(0))
+            .optional()?
+            .unwrap_or(0);
+        let after = before.saturating_add(voided.micros());
+        let worth = |voided: i64| {
+            tally_core::Amount::from_micros(voided).and_then(|v| basis.payable_value_of(v))
+        };
+        let (Some(was), Some(is)) = (worth(before), worth(after)) else {
+            return Ok(None);
+        };
+        self.connection
+            .prepare_cached(
+                "INSERT INTO lot_voids (root, voided_credits) VALUES (?1, ?2) \
+                 ON CONFLICT (root) DO UPDATE SET voided_credits = excluded.voided_credits",
+            )?
+            .execute(params![root.as_str(), after])?;
+        Ok(is
+            .checked_sub(was)
+            .map(|money| (money, basis.currency.clone())))
+    }
+
+    /// [`Self::purchase_refund`] for a lot bought in a top-up; `None` if
+    /// `root` is not a top-up's lot.
     fn topup_refund(
         &self,
         root: &Id,
@@ -3424,7 +3492,11 @@ impl Writer {
         let after = before.saturating_add(voided.micros());
         let credits = i128::from(topup.credits.micros());
         let price = i128::from(topup.price.micros());
-        let worth = |voided: i64| (price * i128::from(voided) + credits / 2) / credits;
+        // In the currency's smallest unit, rounded half up.
+        let unit = i128::from(tally_core::currency::minor_unit_micros(&topup.currency));
+        let worth = |voided: i64| {
+            (price * i128::from(voided) + credits * unit / 2) / (credits * unit) * unit
+        };
         let value = worth(after) - worth(before);
         self.connection.execute(
             "UPDATE topups SET voided_credits = ?2 WHERE id = ?1",
@@ -3717,6 +3789,15 @@ pub(crate) const DUE_CUSTOMERS: &str = "\
 /// manual clock run ahead differs by days.
 pub(crate) const CLOCK_AHEAD_TOLERANCE: i64 = 5 * 60 * 1_000_000;
 
+/// How long after a writer on PostgreSQL last said which clock it runs on
+/// (each tick) a server on the other clock is refused, at its start and
+/// before it would take over (a minute, in microseconds).
+pub const CLOCK_MODE_FRESH: i64 = 60 * 1_000_000;
+
+/// The writer's clock, as [`check_engine_clock`] reads it.
+const RECORD_CLOCK_MODE: &str =
+    "UPDATE engine_clock SET manual = ?1, mode_seen_at = ?2 WHERE id = 1";
+
 /// The engine's clock as the last tick recorded it, or
 /// [`db::Error::ClockBehind`] when `clock` is a real clock more than
 /// [`CLOCK_AHEAD_TOLERANCE`] behind it: a server started without
@@ -3737,6 +3818,31 @@ pub(crate) fn check_engine_clock(
                 engine: engine.rfc3339(),
                 now: now.rfc3339(),
             });
+        }
+    }
+    if connection.is_postgres() {
+        let mode: Option<(Option<i64>, Option<i64>)> = connection
+            .query_row(
+                "SELECT manual, mode_seen_at FROM engine_clock WHERE id = 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        if let Some((Some(manual), Some(seen_at))) = mode {
+            let wall = SystemClock.now().micros();
+            let name = |manual: bool| match manual {
+                true => "a manual clock (--manual-clock)",
+                false => "the real clock",
+            };
+            if (manual == 1) != clock.is_manual()
+                && wall.saturating_sub(seen_at) < CLOCK_MODE_FRESH
+            {
+                return Err(db::Error::ClockModeDiffers {
+                    writer: name(manual == 1),
+                    this: name(clock.is_manual()),
+                    fresh_seconds: CLOCK_MODE_FRESH / 1_000_000,
+                });
+            }
         }
     }
     Ok(recorded)

@@ -300,6 +300,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "--advertise-url must be an http:// or https:// URL with a host and no path, such as http://10.0.0.5:8080 (got {url:?})"
         );
     }
+    // A fleet whose database URL went missing (an empty TALLY_DATABASE_URL
+    // counts as none) would run one embedded ledger per server, silently.
+    anyhow::ensure!(
+        advertise_url.is_none() || storage.postgres_url().is_some(),
+        "--advertise-url is for servers sharing a PostgreSQL database, and no --database-url \
+         (TALLY_DATABASE_URL) is set: this server would keep its own ledger in {:?}",
+        storage.data_dir
+    );
     // Forwarded paths are appended to it.
     let advertise_url = advertise_url.map(|url| url.trim_end_matches('/').to_owned());
     // The address first: a port in use is refused before the data

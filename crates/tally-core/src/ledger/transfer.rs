@@ -14,6 +14,11 @@ pub struct TransferredLot {
     pub cost_basis: Option<CostBasis>,
     pub priority: i32,
     pub expires_at: Option<Timestamp>,
+    /// The lot the credits were first granted in (`Grant::root`): the
+    /// receiving lot's `origin`, so that voiding it is priced by that lot's
+    /// payment (a top-up's) and its voids count with the others of the same
+    /// purchase.
+    pub root: Id,
 }
 
 impl CustomerLedger {
@@ -57,6 +62,7 @@ impl CustomerLedger {
                     cost_basis: grant.cost_basis.clone(),
                     priority: grant.priority,
                     expires_at: grant.expires_at,
+                    root: grant.root().clone(),
                 }
             })
             .collect();

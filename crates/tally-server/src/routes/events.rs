@@ -191,14 +191,12 @@ async fn charge_batch(
     actor: Option<String>,
 ) -> Result<Json<EventBatchBody>, ApiError> {
     // Each event is kept as its own text and read once, by the ingest path.
-    let body: RawBatch<'_> = serde_json::from_slice(&bytes).map_err(|e| {
+    let body: RawBatch<'_> = crate::objects::from_slice_untracked(&bytes).map_err(|e| {
         let message = format!("the body is not a batch of events ({{\"events\": [...]}}): {e}");
         // The field at fault: the path where reading stopped, else the
         // field serde names (a missing or unknown one).
-        let path = serde_path_to_error::deserialize::<_, RawBatch<'_>>(
-            &mut serde_json::Deserializer::from_slice(&bytes),
-        )
-        .err()
+        let path = crate::objects::from_slice::<RawBatch<'_>>(&bytes)
+            .err()
         .map(|e| e.path().to_string())
         .filter(|path| !path.is_empty() && path != "." && !path.contains('?'));
         // serde names a missing or unknown field in backquotes (and quotes

@@ -158,6 +158,14 @@ pub async fn create_webhook_endpoint(
 
 /// An endpoint's URL, or a 400 naming `url`.
 fn endpoint_url(text: &str) -> Result<String, ApiError> {
+    // As browsers and most servers take: every delivery row repeats it.
+    const MAX_URL: usize = 2048;
+    if text.len() > MAX_URL {
+        return Err(ApiError::invalid(
+            "url",
+            format!("url must be at most {MAX_URL} characters"),
+        ));
+    }
     reqwest::Url::parse(text)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
@@ -321,11 +329,12 @@ pub struct DeliveryList {
     pub next_cursor: Option<String>,
 }
 
-#[derive(Deserialize, ToSchema)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryParams {
-    /// At most this many, newest first (default 50, max 1000).
-    #[schema(minimum = 1, maximum = 1000)]
+    /// 1 to 1000, default 50.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -333,8 +342,7 @@ pub struct DeliveryParams {
 
 /// An endpoint's delivery log, newest first, a page at a time.
 #[utoipa::path(get, path = "/v1/webhook-endpoints/{id}/deliveries", tag = "notifications",
-    params(("limit" = Option<i64>, Query, description = "default 50, max 1000"),
-        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+    params(DeliveryParams),
     responses((status = 200, body = DeliveryList), (status = 404, body = ErrorBody)), security(("bearer" = ["admin"])))]
 pub async fn list_deliveries(
     State(state): State<AppState>,

@@ -251,7 +251,8 @@ fn parse_rules(values: Vec<serde_json::Value>, param: &str) -> Result<Vec<Rule>,
             // From the rule's text, not the value: a number such as 1.5 that
             // a float renders exactly would reach the amount as an `f64`
             // (which amounts refuse); read from text it keeps its digits.
-            let rule: Rule = serde_json::from_str(&value.to_string()).map_err(|e| {
+            let text = value.to_string();
+            let rule: Rule = crate::objects::from_slice_untracked(text.as_bytes()).map_err(|e| {
                 ApiError::invalid(param, format!("rule {index} is not a valid rule: {e}"))
             })?;
             edge::id(&rule.feature, param).map_err(|_| {

@@ -312,15 +312,7 @@ pub fn optional_body<T: DeserializeOwned + Default>(
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes)).map_err(
-        |e| {
-            let message = format!("the body is not valid: {}", e.inner());
-            match crate::edge::error_param(&e) {
-                Some(param) => ApiError::invalid(&param, message),
-                None => ApiError::new("invalid_request", message),
-            }
-        },
-    )
+    crate::edge::parse_body(&bytes)
 }
 
 #[derive(Deserialize, ToSchema, Default)]

@@ -481,7 +481,7 @@ impl Writer {
                     expired_at: None,
                     sequence,
                     awaiting_effect: false,
-                    origin: None,
+                    origin: Some(lot.root.clone()),
                 }
             })
             .collect();

@@ -109,6 +109,25 @@ fn unusable_settings_are_refused_at_the_start() {
             "{stderr}"
         );
     }
+    // An advertised URL without a database (an empty one counts as none):
+    // each server would keep its own ledger.
+    let output = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir,
+        "--database-url",
+        "",
+        "--advertise-url",
+        "http://10.0.0.5:8080",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--advertise-url is for servers sharing a PostgreSQL database"),
+        "{stderr}"
+    );
     // A port in use is refused before the data directory is made.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().unwrap().to_string();
@@ -690,4 +709,94 @@ async fn stalled_clients_are_cut_off_after_the_read_timeout() {
             .unwrap();
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
+}
+
+/// A JSON array where an object is expected is refused at any depth: serde
+/// filled a struct's fields from it by position, so `"from": ["acme", null]`
+/// moved credits, an array event was charged, and an empty array turned a
+/// plan's rollover on. Optional bodies (capture, release, confirm) refuse
+/// an array and data after the document as the required ones do.
+#[tokio::test]
+async fn arrays_do_not_stand_in_for_objects() {
+    let app = TestApp::spawn().await;
+    app.customer("acme").await;
+    app.customer("beta").await;
+    app.grant("acme", "g_acme", "100").await;
+    let raw = |method: reqwest::Method, path: &'static str, body: &str| {
+        let request = app
+            .client
+            .request(method, app.url(path))
+            .bearer_auth(crate::support::ADMIN_KEY)
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        crate::support::Reply::of(request, path)
+    };
+    let moved = raw(
+        reqwest::Method::POST,
+        "/v1/transfers",
+        r#"{"id":"tpos1","from":["acme",null],"to":["beta",null],"amount":"1"}"#,
+    )
+    .await;
+    assert_eq!(moved.status, StatusCode::BAD_REQUEST, "{:?}", moved.body);
+    assert_eq!(moved.body["error"]["param"], "from", "{:?}", moved.body);
+    assert!(moved.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("expected a JSON object"));
+    let batch = raw(
+        reqwest::Method::POST,
+        "/v1/events",
+        r#"{"events":[["ev_pos7","acme","email_lookup",2,null,null,null]]}"#,
+    )
+    .await;
+    assert_eq!(batch.status, StatusCode::OK, "{:?}", batch.body);
+    assert_eq!(batch.body["results"][0]["status"], "rejected");
+    assert_eq!(batch.body["results"][0]["error"]["code"], "invalid_event");
+    let array_batch = raw(reqwest::Method::POST, "/v1/events", r#"[[]]"#).await;
+    assert_eq!(array_batch.status, StatusCode::BAD_REQUEST);
+    let plan = raw(
+        reqwest::Method::PUT,
+        "/v1/plans/p_sw",
+        r#"{"name":"P","period":"month","included_credits":"1","rollover":[]}"#,
+    )
+    .await;
+    assert_eq!(plan.status, StatusCode::BAD_REQUEST, "{:?}", plan.body);
+    assert_eq!(plan.body["error"]["param"], "rollover");
+    let cost_basis = raw(
+        reqwest::Method::POST,
+        "/v1/customers/acme/grants",
+        r#"{"id":"g_arr","amount":"1","source":"purchase","paid":true,"cost_basis":["0.5","USD"]}"#,
+    )
+    .await;
+    assert_eq!(cost_basis.status, StatusCode::BAD_REQUEST);
+    assert_eq!(cost_basis.body["error"]["param"], "cost_basis");
+    // Optional bodies.
+    let held = app
+        .post(
+            "/v1/holds",
+            json!({"id": "posh1", "customer_id": "acme", "amount": "10", "timeout_seconds": 600}),
+        )
+        .await;
+    assert_eq!(held.status, StatusCode::OK, "{:?}", held.body);
+    for body in [r#"["3",null,"x"]"#, r#"{"amount":"1"} {}"#, r#"{} garbage"#] {
+        let capture = raw(reqwest::Method::POST, "/v1/holds/posh1/capture", body).await;
+        assert_eq!(capture.status, StatusCode::BAD_REQUEST, "{body}: {:?}", capture.body);
+    }
+    let release = raw(reqwest::Method::POST, "/v1/holds/posh1/release", r#"["r"]"#).await;
+    assert_eq!(release.status, StatusCode::BAD_REQUEST);
+    // Nothing moved: 100 granted, 10 held.
+    let balance = app.get("/v1/customers/acme/balance").await;
+    assert_eq!(balance.str("available"), "90");
+    assert_eq!(balance.str("held"), "10");
+    assert_eq!(app.get("/v1/customers/beta/balance").await.str("available"), "0");
+    // The same requests as objects go through.
+    let capture = raw(reqwest::Method::POST, "/v1/holds/posh1/capture", r#"{"amount":"3"}"#).await;
+    assert_eq!(capture.status, StatusCode::OK, "{:?}", capture.body);
+    let moved = raw(
+        reqwest::Method::POST,
+        "/v1/transfers",
+        r#"{"id":"tpos2","from":{"customer_id":"acme"},"to":{"customer_id":"beta"},"amount":"1"}"#,
+    )
+    .await;
+    assert_eq!(moved.status, StatusCode::OK, "{:?}", moved.body);
 }

@@ -139,6 +139,15 @@ async fn webhooks_are_signed_retried_and_delivered_once_per_delivery_id() {
     let secret = endpoint.str("secret").to_string();
     assert!(secret.starts_with("whsec_"));
     received.lock().unwrap().secret = secret;
+    // A URL of a megabyte (a probe's) was kept, and repeated in every delivery.
+    let long = app
+        .post(
+            "/v1/webhook-endpoints",
+            json!({ "id": "wh_long", "url": format!("http://x/{}", "a".repeat(2100)), "events": ["*"] }),
+        )
+        .await;
+    assert_eq!(long.status, StatusCode::BAD_REQUEST, "{}", long.body);
+    assert_eq!(long.body["error"]["param"], "url");
 
     app.put(
         "/v1/plans/pro",

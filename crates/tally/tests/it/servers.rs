@@ -1168,3 +1168,41 @@ async fn a_follower_behind_the_writers_clock_shows_what_its_last_entry_says() {
         );
     }
 }
+
+/// Servers sharing a database all run on one kind of clock: a server with
+/// `--manual-clock` joining servers on the real clock (or the reverse) exits
+/// at start saying so. A probe's joined, took over when the others stopped,
+/// and froze the engine's time: holds never expired, and real-clock servers
+/// started again beside it read them as expired while it captured them.
+#[tokio::test]
+async fn a_server_on_the_other_clock_cannot_join() {
+    let real = TestApp::spawn_postgres(Options::default()).await;
+    let url = real.database_url.clone().expect("on PostgreSQL");
+    let join = |manual: bool| {
+        let url = url.clone();
+        async move {
+            let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+            serve
+                .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
+                .env("TALLY_ADMIN_KEY", crate::support::ADMIN_KEY)
+                .kill_on_drop(true);
+            if manual {
+                serve.arg("--manual-clock");
+            }
+            tokio::time::timeout(std::time::Duration::from_secs(30), serve.output())
+                .await
+                .expect("the server exits instead of serving")
+                .expect("run tally serve")
+        }
+    };
+    let output = join(true).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is on the real clock, and this one on a manual clock"),
+        "{stderr}"
+    );
+    // The writer still runs, on the real clock.
+    assert_eq!(real.get("/v1/clock").await.body["manual"], false);
+    real.customer("c").await;
+}

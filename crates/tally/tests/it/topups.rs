@@ -189,6 +189,10 @@ async fn bad_topup_input_is_refused_and_changes_nothing() {
         json!({ "name": "P", "credits": "10", "price": "1", "currency": "eur" }),
         json!({ "name": "P", "credits": "10", "price": "1", "currency": "EUR", "expires_after_days": 0 }),
         json!({ "name": "P", "credits": "10", "price": "1.0000001", "currency": "EUR" }),
+        // More decimal places than the currency has.
+        json!({ "name": "P", "credits": "3", "price": "1000.5", "currency": "JPY" }),
+        json!({ "name": "P", "credits": "3", "price": "1.005", "currency": "USD" }),
+        json!({ "name": "P", "credits": "3", "price": "1.2345", "currency": "BHD" }),
         json!({ "name": "P", "credits": "10", "price": "1", "currency": "EUR", "colour": "red" }),
         json!({ "credits": "10", "price": "1", "currency": "EUR" }),
         json!({ "name": " ", "credits": "10", "price": "1", "currency": "EUR" }),
@@ -770,8 +774,8 @@ async fn voiding_a_topup_reconciles_with_its_exact_payment() {
         assert_eq!(void.status, StatusCode::OK, "{}", void.body);
         let expected = match spend {
             None => ("3", "1"),
-            // 2 of 3 credits: 0.666667 back, so 0.333333 was spent.
-            Some(_) => ("2", "0.666667"),
+            // 2 of 3 credits: 0.67 back (in cents), so 0.33 was spent.
+            Some(_) => ("2", "0.67"),
         };
         assert_eq!(void.body["voided"], expected.0, "{}", void.body);
         assert_eq!(
@@ -827,7 +831,7 @@ async fn a_topups_lot_and_the_lots_made_from_it_refund_exactly_its_payment() {
         }
         let first = void(format!("v1_{customer}"), format!("topup:{topup}")).await;
         assert_eq!(first["voided"], "1");
-        assert_eq!(first["refundable_money"]["amount"], "0.333333");
+        assert_eq!(first["refundable_money"]["amount"], "0.33");
         let made = if customer == "held" {
             let released = app.post("/v1/holds/h/release", json!({})).await;
             assert_eq!(released.status, StatusCode::OK, "{}", released.body);
@@ -857,10 +861,93 @@ async fn a_topups_lot_and_the_lots_made_from_it_refund_exactly_its_payment() {
         assert_eq!(second["voided"], "2");
         assert_eq!(
             second["refundable_money"],
-            json!({ "amount": "0.666667", "currency": "USD" }),
-            "0.333333 + 0.666667 is the payment"
+            json!({ "amount": "0.67", "currency": "USD" }),
+            "0.33 + 0.67 is the payment"
         );
     }
+}
+
+/// Refunds are in amounts a payment can be made in, and the voids of one
+/// purchase add up to it wherever its credits went. A probe found: a
+/// top-up's credits transferred to another customer and voided there gave
+/// back 2,000,001 USD of a 2,000,000 USD payment (the lot had only the
+/// rounded cost basis); 666.666667 JPY; and a paid grant's lot and its
+/// hold's return voided apart gave back twice its value (each rounded up).
+#[tokio::test]
+async fn refunds_are_in_whole_minor_units_and_add_up_to_the_purchase() {
+    let app = manual_app().await;
+    let void = |id: &'static str, lot: String| {
+        let app = &app;
+        async move {
+            let reply = app
+                .post(
+                    &format!("/v1/grants/{lot}/void"),
+                    json!({ "id": id, "reason": "refund the rest" }),
+                )
+                .await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+            reply.body
+        }
+    };
+    // A top-up's credits, one third transferred away: the two voids make
+    // the payment.
+    put_pack(
+        &app,
+        "two",
+        json!({ "name": "3 for 2", "credits": "3", "price": "2", "currency": "USD" }),
+    )
+    .await;
+    let topup = buy_a_pack(&app, "payer", "two", json!({"payment_reference": "pi_2"})).await;
+    app.customer("friend").await;
+    let moved = app
+        .post(
+            "/v1/transfers",
+            json!({ "id": "tr", "from": {"customer_id": "payer"}, "to": {"customer_id": "friend"}, "amount": "1" }),
+        )
+        .await;
+    assert_eq!(moved.status, StatusCode::OK, "{}", moved.body);
+    let friends = app.get("/v1/customers/friend/grants").await;
+    assert_eq!(friends.body["data"][0]["origin"], format!("topup:{topup}"));
+    let there = void("v_friend", "transfer:tr:0".into()).await;
+    assert_eq!(there["refundable_money"], json!({"amount": "0.67", "currency": "USD"}));
+    let here = void("v_payer", format!("topup:{topup}")).await;
+    assert_eq!(here["refundable_money"], json!({"amount": "1.33", "currency": "USD"}));
+    // In yen: whole yen.
+    put_pack(
+        &app,
+        "yen",
+        json!({ "name": "3 for 1000", "credits": "3", "price": "1000", "currency": "JPY" }),
+    )
+    .await;
+    let topup = buy_a_pack(&app, "tokyo", "yen", json!({})).await;
+    charge_ok(&app, "tokyo", "c_tokyo", "1").await;
+    let yen = void("v_tokyo", format!("topup:{topup}")).await;
+    assert_eq!(yen["refundable_money"], json!({"amount": "667", "currency": "JPY"}));
+    // A paid grant (outside a top-up) voided while a hold reserves half of
+    // it, then the hold's return voided: the lot's value once, not twice.
+    app.customer("gold").await;
+    let granted = app
+        .post(
+            "/v1/customers/gold/grants",
+            json!({ "id": "g_gold", "amount": "1", "source": "purchase", "paid": true,
+                    "cost_basis": {"amount": "0.000001", "currency": "XAU"} }),
+        )
+        .await;
+    assert_eq!(granted.status, StatusCode::OK, "{}", granted.body);
+    let held = app
+        .post(
+            "/v1/holds",
+            json!({ "id": "h_gold", "customer_id": "gold", "amount": "0.5", "timeout_seconds": 60 }),
+        )
+        .await;
+    assert_eq!(held.status, StatusCode::OK, "{}", held.body);
+    let first = void("v_gold1", "g_gold".into()).await;
+    assert_eq!(first["refundable_money"]["amount"], "0.000001");
+    let released = app.post("/v1/holds/h_gold/release", json!({})).await;
+    assert_eq!(released.status, StatusCode::OK, "{}", released.body);
+    let second = void("v_gold2", "release:h_gold:1".into()).await;
+    assert_eq!(second["voided"], "0.5");
+    assert_eq!(second["refundable_money"]["amount"], "0", "{second}");
 }
 
 /// What the grant would refuse once the money is taken is refused when the
@@ -921,11 +1008,12 @@ async fn a_topup_that_could_never_be_granted_is_refused_when_it_starts() {
         .await,
     );
 
-    // Six credits at 166,666,666,666.666667 each are worth past the largest amount.
+    // Six credits at 166,666,666,666.666667 each are worth past the largest
+    // amount (in gold, whose price may have six decimal places).
     put_pack(
         &app,
         "pricey",
-        json!({ "name": "Pricey", "credits": "6", "price": "999999999999.999999", "currency": "USD" }),
+        json!({ "name": "Pricey", "credits": "6", "price": "999999999999.999999", "currency": "XAU" }),
     )
     .await;
     app.customer("rich").await;
