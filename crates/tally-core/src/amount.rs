@@ -148,6 +148,48 @@ pub fn checked_sum<I: IntoIterator<Item = Amount>>(amounts: I) -> Option<Amount>
         .try_fold(Amount::ZERO, Amount::checked_add)
 }
 
+/// A JSON number in exponent form (`1.5e3`, `1e-05`) written out as a plain
+/// decimal with the same value (`1500`, `0.00001`), trailing fractional
+/// zeros dropped; `None` if it is not such a number or would need more than
+/// 40 digits either side of the point (far past any amount).
+pub fn written_out(text: &str) -> Option<String> {
+    let (mantissa, exponent) = text.split_once(['e', 'E'])?;
+    let exponent: i32 = exponent
+        .strip_prefix('+')
+        .unwrap_or(exponent)
+        .parse()
+        .ok()?;
+    let (negative, mantissa) = match mantissa.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, mantissa),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits_only = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits_only(whole) || !digits_only(fraction) {
+        return None;
+    }
+    // The digits, and where the point falls among them.
+    let digits = format!("{whole}{fraction}");
+    let point = i32::try_from(whole.len()).ok()?.checked_add(exponent)?;
+    if !(-40..=40).contains(&point) || digits.len() > 80 {
+        return None;
+    }
+    let (whole, fraction) = if point <= 0 {
+        let zeros = "0".repeat(usize::try_from(-point).ok()?);
+        ("0".to_owned(), format!("{zeros}{digits}"))
+    } else {
+        let point = usize::try_from(point).ok()?;
+        let padded = format!("{digits:0<point$}");
+        (padded[..point].to_owned(), padded[point..].to_owned())
+    };
+    let fraction = fraction.trim_end_matches('0');
+    let sign = if negative { "-" } else { "" };
+    Some(match fraction.is_empty() {
+        true => format!("{sign}{whole}"),
+        false => format!("{sign}{whole}.{fraction}"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,46 +244,4 @@ mod tests {
         assert_eq!(Amount::from_micros(MAX_AMOUNT_MICROS + 1), None);
         assert_eq!(checked_sum([max, max]), None);
     }
-}
-
-/// A JSON number in exponent form (`1.5e3`, `1e-05`) written out as a plain
-/// decimal with the same value (`1500`, `0.00001`), trailing fractional
-/// zeros dropped; `None` if it is not such a number or would need more than
-/// 40 digits either side of the point (far past any amount).
-pub fn written_out(text: &str) -> Option<String> {
-    let (mantissa, exponent) = text.split_once(['e', 'E'])?;
-    let exponent: i32 = exponent
-        .strip_prefix('+')
-        .unwrap_or(exponent)
-        .parse()
-        .ok()?;
-    let (negative, mantissa) = match mantissa.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, mantissa),
-    };
-    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let digits_only = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if whole.is_empty() || !digits_only(whole) || !digits_only(fraction) {
-        return None;
-    }
-    // The digits, and where the point falls among them.
-    let digits = format!("{whole}{fraction}");
-    let point = i32::try_from(whole.len()).ok()?.checked_add(exponent)?;
-    if !(-40..=40).contains(&point) || digits.len() > 80 {
-        return None;
-    }
-    let (whole, fraction) = if point <= 0 {
-        let zeros = "0".repeat(usize::try_from(-point).ok()?);
-        ("0".to_owned(), format!("{zeros}{digits}"))
-    } else {
-        let point = usize::try_from(point).ok()?;
-        let padded = format!("{digits:0<point$}");
-        (padded[..point].to_owned(), padded[point..].to_owned())
-    };
-    let fraction = fraction.trim_end_matches('0');
-    let sign = if negative { "-" } else { "" };
-    Some(match fraction.is_empty() {
-        true => format!("{sign}{whole}"),
-        false => format!("{sign}{whole}.{fraction}"),
-    })
 }

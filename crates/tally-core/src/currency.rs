@@ -60,7 +60,9 @@ mod tests {
         assert_eq!(minor_unit_micros("CLF"), 100);
         assert_eq!(minor_unit_micros("XAU"), 1);
         // Every code named above is in the list.
-        for code in ["BIF", "VND", "XPF", "BHD", "TND", "CLF", "UYW", "XAU", "XUA"] {
+        for code in [
+            "BIF", "VND", "XPF", "BHD", "TND", "CLF", "UYW", "XAU", "XUA",
+        ] {
             assert!(is_iso_4217(code), "{code}");
         }
     }

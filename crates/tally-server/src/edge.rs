@@ -192,6 +192,9 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
             Err(e) if crate::serve::body_timed_out(&e) => {
                 return Ok(JsonBytes(Err(body_timeout())));
             }
+            Err(e) if crate::serve::body_cut_by_shutdown(&e) => {
+                return Ok(JsonBytes(Err(body_cut_by_shutdown())));
+            }
             Err(e) => {
                 return Ok(JsonBytes(Err(ApiError::new(
                     "invalid_request",
@@ -206,6 +209,18 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
             ))));
         }
         Ok(JsonBytes(Ok(bytes)))
+    }
+}
+
+/// The 503 for a body still arriving when the server shut down.
+pub fn body_cut_by_shutdown() -> ApiError {
+    ApiError {
+        retry_after_seconds: Some(1),
+        ..ApiError::new(
+            "unavailable",
+            "the server is shutting down and the body had not all arrived: nothing was applied; \
+             send it again",
+        )
     }
 }
 

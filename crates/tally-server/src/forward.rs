@@ -79,6 +79,9 @@ async fn forward(state: &AppState, request: Request) -> Response {
         Err(error) if crate::serve::body_timed_out(&error) => {
             return crate::edge::body_timeout().into_response()
         }
+        Err(error) if crate::serve::body_cut_by_shutdown(&error) => {
+            return crate::edge::body_cut_by_shutdown().into_response()
+        }
         Err(_) => {
             return ApiError::invalid("body", "the request body is too large or was cut off")
                 .into_response()
@@ -95,6 +98,18 @@ async fn forward(state: &AppState, request: Request) -> Response {
             Some(url) => url,
             None => return unavailable("no server runs the writer yet"),
         };
+        // This server's own address: recorded by its previous run (a
+        // restart), whose writer it is about to take over unless another
+        // server has. Forwarding there would only come back here.
+        if state.store.advertised() == Some(leader.as_str()) {
+            if attempt == 0 {
+                continue;
+            }
+            return unavailable(
+                "this server ran the writer before it restarted and is taking it over again; \
+                 retry with the same id",
+            );
+        }
         let mut forwarded = state
             .forwarder
             .request(parts.method.clone(), format!("{leader}{path}"))

@@ -63,8 +63,8 @@ pub fn parse_event(text: &str, source: &str) -> Result<NewEvent, ApiError> {
         // path costs every event something).
         let path = crate::objects::from_slice::<EventInput>(text.as_bytes())
             .err()
-        .map(|e| e.path().to_string())
-        .filter(|path| !path.is_empty() && path != ".");
+            .map(|e| e.path().to_string())
+            .filter(|path| !path.is_empty() && path != ".");
         let message = match path {
             Some(path) => format!("the event is not valid: {path}: {e}"),
             None => format!("the event is not valid: {e}"),

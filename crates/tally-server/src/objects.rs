@@ -29,9 +29,9 @@ pub fn from_slice<'de, T: serde::Deserialize<'de>>(
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(ObjectsOnly(&mut deserializer))?;
     // Trailing data after the document (`{...} {...}`) is refused.
-    deserializer
-        .end()
-        .map_err(|error| serde_path_to_error::deserialize::<_, serde::de::IgnoredAny>(Ended(error)).unwrap_err())?;
+    deserializer.end().map_err(|error| {
+        serde_path_to_error::deserialize::<_, serde::de::IgnoredAny>(Ended(error)).unwrap_err()
+    })?;
     Ok(value)
 }
 
@@ -140,7 +140,8 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectsOnly<D> {
         len: usize,
         visitor: V,
     ) -> Result<V::Value, D::Error> {
-        self.0.deserialize_tuple_struct(name, len, Wrap::any(visitor))
+        self.0
+            .deserialize_tuple_struct(name, len, Wrap::any(visitor))
     }
 
     fn deserialize_struct<V: Visitor<'de>>(
@@ -341,7 +342,8 @@ mod tests {
         assert_eq!(read.to.member_id.as_deref(), Some("m"));
         assert_eq!(read.amounts, [1, 2]);
         // serde_json alone reads them by position.
-        let nested = br#"{"from":["a",null],"to":{"customer_id":"b","member_id":null},"amounts":[]}"#;
+        let nested =
+            br#"{"from":["a",null],"to":{"customer_id":"b","member_id":null},"amounts":[]}"#;
         assert!(serde_json::from_slice::<Transfer>(nested).is_ok());
         let error = super::from_slice::<Transfer>(nested).unwrap_err();
         assert_eq!(error.path().to_string(), "from");
@@ -360,10 +362,13 @@ mod tests {
                 .to_string(),
             "note"
         );
-        let top = br#"[{"customer_id":"a","member_id":null},{"customer_id":"b","member_id":null},[]]"#;
+        let top =
+            br#"[{"customer_id":"a","member_id":null},{"customer_id":"b","member_id":null},[]]"#;
         assert!(super::from_slice::<Transfer>(top).is_err());
         // In a list of structs.
-        assert!(super::from_slice::<Vec<Side>>(br#"[{"customer_id":"a","member_id":null}]"#).is_ok());
+        assert!(
+            super::from_slice::<Vec<Side>>(br#"[{"customer_id":"a","member_id":null}]"#).is_ok()
+        );
         assert!(super::from_slice::<Vec<Side>>(br#"[["a",null]]"#).is_err());
         // Trailing data after the document.
         let trailing = br#"{"customer_id":"a","member_id":null} {}"#;

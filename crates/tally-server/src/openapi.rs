@@ -59,7 +59,8 @@ impl Modify for AuthResponses {
             // event says `duplicate` instead), the settings a PUT or PATCH
             // sets again (the same answer anyway) or the overage's DELETE.
             let reads_only = path == "/v1/quotes" || path.ends_with("/simulate");
-            let post_replays = !reads_only && !["/v1/clock/advance", "/v1/events"].contains(&path.as_str());
+            let post_replays =
+                !reads_only && !["/v1/clock/advance", "/v1/events"].contains(&path.as_str());
             let put_replays = path.ends_with("/subscription");
             let delete_replays = !path.ends_with("/overage");
             // (whether the method writes, whether it replays, the operation)

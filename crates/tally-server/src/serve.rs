@@ -40,20 +40,146 @@ pub fn body_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// A request body read until the server shuts down: a client still sending
+/// one then gets 503 `unavailable` (nothing applied; send it again) instead
+/// of holding the stop until its body times out.
+struct UntilShutdown {
+    inner: axum::body::Body,
+    signalled: tokio::sync::watch::Receiver<()>,
+    stop: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+/// What reading a body gives once the server shuts down.
+#[derive(Debug)]
+pub struct ShuttingDown;
+
+impl std::fmt::Display for ShuttingDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the server is shutting down")
+    }
+}
+
+impl std::error::Error for ShuttingDown {}
+
+impl http_body::Body for UntilShutdown {
+    type Data = axum::body::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        let signalled = &this.signalled;
+        let stop = this.stop.get_or_insert_with(|| {
+            let mut signalled = signalled.clone();
+            Box::pin(async move {
+                let _ = signalled.changed().await;
+            })
+        });
+        match stop.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(ShuttingDown)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether `error`, or what it was caused by, is a request body cut off by
+/// the shutdown.
+pub fn body_cut_by_shutdown(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<ShuttingDown>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+/// Requests whose head has arrived and whose answer has not yet begun.
+#[derive(Default)]
+struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl InFlight {
+    async fn drained(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        loop {
+            let done = self.done.notified();
+            if self.count.load(SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+/// After the shutdown signal, once every request whose head had arrived has
+/// been answered, how long connections get to write their answers out
+/// before those still open are closed.
+const FLUSH_AFTER_DRAIN: Duration = Duration::from_secs(1);
+
 /// Serve `app` on `listener` until `shutdown` completes, then stop accepting,
-/// let each connection finish the request it is on, and return once all are
-/// closed.
+/// let each request whose head has arrived finish, and return once every
+/// connection is closed. A connection with no such request (idle, or a
+/// client still sending a head) is closed at once, and one still open once
+/// those requests are answered is closed [`FLUSH_AFTER_DRAIN`] later: a
+/// client that sent half a request held a graceful stop for the whole
+/// exit timer before.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     read_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let app = app.layer(RequestBodyTimeoutLayer::new(read_timeout));
+    use std::sync::atomic::Ordering::SeqCst;
     // Each connection's task holds a receiver: `closed` resolves once all
-    // have ended. The signal's sender going away asks them to finish.
+    // have ended. The signal's sender going away asks them to finish; the
+    // abort's, to close now.
     let (signal, signalled) = tokio::sync::watch::channel(());
+    let (abort, aborted) = tokio::sync::watch::channel(());
     let (closing, _) = tokio::sync::watch::channel(());
+    let in_flight = std::sync::Arc::new(InFlight::default());
+    let counted = in_flight.clone();
+    let bodies_signalled = signalled.clone();
+    let app =
+        app.layer(RequestBodyTimeoutLayer::new(read_timeout))
+            .layer(axum::middleware::from_fn(
+                move |request: axum::extract::Request, next: axum::middleware::Next| {
+                    let counted = counted.clone();
+                    let signalled = bodies_signalled.clone();
+                    let request = request.map(|inner| {
+                        axum::body::Body::new(UntilShutdown {
+                            inner,
+                            signalled,
+                            stop: None,
+                        })
+                    });
+                    async move {
+                        counted.count.fetch_add(1, SeqCst);
+                        let response = next.run(request).await;
+                        if counted.count.fetch_sub(1, SeqCst) == 1 {
+                            counted.done.notify_waiters();
+                        }
+                        response
+                    }
+                },
+            ));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -85,6 +211,7 @@ pub async fn serve(
         }
         let service = TowerToHyperService::new(app.clone());
         let mut signalled = signalled.clone();
+        let mut aborted = aborted.clone();
         let closed = closing.subscribe();
         tokio::spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
@@ -105,6 +232,7 @@ pub async fn serve(
                         finishing = true;
                         connection.as_mut().graceful_shutdown();
                     }
+                    _ = aborted.changed() => break,
                 }
             }
             drop(closed);
@@ -112,5 +240,14 @@ pub async fn serve(
     }
     drop(listener);
     drop(signal);
-    closing.closed().await;
+    tokio::select! {
+        () = closing.closed() => {}
+        () = async {
+            in_flight.drained().await;
+            tokio::time::sleep(FLUSH_AFTER_DRAIN).await;
+        } => {
+            drop(abort);
+            closing.closed().await;
+        }
+    }
 }

@@ -1125,6 +1125,14 @@ impl Store {
         }
     }
 
+    /// The URL this server gave in [`Store::advertise`], if any.
+    pub fn advertised(&self) -> Option<&str> {
+        match &self.inner.backend {
+            Backend::Postgres { leader, .. } => leader.advertise.get().map(String::as_str),
+            _ => None,
+        }
+    }
+
     /// The URL of the server that runs the writer, as the database records it.
     pub async fn leader_url(&self) -> Result<Option<String>, StoreError> {
         self.read(|c| {

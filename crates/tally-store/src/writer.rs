@@ -3363,10 +3363,12 @@ impl Writer {
             .prepare_cached(RECORD_ENGINE_CLOCK)?
             .execute([now])?;
         if self.connection.is_postgres() {
-            self.connection.prepare_cached(RECORD_CLOCK_MODE)?.execute([
-                i64::from(self.clock.is_manual()),
-                SystemClock.now().micros(),
-            ])?;
+            self.connection
+                .prepare_cached(RECORD_CLOCK_MODE)?
+                .execute([
+                    i64::from(self.clock.is_manual()),
+                    SystemClock.now().micros(),
+                ])?;
         }
         if !self.quarantine.is_empty() {
             self.quarantine.retain(|_, until| *until > now);
@@ -3834,8 +3836,7 @@ pub(crate) fn check_engine_clock(
                 true => "a manual clock (--manual-clock)",
                 false => "the real clock",
             };
-            if (manual == 1) != clock.is_manual()
-                && wall.saturating_sub(seen_at) < CLOCK_MODE_FRESH
+            if (manual == 1) != clock.is_manual() && wall.saturating_sub(seen_at) < CLOCK_MODE_FRESH
             {
                 return Err(db::Error::ClockModeDiffers {
                     writer: name(manual == 1),

@@ -197,8 +197,8 @@ async fn charge_batch(
         // field serde names (a missing or unknown one).
         let path = crate::objects::from_slice::<RawBatch<'_>>(&bytes)
             .err()
-        .map(|e| e.path().to_string())
-        .filter(|path| !path.is_empty() && path != "." && !path.contains('?'));
+            .map(|e| e.path().to_string())
+            .filter(|path| !path.is_empty() && path != "." && !path.contains('?'));
         // serde names a missing or unknown field in backquotes (and quotes
         // other things, such as the type it found, the same way).
         let text = e.to_string();

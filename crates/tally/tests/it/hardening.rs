@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::support::{micros, micros_of, TestApp};
 
@@ -780,7 +780,12 @@ async fn arrays_do_not_stand_in_for_objects() {
     assert_eq!(held.status, StatusCode::OK, "{:?}", held.body);
     for body in [r#"["3",null,"x"]"#, r#"{"amount":"1"} {}"#, r#"{} garbage"#] {
         let capture = raw(reqwest::Method::POST, "/v1/holds/posh1/capture", body).await;
-        assert_eq!(capture.status, StatusCode::BAD_REQUEST, "{body}: {:?}", capture.body);
+        assert_eq!(
+            capture.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {:?}",
+            capture.body
+        );
     }
     let release = raw(reqwest::Method::POST, "/v1/holds/posh1/release", r#"["r"]"#).await;
     assert_eq!(release.status, StatusCode::BAD_REQUEST);
@@ -788,9 +793,17 @@ async fn arrays_do_not_stand_in_for_objects() {
     let balance = app.get("/v1/customers/acme/balance").await;
     assert_eq!(balance.str("available"), "90");
     assert_eq!(balance.str("held"), "10");
-    assert_eq!(app.get("/v1/customers/beta/balance").await.str("available"), "0");
+    assert_eq!(
+        app.get("/v1/customers/beta/balance").await.str("available"),
+        "0"
+    );
     // The same requests as objects go through.
-    let capture = raw(reqwest::Method::POST, "/v1/holds/posh1/capture", r#"{"amount":"3"}"#).await;
+    let capture = raw(
+        reqwest::Method::POST,
+        "/v1/holds/posh1/capture",
+        r#"{"amount":"3"}"#,
+    )
+    .await;
     assert_eq!(capture.status, StatusCode::OK, "{:?}", capture.body);
     let moved = raw(
         reqwest::Method::POST,
@@ -799,4 +812,83 @@ async fn arrays_do_not_stand_in_for_objects() {
     )
     .await;
     assert_eq!(moved.status, StatusCode::OK, "{:?}", moved.body);
+}
+
+/// SIGTERM lets a request whose head has arrived finish, but does not wait
+/// for a client still sending one: a probe's half-sent request held every
+/// graceful stop until the 30 s exit timer, which then exited with 1. Here
+/// a half-sent head and a body that stopped are open when the signal comes,
+/// beside a request being answered (a batch of events): the batch is
+/// answered and charged, the stopped body is answered 503, the half head
+/// closed, and the server exits with 0.
+#[tokio::test]
+async fn a_graceful_stop_does_not_wait_for_half_sent_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut app = TestApp::spawn().await;
+    app.customer("c").await;
+    app.grant("c", "g", "100000").await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let mut half_head = tokio::net::TcpStream::connect(&address).await.unwrap();
+    half_head
+        .write_all(b"POST /v1/charges HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut half_body = tokio::net::TcpStream::connect(&address).await.unwrap();
+    half_body
+        .write_all(
+            format!(
+                "POST /v1/charges HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"id\":",
+                crate::support::ADMIN_KEY
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let events: Vec<Value> = (0..5000)
+        .map(|n| json!({"id": format!("e{n}"), "customer_id": "c", "feature": "f", "quantity": 1}))
+        .collect();
+    app.features(&["f"]).await;
+    app.publish_version(
+        "v1",
+        json!([{"feature": "f", "credits_per_unit": "1"}]),
+        None,
+    )
+    .await;
+    let batch = {
+        let client = app.client.clone();
+        let url = app.url("/v1/events");
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(crate::support::ADMIN_KEY)
+                .json(&json!({ "events": events }))
+                .send()
+                .await
+        })
+    };
+    // The batch is on its way (its head sent) before the signal.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let status = app.terminate().await;
+    assert!(status.success(), "{status:?}");
+    let answered = batch.await.unwrap();
+    if let Ok(answered) = answered {
+        // Sent before the signal: answered, every event charged.
+        assert_eq!(answered.status(), StatusCode::OK);
+        let body: Value = answered.json().await.unwrap();
+        assert!(body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["status"] == "charged"));
+    }
+    // The half-sent head was closed without an answer; the half-sent body
+    // was answered 503 (nothing applied: send it again).
+    let mut rest = Vec::new();
+    let _ = half_head.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    let _ = half_body.read_to_end(&mut rest).await;
+    let answer = String::from_utf8_lossy(&rest);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("shutting down"), "{answer}");
 }

@@ -909,9 +909,15 @@ async fn refunds_are_in_whole_minor_units_and_add_up_to_the_purchase() {
     let friends = app.get("/v1/customers/friend/grants").await;
     assert_eq!(friends.body["data"][0]["origin"], format!("topup:{topup}"));
     let there = void("v_friend", "transfer:tr:0".into()).await;
-    assert_eq!(there["refundable_money"], json!({"amount": "0.67", "currency": "USD"}));
+    assert_eq!(
+        there["refundable_money"],
+        json!({"amount": "0.67", "currency": "USD"})
+    );
     let here = void("v_payer", format!("topup:{topup}")).await;
-    assert_eq!(here["refundable_money"], json!({"amount": "1.33", "currency": "USD"}));
+    assert_eq!(
+        here["refundable_money"],
+        json!({"amount": "1.33", "currency": "USD"})
+    );
     // In yen: whole yen.
     put_pack(
         &app,
@@ -922,7 +928,10 @@ async fn refunds_are_in_whole_minor_units_and_add_up_to_the_purchase() {
     let topup = buy_a_pack(&app, "tokyo", "yen", json!({})).await;
     charge_ok(&app, "tokyo", "c_tokyo", "1").await;
     let yen = void("v_tokyo", format!("topup:{topup}")).await;
-    assert_eq!(yen["refundable_money"], json!({"amount": "667", "currency": "JPY"}));
+    assert_eq!(
+        yen["refundable_money"],
+        json!({"amount": "667", "currency": "JPY"})
+    );
     // A paid grant (outside a top-up) voided while a hold reserves half of
     // it, then the hold's return voided: the lot's value once, not twice.
     app.customer("gold").await;
