@@ -129,6 +129,9 @@ pub struct GrantBody {
     pub status: String,
     /// What expired when the grant expired (what a reinstatement restores).
     pub expired_amount: String,
+    /// When an expired lot expired: its `expires_at`, or earlier when a plan
+    /// change or a cancellation ended it (null unless `status` is `expired`).
+    pub expired_at: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
     /// The payment or other outside reference (a top-up's payment; a lot made
@@ -161,6 +164,10 @@ impl GrantBody {
             scope: g.scope.clone(),
             status: g.display_status(now).to_string(),
             expired_amount: amount(g.expired_amount),
+            expired_at: match g.status {
+                tally_core::GrantStatus::Expired => g.expired_at.or(g.expires_at).map(rfc3339),
+                _ => None,
+            },
             metadata: metadata_value(&record.metadata),
             external_reference: record.external_reference.clone(),
             created_at: rfc3339(record.created_at),

@@ -11,6 +11,12 @@
 //! given anything but an object is refused ("invalid type: sequence,
 //! expected a JSON object"). Everything else passes through unchanged
 //! (arrays where a list is expected, serde_json's exact numbers).
+//!
+//! Not covered: what serde buffers before reading it (internally tagged
+//! and untagged enums, `#[serde(flatten)]`) is read back through serde's own
+//! content deserializer, which this does not wrap, so a struct inside one
+//! still takes an array. No request type has one; a new one that does
+//! needs its own check.
 
 use std::fmt;
 

@@ -57,18 +57,18 @@ impl Modify for AuthResponses {
             // take an id. Not a quote or a simulation (they write nothing),
             // a clock step (a step each time), a batch of events (each
             // event says `duplicate` instead), the settings a PUT or PATCH
-            // sets again (the same answer anyway) or the overage's DELETE.
+            // sets again (the same answer anyway) or a DELETE.
             let reads_only = path == "/v1/quotes" || path.ends_with("/simulate");
             let post_replays =
                 !reads_only && !["/v1/clock/advance", "/v1/events"].contains(&path.as_str());
             let put_replays = path.ends_with("/subscription");
-            let delete_replays = !path.ends_with("/overage");
             // (whether the method writes, whether it replays, the operation)
             let operations = [
                 (false, false, &mut item.get),
                 (true, put_replays, &mut item.put),
                 (true, post_replays, &mut item.post),
-                (true, delete_replays, &mut item.delete),
+                // (No DELETE takes an id of its own.)
+                (true, false, &mut item.delete),
                 (true, false, &mut item.patch),
             ];
             for (writes, replayable, operation) in operations {

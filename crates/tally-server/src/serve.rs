@@ -129,6 +129,31 @@ impl InFlight {
     }
 }
 
+/// One request in [`InFlight`], until dropped.
+struct Counted(std::sync::Arc<InFlight>);
+
+impl Counted {
+    fn new(in_flight: std::sync::Arc<InFlight>) -> Counted {
+        in_flight
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Counted(in_flight)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.done.notify_waiters();
+        }
+    }
+}
+
 /// After the shutdown signal, once every request whose head had arrived has
 /// been answered, how long connections get to write their answers out
 /// before those still open are closed.
@@ -147,7 +172,6 @@ pub async fn serve(
     read_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    use std::sync::atomic::Ordering::SeqCst;
     // Each connection's task holds a receiver: `closed` resolves once all
     // have ended. The signal's sender going away asks them to finish; the
     // abort's, to close now.
@@ -171,12 +195,10 @@ pub async fn serve(
                         })
                     });
                     async move {
-                        counted.count.fetch_add(1, SeqCst);
-                        let response = next.run(request).await;
-                        if counted.count.fetch_sub(1, SeqCst) == 1 {
-                            counted.done.notify_waiters();
-                        }
-                        response
+                        // Counted down when the answer begins, or when the
+                        // request is dropped unanswered (its client went away).
+                        let _counted = Counted::new(counted);
+                        next.run(request).await
                     }
                 },
             ));

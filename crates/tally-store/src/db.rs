@@ -37,6 +37,9 @@ pub enum Error {
     NoRows,
     #[error("corrupt data: {0}")]
     Corrupt(String),
+    /// A database URL that is not PostgreSQL's.
+    #[error("{0}")]
+    BadUrl(String),
     #[error("column {0}: {1}")]
     Type(usize, String),
     /// A commit sent ahead ([`Connection::commit_async`]) failed: nothing
@@ -597,6 +600,15 @@ fn server_side_settings() -> String {
 /// leaves unset: [`CONNECT_TIMEOUT`], [`TCP_USER_TIMEOUT`],
 /// [`KEEPALIVES_IDLE`] and [`KEEPALIVES_INTERVAL`].
 fn postgres_config(url: &str) -> Result<tokio_postgres::Config> {
+    // The client's own message for another scheme is "unexpected EOF".
+    if let Some((scheme, _)) = url.split_once("://") {
+        if !matches!(scheme, "postgres" | "postgresql") {
+            return Err(Error::BadUrl(format!(
+                "the database URL must be a PostgreSQL one, postgres://user@host:port/database \
+                 (its scheme is {scheme:?})"
+            )));
+        }
+    }
     let mut config: tokio_postgres::Config = url.parse()?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);

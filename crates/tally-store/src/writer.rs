@@ -2274,18 +2274,24 @@ impl Writer {
         let now = self.now;
         // The ledger is not backdated: a grant that said it took effect
         // yesterday counted from now in the ledger, and the two disagreed
-        // about yesterday's balance.
-        if request.effective_at.is_some_and(|at| at < now) {
-            return Err(Failure::Rejected(Refusal {
-                code: "invalid_request".into(),
-                message: format!(
-                    "effective_at must not be in the past (the engine's clock is at {}): \
-                     the ledger is never backdated; leave effective_at out for now",
-                    now.rfc3339()
-                ),
-                available: None,
-            }));
-        }
+        // about yesterday's balance. A client's "now", a little behind the
+        // engine's by the time it is applied (latency, forwarding, clocks a
+        // little apart), is now.
+        let effective_at = match request.effective_at {
+            Some(at) if at < now && now.micros().saturating_sub(at.micros()) > PAST_AS_NOW => {
+                return Err(Failure::Rejected(Refusal {
+                    code: "invalid_request".into(),
+                    message: format!(
+                        "effective_at must not be in the past (the engine's clock is at {}): \
+                         the ledger is never backdated; leave effective_at out for now",
+                        now.rfc3339()
+                    ),
+                    available: None,
+                }));
+            }
+            Some(at) => at.max(now),
+            None => now,
+        };
         let grant = Grant {
             id: request.id.clone(),
             customer_id: request.customer_id.clone(),
@@ -2295,7 +2301,7 @@ impl Writer {
             paid: request.paid,
             cost_basis: request.cost_basis.clone(),
             priority: request.priority,
-            effective_at: request.effective_at.unwrap_or(now),
+            effective_at,
             expires_at: request.expires_at,
             scope: request.scope.clone(),
             status: GrantStatus::Active,
@@ -3790,6 +3796,10 @@ pub(crate) const DUE_CUSTOMERS: &str = "\
 /// clock: the clocks of servers sharing a database differ a little; a
 /// manual clock run ahead differs by days.
 pub(crate) const CLOCK_AHEAD_TOLERANCE: i64 = 5 * 60 * 1_000_000;
+
+/// How far behind the engine's clock a grant's `effective_at` may be and
+/// still be taken as now (a minute, in microseconds); further back is a 400.
+const PAST_AS_NOW: i64 = 60 * 1_000_000;
 
 /// How long after a writer on PostgreSQL last said which clock it runs on
 /// (each tick) a server on the other clock is refused, at its start and

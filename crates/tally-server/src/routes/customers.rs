@@ -230,7 +230,12 @@ pub struct BalanceBody {
     /// The active and pending grants with something remaining.
     pub grants: Vec<GrantBody>,
     pub next_expiry: Option<NextExpiry>,
-    /// The engine instant this balance is computed at.
+    /// The engine instant this balance is computed at: expiries and pending
+    /// grants are judged then, and it counts every entry committed when it
+    /// was read. A write being committed at that moment may carry an instant
+    /// a few milliseconds before it (its group's), so the ledger read later
+    /// at `to=as_of` can hold one more entry; a past balance read from the
+    /// ledger a second or more back does not change.
     pub as_of: String,
     /// The customer's last ledger entry recorded when this balance was read
     /// (null before the first). Expiries and grants taking effect that are

@@ -301,7 +301,7 @@ pub async fn pubsub_push(
     }
     let _permit = state.admit(1)?;
     use base64::Engine;
-    let data = serde_json::from_slice::<PubsubEnvelope>(&body)
+    let data = crate::objects::from_slice_untracked::<PubsubEnvelope>(&body)
         .ok()
         .and_then(|envelope| envelope.message.data)
         .and_then(|data| base64::engine::general_purpose::STANDARD.decode(data).ok());

@@ -109,6 +109,18 @@ fn unusable_settings_are_refused_at_the_start() {
             "{stderr}"
         );
     }
+    // A database URL of another kind: said so, not "unexpected EOF".
+    let output = run(&[
+        "migrate",
+        "--database-url",
+        "mysql://root@127.0.0.1:3306/test",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the database URL must be a PostgreSQL one"),
+        "{stderr}"
+    );
     // An advertised URL without a database (an empty one counts as none):
     // each server would keep its own ledger.
     let output = run(&[

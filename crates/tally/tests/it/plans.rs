@@ -508,6 +508,22 @@ async fn changes_and_cancellation_at_the_period_end() {
     assert_eq!(micros_of(&app.balance("cus").await["available"]), 0);
     let entries = app.ledger_all("cus").await;
     assert_ended(&entries, "plan:s2:0", "100", "canceled now");
+    // The lot says when it ended, before its expires_at (a probe could
+    // tell only from the ledger).
+    let grants = app.get("/v1/customers/cus/grants?limit=1000").await;
+    let ended = grants.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == "plan:s2:0")
+        .expect("the lot")
+        .clone();
+    assert_eq!(ended["status"], "expired", "{ended}");
+    assert_eq!(ended["expired_at"], "2999-01-01T00:00:00Z", "{ended}");
+    assert!(
+        ended["expires_at"].is_null() || ended["expires_at"] != ended["expired_at"],
+        "{ended}"
+    );
     assert_replayable(&entries);
 
     // With none active, the subscription shown is the one changed last, not

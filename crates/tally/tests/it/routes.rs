@@ -3728,3 +3728,46 @@ async fn a_late_sweep_books_a_voided_lots_return_as_a_timely_one_would() {
     );
     assert_eq!(app.balance("c").await["available"], "0");
 }
+
+/// A grant's `effective_at` in the past: a minute or more back is a 400
+/// (the ledger is never backdated: a probe's grant said it took effect the
+/// day before while its ledger entry, at now, said otherwise); less than a
+/// minute back (a client's "now" that the engine's clock passed) is now, in
+/// the grant and in its entry alike.
+#[tokio::test]
+async fn a_grant_is_never_backdated() {
+    let (app, start) = manual_clock_app().await;
+    app.customer("c").await;
+    let past = app
+        .post(
+            "/v1/customers/c/grants",
+            json!({ "id": "g_past", "amount": "10", "source": "promotion", "paid": false,
+                    "effective_at": later(start, -120_000) }),
+        )
+        .await;
+    assert_eq!(
+        past.status,
+        reqwest::StatusCode::BAD_REQUEST,
+        "{}",
+        past.body
+    );
+    assert_eq!(past.body["error"]["param"], "effective_at", "{}", past.body);
+    let just = app
+        .post(
+            "/v1/customers/c/grants",
+            json!({ "id": "g_now", "amount": "10", "source": "promotion", "paid": false,
+                    "effective_at": later(start, -10_000) }),
+        )
+        .await;
+    assert_eq!(just.status, reqwest::StatusCode::OK, "{}", just.body);
+    let now = app.get("/v1/clock").await.str("now").to_string();
+    assert_eq!(just.body["effective_at"], now.as_str(), "{}", just.body);
+    let entry = app.get("/v1/customers/c/ledger?limit=1").await;
+    assert_eq!(
+        entry.body["data"][0]["effective_at"],
+        now.as_str(),
+        "{}",
+        entry.body
+    );
+    assert_eq!(app.balance("c").await["available"], "10");
+}
