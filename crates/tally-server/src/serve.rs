@@ -9,9 +9,11 @@
 //!   connection falling idle (hyper's `header_read_timeout`; an idle
 //!   keep-alive connection is closed when it runs out, as an nginx
 //!   `keepalive_timeout` does);
-//! - a body must not pause longer than it between two pieces (tower-http's
-//!   request body timeout): the request is answered 408 `request_timeout`
-//!   and the connection closed.
+//! - a body must not pause longer than it between two pieces
+//!   ([`WatchedBody`]): the request is answered 408 `request_timeout` and
+//!   the connection closed. Its timer is set only when the body is waiting
+//!   for bytes: most bodies arrive with their head and never set one (not
+//!   a timer for every request, as tower-http's body timeout sets).
 //!
 //! A request being processed, or a live stream being written, is not timed.
 
@@ -22,7 +24,6 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tower_http::timeout::RequestBodyTimeoutLayer;
 
 /// The default of `--read-timeout`.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -32,7 +33,7 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn body_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(error) = cause {
-        if error.is::<tower_http::timeout::TimeoutError>() {
+        if error.is::<BodyTimedOut>() {
             return true;
         }
         cause = error.source();
@@ -40,14 +41,33 @@ pub fn body_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// A request body read until the server shuts down: a client still sending
-/// one then gets 503 `unavailable` (nothing applied; send it again) instead
-/// of holding the stop until its body times out.
-struct UntilShutdown {
+/// A request body with a deadline between its pieces (the read timeout),
+/// read until the server shuts down: a client still sending one then gets
+/// 503 `unavailable` (nothing applied; send it again) instead of holding the
+/// stop until its body times out. Both are watched only while the body
+/// waits for bytes.
+struct WatchedBody {
     inner: axum::body::Body,
+    read_timeout: Duration,
     signalled: tokio::sync::watch::Receiver<()>,
+    /// Set at the first wait; moved on at a wait after a piece arrived.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// A piece arrived since the deadline was last set.
+    moved: bool,
     stop: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
+
+/// What reading a body gives when it paused longer than the read timeout.
+#[derive(Debug)]
+pub struct BodyTimedOut;
+
+impl std::fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body paused longer than the read timeout")
+    }
+}
+
+impl std::error::Error for BodyTimedOut {}
 
 /// What reading a body gives once the server shuts down.
 #[derive(Debug)]
@@ -61,7 +81,7 @@ impl std::fmt::Display for ShuttingDown {
 
 impl std::error::Error for ShuttingDown {}
 
-impl http_body::Body for UntilShutdown {
+impl http_body::Body for WatchedBody {
     type Data = axum::body::Bytes;
     type Error = axum::BoxError;
 
@@ -72,7 +92,20 @@ impl http_body::Body for UntilShutdown {
         use std::task::Poll;
         let this = &mut *self;
         if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            this.moved = true;
             return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        let read_timeout = this.read_timeout;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(read_timeout)));
+        if std::mem::take(&mut this.moved) {
+            deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + read_timeout);
+        }
+        if deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(BodyTimedOut))));
         }
         let signalled = &this.signalled;
         let stop = this.stop.get_or_insert_with(|| {
@@ -181,27 +214,28 @@ pub async fn serve(
     let in_flight = std::sync::Arc::new(InFlight::default());
     let counted = in_flight.clone();
     let bodies_signalled = signalled.clone();
-    let app =
-        app.layer(RequestBodyTimeoutLayer::new(read_timeout))
-            .layer(axum::middleware::from_fn(
-                move |request: axum::extract::Request, next: axum::middleware::Next| {
-                    let counted = counted.clone();
-                    let signalled = bodies_signalled.clone();
-                    let request = request.map(|inner| {
-                        axum::body::Body::new(UntilShutdown {
-                            inner,
-                            signalled,
-                            stop: None,
-                        })
-                    });
-                    async move {
-                        // Counted down when the answer begins, or when the
-                        // request is dropped unanswered (its client went away).
-                        let _counted = Counted::new(counted);
-                        next.run(request).await
-                    }
-                },
-            ));
+    let app = app.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let counted = counted.clone();
+            let signalled = bodies_signalled.clone();
+            let request = request.map(|inner| {
+                axum::body::Body::new(WatchedBody {
+                    inner,
+                    read_timeout,
+                    signalled,
+                    deadline: None,
+                    moved: false,
+                    stop: None,
+                })
+            });
+            async move {
+                // Counted down when the answer begins, or when the
+                // request is dropped unanswered (its client went away).
+                let _counted = Counted::new(counted);
+                next.run(request).await
+            }
+        },
+    ));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {

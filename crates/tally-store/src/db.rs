@@ -93,12 +93,10 @@ pub enum Error {
 /// The server's own message (the client's Display says only "db error").
 fn postgres_message(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
-        Some(db) => format!(
-            "{} ({}): {}",
-            db.message(),
-            db.code().code(),
-            db.detail().unwrap_or("")
-        ),
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{} ({}): {detail}", db.message(), db.code().code()),
+            None => format!("{} ({})", db.message(), db.code().code()),
+        },
         // The client's own errors say what failed ("error connecting to
         // server"), their source why ("Connection refused").
         None => match std::error::Error::source(error) {
