@@ -726,6 +726,18 @@ async fn transfers_out_start_the_senders_automatic_topup() {
     );
 }
 
+/// Void `lot` with void id `id`, asserting success; the answer's body.
+async fn void_lot(app: &TestApp, id: &str, lot: &str) -> Value {
+    let reply = app
+        .post(
+            &format!("/v1/grants/{lot}/void"),
+            json!({ "id": id, "reason": "refund the rest" }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    reply.body
+}
+
 /// A new customer buys one `pack` in a top-up `tp_<customer>`, confirmed
 /// with `confirmation`; the top-up's id.
 async fn buy_a_pack(app: &TestApp, customer: &str, pack: &str, confirmation: Value) -> String {
@@ -805,19 +817,6 @@ async fn a_topups_lot_and_the_lots_made_from_it_refund_exactly_its_payment() {
     for customer in ["held", "refunded"] {
         let payment = json!({ "payment_reference": format!("pi_{customer}") });
         let topup = buy_a_pack(&app, customer, "thirds", payment).await;
-        let void = |id: String, lot: String| {
-            let app = &app;
-            async move {
-                let reply = app
-                    .post(
-                        &format!("/v1/grants/{lot}/void"),
-                        json!({ "id": id, "reason": "refund the rest" }),
-                    )
-                    .await;
-                assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-                reply.body
-            }
-        };
         if customer == "held" {
             let hold = app
                 .post(
@@ -829,7 +828,7 @@ async fn a_topups_lot_and_the_lots_made_from_it_refund_exactly_its_payment() {
         } else {
             charge_ok(&app, customer, "c", "2").await;
         }
-        let first = void(format!("v1_{customer}"), format!("topup:{topup}")).await;
+        let first = void_lot(&app, &format!("v1_{customer}"), &format!("topup:{topup}")).await;
         assert_eq!(first["voided"], "1");
         assert_eq!(first["refundable_money"]["amount"], "0.33");
         let made = if customer == "held" {
@@ -857,7 +856,7 @@ async fn a_topups_lot_and_the_lots_made_from_it_refund_exactly_its_payment() {
         assert_eq!(lot["remaining"], "2");
         assert_eq!(lot["external_reference"], format!("pi_{customer}"), "{lot}");
         assert_eq!(lot["origin"], format!("topup:{topup}"), "{lot}");
-        let second = void(format!("v2_{customer}"), made).await;
+        let second = void_lot(&app, &format!("v2_{customer}"), &made).await;
         assert_eq!(second["voided"], "2");
         assert_eq!(
             second["refundable_money"],
@@ -876,19 +875,6 @@ async fn a_topups_lot_and_the_lots_made_from_it_refund_exactly_its_payment() {
 #[tokio::test]
 async fn refunds_are_in_whole_minor_units_and_add_up_to_the_purchase() {
     let app = manual_app().await;
-    let void = |id: &'static str, lot: String| {
-        let app = &app;
-        async move {
-            let reply = app
-                .post(
-                    &format!("/v1/grants/{lot}/void"),
-                    json!({ "id": id, "reason": "refund the rest" }),
-                )
-                .await;
-            assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-            reply.body
-        }
-    };
     // A top-up's credits, one third transferred away: the two voids make
     // the payment.
     put_pack(
@@ -908,12 +894,12 @@ async fn refunds_are_in_whole_minor_units_and_add_up_to_the_purchase() {
     assert_eq!(moved.status, StatusCode::OK, "{}", moved.body);
     let friends = app.get("/v1/customers/friend/grants").await;
     assert_eq!(friends.body["data"][0]["origin"], format!("topup:{topup}"));
-    let there = void("v_friend", "transfer:tr:0".into()).await;
+    let there = void_lot(&app, "v_friend", "transfer:tr:0").await;
     assert_eq!(
         there["refundable_money"],
         json!({"amount": "0.67", "currency": "USD"})
     );
-    let here = void("v_payer", format!("topup:{topup}")).await;
+    let here = void_lot(&app, "v_payer", &format!("topup:{topup}")).await;
     assert_eq!(
         here["refundable_money"],
         json!({"amount": "1.33", "currency": "USD"})
@@ -927,7 +913,7 @@ async fn refunds_are_in_whole_minor_units_and_add_up_to_the_purchase() {
     .await;
     let topup = buy_a_pack(&app, "tokyo", "yen", json!({})).await;
     charge_ok(&app, "tokyo", "c_tokyo", "1").await;
-    let yen = void("v_tokyo", format!("topup:{topup}")).await;
+    let yen = void_lot(&app, "v_tokyo", &format!("topup:{topup}")).await;
     assert_eq!(
         yen["refundable_money"],
         json!({"amount": "667", "currency": "JPY"})
@@ -950,11 +936,11 @@ async fn refunds_are_in_whole_minor_units_and_add_up_to_the_purchase() {
         )
         .await;
     assert_eq!(held.status, StatusCode::OK, "{}", held.body);
-    let first = void("v_gold1", "g_gold".into()).await;
+    let first = void_lot(&app, "v_gold1", "g_gold").await;
     assert_eq!(first["refundable_money"]["amount"], "0.000001");
     let released = app.post("/v1/holds/h_gold/release", json!({})).await;
     assert_eq!(released.status, StatusCode::OK, "{}", released.body);
-    let second = void("v_gold2", "release:h_gold:1".into()).await;
+    let second = void_lot(&app, "v_gold2", "release:h_gold:1").await;
     assert_eq!(second["voided"], "0.5");
     assert_eq!(second["refundable_money"]["amount"], "0", "{second}");
 }
