@@ -354,6 +354,13 @@ pub fn spawn_ticker(state: AppState) -> tokio::task::JoinHandle<()> {
             // Several servers over one database: only the writer's runs the
             // tick; the others follow its (manual) clock.
             if !state.store.is_leader() {
+                if let Ok(Some(conflict)) = state.store.clock_mode_conflict().await {
+                    // Serving on would answer reads on another clock than
+                    // the writer's (a hold expired here, active there).
+                    tracing::error!("{conflict}; exiting");
+                    eprintln!("tally: {conflict}");
+                    std::process::exit(1);
+                }
                 if let Err(error) = state.store.follow_clock().await {
                     tracing::warn!(%error, "cannot read the writer's clock");
                 }

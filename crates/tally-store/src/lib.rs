@@ -1142,6 +1142,20 @@ impl Store {
         .await
     }
 
+    /// On a server that does not run the writer: why it must not run beside
+    /// the writer, when the writer said in the last minute that it runs on
+    /// the other clock (real or manual) than this server. Two servers
+    /// started at the same instant both pass the check at start.
+    pub async fn clock_mode_conflict(&self) -> Result<Option<String>, StoreError> {
+        let clock = self.inner.clock.clone();
+        self.read(move |c| match writer::check_clock_mode(c, &*clock) {
+            Ok(()) => Ok(None),
+            Err(error @ db::Error::ClockModeDiffers { .. }) => Ok(Some(error.to_string())),
+            Err(error) => Err(error),
+        })
+        .await
+    }
+
     /// On a server that does not run the writer: move a manual clock up to
     /// the writer's, as its last tick recorded it (a system clock ignores
     /// it), so that reads here see what the writer sees.

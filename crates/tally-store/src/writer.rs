@@ -3832,6 +3832,15 @@ pub(crate) fn check_engine_clock(
             });
         }
     }
+    check_clock_mode(connection, clock)?;
+    Ok(recorded)
+}
+
+/// On PostgreSQL, [`db::Error::ClockModeDiffers`] when the writer said, less
+/// than [`CLOCK_MODE_FRESH`] ago, that it runs on the other clock than
+/// `clock`. Checked at start, before a takeover, and by followers at each
+/// tick (two servers started at the same instant both pass the start).
+pub(crate) fn check_clock_mode(connection: &Connection, clock: &dyn Clock) -> db::Result<()> {
     if connection.is_postgres() {
         let mode: Option<(Option<i64>, Option<i64>)> = connection
             .query_row(
@@ -3856,7 +3865,7 @@ pub(crate) fn check_engine_clock(
             }
         }
     }
-    Ok(recorded)
+    Ok(())
 }
 
 /// The engine's clock as the last tick recorded it.

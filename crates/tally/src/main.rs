@@ -275,6 +275,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         read_timeout_seconds,
         streams,
     } = args;
+    // Empty counts as none, as for TALLY_DATABASE_URL.
+    let advertise_url = advertise_url.filter(|url| !url.trim().is_empty());
     anyhow::ensure!(
         event_window_seconds > 0,
         "--event-window-seconds must be greater than zero"

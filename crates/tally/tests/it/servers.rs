@@ -1205,4 +1205,37 @@ async fn a_server_on_the_other_clock_cannot_join() {
     // The writer still runs, on the real clock.
     assert_eq!(real.get("/v1/clock").await.body["manual"], false);
     real.customer("c").await;
+
+    // Two servers started at the same instant both pass that check (the
+    // probe's race: the writer had not said yet which clock it runs on).
+    // Made here by freezing the writer and ageing its record: the manual
+    // server starts, then exits at its first tick once the writer, going
+    // on, says again that it runs on the real clock.
+    real.freeze(true);
+    crate::support::run_on_database(
+        &url,
+        "UPDATE engine_clock SET mode_seen_at = mode_seen_at - 120000000",
+    );
+    let mut manual = TestApp::spawn_on_database(
+        Options {
+            manual_clock: true,
+            ..Options::default()
+        },
+        url.clone(),
+        false,
+    )
+    .await;
+    assert_eq!(manual.get("/v1/clock").await.body["manual"], true);
+    real.freeze(false);
+    let mut exited = None;
+    for _ in 0..100 {
+        exited = manual.exited();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let status = exited.expect("the manual-clock server went on beside a real-clock writer");
+    assert!(!status.success(), "{status:?}");
+    assert_eq!(real.get("/v1/clock").await.body["manual"], false);
 }
