@@ -15,11 +15,18 @@ const START: Timestamp = Timestamp(1_800_000_000_000_000);
 
 /// A clock that reads one instant and is not a manual clock: a server's real
 /// clock, stopped for the test.
+/// A clock stopped at an instant that does not resume at the writer's: a
+/// manual one, as the writer's is (servers on a real clock and on a manual
+/// one are refused over one database), which stays where it was set.
 struct Stopped(Timestamp);
 
 impl tally_core::Clock for Stopped {
     fn now(&self) -> Timestamp {
         self.0
+    }
+
+    fn is_manual(&self) -> bool {
+        true
     }
 }
 
@@ -96,8 +103,8 @@ async fn a_read_past_a_boundary_not_yet_renewed_shows_a_balance_that_was() {
     subscribed_and_charged(&store).await;
     let boundary = START.plus_seconds(30 * 24 * 3600).unwrap();
     let later = START.plus_seconds(30 * 24 * 3600 + 60).unwrap();
-    // The follower's clock is a real one running ahead of the writer's (a
-    // manual one would start at the writer's instant, which the database
+    // The follower's clock runs ahead of the writer's (a manual one of a
+    // server would start at the writer's instant, which the database
     // records): here one stopped at `later`.
     let (reader, expected, as_of) = match place.open_follower(Arc::new(Stopped(later))) {
         Some(follower) => (follower, "70", Timestamp(boundary.micros() - 1)),
