@@ -48,6 +48,19 @@ pub fn minor_unit_micros(code: &str) -> i64 {
     10_i64.pow(6 - minor_units(code).min(6))
 }
 
+/// `numerator / denominator` micro-units of `code`, rounded half up to its
+/// smallest unit, in micro-units; `None` on overflow. (A value at a cost
+/// basis: credits × per-credit over a million; a top-up's: price × credits
+/// voided over its credits.)
+pub fn round_to_minor_unit(numerator: i128, denominator: i128, code: &str) -> Option<i128> {
+    let unit = i128::from(minor_unit_micros(code));
+    let step = denominator.checked_mul(unit)?;
+    numerator
+        .checked_add(step / 2)?
+        .div_euclid(step)
+        .checked_mul(unit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

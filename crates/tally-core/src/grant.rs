@@ -64,13 +64,11 @@ impl CostBasis {
     pub fn payable_value_of(&self, credits: Amount) -> Option<Amount> {
         let product =
             i128::from(credits.micros()).checked_mul(i128::from(self.per_credit.micros()))?;
-        // In 10^-12 of the currency, as the product is.
-        let step = i128::from(crate::currency::minor_unit_micros(&self.currency))
-            * i128::from(crate::amount::MICROS_PER_UNIT);
-        let units = (product + step / 2).div_euclid(step);
-        let micros = units.checked_mul(i128::from(crate::currency::minor_unit_micros(
+        let micros = crate::currency::round_to_minor_unit(
+            product,
+            i128::from(crate::amount::MICROS_PER_UNIT),
             &self.currency,
-        )))?;
+        )?;
         Amount::from_micros(i64::try_from(micros).ok()?)
     }
 

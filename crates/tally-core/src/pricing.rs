@@ -833,13 +833,7 @@ mod wire {
                     let text: String = map.next_value()?;
                     // A number in exponent form (`1e3`) is the same number
                     // written out, as for every other amount (`edge::AmountInput`).
-                    match text.contains(['e', 'E']) {
-                        true => match crate::amount::written_out(&text) {
-                            Some(written) => parse(&written),
-                            None => parse(&text),
-                        },
-                        false => parse(&text),
-                    }
+                    parse(&crate::amount::written_out(&text).unwrap_or(text))
                 }
                 _ => Err(de::Error::invalid_type(de::Unexpected::Map, &self)),
             }

@@ -189,17 +189,14 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
             .is_some_and(is_json);
         let bytes = match axum::body::Bytes::from_request(request, state).await {
             Ok(bytes) => bytes,
-            Err(e) if crate::serve::body_timed_out(&e) => {
-                return Ok(JsonBytes(Err(body_timeout())));
-            }
-            Err(e) if crate::serve::body_cut_by_shutdown(&e) => {
-                return Ok(JsonBytes(Err(body_cut_by_shutdown())));
-            }
             Err(e) => {
+                if let Some(cut) = crate::serve::body_cut(&e) {
+                    return Ok(JsonBytes(Err(cut)));
+                }
                 return Ok(JsonBytes(Err(ApiError::new(
                     "invalid_request",
                     e.body_text(),
-                ))))
+                ))));
             }
         };
         if !json && !bytes.iter().all(u8::is_ascii_whitespace) {
@@ -210,26 +207,6 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
         }
         Ok(JsonBytes(Ok(bytes)))
     }
-}
-
-/// The 503 for a body still arriving when the server shut down.
-pub fn body_cut_by_shutdown() -> ApiError {
-    ApiError {
-        retry_after_seconds: Some(1),
-        ..ApiError::new(
-            "unavailable",
-            "the server is shutting down and the body had not all arrived: nothing was applied; \
-             send it again",
-        )
-    }
-}
-
-/// The 408 for a body that paused longer than the read timeout.
-pub fn body_timeout() -> ApiError {
-    ApiError::new(
-        "request_timeout",
-        "the request body stopped arriving before its end; send it again",
-    )
 }
 
 /// Whether a `Content-Type` names JSON: `application/json` or

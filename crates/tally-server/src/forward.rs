@@ -76,15 +76,12 @@ async fn forward(state: &AppState, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, crate::edge::MAX_BODY_BYTES).await {
         Ok(body) => body,
-        Err(error) if crate::serve::body_timed_out(&error) => {
-            return crate::edge::body_timeout().into_response()
-        }
-        Err(error) if crate::serve::body_cut_by_shutdown(&error) => {
-            return crate::edge::body_cut_by_shutdown().into_response()
-        }
-        Err(_) => {
+        Err(error) => {
+            if let Some(cut) = crate::serve::body_cut(&error) {
+                return cut.into_response();
+            }
             return ApiError::invalid("body", "the request body is too large or was cut off")
-                .into_response()
+                .into_response();
         }
     };
     let path = parts

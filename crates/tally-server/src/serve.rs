@@ -28,17 +28,31 @@ use tokio::net::TcpListener;
 /// The default of `--read-timeout`.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Whether `error`, or what it was caused by, is a request body that paused
-/// longer than the read timeout.
-pub fn body_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+/// The answer to a request whose body [`WatchedBody`] cut off (it paused
+/// longer than the read timeout: 408; the server is shutting down: 503),
+/// when `error`, or what it was caused by, says so.
+pub fn body_cut(error: &(dyn std::error::Error + 'static)) -> Option<crate::error::ApiError> {
     let mut cause = Some(error);
     while let Some(error) = cause {
         if error.is::<BodyTimedOut>() {
-            return true;
+            return Some(crate::error::ApiError::new(
+                "request_timeout",
+                "the request body stopped arriving before its end; send it again",
+            ));
+        }
+        if error.is::<ShuttingDown>() {
+            return Some(crate::error::ApiError {
+                retry_after_seconds: Some(1),
+                ..crate::error::ApiError::new(
+                    "unavailable",
+                    "the server is shutting down and the body had not all arrived: nothing was \
+                     applied; send it again",
+                )
+            });
         }
         cause = error.source();
     }
-    false
+    None
 }
 
 /// A request body with a deadline between its pieces (the read timeout),
@@ -127,19 +141,6 @@ impl http_body::Body for WatchedBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// Whether `error`, or what it was caused by, is a request body cut off by
-/// the shutdown.
-pub fn body_cut_by_shutdown(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(error) = cause {
-        if error.is::<ShuttingDown>() {
-            return true;
-        }
-        cause = error.source();
-    }
-    false
 }
 
 /// Requests whose head has arrived and whose answer has not yet begun.

@@ -2278,7 +2278,7 @@ impl Writer {
         // engine's by the time it is applied (latency, forwarding, clocks a
         // little apart), is now.
         let effective_at = match request.effective_at {
-            Some(at) if at < now && now.micros().saturating_sub(at.micros()) > PAST_AS_NOW => {
+            Some(at) if now.micros().saturating_sub(at.micros()) > PAST_AS_NOW => {
                 return Err(Failure::Rejected(Refusal {
                     code: "invalid_request".into(),
                     message: format!(
@@ -3501,11 +3501,17 @@ impl Writer {
         let credits = i128::from(topup.credits.micros());
         let price = i128::from(topup.price.micros());
         // In the currency's smallest unit, rounded half up.
-        let unit = i128::from(tally_core::currency::minor_unit_micros(&topup.currency));
         let worth = |voided: i64| {
-            (price * i128::from(voided) + credits * unit / 2) / (credits * unit) * unit
+            tally_core::currency::round_to_minor_unit(
+                price.checked_mul(i128::from(voided))?,
+                credits,
+                &topup.currency,
+            )
         };
-        let value = worth(after) - worth(before);
+        let (Some(is), Some(was)) = (worth(after), worth(before)) else {
+            return Ok(None);
+        };
+        let value = is - was;
         self.connection.execute(
             "UPDATE topups SET voided_credits = ?2 WHERE id = ?1",
             params![topup_id, after],
@@ -3806,7 +3812,7 @@ const PAST_AS_NOW: i64 = 60 * 1_000_000;
 /// before it would take over (a minute, in microseconds).
 pub const CLOCK_MODE_FRESH: i64 = 60 * 1_000_000;
 
-/// The writer's clock, as [`check_engine_clock`] reads it.
+/// The writer's clock, as [`check_clock_mode`] reads it.
 const RECORD_CLOCK_MODE: &str =
     "UPDATE engine_clock SET manual = ?1, mode_seen_at = ?2 WHERE id = 1";
 
