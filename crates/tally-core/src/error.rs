@@ -57,7 +57,8 @@ pub enum LedgerError {
 /// The message of [`LedgerError::RefundExceedsCharge`].
 fn refund_exceeds(requested: Amount, refundable: Amount) -> String {
     if refundable.is_zero() {
-        return "this charge has nothing left to refund: it was refunded in full".into();
+        return "this charge has nothing left to refund: it cost no credits, or was refunded in full"
+            .into();
     }
     format!("refund of {requested} exceeds the {refundable} still refundable on this charge")
 }

@@ -123,6 +123,10 @@ impl Caller {
     }
 }
 
+/// The key id of `TALLY_ADMIN_KEY` (its actor is `key:bootstrap-admin`): no
+/// stored key may take it, or the audit trail could not tell them apart.
+pub const BOOTSTRAP_ADMIN: &str = "bootstrap-admin";
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -130,64 +134,77 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let missing = || {
-            ApiError::new(
-                "unauthorized",
-                "send an API key as Authorization: Bearer <key>",
-            )
-        };
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(missing)?;
-        let key = value
-            .to_str()
-            .ok()
-            // The scheme's name is case-insensitive (RFC 9110, 11.1).
-            .and_then(|v| {
-                let (scheme, key) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then_some(key)
-            })
-            .map(str::trim)
-            .ok_or_else(missing)?;
-        if key.is_empty() {
-            return Err(missing());
-        }
-        let hash = hash_key(key);
-        if state.admin_key_hash.as_deref() == Some(hash.as_str()) {
-            return Ok(Caller {
-                key_id: "bootstrap-admin".into(),
-                scope: Scope::Admin,
-            });
-        }
-        if let Some((id, scope, at)) = state
-            .key_cache
-            .entries
-            .lock()
-            .expect("key cache")
-            .get(&hash)
-            .cloned()
-        {
-            if at.elapsed() < KEY_CACHE_TTL {
-                return Ok(Caller { key_id: id, scope });
-            }
-        }
-        let record = state.store.api_key(hash.clone()).await?;
-        let Some(record) = record else {
-            return Err(ApiError::new("unauthorized", "the API key is not valid"));
-        };
-        let scope = Scope::parse(&record.scope)
-            .ok_or_else(|| ApiError::new("unauthorized", "the API key is not valid"))?;
-        let mut cache = state.key_cache.entries.lock().expect("key cache");
-        if cache.len() >= KEY_CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(hash, (record.id.clone(), scope, Instant::now()));
-        Ok(Caller {
-            key_id: record.id,
-            scope,
-        })
+        authenticate(&parts.headers, state).await
     }
+}
+
+/// The caller a request's `Authorization` header names, or a 401 (a 400 for
+/// more than one such header: which one counts would be a guess).
+pub async fn authenticate(
+    headers: &axum::http::HeaderMap,
+    state: &AppState,
+) -> Result<Caller, ApiError> {
+    let missing = || {
+        ApiError::new(
+            "unauthorized",
+            "send an API key as Authorization: Bearer <key>",
+        )
+    };
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().ok_or_else(missing)?;
+    if values.next().is_some() {
+        return Err(ApiError::invalid(
+            "authorization",
+            "send one Authorization header, not several",
+        ));
+    }
+    let key = value
+        .to_str()
+        .ok()
+        // The scheme's name is case-insensitive (RFC 9110, 11.1).
+        .and_then(|v| {
+            let (scheme, key) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(key)
+        })
+        .map(str::trim)
+        .ok_or_else(missing)?;
+    if key.is_empty() {
+        return Err(missing());
+    }
+    let hash = hash_key(key);
+    if state.admin_key_hash.as_deref() == Some(hash.as_str()) {
+        return Ok(Caller {
+            key_id: BOOTSTRAP_ADMIN.into(),
+            scope: Scope::Admin,
+        });
+    }
+    if let Some((id, scope, at)) = state
+        .key_cache
+        .entries
+        .lock()
+        .expect("key cache")
+        .get(&hash)
+        .cloned()
+    {
+        if at.elapsed() < KEY_CACHE_TTL {
+            return Ok(Caller { key_id: id, scope });
+        }
+    }
+    let record = state.store.api_key(hash.clone()).await?;
+    let Some(record) = record else {
+        return Err(ApiError::new("unauthorized", "the API key is not valid"));
+    };
+    let scope = Scope::parse(&record.scope)
+        .ok_or_else(|| ApiError::new("unauthorized", "the API key is not valid"))?;
+    let mut cache = state.key_cache.entries.lock().expect("key cache");
+    if cache.len() >= KEY_CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(hash, (record.id.clone(), scope, Instant::now()));
+    Ok(Caller {
+        key_id: record.id,
+        scope,
+    })
 }
 
 #[cfg(test)]

@@ -47,6 +47,9 @@ pub async fn gate(
     request: Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    if let Some(refusal) = dot_segment_refusal(&request) {
+        return refusal;
+    }
     let request = match crate::forward::to_leader(&state, request).await {
         Ok(forwarded) => return forwarded,
         Err(request) => request,
@@ -187,6 +190,12 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|value| value.to_str().ok())
             .is_some_and(is_json);
+        // A compressed body would be read as if it were the JSON itself.
+        let encoded = request
+            .headers()
+            .get_all(axum::http::header::CONTENT_ENCODING)
+            .iter()
+            .any(|value| !value.as_bytes().eq_ignore_ascii_case(b"identity"));
         let bytes = match axum::body::Bytes::from_request(request, state).await {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -199,6 +208,12 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
                 ))));
             }
         };
+        if encoded {
+            return Ok(JsonBytes(Err(ApiError::new(
+                "invalid_request",
+                "Content-Encoding is not supported: send the body uncompressed",
+            ))));
+        }
         if !json && !bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBytes(Err(ApiError::new(
                 "invalid_request",
@@ -626,7 +641,41 @@ pub fn positive(amount: AmountInput, param: &str) -> Result<Amount, ApiError> {
 
 /// Parse a client-chosen id, or a 400 naming `param`.
 pub fn id(text: &str, param: &str) -> Result<Id, ApiError> {
+    if is_dot_segment(text) {
+        return Err(ApiError::invalid(
+            param,
+            format!("{param} may not be . or .. (a URL path cannot name it)"),
+        ));
+    }
     Id::parse(text).map_err(|e| ApiError::invalid(param, format!("{param}: {e}")))
+}
+
+/// `.` or `..`, also percent-encoded (`%2e`): a segment a URL's path
+/// resolves away, so that a proxy, a browser or this server's own
+/// forwarding to the writer would send the request to another route.
+fn is_dot_segment(segment: &str) -> bool {
+    let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+    decoded == "." || decoded == ".."
+}
+
+/// A 400 for a path with a `.` or `..` segment, before it is forwarded or
+/// routed: the writer would see another path than this server did.
+fn dot_segment_refusal(request: &Request) -> Option<axum::response::Response> {
+    use axum::response::IntoResponse;
+    request
+        .uri()
+        .path()
+        // A URL parser reads `\` as `/` in an http(s) path (the forwarding
+        // to the writer would resolve `x\..\` away).
+        .split(['/', '\\'])
+        .any(is_dot_segment)
+        .then(|| {
+            ApiError::invalid(
+                "path",
+                "a path segment may not be . or .. (an id may not be either)",
+            )
+            .into_response()
+        })
 }
 
 /// The last instant the API can write: 9999-12-31T23:59:59.999999Z.

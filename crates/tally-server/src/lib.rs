@@ -279,7 +279,10 @@ pub fn router(state: AppState) -> Router {
                 .get(plans::get_subscription)
                 .delete(plans::cancel_subscription),
         )
-        .route("/v1/customers/{id}/alerts", put(notify::put_alerts))
+        .route(
+            "/v1/customers/{id}/alerts",
+            put(notify::put_alerts).get(notify::get_alerts),
+        )
         .route("/v1/customers/{id}/members", get(members::list_members))
         .route("/v1/transfers", post(members::create_transfer))
         .route(
@@ -312,6 +315,10 @@ pub fn router(state: AppState) -> Router {
             get(notify::get_webhook_endpoint)
                 .patch(notify::update_webhook_endpoint)
                 .delete(notify::delete_webhook_endpoint),
+        )
+        .route(
+            "/v1/webhook-endpoints/{id}/rotate-secret",
+            post(notify::rotate_webhook_secret),
         )
         .route(
             "/v1/webhook-endpoints/{id}/deliveries",

@@ -195,16 +195,29 @@ impl Drop for Done {
     }
 }
 
+/// `Tally-Signature`: `t=<t>,v1=<under the secret>`, and a second `v1` under
+/// the secret before the last rotation while that one is still valid.
+fn signature_header(delivery: &DueDelivery, timestamp: u64) -> String {
+    let mut header = format!(
+        "t={timestamp},v1={}",
+        sign(&delivery.secret, timestamp, &delivery.body)
+    );
+    if let Some(previous) = &delivery.previous_secret {
+        header.push_str(",v1=");
+        header.push_str(&sign(previous, timestamp, &delivery.body));
+    }
+    header
+}
+
 /// Send one delivery and record the attempt; false when it could not be recorded.
 async fn deliver(client: &reqwest::Client, state: &AppState, delivery: DueDelivery) -> bool {
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let signature = sign(&delivery.secret, timestamp, &delivery.body);
     let sent = client
         .post(&delivery.url)
         .header("content-type", "application/json")
-        .header("tally-signature", format!("t={timestamp},v1={signature}"))
+        .header("tally-signature", signature_header(&delivery, timestamp))
         .header("tally-delivery-id", &delivery.id)
         .body(delivery.body.clone())
         .send()

@@ -702,7 +702,11 @@ impl Drop for Inner {
 /// alive; a restart recovers from what is durable.
 fn abort_on_panic(thread: &str, body: impl FnOnce()) {
     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
-        tracing::error!(thread, "a store thread panicked; stopping the process");
+        // Even if writing the log fails too: the process must stop, not go
+        // on without its writer.
+        let _ = std::panic::catch_unwind(|| {
+            tracing::error!(thread, "a store thread panicked; stopping the process");
+        });
         std::process::abort();
     }
 }
@@ -1424,6 +1428,21 @@ impl Store {
                 return Ok(None);
             }
             rows::auto_topup(c, customer_id.as_str()).map(Some)
+        })
+        .await
+    }
+
+    /// A customer's alert settings (`Some(None)`: it set none). `None`: no
+    /// such customer.
+    pub async fn alerts(
+        &self,
+        customer_id: Id,
+    ) -> Result<Option<Option<crate::model::Alerts>>, StoreError> {
+        self.read(move |c| {
+            if rows::customer(c, customer_id.as_str())?.is_none() {
+                return Ok(None);
+            }
+            rows::alerts(c, customer_id.as_str()).map(Some)
         })
         .await
     }

@@ -918,7 +918,8 @@ pub fn due_deliveries_of(
 ) -> db::Result<Vec<crate::model::DueDelivery>> {
     let mut statement = connection.prepare_cached(
         "SELECT d.id, d.attempts, e.url, e.secret, n.sequence, n.type, n.customer_id, n.payload, n.created_at, \
-         d.endpoint_id \
+         d.endpoint_id, \
+         CASE WHEN e.previous_secret_expires_at > ?1 THEN e.previous_secret END \
          FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
          JOIN notifications n ON n.sequence = d.notification \
          WHERE d.endpoint_id = ?4 AND d.status = 'pending' AND d.next_attempt_at <= ?1 \
@@ -961,6 +962,7 @@ fn due_delivery(row: &Row) -> db::Result<crate::model::DueDelivery> {
         attempts: row.get(1)?,
         url: row.get(2)?,
         secret: row.get(3)?,
+        previous_secret: row.get(10)?,
         body: body.to_string(),
     })
 }
@@ -1003,8 +1005,8 @@ pub fn webhook_endpoints(
     connection: &Connection,
 ) -> db::Result<Vec<crate::model::WebhookEndpointRecord>> {
     let mut statement = connection.prepare_cached(
-        "SELECT id, url, events, secret, created_at FROM webhook_endpoints \
-         WHERE deleted_at IS NULL ORDER BY id",
+        "SELECT id, url, events, secret, created_at, previous_secret_expires_at \
+         FROM webhook_endpoints WHERE deleted_at IS NULL ORDER BY id",
     )?;
     let rows = statement.query_map([], |row| {
         Ok(crate::model::WebhookEndpointRecord {
@@ -1013,6 +1015,7 @@ pub fn webhook_endpoints(
             events: json(&row.get::<_, String>(2)?)?,
             secret: row.get(3)?,
             created_at: Timestamp(row.get(4)?),
+            previous_secret_expires_at: row.get::<_, Option<i64>>(5)?.map(Timestamp),
         })
     })?;
     rows.collect()
@@ -1242,6 +1245,17 @@ pub fn auto_topup(
 ) -> db::Result<Option<tally_core::AutoTopupState>> {
     connection
         .prepare_cached("SELECT body FROM auto_topups WHERE customer_id = ?1")?
+        .query_row([customer_id], |row| json(&row.get::<_, String>(0)?))
+        .optional()
+}
+
+/// A customer's alert settings, if it set any.
+pub fn alerts(
+    connection: &Connection,
+    customer_id: &str,
+) -> db::Result<Option<crate::model::Alerts>> {
+    connection
+        .prepare_cached("SELECT body FROM customer_alerts WHERE customer_id = ?1")?
         .query_row([customer_id], |row| json(&row.get::<_, String>(0)?))
         .optional()
 }

@@ -469,6 +469,16 @@ ALTER TABLE engine_clock ADD COLUMN manual INTEGER;
 ALTER TABLE engine_clock ADD COLUMN mode_seen_at INTEGER;
 "#,
     ),
+    (
+        23,
+        r#"
+-- A webhook endpoint's secret before its last rotation, which signs
+-- deliveries beside the new one until `previous_secret_expires_at` on the
+-- engine's clock (NULL: none).
+ALTER TABLE webhook_endpoints ADD COLUMN previous_secret TEXT;
+ALTER TABLE webhook_endpoints ADD COLUMN previous_secret_expires_at INTEGER;
+"#,
+    ),
 ];
 
 /// The key of the advisory lock that serializes migrations on PostgreSQL

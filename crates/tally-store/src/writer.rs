@@ -2053,6 +2053,15 @@ impl Writer {
                 None,
             )),
             Command::DeleteWebhookEndpoint { id } => Ok((self.delete_webhook_endpoint(id)?, None)),
+            Command::RotateWebhookSecret {
+                endpoint_id,
+                secret,
+                previous_valid_seconds,
+                ..
+            } => Ok((
+                self.rotate_webhook_secret(endpoint_id, secret, *previous_valid_seconds)?,
+                None,
+            )),
             Command::UpdateCustomer(update) => Ok((self.update_customer(update)?, None)),
             Command::RevokeApiKey { id } => {
                 match rows::revoke_api_key(&self.connection, id.as_str(), now)? {
@@ -4007,6 +4016,17 @@ fn request_hash(command: &Command) -> Vec<u8> {
                 ..endpoint.clone()
             }))
         }
+        Command::RotateWebhookSecret {
+            id,
+            endpoint_id,
+            previous_valid_seconds,
+            ..
+        } => serde_json::to_vec(&Command::RotateWebhookSecret {
+            id: id.clone(),
+            endpoint_id: endpoint_id.clone(),
+            secret: String::new(),
+            previous_valid_seconds: *previous_valid_seconds,
+        }),
         // An event is the same event whatever its source or wire form.
         Command::Event(event) => serde_json::to_vec(&Command::Event(NewEvent {
             source: String::new(),

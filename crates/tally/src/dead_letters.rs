@@ -291,10 +291,16 @@ pub async fn run(args: DeadLetterArgs) -> anyhow::Result<()> {
                 );
             }
             match (failed, refused) {
-                (0, 0) => Ok(()),
+                (0, 0) if rejected == 0 => Ok(()),
+                // Nothing the server refused: these were replayed, and the
+                // event was refused again (exit 1, so a script can tell).
+                (0, 0) => bail!(
+                    "{rejected} dead letter(s) are still rejected (see their lines): fix the cause, \
+                     then replay them again"
+                ),
                 (0, refused) => bail!(
                     "{refused} dead letter(s) were refused by the server (see their lines); running \
-                     the command again will not change that"
+                     the command again as it is will not change that"
                 ),
                 (failed, _) => bail!(
                     "{failed} dead letter(s) could not be replayed for now (the server unreachable \

@@ -52,6 +52,19 @@ impl StorageArgs {
             None => tally_store::Location::Embedded(&self.data_dir),
         }
     }
+
+    /// The location of a database that must exist already (to list or
+    /// revoke keys): a mistyped `--data-dir` is refused rather than given
+    /// a new, empty database.
+    fn existing(&self) -> anyhow::Result<tally_store::Location<'_>> {
+        if self.postgres_url().is_none() && !self.data_dir.join("tally.db").exists() {
+            bail!(
+                "there is no Tally database in {:?} (--data-dir, TALLY_DATA_DIR); tally serve or tally migrate creates one",
+                self.data_dir
+            );
+        }
+        Ok(self.location())
+    }
 }
 
 #[derive(clap::Args)]
@@ -160,7 +173,9 @@ fn written(text: impl std::fmt::Display) -> bool {
     match writeln!(std::io::stdout().lock(), "{text}") {
         Ok(()) => true,
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => false,
-        Err(error) => panic!("cannot write to stdout: {error}"),
+        // Another failure (a full disk): the line is lost, as a log line
+        // would be; the command goes on.
+        Err(_) => true,
     }
 }
 
@@ -171,6 +186,11 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,tally=info,async_nats=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (a full disk, a reader gone) is
+        // dropped: by default the library reports it with `eprintln!`,
+        // which panics, and took down whichever thread was logging (the
+        // writer's, logging its failed writes on a full disk).
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -201,6 +221,9 @@ fn main() -> anyhow::Result<()> {
             if tally_core::Id::parse(&id).is_err() {
                 bail!("--id must be 1 to 128 characters of A-Z, a-z, 0-9, '_', '.', ':' or '-'");
             }
+            if id == tally_server::auth::BOOTSTRAP_ADMIN {
+                bail!("--id {id} names TALLY_ADMIN_KEY in the audit trail; choose another id");
+            }
             if tally_store::list_api_keys(storage.location())
                 .context("read the keys")?
                 .iter()
@@ -219,15 +242,16 @@ fn main() -> anyhow::Result<()> {
             .context("store the key")?;
             println!("{key}");
             eprintln!(
-                "created key {id} with scope {}; it is shown only once",
-                scope.as_str()
+                "created key {id} with scope {} in {}; it is shown only once",
+                scope.as_str(),
+                storage.location()
             );
             Ok(())
         }
         Commands::Keys {
             command: KeyCommands::List { storage },
         } => {
-            let keys = tally_store::list_api_keys(storage.location()).context("list the keys")?;
+            let keys = tally_store::list_api_keys(storage.existing()?).context("list the keys")?;
             print_line("id\tscope\tcreated_at\trevoked_at");
             for key in keys {
                 print_line(format_args!(
@@ -244,7 +268,7 @@ fn main() -> anyhow::Result<()> {
             command: KeyCommands::Revoke { id, storage },
         } => {
             let now = SystemClock.now();
-            match tally_store::revoke_api_key(storage.location(), &id, now)
+            match tally_store::revoke_api_key(storage.existing()?, &id, now)
                 .context("revoke the key")?
             {
                 Some(key) => {
@@ -277,6 +301,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } = args;
     // Empty counts as none, as for TALLY_DATABASE_URL.
     let advertise_url = advertise_url.filter(|url| !url.trim().is_empty());
+    let streams = tally_server::streams::check(streams)?;
     anyhow::ensure!(
         event_window_seconds > 0,
         "--event-window-seconds must be greater than zero"
@@ -379,7 +404,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     state
         .store
         .advertise(advertise_url.unwrap_or_else(|| format!("http://{address}")));
-    println!("tally listening on http://{address}");
+    print_report(format_args!("tally listening on http://{address}"));
     tracing::info!(%address, store = %storage.location(), manual_clock, "serving");
     let shutdown = state.shutdown.clone();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -45,8 +45,8 @@ pub async fn create_customer(
     let command = Command::CreateCustomer(NewCustomer {
         id: edge::id(&body.id, "id")?,
         name: edge::text(body.name, "name", 256)?,
-        plan: edge::text(body.plan, "plan", 128)?,
-        region: edge::text(body.region, "region", 128)?,
+        plan: label(body.plan, "plan")?,
+        region: label(body.region, "region")?,
         currency: currency(body.currency, "currency")?,
         metadata: edge::metadata(body.metadata)?,
         overage: body
@@ -101,8 +101,8 @@ pub async fn update_customer(
     let command = Command::UpdateCustomer(tally_store::CustomerUpdate {
         customer_id: edge::id(&customer_id, "id")?,
         name: text(body.name, "name", 256)?,
-        plan: text(body.plan, "plan", 128)?,
-        region: text(body.region, "region", 128)?,
+        plan: body.plan.map(|v| label(v, "plan")).transpose()?,
+        region: body.region.map(|v| label(v, "region")).transpose()?,
         metadata: body
             .metadata
             .map(|value| edge::metadata(value.map(|v| v.0)))
@@ -113,6 +113,23 @@ pub async fn update_customer(
         Outcome::Customer(customer) => Ok(CustomerBody::from(customer)),
         _ => Err(unexpected()),
     }))
+}
+
+/// A customer's plan or region, matched against price book rules and plan
+/// keys: written as a key is (`edge::id`'s characters), not free text.
+fn label(value: Option<String>, param: &str) -> Result<Option<String>, ApiError> {
+    value
+        .map(|text| {
+            edge::id(&text, param).map(|_| text).map_err(|_| {
+                ApiError::invalid(
+                    param,
+                    format!(
+                        "{param} must be 1 to 128 characters of A-Z, a-z, 0-9, '_', '.', ':' or '-' (as a plan key)"
+                    ),
+                )
+            })
+        })
+        .transpose()
 }
 
 fn currency(value: Option<String>, param: &str) -> Result<Option<String>, ApiError> {

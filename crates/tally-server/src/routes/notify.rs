@@ -83,13 +83,38 @@ pub async fn put_alerts(
         Outcome::Alerts {
             customer_id,
             alerts,
-        } => Ok(AlertsBody {
-            customer_id: customer_id.to_string(),
-            low_balance: alerts.low_balance.iter().copied().map(amount).collect(),
-            grant_expiring_days: alerts.grant_expiring_days,
-        }),
+        } => Ok(alerts_body(customer_id.as_str(), alerts)),
         _ => Err(unexpected()),
     }))
+}
+
+fn alerts_body(customer_id: &str, alerts: &Alerts) -> AlertsBody {
+    AlertsBody {
+        customer_id: customer_id.to_owned(),
+        low_balance: alerts.low_balance.iter().copied().map(amount).collect(),
+        grant_expiring_days: alerts.grant_expiring_days,
+    }
+}
+
+/// A customer's alert settings: no thresholds and no expiry warning until
+/// it sets some. (A `PUT` replaces them all: read them first to change one.)
+#[utoipa::path(get, path = "/v1/customers/{id}/alerts", tag = "notifications",
+    responses((status = 200, body = AlertsBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = ["read"])))]
+pub async fn get_alerts(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+) -> Result<Json<AlertsBody>, ApiError> {
+    caller.require(Scope::Read)?;
+    let id = edge::id(&customer_id, "id")?;
+    let alerts = state
+        .store
+        .alerts(id.clone())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("customer {id}")))?
+        .unwrap_or_default();
+    Ok(Json(alerts_body(id.as_str(), &alerts)))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -115,6 +140,9 @@ pub struct WebhookEndpointBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
     pub created_at: String,
+    /// Until when the secret before the last rotation signs deliveries too
+    /// (a second `v1` in `Tally-Signature`); null when none does.
+    pub previous_secret_expires_at: Option<String>,
 }
 
 fn endpoint_body(e: &tally_store::WebhookEndpointRecord, secret: bool) -> WebhookEndpointBody {
@@ -124,7 +152,77 @@ fn endpoint_body(e: &tally_store::WebhookEndpointRecord, secret: bool) -> Webhoo
         events: e.events.clone(),
         secret: secret.then(|| e.secret.clone()),
         created_at: edge::rfc3339(e.created_at),
+        previous_secret_expires_at: e.previous_secret_expires_at.map(edge::rfc3339),
     }
+}
+
+/// The longest a rotated-out secret may keep signing: a week.
+const MAX_PREVIOUS_VALID_SECONDS: u32 = 7 * 24 * 3600;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateWebhookSecret {
+    /// The rotation's id (idempotency key): a retry with it gets the same
+    /// new secret back, and rotates nothing again.
+    pub id: String,
+    /// How long the secret in use until now keeps signing deliveries beside
+    /// the new one, in seconds of the engine's clock: 0 to 604800 (a week),
+    /// 86400 when left out. 0 stops it at once.
+    #[serde(default)]
+    #[schema(value_type = Option<u32>, minimum = 0, maximum = 604800)]
+    pub previous_valid_seconds: Option<serde_json::Value>,
+}
+
+/// Give an endpoint a new signing secret, shown only in this answer (and in
+/// a replay of this same request). While the previous one is still valid,
+/// every delivery's `Tally-Signature` carries two `v1` signatures, one under
+/// each secret (`t=<t>,v1=<new>,v1=<previous>`): a receiver that accepts any
+/// `v1` it can verify switches secrets without refusing a delivery. A secret
+/// rotated out by an earlier rotation and still valid stops at once.
+#[utoipa::path(post, path = "/v1/webhook-endpoints/{id}/rotate-secret", tag = "notifications",
+    request_body = RotateWebhookSecret,
+    responses((status = 200, body = WebhookEndpointBody), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = ["admin"])))]
+pub async fn rotate_webhook_secret(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(endpoint_id): Path<String>,
+    body: ApiJson<RotateWebhookSecret>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    let body = body.read()?;
+    let previous_valid_seconds = match body.previous_valid_seconds {
+        None => 24 * 3600,
+        Some(value) => value
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .filter(|v| *v <= MAX_PREVIOUS_VALID_SECONDS)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "previous_valid_seconds",
+                    format!(
+                        "previous_valid_seconds must be a whole number of seconds from 0 to {MAX_PREVIOUS_VALID_SECONDS}"
+                    ),
+                )
+            })?,
+    };
+    let command = Command::RotateWebhookSecret {
+        id: edge::id(&body.id, "id")?,
+        endpoint_id: edge::id(&endpoint_id, "id")?,
+        secret: new_secret(),
+        previous_valid_seconds,
+    };
+    let executed = state.execute(command, &caller).await?;
+    Ok(reply(executed, |outcome| match outcome {
+        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, true)),
+        _ => Err(unexpected()),
+    }))
+}
+
+/// A new signing secret: `whsec_` and 32 random bytes' worth of key.
+fn new_secret() -> String {
+    format!("whsec_{}", &crate::auth::generate_key()[3..])
 }
 
 /// Register a webhook endpoint. Deliveries are POSTs with the headers
@@ -147,7 +245,7 @@ pub async fn create_webhook_endpoint(
         id: edge::id(&body.id, "id")?,
         url,
         events,
-        secret: format!("whsec_{}", &crate::auth::generate_key()[3..]),
+        secret: new_secret(),
     });
     let executed = state.execute(command, &caller).await?;
     Ok(reply(executed, |outcome| match outcome {
@@ -166,11 +264,28 @@ fn endpoint_url(text: &str) -> Result<String, ApiError> {
             format!("url must be at most {MAX_URL} characters"),
         ));
     }
+    // As written, not as a URL parser repairs it (`http:x`, `https:\\host`
+    // and `http:///x` all parse to some `http://x/`).
+    let lower = text.get(..8).unwrap_or(text).to_ascii_lowercase();
+    let written = (lower.starts_with("http://") || lower.starts_with("https://"))
+        && !text.contains('\\')
+        && !text.contains(char::is_whitespace)
+        && !text[text.find("//").map_or(0, |at| at + 2)..].starts_with('/');
     reqwest::Url::parse(text)
         .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .filter(|u| {
+            written
+                && matches!(u.scheme(), "http" | "https")
+                && u.host().is_some()
+                && u.port() != Some(0)
+        })
         .map(|u| u.to_string())
-        .ok_or_else(|| ApiError::invalid("url", "url must be an absolute http:// or https:// URL"))
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "url",
+                "url must be an absolute http:// or https:// URL with a host (and a port from 1)",
+            )
+        })
 }
 
 /// An endpoint's notification types, sorted and without repeats, or a 400
@@ -398,6 +513,25 @@ pub struct BalanceChangeBody {
     pub recorded_at: String,
 }
 
+/// How often a live stream checks that its key is still valid.
+const KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Returns once the key of `headers` is refused (revoked: at most
+/// [`KEY_RECHECK`] after its revocation through this server, and the key
+/// cache's 10 s more through another), or no longer has the read scope. A
+/// store that cannot answer for now ends nothing.
+async fn key_revoked(state: AppState, headers: axum::http::HeaderMap) {
+    loop {
+        tokio::time::sleep(KEY_RECHECK).await;
+        match crate::auth::authenticate(&headers, &state).await {
+            Ok(caller) if caller.scope.allows(Scope::Read) => {}
+            Ok(_) => return,
+            Err(error) if error.status == axum::http::StatusCode::UNAUTHORIZED => return,
+            Err(_) => {}
+        }
+    }
+}
+
 /// The customer's balance changes as they happen (server-sent events).
 ///
 /// The first event, `balance`, is the balance now (with `last_entry_id`,
@@ -507,9 +641,14 @@ pub async fn stream(
         futures_util::stream::iter(opening.into_iter().map(Ok)),
         changes,
     );
-    // The stream ends when the server shuts down.
+    // The stream ends when the server shuts down, or when its key no longer
+    // authenticates (revoked) or no longer reads.
+    let revoked = key_revoked(state.clone(), headers);
     let stream = futures_util::StreamExt::take_until(stream, async move {
-        let _ = shutdown.wait_for(|stopping| *stopping).await;
+        tokio::select! {
+            _ = shutdown.wait_for(|stopping| *stopping) => {}
+            () = revoked => {}
+        }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

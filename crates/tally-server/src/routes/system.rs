@@ -80,6 +80,11 @@ pub struct AdvanceClock {
 /// cross (`POST /v1/clock/advance`): over two and a half years of a daily plan.
 pub const MAX_RENEWALS_PER_ADVANCE: i64 = 1_000;
 
+/// The furthest the manual clock goes, 9000-01-01T00:00:00Z: every instant
+/// the engine computes from it (a hold's timeout, a period's end, a top-up's
+/// payment deadline) is then still a date the API can write.
+const MAX_MANUAL_CLOCK: tally_core::Timestamp = tally_core::Timestamp(221_845_392_000 * 1_000_000);
+
 /// Move the manual clock forward and apply everything that fell due.
 ///
 /// A step renews any one subscription at most 1,000 times: a longer step is
@@ -105,11 +110,11 @@ pub async fn advance_clock(
     let (target, param) = match (body.seconds, body.to) {
         (Some(seconds), None) if seconds >= 0 => (
             now.plus_seconds(seconds)
-                .filter(|target| *target <= edge::MAX_INSTANT)
+                .filter(|target| *target <= MAX_MANUAL_CLOCK)
                 .ok_or_else(|| {
                     ApiError::invalid(
                         "seconds",
-                        "seconds is too large: the clock cannot pass 9999-12-31T23:59:59Z",
+                        "seconds is too large: the clock cannot pass 9000-01-01T00:00:00Z",
                     )
                 })?,
             "seconds",
@@ -121,6 +126,12 @@ pub async fn advance_clock(
             let to = edge::instant(&to, "to")?;
             if to < now {
                 return Err(ApiError::invalid("to", "the clock never moves backwards"));
+            }
+            if to > MAX_MANUAL_CLOCK {
+                return Err(ApiError::invalid(
+                    "to",
+                    "the clock cannot pass 9000-01-01T00:00:00Z",
+                ));
             }
             (to, "to")
         }
@@ -190,6 +201,14 @@ pub async fn create_api_key(
     caller.require(Scope::Admin)?;
     let body = body.read()?;
     let id: Id = edge::id(&body.id, "id")?;
+    if id.as_str() == crate::auth::BOOTSTRAP_ADMIN {
+        return Err(ApiError::invalid(
+            "id",
+            format!(
+                "id {id} names TALLY_ADMIN_KEY in the audit trail (actor key:{id}); choose another id"
+            ),
+        ));
+    }
     let scope = Scope::parse(&body.scope)
         .ok_or_else(|| ApiError::invalid("scope", "scope must be admin, write, ingest or read"))?;
     let key = generate_key();

@@ -83,6 +83,49 @@ pub fn start(
     args: &StreamArgs,
     stopping: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let Configured {
+        config,
+        brokers,
+        topic,
+        group,
+    } = configure(args)?;
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|_| anyhow::anyhow!("the Kafka consumer needs a tokio runtime"))?;
+
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    let context = Context {
+        state: state.clone(),
+        topic: topic.clone(),
+        tracker: tracker.clone(),
+        errors: Mutex::default(),
+    };
+    let consumer: Kafka = config
+        .create_with_context(context)
+        .map_err(|e| anyhow::anyhow!("the Kafka consumer configuration is not valid: {e}"))?;
+    consumer
+        .subscribe(&[&topic])
+        .map_err(|e| anyhow::anyhow!("cannot subscribe to Kafka topic {topic:?}: {e}"))?;
+    let consumer = Arc::new(consumer);
+    tracing::info!(%brokers, %topic, %group, "consuming usage events from Kafka");
+    runtime.spawn(commit_loop(
+        consumer.clone(),
+        tracker.clone(),
+        stopping.clone(),
+    ));
+    Ok(runtime.spawn(consume(state, consumer, tracker, stopping)))
+}
+
+/// The consumer's settings from the flags and `TALLY_KAFKA_CONFIG`.
+pub(super) struct Configured {
+    config: ClientConfig,
+    brokers: String,
+    topic: String,
+    group: String,
+}
+
+/// Check the Kafka flags and `TALLY_KAFKA_CONFIG`, and build the consumer's
+/// settings (nothing is connected).
+pub(super) fn configure(args: &StreamArgs) -> anyhow::Result<Configured> {
     let brokers = match args.kafka_brokers.as_deref().map(str::trim) {
         Some(brokers) if !brokers.is_empty() => brokers.to_owned(),
         _ => anyhow::bail!("--kafka-topic needs --kafka-brokers (host:port[,host:port])"),
@@ -93,8 +136,6 @@ pub fn start(
     };
     let group = args.kafka_group.trim().to_owned();
     anyhow::ensure!(!group.is_empty(), "--kafka-group must not be empty");
-    let runtime = tokio::runtime::Handle::try_current()
-        .map_err(|_| anyhow::anyhow!("the Kafka consumer needs a tokio runtime"))?;
 
     let mut config = ClientConfig::new();
     config
@@ -138,28 +179,12 @@ pub fn start(
             config.set(key, value.trim());
         }
     }
-
-    let tracker = Arc::new(Mutex::new(Tracker::default()));
-    let context = Context {
-        state: state.clone(),
-        topic: topic.clone(),
-        tracker: tracker.clone(),
-        errors: Mutex::default(),
-    };
-    let consumer: Kafka = config
-        .create_with_context(context)
-        .map_err(|e| anyhow::anyhow!("the Kafka consumer configuration is not valid: {e}"))?;
-    consumer
-        .subscribe(&[&topic])
-        .map_err(|e| anyhow::anyhow!("cannot subscribe to Kafka topic {topic:?}: {e}"))?;
-    let consumer = Arc::new(consumer);
-    tracing::info!(%brokers, %topic, %group, "consuming usage events from Kafka");
-    runtime.spawn(commit_loop(
-        consumer.clone(),
-        tracker.clone(),
-        stopping.clone(),
-    ));
-    Ok(runtime.spawn(consume(state, consumer, tracker, stopping)))
+    Ok(Configured {
+        config,
+        brokers,
+        topic,
+        group,
+    })
 }
 
 /// What is known of one assigned partition.

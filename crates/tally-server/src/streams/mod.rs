@@ -50,6 +50,34 @@ pub fn start(
     Ok(tasks)
 }
 
+/// The stream flags with empty values taken as left out (an empty
+/// `TALLY_NATS_URL`, as an empty `TALLY_DATABASE_URL`, means none), checked
+/// as the consumers will read them: a mistake is refused when the server
+/// starts, not when it first runs the writer (on PostgreSQL, perhaps at a
+/// takeover long after).
+pub fn check(mut args: StreamArgs) -> anyhow::Result<StreamArgs> {
+    for value in [
+        &mut args.kafka_brokers,
+        &mut args.kafka_topic,
+        &mut args.nats_url,
+        &mut args.nats_stream,
+        &mut args.nats_subject,
+    ] {
+        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            *value = None;
+        }
+    }
+    if args.kafka_brokers.is_some() || args.kafka_topic.is_some() {
+        kafka::configure(&args)?;
+    }
+    if args.nats_url.is_some() || args.nats_stream.is_some() {
+        nats::settings(&args)?;
+    } else if args.nats_subject.is_some() {
+        anyhow::bail!("--nats-subject needs --nats-url and --nats-stream");
+    }
+    Ok(args)
+}
+
 /// How long [`wait_stopped`] waits for the consumers to stop (each waits up
 /// to 10 s for what it is charging, then commits or confirms its acks).
 const STOP_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);

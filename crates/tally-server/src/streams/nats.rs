@@ -79,7 +79,7 @@ const UNAVAILABLE_PAUSE: Duration = Duration::from_millis(200);
 
 /// What the flags ask for, checked.
 #[derive(Clone, Debug)]
-struct Settings {
+pub(super) struct Settings {
     servers: Vec<ServerAddr>,
     /// `host:port` of each server, for logs (never credentials).
     display: String,
@@ -109,7 +109,7 @@ pub fn start(
     Ok(runtime.spawn(run(state, settings, stopping)))
 }
 
-fn settings(args: &StreamArgs) -> anyhow::Result<Settings> {
+pub(super) fn settings(args: &StreamArgs) -> anyhow::Result<Settings> {
     let url = match args.nats_url.as_deref().map(str::trim) {
         Some(url) if !url.is_empty() => url,
         _ => anyhow::bail!("--nats-stream needs --nats-url (nats://host:port[,nats://host:port])"),

@@ -593,7 +593,38 @@ impl Writer {
             events: endpoint.events.clone(),
             secret: endpoint.secret.clone(),
             created_at: self.now,
+            previous_secret_expires_at: None,
         }))
+    }
+
+    pub(super) fn rotate_webhook_secret(
+        &mut self,
+        endpoint_id: &Id,
+        secret: &str,
+        previous_valid_seconds: u32,
+    ) -> Result<Outcome, Failure> {
+        let mut endpoint = self.live_endpoint(endpoint_id)?;
+        // Past the end of the clock's range (a manual clock set there) it
+        // signs until then.
+        let until = (previous_valid_seconds > 0).then(|| {
+            self.now
+                .plus_seconds(i64::from(previous_valid_seconds))
+                .unwrap_or(Timestamp(i64::MAX))
+        });
+        self.connection
+            .prepare_cached(
+                "UPDATE webhook_endpoints SET previous_secret = ?2, previous_secret_expires_at = ?3, \
+                 secret = ?4 WHERE id = ?1",
+            )?
+            .execute(params![
+                endpoint_id.as_str(),
+                until.map(|_| endpoint.secret.as_str()),
+                until.map(|t| t.micros()),
+                secret
+            ])?;
+        endpoint.secret = secret.to_owned();
+        endpoint.previous_secret_expires_at = until;
+        Ok(Outcome::WebhookEndpoint(endpoint))
     }
 
     /// A live (not deleted) endpoint by id, or not found.

@@ -507,10 +507,23 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
         "{listed}"
     );
     assert!(!listed.contains(&a), "{listed}");
-    let replayed = cli(&["replay", "--all"]);
+    // Replayed and refused again: listed, and the command fails (a script
+    // can tell nothing was charged).
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["dead-letters", "replay", "--all"])
+        .args(["--url", &app.base, "--key", ADMIN_KEY])
+        .output()
+        .expect("run tally dead-letters");
+    assert!(!output.status.success());
+    let replayed = String::from_utf8_lossy(&output.stdout);
     assert!(
         replayed.contains(&format!("{d}\trejected\tunknown_feature")),
         "{replayed}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("1 dead letter(s) are still rejected"),
+        "{stderr}"
     );
     let letter = app.get(&format!("/v1/dead-letters/{d}")).await;
     assert_eq!(letter.body["attempts"], 2);
@@ -556,7 +569,7 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("running the command again will not change that"),
+        stderr.contains("running the command again as it is will not change that"),
         "{stderr}"
     );
     // A server that cannot be reached: worth running again.

@@ -904,3 +904,335 @@ async fn a_graceful_stop_does_not_wait_for_half_sent_requests() {
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("shutting down"), "{answer}");
 }
+
+/// Send `request` as written (no client tidies its path) and read the
+/// answer to the end (`Connection: close`).
+async fn raw_exchange(app: &TestApp, request: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 30 s")
+        .expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A path with a `.` or `..` segment is refused before it is routed or
+/// forwarded: a follower's forwarding to the writer resolved it away, so
+/// `PUT /v1/customers/./members/alerts` changed customer `members`'s alerts
+/// (a probe's). An id that is `.` or `..` cannot be created either.
+#[tokio::test]
+async fn dot_segments_in_paths_are_refused() {
+    let app = TestApp::spawn().await;
+    app.customer("members").await;
+    let key = crate::support::ADMIN_KEY;
+    for path in [
+        "/v1/customers/./members/alerts",
+        "/v1/customers/%2e/members/alerts",
+        "/v1/customers/members/../members/alerts",
+        "/v1/customers/%2E%2e/alerts",
+        "/v1/customers/x\\..\\members/alerts",
+    ] {
+        let body = r#"{"low_balance":["7"]}"#;
+        let answer = raw_exchange(
+            &app,
+            format!(
+                "PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("\"param\":\"path\""), "{path}: {answer}");
+    }
+    let alerts = app.get("/v1/customers/members/alerts").await;
+    assert_eq!(alerts.status, StatusCode::OK, "{}", alerts.body);
+    assert_eq!(alerts.body["low_balance"], json!([]), "{}", alerts.body);
+    for id in [".", ".."] {
+        let reply = app.post("/v1/customers", json!({ "id": id })).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+        assert_eq!(reply.body["error"]["param"], "id");
+    }
+}
+
+/// A 401 names its scheme (`WWW-Authenticate`); two `Authorization` headers
+/// are a 400, not the first one's scope; a compressed body is refused, not
+/// read as JSON; a stored key cannot take the id of `TALLY_ADMIN_KEY`,
+/// whose actor it would share in the audit trail (a probe's).
+#[tokio::test]
+async fn authentication_headers_encodings_and_the_admin_id() {
+    let app = TestApp::spawn().await;
+    app.customer("c").await;
+    let no_key = app
+        .send(reqwest::Method::GET, "/v1/customers/c/balance", None, None)
+        .await;
+    assert_eq!(no_key.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        no_key.headers["www-authenticate"].to_str().unwrap(),
+        "Bearer realm=\"tally\""
+    );
+    let read = app
+        .post("/v1/api-keys", json!({ "id": "reader", "scope": "read" }))
+        .await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.body);
+    let read = read.str("key").to_owned();
+    let key = crate::support::ADMIN_KEY;
+    for (first, second) in [(read.as_str(), key), (key, read.as_str())] {
+        let answer = raw_exchange(
+            &app,
+            format!(
+                "GET /v1/customers/c/balance HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {first}\r\n\
+                 Authorization: Bearer {second}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("\"param\":\"authorization\""), "{answer}");
+    }
+    let body = r#"{"id":"gz","customer_id":"c","amount":"1"}"#;
+    let answer = raw_exchange(
+        &app,
+        format!(
+            "POST /v1/charges HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("Content-Encoding"), "{answer}");
+    let reply = app
+        .post(
+            "/v1/api-keys",
+            json!({ "id": "bootstrap-admin", "scope": "write" }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.body["error"]["param"], "id");
+    let keys = app.get("/v1/api-keys").await;
+    assert!(
+        !keys.body.to_string().contains("bootstrap-admin"),
+        "{}",
+        keys.body
+    );
+}
+
+/// The manual clock stops at 9000-01-01: at 9999-12-31 a hold's timeout was
+/// past every date the API can write (shown as `@<micros>us`), and never
+/// came (a probe's).
+#[tokio::test]
+async fn the_manual_clock_stays_where_instants_are_dates() {
+    let app = TestApp::spawn_with(crate::support::Options {
+        manual_clock: true,
+        ..Default::default()
+    })
+    .await;
+    for body in [
+        json!({ "to": "9999-12-31T23:59:59Z" }),
+        json!({ "to": "9000-01-01T00:00:01Z" }),
+        json!({ "seconds": 300_000_000_000_i64 }),
+    ] {
+        let reply = app.post("/v1/clock/advance", body.clone()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            reply.body
+        );
+        assert!(reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("9000-01-01"));
+    }
+    let reply = app
+        .post("/v1/clock/advance", json!({ "to": "9000-01-01T00:00:00Z" }))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    app.customer("late").await;
+    app.grant("late", "g", "10").await;
+    let hold = app
+        .post(
+            "/v1/holds",
+            json!({ "id": "h", "customer_id": "late", "amount": "1", "timeout_seconds": 3600 }),
+        )
+        .await;
+    assert_eq!(hold.status, StatusCode::OK, "{}", hold.body);
+    assert_eq!(hold.str("expires_at"), "9000-01-01T01:00:00Z");
+}
+
+/// Spawn `tally serve` on a fresh data directory with `env` set and stderr
+/// going to `stderr`; its address once it listens.
+async fn serve_with(
+    env: &[(&str, &str)],
+    stderr: std::process::Stdio,
+) -> (tokio::process::Child, String, std::path::PathBuf) {
+    use tokio::io::AsyncBufReadExt;
+    let dir = crate::support::fresh_dir();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .env("TALLY_ADMIN_KEY", crate::support::ADMIN_KEY)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().expect("spawn tally serve");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("listening within 60 s")
+        .expect("read stdout")
+        .unwrap_or_else(|| panic!("tally serve {env:?} exited before listening"));
+    let base = line
+        .strip_prefix("tally listening on ")
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+        .trim()
+        .to_owned();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, base, dir)
+}
+
+/// An empty stream variable counts as none, as an empty `TALLY_DATABASE_URL`
+/// does: `TALLY_NATS_URL=` used to stop the server, naming `--nats-stream`.
+#[tokio::test]
+async fn empty_stream_variables_count_as_none() {
+    let (mut child, base, dir) = serve_with(
+        &[
+            ("TALLY_NATS_URL", ""),
+            ("TALLY_NATS_STREAM", " "),
+            ("TALLY_KAFKA_BROKERS", ""),
+            ("TALLY_KAFKA_TOPIC", ""),
+            ("TALLY_NATS_SUBJECT", ""),
+        ],
+        std::process::Stdio::inherit(),
+    )
+    .await;
+    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    child.kill().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A log that cannot be written (a full disk) loses its lines, not the
+/// server: the logging library's report of the failure panicked whichever
+/// thread logged, the writer's among them, and then every write was 503 for
+/// good (a probe's). Here every line goes to /dev/full.
+#[tokio::test]
+async fn a_log_that_cannot_be_written_stops_nothing() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let (mut child, base, dir) = serve_with(&[], full.into()).await;
+    let client = reqwest::Client::new();
+    let key = crate::support::ADMIN_KEY;
+    let post = |path: &str, body: Value| {
+        client
+            .post(format!("{base}{path}"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+    };
+    let reply = post("/v1/customers", json!({ "id": "c" })).await.unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let reply = post(
+        "/v1/customers/c/grants",
+        json!({ "id": "g", "amount": "100", "source": "promotion", "paid": false }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    for n in 0..50 {
+        let reply = post(
+            "/v1/charges",
+            json!({ "id": format!("ch{n}"), "customer_id": "c", "amount": "1" }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status(), StatusCode::OK, "charge {n}");
+    }
+    let balance: Value = client
+        .get(format!("{base}/v1/customers/c/balance"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(balance["available"], "50");
+    // And it stops gracefully, its last log line lost too.
+    let pid = child.id().expect("running");
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("stopped within 30 s")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A customer's plan and region are keys a price book rule can name, not
+/// free text: `""`, `"a/b"` or a newline were taken (a probe's).
+#[tokio::test]
+async fn customer_plans_and_regions_are_written_as_keys() {
+    let app = TestApp::spawn().await;
+    for (field, value) in [
+        ("plan", ""),
+        ("plan", "a/b"),
+        ("region", "\n"),
+        ("region", " "),
+    ] {
+        let mut body = json!({ "id": "c" });
+        body[field] = json!(value);
+        let reply = app.post("/v1/customers", body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{field}={value:?}: {}",
+            reply.body
+        );
+        assert_eq!(reply.body["error"]["param"], field);
+    }
+    let made = app
+        .post(
+            "/v1/customers",
+            json!({ "id": "c", "plan": "pro", "region": "eu-west-1" }),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::OK, "{}", made.body);
+    let patched = app
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/customers/c",
+            Some(crate::support::ADMIN_KEY),
+            Some(&json!({ "plan": "x y" })),
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::BAD_REQUEST, "{}", patched.body);
+    assert_eq!(patched.body["error"]["param"], "plan");
+    let cleared = app
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/customers/c",
+            Some(crate::support::ADMIN_KEY),
+            Some(&json!({ "region": null })),
+        )
+        .await;
+    assert_eq!(cleared.status, StatusCode::OK, "{}", cleared.body);
+    assert!(cleared.body["region"].is_null());
+}

@@ -1005,6 +1005,27 @@ async fn bad_nats_flags_stop_the_server_at_once() {
     for (args, says) in [
         (vec!["--nats-url", NATS_URL], "--nats-stream"),
         (vec!["--nats-stream", "EVENTS"], "--nats-url"),
+        // Checked before the database is opened: on PostgreSQL a follower
+        // used to run with them for as long as it followed, and stop at
+        // its takeover.
+        (
+            vec![
+                "--database-url",
+                "postgres://postgres@127.0.0.1:1/unreachable",
+                "--nats-url",
+                NATS_URL,
+            ],
+            "--nats-stream",
+        ),
+        (
+            vec![
+                "--database-url",
+                "postgres://postgres@127.0.0.1:1/unreachable",
+                "--kafka-brokers",
+                "127.0.0.1:9092",
+            ],
+            "--kafka-topic",
+        ),
         (
             vec!["--nats-url", NATS_URL, "--nats-stream", "a.b"],
             "stream name",
@@ -1035,6 +1056,9 @@ async fn bad_nats_flags_stop_the_server_at_once() {
                 .env_remove("TALLY_NATS_URL")
                 .env_remove("TALLY_NATS_STREAM")
                 .env_remove("TALLY_NATS_SUBJECT")
+                .env_remove("TALLY_KAFKA_BROKERS")
+                .env_remove("TALLY_KAFKA_TOPIC")
+                .env_remove("TALLY_DATABASE_URL")
                 .kill_on_drop(true)
                 .output(),
         )

@@ -1220,3 +1220,307 @@ async fn credits_a_hold_returns_to_an_expired_lot_are_told_as_expired() {
     amounts.sort(); // deliveries may come in either order
     assert_eq!(amounts, ["0", "10"]);
 }
+
+/// The `Tally-Signature` and body of every delivery received.
+type Signatures = Arc<Mutex<Vec<(String, String)>>>;
+
+/// Every delivery's `Tally-Signature` and body, answered 200.
+async fn record_signatures(
+    State(seen): State<Signatures>,
+    headers: HeaderMap,
+    body: String,
+) -> AxumStatus {
+    let signature = headers
+        .get("tally-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    seen.lock().unwrap().push((signature, body));
+    AxumStatus::OK
+}
+
+/// The `v1` signatures of a `Tally-Signature` that verify under `secret`,
+/// and how many `v1` it has in all.
+fn verified_under(signature: &str, body: &str, secret: &str) -> (usize, usize) {
+    let mut parts = signature.split(',');
+    let t = parts.next().and_then(|p| p.strip_prefix("t=")).unwrap();
+    let (mut valid, mut all) = (0, 0);
+    for part in parts {
+        let v1 = part.strip_prefix("v1=").unwrap();
+        all += 1;
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("{t}.{body}").as_bytes());
+        if hex::decode(v1).is_ok_and(|sig| mac.verify_slice(&sig).is_ok()) {
+            valid += 1;
+        }
+    }
+    (valid, all)
+}
+
+/// One `balance.depleted` (a credit granted, then charged): its delivery's
+/// signature and body.
+async fn deplete(app: &TestApp, seen: &Signatures, round: usize) -> (String, String) {
+    app.grant("c", &format!("g{round}"), "1").await;
+    let reply = app.charge("c", &format!("ch{round}"), "1").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    wait_until!(
+        Duration::from_secs(20),
+        "the delivery",
+        seen.lock().unwrap().len() >= round
+    );
+    seen.lock().unwrap()[round - 1].clone()
+}
+
+/// A rotated secret signs every delivery from then on, and the one before
+/// signs beside it (a second `v1`) until its time is up on the engine's
+/// clock; a retry of the rotation gets the same new secret and rotates
+/// nothing again.
+#[tokio::test]
+async fn a_webhook_secret_rotates_with_the_old_one_valid_for_a_while() {
+    let app = TestApp::spawn_with(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
+    let seen: Signatures = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let receiver = axum::Router::new()
+        .route("/hook", axum::routing::post(record_signatures))
+        .with_state(seen.clone());
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+    let endpoint = app
+        .post(
+            "/v1/webhook-endpoints",
+            json!({ "id": "wh", "url": url, "events": ["balance.depleted"] }),
+        )
+        .await;
+    assert_eq!(endpoint.status, StatusCode::OK, "{}", endpoint.body);
+    let old = endpoint.str("secret").to_owned();
+    assert!(endpoint.body["previous_secret_expires_at"].is_null());
+    app.customer("c").await;
+    let (signature, body) = deplete(&app, &seen, 1).await;
+    assert_eq!(
+        verified_under(&signature, &body, &old),
+        (1, 1),
+        "{signature}"
+    );
+
+    let rotate = json!({ "id": "rot1", "previous_valid_seconds": 3600 });
+    let rotated = app
+        .post("/v1/webhook-endpoints/wh/rotate-secret", rotate.clone())
+        .await;
+    assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.body);
+    let new = rotated.str("secret").to_owned();
+    assert!(new.starts_with("whsec_") && new != old, "{new}");
+    let until = rotated.str("previous_secret_expires_at").to_owned();
+    // A retry: the same secret, nothing rotated again.
+    let again = app
+        .post("/v1/webhook-endpoints/wh/rotate-secret", rotate)
+        .await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    assert!(again.replayed());
+    assert_eq!(again.str("secret"), new);
+    let other = app
+        .post(
+            "/v1/webhook-endpoints/wh/rotate-secret",
+            json!({ "id": "rot1", "previous_valid_seconds": 60 }),
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::CONFLICT, "{}", other.body);
+    let read = app.get("/v1/webhook-endpoints/wh").await;
+    assert_eq!(read.body["previous_secret_expires_at"], until.as_str());
+    assert!(read.body.get("secret").is_none(), "{}", read.body);
+
+    // Both sign now: a receiver on either secret accepts it.
+    let (signature, body) = deplete(&app, &seen, 2).await;
+    assert_eq!(
+        verified_under(&signature, &body, &new),
+        (1, 2),
+        "{signature}"
+    );
+    assert_eq!(
+        verified_under(&signature, &body, &old),
+        (1, 2),
+        "{signature}"
+    );
+    // An hour on, only the new one.
+    app.advance(3601).await;
+    let (signature, body) = deplete(&app, &seen, 3).await;
+    assert_eq!(
+        verified_under(&signature, &body, &new),
+        (1, 1),
+        "{signature}"
+    );
+    assert_eq!(
+        verified_under(&signature, &body, &old),
+        (0, 1),
+        "{signature}"
+    );
+
+    // Bad input changes nothing; an unknown endpoint is a 404.
+    for (body, param) in [
+        (
+            json!({ "id": "r2", "previous_valid_seconds": 604_801 }),
+            "previous_valid_seconds",
+        ),
+        (
+            json!({ "id": "r2", "previous_valid_seconds": -1 }),
+            "previous_valid_seconds",
+        ),
+        (
+            json!({ "id": "r2", "previous_valid_seconds": 1.5 }),
+            "previous_valid_seconds",
+        ),
+        (json!({ "previous_valid_seconds": 1 }), "id"),
+    ] {
+        let reply = app
+            .post("/v1/webhook-endpoints/wh/rotate-secret", body.clone())
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            reply.body
+        );
+        assert_eq!(reply.body["error"]["param"], param, "{}", reply.body);
+    }
+    let missing = app
+        .post(
+            "/v1/webhook-endpoints/nope/rotate-secret",
+            json!({ "id": "r3" }),
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND, "{}", missing.body);
+    // At once: the old secret stops with the rotation.
+    let now = app
+        .post(
+            "/v1/webhook-endpoints/wh/rotate-secret",
+            json!({ "id": "r4", "previous_valid_seconds": 0 }),
+        )
+        .await;
+    assert_eq!(now.status, StatusCode::OK, "{}", now.body);
+    assert!(now.body["previous_secret_expires_at"].is_null());
+    let newest = now.str("secret").to_owned();
+    let (signature, body) = deplete(&app, &seen, 4).await;
+    assert_eq!(
+        verified_under(&signature, &body, &newest),
+        (1, 1),
+        "{signature}"
+    );
+}
+
+/// A webhook URL is taken only as written: forms a URL parser repairs into
+/// another URL (`http:x` into `http://x/`) and port 0 are refused.
+#[tokio::test]
+async fn webhook_urls_are_taken_only_as_written() {
+    let app = TestApp::spawn().await;
+    for (n, url) in [
+        "http:x",
+        "http:///x",
+        "https:\\\\evil.com",
+        "http:/127.0.0.1:18311/",
+        "http://127.0.0.1:0/",
+        "http://exa mple.com/",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let reply = app
+            .post(
+                "/v1/webhook-endpoints",
+                json!({ "id": format!("u{n}"), "url": url, "events": ["*"] }),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{url}: {}",
+            reply.body
+        );
+        assert_eq!(reply.body["error"]["param"], "url");
+    }
+    let fine = app
+        .post(
+            "/v1/webhook-endpoints",
+            json!({ "id": "ok", "url": "HTTPS://example.com:8443/hook?x=1", "events": ["*"] }),
+        )
+        .await;
+    assert_eq!(fine.status, StatusCode::OK, "{}", fine.body);
+    assert_eq!(fine.str("url"), "https://example.com:8443/hook?x=1");
+}
+
+/// The alert settings read back as they were set, and as none before.
+#[tokio::test]
+async fn alert_settings_read_back() {
+    let app = TestApp::spawn().await;
+    app.customer("a").await;
+    let none = app.get("/v1/customers/a/alerts").await;
+    assert_eq!(none.status, StatusCode::OK, "{}", none.body);
+    assert_eq!(
+        none.body,
+        json!({ "customer_id": "a", "low_balance": [], "grant_expiring_days": null })
+    );
+    let set = app
+        .put(
+            "/v1/customers/a/alerts",
+            json!({ "low_balance": ["50", "5.5"], "grant_expiring_days": 7 }),
+        )
+        .await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.body);
+    let read = app.get("/v1/customers/a/alerts").await;
+    assert_eq!(read.body, set.body);
+    assert_eq!(read.body["low_balance"], json!(["5.5", "50"]));
+    let ghost = app.get("/v1/customers/ghost/alerts").await;
+    assert_eq!(ghost.status, StatusCode::NOT_FOUND, "{}", ghost.body);
+}
+
+/// A live stream ends once its key is revoked: it used to go on sending the
+/// customer's balance changes for as long as the connection lasted.
+#[tokio::test]
+async fn a_live_stream_ends_when_its_key_is_revoked() {
+    let app = TestApp::spawn().await;
+    app.customer("s").await;
+    app.grant("s", "g", "10").await;
+    let key = app
+        .post("/v1/api-keys", json!({ "id": "watcher", "scope": "read" }))
+        .await;
+    assert_eq!(key.status, StatusCode::OK, "{}", key.body);
+    let key = key.str("key").to_owned();
+    let mut response = app
+        .client
+        .get(app.url("/v1/customers/s/stream"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let first = response.chunk().await.unwrap().expect("the balance event");
+    assert!(String::from_utf8_lossy(&first).contains("event: balance"));
+    let revoked = app
+        .send(
+            reqwest::Method::DELETE,
+            "/v1/api-keys/watcher",
+            Some(ADMIN_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.body);
+    // Changes keep coming; the stream must end all the same.
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut n = 0;
+        loop {
+            n += 1;
+            app.charge("s", &format!("c{n}"), "0.01").await;
+            match tokio::time::timeout(Duration::from_millis(500), response.chunk()).await {
+                Ok(Ok(None)) | Ok(Err(_)) => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream went on 30 s after its key was revoked"
+    );
+}

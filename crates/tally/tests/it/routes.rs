@@ -1958,7 +1958,7 @@ async fn refunds_full_partial_and_never_more_than_charged() {
         assert_error(&reply, 422, "refund_exceeds_charge");
         assert_eq!(
             reply.body["error"]["message"],
-            "this charge has nothing left to refund: it was refunded in full"
+            "this charge has nothing left to refund: it cost no credits, or was refunded in full"
         );
     }
     let conflict = app
