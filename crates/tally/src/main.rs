@@ -57,7 +57,7 @@ impl StorageArgs {
     /// revoke keys): a mistyped `--data-dir` is refused rather than given
     /// a new, empty database.
     fn existing(&self) -> anyhow::Result<tally_store::Location<'_>> {
-        if self.postgres_url().is_none() && !self.data_dir.join("tally.db").exists() {
+        if self.postgres_url().is_none() && !tally_store::database_path(&self.data_dir).exists() {
             bail!(
                 "there is no Tally database in {:?} (--data-dir, TALLY_DATA_DIR); tally serve or tally migrate creates one",
                 self.data_dir

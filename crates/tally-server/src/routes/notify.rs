@@ -145,14 +145,23 @@ pub struct WebhookEndpointBody {
     pub previous_secret_expires_at: Option<String>,
 }
 
-fn endpoint_body(e: &tally_store::WebhookEndpointRecord, secret: bool) -> WebhookEndpointBody {
+/// An endpoint as the API shows it; its rotated-out secret's expiry only
+/// while that is ahead of `now` (it no longer signs after).
+fn endpoint_body(
+    e: &tally_store::WebhookEndpointRecord,
+    secret: bool,
+    now: tally_core::Timestamp,
+) -> WebhookEndpointBody {
     WebhookEndpointBody {
         id: e.id.to_string(),
         url: e.url.clone(),
         events: e.events.clone(),
         secret: secret.then(|| e.secret.clone()),
         created_at: edge::rfc3339(e.created_at),
-        previous_secret_expires_at: e.previous_secret_expires_at.map(edge::rfc3339),
+        previous_secret_expires_at: e
+            .previous_secret_expires_at
+            .filter(|until| *until > now)
+            .map(edge::rfc3339),
     }
 }
 
@@ -168,9 +177,8 @@ pub struct RotateWebhookSecret {
     /// How long the secret in use until now keeps signing deliveries beside
     /// the new one, in seconds of the engine's clock: 0 to 604800 (a week),
     /// 86400 when left out. 0 stops it at once.
-    #[serde(default)]
-    #[schema(value_type = Option<u32>, minimum = 0, maximum = 604800)]
-    pub previous_valid_seconds: Option<serde_json::Value>,
+    #[schema(minimum = 0, maximum = 604800)]
+    pub previous_valid_seconds: Option<i64>,
 }
 
 /// Give an endpoint a new signing secret, shown only in this answer (and in
@@ -192,21 +200,17 @@ pub async fn rotate_webhook_secret(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
     let body = body.read()?;
-    let previous_valid_seconds = match body.previous_valid_seconds {
-        None => 24 * 3600,
-        Some(value) => value
-            .as_u64()
-            .and_then(|v| u32::try_from(v).ok())
-            .filter(|v| *v <= MAX_PREVIOUS_VALID_SECONDS)
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    "previous_valid_seconds",
-                    format!(
-                        "previous_valid_seconds must be a whole number of seconds from 0 to {MAX_PREVIOUS_VALID_SECONDS}"
-                    ),
-                )
-            })?,
-    };
+    let previous_valid_seconds = body
+        .previous_valid_seconds
+        .map_or(Ok(24 * 3600), u32::try_from)
+        .ok()
+        .filter(|v| *v <= MAX_PREVIOUS_VALID_SECONDS)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "previous_valid_seconds",
+                format!("previous_valid_seconds must be from 0 to {MAX_PREVIOUS_VALID_SECONDS}"),
+            )
+        })?;
     let command = Command::RotateWebhookSecret {
         id: edge::id(&body.id, "id")?,
         endpoint_id: edge::id(&endpoint_id, "id")?,
@@ -215,7 +219,7 @@ pub async fn rotate_webhook_secret(
     };
     let executed = state.execute(command, &caller).await?;
     Ok(reply(executed, |outcome| match outcome {
-        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, true)),
+        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, true, state.store.now())),
         _ => Err(unexpected()),
     }))
 }
@@ -249,7 +253,7 @@ pub async fn create_webhook_endpoint(
     });
     let executed = state.execute(command, &caller).await?;
     Ok(reply(executed, |outcome| match outcome {
-        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, true)),
+        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, true, state.store.now())),
         _ => Err(unexpected()),
     }))
 }
@@ -324,7 +328,7 @@ pub async fn get_webhook_endpoint(
     endpoints
         .iter()
         .find(|e| e.id == id)
-        .map(|e| Json(endpoint_body(e, false)))
+        .map(|e| Json(endpoint_body(e, false, state.store.now())))
         .ok_or_else(|| ApiError::not_found(format!("webhook endpoint {id}")))
 }
 
@@ -367,7 +371,7 @@ pub async fn update_webhook_endpoint(
     };
     let executed = state.execute(command, &caller).await?;
     Ok(reply(executed, |outcome| match outcome {
-        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, false)),
+        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, false, state.store.now())),
         _ => Err(unexpected()),
     }))
 }
@@ -389,7 +393,7 @@ pub async fn delete_webhook_endpoint(
     };
     let executed = state.execute(command, &caller).await?;
     Ok(reply(executed, |outcome| match outcome {
-        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, false)),
+        Outcome::WebhookEndpoint(e) => Ok(endpoint_body(e, false, state.store.now())),
         _ => Err(unexpected()),
     }))
 }
@@ -412,7 +416,10 @@ pub async fn list_webhook_endpoints(
     let params = params.read()?;
     let endpoints = state.store.webhook_endpoints().await?;
     let (data, next_cursor) = edge::page(
-        endpoints.iter().map(|e| endpoint_body(e, false)).collect(),
+        endpoints
+            .iter()
+            .map(|e| endpoint_body(e, false, state.store.now()))
+            .collect(),
         |e| &e.id,
         &params,
     )?;
@@ -517,9 +524,10 @@ pub struct BalanceChangeBody {
 const KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Returns once the key of `headers` is refused (revoked: at most
-/// [`KEY_RECHECK`] after its revocation through this server, and the key
-/// cache's 10 s more through another), or no longer has the read scope. A
-/// store that cannot answer for now ends nothing.
+/// [`KEY_RECHECK`] after its revocation over HTTP, which reaches the writer's
+/// server where every stream runs and clears its key cache; the cache's 10 s
+/// more after `tally keys revoke`), or no longer has the read scope. A store
+/// that cannot answer for now ends nothing.
 async fn key_revoked(state: AppState, headers: axum::http::HeaderMap) {
     loop {
         tokio::time::sleep(KEY_RECHECK).await;

@@ -1346,6 +1346,12 @@ async fn a_webhook_secret_rotates_with_the_old_one_valid_for_a_while() {
     );
     // An hour on, only the new one.
     app.advance(3601).await;
+    let read = app.get("/v1/webhook-endpoints/wh").await;
+    assert!(
+        read.body["previous_secret_expires_at"].is_null(),
+        "{}",
+        read.body
+    );
     let (signature, body) = deplete(&app, &seen, 3).await;
     assert_eq!(
         verified_under(&signature, &body, &new),
